@@ -1,0 +1,51 @@
+"""attnkern: fused attention-pooling kernels for recommender systems.
+
+    out = attnkern.attention_pool(query, key, value, lengths)
+
+See README.md for the shapes, mask polarity (True = attend) and the backends.
+"""
+
+def _alias_triton_kernels():
+    """Make `attnkern.triton_kernels` importable from a source checkout too.
+
+    Installed, setup.py maps the top-level folder triton_kernels/ to attnkern.triton_kernels
+    (a top-level name `triton_kernels` would collide with Triton's own package)."""
+    import importlib.util
+    import os
+    import sys
+
+    name = __name__ + ".triton_kernels"
+    if name in sys.modules or importlib.util.find_spec(name) is not None:
+        return
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "triton_kernels")
+    init = os.path.join(folder, "__init__.py")
+    if os.path.exists(init):
+        spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[folder])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+
+
+_alias_triton_kernels()
+
+from ._backends import BackendInfo, backends  # noqa: E402
+from ._validation import set_validation, validation_enabled  # noqa: E402
+from .functional import attention_pool  # noqa: E402
+from .reference import attention_pool_ref  # noqa: E402
+
+try:  # registers the Triton custom ops up front so torch.compile sees them
+    from . import _triton_ops  # noqa: F401
+except ImportError:
+    pass
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention_pool",
+    "attention_pool_ref",
+    "backends",
+    "BackendInfo",
+    "set_validation",
+    "validation_enabled",
+    "__version__",
+]

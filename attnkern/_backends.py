@@ -1,0 +1,109 @@
+"""Which backends exist in this install, and why not when they don't.
+
+Nothing here touches the GPU at import time; availability is computed on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """Availability record of one backend: `reason` says why not and how to get it."""
+
+    available: bool
+    reason: str = ""
+
+
+def _load_extension():
+    try:
+        from attnkern import _C  # noqa: F401  (registers the ops as a side effect)
+    except ImportError as e:  # pragma: no cover - depends on the install
+        return None, str(e)
+    return _C, ""
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """The compiled module attnkern._C, or None; and the import error text."""
+    return _load_extension()
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+    except RuntimeError:
+        return False
+
+
+def triton_interpret() -> bool:
+    """True when TRITON_INTERPRET=1: Triton kernels then run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status() -> BackendInfo:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return BackendInfo(False, "Triton is not installed (%s): pip install triton" % e)
+    try:
+        from attnkern import _triton_ops  # noqa: F401
+    except ImportError as e:
+        return BackendInfo(False, "the Triton kernels failed to import: %s" % e)
+    if triton_interpret():
+        return BackendInfo(True)
+    if not torch.cuda.is_available():
+        return BackendInfo(
+            False,
+            "Triton needs a CUDA GPU and none is visible; set TRITON_INTERPRET=1 before "
+            "importing attnkern to run the Triton kernels on CPU tensors through the interpreter",
+        )
+    return BackendInfo(True)
+
+
+def backend_info(name: str) -> BackendInfo:
+    if name == "reference":
+        return BackendInfo(True)
+    if name == "triton":
+        return _triton_status()
+    mod, err = extension()
+    if mod is None:
+        return BackendInfo(
+            False,
+            "the compiled extension attnkern._C failed to import (%s); reinstall with "
+            "`pip install --no-build-isolation -e .` next to an installed torch" % err,
+        )
+    if name == "cpu":
+        if _has_kernel("attnkern::attention_pool_fwd", "CPU"):
+            return BackendInfo(True)
+        return BackendInfo(False, "attnkern._C has no CPU kernels; rebuild the extension")
+    if name == "cuda":
+        if not mod.built_with_cuda():
+            return BackendInfo(
+                False,
+                "attnkern._C was built without CUDA kernels; rebuild with a CUDA build of torch "
+                "and nvcc on PATH (ATTNKERN_CUDA=1 pip install --no-build-isolation -e .)",
+            )
+        if not torch.cuda.is_available():
+            return BackendInfo(False, "the CUDA kernels are built but no CUDA GPU is visible")
+        return BackendInfo(True)
+    raise ValueError("unknown backend %r; expected one of %s" % (name, ", ".join(BACKENDS)))
+
+
+def backends() -> dict:
+    """Maps each backend name to a BackendInfo(available, reason)."""
+    return {name: backend_info(name) for name in BACKENDS}
+
+
+def cuda_kernels_built() -> bool:
+    """True when the extension carries CUDA kernels (whether or not a GPU is visible)."""
+    mod, _ = extension()
+    return mod is not None and bool(mod.built_with_cuda())

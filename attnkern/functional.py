@@ -1,0 +1,119 @@
+"""The public function: validation, layout normalisation, backend dispatch. Nothing else."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._backends import BACKENDS, backend_info, triton_interpret
+from ._ops import fused_ops
+from ._validation import validate
+from .reference import attention_pool_ref
+
+_resolved: dict = {}
+
+
+def _resolve_uncached(backend: str, device_type: str) -> str:
+    if backend == "auto":
+        if device_type == "cuda":
+            for name in ("cuda", "triton"):
+                if backend_info(name).available:
+                    return name
+            return "reference"
+        if device_type == "cpu" and backend_info("cpu").available:
+            return "cpu"
+        return "reference"
+    info = backend_info(backend)
+    if not info.available:
+        raise RuntimeError("attnkern backend %r is unavailable: %s" % (backend, info.reason))
+    return backend
+
+
+def _resolve(backend, query: torch.Tensor) -> str:
+    if not isinstance(backend, str):
+        raise TypeError("backend must be a str, got %s" % type(backend).__name__)
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(
+            "unknown backend %r; expected one of %s" % (backend, ", ".join(("auto",) + BACKENDS))
+        )
+    dev = query.device.type
+    key = (backend, dev)
+    # Resolved once per (backend, device type) and kept in a plain dict, so that torch.compile
+    # reads a constant instead of tracing the availability probes.
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolve_uncached(backend, dev)
+        _resolved[key] = name
+    if name == "cpu" and dev != "cpu":
+        raise ValueError("backend 'cpu' needs CPU tensors, got query on %s" % query.device)
+    if name == "cuda" and dev != "cuda":
+        raise ValueError("backend 'cuda' needs CUDA tensors, got query on %s" % query.device)
+    if name == "triton" and dev != "cuda" and not (dev == "cpu" and triton_interpret()):
+        raise ValueError(
+            "backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
+            "got query on %s" % query.device
+        )
+    if name in ("cuda", "triton") and query.dtype == torch.float64:
+        raise TypeError(
+            "backend %r supports float16, bfloat16 and float32, got float64 "
+            "(use backend='cpu' or 'reference' for float64)" % name
+        )
+    return name
+
+
+def attention_pool(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lengths: Optional[torch.Tensor] = None,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    offsets: Optional[torch.Tensor] = None,
+    max_length: Optional[int] = None,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Masked scaled-dot-product attention pooling (target attention).
+
+    Each query attends over its row's valid keys/values and gets one pooled vector:
+    ``out[b, n, h] = sum_l softmax_l(scale * <q[b, n, h], k[b, l, h]>) * v[b, l, h]``.
+
+    Args:
+        query: [B, H, Dk] or [B, N, H, Dk] (N candidate queries sharing one history).
+        key: padded [B, L, H, Dk], or jagged [T, H, Dk] together with ``offsets``.
+        value: padded [B, L, H, Dv], or jagged [T, H, Dv].
+        lengths: padded only, [B] int32/int64: row b's valid prefix is ``key[b, :lengths[b]]``.
+        mask: padded only, [B, L] bool, True = the position takes part (the SDPA convention).
+            With neither ``lengths`` nor ``mask``, all L positions take part.
+        offsets: jagged only, [B+1] int32/int64: row b is ``key[offsets[b]:offsets[b+1]]``.
+        max_length: jagged only, optional int >= every row's length (sizes GPU launches
+            without a device sync; needed for the reference backend under torch.compile).
+        scale: logit scale, default ``1/sqrt(Dk)``.
+        return_lse: also return the log-sum-exp of the scaled logits, [B, H] or [B, N, H] float32.
+        backend: "auto" | "reference" | "cpu" | "cuda" | "triton".
+
+    Returns:
+        out [B, H, Dv] or [B, N, H, Dv] in query's dtype (accumulated in float32, float64 for
+        float64 inputs), or (out, lse). A row with no valid position (empty history, fully
+        masked) gives out = 0 and lse = -inf, and zero gradients.
+
+    Supported: float16, bfloat16, float32 on every backend, float64 on "reference" and "cpu";
+    1 <= Dk, Dv <= 256; any strides. Differentiable w.r.t. query, key and value.
+    """
+    prob = validate(query, key, value, lengths, mask, offsets, max_length, scale, return_lse)
+    name = _resolve(backend, query)
+    if name == "reference":
+        out, lse = attention_pool_ref(
+            prob.query, key, value, lengths, mask=mask, offsets=offsets,
+            max_length=max_length, scale=prob.scale,
+        )
+    elif prob.layout == "padded":
+        out, lse = fused_ops(name, "padded")(prob.query, key, value, lengths, mask, prob.scale)
+    else:
+        ml = -1 if max_length is None else int(max_length)
+        out, lse = fused_ops(name, "jagged")(prob.query, key, value, offsets, ml, prob.scale)
+    if prob.squeeze_n:
+        out, lse = out.squeeze(1), lse.squeeze(1)
+    return (out, lse) if return_lse else out

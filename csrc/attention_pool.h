@@ -1,0 +1,49 @@
+// Shared declarations for every attnkern launcher (CPU and CUDA).
+//
+// Canonical layouts seen by the registered ops (the Python API normalises to these):
+//   padded: query [B, N, H, Dk], key [B, L, H, Dk], value [B, L, H, Dv],
+//           lengths [B] int32/int64 (optional) XOR mask [B, L] bool (optional)
+//   jagged: query [B, N, H, Dk], key [T, H, Dk],    value [T, H, Dv],
+//           offsets [B+1] int32/int64, max_length (-1 = unknown)
+// Outputs: out [B, N, H, Dv] (query dtype, contiguous), lse [B, N, H] float32 (-inf on empty rows).
+// Backward takes delta [B, N, H] float32 = sum_d(grad_out * out) - grad_lse and returns
+// grad_query / grad_key / grad_value with the shapes and dtypes of query / key / value, exactly
+// zero at every position that takes part in no row.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <optional>
+
+namespace attnkern {
+
+struct PoolDims {
+  int64_t B = 0;   // rows (users)
+  int64_t N = 0;   // queries per row
+  int64_t H = 0;   // heads
+  int64_t Dk = 0;  // query/key head dim
+  int64_t Dv = 0;  // value head dim
+  int64_t L = 0;   // padded: max history length; jagged: T (total key rows)
+};
+
+constexpr int64_t kMaxHeadDim = 256;
+
+// Shape/dtype/device checks shared by the forward launchers. They never read tensor data, so
+// they are safe for CUDA tensors. Errors are ValueError (shapes) / TypeError (dtypes) naming
+// the argument with expected vs given.
+PoolDims check_padded_fwd(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                          const std::optional<at::Tensor>& lengths,
+                          const std::optional<at::Tensor>& mask);
+PoolDims check_jagged_fwd(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                          const at::Tensor& offsets, int64_t max_length);
+
+// Extra checks of the backward-only inputs (grad_out, lse, delta).
+void check_bwd_extras(const PoolDims& d, const at::Tensor& query, const at::Tensor& grad_out,
+                      const at::Tensor& lse, const at::Tensor& delta);
+
+// Value checks that read lengths/offsets. Only for CPU tensors (they would sync a GPU).
+void check_lengths_values_cpu(const at::Tensor& lengths, int64_t L);
+void check_offsets_values_cpu(const at::Tensor& offsets, int64_t T, int64_t max_length);
+
+}  // namespace attnkern

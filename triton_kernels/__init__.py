@@ -1,0 +1,1 @@
+"""Triton kernels of attnkern, installed as `attnkern.triton_kernels`."""
