@@ -1,0 +1,161 @@
+"""Shared fixtures and the one checking body used by every backend's property tests."""
+
+import os
+
+import pytest
+import torch
+
+# CI has no GPU: run the Triton kernels on CPU tensors through Triton's interpreter. This must
+# happen before triton (and so attnkern) is imported. With a GPU, Triton runs for real.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import attnkern  # noqa: E402
+from attnkern.reference import attention_pool_ref  # noqa: E402
+
+# Fallback tolerances (absolute, relative to the oracle's magnitude): the floor added to the
+# "2x the reference's own error in the same precision" rule.
+FALLBACK_TOL = {
+    torch.float64: 1e-9,
+    torch.float32: 2e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+
+LOW_PRECISION_FACTOR = 2.0
+
+
+def backend_device_pairs():
+    """(backend, device) pairs the property suite runs, each with a skip mark when unavailable."""
+    info = attnkern.backends()
+    gpu = torch.cuda.is_available()
+    pairs = []
+    for backend, device in (
+        ("reference", "cpu"),
+        ("cpu", "cpu"),
+        ("triton", "cuda" if gpu else "cpu"),
+        ("cuda", "cuda"),
+        ("reference", "cuda"),
+    ):
+        marks = []
+        if device == "cuda" and not gpu:
+            marks.append(pytest.mark.skipif(True, reason="no CUDA GPU"))
+        elif not info[backend].available:
+            marks.append(pytest.mark.skipif(True, reason=info[backend].reason))
+        pairs.append(pytest.param(backend, device, id="%s-%s" % (backend, device), marks=marks))
+    return pairs
+
+
+def make_problem(B=3, N=1, H=1, L=37, Dk=16, Dv=16, dtype=torch.float32, layout="lengths",
+                 lengths=None, device="cpu", seed=0, query_3d=False, magnitude=1.0):
+    """Random inputs for one call. layout: lengths | mask | jagged | full.
+
+    Returns (args, kwargs) for attnkern.attention_pool, tensors are leaves (float64 master
+    copies are made by the checker)."""
+    g = torch.Generator().manual_seed(seed)
+    if lengths is None:
+        base = [0, 1, L, max(L - 20, 0), L // 2 + 1]
+        lengths = [min(base[i % len(base)], L) for i in range(B)]
+    lengths_t = torch.tensor(lengths, dtype=torch.long)
+    q = torch.randn((B, N, H, Dk), generator=g) * magnitude
+    if query_3d:
+        assert N == 1
+        q = q[:, 0]
+    kwargs = {}
+    if layout == "jagged":
+        T = int(lengths_t.sum()) + 2  # two trailing rows that belong to no row
+        k = torch.randn((T, H, Dk), generator=g) * magnitude
+        v = torch.randn((T, H, Dv), generator=g)
+        offsets = torch.zeros(B + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(lengths_t, 0)
+        kwargs["offsets"] = offsets.to(device)
+        kwargs["max_length"] = L
+    else:
+        k = torch.randn((B, L, H, Dk), generator=g) * magnitude
+        v = torch.randn((B, L, H, Dv), generator=g)
+        if layout == "lengths":
+            kwargs["lengths"] = lengths_t.to(torch.int32).to(device)
+        elif layout == "mask":
+            # Holes anywhere, not only a prefix: random positions, rows keep their row count.
+            m = torch.rand((B, L), generator=g) < 0.6
+            m &= torch.arange(L)[None, :] < lengths_t[:, None] + 5
+            m[lengths_t == 0] = False
+            kwargs["mask"] = m.to(device)
+        elif layout != "full":
+            raise ValueError(layout)
+    args = [t.to(device=device, dtype=dtype) for t in (q, k, v)]
+    return args, kwargs
+
+
+def _err(a, b):
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _scale_of(t):
+    if t.numel() == 0:
+        return 1.0
+    return max(1.0, t.double().abs().max().item())
+
+
+def _call(backend, args, kwargs, grad_out):
+    leaves = [a.detach().clone().requires_grad_(True) for a in args]
+    out, lse = attnkern.attention_pool(*leaves, **kwargs, return_lse=True, backend=backend)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype), allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+    return out, lse, grads
+
+
+def check_backend(backend, args, kwargs, *, grads=True, seed=1):
+    """The shared property check: `backend` on `args` against the float64 reference, forward
+    (out, lse) and all three gradients, within the low-precision tolerance rule. Also checks:
+    no NaN/Inf, exact zeros for empty rows and at positions that take part in no row."""
+    dtype = args[0].dtype
+    g = torch.Generator().manual_seed(seed)
+    out_shape = list(args[0].shape[:-1]) + [args[2].shape[-1]]
+    grad_out = torch.randn(out_shape, generator=g).to(args[0].device)
+
+    args64 = [a.detach().double() for a in args]
+    out64, lse64, g64 = _call("reference", args64, kwargs, grad_out.double())
+    out, lse, gr = _call(backend, args, kwargs, grad_out)
+    if dtype == torch.float64:
+        out_lp, lse_lp, g_lp = out64, lse64, g64
+    else:
+        out_lp, lse_lp, g_lp = _call("reference", args, kwargs, grad_out)
+
+    assert out.dtype == dtype and out.shape == out64.shape
+    assert lse.dtype == torch.float32 and lse.shape == lse64.shape
+    tol = FALLBACK_TOL[dtype]
+
+    def close(name, got, lp, ref):
+        assert torch.isfinite(got).all(), "%s has NaN/Inf" % name
+        allowed = LOW_PRECISION_FACTOR * _err(lp, ref) + tol * _scale_of(ref)
+        err = _err(got, ref)
+        assert err <= allowed, "%s: max error %.3g > allowed %.3g (%s, %s)" % (
+            name, err, allowed, backend, dtype)
+
+    close("out", out, out_lp, out64)
+    # lse: -inf exactly where the oracle is -inf (empty rows), close elsewhere.
+    empty = torch.isneginf(lse64)
+    assert torch.equal(torch.isneginf(lse), empty), "lse must be -inf exactly on empty rows"
+    assert not torch.isnan(lse).any()
+    lse_tol = FALLBACK_TOL[torch.float32 if dtype == torch.float64 else dtype] * 4
+    if (~empty).any():
+        d = (lse[~empty].double() - lse64[~empty]).abs().max().item()
+        d_lp = (lse_lp[~empty].double() - lse64[~empty]).abs().max().item()
+        assert d <= LOW_PRECISION_FACTOR * d_lp + lse_tol * _scale_of(lse64[~empty]), "lse error %.3g" % d
+    if empty.any():
+        assert (out.double()[empty] == 0).all(), "empty rows must give out = 0"
+    if grads:
+        for name, got, lp, ref in zip(("grad_query", "grad_key", "grad_value"), gr, g_lp, g64):
+            assert got.shape == ref.shape and got.dtype == dtype
+            close(name, got, lp, ref)
+            # exact zeros where the oracle's gradient is structurally zero (no row uses it)
+            structural = ref == 0
+            if name != "grad_query":
+                assert (got[structural] == 0).all(), "%s must be exactly 0 where unused" % name
+        qg = gr[0]
+        if empty.any():
+            assert (qg.double()[empty] == 0).all(), "grad_query must be 0 on empty rows"
+    return out, lse, gr
