@@ -479,10 +479,10 @@ def choose_num_splits(programs: int, row_len: int, num_sms: int) -> int:
     or the history is short, one split. Otherwise enough splits to fill about two waves,
     each split streaming at least MIN_SPLIT_LEN positions.
     """
-    if programs <= 0 or row_len <= MIN_SPLIT_LEN or programs >= num_sms:
+    if programs <= 0 or programs >= num_sms:
         return 1
     want = triton.cdiv(2 * num_sms, programs)
-    most = triton.cdiv(row_len, MIN_SPLIT_LEN)
+    most = row_len // MIN_SPLIT_LEN
     return int(max(1, min(want, most, MAX_SPLITS)))
 
 
