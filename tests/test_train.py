@@ -62,7 +62,7 @@ def test_fake_ratings_order_and_split():
         "rating": [5, 1, 4, 3.5, 4, 2, 5, 4.5, 1, 4, 4, 3, 5],
         "timestamp": [5, 5, 5, 6, 7, 8, 9, 10, 11, 12, 1, 2, 3],
     })
-    s = data.movielens(max_length=3, ratings=ratings)
+    s = data.movielens(max_length=3, min_count=1, ratings=ratings)
     assert len(s.train) + len(s.valid) + len(s.test) == 13
     u7 = s.train.meta["user"] == 7
     assert list(s.train.meta["movie"][u7]) == [10, 20, 30, 40, 50, 60, 70, 80]
