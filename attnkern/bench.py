@@ -564,7 +564,8 @@ def run_case(setup: CaseSetup, providers: Sequence[str], env: dict, *, budget_s:
         except Unavailable:
             continue
         except Exception as e:  # a provider that fails to build is reported, never fatal
-            records.append(_record(setup, env, p, status="error", reason="%s: %s" % (type(e).__name__, e)))
+            status = "unavailable" if p == "flex" else "error"
+            records.append(_record(setup, env, p, status=status, reason="%s: %s" % (type(e).__name__, e)))
             continue
         try:
             t0 = time.perf_counter()
@@ -575,7 +576,11 @@ def run_case(setup: CaseSetup, providers: Sequence[str], env: dict, *, budget_s:
             del outputs
             times = time_call(fn, device, budget_s=budget_s)
         except Exception as e:
-            records.append(_record(setup, env, p, status="error", reason="%s: %s" % (type(e).__name__, e)))
+            # FlexAttention is benchmarked "where it runs": a shape or mode it cannot compile
+            # marks it unavailable for the case; any other provider failing is an error.
+            status = "unavailable" if p == "flex" else "error"
+            reason = "%s: %s" % (type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
+            records.append(_record(setup, env, p, status=status, reason=reason))
             continue
         med = statistics.median(times)
         rec = _record(setup, env, p, status="ok", median_ms=med * 1e3, min_ms=min(times) * 1e3,
@@ -603,7 +608,7 @@ _COLUMNS = ("provider", "ms", "GB/s", "%limit", "GFLOP/s", "x ref", "x sdpa", "x
 
 def _row(r: dict) -> List[str]:
     if r.get("status") != "ok":
-        return [r["provider"], r.get("status", "?") + ": " + r.get("reason", "")[:60]] + [""] * (len(_COLUMNS) - 2)
+        return [r["provider"]] + ["-"] * (len(_COLUMNS) - 2) + [r.get("status", "?")]
     sp = r.get("speedup_vs", {})
 
     def fx(b):
@@ -645,17 +650,25 @@ def format_table(records: Sequence[dict]) -> str:
         for row in rows:
             lines.append("  " + "  ".join(c.rjust(w) if i else c.ljust(w)
                                           for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+        for r in rs:
+            if r.get("status") != "ok":
+                lines.append("  %s %s: %s" % (r["provider"], r.get("status"), r.get("reason", "")))
         lines.append("")
     return "\n".join(lines)
 
 
 def format_markdown(records: Sequence[dict]) -> str:
     """One markdown table of every timed provider (the README's results table)."""
-    head = ["shape", "lengths", "dtype", "mode"] + list(_COLUMNS)
+    # Peak memory is measured on CUDA only: drop the column when no record has it.
+    keep = [i for i, c in enumerate(_COLUMNS)
+            if c != "peak MiB" or any(r.get("peak_mem_bytes") is not None for r in records)]
+    head = ["shape", "lengths", "dtype", "mode"] + [_COLUMNS[i] for i in keep]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         s = r["shape"]
-        out.append("| " + " | ".join([s["name"], s["lengths"], r["dtype"], r["mode"]] + _row(r)) + " |")
+        row = _row(r)
+        out.append("| " + " | ".join([s["name"], s["lengths"], r["dtype"], r["mode"]]
+                                     + [row[i] for i in keep]) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -681,7 +694,7 @@ def write_csv(records: Sequence[dict], path: str) -> None:
 
 def plot_results(records: Sequence[dict], path: str) -> None:
     """Bar chart of median time per provider per shape (log scale), one panel per
-    (dtype, mode); a black tick marks the machine's limit for the same bytes."""
+    (device, dtype, mode); a black tick marks the machine's limit for the same bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -690,15 +703,15 @@ def plot_results(records: Sequence[dict], path: str) -> None:
     panels: Dict[tuple, List[dict]] = {}
     for r in records:
         if r.get("status") == "ok":
-            panels.setdefault((r["dtype"], r["mode"]), []).append(r)
+            panels.setdefault((r["device_name"], r["dtype"], r["mode"]), []).append(r)
     if not panels:
         raise ValueError("no timed records to plot")
     providers = [p for p in PROVIDERS if any(r["provider"] == p for rs in panels.values() for r in rs)]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 2.2 + 1.6 * max(
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(7.5, 3.7 + 1.6 * max(
         len({(r["shape"]["name"], r["shape"]["lengths"]) for r in rs}) for rs in panels.values())),
         3.6 * len(panels)), squeeze=False)
     width = 0.8 / max(len(providers), 1)
-    for ax, ((dtype, mode), rs) in zip(axes[:, 0], sorted(panels.items())):
+    for ax, ((dev, dtype, mode), rs) in zip(axes[:, 0], sorted(panels.items())):
         cases = sorted({(r["shape"]["name"], r["shape"]["lengths"]) for r in rs})
         t = {(r["shape"]["name"], r["shape"]["lengths"], r["provider"]): r["median_ms"] for r in rs}
         for j, p in enumerate(providers):
@@ -713,9 +726,8 @@ def plot_results(records: Sequence[dict], path: str) -> None:
         ax.set_xticklabels(["%s\n%s" % c for c in cases], fontsize=7)
         ax.set_yscale("log")
         ax.set_ylabel("median ms")
-        dev = rs[0]["device_name"]
         ax.set_title("attention_pool %s %s on %s" % (mode, dtype, dev), fontsize=9)
-        ax.legend(fontsize=7, ncol=4)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
