@@ -14,6 +14,7 @@ Environment switches:
 import glob
 import os
 import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -39,6 +40,33 @@ def _pip_cuda_include_dirs():
     return dirs
 
 
+def _set_cuda_home_from_nvcc():
+    """Points CUDA_HOME at the toolkit that the nvcc on PATH belongs to, when it is not set.
+
+    torch takes CUDA_HOME = dirname(dirname(which nvcc)); for a wrapper script such as
+    /usr/local/bin/nvcc that is /usr/local, whose include/ and lib64/ lack the toolkit headers
+    (crt/host_defines.h) and libcudart that the .cpp glue and the link need. nvcc itself
+    reports its real root (TOP) in a dry run. Must run before torch.utils.cpp_extension is
+    imported.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    try:
+        res = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return
+    for line in (res.stdout + res.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            top = os.path.normpath(line.split("=", 1)[1].strip().strip('"'))
+            if os.path.isdir(os.path.join(top, "include")):
+                os.environ["CUDA_HOME"] = top
+            return
+
+
 def _want_cuda(torch):
     """Decide whether to build the CUDA kernels. Never gated on a visible GPU."""
     flag = os.environ.get("ATTNKERN_CUDA", "").strip()
@@ -60,6 +88,8 @@ def _want_cuda(torch):
 
 
 def _extensions():
+    if os.environ.get("ATTNKERN_CUDA", "").strip() != "0":
+        _set_cuda_home_from_nvcc()
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 

@@ -1,0 +1,96 @@
+"""`TargetAttentionCTR`: the thin recommender that shows what the layer is for.
+
+DIN-style: item-id embeddings, the target item as the query of `AttentionPooling` over
+the user's history, and an MLP head over [target, pooled, target * pooled] giving a click
+logit. ``pooling="sum"`` swaps the attention for the sum pooling of the DIN paper's base
+model, everything else equal: the baseline the layer is measured against.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .nn import AttentionPooling
+
+__all__ = ["TargetAttentionCTR", "POOLINGS"]
+
+POOLINGS = ("attention", "sum")
+
+
+class TargetAttentionCTR(nn.Module):
+    """Click-through-rate model with target attention over the behaviour history.
+
+    Args:
+        num_items: size of the item-id table; ids lie in [0, num_items), 0 is padding.
+        embed_dim: item embedding size E (divisible by ``num_heads``).
+        num_heads: heads of the attention pooling.
+        mlp_dims: hidden sizes of the MLP head.
+        pooling: "attention" (`AttentionPooling`, the target as query) or "sum" (sum of the
+            valid history embeddings, the DIN paper's base model).
+        dropout: dropout after each hidden layer of the head.
+        backend: attention backend, see `attnkern.attention_pool`.
+
+    Forward:
+        history: [B, L] int64 item ids; row b's history is ``history[b, :lengths[b]]``
+            (positions past the length are ignored whatever they hold).
+        target: [B] or [B, N] int64 candidate item ids (N candidates share a history).
+        lengths: [B] int32/int64 valid history lengths (0 = empty history).
+
+    Returns:
+        logits [B] or [B, N] (float32, or the autocast dtype).
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        embed_dim: int = 32,
+        num_heads: int = 2,
+        mlp_dims: Sequence[int] = (64, 32),
+        pooling: str = "attention",
+        dropout: float = 0.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError("pooling must be one of %s, got %r" % (", ".join(POOLINGS), pooling))
+        if not isinstance(num_items, int) or num_items < 2:
+            raise ValueError("num_items must be an int >= 2 (id 0 is padding), got %r" % (num_items,))
+        self.num_items = num_items
+        self.pooling = pooling
+        self.embedding = nn.Embedding(num_items, embed_dim, padding_idx=0)
+        nn.init.normal_(self.embedding.weight, std=embed_dim ** -0.5)
+        with torch.no_grad():
+            self.embedding.weight[0].zero_()
+        self.pool = AttentionPooling(embed_dim, num_heads, backend=backend) if pooling == "attention" else None
+        layers = []
+        width = 3 * embed_dim
+        for d in mlp_dims:
+            layers += [nn.Linear(width, d), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = d
+        layers.append(nn.Linear(width, 1))
+        self.head = nn.Sequential(*layers)
+
+    def forward(self, history: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if history.dim() != 2:
+            raise ValueError("history must be [B, L] item ids, got %s" % list(history.shape))
+        if target.dim() not in (1, 2) or target.shape[0] != history.shape[0]:
+            raise ValueError(
+                "target must be [B] or [B, N] with B = %d, got %s" % (history.shape[0], list(target.shape))
+            )
+        h = self.embedding(history)  # [B, L, E]
+        t = self.embedding(target)  # [B, E] or [B, N, E]
+        if self.pool is not None:
+            pooled = self.pool(t, h, lengths=lengths)
+        else:
+            valid = torch.arange(history.shape[1], device=history.device) < lengths.to(torch.long)[:, None]
+            pooled = (h * valid.unsqueeze(-1).to(h.dtype)).sum(dim=1)  # [B, E]
+            if t.dim() == 3:
+                pooled = pooled.unsqueeze(1).expand_as(t)
+        pooled = pooled.to(t.dtype)
+        x = torch.cat([t, pooled, t * pooled], dim=-1)
+        return self.head(x).squeeze(-1)

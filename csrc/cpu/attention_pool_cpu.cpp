@@ -1,0 +1,489 @@
+// CPU launcher and registration of the four attnkern ops for the CPU dispatch key.
+//
+// Work decomposition: one task per (row, head); a task reads only the valid positions of its
+// row (padded prefix, mask list or jagged slice) in one online-softmax pass. When there are
+// few (row, head) tasks (a shape-only rule, so the result never depends on the thread count),
+// long rows are cut into fixed-length slices computed in parallel and merged with their
+// log-sum-exp in a fixed order. The backward is deterministic: each position belongs to one
+// task, which writes its dk/dv; dq partials of a split row are summed in a fixed order.
+//
+// The arithmetic runs in kernel_{avx512,avx2,generic}.cpp; the best one this CPU supports is
+// chosen at run time (ATTNKERN_CPU_ISA=generic|avx2|avx512 caps the choice, for testing).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "attention_pool.h"
+#include "kernel_common.h"
+
+namespace attnkern {
+namespace cpu {
+
+int64_t workspace_elems(int64_t N, int64_t Dk, int64_t Dv) {
+  // Padded to the widest vector (16 lanes); covers the forward and backward layouts.
+  const int64_t Dkp = (Dk + 15) / 16 * 16, Dvp = (Dv + 15) / 16 * 16;
+  return 2 * N * Dkp + N * Dvp + 16 * (Dkp + Dvp) + 2 * N + 64;
+}
+
+namespace {
+
+// Rows with more valid positions than this are split when there are few (row, head) tasks.
+constexpr int64_t kSplitLen = 512;
+constexpr int64_t kSplitMaxTasks = 64;
+
+const KernelTable& simd_kernels() {
+  static const KernelTable table = [] {
+    const char* env = std::getenv("ATTNKERN_CPU_ISA");
+    const std::string cap = env ? std::string(env) : std::string();
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_cpu_init();
+    const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                        __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2");
+    const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    if (has512 && (cap.empty() || cap == "avx512")) return avx512_kernels();
+    if (has2 && cap != "generic") return avx2_kernels();
+#endif
+    (void)cap;
+    return generic_kernels();
+  }();
+  return table;
+}
+
+const KernelTable& kernels_for(int dtype) {
+  static const KernelTable generic = generic_kernels();
+  return dtype == kF64 ? generic : simd_kernels();
+}
+
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kF32;
+    case at::kHalf: return kF16;
+    case at::kBFloat16: return kBF16;
+    default: return kF64;
+  }
+}
+
+at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// Which positions of row b take part: padded rows [0, len) or a mask, jagged rows a slice.
+struct Rows {
+  int64_t B = 0;
+  int64_t L = 0;                    // padded length (positions per row in key)
+  const int64_t* lengths = nullptr;  // padded + lengths
+  const bool* mask = nullptr;        // padded + mask, [B, L] contiguous
+  const int64_t* offsets = nullptr;  // jagged
+  at::Tensor keep_alive_a, keep_alive_b;
+
+  int64_t start(int64_t b) const { return offsets ? offsets[b] : 0; }
+  // Valid count; for a mask row also fills idx with the valid positions.
+  int64_t count(int64_t b, std::vector<int32_t>* idx) const {
+    if (offsets) return offsets[b + 1] - offsets[b];
+    if (lengths) return lengths[b];
+    if (mask) {
+      const bool* m = mask + b * L;
+      int64_t c = 0;
+      if (idx) {
+        idx->resize(L);
+        for (int64_t l = 0; l < L; ++l)
+          if (m[l]) (*idx)[c++] = int32_t(l);
+      } else {
+        for (int64_t l = 0; l < L; ++l) c += m[l];
+      }
+      return c;
+    }
+    return L;
+  }
+};
+
+Rows padded_rows(const PoolDims& d, const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& mask) {
+  Rows r;
+  r.B = d.B;
+  r.L = d.L;
+  if (lengths.has_value()) {
+    check_lengths_values_cpu(*lengths, d.L);
+    r.keep_alive_a = lengths->to(at::kLong).contiguous();
+    r.lengths = r.keep_alive_a.data_ptr<int64_t>();
+  } else if (mask.has_value()) {
+    r.keep_alive_a = mask->contiguous();
+    r.mask = r.keep_alive_a.data_ptr<bool>();
+  }
+  return r;
+}
+
+Rows jagged_rows(const PoolDims& d, const at::Tensor& offsets, int64_t max_length) {
+  check_offsets_values_cpu(offsets, d.L, max_length);
+  Rows r;
+  r.B = d.B;
+  r.L = d.L;
+  r.keep_alive_a = offsets.to(at::kLong).contiguous();
+  r.offsets = r.keep_alive_a.data_ptr<int64_t>();
+  return r;
+}
+
+// A unit of parallel work: (row, head) task, and the slice [i0, i1) of its valid positions.
+struct Item {
+  int64_t task;
+  int64_t i0, i1;
+};
+
+// The split plan: empty when no row is split (then items are the tasks themselves).
+// float64 rows are never split: its backward refines the float32 lse over the whole row.
+std::vector<Item> split_plan(const Rows& rows, int64_t H, int dtype) {
+  std::vector<Item> items;
+  if (rows.B * H > kSplitMaxTasks || dtype == kF64) return items;
+  bool any = false;
+  std::vector<int64_t> counts(rows.B);
+  for (int64_t b = 0; b < rows.B; ++b) {
+    counts[b] = rows.count(b, nullptr);
+    any = any || counts[b] > kSplitLen;
+  }
+  if (!any) return items;
+  for (int64_t b = 0; b < rows.B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t c = counts[b];
+      if (c == 0) items.push_back({b * H + h, 0, 0});
+      for (int64_t i0 = 0; i0 < c; i0 += kSplitLen) items.push_back({b * H + h, i0, std::min(c, i0 + kSplitLen)});
+    }
+  return items;
+}
+
+int64_t grain_for(int64_t per_task_cost) {
+  return std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, per_task_cost));
+}
+
+void fill_fwd_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool jagged,
+                     const PoolDims& d, double scale) {
+  p.dtype = dtype_code(q.scalar_type());
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_sb = q.stride(0);
+  p.q_sn = q.stride(1);
+  p.q_sh = q.stride(2);
+  if (jagged) {
+    p.k_sb = 0, p.k_sl = k.stride(0), p.k_sh = k.stride(1);
+    p.v_sb = 0, p.v_sl = v.stride(0), p.v_sh = v.stride(1);
+  } else {
+    p.k_sb = k.stride(0), p.k_sl = k.stride(1), p.k_sh = k.stride(2);
+    p.v_sb = v.stride(0), p.v_sl = v.stride(1), p.v_sh = v.stride(2);
+  }
+  p.N = d.N;
+  p.H = d.H;
+  p.Dk = d.Dk;
+  p.Dv = d.Dv;
+  p.scale = scale;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+template <class scalar_t>
+void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor& lse) {
+  using A = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+  const KernelTable& kt = kernels_for(p.dtype);
+  const int64_t N = p.N, H = p.H, Dv = p.Dv;
+  const int64_t ws_n = workspace_elems(N, p.Dk, Dv);
+  scalar_t* o = out.data_ptr<scalar_t>();
+  float* ls = lse.data_ptr<float>();
+
+  // Normalises one task's (acc, m, l) into out/lse.
+  auto finish = [&](int64_t task, const A* acc, const A* m, const A* l) {
+    const int64_t b = task / H, h = task % H;
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t r = (b * N + n) * H + h;
+      scalar_t* on = o + r * Dv;
+      if (l[n] > A(0)) {
+        const A inv = A(1) / l[n];
+        for (int64_t e = 0; e < Dv; ++e) on[e] = scalar_t(acc[n * Dv + e] * inv);
+        ls[r] = float((m[n] + std::log2(l[n])) * A(0.6931471805599453));
+      } else {
+        for (int64_t e = 0; e < Dv; ++e) on[e] = scalar_t(0);
+        ls[r] = -std::numeric_limits<float>::infinity();
+      }
+    }
+  };
+
+  const int64_t ntasks = rows.B * H;
+  const std::vector<Item> items = split_plan(rows, H, p.dtype);
+  const int64_t avg_len = rows.offsets ? (rows.B ? (rows.offsets[rows.B] - rows.offsets[0]) / rows.B + 1 : 1) : rows.L + 1;
+  if (items.empty()) {
+    at::parallel_for(0, ntasks, grain_for(N * avg_len * (p.Dk + Dv)), [&](int64_t t0, int64_t t1) {
+      std::vector<A> ws(ws_n), acc(N * Dv), m(N), l(N);
+      std::vector<int32_t> idx;
+      int64_t idx_row = -1, cnt = 0;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / H;
+        if (b != idx_row) {
+          cnt = rows.count(b, &idx);
+          idx_row = b;
+        }
+        const Span s{b, t % H, rows.start(b), cnt, rows.mask ? idx.data() : nullptr};
+        kt.fwd(p, s, ws.data(), acc.data(), m.data(), l.data());
+        finish(t, acc.data(), m.data(), l.data());
+      }
+    });
+    return;
+  }
+
+  // Split rows: partial (acc, m, l) per item, then a fixed-order log-sum-exp merge per task.
+  const int64_t nitems = int64_t(items.size());
+  std::vector<A> pacc(nitems * N * Dv), pm(nitems * N), pl(nitems * N);
+  at::parallel_for(0, nitems, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<A> ws(ws_n);
+    std::vector<int32_t> idx;
+    for (int64_t i = i0; i < i1; ++i) {
+      const Item& it = items[i];
+      const int64_t b = it.task / H;
+      rows.count(b, &idx);
+      const Span s{b, it.task % H, rows.start(b) + (rows.mask ? 0 : it.i0), it.i1 - it.i0,
+                   rows.mask ? idx.data() + it.i0 : nullptr};
+      kt.fwd(p, s, ws.data(), pacc.data() + i * N * Dv, pm.data() + i * N, pl.data() + i * N);
+    }
+  });
+  std::vector<int64_t> first(ntasks + 1, nitems);
+  for (int64_t i = nitems - 1; i >= 0; --i) first[items[i].task] = i;
+  at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<A> acc(N * Dv), m(N), l(N);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t e = (t + 1 < ntasks) ? first[t + 1] : nitems;
+      for (int64_t n = 0; n < N; ++n) {
+        A mx = -std::numeric_limits<A>::infinity();
+        for (int64_t i = first[t]; i < e; ++i) mx = std::max(mx, pm[i * N + n]);
+        A lsum = 0;
+        for (int64_t x = 0; x < Dv; ++x) acc[n * Dv + x] = 0;
+        if (mx != -std::numeric_limits<A>::infinity()) {
+          for (int64_t i = first[t]; i < e; ++i) {
+            const A w = std::exp2(pm[i * N + n] - mx);
+            lsum += w * pl[i * N + n];
+            for (int64_t x = 0; x < Dv; ++x) acc[n * Dv + x] += w * pacc[(i * N + n) * Dv + x];
+          }
+        }
+        m[n] = mx;
+        l[n] = lsum;
+      }
+      finish(t, acc.data(), m.data(), l.data());
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_common(const at::Tensor& query_in, const at::Tensor& key_in,
+                                              const at::Tensor& value_in, const PoolDims& d, const Rows& rows,
+                                              bool jagged, double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), "attnkern: scale must be finite, got ", scale);
+  const at::Tensor q = last_dim_contiguous(query_in);
+  const at::Tensor k = last_dim_contiguous(key_in);
+  const at::Tensor v = last_dim_contiguous(value_in);
+  at::Tensor out = at::empty({d.B, d.N, d.H, d.Dv}, q.options());
+  at::Tensor lse = at::empty({d.B, d.N, d.H}, q.options().dtype(at::kFloat));
+  if (d.B == 0) return {out, lse};
+  FwdParams p;
+  fill_fwd_params(p, q, k, v, jagged, d, scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_pool_fwd_cpu",
+                                  [&] { fwd_impl<scalar_t>(p, rows, out, lse); });
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+// Zeroes grad_key/grad_value of head h at the positions of padded row b that take no part.
+template <class scalar_t>
+void zero_invalid(const Rows& rows, const BwdParams& p, int64_t b, int64_t h, int64_t count, const std::vector<int32_t>& idx) {
+  if (rows.offsets) return;  // jagged: rows beyond offsets[B] are zeroed once, at the end
+  scalar_t* gk = static_cast<scalar_t*>(p.gk) + b * p.gk_sb + h * p.gk_sh;
+  scalar_t* gv = static_cast<scalar_t*>(p.gv) + b * p.gv_sb + h * p.gv_sh;
+  auto zero_at = [&](int64_t l) {
+    std::memset(gk + l * p.gk_sl, 0, sizeof(scalar_t) * p.Dk);
+    std::memset(gv + l * p.gv_sl, 0, sizeof(scalar_t) * p.Dv);
+  };
+  if (rows.mask) {
+    const bool* m = rows.mask + b * rows.L;
+    for (int64_t l = 0; l < rows.L; ++l)
+      if (!m[l]) zero_at(l);
+  } else {
+    for (int64_t l = count; l < rows.L; ++l) zero_at(l);
+  }
+  (void)idx;
+}
+
+template <class scalar_t>
+void bwd_impl(const BwdParams& p, const Rows& rows, at::Tensor& gq) {
+  using A = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+  const KernelTable& kt = kernels_for(p.dtype);
+  const int64_t N = p.N, H = p.H, Dk = p.Dk;
+  const int64_t ws_n = workspace_elems(N, Dk, p.Dv);
+  scalar_t* gqp = gq.data_ptr<scalar_t>();
+  auto store_dq = [&](int64_t task, const A* dq) {
+    const int64_t b = task / H, h = task % H;
+    for (int64_t n = 0; n < N; ++n) {
+      scalar_t* g = gqp + ((b * N + n) * H + h) * Dk;
+      for (int64_t e = 0; e < Dk; ++e) g[e] = scalar_t(dq[n * Dk + e]);
+    }
+  };
+
+  const int64_t ntasks = rows.B * H;
+  const std::vector<Item> items = split_plan(rows, H, p.dtype);
+  const int64_t avg_len = rows.offsets ? (rows.B ? (rows.offsets[rows.B] - rows.offsets[0]) / rows.B + 1 : 1) : rows.L + 1;
+  if (items.empty()) {
+    at::parallel_for(0, ntasks, grain_for(2 * N * avg_len * (Dk + p.Dv)), [&](int64_t t0, int64_t t1) {
+      std::vector<A> ws(ws_n), dq(N * Dk);
+      std::vector<int32_t> idx;
+      int64_t idx_row = -1, cnt = 0;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / H, h = t % H;
+        if (b != idx_row) {
+          cnt = rows.count(b, &idx);
+          idx_row = b;
+        }
+        const Span s{b, h, rows.start(b), cnt, rows.mask ? idx.data() : nullptr};
+        kt.bwd(p, s, ws.data(), dq.data());
+        store_dq(t, dq.data());
+        zero_invalid<scalar_t>(rows, p, b, h, cnt, idx);
+      }
+    });
+    return;
+  }
+
+  const int64_t nitems = int64_t(items.size());
+  std::vector<A> pdq(nitems * N * Dk);
+  at::parallel_for(0, nitems, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<A> ws(ws_n);
+    std::vector<int32_t> idx;
+    for (int64_t i = i0; i < i1; ++i) {
+      const Item& it = items[i];
+      const int64_t b = it.task / H;
+      rows.count(b, &idx);
+      const Span s{b, it.task % H, rows.start(b) + (rows.mask ? 0 : it.i0), it.i1 - it.i0,
+                   rows.mask ? idx.data() + it.i0 : nullptr};
+      kt.bwd(p, s, ws.data(), pdq.data() + i * N * Dk);
+    }
+  });
+  std::vector<int64_t> first(ntasks + 1, nitems);
+  for (int64_t i = nitems - 1; i >= 0; --i) first[items[i].task] = i;
+  at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<A> dq(N * Dk);
+    std::vector<int32_t> idx;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t e = (t + 1 < ntasks) ? first[t + 1] : nitems;
+      std::fill(dq.begin(), dq.end(), A(0));
+      for (int64_t i = first[t]; i < e; ++i)
+        for (int64_t x = 0; x < N * Dk; ++x) dq[x] += pdq[i * N * Dk + x];
+      store_dq(t, dq.data());
+      const int64_t b = t / H;
+      zero_invalid<scalar_t>(rows, p, b, t % H, rows.count(b, nullptr), idx);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_common(const at::Tensor& grad_out_in, const at::Tensor& query_in,
+                                                          const at::Tensor& key_in, const at::Tensor& value_in,
+                                                          const at::Tensor& lse_in, const at::Tensor& delta_in,
+                                                          const PoolDims& d, const Rows& rows, bool jagged,
+                                                          double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), "attnkern: scale must be finite, got ", scale);
+  const at::Tensor q = last_dim_contiguous(query_in);
+  const at::Tensor k = last_dim_contiguous(key_in);
+  const at::Tensor v = last_dim_contiguous(value_in);
+  const at::Tensor go = last_dim_contiguous(grad_out_in);
+  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor delta = delta_in.contiguous();
+  at::Tensor gq = at::empty(q.sizes(), q.options());
+  at::Tensor gk = at::empty(k.sizes(), k.options());
+  at::Tensor gv = at::empty(v.sizes(), v.options());
+  if (d.B == 0) {
+    gk.zero_();
+    gv.zero_();
+    return {gq, gk, gv};
+  }
+  BwdParams p;
+  fill_fwd_params(p, q, k, v, jagged, d, scale);
+  p.go = go.data_ptr();
+  p.go_sb = go.stride(0);
+  p.go_sn = go.stride(1);
+  p.go_sh = go.stride(2);
+  p.lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.gk = gk.data_ptr();
+  p.gv = gv.data_ptr();
+  if (jagged) {
+    p.gk_sb = 0, p.gk_sl = gk.stride(0), p.gk_sh = gk.stride(1);
+    p.gv_sb = 0, p.gv_sl = gv.stride(0), p.gv_sh = gv.stride(1);
+  } else {
+    p.gk_sb = gk.stride(0), p.gk_sl = gk.stride(1), p.gk_sh = gk.stride(2);
+    p.gv_sb = gv.stride(0), p.gv_sl = gv.stride(1), p.gv_sh = gv.stride(2);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_pool_bwd_cpu",
+                                  [&] { bwd_impl<scalar_t>(p, rows, gq); });
+  if (jagged) {
+    const int64_t end = rows.offsets[rows.B];
+    if (end < d.L) {
+      gk.narrow(0, end, d.L - end).zero_();
+      gv.narrow(0, end, d.L - end).zero_();
+    }
+  }
+  return {gq, gk, gv};
+}
+
+}  // namespace
+}  // namespace cpu
+
+// ---------------------------------------------------------------------------------------------
+// Registered ops
+
+std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                          const at::Tensor& value,
+                                                          const std::optional<at::Tensor>& lengths,
+                                                          const std::optional<at::Tensor>& mask, double scale) {
+  const PoolDims d = check_padded_fwd(query, key, value, lengths, mask);
+  const cpu::Rows rows = cpu::padded_rows(d, lengths, mask);
+  return cpu::fwd_common(query, key, value, d, rows, /*jagged=*/false, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& mask, const at::Tensor& lse,
+    const at::Tensor& delta, double scale) {
+  const PoolDims d = check_padded_fwd(query, key, value, lengths, mask);
+  check_bwd_extras(d, query, grad_out, lse, delta);
+  const cpu::Rows rows = cpu::padded_rows(d, lengths, mask);
+  return cpu::bwd_common(grad_out, query, key, value, lse, delta, d, rows, /*jagged=*/false, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> jagged_attention_pool_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                                 const at::Tensor& value, const at::Tensor& offsets,
+                                                                 int64_t max_length, double scale) {
+  const PoolDims d = check_jagged_fwd(query, key, value, offsets, max_length);
+  const cpu::Rows rows = cpu::jagged_rows(d, offsets, max_length);
+  return cpu::fwd_common(query, key, value, d, rows, /*jagged=*/true, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_pool_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& offsets, int64_t max_length, const at::Tensor& lse, const at::Tensor& delta, double scale) {
+  const PoolDims d = check_jagged_fwd(query, key, value, offsets, max_length);
+  check_bwd_extras(d, query, grad_out, lse, delta);
+  const cpu::Rows rows = cpu::jagged_rows(d, offsets, max_length);
+  return cpu::bwd_common(grad_out, query, key, value, lse, delta, d, rows, /*jagged=*/true, scale);
+}
+
+}  // namespace attnkern
+
+TORCH_LIBRARY_IMPL(attnkern, CPU, m) {
+  m.impl("attention_pool_fwd", &attnkern::attention_pool_fwd_cpu);
+  m.impl("attention_pool_bwd", &attnkern::attention_pool_bwd_cpu);
+  m.impl("jagged_attention_pool_fwd", &attnkern::jagged_attention_pool_fwd_cpu);
+  m.impl("jagged_attention_pool_bwd", &attnkern::jagged_attention_pool_bwd_cpu);
+}

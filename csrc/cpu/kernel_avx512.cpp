@@ -1,0 +1,118 @@
+// AVX-512 kernels (16 fp32 lanes). The whole translation unit is compiled for AVX-512 by the
+// pragma below, never by a global -mavx512 flag, so the extension still loads on any x86-64 CPU:
+// the launcher calls into this file only after checking the CPU at run time. No torch/STL
+// header is included here (see kernel_common.h for why).
+#if defined(__x86_64__) || defined(_M_X64)
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#endif
+
+#include <immintrin.h>
+
+#include "kernel_common.h"
+#include "kernel_impl.h"
+
+namespace attnkern {
+namespace cpu {
+namespace {
+
+inline __mmask16 lanes(int n) { return (__mmask16)((1u << n) - 1u); }
+
+struct Vec512 {
+  using A = float;
+  static constexpr int W = 16;
+  __m512 v;
+
+  static Vec512 zero() { return {_mm512_setzero_ps()}; }
+  static Vec512 set1(float a) { return {_mm512_set1_ps(a)}; }
+  static Vec512 load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static Vec512 load(const bf16_t* p) { return from_bf16(_mm256_loadu_si256((const __m256i*)p)); }
+  static Vec512 load(const fp16_t* p) { return {_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p))}; }
+  static Vec512 load_partial(const float* p, int n) { return {_mm512_maskz_loadu_ps(lanes(n), p)}; }
+  static Vec512 load_partial(const bf16_t* p, int n) { return from_bf16(_mm256_maskz_loadu_epi16(lanes(n), p)); }
+  static Vec512 load_partial(const fp16_t* p, int n) {
+    return {_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes(n), p))};
+  }
+  static Vec512 from_bf16(__m256i h) {
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
+  }
+  // Round to nearest even (the conversion torch uses); NaN stays NaN.
+  __m256i to_bf16() const {
+    const __m512i b = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    return _mm512_cvtepi32_epi16(r);
+  }
+  __m256i to_fp16() const { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  void store(bf16_t* p) const { _mm256_storeu_si256((__m256i*)p, to_bf16()); }
+  void store(fp16_t* p) const { _mm256_storeu_si256((__m256i*)p, to_fp16()); }
+  void store_partial(float* p, int n) const { _mm512_mask_storeu_ps(p, lanes(n), v); }
+  void store_partial(bf16_t* p, int n) const { _mm256_mask_storeu_epi16(p, lanes(n), to_bf16()); }
+  void store_partial(fp16_t* p, int n) const { _mm256_mask_storeu_epi16(p, lanes(n), to_fp16()); }
+
+  Vec512 operator+(Vec512 b) const { return {_mm512_add_ps(v, b.v)}; }
+  Vec512 operator-(Vec512 b) const { return {_mm512_sub_ps(v, b.v)}; }
+  Vec512 operator*(Vec512 b) const { return {_mm512_mul_ps(v, b.v)}; }
+  static Vec512 fma(Vec512 a, Vec512 b, Vec512 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  float reduce_add() const { return _mm512_reduce_add_ps(v); }
+  float reduce_max() const { return _mm512_reduce_max_ps(v); }
+
+  // 2^x: round-to-nearest split x = n + f, |f| <= 1/2, degree-7 Taylor polynomial of 2^f
+  // (relative error < 1e-8), scaled by 2^n. Lanes below -126 (incl. -inf) give exactly 0.
+  static Vec512 exp2(Vec512 x) {
+    const __m512 xc = _mm512_min_ps(_mm512_max_ps(x.v, _mm512_set1_ps(-126.f)), _mm512_set1_ps(127.f));
+    const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(xc, n);
+    __m512 y = _mm512_set1_ps(1.5252733804059841e-05f);
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.5403530393381608e-04f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.3333558146428443e-03f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.6181291076284772e-03f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5504108664821580e-02f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022650695910071e-01f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314718055994531e-01f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
+    const __m512 r = _mm512_scalef_ps(y, n);
+    return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, _mm512_set1_ps(-126.f), _CMP_GE_OQ), r)};
+  }
+  Vec512 mask_tail(int nb) const { return {_mm512_mask_blend_ps(lanes(nb), _mm512_set1_ps(-__builtin_inff()), v)}; }
+
+  // 16 vectors -> one whose lane j is the sum of a[j]: four rounds of pairwise lane shuffles.
+  static Vec512 transpose_reduce(const Vec512* a) {
+    __m512 c[8], e[4], g[2];
+    for (int i = 0; i < 8; ++i)
+      c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i].v, a[2 * i + 1].v, 0x44),
+                           _mm512_shuffle_f32x4(a[2 * i].v, a[2 * i + 1].v, 0xEE));
+    for (int i = 0; i < 4; ++i)
+      e[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                           _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; ++i)
+      g[i] = _mm512_add_ps(_mm512_shuffle_ps(e[2 * i], e[2 * i + 1], 0x44),
+                           _mm512_shuffle_ps(e[2 * i], e[2 * i + 1], 0xEE));
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(g[0], g[1], 0x88), _mm512_shuffle_ps(g[0], g[1], 0xDD));
+    // r[4l + i] holds key 4i + l; put key j in lane j.
+    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return {_mm512_permutexvar_ps(idx, r)};
+  }
+};
+
+}  // namespace
+
+KernelTable avx512_kernels() { return {"avx512", &fwd_entry<Vec512>, &bwd_entry<Vec512>}; }
+
+}  // namespace cpu
+}  // namespace attnkern
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#endif  // x86-64

@@ -1,0 +1,85 @@
+// Plain-data interface between the CPU launcher and the per-ISA kernel translation units.
+//
+// This header must stay free of torch/STL headers and of inline functions: it is included by
+// translation units compiled under `#pragma GCC target("avx512f,...")`, and an inline function
+// defined there could be emitted as an AVX-512 COMDAT copy that the linker then picks for
+// baseline code (an illegal instruction on older CPUs).
+#pragma once
+
+#include <stdint.h>
+
+namespace attnkern {
+namespace cpu {
+
+// Element types as seen by the kernels (tags only: the kernels do their own conversions).
+struct bf16_t {
+  uint16_t x;
+};
+struct fp16_t {
+  uint16_t x;
+};
+
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
+
+// Strides are in elements; the last (head-dim) stride is always 1.
+// Row b of a padded layout starts at key + b * k_sb (start = 0); a jagged row starts at
+// key + start * k_sl with k_sb = 0.
+struct FwdParams {
+  int dtype = kF32;
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t q_sb = 0, q_sn = 0, q_sh = 0;
+  int64_t k_sb = 0, k_sl = 0, k_sh = 0;
+  int64_t v_sb = 0, v_sl = 0, v_sh = 0;
+  int64_t N = 1, H = 1, Dk = 1, Dv = 1;
+  double scale = 1.0;
+};
+
+struct BwdParams : FwdParams {
+  const void* go = nullptr;  // grad_out [B, N, H, Dv]
+  int64_t go_sb = 0, go_sn = 0, go_sh = 0;
+  const float* lse = nullptr;    // [B, N, H] contiguous
+  const float* delta = nullptr;  // [B, N, H] contiguous
+  void* gk = nullptr;            // grad_key, dtype of key, written at the span's positions only
+  void* gv = nullptr;
+  int64_t gk_sb = 0, gk_sl = 0, gk_sh = 0;
+  int64_t gv_sb = 0, gv_sl = 0, gv_sh = 0;
+};
+
+// The valid positions of one (row, head) task, or a slice of them:
+// position i (0 <= i < count) is start + (idx ? idx[i] : i).
+struct Span {
+  int64_t b = 0;
+  int64_t h = 0;
+  int64_t start = 0;
+  int64_t count = 0;
+  const int32_t* idx = nullptr;
+};
+
+// Workspace (in accumulator elements: float, or double for kF64) that a kernel call may use.
+int64_t workspace_elems(int64_t N, int64_t Dk, int64_t Dv);
+
+// Forward over one span: unnormalised acc [N, Dv] = sum_l 2^(s2_l - m) v_l, running max m [N]
+// of s2 = scale * log2(e) * q.k (log2 units) and l [N] = sum_l 2^(s2_l - m). An empty span gives
+// acc = 0, m = -inf, l = 0. acc/m/l are float (double for kF64).
+typedef void (*FwdFn)(const FwdParams& p, const Span& s, void* ws, void* acc, void* m, void* l);
+// Backward over one span: writes grad_key/grad_value at the span's positions and
+// dq [N, Dk] (float, or double for kF64) = scale * sum_l ds_l k_l over the span.
+typedef void (*BwdFn)(const BwdParams& p, const Span& s, void* ws, void* dq);
+
+struct KernelTable {
+  const char* name;
+  FwdFn fwd;
+  BwdFn bwd;
+};
+
+// Portable kernels (scalar, auto-vectorised): every dtype, and the only float64 path.
+KernelTable generic_kernels();
+#if defined(__x86_64__) || defined(_M_X64)
+KernelTable avx2_kernels();    // needs avx2, fma, f16c
+KernelTable avx512_kernels();  // needs avx512f, avx512bw, avx512vl, avx512dq, fma
+#endif
+
+}  // namespace cpu
+}  // namespace attnkern

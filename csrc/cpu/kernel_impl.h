@@ -1,0 +1,297 @@
+// The CPU attention-pooling kernels, written once over a SIMD vector class `V` and included by
+// each per-ISA translation unit (kernel_avx512.cpp, kernel_avx2.cpp, kernel_generic.cpp) after
+// it defines its `V`. Everything here has internal linkage (anonymous namespace), so the
+// ISA-specific copies can never be merged by the linker.
+//
+// V provides: W (lanes), A (accumulator scalar), zero/set1/load/load_partial/store/
+// store_partial for A and for every input type T, + - *, fma, max, reduce_add, reduce_max,
+// exp2 (exactly 0 for -inf), mask_tail(nb) (lanes >= nb set to -inf) and
+// transpose_reduce(V a[W]) (lane j = horizontal sum of a[j]).
+//
+// Shape of the work: keys are processed in blocks of W positions. For each block the scores of
+// every query are W dot products, reduced horizontally all at once by transpose_reduce, so the
+// K/V block is read from memory once and then reused from L1 for all N queries.
+#pragma once
+
+#include "kernel_common.h"
+
+namespace attnkern {
+namespace cpu {
+namespace {
+
+constexpr double kLog2e = 1.4426950408889634;
+
+template <class A>
+inline A scalar_exp2(A x);
+template <>
+inline float scalar_exp2<float>(float x) {
+  return __builtin_exp2f(x);
+}
+template <>
+inline double scalar_exp2<double>(double x) {
+  return __builtin_exp2(x);
+}
+
+template <class A>
+inline A neg_inf() {
+  return -__builtin_inf();
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Loads chunk c of a head vector whose last chunk holds `tail` (1..W) elements.
+template <class V, class T>
+inline V load_chunk(const T* p, int64_t c, int64_t last, int tail) {
+  return (c < last || tail == V::W) ? V::load(p + c * V::W) : V::load_partial(p + c * V::W, tail);
+}
+
+// Scores of one query against the W keys of a block: lane j = <x, k_j>. x is a padded fp32/64
+// vector in the workspace (zeros past D), kp[j] points at key j (repeated past the block end).
+template <class V, class T>
+inline V block_dots(const typename V::A* x, const T* const* kp, int64_t nch, int tail) {
+  constexpr int W = V::W;
+  V acc[W];
+#pragma GCC unroll 16
+  for (int j = 0; j < W; ++j) acc[j] = V::zero();
+  for (int64_t c = 0; c + 1 < nch; ++c) {
+    const V xc = V::load(x + c * W);
+#pragma GCC unroll 16
+    for (int j = 0; j < W; ++j) acc[j] = V::fma(xc, V::load(kp[j] + c * W), acc[j]);
+  }
+  {
+    const int64_t c = nch - 1;
+    const V xc = V::load(x + c * W);
+    if (tail == W) {
+#pragma GCC unroll 16
+      for (int j = 0; j < W; ++j) acc[j] = V::fma(xc, V::load(kp[j] + c * W), acc[j]);
+    } else {
+#pragma GCC unroll 16
+      for (int j = 0; j < W; ++j) acc[j] = V::fma(xc, V::load_partial(kp[j] + c * W, tail), acc[j]);
+    }
+  }
+  return V::transpose_reduce(acc);
+}
+
+// y[0:nch*W] += sum_{j < nb} w[j] * row_j, rows read from input rows rp[j] (dtype T).
+template <class V, class T>
+inline void block_axpy_rows(typename V::A* y, const typename V::A* w, const T* const* rp, int nb,
+                            int64_t nch, int tail, typename V::A y_scale) {
+  constexpr int W = V::W;
+  const V ys = V::set1(y_scale);
+  for (int64_t c = 0; c < nch; ++c) {
+    V a = V::load(y + c * W) * ys;
+    if (c + 1 < nch || tail == W) {
+      for (int j = 0; j < nb; ++j) a = V::fma(V::set1(w[j]), V::load(rp[j] + c * W), a);
+    } else {
+      for (int j = 0; j < nb; ++j) a = V::fma(V::set1(w[j]), V::load_partial(rp[j] + c * W, tail), a);
+    }
+    a.store(y + c * W);
+  }
+}
+
+template <class V, class T>
+void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::A* acc_out,
+              typename V::A* m_out, typename V::A* l_out) {
+  using A = typename V::A;
+  constexpr int W = V::W;
+  const int64_t N = p.N, Dk = p.Dk, Dv = p.Dv;
+  const int64_t nck = ceil_div(Dk, W), ncv = ceil_div(Dv, W);
+  const int64_t Dkp = nck * W, Dvp = ncv * W;
+  const int kt = int(Dk - (nck - 1) * W), vt = int(Dv - (ncv - 1) * W);
+  A* qs = ws;
+  A* acc = qs + N * Dkp;
+  A* mm = acc + N * Dvp;
+  A* ll = mm + N;
+  A* pb = ll + N;
+
+  // Queries pre-scaled by scale*log2(e): the softmax then runs in base 2.
+  const T* q = static_cast<const T*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
+  const V c2 = V::set1(A(p.scale * kLog2e));
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < nck; ++c)
+      (load_chunk<V>(q + n * p.q_sn, c, nck - 1, kt) * c2).store(qs + n * Dkp + c * W);
+    for (int64_t c = 0; c < ncv; ++c) V::zero().store(acc + n * Dvp + c * W);
+    mm[n] = neg_inf<A>();
+    ll[n] = A(0);
+  }
+
+  const T* kb = static_cast<const T*>(p.k) + s.b * p.k_sb + s.h * p.k_sh;
+  const T* vb = static_cast<const T*>(p.v) + s.b * p.v_sb + s.h * p.v_sh;
+  const T* kp[W];
+  const T* vp[W];
+  for (int64_t i0 = 0; i0 < s.count; i0 += W) {
+    const int nb = int(s.count - i0 < W ? s.count - i0 : W);
+    for (int j = 0; j < W; ++j) {
+      const int64_t i = i0 + (j < nb ? j : nb - 1);
+      const int64_t pos = s.start + (s.idx ? int64_t(s.idx[i]) : i);
+      kp[j] = kb + pos * p.k_sl;
+      vp[j] = vb + pos * p.v_sl;
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      const V sc = block_dots<V, T>(qs + n * Dkp, kp, nck, kt).mask_tail(nb);
+      const A mold = mm[n];
+      const A bmax = sc.reduce_max();
+      const A mnew = mold > bmax ? mold : bmax;
+      const V pr = V::exp2(sc - V::set1(mnew));
+      const A alpha = scalar_exp2<A>(mold - mnew);
+      ll[n] = ll[n] * alpha + pr.reduce_add();
+      mm[n] = mnew;
+      pr.store(pb);
+      block_axpy_rows<V, T>(acc + n * Dvp, pb, vp, nb, ncv, vt, alpha);
+    }
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t d = 0; d < Dv; ++d) acc_out[n * Dv + d] = acc[n * Dvp + d];
+    m_out[n] = mm[n];
+    l_out[n] = ll[n];
+  }
+}
+
+template <class V, class T>
+void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::A* dq_out) {
+  using A = typename V::A;
+  constexpr int W = V::W;
+  const int64_t N = p.N, H = p.H, Dk = p.Dk, Dv = p.Dv;
+  const int64_t nck = ceil_div(Dk, W), ncv = ceil_div(Dv, W);
+  const int64_t Dkp = nck * W, Dvp = ncv * W;
+  const int kt = int(Dk - (nck - 1) * W), vt = int(Dv - (ncv - 1) * W);
+  A* qf = ws;               // q, fp32/64, padded
+  A* dof = qf + N * Dkp;    // grad_out
+  A* dqa = dof + N * Dvp;   // dq accumulator
+  A* dkb = dqa + N * Dkp;   // dk of the current block [W, Dkp]
+  A* dvb = dkb + W * Dkp;   // dv of the current block [W, Dvp]
+  A* lse2 = dvb + W * Dvp;  // lse in log2 units
+  A* dl = lse2 + N;         // delta
+  A* pb = dl + N;           // probabilities of the block
+  A* dsb = pb + W;          // scale * ds of the block
+
+  const T* q = static_cast<const T*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
+  const T* go = static_cast<const T*>(p.go) + s.b * p.go_sb + s.h * p.go_sh;
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < nck; ++c) {
+      load_chunk<V>(q + n * p.q_sn, c, nck - 1, kt).store(qf + n * Dkp + c * W);
+      V::zero().store(dqa + n * Dkp + c * W);
+    }
+    for (int64_t c = 0; c < ncv; ++c) load_chunk<V>(go + n * p.go_sn, c, ncv - 1, vt).store(dof + n * Dvp + c * W);
+    const int64_t r = (s.b * N + n) * H + s.h;
+    lse2[n] = A(p.lse[r]) * A(kLog2e);
+    dl[n] = A(p.delta[r]);
+  }
+  const V c2 = V::set1(A(p.scale * kLog2e));
+  const A scale = A(p.scale);
+
+  const T* kb = static_cast<const T*>(p.k) + s.b * p.k_sb + s.h * p.k_sh;
+  const T* vb = static_cast<const T*>(p.v) + s.b * p.v_sb + s.h * p.v_sh;
+  T* gkb = static_cast<T*>(p.gk) + s.b * p.gk_sb + s.h * p.gk_sh;
+  T* gvb = static_cast<T*>(p.gv) + s.b * p.gv_sb + s.h * p.gv_sh;
+  const T* kp[W];
+  const T* vp[W];
+  int64_t posb[W];
+  if constexpr (sizeof(A) == 8) {
+    // float64: the saved lse is float32, which alone would cap the gradients at ~1e-7
+    // relative accuracy; one extra pass refines it to double (float64 is for gradcheck).
+    for (int64_t n = 0; n < N; ++n) dqa[n * Dkp] = A(0);
+    for (int64_t i0 = 0; i0 < s.count; i0 += W) {
+      const int nb = int(s.count - i0 < W ? s.count - i0 : W);
+      for (int j = 0; j < W; ++j) {
+        const int64_t i = i0 + (j < nb ? j : nb - 1);
+        kp[j] = kb + (s.start + (s.idx ? int64_t(s.idx[i]) : i)) * p.k_sl;
+      }
+      for (int64_t n = 0; n < N; ++n) {
+        const V sc = (block_dots<V, T>(qf + n * Dkp, kp, nck, kt) * c2).mask_tail(nb);
+        dqa[n * Dkp] += V::exp2(sc - V::set1(lse2[n])).reduce_add();
+      }
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      if (dqa[n * Dkp] > A(0)) lse2[n] += __builtin_log2(dqa[n * Dkp]);
+      dqa[n * Dkp] = A(0);
+    }
+  }
+  for (int64_t i0 = 0; i0 < s.count; i0 += W) {
+    const int nb = int(s.count - i0 < W ? s.count - i0 : W);
+    for (int j = 0; j < W; ++j) {
+      const int64_t i = i0 + (j < nb ? j : nb - 1);
+      const int64_t pos = s.start + (s.idx ? int64_t(s.idx[i]) : i);
+      posb[j] = pos;
+      kp[j] = kb + pos * p.k_sl;
+      vp[j] = vb + pos * p.v_sl;
+    }
+    for (int j = 0; j < nb; ++j) {
+      for (int64_t c = 0; c < nck; ++c) V::zero().store(dkb + j * Dkp + c * W);
+      for (int64_t c = 0; c < ncv; ++c) V::zero().store(dvb + j * Dvp + c * W);
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      const V sc = (block_dots<V, T>(qf + n * Dkp, kp, nck, kt) * c2).mask_tail(nb);
+      const V pr = V::exp2(sc - V::set1(lse2[n]));  // masked lanes: exactly 0
+      const V dp = block_dots<V, T>(dof + n * Dvp, vp, ncv, vt);
+      const V ds = pr * (dp - V::set1(dl[n])) * V::set1(scale);
+      pr.store(pb);
+      ds.store(dsb);
+      const A* qn = qf + n * Dkp;
+      const A* don = dof + n * Dvp;
+      for (int j = 0; j < nb; ++j) {
+        const V pj = V::set1(pb[j]);
+        const V dsj = V::set1(dsb[j]);
+        A* dvj = dvb + j * Dvp;
+        A* dkj = dkb + j * Dkp;
+        for (int64_t c = 0; c < ncv; ++c) V::fma(pj, V::load(don + c * W), V::load(dvj + c * W)).store(dvj + c * W);
+        for (int64_t c = 0; c < nck; ++c) V::fma(dsj, V::load(qn + c * W), V::load(dkj + c * W)).store(dkj + c * W);
+      }
+      block_axpy_rows<V, T>(dqa + n * Dkp, dsb, kp, nb, nck, kt, A(1));
+    }
+    for (int j = 0; j < nb; ++j) {
+      T* gk = gkb + posb[j] * p.gk_sl;
+      T* gv = gvb + posb[j] * p.gv_sl;
+      for (int64_t c = 0; c < nck; ++c) {
+        const V x = V::load(dkb + j * Dkp + c * W);
+        if (c + 1 < nck || kt == W) x.store(gk + c * W); else x.store_partial(gk + c * W, kt);
+      }
+      for (int64_t c = 0; c < ncv; ++c) {
+        const V x = V::load(dvb + j * Dvp + c * W);
+        if (c + 1 < ncv || vt == W) x.store(gv + c * W); else x.store_partial(gv + c * W, vt);
+      }
+    }
+  }
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t d = 0; d < Dk; ++d) dq_out[n * Dk + d] = dqa[n * Dkp + d];
+}
+
+// Type-erased entry points for the KernelTable of a V: a float V serves float32/16/bfloat16,
+// a double V float64.
+template <class V>
+void fwd_entry(const FwdParams& p, const Span& s, void* ws, void* acc, void* m, void* l) {
+  using A = typename V::A;
+  A* w = static_cast<A*>(ws);
+  A* a = static_cast<A*>(acc);
+  A* mm = static_cast<A*>(m);
+  A* ll = static_cast<A*>(l);
+  if constexpr (sizeof(A) == 8) {
+    fwd_span<V, double>(p, s, w, a, mm, ll);
+  } else {
+    switch (p.dtype) {
+      case kF16: fwd_span<V, fp16_t>(p, s, w, a, mm, ll); break;
+      case kBF16: fwd_span<V, bf16_t>(p, s, w, a, mm, ll); break;
+      default: fwd_span<V, float>(p, s, w, a, mm, ll); break;
+    }
+  }
+}
+
+template <class V>
+void bwd_entry(const BwdParams& p, const Span& s, void* ws, void* dq) {
+  using A = typename V::A;
+  A* w = static_cast<A*>(ws);
+  A* d = static_cast<A*>(dq);
+  if constexpr (sizeof(A) == 8) {
+    bwd_span<V, double>(p, s, w, d);
+  } else {
+    switch (p.dtype) {
+      case kF16: bwd_span<V, fp16_t>(p, s, w, d); break;
+      case kBF16: bwd_span<V, bf16_t>(p, s, w, d); break;
+      default: bwd_span<V, float>(p, s, w, d); break;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace attnkern

@@ -1,0 +1,223 @@
+// Backward, pass 2 of 2: grad_key and grad_value, and the backward entry point.
+//
+// One warp per (row, head, tile slot). A tile is KPS * KG consecutive key positions: each key
+// group holds KG keys (K and V slices, dk/dv accumulators) in registers and loops over the
+// row's N queries, recomputing p = exp2(scale * log2(e) * q.k - lse2) and
+//   dv_l += p dO,   dk_l += p (dO . v_l - delta) q   (times scale at the end).
+// Each valid key position belongs to exactly one warp, which writes it once: no atomics, so
+// the result is deterministic; positions that take part in no row are never written and stay
+// at the caller's zeros. A slot walks the tiles slot, slot + slots, ... so rows longer than
+// the launch estimate (jagged without max_length) are still covered.
+#include "attention_pool_common.cuh"
+
+#include <cmath>
+
+namespace attnkern {
+namespace cuda {
+namespace detail {
+namespace {
+
+struct DkdvKernelArgs {
+  PoolProblem p;
+  BwdInputs in;
+  void* grad_key;    // contiguous, shaped like key
+  void* grad_value;  // contiguous, shaped like value
+  int64_t gk_sb, gk_sl, gk_sh;
+  int64_t gv_sb, gv_sl, gv_sh;
+  int64_t slots;
+  int64_t total_warps;
+};
+
+template <typename T, int DB, bool ALIGNED>
+__global__ void __launch_bounds__(kThreads) attention_pool_bwd_dkdv_kernel(const DkdvKernelArgs a) {
+  using LN = Lanes<T, DB>;
+  constexpr int LPK = LN::LPK;
+  constexpr int KPS = LN::KPS;
+  constexpr int EPL = LN::EPL;
+  constexpr int KG = kDkdvKeysPerGroup;
+  constexpr int TILE = KPS * KG;
+
+  const PoolProblem& p = a.p;
+  const int lane = threadIdx.x & 31;
+  const int j = lane % LPK;
+  const int g = lane / LPK;
+  const int dk = static_cast<int>(p.Dk);
+  const int dv = static_cast<int>(p.Dv);
+  const float scale_log2 = p.scale * kLog2e;
+  const int64_t warp_stride = int64_t(gridDim.x) * kWarpsPerBlock;
+
+  for (int64_t w = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; w < a.total_warps;
+       w += warp_stride) {
+    int64_t t = w;
+    const int64_t slot = t % a.slots;
+    t /= a.slots;
+    const int64_t h = t % p.H;
+    const int64_t b = t / p.H;
+
+    const RowRange rr = row_range(p.rows, b, p.L);
+    const int64_t kpos0 = rr.start;  // jagged: key row of position 0
+    const T* kbase = static_cast<const T*>(p.key) + b * p.k_sb + h * p.k_sh + kpos0 * p.k_sl;
+    const T* vbase = static_cast<const T*>(p.value) + b * p.v_sb + h * p.v_sh + kpos0 * p.v_sl;
+
+    for (int64_t tile = slot * TILE; tile < rr.len; tile += a.slots * TILE) {
+      float kf[KG][EPL];
+      float vf[KG][EPL];
+      float gk[KG][EPL];
+      float gv[KG][EPL];
+      bool ok[KG];
+#pragma unroll
+      for (int u = 0; u < KG; ++u) {
+        const int64_t pos = tile + u * KPS + g;
+        ok[u] = pos < rr.len && position_valid(p.rows, b, pos);
+        if (ok[u]) {
+          load_slice<T, DB, ALIGNED>(kbase + pos * p.k_sl, dk, j, kf[u]);
+          load_slice<T, DB, ALIGNED>(vbase + pos * p.v_sl, dv, j, vf[u]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < EPL; ++e) {
+            kf[u][e] = 0.f;
+            vf[u][e] = 0.f;
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) {
+          gk[u][e] = 0.f;
+          gv[u][e] = 0.f;
+        }
+      }
+
+      // The N loop is uniform over the warp (shuffles inside).
+      for (int64_t n = 0; n < p.N; ++n) {
+        float q[EPL];
+        float go[EPL];
+        load_slice<T, DB, ALIGNED>(
+            static_cast<const T*>(p.query) + b * p.q_sb + n * p.q_sn + h * p.q_sh, dk, j, q);
+        load_slice<T, DB, ALIGNED>(static_cast<const T*>(a.in.grad_out) + b * a.in.go_sb +
+                                       n * a.in.go_sn + h * a.in.go_sh,
+                                   dv, j, go);
+        const int64_t r = (b * p.N + n) * p.H + h;
+        const float lse2 = a.in.lse[r] * kLog2e;
+        const float delta = a.in.delta[r];
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) q[e] *= scale_log2;
+#pragma unroll
+        for (int u = 0; u < KG; ++u) {
+          float s = 0.f;
+          float dp = 0.f;
+#pragma unroll
+          for (int e = 0; e < EPL; ++e) {
+            s = fmaf(q[e], kf[u][e], s);
+            dp = fmaf(go[e], vf[u][e], dp);
+          }
+          s = group_sum<LPK>(s);
+          dp = group_sum<LPK>(dp);
+          const float pr = ok[u] ? exp2f(s - lse2) : 0.f;
+          const float ds = pr * (dp - delta);
+#pragma unroll
+          for (int e = 0; e < EPL; ++e) {
+            gv[u][e] = fmaf(pr, go[e], gv[u][e]);
+            gk[u][e] = fmaf(ds, q[e], gk[u][e]);
+          }
+        }
+      }
+
+      // q was pre-scaled by scale * log2(e): dk = ln(2) * sum ds * q_scaled = scale * sum ds q.
+#pragma unroll
+      for (int u = 0; u < KG; ++u) {
+        if (!ok[u]) continue;
+        const int64_t pos = tile + u * KPS + g;
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) gk[u][e] *= kLn2;
+        store_slice<T, DB, ALIGNED>(
+            static_cast<T*>(a.grad_key) + b * a.gk_sb + (kpos0 + pos) * a.gk_sl + h * a.gk_sh, dk,
+            j, gk[u]);
+        store_slice<T, DB, ALIGNED>(
+            static_cast<T*>(a.grad_value) + b * a.gv_sb + (kpos0 + pos) * a.gv_sl + h * a.gv_sh,
+            dv, j, gv[u]);
+      }
+    }
+  }
+}
+
+bool dkdv_aligned(const PoolProblem& p, const BwdInputs& in, const void* gk, const void* gv) {
+  const int64_t vec = 16 / elem_bytes(p.dtype);
+  const int64_t strides[] = {p.q_sb,  p.q_sn,  p.q_sh,  p.k_sb,  p.k_sl,  p.k_sh,
+                             p.v_sb,  p.v_sl,  p.v_sh,  in.go_sb, in.go_sn, in.go_sh};
+  for (int64_t s : strides) {
+    if (s % vec != 0) return false;
+  }
+  return p.Dk % vec == 0 && p.Dv % vec == 0 && aligned16(p.query) && aligned16(p.key) &&
+         aligned16(p.value) && aligned16(in.grad_out) && aligned16(gk) && aligned16(gv);
+}
+
+int dkdv_tile(const PoolProblem& p) {
+  const LaneLayout lay = lane_layout(elem_bytes(p.dtype), head_bucket(p.Dk, p.Dv));
+  return lay.kps * kDkdvKeysPerGroup;
+}
+
+}  // namespace
+
+cudaError_t launch_bwd_dkdv(const PoolProblem& p, const BwdInputs& in, const BwdPlan& plan,
+                            void* grad_key, void* grad_value, cudaStream_t stream) {
+  DkdvKernelArgs a;
+  a.p = p;
+  a.in = in;
+  a.grad_key = grad_key;
+  a.grad_value = grad_value;
+  // grad_key / grad_value are contiguous: padded [B, L, H, D], jagged [T, H, D].
+  const bool jagged = p.rows.mode == RowMode::kJagged;
+  a.gk_sh = p.Dk;
+  a.gk_sl = p.H * p.Dk;
+  a.gk_sb = jagged ? 0 : p.L * p.H * p.Dk;
+  a.gv_sh = p.Dv;
+  a.gv_sl = p.H * p.Dv;
+  a.gv_sb = jagged ? 0 : p.L * p.H * p.Dv;
+  a.slots = plan.kv_tile_slots > 0 ? plan.kv_tile_slots : 1;
+  a.total_warps = p.B * p.H * a.slots;
+  const unsigned blocks = grid_blocks(a.total_warps);
+  const bool aligned = dkdv_aligned(p, in, grad_key, grad_value);
+
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_bucket(head_bucket(p.Dk, p.Dv), [&](auto bucket) {
+      constexpr int DB = decltype(bucket)::value;
+      dispatch_bool(aligned, [&](auto al) {
+        constexpr bool AL = decltype(al)::value;
+        attention_pool_bwd_dkdv_kernel<T, DB, AL><<<blocks, kThreads, 0, stream>>>(a);
+      });
+    });
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace detail
+
+BwdPlan plan_bwd(const PoolProblem& p, int num_sms) {
+  using namespace detail;
+  BwdPlan plan;
+  const int64_t lmax = longest_row_estimate(p);
+  const int64_t work = p.B * p.H * ceil_div(p.N, dq_query_group(p.N));
+  plan.dq_splits = choose_splits(work, lmax, num_sms);
+  plan.dq_split_block = split_block_for(lmax, plan.dq_splits);
+  const int64_t slots = ceil_div(lmax, dkdv_tile(p));
+  plan.kv_tile_slots = slots > 0 ? slots : 1;
+  return plan;
+}
+
+int64_t bwd_scratch_floats(const PoolProblem& p, const BwdPlan& plan) {
+  if (plan.dq_splits <= 1) return 0;
+  return int64_t(plan.dq_splits) * p.B * p.N * p.H * p.Dk;
+}
+
+cudaError_t launch_bwd(const PoolProblem& p, const BwdInputs& in, const BwdPlan& plan,
+                       void* grad_query, void* grad_key, void* grad_value, float* scratch,
+                       cudaStream_t stream) {
+  if (p.B == 0 || p.N == 0 || p.H == 0) return cudaSuccess;
+  cudaError_t err = detail::launch_bwd_dq(p, in, plan, grad_query, scratch, stream);
+  if (err != cudaSuccess) return err;
+  if (p.L == 0) return cudaSuccess;  // no key positions: grad_key / grad_value stay zero
+  return detail::launch_bwd_dkdv(p, in, plan, grad_key, grad_value, stream);
+}
+
+}  // namespace cuda
+}  // namespace attnkern

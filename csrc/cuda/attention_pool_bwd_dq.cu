@@ -1,0 +1,236 @@
+// Backward, pass 1 of 2: grad_query, recomputing the probabilities from the saved lse.
+//
+// One warp per (row, head, query group, split), laid out like the forward: the warp streams the
+// row's valid keys once for its QG queries and accumulates, per query,
+//   dq = scale * sum_l p_l (dO . v_l - delta) k_l,   p_l = exp2(scale * log2(e) * q.k_l - lse2)
+// in fp32 registers. Split-L (few rows x heads, long rows) writes fp32 partials that a reduce
+// pass sums in split order, so the result is deterministic. Every grad_query element is
+// written, zeros included (empty rows).
+#include "attention_pool_common.cuh"
+
+#include <cmath>
+
+namespace attnkern {
+namespace cuda {
+namespace detail {
+namespace {
+
+struct DqKernelArgs {
+  PoolProblem p;
+  BwdInputs in;
+  void* grad_query;  // [B, N, H, Dk] contiguous, used when num_splits == 1
+  float* part_dq;    // [S, B * N * H, Dk] fp32, used when num_splits > 1
+  int64_t num_qgroups;
+  int64_t num_splits;
+  int64_t split_block;
+  int64_t total_warps;
+};
+
+template <typename T, int DB, bool ALIGNED, int QG>
+__global__ void __launch_bounds__(kThreads) attention_pool_bwd_dq_kernel(const DqKernelArgs a) {
+  using LN = Lanes<T, DB>;
+  constexpr int LPK = LN::LPK;
+  constexpr int KPS = LN::KPS;
+  constexpr int EPL = LN::EPL;
+  constexpr int U = EPL <= 4 ? 2 : 1;
+
+  const PoolProblem& p = a.p;
+  const int lane = threadIdx.x & 31;
+  const int j = lane % LPK;
+  const int g = lane / LPK;
+  const int dk = static_cast<int>(p.Dk);
+  const int dv = static_cast<int>(p.Dv);
+  const float scale_log2 = p.scale * kLog2e;
+  const int64_t rows = p.B * p.N * p.H;
+  const int64_t warp_stride = int64_t(gridDim.x) * kWarpsPerBlock;
+
+  for (int64_t w = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; w < a.total_warps;
+       w += warp_stride) {
+    int64_t t = w;
+    const int64_t qgrp = t % a.num_qgroups;
+    t /= a.num_qgroups;
+    const int64_t split = t % a.num_splits;
+    t /= a.num_splits;
+    const int64_t h = t % p.H;
+    const int64_t b = t / p.H;
+
+    const RowRange rr = row_range(p.rows, b, p.L);
+    const T* kbase = static_cast<const T*>(p.key) + b * p.k_sb + h * p.k_sh + rr.start * p.k_sl;
+    const T* vbase =
+        static_cast<const T*>(p.value) + b * p.v_sb + h * p.v_sh + rr.start * p.v_sl;
+
+    float q[QG][EPL];   // scale * log2(e) * q
+    float go[QG][EPL];  // grad_out
+    float dq[QG][EPL];
+    float lse2[QG];
+    float delta[QG];
+#pragma unroll
+    for (int qi = 0; qi < QG; ++qi) {
+      const int64_t n = qgrp * QG + qi;
+      if (n < p.N) {
+        load_slice<T, DB, ALIGNED>(
+            static_cast<const T*>(p.query) + b * p.q_sb + n * p.q_sn + h * p.q_sh, dk, j, q[qi]);
+        load_slice<T, DB, ALIGNED>(static_cast<const T*>(a.in.grad_out) + b * a.in.go_sb +
+                                       n * a.in.go_sn + h * a.in.go_sh,
+                                   dv, j, go[qi]);
+        const int64_t r = (b * p.N + n) * p.H + h;
+        lse2[qi] = a.in.lse[r] * kLog2e;
+        delta[qi] = a.in.delta[r];
+      } else {
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) {
+          q[qi][e] = 0.f;
+          go[qi][e] = 0.f;
+        }
+        lse2[qi] = 0.f;
+        delta[qi] = 0.f;
+      }
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) {
+        q[qi][e] *= scale_log2;
+        dq[qi][e] = 0.f;
+      }
+    }
+
+    const int64_t block_stride = a.num_splits * a.split_block;
+    for (int64_t blk = split * a.split_block; blk < rr.len; blk += block_stride) {
+      const int64_t blk_end = blk + a.split_block < rr.len ? blk + a.split_block : rr.len;
+      for (int64_t base = blk; base < blk_end; base += KPS * U) {
+        float kf[U][EPL];
+        float vf[U][EPL];
+        bool ok[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t pos = base + u * KPS + g;
+          ok[u] = pos < blk_end && position_valid(p.rows, b, pos);
+          if (ok[u]) {
+            load_slice<T, DB, ALIGNED>(kbase + pos * p.k_sl, dk, j, kf[u]);
+            load_slice<T, DB, ALIGNED>(vbase + pos * p.v_sl, dv, j, vf[u]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < EPL; ++e) {
+              kf[u][e] = 0.f;
+              vf[u][e] = 0.f;
+            }
+          }
+        }
+#pragma unroll
+        for (int qi = 0; qi < QG; ++qi) {
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            float s = 0.f;
+            float dp = 0.f;
+#pragma unroll
+            for (int e = 0; e < EPL; ++e) {
+              s = fmaf(q[qi][e], kf[u][e], s);
+              dp = fmaf(go[qi][e], vf[u][e], dp);
+            }
+            s = group_sum<LPK>(s);
+            dp = group_sum<LPK>(dp);
+            // Invalid positions contribute exactly 0 (and never evaluate exp2 of garbage).
+            const float pr = ok[u] ? exp2f(s - lse2[qi]) : 0.f;
+            const float ds = pr * (dp - delta[qi]);
+#pragma unroll
+            for (int e = 0; e < EPL; ++e) dq[qi][e] = fmaf(ds, kf[u][e], dq[qi][e]);
+          }
+        }
+      }
+    }
+
+    // Sum the key groups' partial dq (fixed butterfly order), then store.
+#pragma unroll
+    for (int qi = 0; qi < QG; ++qi) {
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) {
+        float x = dq[qi][e];
+#pragma unroll
+        for (int off = LPK; off < 32; off *= 2) x += __shfl_xor_sync(kFullMask, x, off);
+        dq[qi][e] = x * p.scale;
+      }
+    }
+    if (g == 0) {
+#pragma unroll
+      for (int qi = 0; qi < QG; ++qi) {
+        const int64_t n = qgrp * QG + qi;
+        if (n >= p.N) break;
+        const int64_t r = (b * p.N + n) * p.H + h;
+        if (a.num_splits == 1) {
+          store_slice<T, DB, ALIGNED>(static_cast<T*>(a.grad_query) + r * dk, dk, j, dq[qi]);
+        } else {
+          store_slice_f32<T, DB>(a.part_dq + (split * rows + r) * dk, dk, j, dq[qi]);
+        }
+      }
+    }
+  }
+}
+
+// Sums the split partials of grad_query in split order (deterministic); one thread per element.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    attention_pool_bwd_dq_reduce_kernel(const float* __restrict__ part, int64_t splits,
+                                        int64_t elems, T* __restrict__ grad_query) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < elems; i += stride) {
+    float x = 0.f;
+    for (int64_t s = 0; s < splits; ++s) x += part[s * elems + i];
+    grad_query[i] = from_float<T>(x);
+  }
+}
+
+bool dq_aligned(const PoolProblem& p, const BwdInputs& in, const void* grad_query) {
+  const int64_t vec = 16 / elem_bytes(p.dtype);
+  const int64_t strides[] = {p.q_sb,  p.q_sn,  p.q_sh,  p.k_sb,  p.k_sl,  p.k_sh,
+                             p.v_sb,  p.v_sl,  p.v_sh,  in.go_sb, in.go_sn, in.go_sh};
+  for (int64_t s : strides) {
+    if (s % vec != 0) return false;
+  }
+  return p.Dk % vec == 0 && p.Dv % vec == 0 && aligned16(p.query) && aligned16(p.key) &&
+         aligned16(p.value) && aligned16(in.grad_out) && aligned16(grad_query);
+}
+
+}  // namespace
+
+cudaError_t launch_bwd_dq(const PoolProblem& p, const BwdInputs& in, const BwdPlan& plan,
+                          void* grad_query, float* scratch, cudaStream_t stream) {
+  const int64_t rows = p.B * p.N * p.H;
+  const int qg = dq_query_group(p.N);
+  DqKernelArgs a;
+  a.p = p;
+  a.in = in;
+  a.grad_query = grad_query;
+  a.num_splits = plan.dq_splits > 1 ? plan.dq_splits : 1;
+  a.split_block = plan.dq_split_block > 0 ? plan.dq_split_block : 64;
+  a.part_dq = a.num_splits > 1 ? scratch : nullptr;
+  a.num_qgroups = ceil_div(p.N, qg);
+  a.total_warps = p.B * p.H * a.num_qgroups * a.num_splits;
+  const unsigned blocks = grid_blocks(a.total_warps);
+  const bool aligned = dq_aligned(p, in, grad_query);
+
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_bucket(head_bucket(p.Dk, p.Dv), [&](auto bucket) {
+      constexpr int DB = decltype(bucket)::value;
+      dispatch_bool(aligned, [&](auto al) {
+        constexpr bool AL = decltype(al)::value;
+        if (qg == 1) {
+          attention_pool_bwd_dq_kernel<T, DB, AL, 1><<<blocks, kThreads, 0, stream>>>(a);
+        } else {
+          attention_pool_bwd_dq_kernel<T, DB, AL, 2><<<blocks, kThreads, 0, stream>>>(a);
+        }
+      });
+    });
+    if (a.num_splits > 1) {
+      const int64_t elems = rows * p.Dk;
+      int64_t nblocks = ceil_div(elems, kThreads);
+      if (nblocks > kMaxBlocks) nblocks = kMaxBlocks;
+      attention_pool_bwd_dq_reduce_kernel<T>
+          <<<static_cast<unsigned>(nblocks), kThreads, 0, stream>>>(
+              a.part_dq, a.num_splits, elems, static_cast<T*>(grad_query));
+    }
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace attnkern

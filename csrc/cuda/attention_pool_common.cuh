@@ -1,0 +1,369 @@
+// Device helpers shared by the attnkern CUDA kernels (forward, dq, dk/dv): the lane layout of a
+// head-dim bucket, 16-byte vector loads, row-range clamping and the dtype/bucket dispatch.
+//
+// Lane layout. A warp works on one (row, head, ...) item. The head dims are covered by
+// "key groups" of LPK lanes: lane j of a group owns the 16-byte vectors j, j + LPK, ... of a
+// head vector (EPL elements in all), so one group reads a whole K or V row with coalesced
+// 16-byte loads. When a row needs fewer than 32 lanes (small heads, 2-byte dtypes), the warp
+// holds KPS = 32 / LPK groups that take different key positions at once, so no lane idles on
+// the decode shapes this library is for (a few queries, short-to-medium histories).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "attention_pool_kernels.h"
+
+namespace attnkern {
+namespace cuda {
+namespace detail {
+
+constexpr int kWarpsPerBlock = 4;
+constexpr int kThreads = 32 * kWarpsPerBlock;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+// Grid-stride loops take every warp index beyond this; keeps the grid legal for any size.
+constexpr int64_t kMaxBlocks = int64_t(1) << 30;
+
+// ------------------------------------------------------------------ lane layout
+struct LaneLayout {
+  int vec;  // elements per 16-byte vector
+  int lpk;  // lanes per key group
+  int vpl;  // vectors per lane
+  int kps;  // key groups per warp (= key positions processed at once)
+  int epl;  // elements per lane
+};
+
+constexpr LaneLayout lane_layout(int elem_bytes, int bucket) {
+  // bucket >= 32 and elem_bytes in {2, 4}: nv = bucket / vec >= 4, a power of two.
+  return LaneLayout{16 / elem_bytes,
+                    (bucket / (16 / elem_bytes)) < 32 ? bucket / (16 / elem_bytes) : 32,
+                    (bucket / (16 / elem_bytes)) < 32 ? 1 : (bucket / (16 / elem_bytes)) / 32,
+                    (bucket / (16 / elem_bytes)) < 32 ? 32 / (bucket / (16 / elem_bytes)) : 1,
+                    (bucket / (16 / elem_bytes)) < 32 ? (16 / elem_bytes)
+                                                      : (bucket / (16 / elem_bytes)) / 32 *
+                                                            (16 / elem_bytes)};
+}
+
+template <typename T, int DB>
+struct Lanes {
+  static constexpr LaneLayout lay = lane_layout(int(sizeof(T)), DB);
+  static constexpr int VEC = lay.vec;
+  static constexpr int LPK = lay.lpk;
+  static constexpr int VPL = lay.vpl;
+  static constexpr int KPS = lay.kps;
+  static constexpr int EPL = lay.epl;
+  static_assert(LPK * KPS == 32, "lane layout must cover the warp");
+  static_assert(EPL * LPK == DB, "lane layout must cover the bucket");
+};
+
+inline int head_bucket(int64_t dk, int64_t dv) {
+  const int64_t d = dk > dv ? dk : dv;
+  return d <= 32 ? 32 : d <= 64 ? 64 : d <= 128 ? 128 : 256;
+}
+
+inline int elem_bytes(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+inline bool aligned16(const void* ptr) {
+  return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0;
+}
+
+// ------------------------------------------------------------------ dispatch
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+template <typename F>
+void dispatch_dtype(DType t, F&& f) {
+  switch (t) {
+    case DType::kFloat32:
+      f(TypeTag<float>{});
+      break;
+    case DType::kFloat16:
+      f(TypeTag<__half>{});
+      break;
+    case DType::kBFloat16:
+      f(TypeTag<__nv_bfloat16>{});
+      break;
+  }
+}
+
+template <typename F>
+void dispatch_bucket(int bucket, F&& f) {
+  switch (bucket) {
+    case 32:
+      f(std::integral_constant<int, 32>{});
+      break;
+    case 64:
+      f(std::integral_constant<int, 64>{});
+      break;
+    case 128:
+      f(std::integral_constant<int, 128>{});
+      break;
+    default:
+      f(std::integral_constant<int, 256>{});
+      break;
+  }
+}
+
+template <typename F>
+void dispatch_bool(bool b, F&& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+inline unsigned grid_blocks(int64_t warps) {
+  int64_t blocks = (warps + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  if (blocks < 1) blocks = 1;
+  if (blocks > kMaxBlocks) blocks = kMaxBlocks;
+  return static_cast<unsigned>(blocks);
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A host-side estimate of the longest row, used only to size launches (never for bounds).
+inline int64_t longest_row_estimate(const PoolProblem& p) {
+  if (p.rows.mode != RowMode::kJagged) return p.L;
+  if (p.rows.max_length >= 0) return p.rows.max_length < p.L ? p.rows.max_length : p.L;
+  // Unknown: the mean row length. Longer rows stay correct (the kernels loop); only the
+  // load balance suffers, which max_length fixes.
+  return p.B > 0 ? ceil_div(p.L, p.B) : 0;
+}
+
+// ------------------------------------------------------------------ conversions
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) {
+  return __half2float(x);
+}
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// 16 bytes at a 16-byte aligned address -> 16 / sizeof(T) floats.
+template <typename T>
+__device__ __forceinline__ void load16(const T* ptr, float* out) {
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(ptr));
+  if constexpr (std::is_same<T, float>::value) {
+    out[0] = __uint_as_float(raw.x);
+    out[1] = __uint_as_float(raw.y);
+    out[2] = __uint_as_float(raw.z);
+    out[3] = __uint_as_float(raw.w);
+  } else {
+    const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (std::is_same<T, __half>::value) {
+        __half2 h2;
+        memcpy(&h2, &words[i], sizeof(h2));
+        const float2 f = __half22float2(h2);
+        out[2 * i] = f.x;
+        out[2 * i + 1] = f.y;
+      } else {
+        __nv_bfloat162 h2;
+        memcpy(&h2, &words[i], sizeof(h2));
+        const float2 f = __bfloat1622float2(h2);
+        out[2 * i] = f.x;
+        out[2 * i + 1] = f.y;
+      }
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store16(T* ptr, const float* in) {
+  uint4 raw;
+  if constexpr (std::is_same<T, float>::value) {
+    raw.x = __float_as_uint(in[0]);
+    raw.y = __float_as_uint(in[1]);
+    raw.z = __float_as_uint(in[2]);
+    raw.w = __float_as_uint(in[3]);
+  } else {
+    unsigned words[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (std::is_same<T, __half>::value) {
+        const __half2 h2 = __floats2half2_rn(in[2 * i], in[2 * i + 1]);
+        memcpy(&words[i], &h2, sizeof(h2));
+      } else {
+        const __nv_bfloat162 h2 = __floats2bfloat162_rn(in[2 * i], in[2 * i + 1]);
+        memcpy(&words[i], &h2, sizeof(h2));
+      }
+    }
+    raw = make_uint4(words[0], words[1], words[2], words[3]);
+  }
+  *reinterpret_cast<uint4*>(ptr) = raw;
+}
+
+// This lane's slice of a head vector of length d (<= the bucket) starting at `row`: vector i
+// of the lane covers elements (i * LPK + j) * VEC + [0, VEC). Elements >= d read as 0, and
+// nothing at or beyond d is ever touched. ALIGNED (checked at launch) means: d % VEC == 0,
+// row 16-byte aligned, so a vector is either fully inside or fully outside the row.
+template <typename T, int DB, bool ALIGNED>
+__device__ __forceinline__ void load_slice(const T* row, int d, int j,
+                                           float (&out)[Lanes<T, DB>::EPL]) {
+  using LN = Lanes<T, DB>;
+#pragma unroll
+  for (int i = 0; i < LN::VPL; ++i) {
+    const int e0 = (i * LN::LPK + j) * LN::VEC;
+    if constexpr (ALIGNED) {
+      if (e0 < d) {
+        load16<T>(row + e0, out + i * LN::VEC);
+      } else {
+#pragma unroll
+        for (int e = 0; e < LN::VEC; ++e) out[i * LN::VEC + e] = 0.f;
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < LN::VEC; ++e) {
+        out[i * LN::VEC + e] = (e0 + e < d) ? to_float<T>(row[e0 + e]) : 0.f;
+      }
+    }
+  }
+}
+
+template <typename T, int DB, bool ALIGNED>
+__device__ __forceinline__ void store_slice(T* row, int d, int j,
+                                            const float (&in)[Lanes<T, DB>::EPL]) {
+  using LN = Lanes<T, DB>;
+#pragma unroll
+  for (int i = 0; i < LN::VPL; ++i) {
+    const int e0 = (i * LN::LPK + j) * LN::VEC;
+    if constexpr (ALIGNED) {
+      if (e0 < d) store16<T>(row + e0, in + i * LN::VEC);
+    } else {
+#pragma unroll
+      for (int e = 0; e < LN::VEC; ++e) {
+        if (e0 + e < d) row[e0 + e] = from_float<T>(in[i * LN::VEC + e]);
+      }
+    }
+  }
+}
+
+// fp32 slice store (split-L partials); the layout of T decides which elements a lane owns.
+template <typename T, int DB>
+__device__ __forceinline__ void store_slice_f32(float* row, int d, int j,
+                                                const float (&in)[Lanes<T, DB>::EPL]) {
+  using LN = Lanes<T, DB>;
+#pragma unroll
+  for (int i = 0; i < LN::VPL; ++i) {
+    const int e0 = (i * LN::LPK + j) * LN::VEC;
+#pragma unroll
+    for (int e = 0; e < LN::VEC; ++e) {
+      if (e0 + e < d) row[e0 + e] = in[i * LN::VEC + e];
+    }
+  }
+}
+
+// Sum over the WIDTH lanes of an aligned lane group (butterfly: every lane gets the sum, in
+// the same order on every run, so results are deterministic).
+template <int WIDTH>
+__device__ __forceinline__ float group_sum(float x) {
+#pragma unroll
+  for (int off = WIDTH / 2; off > 0; off /= 2) x += __shfl_xor_sync(kFullMask, x, off);
+  return x;
+}
+
+// ------------------------------------------------------------------ rows
+struct RowRange {
+  int64_t start;  // jagged: first key row; padded: 0
+  int64_t len;    // positions [0, len) may take part
+};
+
+__device__ __forceinline__ int64_t read_index(const RowSpec& r, int64_t i) {
+  return r.index_is_int64
+             ? static_cast<const int64_t*>(r.index)[i * r.index_stride]
+             : static_cast<int64_t>(static_cast<const int32_t*>(r.index)[i * r.index_stride]);
+}
+
+__device__ __forceinline__ int64_t clamp64(int64_t x, int64_t lo, int64_t hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+
+// Clamped on the device (SPEC section 3): whatever lengths/offsets hold, [start, start + len)
+// lies inside [0, L).
+__device__ __forceinline__ RowRange row_range(const RowSpec& r, int64_t b, int64_t L) {
+  switch (r.mode) {
+    case RowMode::kLengths:
+      return RowRange{0, clamp64(read_index(r, b), 0, L)};
+    case RowMode::kJagged: {
+      const int64_t start = clamp64(read_index(r, b), 0, L);
+      int64_t end = clamp64(read_index(r, b + 1), start, L);
+      if (r.max_length >= 0 && end - start > r.max_length) end = start + r.max_length;
+      return RowRange{start, end - start};
+    }
+    default:
+      return RowRange{0, L};
+  }
+}
+
+// Position l (< the row's len) of row b takes part.
+__device__ __forceinline__ bool position_valid(const RowSpec& r, int64_t b, int64_t l) {
+  if (r.mode != RowMode::kMask) return true;
+  const unsigned char m =
+      reinterpret_cast<const unsigned char*>(r.mask)[b * r.mask_stride_b + l * r.mask_stride_l];
+  return m != 0;
+}
+
+// ------------------------------------------------------------------ internal launchers
+cudaError_t launch_bwd_dq(const PoolProblem& p, const BwdInputs& in, const BwdPlan& plan,
+                          void* grad_query, float* scratch, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv(const PoolProblem& p, const BwdInputs& in, const BwdPlan& plan,
+                            void* grad_key, void* grad_value, cudaStream_t stream);
+
+// Query-group sizes (queries held in registers per warp, sharing each K/V load).
+inline int fwd_query_group(int64_t n) { return n == 1 ? 1 : 4; }
+inline int dq_query_group(int64_t n) { return n == 1 ? 1 : 2; }
+// Keys per group per pass in the dk/dv kernel.
+constexpr int kDkdvKeysPerGroup = 2;
+
+// Split-L factor for a pass with `work` warps over rows of about `lmax` keys.
+inline int choose_splits(int64_t work, int64_t lmax, int num_sms) {
+  const int64_t target = int64_t(num_sms > 0 ? num_sms : 1) * 32;
+  if (work >= target || lmax < 256) return 1;
+  int64_t s = ceil_div(target, work > 0 ? work : 1);
+  const int64_t by_len = ceil_div(lmax, 128);  // at least ~128 keys per split
+  if (s > by_len) s = by_len;
+  if (s > 32) s = 32;
+  return s < 1 ? 1 : static_cast<int>(s);
+}
+
+// Keys per split block: a multiple of 64 (every layout's keys-per-pass divides it).
+inline int64_t split_block_for(int64_t lmax, int splits) {
+  int64_t blk = ceil_div(lmax > 0 ? lmax : 1, splits);
+  return ceil_div(blk, 64) * 64;
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace attnkern

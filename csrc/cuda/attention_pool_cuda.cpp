@@ -1,0 +1,243 @@
+// CUDA launchers of the attnkern ops: input checks (the shared ones from attention_pool.h plus
+// the CUDA-only dtype rule), output and scratch allocation with the torch allocator, the
+// current stream and a device guard. The kernels themselves take raw pointers and strides
+// (attention_pool_kernels.h).
+//
+// lengths / offsets are never read on the host (that would sync the device): the kernels clamp
+// every row to its legal range, so no value can make them access memory out of bounds.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "attention_pool.h"
+#include "attention_pool_kernels.h"
+
+namespace attnkern {
+namespace {
+
+namespace kc = attnkern::cuda;
+
+kc::DType cuda_dtype(const at::Tensor& query) {
+  switch (query.scalar_type()) {
+    case at::kFloat:
+      return kc::DType::kFloat32;
+    case at::kHalf:
+      return kc::DType::kFloat16;
+    case at::kBFloat16:
+      return kc::DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false,
+                       "attnkern: the cuda backend takes float32, float16 or bfloat16 inputs, got ",
+                       query.scalar_type(), " (float64 runs on the cpu and reference backends)");
+  }
+  return kc::DType::kFloat32;  // unreachable
+}
+
+void check_cuda_inputs(const at::Tensor& query, double scale) {
+  TORCH_CHECK_VALUE(query.is_cuda(), "attnkern: the cuda kernels need CUDA tensors, got query on ",
+                    query.device());
+  TORCH_CHECK_VALUE(std::isfinite(scale), "attnkern: scale must be a finite float, got ", scale);
+}
+
+// The kernels need a unit innermost stride (a head vector is one contiguous run); every other
+// stride is passed through, stride-0 expansions included.
+at::Tensor unit_inner_stride(const at::Tensor& t) {
+  return (t.size(-1) == 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
+int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+float* scratch_ptr(at::Tensor& holder, int64_t floats, const at::Tensor& like) {
+  if (floats <= 0) return nullptr;
+  holder = at::empty({floats}, like.options().dtype(at::kFloat));
+  return holder.data_ptr<float>();
+}
+
+kc::RowSpec padded_rows(const std::optional<at::Tensor>& lengths,
+                        const std::optional<at::Tensor>& mask) {
+  kc::RowSpec rows;
+  if (lengths.has_value()) {
+    rows.mode = kc::RowMode::kLengths;
+    rows.index = lengths->data_ptr();
+    rows.index_is_int64 = lengths->scalar_type() == at::kLong;
+    rows.index_stride = lengths->stride(0);
+  } else if (mask.has_value()) {
+    rows.mode = kc::RowMode::kMask;
+    rows.mask = mask->data_ptr<bool>();
+    rows.mask_stride_b = mask->stride(0);
+    rows.mask_stride_l = mask->stride(1);
+  }
+  return rows;
+}
+
+kc::RowSpec jagged_rows(const at::Tensor& offsets, int64_t max_length) {
+  kc::RowSpec rows;
+  rows.mode = kc::RowMode::kJagged;
+  rows.index = offsets.data_ptr();
+  rows.index_is_int64 = offsets.scalar_type() == at::kLong;
+  rows.index_stride = offsets.stride(0);
+  rows.max_length = max_length;
+  return rows;
+}
+
+// q/k/v must already have a unit innermost stride.
+kc::PoolProblem make_problem(const PoolDims& d, const at::Tensor& q, const at::Tensor& k,
+                             const at::Tensor& v, const kc::RowSpec& rows, double scale,
+                             bool jagged) {
+  kc::PoolProblem p;
+  p.dtype = cuda_dtype(q);
+  p.B = d.B;
+  p.N = d.N;
+  p.H = d.H;
+  p.L = d.L;
+  p.Dk = d.Dk;
+  p.Dv = d.Dv;
+  p.query = q.data_ptr();
+  p.q_sb = q.stride(0);
+  p.q_sn = q.stride(1);
+  p.q_sh = q.stride(2);
+  p.key = k.data_ptr();
+  p.value = v.data_ptr();
+  if (jagged) {  // [T, H, D]
+    p.k_sb = 0;
+    p.k_sl = k.stride(0);
+    p.k_sh = k.stride(1);
+    p.v_sb = 0;
+    p.v_sl = v.stride(0);
+    p.v_sh = v.stride(1);
+  } else {  // [B, L, H, D]
+    p.k_sb = k.stride(0);
+    p.k_sl = k.stride(1);
+    p.k_sh = k.stride(2);
+    p.v_sb = v.stride(0);
+    p.v_sl = v.stride(1);
+    p.v_sh = v.stride(2);
+  }
+  p.rows = rows;
+  p.scale = static_cast<float>(scale);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> run_fwd(const PoolDims& d, const at::Tensor& query,
+                                           const at::Tensor& key, const at::Tensor& value,
+                                           const kc::RowSpec& rows, double scale, bool jagged) {
+  auto out = at::empty({d.B, d.N, d.H, d.Dv}, query.options());
+  auto lse = at::empty({d.B, d.N, d.H}, query.options().dtype(at::kFloat));
+  if (d.B == 0) return {out, lse};
+  if (d.L == 0) {  // every row is empty
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  const auto q = unit_inner_stride(query);
+  const auto k = unit_inner_stride(key);
+  const auto v = unit_inner_stride(value);
+  const kc::PoolProblem p = make_problem(d, q, k, v, rows, scale, jagged);
+  const kc::FwdPlan plan = kc::plan_fwd(p, num_sms());
+  at::Tensor scratch;
+  float* scratch_data = scratch_ptr(scratch, kc::fwd_scratch_floats(p, plan), query);
+  C10_CUDA_CHECK(kc::launch_fwd(p, plan, out.data_ptr(), lse.data_ptr<float>(), scratch_data,
+                                at::cuda::getCurrentCUDAStream()));
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(
+    const PoolDims& d, const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const kc::RowSpec& rows, const at::Tensor& lse,
+    const at::Tensor& delta, double scale, bool jagged) {
+  // grad_key / grad_value start at zero: the kernel writes only valid positions.
+  auto grad_query = at::empty(query.sizes(), query.options());
+  auto grad_key = at::zeros(key.sizes(), key.options());
+  auto grad_value = at::zeros(value.sizes(), value.options());
+  if (d.B == 0) return {grad_query, grad_key, grad_value};
+  if (d.L == 0) {
+    grad_query.zero_();
+    return {grad_query, grad_key, grad_value};
+  }
+  const auto q = unit_inner_stride(query);
+  const auto k = unit_inner_stride(key);
+  const auto v = unit_inner_stride(value);
+  const auto go = unit_inner_stride(grad_out);
+  const auto lse_c = lse.contiguous();
+  const auto delta_c = delta.contiguous();
+  const kc::PoolProblem p = make_problem(d, q, k, v, rows, scale, jagged);
+  kc::BwdInputs in;
+  in.grad_out = go.data_ptr();
+  in.go_sb = go.stride(0);
+  in.go_sn = go.stride(1);
+  in.go_sh = go.stride(2);
+  in.lse = lse_c.data_ptr<float>();
+  in.delta = delta_c.data_ptr<float>();
+  const kc::BwdPlan plan = kc::plan_bwd(p, num_sms());
+  at::Tensor scratch;
+  float* scratch_data = scratch_ptr(scratch, kc::bwd_scratch_floats(p, plan), query);
+  C10_CUDA_CHECK(kc::launch_bwd(p, in, plan, grad_query.data_ptr(), grad_key.data_ptr(),
+                                grad_value.data_ptr(), scratch_data,
+                                at::cuda::getCurrentCUDAStream()));
+  return {grad_query, grad_key, grad_value};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cuda(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& mask,
+    double scale) {
+  const PoolDims d = check_padded_fwd(query, key, value, lengths, mask);
+  check_cuda_inputs(query, scale);
+  cuda_dtype(query);
+  c10::cuda::CUDAGuard guard(query.device());
+  return run_fwd(d, query, key, value, padded_rows(lengths, mask), scale, /*jagged=*/false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& mask, const at::Tensor& lse, const at::Tensor& delta,
+    double scale) {
+  const PoolDims d = check_padded_fwd(query, key, value, lengths, mask);
+  check_bwd_extras(d, query, grad_out, lse, delta);
+  check_cuda_inputs(query, scale);
+  cuda_dtype(query);
+  c10::cuda::CUDAGuard guard(query.device());
+  return run_bwd(d, grad_out, query, key, value, padded_rows(lengths, mask), lse, delta, scale,
+                 /*jagged=*/false);
+}
+
+std::tuple<at::Tensor, at::Tensor> jagged_attention_pool_fwd_cuda(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& offsets, int64_t max_length, double scale) {
+  const PoolDims d = check_jagged_fwd(query, key, value, offsets, max_length);
+  check_cuda_inputs(query, scale);
+  cuda_dtype(query);
+  c10::cuda::CUDAGuard guard(query.device());
+  return run_fwd(d, query, key, value, jagged_rows(offsets, max_length), scale, /*jagged=*/true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_pool_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& offsets, int64_t max_length, const at::Tensor& lse,
+    const at::Tensor& delta, double scale) {
+  const PoolDims d = check_jagged_fwd(query, key, value, offsets, max_length);
+  check_bwd_extras(d, query, grad_out, lse, delta);
+  check_cuda_inputs(query, scale);
+  cuda_dtype(query);
+  c10::cuda::CUDAGuard guard(query.device());
+  return run_bwd(d, grad_out, query, key, value, jagged_rows(offsets, max_length), lse, delta,
+                 scale, /*jagged=*/true);
+}
+
+}  // namespace
+}  // namespace attnkern
+
+TORCH_LIBRARY_IMPL(attnkern, CUDA, m) {
+  m.impl("attention_pool_fwd", &attnkern::attention_pool_fwd_cuda);
+  m.impl("attention_pool_bwd", &attnkern::attention_pool_bwd_cuda);
+  m.impl("jagged_attention_pool_fwd", &attnkern::jagged_attention_pool_fwd_cuda);
+  m.impl("jagged_attention_pool_bwd", &attnkern::jagged_attention_pool_bwd_cuda);
+}

@@ -1,0 +1,293 @@
+// Forward kernels: decode-style attention pooling, one warp per (row, head, query group, split).
+//
+// Each warp holds QG queries in registers and streams the row's valid keys once for all of
+// them, KPS key positions at a time (one per key group, see attention_pool_common.cuh), with
+// an fp32 online softmax in the log2 domain (log2(e) folded into the scale, exp2f). Warps of a
+// block take consecutive query groups of the same (row, head, split), so with many queries the
+// K/V lines they stream are shared through L1 rather than re-read from HBM.
+//
+// Split-L: when rows x heads x query groups cannot fill the GPU, each (row, head) is cut into
+// `num_splits` interleaved blocks of keys; the split warps write normalised partial outputs and
+// partial log2-sum-exps (fp32 scratch) and a combine pass merges them in a fixed order
+// (deterministic).
+#include "attention_pool_common.cuh"
+
+#include <cmath>
+
+namespace attnkern {
+namespace cuda {
+namespace detail {
+namespace {
+
+struct FwdKernelArgs {
+  PoolProblem p;
+  void* out;        // [B, N, H, Dv] contiguous, used when num_splits == 1
+  float* lse;       // [B, N, H], used when num_splits == 1
+  float* part_o;    // [S, B * N * H, Dv] fp32, used when num_splits > 1
+  float* part_lse;  // [S, B * N * H] fp32, log2 domain
+  int64_t num_qgroups;
+  int64_t num_splits;
+  int64_t split_block;
+  int64_t total_warps;
+};
+
+template <typename T, int DB, bool ALIGNED, int QG>
+__global__ void __launch_bounds__(kThreads)
+    attention_pool_fwd_kernel(const FwdKernelArgs a) {
+  using LN = Lanes<T, DB>;
+  constexpr int LPK = LN::LPK;
+  constexpr int KPS = LN::KPS;
+  constexpr int EPL = LN::EPL;
+  // Keys per group per pass: enough 16-byte loads in flight to cover HBM latency without
+  // spilling (the K and V slices of U keys live in registers).
+  constexpr int U = EPL <= 4 ? 4 : 2;
+
+  const PoolProblem& p = a.p;
+  const int lane = threadIdx.x & 31;
+  const int j = lane % LPK;  // lane within its key group
+  const int g = lane / LPK;  // key group within the warp
+  const int dk = static_cast<int>(p.Dk);
+  const int dv = static_cast<int>(p.Dv);
+  const float scale_log2 = p.scale * kLog2e;
+  const int64_t rows = p.B * p.N * p.H;
+  const int64_t warp_stride = int64_t(gridDim.x) * kWarpsPerBlock;
+
+  for (int64_t w = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; w < a.total_warps;
+       w += warp_stride) {
+    int64_t t = w;
+    const int64_t qgrp = t % a.num_qgroups;
+    t /= a.num_qgroups;
+    const int64_t split = t % a.num_splits;
+    t /= a.num_splits;
+    const int64_t h = t % p.H;
+    const int64_t b = t / p.H;
+
+    const RowRange rr = row_range(p.rows, b, p.L);
+    const T* kbase = static_cast<const T*>(p.key) + b * p.k_sb + h * p.k_sh + rr.start * p.k_sl;
+    const T* vbase =
+        static_cast<const T*>(p.value) + b * p.v_sb + h * p.v_sh + rr.start * p.v_sl;
+
+    float q[QG][EPL];
+    float m[QG];  // running max of the log2-domain logits
+    float l[QG];  // running sum of exp2(logit - m)
+    float acc[QG][EPL];
+#pragma unroll
+    for (int qi = 0; qi < QG; ++qi) {
+      const int64_t n = qgrp * QG + qi;
+      if (n < p.N) {
+        load_slice<T, DB, ALIGNED>(
+            static_cast<const T*>(p.query) + b * p.q_sb + n * p.q_sn + h * p.q_sh, dk, j, q[qi]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) q[qi][e] = 0.f;
+      }
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) {
+        q[qi][e] *= scale_log2;
+        acc[qi][e] = 0.f;
+      }
+      m[qi] = -INFINITY;
+      l[qi] = 0.f;
+    }
+
+    // Loop bounds depend only on the row: uniform over the warp, as the shuffles need.
+    const int64_t block_stride = a.num_splits * a.split_block;
+    for (int64_t blk = split * a.split_block; blk < rr.len; blk += block_stride) {
+      const int64_t blk_end = blk + a.split_block < rr.len ? blk + a.split_block : rr.len;
+      for (int64_t base = blk; base < blk_end; base += KPS * U) {
+        float kf[U][EPL];
+        float vf[U][EPL];
+        bool ok[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t pos = base + u * KPS + g;
+          ok[u] = pos < blk_end && position_valid(p.rows, b, pos);
+          if (ok[u]) {  // only valid positions are read
+            load_slice<T, DB, ALIGNED>(kbase + pos * p.k_sl, dk, j, kf[u]);
+            load_slice<T, DB, ALIGNED>(vbase + pos * p.v_sl, dv, j, vf[u]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < EPL; ++e) {
+              kf[u][e] = 0.f;
+              vf[u][e] = 0.f;
+            }
+          }
+        }
+#pragma unroll
+        for (int qi = 0; qi < QG; ++qi) {
+          float s[U];
+          float mx = m[qi];
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            float dot = 0.f;
+#pragma unroll
+            for (int e = 0; e < EPL; ++e) dot = fmaf(q[qi][e], kf[u][e], dot);
+            s[u] = group_sum<LPK>(dot);
+            if (ok[u]) mx = fmaxf(mx, s[u]);
+          }
+          // mx == -inf: this group has seen no valid key yet; skipping avoids inf - inf.
+          if (mx != -INFINITY) {
+            const float corr = exp2f(m[qi] - mx);  // m == -inf gives 0
+            l[qi] *= corr;
+#pragma unroll
+            for (int e = 0; e < EPL; ++e) acc[qi][e] *= corr;
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+              const float pu = ok[u] ? exp2f(s[u] - mx) : 0.f;
+              l[qi] += pu;
+#pragma unroll
+              for (int e = 0; e < EPL; ++e) acc[qi][e] = fmaf(pu, vf[u][e], acc[qi][e]);
+            }
+            m[qi] = mx;
+          }
+        }
+      }
+    }
+
+    // Merge the KPS key groups (they hold the same head slice for different keys). All lanes
+    // take part in every shuffle; the stores come after, in a separate loop.
+    float lse2[QG];
+#pragma unroll
+    for (int qi = 0; qi < QG; ++qi) {
+      float mx = m[qi];
+#pragma unroll
+      for (int off = LPK; off < 32; off *= 2) mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, off));
+      const float f = (m[qi] == -INFINITY) ? 0.f : exp2f(m[qi] - mx);
+      float lsum = l[qi] * f;
+#pragma unroll
+      for (int off = LPK; off < 32; off *= 2) lsum += __shfl_xor_sync(kFullMask, lsum, off);
+      const bool empty = !(lsum > 0.f);  // no valid key: out = 0, lse = -inf
+      const float inv = empty ? 0.f : 1.f / lsum;
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) {
+        float x = acc[qi][e] * f;
+#pragma unroll
+        for (int off = LPK; off < 32; off *= 2) x += __shfl_xor_sync(kFullMask, x, off);
+        acc[qi][e] = x * inv;
+      }
+      lse2[qi] = empty ? -INFINITY : mx + log2f(lsum);
+    }
+    if (g == 0) {
+#pragma unroll
+      for (int qi = 0; qi < QG; ++qi) {
+        const int64_t n = qgrp * QG + qi;
+        if (n >= p.N) break;
+        const int64_t r = (b * p.N + n) * p.H + h;
+        if (a.num_splits == 1) {
+          store_slice<T, DB, ALIGNED>(static_cast<T*>(a.out) + r * dv, dv, j, acc[qi]);
+          if (j == 0) a.lse[r] = lse2[qi] * kLn2;  // -inf stays -inf
+        } else {
+          store_slice_f32<T, DB>(a.part_o + (split * rows + r) * dv, dv, j, acc[qi]);
+          if (j == 0) a.part_lse[split * rows + r] = lse2[qi];
+        }
+      }
+    }
+  }
+}
+
+// Merges the split partials of one (row, query, head) per warp, in split order.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    attention_pool_fwd_combine_kernel(const float* __restrict__ part_o,
+                                      const float* __restrict__ part_lse, int64_t splits,
+                                      int64_t rows, int dv, T* __restrict__ out,
+                                      float* __restrict__ lse) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp_stride = int64_t(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; r < rows;
+       r += warp_stride) {
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < splits; ++s) mx = fmaxf(mx, part_lse[s * rows + r]);
+    if (mx == -INFINITY) {  // empty row: out = 0, lse = -inf
+      for (int e = lane; e < dv; e += 32) out[r * dv + e] = from_float<T>(0.f);
+      if (lane == 0) lse[r] = -INFINITY;
+      continue;
+    }
+    float total = 0.f;
+    for (int64_t s = 0; s < splits; ++s) total += exp2f(part_lse[s * rows + r] - mx);
+    const float inv = 1.f / total;
+    for (int e = lane; e < dv; e += 32) {
+      float x = 0.f;
+      for (int64_t s = 0; s < splits; ++s) {
+        const float ws = exp2f(part_lse[s * rows + r] - mx);  // 0 for an empty split
+        x = fmaf(ws, part_o[(s * rows + r) * dv + e], x);
+      }
+      out[r * dv + e] = from_float<T>(x * inv);
+    }
+    if (lane == 0) lse[r] = (mx + log2f(total)) * kLn2;
+  }
+}
+
+bool fwd_aligned(const PoolProblem& p, const void* out) {
+  const int64_t vec = 16 / elem_bytes(p.dtype);
+  const int64_t strides[] = {p.q_sb, p.q_sn, p.q_sh, p.k_sb, p.k_sl,
+                             p.k_sh, p.v_sb, p.v_sl, p.v_sh};
+  for (int64_t s : strides) {
+    if (s % vec != 0) return false;
+  }
+  return p.Dk % vec == 0 && p.Dv % vec == 0 && aligned16(p.query) && aligned16(p.key) &&
+         aligned16(p.value) && aligned16(out);
+}
+
+}  // namespace
+}  // namespace detail
+
+FwdPlan plan_fwd(const PoolProblem& p, int num_sms) {
+  using namespace detail;
+  FwdPlan plan;
+  const int64_t lmax = longest_row_estimate(p);
+  const int64_t work = p.B * p.H * ceil_div(p.N, fwd_query_group(p.N));
+  plan.num_splits = choose_splits(work, lmax, num_sms);
+  plan.split_block = split_block_for(lmax, plan.num_splits);
+  return plan;
+}
+
+int64_t fwd_scratch_floats(const PoolProblem& p, const FwdPlan& plan) {
+  if (plan.num_splits <= 1) return 0;
+  const int64_t rows = p.B * p.N * p.H;
+  return int64_t(plan.num_splits) * rows * (p.Dv + 1);
+}
+
+cudaError_t launch_fwd(const PoolProblem& p, const FwdPlan& plan, void* out, float* lse,
+                       float* scratch, cudaStream_t stream) {
+  using namespace detail;
+  if (p.B == 0 || p.N == 0 || p.H == 0) return cudaSuccess;
+  const int64_t rows = p.B * p.N * p.H;
+  const int qg = fwd_query_group(p.N);
+  FwdKernelArgs a;
+  a.p = p;
+  a.out = out;
+  a.lse = lse;
+  a.num_splits = plan.num_splits > 1 ? plan.num_splits : 1;
+  a.split_block = plan.split_block > 0 ? plan.split_block : 64;
+  a.part_o = a.num_splits > 1 ? scratch : nullptr;
+  a.part_lse = a.num_splits > 1 ? scratch + a.num_splits * rows * p.Dv : nullptr;
+  a.num_qgroups = ceil_div(p.N, qg);
+  a.total_warps = p.B * p.H * a.num_qgroups * a.num_splits;
+  const unsigned blocks = grid_blocks(a.total_warps);
+  const bool aligned = fwd_aligned(p, out);
+
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_bucket(head_bucket(p.Dk, p.Dv), [&](auto bucket) {
+      constexpr int DB = decltype(bucket)::value;
+      dispatch_bool(aligned, [&](auto al) {
+        constexpr bool AL = decltype(al)::value;
+        if (qg == 1) {
+          attention_pool_fwd_kernel<T, DB, AL, 1><<<blocks, kThreads, 0, stream>>>(a);
+        } else {
+          attention_pool_fwd_kernel<T, DB, AL, 4><<<blocks, kThreads, 0, stream>>>(a);
+        }
+      });
+    });
+    if (a.num_splits > 1) {
+      attention_pool_fwd_combine_kernel<T><<<grid_blocks(rows), kThreads, 0, stream>>>(
+          a.part_o, a.part_lse, a.num_splits, rows, static_cast<int>(p.Dv), static_cast<T*>(out),
+          lse);
+    }
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace attnkern

@@ -1,0 +1,99 @@
+// Launch functions of the attnkern CUDA kernels: raw pointers, element strides, sizes and a
+// cudaStream_t. No torch headers here, so the .cu files compile fast and stay reusable; the
+// torch glue (attention_pool_cuda.cpp) checks inputs, allocates outputs and scratch, and calls
+// these.
+//
+// Every tensor's innermost (head-dim) stride must be 1; all other strides are free (stride 0
+// for expanded tensors included). All index math on the device is int64.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace attnkern {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// How the valid key positions of row b are found. The kernels clamp every value they read
+// (SPEC section 3), so malformed lengths/offsets can never make them read out of bounds:
+//   kAll:     positions [0, L)
+//   kLengths: positions [0, clamp(lengths[b], 0, L))
+//   kMask:    positions l in [0, L) with mask[b, l] != 0
+//   kJagged:  key rows [start, end), start = clamp(offsets[b], 0, T),
+//             end = clamp(offsets[b + 1], start, T), and end <= start + max_length when
+//             max_length >= 0.
+enum class RowMode : int { kAll = 0, kLengths = 1, kMask = 2, kJagged = 3 };
+
+struct RowSpec {
+  RowMode mode = RowMode::kAll;
+  const void* index = nullptr;  // lengths [B] or offsets [B + 1]
+  bool index_is_int64 = false;
+  int64_t index_stride = 1;
+  const bool* mask = nullptr;  // [B, L]
+  int64_t mask_stride_b = 0;
+  int64_t mask_stride_l = 0;
+  int64_t max_length = -1;  // jagged only; -1 = unknown
+};
+
+// Shapes and strides shared by the forward and the backward launchers. Strides are in elements.
+// Padded: key [B, L, H, Dk], value [B, L, H, Dv]. Jagged: key [T, H, Dk], value [T, H, Dv],
+// with L = T and the batch strides of key/value ignored (set them to 0).
+struct PoolProblem {
+  DType dtype = DType::kFloat32;
+  int64_t B = 0, N = 0, H = 0, L = 0, Dk = 0, Dv = 0;
+  const void* query = nullptr;  // [B, N, H, Dk]
+  int64_t q_sb = 0, q_sn = 0, q_sh = 0;
+  const void* key = nullptr;
+  int64_t k_sb = 0, k_sl = 0, k_sh = 0;
+  const void* value = nullptr;
+  int64_t v_sb = 0, v_sl = 0, v_sh = 0;
+  RowSpec rows;
+  float scale = 1.f;
+};
+
+// ---------------------------------------------------------------- forward
+struct FwdPlan {
+  int num_splits = 1;     // > 1: partial results into scratch, then a combine pass
+  int64_t split_block = 0;  // keys per split block (splits take blocks round-robin)
+};
+
+// Picks the split-L factor so that B * H * query-groups * splits fills the GPU.
+FwdPlan plan_fwd(const PoolProblem& p, int num_sms);
+
+// Scratch floats the forward needs for a plan: partial outputs and partial lse.
+int64_t fwd_scratch_floats(const PoolProblem& p, const FwdPlan& plan);
+
+// out: [B, N, H, Dv] contiguous (query dtype); lse: [B, N, H] contiguous float32.
+// scratch: fwd_scratch_floats() floats (may be null when that is 0).
+cudaError_t launch_fwd(const PoolProblem& p, const FwdPlan& plan, void* out, float* lse,
+                       float* scratch, cudaStream_t stream);
+
+// ---------------------------------------------------------------- backward
+struct BwdInputs {
+  const void* grad_out = nullptr;  // [B, N, H, Dv], innermost stride 1
+  int64_t go_sb = 0, go_sn = 0, go_sh = 0;
+  const float* lse = nullptr;    // [B, N, H] contiguous
+  const float* delta = nullptr;  // [B, N, H] contiguous
+};
+
+struct BwdPlan {
+  int dq_splits = 1;          // split-L of the dq pass (> 1: fp32 partials + a reduce pass)
+  int64_t dq_split_block = 0;
+  int64_t kv_tile_slots = 1;  // warps per (row, head) in the dk/dv pass
+};
+
+BwdPlan plan_bwd(const PoolProblem& p, int num_sms);
+int64_t bwd_scratch_floats(const PoolProblem& p, const BwdPlan& plan);
+
+// grad_query: [B, N, H, Dk] contiguous, fully written here.
+// grad_key / grad_value: contiguous, shaped like key / value, ZERO-FILLED by the caller: only
+// valid positions are written (each by exactly one warp, no atomics), so every position that
+// takes part in no row stays exactly zero.
+cudaError_t launch_bwd(const PoolProblem& p, const BwdInputs& in, const BwdPlan& plan,
+                       void* grad_query, void* grad_key, void* grad_value, float* scratch,
+                       cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace attnkern

@@ -1,0 +1,254 @@
+"""CPU-kernel-specific tests: the paths the shared backend suite does not aim at.
+
+Split rows (few rows, long histories), many queries per history, every SIMD path the CPU
+launcher can pick (ATTNKERN_CPU_ISA caps it), thread-count independence, direct op calls with
+bad lengths/offsets, zero gradients at positions that take no part, and gradcheck in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import attnkern
+from attnkern.reference import attention_pool_ref
+
+pytestmark = pytest.mark.skipif(
+    not attnkern.backends()["cpu"].available,
+    reason="the attnkern C++ extension (CPU kernels) is not built",
+)
+
+LAYOUTS = ("full", "lengths", "mask", "jagged")
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Absolute error floor, relative to the largest magnitude of the compared tensor. float64
+# gradients are limited to about float32 accuracy by the float32 `delta` of the op contract.
+FLOOR = {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def make_inputs(layout, dtype, B, N, H, Dk, Dv, L, *, seed=0, lengths=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, N, H, Dk, generator=g, dtype=torch.float64)
+    layout_kw = {}
+    if layout == "jagged":
+        lens = torch.randint(0, L + 1, (B,), generator=g) if lengths is None else torch.as_tensor(lengths)
+        offsets = torch.zeros(B + 1, dtype=torch.int64)
+        offsets[1:] = lens.cumsum(0)
+        T = int(offsets[-1]) + 3  # rows past offsets[-1] belong to no row
+        k = torch.randn(T, H, Dk, generator=g, dtype=torch.float64)
+        v = torch.randn(T, H, Dv, generator=g, dtype=torch.float64)
+        layout_kw["offsets"] = offsets
+    else:
+        k = torch.randn(B, L, H, Dk, generator=g, dtype=torch.float64)
+        v = torch.randn(B, L, H, Dv, generator=g, dtype=torch.float64)
+        if layout == "lengths":
+            lens = torch.randint(0, L + 1, (B,), generator=g) if lengths is None else torch.as_tensor(lengths)
+            layout_kw["lengths"] = lens.to(torch.int32)
+        elif layout == "mask":
+            layout_kw["mask"] = torch.rand(B, L, generator=g) < 0.6
+    return (q.to(dtype), k.to(dtype), v.to(dtype)), layout_kw
+
+
+def call_op(q, k, v, layout_kw, scale):
+    if "offsets" in layout_kw:
+        return torch.ops.attnkern.jagged_attention_pool_fwd(q, k, v, layout_kw["offsets"], -1, scale)
+    return torch.ops.attnkern.attention_pool_fwd(q, k, v, layout_kw.get("lengths"), layout_kw.get("mask"), scale)
+
+
+def forward_backward(fn, inputs, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out, lse = fn(*leaves)
+    (out.double() * grad_out).sum().backward()
+    return [out, lse] + [t.grad for t in leaves]
+
+
+def check_against_reference(layout, dtype, B, N, H, Dk, Dv, L, *, seed=0, lengths=None, noncontig=False):
+    (q, k, v), layout_kw = make_inputs(layout, dtype, B, N, H, Dk, Dv, L, seed=seed, lengths=lengths)
+    if noncontig:
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        k = torch.cat([k, torch.zeros_like(k)], dim=-1)[..., :Dk]
+    scale = 1.0 / math.sqrt(Dk)
+    ref = lambda q_, k_, v_: attention_pool_ref(q_, k_, v_, scale=scale, **layout_kw)  # noqa: E731
+    got = lambda q_, k_, v_: call_op(q_, k_, v_, layout_kw, scale)  # noqa: E731
+    grad_out = torch.randn(B, N, H, Dv, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    oracle = forward_backward(ref, [t.double() for t in (q, k, v)], grad_out)
+    same_precision = forward_backward(ref, [q, k, v], grad_out)
+    result = forward_backward(got, [q, k, v], grad_out)
+    names = ("out", "lse", "grad_query", "grad_key", "grad_value")
+    assert result[0].dtype == dtype and result[0].is_contiguous()
+    assert result[1].dtype == torch.float32 and result[1].is_contiguous()
+    for name, o, s, r in zip(names, oracle, same_precision, result):
+        assert r.shape == o.shape, name
+        if name == "lse":
+            assert torch.equal(torch.isinf(r), torch.isinf(o)), "lse must be -inf exactly on empty rows"
+            finite = torch.isfinite(o)
+            o, s, r = o[finite], s[finite], r[finite]
+        assert torch.isfinite(r.double()).all(), name
+        if o.numel() == 0:
+            continue
+        err = (r.double() - o.double()).abs().max().item()
+        err_same = (s.double() - o.double()).abs().max().item()
+        tol = 2 * err_same + FLOOR[dtype] * max(1.0, o.abs().max().item())
+        assert err <= tol, f"{name}: error {err:.3g} > tolerance {tol:.3g}"
+    return layout_kw, result
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "B,N,H,Dk,Dv,L",
+    [
+        (6, 1, 1, 64, 64, 37),  # L not a multiple of any block
+        (5, 3, 2, 7, 40, 33),  # odd dims, several heads and queries
+        (3, 2, 3, 130, 1, 17),
+        (4, 2, 1, 1, 130, 16),  # L exactly one 16-block
+        (2, 1, 2, 33, 17, 1100),  # few rows, long: split path
+    ],
+)
+def test_matches_reference(layout, dtype, B, N, H, Dk, Dv, L):
+    check_against_reference(layout, dtype, B, N, H, Dk, Dv, L)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_noncontiguous_inputs(layout):
+    check_against_reference(layout, torch.float32, 4, 3, 2, 24, 40, 29, noncontig=True)
+
+
+@pytest.mark.parametrize("layout", ["lengths", "jagged"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_rows_block_boundaries(layout, dtype):
+    # One row, lengths around the 512-position slice and 16-position block boundaries, and
+    # empty rows mixed in: the split path and its log-sum-exp merge.
+    lengths = [0, 511, 512, 513, 1, 1024 + 17, 0, 16]
+    check_against_reference(layout, dtype, len(lengths), 2, 1, 32, 48, 1100, lengths=lengths)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_queries_per_history(dtype):
+    check_against_reference("lengths", dtype, 5, 64, 1, 64, 64, 70)
+
+
+def test_large_logits_and_empty_rows_are_finite():
+    (q, k, v), kw = make_inputs("lengths", torch.float32, 4, 2, 1, 16, 16, 20, lengths=[0, 20, 3, 0])
+    q = q * 300.0  # |scale * q.k| in the thousands
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = call_op(*leaves, kw, 0.25)
+    out.sum().backward()
+    for t in [out] + [x.grad for x in leaves]:
+        assert torch.isfinite(t).all()
+    assert torch.isinf(lse[0]).all() and torch.isinf(lse[3]).all()
+    assert (out[0] == 0).all() and (leaves[0].grad[0] == 0).all()
+
+
+@pytest.mark.parametrize("layout", ["lengths", "mask", "jagged"])
+def test_zero_gradients_where_no_row_attends(layout):
+    kw_len = {} if layout == "mask" else {"lengths": [3, 0, 7]}
+    layout_kw, result = check_against_reference(layout, torch.float32, 3, 2, 2, 8, 8, 9, **kw_len)
+    grad_key, grad_value = result[3], result[4]
+    if layout == "jagged":
+        end = int(layout_kw["offsets"][-1])
+        assert (grad_key[end:] == 0).all() and (grad_value[end:] == 0).all()
+        return
+    if layout == "mask":
+        valid = layout_kw["mask"]
+    else:
+        valid = torch.arange(9)[None, :] < layout_kw["lengths"].long()[:, None]
+    assert (grad_key[~valid] == 0).all() and (grad_value[~valid] == 0).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("L", [5, 1100])  # the second one takes the split path
+def test_thread_count_independent(layout, L):
+    (q, k, v), kw = make_inputs(layout, torch.float32, 3, 2, 2, 20, 24, L)
+    grad_out = torch.randn(3, 2, 2, 24, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(forward_backward(lambda *t: call_op(*t, kw, 0.3), [q, k, v], grad_out))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_empty_shapes():
+    for B, L in [(0, 5), (3, 0)]:
+        (q, k, v), _ = make_inputs("full", torch.float32, B, 2, 1, 8, 8, L)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = call_op(*leaves, {}, 0.5)
+        assert out.shape == (B, 2, 1, 8) and (out == 0).all() and torch.isinf(lse).all()
+        out.sum().backward()
+        assert all((t.grad == 0).all() for t in leaves)
+    q = torch.randn(2, 1, 1, 8)
+    k, v = torch.randn(0, 1, 8), torch.randn(0, 1, 8)
+    out, lse = torch.ops.attnkern.jagged_attention_pool_fwd(q, k, v, torch.zeros(3, dtype=torch.int64), -1, 0.5)
+    assert (out == 0).all() and torch.isinf(lse).all()
+
+
+@pytest.mark.parametrize(
+    "lengths,match",
+    [([1, -1], "lengths must be >= 0"), ([1, 9], "lengths must be <= L")],
+)
+def test_bad_lengths_raise(lengths, match):
+    q, k, v = torch.randn(2, 1, 1, 4), torch.randn(2, 8, 1, 4), torch.randn(2, 8, 1, 4)
+    lens = torch.tensor(lengths)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.attnkern.attention_pool_fwd(q, k, v, lens, None, 0.5)
+    lse, delta = torch.zeros(2, 1, 1), torch.zeros(2, 1, 1)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.attnkern.attention_pool_bwd(q, q, k, v, lens, None, lse, delta, 0.5)
+
+
+@pytest.mark.parametrize(
+    "offsets,max_length,match",
+    [
+        ([1, 2, 3], -1, r"offsets\[0\] must be 0"),
+        ([0, 3, 2], -1, "non-decreasing"),
+        ([0, 2, 9], -1, r"offsets\[-1\] must be <= T"),
+        ([0, 5, 6], 4, "max_length"),
+    ],
+)
+def test_bad_offsets_raise(offsets, max_length, match):
+    q, k, v = torch.randn(2, 1, 1, 4), torch.randn(8, 1, 4), torch.randn(8, 1, 4)
+    offs = torch.tensor(offsets, dtype=torch.int32)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.attnkern.jagged_attention_pool_fwd(q, k, v, offs, max_length, 0.5)
+    lse, delta = torch.zeros(2, 1, 1), torch.zeros(2, 1, 1)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.attnkern.jagged_attention_pool_bwd(q, q, k, v, offs, max_length, lse, delta, 0.5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradcheck_float64(layout):
+    (q, k, v), kw = make_inputs(layout, torch.float64, 3, 2, 2, 5, 3, 6, lengths=None if layout == "mask" else [2, 0, 6])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    # Only `out`: lse is float32 whatever the input dtype, too coarse for finite differences.
+    assert torch.autograd.gradcheck(lambda *t: call_op(*t, kw, 0.7)[0], leaves)
+
+
+_ISA_SCRIPT = """
+import sys, torch
+sys.path.insert(0, "tests")
+from test_cpu import check_against_reference
+for layout in ("full", "lengths", "mask", "jagged"):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        check_against_reference(layout, dtype, 3, 3, 2, 19, 33, 45)
+        check_against_reference(layout, dtype, 2, 1, 1, 64, 64, 1100)
+"""
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_narrower_simd_paths(isa):
+    # The launcher picks the widest SIMD path at run time; ATTNKERN_CPU_ISA caps it so that
+    # the narrower kernels (what older x86-64 CPUs and aarch64 run) are checked here too.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, ATTNKERN_CPU_ISA=isa, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,0 +1,451 @@
+"""Triton-specific tests: the split-L forward and its combine kernel, the launch heuristic,
+tile/autotune choices, in-kernel clamping of index values, exact zero gradients, and the
+custom ops' own input checks.
+
+On CPU the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set before triton is
+imported); with a GPU the same tests run on CUDA tensors. The generic property suite over every
+backend lives in test_backends.py. Shapes are tiny: the interpreter is slow.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+import attnkern  # noqa: E402
+from attnkern.reference import attention_pool_ref  # noqa: E402
+
+if not attnkern.backends()["triton"].available:
+    pytest.skip(attnkern.backends()["triton"].reason, allow_module_level=True)
+
+from attnkern.triton_kernels import attention_pool as K  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Floor of the tolerance rule, relative to the oracle's magnitude.
+FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+LAYOUTS = ["lengths", "mask", "jagged", "full"]
+
+
+def _problem(B, N, H, L, Dk, Dv, layout, dtype=torch.float32, lengths=None, seed=0):
+    """Canonical inputs: (q, k, v, index kwargs for the launcher) on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    if lengths is None:
+        lengths = [(0, L, 1, L // 2 + 1)[i % 4] for i in range(B)]
+    lens = torch.tensor(lengths, dtype=torch.long)
+    q = torch.randn(B, N, H, Dk, generator=g)
+    idx = {}
+    if layout == "jagged":
+        T = int(lens.sum()) + 3  # trailing rows that belong to no row
+        k = torch.randn(T, H, Dk, generator=g)
+        v = torch.randn(T, H, Dv, generator=g)
+        offsets = torch.zeros(B + 1, dtype=torch.long)
+        offsets[1:] = lens.cumsum(0)
+        idx["offsets"] = offsets.to(DEVICE)
+    else:
+        k = torch.randn(B, L, H, Dk, generator=g)
+        v = torch.randn(B, L, H, Dv, generator=g)
+        if layout == "lengths":
+            idx["lengths"] = lens.to(torch.int32).to(DEVICE)
+        elif layout == "mask":
+            m = (torch.rand(B, L, generator=g) < 0.6) & (torch.arange(L)[None, :] < lens[:, None] + 3)
+            m[lens == 0] = False
+            idx["mask"] = m.to(DEVICE)
+    q, k, v = (t.to(DEVICE, dtype) for t in (q, k, v))
+    return q, k, v, idx
+
+
+def _launch_fwd(q, k, v, idx, **kw):
+    return K.attention_pool_fwd(q, k, v, lengths=idx.get("lengths"), mask=idx.get("mask"),
+                                offsets=idx.get("offsets"), max_length=idx.get("max_length", -1),
+                                scale=q.shape[-1] ** -0.5, **kw)
+
+
+def _ref(q, k, v, idx):
+    return attention_pool_ref(q, k, v, idx.get("lengths"), mask=idx.get("mask"),
+                              offsets=idx.get("offsets"), scale=q.shape[-1] ** -0.5)
+
+
+def _valid_positions(k, idx):
+    """Bool tensor over key's leading dims: True where the position belongs to some row."""
+    if "offsets" in idx:
+        o = idx["offsets"].long().cpu()
+        valid = torch.zeros(k.shape[0], dtype=torch.bool)
+        for b in range(o.numel() - 1):
+            valid[o[b]:o[b + 1]] = True
+        return valid.to(k.device)
+    B, L = k.shape[:2]
+    if "mask" in idx:
+        return idx["mask"]
+    if "lengths" in idx:
+        return torch.arange(L, device=k.device)[None, :] < idx["lengths"].long()[:, None]
+    return torch.ones(B, L, dtype=torch.bool, device=k.device)
+
+
+def _assert_close(got, lp, ref, dtype, name):
+    """Low-precision rule: error vs the float64 oracle <= 2x the reference's own error in the
+    same precision + a small floor."""
+    assert torch.isfinite(got).all(), "%s has NaN/Inf" % name
+    if got.numel() == 0:
+        return
+    err = (got.double() - ref).abs().max().item()
+    err_lp = (lp.double() - ref).abs().max().item()
+    allowed = 2 * err_lp + FLOOR[dtype] * max(1.0, ref.abs().max().item())
+    assert err <= allowed, "%s: error %.3g > allowed %.3g" % (name, err, allowed)
+
+
+def _check_fwd(q, k, v, idx, **kw):
+    out, lse = _launch_fwd(q, k, v, idx, **kw)
+    out64, lse64 = _ref(q.double(), k.double(), v.double(), idx)
+    out_lp, _ = _ref(q, k, v, idx)
+    assert out.dtype == q.dtype and out.is_contiguous() and lse.dtype == torch.float32
+    _assert_close(out, out_lp, out64, q.dtype, "out")
+    empty = torch.isneginf(lse64)
+    assert torch.equal(torch.isneginf(lse), empty)
+    assert (out[empty] == 0).all()
+    if (~empty).any():
+        assert (lse[~empty].double() - lse64[~empty]).abs().max().item() < 1e-4
+    return out, lse
+
+
+def _check_fwd_bwd(q, k, v, idx, **kw):
+    """The launchers (fwd with `kw`, then bwd) against autograd through the float64 oracle."""
+    dtype = q.dtype
+    out, lse = _check_fwd(q, k, v, idx, **kw)
+    g = torch.Generator().manual_seed(7)
+    grad_out = torch.randn(out.shape, generator=g).to(DEVICE)
+    grad_lse = torch.randn(lse.shape, generator=g).to(DEVICE)
+
+    def ref_grads(cdt):
+        leaves = [t.detach().to(cdt).requires_grad_() for t in (q, k, v)]
+        o, l_ = _ref(*leaves, idx)
+        gl = torch.where(torch.isfinite(l_), grad_lse, 0.0)
+        return torch.autograd.grad((o, l_), leaves, (grad_out.to(o.dtype), gl), allow_unused=True)
+
+    g64, g_lp = ref_grads(torch.float64), ref_grads(dtype)
+    delta = (grad_out.to(dtype).float() * out.float()).sum(-1)
+    delta = delta - torch.where(torch.isfinite(lse), grad_lse, 0.0)
+    grads = K.attention_pool_bwd(grad_out.to(dtype), q, k, v, lse, delta,
+                                 lengths=idx.get("lengths"), mask=idx.get("mask"),
+                                 offsets=idx.get("offsets"), max_length=idx.get("max_length", -1),
+                                 scale=q.shape[-1] ** -0.5)
+    for name, got, lp, ref, like in zip(("dq", "dk", "dv"), grads, g_lp, g64, (q, k, v)):
+        assert got.shape == like.shape and got.dtype == dtype and got.is_contiguous()
+        _assert_close(got, lp, ref, dtype, name)
+    # Exact zeros where no row reads the position, and for the queries of empty rows.
+    unused = ~_valid_positions(k, idx)
+    assert (grads[1][unused] == 0).all() and (grads[2][unused] == 0).all()
+    assert (grads[0][torch.isneginf(lse)] == 0).all()
+    return out, lse, grads
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward and backward through the launchers: both inner-product paths, every layout
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("N", [1, 3, 17])  # BLOCK_N 1 and 4 (broadcast), 32 (tl.dot)
+def test_launchers_match_reference(layout, N):
+    q, k, v, idx = _problem(B=4, N=N, H=2, L=19, Dk=7, Dv=5, layout=layout)
+    _check_fwd_bwd(q, k, v, idx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N", [2, 5])
+def test_low_precision_paths(dtype, N):
+    q, k, v, idx = _problem(B=3, N=N, H=1, L=20, Dk=130, Dv=1, layout="mask", dtype=dtype)
+    _check_fwd_bwd(q, k, v, idx)
+
+
+@pytest.mark.parametrize("block_l", [16, 32])
+def test_explicit_block_l(block_l):
+    q, k, v, idx = _problem(B=3, N=2, H=1, L=33, Dk=8, Dv=8, layout="jagged")
+    _check_fwd_bwd(q, k, v, idx, block_l=block_l)
+
+
+# ---------------------------------------------------------------------------------------------
+# Split-L forward and the combine kernel
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("num_splits", [2, 3, 7])
+def test_split_l_matches_reference(layout, num_splits):
+    # L = 45 is three 16-tiles at most: 7 splits leave empty splits in every row.
+    q, k, v, idx = _problem(B=4, N=2, H=2, L=45, Dk=7, Dv=9, layout=layout)
+    out, lse = _check_fwd(q, k, v, idx, num_splits=num_splits)
+    out1, lse1 = _launch_fwd(q, k, v, idx, num_splits=1)
+    torch.testing.assert_close(out, out1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, lse1, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_split_l_low_precision_with_backward(dtype):
+    q, k, v, idx = _problem(B=2, N=5, H=1, L=70, Dk=16, Dv=16, layout="lengths", dtype=dtype,
+                            lengths=[70, 0])
+    _check_fwd_bwd(q, k, v, idx, num_splits=4)
+
+
+def test_split_l_chosen_by_heuristic():
+    # One long row, one head: far fewer programs than the (pretend) SMs, so the launcher splits.
+    L = 4 * K.MIN_SPLIT_LEN + 9
+    assert K.choose_num_splits(1, L, K.sm_count(torch.device(DEVICE))) > 1
+    q, k, v, idx = _problem(B=1, N=1, H=1, L=L, Dk=4, Dv=4, layout="lengths", lengths=[L - 3])
+    _check_fwd(q, k, v, idx)
+
+
+@pytest.mark.parametrize("S,Dv", [(1, 3), (3, 16), (5, 130)])
+def test_combine_kernel(S, Dv):
+    B, N, H = 3, 2, 2
+    g = torch.Generator().manual_seed(1)
+    part_o = torch.randn(S, B, N, H, Dv, generator=g)
+    part_lse = torch.randn(S, B, N, H, generator=g) * 5
+    part_lse[0, 0] = float("-inf")  # an empty split (its o is 0)
+    part_o[0, 0] = 0
+    part_lse[:, 1, 0] = float("-inf")  # every split empty: an empty row
+    part_o[:, 1, 0] = 0
+    part_o, part_lse = part_o.to(DEVICE), part_lse.to(DEVICE)
+    out = torch.empty(B, N, H, Dv, dtype=torch.float16, device=DEVICE)
+    lse = torch.empty(B, N, H, dtype=torch.float32, device=DEVICE)
+    K.attention_pool_combine(part_o, part_lse, out, lse)
+
+    lse_ref = torch.logsumexp(part_lse.double(), dim=0)
+    w = torch.exp(part_lse.double() - lse_ref).nan_to_num(0.0)
+    out_ref = (w[..., None] * part_o.double()).sum(0)
+    assert torch.isneginf(lse[1, 0]).all() and (out[1, 0] == 0).all()
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref))
+    fin = torch.isfinite(lse_ref)
+    torch.testing.assert_close(lse[fin].double(), lse_ref[fin], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), out_ref, atol=2e-3, rtol=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch heuristic, tile choices, autotune keying
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sm_count_on_cpu_is_the_pretend_count():
+    assert K.sm_count(torch.device("cpu")) == K.INTERPRET_SM_COUNT
+
+
+@pytest.mark.parametrize("programs,row_len,sms", [
+    (1, 10_000, 132), (4, 100_000, 132), (7, 5_000, 108), (1, 10 ** 7, 132), (3, 600, 8)])
+def test_heuristic_splits_few_long_rows(programs, row_len, sms):
+    s = K.choose_num_splits(programs, row_len, sms)
+    assert 1 < s <= K.MAX_SPLITS
+    # enough to fill the GPU (up to the cap), each split a meaningful stretch of the row
+    assert programs * s >= min(sms, programs * K.MAX_SPLITS) or s == row_len // K.MIN_SPLIT_LEN
+    assert row_len / s >= K.MIN_SPLIT_LEN
+
+
+@pytest.mark.parametrize("programs,row_len,sms", [
+    (132, 10_000, 132), (5_000, 10 ** 6, 132), (1, 2 * K.MIN_SPLIT_LEN - 1, 132), (1, 50, 108),
+    (0, 1000, 132)])
+def test_heuristic_keeps_one_split(programs, row_len, sms):
+    assert K.choose_num_splits(programs, row_len, sms) == 1
+
+
+@pytest.mark.parametrize("n,block_n", [(1, 1), (2, 2), (3, 4), (4, 4), (5, 16), (16, 16),
+                                       (17, 32), (32, 32), (33, 64), (1000, 64)])
+def test_query_block(n, block_n):
+    assert K.query_block(n) == block_n
+    # tl.dot needs M, N, K >= 16 on the GPU: only blocks of >= 16 queries take the dot path.
+    assert (block_n > K.SMALL_N) == (block_n >= 16)
+
+
+@pytest.mark.parametrize("d,block", [(1, 16), (7, 16), (16, 16), (17, 32), (64, 64), (130, 256),
+                                     (256, 256)])
+def test_head_block(d, block):
+    assert K.head_block(d) == block
+
+
+def test_autotune_keys():
+    for tuned in (K._fwd_tuned, K._dq_tuned, K._dkdv_tuned):
+        assert list(tuned.keys) == ["DK", "DV", "N_KEY"]
+    # N is bucketed to a power of two so a varying candidate count does not retune every call.
+    assert [K.n_key(n) for n in (1, 2, 3, 5, 16, 17, 100)] == [1, 2, 4, 8, 16, 32, 128]
+
+
+@pytest.mark.parametrize("block_n,bdk,bdv", [(1, 16, 16), (1, 256, 256), (4, 256, 16),
+                                              (16, 64, 64), (64, 256, 256)])
+@pytest.mark.parametrize("configs", ["fwd", "bwd"])
+def test_autotune_prune(block_n, bdk, bdv, configs):
+    configs = K.FWD_CONFIGS if configs == "fwd" else K.BWD_CONFIGS
+    kept = K.prune_configs(configs, {"BLOCK_N": block_n, "BLOCK_DK": bdk, "BLOCK_DV": bdv})
+    assert kept and all(c in configs for c in kept)
+    if block_n <= K.SMALL_N:  # broadcast path: the [BLOCK_N, BLOCK_L, BLOCK_D] product is bounded
+        assert all(block_n * c.kwargs["BLOCK_L"] * max(bdk, bdv) <= K._BROADCAST_ELEMS
+                   or len(kept) == 1 for c in kept)
+    if block_n == 1 and bdk == 16:
+        assert len(kept) == len(configs)
+
+
+def test_default_block_l_fits():
+    for bn in (1, 4, 16, 64):
+        for d in (16, 64, 256):
+            bl = K.default_block_l(bn, d, d)
+            assert bl in (16, 32, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Robustness: clamping without host checks, empty shapes, strides, exact zeros
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lengths_are_clamped_in_kernel():
+    # Launcher called directly (no value checks): negative and too-long lengths are clamped.
+    q, k, v, _ = _problem(B=3, N=2, H=1, L=10, Dk=4, Dv=4, layout="full")
+    bad = torch.tensor([-5, 4, 1000], device=DEVICE)
+    out, lse = K.attention_pool_fwd(q, k, v, lengths=bad)
+    ref, ref_lse = attention_pool_ref(q, k, v, bad.clamp(0, 10), scale=0.5)
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+
+
+def test_offsets_are_clamped_in_kernel():
+    # offsets beyond T, decreasing, negative, and a row longer than max_length.
+    H, Dk, Dv, T = 1, 4, 3, 12
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(5, 1, H, Dk, generator=g).to(DEVICE)
+    k = torch.randn(T, H, Dk, generator=g).to(DEVICE)
+    v = torch.randn(T, H, Dv, generator=g).to(DEVICE)
+    offsets = torch.tensor([-3, 5, 2, 11, 40, 50], device=DEVICE)
+    max_length = 4
+    out, lse = K.attention_pool_fwd(q, k, v, offsets=offsets, max_length=max_length)
+    o = offsets.long().cpu()
+    for b in range(5):
+        start = min(max(int(o[b]), 0), T)
+        end = min(max(int(o[b + 1]), start), T, start + max_length)
+        r, r_lse = attention_pool_ref(q[b:b + 1], k[start:end][None], v[start:end][None],
+                                      scale=Dk ** -0.5)
+        torch.testing.assert_close(out[b:b + 1], r)
+        assert torch.isneginf(lse[b]).all() == (end == start)
+    lse_like = torch.where(torch.isneginf(lse), lse, lse)
+    grads = K.attention_pool_bwd(torch.ones_like(out), q, k, v, lse_like, torch.zeros_like(lse),
+                                 offsets=offsets, max_length=max_length)
+    assert all(torch.isfinite(t).all() for t in grads)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_empty_batch_and_zero_length(layout):
+    for B, L in ((0, 5), (2, 0)):
+        q, k, v, idx = _problem(B=B, N=2, H=1, L=L, Dk=3, Dv=2, layout=layout,
+                                lengths=[0] * B)
+        out, lse = _launch_fwd(q, k, v, idx)
+        assert out.shape == (B, 2, 1, 2) and (out == 0).all() and torch.isneginf(lse).all()
+        grads = K.attention_pool_bwd(torch.ones_like(out), q, k, v, lse, torch.zeros_like(lse),
+                                     **{n: t for n, t in idx.items()})
+        for g_, like in zip(grads, (q, k, v)):
+            assert g_.shape == like.shape and (g_ == 0).all()
+
+
+def test_strided_and_expanded_inputs_with_splits():
+    B, N, H, L, Dk, Dv = 2, 3, 2, 40, 6, 5
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(B, H, N, Dk, generator=g).transpose(1, 2).to(DEVICE)
+    k = torch.randn(B, 1, H, Dk, generator=g).expand(B, L, H, Dk).to(DEVICE)
+    v = torch.randn(B, L, H, 2 * Dv, generator=g)[..., ::2].to(DEVICE)
+    mask = (torch.rand(B, 2 * L, generator=g) < 0.5)[:, ::2]
+    idx = {"mask": mask.to(DEVICE)}
+    assert not q.is_contiguous() and k.stride(1) == 0 and not idx["mask"].is_contiguous()
+    _check_fwd_bwd(q, k, v, idx, num_splits=3)
+
+
+def test_grad_zero_beyond_jagged_end_and_in_mask_holes():
+    q, k, v, idx = _problem(B=3, N=2, H=1, L=9, Dk=5, Dv=3, layout="jagged", lengths=[4, 0, 9])
+    _, _, (dq, dk, dv) = _check_fwd_bwd(q, k, v, idx)
+    assert (dk[-3:] == 0).all() and (dv[-3:] == 0).all()
+    assert (dk[:4] != 0).any() and (dv[:4] != 0).any()
+    assert (dq[1] == 0).all()
+
+
+def test_backward_is_deterministic():
+    q, k, v, idx = _problem(B=2, N=17, H=1, L=40, Dk=16, Dv=16, layout="mask")
+    out, lse = _launch_fwd(q, k, v, idx)
+    go = torch.randn_like(out)
+    delta = (go * out).sum(-1)
+    a = K.attention_pool_bwd(go, q, k, v, lse, delta, mask=idx["mask"])
+    b = K.attention_pool_bwd(go, q, k, v, lse, delta, mask=idx["mask"])
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registered ops: their own input checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _ops():
+    return torch.ops.attnkern
+
+
+def test_op_rejects_float64():
+    q = torch.randn(1, 1, 1, 4, dtype=torch.float64, device=DEVICE)
+    k = torch.randn(1, 3, 1, 4, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        _ops().triton_attention_pool_fwd(q, k, k, None, None, 0.5)
+
+
+@pytest.mark.parametrize("case", ["bad_key_shape", "bad_dim", "lengths_and_mask", "bad_lengths",
+                                  "mask_dtype", "offsets_len", "offsets_value", "max_length",
+                                  "bwd_lse_shape", "bwd_grad_dtype"])
+def test_op_input_checks(case):
+    q = torch.randn(2, 1, 1, 4, device=DEVICE)
+    k = torch.randn(2, 3, 1, 4, device=DEVICE)
+    v = torch.randn(2, 3, 1, 2, device=DEVICE)
+    kj = torch.randn(5, 1, 4, device=DEVICE)
+    vj = torch.randn(5, 1, 2, device=DEVICE)
+    offs = torch.tensor([0, 2, 5], device=DEVICE)
+    lens = torch.tensor([1, 3], device=DEVICE)
+    mask = torch.ones(2, 3, dtype=torch.bool, device=DEVICE)
+    ops = _ops()
+    lse = torch.zeros(2, 1, 1, device=DEVICE)
+    go = torch.zeros(2, 1, 1, 2, device=DEVICE)
+    calls = {
+        "bad_key_shape": (ValueError, lambda: ops.triton_attention_pool_fwd(q, k[:, :, :, :3], v, None, None, 1.0)),
+        "bad_dim": (ValueError, lambda: ops.triton_attention_pool_fwd(
+            torch.randn(2, 1, 1, 300, device=DEVICE), torch.randn(2, 3, 1, 300, device=DEVICE),
+            v, None, None, 1.0)),
+        "lengths_and_mask": (ValueError, lambda: ops.triton_attention_pool_fwd(q, k, v, lens, mask, 1.0)),
+        "bad_lengths": (ValueError if DEVICE == "cpu" else None,
+                        lambda: ops.triton_attention_pool_fwd(q, k, v, lens + 5, None, 1.0)),
+        "mask_dtype": (TypeError, lambda: ops.triton_attention_pool_fwd(q, k, v, None, mask.int(), 1.0)),
+        "offsets_len": (ValueError, lambda: ops.triton_jagged_attention_pool_fwd(q, kj, vj, offs[:2], -1, 1.0)),
+        "offsets_value": (ValueError if DEVICE == "cpu" else None,
+                          lambda: ops.triton_jagged_attention_pool_fwd(q, kj, vj, offs + 1, -1, 1.0)),
+        "max_length": (ValueError, lambda: ops.triton_jagged_attention_pool_fwd(q, kj, vj, offs, -2, 1.0)),
+        "bwd_lse_shape": (ValueError, lambda: ops.triton_attention_pool_bwd(
+            go, q, k, v, lens, None, lse[:1], lse, 1.0)),
+        "bwd_grad_dtype": (TypeError, lambda: ops.triton_jagged_attention_pool_bwd(
+            go.half(), q, kj, vj, offs, -1, lse, lse, 1.0)),
+    }
+    exc, call = calls[case]
+    if exc is None:  # CUDA: value checks are off by default; the kernels clamp instead
+        call()
+    else:
+        with pytest.raises(exc, match="attnkern"):
+            call()
+
+
+def test_op_schemas_match_the_cpp_ops():
+    expected = {
+        "triton_attention_pool_fwd": "(Tensor query, Tensor key, Tensor value, Tensor? lengths, "
+        "Tensor? mask, float scale) -> (Tensor out, Tensor lse)",
+        "triton_attention_pool_bwd": "(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
+        "Tensor? lengths, Tensor? mask, Tensor lse, Tensor delta, float scale) -> "
+        "(Tensor grad_query, Tensor grad_key, Tensor grad_value)",
+        "triton_jagged_attention_pool_fwd": "(Tensor query, Tensor key, Tensor value, "
+        "Tensor offsets, int max_length, float scale) -> (Tensor out, Tensor lse)",
+        "triton_jagged_attention_pool_bwd": "(Tensor grad_out, Tensor query, Tensor key, "
+        "Tensor value, Tensor offsets, int max_length, Tensor lse, Tensor delta, float scale) -> "
+        "(Tensor grad_query, Tensor grad_key, Tensor grad_value)",
+    }
+    for name, sig in expected.items():
+        schema = str(getattr(torch.ops.attnkern, name).default._schema)
+        assert schema == "attnkern::%s%s" % (name, sig)

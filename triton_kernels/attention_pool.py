@@ -1,0 +1,677 @@
+"""Triton kernels of masked attention pooling (target attention), forward and backward.
+
+Each query of a row attends over that row's valid keys and gets one pooled vector
+(SPEC section 1). Canonical layouts (the Python API normalises to them):
+
+    padded: query [B, N, H, Dk], key [B, L, H, Dk], value [B, L, H, Dv],
+            lengths [B] (valid prefix) XOR mask [B, L] bool (True = attend), or neither
+    jagged: query [B, N, H, Dk], key [T, H, Dk], value [T, H, Dv], offsets [B+1]
+
+Kernels:
+    _attention_pool_fwd_kernel        one program per (row, query block, head, split): online
+                                      softmax over the row's K/V tiles; writes (out, lse), or
+                                      with several splits a partial (o, lse) per split
+    _attention_pool_combine_kernel    merges the split partials (flash-decoding style)
+    _attention_pool_bwd_dq_kernel     dq, one program per (row, query block, head)
+    _attention_pool_bwd_dkdv_kernel   dk/dv, one program per (row, L tile, head) looping over
+                                      every query of the row: deterministic, no atomics
+
+Row bounds are clamped in-kernel (lengths to [0, L]; offsets to [0, T], end >= start, and
+end <= start + max_length when max_length >= 0), so no launch can read out of bounds whatever
+the index values are. Launchers `attention_pool_fwd` / `attention_pool_bwd` take canonical
+tensors with any strides.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Layout codes (constexpr LAYOUT of every kernel).
+DENSE, LENGTHS, MASKED, JAGGED = 0, 1, 2, 3
+
+# Queries per program at or below which the kernels use broadcast-multiply-and-sum instead of
+# tl.dot: tl.dot needs M, N, K >= 16 on the GPU, and padding one query to 16 rows wastes the
+# arithmetic of the (memory-bound) single-candidate case.
+SMALL_N = 4
+
+# The split-L heuristic pretends this many SMs when there is no GPU (the interpreter).
+INTERPRET_SM_COUNT = 8
+# A split streams at least this many positions, so that its partial write stays cheap.
+MIN_SPLIT_LEN = 256
+MAX_SPLITS = 64
+
+
+def interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT: tl.constexpr):
+    """[start, end) of row b's key positions, clamped to [0, L] (L = T for jagged)."""
+    if LAYOUT == 1:
+        start = (b * 0).to(tl.int64)
+        n = tl.load(IDX + b * stride_idx).to(tl.int64)
+        end = tl.minimum(tl.maximum(n, 0), L)
+    elif LAYOUT == 3:
+        lo = tl.load(IDX + b * stride_idx).to(tl.int64)
+        hi = tl.load(IDX + (b + 1) * stride_idx).to(tl.int64)
+        start = tl.minimum(tl.maximum(lo, 0), L)
+        end = tl.minimum(tl.maximum(hi, start), L)
+        if MAX_LEN >= 0:
+            end = tl.minimum(end, start + MAX_LEN)
+    else:
+        start = (b * 0).to(tl.int64)
+        end = (b * 0 + L).to(tl.int64)
+    return start, end
+
+
+@triton.jit
+def _mm(a, b, USE_DOT: tl.constexpr):
+    """a [M, K] @ b [K, N] in float32. Broadcast-and-sum for tiny M (no 16-row minimum)."""
+    if USE_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
+@triton.jit
+def _attention_pool_fwd_kernel(
+    Q, K, V, IDX, MASK, OUT, LSE,
+    scale_log2,
+    stride_qb, stride_qn, stride_qh, stride_qd,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vh, stride_vd,
+    stride_idx, stride_mb, stride_ml,
+    stride_os, stride_ob, stride_on, stride_oh, stride_od,
+    stride_ls, stride_lb, stride_ln, stride_lh,
+    N, L, MAX_LEN, NUM_SPLITS, DK, DV,
+    N_KEY,  # autotune key only: power-of-two bucket of N
+    LAYOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    USE_DOT: tl.constexpr,
+):
+    num_qblocks = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // num_qblocks
+    qb = pid % num_qblocks
+    h = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
+
+    start, end = _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT)
+    # This split's share of the row, a whole number of tiles (one split: the whole row).
+    chunk = tl.cdiv(tl.cdiv(end - start, NUM_SPLITS), BLOCK_L) * BLOCK_L
+    lo = start + split * chunk
+    hi = tl.minimum(lo + chunk, end)
+
+    offs_n = qb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_l = tl.arange(0, BLOCK_L)
+    n_ok = offs_n < N
+
+    # Phase 1: the query block, loaded once; all its queries share each K/V tile below.
+    q_ptrs = (Q + b * stride_qb + h * stride_qh
+              + offs_n[:, None].to(tl.int64) * stride_qn + offs_dk[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0).to(tl.float32)
+
+    m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    # Phase 2: stream the valid K/V tiles with an online softmax in base 2 (log2(e) is folded
+    # into scale_log2). Running max m_i; a tile that is all masked so far keeps m_i = -inf,
+    # and shifting by 0 then keeps exp2 free of (-inf) - (-inf).
+    num_tiles = tl.cdiv(hi - lo, BLOCK_L)
+    for t in range(0, num_tiles):
+        pos = lo + t * BLOCK_L + offs_l
+        valid = pos < hi
+        if LAYOUT == 2:
+            keep = tl.load(MASK + b * stride_mb + pos * stride_ml, mask=valid, other=0)
+            valid = valid & (keep != 0)
+        k = tl.load(k_base + pos[:, None] * stride_kl + offs_dk[None, :] * stride_kd,
+                    mask=valid[:, None] & (offs_dk[None, :] < DK), other=0.0).to(tl.float32)
+        v = tl.load(v_base + pos[:, None] * stride_vl + offs_dv[None, :] * stride_vd,
+                    mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+        s = _mm(q, tl.trans(k), USE_DOT) * scale_log2
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _mm(p, v, USE_DOT)
+        m_i = m_new
+
+    # Phase 3: normalise; an empty row (or split) gives o = 0 and lse = -inf exactly.
+    nonempty = l_i > 0.0
+    inv_l = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)
+    o = acc * inv_l[:, None]
+    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    o_ptrs = (OUT + split * stride_os + b * stride_ob + h * stride_oh
+              + offs_n[:, None].to(tl.int64) * stride_on + offs_dv[None, :] * stride_od)
+    tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < DV))
+    lse_ptrs = LSE + split * stride_ls + b * stride_lb + h * stride_lh + offs_n.to(tl.int64) * stride_ln
+    tl.store(lse_ptrs, lse, mask=n_ok)
+
+
+@triton.jit
+def _attention_pool_combine_kernel(
+    PART_O, PART_LSE, OUT, LSE,
+    stride_ps, stride_pb, stride_pn, stride_ph, stride_pd,
+    stride_qs, stride_qb, stride_qn, stride_qh,
+    stride_ob, stride_on, stride_oh, stride_od,
+    stride_lb, stride_ln, stride_lh,
+    N, NUM_SPLITS, DV,
+    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """out = sum_s exp(lse_s - lse) o_s, lse = logsumexp_s lse_s, per (row, query, head)."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // N
+    n = pid % N
+    h = tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    s_ok = offs_s < NUM_SPLITS
+
+    lse_s = tl.load(PART_LSE + offs_s.to(tl.int64) * stride_qs + b * stride_qb + n * stride_qn
+                    + h * stride_qh, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse_s, axis=0)
+    # Every split empty: the row is empty, out = 0 and lse = -inf.
+    m_shift = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2((lse_s - m_shift) * 1.4426950408889634)
+    w_sum = tl.sum(w, axis=0)
+    nonempty = w_sum > 0.0
+    w = w / tl.where(nonempty, w_sum, 1.0)
+    o_s = tl.load(PART_O + offs_s[:, None].to(tl.int64) * stride_ps + b * stride_pb
+                  + n * stride_pn + h * stride_ph + offs_dv[None, :] * stride_pd,
+                  mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    o = tl.sum(o_s * w[:, None], axis=0)
+    lse = tl.where(nonempty, m_shift + tl.log(tl.where(nonempty, w_sum, 1.0)), float("-inf"))
+    tl.store(OUT + b * stride_ob + n * stride_on + h * stride_oh + offs_dv * stride_od,
+             o.to(OUT.dtype.element_ty), mask=offs_dv < DV)
+    tl.store(LSE + b * stride_lb + n * stride_ln + h * stride_lh, lse)
+
+
+@triton.jit
+def _attention_pool_bwd_dq_kernel(
+    Q, K, V, IDX, MASK, DO, LSE, DELTA, DQ,
+    scale, scale_log2,
+    stride_qb, stride_qn, stride_qh, stride_qd,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vh, stride_vd,
+    stride_idx, stride_mb, stride_ml,
+    stride_gb, stride_gn, stride_gh, stride_gd,
+    stride_lb, stride_ln, stride_lh,
+    stride_db, stride_dn, stride_dh,
+    stride_dqb, stride_dqn, stride_dqh, stride_dqd,
+    N, L, MAX_LEN, DK, DV,
+    N_KEY,
+    LAYOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    USE_DOT: tl.constexpr,
+):
+    """dq = scale * sum_l p_l (dO.v_l - delta) k_l, p recomputed from the saved lse."""
+    num_qblocks = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // num_qblocks
+    qb = pid % num_qblocks
+    h = tl.program_id(1).to(tl.int64)
+    start, end = _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT)
+
+    offs_n = qb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_l = tl.arange(0, BLOCK_L)
+    n_ok = offs_n < N
+    offs_n64 = offs_n.to(tl.int64)
+
+    # Phase 1: per-query operands. An empty row has lse = -inf; shifting by 0 there keeps
+    # p = exp2(-inf) = 0 instead of exp2(-inf + inf) = NaN.
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_n64[:, None] * stride_qn
+                + offs_dk[None, :] * stride_qd,
+                mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_gb + h * stride_gh + offs_n64[:, None] * stride_gn
+                 + offs_dv[None, :] * stride_gd,
+                 mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_n64 * stride_ln, mask=n_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    delta = tl.load(DELTA + b * stride_db + h * stride_dh + offs_n64 * stride_dn, mask=n_ok, other=0.0)
+
+    dq = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    # Phase 2: stream the row's K/V tiles, recomputing p and accumulating ds @ K.
+    num_tiles = tl.cdiv(end - start, BLOCK_L)
+    for t in range(0, num_tiles):
+        pos = start + t * BLOCK_L + offs_l
+        valid = pos < end
+        if LAYOUT == 2:
+            keep = tl.load(MASK + b * stride_mb + pos * stride_ml, mask=valid, other=0)
+            valid = valid & (keep != 0)
+        k = tl.load(k_base + pos[:, None] * stride_kl + offs_dk[None, :] * stride_kd,
+                    mask=valid[:, None] & (offs_dk[None, :] < DK), other=0.0).to(tl.float32)
+        v = tl.load(v_base + pos[:, None] * stride_vl + offs_dv[None, :] * stride_vd,
+                    mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+        s = _mm(q, tl.trans(k), USE_DOT) * scale_log2
+        s = tl.where(valid[None, :], s, float("-inf"))
+        p = tl.exp2(s - lse2[:, None])
+        dp = _mm(do, tl.trans(v), USE_DOT)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds, k, USE_DOT)
+
+    dq = dq * scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_n64[:, None] * stride_dqn
+             + offs_dk[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_dk[None, :] < DK))
+
+
+@triton.jit
+def _attention_pool_bwd_dkdv_kernel(
+    Q, K, V, IDX, MASK, DO, LSE, DELTA, DK_OUT, DV_OUT,
+    scale, scale_log2,
+    stride_qb, stride_qn, stride_qh, stride_qd,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vh, stride_vd,
+    stride_idx, stride_mb, stride_ml,
+    stride_gb, stride_gn, stride_gh, stride_gd,
+    stride_lb, stride_ln, stride_lh,
+    stride_db, stride_dn, stride_dh,
+    stride_dkb, stride_dkl, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvl, stride_dvh, stride_dvd,
+    N, L, MAX_LEN, GRID_LEN, DK, DV,
+    N_KEY,
+    LAYOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    USE_DOT: tl.constexpr,
+):
+    """dk/dv of one L tile of one row: loops over all N queries, so no two programs ever
+    write the same position (deterministic, no atomics). Positions that take part in no row
+    are never written: the launcher zero-fills the outputs."""
+    tiles_per_row = tl.cdiv(GRID_LEN, BLOCK_L)
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // tiles_per_row
+    tile = pid % tiles_per_row
+    h = tl.program_id(1).to(tl.int64)
+    start, end = _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT)
+    lo = start + tile * BLOCK_L
+    if lo >= end:
+        return
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    pos = lo + tl.arange(0, BLOCK_L)
+    valid = pos < end
+    if LAYOUT == 2:
+        keep = tl.load(MASK + b * stride_mb + pos * stride_ml, mask=valid, other=0)
+        valid = valid & (keep != 0)
+
+    # Phase 1: this tile's K/V, loaded once for all queries.
+    k = tl.load(K + b * stride_kb + h * stride_kh + pos[:, None] * stride_kl
+                + offs_dk[None, :] * stride_kd,
+                mask=valid[:, None] & (offs_dk[None, :] < DK), other=0.0).to(tl.float32)
+    v = tl.load(V + b * stride_vb + h * stride_vh + pos[:, None] * stride_vl
+                + offs_dv[None, :] * stride_vd,
+                mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+
+    dk = tl.zeros([BLOCK_L, BLOCK_DK], tl.float32)
+    dv = tl.zeros([BLOCK_L, BLOCK_DV], tl.float32)
+    # Phase 2: loop over the row's queries in blocks, in a fixed order.
+    for n0 in range(0, N, BLOCK_N):
+        qn = n0 + offs_n
+        n_ok = qn < N
+        qn64 = qn.to(tl.int64)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + qn64[:, None] * stride_qn
+                    + offs_dk[None, :] * stride_qd,
+                    mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0).to(tl.float32)
+        do = tl.load(DO + b * stride_gb + h * stride_gh + qn64[:, None] * stride_gn
+                     + offs_dv[None, :] * stride_gd,
+                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+        lse = tl.load(LSE + b * stride_lb + h * stride_lh + qn64 * stride_ln, mask=n_ok, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+        delta = tl.load(DELTA + b * stride_db + h * stride_dh + qn64 * stride_dn, mask=n_ok,
+                        other=0.0)
+        s = _mm(q, tl.trans(k), USE_DOT) * scale_log2
+        s = tl.where(n_ok[:, None] & valid[None, :], s, float("-inf"))
+        p = tl.exp2(s - lse2[:, None])
+        dv += _mm(tl.trans(p), do, USE_DOT)
+        dp = _mm(do, tl.trans(v), USE_DOT)
+        ds = p * (dp - delta[:, None])
+        dk += _mm(tl.trans(ds), q, USE_DOT)
+
+    # Phase 3: write the valid positions of the tile.
+    dk = dk * scale
+    tl.store(DK_OUT + b * stride_dkb + h * stride_dkh + pos[:, None] * stride_dkl
+             + offs_dk[None, :] * stride_dkd, dk.to(DK_OUT.dtype.element_ty),
+             mask=valid[:, None] & (offs_dk[None, :] < DK))
+    tl.store(DV_OUT + b * stride_dvb + h * stride_dvh + pos[:, None] * stride_dvl
+             + offs_dv[None, :] * stride_dvd, dv.to(DV_OUT.dtype.element_ty),
+             mask=valid[:, None] & (offs_dv[None, :] < DV))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tile choices and autotuning
+# ----------------------------------------------------------------------------------------------
+
+
+def head_block(d: int) -> int:
+    """Power-of-two block holding a head dim, at least 16 (tl.dot's minimum K/N)."""
+    return max(16, triton.next_power_of_2(int(d)))
+
+
+def query_block(n: int) -> int:
+    """Queries per program: the exact power of two up to SMALL_N (broadcast path), else a
+    tl.dot block of 16..64 rows."""
+    if n <= SMALL_N:
+        return triton.next_power_of_2(max(int(n), 1))
+    if n <= 16:
+        return 16
+    return 32 if n <= 32 else 64
+
+
+def n_key(n: int) -> int:
+    """Autotune key of the query count: its power-of-two bucket (no retune for every N)."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+# The broadcast path materialises [BLOCK_N, BLOCK_L, BLOCK_D] in registers: keep it bounded.
+_BROADCAST_ELEMS = 16384
+# Fixed interpreter config: small tiles so that block-boundary lengths are cheap to test.
+INTERPRET_BLOCK_L = 16
+
+
+def _fits(block_n, block_l, block_dk, block_dv, dtype_bytes=4):
+    d = max(block_dk, block_dv)
+    if block_n <= SMALL_N:
+        return block_n * block_l * d <= _BROADCAST_ELEMS
+    # K and V tiles (+ pipelining) must fit in shared memory; stay well under 228 KB.
+    return block_l * (block_dk + block_dv) * dtype_bytes <= 64 * 1024
+
+
+def _configs(block_ls, warps, stages):
+    return [
+        triton.Config({"BLOCK_L": bl}, num_warps=w, num_stages=s)
+        for bl in block_ls for w in warps for s in stages
+    ]
+
+
+# A100/H100/H200-class candidates; pruned per call to those that fit the head dims and BLOCK_N.
+FWD_CONFIGS = _configs((16, 32, 64, 128), (2, 4, 8), (2, 3))
+BWD_CONFIGS = _configs((16, 32, 64), (4, 8), (2, 3))
+AUTOTUNE_KEY = ["DK", "DV", "N_KEY"]  # Triton adds every tensor argument's dtype to the key
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Drops configs whose tiles do not fit the head dims / query block; keeps at least one."""
+    bn = named_args.get("BLOCK_N", kwargs.get("BLOCK_N"))
+    bdk = named_args.get("BLOCK_DK", kwargs.get("BLOCK_DK"))
+    bdv = named_args.get("BLOCK_DV", kwargs.get("BLOCK_DV"))
+    kept = [c for c in configs if _fits(bn, c.kwargs["BLOCK_L"], bdk, bdv)]
+    if kept:
+        return kept
+    return [min(configs, key=lambda c: (c.kwargs["BLOCK_L"], c.num_warps))]
+
+
+_PRUNE = {"early_config_prune": prune_configs}
+_fwd_tuned = triton.autotune(FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_PRUNE)(
+    _attention_pool_fwd_kernel)
+_dq_tuned = triton.autotune(BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_PRUNE)(
+    _attention_pool_bwd_dq_kernel)
+_dkdv_tuned = triton.autotune(BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_PRUNE)(
+    _attention_pool_bwd_dkdv_kernel)
+
+
+def default_block_l(block_n, block_dk, block_dv):
+    """Untuned BLOCK_L: the largest of 64/32/16 that fits (CUDA with autotune off)."""
+    for bl in (64, 32, 16):
+        if _fits(block_n, bl, block_dk, block_dv):
+            return bl
+    return 16
+
+
+def _use_autotune(device: torch.device) -> bool:
+    return (device.type == "cuda" and not interpret_mode()
+            and os.environ.get("ATTNKERN_TRITON_AUTOTUNE", "1") not in ("", "0"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Split-L heuristic
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of the device; a fixed pretend count when the kernels run on CPU (interpreter)."""
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return INTERPRET_SM_COUNT
+
+
+def choose_num_splits(programs: int, row_len: int, num_sms: int) -> int:
+    """Splits of each row's history for the forward (flash-decoding).
+
+    programs = rows x query blocks x heads. When they already fill the GPU (>= one wave),
+    or the history is short, one split. Otherwise enough splits to fill about two waves,
+    each split streaming at least MIN_SPLIT_LEN positions.
+    """
+    if programs <= 0 or programs >= num_sms:
+        return 1
+    want = triton.cdiv(2 * num_sms, programs)
+    most = row_len // MIN_SPLIT_LEN
+    return int(max(1, min(want, most, MAX_SPLITS)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _layout_args(key, lengths, mask, offsets, max_length):
+    """(LAYOUT, IDX tensor, stride_idx, MASK tensor (uint8 view), mask strides, MAX_LEN, L,
+    is_jagged) for the kernels. Unused pointers get a valid dummy (never read)."""
+    if offsets is not None:
+        return JAGGED, offsets, offsets.stride(0), key, (0, 0), int(max_length), key.shape[0], True
+    L = key.shape[1]
+    if mask is not None:
+        m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        return MASKED, m, 0, m, (m.stride(0), m.stride(1)), -1, L, False
+    if lengths is not None:
+        return LENGTHS, lengths, lengths.stride(0), key, (0, 0), -1, L, False
+    return DENSE, key, 0, key, (0, 0), -1, L, False
+
+
+def _kv_strides(t, jagged):
+    """(stride_b, stride_l, stride_h, stride_d) of a padded [B, L, H, D] or jagged [T, H, D]."""
+    if jagged:
+        return 0, t.stride(0), t.stride(1), t.stride(2)
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _jagged_grid_len(offsets, T, max_length):
+    """Longest row to size the dk/dv grid: max_length when given (no sync), else read."""
+    if max_length >= 0:
+        return min(int(max_length), T)
+    if offsets.numel() <= 1:
+        return 0
+    o = offsets.to(torch.int64).clamp(0, T)
+    return int((o[1:] - o[:-1]).clamp_min(0).max().item())
+
+
+def attention_pool_fwd(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lengths: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    offsets: Optional[torch.Tensor] = None,
+    max_length: int = -1,
+    scale: Optional[float] = None,
+    *,
+    num_splits: Optional[int] = None,
+    block_l: Optional[int] = None,
+):
+    """Forward launcher on canonical tensors (any strides). Returns (out [B, N, H, Dv] in the
+    query dtype, contiguous; lse [B, N, H] float32). An empty row gives out = 0, lse = -inf.
+
+    num_splits: None = the split-L heuristic, or a forced number of splits (>= 1).
+    block_l: None = autotuned on CUDA / INTERPRET_BLOCK_L under the interpreter, else fixed.
+    Inputs are assumed checked for shapes/dtypes; index values are clamped in-kernel.
+    """
+    B, N, H, Dk = query.shape
+    Dv = value.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(Dk)
+    out = torch.empty((B, N, H, Dv), dtype=query.dtype, device=query.device)
+    lse = torch.empty((B, N, H), dtype=torch.float32, device=query.device)
+    if B == 0:
+        return out, lse
+    layout, idx, stride_idx, mk, (stride_mb, stride_ml), max_len, L, jagged = _layout_args(
+        key, lengths, mask, offsets, max_length)
+
+    block_n = query_block(N)
+    block_dk, block_dv = head_block(Dk), head_block(Dv)
+    qblocks = triton.cdiv(N, block_n)
+    programs = B * qblocks * H
+    if num_splits is None:
+        row_len = L if not jagged else (max_len if max_len >= 0 else triton.cdiv(L, B))
+        num_splits = choose_num_splits(programs, row_len, sm_count(query.device))
+    num_splits = max(1, int(num_splits))
+
+    if num_splits == 1:
+        o_buf, l_buf = out, lse
+        so = (0,) + tuple(out.stride())
+        sl = (0,) + tuple(lse.stride())
+    else:
+        o_buf = torch.empty((num_splits, B, N, H, Dv), dtype=torch.float32, device=query.device)
+        l_buf = torch.empty((num_splits, B, N, H), dtype=torch.float32, device=query.device)
+        so, sl = o_buf.stride(), l_buf.stride()
+
+    args = (
+        query, key, value, idx, mk, o_buf, l_buf,
+        float(scale) * LOG2E,
+        *query.stride(), *_kv_strides(key, jagged), *_kv_strides(value, jagged),
+        stride_idx, stride_mb, stride_ml,
+        *so, *sl,
+        N, L, max_len, num_splits, Dk, Dv, n_key(N),
+    )
+    meta = dict(LAYOUT=layout, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+                USE_DOT=block_n > SMALL_N)
+    grid = (B * qblocks, H, num_splits)
+    if block_l is None and _use_autotune(query.device):
+        _fwd_tuned[grid](*args, **meta)
+    else:
+        if block_l is None:
+            block_l = INTERPRET_BLOCK_L if interpret_mode() else default_block_l(block_n, block_dk, block_dv)
+        _attention_pool_fwd_kernel[grid](*args, **meta, BLOCK_L=block_l)
+
+    if num_splits > 1:
+        attention_pool_combine(o_buf, l_buf, out, lse)
+    return out, lse
+
+
+def attention_pool_combine(part_o: torch.Tensor, part_lse: torch.Tensor,
+                           out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Merges split partials part_o [S, B, N, H, Dv] / part_lse [S, B, N, H] (each split's own
+    normalised output and log-sum-exp, -inf for an empty split) into out / lse in place."""
+    S, B, N, H, Dv = part_o.shape
+    if B == 0 or N == 0 or H == 0:
+        return
+    grid = (B * N, H)
+    _attention_pool_combine_kernel[grid](
+        part_o, part_lse, out, lse,
+        *part_o.stride(), *part_lse.stride(), *out.stride(), *lse.stride(),
+        N, S, Dv,
+        BLOCK_S=triton.next_power_of_2(S), BLOCK_DV=triton.next_power_of_2(Dv),
+    )
+
+
+def attention_pool_bwd(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    lengths: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    offsets: Optional[torch.Tensor] = None,
+    max_length: int = -1,
+    scale: Optional[float] = None,
+    *,
+    block_l: Optional[int] = None,
+):
+    """Backward launcher: (grad_query, grad_key, grad_value), new contiguous tensors with the
+    shapes/dtypes of query/key/value, exactly zero at every position of no row.
+
+    delta [B, N, H] float32 = sum_d(grad_out * out) - grad_lse; lse from the forward."""
+    B, N, H, Dk = query.shape
+    Dv = value.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(Dk)
+    dq = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    dk = torch.zeros(key.shape, dtype=key.dtype, device=key.device)
+    dv = torch.zeros(value.shape, dtype=value.dtype, device=value.device)
+    if B == 0:
+        return dq, dk, dv
+    layout, idx, stride_idx, mk, (stride_mb, stride_ml), max_len, L, jagged = _layout_args(
+        key, lengths, mask, offsets, max_length)
+
+    block_n = query_block(N)
+    block_dk, block_dv = head_block(Dk), head_block(Dv)
+    qblocks = triton.cdiv(N, block_n)
+    meta = dict(LAYOUT=layout, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+                USE_DOT=block_n > SMALL_N)
+    tuned = block_l is None and _use_autotune(query.device)
+    if block_l is None and not tuned:
+        block_l = INTERPRET_BLOCK_L if interpret_mode() else default_block_l(block_n, block_dk, block_dv)
+    fixed = {} if tuned else {"BLOCK_L": block_l}
+
+    common = (
+        float(scale), float(scale) * LOG2E,
+        *query.stride(), *_kv_strides(key, jagged), *_kv_strides(value, jagged),
+        stride_idx, stride_mb, stride_ml,
+        *grad_out.stride(), *lse.stride(), *delta.stride(),
+    )
+    # dq: one program per (row, query block, head).
+    dq_args = (query, key, value, idx, mk, grad_out, lse, delta, dq, *common,
+               *dq.stride(), N, L, max_len, Dk, Dv, n_key(N))
+    dq_grid = (B * qblocks, H)
+    (_dq_tuned if tuned else _attention_pool_bwd_dq_kernel)[dq_grid](*dq_args, **meta, **fixed)
+
+    # dk/dv: one program per (row, L tile, head).
+    row_len = _jagged_grid_len(offsets, L, max_len) if jagged else L
+    if row_len > 0:
+        def dkdv_grid(m):
+            return (B * triton.cdiv(row_len, m["BLOCK_L"]), H)
+
+        dkdv_args = (query, key, value, idx, mk, grad_out, lse, delta, dk, dv, *common,
+                     *_kv_strides(dk, jagged), *_kv_strides(dv, jagged),
+                     N, L, max_len, row_len, Dk, Dv, n_key(N))
+        (_dkdv_tuned if tuned else _attention_pool_bwd_dkdv_kernel)[dkdv_grid](
+            *dkdv_args, **meta, **fixed)
+    return dq, dk, dv
