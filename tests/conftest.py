@@ -15,8 +15,10 @@ from attnkern.reference import attention_pool_ref  # noqa: E402
 
 # Fallback tolerances (absolute, relative to the oracle's magnitude): the floor added to the
 # "2x the reference's own error in the same precision" rule.
+# float64: the fused backward recomputes probabilities from the saved lse, which the contract
+# makes float32, so float64 gradients are good to ~1e-7 relative, not 1e-15.
 FALLBACK_TOL = {
-    torch.float64: 1e-9,
+    torch.float64: 1e-6,
     torch.float32: 2e-5,
     torch.float16: 2e-3,
     torch.bfloat16: 1.6e-2,
@@ -99,6 +101,23 @@ def _scale_of(t):
     return max(1.0, t.double().abs().max().item())
 
 
+def unused_positions(key, kwargs):
+    """Bool mask over key's leading dims ([B, L] padded, [T] jagged): positions that take part
+    in no row, where grad_key / grad_value must be exactly zero."""
+    if "offsets" in kwargs:
+        off = kwargs["offsets"].long().cpu()
+        covered = torch.zeros(key.shape[0], dtype=torch.bool)
+        for b in range(off.numel() - 1):
+            covered[off[b]:off[b + 1]] = True
+        return ~covered
+    B, L = key.shape[0], key.shape[1]
+    if kwargs.get("mask") is not None:
+        return ~kwargs["mask"].cpu()
+    if kwargs.get("lengths") is not None:
+        return torch.arange(L)[None, :] >= kwargs["lengths"].long().cpu()[:, None]
+    return torch.zeros(B, L, dtype=torch.bool)
+
+
 def _call(backend, args, kwargs, grad_out):
     leaves = [a.detach().clone().requires_grad_(True) for a in args]
     out, lse = attnkern.attention_pool(*leaves, **kwargs, return_lse=True, backend=backend)
@@ -107,10 +126,14 @@ def _call(backend, args, kwargs, grad_out):
     return out, lse, grads
 
 
-def check_backend(backend, args, kwargs, *, grads=True, seed=1):
+def check_backend(backend, args, kwargs, *, grads=True, seed=1, max_logit=0.0):
     """The shared property check: `backend` on `args` against the float64 reference, forward
     (out, lse) and all three gradients, within the low-precision tolerance rule. Also checks:
-    no NaN/Inf, exact zeros for empty rows and at positions that take part in no row."""
+    no NaN/Inf, exact zeros for empty rows and at positions that take part in no row.
+
+    max_logit: the largest |scale * q.k| of the problem. Any kernel that recomputes the logits in
+    float32 (and stores lse in float32) differs from the reference by ~|logit| * eps there, so
+    the floor grows with it."""
     dtype = args[0].dtype
     g = torch.Generator().manual_seed(seed)
     out_shape = list(args[0].shape[:-1]) + [args[2].shape[-1]]
@@ -126,7 +149,7 @@ def check_backend(backend, args, kwargs, *, grads=True, seed=1):
 
     assert out.dtype == dtype and out.shape == out64.shape
     assert lse.dtype == torch.float32 and lse.shape == lse64.shape
-    tol = FALLBACK_TOL[dtype]
+    tol = FALLBACK_TOL[dtype] + 8 * max_logit * torch.finfo(torch.float32).eps
 
     def close(name, got, lp, ref):
         assert torch.isfinite(got).all(), "%s has NaN/Inf" % name
@@ -148,13 +171,12 @@ def check_backend(backend, args, kwargs, *, grads=True, seed=1):
     if empty.any():
         assert (out.double()[empty] == 0).all(), "empty rows must give out = 0"
     if grads:
+        unused = unused_positions(args[1], kwargs)
         for name, got, lp, ref in zip(("grad_query", "grad_key", "grad_value"), gr, g_lp, g64):
             assert got.shape == ref.shape and got.dtype == dtype
             close(name, got, lp, ref)
-            # exact zeros where the oracle's gradient is structurally zero (no row uses it)
-            structural = ref == 0
-            if name != "grad_query":
-                assert (got[structural] == 0).all(), "%s must be exactly 0 where unused" % name
+            if name != "grad_query":  # exact zeros at positions that take part in no row
+                assert (got.cpu()[unused] == 0).all(), "%s must be exactly 0 where unused" % name
         qg = gr[0]
         if empty.any():
             assert (qg.double()[empty] == 0).all(), "grad_query must be 0 on empty rows"
