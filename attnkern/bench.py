@@ -831,18 +831,20 @@ def main(argv=None) -> int:
         env["threads"]), file=sys.stderr)
 
     records: List[dict] = []
+    tty = sys.stderr.isatty()
     t_all = time.perf_counter()
     for i, case in enumerate(cases, 1):
         t_case = time.perf_counter()
         prefix = "[%*d/%d] %s" % (len(str(len(cases))), i, len(cases), case.id)
 
         def progress(what, prefix=prefix):
-            print("\r\033[K%s: %s" % (prefix, what), end="", file=sys.stderr, flush=True)
+            if tty:  # a live status line; a log gets the one "done" line per case
+                print("\r\033[K%s: %s" % (prefix, what), end="", file=sys.stderr, flush=True)
 
         setup = setup_case(case, device)
         records.extend(run_case(setup, providers, env, budget_s=budget, progress=progress))
-        print("\r\033[K%s: done in %.1fs" % (prefix, time.perf_counter() - t_case), file=sys.stderr,
-              flush=True)
+        print("%s%s: done in %.1fs" % ("\r\033[K" if tty else "", prefix, time.perf_counter() - t_case),
+              file=sys.stderr, flush=True)
         del setup
     elapsed = time.perf_counter() - t_all
 
