@@ -553,8 +553,10 @@ def run_case(setup: CaseSetup, providers: Sequence[str], env: dict, *, budget_s:
     device = setup.inputs.device
     say = progress or (lambda msg: None)
     say("limit")
-    lim = statistics.median(time_call(setup.callable("limit"), device, budget_s=budget_s))
-    records = [_record(setup, env, "limit", status="ok", median_ms=lim * 1e3, bytes=setup.nbytes,
+    lim_times = time_call(setup.callable("limit"), device, budget_s=budget_s)
+    lim = statistics.median(lim_times)
+    records = [_record(setup, env, "limit", status="ok", median_ms=lim * 1e3,
+                       min_ms=min(lim_times) * 1e3, reps=len(lim_times), bytes=setup.nbytes,
                        gbps=setup.nbytes / lim / 1e9, frac_of_limit=1.0,
                        method="d2d copy" if device.type == "cuda" else "sum (read once)")]
     for p in providers:
@@ -772,6 +774,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder for bench.json, bench.csv, bench.md, bench.png")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for the run (default: torch's default)")
+    p.add_argument("--cold-compile", action="store_true",
+                   help="disable torch.compile's on-disk caches, so that compile_s is a cold "
+                        "compile (default: torch's defaults, warm after the first run)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     return p
 
@@ -797,6 +802,12 @@ def main(argv=None) -> int:
             print("attnkern bench: --threads must be >= 1, got %d" % args.threads, file=sys.stderr)
             return 2
         torch.set_num_threads(args.threads)
+    if args.cold_compile:
+        from torch._functorch import config as functorch_config
+        from torch._inductor import config as inductor_config
+
+        inductor_config.fx_graph_cache = False
+        functorch_config.enable_autograd_cache = False
     budget = args.budget if args.budget is not None else (1.0 if args.full else 0.25)
     cases = select_cases(args)
     wanted = args.providers or list(PROVIDERS)
@@ -808,6 +819,7 @@ def main(argv=None) -> int:
         elif args.providers or p not in ("flex",) or device.type == "cuda":
             print("attnkern bench: skipping %s: %s" % (p, why), file=sys.stderr)
     env = environment(device)
+    env["compile_cache"] = "off" if args.cold_compile else "default"
     if env["load_avg"] is not None and env["load_avg"] > 0.5 * (os.cpu_count() or 1):
         # OpenMP threads spin-wait at every parallel region: on a busy machine a multi-threaded
         # kernel (torch.compile's C++ code above all) can be slowed many times over.
@@ -819,18 +831,20 @@ def main(argv=None) -> int:
         env["threads"]), file=sys.stderr)
 
     records: List[dict] = []
+    tty = sys.stderr.isatty()
     t_all = time.perf_counter()
     for i, case in enumerate(cases, 1):
         t_case = time.perf_counter()
         prefix = "[%*d/%d] %s" % (len(str(len(cases))), i, len(cases), case.id)
 
         def progress(what, prefix=prefix):
-            print("\r\033[K%s: %s" % (prefix, what), end="", file=sys.stderr, flush=True)
+            if tty:  # a live status line; a log gets the one "done" line per case
+                print("\r\033[K%s: %s" % (prefix, what), end="", file=sys.stderr, flush=True)
 
         setup = setup_case(case, device)
         records.extend(run_case(setup, providers, env, budget_s=budget, progress=progress))
-        print("\r\033[K%s: done in %.1fs" % (prefix, time.perf_counter() - t_case), file=sys.stderr,
-              flush=True)
+        print("%s%s: done in %.1fs" % ("\r\033[K" if tty else "", prefix, time.perf_counter() - t_case),
+              file=sys.stderr, flush=True)
         del setup
     elapsed = time.perf_counter() - t_all
 
