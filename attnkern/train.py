@@ -1,7 +1,7 @@
 """`attnkern train`: trains TargetAttentionCTR with attention pooling and the sum-pooling
 baseline, on MovieLens (with the `attnkern[data]` extra) or the built-in synthetic data.
 
-    attnkern train --data movielens --pooling attention sum --seed 0 1 2 --epochs 3
+    attnkern train --data movielens --pooling attention sum --seed 0 1 2 3 4 --epochs 4
     torchrun --nproc_per_node 2 -m attnkern train --ddp --data synthetic
 
 Each (pooling, seed) run writes ``<out>/<data>-<pooling>-seed<seed>/``: ``checkpoint.pt``
@@ -47,7 +47,7 @@ class RunConfig:
     pooling: str = "attention"
     seed: int = 0
     backend: str = "auto"
-    epochs: int = 3
+    epochs: int = 5
     batch_size: int = 256  # global (split over DDP processes)
     lr: float = 1e-3  # the command line's default is 1e-2 on the synthetic data
     weight_decay: float = 0.0
