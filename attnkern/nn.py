@@ -92,6 +92,17 @@ class AttentionPooling(nn.Module):
         self.k_proj = nn.Linear(kdim, embed_dim, bias=bias, **factory)
         self.v_proj = nn.Linear(vdim, embed_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.MultiheadAttention's initialisation: Xavier-uniform input projections, zero
+        # biases. The default Linear init is ~1.7x smaller per projection, which starts the
+        # softmax close to uniform (plain mean pooling) and slows learning which items matter.
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.xavier_uniform_(proj.weight)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
 
     def extra_repr(self) -> str:
         return "embed_dim=%d, num_heads=%d, kdim=%d, vdim=%d, backend=%r" % (
