@@ -32,7 +32,7 @@ struct FwdKernelArgs {
 };
 
 template <typename T, int DB, bool ALIGNED, int QG>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     attention_pool_fwd_kernel(const FwdKernelArgs a) {
   using LN = Lanes<T, DB>;
   constexpr int LPK = LN::LPK;
