@@ -29,7 +29,9 @@ struct DkdvKernelArgs {
 };
 
 template <typename T, int DB, bool ALIGNED>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+// 3 blocks/SM (<= 168 registers): the two keys' K, V, dK, dV slices per lane do not fit 128
+// without spilling.
+__global__ void __launch_bounds__(kThreads, 3)
     attention_pool_bwd_dkdv_kernel(const DkdvKernelArgs a) {
   using LN = Lanes<T, DB>;
   constexpr int LPK = LN::LPK;
