@@ -29,7 +29,10 @@ struct DkdvKernelArgs {
 };
 
 template <typename T, int DB, bool ALIGNED>
-__global__ void __launch_bounds__(kThreads) attention_pool_bwd_dkdv_kernel(const DkdvKernelArgs a) {
+// 3 blocks/SM (<= 168 registers): the two keys' K, V, dK, dV slices per lane do not fit 128
+// without spilling.
+__global__ void __launch_bounds__(kThreads, 3)
+    attention_pool_bwd_dkdv_kernel(const DkdvKernelArgs a) {
   using LN = Lanes<T, DB>;
   constexpr int LPK = LN::LPK;
   constexpr int KPS = LN::KPS;
@@ -199,7 +202,13 @@ BwdPlan plan_bwd(const PoolProblem& p, int num_sms) {
   const int64_t work = p.B * p.H * ceil_div(p.N, dq_query_group(p.N));
   plan.dq_splits = choose_splits(work, lmax, num_sms);
   plan.dq_split_block = split_block_for(lmax, plan.dq_splits);
-  const int64_t slots = ceil_div(lmax, dkdv_tile(p));
+  // Enough warps to fill the GPU twice over, no more: a slot past its row's end costs a launch
+  // and a length read, so padded batches of short rows in a long L must not get L / TILE slots.
+  const int64_t target = int64_t(num_sms > 0 ? num_sms : 1) * 128;
+  const int64_t heads = p.B * p.H > 0 ? p.B * p.H : 1;
+  int64_t slots = ceil_div(lmax, dkdv_tile(p));
+  const int64_t fill = ceil_div(target, heads);
+  if (slots > fill) slots = fill;
   plan.kv_tile_slots = slots > 0 ? slots : 1;
   return plan;
 }

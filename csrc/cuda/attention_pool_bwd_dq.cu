@@ -27,7 +27,8 @@ struct DqKernelArgs {
 };
 
 template <typename T, int DB, bool ALIGNED, int QG>
-__global__ void __launch_bounds__(kThreads) attention_pool_bwd_dq_kernel(const DqKernelArgs a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    attention_pool_bwd_dq_kernel(const DqKernelArgs a) {
   using LN = Lanes<T, DB>;
   constexpr int LPK = LN::LPK;
   constexpr int KPS = LN::KPS;

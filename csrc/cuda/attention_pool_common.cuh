@@ -24,6 +24,9 @@ namespace detail {
 
 constexpr int kWarpsPerBlock = 4;
 constexpr int kThreads = 32 * kWarpsPerBlock;
+// At least 16 resident warps per SM for the main kernels (<= 128 registers a thread): these
+// kernels are bound by memory latency, so occupancy matters more than a few spared registers.
+constexpr int kMinBlocksPerSM = 4;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;

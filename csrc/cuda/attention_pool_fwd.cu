@@ -32,15 +32,16 @@ struct FwdKernelArgs {
 };
 
 template <typename T, int DB, bool ALIGNED, int QG>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     attention_pool_fwd_kernel(const FwdKernelArgs a) {
   using LN = Lanes<T, DB>;
   constexpr int LPK = LN::LPK;
   constexpr int KPS = LN::KPS;
   constexpr int EPL = LN::EPL;
   // Keys per group per pass: enough 16-byte loads in flight to cover HBM latency without
-  // spilling (the K and V slices of U keys live in registers).
-  constexpr int U = EPL <= 4 ? 4 : 2;
+  // spilling under the 128-register cap (the K and V slices of U keys live in registers; with
+  // 4 queries of 8 elements a lane, q and acc already take 64).
+  constexpr int U = EPL <= 4 ? 4 : (QG >= 4 ? 1 : 2);
 
   const PoolProblem& p = a.p;
   const int lane = threadIdx.x & 31;
