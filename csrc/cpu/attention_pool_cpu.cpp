@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "attention_pool.h"
+#include "host_buffers.h"
 #include "kernel_common.h"
 
 namespace attnkern {
@@ -401,8 +402,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_common(const at::Tensor& grad
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor delta = delta_in.contiguous();
   at::Tensor gq = at::empty(q.sizes(), q.options());
-  at::Tensor gk = at::empty(k.sizes(), k.options());
-  at::Tensor gv = at::empty(v.sizes(), v.options());
+  at::Tensor gk = empty_output(k.sizes(), k.options());
+  at::Tensor gv = empty_output(v.sizes(), v.options());
   if (d.B == 0) {
     gk.zero_();
     gv.zero_();
