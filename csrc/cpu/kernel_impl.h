@@ -89,6 +89,20 @@ inline void block_axpy_rows(typename V::A* y, const typename V::A* w, const T* c
   }
 }
 
+
+// Software prefetch of the K/V rows of the next block: rows of one history are contiguous but
+// short, and each new row (or mask gap) restarts the hardware prefetchers.
+template <class T>
+inline void prefetch_block(const Span& s, int64_t i0, const T* base, int64_t stride_l, int64_t D) {
+  constexpr int W = 16;
+  const int64_t i1 = s.count < i0 + W ? s.count : i0 + W;
+  const int64_t bytes = D * int64_t(sizeof(T));
+  for (int64_t i = i0; i < i1; ++i) {
+    const char* r = reinterpret_cast<const char*>(base + (s.start + (s.idx ? int64_t(s.idx[i]) : i)) * stride_l);
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(r + o, 0, 3);
+  }
+}
+
 template <class V, class T>
 void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::A* acc_out,
               typename V::A* m_out, typename V::A* l_out) {
@@ -127,6 +141,12 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
       kp[j] = kb + pos * p.k_sl;
       vp[j] = vb + pos * p.v_sl;
     }
+    if (i0 == 0) {
+      prefetch_block(s, W, kb, p.k_sl, Dk);
+      prefetch_block(s, W, vb, p.v_sl, Dv);
+    }
+    prefetch_block(s, i0 + 2 * W, kb, p.k_sl, Dk);
+    prefetch_block(s, i0 + 2 * W, vb, p.v_sl, Dv);
     for (int64_t n = 0; n < N; ++n) {
       const V sc = block_dots<V, T>(qs + n * Dkp, kp, nck, kt).mask_tail(nb);
       const A mold = mm[n];
@@ -216,6 +236,12 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
       kp[j] = kb + pos * p.k_sl;
       vp[j] = vb + pos * p.v_sl;
     }
+    if (i0 == 0) {
+      prefetch_block(s, W, kb, p.k_sl, Dk);
+      prefetch_block(s, W, vb, p.v_sl, Dv);
+    }
+    prefetch_block(s, i0 + 2 * W, kb, p.k_sl, Dk);
+    prefetch_block(s, i0 + 2 * W, vb, p.v_sl, Dv);
     for (int j = 0; j < nb; ++j) {
       for (int64_t c = 0; c < nck; ++c) V::zero().store(dkb + j * Dkp + c * W);
       for (int64_t c = 0; c < ncv; ++c) V::zero().store(dvb + j * Dvp + c * W);
