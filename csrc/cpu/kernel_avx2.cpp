@@ -64,6 +64,7 @@ struct Vec256 {
   Vec256 operator-(Vec256 b) const { return {_mm256_sub_ps(v, b.v)}; }
   Vec256 operator*(Vec256 b) const { return {_mm256_mul_ps(v, b.v)}; }
   static Vec256 fma(Vec256 a, Vec256 b, Vec256 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  float first() const { return _mm256_cvtss_f32(v); }
   float reduce_add() const {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -61,6 +61,7 @@ struct Vec512 {
   Vec512 operator-(Vec512 b) const { return {_mm512_sub_ps(v, b.v)}; }
   Vec512 operator*(Vec512 b) const { return {_mm512_mul_ps(v, b.v)}; }
   static Vec512 fma(Vec512 a, Vec512 b, Vec512 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  float first() const { return _mm512_cvtss_f32(v); }
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
   float reduce_max() const { return _mm512_reduce_max_ps(v); }
 

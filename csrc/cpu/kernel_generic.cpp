@@ -41,6 +41,7 @@ struct VecScalar {
   VecScalar operator-(VecScalar b) const { return {x - b.x}; }
   VecScalar operator*(VecScalar b) const { return {x * b.x}; }
   static VecScalar fma(VecScalar a, VecScalar b, VecScalar c) { return {a.x * b.x + c.x}; }
+  A first() const { return x; }
   A reduce_add() const { return x; }
   A reduce_max() const { return x; }
   static VecScalar exp2(VecScalar a) { return {std::exp2(a.x)}; }
