@@ -7,6 +7,13 @@
 #include <cmath>
 
 #include "kernel_common.h"
+
+// GCC 12's loop vectoriser miscompiled an earlier form of block_dots for this one-lane vector
+// (a chained in-order reduction); the portable path gains nothing from it, so it is off here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-tree-vectorize")
+#endif
+
 #include "kernel_impl.h"
 
 namespace attnkern {

@@ -63,8 +63,10 @@ inline V block_dots(const typename V::A* x, const T* const* kp, int64_t nch, int
 #pragma GCC unroll 16
     for (int j = 0; j < W; ++j) {
       const T* r = kp[j] + c * W;
-      const V t = V::fma(x0, V::load(r), V::fma(x1, V::load(r + W), acc[j]));
-      acc[j] = V::fma(x2, V::load(r + 2 * W), V::fma(x3, V::load(r + 3 * W), t));
+      V a = V::fma(x0, V::load(r), acc[j]);
+      a = V::fma(x1, V::load(r + W), a);
+      a = V::fma(x2, V::load(r + 2 * W), a);
+      acc[j] = V::fma(x3, V::load(r + 3 * W), a);
     }
   }
   for (; c < nfull; ++c) {
