@@ -320,23 +320,37 @@ std::tuple<at::Tensor, at::Tensor> fwd_common(const at::Tensor& query_in, const 
 // Backward
 
 // Zeroes grad_key/grad_value of head h at the positions of padded row b that take no part.
+// Runs of consecutive positions become one memset when the heads are not interleaved (H == 1).
 template <class scalar_t>
-void zero_invalid(const Rows& rows, const BwdParams& p, int64_t b, int64_t h, int64_t count, const std::vector<int32_t>& idx) {
+void zero_invalid(const Rows& rows, const BwdParams& p, int64_t b, int64_t h, int64_t count) {
   if (rows.offsets) return;  // jagged: rows beyond offsets[B] are zeroed once, at the end
   scalar_t* gk = static_cast<scalar_t*>(p.gk) + b * p.gk_sb + h * p.gk_sh;
   scalar_t* gv = static_cast<scalar_t*>(p.gv) + b * p.gv_sb + h * p.gv_sh;
-  auto zero_at = [&](int64_t l) {
-    std::memset(gk + l * p.gk_sl, 0, sizeof(scalar_t) * p.Dk);
-    std::memset(gv + l * p.gv_sl, 0, sizeof(scalar_t) * p.Dv);
+  const bool dense = p.gk_sl == p.Dk && p.gv_sl == p.Dv;
+  auto zero_run = [&](int64_t l0, int64_t l1) {  // positions [l0, l1)
+    if (l0 >= l1) return;
+    if (dense) {
+      std::memset(gk + l0 * p.gk_sl, 0, sizeof(scalar_t) * p.Dk * (l1 - l0));
+      std::memset(gv + l0 * p.gv_sl, 0, sizeof(scalar_t) * p.Dv * (l1 - l0));
+      return;
+    }
+    for (int64_t l = l0; l < l1; ++l) {
+      std::memset(gk + l * p.gk_sl, 0, sizeof(scalar_t) * p.Dk);
+      std::memset(gv + l * p.gv_sl, 0, sizeof(scalar_t) * p.Dv);
+    }
   };
   if (rows.mask) {
     const bool* m = rows.mask + b * rows.L;
-    for (int64_t l = 0; l < rows.L; ++l)
-      if (!m[l]) zero_at(l);
+    int64_t l = 0;
+    while (l < rows.L) {
+      while (l < rows.L && m[l]) ++l;
+      const int64_t l0 = l;
+      while (l < rows.L && !m[l]) ++l;
+      zero_run(l0, l);
+    }
   } else {
-    for (int64_t l = count; l < rows.L; ++l) zero_at(l);
+    zero_run(count, rows.L);
   }
-  (void)idx;
 }
 
 template <class scalar_t>
@@ -372,7 +386,7 @@ void bwd_impl(const BwdParams& p, const Rows& rows, at::Tensor& gq) {
         if (t + 1 < t1) prefetch_row<scalar_t>(p, rows, (t + 1) / H, (t + 1) % H);
         kt.bwd(p, s, ws.data(), dq.data());
         store_dq(t, dq.data());
-        zero_invalid<scalar_t>(rows, p, b, h, cnt, idx);
+        zero_invalid<scalar_t>(rows, p, b, h, cnt);
       }
     });
     return;
@@ -404,7 +418,7 @@ void bwd_impl(const BwdParams& p, const Rows& rows, at::Tensor& gq) {
         for (int64_t x = 0; x < N * Dk; ++x) dq[x] += pdq[i * N * Dk + x];
       store_dq(t, dq.data());
       const int64_t b = t / H;
-      zero_invalid<scalar_t>(rows, p, b, t % H, rows.count(b, nullptr), idx);
+      zero_invalid<scalar_t>(rows, p, b, t % H, rows.count(b, nullptr));
     }
   });
 }

@@ -41,6 +41,11 @@ struct VecScalar {
   void store(bf16_t* p) const { p->x = c10::detail::round_to_nearest_even(float(x)); }
   void store(fp16_t* p) const { p->x = c10::detail::fp16_ieee_from_fp32_value(float(x)); }
   template <class T>
+  void stream(T* p) const {
+    store(p);
+  }
+  static void fence() {}
+  template <class T>
   void store_partial(T* p, int n) const {
     if (n > 0) store(p);
   }

@@ -215,6 +215,21 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
   }
 }
 
+// Writes one gradient row (fp32/64 workspace -> dtype T). Whole, aligned rows use streaming
+// stores: the gradients are written once and not read back soon, so skipping the
+// read-for-ownership of each line saves a third of the backward's memory traffic.
+template <class V, class T>
+inline void store_row(T* dst, const typename V::A* src, int64_t nch, int tail) {
+  constexpr int W = V::W;
+  if (tail == W && (reinterpret_cast<uintptr_t>(dst) % (W * sizeof(T))) == 0) {
+    for (int64_t c = 0; c < nch; ++c) V::load(src + c * W).stream(dst + c * W);
+    return;
+  }
+  for (int64_t c = 0; c + 1 < nch; ++c) V::load(src + c * W).store(dst + c * W);
+  const V x = V::load(src + (nch - 1) * W);
+  if (tail == W) x.store(dst + (nch - 1) * W); else x.store_partial(dst + (nch - 1) * W, tail);
+}
+
 template <class V, class T>
 void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::A* dq_out) {
   using A = typename V::A;
@@ -316,18 +331,11 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
       block_axpy_rows<V, T>(dqa + n * Dkp, dsb, kp, nb, nck, kt, A(1));
     }
     for (int j = 0; j < nb; ++j) {
-      T* gk = gkb + posb[j] * p.gk_sl;
-      T* gv = gvb + posb[j] * p.gv_sl;
-      for (int64_t c = 0; c < nck; ++c) {
-        const V x = V::load(dkb + j * Dkp + c * W);
-        if (c + 1 < nck || kt == W) x.store(gk + c * W); else x.store_partial(gk + c * W, kt);
-      }
-      for (int64_t c = 0; c < ncv; ++c) {
-        const V x = V::load(dvb + j * Dvp + c * W);
-        if (c + 1 < ncv || vt == W) x.store(gv + c * W); else x.store_partial(gv + c * W, vt);
-      }
+      store_row<V>(gkb + posb[j] * p.gk_sl, dkb + j * Dkp, nck, kt);
+      store_row<V>(gvb + posb[j] * p.gv_sl, dvb + j * Dvp, ncv, vt);
     }
   }
+  V::fence();
   for (int64_t n = 0; n < N; ++n)
     for (int64_t d = 0; d < Dk; ++d) dq_out[n * Dk + d] = dqa[n * Dkp + d];
 }
