@@ -81,12 +81,21 @@ def _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT: tl.constexpr):
 
 
 @triton.jit
-def _mm(a, b, USE_DOT: tl.constexpr):
-    """a [M, K] @ b [K, N] in float32. Broadcast-and-sum for tiny M (no 16-row minimum)."""
+def _mm(a, b, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr):
+    """a [M, K] @ b [K, N] accumulated in float32.
+
+    tl.dot path: two operands of one 16-bit dtype go to the tensor cores as they are (their
+    products are exact in float32); otherwise both are float32 with DOT_PRECISION ("ieee" by
+    default: no TF32 rounding of p, ds or float32 inputs). Broadcast-and-sum in float32 for
+    blocks of a few queries, which tl.dot (M >= 16) would pad 16-fold. NATIVE_DOT=False
+    sends 16-bit operands through float32 too (Triton's interpreter multiplies raw bf16 bits)."""
     if USE_DOT:
-        return tl.dot(a, b, input_precision="ieee")
+        if NATIVE_DOT and a.dtype == b.dtype and a.dtype != tl.float32:
+            return tl.dot(a, b)
+        else:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PRECISION)
     else:
-        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
 
 
 @triton.jit
@@ -104,7 +113,7 @@ def _attention_pool_fwd_kernel(
     LAYOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    USE_DOT: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
 ):
     num_qblocks = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0).to(tl.int64)
@@ -128,7 +137,7 @@ def _attention_pool_fwd_kernel(
     # Phase 1: the query block, loaded once; all its queries share each K/V tile below.
     q_ptrs = (Q + b * stride_qb + h * stride_qh
               + offs_n[:, None].to(tl.int64) * stride_qn + offs_dk[None, :] * stride_qd)
-    q = tl.load(q_ptrs, mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0).to(tl.float32)
+    q = tl.load(q_ptrs, mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
 
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_N], tl.float32)
@@ -147,17 +156,17 @@ def _attention_pool_fwd_kernel(
             keep = tl.load(MASK + b * stride_mb + pos * stride_ml, mask=valid, other=0)
             valid = valid & (keep != 0)
         k = tl.load(k_base + pos[:, None] * stride_kl + offs_dk[None, :] * stride_kd,
-                    mask=valid[:, None] & (offs_dk[None, :] < DK), other=0.0).to(tl.float32)
+                    mask=valid[:, None] & (offs_dk[None, :] < DK), other=0.0)
         v = tl.load(v_base + pos[:, None] * stride_vl + offs_dv[None, :] * stride_vd,
-                    mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
-        s = _mm(q, tl.trans(k), USE_DOT) * scale_log2
+                    mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale_log2
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_shift)
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _mm(p, v, USE_DOT)
+        acc = acc * alpha[:, None] + _mm(p, v, USE_DOT, DOT_PRECISION, NATIVE_DOT)
         m_i = m_new
 
     # Phase 3: normalise; an empty row (or split) gives o = 0 and lse = -inf exactly.
@@ -228,7 +237,7 @@ def _attention_pool_bwd_dq_kernel(
     LAYOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    USE_DOT: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
 ):
     """dq = scale * sum_l p_l (dO.v_l - delta) k_l, p recomputed from the saved lse."""
     num_qblocks = tl.cdiv(N, BLOCK_N)
@@ -249,10 +258,10 @@ def _attention_pool_bwd_dq_kernel(
     # p = exp2(-inf) = 0 instead of exp2(-inf + inf) = NaN.
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_n64[:, None] * stride_qn
                 + offs_dk[None, :] * stride_qd,
-                mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0).to(tl.float32)
+                mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
     do = tl.load(DO + b * stride_gb + h * stride_gh + offs_n64[:, None] * stride_gn
                  + offs_dv[None, :] * stride_gd,
-                 mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+                 mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_n64 * stride_ln, mask=n_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
     delta = tl.load(DELTA + b * stride_db + h * stride_dh + offs_n64 * stride_dn, mask=n_ok, other=0.0)
@@ -269,15 +278,15 @@ def _attention_pool_bwd_dq_kernel(
             keep = tl.load(MASK + b * stride_mb + pos * stride_ml, mask=valid, other=0)
             valid = valid & (keep != 0)
         k = tl.load(k_base + pos[:, None] * stride_kl + offs_dk[None, :] * stride_kd,
-                    mask=valid[:, None] & (offs_dk[None, :] < DK), other=0.0).to(tl.float32)
+                    mask=valid[:, None] & (offs_dk[None, :] < DK), other=0.0)
         v = tl.load(v_base + pos[:, None] * stride_vl + offs_dv[None, :] * stride_vd,
-                    mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
-        s = _mm(q, tl.trans(k), USE_DOT) * scale_log2
+                    mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale_log2
         s = tl.where(valid[None, :], s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
-        dp = _mm(do, tl.trans(v), USE_DOT)
+        dp = _mm(do, tl.trans(v), USE_DOT, DOT_PRECISION, NATIVE_DOT)
         ds = p * (dp - delta[:, None])
-        dq += _mm(ds, k, USE_DOT)
+        dq += _mm(ds, k, USE_DOT, DOT_PRECISION, NATIVE_DOT)
 
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_n64[:, None] * stride_dqn
@@ -303,7 +312,7 @@ def _attention_pool_bwd_dkdv_kernel(
     LAYOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    USE_DOT: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
 ):
     """dk/dv of one L tile of one row: loops over all N queries, so no two programs ever
     write the same position (deterministic, no atomics). Positions that take part in no row
@@ -330,10 +339,10 @@ def _attention_pool_bwd_dkdv_kernel(
     # Phase 1: this tile's K/V, loaded once for all queries.
     k = tl.load(K + b * stride_kb + h * stride_kh + pos[:, None] * stride_kl
                 + offs_dk[None, :] * stride_kd,
-                mask=valid[:, None] & (offs_dk[None, :] < DK), other=0.0).to(tl.float32)
+                mask=valid[:, None] & (offs_dk[None, :] < DK), other=0.0)
     v = tl.load(V + b * stride_vb + h * stride_vh + pos[:, None] * stride_vl
                 + offs_dv[None, :] * stride_vd,
-                mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+                mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
 
     dk = tl.zeros([BLOCK_L, BLOCK_DK], tl.float32)
     dv = tl.zeros([BLOCK_L, BLOCK_DV], tl.float32)
@@ -344,21 +353,21 @@ def _attention_pool_bwd_dkdv_kernel(
         qn64 = qn.to(tl.int64)
         q = tl.load(Q + b * stride_qb + h * stride_qh + qn64[:, None] * stride_qn
                     + offs_dk[None, :] * stride_qd,
-                    mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0).to(tl.float32)
+                    mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
         do = tl.load(DO + b * stride_gb + h * stride_gh + qn64[:, None] * stride_gn
                      + offs_dv[None, :] * stride_gd,
-                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lse = tl.load(LSE + b * stride_lb + h * stride_lh + qn64 * stride_ln, mask=n_ok, other=0.0)
         lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
         delta = tl.load(DELTA + b * stride_db + h * stride_dh + qn64 * stride_dn, mask=n_ok,
                         other=0.0)
-        s = _mm(q, tl.trans(k), USE_DOT) * scale_log2
+        s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale_log2
         s = tl.where(n_ok[:, None] & valid[None, :], s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
-        dv += _mm(tl.trans(p), do, USE_DOT)
-        dp = _mm(do, tl.trans(v), USE_DOT)
+        dv += _mm(tl.trans(p), do, USE_DOT, DOT_PRECISION, NATIVE_DOT)
+        dp = _mm(do, tl.trans(v), USE_DOT, DOT_PRECISION, NATIVE_DOT)
         ds = p * (dp - delta[:, None])
-        dk += _mm(tl.trans(ds), q, USE_DOT)
+        dk += _mm(tl.trans(ds), q, USE_DOT, DOT_PRECISION, NATIVE_DOT)
 
     # Phase 3: write the valid positions of the tile.
     dk = dk * scale
@@ -448,6 +457,21 @@ def default_block_l(block_n, block_dk, block_dv):
         if _fits(block_n, bl, block_dk, block_dv):
             return bl
     return 16
+
+
+def fp32_dot_precision() -> str:
+    """input_precision of tl.dot on float32 operands (p, ds, float32 inputs): "ieee" (exact
+    float32, no tensor cores) unless ATTNKERN_TRITON_FP32_DOT picks "tf32x3" or "tf32"."""
+    prec = os.environ.get("ATTNKERN_TRITON_FP32_DOT", "ieee").lower()
+    if prec not in ("ieee", "tf32x3", "tf32"):
+        raise ValueError("ATTNKERN_TRITON_FP32_DOT must be ieee, tf32x3 or tf32, got %r" % prec)
+    return prec
+
+
+def native_dot(dtype: torch.dtype) -> bool:
+    """Whether 16-bit operands may enter tl.dot as they are. Not bfloat16 under the
+    interpreter, whose tl.dot multiplies bfloat16's raw uint16 storage."""
+    return not (interpret_mode() and dtype == torch.bfloat16)
 
 
 def _use_autotune(device: torch.device) -> bool:
@@ -580,7 +604,8 @@ def attention_pool_fwd(
         N, L, max_len, num_splits, Dk, Dv, n_key(N),
     )
     meta = dict(LAYOUT=layout, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                USE_DOT=block_n > SMALL_N)
+                USE_DOT=block_n > SMALL_N, DOT_PRECISION=fp32_dot_precision(),
+                NATIVE_DOT=native_dot(query.dtype))
     grid = (B * qblocks, H, num_splits)
     if block_l is None and _use_autotune(query.device):
         _fwd_tuned[grid](*args, **meta)
@@ -645,7 +670,8 @@ def attention_pool_bwd(
     block_dk, block_dv = head_block(Dk), head_block(Dv)
     qblocks = triton.cdiv(N, block_n)
     meta = dict(LAYOUT=layout, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                USE_DOT=block_n > SMALL_N)
+                USE_DOT=block_n > SMALL_N, DOT_PRECISION=fp32_dot_precision(),
+                NATIVE_DOT=native_dot(query.dtype))
     tuned = block_l is None and _use_autotune(query.device)
     if block_l is None and not tuned:
         block_l = INTERPRET_BLOCK_L if interpret_mode() else default_block_l(block_n, block_dk, block_dv)
