@@ -34,10 +34,14 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
-# Layout codes (constexpr LAYOUT of every kernel).
-DENSE, LENGTHS, MASKED, JAGGED = 0, 1, 2, 3
+# Layout codes (constexpr LAYOUT of every kernel); tl.constexpr so the kernels can read them.
+DENSE = tl.constexpr(0)  # padded, every position valid
+LENGTHS = tl.constexpr(1)  # padded + lengths [B]
+MASKED = tl.constexpr(2)  # padded + mask [B, L]
+JAGGED = tl.constexpr(3)  # jagged + offsets [B + 1]
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 # Queries per program at or below which the kernels use broadcast-multiply-and-sum instead of
 # tl.dot: tl.dot needs M, N, K >= 16 on the GPU, and padding one query to 16 rows wastes the
@@ -63,11 +67,11 @@ def interpret_mode() -> bool:
 @triton.jit
 def _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT: tl.constexpr):
     """[start, end) of row b's key positions, clamped to [0, L] (L = T for jagged)."""
-    if LAYOUT == 1:
+    if LAYOUT == LENGTHS:
         start = (b * 0).to(tl.int64)
         n = tl.load(IDX + b * stride_idx).to(tl.int64)
         end = tl.minimum(tl.maximum(n, 0), L)
-    elif LAYOUT == 3:
+    elif LAYOUT == JAGGED:
         lo = tl.load(IDX + b * stride_idx).to(tl.int64)
         hi = tl.load(IDX + (b + 1) * stride_idx).to(tl.int64)
         start = tl.minimum(tl.maximum(lo, 0), L)
@@ -129,8 +133,8 @@ def _attention_pool_fwd_kernel(
     hi = tl.minimum(lo + chunk, end)
 
     offs_n = qb * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_dk = tl.arange(0, BLOCK_DK).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     offs_l = tl.arange(0, BLOCK_L)
     n_ok = offs_n < N
 
@@ -152,7 +156,7 @@ def _attention_pool_fwd_kernel(
     for t in range(0, num_tiles):
         pos = lo + t * BLOCK_L + offs_l
         valid = pos < hi
-        if LAYOUT == 2:
+        if LAYOUT == MASKED:
             keep = tl.load(MASK + b * stride_mb + pos * stride_ml, mask=valid, other=0)
             valid = valid & (keep != 0)
         k = tl.load(k_base + pos[:, None] * stride_kl + offs_dk[None, :] * stride_kd,
@@ -173,7 +177,7 @@ def _attention_pool_fwd_kernel(
     nonempty = l_i > 0.0
     inv_l = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)
     o = acc * inv_l[:, None]
-    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
+    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * _LN2,
                    float("-inf"))
     o_ptrs = (OUT + split * stride_os + b * stride_ob + h * stride_oh
               + offs_n[:, None].to(tl.int64) * stride_on + offs_dv[None, :] * stride_od)
@@ -198,7 +202,7 @@ def _attention_pool_combine_kernel(
     n = pid % N
     h = tl.program_id(1).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     s_ok = offs_s < NUM_SPLITS
 
     lse_s = tl.load(PART_LSE + offs_s.to(tl.int64) * stride_qs + b * stride_qb + n * stride_qn
@@ -206,7 +210,7 @@ def _attention_pool_combine_kernel(
     m = tl.max(lse_s, axis=0)
     # Every split empty: the row is empty, out = 0 and lse = -inf.
     m_shift = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2((lse_s - m_shift) * 1.4426950408889634)
+    w = tl.exp2((lse_s - m_shift) * _LOG2E)
     w_sum = tl.sum(w, axis=0)
     nonempty = w_sum > 0.0
     w = w / tl.where(nonempty, w_sum, 1.0)
@@ -248,8 +252,8 @@ def _attention_pool_bwd_dq_kernel(
     start, end = _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT)
 
     offs_n = qb * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_dk = tl.arange(0, BLOCK_DK).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     offs_l = tl.arange(0, BLOCK_L)
     n_ok = offs_n < N
     offs_n64 = offs_n.to(tl.int64)
@@ -263,7 +267,7 @@ def _attention_pool_bwd_dq_kernel(
                  + offs_dv[None, :] * stride_gd,
                  mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_n64 * stride_ln, mask=n_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E)
     delta = tl.load(DELTA + b * stride_db + h * stride_dh + offs_n64 * stride_dn, mask=n_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
@@ -274,7 +278,7 @@ def _attention_pool_bwd_dq_kernel(
     for t in range(0, num_tiles):
         pos = start + t * BLOCK_L + offs_l
         valid = pos < end
-        if LAYOUT == 2:
+        if LAYOUT == MASKED:
             keep = tl.load(MASK + b * stride_mb + pos * stride_ml, mask=valid, other=0)
             valid = valid & (keep != 0)
         k = tl.load(k_base + pos[:, None] * stride_kl + offs_dk[None, :] * stride_kd,
@@ -328,11 +332,11 @@ def _attention_pool_bwd_dkdv_kernel(
         return
 
     offs_n = tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_dk = tl.arange(0, BLOCK_DK).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     pos = lo + tl.arange(0, BLOCK_L)
     valid = pos < end
-    if LAYOUT == 2:
+    if LAYOUT == MASKED:
         keep = tl.load(MASK + b * stride_mb + pos * stride_ml, mask=valid, other=0)
         valid = valid & (keep != 0)
 
@@ -358,7 +362,7 @@ def _attention_pool_bwd_dkdv_kernel(
                      + offs_dv[None, :] * stride_gd,
                      mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lse = tl.load(LSE + b * stride_lb + h * stride_lh + qn64 * stride_ln, mask=n_ok, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+        lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E)
         delta = tl.load(DELTA + b * stride_db + h * stride_dh + qn64 * stride_dn, mask=n_ok,
                         other=0.0)
         s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale_log2
@@ -426,8 +430,8 @@ def _configs(block_ls, warps, stages):
 
 
 # A100/H100/H200-class candidates; pruned per call to those that fit the head dims and BLOCK_N.
-FWD_CONFIGS = _configs((16, 32, 64, 128), (2, 4, 8), (2, 3))
-BWD_CONFIGS = _configs((16, 32, 64), (4, 8), (2, 3))
+FWD_CONFIGS = _configs((16, 32, 64, 128), (2, 4, 8), (2,)) + _configs((64, 128), (4, 8), (3,))
+BWD_CONFIGS = _configs((16, 32, 64), (4, 8), (2,)) + _configs((32, 64), (4, 8), (3,))
 AUTOTUNE_KEY = ["DK", "DV", "N_KEY"]  # Triton adds every tensor argument's dtype to the key
 
 
@@ -519,14 +523,14 @@ def _layout_args(key, lengths, mask, offsets, max_length):
     """(LAYOUT, IDX tensor, stride_idx, MASK tensor (uint8 view), mask strides, MAX_LEN, L,
     is_jagged) for the kernels. Unused pointers get a valid dummy (never read)."""
     if offsets is not None:
-        return JAGGED, offsets, offsets.stride(0), key, (0, 0), int(max_length), key.shape[0], True
+        return JAGGED.value, offsets, offsets.stride(0), key, (0, 0), int(max_length), key.shape[0], True
     L = key.shape[1]
     if mask is not None:
         m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-        return MASKED, m, 0, m, (m.stride(0), m.stride(1)), -1, L, False
+        return MASKED.value, m, 0, m, (m.stride(0), m.stride(1)), -1, L, False
     if lengths is not None:
-        return LENGTHS, lengths, lengths.stride(0), key, (0, 0), -1, L, False
-    return DENSE, key, 0, key, (0, 0), -1, L, False
+        return LENGTHS.value, lengths, lengths.stride(0), key, (0, 0), -1, L, False
+    return DENSE.value, key, 0, key, (0, 0), -1, L, False
 
 
 def _kv_strides(t, jagged):
