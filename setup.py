@@ -97,6 +97,12 @@ def _extensions():
     # No -std flag: torch.utils.cpp_extension picks the standard the installed torch needs
     # (C++17 up to torch 2.12, C++20 after).
     cxx_flags = ["-O3", "-fvisibility=hidden"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is inline: without -fopenmp the CPU kernels would run on one thread.
+        # libgomp.so.1 resolves to the copy torch has already loaded (one OpenMP runtime).
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     cpu_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     use_cuda, reason = _want_cuda(torch)
     if not use_cuda:
@@ -107,6 +113,7 @@ def _extensions():
                 cpu_sources,
                 include_dirs=[os.path.join(ROOT, "csrc")],
                 extra_compile_args={"cxx": cxx_flags},
+                extra_link_args=link_flags,
             )
         ]
     print(
@@ -131,6 +138,7 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc")] + _pip_cuda_include_dirs(),
             define_macros=[("ATTNKERN_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags + ["-DATTNKERN_WITH_CUDA=1"], "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
     ]
 

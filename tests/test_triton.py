@@ -286,6 +286,24 @@ def test_autotune_prune(block_n, bdk, bdv, configs):
         assert len(kept) == len(configs)
 
 
+def test_native_dot_gating():
+    # 16-bit operands go to tl.dot as they are, except bfloat16 under the interpreter (its
+    # tl.dot multiplies bfloat16's raw uint16 storage).
+    assert K.native_dot(torch.float16)
+    assert K.native_dot(torch.bfloat16) == (not K.interpret_mode())
+
+
+def test_fp32_dot_precision_knob(monkeypatch):
+    assert K.fp32_dot_precision() == "ieee"
+    monkeypatch.setenv("ATTNKERN_TRITON_FP32_DOT", "tf32x3")
+    assert K.fp32_dot_precision() == "tf32x3"
+    q, k, v, idx = _problem(B=2, N=17, H=1, L=20, Dk=16, Dv=16, layout="lengths")
+    _check_fwd(q, k, v, idx)
+    monkeypatch.setenv("ATTNKERN_TRITON_FP32_DOT", "fast")
+    with pytest.raises(ValueError, match="ATTNKERN_TRITON_FP32_DOT"):
+        K.fp32_dot_precision()
+
+
 def test_default_block_l_fits():
     for bn in (1, 4, 16, 64):
         for d in (16, 64, 256):

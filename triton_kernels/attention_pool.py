@@ -34,10 +34,14 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
-# Layout codes (constexpr LAYOUT of every kernel).
-DENSE, LENGTHS, MASKED, JAGGED = 0, 1, 2, 3
+# Layout codes (constexpr LAYOUT of every kernel); tl.constexpr so the kernels can read them.
+DENSE = tl.constexpr(0)  # padded, every position valid
+LENGTHS = tl.constexpr(1)  # padded + lengths [B]
+MASKED = tl.constexpr(2)  # padded + mask [B, L]
+JAGGED = tl.constexpr(3)  # jagged + offsets [B + 1]
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 # Queries per program at or below which the kernels use broadcast-multiply-and-sum instead of
 # tl.dot: tl.dot needs M, N, K >= 16 on the GPU, and padding one query to 16 rows wastes the
@@ -63,11 +67,11 @@ def interpret_mode() -> bool:
 @triton.jit
 def _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT: tl.constexpr):
     """[start, end) of row b's key positions, clamped to [0, L] (L = T for jagged)."""
-    if LAYOUT == 1:
+    if LAYOUT == LENGTHS:
         start = (b * 0).to(tl.int64)
         n = tl.load(IDX + b * stride_idx).to(tl.int64)
         end = tl.minimum(tl.maximum(n, 0), L)
-    elif LAYOUT == 3:
+    elif LAYOUT == JAGGED:
         lo = tl.load(IDX + b * stride_idx).to(tl.int64)
         hi = tl.load(IDX + (b + 1) * stride_idx).to(tl.int64)
         start = tl.minimum(tl.maximum(lo, 0), L)
@@ -81,12 +85,21 @@ def _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT: tl.constexpr):
 
 
 @triton.jit
-def _mm(a, b, USE_DOT: tl.constexpr):
-    """a [M, K] @ b [K, N] in float32. Broadcast-and-sum for tiny M (no 16-row minimum)."""
+def _mm(a, b, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr):
+    """a [M, K] @ b [K, N] accumulated in float32.
+
+    tl.dot path: two operands of one 16-bit dtype go to the tensor cores as they are (their
+    products are exact in float32); otherwise both are float32 with DOT_PRECISION ("ieee" by
+    default: no TF32 rounding of p, ds or float32 inputs). Broadcast-and-sum in float32 for
+    blocks of a few queries, which tl.dot (M >= 16) would pad 16-fold. NATIVE_DOT=False
+    sends 16-bit operands through float32 too (Triton's interpreter multiplies raw bf16 bits)."""
     if USE_DOT:
-        return tl.dot(a, b, input_precision="ieee")
+        if NATIVE_DOT and a.dtype == b.dtype and a.dtype != tl.float32:
+            return tl.dot(a, b)
+        else:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PRECISION)
     else:
-        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
 
 
 @triton.jit
@@ -104,7 +117,7 @@ def _attention_pool_fwd_kernel(
     LAYOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    USE_DOT: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
 ):
     num_qblocks = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0).to(tl.int64)
@@ -120,15 +133,15 @@ def _attention_pool_fwd_kernel(
     hi = tl.minimum(lo + chunk, end)
 
     offs_n = qb * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_dk = tl.arange(0, BLOCK_DK).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     offs_l = tl.arange(0, BLOCK_L)
     n_ok = offs_n < N
 
     # Phase 1: the query block, loaded once; all its queries share each K/V tile below.
     q_ptrs = (Q + b * stride_qb + h * stride_qh
               + offs_n[:, None].to(tl.int64) * stride_qn + offs_dk[None, :] * stride_qd)
-    q = tl.load(q_ptrs, mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0).to(tl.float32)
+    q = tl.load(q_ptrs, mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
 
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_N], tl.float32)
@@ -143,28 +156,28 @@ def _attention_pool_fwd_kernel(
     for t in range(0, num_tiles):
         pos = lo + t * BLOCK_L + offs_l
         valid = pos < hi
-        if LAYOUT == 2:
+        if LAYOUT == MASKED:
             keep = tl.load(MASK + b * stride_mb + pos * stride_ml, mask=valid, other=0)
             valid = valid & (keep != 0)
         k = tl.load(k_base + pos[:, None] * stride_kl + offs_dk[None, :] * stride_kd,
-                    mask=valid[:, None] & (offs_dk[None, :] < DK), other=0.0).to(tl.float32)
+                    mask=valid[:, None] & (offs_dk[None, :] < DK), other=0.0)
         v = tl.load(v_base + pos[:, None] * stride_vl + offs_dv[None, :] * stride_vd,
-                    mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
-        s = _mm(q, tl.trans(k), USE_DOT) * scale_log2
+                    mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale_log2
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_shift)
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _mm(p, v, USE_DOT)
+        acc = acc * alpha[:, None] + _mm(p, v, USE_DOT, DOT_PRECISION, NATIVE_DOT)
         m_i = m_new
 
     # Phase 3: normalise; an empty row (or split) gives o = 0 and lse = -inf exactly.
     nonempty = l_i > 0.0
     inv_l = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)
     o = acc * inv_l[:, None]
-    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
+    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * _LN2,
                    float("-inf"))
     o_ptrs = (OUT + split * stride_os + b * stride_ob + h * stride_oh
               + offs_n[:, None].to(tl.int64) * stride_on + offs_dv[None, :] * stride_od)
@@ -189,7 +202,7 @@ def _attention_pool_combine_kernel(
     n = pid % N
     h = tl.program_id(1).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     s_ok = offs_s < NUM_SPLITS
 
     lse_s = tl.load(PART_LSE + offs_s.to(tl.int64) * stride_qs + b * stride_qb + n * stride_qn
@@ -197,7 +210,7 @@ def _attention_pool_combine_kernel(
     m = tl.max(lse_s, axis=0)
     # Every split empty: the row is empty, out = 0 and lse = -inf.
     m_shift = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2((lse_s - m_shift) * 1.4426950408889634)
+    w = tl.exp2((lse_s - m_shift) * _LOG2E)
     w_sum = tl.sum(w, axis=0)
     nonempty = w_sum > 0.0
     w = w / tl.where(nonempty, w_sum, 1.0)
@@ -228,7 +241,7 @@ def _attention_pool_bwd_dq_kernel(
     LAYOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    USE_DOT: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
 ):
     """dq = scale * sum_l p_l (dO.v_l - delta) k_l, p recomputed from the saved lse."""
     num_qblocks = tl.cdiv(N, BLOCK_N)
@@ -239,8 +252,8 @@ def _attention_pool_bwd_dq_kernel(
     start, end = _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT)
 
     offs_n = qb * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_dk = tl.arange(0, BLOCK_DK).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     offs_l = tl.arange(0, BLOCK_L)
     n_ok = offs_n < N
     offs_n64 = offs_n.to(tl.int64)
@@ -249,12 +262,12 @@ def _attention_pool_bwd_dq_kernel(
     # p = exp2(-inf) = 0 instead of exp2(-inf + inf) = NaN.
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_n64[:, None] * stride_qn
                 + offs_dk[None, :] * stride_qd,
-                mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0).to(tl.float32)
+                mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
     do = tl.load(DO + b * stride_gb + h * stride_gh + offs_n64[:, None] * stride_gn
                  + offs_dv[None, :] * stride_gd,
-                 mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+                 mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_n64 * stride_ln, mask=n_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E)
     delta = tl.load(DELTA + b * stride_db + h * stride_dh + offs_n64 * stride_dn, mask=n_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
@@ -265,19 +278,19 @@ def _attention_pool_bwd_dq_kernel(
     for t in range(0, num_tiles):
         pos = start + t * BLOCK_L + offs_l
         valid = pos < end
-        if LAYOUT == 2:
+        if LAYOUT == MASKED:
             keep = tl.load(MASK + b * stride_mb + pos * stride_ml, mask=valid, other=0)
             valid = valid & (keep != 0)
         k = tl.load(k_base + pos[:, None] * stride_kl + offs_dk[None, :] * stride_kd,
-                    mask=valid[:, None] & (offs_dk[None, :] < DK), other=0.0).to(tl.float32)
+                    mask=valid[:, None] & (offs_dk[None, :] < DK), other=0.0)
         v = tl.load(v_base + pos[:, None] * stride_vl + offs_dv[None, :] * stride_vd,
-                    mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
-        s = _mm(q, tl.trans(k), USE_DOT) * scale_log2
+                    mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale_log2
         s = tl.where(valid[None, :], s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
-        dp = _mm(do, tl.trans(v), USE_DOT)
+        dp = _mm(do, tl.trans(v), USE_DOT, DOT_PRECISION, NATIVE_DOT)
         ds = p * (dp - delta[:, None])
-        dq += _mm(ds, k, USE_DOT)
+        dq += _mm(ds, k, USE_DOT, DOT_PRECISION, NATIVE_DOT)
 
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_n64[:, None] * stride_dqn
@@ -303,7 +316,7 @@ def _attention_pool_bwd_dkdv_kernel(
     LAYOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    USE_DOT: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
 ):
     """dk/dv of one L tile of one row: loops over all N queries, so no two programs ever
     write the same position (deterministic, no atomics). Positions that take part in no row
@@ -319,21 +332,21 @@ def _attention_pool_bwd_dkdv_kernel(
         return
 
     offs_n = tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_dk = tl.arange(0, BLOCK_DK).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     pos = lo + tl.arange(0, BLOCK_L)
     valid = pos < end
-    if LAYOUT == 2:
+    if LAYOUT == MASKED:
         keep = tl.load(MASK + b * stride_mb + pos * stride_ml, mask=valid, other=0)
         valid = valid & (keep != 0)
 
     # Phase 1: this tile's K/V, loaded once for all queries.
     k = tl.load(K + b * stride_kb + h * stride_kh + pos[:, None] * stride_kl
                 + offs_dk[None, :] * stride_kd,
-                mask=valid[:, None] & (offs_dk[None, :] < DK), other=0.0).to(tl.float32)
+                mask=valid[:, None] & (offs_dk[None, :] < DK), other=0.0)
     v = tl.load(V + b * stride_vb + h * stride_vh + pos[:, None] * stride_vl
                 + offs_dv[None, :] * stride_vd,
-                mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+                mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
 
     dk = tl.zeros([BLOCK_L, BLOCK_DK], tl.float32)
     dv = tl.zeros([BLOCK_L, BLOCK_DV], tl.float32)
@@ -344,21 +357,21 @@ def _attention_pool_bwd_dkdv_kernel(
         qn64 = qn.to(tl.int64)
         q = tl.load(Q + b * stride_qb + h * stride_qh + qn64[:, None] * stride_qn
                     + offs_dk[None, :] * stride_qd,
-                    mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0).to(tl.float32)
+                    mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
         do = tl.load(DO + b * stride_gb + h * stride_gh + qn64[:, None] * stride_gn
                      + offs_dv[None, :] * stride_gd,
-                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lse = tl.load(LSE + b * stride_lb + h * stride_lh + qn64 * stride_ln, mask=n_ok, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+        lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E)
         delta = tl.load(DELTA + b * stride_db + h * stride_dh + qn64 * stride_dn, mask=n_ok,
                         other=0.0)
-        s = _mm(q, tl.trans(k), USE_DOT) * scale_log2
+        s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale_log2
         s = tl.where(n_ok[:, None] & valid[None, :], s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
-        dv += _mm(tl.trans(p), do, USE_DOT)
-        dp = _mm(do, tl.trans(v), USE_DOT)
+        dv += _mm(tl.trans(p), do, USE_DOT, DOT_PRECISION, NATIVE_DOT)
+        dp = _mm(do, tl.trans(v), USE_DOT, DOT_PRECISION, NATIVE_DOT)
         ds = p * (dp - delta[:, None])
-        dk += _mm(tl.trans(ds), q, USE_DOT)
+        dk += _mm(tl.trans(ds), q, USE_DOT, DOT_PRECISION, NATIVE_DOT)
 
     # Phase 3: write the valid positions of the tile.
     dk = dk * scale
@@ -417,8 +430,8 @@ def _configs(block_ls, warps, stages):
 
 
 # A100/H100/H200-class candidates; pruned per call to those that fit the head dims and BLOCK_N.
-FWD_CONFIGS = _configs((16, 32, 64, 128), (2, 4, 8), (2, 3))
-BWD_CONFIGS = _configs((16, 32, 64), (4, 8), (2, 3))
+FWD_CONFIGS = _configs((16, 32, 64, 128), (2, 4, 8), (2,)) + _configs((64, 128), (4, 8), (3,))
+BWD_CONFIGS = _configs((16, 32, 64), (4, 8), (2,)) + _configs((32, 64), (4, 8), (3,))
 AUTOTUNE_KEY = ["DK", "DV", "N_KEY"]  # Triton adds every tensor argument's dtype to the key
 
 
@@ -448,6 +461,21 @@ def default_block_l(block_n, block_dk, block_dv):
         if _fits(block_n, bl, block_dk, block_dv):
             return bl
     return 16
+
+
+def fp32_dot_precision() -> str:
+    """input_precision of tl.dot on float32 operands (p, ds, float32 inputs): "ieee" (exact
+    float32, no tensor cores) unless ATTNKERN_TRITON_FP32_DOT picks "tf32x3" or "tf32"."""
+    prec = os.environ.get("ATTNKERN_TRITON_FP32_DOT", "ieee").lower()
+    if prec not in ("ieee", "tf32x3", "tf32"):
+        raise ValueError("ATTNKERN_TRITON_FP32_DOT must be ieee, tf32x3 or tf32, got %r" % prec)
+    return prec
+
+
+def native_dot(dtype: torch.dtype) -> bool:
+    """Whether 16-bit operands may enter tl.dot as they are. Not bfloat16 under the
+    interpreter, whose tl.dot multiplies bfloat16's raw uint16 storage."""
+    return not (interpret_mode() and dtype == torch.bfloat16)
 
 
 def _use_autotune(device: torch.device) -> bool:
@@ -495,14 +523,14 @@ def _layout_args(key, lengths, mask, offsets, max_length):
     """(LAYOUT, IDX tensor, stride_idx, MASK tensor (uint8 view), mask strides, MAX_LEN, L,
     is_jagged) for the kernels. Unused pointers get a valid dummy (never read)."""
     if offsets is not None:
-        return JAGGED, offsets, offsets.stride(0), key, (0, 0), int(max_length), key.shape[0], True
+        return JAGGED.value, offsets, offsets.stride(0), key, (0, 0), int(max_length), key.shape[0], True
     L = key.shape[1]
     if mask is not None:
         m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-        return MASKED, m, 0, m, (m.stride(0), m.stride(1)), -1, L, False
+        return MASKED.value, m, 0, m, (m.stride(0), m.stride(1)), -1, L, False
     if lengths is not None:
-        return LENGTHS, lengths, lengths.stride(0), key, (0, 0), -1, L, False
-    return DENSE, key, 0, key, (0, 0), -1, L, False
+        return LENGTHS.value, lengths, lengths.stride(0), key, (0, 0), -1, L, False
+    return DENSE.value, key, 0, key, (0, 0), -1, L, False
 
 
 def _kv_strides(t, jagged):
@@ -580,7 +608,8 @@ def attention_pool_fwd(
         N, L, max_len, num_splits, Dk, Dv, n_key(N),
     )
     meta = dict(LAYOUT=layout, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                USE_DOT=block_n > SMALL_N)
+                USE_DOT=block_n > SMALL_N, DOT_PRECISION=fp32_dot_precision(),
+                NATIVE_DOT=native_dot(query.dtype))
     grid = (B * qblocks, H, num_splits)
     if block_l is None and _use_autotune(query.device):
         _fwd_tuned[grid](*args, **meta)
@@ -645,7 +674,8 @@ def attention_pool_bwd(
     block_dk, block_dv = head_block(Dk), head_block(Dv)
     qblocks = triton.cdiv(N, block_n)
     meta = dict(LAYOUT=layout, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                USE_DOT=block_n > SMALL_N)
+                USE_DOT=block_n > SMALL_N, DOT_PRECISION=fp32_dot_precision(),
+                NATIVE_DOT=native_dot(query.dtype))
     tuned = block_l is None and _use_autotune(query.device)
     if block_l is None and not tuned:
         block_l = INTERPRET_BLOCK_L if interpret_mode() else default_block_l(block_n, block_dk, block_dv)

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "attention_pool.h"
+#include "host_buffers.h"
 #include "kernel_common.h"
 
 namespace attnkern {
@@ -133,6 +134,23 @@ Rows jagged_rows(const PoolDims& d, const at::Tensor& offsets, int64_t max_lengt
   return r;
 }
 
+// Starts loading the first positions of the next task's row while this one computes: a new row
+// is a new stream for the hardware prefetchers.
+template <class scalar_t>
+void prefetch_row(const FwdParams& p, const Rows& rows, int64_t b, int64_t h) {
+  if (b >= rows.B || rows.mask || p.prefetch < 0) return;
+  const int64_t n = std::min<int64_t>(rows.count(b, nullptr), 32);
+  const int64_t t0 = rows.start(b);
+  const auto* kb = static_cast<const scalar_t*>(p.k) + b * p.k_sb + h * p.k_sh;
+  const auto* vb = static_cast<const scalar_t*>(p.v) + b * p.v_sb + h * p.v_sh;
+  for (int64_t i = t0; i < t0 + n; ++i) {
+    const char* kr = reinterpret_cast<const char*>(kb + i * p.k_sl);
+    const char* vr = reinterpret_cast<const char*>(vb + i * p.v_sl);
+    for (int64_t o = 0; o < p.Dk * int64_t(sizeof(scalar_t)); o += 64) __builtin_prefetch(kr + o, 0, 3);
+    for (int64_t o = 0; o < p.Dv * int64_t(sizeof(scalar_t)); o += 64) __builtin_prefetch(vr + o, 0, 3);
+  }
+}
+
 // A unit of parallel work: (row, head) task, and the slice [i0, i1) of its valid positions.
 struct Item {
   int64_t task;
@@ -185,6 +203,7 @@ void fill_fwd_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, con
   p.Dk = d.Dk;
   p.Dv = d.Dv;
   p.scale = scale;
+  p.prefetch = std::getenv("AKPF") ? std::atoi(std::getenv("AKPF")) : 1;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -231,6 +250,7 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
           idx_row = b;
         }
         const Span s{b, t % H, rows.start(b), cnt, rows.mask ? idx.data() : nullptr};
+        if (t + 1 < t1) prefetch_row<scalar_t>(p, rows, (t + 1) / H, (t + 1) % H);
         kt.fwd(p, s, ws.data(), acc.data(), m.data(), l.data());
         finish(t, acc.data(), m.data(), l.data());
       }
@@ -300,23 +320,37 @@ std::tuple<at::Tensor, at::Tensor> fwd_common(const at::Tensor& query_in, const 
 // Backward
 
 // Zeroes grad_key/grad_value of head h at the positions of padded row b that take no part.
+// Runs of consecutive positions become one memset when the heads are not interleaved (H == 1).
 template <class scalar_t>
-void zero_invalid(const Rows& rows, const BwdParams& p, int64_t b, int64_t h, int64_t count, const std::vector<int32_t>& idx) {
+void zero_invalid(const Rows& rows, const BwdParams& p, int64_t b, int64_t h, int64_t count) {
   if (rows.offsets) return;  // jagged: rows beyond offsets[B] are zeroed once, at the end
   scalar_t* gk = static_cast<scalar_t*>(p.gk) + b * p.gk_sb + h * p.gk_sh;
   scalar_t* gv = static_cast<scalar_t*>(p.gv) + b * p.gv_sb + h * p.gv_sh;
-  auto zero_at = [&](int64_t l) {
-    std::memset(gk + l * p.gk_sl, 0, sizeof(scalar_t) * p.Dk);
-    std::memset(gv + l * p.gv_sl, 0, sizeof(scalar_t) * p.Dv);
+  const bool dense = p.gk_sl == p.Dk && p.gv_sl == p.Dv;
+  auto zero_run = [&](int64_t l0, int64_t l1) {  // positions [l0, l1)
+    if (l0 >= l1) return;
+    if (dense) {
+      std::memset(gk + l0 * p.gk_sl, 0, sizeof(scalar_t) * p.Dk * (l1 - l0));
+      std::memset(gv + l0 * p.gv_sl, 0, sizeof(scalar_t) * p.Dv * (l1 - l0));
+      return;
+    }
+    for (int64_t l = l0; l < l1; ++l) {
+      std::memset(gk + l * p.gk_sl, 0, sizeof(scalar_t) * p.Dk);
+      std::memset(gv + l * p.gv_sl, 0, sizeof(scalar_t) * p.Dv);
+    }
   };
   if (rows.mask) {
     const bool* m = rows.mask + b * rows.L;
-    for (int64_t l = 0; l < rows.L; ++l)
-      if (!m[l]) zero_at(l);
+    int64_t l = 0;
+    while (l < rows.L) {
+      while (l < rows.L && m[l]) ++l;
+      const int64_t l0 = l;
+      while (l < rows.L && !m[l]) ++l;
+      zero_run(l0, l);
+    }
   } else {
-    for (int64_t l = count; l < rows.L; ++l) zero_at(l);
+    zero_run(count, rows.L);
   }
-  (void)idx;
 }
 
 template <class scalar_t>
@@ -349,9 +383,10 @@ void bwd_impl(const BwdParams& p, const Rows& rows, at::Tensor& gq) {
           idx_row = b;
         }
         const Span s{b, h, rows.start(b), cnt, rows.mask ? idx.data() : nullptr};
+        if (t + 1 < t1) prefetch_row<scalar_t>(p, rows, (t + 1) / H, (t + 1) % H);
         kt.bwd(p, s, ws.data(), dq.data());
         store_dq(t, dq.data());
-        zero_invalid<scalar_t>(rows, p, b, h, cnt, idx);
+        zero_invalid<scalar_t>(rows, p, b, h, cnt);
       }
     });
     return;
@@ -383,7 +418,7 @@ void bwd_impl(const BwdParams& p, const Rows& rows, at::Tensor& gq) {
         for (int64_t x = 0; x < N * Dk; ++x) dq[x] += pdq[i * N * Dk + x];
       store_dq(t, dq.data());
       const int64_t b = t / H;
-      zero_invalid<scalar_t>(rows, p, b, t % H, rows.count(b, nullptr), idx);
+      zero_invalid<scalar_t>(rows, p, b, t % H, rows.count(b, nullptr));
     }
   });
 }
@@ -401,8 +436,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_common(const at::Tensor& grad
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor delta = delta_in.contiguous();
   at::Tensor gq = at::empty(q.sizes(), q.options());
-  at::Tensor gk = at::empty(k.sizes(), k.options());
-  at::Tensor gv = at::empty(v.sizes(), v.options());
+  at::Tensor gk = empty_output(k.sizes(), k.options());
+  at::Tensor gv = empty_output(v.sizes(), v.options());
   if (d.B == 0) {
     gk.zero_();
     gv.zero_();

@@ -53,6 +53,15 @@ struct Vec256 {
   void store(fp16_t* p) const {
     _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
+  // Streaming (non-temporal) stores; p is aligned to the full vector width.
+  void stream(float* p) const { _mm256_stream_ps(p, v); }
+  template <class T>
+  void stream(T* p) const {
+    T buf[W];
+    store(buf);
+    _mm_stream_si128((__m128i*)p, _mm_loadu_si128((const __m128i*)buf));
+  }
+  static void fence() { _mm_sfence(); }
   template <class T>
   void store_partial(T* p, int n) const {
     T buf[W];
@@ -64,6 +73,7 @@ struct Vec256 {
   Vec256 operator-(Vec256 b) const { return {_mm256_sub_ps(v, b.v)}; }
   Vec256 operator*(Vec256 b) const { return {_mm256_mul_ps(v, b.v)}; }
   static Vec256 fma(Vec256 a, Vec256 b, Vec256 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  float first() const { return _mm256_cvtss_f32(v); }
   float reduce_add() const {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -53,6 +53,11 @@ struct Vec512 {
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   void store(bf16_t* p) const { _mm256_storeu_si256((__m256i*)p, to_bf16()); }
   void store(fp16_t* p) const { _mm256_storeu_si256((__m256i*)p, to_fp16()); }
+  // Streaming (non-temporal) stores; p is aligned to the full vector width.
+  void stream(float* p) const { _mm512_stream_ps(p, v); }
+  void stream(bf16_t* p) const { _mm256_stream_si256((__m256i*)p, to_bf16()); }
+  void stream(fp16_t* p) const { _mm256_stream_si256((__m256i*)p, to_fp16()); }
+  static void fence() { _mm_sfence(); }
   void store_partial(float* p, int n) const { _mm512_mask_storeu_ps(p, lanes(n), v); }
   void store_partial(bf16_t* p, int n) const { _mm256_mask_storeu_epi16(p, lanes(n), to_bf16()); }
   void store_partial(fp16_t* p, int n) const { _mm256_mask_storeu_epi16(p, lanes(n), to_fp16()); }
@@ -61,6 +66,7 @@ struct Vec512 {
   Vec512 operator-(Vec512 b) const { return {_mm512_sub_ps(v, b.v)}; }
   Vec512 operator*(Vec512 b) const { return {_mm512_mul_ps(v, b.v)}; }
   static Vec512 fma(Vec512 a, Vec512 b, Vec512 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  float first() const { return _mm512_cvtss_f32(v); }
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
   float reduce_max() const { return _mm512_reduce_max_ps(v); }
 

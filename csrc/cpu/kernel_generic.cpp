@@ -7,6 +7,13 @@
 #include <cmath>
 
 #include "kernel_common.h"
+
+// GCC 12's loop vectoriser miscompiled an earlier form of block_dots for this one-lane vector
+// (a chained in-order reduction); the portable path gains nothing from it, so it is off here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-tree-vectorize")
+#endif
+
 #include "kernel_impl.h"
 
 namespace attnkern {
@@ -34,6 +41,11 @@ struct VecScalar {
   void store(bf16_t* p) const { p->x = c10::detail::round_to_nearest_even(float(x)); }
   void store(fp16_t* p) const { p->x = c10::detail::fp16_ieee_from_fp32_value(float(x)); }
   template <class T>
+  void stream(T* p) const {
+    store(p);
+  }
+  static void fence() {}
+  template <class T>
   void store_partial(T* p, int n) const {
     if (n > 0) store(p);
   }
@@ -41,6 +53,7 @@ struct VecScalar {
   VecScalar operator-(VecScalar b) const { return {x - b.x}; }
   VecScalar operator*(VecScalar b) const { return {x * b.x}; }
   static VecScalar fma(VecScalar a, VecScalar b, VecScalar c) { return {a.x * b.x + c.x}; }
+  A first() const { return x; }
   A reduce_add() const { return x; }
   A reduce_max() const { return x; }
   static VecScalar exp2(VecScalar a) { return {std::exp2(a.x)}; }

@@ -47,45 +47,109 @@ inline V load_chunk(const T* p, int64_t c, int64_t last, int tail) {
 
 // Scores of one query against the W keys of a block: lane j = <x, k_j>. x is a padded fp32/64
 // vector in the workspace (zeros past D), kp[j] points at key j (repeated past the block end).
+// Keys are read row by row (each row front to back, as the hardware prefetchers like it),
+// with up to four chunks of x held in registers.
 template <class V, class T>
 inline V block_dots(const typename V::A* x, const T* const* kp, int64_t nch, int tail) {
   constexpr int W = V::W;
   V acc[W];
 #pragma GCC unroll 16
   for (int j = 0; j < W; ++j) acc[j] = V::zero();
-  for (int64_t c = 0; c + 1 < nch; ++c) {
+  const int64_t nfull = tail == W ? nch : nch - 1;
+  int64_t c = 0;
+  for (; c + 4 <= nfull; c += 4) {
+    const V x0 = V::load(x + c * W), x1 = V::load(x + (c + 1) * W);
+    const V x2 = V::load(x + (c + 2) * W), x3 = V::load(x + (c + 3) * W);
+#pragma GCC unroll 16
+    for (int j = 0; j < W; ++j) {
+      const T* r = kp[j] + c * W;
+      V a = V::fma(x0, V::load(r), acc[j]);
+      a = V::fma(x1, V::load(r + W), a);
+      a = V::fma(x2, V::load(r + 2 * W), a);
+      acc[j] = V::fma(x3, V::load(r + 3 * W), a);
+    }
+  }
+  for (; c < nfull; ++c) {
     const V xc = V::load(x + c * W);
 #pragma GCC unroll 16
     for (int j = 0; j < W; ++j) acc[j] = V::fma(xc, V::load(kp[j] + c * W), acc[j]);
   }
-  {
-    const int64_t c = nch - 1;
+  if (c < nch) {
     const V xc = V::load(x + c * W);
-    if (tail == W) {
 #pragma GCC unroll 16
-      for (int j = 0; j < W; ++j) acc[j] = V::fma(xc, V::load(kp[j] + c * W), acc[j]);
-    } else {
-#pragma GCC unroll 16
-      for (int j = 0; j < W; ++j) acc[j] = V::fma(xc, V::load_partial(kp[j] + c * W, tail), acc[j]);
-    }
+    for (int j = 0; j < W; ++j) acc[j] = V::fma(xc, V::load_partial(kp[j] + c * W, tail), acc[j]);
   }
   return V::transpose_reduce(acc);
 }
 
-// y[0:nch*W] += sum_{j < nb} w[j] * row_j, rows read from input rows rp[j] (dtype T).
+// y[0:nch*W] = y * y_scale + sum_{j < nb} w[j] * row_j, rows read from input rows rp[j]
+// (dtype T). Four chunks at a time stay in registers while the rows stream past, so each row is
+// read front to back and the four FMA chains run in parallel.
 template <class V, class T>
 inline void block_axpy_rows(typename V::A* y, const typename V::A* w, const T* const* rp, int nb,
                             int64_t nch, int tail, typename V::A y_scale) {
   constexpr int W = V::W;
   const V ys = V::set1(y_scale);
-  for (int64_t c = 0; c < nch; ++c) {
-    V a = V::load(y + c * W) * ys;
-    if (c + 1 < nch || tail == W) {
-      for (int j = 0; j < nb; ++j) a = V::fma(V::set1(w[j]), V::load(rp[j] + c * W), a);
-    } else {
-      for (int j = 0; j < nb; ++j) a = V::fma(V::set1(w[j]), V::load_partial(rp[j] + c * W, tail), a);
+  const int64_t nfull = tail == W ? nch : nch - 1;
+  int64_t c = 0;
+  for (; c + 4 <= nfull; c += 4) {
+    V a0 = V::load(y + c * W) * ys, a1 = V::load(y + (c + 1) * W) * ys;
+    V a2 = V::load(y + (c + 2) * W) * ys, a3 = V::load(y + (c + 3) * W) * ys;
+    for (int j = 0; j < nb; ++j) {
+      const V wj = V::set1(w[j]);
+      const T* r = rp[j] + c * W;
+      a0 = V::fma(wj, V::load(r), a0);
+      a1 = V::fma(wj, V::load(r + W), a1);
+      a2 = V::fma(wj, V::load(r + 2 * W), a2);
+      a3 = V::fma(wj, V::load(r + 3 * W), a3);
     }
+    a0.store(y + c * W);
+    a1.store(y + (c + 1) * W);
+    a2.store(y + (c + 2) * W);
+    a3.store(y + (c + 3) * W);
+  }
+  for (; c < nfull; ++c) {
+    V a = V::load(y + c * W) * ys;
+    for (int j = 0; j < nb; ++j) a = V::fma(V::set1(w[j]), V::load(rp[j] + c * W), a);
     a.store(y + c * W);
+  }
+  if (c < nch) {
+    V a = V::load(y + c * W) * ys;
+    for (int j = 0; j < nb; ++j) a = V::fma(V::set1(w[j]), V::load_partial(rp[j] + c * W, tail), a);
+    a.store(y + c * W);
+  }
+}
+
+// Software prefetch of the K/V rows of a later block: rows of one history are contiguous but
+// short, and each new row (or mask gap) restarts the hardware prefetchers. One line in two:
+// the L2 adjacent-line prefetcher fetches the other half of each 128-byte pair.
+template <class T>
+inline void prefetch_block(const Span& s, int64_t i0, const T* base, int64_t stride_l, int64_t D) {
+  constexpr int W = 16;
+  const int64_t i1 = s.count < i0 + W ? s.count : i0 + W;
+  if (i0 >= i1) return;
+  if (!s.idx && stride_l == D) {  // dense rows: one contiguous range
+    const char* a = reinterpret_cast<const char*>(base + (s.start + i0) * stride_l);
+    const char* e = reinterpret_cast<const char*>(base + (s.start + i1) * stride_l);
+    for (; a < e; a += 128) __builtin_prefetch(a, 0, 3);
+    return;
+  }
+  const int64_t bytes = D * int64_t(sizeof(T));
+  for (int64_t i = i0; i < i1; ++i) {
+    const char* r = reinterpret_cast<const char*>(base + (s.start + (s.idx ? int64_t(s.idx[i]) : i)) * stride_l);
+    for (int64_t o = 0; o < bytes; o += 128) __builtin_prefetch(r + o, 0, 3);
+  }
+}
+
+// Row pointers of the block starting at valid position i0; past the block end (nb <= j < W)
+// they repeat the last row, whose scores are then masked to -inf.
+template <int W, class T>
+inline void block_rows(const Span& s, int64_t i0, int nb, const T* base, int64_t stride_l, const T** rp) {
+  if (!s.idx) {
+    const T* r = base + (s.start + i0) * stride_l;
+    for (int j = 0; j < W; ++j) rp[j] = r + (j < nb ? j : nb - 1) * stride_l;
+  } else {
+    for (int j = 0; j < W; ++j) rp[j] = base + (s.start + int64_t(s.idx[i0 + (j < nb ? j : nb - 1)])) * stride_l;
   }
 }
 
@@ -121,11 +185,15 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
   const T* vp[W];
   for (int64_t i0 = 0; i0 < s.count; i0 += W) {
     const int nb = int(s.count - i0 < W ? s.count - i0 : W);
-    for (int j = 0; j < W; ++j) {
-      const int64_t i = i0 + (j < nb ? j : nb - 1);
-      const int64_t pos = s.start + (s.idx ? int64_t(s.idx[i]) : i);
-      kp[j] = kb + pos * p.k_sl;
-      vp[j] = vb + pos * p.v_sl;
+    block_rows<W>(s, i0, nb, kb, p.k_sl, kp);
+    block_rows<W>(s, i0, nb, vb, p.v_sl, vp);
+    if (p.prefetch) {
+    if (i0 == 0) {
+      prefetch_block(s, W, kb, p.k_sl, Dk);
+      prefetch_block(s, W, vb, p.v_sl, Dv);
+    }
+    prefetch_block(s, i0 + 2 * W, kb, p.k_sl, Dk);
+    prefetch_block(s, i0 + 2 * W, vb, p.v_sl, Dv);
     }
     for (int64_t n = 0; n < N; ++n) {
       const V sc = block_dots<V, T>(qs + n * Dkp, kp, nck, kt).mask_tail(nb);
@@ -133,7 +201,7 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
       const A bmax = sc.reduce_max();
       const A mnew = mold > bmax ? mold : bmax;
       const V pr = V::exp2(sc - V::set1(mnew));
-      const A alpha = scalar_exp2<A>(mold - mnew);
+      const A alpha = mold == mnew ? A(1) : V::exp2(V::set1(mold - mnew)).first();
       ll[n] = ll[n] * alpha + pr.reduce_add();
       mm[n] = mnew;
       pr.store(pb);
@@ -145,6 +213,21 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
     m_out[n] = mm[n];
     l_out[n] = ll[n];
   }
+}
+
+// Writes one gradient row (fp32/64 workspace -> dtype T). Whole, aligned rows use streaming
+// stores: the gradients are written once and not read back soon, so skipping the
+// read-for-ownership of each line saves a third of the backward's memory traffic.
+template <class V, class T>
+inline void store_row(T* dst, const typename V::A* src, int64_t nch, int tail) {
+  constexpr int W = V::W;
+  if (tail == W && (reinterpret_cast<uintptr_t>(dst) % (W * sizeof(T))) == 0) {
+    for (int64_t c = 0; c < nch; ++c) V::load(src + c * W).stream(dst + c * W);
+    return;
+  }
+  for (int64_t c = 0; c + 1 < nch; ++c) V::load(src + c * W).store(dst + c * W);
+  const V x = V::load(src + (nch - 1) * W);
+  if (tail == W) x.store(dst + (nch - 1) * W); else x.store_partial(dst + (nch - 1) * W, tail);
 }
 
 template <class V, class T>
@@ -216,6 +299,14 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
       kp[j] = kb + pos * p.k_sl;
       vp[j] = vb + pos * p.v_sl;
     }
+    if (p.prefetch) {
+    if (i0 == 0) {
+      prefetch_block(s, W, kb, p.k_sl, Dk);
+      prefetch_block(s, W, vb, p.v_sl, Dv);
+    }
+    prefetch_block(s, i0 + 2 * W, kb, p.k_sl, Dk);
+    prefetch_block(s, i0 + 2 * W, vb, p.v_sl, Dv);
+    }
     for (int j = 0; j < nb; ++j) {
       for (int64_t c = 0; c < nck; ++c) V::zero().store(dkb + j * Dkp + c * W);
       for (int64_t c = 0; c < ncv; ++c) V::zero().store(dvb + j * Dvp + c * W);
@@ -240,18 +331,11 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
       block_axpy_rows<V, T>(dqa + n * Dkp, dsb, kp, nb, nck, kt, A(1));
     }
     for (int j = 0; j < nb; ++j) {
-      T* gk = gkb + posb[j] * p.gk_sl;
-      T* gv = gvb + posb[j] * p.gv_sl;
-      for (int64_t c = 0; c < nck; ++c) {
-        const V x = V::load(dkb + j * Dkp + c * W);
-        if (c + 1 < nck || kt == W) x.store(gk + c * W); else x.store_partial(gk + c * W, kt);
-      }
-      for (int64_t c = 0; c < ncv; ++c) {
-        const V x = V::load(dvb + j * Dvp + c * W);
-        if (c + 1 < ncv || vt == W) x.store(gv + c * W); else x.store_partial(gv + c * W, vt);
-      }
+      store_row<V>(gkb + posb[j] * p.gk_sl, dkb + j * Dkp, nck, kt);
+      store_row<V>(gvb + posb[j] * p.gv_sl, dvb + j * Dvp, ncv, vt);
     }
   }
+  V::fence();
   for (int64_t n = 0; n < N; ++n)
     for (int64_t d = 0; d < Dk; ++d) dq_out[n * Dk + d] = dqa[n * Dkp + d];
 }
