@@ -274,11 +274,16 @@ def test_autotune_keys():
 
 @pytest.mark.parametrize("block_n,bdk,bdv", [(1, 16, 16), (1, 256, 256), (4, 256, 16),
                                               (16, 64, 64), (64, 256, 256)])
-@pytest.mark.parametrize("configs", ["fwd", "bwd"])
-def test_autotune_prune(block_n, bdk, bdv, configs):
-    configs = K.FWD_CONFIGS if configs == "fwd" else K.BWD_CONFIGS
-    kept = K.prune_configs(configs, {"BLOCK_N": block_n, "BLOCK_DK": bdk, "BLOCK_DV": bdv})
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+def test_autotune_prune(block_n, bdk, bdv, kind):
+    configs = K.FWD_CONFIGS if kind == "fwd" else K.BWD_CONFIGS
+    prune = K.prune_configs if kind == "fwd" else K._prune_bwd
+    # Triton passes the constexprs given at launch as keyword arguments.
+    kept = prune(configs, {}, BLOCK_N=block_n, BLOCK_DK=bdk, BLOCK_DV=bdv)
     assert kept and all(c in configs for c in kept)
+    if kind == "bwd":  # dk/dv keep four [BLOCK_L, D] float32 tiles live
+        assert all(c.kwargs["BLOCK_L"] * (bdk + bdv) <= K._BWD_TILE_ELEMS or len(kept) == 1
+                   for c in kept)
     if block_n <= K.SMALL_N:  # broadcast path: the [BLOCK_N, BLOCK_L, BLOCK_D] product is bounded
         assert all(block_n * c.kwargs["BLOCK_L"] * max(bdk, bdv) <= K._BROADCAST_ELEMS
                    or len(kept) == 1 for c in kept)
@@ -307,8 +312,9 @@ def test_fp32_dot_precision_knob(monkeypatch):
 def test_default_block_l_fits():
     for bn in (1, 4, 16, 64):
         for d in (16, 64, 256):
-            bl = K.default_block_l(bn, d, d)
-            assert bl in (16, 32, 64)
+            for bwd in (False, True):
+                bl = K.default_block_l(bn, d, d, bwd=bwd)
+                assert bl in (16, 32, 64) and (bl == 16 or K._fits(bn, bl, d, d, bwd=bwd))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -414,8 +414,14 @@ _BROADCAST_ELEMS = 16384
 INTERPRET_BLOCK_L = 16
 
 
-def _fits(block_n, block_l, block_dk, block_dv, dtype_bytes=4):
+# The dk/dv kernel keeps K, V, dK and dV tiles [BLOCK_L, D] live in float32: bound their size.
+_BWD_TILE_ELEMS = 16384
+
+
+def _fits(block_n, block_l, block_dk, block_dv, dtype_bytes=4, bwd=False):
     d = max(block_dk, block_dv)
+    if bwd and block_l * (block_dk + block_dv) > _BWD_TILE_ELEMS:
+        return False
     if block_n <= SMALL_N:
         return block_n * block_l * d <= _BROADCAST_ELEMS
     # K and V tiles (+ pipelining) must fit in shared memory; stay well under 228 KB.
@@ -435,30 +441,36 @@ BWD_CONFIGS = _configs((16, 32, 64), (4, 8), (2,)) + _configs((32, 64), (4, 8), 
 AUTOTUNE_KEY = ["DK", "DV", "N_KEY"]  # Triton adds every tensor argument's dtype to the key
 
 
-def prune_configs(configs, named_args, **kwargs):
+def prune_configs(configs, named_args, bwd=False, **kwargs):
     """Drops configs whose tiles do not fit the head dims / query block; keeps at least one."""
     bn = named_args.get("BLOCK_N", kwargs.get("BLOCK_N"))
     bdk = named_args.get("BLOCK_DK", kwargs.get("BLOCK_DK"))
     bdv = named_args.get("BLOCK_DV", kwargs.get("BLOCK_DV"))
-    kept = [c for c in configs if _fits(bn, c.kwargs["BLOCK_L"], bdk, bdv)]
+    kept = [c for c in configs if _fits(bn, c.kwargs["BLOCK_L"], bdk, bdv, bwd=bwd)]
     if kept:
         return kept
     return [min(configs, key=lambda c: (c.kwargs["BLOCK_L"], c.num_warps))]
 
 
-_PRUNE = {"early_config_prune": prune_configs}
-_fwd_tuned = triton.autotune(FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_PRUNE)(
+def _prune_bwd(configs, named_args, **kwargs):
+    return prune_configs(configs, named_args, bwd=True, **kwargs)
+
+
+_fwd_tuned = triton.autotune(FWD_CONFIGS, key=AUTOTUNE_KEY,
+                             prune_configs_by={"early_config_prune": prune_configs})(
     _attention_pool_fwd_kernel)
-_dq_tuned = triton.autotune(BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_PRUNE)(
+_dq_tuned = triton.autotune(BWD_CONFIGS, key=AUTOTUNE_KEY,
+                            prune_configs_by={"early_config_prune": _prune_bwd})(
     _attention_pool_bwd_dq_kernel)
-_dkdv_tuned = triton.autotune(BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_PRUNE)(
+_dkdv_tuned = triton.autotune(BWD_CONFIGS, key=AUTOTUNE_KEY,
+                              prune_configs_by={"early_config_prune": _prune_bwd})(
     _attention_pool_bwd_dkdv_kernel)
 
 
-def default_block_l(block_n, block_dk, block_dv):
+def default_block_l(block_n, block_dk, block_dv, bwd=False):
     """Untuned BLOCK_L: the largest of 64/32/16 that fits (CUDA with autotune off)."""
     for bl in (64, 32, 16):
-        if _fits(block_n, bl, block_dk, block_dv):
+        if _fits(block_n, bl, block_dk, block_dv, bwd=bwd):
             return bl
     return 16
 
@@ -678,7 +690,8 @@ def attention_pool_bwd(
                 NATIVE_DOT=native_dot(query.dtype))
     tuned = block_l is None and _use_autotune(query.device)
     if block_l is None and not tuned:
-        block_l = INTERPRET_BLOCK_L if interpret_mode() else default_block_l(block_n, block_dk, block_dv)
+        block_l = (INTERPRET_BLOCK_L if interpret_mode()
+                   else default_block_l(block_n, block_dk, block_dv, bwd=True))
     fixed = {} if tuned else {"BLOCK_L": block_l}
 
     common = (
