@@ -138,7 +138,7 @@ Rows jagged_rows(const PoolDims& d, const at::Tensor& offsets, int64_t max_lengt
 // is a new stream for the hardware prefetchers.
 template <class scalar_t>
 void prefetch_row(const FwdParams& p, const Rows& rows, int64_t b, int64_t h) {
-  if (b >= rows.B || rows.mask || p.prefetch < 0) return;
+  if (b >= rows.B || rows.mask) return;
   const int64_t n = std::min<int64_t>(rows.count(b, nullptr), 32);
   const int64_t t0 = rows.start(b);
   const auto* kb = static_cast<const scalar_t*>(p.k) + b * p.k_sb + h * p.k_sh;
@@ -203,7 +203,6 @@ void fill_fwd_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, con
   p.Dk = d.Dk;
   p.Dv = d.Dv;
   p.scale = scale;
-  p.prefetch = std::getenv("AKPF") ? std::atoi(std::getenv("AKPF")) : 1;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -320,9 +319,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_common(const at::Tensor& query_in, const 
 // Backward
 
 // Zeroes grad_key/grad_value of head h at the positions of padded row b that take no part.
-// Runs of consecutive positions become one memset when the heads are not interleaved (H == 1).
+// Runs of consecutive positions become one streaming fill when the heads are not interleaved
+// (H == 1).
 template <class scalar_t>
-void zero_invalid(const Rows& rows, const BwdParams& p, int64_t b, int64_t h, int64_t count) {
+void zero_invalid(const Rows& rows, const BwdParams& p, const KernelTable& kt, int64_t b, int64_t h, int64_t count) {
   if (rows.offsets) return;  // jagged: rows beyond offsets[B] are zeroed once, at the end
   scalar_t* gk = static_cast<scalar_t*>(p.gk) + b * p.gk_sb + h * p.gk_sh;
   scalar_t* gv = static_cast<scalar_t*>(p.gv) + b * p.gv_sb + h * p.gv_sh;
@@ -330,8 +330,8 @@ void zero_invalid(const Rows& rows, const BwdParams& p, int64_t b, int64_t h, in
   auto zero_run = [&](int64_t l0, int64_t l1) {  // positions [l0, l1)
     if (l0 >= l1) return;
     if (dense) {
-      std::memset(gk + l0 * p.gk_sl, 0, sizeof(scalar_t) * p.Dk * (l1 - l0));
-      std::memset(gv + l0 * p.gv_sl, 0, sizeof(scalar_t) * p.Dv * (l1 - l0));
+      kt.zero(gk + l0 * p.gk_sl, int64_t(sizeof(scalar_t)) * p.Dk * (l1 - l0));
+      kt.zero(gv + l0 * p.gv_sl, int64_t(sizeof(scalar_t)) * p.Dv * (l1 - l0));
       return;
     }
     for (int64_t l = l0; l < l1; ++l) {
@@ -386,7 +386,7 @@ void bwd_impl(const BwdParams& p, const Rows& rows, at::Tensor& gq) {
         if (t + 1 < t1) prefetch_row<scalar_t>(p, rows, (t + 1) / H, (t + 1) % H);
         kt.bwd(p, s, ws.data(), dq.data());
         store_dq(t, dq.data());
-        zero_invalid<scalar_t>(rows, p, b, h, cnt);
+        zero_invalid<scalar_t>(rows, p, kt, b, h, cnt);
       }
     });
     return;
@@ -418,7 +418,7 @@ void bwd_impl(const BwdParams& p, const Rows& rows, at::Tensor& gq) {
         for (int64_t x = 0; x < N * Dk; ++x) dq[x] += pdq[i * N * Dk + x];
       store_dq(t, dq.data());
       const int64_t b = t / H;
-      zero_invalid<scalar_t>(rows, p, b, t % H, rows.count(b, nullptr));
+      zero_invalid<scalar_t>(rows, p, kt, b, t % H, rows.count(b, nullptr));
     }
   });
 }

@@ -187,14 +187,12 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
     const int nb = int(s.count - i0 < W ? s.count - i0 : W);
     block_rows<W>(s, i0, nb, kb, p.k_sl, kp);
     block_rows<W>(s, i0, nb, vb, p.v_sl, vp);
-    if (p.prefetch) {
     if (i0 == 0) {
       prefetch_block(s, W, kb, p.k_sl, Dk);
       prefetch_block(s, W, vb, p.v_sl, Dv);
     }
     prefetch_block(s, i0 + 2 * W, kb, p.k_sl, Dk);
     prefetch_block(s, i0 + 2 * W, vb, p.v_sl, Dv);
-    }
     for (int64_t n = 0; n < N; ++n) {
       const V sc = block_dots<V, T>(qs + n * Dkp, kp, nck, kt).mask_tail(nb);
       const A mold = mm[n];
@@ -299,14 +297,12 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
       kp[j] = kb + pos * p.k_sl;
       vp[j] = vb + pos * p.v_sl;
     }
-    if (p.prefetch) {
     if (i0 == 0) {
       prefetch_block(s, W, kb, p.k_sl, Dk);
       prefetch_block(s, W, vb, p.v_sl, Dv);
     }
     prefetch_block(s, i0 + 2 * W, kb, p.k_sl, Dk);
     prefetch_block(s, i0 + 2 * W, vb, p.v_sl, Dv);
-    }
     for (int j = 0; j < nb; ++j) {
       for (int64_t c = 0; c < nck; ++c) V::zero().store(dkb + j * Dkp + c * W);
       for (int64_t c = 0; c < ncv; ++c) V::zero().store(dvb + j * Dvp + c * W);
