@@ -107,6 +107,7 @@ def check_against_reference(layout, dtype, B, N, H, Dk, Dv, L, *, seed=0, length
         (3, 2, 3, 130, 1, 17),
         (4, 2, 1, 1, 130, 16),  # L exactly one 16-block
         (2, 1, 2, 33, 17, 1100),  # few rows, long: split path
+        (3, 6, 2, 7, 130, 45),  # N >= 4: query-blocked path plus a remainder query
     ],
 )
 def test_matches_reference(layout, dtype, B, N, H, Dk, Dv, L):
@@ -239,7 +240,7 @@ sys.path.insert(0, "tests")
 from test_cpu import check_against_reference
 for layout in ("full", "lengths", "mask", "jagged"):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        check_against_reference(layout, dtype, 3, 3, 2, 19, 33, 45)
+        check_against_reference(layout, dtype, 3, 5, 2, 19, 33, 45)
         check_against_reference(layout, dtype, 2, 1, 1, 64, 64, 1100)
 """
 
