@@ -134,23 +134,6 @@ Rows jagged_rows(const PoolDims& d, const at::Tensor& offsets, int64_t max_lengt
   return r;
 }
 
-// Starts loading the first positions of the next task's row while this one computes: a new row
-// is a new stream for the hardware prefetchers.
-template <class scalar_t>
-void prefetch_row(const FwdParams& p, const Rows& rows, int64_t b, int64_t h) {
-  if (b >= rows.B || rows.mask) return;
-  const int64_t n = std::min<int64_t>(rows.count(b, nullptr), 32);
-  const int64_t t0 = rows.start(b);
-  const auto* kb = static_cast<const scalar_t*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const auto* vb = static_cast<const scalar_t*>(p.v) + b * p.v_sb + h * p.v_sh;
-  for (int64_t i = t0; i < t0 + n; ++i) {
-    const char* kr = reinterpret_cast<const char*>(kb + i * p.k_sl);
-    const char* vr = reinterpret_cast<const char*>(vb + i * p.v_sl);
-    for (int64_t o = 0; o < p.Dk * int64_t(sizeof(scalar_t)); o += 64) __builtin_prefetch(kr + o, 0, 3);
-    for (int64_t o = 0; o < p.Dv * int64_t(sizeof(scalar_t)); o += 64) __builtin_prefetch(vr + o, 0, 3);
-  }
-}
-
 // A unit of parallel work: (row, head) task, and the slice [i0, i1) of its valid positions.
 struct Item {
   int64_t task;
@@ -249,7 +232,6 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
           idx_row = b;
         }
         const Span s{b, t % H, rows.start(b), cnt, rows.mask ? idx.data() : nullptr};
-        if (t + 1 < t1) prefetch_row<scalar_t>(p, rows, (t + 1) / H, (t + 1) % H);
         kt.fwd(p, s, ws.data(), acc.data(), m.data(), l.data());
         finish(t, acc.data(), m.data(), l.data());
       }
@@ -383,7 +365,6 @@ void bwd_impl(const BwdParams& p, const Rows& rows, at::Tensor& gq) {
           idx_row = b;
         }
         const Span s{b, h, rows.start(b), cnt, rows.mask ? idx.data() : nullptr};
-        if (t + 1 < t1) prefetch_row<scalar_t>(p, rows, (t + 1) / H, (t + 1) % H);
         kt.bwd(p, s, ws.data(), dq.data());
         store_dq(t, dq.data());
         zero_invalid<scalar_t>(rows, p, kt, b, h, cnt);

@@ -120,27 +120,6 @@ inline void block_axpy_rows(typename V::A* y, const typename V::A* w, const T* c
   }
 }
 
-// Software prefetch of the K/V rows of a later block: rows of one history are contiguous but
-// short, and each new row (or mask gap) restarts the hardware prefetchers. One line in two:
-// the L2 adjacent-line prefetcher fetches the other half of each 128-byte pair.
-template <class T>
-inline void prefetch_block(const Span& s, int64_t i0, const T* base, int64_t stride_l, int64_t D) {
-  constexpr int W = 16;
-  const int64_t i1 = s.count < i0 + W ? s.count : i0 + W;
-  if (i0 >= i1) return;
-  if (!s.idx && stride_l == D) {  // dense rows: one contiguous range
-    const char* a = reinterpret_cast<const char*>(base + (s.start + i0) * stride_l);
-    const char* e = reinterpret_cast<const char*>(base + (s.start + i1) * stride_l);
-    for (; a < e; a += 128) __builtin_prefetch(a, 0, 3);
-    return;
-  }
-  const int64_t bytes = D * int64_t(sizeof(T));
-  for (int64_t i = i0; i < i1; ++i) {
-    const char* r = reinterpret_cast<const char*>(base + (s.start + (s.idx ? int64_t(s.idx[i]) : i)) * stride_l);
-    for (int64_t o = 0; o < bytes; o += 128) __builtin_prefetch(r + o, 0, 3);
-  }
-}
-
 // Row pointers of the block starting at valid position i0; past the block end (nb <= j < W)
 // they repeat the last row, whose scores are then masked to -inf.
 template <int W, class T>
@@ -228,12 +207,6 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
     const int nb = int(s.count - i0 < W ? s.count - i0 : W);
     block_rows<W>(s, i0, nb, kb, p.k_sl, kp);
     block_rows<W>(s, i0, nb, vb, p.v_sl, vp);
-    if (i0 == 0) {
-      prefetch_block(s, W, kb, p.k_sl, Dk);
-      prefetch_block(s, W, vb, p.v_sl, Dv);
-    }
-    prefetch_block(s, i0 + 2 * W, kb, p.k_sl, Dk);
-    prefetch_block(s, i0 + 2 * W, vb, p.v_sl, Dv);
     int64_t n = 0;
     if (W > 1 && N >= 4) {
       // Many queries per history: transpose the key block once (kt_buf[d][j]), then score four
@@ -362,12 +335,6 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
       kp[j] = kb + pos * p.k_sl;
       vp[j] = vb + pos * p.v_sl;
     }
-    if (i0 == 0) {
-      prefetch_block(s, W, kb, p.k_sl, Dk);
-      prefetch_block(s, W, vb, p.v_sl, Dv);
-    }
-    prefetch_block(s, i0 + 2 * W, kb, p.k_sl, Dk);
-    prefetch_block(s, i0 + 2 * W, vb, p.v_sl, Dv);
     for (int j = 0; j < nb; ++j) {
       for (int64_t c = 0; c < nck; ++c) V::zero().store(dkb + j * Dkp + c * W);
       for (int64_t c = 0; c < ncv; ++c) V::zero().store(dvb + j * Dvp + c * W);
