@@ -34,7 +34,7 @@ namespace cpu {
 int64_t workspace_elems(int64_t N, int64_t Dk, int64_t Dv) {
   // Padded to the widest vector (16 lanes); covers the forward and backward layouts.
   const int64_t Dkp = (Dk + 15) / 16 * 16, Dvp = (Dv + 15) / 16 * 16;
-  return 2 * N * Dkp + N * Dvp + 16 * (Dkp + Dvp) + 2 * N + 64;
+  return 2 * N * Dkp + N * Dvp + 16 * (3 * Dkp + Dvp) + 2 * N + 128;
 }
 
 namespace {
@@ -134,23 +134,6 @@ Rows jagged_rows(const PoolDims& d, const at::Tensor& offsets, int64_t max_lengt
   return r;
 }
 
-// Starts loading the first positions of the next task's row while this one computes: a new row
-// is a new stream for the hardware prefetchers.
-template <class scalar_t>
-void prefetch_row(const FwdParams& p, const Rows& rows, int64_t b, int64_t h) {
-  if (b >= rows.B || rows.mask || p.prefetch < 0) return;
-  const int64_t n = std::min<int64_t>(rows.count(b, nullptr), 32);
-  const int64_t t0 = rows.start(b);
-  const auto* kb = static_cast<const scalar_t*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const auto* vb = static_cast<const scalar_t*>(p.v) + b * p.v_sb + h * p.v_sh;
-  for (int64_t i = t0; i < t0 + n; ++i) {
-    const char* kr = reinterpret_cast<const char*>(kb + i * p.k_sl);
-    const char* vr = reinterpret_cast<const char*>(vb + i * p.v_sl);
-    for (int64_t o = 0; o < p.Dk * int64_t(sizeof(scalar_t)); o += 64) __builtin_prefetch(kr + o, 0, 3);
-    for (int64_t o = 0; o < p.Dv * int64_t(sizeof(scalar_t)); o += 64) __builtin_prefetch(vr + o, 0, 3);
-  }
-}
-
 // A unit of parallel work: (row, head) task, and the slice [i0, i1) of its valid positions.
 struct Item {
   int64_t task;
@@ -203,7 +186,6 @@ void fill_fwd_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, con
   p.Dk = d.Dk;
   p.Dv = d.Dv;
   p.scale = scale;
-  p.prefetch = std::getenv("AKPF") ? std::atoi(std::getenv("AKPF")) : 1;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -250,7 +232,6 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
           idx_row = b;
         }
         const Span s{b, t % H, rows.start(b), cnt, rows.mask ? idx.data() : nullptr};
-        if (t + 1 < t1) prefetch_row<scalar_t>(p, rows, (t + 1) / H, (t + 1) % H);
         kt.fwd(p, s, ws.data(), acc.data(), m.data(), l.data());
         finish(t, acc.data(), m.data(), l.data());
       }
@@ -320,9 +301,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_common(const at::Tensor& query_in, const 
 // Backward
 
 // Zeroes grad_key/grad_value of head h at the positions of padded row b that take no part.
-// Runs of consecutive positions become one memset when the heads are not interleaved (H == 1).
+// Runs of consecutive positions become one streaming fill when the heads are not interleaved
+// (H == 1).
 template <class scalar_t>
-void zero_invalid(const Rows& rows, const BwdParams& p, int64_t b, int64_t h, int64_t count) {
+void zero_invalid(const Rows& rows, const BwdParams& p, const KernelTable& kt, int64_t b, int64_t h, int64_t count) {
   if (rows.offsets) return;  // jagged: rows beyond offsets[B] are zeroed once, at the end
   scalar_t* gk = static_cast<scalar_t*>(p.gk) + b * p.gk_sb + h * p.gk_sh;
   scalar_t* gv = static_cast<scalar_t*>(p.gv) + b * p.gv_sb + h * p.gv_sh;
@@ -330,8 +312,8 @@ void zero_invalid(const Rows& rows, const BwdParams& p, int64_t b, int64_t h, in
   auto zero_run = [&](int64_t l0, int64_t l1) {  // positions [l0, l1)
     if (l0 >= l1) return;
     if (dense) {
-      std::memset(gk + l0 * p.gk_sl, 0, sizeof(scalar_t) * p.Dk * (l1 - l0));
-      std::memset(gv + l0 * p.gv_sl, 0, sizeof(scalar_t) * p.Dv * (l1 - l0));
+      kt.zero(gk + l0 * p.gk_sl, int64_t(sizeof(scalar_t)) * p.Dk * (l1 - l0));
+      kt.zero(gv + l0 * p.gv_sl, int64_t(sizeof(scalar_t)) * p.Dv * (l1 - l0));
       return;
     }
     for (int64_t l = l0; l < l1; ++l) {
@@ -383,10 +365,9 @@ void bwd_impl(const BwdParams& p, const Rows& rows, at::Tensor& gq) {
           idx_row = b;
         }
         const Span s{b, h, rows.start(b), cnt, rows.mask ? idx.data() : nullptr};
-        if (t + 1 < t1) prefetch_row<scalar_t>(p, rows, (t + 1) / H, (t + 1) % H);
         kt.bwd(p, s, ws.data(), dq.data());
         store_dq(t, dq.data());
-        zero_invalid<scalar_t>(rows, p, b, h, cnt);
+        zero_invalid<scalar_t>(rows, p, kt, b, h, cnt);
       }
     });
     return;
@@ -418,7 +399,7 @@ void bwd_impl(const BwdParams& p, const Rows& rows, at::Tensor& gq) {
         for (int64_t x = 0; x < N * Dk; ++x) dq[x] += pdq[i * N * Dk + x];
       store_dq(t, dq.data());
       const int64_t b = t / H;
-      zero_invalid<scalar_t>(rows, p, b, t % H, rows.count(b, nullptr));
+      zero_invalid<scalar_t>(rows, p, kt, b, t % H, rows.count(b, nullptr));
     }
   });
 }

@@ -125,9 +125,18 @@ struct Vec256 {
   }
 };
 
+void zero_avx2(void* p, int64_t bytes) {
+  char* c = static_cast<char*>(p);
+  for (; bytes > 0 && (reinterpret_cast<uintptr_t>(c) & 31); --bytes) *c++ = 0;
+  const __m256i z = _mm256_setzero_si256();
+  for (; bytes >= 32; bytes -= 32, c += 32) _mm256_stream_si256(reinterpret_cast<__m256i*>(c), z);
+  for (; bytes > 0; --bytes) *c++ = 0;
+  _mm_sfence();
+}
+
 }  // namespace
 
-KernelTable avx2_kernels() { return {"avx2", &fwd_entry<Vec256>, &bwd_entry<Vec256>}; }
+KernelTable avx2_kernels() { return {"avx2", &fwd_entry<Vec256>, &bwd_entry<Vec256>, &zero_avx2}; }
 
 }  // namespace cpu
 }  // namespace attnkern

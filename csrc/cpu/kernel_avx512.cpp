@@ -108,9 +108,18 @@ struct Vec512 {
   }
 };
 
+void zero_avx512(void* p, int64_t bytes) {
+  char* c = static_cast<char*>(p);
+  for (; bytes > 0 && (reinterpret_cast<uintptr_t>(c) & 63); --bytes) *c++ = 0;
+  const __m512i z = _mm512_setzero_si512();
+  for (; bytes >= 64; bytes -= 64, c += 64) _mm512_stream_si512(reinterpret_cast<__m512i*>(c), z);
+  for (; bytes > 0; --bytes) *c++ = 0;
+  _mm_sfence();
+}
+
 }  // namespace
 
-KernelTable avx512_kernels() { return {"avx512", &fwd_entry<Vec512>, &bwd_entry<Vec512>}; }
+KernelTable avx512_kernels() { return {"avx512", &fwd_entry<Vec512>, &bwd_entry<Vec512>, &zero_avx512}; }
 
 }  // namespace cpu
 }  // namespace attnkern

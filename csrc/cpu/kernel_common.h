@@ -34,7 +34,6 @@ struct FwdParams {
   int64_t v_sb = 0, v_sl = 0, v_sh = 0;
   int64_t N = 1, H = 1, Dk = 1, Dv = 1;
   double scale = 1.0;
-  int prefetch = 1;  // EXPERIMENT
 };
 
 struct BwdParams : FwdParams {
@@ -69,10 +68,14 @@ typedef void (*FwdFn)(const FwdParams& p, const Span& s, void* ws, void* acc, vo
 // dq [N, Dk] (float, or double for kF64) = scale * sum_l ds_l k_l over the span.
 typedef void (*BwdFn)(const BwdParams& p, const Span& s, void* ws, void* dq);
 
+// Zeroes `bytes` bytes with streaming stores where aligned (gradients of padded positions).
+typedef void (*ZeroFn)(void* p, int64_t bytes);
+
 struct KernelTable {
   const char* name;
   FwdFn fwd;
   BwdFn bwd;
+  ZeroFn zero;
 };
 
 // Portable kernels (scalar, auto-vectorised): every dtype, and the only float64 path.

@@ -5,6 +5,7 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
+#include <cstring>
 
 #include "kernel_common.h"
 
@@ -75,9 +76,11 @@ void bwd_generic(const BwdParams& p, const Span& s, void* ws, void* dq) {
     bwd_entry<VecScalar<float>>(p, s, ws, dq);
 }
 
+void zero_generic(void* p, int64_t bytes) { std::memset(p, 0, size_t(bytes)); }
+
 }  // namespace
 
-KernelTable generic_kernels() { return {"generic", &fwd_generic, &bwd_generic}; }
+KernelTable generic_kernels() { return {"generic", &fwd_generic, &bwd_generic, &zero_generic}; }
 
 }  // namespace cpu
 }  // namespace attnkern

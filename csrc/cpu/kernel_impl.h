@@ -120,27 +120,6 @@ inline void block_axpy_rows(typename V::A* y, const typename V::A* w, const T* c
   }
 }
 
-// Software prefetch of the K/V rows of a later block: rows of one history are contiguous but
-// short, and each new row (or mask gap) restarts the hardware prefetchers. One line in two:
-// the L2 adjacent-line prefetcher fetches the other half of each 128-byte pair.
-template <class T>
-inline void prefetch_block(const Span& s, int64_t i0, const T* base, int64_t stride_l, int64_t D) {
-  constexpr int W = 16;
-  const int64_t i1 = s.count < i0 + W ? s.count : i0 + W;
-  if (i0 >= i1) return;
-  if (!s.idx && stride_l == D) {  // dense rows: one contiguous range
-    const char* a = reinterpret_cast<const char*>(base + (s.start + i0) * stride_l);
-    const char* e = reinterpret_cast<const char*>(base + (s.start + i1) * stride_l);
-    for (; a < e; a += 128) __builtin_prefetch(a, 0, 3);
-    return;
-  }
-  const int64_t bytes = D * int64_t(sizeof(T));
-  for (int64_t i = i0; i < i1; ++i) {
-    const char* r = reinterpret_cast<const char*>(base + (s.start + (s.idx ? int64_t(s.idx[i]) : i)) * stride_l);
-    for (int64_t o = 0; o < bytes; o += 128) __builtin_prefetch(r + o, 0, 3);
-  }
-}
-
 // Row pointers of the block starting at valid position i0; past the block end (nb <= j < W)
 // they repeat the last row, whose scores are then masked to -inf.
 template <int W, class T>
@@ -151,6 +130,44 @@ inline void block_rows(const Span& s, int64_t i0, int nb, const T* base, int64_t
   } else {
     for (int j = 0; j < W; ++j) rp[j] = base + (s.start + int64_t(s.idx[i0 + (j < nb ? j : nb - 1)])) * stride_l;
   }
+}
+
+// Online-softmax step of one query for one block: updates its running max/sum and returns
+// the block's probabilities (in pb) and the factor alpha that rescales its accumulator.
+template <class V>
+inline typename V::A softmax_step(V sc, typename V::A* mm, typename V::A* ll, typename V::A* pb) {
+  using A = typename V::A;
+  const A mold = *mm;
+  const A bmax = sc.reduce_max();
+  const A mnew = mold > bmax ? mold : bmax;
+  const V pr = V::exp2(sc - V::set1(mnew));
+  const A alpha = mold == mnew ? A(1) : V::exp2(V::set1(mold - mnew)).first();
+  *ll = *ll * alpha + pr.reduce_add();
+  *mm = mnew;
+  pr.store(pb);
+  return alpha;
+}
+
+// acc_i = acc_i * alpha_i + sum_j pb_i[j] v_j for four queries i at once (G chunks of the value
+// rows in flight, 4 x G accumulators in registers): each value row is loaded once for all four.
+template <class V, class T, int G>
+inline void pv4_chunks(typename V::A* const* acc, const typename V::A* alpha, const typename V::A* pb,
+                       const T* const* vp, int nb, int64_t c, int tail) {
+  constexpr int W = V::W;
+  V a[4][G];
+  for (int i = 0; i < 4; ++i)
+    for (int g = 0; g < G; ++g) a[i][g] = V::load(acc[i] + (c + g) * W) * V::set1(alpha[i]);
+  for (int j = 0; j < nb; ++j) {
+    V x[G];
+    for (int g = 0; g < G; ++g)
+      x[g] = tail == W ? V::load(vp[j] + (c + g) * W) : V::load_partial(vp[j] + (c + g) * W, tail);
+    for (int i = 0; i < 4; ++i) {
+      const V w = V::set1(pb[i * W + j]);
+      for (int g = 0; g < G; ++g) a[i][g] = V::fma(w, x[g], a[i][g]);
+    }
+  }
+  for (int i = 0; i < 4; ++i)
+    for (int g = 0; g < G; ++g) a[i][g].store(acc[i] + (c + g) * W);
 }
 
 template <class V, class T>
@@ -167,6 +184,9 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
   A* mm = acc + N * Dvp;
   A* ll = mm + N;
   A* pb = ll + N;
+  A* p4 = pb + W;             // probabilities of four queries [4][W]
+  A* kt_buf = p4 + 4 * W;     // key block transposed [Dkp][W]
+  A* rows_buf = kt_buf + Dkp * W;  // key block as fp32 rows [W][Dkp]
 
   // Queries pre-scaled by scale*log2(e): the softmax then runs in base 2.
   const T* q = static_cast<const T*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
@@ -187,24 +207,40 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
     const int nb = int(s.count - i0 < W ? s.count - i0 : W);
     block_rows<W>(s, i0, nb, kb, p.k_sl, kp);
     block_rows<W>(s, i0, nb, vb, p.v_sl, vp);
-    if (p.prefetch) {
-    if (i0 == 0) {
-      prefetch_block(s, W, kb, p.k_sl, Dk);
-      prefetch_block(s, W, vb, p.v_sl, Dv);
+    int64_t n = 0;
+    if (W > 1 && N >= 4) {
+      // Many queries per history: transpose the key block once (kt_buf[d][j]), then score four
+      // queries per pass with broadcast FMAs, and stream each value row once for all four.
+      for (int j = 0; j < W; ++j)
+        for (int64_t c = 0; c < nck; ++c) load_chunk<V>(kp[j], c, nck - 1, kt).store(rows_buf + j * Dkp + c * W);
+      for (int64_t d = 0; d < Dk; ++d)
+        for (int j = 0; j < W; ++j) kt_buf[d * W + j] = rows_buf[j * Dkp + d];
+      for (; n + 4 <= N; n += 4) {
+        const A* q0 = qs + n * Dkp;
+        V s0 = V::zero(), s1 = V::zero(), s2 = V::zero(), s3 = V::zero();
+        for (int64_t d = 0; d < Dk; ++d) {
+          const V kd = V::load(kt_buf + d * W);
+          s0 = V::fma(V::set1(q0[d]), kd, s0);
+          s1 = V::fma(V::set1(q0[Dkp + d]), kd, s1);
+          s2 = V::fma(V::set1(q0[2 * Dkp + d]), kd, s2);
+          s3 = V::fma(V::set1(q0[3 * Dkp + d]), kd, s3);
+        }
+        A alpha[4];
+        alpha[0] = softmax_step<V>(s0.mask_tail(nb), mm + n, ll + n, p4);
+        alpha[1] = softmax_step<V>(s1.mask_tail(nb), mm + n + 1, ll + n + 1, p4 + W);
+        alpha[2] = softmax_step<V>(s2.mask_tail(nb), mm + n + 2, ll + n + 2, p4 + 2 * W);
+        alpha[3] = softmax_step<V>(s3.mask_tail(nb), mm + n + 3, ll + n + 3, p4 + 3 * W);
+        A* accs[4] = {acc + n * Dvp, acc + (n + 1) * Dvp, acc + (n + 2) * Dvp, acc + (n + 3) * Dvp};
+        const int64_t nfull = vt == W ? ncv : ncv - 1;
+        int64_t c = 0;
+        for (; c + 4 <= nfull; c += 4) pv4_chunks<V, T, 4>(accs, alpha, p4, vp, nb, c, W);
+        for (; c < nfull; ++c) pv4_chunks<V, T, 1>(accs, alpha, p4, vp, nb, c, W);
+        if (c < ncv) pv4_chunks<V, T, 1>(accs, alpha, p4, vp, nb, c, vt);
+      }
     }
-    prefetch_block(s, i0 + 2 * W, kb, p.k_sl, Dk);
-    prefetch_block(s, i0 + 2 * W, vb, p.v_sl, Dv);
-    }
-    for (int64_t n = 0; n < N; ++n) {
+    for (; n < N; ++n) {
       const V sc = block_dots<V, T>(qs + n * Dkp, kp, nck, kt).mask_tail(nb);
-      const A mold = mm[n];
-      const A bmax = sc.reduce_max();
-      const A mnew = mold > bmax ? mold : bmax;
-      const V pr = V::exp2(sc - V::set1(mnew));
-      const A alpha = mold == mnew ? A(1) : V::exp2(V::set1(mold - mnew)).first();
-      ll[n] = ll[n] * alpha + pr.reduce_add();
-      mm[n] = mnew;
-      pr.store(pb);
+      const A alpha = softmax_step<V>(sc, mm + n, ll + n, pb);
       block_axpy_rows<V, T>(acc + n * Dvp, pb, vp, nb, ncv, vt, alpha);
     }
   }
@@ -298,14 +334,6 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
       posb[j] = pos;
       kp[j] = kb + pos * p.k_sl;
       vp[j] = vb + pos * p.v_sl;
-    }
-    if (p.prefetch) {
-    if (i0 == 0) {
-      prefetch_block(s, W, kb, p.k_sl, Dk);
-      prefetch_block(s, W, vb, p.v_sl, Dv);
-    }
-    prefetch_block(s, i0 + 2 * W, kb, p.k_sl, Dk);
-    prefetch_block(s, i0 + 2 * W, vb, p.v_sl, Dv);
     }
     for (int j = 0; j < nb; ++j) {
       for (int64_t c = 0; c < nck; ++c) V::zero().store(dkb + j * Dkp + c * W);
