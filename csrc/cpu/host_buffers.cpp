@@ -35,7 +35,7 @@ BlockCache& cache() {
   static BlockCache* c = [] {
     auto* bc = new BlockCache();
     const char* env = std::getenv("ATTNKERN_CPU_BUFFER_CACHE_MB");
-    const long mb = env ? std::atol(env) : 1024;
+    const long mb = env ? std::atol(env) : 256;
     bc->cap_bytes = mb > 0 ? size_t(mb) << 20 : 0;
     return bc;
   }();

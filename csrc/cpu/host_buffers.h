@@ -10,7 +10,7 @@ namespace cpu {
 
 // An uninitialised contiguous tensor like at::empty(sizes, options). Sizes of 4 MiB and more are
 // mapped with MADV_HUGEPAGE (Linux) and, once freed, kept for reuse by the next request of the
-// same size (at most ATTNKERN_CPU_BUFFER_CACHE_MB, default 1024; 0 disables the cache).
+// same size (at most ATTNKERN_CPU_BUFFER_CACHE_MB, default 256; 0 disables the cache).
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace cpu
