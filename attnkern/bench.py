@@ -13,9 +13,9 @@ Providers (each skipped with its reason when it cannot run here):
     flex       FlexAttention with a length mask (CUDA only, where it compiles)
     cpu, triton, cuda   attnkern's fused kernels, when attnkern.backends() says available
 
-Bytes model (what a kernel must move at least): the valid K and V rows, plus Q and O. The
-forward moves F = valid_kv + q + o bytes; forward+backward moves 3 F (the backward reads
-Q, K, V, O, dO and writes dQ, dK, dV). The machine's limit for a case is the time to move the
+Bytes model (what a kernel must move at least): the forward reads Q and the valid K and V
+rows and writes O; the backward reads Q, the valid K and V, O and dO, and writes dQ and the
+whole of dK and dV (zeros at padded positions included). The machine's limit for a case is the time to move the
 same bytes once: on CPU a torch.sum over a buffer of that size (a pure read), on CUDA a
 device-to-device copy of half that size (read + write = the same bytes). Each provider then
 reports median time, effective GB/s, fraction of the limit (limit time / provider time),
@@ -177,11 +177,20 @@ def make_inputs(case: Case, device="cpu", seed: int = 0) -> Inputs:
 
 
 def bytes_moved(case: Case, total_len: int) -> int:
-    """Bytes the op must move at least: valid K and V, plus Q and O; x3 for fwd+bwd."""
+    """Bytes the op must move at least. Forward: read Q and the valid K and V, write O.
+    Backward: read Q, the valid K and V, O and dO; write dQ and the whole of dK and dV (their
+    padded positions get explicit zeros, so those bytes must move too)."""
     s = case.shape
     item = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
-    fwd = (total_len * s.H * (s.Dk + s.Dv) + s.B * s.N * s.H * (s.Dk + s.Dv)) * item
-    return fwd if case.mode == "fwd" else 3 * fwd
+    q = s.B * s.N * s.H * s.Dk * item
+    o = s.B * s.N * s.H * s.Dv * item
+    kv_valid = total_len * s.H * (s.Dk + s.Dv) * item
+    fwd = kv_valid + q + o
+    if case.mode == "fwd":
+        return fwd
+    key_rows = total_len if s.layout == "jagged" else s.B * s.L
+    bwd = 2 * q + kv_valid + 2 * o + key_rows * s.H * (s.Dk + s.Dv) * item
+    return fwd + bwd
 
 
 def flops(case: Case, total_len: int) -> int:

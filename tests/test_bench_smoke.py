@@ -89,6 +89,12 @@ def test_bytes_model():
     assert bench.bytes_moved(bench.Case(shape, "full", "bfloat16", "fwd+bwd"), inp.total_len) == \
         3 * (valid_kv + q_and_o)
     assert bench.flops(fwd, inp.total_len) == 2 * (64 + 64) * 1024 * 50
+    # with padding, the backward still writes the whole dK/dV (zeros at padded positions)
+    uni = bench.Case(shape, "uniform", "bfloat16", "fwd+bwd")
+    n = bench.make_inputs(uni).total_len
+    assert n < 1024 * 50
+    kv = n * (64 + 64) * 2
+    assert bench.bytes_moved(uni, n) == (kv + q_and_o) + (kv + 2 * q_and_o) + 1024 * 50 * (64 + 64) * 2
 
 
 def test_jagged_inputs_pack_the_padded_lengths():
