@@ -65,9 +65,11 @@ def register_pool_autograd(fwd_name: str, bwd_op, layout: str) -> None:
             grad_out = torch.zeros_like(out)
         grad_out = grad_out.to(query.dtype)
         # delta = rowsum(dO * O) - dLSE: the softmax-backward correction term, tiny next to K/V.
-        delta = (grad_out.float() * out.float()).sum(-1)
+        # float32, or float64 for float64 inputs so that their gradients stay float64-accurate.
+        acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+        delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
         if grad_lse is not None:
-            delta = delta - grad_lse.float()
+            delta = delta - grad_lse.to(acc)
         if layout == "padded":
             dq, dk, dv = bwd_op(grad_out, query, s["key"], s["value"], s["lengths"], s["mask"],
                                 s["lse"], delta, ctx.scale)

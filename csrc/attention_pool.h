@@ -6,7 +6,8 @@
 //   jagged: query [B, N, H, Dk], key [T, H, Dk],    value [T, H, Dv],
 //           offsets [B+1] int32/int64, max_length (-1 = unknown)
 // Outputs: out [B, N, H, Dv] (query dtype, contiguous), lse [B, N, H] float32 (-inf on empty rows).
-// Backward takes delta [B, N, H] float32 = sum_d(grad_out * out) - grad_lse and returns
+// Backward takes delta [B, N, H] float32 (float64 allowed for float64 inputs)
+// = sum_d(grad_out * out) - grad_lse and returns
 // grad_query / grad_key / grad_value with the shapes and dtypes of query / key / value, exactly
 // zero at every position that takes part in no row.
 #pragma once

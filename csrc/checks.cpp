@@ -120,10 +120,15 @@ void check_bwd_extras(const PoolDims& d, const at::Tensor& query, const at::Tens
                         grad_out.size(2) == d.H && grad_out.size(3) == d.Dv,
                     "attnkern: grad_out must be [B, N, H, Dv] = [", d.B, ", ", d.N, ", ", d.H, ", ",
                     d.Dv, "], got ", grad_out.sizes());
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, "attnkern: lse must be float32, got ",
+                   lse.scalar_type());
+  // float64 inputs may pass a float64 delta, so that their gradients stay float64-accurate.
+  TORCH_CHECK_TYPE(delta.scalar_type() == at::kFloat ||
+                       (delta.scalar_type() == at::kDouble && query.scalar_type() == at::kDouble),
+                   "attnkern: delta must be float32 (or float64 for float64 inputs), got ",
+                   delta.scalar_type(), " with ", query.scalar_type(), " inputs");
   for (const auto* t : {&lse, &delta}) {
     const char* name = (t == &lse) ? "lse" : "delta";
-    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "attnkern: ", name, " must be float32, got ",
-                     t->scalar_type());
     TORCH_CHECK_VALUE(t->dim() == 3 && t->size(0) == d.B && t->size(1) == d.N && t->size(2) == d.H,
                       "attnkern: ", name, " must be [B, N, H] = [", d.B, ", ", d.N, ", ", d.H,
                       "], got ", t->sizes());

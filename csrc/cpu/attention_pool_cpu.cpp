@@ -431,7 +431,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_common(const at::Tensor& grad
   p.go_sn = go.stride(1);
   p.go_sh = go.stride(2);
   p.lse = lse.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
+  if (delta.scalar_type() == at::kDouble) {
+    p.delta64 = delta.data_ptr<double>();
+  } else {
+    p.delta = delta.data_ptr<float>();
+  }
   p.gk = gk.data_ptr();
   p.gv = gv.data_ptr();
   if (jagged) {

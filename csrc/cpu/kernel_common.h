@@ -41,6 +41,7 @@ struct BwdParams : FwdParams {
   int64_t go_sb = 0, go_sn = 0, go_sh = 0;
   const float* lse = nullptr;    // [B, N, H] contiguous
   const float* delta = nullptr;  // [B, N, H] contiguous
+  const double* delta64 = nullptr;  // the same, for float64 inputs (then delta is null)
   void* gk = nullptr;            // grad_key, dtype of key, written at the span's positions only
   void* gv = nullptr;
   int64_t gk_sb = 0, gk_sl = 0, gk_sh = 0;

@@ -294,7 +294,7 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
     for (int64_t c = 0; c < ncv; ++c) load_chunk<V>(go + n * p.go_sn, c, ncv - 1, vt).store(dof + n * Dvp + c * W);
     const int64_t r = (s.b * N + n) * H + s.h;
     lse2[n] = A(p.lse[r]) * A(kLog2e);
-    dl[n] = A(p.delta[r]);
+    dl[n] = p.delta64 ? A(p.delta64[r]) : A(p.delta[r]);
   }
   const V c2 = V::set1(A(p.scale * kLog2e));
   const A scale = A(p.scale);
