@@ -26,8 +26,20 @@ def _resolve_uncached(backend: str, device_type: str) -> str:
         return "reference"
     info = backend_info(backend)
     if not info.available:
-        raise RuntimeError("attnkern backend %r is unavailable: %s" % (backend, info.reason))
+        return "!attnkern backend %r is unavailable: %s" % (backend, info.reason)
     return backend
+
+
+@torch.compiler.assume_constant_result
+def _resolve_name(backend: str, device_type: str) -> str:
+    """The backend that runs (backend, device type), or "!" + why it can't. Resolved once per
+    pair; under torch.compile it is evaluated eagerly and taken as a constant, so the
+    availability probes are never traced."""
+    name = _resolved.get((backend, device_type))
+    if name is None:
+        name = _resolve_uncached(backend, device_type)
+        _resolved[(backend, device_type)] = name
+    return name
 
 
 def _resolve(backend, query: torch.Tensor) -> str:
@@ -38,13 +50,9 @@ def _resolve(backend, query: torch.Tensor) -> str:
             "unknown backend %r; expected one of %s" % (backend, ", ".join(("auto",) + BACKENDS))
         )
     dev = query.device.type
-    key = (backend, dev)
-    # Resolved once per (backend, device type) and kept in a plain dict, so that torch.compile
-    # reads a constant instead of tracing the availability probes.
-    name = _resolved.get(key)
-    if name is None:
-        name = _resolve_uncached(backend, dev)
-        _resolved[key] = name
+    name = _resolve_name(backend, dev)
+    if name.startswith("!"):
+        raise RuntimeError(name[1:])
     if name == "cpu" and dev != "cpu":
         raise ValueError("backend 'cpu' needs CPU tensors, got query on %s" % query.device)
     if name == "cuda" and dev != "cuda":

@@ -268,3 +268,22 @@ def test_torch_compile_fullgraph(backend, device, layout):
     torch.testing.assert_close(out, ref)
     for a, b in zip(leaves, ref_leaves):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_first_call_inside_torch_compile():
+    """A fresh process whose very first attention_pool call is being compiled: backend
+    resolution must not be traced (it is taken as a constant)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, attnkern\n"
+        "q = torch.randn(3, 2, 4); k = torch.randn(3, 5, 2, 4); L = torch.tensor([0, 2, 5])\n"
+        "f = torch.compile(lambda q, k: attnkern.attention_pool(q, k, k, L), fullgraph=True,\n"
+        "                  backend='aot_eager')\n"
+        "ref = attnkern.attention_pool(q, k, k, L, backend='reference')\n"
+        "assert torch.allclose(f(q, k), ref, atol=1e-5)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
