@@ -20,14 +20,14 @@ import torch
 from attnkern.triton_kernels import attention_pool as _k
 
 from ._ops import fake_bwd, fake_fwd, register_pool_autograd
+from ._validation import validate
 
 Tensor = torch.Tensor
-MAX_HEAD_DIM = 256
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
-# Input checks (the Python twin of csrc/checks.cpp, plus what the Triton backend cannot run)
+# Input checks (the public API's, plus what the Triton backend cannot run)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -43,123 +43,37 @@ def _check_device(query: Tensor) -> None:
     )
 
 
-def _check_qkv_common(query: Tensor, key: Tensor, value: Tensor) -> None:
-    if query.dtype not in _TRITON_DTYPES:
+def _check_triton_dtype(query: Tensor) -> None:
+    if isinstance(query, Tensor) and query.dtype not in _TRITON_DTYPES:
         raise TypeError(
             "attnkern: the triton backend supports query float16, bfloat16 or float32, got %s"
             % query.dtype
         )
-    if key.dtype != query.dtype:
-        raise TypeError("attnkern: key must have the dtype of query (%s), got %s"
-                        % (query.dtype, key.dtype))
-    if value.dtype != query.dtype:
-        raise TypeError("attnkern: value must have the dtype of query (%s), got %s"
-                        % (query.dtype, value.dtype))
-    if key.device != query.device or value.device != query.device:
-        raise ValueError("attnkern: query, key and value must be on one device, got %s, %s, %s"
-                         % (query.device, key.device, value.device))
-    if query.dim() != 4:
+
+
+def _validated(query, key, value, lengths, mask, offsets, max_length):
+    """The public API's checks (attnkern._validation), on the canonical 4-D query, with the
+    "attnkern:" prefix of the C++ ops' messages. Value checks of lengths/offsets run for CPU
+    tensors (and for CUDA ones only with set_validation(True)); CUDA kernels clamp instead."""
+    _check_triton_dtype(query)
+    if isinstance(query, Tensor) and query.dim() != 4:
         raise ValueError("attnkern: query must be [B, N, H, Dk], got %d dims" % query.dim())
+    try:
+        p = validate(query, key, value, lengths, mask, offsets, max_length, None, False)
+    except (ValueError, TypeError) as e:
+        raise type(e)("attnkern: %s" % e) from None
     _check_device(query)
-
-
-def _check_dims(N: int, H: int, Dk: int, Dv: int) -> None:
-    if H < 1:
-        raise ValueError("attnkern: query must have H >= 1 heads, got H=%d" % H)
-    if N < 1:
-        raise ValueError("attnkern: query must have N >= 1 queries, got N=%d" % N)
-    if not 1 <= Dk <= MAX_HEAD_DIM:
-        raise ValueError("attnkern: query/key head dim Dk must be in [1, %d], got %d"
-                         % (MAX_HEAD_DIM, Dk))
-    if not 1 <= Dv <= MAX_HEAD_DIM:
-        raise ValueError("attnkern: value head dim Dv must be in [1, %d], got %d"
-                         % (MAX_HEAD_DIM, Dv))
-
-
-def _check_index(t: Tensor, name: str, expected_len: int, query: Tensor) -> None:
-    if t.dtype not in (torch.int32, torch.int64):
-        raise TypeError("attnkern: %s must be int32 or int64, got %s" % (name, t.dtype))
-    if t.dim() != 1 or t.shape[0] != expected_len:
-        raise ValueError("attnkern: %s must have shape [%d], got %s"
-                         % (name, expected_len, list(t.shape)))
-    if t.device != query.device:
-        raise ValueError("attnkern: %s must be on the device of query (%s), got %s"
-                         % (name, query.device, t.device))
+    return p.B, p.N, p.H, p.Dk, p.Dv, p.L
 
 
 def _check_padded(query, key, value, lengths, mask) -> Tuple[int, int, int, int, int, int]:
-    _check_qkv_common(query, key, value)
-    if key.dim() != 4:
-        raise ValueError("attnkern: padded key must be [B, L, H, Dk], got %s" % list(key.shape))
-    if value.dim() != 4:
-        raise ValueError("attnkern: padded value must be [B, L, H, Dv], got %s" % list(value.shape))
-    B, N, H, Dk = query.shape
-    L, Dv = key.shape[1], value.shape[3]
-    if key.shape[0] != B or key.shape[2] != H or key.shape[3] != Dk:
-        raise ValueError("attnkern: key must be [B, L, H, Dk] = [%d, L, %d, %d] to match query %s, "
-                         "got %s" % (B, H, Dk, list(query.shape), list(key.shape)))
-    if value.shape[0] != B or value.shape[1] != L or value.shape[2] != H:
-        raise ValueError("attnkern: value must be [B, L, H, Dv] = [%d, %d, %d, Dv] to match key %s, "
-                         "got %s" % (B, L, H, list(key.shape), list(value.shape)))
-    _check_dims(N, H, Dk, Dv)
-    if lengths is not None and mask is not None:
-        raise ValueError("attnkern: give lengths or mask, not both")
-    if lengths is not None:
-        _check_index(lengths, "lengths", B, query)
-        if lengths.device.type == "cpu" and lengths.numel() > 0:
-            lo, hi = int(lengths.min()), int(lengths.max())
-            if lo < 0:
-                raise ValueError("attnkern: lengths must be >= 0, got a length of %d" % lo)
-            if hi > L:
-                raise ValueError("attnkern: lengths must be <= L = %d, got a length of %d" % (L, hi))
-    if mask is not None:
-        if mask.dtype != torch.bool:
-            raise TypeError("attnkern: mask must be bool (True = attend), got %s" % mask.dtype)
-        if mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] != L:
-            raise ValueError("attnkern: mask must have shape [B, L] = [%d, %d], got %s"
-                             % (B, L, list(mask.shape)))
-        if mask.device != query.device:
-            raise ValueError("attnkern: mask must be on the device of query (%s), got %s"
-                             % (query.device, mask.device))
-    return B, N, H, Dk, Dv, L
+    return _validated(query, key, value, lengths, mask, None, None)
 
 
 def _check_jagged(query, key, value, offsets, max_length) -> Tuple[int, int, int, int, int, int]:
-    _check_qkv_common(query, key, value)
-    if key.dim() != 3:
-        raise ValueError("attnkern: jagged key must be [T, H, Dk], got %s" % list(key.shape))
-    if value.dim() != 3:
-        raise ValueError("attnkern: jagged value must be [T, H, Dv], got %s" % list(value.shape))
-    B, N, H, Dk = query.shape
-    T, Dv = key.shape[0], value.shape[2]
-    if key.shape[1] != H or key.shape[2] != Dk:
-        raise ValueError("attnkern: key must be [T, H, Dk] = [T, %d, %d] to match query %s, got %s"
-                         % (H, Dk, list(query.shape), list(key.shape)))
-    if value.shape[0] != T or value.shape[1] != H:
-        raise ValueError("attnkern: value must be [T, H, Dv] = [%d, %d, Dv] to match key %s, got %s"
-                         % (T, H, list(key.shape), list(value.shape)))
-    _check_dims(N, H, Dk, Dv)
-    _check_index(offsets, "offsets", B + 1, query)
     if max_length < -1:
         raise ValueError("attnkern: max_length must be >= 0 (or -1 for unknown), got %d" % max_length)
-    if offsets.device.type == "cpu":
-        o = offsets.to(torch.int64)
-        if int(o[0]) != 0:
-            raise ValueError("attnkern: offsets[0] must be 0, got %d" % int(o[0]))
-        if B > 0:
-            lens = o[1:] - o[:-1]
-            if bool((lens < 0).any()):
-                i = int(torch.nonzero(lens < 0)[0, 0]) + 1
-                raise ValueError("attnkern: offsets must be non-decreasing, got offsets[%d]=%d > "
-                                 "offsets[%d]=%d" % (i - 1, int(o[i - 1]), i, int(o[i])))
-            if max_length >= 0 and bool((lens > max_length).any()):
-                i = int(torch.nonzero(lens > max_length)[0, 0])
-                raise ValueError("attnkern: row %d has length %d > max_length=%d"
-                                 % (i, int(lens[i]), max_length))
-        if int(o[-1]) > T:
-            raise ValueError("attnkern: offsets[-1] must be <= T = %d (key rows), got %d"
-                             % (T, int(o[-1])))
-    return B, N, H, Dk, Dv, T
+    return _validated(query, key, value, None, None, offsets, None if max_length < 0 else max_length)
 
 
 def _check_bwd_extras(dims, query, grad_out, lse, delta) -> None:
