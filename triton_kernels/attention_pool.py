@@ -85,6 +85,23 @@ def _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT: tl.constexpr):
 
 
 @triton.jit
+def _load_kv_tile(k_base, v_base, MASK, b, pos, valid, offs_dk, offs_dv,
+                  stride_kl, stride_kd, stride_vl, stride_vd, stride_mb, stride_ml,
+                  DK: tl.constexpr, DV: tl.constexpr, LAYOUT: tl.constexpr):
+    """The K/V tile at positions `pos` of row b, and which of them take part: `valid` (inside
+    the row) narrowed by the mask in the MASKED layout. Positions that take no part read as
+    zeros and are never loaded."""
+    if LAYOUT == MASKED:
+        keep = tl.load(MASK + b * stride_mb + pos * stride_ml, mask=valid, other=0)
+        valid = valid & (keep != 0)
+    k = tl.load(k_base + pos[:, None] * stride_kl + offs_dk[None, :] * stride_kd,
+                mask=valid[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    v = tl.load(v_base + pos[:, None] * stride_vl + offs_dv[None, :] * stride_vd,
+                mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    return valid, k, v
+
+
+@triton.jit
 def _mm(a, b, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr):
     """a [M, K] @ b [K, N] accumulated in float32.
 
@@ -156,13 +173,9 @@ def _attention_pool_fwd_kernel(
     for t in range(0, num_tiles):
         pos = lo + t * BLOCK_L + offs_l
         valid = pos < hi
-        if LAYOUT == MASKED:
-            keep = tl.load(MASK + b * stride_mb + pos * stride_ml, mask=valid, other=0)
-            valid = valid & (keep != 0)
-        k = tl.load(k_base + pos[:, None] * stride_kl + offs_dk[None, :] * stride_kd,
-                    mask=valid[:, None] & (offs_dk[None, :] < DK), other=0.0)
-        v = tl.load(v_base + pos[:, None] * stride_vl + offs_dv[None, :] * stride_vd,
-                    mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        valid, k, v = _load_kv_tile(k_base, v_base, MASK, b, pos, valid, offs_dk, offs_dv,
+                                    stride_kl, stride_kd, stride_vl, stride_vd, stride_mb,
+                                    stride_ml, DK, DV, LAYOUT)
         s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale_log2
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -278,13 +291,9 @@ def _attention_pool_bwd_dq_kernel(
     for t in range(0, num_tiles):
         pos = start + t * BLOCK_L + offs_l
         valid = pos < end
-        if LAYOUT == MASKED:
-            keep = tl.load(MASK + b * stride_mb + pos * stride_ml, mask=valid, other=0)
-            valid = valid & (keep != 0)
-        k = tl.load(k_base + pos[:, None] * stride_kl + offs_dk[None, :] * stride_kd,
-                    mask=valid[:, None] & (offs_dk[None, :] < DK), other=0.0)
-        v = tl.load(v_base + pos[:, None] * stride_vl + offs_dv[None, :] * stride_vd,
-                    mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        valid, k, v = _load_kv_tile(k_base, v_base, MASK, b, pos, valid, offs_dk, offs_dv,
+                                    stride_kl, stride_kd, stride_vl, stride_vd, stride_mb,
+                                    stride_ml, DK, DV, LAYOUT)
         s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale_log2
         s = tl.where(valid[None, :], s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
@@ -336,17 +345,11 @@ def _attention_pool_bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     pos = lo + tl.arange(0, BLOCK_L)
     valid = pos < end
-    if LAYOUT == MASKED:
-        keep = tl.load(MASK + b * stride_mb + pos * stride_ml, mask=valid, other=0)
-        valid = valid & (keep != 0)
 
     # Phase 1: this tile's K/V, loaded once for all queries.
-    k = tl.load(K + b * stride_kb + h * stride_kh + pos[:, None] * stride_kl
-                + offs_dk[None, :] * stride_kd,
-                mask=valid[:, None] & (offs_dk[None, :] < DK), other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + pos[:, None] * stride_vl
-                + offs_dv[None, :] * stride_vd,
-                mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    valid, k, v = _load_kv_tile(K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
+                                MASK, b, pos, valid, offs_dk, offs_dv, stride_kl, stride_kd,
+                                stride_vl, stride_vd, stride_mb, stride_ml, DK, DV, LAYOUT)
 
     dk = tl.zeros([BLOCK_L, BLOCK_DK], tl.float32)
     dv = tl.zeros([BLOCK_L, BLOCK_DV], tl.float32)
