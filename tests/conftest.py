@@ -11,18 +11,14 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import attnkern  # noqa: E402
+from attnkern import check  # noqa: E402
 from attnkern.reference import attention_pool_ref  # noqa: E402
 
-# Fallback tolerances (absolute, relative to the oracle's magnitude): the floor added to the
-# "2x the reference's own error in the same precision" rule.
-FALLBACK_TOL = {
-    torch.float64: 1e-9,
-    torch.float32: 2e-5,
-    torch.float16: 2e-3,
-    torch.bfloat16: 1.6e-2,
-}
-
-LOW_PRECISION_FACTOR = 2.0
+# The one table of fallback tolerances (absolute, relative to the oracle's magnitude) and the
+# low-precision factor: the floor added to "2x the reference's own error in the same
+# precision". `attnkern check` applies the same rule, so the table lives in the package.
+FALLBACK_TOL = check.FLOOR
+LOW_PRECISION_FACTOR = check.LOW_PRECISION_FACTOR
 
 
 def backend_device_pairs():
