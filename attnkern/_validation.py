@@ -72,7 +72,10 @@ def _reads_values(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or _validation
 
 
-def validate(query, key, value, lengths, mask, offsets, max_length, scale, return_lse) -> Problem:
+def validate(query, key, value, lengths, mask, offsets, max_length, scale, return_lse,
+             values: bool = True) -> Problem:
+    """Checks a call and returns it normalised. values=False leaves the reads of lengths/offsets
+    values to `check_values`, for callers whose kernel checks them itself."""
     for x, name in ((query, "query"), (key, "key"), (value, "value")):
         _check_tensor(x, name)
     if query.dtype not in _FLOAT_DTYPES:
@@ -187,7 +190,16 @@ def validate(query, key, value, lengths, mask, offsets, max_length, scale, retur
         if not math.isfinite(scale):
             raise ValueError("scale must be finite, got %r" % scale)
 
-    # Value checks: they read lengths/offsets, so only where that costs no device sync.
+    prob = Problem(q4, squeeze_n, "jagged" if jagged else "padded", B, N, H, Dk, Dv, L, scale)
+    if values:
+        check_values(prob, lengths, offsets, max_length)
+    return prob
+
+
+def check_values(prob: Problem, lengths, offsets, max_length) -> None:
+    """The checks that read lengths/offsets values: always for CPU tensors; for CUDA tensors
+    only with set_validation(True), since they sync the device; never under torch.compile."""
+    L, jagged = prob.L, prob.layout == "jagged"
     if lengths is not None and lengths.numel() > 0 and _reads_values(lengths):
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 0:
@@ -215,5 +227,3 @@ def validate(query, key, value, lengths, mask, offsets, max_length, scale, retur
                 )
         if int(o[-1]) > L:
             raise ValueError("offsets[-1] must be <= T = %d (key rows), got %d" % (L, int(o[-1])))
-
-    return Problem(q4, squeeze_n, "jagged" if jagged else "padded", B, N, H, Dk, Dv, L, scale)

@@ -8,10 +8,14 @@ import torch
 
 from ._backends import BACKENDS, backend_info, triton_interpret
 from ._ops import fused_ops
-from ._validation import validate
+from ._validation import check_values, validate
 from .reference import attention_pool_ref
 
 _resolved: dict = {}
+# Backends whose registered ops read and check lengths/offsets values themselves (the C++ CPU
+# launcher; the Triton ops through check_values), so checking them here too would do the work
+# twice. The "cuda" ops clamp instead of checking, and "reference" has no op.
+_OPS_CHECK_VALUES = ("cpu", "triton")
 
 
 def _resolve_uncached(backend: str, device_type: str) -> str:
@@ -110,8 +114,11 @@ def attention_pool(
     Supported: float16, bfloat16, float32 on every backend, float64 on "reference" and "cpu";
     1 <= Dk, Dv <= 256; any strides. Differentiable w.r.t. query, key and value.
     """
-    prob = validate(query, key, value, lengths, mask, offsets, max_length, scale, return_lse)
+    prob = validate(query, key, value, lengths, mask, offsets, max_length, scale, return_lse,
+                    values=False)
     name = _resolve(backend, query)
+    if name not in _OPS_CHECK_VALUES:
+        check_values(prob, lengths, offsets, max_length)
     if name == "reference":
         out, lse = attention_pool_ref(
             prob.query, key, value, lengths, mask=mask, offsets=offsets,

@@ -93,17 +93,20 @@ def test_layout_conflicts():
     _raises(ValueError, "offsets must have shape", qj, kj, vj, offsets=torch.tensor([0, 6]))
 
 
-def test_value_errors_lengths_offsets():
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_value_errors_lengths_offsets(backend):
+    # "auto" reaches the CPU kernels, whose op checks the values; "reference" is checked in Python.
     q, k, v = _ok()
-    _raises(ValueError, "lengths must be >= 0", q, k, v, torch.tensor([-1, 2]))
-    _raises(ValueError, r"lengths must be <= L = 5", q, k, v, torch.tensor([6, 2]))
+    b = {"backend": backend}
+    _raises(ValueError, "lengths must be >= 0", q, k, v, torch.tensor([-1, 2]), **b)
+    _raises(ValueError, r"lengths must be <= L = 5", q, k, v, torch.tensor([6, 2]), **b)
     qj, kj, vj = _jagged()
-    _raises(ValueError, r"offsets\[0\] must be 0", qj, kj, vj, offsets=torch.tensor([1, 2, 6]))
-    _raises(ValueError, "non-decreasing", qj, kj, vj, offsets=torch.tensor([0, 4, 3]))
-    _raises(ValueError, r"offsets\[-1\] must be <= T = 6", qj, kj, vj, offsets=torch.tensor([0, 2, 7]))
-    _raises(ValueError, "max_length", qj, kj, vj, offsets=torch.tensor([0, 1, 6]), max_length=4)
+    _raises(ValueError, r"offsets\[0\] must be 0", qj, kj, vj, offsets=torch.tensor([1, 2, 6]), **b)
+    _raises(ValueError, "non-decreasing", qj, kj, vj, offsets=torch.tensor([0, 4, 3]), **b)
+    _raises(ValueError, r"offsets\[-1\] must be <= T = 6", qj, kj, vj, offsets=torch.tensor([0, 2, 7]), **b)
+    _raises(ValueError, "max_length", qj, kj, vj, offsets=torch.tensor([0, 1, 6]), max_length=4, **b)
     _raises(ValueError, "max_length must be >= 0", qj, kj, vj, offsets=torch.tensor([0, 1, 6]),
-            max_length=-1)
+            max_length=-1, **b)
 
 
 def test_bad_scale_and_backend():
