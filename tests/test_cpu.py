@@ -243,12 +243,15 @@ for layout in ("full", "lengths", "mask", "jagged"):
 """
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2"])
-def test_narrower_simd_paths(isa):
+@pytest.mark.parametrize("var,value", [("ATTNKERN_CPU_ISA", "generic"), ("ATTNKERN_CPU_ISA", "avx2"),
+                                       ("ATTNKERN_CPU_PREFETCH_KB", "0"), ("ATTNKERN_CPU_PREFETCH_KB", "1")])
+def test_narrower_simd_paths_and_prefetch_settings(var, value):
     # The launcher picks the widest SIMD path at run time; ATTNKERN_CPU_ISA caps it so that
     # the narrower kernels (what older x86-64 CPUs and aarch64 run) are checked here too.
+    # Software prefetch must never change a result: off, and at its shortest distance.
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, ATTNKERN_CPU_ISA=isa, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env[var] = value
     proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], cwd=root, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

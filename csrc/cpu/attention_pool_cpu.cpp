@@ -34,7 +34,7 @@ namespace cpu {
 int64_t workspace_elems(int64_t N, int64_t Dk, int64_t Dv) {
   // Padded to the widest vector (16 lanes); covers the forward and backward layouts.
   const int64_t Dkp = (Dk + 15) / 16 * 16, Dvp = (Dv + 15) / 16 * 16;
-  return 2 * N * Dkp + N * Dvp + 16 * (3 * Dkp + Dvp) + 2 * N + 128;
+  return 2 * N * Dkp + N * Dvp + 16 * (3 * Dkp + Dvp) + 34 * N + 128;
 }
 
 namespace {
@@ -186,10 +186,33 @@ void fill_fwd_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, con
   p.Dk = d.Dk;
   p.Dv = d.Dv;
   p.scale = scale;
+  // About 64 KiB of K and V rows ahead (ATTNKERN_CPU_PREFETCH_KB; 0 = off): enough to cover the
+  // memory latency at full bandwidth and to cross the 4 KiB pages the hardware prefetchers
+  // stop at, and well inside L2.
+  static const int64_t pf_kb = [] {
+    const char* e = std::getenv("ATTNKERN_CPU_PREFETCH_KB");
+    return e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(64);
+  }();
+  const int64_t es = p.dtype == kF64 ? 8 : p.dtype == kF32 ? 4 : 2;
+  p.prefetch = pf_kb ? std::max<int64_t>(32, (pf_kb << 10) / ((d.Dk + d.Dv) * es)) : 0;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Forward
+// Prefetches the first p.prefetch valid positions (K and V rows) of the (row, head) task that
+// runs next, so that its first rows arrive while the current task computes; the kernels
+// prefetch the rest of a task p.prefetch positions ahead (see prefetch_rows in kernel_impl.h).
+// Mask rows are left to the kernels (their positions are known only when the row starts).
+void prefetch_next(const FwdParams& p, const Rows& rows, int64_t task) {
+  if (rows.mask || p.prefetch <= 0) return;
+  const int64_t b = task / p.H, h = task % p.H;
+  const int64_t es = p.dtype == kF64 ? 8 : p.dtype == kF32 ? 4 : 2;
+  const int64_t n = std::min(p.prefetch, rows.count(b, nullptr)), start = rows.start(b);
+  const char* kb = static_cast<const char*>(p.k) + (b * p.k_sb + h * p.k_sh + start * p.k_sl) * es;
+  const char* vb = static_cast<const char*>(p.v) + (b * p.v_sb + h * p.v_sh + start * p.v_sl) * es;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t o = 0; o < p.Dk * es; o += 64) __builtin_prefetch(kb + i * p.k_sl * es + o, 0, 3);
+    for (int64_t o = 0; o < p.Dv * es; o += 64) __builtin_prefetch(vb + i * p.v_sl * es + o, 0, 3);
+  }
+}
 
 template <class scalar_t>
 void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor& lse) {
@@ -231,6 +254,8 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
           cnt = rows.count(b, &idx);
           idx_row = b;
         }
+        if (t == t0) prefetch_next(p, rows, t);
+        if (t + 1 < t1) prefetch_next(p, rows, t + 1);
         const Span s{b, t % H, rows.start(b), cnt, rows.mask ? idx.data() : nullptr};
         kt.fwd(p, s, ws.data(), acc.data(), m.data(), l.data());
         finish(t, acc.data(), m.data(), l.data());
@@ -364,6 +389,8 @@ void bwd_impl(const BwdParams& p, const Rows& rows, at::Tensor& gq) {
           cnt = rows.count(b, &idx);
           idx_row = b;
         }
+        if (t == t0) prefetch_next(p, rows, t);
+        if (t + 1 < t1) prefetch_next(p, rows, t + 1);
         const Span s{b, h, rows.start(b), cnt, rows.mask ? idx.data() : nullptr};
         kt.bwd(p, s, ws.data(), dq.data());
         store_dq(t, dq.data());

@@ -34,6 +34,7 @@ struct FwdParams {
   int64_t v_sb = 0, v_sl = 0, v_sh = 0;
   int64_t N = 1, H = 1, Dk = 1, Dv = 1;
   double scale = 1.0;
+  int64_t prefetch = 0;  // valid positions ahead whose K/V rows are prefetched (0: none)
 };
 
 struct BwdParams : FwdParams {

@@ -84,7 +84,8 @@ inline V block_dots(const typename V::A* x, const T* const* kp, int64_t nch, int
 
 // y[0:nch*W] = y * y_scale + sum_{j < nb} w[j] * row_j, rows read from input rows rp[j]
 // (dtype T). Four chunks at a time stay in registers while the rows stream past, so each row is
-// read front to back and the four FMA chains run in parallel.
+// read front to back; even and odd rows feed separate accumulators, so eight FMA chains run in
+// parallel (one chain per chunk would be bound by the FMA latency, not its throughput).
 template <class V, class T>
 inline void block_axpy_rows(typename V::A* y, const typename V::A* w, const T* const* rp, int nb,
                             int64_t nch, int tail, typename V::A y_scale) {
@@ -95,23 +96,43 @@ inline void block_axpy_rows(typename V::A* y, const typename V::A* w, const T* c
   for (; c + 4 <= nfull; c += 4) {
     V a0 = V::load(y + c * W) * ys, a1 = V::load(y + (c + 1) * W) * ys;
     V a2 = V::load(y + (c + 2) * W) * ys, a3 = V::load(y + (c + 3) * W) * ys;
-    for (int j = 0; j < nb; ++j) {
-      const V wj = V::set1(w[j]);
+    V b0 = V::zero(), b1 = V::zero(), b2 = V::zero(), b3 = V::zero();
+    int j = 0;
+    for (; j + 2 <= nb; j += 2) {
+      const V w0 = V::set1(w[j]), w1 = V::set1(w[j + 1]);
       const T* r = rp[j] + c * W;
-      a0 = V::fma(wj, V::load(r), a0);
-      a1 = V::fma(wj, V::load(r + W), a1);
-      a2 = V::fma(wj, V::load(r + 2 * W), a2);
-      a3 = V::fma(wj, V::load(r + 3 * W), a3);
+      const T* u = rp[j + 1] + c * W;
+      a0 = V::fma(w0, V::load(r), a0);
+      a1 = V::fma(w0, V::load(r + W), a1);
+      a2 = V::fma(w0, V::load(r + 2 * W), a2);
+      a3 = V::fma(w0, V::load(r + 3 * W), a3);
+      b0 = V::fma(w1, V::load(u), b0);
+      b1 = V::fma(w1, V::load(u + W), b1);
+      b2 = V::fma(w1, V::load(u + 2 * W), b2);
+      b3 = V::fma(w1, V::load(u + 3 * W), b3);
     }
-    a0.store(y + c * W);
-    a1.store(y + (c + 1) * W);
-    a2.store(y + (c + 2) * W);
-    a3.store(y + (c + 3) * W);
+    if (j < nb) {
+      const V w0 = V::set1(w[j]);
+      const T* r = rp[j] + c * W;
+      a0 = V::fma(w0, V::load(r), a0);
+      a1 = V::fma(w0, V::load(r + W), a1);
+      a2 = V::fma(w0, V::load(r + 2 * W), a2);
+      a3 = V::fma(w0, V::load(r + 3 * W), a3);
+    }
+    (a0 + b0).store(y + c * W);
+    (a1 + b1).store(y + (c + 1) * W);
+    (a2 + b2).store(y + (c + 2) * W);
+    (a3 + b3).store(y + (c + 3) * W);
   }
   for (; c < nfull; ++c) {
-    V a = V::load(y + c * W) * ys;
-    for (int j = 0; j < nb; ++j) a = V::fma(V::set1(w[j]), V::load(rp[j] + c * W), a);
-    a.store(y + c * W);
+    V a = V::load(y + c * W) * ys, b = V::zero();
+    int j = 0;
+    for (; j + 2 <= nb; j += 2) {
+      a = V::fma(V::set1(w[j]), V::load(rp[j] + c * W), a);
+      b = V::fma(V::set1(w[j + 1]), V::load(rp[j + 1] + c * W), b);
+    }
+    if (j < nb) a = V::fma(V::set1(w[j]), V::load(rp[j] + c * W), a);
+    (a + b).store(y + c * W);
   }
   if (c < nch) {
     V a = V::load(y + c * W) * ys;
@@ -122,14 +143,42 @@ inline void block_axpy_rows(typename V::A* y, const typename V::A* w, const T* c
 
 // Row pointers of the block starting at valid position i0; past the block end (nb <= j < W)
 // they repeat the last row, whose scores are then masked to -inf.
-template <int W, class T>
+template <int K, class T>
 inline void block_rows(const Span& s, int64_t i0, int nb, const T* base, int64_t stride_l, const T** rp) {
   if (!s.idx) {
     const T* r = base + (s.start + i0) * stride_l;
-    for (int j = 0; j < W; ++j) rp[j] = r + (j < nb ? j : nb - 1) * stride_l;
+    for (int j = 0; j < K; ++j) rp[j] = r + (j < nb ? j : nb - 1) * stride_l;
   } else {
-    for (int j = 0; j < W; ++j) rp[j] = base + (s.start + int64_t(s.idx[i0 + (j < nb ? j : nb - 1)])) * stride_l;
+    for (int j = 0; j < K; ++j) rp[j] = base + (s.start + int64_t(s.idx[i0 + (j < nb ? j : nb - 1)])) * stride_l;
   }
+}
+
+// Asks for the rows of a later block ahead of use (each row's cache lines, K and V): a history
+// is a run of short rows, and the hardware prefetchers restart at every row and page, so
+// without this the core waits on memory instead of overlapping it with the arithmetic.
+template <class T>
+inline void prefetch_rows(const Span& s, int64_t i0, int64_t i1, const T* base, int64_t stride_l, int64_t d) {
+  const int64_t bytes = d * int64_t(sizeof(T));
+  for (int64_t i = i0; i < i1; ++i) {
+    const char* r = reinterpret_cast<const char*>(base + (s.start + (s.idx ? int64_t(s.idx[i]) : i)) * stride_l);
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(r + o, 0, 3);
+  }
+}
+
+// The running max of a query is only moved when a block's max exceeds it by more than
+// 2^kLazyLog2: probabilities then stay <= 2^8 (exact enough and far from overflow in fp32),
+// and the common case (no move, alpha = 1) is a predictable branch instead of a chain of
+// exp2 and rescaling on every block. Returns alpha, the factor that rescales the accumulator.
+constexpr double kLazyLog2 = 8.0;
+
+template <class A>
+inline A lazy_max_update(A bmax, A* mm, A* ll) {
+  const A m = *mm;
+  if (!(bmax > m + A(kLazyLog2))) return A(1);
+  const A alpha = scalar_exp2<A>(m - bmax);  // 0 when m = -inf (first block)
+  *mm = bmax;
+  *ll *= alpha;
+  return alpha;
 }
 
 // Online-softmax step of one query for one block: updates its running max/sum and returns
@@ -137,14 +186,25 @@ inline void block_rows(const Span& s, int64_t i0, int nb, const T* base, int64_t
 template <class V>
 inline typename V::A softmax_step(V sc, typename V::A* mm, typename V::A* ll, typename V::A* pb) {
   using A = typename V::A;
-  const A mold = *mm;
-  const A bmax = sc.reduce_max();
-  const A mnew = mold > bmax ? mold : bmax;
-  const V pr = V::exp2(sc - V::set1(mnew));
-  const A alpha = mold == mnew ? A(1) : V::exp2(V::set1(mold - mnew)).first();
-  *ll = *ll * alpha + pr.reduce_add();
-  *mm = mnew;
+  const A alpha = lazy_max_update<A>(sc.reduce_max(), mm, ll);
+  const V pr = V::exp2(sc - V::set1(*mm));
+  *ll += pr.reduce_add();
   pr.store(pb);
+  return alpha;
+}
+
+// The same for two blocks at once (keys [0, W) in s0, [W, 2W) in s1): twice the keys per
+// running-max decision and two independent exp2 chains.
+template <class V>
+inline typename V::A softmax_step2(V s0, V s1, typename V::A* mm, typename V::A* ll, typename V::A* pb) {
+  using A = typename V::A;
+  const A b0 = s0.reduce_max(), b1 = s1.reduce_max();
+  const A alpha = lazy_max_update<A>(b0 > b1 ? b0 : b1, mm, ll);
+  const V mv = V::set1(*mm);
+  const V p0 = V::exp2(s0 - mv), p1 = V::exp2(s1 - mv);
+  *ll += (p0 + p1).reduce_add();
+  p0.store(pb);
+  p1.store(pb + V::W);
   return alpha;
 }
 
@@ -184,7 +244,7 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
   A* mm = acc + N * Dvp;
   A* ll = mm + N;
   A* pb = ll + N;
-  A* p4 = pb + W;             // probabilities of four queries [4][W]
+  A* p4 = pb + 2 * W;         // probabilities of four queries [4][W]
   A* kt_buf = p4 + 4 * W;     // key block transposed [Dkp][W]
   A* rows_buf = kt_buf + Dkp * W;  // key block as fp32 rows [W][Dkp]
 
@@ -201,46 +261,67 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
 
   const T* kb = static_cast<const T*>(p.k) + s.b * p.k_sb + s.h * p.k_sh;
   const T* vb = static_cast<const T*>(p.v) + s.b * p.v_sb + s.h * p.v_sh;
-  const T* kp[W];
-  const T* vp[W];
-  for (int64_t i0 = 0; i0 < s.count; i0 += W) {
-    const int nb = int(s.count - i0 < W ? s.count - i0 : W);
-    block_rows<W>(s, i0, nb, kb, p.k_sl, kp);
-    block_rows<W>(s, i0, nb, vb, p.v_sl, vp);
+  constexpr int KB = 2 * W;  // keys per step
+  const T* kp[KB];
+  const T* vp[KB];
+  // The launcher prefetched the first pf positions of a padded/jagged span; a mask span's
+  // positions are known only here.
+  const int64_t pf = p.prefetch;
+  if (s.idx && pf > 0) {
+    prefetch_rows(s, 0, s.count < pf ? s.count : pf, kb, p.k_sl, Dk);
+    prefetch_rows(s, 0, s.count < pf ? s.count : pf, vb, p.v_sl, Dv);
+  }
+  for (int64_t i0 = 0; i0 < s.count; i0 += KB) {
+    const int nb = int(s.count - i0 < KB ? s.count - i0 : KB);
+    if (pf > 0 && i0 + pf < s.count) {
+      const int64_t e = i0 + pf + KB < s.count ? i0 + pf + KB : s.count;
+      prefetch_rows(s, i0 + pf, e, kb, p.k_sl, Dk);
+      prefetch_rows(s, i0 + pf, e, vb, p.v_sl, Dv);
+    }
+    block_rows<KB>(s, i0, nb, kb, p.k_sl, kp);
+    block_rows<KB>(s, i0, nb, vb, p.v_sl, vp);
     int64_t n = 0;
     if (W > 1 && N >= 4) {
-      // Many queries per history: transpose the key block once (kt_buf[d][j]), then score four
-      // queries per pass with broadcast FMAs, and stream each value row once for all four.
-      for (int j = 0; j < W; ++j)
-        for (int64_t c = 0; c < nck; ++c) load_chunk<V>(kp[j], c, nck - 1, kt).store(rows_buf + j * Dkp + c * W);
-      for (int64_t d = 0; d < Dk; ++d)
-        for (int j = 0; j < W; ++j) kt_buf[d * W + j] = rows_buf[j * Dkp + d];
-      for (; n + 4 <= N; n += 4) {
-        const A* q0 = qs + n * Dkp;
-        V s0 = V::zero(), s1 = V::zero(), s2 = V::zero(), s3 = V::zero();
-        for (int64_t d = 0; d < Dk; ++d) {
-          const V kd = V::load(kt_buf + d * W);
-          s0 = V::fma(V::set1(q0[d]), kd, s0);
-          s1 = V::fma(V::set1(q0[Dkp + d]), kd, s1);
-          s2 = V::fma(V::set1(q0[2 * Dkp + d]), kd, s2);
-          s3 = V::fma(V::set1(q0[3 * Dkp + d]), kd, s3);
+      // Many queries per history, one W-key half of the step at a time: transpose the key
+      // block once (kt_buf[d][j]), then score four queries per pass with broadcast FMAs, and
+      // stream each value row once for all four.
+      for (int half = 0; half * W < nb; ++half) {
+        const T* const* kh = kp + half * W;
+        const T* const* vh = vp + half * W;
+        const int nh = nb - half * W < W ? nb - half * W : W;
+        for (int j = 0; j < W; ++j)
+          for (int64_t c = 0; c < nck; ++c) load_chunk<V>(kh[j], c, nck - 1, kt).store(rows_buf + j * Dkp + c * W);
+        for (int64_t d = 0; d < Dk; ++d)
+          for (int j = 0; j < W; ++j) kt_buf[d * W + j] = rows_buf[j * Dkp + d];
+        for (n = 0; n + 4 <= N; n += 4) {
+          const A* q0 = qs + n * Dkp;
+          V s0 = V::zero(), s1 = V::zero(), s2 = V::zero(), s3 = V::zero();
+          for (int64_t d = 0; d < Dk; ++d) {
+            const V kd = V::load(kt_buf + d * W);
+            s0 = V::fma(V::set1(q0[d]), kd, s0);
+            s1 = V::fma(V::set1(q0[Dkp + d]), kd, s1);
+            s2 = V::fma(V::set1(q0[2 * Dkp + d]), kd, s2);
+            s3 = V::fma(V::set1(q0[3 * Dkp + d]), kd, s3);
+          }
+          A alpha[4];
+          alpha[0] = softmax_step<V>(s0.mask_tail(nh), mm + n, ll + n, p4);
+          alpha[1] = softmax_step<V>(s1.mask_tail(nh), mm + n + 1, ll + n + 1, p4 + W);
+          alpha[2] = softmax_step<V>(s2.mask_tail(nh), mm + n + 2, ll + n + 2, p4 + 2 * W);
+          alpha[3] = softmax_step<V>(s3.mask_tail(nh), mm + n + 3, ll + n + 3, p4 + 3 * W);
+          A* accs[4] = {acc + n * Dvp, acc + (n + 1) * Dvp, acc + (n + 2) * Dvp, acc + (n + 3) * Dvp};
+          const int64_t nfull = vt == W ? ncv : ncv - 1;
+          int64_t c = 0;
+          for (; c + 4 <= nfull; c += 4) pv4_chunks<V, T, 4>(accs, alpha, p4, vh, nh, c, W);
+          for (; c < nfull; ++c) pv4_chunks<V, T, 1>(accs, alpha, p4, vh, nh, c, W);
+          if (c < ncv) pv4_chunks<V, T, 1>(accs, alpha, p4, vh, nh, c, vt);
         }
-        A alpha[4];
-        alpha[0] = softmax_step<V>(s0.mask_tail(nb), mm + n, ll + n, p4);
-        alpha[1] = softmax_step<V>(s1.mask_tail(nb), mm + n + 1, ll + n + 1, p4 + W);
-        alpha[2] = softmax_step<V>(s2.mask_tail(nb), mm + n + 2, ll + n + 2, p4 + 2 * W);
-        alpha[3] = softmax_step<V>(s3.mask_tail(nb), mm + n + 3, ll + n + 3, p4 + 3 * W);
-        A* accs[4] = {acc + n * Dvp, acc + (n + 1) * Dvp, acc + (n + 2) * Dvp, acc + (n + 3) * Dvp};
-        const int64_t nfull = vt == W ? ncv : ncv - 1;
-        int64_t c = 0;
-        for (; c + 4 <= nfull; c += 4) pv4_chunks<V, T, 4>(accs, alpha, p4, vp, nb, c, W);
-        for (; c < nfull; ++c) pv4_chunks<V, T, 1>(accs, alpha, p4, vp, nb, c, W);
-        if (c < ncv) pv4_chunks<V, T, 1>(accs, alpha, p4, vp, nb, c, vt);
       }
     }
     for (; n < N; ++n) {
-      const V sc = block_dots<V, T>(qs + n * Dkp, kp, nck, kt).mask_tail(nb);
-      const A alpha = softmax_step<V>(sc, mm + n, ll + n, pb);
+      const A* x = qs + n * Dkp;
+      const V s0 = block_dots<V, T>(x, kp, nck, kt).mask_tail(nb < W ? nb : W);
+      const V s1 = nb > W ? block_dots<V, T>(x, kp + W, nck, kt).mask_tail(nb - W) : V::set1(neg_inf<A>());
+      const A alpha = softmax_step2<V>(s0, s1, mm + n, ll + n, pb);
       block_axpy_rows<V, T>(acc + n * Dvp, pb, vp, nb, ncv, vt, alpha);
     }
   }
@@ -251,19 +332,49 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
   }
 }
 
-// Writes one gradient row (fp32/64 workspace -> dtype T). Whole, aligned rows use streaming
+// Stores chunk c of a gradient row (dtype T). Whole chunks of aligned rows use streaming
 // stores: the gradients are written once and not read back soon, so skipping the
 // read-for-ownership of each line saves a third of the backward's memory traffic.
 template <class V, class T>
-inline void store_row(T* dst, const typename V::A* src, int64_t nch, int tail) {
+inline void store_chunk(T* dst, V x, int64_t c, int64_t last, int tail, bool aligned) {
   constexpr int W = V::W;
-  if (tail == W && (reinterpret_cast<uintptr_t>(dst) % (W * sizeof(T))) == 0) {
-    for (int64_t c = 0; c < nch; ++c) V::load(src + c * W).stream(dst + c * W);
-    return;
+  if (c < last || tail == W) {
+    if (aligned) x.stream(dst + c * W); else x.store(dst + c * W);
+  } else {
+    x.store_partial(dst + c * W, tail);
   }
-  for (int64_t c = 0; c + 1 < nch; ++c) V::load(src + c * W).store(dst + c * W);
-  const V x = V::load(src + (nch - 1) * W);
-  if (tail == W) x.store(dst + (nch - 1) * W); else x.store_partial(dst + (nch - 1) * W, tail);
+}
+
+// One gradient row: dst = sum_{n < N} w[n * W] * x_n, where x_n (n-th row of a padded fp32/64
+// workspace matrix with row stride Dp) is q_n for dK and grad_out_n for dV, and w the column of
+// the block's ds (or p) that belongs to this key. Four chunks are accumulated in registers at
+// a time and written straight to the output.
+template <class V, class T>
+inline void row_combine(T* dst, const typename V::A* w, const typename V::A* x, int64_t N, int64_t Dp,
+                        int64_t nch, int tail) {
+  constexpr int W = V::W;
+  const bool aligned = tail == W && (reinterpret_cast<uintptr_t>(dst) % (W * sizeof(T))) == 0;
+  int64_t c = 0;
+  for (; c + 4 <= nch; c += 4) {
+    V a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
+    for (int64_t n = 0; n < N; ++n) {
+      const V wn = V::set1(w[n * W]);
+      const typename V::A* xn = x + n * Dp + c * W;
+      a0 = V::fma(wn, V::load(xn), a0);
+      a1 = V::fma(wn, V::load(xn + W), a1);
+      a2 = V::fma(wn, V::load(xn + 2 * W), a2);
+      a3 = V::fma(wn, V::load(xn + 3 * W), a3);
+    }
+    store_chunk<V>(dst, a0, c, nch - 1, tail, aligned);
+    store_chunk<V>(dst, a1, c + 1, nch - 1, tail, aligned);
+    store_chunk<V>(dst, a2, c + 2, nch - 1, tail, aligned);
+    store_chunk<V>(dst, a3, c + 3, nch - 1, tail, aligned);
+  }
+  for (; c < nch; ++c) {
+    V a = V::zero();
+    for (int64_t n = 0; n < N; ++n) a = V::fma(V::set1(w[n * W]), V::load(x + n * Dp + c * W), a);
+    store_chunk<V>(dst, a, c, nch - 1, tail, aligned);
+  }
 }
 
 template <class V, class T>
@@ -277,12 +388,10 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
   A* qf = ws;               // q, fp32/64, padded
   A* dof = qf + N * Dkp;    // grad_out
   A* dqa = dof + N * Dvp;   // dq accumulator
-  A* dkb = dqa + N * Dkp;   // dk of the current block [W, Dkp]
-  A* dvb = dkb + W * Dkp;   // dv of the current block [W, Dvp]
-  A* lse2 = dvb + W * Dvp;  // lse in log2 units
+  A* lse2 = dqa + N * Dkp;  // lse in log2 units
   A* dl = lse2 + N;         // delta
-  A* pb = dl + N;           // probabilities of the block
-  A* dsb = pb + W;          // scale * ds of the block
+  A* pb = dl + N;           // probabilities of the block [N][W]
+  A* dsb = pb + N * W;      // scale * ds of the block [N][W]
 
   const T* q = static_cast<const T*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
   const T* go = static_cast<const T*>(p.go) + s.b * p.go_sb + s.h * p.go_sh;
@@ -326,8 +435,20 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
       dqa[n * Dkp] = A(0);
     }
   }
+  // The launcher prefetched the first pf positions of a padded/jagged span; a mask span's
+  // positions are known only here.
+  const int64_t pf = p.prefetch;
+  if (s.idx && pf > 0) {
+    prefetch_rows(s, 0, s.count < pf ? s.count : pf, kb, p.k_sl, Dk);
+    prefetch_rows(s, 0, s.count < pf ? s.count : pf, vb, p.v_sl, Dv);
+  }
   for (int64_t i0 = 0; i0 < s.count; i0 += W) {
     const int nb = int(s.count - i0 < W ? s.count - i0 : W);
+    if (pf > 0 && i0 + pf < s.count) {
+      const int64_t e = i0 + pf + W < s.count ? i0 + pf + W : s.count;
+      prefetch_rows(s, i0 + pf, e, kb, p.k_sl, Dk);
+      prefetch_rows(s, i0 + pf, e, vb, p.v_sl, Dv);
+    }
     for (int j = 0; j < W; ++j) {
       const int64_t i = i0 + (j < nb ? j : nb - 1);
       const int64_t pos = s.start + (s.idx ? int64_t(s.idx[i]) : i);
@@ -335,32 +456,20 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
       kp[j] = kb + pos * p.k_sl;
       vp[j] = vb + pos * p.v_sl;
     }
-    for (int j = 0; j < nb; ++j) {
-      for (int64_t c = 0; c < nck; ++c) V::zero().store(dkb + j * Dkp + c * W);
-      for (int64_t c = 0; c < ncv; ++c) V::zero().store(dvb + j * Dvp + c * W);
-    }
+    // Per query: p and ds of the block's keys (kept for the rows below), and dq += ds . K.
     for (int64_t n = 0; n < N; ++n) {
       const V sc = (block_dots<V, T>(qf + n * Dkp, kp, nck, kt) * c2).mask_tail(nb);
       const V pr = V::exp2(sc - V::set1(lse2[n]));  // masked lanes: exactly 0
       const V dp = block_dots<V, T>(dof + n * Dvp, vp, ncv, vt);
       const V ds = pr * (dp - V::set1(dl[n])) * V::set1(scale);
-      pr.store(pb);
-      ds.store(dsb);
-      const A* qn = qf + n * Dkp;
-      const A* don = dof + n * Dvp;
-      for (int j = 0; j < nb; ++j) {
-        const V pj = V::set1(pb[j]);
-        const V dsj = V::set1(dsb[j]);
-        A* dvj = dvb + j * Dvp;
-        A* dkj = dkb + j * Dkp;
-        for (int64_t c = 0; c < ncv; ++c) V::fma(pj, V::load(don + c * W), V::load(dvj + c * W)).store(dvj + c * W);
-        for (int64_t c = 0; c < nck; ++c) V::fma(dsj, V::load(qn + c * W), V::load(dkj + c * W)).store(dkj + c * W);
-      }
-      block_axpy_rows<V, T>(dqa + n * Dkp, dsb, kp, nb, nck, kt, A(1));
+      pr.store(pb + n * W);
+      ds.store(dsb + n * W);
+      block_axpy_rows<V, T>(dqa + n * Dkp, dsb + n * W, kp, nb, nck, kt, A(1));
     }
+    // Per key: dK_j = sum_n ds_nj q_n and dV_j = sum_n p_nj grad_out_n, written once.
     for (int j = 0; j < nb; ++j) {
-      store_row<V>(gkb + posb[j] * p.gk_sl, dkb + j * Dkp, nck, kt);
-      store_row<V>(gvb + posb[j] * p.gv_sl, dvb + j * Dvp, ncv, vt);
+      row_combine<V>(gkb + posb[j] * p.gk_sl, dsb + j, qf, N, Dkp, nck, kt);
+      row_combine<V>(gvb + posb[j] * p.gv_sl, pb + j, dof, N, Dvp, ncv, vt);
     }
   }
   V::fence();
