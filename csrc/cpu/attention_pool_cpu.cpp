@@ -197,20 +197,42 @@ void fill_fwd_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, con
   p.prefetch = pf_kb ? std::max<int64_t>(32, (pf_kb << 10) / ((d.Dk + d.Dv) * es)) : 0;
 }
 
-// Prefetches the first p.prefetch valid positions (K and V rows) of the (row, head) task that
-// runs next, so that its first rows arrive while the current task computes; the kernels
-// prefetch the rest of a task p.prefetch positions ahead (see prefetch_rows in kernel_impl.h).
-// Mask rows are left to the kernels (their positions are known only when the row starts).
-void prefetch_next(const FwdParams& p, const Rows& rows, int64_t task) {
-  if (rows.mask || p.prefetch <= 0) return;
-  const int64_t b = task / p.H, h = task % p.H;
-  const int64_t es = p.dtype == kF64 ? 8 : p.dtype == kF32 ? 4 : 2;
-  const int64_t n = std::min(p.prefetch, rows.count(b, nullptr)), start = rows.start(b);
-  const char* kb = static_cast<const char*>(p.k) + (b * p.k_sb + h * p.k_sh + start * p.k_sl) * es;
-  const char* vb = static_cast<const char*>(p.v) + (b * p.v_sb + h * p.v_sh + start * p.v_sl) * es;
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t o = 0; o < p.Dk * es; o += 64) __builtin_prefetch(kb + i * p.k_sl * es + o, 0, 3);
-    for (int64_t o = 0; o < p.Dv * es; o += 64) __builtin_prefetch(vb + i * p.v_sl * es + o, 0, 3);
+// Runs f(t, span) for the (row, head) tasks [t0, t1) in order, span = the task's valid
+// positions. Before each task runs, the first rows of the next one are prefetched, so that they
+// arrive while this one computes (the kernels prefetch the rest of a task as they go). Mask rows
+// are left to the kernels: their positions are known only when the row starts.
+template <class F>
+void for_each_task(const FwdParams& p, const Rows& rows, int64_t t0, int64_t t1, F&& f) {
+  const int64_t H = p.H;
+  auto prefetch = [&](int64_t t) {
+    const int64_t b = t / H;
+    if (!rows.mask) prefetch_span_head(p, Span{b, t % H, rows.start(b), rows.count(b, nullptr), nullptr});
+  };
+  std::vector<int32_t> idx;
+  int64_t idx_row = -1, cnt = 0;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / H;
+    if (b != idx_row) {
+      cnt = rows.count(b, &idx);
+      idx_row = b;
+    }
+    if (t == t0) prefetch(t);
+    if (t + 1 < t1) prefetch(t + 1);
+    f(t, Span{b, t % H, rows.start(b), cnt, rows.mask ? idx.data() : nullptr});
+  }
+}
+
+// Runs f(i, span) for the split items [i0, i1): span = positions [it.i0, it.i1) of the item's
+// task.
+template <class F>
+void for_each_item(const Rows& rows, int64_t H, const std::vector<Item>& items, int64_t i0, int64_t i1, F&& f) {
+  std::vector<int32_t> idx;
+  for (int64_t i = i0; i < i1; ++i) {
+    const Item& it = items[i];
+    const int64_t b = it.task / H;
+    rows.count(b, &idx);
+    f(i, Span{b, it.task % H, rows.start(b) + (rows.mask ? 0 : it.i0), it.i1 - it.i0,
+              rows.mask ? idx.data() + it.i0 : nullptr});
   }
 }
 
@@ -246,20 +268,10 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
   if (items.empty()) {
     at::parallel_for(0, ntasks, grain_for(N * avg_len * (p.Dk + Dv)), [&](int64_t t0, int64_t t1) {
       std::vector<A> ws(ws_n), acc(N * Dv), m(N), l(N);
-      std::vector<int32_t> idx;
-      int64_t idx_row = -1, cnt = 0;
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / H;
-        if (b != idx_row) {
-          cnt = rows.count(b, &idx);
-          idx_row = b;
-        }
-        if (t == t0) prefetch_next(p, rows, t);
-        if (t + 1 < t1) prefetch_next(p, rows, t + 1);
-        const Span s{b, t % H, rows.start(b), cnt, rows.mask ? idx.data() : nullptr};
+      for_each_task(p, rows, t0, t1, [&](int64_t t, const Span& s) {
         kt.fwd(p, s, ws.data(), acc.data(), m.data(), l.data());
         finish(t, acc.data(), m.data(), l.data());
-      }
+      });
     });
     return;
   }
@@ -269,15 +281,9 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
   std::vector<A> pacc(nitems * N * Dv), pm(nitems * N), pl(nitems * N);
   at::parallel_for(0, nitems, 1, [&](int64_t i0, int64_t i1) {
     std::vector<A> ws(ws_n);
-    std::vector<int32_t> idx;
-    for (int64_t i = i0; i < i1; ++i) {
-      const Item& it = items[i];
-      const int64_t b = it.task / H;
-      rows.count(b, &idx);
-      const Span s{b, it.task % H, rows.start(b) + (rows.mask ? 0 : it.i0), it.i1 - it.i0,
-                   rows.mask ? idx.data() + it.i0 : nullptr};
+    for_each_item(rows, H, items, i0, i1, [&](int64_t i, const Span& s) {
       kt.fwd(p, s, ws.data(), pacc.data() + i * N * Dv, pm.data() + i * N, pl.data() + i * N);
-    }
+    });
   });
   std::vector<int64_t> first(ntasks + 1, nitems);
   for (int64_t i = nitems - 1; i >= 0; --i) first[items[i].task] = i;
@@ -381,21 +387,11 @@ void bwd_impl(const BwdParams& p, const Rows& rows, at::Tensor& gq) {
   if (items.empty()) {
     at::parallel_for(0, ntasks, grain_for(2 * N * avg_len * (Dk + p.Dv)), [&](int64_t t0, int64_t t1) {
       std::vector<A> ws(ws_n), dq(N * Dk);
-      std::vector<int32_t> idx;
-      int64_t idx_row = -1, cnt = 0;
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / H, h = t % H;
-        if (b != idx_row) {
-          cnt = rows.count(b, &idx);
-          idx_row = b;
-        }
-        if (t == t0) prefetch_next(p, rows, t);
-        if (t + 1 < t1) prefetch_next(p, rows, t + 1);
-        const Span s{b, h, rows.start(b), cnt, rows.mask ? idx.data() : nullptr};
+      for_each_task(p, rows, t0, t1, [&](int64_t t, const Span& s) {
         kt.bwd(p, s, ws.data(), dq.data());
         store_dq(t, dq.data());
-        zero_invalid<scalar_t>(rows, p, kt, b, h, cnt);
-      }
+        zero_invalid<scalar_t>(rows, p, kt, s.b, s.h, s.count);
+      });
     });
     return;
   }
@@ -404,15 +400,9 @@ void bwd_impl(const BwdParams& p, const Rows& rows, at::Tensor& gq) {
   std::vector<A> pdq(nitems * N * Dk);
   at::parallel_for(0, nitems, 1, [&](int64_t i0, int64_t i1) {
     std::vector<A> ws(ws_n);
-    std::vector<int32_t> idx;
-    for (int64_t i = i0; i < i1; ++i) {
-      const Item& it = items[i];
-      const int64_t b = it.task / H;
-      rows.count(b, &idx);
-      const Span s{b, it.task % H, rows.start(b) + (rows.mask ? 0 : it.i0), it.i1 - it.i0,
-                   rows.mask ? idx.data() + it.i0 : nullptr};
+    for_each_item(rows, H, items, i0, i1, [&](int64_t i, const Span& s) {
       kt.bwd(p, s, ws.data(), pdq.data() + i * N * Dk);
-    }
+    });
   });
   std::vector<int64_t> first(ntasks + 1, nitems);
   for (int64_t i = nitems - 1; i >= 0; --i) first[items[i].task] = i;

@@ -80,6 +80,10 @@ struct KernelTable {
   ZeroFn zero;
 };
 
+// Prefetches the K/V rows of the first p.prefetch positions of span s (portable code: the
+// launcher calls it for the task that runs next, so that its rows arrive during this one).
+void prefetch_span_head(const FwdParams& p, const Span& s);
+
 // Portable kernels (scalar, auto-vectorised): every dtype, and the only float64 path.
 KernelTable generic_kernels();
 #if defined(__x86_64__) || defined(_M_X64)

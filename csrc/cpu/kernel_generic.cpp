@@ -80,6 +80,15 @@ void zero_generic(void* p, int64_t bytes) { std::memset(p, 0, size_t(bytes)); }
 
 }  // namespace
 
+void prefetch_span_head(const FwdParams& p, const Span& s) {
+  if (p.prefetch <= 0) return;
+  switch (p.dtype) {
+    case kF64: prefetch_head<double>(p, s); break;
+    case kF32: prefetch_head<float>(p, s); break;
+    default: prefetch_head<uint16_t>(p, s); break;
+  }
+}
+
 KernelTable generic_kernels() { return {"generic", &fwd_generic, &bwd_generic, &zero_generic}; }
 
 }  // namespace cpu

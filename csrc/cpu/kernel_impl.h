@@ -153,16 +153,41 @@ inline void block_rows(const Span& s, int64_t i0, int nb, const T* base, int64_t
   }
 }
 
-// Asks for the rows of a later block ahead of use (each row's cache lines, K and V): a history
-// is a run of short rows, and the hardware prefetchers restart at every row and page, so
-// without this the core waits on memory instead of overlapping it with the arithmetic.
+// Asks for the K and V rows of valid positions [i0, i1) ahead of use (every cache line of each
+// row): a history is a run of short rows, and the hardware prefetchers restart at every row
+// and page, so without this the core waits on memory instead of overlapping it with the
+// arithmetic.
 template <class T>
-inline void prefetch_rows(const Span& s, int64_t i0, int64_t i1, const T* base, int64_t stride_l, int64_t d) {
-  const int64_t bytes = d * int64_t(sizeof(T));
+inline void prefetch_rows(const FwdParams& p, const Span& s, int64_t i0, int64_t i1, const T* kb, const T* vb) {
+  const int64_t kbytes = p.Dk * int64_t(sizeof(T)), vbytes = p.Dv * int64_t(sizeof(T));
   for (int64_t i = i0; i < i1; ++i) {
-    const char* r = reinterpret_cast<const char*>(base + (s.start + (s.idx ? int64_t(s.idx[i]) : i)) * stride_l);
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(r + o, 0, 3);
+    const int64_t pos = s.start + (s.idx ? int64_t(s.idx[i]) : i);
+    const char* kr = reinterpret_cast<const char*>(kb + pos * p.k_sl);
+    const char* vr = reinterpret_cast<const char*>(vb + pos * p.v_sl);
+    for (int64_t o = 0; o < kbytes; o += 64) __builtin_prefetch(kr + o, 0, 3);
+    for (int64_t o = 0; o < vbytes; o += 64) __builtin_prefetch(vr + o, 0, 3);
   }
+}
+
+// The first p.prefetch positions of a span (the launcher calls this, through
+// prefetch_span_head in kernel_generic.cpp, for the task that runs next).
+template <class T>
+inline void prefetch_head(const FwdParams& p, const Span& s) {
+  const T* kb = static_cast<const T*>(p.k) + s.b * p.k_sb + s.h * p.k_sh;
+  const T* vb = static_cast<const T*>(p.v) + s.b * p.v_sb + s.h * p.v_sh;
+  prefetch_rows(p, s, 0, s.count < p.prefetch ? s.count : p.prefetch, kb, vb);
+}
+
+// Software prefetch of a span processed `step` positions at a time: called at the start of
+// each step i0, it asks for the rows p.prefetch positions ahead. The launcher prefetches the
+// first p.prefetch positions of a padded/jagged span; a mask span's positions are known only
+// here, so its first ones are asked for at i0 = 0.
+template <class T>
+inline void prefetch_step(const FwdParams& p, const Span& s, int64_t i0, int64_t step, const T* kb, const T* vb) {
+  const int64_t pf = p.prefetch;
+  if (pf <= 0) return;
+  if (i0 == 0 && s.idx) prefetch_rows(p, s, 0, s.count < pf ? s.count : pf, kb, vb);
+  if (i0 + pf < s.count) prefetch_rows(p, s, i0 + pf, i0 + pf + step < s.count ? i0 + pf + step : s.count, kb, vb);
 }
 
 // The running max of a query is only moved when a block's max exceeds it by more than
@@ -264,20 +289,9 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
   constexpr int KB = 2 * W;  // keys per step
   const T* kp[KB];
   const T* vp[KB];
-  // The launcher prefetched the first pf positions of a padded/jagged span; a mask span's
-  // positions are known only here.
-  const int64_t pf = p.prefetch;
-  if (s.idx && pf > 0) {
-    prefetch_rows(s, 0, s.count < pf ? s.count : pf, kb, p.k_sl, Dk);
-    prefetch_rows(s, 0, s.count < pf ? s.count : pf, vb, p.v_sl, Dv);
-  }
   for (int64_t i0 = 0; i0 < s.count; i0 += KB) {
     const int nb = int(s.count - i0 < KB ? s.count - i0 : KB);
-    if (pf > 0 && i0 + pf < s.count) {
-      const int64_t e = i0 + pf + KB < s.count ? i0 + pf + KB : s.count;
-      prefetch_rows(s, i0 + pf, e, kb, p.k_sl, Dk);
-      prefetch_rows(s, i0 + pf, e, vb, p.v_sl, Dv);
-    }
+    prefetch_step(p, s, i0, KB, kb, vb);
     block_rows<KB>(s, i0, nb, kb, p.k_sl, kp);
     block_rows<KB>(s, i0, nb, vb, p.v_sl, vp);
     int64_t n = 0;
@@ -435,20 +449,9 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
       dqa[n * Dkp] = A(0);
     }
   }
-  // The launcher prefetched the first pf positions of a padded/jagged span; a mask span's
-  // positions are known only here.
-  const int64_t pf = p.prefetch;
-  if (s.idx && pf > 0) {
-    prefetch_rows(s, 0, s.count < pf ? s.count : pf, kb, p.k_sl, Dk);
-    prefetch_rows(s, 0, s.count < pf ? s.count : pf, vb, p.v_sl, Dv);
-  }
   for (int64_t i0 = 0; i0 < s.count; i0 += W) {
     const int nb = int(s.count - i0 < W ? s.count - i0 : W);
-    if (pf > 0 && i0 + pf < s.count) {
-      const int64_t e = i0 + pf + W < s.count ? i0 + pf + W : s.count;
-      prefetch_rows(s, i0 + pf, e, kb, p.k_sl, Dk);
-      prefetch_rows(s, i0 + pf, e, vb, p.v_sl, Dv);
-    }
+    prefetch_step(p, s, i0, W, kb, vb);
     for (int j = 0; j < W; ++j) {
       const int64_t i = i0 + (j < nb ? j : nb - 1);
       const int64_t pos = s.start + (s.idx ? int64_t(s.idx[i]) : i);
