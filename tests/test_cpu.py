@@ -106,6 +106,7 @@ def check_against_reference(layout, dtype, B, N, H, Dk, Dv, L, *, seed=0, length
         (4, 2, 1, 1, 130, 16),  # L exactly one 16-block
         (2, 1, 2, 33, 17, 1100),  # few rows, long: split path
         (3, 6, 2, 7, 130, 45),  # N >= 4: query-blocked path plus a remainder query
+        (3, 5, 1, 130, 7, 40),  # N >= 4 with Dk > Dv (transposed K block the larger one)
     ],
 )
 def test_matches_reference(layout, dtype, B, N, H, Dk, Dv, L):

@@ -34,7 +34,7 @@ namespace cpu {
 int64_t workspace_elems(int64_t N, int64_t Dk, int64_t Dv) {
   // Padded to the widest vector (16 lanes); covers the forward and backward layouts.
   const int64_t Dkp = (Dk + 15) / 16 * 16, Dvp = (Dv + 15) / 16 * 16;
-  return 2 * N * Dkp + N * Dvp + 16 * (3 * Dkp + Dvp) + 34 * N + 128;
+  return 2 * N * Dkp + N * Dvp + 48 * (Dkp + Dvp) + 34 * N + 128;
 }
 
 namespace {

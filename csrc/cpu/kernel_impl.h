@@ -255,6 +255,38 @@ inline void pv4_chunks(typename V::A* const* acc, const typename V::A* alpha, co
     for (int g = 0; g < G; ++g) a[i][g].store(acc[i] + (c + g) * W);
 }
 
+// A block of W rows (dtype T, rows rp[j]) transposed into tb[d][j] (fp32/64), through
+// rows_buf [W][nch * W]: done once per block, it lets several queries be scored with broadcast
+// FMAs and no horizontal reductions.
+template <class V, class T>
+inline void transpose_block(const T* const* rp, int64_t nch, int tail, int64_t D, typename V::A* rows_buf,
+                            typename V::A* tb) {
+  constexpr int W = V::W;
+  const int64_t Dp = nch * W;
+  for (int j = 0; j < W; ++j)
+    for (int64_t c = 0; c < nch; ++c) load_chunk<V>(rp[j], c, nch - 1, tail).store(rows_buf + j * Dp + c * W);
+  for (int64_t d = 0; d < D; ++d)
+    for (int j = 0; j < W; ++j) tb[d * W + j] = rows_buf[j * Dp + d];
+}
+
+// Scores of four vectors x_i (rows of x, stride Dp) against a transposed block tb[d][j]:
+// lane j of out[i] = <x_i, row_j>.
+template <class V>
+inline void dots4(const typename V::A* x, int64_t Dp, const typename V::A* tb, int64_t D, V* out) {
+  V s0 = V::zero(), s1 = V::zero(), s2 = V::zero(), s3 = V::zero();
+  for (int64_t d = 0; d < D; ++d) {
+    const V kd = V::load(tb + d * V::W);
+    s0 = V::fma(V::set1(x[d]), kd, s0);
+    s1 = V::fma(V::set1(x[Dp + d]), kd, s1);
+    s2 = V::fma(V::set1(x[2 * Dp + d]), kd, s2);
+    s3 = V::fma(V::set1(x[3 * Dp + d]), kd, s3);
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
+}
+
 template <class V, class T>
 void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::A* acc_out,
               typename V::A* m_out, typename V::A* l_out) {
@@ -303,25 +335,12 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
         const T* const* kh = kp + half * W;
         const T* const* vh = vp + half * W;
         const int nh = nb - half * W < W ? nb - half * W : W;
-        for (int j = 0; j < W; ++j)
-          for (int64_t c = 0; c < nck; ++c) load_chunk<V>(kh[j], c, nck - 1, kt).store(rows_buf + j * Dkp + c * W);
-        for (int64_t d = 0; d < Dk; ++d)
-          for (int j = 0; j < W; ++j) kt_buf[d * W + j] = rows_buf[j * Dkp + d];
+        transpose_block<V>(kh, nck, kt, Dk, rows_buf, kt_buf);
         for (n = 0; n + 4 <= N; n += 4) {
-          const A* q0 = qs + n * Dkp;
-          V s0 = V::zero(), s1 = V::zero(), s2 = V::zero(), s3 = V::zero();
-          for (int64_t d = 0; d < Dk; ++d) {
-            const V kd = V::load(kt_buf + d * W);
-            s0 = V::fma(V::set1(q0[d]), kd, s0);
-            s1 = V::fma(V::set1(q0[Dkp + d]), kd, s1);
-            s2 = V::fma(V::set1(q0[2 * Dkp + d]), kd, s2);
-            s3 = V::fma(V::set1(q0[3 * Dkp + d]), kd, s3);
-          }
+          V sc[4];
+          dots4<V>(qs + n * Dkp, Dkp, kt_buf, Dk, sc);
           A alpha[4];
-          alpha[0] = softmax_step<V>(s0.mask_tail(nh), mm + n, ll + n, p4);
-          alpha[1] = softmax_step<V>(s1.mask_tail(nh), mm + n + 1, ll + n + 1, p4 + W);
-          alpha[2] = softmax_step<V>(s2.mask_tail(nh), mm + n + 2, ll + n + 2, p4 + 2 * W);
-          alpha[3] = softmax_step<V>(s3.mask_tail(nh), mm + n + 3, ll + n + 3, p4 + 3 * W);
+          for (int i = 0; i < 4; ++i) alpha[i] = softmax_step<V>(sc[i].mask_tail(nh), mm + n + i, ll + n + i, p4 + i * W);
           A* accs[4] = {acc + n * Dvp, acc + (n + 1) * Dvp, acc + (n + 2) * Dvp, acc + (n + 3) * Dvp};
           const int64_t nfull = vt == W ? ncv : ncv - 1;
           int64_t c = 0;
@@ -359,35 +378,45 @@ inline void store_chunk(T* dst, V x, int64_t c, int64_t last, int tail, bool ali
   }
 }
 
-// One gradient row: dst = sum_{n < N} w[n * W] * x_n, where x_n (n-th row of a padded fp32/64
-// workspace matrix with row stride Dp) is q_n for dK and grad_out_n for dV, and w the column of
-// the block's ds (or p) that belongs to this key. Four chunks are accumulated in registers at
-// a time and written straight to the output.
-template <class V, class T>
-inline void row_combine(T* dst, const typename V::A* w, const typename V::A* x, int64_t N, int64_t Dp,
+// R gradient rows (keys j .. j + R - 1): dst[r] = sum_{n < N} w[n * W + r] * x_n, where x_n
+// (n-th row of a padded fp32/64 workspace matrix with row stride Dp) is q_n for dK and
+// grad_out_n for dV, and w points at key j's entry in the block's ds (or p) of query 0. Four
+// chunks of the R rows are accumulated in registers at a time, each x_n chunk loaded once for
+// all R, and written straight to the output. R = 2 halves the loads per FMA when there are many
+// queries; with one query R = 1 is faster (the rows are then store-bound).
+template <int R, class V, class T>
+inline void row_combine(T* const* dst, const typename V::A* w, const typename V::A* x, int64_t N, int64_t Dp,
                         int64_t nch, int tail) {
   constexpr int W = V::W;
-  const bool aligned = tail == W && (reinterpret_cast<uintptr_t>(dst) % (W * sizeof(T))) == 0;
+  bool al[R];
+  for (int r = 0; r < R; ++r) al[r] = tail == W && (reinterpret_cast<uintptr_t>(dst[r]) % (W * sizeof(T))) == 0;
   int64_t c = 0;
   for (; c + 4 <= nch; c += 4) {
-    V a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
+    V a[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int g = 0; g < 4; ++g) a[r][g] = V::zero();
     for (int64_t n = 0; n < N; ++n) {
-      const V wn = V::set1(w[n * W]);
       const typename V::A* xn = x + n * Dp + c * W;
-      a0 = V::fma(wn, V::load(xn), a0);
-      a1 = V::fma(wn, V::load(xn + W), a1);
-      a2 = V::fma(wn, V::load(xn + 2 * W), a2);
-      a3 = V::fma(wn, V::load(xn + 3 * W), a3);
+      const V x0 = V::load(xn), x1 = V::load(xn + W), x2 = V::load(xn + 2 * W), x3 = V::load(xn + 3 * W);
+      for (int r = 0; r < R; ++r) {
+        const V wr = V::set1(w[n * W + r]);
+        a[r][0] = V::fma(wr, x0, a[r][0]);
+        a[r][1] = V::fma(wr, x1, a[r][1]);
+        a[r][2] = V::fma(wr, x2, a[r][2]);
+        a[r][3] = V::fma(wr, x3, a[r][3]);
+      }
     }
-    store_chunk<V>(dst, a0, c, nch - 1, tail, aligned);
-    store_chunk<V>(dst, a1, c + 1, nch - 1, tail, aligned);
-    store_chunk<V>(dst, a2, c + 2, nch - 1, tail, aligned);
-    store_chunk<V>(dst, a3, c + 3, nch - 1, tail, aligned);
+    for (int r = 0; r < R; ++r)
+      for (int g = 0; g < 4; ++g) store_chunk<V>(dst[r], a[r][g], c + g, nch - 1, tail, al[r]);
   }
   for (; c < nch; ++c) {
-    V a = V::zero();
-    for (int64_t n = 0; n < N; ++n) a = V::fma(V::set1(w[n * W]), V::load(x + n * Dp + c * W), a);
-    store_chunk<V>(dst, a, c, nch - 1, tail, aligned);
+    V a[R];
+    for (int r = 0; r < R; ++r) a[r] = V::zero();
+    for (int64_t n = 0; n < N; ++n) {
+      const V xn = V::load(x + n * Dp + c * W);
+      for (int r = 0; r < R; ++r) a[r] = V::fma(V::set1(w[n * W + r]), xn, a[r]);
+    }
+    for (int r = 0; r < R; ++r) store_chunk<V>(dst[r], a[r], c, nch - 1, tail, al[r]);
   }
 }
 
@@ -406,6 +435,9 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
   A* dl = lse2 + N;         // delta
   A* pb = dl + N;           // probabilities of the block [N][W]
   A* dsb = pb + N * W;      // scale * ds of the block [N][W]
+  A* kt_buf = dsb + N * W;  // key block transposed [Dkp][W] (N >= 4)
+  A* vt_buf = kt_buf + Dkp * W;    // value block transposed [Dvp][W]
+  A* rows_buf = vt_buf + Dvp * W;  // a block as fp32/64 rows [W][max(Dkp, Dvp)]
 
   const T* q = static_cast<const T*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
   const T* go = static_cast<const T*>(p.go) + s.b * p.go_sb + s.h * p.go_sh;
@@ -460,19 +492,42 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
       vp[j] = vb + pos * p.v_sl;
     }
     // Per query: p and ds of the block's keys (kept for the rows below), and dq += ds . K.
-    for (int64_t n = 0; n < N; ++n) {
-      const V sc = (block_dots<V, T>(qf + n * Dkp, kp, nck, kt) * c2).mask_tail(nb);
-      const V pr = V::exp2(sc - V::set1(lse2[n]));  // masked lanes: exactly 0
-      const V dp = block_dots<V, T>(dof + n * Dvp, vp, ncv, vt);
+    auto query_grads = [&](int64_t n, V sc, V dp) {
+      const V pr = V::exp2((sc * c2).mask_tail(nb) - V::set1(lse2[n]));  // masked lanes: exactly 0
       const V ds = pr * (dp - V::set1(dl[n])) * V::set1(scale);
       pr.store(pb + n * W);
       ds.store(dsb + n * W);
       block_axpy_rows<V, T>(dqa + n * Dkp, dsb + n * W, kp, nb, nck, kt, A(1));
+    };
+    int64_t n = 0;
+    if (W > 1 && N >= 4) {
+      // Many queries: score four at a time against the transposed K and V blocks.
+      transpose_block<V>(kp, nck, kt, Dk, rows_buf, kt_buf);
+      transpose_block<V>(vp, ncv, vt, Dv, rows_buf, vt_buf);
+      for (; n + 4 <= N; n += 4) {
+        V sc[4], dp[4];
+        dots4<V>(qf + n * Dkp, Dkp, kt_buf, Dk, sc);
+        dots4<V>(dof + n * Dvp, Dvp, vt_buf, Dv, dp);
+        for (int i = 0; i < 4; ++i) query_grads(n + i, sc[i], dp[i]);
+      }
     }
+    for (; n < N; ++n)
+      query_grads(n, block_dots<V, T>(qf + n * Dkp, kp, nck, kt), block_dots<V, T>(dof + n * Dvp, vp, ncv, vt));
     // Per key: dK_j = sum_n ds_nj q_n and dV_j = sum_n p_nj grad_out_n, written once.
-    for (int j = 0; j < nb; ++j) {
-      row_combine<V>(gkb + posb[j] * p.gk_sl, dsb + j, qf, N, Dkp, nck, kt);
-      row_combine<V>(gvb + posb[j] * p.gv_sl, pb + j, dof, N, Dvp, ncv, vt);
+    int j = 0;
+    if (N >= 4) {
+      for (; j + 2 <= nb; j += 2) {
+        T* gk2[2] = {gkb + posb[j] * p.gk_sl, gkb + posb[j + 1] * p.gk_sl};
+        T* gv2[2] = {gvb + posb[j] * p.gv_sl, gvb + posb[j + 1] * p.gv_sl};
+        row_combine<2, V>(gk2, dsb + j, qf, N, Dkp, nck, kt);
+        row_combine<2, V>(gv2, pb + j, dof, N, Dvp, ncv, vt);
+      }
+    }
+    for (; j < nb; ++j) {
+      T* gk1 = gkb + posb[j] * p.gk_sl;
+      T* gv1 = gvb + posb[j] * p.gv_sl;
+      row_combine<1, V>(&gk1, dsb + j, qf, N, Dkp, nck, kt);
+      row_combine<1, V>(&gv1, pb + j, dof, N, Dvp, ncv, vt);
     }
   }
   V::fence();
