@@ -107,6 +107,13 @@ def check_against_reference(layout, dtype, B, N, H, Dk, Dv, L, *, seed=0, length
         (2, 1, 2, 33, 17, 1100),  # few rows, long: split path
         (3, 6, 2, 7, 130, 45),  # N >= 4: query-blocked path plus a remainder query
         (3, 5, 1, 130, 7, 40),  # N >= 4 with Dk > Dv (transposed K block the larger one)
+        # One query, head dims of 1, 2 and 4 vectors, whole and partial: the register-resident
+        # single-query kernel (with the long rows, also its split path).
+        (3, 1, 1, 16, 16, 20),
+        (4, 1, 2, 30, 20, 41),
+        (3, 1, 1, 32, 32, 33),
+        (3, 1, 1, 60, 50, 40),
+        (2, 1, 1, 64, 64, 1100),
     ],
 )
 def test_matches_reference(layout, dtype, B, N, H, Dk, Dv, L):
@@ -241,6 +248,8 @@ for layout in ("full", "lengths", "mask", "jagged"):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         check_against_reference(layout, dtype, 3, 5, 2, 19, 33, 45)
         check_against_reference(layout, dtype, 2, 1, 1, 64, 64, 1100)
+        check_against_reference(layout, dtype, 3, 1, 1, 32, 32, 45)
+        check_against_reference(layout, dtype, 3, 1, 2, 12, 10, 45)
 """
 
 

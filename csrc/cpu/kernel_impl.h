@@ -287,6 +287,90 @@ inline void dots4(const typename V::A* x, int64_t Dp, const typename V::A* tb, i
   out[3] = s3;
 }
 
+// Forward of one query (N == 1) with Dk and Dv in ((NC - 1) * W, NC * W]: the query, the
+// output accumulator and a block's scores all stay in registers, and the loop is software-
+// pipelined so that each pass over a block's W rows reads key row j of block i (its score)
+// and value row j of block i - 1 (weighted by the probabilities found at the end of the
+// previous pass) together. Reading K and V side by side, row by row, keeps two memory streams
+// in flight at all times, which reads a run of short rows markedly faster than a block of K
+// rows then a block of V rows; the arithmetic of the two blocks also overlaps.
+// FULL: Dk == Dv == NC * W (no partial chunk).
+template <class V, class T, int NC, bool FULL>
+void fwd_span_single(const FwdParams& p, const Span& s, typename V::A* acc_out, typename V::A* m_out,
+                     typename V::A* l_out) {
+  using A = typename V::A;
+  constexpr int W = V::W;
+  const int kt = int(p.Dk - (NC - 1) * W), vt = int(p.Dv - (NC - 1) * W);
+  auto load_k = [&](const T* r, int c) {
+    if constexpr (!FULL)
+      if (c == NC - 1) return V::load_partial(r + c * W, kt);
+    return V::load(r + c * W);
+  };
+  auto load_v = [&](const T* r, int c) {
+    if constexpr (!FULL)
+      if (c == NC - 1) return V::load_partial(r + c * W, vt);
+    return V::load(r + c * W);
+  };
+  const T* q = static_cast<const T*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
+  const V c2 = V::set1(A(p.scale * kLog2e));
+  V x[NC], o[NC];
+  for (int c = 0; c < NC; ++c) {
+    x[c] = load_k(q, c) * c2;
+    o[c] = V::zero();
+  }
+  A m = neg_inf<A>(), l = A(0);
+  const T* kb = static_cast<const T*>(p.k) + s.b * p.k_sb + s.h * p.k_sh;
+  const T* vb = static_cast<const T*>(p.v) + s.b * p.v_sb + s.h * p.v_sh;
+  const T* kp[W];
+  const T* vpa[2][W];
+  A pr[W];
+  int cur = 0;
+  for (int64_t i0 = 0; i0 < s.count; i0 += W, cur ^= 1) {
+    const int nb = int(s.count - i0 < W ? s.count - i0 : W);
+    prefetch_step(p, s, i0, W, kb, vb);
+    block_rows<W>(s, i0, nb, kb, p.k_sl, kp);
+    block_rows<W>(s, i0, nb, vb, p.v_sl, vpa[cur]);
+    const T* const* vprev = vpa[cur ^ 1];
+    V a[W];
+    if (i0 == 0) {
+      for (int j = 0; j < W; ++j) {
+        V t = V::zero();
+        for (int c = 0; c < NC; ++c) t = V::fma(x[c], load_k(kp[j], c), t);
+        a[j] = t;
+      }
+    } else {
+      for (int j = 0; j < W; ++j) {
+        V t = V::zero();
+        const V w = V::set1(pr[j]);  // 0 past the previous block's end
+        for (int c = 0; c < NC; ++c) {
+          t = V::fma(x[c], load_k(kp[j], c), t);
+          o[c] = V::fma(w, load_v(vprev[j], c), o[c]);
+        }
+        a[j] = t;
+      }
+    }
+    const V sc = V::transpose_reduce(a).mask_tail(nb);
+    const A alpha = lazy_max_update<A>(sc.reduce_max(), &m, &l);
+    if (alpha != A(1))
+      for (int c = 0; c < NC; ++c) o[c] = o[c] * V::set1(alpha);
+    const V pv = V::exp2(sc - V::set1(m));  // masked lanes: exactly 0
+    l += pv.reduce_add();
+    pv.store(pr);
+  }
+  if (s.count > 0) {  // the last block's values
+    const T* const* vprev = vpa[cur ^ 1];
+    for (int j = 0; j < W; ++j) {
+      const V w = V::set1(pr[j]);
+      for (int c = 0; c < NC; ++c) o[c] = V::fma(w, load_v(vprev[j], c), o[c]);
+    }
+  }
+  A ob[NC * W];
+  for (int c = 0; c < NC; ++c) o[c].store(ob + c * W);
+  for (int64_t d = 0; d < p.Dv; ++d) acc_out[d] = ob[d];
+  *m_out = m;
+  *l_out = l;
+}
+
 template <class V, class T>
 void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::A* acc_out,
               typename V::A* m_out, typename V::A* l_out) {
@@ -294,6 +378,18 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
   constexpr int W = V::W;
   const int64_t N = p.N, Dk = p.Dk, Dv = p.Dv;
   const int64_t nck = ceil_div(Dk, W), ncv = ceil_div(Dv, W);
+  if (W > 1 && N == 1 && nck == ncv && (nck == 1 || nck == 2 || nck == 4)) {
+    // One query, head dims up to 4 vectors: the register-resident, K/V-interleaved kernel.
+    const bool full = Dk == nck * W && Dv == nck * W;
+    switch (nck * 2 + (full ? 1 : 0)) {
+      case 2: return fwd_span_single<V, T, 1, false>(p, s, acc_out, m_out, l_out);
+      case 3: return fwd_span_single<V, T, 1, true>(p, s, acc_out, m_out, l_out);
+      case 4: return fwd_span_single<V, T, 2, false>(p, s, acc_out, m_out, l_out);
+      case 5: return fwd_span_single<V, T, 2, true>(p, s, acc_out, m_out, l_out);
+      case 8: return fwd_span_single<V, T, 4, false>(p, s, acc_out, m_out, l_out);
+      default: return fwd_span_single<V, T, 4, true>(p, s, acc_out, m_out, l_out);
+    }
+  }
   const int64_t Dkp = nck * W, Dvp = ncv * W;
   const int kt = int(Dk - (nck - 1) * W), vt = int(Dv - (ncv - 1) * W);
   A* qs = ws;
