@@ -4,13 +4,16 @@
 // ISA-specific copies can never be merged by the linker.
 //
 // V provides: W (lanes), A (accumulator scalar), zero/set1/load/load_partial/store/
-// store_partial for A and for every input type T, + - *, fma, max, reduce_add, reduce_max,
-// exp2 (exactly 0 for -inf), mask_tail(nb) (lanes >= nb set to -inf) and
-// transpose_reduce(V a[W]) (lane j = horizontal sum of a[j]).
+// store_partial for A and for every input type T, stream (non-temporal store), fence, + - *,
+// fma, first, reduce_add, reduce_max, exp2 (exactly 0 for -inf), mask_tail(nb) (lanes >= nb
+// set to -inf) and transpose_reduce(V a[W]) (lane j = horizontal sum of a[j]).
 //
 // Shape of the work: keys are processed in blocks of W positions. For each block the scores of
-// every query are W dot products, reduced horizontally all at once by transpose_reduce, so the
-// K/V block is read from memory once and then reused from L1 for all N queries.
+// a query are W dot products, reduced horizontally all at once by transpose_reduce (or, with
+// four or more queries, four queries at a time against the transposed block), so the K/V block
+// is read from memory once and then reused from L1 for all N queries. One query with a small
+// head dim (the common serving case) has its own register-resident, pipelined kernel
+// (fwd_span_single). The backward writes each dK/dV row once, straight from registers.
 #pragma once
 
 #include "kernel_common.h"
