@@ -110,6 +110,10 @@ struct Vec256 {
     return {_mm256_blendv_ps(_mm256_set1_ps(-__builtin_inff()), v, _mm256_castsi256_ps(keep))};
   }
 
+  // Lanes 0..3 of a then lanes 0..3 of b (concat_lo); lanes 4..7 of both (concat_hi).
+  static Vec256 concat_lo(Vec256 a, Vec256 b) { return {_mm256_permute2f128_ps(a.v, b.v, 0x20)}; }
+  static Vec256 concat_hi(Vec256 a, Vec256 b) { return {_mm256_permute2f128_ps(a.v, b.v, 0x31)}; }
+
   // 8 vectors -> one whose lane j is the sum of a[j]: three rounds of pairwise shuffles.
   static Vec256 transpose_reduce(const Vec256* a) {
     __m256 c[4], e[2];

@@ -87,6 +87,9 @@ struct Vec512 {
     const __m512 r = _mm512_scalef_ps(y, n);
     return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, _mm512_set1_ps(-126.f), _CMP_GE_OQ), r)};
   }
+  // Lanes 0..7 of a then lanes 0..7 of b (concat_lo); lanes 8..15 of both (concat_hi).
+  static Vec512 concat_lo(Vec512 a, Vec512 b) { return {_mm512_shuffle_f32x4(a.v, b.v, 0x44)}; }
+  static Vec512 concat_hi(Vec512 a, Vec512 b) { return {_mm512_shuffle_f32x4(a.v, b.v, 0xEE)}; }
   Vec512 mask_tail(int nb) const { return {_mm512_mask_blend_ps(lanes(nb), _mm512_set1_ps(-__builtin_inff()), v)}; }
 
   // 16 vectors -> one whose lane j is the sum of a[j]: four rounds of pairwise lane shuffles.

@@ -6,14 +6,16 @@
 // V provides: W (lanes), A (accumulator scalar), zero/set1/load/load_partial/store/
 // store_partial for A and for every input type T, stream (non-temporal store), fence, + - *,
 // fma, first, reduce_add, reduce_max, exp2 (exactly 0 for -inf), mask_tail(nb) (lanes >= nb
-// set to -inf) and transpose_reduce(V a[W]) (lane j = horizontal sum of a[j]).
+// set to -inf), transpose_reduce(V a[W]) (lane j = horizontal sum of a[j]) and, for W >= 2,
+// concat_lo/concat_hi(a, b) (the low/high halves of a and b, a's first).
 //
 // Shape of the work: keys are processed in blocks of W positions. For each block the scores of
 // a query are W dot products, reduced horizontally all at once by transpose_reduce (or, with
 // four or more queries, four queries at a time against the transposed block), so the K/V block
 // is read from memory once and then reused from L1 for all N queries. One query with a small
 // head dim (the common serving case) has its own register-resident, pipelined kernel
-// (fwd_span_single). The backward writes each dK/dV row once, straight from registers.
+// (fwd_span_single, bwd_span_single). The backward writes each dK/dV row once, straight from
+// registers.
 #pragma once
 
 #include "kernel_common.h"
@@ -519,6 +521,91 @@ inline void row_combine(T* const* dst, const typename V::A* w, const typename V:
   }
 }
 
+// Backward of one query (N == 1) with Dk and Dv in ((NC - 1) * W, NC * W], SIMD widths
+// W >= 2 (FULL: no partial chunk). q, grad_out and the dq accumulator stay in registers. Per
+// block, each pass over half of its keys reads key row j and value row j side by side (two
+// memory streams in flight, as in fwd_span_single): the half's W/2 score dot products and W/2
+// dO.v dot products share one transpose_reduce (scores in the low lanes, dp in the high
+// lanes). dK and dV rows are written straight from registers (ds_j q and p_j dO).
+template <class V, class T, int NC, bool FULL>
+void bwd_span_single(const BwdParams& p, const Span& s, typename V::A* dq_out) {
+  using A = typename V::A;
+  constexpr int W = V::W, H2 = V::W / 2;
+  const int kt = int(p.Dk - (NC - 1) * W), vt = int(p.Dv - (NC - 1) * W);
+  auto load_k = [&](const T* r, int c) {
+    if constexpr (!FULL)
+      if (c == NC - 1) return V::load_partial(r + c * W, kt);
+    return V::load(r + c * W);
+  };
+  auto load_v = [&](const T* r, int c) {
+    if constexpr (!FULL)
+      if (c == NC - 1) return V::load_partial(r + c * W, vt);
+    return V::load(r + c * W);
+  };
+  const T* q = static_cast<const T*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
+  const T* go = static_cast<const T*>(p.go) + s.b * p.go_sb + s.h * p.go_sh;
+  V x[NC], g[NC], dq[NC];
+  for (int c = 0; c < NC; ++c) {
+    x[c] = load_k(q, c);
+    g[c] = load_v(go, c);
+    dq[c] = V::zero();
+  }
+  const int64_t r = s.b * p.H + s.h;  // N == 1
+  const V lse2 = V::set1(A(p.lse[r]) * A(kLog2e));
+  const V dl = V::set1(A(p.delta[r]));
+  const V c2 = V::set1(A(p.scale * kLog2e));
+  const V scale = V::set1(A(p.scale));
+
+  const T* kb = static_cast<const T*>(p.k) + s.b * p.k_sb + s.h * p.k_sh;
+  const T* vb = static_cast<const T*>(p.v) + s.b * p.v_sb + s.h * p.v_sh;
+  T* gkb = static_cast<T*>(p.gk) + s.b * p.gk_sb + s.h * p.gk_sh;
+  T* gvb = static_cast<T*>(p.gv) + s.b * p.gv_sb + s.h * p.gv_sh;
+  const T* kp[W];
+  const T* vp[W];
+  A prb[W], dsb[W];
+  for (int64_t i0 = 0; i0 < s.count; i0 += W) {
+    const int nb = int(s.count - i0 < W ? s.count - i0 : W);
+    prefetch_step(p, s, i0, W, kb, vb);
+    block_rows<W>(s, i0, nb, kb, p.k_sl, kp);
+    block_rows<W>(s, i0, nb, vb, p.v_sl, vp);
+    V half[2];
+    for (int h = 0; h < 2; ++h) {
+      V a[W];
+      for (int j = 0; j < H2; ++j) {
+        V u = V::zero(), w = V::zero();
+        for (int c = 0; c < NC; ++c) {
+          u = V::fma(x[c], load_k(kp[h * H2 + j], c), u);
+          w = V::fma(g[c], load_v(vp[h * H2 + j], c), w);
+        }
+        a[j] = u;
+        a[H2 + j] = w;
+      }
+      half[h] = V::transpose_reduce(a);
+    }
+    const V sc = (V::concat_lo(half[0], half[1]) * c2).mask_tail(nb);
+    const V dp = V::concat_hi(half[0], half[1]);
+    const V pr = V::exp2(sc - lse2);  // masked lanes: exactly 0
+    const V ds = pr * (dp - dl) * scale;
+    pr.store(prb);
+    ds.store(dsb);
+    for (int j = 0; j < nb; ++j) {
+      const V dsj = V::set1(dsb[j]), pj = V::set1(prb[j]);
+      T* dk = gkb + (s.start + (s.idx ? int64_t(s.idx[i0 + j]) : i0 + j)) * p.gk_sl;
+      T* dv = gvb + (s.start + (s.idx ? int64_t(s.idx[i0 + j]) : i0 + j)) * p.gv_sl;
+      const bool ak = FULL && (reinterpret_cast<uintptr_t>(dk) % (W * sizeof(T))) == 0;
+      const bool av = FULL && (reinterpret_cast<uintptr_t>(dv) % (W * sizeof(T))) == 0;
+      for (int c = 0; c < NC; ++c) {
+        dq[c] = V::fma(dsj, load_k(kp[j], c), dq[c]);
+        store_chunk<V>(dk, dsj * x[c], c, NC - 1, kt, ak);
+        store_chunk<V>(dv, pj * g[c], c, NC - 1, vt, av);
+      }
+    }
+  }
+  A ob[NC * W];
+  for (int c = 0; c < NC; ++c) dq[c].store(ob + c * W);
+  for (int64_t d = 0; d < p.Dk; ++d) dq_out[d] = ob[d];
+}
+
 template <class V, class T>
 void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::A* dq_out) {
   using A = typename V::A;
@@ -527,6 +614,22 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
   const int64_t nck = ceil_div(Dk, W), ncv = ceil_div(Dv, W);
   const int64_t Dkp = nck * W, Dvp = ncv * W;
   const int kt = int(Dk - (nck - 1) * W), vt = int(Dv - (ncv - 1) * W);
+  if constexpr (W > 1) {
+    if (N == 1 && nck == ncv && (nck == 1 || nck == 2 || nck == 4)) {
+      // One query, head dims up to 4 vectors: the register-resident, K/V-interleaved kernel.
+      const bool full = Dk == nck * W && Dv == nck * W;
+      switch (nck * 2 + (full ? 1 : 0)) {
+        case 2: bwd_span_single<V, T, 1, false>(p, s, dq_out); break;
+        case 3: bwd_span_single<V, T, 1, true>(p, s, dq_out); break;
+        case 4: bwd_span_single<V, T, 2, false>(p, s, dq_out); break;
+        case 5: bwd_span_single<V, T, 2, true>(p, s, dq_out); break;
+        case 8: bwd_span_single<V, T, 4, false>(p, s, dq_out); break;
+        default: bwd_span_single<V, T, 4, true>(p, s, dq_out); break;
+      }
+      V::fence();
+      return;
+    }
+  }
   A* qf = ws;               // q, fp32/64, padded
   A* dof = qf + N * Dkp;    // grad_out
   A* dqa = dof + N * Dvp;   // dq accumulator
