@@ -292,6 +292,39 @@ inline void dots4(const typename V::A* x, int64_t Dp, const typename V::A* tb, i
   out[3] = s3;
 }
 
+// The single-query kernels are compiled for head dims of NC = 1, 2 or 4 vectors; FULL when
+// Dk == Dv == NC * W (no partial chunk). with_single_dims calls f(SingleDims<NC, FULL>{}) for the
+// matching instance and returns false when the dims have none.
+template <int NC, bool FULL>
+struct SingleDims {
+  static constexpr int nc = NC;
+  static constexpr bool full = FULL;
+};
+
+template <int W, class F>
+inline bool with_single_dims(int64_t N, int64_t Dk, int64_t Dv, F&& f) {
+  const int64_t nck = ceil_div(Dk, W), ncv = ceil_div(Dv, W);
+  if (N != 1 || nck != ncv) return false;
+  const bool full = Dk == nck * W && Dv == nck * W;
+  switch (nck * 2 + (full ? 1 : 0)) {
+    case 2: f(SingleDims<1, false>{}); return true;
+    case 3: f(SingleDims<1, true>{}); return true;
+    case 4: f(SingleDims<2, false>{}); return true;
+    case 5: f(SingleDims<2, true>{}); return true;
+    case 8: f(SingleDims<4, false>{}); return true;
+    case 9: f(SingleDims<4, true>{}); return true;
+    default: return false;
+  }
+}
+
+// Chunk c of a row (NC chunks, the last holding `tail` elements unless FULL).
+template <class V, int NC, bool FULL, class T>
+inline V load_nc(const T* r, int c, int tail) {
+  if constexpr (!FULL)
+    if (c == NC - 1) return V::load_partial(r + c * V::W, tail);
+  return V::load(r + c * V::W);
+}
+
 // Forward of one query (N == 1) with Dk and Dv in ((NC - 1) * W, NC * W]: the query, the
 // output accumulator and a block's scores all stay in registers, and the loop is software-
 // pipelined so that each pass over a block's W rows reads key row j of block i (its score)
@@ -299,23 +332,14 @@ inline void dots4(const typename V::A* x, int64_t Dp, const typename V::A* tb, i
 // previous pass) together. Reading K and V side by side, row by row, keeps two memory streams
 // in flight at all times, which reads a run of short rows markedly faster than a block of K
 // rows then a block of V rows; the arithmetic of the two blocks also overlaps.
-// FULL: Dk == Dv == NC * W (no partial chunk).
 template <class V, class T, int NC, bool FULL>
 void fwd_span_single(const FwdParams& p, const Span& s, typename V::A* acc_out, typename V::A* m_out,
                      typename V::A* l_out) {
   using A = typename V::A;
   constexpr int W = V::W;
   const int kt = int(p.Dk - (NC - 1) * W), vt = int(p.Dv - (NC - 1) * W);
-  auto load_k = [&](const T* r, int c) {
-    if constexpr (!FULL)
-      if (c == NC - 1) return V::load_partial(r + c * W, kt);
-    return V::load(r + c * W);
-  };
-  auto load_v = [&](const T* r, int c) {
-    if constexpr (!FULL)
-      if (c == NC - 1) return V::load_partial(r + c * W, vt);
-    return V::load(r + c * W);
-  };
+  auto load_k = [&](const T* r, int c) { return load_nc<V, NC, FULL>(r, c, kt); };
+  auto load_v = [&](const T* r, int c) { return load_nc<V, NC, FULL>(r, c, vt); };
   const T* q = static_cast<const T*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
   const V c2 = V::set1(A(p.scale * kLog2e));
   V x[NC], o[NC];
@@ -383,17 +407,13 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
   constexpr int W = V::W;
   const int64_t N = p.N, Dk = p.Dk, Dv = p.Dv;
   const int64_t nck = ceil_div(Dk, W), ncv = ceil_div(Dv, W);
-  if (W > 1 && N == 1 && nck == ncv && (nck == 1 || nck == 2 || nck == 4)) {
-    // One query, head dims up to 4 vectors: the register-resident, K/V-interleaved kernel.
-    const bool full = Dk == nck * W && Dv == nck * W;
-    switch (nck * 2 + (full ? 1 : 0)) {
-      case 2: return fwd_span_single<V, T, 1, false>(p, s, acc_out, m_out, l_out);
-      case 3: return fwd_span_single<V, T, 1, true>(p, s, acc_out, m_out, l_out);
-      case 4: return fwd_span_single<V, T, 2, false>(p, s, acc_out, m_out, l_out);
-      case 5: return fwd_span_single<V, T, 2, true>(p, s, acc_out, m_out, l_out);
-      case 8: return fwd_span_single<V, T, 4, false>(p, s, acc_out, m_out, l_out);
-      default: return fwd_span_single<V, T, 4, true>(p, s, acc_out, m_out, l_out);
-    }
+  // One query, head dims up to 4 vectors: the register-resident, K/V-interleaved kernel.
+  if constexpr (W > 1) {
+    if (with_single_dims<W>(N, Dk, Dv, [&](auto d) {
+          using D = decltype(d);
+          fwd_span_single<V, T, D::nc, D::full>(p, s, acc_out, m_out, l_out);
+        }))
+      return;
   }
   const int64_t Dkp = nck * W, Dvp = ncv * W;
   const int kt = int(Dk - (nck - 1) * W), vt = int(Dv - (ncv - 1) * W);
@@ -532,16 +552,8 @@ void bwd_span_single(const BwdParams& p, const Span& s, typename V::A* dq_out) {
   using A = typename V::A;
   constexpr int W = V::W, H2 = V::W / 2;
   const int kt = int(p.Dk - (NC - 1) * W), vt = int(p.Dv - (NC - 1) * W);
-  auto load_k = [&](const T* r, int c) {
-    if constexpr (!FULL)
-      if (c == NC - 1) return V::load_partial(r + c * W, kt);
-    return V::load(r + c * W);
-  };
-  auto load_v = [&](const T* r, int c) {
-    if constexpr (!FULL)
-      if (c == NC - 1) return V::load_partial(r + c * W, vt);
-    return V::load(r + c * W);
-  };
+  auto load_k = [&](const T* r, int c) { return load_nc<V, NC, FULL>(r, c, kt); };
+  auto load_v = [&](const T* r, int c) { return load_nc<V, NC, FULL>(r, c, vt); };
   const T* q = static_cast<const T*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
   const T* go = static_cast<const T*>(p.go) + s.b * p.go_sb + s.h * p.go_sh;
   V x[NC], g[NC], dq[NC];
@@ -614,18 +626,12 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
   const int64_t nck = ceil_div(Dk, W), ncv = ceil_div(Dv, W);
   const int64_t Dkp = nck * W, Dvp = ncv * W;
   const int kt = int(Dk - (nck - 1) * W), vt = int(Dv - (ncv - 1) * W);
+  // One query, head dims up to 4 vectors: the register-resident, K/V-interleaved kernel.
   if constexpr (W > 1) {
-    if (N == 1 && nck == ncv && (nck == 1 || nck == 2 || nck == 4)) {
-      // One query, head dims up to 4 vectors: the register-resident, K/V-interleaved kernel.
-      const bool full = Dk == nck * W && Dv == nck * W;
-      switch (nck * 2 + (full ? 1 : 0)) {
-        case 2: bwd_span_single<V, T, 1, false>(p, s, dq_out); break;
-        case 3: bwd_span_single<V, T, 1, true>(p, s, dq_out); break;
-        case 4: bwd_span_single<V, T, 2, false>(p, s, dq_out); break;
-        case 5: bwd_span_single<V, T, 2, true>(p, s, dq_out); break;
-        case 8: bwd_span_single<V, T, 4, false>(p, s, dq_out); break;
-        default: bwd_span_single<V, T, 4, true>(p, s, dq_out); break;
-      }
+    if (with_single_dims<W>(N, Dk, Dv, [&](auto d) {
+          using D = decltype(d);
+          bwd_span_single<V, T, D::nc, D::full>(p, s, dq_out);
+        })) {
       V::fence();
       return;
     }
