@@ -292,6 +292,23 @@ inline void dots4(const typename V::A* x, int64_t Dp, const typename V::A* tb, i
   out[3] = s3;
 }
 
+// Where the span's row 0 lies in K, V, dK and dV (a jagged span adds its start per position).
+template <class T>
+struct BwdBases {
+  const T* k;
+  const T* v;
+  T* gk;
+  T* gv;
+};
+
+template <class T>
+inline BwdBases<T> bwd_bases(const BwdParams& p, const Span& s) {
+  return {static_cast<const T*>(p.k) + s.b * p.k_sb + s.h * p.k_sh,
+          static_cast<const T*>(p.v) + s.b * p.v_sb + s.h * p.v_sh,
+          static_cast<T*>(p.gk) + s.b * p.gk_sb + s.h * p.gk_sh,
+          static_cast<T*>(p.gv) + s.b * p.gv_sb + s.h * p.gv_sh};
+}
+
 // The single-query kernels are compiled for head dims of NC = 1, 2 or 4 vectors; FULL when
 // Dk == Dv == NC * W (no partial chunk). with_single_dims calls f(SingleDims<NC, FULL>{}) for the
 // matching instance and returns false when the dims have none.
@@ -568,10 +585,7 @@ void bwd_span_single(const BwdParams& p, const Span& s, typename V::A* dq_out) {
   const V c2 = V::set1(A(p.scale * kLog2e));
   const V scale = V::set1(A(p.scale));
 
-  const T* kb = static_cast<const T*>(p.k) + s.b * p.k_sb + s.h * p.k_sh;
-  const T* vb = static_cast<const T*>(p.v) + s.b * p.v_sb + s.h * p.v_sh;
-  T* gkb = static_cast<T*>(p.gk) + s.b * p.gk_sb + s.h * p.gk_sh;
-  T* gvb = static_cast<T*>(p.gv) + s.b * p.gv_sb + s.h * p.gv_sh;
+  const auto [kb, vb, gkb, gvb] = bwd_bases<T>(p, s);
   const T* kp[W];
   const T* vp[W];
   A prb[W], dsb[W];
@@ -662,10 +676,7 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
   const V c2 = V::set1(A(p.scale * kLog2e));
   const A scale = A(p.scale);
 
-  const T* kb = static_cast<const T*>(p.k) + s.b * p.k_sb + s.h * p.k_sh;
-  const T* vb = static_cast<const T*>(p.v) + s.b * p.v_sb + s.h * p.v_sh;
-  T* gkb = static_cast<T*>(p.gk) + s.b * p.gk_sb + s.h * p.gk_sh;
-  T* gvb = static_cast<T*>(p.gv) + s.b * p.gv_sb + s.h * p.gv_sh;
+  const auto [kb, vb, gkb, gvb] = bwd_bases<T>(p, s);
   const T* kp[W];
   const T* vp[W];
   int64_t posb[W];
