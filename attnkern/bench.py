@@ -45,6 +45,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from attnkern._inputs import random_problem
+
 OP = "attention_pool"
 BASELINES = ("reference", "sdpa", "compile")
 PROVIDERS = ("reference", "sdpa", "compile", "flex", "cpu", "triton", "cuda")
@@ -157,21 +159,11 @@ def make_inputs(case: Case, device="cpu", seed: int = 0) -> Inputs:
     else:
         lengths = torch.randint(0, s.L + 1, (s.B,), generator=g, dtype=torch.int64)
     total = int(lengths.sum())
-    rows = total if s.layout == "jagged" else s.B * s.L
-    kv_shape = (rows, s.H) if s.layout == "jagged" else (s.B, s.L, s.H)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g).to(dtype=dtype, device=device)
-
-    query = randn(s.B, s.N, s.H, s.Dk)
-    key = randn(*kv_shape, s.Dk)
-    value = randn(*kv_shape, s.Dv)
-    grad_out = randn(s.B, s.N, s.H, s.Dv)
-    offsets = None
-    if s.layout == "jagged":
-        offsets = torch.zeros(s.B + 1, dtype=torch.int64)
-        offsets[1:] = torch.cumsum(lengths, 0)
-        offsets = offsets.to(device)
+    layout = "jagged" if s.layout == "jagged" else "lengths"
+    q, k, v, kw = random_problem(s.B, s.N, s.H, s.L, s.Dk, s.Dv, layout, lengths, generator=g)
+    query, key, value = (t.to(dtype=dtype, device=device) for t in (q, k, v))
+    grad_out = torch.randn(s.B, s.N, s.H, s.Dv, generator=g).to(dtype=dtype, device=device)
+    offsets = kw["offsets"].to(device) if layout == "jagged" else None
     return Inputs(case, torch.device(device), query, key, value, lengths.to(device), offsets,
                   grad_out, total)
 

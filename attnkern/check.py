@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from attnkern._inputs import edge_lengths, random_problem
+
 # (name, B, N, H, L, Dk, Dv): odd head dims, Dk != Dv, several queries/heads, L off any block.
 SHAPES = [
     ("base", 4, 1, 1, 33, 64, 64),
@@ -43,22 +45,8 @@ class Result:
 def make_inputs(B, N, H, L, Dk, Dv, dtype, layout, device, seed=0):
     """Random inputs with empty rows, full rows and rows of odd length."""
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([[0, L, 1, L // 2 + 1, max(L - 3, 0)][i % 5] for i in range(B)])
-    q = torch.randn(B, N, H, Dk, generator=g)
-    kw = {}
-    if layout == "jagged":
-        T = int(lengths.sum()) + 1
-        k, v = torch.randn(T, H, Dk, generator=g), torch.randn(T, H, Dv, generator=g)
-        offsets = torch.zeros(B + 1, dtype=torch.long)
-        offsets[1:] = lengths.cumsum(0)
-        kw = {"offsets": offsets.to(device), "max_length": L}
-    else:
-        k, v = torch.randn(B, L, H, Dk, generator=g), torch.randn(B, L, H, Dv, generator=g)
-        if layout == "lengths":
-            kw = {"lengths": lengths.to(device)}
-        elif layout == "mask":
-            m = (torch.rand(B, L, generator=g) < 0.7) & (torch.arange(L)[None] < lengths[:, None])
-            kw = {"mask": m.to(device)}
+    q, k, v, kw = random_problem(B, N, H, L, Dk, Dv, layout, edge_lengths(B, L), generator=g, extra_rows=1)
+    kw = {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in kw.items()}
     go = torch.randn(B, N, H, Dv, generator=g)
     return [t.to(device, dtype) for t in (q, k, v)], kw, go.to(device, dtype)
 

@@ -12,6 +12,7 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 import attnkern  # noqa: E402
 from attnkern import check  # noqa: E402
+from attnkern._inputs import edge_lengths, random_problem  # noqa: E402
 from attnkern.reference import attention_pool_ref  # noqa: E402
 
 # The one table of fallback tolerances (absolute, relative to the oracle's magnitude) and the
@@ -44,41 +45,22 @@ def backend_device_pairs():
 
 def make_problem(B=3, N=1, H=1, L=37, Dk=16, Dv=16, dtype=torch.float32, layout="lengths",
                  lengths=None, device="cpu", seed=0, query_3d=False, magnitude=1.0):
-    """Random inputs for one call. layout: lengths | mask | jagged | full.
+    """Random inputs for one call. layout: lengths | mask | jagged | full; lengths default to
+    empty, one, full, half and nearly full rows.
 
     Returns (args, kwargs) for attnkern.attention_pool, tensors are leaves (float64 master
     copies are made by the checker)."""
     g = torch.Generator().manual_seed(seed)
-    if lengths is None:
-        base = [0, 1, L, max(L - 20, 0), L // 2 + 1]
-        lengths = [min(base[i % len(base)], L) for i in range(B)]
-    lengths_t = torch.tensor(lengths, dtype=torch.long)
-    q = torch.randn((B, N, H, Dk), generator=g) * magnitude
+    lengths_t = edge_lengths(B, L) if lengths is None else torch.tensor(lengths, dtype=torch.long)
+    # Two trailing jagged rows that belong to no row.
+    q, k, v, kwargs = random_problem(B, N, H, L, Dk, Dv, layout, lengths_t, generator=g,
+                                     extra_rows=2, magnitude=magnitude)
     if query_3d:
         assert N == 1
         q = q[:, 0]
-    kwargs = {}
-    if layout == "jagged":
-        T = int(lengths_t.sum()) + 2  # two trailing rows that belong to no row
-        k = torch.randn((T, H, Dk), generator=g) * magnitude
-        v = torch.randn((T, H, Dv), generator=g)
-        offsets = torch.zeros(B + 1, dtype=torch.long)
-        offsets[1:] = torch.cumsum(lengths_t, 0)
-        kwargs["offsets"] = offsets.to(device)
-        kwargs["max_length"] = L
-    else:
-        k = torch.randn((B, L, H, Dk), generator=g) * magnitude
-        v = torch.randn((B, L, H, Dv), generator=g)
-        if layout == "lengths":
-            kwargs["lengths"] = lengths_t.to(torch.int32).to(device)
-        elif layout == "mask":
-            # Holes anywhere, not only a prefix: random positions, rows keep their row count.
-            m = torch.rand((B, L), generator=g) < 0.6
-            m &= torch.arange(L)[None, :] < lengths_t[:, None] + 5
-            m[lengths_t == 0] = False
-            kwargs["mask"] = m.to(device)
-        elif layout != "full":
-            raise ValueError(layout)
+    if "lengths" in kwargs:
+        kwargs["lengths"] = kwargs["lengths"].to(torch.int32)  # int32 lengths: the common case
+    kwargs = {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in kwargs.items()}
     args = [t.to(device=device, dtype=dtype) for t in (q, k, v)]
     return args, kwargs
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import attnkern
+from attnkern._inputs import random_problem
 from attnkern.reference import attention_pool_ref
 from conftest import FALLBACK_TOL, LOW_PRECISION_FACTOR
 
@@ -29,25 +30,15 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def make_inputs(layout, dtype, B, N, H, Dk, Dv, L, *, seed=0, lengths=None):
+    # float64 master values rounded to dtype; lengths uniform in [0, L] unless given; three
+    # trailing jagged rows that belong to no row.
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, N, H, Dk, generator=g, dtype=torch.float64)
-    layout_kw = {}
-    if layout == "jagged":
-        lens = torch.randint(0, L + 1, (B,), generator=g) if lengths is None else torch.as_tensor(lengths)
-        offsets = torch.zeros(B + 1, dtype=torch.int64)
-        offsets[1:] = lens.cumsum(0)
-        T = int(offsets[-1]) + 3  # rows past offsets[-1] belong to no row
-        k = torch.randn(T, H, Dk, generator=g, dtype=torch.float64)
-        v = torch.randn(T, H, Dv, generator=g, dtype=torch.float64)
-        layout_kw["offsets"] = offsets
-    else:
-        k = torch.randn(B, L, H, Dk, generator=g, dtype=torch.float64)
-        v = torch.randn(B, L, H, Dv, generator=g, dtype=torch.float64)
-        if layout == "lengths":
-            lens = torch.randint(0, L + 1, (B,), generator=g) if lengths is None else torch.as_tensor(lengths)
-            layout_kw["lengths"] = lens.to(torch.int32)
-        elif layout == "mask":
-            layout_kw["mask"] = torch.rand(B, L, generator=g) < 0.6
+    lens = torch.randint(0, L + 1, (B,), generator=g) if lengths is None else torch.as_tensor(lengths)
+    q, k, v, layout_kw = random_problem(B, N, H, L, Dk, Dv, "full" if layout == "full" else layout, lens,
+                                        generator=g, dtype=torch.float64, extra_rows=3)
+    layout_kw.pop("max_length", None)
+    if "lengths" in layout_kw:
+        layout_kw["lengths"] = layout_kw["lengths"].to(torch.int32)
     return (q.to(dtype), k.to(dtype), v.to(dtype)), layout_kw
 
 
