@@ -105,6 +105,7 @@ def check_against_reference(layout, dtype, B, N, H, Dk, Dv, L, *, seed=0, length
         (3, 1, 1, 32, 32, 33),
         (3, 1, 1, 60, 50, 40),
         (2, 1, 1, 64, 64, 1100),
+        (3, 1, 2, 128, 128, 40),  # 8 whole vectors (AVX-512)
     ],
 )
 def test_matches_reference(layout, dtype, B, N, H, Dk, Dv, L):

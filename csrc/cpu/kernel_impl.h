@@ -309,8 +309,9 @@ inline BwdBases<T> bwd_bases(const BwdParams& p, const Span& s) {
           static_cast<T*>(p.gv) + s.b * p.gv_sb + s.h * p.gv_sh};
 }
 
-// The single-query kernels are compiled for head dims of NC = 1, 2 or 4 vectors; FULL when
-// Dk == Dv == NC * W (no partial chunk). with_single_dims calls f(SingleDims<NC, FULL>{}) for the
+// The single-query kernels are compiled for head dims of NC = 1, 2 or 4 vectors, and 8 whole
+// ones (the compiler then keeps part of q/dO on the stack, still faster than the general
+// kernels); FULL when Dk == Dv == NC * W (no partial chunk). with_single_dims calls f(SingleDims<NC, FULL>{}) for the
 // matching instance and returns false when the dims have none.
 template <int NC, bool FULL>
 struct SingleDims {
@@ -330,6 +331,7 @@ inline bool with_single_dims(int64_t N, int64_t Dk, int64_t Dv, F&& f) {
     case 5: f(SingleDims<2, true>{}); return true;
     case 8: f(SingleDims<4, false>{}); return true;
     case 9: f(SingleDims<4, true>{}); return true;
+    case 17: f(SingleDims<8, true>{}); return true;  // e.g. D = 128 in fp32 on AVX-512
     default: return false;
   }
 }
