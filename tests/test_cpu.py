@@ -34,7 +34,7 @@ def make_inputs(layout, dtype, B, N, H, Dk, Dv, L, *, seed=0, lengths=None):
     # trailing jagged rows that belong to no row.
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(0, L + 1, (B,), generator=g) if lengths is None else torch.as_tensor(lengths)
-    q, k, v, layout_kw = random_problem(B, N, H, L, Dk, Dv, "full" if layout == "full" else layout, lens,
+    q, k, v, layout_kw = random_problem(B, N, H, L, Dk, Dv, layout, lens,
                                         generator=g, dtype=torch.float64, extra_rows=3)
     layout_kw.pop("max_length", None)
     if "lengths" in layout_kw:

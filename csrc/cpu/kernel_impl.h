@@ -158,6 +158,20 @@ inline void block_rows(const Span& s, int64_t i0, int nb, const T* base, int64_t
   }
 }
 
+// Where the span's row 0 lies in K and V (position i of the span is row start + i, or
+// start + idx[i], from there).
+template <class T>
+struct KvBases {
+  const T* k;
+  const T* v;
+};
+
+template <class T>
+inline KvBases<T> kv_bases(const FwdParams& p, const Span& s) {
+  return {static_cast<const T*>(p.k) + s.b * p.k_sb + s.h * p.k_sh,
+          static_cast<const T*>(p.v) + s.b * p.v_sb + s.h * p.v_sh};
+}
+
 // Asks for the K and V rows of valid positions [i0, i1) ahead of use (every cache line of each
 // row): a history is a run of short rows, and the hardware prefetchers restart at every row
 // and page, so without this the core waits on memory instead of overlapping it with the
@@ -178,8 +192,7 @@ inline void prefetch_rows(const FwdParams& p, const Span& s, int64_t i0, int64_t
 // prefetch_span_head in kernel_generic.cpp, for the task that runs next).
 template <class T>
 inline void prefetch_head(const FwdParams& p, const Span& s) {
-  const T* kb = static_cast<const T*>(p.k) + s.b * p.k_sb + s.h * p.k_sh;
-  const T* vb = static_cast<const T*>(p.v) + s.b * p.v_sb + s.h * p.v_sh;
+  const auto [kb, vb] = kv_bases<T>(p, s);
   prefetch_rows(p, s, 0, s.count < p.prefetch ? s.count : p.prefetch, kb, vb);
 }
 
@@ -292,7 +305,7 @@ inline void dots4(const typename V::A* x, int64_t Dp, const typename V::A* tb, i
   out[3] = s3;
 }
 
-// Where the span's row 0 lies in K, V, dK and dV (a jagged span adds its start per position).
+// The same for K, V, dK and dV.
 template <class T>
 struct BwdBases {
   const T* k;
@@ -303,16 +316,15 @@ struct BwdBases {
 
 template <class T>
 inline BwdBases<T> bwd_bases(const BwdParams& p, const Span& s) {
-  return {static_cast<const T*>(p.k) + s.b * p.k_sb + s.h * p.k_sh,
-          static_cast<const T*>(p.v) + s.b * p.v_sb + s.h * p.v_sh,
-          static_cast<T*>(p.gk) + s.b * p.gk_sb + s.h * p.gk_sh,
+  const KvBases<T> kv = kv_bases<T>(p, s);
+  return {kv.k, kv.v, static_cast<T*>(p.gk) + s.b * p.gk_sb + s.h * p.gk_sh,
           static_cast<T*>(p.gv) + s.b * p.gv_sb + s.h * p.gv_sh};
 }
 
 // The single-query kernels are compiled for head dims of NC = 1, 2 or 4 vectors, and 8 whole
 // ones (the compiler then keeps part of q/dO on the stack, still faster than the general
-// kernels); FULL when Dk == Dv == NC * W (no partial chunk). with_single_dims calls f(SingleDims<NC, FULL>{}) for the
-// matching instance and returns false when the dims have none.
+// kernels); FULL when Dk == Dv == NC * W (no partial chunk). with_single_dims calls
+// f(SingleDims<NC, FULL>{}) for the matching instance and returns false when there is none.
 template <int NC, bool FULL>
 struct SingleDims {
   static constexpr int nc = NC;
@@ -367,8 +379,7 @@ void fwd_span_single(const FwdParams& p, const Span& s, typename V::A* acc_out, 
     o[c] = V::zero();
   }
   A m = neg_inf<A>(), l = A(0);
-  const T* kb = static_cast<const T*>(p.k) + s.b * p.k_sb + s.h * p.k_sh;
-  const T* vb = static_cast<const T*>(p.v) + s.b * p.v_sb + s.h * p.v_sh;
+  const auto [kb, vb] = kv_bases<T>(p, s);
   const T* kp[W];
   const T* vpa[2][W];
   A pr[W];
@@ -426,7 +437,8 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
   constexpr int W = V::W;
   const int64_t N = p.N, Dk = p.Dk, Dv = p.Dv;
   const int64_t nck = ceil_div(Dk, W), ncv = ceil_div(Dv, W);
-  // One query, head dims up to 4 vectors: the register-resident, K/V-interleaved kernel.
+  // One query, head dims of 1, 2, 4 (or 8 whole) vectors: the register-resident,
+  // K/V-interleaved kernel.
   if constexpr (W > 1) {
     if (with_single_dims<W>(N, Dk, Dv, [&](auto d) {
           using D = decltype(d);
@@ -456,8 +468,7 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
     ll[n] = A(0);
   }
 
-  const T* kb = static_cast<const T*>(p.k) + s.b * p.k_sb + s.h * p.k_sh;
-  const T* vb = static_cast<const T*>(p.v) + s.b * p.v_sb + s.h * p.v_sh;
+  const auto [kb, vb] = kv_bases<T>(p, s);
   constexpr int KB = 2 * W;  // keys per step
   const T* kp[KB];
   const T* vp[KB];
@@ -618,8 +629,9 @@ void bwd_span_single(const BwdParams& p, const Span& s, typename V::A* dq_out) {
     ds.store(dsb);
     for (int j = 0; j < nb; ++j) {
       const V dsj = V::set1(dsb[j]), pj = V::set1(prb[j]);
-      T* dk = gkb + (s.start + (s.idx ? int64_t(s.idx[i0 + j]) : i0 + j)) * p.gk_sl;
-      T* dv = gvb + (s.start + (s.idx ? int64_t(s.idx[i0 + j]) : i0 + j)) * p.gv_sl;
+      const int64_t pos = s.start + (s.idx ? int64_t(s.idx[i0 + j]) : i0 + j);
+      T* dk = gkb + pos * p.gk_sl;
+      T* dv = gvb + pos * p.gv_sl;
       const bool ak = FULL && (reinterpret_cast<uintptr_t>(dk) % (W * sizeof(T))) == 0;
       const bool av = FULL && (reinterpret_cast<uintptr_t>(dv) % (W * sizeof(T))) == 0;
       for (int c = 0; c < NC; ++c) {
@@ -642,7 +654,8 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
   const int64_t nck = ceil_div(Dk, W), ncv = ceil_div(Dv, W);
   const int64_t Dkp = nck * W, Dvp = ncv * W;
   const int kt = int(Dk - (nck - 1) * W), vt = int(Dv - (ncv - 1) * W);
-  // One query, head dims up to 4 vectors: the register-resident, K/V-interleaved kernel.
+  // One query, head dims of 1, 2, 4 (or 8 whole) vectors: the register-resident,
+  // K/V-interleaved kernel.
   if constexpr (W > 1) {
     if (with_single_dims<W>(N, Dk, Dv, [&](auto d) {
           using D = decltype(d);
