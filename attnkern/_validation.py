@@ -198,32 +198,71 @@ def validate(query, key, value, lengths, mask, offsets, max_length, scale, retur
 
 def check_values(prob: Problem, lengths, offsets, max_length) -> None:
     """The checks that read lengths/offsets values: always for CPU tensors; for CUDA tensors
-    only with set_validation(True), since they sync the device; never under torch.compile."""
-    L, jagged = prob.L, prob.layout == "jagged"
-    if lengths is not None and lengths.numel() > 0 and _reads_values(lengths):
-        lo, hi = int(lengths.min()), int(lengths.max())
-        if lo < 0:
-            raise ValueError("lengths must be >= 0, got a length of %d" % lo)
-        if hi > L:
-            raise ValueError("lengths must be <= L = %d, got a length of %d" % (L, hi))
-    if jagged and _reads_values(offsets):
-        o = offsets.to(torch.long)
-        if int(o[0]) != 0:
-            raise ValueError("offsets[0] must be 0, got %d" % int(o[0]))
-        diffs = o[1:] - o[:-1]
-        bad = torch.nonzero(diffs < 0)
-        if bad.numel() > 0:
-            i = int(bad[0, 0])
+    only with set_validation(True), since they sync the device; never while torch.compile
+    traces (see `checked_index_values`)."""
+    if lengths is not None and _reads_values(lengths):
+        _check_lengths(lengths, prob.L)
+    if prob.layout == "jagged" and _reads_values(offsets):
+        _check_offsets(offsets, prob.L, max_length)
+
+
+def _check_lengths(lengths: torch.Tensor, L: int) -> None:
+    if lengths.numel() == 0:
+        return
+    lo, hi = int(lengths.min()), int(lengths.max())
+    if lo < 0:
+        raise ValueError("lengths must be >= 0, got a length of %d" % lo)
+    if hi > L:
+        raise ValueError("lengths must be <= L = %d, got a length of %d" % (L, hi))
+
+
+def _check_offsets(offsets: torch.Tensor, T: int, max_length: Optional[int]) -> None:
+    o = offsets.to(torch.long)
+    if int(o[0]) != 0:
+        raise ValueError("offsets[0] must be 0, got %d" % int(o[0]))
+    diffs = o[1:] - o[:-1]
+    bad = torch.nonzero(diffs < 0)
+    if bad.numel() > 0:
+        i = int(bad[0, 0])
+        raise ValueError(
+            "offsets must be non-decreasing, got offsets[%d]=%d > offsets[%d]=%d"
+            % (i, int(o[i]), i + 1, int(o[i + 1]))
+        )
+    if max_length is not None and diffs.numel() > 0:
+        longest = int(diffs.max())
+        if longest > max_length:
+            i = int(torch.argmax(diffs))
             raise ValueError(
-                "offsets must be non-decreasing, got offsets[%d]=%d > offsets[%d]=%d"
-                % (i, int(o[i]), i + 1, int(o[i + 1]))
+                "row %d has length %d > max_length=%d" % (i, longest, max_length)
             )
-        if max_length is not None and diffs.numel() > 0:
-            longest = int(diffs.max())
-            if longest > max_length:
-                i = int(torch.argmax(diffs))
-                raise ValueError(
-                    "row %d has length %d > max_length=%d" % (i, longest, max_length)
-                )
-        if int(o[-1]) > L:
-            raise ValueError("offsets[-1] must be <= T = %d (key rows), got %d" % (L, int(o[-1])))
+    if int(o[-1]) > T:
+        raise ValueError("offsets[-1] must be <= T = %d (key rows), got %d" % (T, int(o[-1])))
+
+
+@torch.library.custom_op("attnkern::checked_index_values", mutates_args=())
+def _checked_index_values(index: torch.Tensor, jagged: bool, size: int,
+                          max_length: int) -> torch.Tensor:
+    """A copy of lengths (jagged=False, size=L) or offsets (jagged=True, size=T, max_length -1
+    for none) after the value checks: the form the checks take inside a compiled graph, where
+    they run when the graph runs. The caller uses the copy, so the op is never dropped."""
+    if jagged:
+        _check_offsets(index, size, None if max_length < 0 else max_length)
+    else:
+        _check_lengths(index, size)
+    return index.clone()
+
+
+@_checked_index_values.register_fake
+def _(index, jagged, size, max_length):
+    return torch.empty_like(index)
+
+
+def checked_index_values(prob: Problem, lengths, offsets, max_length):
+    """(lengths, offsets) routed through the checking op where check_values would read them;
+    for callers inside torch.compile, where check_values cannot read tensors."""
+    if lengths is not None and (lengths.device.type == "cpu" or _validation):
+        lengths = _checked_index_values(lengths, False, prob.L, -1)
+    if offsets is not None and (offsets.device.type == "cpu" or _validation):
+        ml = -1 if max_length is None else int(max_length)
+        offsets = _checked_index_values(offsets, True, prob.L, ml)
+    return lengths, offsets

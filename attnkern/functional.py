@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-from ._backends import BACKENDS, backend_info, triton_interpret
-from ._ops import fused_ops
-from ._validation import check_values, validate
+from ._validation import check_values, checked_index_values, validate
+from .ops import BACKENDS, BackendUnavailable, backend_info, fused_op
+from .ops.availability import triton_interpret
 from .reference import attention_pool_ref
 
 _resolved: dict = {}
@@ -18,32 +18,29 @@ _resolved: dict = {}
 _OPS_CHECK_VALUES = ("cpu", "triton")
 
 
-def _resolve_uncached(backend: str, device_type: str) -> str:
+def _resolve_uncached(backend: str, device_type: str) -> Tuple[str, str]:
     if backend == "auto":
         if device_type == "cuda":
             for name in ("cuda", "triton"):
                 if backend_info(name).available:
-                    return name
-            return "reference"
+                    return name, ""
+            return "reference", ""
         if device_type == "cpu" and backend_info("cpu").available:
-            return "cpu"
-        return "reference"
-    info = backend_info(backend)
-    if not info.available:
-        return "!attnkern backend %r is unavailable: %s" % (backend, info.reason)
-    return backend
+            return "cpu", ""
+        return "reference", ""
+    return backend, backend_info(backend).reason
 
 
 @torch.compiler.assume_constant_result
-def _resolve_name(backend: str, device_type: str) -> str:
-    """The backend that runs (backend, device type), or "!" + why it can't. Resolved once per
-    pair; under torch.compile it is evaluated eagerly and taken as a constant, so the
-    availability probes are never traced."""
-    name = _resolved.get((backend, device_type))
-    if name is None:
-        name = _resolve_uncached(backend, device_type)
-        _resolved[(backend, device_type)] = name
-    return name
+def _resolve_name(backend: str, device_type: str) -> Tuple[str, str]:
+    """(the backend that runs (backend, device type), why it can't run: "" when it can).
+    Resolved once per pair; under torch.compile it is evaluated eagerly and taken as a
+    constant, so the availability probes are never traced."""
+    resolved = _resolved.get((backend, device_type))
+    if resolved is None:
+        resolved = _resolve_uncached(backend, device_type)
+        _resolved[(backend, device_type)] = resolved
+    return resolved
 
 
 def _resolve(backend, query: torch.Tensor) -> str:
@@ -54,9 +51,9 @@ def _resolve(backend, query: torch.Tensor) -> str:
             "unknown backend %r; expected one of %s" % (backend, ", ".join(("auto",) + BACKENDS))
         )
     dev = query.device.type
-    name = _resolve_name(backend, dev)
-    if name.startswith("!"):
-        raise RuntimeError(name[1:])
+    name, unavailable = _resolve_name(backend, dev)
+    if unavailable:
+        raise BackendUnavailable(name, unavailable)
     if name == "cpu" and dev != "cpu":
         raise ValueError("backend 'cpu' needs CPU tensors, got query on %s" % query.device)
     if name == "cuda" and dev != "cuda":
@@ -119,16 +116,20 @@ def attention_pool(
     name = _resolve(backend, query)
     if name not in _OPS_CHECK_VALUES:
         check_values(prob, lengths, offsets, max_length)
+    if name == "reference" and torch.compiler.is_compiling():
+        # check_values cannot read tensors while torch.compile traces: the graph gets an op
+        # that checks them when it runs, and the reference reads its indices through that op.
+        lengths, offsets = checked_index_values(prob, lengths, offsets, max_length)
     if name == "reference":
         out, lse = attention_pool_ref(
             prob.query, key, value, lengths, mask=mask, offsets=offsets,
             max_length=max_length, scale=prob.scale,
         )
     elif prob.layout == "padded":
-        out, lse = fused_ops(name, "padded")(prob.query, key, value, lengths, mask, prob.scale)
+        out, lse = fused_op(name, "padded")(prob.query, key, value, lengths, mask, prob.scale)
     else:
         ml = -1 if max_length is None else int(max_length)
-        out, lse = fused_ops(name, "jagged")(prob.query, key, value, offsets, ml, prob.scale)
+        out, lse = fused_op(name, "jagged")(prob.query, key, value, offsets, ml, prob.scale)
     if prob.squeeze_n:
         out, lse = out.squeeze(1), lse.squeeze(1)
     return (out, lse) if return_lse else out

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("pytest_benchmark")
 
-from attnkern import bench  # noqa: E402
+from attnkern.tools import bench  # noqa: E402
 
 # The machine's limit for the same bytes is benchmarked next to the providers.
 SUITE_PROVIDERS = ("limit",) + bench.PROVIDERS

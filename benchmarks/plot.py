@@ -4,7 +4,7 @@
     python benchmarks/plot.py runs/bench/bench.json                # writes runs/bench/bench.png
     python benchmarks/plot.py a.json b.json -o compare.png         # several runs in one figure
 
-`attnkern bench` calls the same function (attnkern.bench.plot_results) itself, so that an
+`attnkern bench` calls the same function (attnkern.tools.bench.plot_results) itself, so that an
 installed package, which has no benchmarks/ folder, still writes its PNG.
 """
 
@@ -14,10 +14,10 @@ import os
 import sys
 
 try:
-    from attnkern.bench import plot_results
+    from attnkern.tools.bench import plot_results
 except ImportError:  # run from a source checkout that is not installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from attnkern.bench import plot_results
+    from attnkern.tools.bench import plot_results
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ everything needed to compute GB/s and the fraction of the limit.
 import pytest
 import torch
 
-from attnkern import bench
+from attnkern.tools import bench
 
 
 def _synced(fn, device):

@@ -8,6 +8,14 @@ import attnkern
 from attnkern import functional
 
 
+@pytest.fixture(autouse=True)
+def restore_validation():
+    """Every test here may turn validation on or off: put it back as it was."""
+    before = attnkern.validation_enabled()
+    yield
+    attnkern.set_validation(before)
+
+
 def _ok(B=2, N=None, H=2, L=5, Dk=4, Dv=3, dtype=torch.float32):
     qshape = (B, H, Dk) if N is None else (B, N, H, Dk)
     return (torch.randn(qshape, dtype=dtype), torch.randn(B, L, H, Dk, dtype=dtype),
@@ -165,6 +173,7 @@ def test_set_validation_toggle(monkeypatch):
     attnkern.set_validation(before)
 
 
+@pytest.mark.slow
 def test_validate_env_variable():
     import subprocess
     import sys
@@ -224,3 +233,26 @@ def test_triton_backend_runs_here():
     pytest.importorskip("triton")
     info = attnkern.backends()["triton"]
     assert info.available, info.reason
+
+
+@pytest.mark.parametrize("layout", ["lengths", "jagged"])
+def test_reference_checks_values_under_torch_compile(layout):
+    """The reference backend's value checks of CPU lengths/offsets run inside a compiled graph
+    too (as an op of the graph), not only in eager mode."""
+    torch._dynamo.reset()
+    if layout == "lengths":
+        q, k, v = _ok()
+
+        def f(q, k, v, idx):
+            return attnkern.attention_pool(q, k, v, idx, backend="reference")
+        good, bad, match = torch.tensor([5, 2]), torch.tensor([6, 2]), "lengths must be <= L = 5"
+    else:
+        q, k, v = _jagged()
+
+        def f(q, k, v, idx):
+            return attnkern.attention_pool(q, k, v, offsets=idx, max_length=4, backend="reference")
+        good, bad, match = torch.tensor([0, 2, 6]), torch.tensor([0, 4, 3]), "non-decreasing"
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v, good), f(q, k, v, good))
+    with pytest.raises(ValueError, match=match):
+        compiled(q, k, v, bad)

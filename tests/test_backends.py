@@ -270,6 +270,7 @@ def test_torch_compile_fullgraph(backend, device, layout):
         torch.testing.assert_close(a.grad, b.grad)
 
 
+@pytest.mark.slow
 def test_first_call_inside_torch_compile():
     """A fresh process whose very first attention_pool call is being compiled: backend
     resolution must not be traced (it is taken as a constant)."""

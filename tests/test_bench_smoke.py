@@ -9,11 +9,12 @@ import sys
 
 import pytest
 
-from attnkern import bench
+from attnkern.tools import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_bench_main_writes_json_csv_md_png(tmp_path, capsys):
     out = tmp_path / "bench"
     rc = bench.main(["--shapes", "tiny", "--budget", "0", "--providers", "reference,sdpa,compile",
@@ -105,6 +106,7 @@ def test_jagged_inputs_pack_the_padded_lengths():
     assert jagged.offsets[-1].item() == padded.total_len
 
 
+@pytest.mark.slow
 def test_pytest_benchmark_suite_runs_tiny_cases():
     # torch.compile is exercised by test_bench_main_writes_json_csv_md_png; skipping it here
     # keeps this run to a few seconds.
@@ -115,3 +117,26 @@ def test_pytest_benchmark_suite_runs_tiny_cases():
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert " passed" in proc.stdout
+
+
+def test_bench_exits_nonzero_when_a_provider_mismatches(tmp_path, monkeypatch, capsys):
+    from attnkern.tools.bench import providers
+
+    real = providers.make_callable
+
+    def wrong_reference(provider, inp):
+        fn = real(provider, inp)
+        if provider != "reference":
+            return fn
+        # every output 10% off: the oracle must flag it and the command must fail
+        return lambda: tuple(t * 1.1 for t in fn()) if inp.case.mode == "fwd+bwd" else fn() * 1.1
+
+    monkeypatch.setattr(providers, "make_callable", wrong_reference)
+    rc = bench.main(["--shapes", "tiny", "--budget", "0", "--providers", "reference,sdpa",
+                     "--no-plot", "--out", str(tmp_path / "bench")])
+    assert rc != 0
+    assert "mismatches or errors" in capsys.readouterr().err
+    records = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    checks = {(r["provider"], r["mode"]): r.get("check") for r in records if r["provider"] != "limit"}
+    assert checks == {("reference", "fwd"): "MISMATCH", ("reference", "fwd+bwd"): "MISMATCH",
+                      ("sdpa", "fwd"): "ok", ("sdpa", "fwd+bwd"): "ok"}

@@ -3,9 +3,10 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from attnkern import check, cli
+from attnkern.tools import check, cli
 
 
 def test_check_passes_on_available_backends(capsys):
@@ -15,27 +16,28 @@ def test_check_passes_on_available_backends(capsys):
 
 
 def test_check_fails_on_a_wrong_backend(monkeypatch, capsys):
-    real_run = check._run
+    real_pool = check.pool_function
 
-    def run(backend, args, kw, go):
+    def pool(backend, kw):
         if backend == "broken":  # a kernel whose output is off by 0.1
-            res = real_run("reference", args, kw, go)
-            res[0] = res[0] + 0.1
-            return res
-        return real_run(backend, args, kw, go)
+            fn = real_pool("reference", kw)
+            return lambda q, k, v: (fn(q, k, v)[0] + 0.1, fn(q, k, v)[1])
+        return real_pool(backend, kw)
 
-    monkeypatch.setattr(check, "_run", run)
+    monkeypatch.setattr(check, "pool_function", pool)
     monkeypatch.setattr(check, "_plan", lambda b, d, t: iter([("cpu", "broken", torch.float32)]))
     assert check.main(["--quick"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "attnkern", "--help"], capture_output=True,
                          text=True, check=True)
     assert "check" in out.stdout and "bench" in out.stdout and "train" in out.stdout
 
 
+@pytest.mark.slow
 def test_unknown_command_exits_nonzero():
     assert subprocess.run([sys.executable, "-m", "attnkern", "frobnicate"],
                           capture_output=True).returncode != 0

@@ -16,9 +16,8 @@ import pytest
 import torch
 
 import attnkern
-from attnkern._inputs import random_problem
 from attnkern.reference import attention_pool_ref
-from conftest import FALLBACK_TOL, LOW_PRECISION_FACTOR
+from attnkern.testing import check_function, forward_backward, make_problem
 
 pytestmark = pytest.mark.skipif(
     not attnkern.backends()["cpu"].available,
@@ -26,20 +25,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 LAYOUTS = ("full", "lengths", "mask", "jagged")
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def make_inputs(layout, dtype, B, N, H, Dk, Dv, L, *, seed=0, lengths=None):
-    # float64 master values rounded to dtype; lengths uniform in [0, L] unless given; three
-    # trailing jagged rows that belong to no row.
-    g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(0, L + 1, (B,), generator=g) if lengths is None else torch.as_tensor(lengths)
-    q, k, v, layout_kw = random_problem(B, N, H, L, Dk, Dv, layout, lens,
-                                        generator=g, dtype=torch.float64, extra_rows=3)
+    # Lengths uniform in [0, L] unless given; three trailing jagged rows that belong to no row.
+    args, layout_kw = make_problem(B, N, H, L, Dk, Dv, dtype=dtype, layout=layout,
+                                   lengths="uniform" if lengths is None else lengths, seed=seed,
+                                   extra_rows=3)
     layout_kw.pop("max_length", None)
-    if "lengths" in layout_kw:
-        layout_kw["lengths"] = layout_kw["lengths"].to(torch.int32)
-    return (q.to(dtype), k.to(dtype), v.to(dtype)), layout_kw
+    return tuple(args), layout_kw
 
 
 def call_op(q, k, v, layout_kw, scale):
@@ -48,14 +42,9 @@ def call_op(q, k, v, layout_kw, scale):
     return torch.ops.attnkern.attention_pool_fwd(q, k, v, layout_kw.get("lengths"), layout_kw.get("mask"), scale)
 
 
-def forward_backward(fn, inputs, grad_out):
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    out, lse = fn(*leaves)
-    (out.double() * grad_out).sum().backward()
-    return [out, lse] + [t.grad for t in leaves]
-
-
 def check_against_reference(layout, dtype, B, N, H, Dk, Dv, L, *, seed=0, lengths=None, noncontig=False):
+    """The op called directly, by the checking body of attnkern.testing; returns the layout
+    kwargs and (out, lse, grad_query, grad_key, grad_value)."""
     (q, k, v), layout_kw = make_inputs(layout, dtype, B, N, H, Dk, Dv, L, seed=seed, lengths=lengths)
     if noncontig:
         q = q.transpose(1, 2).contiguous().transpose(1, 2)
@@ -64,25 +53,10 @@ def check_against_reference(layout, dtype, B, N, H, Dk, Dv, L, *, seed=0, length
     ref = lambda q_, k_, v_: attention_pool_ref(q_, k_, v_, scale=scale, **layout_kw)  # noqa: E731
     got = lambda q_, k_, v_: call_op(q_, k_, v_, layout_kw, scale)  # noqa: E731
     grad_out = torch.randn(B, N, H, Dv, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
-    oracle = forward_backward(ref, [t.double() for t in (q, k, v)], grad_out)
-    same_precision = forward_backward(ref, [q, k, v], grad_out)
-    result = forward_backward(got, [q, k, v], grad_out)
-    names = ("out", "lse", "grad_query", "grad_key", "grad_value")
-    assert result[0].dtype == dtype and result[0].is_contiguous()
-    assert result[1].dtype == torch.float32 and result[1].is_contiguous()
-    for name, o, s, r in zip(names, oracle, same_precision, result):
-        assert r.shape == o.shape, name
-        if name == "lse":
-            assert torch.equal(torch.isinf(r), torch.isinf(o)), "lse must be -inf exactly on empty rows"
-            finite = torch.isfinite(o)
-            o, s, r = o[finite], s[finite], r[finite]
-        assert torch.isfinite(r.double()).all(), name
-        if o.numel() == 0:
-            continue
-        err = (r.double() - o.double()).abs().max().item()
-        err_same = (s.double() - o.double()).abs().max().item()
-        tol = LOW_PRECISION_FACTOR * err_same + FALLBACK_TOL[dtype] * max(1.0, o.abs().max().item())
-        assert err <= tol, f"{name}: error {err:.3g} > tolerance {tol:.3g}"
+    report = check_function(got, [q, k, v], layout_kw, grad_out, reference=ref, label="cpu op")
+    report.assert_passed()
+    result = list(report.outputs)
+    assert result[0].is_contiguous() and result[1].is_contiguous()
     return layout_kw, result
 
 
@@ -248,6 +222,7 @@ for layout in ("full", "lengths", "mask", "jagged"):
 
 @pytest.mark.parametrize("var,value", [("ATTNKERN_CPU_ISA", "generic"), ("ATTNKERN_CPU_ISA", "avx2"),
                                        ("ATTNKERN_CPU_PREFETCH_KB", "0"), ("ATTNKERN_CPU_PREFETCH_KB", "1")])
+@pytest.mark.slow
 def test_narrower_simd_paths_and_prefetch_settings(var, value):
     # The launcher picks the widest SIMD path at run time; ATTNKERN_CPU_ISA caps it so that
     # the narrower kernels (what older x86-64 CPUs and aarch64 run) are checked here too.

@@ -10,7 +10,7 @@ device, SPEC section 3) and the CUDA-only dtype rule.
 import pytest
 import torch
 
-from attnkern._backends import extension
+from attnkern.ops.availability import extension
 
 OPS = (
     "attention_pool_fwd",

@@ -1,36 +1,12 @@
 """The reference against independent oracles: a per-row float64 loop and PyTorch's SDPA."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import attnkern
 from attnkern.reference import attention_pool_ref
-from conftest import make_problem
-
-
-def loop_oracle(q, k, v, valid, scale):
-    """Row by row, head by head, in float64 with math.exp: as plain as it gets."""
-    B, N, H, _ = q.shape
-    Dv = v.shape[-1]
-    out = torch.zeros(B, N, H, Dv, dtype=torch.float64)
-    lse = torch.full((B, N, H), -math.inf, dtype=torch.float64)
-    for b in range(B):
-        pos = [l for l in range(k.shape[1]) if valid[b, l]]
-        for n in range(N):
-            for h in range(H):
-                if not pos:
-                    continue
-                s = [scale * float(q[b, n, h].double() @ k[b, l, h].double()) for l in pos]
-                m = max(s)
-                w = [math.exp(x - m) for x in s]
-                z = sum(w)
-                lse[b, n, h] = m + math.log(z)
-                for wi, l in zip(w, pos):
-                    out[b, n, h] += wi / z * v[b, l, h].double()
-    return out, lse
+from attnkern.testing import loop_oracle, make_problem
 
 
 @pytest.mark.parametrize("layout", ["lengths", "mask", "full"])
@@ -38,14 +14,8 @@ def loop_oracle(q, k, v, valid, scale):
 def test_reference_matches_loop_oracle(layout, dtype):
     args, kw = make_problem(B=5, N=2, H=2, L=9, Dk=5, Dv=3, layout=layout, dtype=dtype)
     q, k, v = args
-    if layout == "lengths":
-        valid = torch.arange(9)[None, :] < kw["lengths"][:, None].long()
-    elif layout == "mask":
-        valid = kw["mask"]
-    else:
-        valid = torch.ones(5, 9, dtype=torch.bool)
     out, lse = attention_pool_ref(q, k, v, kw.get("lengths"), mask=kw.get("mask"), scale=0.7)
-    want_out, want_lse = loop_oracle(q, k, v, valid, 0.7)
+    want_out, want_lse = loop_oracle(q, k, v, kw, 0.7)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(out.double(), want_out, atol=tol, rtol=tol)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))
@@ -56,17 +26,25 @@ def test_reference_matches_loop_oracle(layout, dtype):
 def test_reference_jagged_matches_loop_oracle():
     args, kw = make_problem(B=4, N=3, H=1, L=7, Dk=4, Dv=6, layout="jagged", dtype=torch.float64)
     q, k, v = args
-    offsets = kw["offsets"]
-    lens = (offsets[1:] - offsets[:-1]).tolist()
-    kp = torch.zeros(4, 7, 1, 4, dtype=torch.float64)
-    vp = torch.zeros(4, 7, 1, 6, dtype=torch.float64)
-    valid = torch.zeros(4, 7, dtype=torch.bool)
-    for b in range(4):
-        s, n = int(offsets[b]), lens[b]
-        kp[b, :n], vp[b, :n], valid[b, :n] = k[s:s + n], v[s:s + n], True
-    out, lse = attention_pool_ref(q, k, v, offsets=offsets)
-    want_out, want_lse = loop_oracle(q, kp, vp, valid, 0.5)
+    out, lse = attention_pool_ref(q, k, v, offsets=kw["offsets"])
+    want_out, want_lse = loop_oracle(q, k, v, kw, 0.5)
     torch.testing.assert_close(out, want_out)
+
+
+@pytest.mark.parametrize("layout", ["lengths", "mask", "jagged", "full"])
+def test_loop_oracle_gradients_match_autograd_of_the_reference(layout):
+    # The oracle the reference backend is checked against has its own backward: it must agree
+    # with autograd through the reference in float64.
+    args, kw = make_problem(B=5, N=2, H=2, L=9, Dk=5, Dv=3, layout=layout, dtype=torch.float64)
+    go = torch.randn(5, 2, 2, 3, dtype=torch.float64)
+    leaves = [a.clone().requires_grad_() for a in args]
+    out, _ = attention_pool_ref(*leaves, kw.get("lengths"), mask=kw.get("mask"),
+                                offsets=kw.get("offsets"), scale=0.7)
+    want = torch.autograd.grad(out, leaves, go)
+    got = loop_oracle(*args, kw, 0.7, go)
+    torch.testing.assert_close(got[0], out.detach())
+    for g, w in zip(got[2:], want):
+        torch.testing.assert_close(g, w)
 
 
 @pytest.mark.parametrize("N", [1, 4])

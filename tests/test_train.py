@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from attnkern import data, train
+from attnkern.tools import data, train
 
 
 @pytest.fixture
@@ -141,6 +141,7 @@ def test_fake_ratings_no_leakage():
 # --------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_synthetic_training_reaches_auc(tmp_path, one_thread):
     result = train.run(_small_config(), _small_synthetic(), str(tmp_path))
     assert max(e["val_auc"] for e in result["epochs"]) >= 0.80
@@ -149,6 +150,7 @@ def test_synthetic_training_reaches_auc(tmp_path, one_thread):
     assert saved["best_epoch"] == result["best_epoch"] and len(saved["epochs"]) == 5
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, one_thread):
     splits = data.synthetic(num_samples=1500, num_items=40, num_topics=4, max_length=10)
     straight = train.run(_small_config(epochs=2), splits, str(tmp_path / "a"))
@@ -163,6 +165,7 @@ def test_resume_continues_exactly(tmp_path, one_thread):
         torch.testing.assert_close(b["model"][k], a["model"][k], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_cli_writes_results_and_summary(tmp_path, capsys, one_thread):
     argv = ["--data", "synthetic", "--synthetic-samples", "1500", "--max-length", "10",
             "--epochs", "1", "--batch-size", "128", "--embed-dim", "8", "--mlp", "16",
@@ -225,6 +228,7 @@ def _ddp_step_worker(rank, world, port, out_dir):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_step_matches_single_process(tmp_path, one_thread):
     mp.spawn(_ddp_step_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     items, batch = _global_batch()
@@ -249,6 +253,7 @@ def _ddp_cli_worker(rank, world, port, out_dir):
     assert train.main(argv) == 0
 
 
+@pytest.mark.slow
 def test_ddp_cli_two_processes(tmp_path, one_thread):
     mp.spawn(_ddp_cli_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     res = json.loads((tmp_path / "synthetic-attention-seed0" / "results.json").read_text())

@@ -7,7 +7,6 @@ imported); with a GPU the same tests run on CUDA tensors. The generic property s
 backend lives in test_backends.py. Shapes are tiny: the interpreter is slow.
 """
 
-import math
 import os
 
 import pytest
@@ -20,6 +19,7 @@ triton = pytest.importorskip("triton")
 
 import attnkern  # noqa: E402
 from attnkern.reference import attention_pool_ref  # noqa: E402
+from attnkern.testing import compare, forward_backward, make_problem  # noqa: E402
 
 if not attnkern.backends()["triton"].available:
     pytest.skip(attnkern.backends()["triton"].reason, allow_module_level=True)
@@ -27,36 +27,15 @@ if not attnkern.backends()["triton"].available:
 from attnkern.triton_kernels import attention_pool as K  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Floor of the tolerance rule, relative to the oracle's magnitude.
-FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 LAYOUTS = ["lengths", "mask", "jagged", "full"]
 
 
 def _problem(B, N, H, L, Dk, Dv, layout, dtype=torch.float32, lengths=None, seed=0):
-    """Canonical inputs: (q, k, v, index kwargs for the launcher) on DEVICE."""
-    g = torch.Generator().manual_seed(seed)
-    if lengths is None:
-        lengths = [(0, L, 1, L // 2 + 1)[i % 4] for i in range(B)]
-    lens = torch.tensor(lengths, dtype=torch.long)
-    q = torch.randn(B, N, H, Dk, generator=g)
-    idx = {}
-    if layout == "jagged":
-        T = int(lens.sum()) + 3  # trailing rows that belong to no row
-        k = torch.randn(T, H, Dk, generator=g)
-        v = torch.randn(T, H, Dv, generator=g)
-        offsets = torch.zeros(B + 1, dtype=torch.long)
-        offsets[1:] = lens.cumsum(0)
-        idx["offsets"] = offsets.to(DEVICE)
-    else:
-        k = torch.randn(B, L, H, Dk, generator=g)
-        v = torch.randn(B, L, H, Dv, generator=g)
-        if layout == "lengths":
-            idx["lengths"] = lens.to(torch.int32).to(DEVICE)
-        elif layout == "mask":
-            m = (torch.rand(B, L, generator=g) < 0.6) & (torch.arange(L)[None, :] < lens[:, None] + 3)
-            m[lens == 0] = False
-            idx["mask"] = m.to(DEVICE)
-    q, k, v = (t.to(DEVICE, dtype) for t in (q, k, v))
+    """Canonical inputs of attnkern.testing: (q, k, v, index kwargs for the launcher) on DEVICE,
+    three trailing jagged rows that belong to no row, max_length left to the launcher."""
+    (q, k, v), idx = make_problem(B, N, H, L, Dk, Dv, dtype=dtype, layout=layout, lengths=lengths,
+                                  device=DEVICE, seed=seed, extra_rows=3)
+    idx.pop("max_length", None)
     return q, k, v, idx
 
 
@@ -88,15 +67,10 @@ def _valid_positions(k, idx):
 
 
 def _assert_close(got, lp, ref, dtype, name):
-    """Low-precision rule: error vs the float64 oracle <= 2x the reference's own error in the
-    same precision + a small floor."""
-    assert torch.isfinite(got).all(), "%s has NaN/Inf" % name
-    if got.numel() == 0:
-        return
-    err = (got.double() - ref).abs().max().item()
-    err_lp = (lp.double() - ref).abs().max().item()
-    allowed = 2 * err_lp + FLOOR[dtype] * max(1.0, ref.abs().max().item())
-    assert err <= allowed, "%s: error %.3g > allowed %.3g" % (name, err, allowed)
+    """The tolerance rule of attnkern.testing: error vs the float64 oracle <= 2x the reference's
+    own error in the same precision + the floor."""
+    c = compare(name, got, lp, ref, dtype)
+    assert c.ok, c.message()
 
 
 def _check_fwd(q, k, v, idx, **kw):
@@ -122,10 +96,8 @@ def _check_fwd_bwd(q, k, v, idx, **kw):
     grad_lse = torch.randn(lse.shape, generator=g).to(DEVICE)
 
     def ref_grads(cdt):
-        leaves = [t.detach().to(cdt).requires_grad_() for t in (q, k, v)]
-        o, l_ = _ref(*leaves, idx)
-        gl = torch.where(torch.isfinite(l_), grad_lse, 0.0)
-        return torch.autograd.grad((o, l_), leaves, (grad_out.to(o.dtype), gl), allow_unused=True)
+        return forward_backward(lambda *t: _ref(*t, idx), [t.to(cdt) for t in (q, k, v)],
+                                grad_out, grad_lse)[2:]
 
     g64, g_lp = ref_grads(torch.float64), ref_grads(dtype)
     delta = (grad_out.to(dtype).float() * out.float()).sum(-1)
@@ -455,21 +427,3 @@ def test_op_input_checks(case):
     else:
         with pytest.raises(exc, match="attnkern"):
             call()
-
-
-def test_op_schemas_match_the_cpp_ops():
-    expected = {
-        "triton_attention_pool_fwd": "(Tensor query, Tensor key, Tensor value, Tensor? lengths, "
-        "Tensor? mask, float scale) -> (Tensor out, Tensor lse)",
-        "triton_attention_pool_bwd": "(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
-        "Tensor? lengths, Tensor? mask, Tensor lse, Tensor delta, float scale) -> "
-        "(Tensor grad_query, Tensor grad_key, Tensor grad_value)",
-        "triton_jagged_attention_pool_fwd": "(Tensor query, Tensor key, Tensor value, "
-        "Tensor offsets, int max_length, float scale) -> (Tensor out, Tensor lse)",
-        "triton_jagged_attention_pool_bwd": "(Tensor grad_out, Tensor query, Tensor key, "
-        "Tensor value, Tensor offsets, int max_length, Tensor lse, Tensor delta, float scale) -> "
-        "(Tensor grad_query, Tensor grad_key, Tensor grad_value)",
-    }
-    for name, sig in expected.items():
-        schema = str(getattr(torch.ops.attnkern, name).default._schema)
-        assert schema == "attnkern::%s%s" % (name, sig)

@@ -8,7 +8,8 @@ devices; for CPU tensors under TRITON_INTERPRET=1 also the lengths/offsets value
 messages of the C++ checks, so a direct torch.ops.attnkern.triton_* call can never make a
 kernel read out of bounds; on CUDA the kernels clamp every row to its legal range instead of
 reading index values on the host. Fake impls make them traceable by
-torch.compile(fullgraph=True); autograd comes from attnkern._ops.register_pool_autograd.
+torch.compile(fullgraph=True); fake impls and autograd are those of the C++ ops
+(attnkern/ops/autograd.py), the schemas those of attnkern/ops/schemas.py.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch
 
 from attnkern.triton_kernels import attention_pool as _k
 
-from ._ops import fake_bwd, fake_fwd, register_pool_autograd
-from ._validation import validate
+from .._validation import validate
+from .autograd import register_fakes_and_autograd
+from .schemas import SCHEMAS, TRITON_PREFIX, qualified
 
 Tensor = torch.Tensor
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -99,34 +101,21 @@ def _check_bwd_extras(dims, query, grad_out, lse, delta) -> None:
 # Ops
 # ----------------------------------------------------------------------------------------------
 
-_PADDED_FWD_SCHEMA = (
-    "(Tensor query, Tensor key, Tensor value, Tensor? lengths, Tensor? mask, float scale) "
-    "-> (Tensor out, Tensor lse)"
-)
-_PADDED_BWD_SCHEMA = (
-    "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? lengths, Tensor? mask, "
-    "Tensor lse, Tensor delta, float scale) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
-)
-_JAGGED_FWD_SCHEMA = (
-    "(Tensor query, Tensor key, Tensor value, Tensor offsets, int max_length, float scale) "
-    "-> (Tensor out, Tensor lse)"
-)
-_JAGGED_BWD_SCHEMA = (
-    "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor offsets, int max_length, "
-    "Tensor lse, Tensor delta, float scale) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
-)
+
+def _custom_op(name: str):
+    """Declares attnkern::triton_<name> with the schema of the C++ op <name>."""
+    return torch.library.custom_op(qualified(TRITON_PREFIX + name), mutates_args=(),
+                                   schema=SCHEMAS[name])
 
 
-@torch.library.custom_op("attnkern::triton_attention_pool_fwd", mutates_args=(),
-                         schema=_PADDED_FWD_SCHEMA)
+@_custom_op("attention_pool_fwd")
 def triton_attention_pool_fwd(query: Tensor, key: Tensor, value: Tensor, lengths: Optional[Tensor],
                               mask: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor]:
     _check_padded(query, key, value, lengths, mask)
     return _k.attention_pool_fwd(query, key, value, lengths=lengths, mask=mask, scale=scale)
 
 
-@torch.library.custom_op("attnkern::triton_attention_pool_bwd", mutates_args=(),
-                         schema=_PADDED_BWD_SCHEMA)
+@_custom_op("attention_pool_bwd")
 def triton_attention_pool_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
                               lengths: Optional[Tensor], mask: Optional[Tensor], lse: Tensor,
                               delta: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
@@ -136,8 +125,7 @@ def triton_attention_pool_bwd(grad_out: Tensor, query: Tensor, key: Tensor, valu
                                  mask=mask, scale=scale)
 
 
-@torch.library.custom_op("attnkern::triton_jagged_attention_pool_fwd", mutates_args=(),
-                         schema=_JAGGED_FWD_SCHEMA)
+@_custom_op("jagged_attention_pool_fwd")
 def triton_jagged_attention_pool_fwd(query: Tensor, key: Tensor, value: Tensor, offsets: Tensor,
                                      max_length: int, scale: float) -> Tuple[Tensor, Tensor]:
     _check_jagged(query, key, value, offsets, max_length)
@@ -145,8 +133,7 @@ def triton_jagged_attention_pool_fwd(query: Tensor, key: Tensor, value: Tensor, 
                                  scale=scale)
 
 
-@torch.library.custom_op("attnkern::triton_jagged_attention_pool_bwd", mutates_args=(),
-                         schema=_JAGGED_BWD_SCHEMA)
+@_custom_op("jagged_attention_pool_bwd")
 def triton_jagged_attention_pool_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
                                      offsets: Tensor, max_length: int, lse: Tensor, delta: Tensor,
                                      scale: float) -> Tuple[Tensor, Tensor, Tensor]:
@@ -156,27 +143,4 @@ def triton_jagged_attention_pool_bwd(grad_out: Tensor, query: Tensor, key: Tenso
                                  max_length=max_length, scale=scale)
 
 
-@triton_attention_pool_fwd.register_fake
-def _(query, key, value, lengths, mask, scale):
-    return fake_fwd(query, value)
-
-
-@triton_jagged_attention_pool_fwd.register_fake
-def _(query, key, value, offsets, max_length, scale):
-    return fake_fwd(query, value)
-
-
-@triton_attention_pool_bwd.register_fake
-def _(grad_out, query, key, value, lengths, mask, lse, delta, scale):
-    return fake_bwd(query, key, value)
-
-
-@triton_jagged_attention_pool_bwd.register_fake
-def _(grad_out, query, key, value, offsets, max_length, lse, delta, scale):
-    return fake_bwd(query, key, value)
-
-
-register_pool_autograd("attnkern::triton_attention_pool_fwd",
-                       torch.ops.attnkern.triton_attention_pool_bwd, "padded")
-register_pool_autograd("attnkern::triton_jagged_attention_pool_fwd",
-                       torch.ops.attnkern.triton_jagged_attention_pool_bwd, "jagged")
+register_fakes_and_autograd(TRITON_PREFIX)

@@ -1,6 +1,6 @@
 """`attnkern check`: every available backend against the float64 reference on a grid of shapes,
-dtypes and layouts, forward and all three gradients; prints a pass/fail table and exits
-non-zero on any failure."""
+dtypes and layouts, forward and all three gradients, by the checking body and tolerance rule of
+attnkern.testing; prints a pass/fail table and exits non-zero on any failure."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnkern._inputs import edge_lengths, random_problem
+from attnkern import testing
 
 # (name, B, N, H, L, Dk, Dv): odd head dims, Dk != Dv, several queries/heads, L off any block.
 SHAPES = [
@@ -20,14 +20,9 @@ SHAPES = [
     ("multi", 3, 4, 2, 17, 7, 40),
     ("wide", 5, 2, 3, 70, 130, 7),
 ]
-LAYOUTS = ("lengths", "mask", "jagged", "full")
+LAYOUTS = testing.LAYOUTS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
-# The tolerance rule, shared with the test suite (tests/conftest.py): a backend's error against
-# the float64 oracle may be LOW_PRECISION_FACTOR times the error of the reference run in the
-# same precision, plus FLOOR[dtype] times the oracle's magnitude (at least 1).
-LOW_PRECISION_FACTOR = 2.0
-FLOOR = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 @dataclass
@@ -42,43 +37,26 @@ class Result:
     note: str = ""
 
 
-def make_inputs(B, N, H, L, Dk, Dv, dtype, layout, device, seed=0):
-    """Random inputs with empty rows, full rows and rows of odd length."""
-    g = torch.Generator().manual_seed(seed)
-    q, k, v, kw = random_problem(B, N, H, L, Dk, Dv, layout, edge_lengths(B, L), generator=g, extra_rows=1)
-    kw = {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in kw.items()}
-    go = torch.randn(B, N, H, Dv, generator=g)
-    return [t.to(device, dtype) for t in (q, k, v)], kw, go.to(device, dtype)
-
-
-def _run(backend, args, kw, go):
-    import attnkern
-
-    leaves = [a.detach().clone().requires_grad_(True) for a in args]
-    out = attnkern.attention_pool(*leaves, **kw, backend=backend)
-    grads = torch.autograd.grad(out, leaves, go.to(out.dtype))
-    return [out.detach()] + [g.detach() for g in grads]
-
-
-def _max_err(a, b):
-    return 0.0 if a.numel() == 0 else (a.double().cpu() - b.double().cpu()).abs().max().item()
+def pool_function(backend: str, kwargs: dict):
+    """What is checked for `backend`: attnkern.attention_pool on it (a seam for the tests)."""
+    return testing.pool_function(backend, kwargs)
 
 
 def check_case(backend, device, layout, dtype, shape) -> Result:
+    """One case by the checking body of attnkern.testing (random inputs with empty rows, full
+    rows and rows of odd length)."""
     name, B, N, H, L, Dk, Dv = shape
-    args, kw, go = make_inputs(B, N, H, L, Dk, Dv, dtype, layout, device)
-    oracle = _run("reference", [a.double() for a in args], kw, go.double())
-    lowp = oracle if dtype == torch.float64 else _run("reference", args, kw, go)
-    got = _run(backend, args, kw, go)
-    errors, passed = {}, True
-    for label, x, lp, ref in zip(("out", "dq", "dk", "dv"), got, lowp, oracle):
-        scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
-        allowed = LOW_PRECISION_FACTOR * _max_err(lp, ref) + FLOOR[dtype] * scale
-        err = _max_err(x, ref)
-        finite = bool(torch.isfinite(x).all())
-        errors[label] = err
-        passed &= finite and err <= allowed
-    return Result(backend, device, layout, str(dtype).split(".")[-1], name, errors, passed)
+    args, kw = testing.make_problem(B, N, H, L, Dk, Dv, dtype=dtype, layout=layout,
+                                    device=device, extra_rows=1)
+    go = testing.random_grad_out(args[0], args[2])
+    reference = None if backend == "reference" else testing.pool_function("reference", kw)
+    report = testing.check_function(pool_function(backend, kw), args, kw, go,
+                                    reference=reference, scale=Dk ** -0.5, label=backend)
+    errors = {label: report.errors.get(full, float("nan")) for label, full in (
+        ("out", "out"), ("dq", "grad_query"), ("dk", "grad_key"), ("dv", "grad_value"))}
+    note = "" if report.passed else report.failures[0][:80]
+    return Result(backend, device, layout, str(dtype).split(".")[-1], name, errors,
+                  report.passed, note)
 
 
 def _plan(backends, devices, dtypes):

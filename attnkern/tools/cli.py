@@ -7,9 +7,9 @@ import importlib
 import sys
 
 _COMMANDS = {
-    "check": ("attnkern.check", "run every available backend against the reference (pass/fail table)"),
-    "bench": ("attnkern.bench", "time every backend and the PyTorch alternatives"),
-    "train": ("attnkern.train", "train the target-attention CTR model (and the sum-pooling baseline)"),
+    "check": ("attnkern.tools.check", "run every available backend against the reference (pass/fail table)"),
+    "bench": ("attnkern.tools.bench", "time every backend and the PyTorch alternatives"),
+    "train": ("attnkern.tools.train", "train the target-attention CTR model (and the sum-pooling baseline)"),
 }
 
 

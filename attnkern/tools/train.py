@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from . import data as data_mod
-from .models import POOLINGS, TargetAttentionCTR
+from ..models import POOLINGS, TargetAttentionCTR
 
 __all__ = ["main", "RunConfig", "build_model", "train_step", "evaluate", "run", "init_distributed"]
 

@@ -1,11 +1,13 @@
 """Which backends exist in this install, and why not when they don't.
 
-Nothing here touches the GPU at import time; availability is computed on first use.
+Imports nothing heavy and nothing else of attnkern: the compiled extension and Triton are
+imported on first use, inside the probes, and nothing here touches the GPU at import time.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -22,18 +24,24 @@ class BackendInfo:
     reason: str = ""
 
 
-def _load_extension():
-    try:
-        from attnkern import _C  # noqa: F401  (registers the ops as a side effect)
-    except ImportError as e:  # pragma: no cover - depends on the install
-        return None, str(e)
-    return _C, ""
+class BackendUnavailable(RuntimeError):
+    """A backend was asked for by name but cannot run in this install; `reason` says why."""
+
+    def __init__(self, backend: str, reason: str) -> None:
+        super().__init__("attnkern backend %r is unavailable: %s" % (backend, reason))
+        self.backend = backend
+        self.reason = reason
 
 
 @functools.lru_cache(maxsize=None)
 def extension():
-    """The compiled module attnkern._C, or None; and the import error text."""
-    return _load_extension()
+    """The compiled module attnkern._C, or None; and the import error text. Importing it
+    registers the C++ ops (schemas and kernels) with the dispatcher."""
+    try:
+        mod = importlib.import_module("attnkern._C")
+    except ImportError as e:  # pragma: no cover - depends on the install
+        return None, str(e)
+    return mod, ""
 
 
 def _has_kernel(op: str, key: str) -> bool:
@@ -51,11 +59,11 @@ def triton_interpret() -> bool:
 @functools.lru_cache(maxsize=None)
 def _triton_status() -> BackendInfo:
     try:
-        import triton  # noqa: F401
+        importlib.import_module("triton")
     except ImportError as e:
         return BackendInfo(False, "Triton is not installed (%s): pip install triton" % e)
     try:
-        from attnkern import _triton_ops  # noqa: F401
+        importlib.import_module("attnkern.triton_kernels.attention_pool")
     except ImportError as e:
         return BackendInfo(False, "the Triton kernels failed to import: %s" % e)
     if triton_interpret():

@@ -1,0 +1,99 @@
+"""Fake (meta) impls and autograd for every backend's fwd/bwd ops.
+
+The C++ ops (CPU and CUDA kernels) are declared in csrc/ops.cpp; the Triton ops are Python
+custom ops declared in attnkern/ops/triton.py with the same schemas (attnkern/ops/schemas.py).
+`register_fakes_and_autograd` gives both the same fake impls and the same autograd, which calls
+only registered ops: the forward saves lse, the backward recomputes the probabilities from it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .schemas import LAYOUT_OPS, argument_names, qualified
+
+
+def fake_fwd(query, value):
+    """Output metadata of every forward op: out [B, N, H, Dv] (query dtype), lse [B, N, H] f32."""
+    B, N, H, _ = query.shape
+    out = query.new_empty((B, N, H, value.shape[-1]))
+    lse = query.new_empty((B, N, H), dtype=torch.float32)
+    return out, lse
+
+
+def fake_bwd(query, key, value):
+    """Output metadata of every backward op: contiguous grads shaped like query/key/value."""
+    return (
+        query.new_empty(query.shape),
+        key.new_empty(key.shape),
+        value.new_empty(value.shape),
+    )
+
+
+def _bound(names, args, kwargs) -> dict:
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _save(ctx, **tensors):
+    ctx.saved_names = tuple(tensors)
+    ctx.save_for_backward(*tensors.values())
+
+
+def _saved(ctx):
+    return dict(zip(ctx.saved_names, ctx.saved_tensors))
+
+
+def register_pool_autograd(fwd_name: str, bwd_op, layout: str) -> None:
+    """Attaches autograd to forward op `fwd_name` (qualified), whose backward is `bwd_op`."""
+    arg_names = argument_names(LAYOUT_OPS[layout][0])
+    index_names = ("lengths", "mask") if layout == "padded" else ("offsets",)
+
+    def setup_context(ctx, inputs, output):
+        args = dict(zip(arg_names, inputs))
+        out, lse = output
+        ctx.scale = args["scale"]
+        ctx.max_length = args.get("max_length")
+        _save(ctx, query=args["query"], key=args["key"], value=args["value"],
+              **{n: args[n] for n in index_names}, out=out, lse=lse)
+
+    def backward(ctx, grad_out, grad_lse):
+        s = _saved(ctx)
+        query, out = s["query"], s["out"]
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        grad_out = grad_out.to(query.dtype)
+        # delta = rowsum(dO * O) - dLSE: the softmax-backward correction term, tiny next to K/V.
+        # float32, or float64 for float64 inputs so that their gradients stay float64-accurate.
+        acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+        delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
+        if grad_lse is not None:
+            delta = delta - grad_lse.to(acc)
+        index = ((s["lengths"], s["mask"]) if layout == "padded"
+                 else (s["offsets"], ctx.max_length))
+        dq, dk, dv = bwd_op(grad_out, query, s["key"], s["value"], *index, s["lse"], delta,
+                            ctx.scale)
+        return dq, dk, dv, None, None, None
+
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+def register_fakes_and_autograd(prefix: str = "") -> None:
+    """Fake impls for the four ops attnkern::<prefix><op> of SCHEMAS, and autograd for the two
+    forward ops. prefix "" are the C++ ops, "triton_" the Triton ones."""
+    for layout, (fwd, bwd) in LAYOUT_OPS.items():
+        fwd_names, bwd_names = argument_names(fwd), argument_names(bwd)
+
+        def fake_forward(*args, _names=fwd_names, **kwargs):
+            a = _bound(_names, args, kwargs)
+            return fake_fwd(a["query"], a["value"])
+
+        def fake_backward(*args, _names=bwd_names, **kwargs):
+            a = _bound(_names, args, kwargs)
+            return fake_bwd(a["query"], a["key"], a["value"])
+
+        torch.library.register_fake(qualified(prefix + fwd), fake_forward)
+        torch.library.register_fake(qualified(prefix + bwd), fake_backward)
+        register_pool_autograd(qualified(prefix + fwd),
+                               getattr(torch.ops.attnkern, prefix + bwd), layout)

@@ -1,0 +1,19 @@
+"""The C++ ops (attnkern::attention_pool_fwd etc., declared in csrc/ops.cpp, kernels in
+csrc/cpu and csrc/cuda): importing this module loads attnkern._C and gives its ops their fake
+impls and autograd. EXTENSION_OPS says whether the extension is there."""
+
+from __future__ import annotations
+
+from .autograd import register_fakes_and_autograd
+from .availability import extension
+
+
+def _register() -> bool:
+    mod, _ = extension()
+    if mod is None:
+        return False
+    register_fakes_and_autograd("")
+    return True
+
+
+EXTENSION_OPS = _register()

@@ -1,0 +1,235 @@
+"""`attnkern bench` providers: each a callable running one case (attnkern's backends, SDPA,
+torch.compile, FlexAttention, and the machine's limit for the same bytes)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .cases import Case, Inputs, Oracle, bytes_moved, flops, make_inputs, make_oracle
+
+# ----------------------------------------------------------------------------------------------
+# Providers
+
+
+class Unavailable(Exception):
+    """The provider cannot run here; the message says why."""
+
+
+def provider_status(provider: str, device) -> Optional[str]:
+    """None when `provider` can run on `device`, else the reason why not."""
+    import attnkern
+
+    dev = torch.device(device).type
+    if provider in ("reference", "sdpa", "compile"):
+        return None
+    if provider == "flex":
+        if dev != "cuda":
+            return "FlexAttention is benchmarked on CUDA only"
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+        except ImportError as e:
+            return "torch has no FlexAttention (%s)" % e
+        return None
+    if provider not in attnkern.backends():
+        return "unknown provider %r" % provider
+    info = attnkern.backends()[provider]
+    if not info.available:
+        return info.reason
+    if provider == "cpu" and dev != "cpu":
+        return "the cpu backend runs on CPU tensors"
+    if provider in ("cuda", "triton") and dev != "cuda":
+        # Triton under TRITON_INTERPRET=1 is a correctness tool, never timed.
+        return "the %s backend is benchmarked on CUDA tensors only" % provider
+    return None
+
+
+def _pool_fn(inp: Inputs, backend: str) -> Callable:
+    import attnkern
+
+    L = inp.case.shape.L
+    if inp.offsets is not None:
+        offsets = inp.offsets
+
+        def fn(q, k, v):
+            return attnkern.attention_pool(q, k, v, offsets=offsets, max_length=L, backend=backend)
+    else:
+        lengths = inp.lengths
+
+        def fn(q, k, v):
+            return attnkern.attention_pool(q, k, v, lengths, backend=backend)
+    return fn
+
+
+def _padded_view(inp: Inputs):
+    """(k, v) -> padded key/value [B, L, H, D] and a [B, L] validity mask. For the jagged layout
+    the gather runs inside the timed call: it is what a padded-only library costs a jagged user."""
+    from attnkern.reference import jagged_to_padded, lengths_to_mask
+
+    L = inp.case.shape.L
+    if inp.offsets is not None:
+        offsets = inp.offsets
+
+        def to_padded(k, v):
+            return jagged_to_padded(k, v, offsets, L)
+    else:
+        mask = lengths_to_mask(inp.lengths, L)
+
+        def to_padded(k, v):
+            return k, v, mask
+    return to_padded
+
+
+def _sdpa_fn(inp: Inputs) -> Callable:
+    import torch.nn.functional as F
+
+    to_padded = _padded_view(inp)
+
+    def fn(q, k, v):
+        kp, vp, valid = to_padded(k, v)
+        # [B, N, H, D] -> [B, H, N, D] as transpose views (no copy of our own); mask [B, 1, 1, L],
+        # True = attend. A fully masked row (length 0) gives NaN in SDPA: harmless for timing,
+        # and the correctness check compares non-empty rows only.
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2),
+            attn_mask=valid[:, None, None, :])
+        return out.transpose(1, 2)
+    return fn
+
+
+def _compile_fn(inp: Inputs) -> Callable:
+    from attnkern.reference import attention_pool_ref
+
+    # A fresh compile per case, so that the reported compile time is this case's and the
+    # recompile limit is never reached over a long run.
+    torch._dynamo.reset()
+    compiled = torch.compile(attention_pool_ref, dynamic=False)
+    L = inp.case.shape.L
+    if inp.offsets is not None:
+        offsets = inp.offsets
+
+        def fn(q, k, v):
+            return compiled(q, k, v, offsets=offsets, max_length=L)[0]
+    else:
+        lengths = inp.lengths
+
+        def fn(q, k, v):
+            return compiled(q, k, v, lengths)[0]
+    return fn
+
+
+def _flex_fn(inp: Inputs) -> Callable:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    s = inp.case.shape
+    torch._dynamo.reset()
+    flex = torch.compile(flex_attention, dynamic=False)
+    lengths = inp.lengths
+    to_padded = _padded_view(inp)
+
+    def length_mask(b, h, q_idx, kv_idx):
+        return kv_idx < lengths[b]
+
+    # Built once outside the timed call (a model would build it once per batch).
+    block_mask = create_block_mask(length_mask, s.B, None, s.N, s.L, device=inp.device)
+
+    def fn(q, k, v):
+        kp, vp, _ = to_padded(k, v)
+        out = flex(q.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), block_mask=block_mask)
+        return out.transpose(1, 2)
+    return fn
+
+
+def forward_fn(provider: str, inp: Inputs) -> Callable:
+    """f(q, k, v) -> out [B, N, H, Dv] for one provider; raises Unavailable."""
+    why = provider_status(provider, inp.device)
+    if why is not None:
+        raise Unavailable(why)
+    if provider == "sdpa":
+        return _sdpa_fn(inp)
+    if provider == "compile":
+        return _compile_fn(inp)
+    if provider == "flex":
+        return _flex_fn(inp)
+    return _pool_fn(inp, provider)
+
+
+def make_callable(provider: str, inp: Inputs) -> Callable:
+    """A no-argument callable running the case's mode: fwd returns out; fwd+bwd returns
+    (out, dq, dk, dv) through torch.autograd.grad (no .grad accumulation between runs)."""
+    f = forward_fn(provider, inp)
+    if inp.case.mode == "fwd":
+        q, k, v = inp.query, inp.key, inp.value
+        return lambda: f(q, k, v)
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (inp.query, inp.key, inp.value))
+    go = inp.grad_out
+
+    def fwd_bwd():
+        out = f(q, k, v)
+        return (out,) + torch.autograd.grad(out, (q, k, v), go)
+    return fwd_bwd
+
+
+# Total bytes the limit measurement rotates through: several times the last-level cache (32 MB
+# L3 on the CPU machine here, 50-60 MB L2 on A100/H100/H200), so that every timed call reads
+# from memory. A single buffer re-read in a loop would time the cache instead.
+_ROTATE_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30}
+
+
+def limit_callable(nbytes: int, device) -> Callable:
+    """Moves `nbytes` once at the machine's best: CPU reads them (sum over a float32 buffer),
+    CUDA copies half of them device to device (read + write = nbytes). Each call uses the next
+    of several buffers whose total exceeds the caches, so the time is a memory time."""
+    device = torch.device(device)
+    copies = max(1, min(64, -(-_ROTATE_BYTES.get(device.type, 0) // max(nbytes, 1))))
+    if device.type == "cuda":
+        pairs = []
+        for _ in range(copies):
+            src = torch.ones(max(nbytes // 2, 1), dtype=torch.uint8, device=device)
+            pairs.append((src, torch.empty_like(src)))
+        ring = itertools.cycle(pairs)
+
+        def copy():
+            src, dst = next(ring)
+            return dst.copy_(src)
+        return copy
+    bufs = itertools.cycle([torch.ones(max(nbytes // 4, 1), dtype=torch.float32)
+                            for _ in range(copies)])
+    return lambda: next(bufs).sum()
+
+
+
+@dataclass
+class CaseSetup:
+    """Everything one case needs: inputs, oracle, byte/FLOP counts and a callable per provider."""
+
+    case: Case
+    inputs: Inputs
+    nbytes: int
+    nflops: int
+    _oracle: Optional[Oracle] = field(default=None, repr=False)
+
+    @property
+    def oracle(self) -> Oracle:
+        if self._oracle is None:
+            self._oracle = make_oracle(self.inputs)
+        return self._oracle
+
+    def callable(self, provider: str) -> Callable:
+        """The timed callable of `provider` ("limit" = the machine's limit); raises Unavailable."""
+        if provider == "limit":
+            return limit_callable(self.nbytes, self.inputs.device)
+        return make_callable(provider, self.inputs)
+
+    def check(self, outputs) -> tuple:
+        """(ok, err) of a provider's outputs against the float64 oracle: within the rule of
+        attnkern.testing, and the largest error relative to the oracle's magnitude."""
+        return self.oracle.compare(outputs)
+
+
+def setup_case(case: Case, device="cpu") -> CaseSetup:
+    inp = make_inputs(case, device)
+    return CaseSetup(case, inp, bytes_moved(case, inp.total_len), flops(case, inp.total_len))
