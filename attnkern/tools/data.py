@@ -125,8 +125,7 @@ def _load_ratings():
 
 def movielens(
     max_length: int = 50,
-    valid_fraction: float = 0.1,
-    test_fraction: float = 0.1,
+    valid_fraction: float = 0.1, test_fraction: float = 0.1,
     threshold: float = 4.0,
     min_count: int = 2,
     ratings=None,
@@ -208,8 +207,7 @@ def synthetic(
     latent_dim: int = 16,
     sharpness: float = 10.0,
     seed: int = 0,
-    valid_fraction: float = 0.1,
-    test_fraction: float = 0.1,
+    valid_fraction: float = 0.1, test_fraction: float = 0.1,
 ) -> CTRSplits:
     """A synthetic click data set with a planted signal.
 

@@ -43,6 +43,7 @@ from typing import List
 
 import torch
 
+# Re-exported: `attnkern.tools.bench` is the one name benchmarks/ and the tests import.
 from .cases import (BASELINES, DTYPES, FULL_SHAPES, LENGTHS, MODES, OP, PROVIDERS,  # noqa: F401
                     QUICK_SHAPES, SHAPES, Case, Inputs, Oracle, Shape, bytes_moved, flops,
                     full_cases, make_cases, make_inputs, make_oracle, quick_cases, tiny_cases)

@@ -30,6 +30,7 @@ def provider_status(provider: str, device) -> Optional[str]:
         if dev != "cuda":
             return "FlexAttention is benchmarked on CUDA only"
         try:
+            # Imported only to learn whether this torch has FlexAttention.
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
         except ImportError as e:
             return "torch has no FlexAttention (%s)" % e
