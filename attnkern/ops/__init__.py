@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from .availability import BACKENDS, BackendInfo, BackendUnavailable, backend_info, backends
@@ -29,7 +27,8 @@ def fused_op(backend: str, layout: str):
     ("padded" | "jagged")."""
     prefix = ""
     if backend == "triton":
-        # Registers attnkern::triton_* on first use (attnkern/__init__ normally has already).
-        importlib.import_module("attnkern.ops.triton")
+        # Imported for its side effect: registers attnkern::triton_* on first use (attnkern's
+        # __init__ normally has already). An import statement, which torch.compile can trace.
+        from . import triton  # noqa: F401
         prefix = TRITON_PREFIX
     return getattr(torch.ops.attnkern, prefix + LAYOUT_OPS[layout][0])
