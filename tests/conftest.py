@@ -16,8 +16,9 @@ from attnkern import testing  # noqa: E402
 from attnkern.testing import make_problem, unused_positions  # noqa: E402,F401  (for the tests)
 
 
-def backend_device_pairs():
-    """(backend, device) pairs the property suite runs, each with a skip mark when unavailable."""
+def backend_device_pairs(interpreter_slow=False):
+    """(backend, device) pairs the property suite runs, each with a skip mark when unavailable.
+    interpreter_slow: mark the Triton-on-CPU pair (the interpreter: seconds a case) slow."""
     info = attnkern.backends()
     gpu = torch.cuda.is_available()
     pairs = []
@@ -33,6 +34,8 @@ def backend_device_pairs():
             marks.append(pytest.mark.skipif(True, reason="no CUDA GPU"))
         elif not info[backend].available:
             marks.append(pytest.mark.skipif(True, reason=info[backend].reason))
+        if interpreter_slow and backend == "triton" and device == "cpu":
+            marks.append(pytest.mark.slow)
         pairs.append(pytest.param(backend, device, id="%s-%s" % (backend, device), marks=marks))
     return pairs
 

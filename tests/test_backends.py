@@ -14,6 +14,9 @@ import attnkern
 from conftest import backend_device_pairs, check_backend, make_problem
 
 BACKENDS = backend_device_pairs()
+# The big grid through Triton's interpreter takes minutes on 2 cores: not in the fast subset
+# (the interpreter still runs every other test here, and tests/test_triton.py).
+BACKENDS_GRID = backend_device_pairs(interpreter_slow=True)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 LAYOUTS = ["lengths", "mask", "jagged", "full"]
 # (Dk, Dv, N, H, L): odd head dims, Dk != Dv, several queries and heads, L not a multiple of
@@ -33,7 +36,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS_GRID)
 @pytest.mark.parametrize("layout,dtype,Dk,Dv,N,H,L", CASES)
 def test_forward_and_gradients(backend, device, layout, dtype, Dk, Dv, N, H, L):
     _skip_dtype(backend, dtype)

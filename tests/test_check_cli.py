@@ -9,6 +9,7 @@ import torch
 from attnkern.tools import check, cli
 
 
+@pytest.mark.slow
 def test_check_passes_on_available_backends(capsys):
     assert check.main(["--quick", "--dtype", "float32", "--dtype", "bfloat16"]) == 0
     out = capsys.readouterr().out
