@@ -192,7 +192,10 @@ def mutate(case: Case, draw, layout: str, raw: bool) -> None:
         case.k = k.to(torch.float16 if k.dtype != torch.float16 else torch.float32)
         case.bad = "key"
     elif what == "value_len":
-        case.v = torch.cat([v, v[:1]], 0) if layout == "jagged" else torch.cat([v, v[:, :1]], 1)
+        dim = 0 if layout == "jagged" else 1
+        pad = list(v.shape)
+        pad[dim] = 1
+        case.v = torch.cat([v, v.new_zeros(pad)], dim)
         case.bad = "value"
     elif what == "key_dim":
         case.k = torch.cat([k, k[..., :1]], -1)

@@ -117,23 +117,20 @@ def register_pool_autograd(fwd_name: str, bwd_op, layout: str) -> None:
 def register_fakes_and_autograd(prefix: str = "") -> None:
     """Fake impls for the four ops attnkern::<prefix><op> of SCHEMAS, and autograd for the two
     forward ops. prefix "" are the C++ ops, "triton_" the Triton ones."""
-    cpp = prefix == ""
+    cpp = prefix == ""  # the C++ ops return their float32 accumulator as out
     for layout, (fwd, bwd) in LAYOUT_OPS.items():
         fwd_names, bwd_names = argument_names(fwd), argument_names(bwd)
 
-        # The C++ ops' fake impls check what their kernels check (a meta tensor mixed with real
-        # ones reaches the fake impl instead of a kernel): the same errors, never garbage.
+        # The fake impls check what the C++ kernels check (a meta tensor mixed with real ones
+        # reaches the fake impl instead of a kernel): the same errors, never garbage.
         def fake_forward(*args, _names=fwd_names, _layout=layout, **kwargs):
             a = _bound(_names, args, kwargs)
-            if not cpp:
-                return fake_fwd(a["query"], a["value"])
             checks.fwd(_layout, a)
-            return fake_fwd_acc(a["query"], a["value"])
+            return (fake_fwd_acc if cpp else fake_fwd)(a["query"], a["value"])
 
         def fake_backward(*args, _names=bwd_names, _layout=layout, **kwargs):
             a = _bound(_names, args, kwargs)
-            if cpp:
-                checks.bwd_extras(checks.fwd(_layout, a), a["query"], a["grad_out"], a["lse"], a["delta"])
+            checks.bwd_extras(checks.fwd(_layout, a), a["query"], a["grad_out"], a["lse"], a["delta"])
             return fake_bwd(a["query"], a["key"], a["value"])
 
         torch.library.register_fake(qualified(prefix + fwd), fake_forward)
