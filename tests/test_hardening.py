@@ -135,9 +135,10 @@ def _peaked(dtype, layout, sharpness, seed=0):
 @needs_cpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["jagged", "lengths"])
-@pytest.mark.parametrize("sharpness", [0.1, 1.0, 6.0])
-def test_low_precision_gradients_peaked_and_flat(dtype, layout, sharpness):
-    q, k, v, kw = _peaked(dtype, layout, sharpness)
+@pytest.mark.parametrize("sharpness", [0.1, 1.0, 24.0, 48.0])  # flat .. one-hot
+@pytest.mark.parametrize("seed", [0, 1])
+def test_low_precision_gradients_peaked_and_flat(dtype, layout, sharpness, seed):
+    q, k, v, kw = _peaked(dtype, layout, sharpness, seed=seed)
     assert_rule("cpu", q, k, v, kw)
 
 
