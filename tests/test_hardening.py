@@ -259,6 +259,7 @@ def test_raw_op_rejects_non_strided(which, kind):
 
 # -- issue 12: the ISA switch ------------------------------------------------------------------
 
+@pytest.mark.slow  # a subprocess
 @needs_cpu
 def test_unknown_isa_is_an_error():
     code = ("import torch, attnkern\n"
@@ -270,6 +271,7 @@ def test_unknown_isa_is_an_error():
     assert "ValueError" in r.stderr and "ATTNKERN_CPU_ISA" in r.stderr and "avx3" in r.stderr, r.stderr
 
 
+@pytest.mark.slow  # a subprocess
 @needs_cpu
 def test_hardening_under_generic_isa():
     """The portable kernels (ATTNKERN_CPU_ISA=generic) under the same large-logit and
