@@ -48,6 +48,11 @@ _LN2 = tl.constexpr(0.6931471805599453)
 # arithmetic of the (memory-bound) single-candidate case.
 SMALL_N = 4
 
+# The backward recomputes each query's softmax max and sum (instead of trusting the float32
+# lse) when |lse| * log2(e) reaches this: below it, lse's rounding (<= 2^-20 relative to the
+# base-2 logits' scale) costs p less than 1e-6 relative error.
+RESTAT_ABOVE = 16.0
+
 # The split-L heuristic pretends this many SMs when there is no GPU (the interpreter).
 INTERPRET_SM_COUNT = 8
 # A split streams at least this many positions, so that its partial write stays cheap.
@@ -85,19 +90,31 @@ def _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT: tl.constexpr):
 
 
 @triton.jit
-def _load_kv_tile(k_base, v_base, MASK, b, pos, valid, offs_dk, offs_dv,
-                  stride_kl, stride_kd, stride_vl, stride_vd, stride_mb, stride_ml,
-                  DK: tl.constexpr, DV: tl.constexpr, LAYOUT: tl.constexpr):
-    """The K/V tile at positions `pos` of row b, and which of them take part: `valid` (inside
-    the row) narrowed by the mask in the MASKED layout. Positions that take no part read as
-    zeros and are never loaded."""
+def _tile_valid(MASK, b, pos, valid, stride_mb, stride_ml, LAYOUT: tl.constexpr):
+    """Which positions `pos` of row b take part: `valid` (inside the row) narrowed by the mask
+    in the MASKED layout (the mask is read only inside the row)."""
     if LAYOUT == MASKED:
         keep = tl.load(MASK + b * stride_mb + pos * stride_ml, mask=valid, other=0)
         valid = valid & (keep != 0)
-    k = tl.load(k_base + pos[:, None] * stride_kl + offs_dk[None, :] * stride_kd,
-                mask=valid[:, None] & (offs_dk[None, :] < DK), other=0.0)
-    v = tl.load(v_base + pos[:, None] * stride_vl + offs_dv[None, :] * stride_vd,
-                mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    return valid
+
+
+@triton.jit
+def _load_rows(base, pos, valid, offs_d, stride_l, stride_d, D):
+    """Rows `pos` of a [L, D] tile; positions that take no part read as zeros, never loaded."""
+    return tl.load(base + pos[:, None] * stride_l + offs_d[None, :] * stride_d,
+                   mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _load_kv_tile(k_base, v_base, MASK, b, pos, valid, offs_dk, offs_dv,
+                  stride_kl, stride_kd, stride_vl, stride_vd, stride_mb, stride_ml,
+                  DK, DV, LAYOUT: tl.constexpr):
+    """The K/V tile at positions `pos` of row b, and which of them take part (_tile_valid).
+    Positions that take no part read as zeros and are never loaded."""
+    valid = _tile_valid(MASK, b, pos, valid, stride_mb, stride_ml, LAYOUT)
+    k = _load_rows(k_base, pos, valid, offs_dk, stride_kl, stride_kd, DK)
+    v = _load_rows(v_base, pos, valid, offs_dv, stride_vl, stride_vd, DV)
     return valid, k, v
 
 
@@ -105,18 +122,33 @@ def _load_kv_tile(k_base, v_base, MASK, b, pos, valid, offs_dk, offs_dv,
 def _mm(a, b, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr):
     """a [M, K] @ b [K, N] accumulated in float32.
 
-    tl.dot path: two operands of one 16-bit dtype go to the tensor cores as they are (their
-    products are exact in float32); otherwise both are float32 with DOT_PRECISION ("ieee" by
-    default: no TF32 rounding of p, ds or float32 inputs). Broadcast-and-sum in float32 for
-    blocks of a few queries, which tl.dot (M >= 16) would pad 16-fold. NATIVE_DOT=False
-    sends 16-bit operands through float32 too (Triton's interpreter multiplies raw bf16 bits)."""
+    tl.dot path: when either operand is 16-bit (q, k, v, dO of float16/bfloat16 inputs), the
+    other one (p or ds, computed in float32) is cast to that dtype, so both enter the tensor
+    cores as 16-bit operands and accumulate in float32, as FlashAttention's Triton kernels do:
+    a float32 operand mixed with a 16-bit one would drop the dot to float32 FMA, which spills
+    registers at the many-query tile sizes. Two float32 operands (float32 inputs) use
+    DOT_PRECISION ("ieee" by default; "tf32x3"/"tf32" by ATTNKERN_TRITON_FP32_DOT).
+    Broadcast-and-sum in float32 for blocks of a few queries, which tl.dot (M >= 16) would
+    pad 16-fold. NATIVE_DOT=False sends 16-bit operands through float32 too (Triton's
+    interpreter multiplies raw bfloat16 bits)."""
     if USE_DOT:
-        if NATIVE_DOT and a.dtype == b.dtype and a.dtype != tl.float32:
-            return tl.dot(a, b)
+        if NATIVE_DOT and a.dtype != tl.float32:
+            r = tl.dot(a, b.to(a.dtype))
+        elif NATIVE_DOT and b.dtype != tl.float32:
+            r = tl.dot(a.to(b.dtype), b)
         else:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PRECISION)
+            r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PRECISION)
     else:
-        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+        r = tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    return r
+
+
+@triton.jit
+def _finite_or_zero(m):
+    """The softmax shift: m where finite, else 0 (as the reference shifts). -inf (no valid
+    position yet) keeps exp2 free of (-inf) - (-inf); +inf or NaN logits then give inf/NaN
+    sums that propagate to out and lse instead of being shifted away."""
+    return tl.where(tl.abs(m) < float("inf"), m, 0.0)
 
 
 @triton.jit
@@ -167,8 +199,8 @@ def _attention_pool_fwd_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     # Phase 2: stream the valid K/V tiles with an online softmax in base 2 (log2(e) is folded
-    # into scale_log2). Running max m_i; a tile that is all masked so far keeps m_i = -inf,
-    # and shifting by 0 then keeps exp2 free of (-inf) - (-inf).
+    # into scale_log2). Running max m_i, shifted by _finite_or_zero: a row that is all masked
+    # so far keeps m_i = -inf and shifts by 0.
     num_tiles = tl.cdiv(hi - lo, BLOCK_L)
     for t in range(0, num_tiles):
         pos = lo + t * BLOCK_L + offs_l
@@ -179,19 +211,22 @@ def _attention_pool_fwd_kernel(
         s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale_log2
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_shift)
+        m_shift = _finite_or_zero(m_new)
+        alpha = tl.exp2(m_i - m_shift)  # 0 while nothing has contributed (m_i = -inf)
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + _mm(p, v, USE_DOT, DOT_PRECISION, NATIVE_DOT)
         m_i = m_new
 
-    # Phase 3: normalise; an empty row (or split) gives o = 0 and lse = -inf exactly.
-    nonempty = l_i > 0.0
-    inv_l = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)
+    # Phase 3: normalise. l_i == 0 only when no valid position contributed (an empty row or
+    # split): o = 0 and lse = -inf exactly. NaN/inf in l_i (NaN or overflowing logits at a
+    # valid position) propagate to o and lse, as in the reference. lse is within about one
+    # float32 ulp; the backward does not rely on it being better (see the dq kernel).
+    empty = l_i == 0.0
+    inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     o = acc * inv_l[:, None]
-    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * _LN2,
-                   float("-inf"))
+    lse = tl.where(empty, float("-inf"),
+                   _finite_or_zero(m_i) * _LN2 + tl.log(tl.where(empty, 1.0, l_i)))
     o_ptrs = (OUT + split * stride_os + b * stride_ob + h * stride_oh
               + offs_n[:, None].to(tl.int64) * stride_on + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < DV))
@@ -220,18 +255,17 @@ def _attention_pool_combine_kernel(
 
     lse_s = tl.load(PART_LSE + offs_s.to(tl.int64) * stride_qs + b * stride_qb + n * stride_qn
                     + h * stride_qh, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse_s, axis=0)
-    # Every split empty: the row is empty, out = 0 and lse = -inf.
-    m_shift = tl.where(m == float("-inf"), 0.0, m)
+    # Every split empty: out = 0 and lse = -inf. A NaN/inf split lse propagates (as in one split).
+    m_shift = _finite_or_zero(tl.max(lse_s, axis=0))
     w = tl.exp2((lse_s - m_shift) * _LOG2E)
     w_sum = tl.sum(w, axis=0)
-    nonempty = w_sum > 0.0
-    w = w / tl.where(nonempty, w_sum, 1.0)
+    empty = w_sum == 0.0
+    w = w / tl.where(empty, 1.0, w_sum)
     o_s = tl.load(PART_O + offs_s[:, None].to(tl.int64) * stride_ps + b * stride_pb
                   + n * stride_pn + h * stride_ph + offs_dv[None, :] * stride_pd,
                   mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     o = tl.sum(o_s * w[:, None], axis=0)
-    lse = tl.where(nonempty, m_shift + tl.log(tl.where(nonempty, w_sum, 1.0)), float("-inf"))
+    lse = tl.where(empty, float("-inf"), m_shift + tl.log(tl.where(empty, 1.0, w_sum)))
     tl.store(OUT + b * stride_ob + n * stride_on + h * stride_oh + offs_dv * stride_od,
              o.to(OUT.dtype.element_ty), mask=offs_dv < DV)
     tl.store(LSE + b * stride_lb + n * stride_ln + h * stride_lh, lse)
@@ -239,8 +273,8 @@ def _attention_pool_combine_kernel(
 
 @triton.jit
 def _attention_pool_bwd_dq_kernel(
-    Q, K, V, IDX, MASK, DO, LSE, DELTA, DQ,
-    scale, scale_log2,
+    Q, K, V, IDX, MASK, DO, LSE, DELTA, DQ, ANCH,
+    scale, scale_log2, restat_above,
     stride_qb, stride_qn, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
@@ -249,6 +283,7 @@ def _attention_pool_bwd_dq_kernel(
     stride_lb, stride_ln, stride_lh,
     stride_db, stride_dn, stride_dh,
     stride_dqb, stride_dqn, stride_dqh, stride_dqd,
+    stride_as, stride_ab, stride_an, stride_ah,
     N, L, MAX_LEN, DK, DV,
     N_KEY,
     LAYOUT: tl.constexpr,
@@ -256,7 +291,15 @@ def _attention_pool_bwd_dq_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
 ):
-    """dq = scale * sum_l p_l (dO.v_l - delta) k_l, p recomputed from the saved lse."""
+    """dq = scale * sum_l p_l (dO.v_l - delta) k_l with p = exp2((s_l - a) - c) recomputed.
+
+    The anchors (a, c) of each query are (lse * log2(e), 0), or, when |lse| in base 2 reaches
+    `restat_above` anywhere in the query block, the row's max logit and log2 of its softmax
+    sum recomputed here in a first pass over K (the same logits as the forward's, computed
+    the same way). A float32 lse is only good to about one ulp of its own size, so at large
+    logits p = exp2(s - lse) would be off by up to ~ulp(lse) relatively (7e-4 at logits of
+    1e4); (s - a) is exact near the max and c is small. The anchors are written to ANCH
+    [2, B, N, H] for the dk/dv kernel, which runs after this one."""
     num_qblocks = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0).to(tl.int64)
     b = pid // num_qblocks
@@ -272,7 +315,7 @@ def _attention_pool_bwd_dq_kernel(
     offs_n64 = offs_n.to(tl.int64)
 
     # Phase 1: per-query operands. An empty row has lse = -inf; shifting by 0 there keeps
-    # p = exp2(-inf) = 0 instead of exp2(-inf + inf) = NaN.
+    # p = exp2(-inf) = 0 instead of exp2(-inf + inf) = NaN. NaN/inf lse propagate.
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_n64[:, None] * stride_qn
                 + offs_dk[None, :] * stride_qd,
                 mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
@@ -280,14 +323,35 @@ def _attention_pool_bwd_dq_kernel(
                  + offs_dv[None, :] * stride_gd,
                  mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_n64 * stride_ln, mask=n_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E)
+    a = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E)
+    c = tl.zeros([BLOCK_N], tl.float32)
     delta = tl.load(DELTA + b * stride_db + h * stride_dh + offs_n64 * stride_dn, mask=n_ok, other=0.0)
 
-    dq = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    # Phase 2: stream the row's K/V tiles, recomputing p and accumulating ds @ K.
     num_tiles = tl.cdiv(end - start, BLOCK_L)
+    # Phase 2 (large logits only): the softmax statistics again, from K alone.
+    if tl.max(tl.where(n_ok, tl.abs(a), 0.0), axis=0) >= restat_above:
+        m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_N], tl.float32)
+        for t in range(0, num_tiles):
+            pos = start + t * BLOCK_L + offs_l
+            valid = _tile_valid(MASK, b, pos, pos < end, stride_mb, stride_ml, LAYOUT)
+            k = _load_rows(k_base, pos, valid, offs_dk, stride_kl, stride_kd, DK)
+            s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale_log2
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_shift = _finite_or_zero(m_new)
+            l_i = l_i * tl.exp2(m_i - m_shift) + tl.sum(tl.exp2(s - m_shift[:, None]), axis=1)
+            m_i = m_new
+        a = _finite_or_zero(m_i)
+        c = tl.where(l_i == 0.0, 0.0, tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+    anc = ANCH + b * stride_ab + h * stride_ah + offs_n64 * stride_an
+    tl.store(anc, a, mask=n_ok)
+    tl.store(anc + stride_as, c, mask=n_ok)
+
+    # Phase 3: stream the row's K/V tiles, recomputing p and accumulating ds @ K.
+    dq = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
     for t in range(0, num_tiles):
         pos = start + t * BLOCK_L + offs_l
         valid = pos < end
@@ -296,7 +360,7 @@ def _attention_pool_bwd_dq_kernel(
                                     stride_ml, DK, DV, LAYOUT)
         s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale_log2
         s = tl.where(valid[None, :], s, float("-inf"))
-        p = tl.exp2(s - lse2[:, None])
+        p = tl.exp2((s - a[:, None]) - c[:, None])
         dp = _mm(do, tl.trans(v), USE_DOT, DOT_PRECISION, NATIVE_DOT)
         ds = p * (dp - delta[:, None])
         dq += _mm(ds, k, USE_DOT, DOT_PRECISION, NATIVE_DOT)
@@ -309,14 +373,14 @@ def _attention_pool_bwd_dq_kernel(
 
 @triton.jit
 def _attention_pool_bwd_dkdv_kernel(
-    Q, K, V, IDX, MASK, DO, LSE, DELTA, DK_OUT, DV_OUT,
+    Q, K, V, IDX, MASK, DO, ANCH, DELTA, DK_OUT, DV_OUT,
     scale, scale_log2,
     stride_qb, stride_qn, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
     stride_idx, stride_mb, stride_ml,
     stride_gb, stride_gn, stride_gh, stride_gd,
-    stride_lb, stride_ln, stride_lh,
+    stride_as, stride_ab, stride_an, stride_ah,
     stride_db, stride_dn, stride_dh,
     stride_dkb, stride_dkl, stride_dkh, stride_dkd,
     stride_dvb, stride_dvl, stride_dvh, stride_dvd,
@@ -329,7 +393,8 @@ def _attention_pool_bwd_dkdv_kernel(
 ):
     """dk/dv of one L tile of one row: loops over all N queries, so no two programs ever
     write the same position (deterministic, no atomics). Positions that take part in no row
-    are never written: the launcher zero-fills the outputs."""
+    are never written: the launcher zero-fills the outputs. p = exp2((s - a) - c) with the
+    anchors (a, c) the dq kernel wrote to ANCH."""
     tiles_per_row = tl.cdiv(GRID_LEN, BLOCK_L)
     pid = tl.program_id(0).to(tl.int64)
     b = pid // tiles_per_row
@@ -364,13 +429,14 @@ def _attention_pool_bwd_dkdv_kernel(
         do = tl.load(DO + b * stride_gb + h * stride_gh + qn64[:, None] * stride_gn
                      + offs_dv[None, :] * stride_gd,
                      mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        lse = tl.load(LSE + b * stride_lb + h * stride_lh + qn64 * stride_ln, mask=n_ok, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E)
+        anc = ANCH + b * stride_ab + h * stride_ah + qn64 * stride_an
+        a = tl.load(anc, mask=n_ok, other=0.0)  # the dq kernel's anchors
+        c = tl.load(anc + stride_as, mask=n_ok, other=0.0)
         delta = tl.load(DELTA + b * stride_db + h * stride_dh + qn64 * stride_dn, mask=n_ok,
                         other=0.0)
         s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale_log2
         s = tl.where(n_ok[:, None] & valid[None, :], s, float("-inf"))
-        p = tl.exp2(s - lse2[:, None])
+        p = tl.exp2((s - a[:, None]) - c[:, None])
         dv += _mm(tl.trans(p), do, USE_DOT, DOT_PRECISION, NATIVE_DOT)
         dp = _mm(do, tl.trans(v), USE_DOT, DOT_PRECISION, NATIVE_DOT)
         ds = p * (dp - delta[:, None])
@@ -697,15 +763,18 @@ def attention_pool_bwd(
                    else default_block_l(block_n, block_dk, block_dv, bwd=True))
     fixed = {} if tuned else {"BLOCK_L": block_l}
 
-    common = (
-        float(scale), float(scale) * LOG2E,
+    # The softmax anchors of each query, written by the dq kernel for the dk/dv kernel.
+    anch = torch.empty((2, B, N, H), dtype=torch.float32, device=query.device)
+    operands = (
         *query.stride(), *_kv_strides(key, jagged), *_kv_strides(value, jagged),
         stride_idx, stride_mb, stride_ml,
-        *grad_out.stride(), *lse.stride(), *delta.stride(),
+        *grad_out.stride(),
     )
     # dq: one program per (row, query block, head).
-    dq_args = (query, key, value, idx, mk, grad_out, lse, delta, dq, *common,
-               *dq.stride(), N, L, max_len, Dk, Dv, n_key(N))
+    dq_args = (query, key, value, idx, mk, grad_out, lse, delta, dq, anch,
+               float(scale), float(scale) * LOG2E, float(RESTAT_ABOVE), *operands,
+               *lse.stride(), *delta.stride(), *dq.stride(), *anch.stride(),
+               N, L, max_len, Dk, Dv, n_key(N))
     dq_grid = (B * qblocks, H)
     (_dq_tuned if tuned else _attention_pool_bwd_dq_kernel)[dq_grid](*dq_args, **meta, **fixed)
 
@@ -715,7 +784,9 @@ def attention_pool_bwd(
         def dkdv_grid(m):
             return (B * triton.cdiv(row_len, m["BLOCK_L"]), H)
 
-        dkdv_args = (query, key, value, idx, mk, grad_out, lse, delta, dk, dv, *common,
+        dkdv_args = (query, key, value, idx, mk, grad_out, anch, delta, dk, dv,
+                     float(scale), float(scale) * LOG2E, *operands,
+                     *anch.stride(), *delta.stride(),
                      *_kv_strides(dk, jagged), *_kv_strides(dv, jagged),
                      N, L, max_len, row_len, Dk, Dv, n_key(N))
         (_dkdv_tuned if tuned else _attention_pool_bwd_dkdv_kernel)[dkdv_grid](
