@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 from typing import Optional
 
 import torch
@@ -62,6 +63,33 @@ MAX_SPLITS = 64
 
 def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _version(text: str):
+    """(major, minor) of a version string such as "3.6.0" or "2.4.0rc1"."""
+    parts = [int(re.match(r"\d*", piece).group() or 0) for piece in text.split(".")[:2]]
+    return tuple(parts + [0] * (2 - len(parts)))
+
+
+def interpreter_problem(triton_version: Optional[str] = None,
+                        numpy_version: Optional[str] = None) -> str:
+    """Why Triton's interpreter cannot run these kernels with the installed packages, or "".
+
+    Triton 3.6's interpreter fails with numpy >= 2.4: program ids come back as shape-(1,)
+    arrays that numpy 2.4 no longer converts to Python integers (triton-lang/triton#9171).
+    Compiled kernels on a GPU are not affected."""
+    if triton_version is None:
+        triton_version = triton.__version__
+    if numpy_version is None:
+        import numpy
+
+        numpy_version = numpy.__version__
+    if _version(triton_version) == (3, 6) and _version(numpy_version) >= (2, 4):
+        return ("Triton %s's interpreter fails with numpy %s (numpy >= 2.4 does not convert "
+                "its shape-(1,) program ids to integers, triton-lang/triton#9171): install "
+                "numpy<2.4 or another Triton to run the Triton kernels on CPU tensors; compiled "
+                "kernels on a GPU are not affected" % (triton_version, numpy_version))
+    return ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,14 +490,20 @@ def head_block(d: int) -> int:
     return max(16, triton.next_power_of_2(int(d)))
 
 
-def query_block(n: int) -> int:
+def query_block(n: int, block_dk: int = 16, block_dv: int = 16, dtype_bytes: int = 2,
+                kind: str = "fwd") -> int:
     """Queries per program: the exact power of two up to SMALL_N (broadcast path), else a
-    tl.dot block of 16..64 rows."""
+    tl.dot block of 16..64 rows, halved while not even the smallest tile fits (float32
+    operands at large head dims: see _fits), down to SMALL_N (the broadcast path)."""
     if n <= SMALL_N:
         return triton.next_power_of_2(max(int(n), 1))
-    if n <= 16:
-        return 16
-    return 32 if n <= 32 else 64
+    bn = 16 if n <= 16 else (32 if n <= 32 else 64)
+    while bn >= 16 and not any(_fits(bn, 16, block_dk, block_dv, w, 2, dtype_bytes, kind)
+                               for w in (4, 8)):
+        bn //= 2
+    # No tl.dot tile fits (float32 "ieee" at large head dims): blocks of SMALL_N queries on
+    # the broadcast path.
+    return bn if bn >= 16 else SMALL_N
 
 
 def n_key(n: int) -> int:
@@ -477,24 +511,94 @@ def n_key(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-# The broadcast path materialises [BLOCK_N, BLOCK_L, BLOCK_D] in registers: keep it bounded.
-_BROADCAST_ELEMS = 16384
 # Fixed interpreter config: small tiles so that block-boundary lengths are cheap to test.
 INTERPRET_BLOCK_L = 16
 
+# Launch budgets of one program (H100/H200: 255 registers per thread, 227 KB of shared memory
+# per block). The cost model below counts what the kernels keep live; the budgets leave room
+# for addresses, masks and Triton's layout-conversion scratch. tests/test_triton_sm90.py
+# compiles the shipped configs for sm_90 and checks the real numbers (no spills, shared
+# memory <= 227 KB), so the model is held to account.
+REG_BUDGET = 128  # 32-bit values per thread
+FP32_DOT_REG_BUDGET = 52  # 32-bit values per thread with the "ieee" tl.dot (FMA) on float32
+FP32_DOT_KV_TILE = 4096  # elements of one K or V tile, "ieee" tl.dot
+DKDV_QUERY_TILE = 16384  # elements of the q (or dO) tile of a dk/dv query block, 16-bit
+# ptxas left to itself sometimes caps a 16-bit kernel far below the 255 registers a thread may
+# have and spills (12 bytes at 72 registers, 18 KB at 32): 16-bit launches pass .maxnreg 255,
+# which lifts that. float32 tl.dot ("ieee" FMA) kernels spill more with it: none for them.
+MAXNREG_16BIT = 255
 
-# The dk/dv kernel keeps K, V, dK and dV tiles [BLOCK_L, D] live in float32: bound their size.
-_BWD_TILE_ELEMS = 16384
+
+def maxnreg(num_warps: int, dtype_bytes: int):
+    """The .maxnreg of a launch: MAXNREG_16BIT for 16-bit inputs (within what 64K registers
+    give num_warps warps), else None (ptxas's own choice)."""
+    if int(dtype_bytes) != 2:
+        return None
+    return int(min(MAXNREG_16BIT, 65536 // (32 * int(num_warps))))
+SHARED_BUDGET = 200 * 1024  # bytes
 
 
-def _fits(block_n, block_l, block_dk, block_dv, dtype_bytes=4, bwd=False):
-    d = max(block_dk, block_dv)
-    if bwd and block_l * (block_dk + block_dv) > _BWD_TILE_ELEMS:
-        return False
-    if block_n <= SMALL_N:
-        return block_n * block_l * d <= _BROADCAST_ELEMS
-    # K and V tiles (+ pipelining) must fit in shared memory; stay well under 228 KB.
-    return block_l * (block_dk + block_dv) * dtype_bytes <= 64 * 1024
+def tile_costs(block_n, block_l, block_dk, block_dv, num_stages, dtype_bytes, kind):
+    """(float32 values live per program, shared memory bytes) of one program of `kind`
+    (fwd | dq | dkdv), counting every tile:
+
+    fwd   acc [N, Dv], scores and p [N, L]; K/V tiles x stages, the q tile, a score tile
+    dq    dq [N, Dk], scores, p, dp/ds [N, L]; K/V tiles x stages, q and dO tiles, a score tile
+    dkdv  dk, dv [L, Dk + Dv], scores, p, dp/ds [N, L]; q/dO tiles x stages (the loop runs
+          over queries), the K/V tile, two score tiles
+    tl.dot on float32 operands ("ieee": FMA, no tensor cores) also holds its operand tiles
+    in registers. The broadcast path (N <= SMALL_N) holds its [N, L, D] products and the
+    K/V tiles in registers. _fits holds these against budgets calibrated on sm_90 compiles."""
+    b = int(dtype_bytes)
+    n, l_, dkv = int(block_n), int(block_l), int(block_dk) + int(block_dv)
+    stages = max(1, int(num_stages))
+    if n <= SMALL_N:
+        live = n * l_ * max(block_dk, block_dv) + l_ * dkv + 2 * n * l_
+        shared = stages * l_ * dkv * b
+        return live, shared
+    if kind == "fwd":
+        live = n * block_dv + 2 * n * l_
+        operands = n * block_dk + l_ * dkv
+        shared = stages * l_ * dkv * b + n * block_dk * b + n * l_ * 4
+    elif kind == "dq":
+        live = n * block_dk + 3 * n * l_
+        operands = n * dkv + l_ * dkv
+        shared = stages * l_ * dkv * b + n * dkv * b + n * l_ * 4
+    elif kind == "dkdv":
+        live = l_ * dkv + 3 * n * l_
+        operands = n * dkv + l_ * dkv
+        shared = stages * n * dkv * b + l_ * dkv * b + 2 * n * l_ * 4
+    else:
+        raise ValueError("kind must be fwd, dq or dkdv, got %r" % (kind,))
+    # Operand tiles: mma.sync fragments of 16-bit values (two per register), or the slices of
+    # float32 operands that the FMA dot keeps per thread (about half of them).
+    live += operands // 2
+    return live, shared
+
+
+def _fits(block_n, block_l, block_dk, block_dv, num_warps=4, num_stages=2, dtype_bytes=4,
+          kind="fwd"):
+    """Whether one program's tiles fit the register and shared-memory budgets.
+
+    Besides the counted tiles (tile_costs), rules calibrated on sm_90 compiles of these
+    kernels (python -m attnkern.triton_kernels.aot; ptxas spills outside them):
+    - dk/dv with 16-bit operands: the q/dO tiles of a query block (mma.sync fragments, held
+      in registers) at most DKDV_QUERY_TILE elements;
+    - tl.dot on float32 operands ("ieee": FMA, no tensor cores): 8 warps, 2 stages, K/V tiles
+      of at most FP32_DOT_KV_TILE elements, FP32_DOT_REG_BUDGET per thread, and dk/dv query
+      blocks of at most 32."""
+    live, shared = tile_costs(block_n, block_l, block_dk, block_dv, num_stages, dtype_bytes, kind)
+    budget = REG_BUDGET
+    if block_n > SMALL_N:
+        if dtype_bytes == 4:
+            if (num_warps != 8 or num_stages > 2
+                    or block_l * max(block_dk, block_dv) > FP32_DOT_KV_TILE
+                    or (kind == "dkdv" and block_n > 32)):
+                return False
+            budget = FP32_DOT_REG_BUDGET
+        elif kind == "dkdv" and block_n * (block_dk + block_dv) > DKDV_QUERY_TILE:
+            return False
+    return live <= budget * 32 * num_warps and shared <= SHARED_BUDGET
 
 
 def _configs(block_ls, warps, stages):
@@ -504,44 +608,68 @@ def _configs(block_ls, warps, stages):
     ]
 
 
-# A100/H100/H200-class candidates; pruned per call to those that fit the head dims and BLOCK_N.
+# A100/H100/H200-class candidates; pruned per call to those that fit the blocks and dtype.
 FWD_CONFIGS = _configs((16, 32, 64, 128), (2, 4, 8), (2,)) + _configs((64, 128), (4, 8), (3,))
 BWD_CONFIGS = _configs((16, 32, 64), (4, 8), (2,)) + _configs((32, 64), (4, 8), (3,))
 AUTOTUNE_KEY = ["DK", "DV", "N_KEY"]  # Triton adds every tensor argument's dtype to the key
 
 
-def prune_configs(configs, named_args, bwd=False, **kwargs):
-    """Drops configs whose tiles do not fit the head dims / query block; keeps at least one."""
-    bn = named_args.get("BLOCK_N", kwargs.get("BLOCK_N"))
-    bdk = named_args.get("BLOCK_DK", kwargs.get("BLOCK_DK"))
-    bdv = named_args.get("BLOCK_DV", kwargs.get("BLOCK_DV"))
-    kept = [c for c in configs if _fits(bn, c.kwargs["BLOCK_L"], bdk, bdv, bwd=bwd)]
-    if kept:
-        return kept
-    return [min(configs, key=lambda c: (c.kwargs["BLOCK_L"], c.num_warps))]
+def _arg(named_args, kwargs, name):
+    return named_args[name] if name in named_args else kwargs.get(name)
 
 
-def _prune_bwd(configs, named_args, **kwargs):
-    return prune_configs(configs, named_args, bwd=True, **kwargs)
+def prune_configs(configs, named_args, kind="fwd", dtype_bytes=None, **kwargs):
+    """Drops configs whose tiles do not fit (_fits) the blocks and the inputs' dtype (from the
+    query tensor, or dtype_bytes); keeps at least the smallest one."""
+    bn = _arg(named_args, kwargs, "BLOCK_N")
+    bdk = _arg(named_args, kwargs, "BLOCK_DK")
+    bdv = _arg(named_args, kwargs, "BLOCK_DV")
+    if dtype_bytes is None:
+        q = named_args.get("Q")
+        dtype_bytes = q.element_size() if isinstance(q, torch.Tensor) else 4
+    kept = [c for c in configs if _fits(bn, c.kwargs["BLOCK_L"], bdk, bdv, c.num_warps,
+                                        c.num_stages, dtype_bytes, kind)]
+    if not kept:
+        kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_L"], c.num_stages, -c.num_warps))]
+    return [_with_maxnreg(c, dtype_bytes) for c in kept]
+
+
+def _with_maxnreg(c, dtype_bytes):
+    """Config c with the .maxnreg of its dtype (see maxnreg)."""
+    regs = maxnreg(c.num_warps, dtype_bytes)
+    if c.maxnreg == regs:
+        return c
+    return triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages,
+                         num_ctas=c.num_ctas, maxnreg=regs, pre_hook=c.pre_hook)
+
+
+def _prune_dq(configs, named_args, **kwargs):
+    return prune_configs(configs, named_args, kind="dq", **kwargs)
+
+
+def _prune_dkdv(configs, named_args, **kwargs):
+    return prune_configs(configs, named_args, kind="dkdv", **kwargs)
 
 
 _fwd_tuned = triton.autotune(FWD_CONFIGS, key=AUTOTUNE_KEY,
                              prune_configs_by={"early_config_prune": prune_configs})(
     _attention_pool_fwd_kernel)
 _dq_tuned = triton.autotune(BWD_CONFIGS, key=AUTOTUNE_KEY,
-                            prune_configs_by={"early_config_prune": _prune_bwd})(
+                            prune_configs_by={"early_config_prune": _prune_dq})(
     _attention_pool_bwd_dq_kernel)
 _dkdv_tuned = triton.autotune(BWD_CONFIGS, key=AUTOTUNE_KEY,
-                              prune_configs_by={"early_config_prune": _prune_bwd})(
+                              prune_configs_by={"early_config_prune": _prune_dkdv})(
     _attention_pool_bwd_dkdv_kernel)
 
 
-def default_block_l(block_n, block_dk, block_dv, bwd=False):
-    """Untuned BLOCK_L: the largest of 64/32/16 that fits (CUDA with autotune off)."""
+def default_config(block_n, block_dk, block_dv, dtype_bytes, kind="fwd"):
+    """Untuned (BLOCK_L, num_warps, num_stages) for CUDA with autotune off: the largest
+    BLOCK_L of 64/32/16 that fits with 4 warps (else 8), 2 stages; else (16, 8, 2)."""
     for bl in (64, 32, 16):
-        if _fits(block_n, bl, block_dk, block_dv, bwd=bwd):
-            return bl
-    return 16
+        for w in (4, 8):
+            if _fits(block_n, bl, block_dk, block_dv, w, 2, dtype_bytes, kind):
+                return bl, w, 2
+    return 16, 8, 2
 
 
 def fp32_dot_precision() -> str:
@@ -614,6 +742,24 @@ def _layout_args(key, lengths, mask, offsets, max_length):
     return DENSE.value, key, 0, key, (0, 0), -1, L, False
 
 
+def _meta(layout, block_n, block_dk, block_dv, dtype):
+    return dict(LAYOUT=layout, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+                USE_DOT=block_n > SMALL_N, DOT_PRECISION=fp32_dot_precision(),
+                NATIVE_DOT=native_dot(dtype))
+
+
+def _fixed_config(block_l, block_n, block_dk, block_dv, dtype_bytes, kind):
+    """Launch options without autotuning: default_config's, BLOCK_L overridden by `block_l`
+    when given; INTERPRET_BLOCK_L under the interpreter."""
+    bl, warps, stages = default_config(block_n, block_dk, block_dv, dtype_bytes, kind)
+    if block_l is not None:
+        bl = int(block_l)
+    elif interpret_mode():
+        bl = INTERPRET_BLOCK_L
+    return {"BLOCK_L": bl, "num_warps": warps, "num_stages": stages,
+            "maxnreg": maxnreg(warps, dtype_bytes)}
+
+
 def _kv_strides(t, jagged):
     """(stride_b, stride_l, stride_h, stride_d) of a padded [B, L, H, D] or jagged [T, H, D]."""
     if jagged:
@@ -662,8 +808,8 @@ def attention_pool_fwd(
     layout, idx, stride_idx, mk, (stride_mb, stride_ml), max_len, L, jagged = _layout_args(
         key, lengths, mask, offsets, max_length)
 
-    block_n = query_block(N)
     block_dk, block_dv = head_block(Dk), head_block(Dv)
+    block_n = query_block(N, block_dk, block_dv, query.element_size(), "fwd")
     qblocks = triton.cdiv(N, block_n)
     programs = B * qblocks * H
     if num_splits is None:
@@ -688,16 +834,13 @@ def attention_pool_fwd(
         *so, *sl,
         N, L, max_len, num_splits, Dk, Dv, n_key(N),
     )
-    meta = dict(LAYOUT=layout, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                USE_DOT=block_n > SMALL_N, DOT_PRECISION=fp32_dot_precision(),
-                NATIVE_DOT=native_dot(query.dtype))
+    meta = _meta(layout, block_n, block_dk, block_dv, query.dtype)
     grid = (B * qblocks, H, num_splits)
     if block_l is None and _use_autotune(query.device):
         _fwd_tuned[grid](*args, **meta)
     else:
-        if block_l is None:
-            block_l = INTERPRET_BLOCK_L if interpret_mode() else default_block_l(block_n, block_dk, block_dv)
-        _attention_pool_fwd_kernel[grid](*args, **meta, BLOCK_L=block_l)
+        _attention_pool_fwd_kernel[grid](*args, **meta, **_fixed_config(
+            block_l, block_n, block_dk, block_dv, query.element_size(), "fwd"))
 
     if num_splits > 1:
         attention_pool_combine(o_buf, l_buf, out, lse)
@@ -751,17 +894,18 @@ def attention_pool_bwd(
     layout, idx, stride_idx, mk, (stride_mb, stride_ml), max_len, L, jagged = _layout_args(
         key, lengths, mask, offsets, max_length)
 
-    block_n = query_block(N)
     block_dk, block_dv = head_block(Dk), head_block(Dv)
-    qblocks = triton.cdiv(N, block_n)
-    meta = dict(LAYOUT=layout, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                USE_DOT=block_n > SMALL_N, DOT_PRECISION=fp32_dot_precision(),
-                NATIVE_DOT=native_dot(query.dtype))
+    esize = query.element_size()
+    # The two kernels may take different query blocks (their tiles differ).
+    bn_dq = query_block(N, block_dk, block_dv, esize, "dq")
+    bn_dkdv = query_block(N, block_dk, block_dv, esize, "dkdv")
+    qblocks = triton.cdiv(N, bn_dq)
     tuned = block_l is None and _use_autotune(query.device)
-    if block_l is None and not tuned:
-        block_l = (INTERPRET_BLOCK_L if interpret_mode()
-                   else default_block_l(block_n, block_dk, block_dv, bwd=True))
-    fixed = {} if tuned else {"BLOCK_L": block_l}
+    meta_dq = _meta(layout, bn_dq, block_dk, block_dv, query.dtype)
+    meta_dkdv = _meta(layout, bn_dkdv, block_dk, block_dv, query.dtype)
+    if not tuned:
+        meta_dq.update(_fixed_config(block_l, bn_dq, block_dk, block_dv, esize, "dq"))
+        meta_dkdv.update(_fixed_config(block_l, bn_dkdv, block_dk, block_dv, esize, "dkdv"))
 
     # The softmax anchors of each query, written by the dq kernel for the dk/dv kernel.
     anch = torch.empty((2, B, N, H), dtype=torch.float32, device=query.device)
@@ -776,7 +920,7 @@ def attention_pool_bwd(
                *lse.stride(), *delta.stride(), *dq.stride(), *anch.stride(),
                N, L, max_len, Dk, Dv, n_key(N))
     dq_grid = (B * qblocks, H)
-    (_dq_tuned if tuned else _attention_pool_bwd_dq_kernel)[dq_grid](*dq_args, **meta, **fixed)
+    (_dq_tuned if tuned else _attention_pool_bwd_dq_kernel)[dq_grid](*dq_args, **meta_dq)
 
     # dk/dv: one program per (row, L tile, head).
     row_len = _jagged_grid_len(offsets, L, max_len) if jagged else L
@@ -790,5 +934,5 @@ def attention_pool_bwd(
                      *_kv_strides(dk, jagged), *_kv_strides(dv, jagged),
                      N, L, max_len, row_len, Dk, Dv, n_key(N))
         (_dkdv_tuned if tuned else _attention_pool_bwd_dkdv_kernel)[dkdv_grid](
-            *dkdv_args, **meta, **fixed)
+            *dkdv_args, **meta_dkdv)
     return dq, dk, dv
