@@ -224,8 +224,8 @@ if [ $BUILD_OK -eq 0 ]; then
   run_step autotune "$T_AUTOTUNE" "$PY" scripts/gpu_check.py autotune --device "$DEV"
   mkdir -p "$OUT/bench"
   if [ "$DRY" = 1 ]; then
-    run_step bench "$T_BENCH" "$PY" -m attnkern bench --device cpu --tiny --no-plot \
-      --providers sdpa,triton,"$FUSED" --budget 0.01 --out "$OUT/bench"
+    run_step bench "$T_BENCH" "$PY" -m attnkern bench --device cpu --shapes tiny --modes fwd \
+      --dtype float32 --no-plot --providers sdpa,triton,"$FUSED" --budget 0.01 --out "$OUT/bench"
   else
     run_step bench "$(left)" "$PY" -m attnkern bench --device cuda --no-plot \
       --providers sdpa,flex,compile,triton,cuda --budget 0.1 --out "$OUT/bench"

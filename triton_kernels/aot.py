@@ -144,6 +144,17 @@ def _ptxas_report(ptx: str, capability: int) -> str:
         return r.stdout + r.stderr
 
 
+def _sidecar(ck) -> str:
+    """Where the ptxas numbers of a compiled kernel are kept next to Triton's cache."""
+    base = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton",
+                                                              "cache")
+    h = getattr(ck.metadata, "hash", None)
+    if not h:
+        return ""
+    os.makedirs(os.path.join(base, "attnkern-aot"), exist_ok=True)
+    return os.path.join(base, "attnkern-aot", h + ".json")
+
+
 def compile_variant(v: Variant, capability: int = 90) -> Dict:
     """Compiles one variant for sm_<capability>; returns its row of the table."""
     from triton import knobs
@@ -160,8 +171,15 @@ def compile_variant(v: Variant, capability: int = 90) -> Dict:
     finally:
         knobs.nvidia.dump_ptxas_log = old
     parsed = _parse_ptxas(buf.getvalue())
-    if parsed is None:  # served from the cache: no ptxas ran
+    side = _sidecar(ck)
+    if parsed is None and side and os.path.exists(side):  # served from Triton's cache
+        with open(side) as f:
+            parsed = tuple(json.load(f))
+    if parsed is None:  # served from the cache before a sidecar existed: assemble again
         parsed = _parse_ptxas(_ptxas_report(ck.asm["ptx"], capability))
+    if parsed is not None and side:
+        with open(side, "w") as f:
+            json.dump(list(parsed), f)
     regs, spills = parsed if parsed is not None else (-1, -1)
     row = asdict(v)
     row.update(name=v.name, shared=int(ck.metadata.shared), n_regs=regs, n_spills=spills,

@@ -586,14 +586,14 @@ def _fits(block_n, block_l, block_dk, block_dv, num_warps=4, num_stages=2, dtype
       in registers) at most DKDV_QUERY_TILE elements;
     - tl.dot on float32 operands ("ieee": FMA, no tensor cores): 8 warps, 2 stages, K/V tiles
       of at most FP32_DOT_KV_TILE elements, FP32_DOT_REG_BUDGET per thread, and dk/dv query
-      blocks of at most 32."""
+      blocks of 16."""
     live, shared = tile_costs(block_n, block_l, block_dk, block_dv, num_stages, dtype_bytes, kind)
     budget = REG_BUDGET
     if block_n > SMALL_N:
         if dtype_bytes == 4:
             if (num_warps != 8 or num_stages > 2
                     or block_l * max(block_dk, block_dv) > FP32_DOT_KV_TILE
-                    or (kind == "dkdv" and block_n > 32)):
+                    or (kind == "dkdv" and block_n > 16)):
                 return False
             budget = FP32_DOT_REG_BUDGET
         elif kind == "dkdv" and block_n * (block_dk + block_dv) > DKDV_QUERY_TILE:
