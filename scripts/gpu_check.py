@@ -109,7 +109,8 @@ def cmd_case(argv) -> int:
                                       scale=0.3)
                         _close("%s fwd %s" % (fused, tag), out, ref, dtype, failures)
                         n_calls += 2
-                    for max_length in (-1, 5):
+                    # (the CPU ops also reject rows longer than max_length)
+                    for max_length in ((-1, 5) if fused == "cuda" else (-1,)):
                         out, lse = ops.jagged_attention_pool_fwd(q, kj, vj, offs, max_length, 0.3)
                         delta = (go.float() * out.float()).sum(-1)
                         ops.jagged_attention_pool_bwd(go, q, kj, vj, offs, max_length, lse, delta, 0.3)
@@ -160,7 +161,8 @@ def cmd_autotune(argv) -> int:
     for N in (1, 64):
         t0 = time.time()
         g = torch.Generator().manual_seed(N)
-        B, H, L, D = 8, 2, 300, 64
+        # (on CPU, the dry run, through the interpreter: a tiny problem)
+        B, H, L, D = (8, 2, 300, 64) if args.device == "cuda" else (2, 1, 20, 16)
         q = torch.randn(B, N, H, D, generator=g).to(args.device, dtype).requires_grad_()
         k = torch.randn(B, L, H, D, generator=g).to(args.device, dtype).requires_grad_()
         v = torch.randn(B, L, H, D, generator=g).to(args.device, dtype).requires_grad_()
@@ -204,8 +206,10 @@ def cmd_record(argv) -> int:
     if status != "pass":
         rec["log_tail"] = _tail(log, 30)
     os.makedirs(os.path.join(out, "steps"), exist_ok=True)
-    with open(os.path.join(out, "steps", name + ".json"), "w") as f:
+    path = os.path.join(out, "steps", name + ".json")
+    with open(path + ".tmp", "w") as f:  # steps end concurrently: write, then rename
         json.dump(rec, f, indent=1)
+    os.replace(path + ".tmp", path)
     return cmd_summary([out])
 
 
@@ -252,7 +256,7 @@ def cmd_summary(argv) -> int:
     for path in sorted(glob.glob(os.path.join(out, "steps", "*.json")),
                        key=lambda p: os.path.getmtime(p)):
         with open(path) as f:
-            steps.append(json.load(f))
+            steps.append(json.load(f))  # complete: records are renamed into place
     meta = {}
     meta_path = os.path.join(out, "run.json")
     if os.path.exists(meta_path):
