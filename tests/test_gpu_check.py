@@ -62,6 +62,8 @@ def test_dry_run_runs_every_step(tmp_path):
     assert "passed, 0 failed" in (out / "check.log").read_text()
     bench = json.loads((out / "bench" / "bench.json").read_text())
     assert {r["provider"] for r in bench} >= {"limit", "triton", "cpu"}
+    lines = (out / "bench" / "bench.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == bench
 
 
 def test_junit_fallback_for_a_killed_step(tmp_path):
