@@ -12,9 +12,18 @@ Kernels:
                                       softmax over the row's K/V tiles; writes (out, lse), or
                                       with several splits a partial (o, lse) per split
     _attention_pool_combine_kernel    merges the split partials (flash-decoding style)
-    _attention_pool_bwd_dq_kernel     dq, one program per (row, query block, head)
+    _attention_pool_bwd_dq_kernel     dq, one program per (row, query block, head); also
+                                      writes each query's softmax anchors (lse, or at large
+                                      logits the recomputed max and log-sum) for dk/dv
     _attention_pool_bwd_dkdv_kernel   dk/dv, one program per (row, L tile, head) looping over
                                       every query of the row: deterministic, no atomics
+
+Numerics: the backward recomputes the logits exactly as the forward computes them (the same
+q.k^T dot, then the same scale * log2(e)); tl.dot takes 16-bit operands (p and ds cast to the
+input dtype, float32 accumulation); NaN/inf at a valid position propagate to out and lse (a
+row is empty, out = 0 and lse = -inf, only when nothing valid contributed); positions outside
+a row are never read. Launch configs: tile_costs/_fits (every tile and stage counted,
+calibrated on sm_90 compiles: see SM90_CONFIGS.md and aot.py).
 
 Row bounds are clamped in-kernel (lengths to [0, L]; offsets to [0, T], end >= start, and
 end <= start + max_length when max_length >= 0), so no launch can read out of bounds whatever
