@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 HELPER = os.path.join(ROOT, "scripts", "gpu_check.py")
 STEPS = ["build", "tests-triton", "tests-backends", "tests-other", "memcheck", "synccheck",
-         "initcheck", "check", "autotune", "bench"]
+         "initcheck", "check", "autotune", "bench", "bench-compiled"]
 
 
 def _env(**extra):
@@ -64,6 +64,8 @@ def test_dry_run_runs_every_step(tmp_path):
     assert {r["provider"] for r in bench} >= {"limit", "triton", "cpu"}
     lines = (out / "bench" / "bench.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == bench
+    compiled = json.loads((out / "bench-compiled" / "bench.json").read_text())
+    assert [r["status"] for r in compiled if r["provider"] == "compile"] == ["ok"]
 
 
 def test_junit_fallback_for_a_killed_step(tmp_path):
