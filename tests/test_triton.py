@@ -609,3 +609,91 @@ def test_overflowing_logits_do_not_make_a_row_look_empty(N):
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     assert not torch.isneginf(lse[0]).any()
     assert torch.isneginf(lse[1]).all() and (out[1] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The hardening regressions (tests/test_hardening.py) through the triton backend
+# ---------------------------------------------------------------------------------------------
+
+import test_hardening as H  # noqa: E402
+
+
+def _on_device(q, k, v, kw):
+    kw = {n: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), kw
+
+
+def _assert_rule_triton(q, k, v, kw, seed=0):
+    """H.assert_rule for the triton backend on DEVICE: out and the three gradients finite and
+    within LOW_PRECISION_FACTOR x the same-precision reference's error + the floor."""
+    q, k, v, kw = _on_device(q, k, v, kw)
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=g, dtype=torch.float64).to(DEVICE)
+    dtype = q.dtype
+    r64 = H._grads("reference", q.double(), k.double(), v.double(), kw, go)
+    rlp = H._grads("reference", q, k, v, kw, go)
+    got = H._grads("triton", q, k, v, kw, go)
+    for name, a, lp, ref in zip(("out", "grad_query", "grad_key", "grad_value"),
+                                (got[0],) + tuple(got[2]), (rlp[0],) + tuple(rlp[2]),
+                                (r64[0],) + tuple(r64[2])):
+        assert torch.isfinite(a).all(), "%s has NaN/Inf" % name
+        scale = max(1.0, ref.abs().max().item())
+        allowed = H.LOW_PRECISION_FACTOR * H._err(lp, ref) + H.FALLBACK_TOL[dtype] * scale
+        err = H._err(a, ref)
+        assert err <= allowed, "%s: error %.3g > allowed %.3g (triton %s)" % (name, err, allowed, dtype)
+
+
+@pytest.mark.parametrize("logit", [1e3, 1e4, 1e7])
+@pytest.mark.parametrize("N,D", [(1, 8), (17, 13)])
+def test_hardening_large_equal_logits(logit, N, D):
+    _assert_rule_triton(*H._equal_logits(N, 11, D, logit, torch.float32))
+
+
+@pytest.mark.parametrize("logit", [1e3, -1e4])
+def test_hardening_large_random_logits(logit):
+    g = torch.Generator().manual_seed(3)
+    D = 16
+    q = torch.ones(3, 2, 2, D)
+    k = torch.ones(3, 20, 2, D) + torch.randint(-3, 4, (3, 20, 2, D), generator=g) / 1024.0
+    v = torch.randn(3, 20, 2, D, generator=g)
+    _assert_rule_triton(q, k, v, dict(lengths=torch.tensor([20, 7, 1]), scale=logit / D))
+
+
+def test_hardening_fp16_near_top_of_range():
+    g = torch.Generator().manual_seed(0)
+    q = torch.full((1, 1, 1, 8), 6e4, dtype=torch.float16)
+    k = torch.full((1, 4, 1, 8), 6e4, dtype=torch.float16)
+    v = torch.randn(1, 4, 1, 8, generator=g).to(torch.float16)
+    _assert_rule_triton(q, k, v, {})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["jagged", "lengths"])
+@pytest.mark.parametrize("sharpness", [0.1, 6.0])
+def test_hardening_low_precision_gradients_peaked_and_flat(dtype, layout, sharpness):
+    # delta from the op's unrounded float32 out (item 4): within the rule on peaked softmaxes
+    _assert_rule_triton(*H._peaked(dtype, layout, sharpness))
+
+
+def test_triton_op_returns_its_float32_result():
+    q, k, v, idx = _problem(B=2, N=1, H=1, L=9, Dk=8, Dv=8, layout="lengths", dtype=torch.bfloat16)
+    out, lse = torch.ops.attnkern.triton_attention_pool_fwd(q, k, v, idx["lengths"], None, 0.3)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    ref, _ = _ref(q.float(), k.float(), v.float(), idx)
+    pub = attnkern.attention_pool(q, k, v, idx["lengths"], scale=0.3, backend="triton")
+    assert pub.dtype == torch.bfloat16 and torch.equal(pub, out.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("name", sorted(H.NONFINITE))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hardening_nonfinite_propagates_as_in_reference(name, dtype):
+    q, k, v, kw = _on_device(*H.NONFINITE[name])
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    ok_out, ok_lse, out, lse = H._finite_pattern("triton", q, k, v, kw)
+    ref_out_ok, ref_lse_ok, ref, ref_lse = H._finite_pattern("reference", q, k, v, kw)
+    assert torch.equal(ok_out, ref_out_ok), (name, out, ref)
+    assert torch.equal(ok_lse, ref_lse_ok), (name, lse, ref_lse)
+    fin = ok_out & ref_out_ok
+    tol = H.FALLBACK_TOL[dtype] * 4 + 1e-6
+    assert torch.allclose(out[fin].double(), ref[fin].double(), atol=tol * 10, rtol=tol * 10)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))

@@ -798,9 +798,12 @@ def attention_pool_fwd(
     *,
     num_splits: Optional[int] = None,
     block_l: Optional[int] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ):
-    """Forward launcher on canonical tensors (any strides). Returns (out [B, N, H, Dv] in the
-    query dtype, contiguous; lse [B, N, H] float32). An empty row gives out = 0, lse = -inf.
+    """Forward launcher on canonical tensors (any strides). Returns (out [B, N, H, Dv] in
+    out_dtype (default: the query dtype), contiguous; lse [B, N, H] float32). An empty row
+    gives out = 0, lse = -inf. out_dtype=torch.float32 keeps the kernel's unrounded float32
+    result (the ops do, so that the backward's delta is formed from unrounded values).
 
     num_splits: None = the split-L heuristic, or a forced number of splits (>= 1).
     block_l: None = autotuned on CUDA / INTERPRET_BLOCK_L under the interpreter, else fixed.
@@ -810,7 +813,7 @@ def attention_pool_fwd(
     Dv = value.shape[-1]
     if scale is None:
         scale = 1.0 / math.sqrt(Dk)
-    out = torch.empty((B, N, H, Dv), dtype=query.dtype, device=query.device)
+    out = torch.empty((B, N, H, Dv), dtype=out_dtype or query.dtype, device=query.device)
     lse = torch.empty((B, N, H), dtype=torch.float32, device=query.device)
     if B == 0:
         return out, lse
