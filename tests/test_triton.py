@@ -7,6 +7,7 @@ imported); with a GPU the same tests run on CUDA tensors. The generic property s
 backend lives in test_backends.py. Shapes are tiny: the interpreter is slow.
 """
 
+import math
 import os
 
 import pytest
@@ -19,7 +20,7 @@ triton = pytest.importorskip("triton")
 
 import attnkern  # noqa: E402
 from attnkern.reference import attention_pool_ref  # noqa: E402
-from attnkern.testing import compare, forward_backward, make_problem  # noqa: E402
+from attnkern.testing import FLOOR, compare, forward_backward, make_problem  # noqa: E402
 
 if not attnkern.backends()["triton"].available:
     pytest.skip(attnkern.backends()["triton"].reason, allow_module_level=True)

@@ -71,7 +71,7 @@ _KERNELS = {
              {"Q": "x", "K": "x", "V": "x", "IDX": "i32", "MASK": "x", "DO": "x", "ANCH": "fp32",
               "DELTA": "fp32", "DK_OUT": "x", "DV_OUT": "x"}),
 }
-_FLOAT_ARGS = ("scale", "scale_log2", "restat_above")
+_FLOAT_ARGS = ("scale", "restat_above")
 _UNIT_STRIDES = re.compile(r"^stride_\w*d$")  # the head-dim strides: 1 for contiguous tensors
 
 

@@ -18,8 +18,9 @@ Kernels:
     _attention_pool_bwd_dkdv_kernel   dk/dv, one program per (row, L tile, head) looping over
                                       every query of the row: deterministic, no atomics
 
-Numerics: the backward recomputes the logits exactly as the forward computes them (the same
-q.k^T dot, then the same scale * log2(e)); tl.dot takes 16-bit operands (p and ds cast to the
+Numerics: logits are scale * q.k in natural units, as in the reference (only the small
+s - max goes to base 2), and the backward recomputes them exactly as the forward computes
+them (the same dot, then the same scale); tl.dot takes 16-bit operands (p and ds cast to the
 input dtype, float32 accumulation); NaN/inf at a valid position propagate to out and lse (a
 row is empty, out = 0 and lse = -inf, only when nothing valid contributed); positions outside
 a row are never read. Launch configs: tile_costs/_fits (every tile and stage counted,
@@ -51,7 +52,6 @@ LENGTHS = tl.constexpr(1)  # padded + lengths [B]
 MASKED = tl.constexpr(2)  # padded + mask [B, L]
 JAGGED = tl.constexpr(3)  # jagged + offsets [B + 1]
 _LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
 
 # Queries per program at or below which the kernels use broadcast-multiply-and-sum instead of
 # tl.dot: tl.dot needs M, N, K >= 16 on the GPU, and padding one query to 16 rows wastes the
@@ -59,8 +59,8 @@ _LN2 = tl.constexpr(0.6931471805599453)
 SMALL_N = 4
 
 # The backward recomputes each query's softmax max and sum (instead of trusting the float32
-# lse) when |lse| * log2(e) reaches this: below it, lse's rounding (<= 2^-20 relative to the
-# base-2 logits' scale) costs p less than 1e-6 relative error.
+# lse) when |lse| reaches this (as the CPU backward does): below it, lse's rounding (half an
+# ulp, <= 2^-20) costs p less than 1e-6 relative error.
 RESTAT_ABOVE = 16.0
 
 # The split-L heuristic pretends this many SMs when there is no GPU (the interpreter).
@@ -191,7 +191,7 @@ def _finite_or_zero(m):
 @triton.jit
 def _attention_pool_fwd_kernel(
     Q, K, V, IDX, MASK, OUT, LSE,
-    scale_log2,
+    scale,
     stride_qb, stride_qn, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
@@ -235,9 +235,11 @@ def _attention_pool_fwd_kernel(
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    # Phase 2: stream the valid K/V tiles with an online softmax in base 2 (log2(e) is folded
-    # into scale_log2). Running max m_i, shifted by _finite_or_zero: a row that is all masked
-    # so far keeps m_i = -inf and shifts by 0.
+    # Phase 2: stream the valid K/V tiles with an online softmax. Logits s = scale * q.k in
+    # natural units, as the reference computes them; only the small differences s - m go to
+    # base 2 (exp(x) = exp2(x * log2(e))), so large logits lose nothing to the base change.
+    # Running max m_i, shifted by _finite_or_zero: a row that is all masked so far keeps
+    # m_i = -inf and shifts by 0.
     num_tiles = tl.cdiv(hi - lo, BLOCK_L)
     for t in range(0, num_tiles):
         pos = lo + t * BLOCK_L + offs_l
@@ -245,12 +247,12 @@ def _attention_pool_fwd_kernel(
         valid, k, v = _load_kv_tile(k_base, v_base, MASK, b, pos, valid, offs_dk, offs_dv,
                                     stride_kl, stride_kd, stride_vl, stride_vd, stride_mb,
                                     stride_ml, DK, DV, LAYOUT)
-        s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale_log2
+        s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_shift = _finite_or_zero(m_new)
-        alpha = tl.exp2(m_i - m_shift)  # 0 while nothing has contributed (m_i = -inf)
-        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2((m_i - m_shift) * _LOG2E)  # 0 while nothing contributed (m_i = -inf)
+        p = tl.exp2((s - m_shift[:, None]) * _LOG2E)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + _mm(p, v, USE_DOT, DOT_PRECISION, NATIVE_DOT)
         m_i = m_new
@@ -263,7 +265,7 @@ def _attention_pool_fwd_kernel(
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     o = acc * inv_l[:, None]
     lse = tl.where(empty, float("-inf"),
-                   _finite_or_zero(m_i) * _LN2 + tl.log(tl.where(empty, 1.0, l_i)))
+                   _finite_or_zero(m_i) + tl.log(tl.where(empty, 1.0, l_i)))
     o_ptrs = (OUT + split * stride_os + b * stride_ob + h * stride_oh
               + offs_n[:, None].to(tl.int64) * stride_on + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < DV))
@@ -311,7 +313,7 @@ def _attention_pool_combine_kernel(
 @triton.jit
 def _attention_pool_bwd_dq_kernel(
     Q, K, V, IDX, MASK, DO, LSE, DELTA, DQ, ANCH,
-    scale, scale_log2, restat_above,
+    scale, restat_above,
     stride_qb, stride_qn, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
@@ -328,12 +330,12 @@ def _attention_pool_bwd_dq_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
 ):
-    """dq = scale * sum_l p_l (dO.v_l - delta) k_l with p = exp2((s_l - a) - c) recomputed.
+    """dq = scale * sum_l p_l (dO.v_l - delta) k_l with p = exp((s_l - a) - c) recomputed.
 
-    The anchors (a, c) of each query are (lse * log2(e), 0), or, when |lse| in base 2 reaches
-    `restat_above` anywhere in the query block, the row's max logit and log2 of its softmax
-    sum recomputed here in a first pass over K (the same logits as the forward's, computed
-    the same way). A float32 lse is only good to about one ulp of its own size, so at large
+    The anchors (a, c) of each query are (lse, 0), or, when |lse| reaches `restat_above`
+    anywhere in the query block, the row's max logit and the log of its softmax sum
+    recomputed here in a first pass over K (the same logits as the forward's, computed the
+    same way). A float32 lse is only good to about one ulp of its own size, so at large
     logits p = exp2(s - lse) would be off by up to ~ulp(lse) relatively (7e-4 at logits of
     1e4); (s - a) is exact near the max and c is small. The anchors are written to ANCH
     [2, B, N, H] for the dk/dv kernel, which runs after this one."""
@@ -360,7 +362,7 @@ def _attention_pool_bwd_dq_kernel(
                  + offs_dv[None, :] * stride_gd,
                  mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_n64 * stride_ln, mask=n_ok, other=0.0)
-    a = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E)
+    a = tl.where(lse == float("-inf"), 0.0, lse)
     c = tl.zeros([BLOCK_N], tl.float32)
     delta = tl.load(DELTA + b * stride_db + h * stride_dh + offs_n64 * stride_dn, mask=n_ok, other=0.0)
 
@@ -375,14 +377,15 @@ def _attention_pool_bwd_dq_kernel(
             pos = start + t * BLOCK_L + offs_l
             valid = _tile_valid(MASK, b, pos, pos < end, stride_mb, stride_ml, LAYOUT)
             k = _load_rows(k_base, pos, valid, offs_dk, stride_kl, stride_kd, DK)
-            s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale_log2
+            s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_shift = _finite_or_zero(m_new)
-            l_i = l_i * tl.exp2(m_i - m_shift) + tl.sum(tl.exp2(s - m_shift[:, None]), axis=1)
+            l_i = (l_i * tl.exp2((m_i - m_shift) * _LOG2E)
+                   + tl.sum(tl.exp2((s - m_shift[:, None]) * _LOG2E), axis=1))
             m_i = m_new
         a = _finite_or_zero(m_i)
-        c = tl.where(l_i == 0.0, 0.0, tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        c = tl.where(l_i == 0.0, 0.0, tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
     anc = ANCH + b * stride_ab + h * stride_ah + offs_n64 * stride_an
     tl.store(anc, a, mask=n_ok)
     tl.store(anc + stride_as, c, mask=n_ok)
@@ -395,9 +398,9 @@ def _attention_pool_bwd_dq_kernel(
         valid, k, v = _load_kv_tile(k_base, v_base, MASK, b, pos, valid, offs_dk, offs_dv,
                                     stride_kl, stride_kd, stride_vl, stride_vd, stride_mb,
                                     stride_ml, DK, DV, LAYOUT)
-        s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale_log2
+        s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
-        p = tl.exp2((s - a[:, None]) - c[:, None])
+        p = tl.exp2(((s - a[:, None]) - c[:, None]) * _LOG2E)
         dp = _mm(do, tl.trans(v), USE_DOT, DOT_PRECISION, NATIVE_DOT)
         ds = p * (dp - delta[:, None])
         dq += _mm(ds, k, USE_DOT, DOT_PRECISION, NATIVE_DOT)
@@ -411,7 +414,7 @@ def _attention_pool_bwd_dq_kernel(
 @triton.jit
 def _attention_pool_bwd_dkdv_kernel(
     Q, K, V, IDX, MASK, DO, ANCH, DELTA, DK_OUT, DV_OUT,
-    scale, scale_log2,
+    scale,
     stride_qb, stride_qn, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
@@ -431,7 +434,7 @@ def _attention_pool_bwd_dkdv_kernel(
     """dk/dv of one L tile of one row: loops over all N queries, so no two programs ever
     write the same position (deterministic, no atomics). Positions that take part in no row
     are never written: the launcher zero-fills the outputs. p = exp2((s - a) - c) with the
-    anchors (a, c) the dq kernel wrote to ANCH."""
+    anchors (a, c) the dq kernel wrote to ANCH (p = exp((s - a) - c))."""
     tiles_per_row = tl.cdiv(GRID_LEN, BLOCK_L)
     pid = tl.program_id(0).to(tl.int64)
     b = pid // tiles_per_row
@@ -471,9 +474,9 @@ def _attention_pool_bwd_dkdv_kernel(
         c = tl.load(anc + stride_as, mask=n_ok, other=0.0)
         delta = tl.load(DELTA + b * stride_db + h * stride_dh + qn64 * stride_dn, mask=n_ok,
                         other=0.0)
-        s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale_log2
+        s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale
         s = tl.where(n_ok[:, None] & valid[None, :], s, float("-inf"))
-        p = tl.exp2((s - a[:, None]) - c[:, None])
+        p = tl.exp2(((s - a[:, None]) - c[:, None]) * _LOG2E)
         dv += _mm(tl.trans(p), do, USE_DOT, DOT_PRECISION, NATIVE_DOT)
         dp = _mm(do, tl.trans(v), USE_DOT, DOT_PRECISION, NATIVE_DOT)
         ds = p * (dp - delta[:, None])
@@ -840,7 +843,7 @@ def attention_pool_fwd(
 
     args = (
         query, key, value, idx, mk, o_buf, l_buf,
-        float(scale) * LOG2E,
+        float(scale),
         *query.stride(), *_kv_strides(key, jagged), *_kv_strides(value, jagged),
         stride_idx, stride_mb, stride_ml,
         *so, *sl,
@@ -928,7 +931,7 @@ def attention_pool_bwd(
     )
     # dq: one program per (row, query block, head).
     dq_args = (query, key, value, idx, mk, grad_out, lse, delta, dq, anch,
-               float(scale), float(scale) * LOG2E, float(RESTAT_ABOVE), *operands,
+               float(scale), float(RESTAT_ABOVE), *operands,
                *lse.stride(), *delta.stride(), *dq.stride(), *anch.stride(),
                N, L, max_len, Dk, Dv, n_key(N))
     dq_grid = (B * qblocks, H)
@@ -941,7 +944,7 @@ def attention_pool_bwd(
             return (B * triton.cdiv(row_len, m["BLOCK_L"]), H)
 
         dkdv_args = (query, key, value, idx, mk, grad_out, anch, delta, dk, dv,
-                     float(scale), float(scale) * LOG2E, *operands,
+                     float(scale), *operands,
                      *anch.stride(), *delta.stride(),
                      *_kv_strides(dk, jagged), *_kv_strides(dv, jagged),
                      N, L, max_len, row_len, Dk, Dv, n_key(N))
