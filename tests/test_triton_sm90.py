@@ -5,7 +5,8 @@ time for GPUTarget("cuda", 90, 128) with the ptxas it ships (attnkern.triton_ker
 The representative subset (attnkern.triton_kernels.aot.representative_variants: 44 variants,
 the extreme kept configs and the untuned defaults of each kernel, 16-bit and float32, for the
 tl.dot and broadcast paths) is compiled in a subprocess with TRITON_INTERPRET unset (the
-interpreter replaces the kernels) into a persistent Triton cache, so a rerun takes seconds.
+interpreter replaces the kernels) into a persistent Triton cache (with the ptxas numbers kept
+beside it, so a rerun assembles nothing).
 Every shipped variant: `python -m attnkern.triton_kernels.aot --all --jobs N`.
 """
 
