@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from attnkern.tools import bench
 
@@ -140,3 +141,40 @@ def test_bench_exits_nonzero_when_a_provider_mismatches(tmp_path, monkeypatch, c
     checks = {(r["provider"], r["mode"]): r.get("check") for r in records if r["provider"] != "limit"}
     assert checks == {("reference", "fwd"): "MISMATCH", ("reference", "fwd+bwd"): "MISMATCH",
                       ("sdpa", "fwd"): "ok", ("sdpa", "fwd+bwd"): "ok"}
+
+
+def test_bench_streams_every_case_and_compiles_once_per_run(tmp_path, monkeypatch):
+    # torch.compile replaced by a counter (eager): the compile provider's wrapper is made once
+    # for the whole run, not once per case (each shape then compiles once, under guards).
+    from attnkern.tools.bench import providers
+
+    calls = []
+
+    def fake_compile(fn, **kw):
+        calls.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(providers, "_COMPILED", {})
+    out = tmp_path / "bench"
+    seen = []
+    real_run_case = bench.run_case
+
+    def run_case(*a, **kw):
+        # every case before this one is already on disk, in bench.jsonl and bench.json
+        if seen:
+            lines = (out / "bench.jsonl").read_text().splitlines()
+            assert len(lines) == len(seen)
+            assert json.loads((out / "bench.json").read_text()) == [json.loads(x) for x in lines]
+        recs = real_run_case(*a, **kw)
+        seen.extend(recs)
+        return recs
+
+    monkeypatch.setattr(bench, "run_case", run_case)
+    rc = bench.main(["--shapes", "tiny,tiny_jagged", "--budget", "0", "--providers",
+                     "compile,sdpa", "--out", str(out), "--no-plot"])
+    assert rc == 0
+    records = [json.loads(x) for x in (out / "bench.jsonl").read_text().splitlines()]
+    assert records == json.loads((out / "bench.json").read_text()) and len(records) == len(seen)
+    assert len({(r["shape"]["name"], r["mode"]) for r in records}) == 4
+    assert len(calls) == 1

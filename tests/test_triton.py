@@ -7,6 +7,7 @@ imported); with a GPU the same tests run on CUDA tensors. The generic property s
 backend lives in test_backends.py. Shapes are tiny: the interpreter is slow.
 """
 
+import math
 import os
 
 import pytest
@@ -19,7 +20,7 @@ triton = pytest.importorskip("triton")
 
 import attnkern  # noqa: E402
 from attnkern.reference import attention_pool_ref  # noqa: E402
-from attnkern.testing import compare, forward_backward, make_problem  # noqa: E402
+from attnkern.testing import FLOOR, compare, forward_backward, make_problem  # noqa: E402
 
 if not attnkern.backends()["triton"].available:
     pytest.skip(attnkern.backends()["triton"].reason, allow_module_level=True)
@@ -245,22 +246,45 @@ def test_autotune_keys():
 
 
 @pytest.mark.parametrize("block_n,bdk,bdv", [(1, 16, 16), (1, 256, 256), (4, 256, 16),
-                                              (16, 64, 64), (64, 256, 256)])
-@pytest.mark.parametrize("kind", ["fwd", "bwd"])
-def test_autotune_prune(block_n, bdk, bdv, kind):
+                                              (16, 64, 64), (64, 256, 256), (64, 16, 256)])
+@pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv"])
+@pytest.mark.parametrize("dtype_bytes", [2, 4])
+def test_autotune_prune(block_n, bdk, bdv, kind, dtype_bytes):
     configs = K.FWD_CONFIGS if kind == "fwd" else K.BWD_CONFIGS
-    prune = K.prune_configs if kind == "fwd" else K._prune_bwd
-    # Triton passes the constexprs given at launch as keyword arguments.
-    kept = prune(configs, {}, BLOCK_N=block_n, BLOCK_DK=bdk, BLOCK_DV=bdv)
-    assert kept and all(c in configs for c in kept)
-    if kind == "bwd":  # dk/dv keep four [BLOCK_L, D] float32 tiles live
-        assert all(c.kwargs["BLOCK_L"] * (bdk + bdv) <= K._BWD_TILE_ELEMS or len(kept) == 1
-                   for c in kept)
-    if block_n <= K.SMALL_N:  # broadcast path: the [BLOCK_N, BLOCK_L, BLOCK_D] product is bounded
-        assert all(block_n * c.kwargs["BLOCK_L"] * max(bdk, bdv) <= K._BROADCAST_ELEMS
-                   or len(kept) == 1 for c in kept)
+    prune = {"fwd": K.prune_configs, "dq": K._prune_dq, "dkdv": K._prune_dkdv}[kind]
+    # Triton passes the constexprs given at launch as keyword arguments, tensors by name.
+    q = torch.empty(0, dtype=torch.float16 if dtype_bytes == 2 else torch.float32)
+    kept = prune(configs, {"Q": q}, BLOCK_N=block_n, BLOCK_DK=bdk, BLOCK_DV=bdv)
+    shipped = {(c.kwargs["BLOCK_L"], c.num_warps, c.num_stages) for c in configs}
+    assert kept and all((c.kwargs["BLOCK_L"], c.num_warps, c.num_stages) in shipped for c in kept)
+    # 16-bit launches lift ptxas's own register cap; float32 ones leave it to ptxas
+    assert all(c.maxnreg == (255 if dtype_bytes == 2 else None) for c in kept)
+    fits = [K._fits(block_n, c.kwargs["BLOCK_L"], bdk, bdv, c.num_warps, c.num_stages,
+                    dtype_bytes, kind) for c in kept]
+    assert all(fits) or len(kept) == 1
+    # every tile counted: the budgets hold for all kept configs
+    for c in kept:
+        live, shared = K.tile_costs(block_n, c.kwargs["BLOCK_L"], bdk, bdv, c.num_stages,
+                                    dtype_bytes, kind)
+        assert shared <= K.SHARED_BUDGET or len(kept) == 1
+        assert live <= K.REG_BUDGET * 32 * c.num_warps or len(kept) == 1
     if block_n == 1 and bdk == 16:
         assert len(kept) == len(configs)
+
+
+def test_tile_costs_count_query_side_tiles_and_stages():
+    # The shared memory of a tl.dot program grows with the stages and with the query-side
+    # tiles, not only with the K/V tile.
+    base = K.tile_costs(64, 64, 128, 128, 2, 4, "dq")[1]
+    assert K.tile_costs(64, 64, 128, 128, 3, 4, "dq")[1] > base
+    assert K.tile_costs(64, 64, 128, 128, 2, 4, "dq")[1] > K.tile_costs(16, 64, 128, 128, 2, 4, "dq")[1]
+    assert K.tile_costs(64, 32, 128, 128, 3, 4, "dkdv")[1] > K.tile_costs(16, 32, 128, 128, 3, 4, "dkdv")[1]
+    # the fp32 backward with more than 32 queries at head dims above 128 (270-337 KB before)
+    for kind in ("dq", "dkdv"):
+        bn = K.query_block(64, 256, 256, 4, kind)
+        bl, w, st = K.default_config(bn, 256, 256, 4, kind)
+        assert K._fits(bn, bl, 256, 256, w, st, 4, kind)
+        assert K.tile_costs(bn, bl, 256, 256, st, 4, kind)[1] <= K.SHARED_BUDGET
 
 
 def test_native_dot_gating():
@@ -281,12 +305,15 @@ def test_fp32_dot_precision_knob(monkeypatch):
         K.fp32_dot_precision()
 
 
-def test_default_block_l_fits():
-    for bn in (1, 4, 16, 64):
+@pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv"])
+@pytest.mark.parametrize("dtype_bytes", [2, 4])
+def test_default_config_fits(kind, dtype_bytes):
+    for n in (1, 4, 16, 64):
         for d in (16, 64, 256):
-            for bwd in (False, True):
-                bl = K.default_block_l(bn, d, d, bwd=bwd)
-                assert bl in (16, 32, 64) and (bl == 16 or K._fits(bn, bl, d, d, bwd=bwd))
+            bn = K.query_block(n, d, d, dtype_bytes, kind)
+            bl, w, st = K.default_config(bn, d, d, dtype_bytes, kind)
+            assert bl in (16, 32, 64) and w in (4, 8) and st == 2
+            assert K._fits(bn, bl, d, d, w, st, dtype_bytes, kind), (n, d, bn, bl, w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,3 +454,247 @@ def test_op_input_checks(case):
     else:
         with pytest.raises(exc, match="attnkern"):
             call()
+
+
+@pytest.mark.parametrize("tv,nv,broken", [
+    ("3.6.0", "2.4.0", True), ("3.6.1", "2.5.1", True), ("3.6.0", "2.3.5", False),
+    ("3.5.1", "2.4.0", False), ("3.8.0", "2.4.6", False), ("3.6.0", "2.4.0rc1", True),
+    ("3.6.0+git1a2b", "3.0.0", True)])
+def test_known_broken_interpreter_pair(tv, nv, broken):
+    # Triton 3.6's interpreter with numpy >= 2.4 (triton-lang/triton#9171): the backend is then
+    # unavailable under TRITON_INTERPRET=1 and the interpreter tests skip with this reason.
+    reason = K.interpreter_problem(tv, nv)
+    assert bool(reason) == broken
+    if broken:
+        assert "triton-lang/triton#9171" in reason and nv in reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerics: large logits, the backward's recomputed softmax statistics, non-finite values
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["lengths", "mask", "jagged"])
+@pytest.mark.parametrize("N", [1, 17])
+def test_backward_restat_path_matches_reference(monkeypatch, layout, N):
+    # RESTAT_ABOVE = 0 makes every query block recompute its softmax max and sum in the dq
+    # kernel (the large-logit path) and hand them to the dk/dv kernel.
+    monkeypatch.setattr(K, "RESTAT_ABOVE", 0.0)
+    q, k, v, idx = _problem(B=4, N=N, H=2, L=19, Dk=7, Dv=5, layout=layout)
+    _check_fwd_bwd(q, k, v, idx)
+
+
+def _tied_large_logits(N, magnitude, dtype=torch.float32):
+    """Rows whose first four keys are one key repeated (tied logits of about `magnitude`) and
+    whose other keys score far below: the float32 reference's softmax is exact there, so any
+    error from a rounded lse shows."""
+    g = torch.Generator().manual_seed(3)
+    B, H, L, D = 3, 1, 12, 8
+    q = torch.randn(B, N, H, D, generator=g)
+    q = q / q.norm(dim=-1, keepdim=True) * math.sqrt(magnitude * math.sqrt(D))
+    k = torch.randn(B, L, H, D, generator=g) * 0.01
+    k[:, :4] = q[:, :1].expand(B, 4, H, D)  # tied keys aligned with the first query
+    v = torch.randn(B, L, H, 5, generator=g)
+    lengths = torch.tensor([12, 7, 4], dtype=torch.int32)
+    return [t.to(DEVICE, dtype) for t in (q, k, v)], {"lengths": lengths.to(DEVICE)}
+
+
+@pytest.mark.parametrize("N", [1, 17])
+@pytest.mark.parametrize("magnitude", [1e2, 1e4])
+def test_large_logits_gradients_as_accurate_as_reference(N, magnitude):
+    # SPEC: at |scale * q.k| up to 1e4 in float32 the gradients are within 2x of the float32
+    # reference's error (plus the float32 floor), with no allowance growing with the logits.
+    (q, k, v), idx = _tied_large_logits(N, magnitude)
+    scale = q.shape[-1] ** -0.5
+    out, lse = K.attention_pool_fwd(q, k, v, lengths=idx["lengths"], scale=scale)
+    g = torch.Generator().manual_seed(5)
+    go = torch.randn(out.shape, generator=g).to(DEVICE)
+
+    def ref_grads(cdt):
+        leaves = [t.detach().to(cdt).requires_grad_() for t in (q, k, v)]
+        o, l_ = attention_pool_ref(*leaves, idx["lengths"], scale=scale)
+        return (o, l_) + tuple(torch.autograd.grad(o, leaves, go.to(o.dtype)))
+
+    r64, r32 = ref_grads(torch.float64), ref_grads(torch.float32)
+    delta = (go * out).sum(-1)
+    got = (out, lse) + K.attention_pool_bwd(go, q, k, v, lse, delta, lengths=idx["lengths"],
+                                            scale=scale)
+    for name, a, lp, ref in zip(("out", "lse", "dq", "dk", "dv"), got, r32, r64):
+        assert torch.isfinite(a).all(), name
+        err = (a.double() - ref).abs().max().item()
+        err_lp = (lp.double() - ref).abs().max().item()
+        if name == "lse":  # float32 can hold lse to about one ulp of its size
+            allowed = 2 * err_lp + 2 * magnitude * torch.finfo(torch.float32).eps
+        else:
+            allowed = 2 * err_lp + FLOOR[torch.float32] * max(1.0, ref.abs().max().item())
+        assert err <= allowed, "%s: error %.3g > allowed %.3g (reference %.3g)" % (
+            name, err, allowed, err_lp)
+
+
+def _with_nan(t, index):
+    t = t.clone()
+    t[index] = float("nan")
+    return t
+
+
+@pytest.mark.parametrize("N", [1, 17])
+def test_nan_in_a_query_propagates_to_that_query_only(N):
+    q, k, v, idx = _problem(B=3, N=N, H=1, L=9, Dk=6, Dv=4, layout="lengths", lengths=[9, 0, 5])
+    qn = _with_nan(q, (0, 0, 0, 2))
+    out, lse = _launch_fwd(qn, k, v, idx)
+    ref, _ = _ref(qn.double(), k.double(), v.double(), idx)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.isnan(out[0, 0]).all() and torch.isnan(lse[0, 0])  # not made to look empty
+    assert torch.isneginf(lse[1]).all() and (out[1] == 0).all()  # the empty row stays empty
+    clean, clean_lse = _launch_fwd(q, k, v, idx)
+    torch.testing.assert_close(out[2], clean[2])
+    if N > 1:
+        torch.testing.assert_close(out[0, 1:], clean[0, 1:])
+    go = torch.ones_like(out)
+    delta = (go * out).sum(-1)
+    dq, dk, dv = K.attention_pool_bwd(go, qn, k, v, lse, delta, lengths=idx["lengths"],
+                                      scale=q.shape[-1] ** -0.5)
+    assert torch.isnan(dq[0, 0]).all() and torch.isnan(dk[0, :9]).any()
+    assert torch.isfinite(dq[2]).all() and torch.isfinite(dk[2]).all() and torch.isfinite(dv[2]).all()
+    assert (dk[1] == 0).all() and (dv[1] == 0).all()
+
+
+@pytest.mark.parametrize("layout", ["lengths", "mask", "jagged"])
+@pytest.mark.parametrize("N", [1, 17])
+def test_nan_key_at_a_valid_position_propagates(layout, N):
+    q, k, v, idx = _problem(B=3, N=N, H=1, L=9, Dk=6, Dv=4, layout=layout, lengths=[9, 3, 5])
+    valid = _valid_positions(k, idx)
+    pos = tuple(int(i) for i in valid.nonzero()[0])  # row 0's first valid position
+    kn = _with_nan(k, pos + (0, 1))
+    out, lse = _launch_fwd(q, kn, v, idx)
+    ref, _ = _ref(q.double(), kn.double(), v.double(), idx)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.isnan(out[0]).all() and torch.isnan(lse[0]).all()
+    clean, _ = _launch_fwd(q, k, v, idx)
+    torch.testing.assert_close(out[1:], clean[1:])
+
+
+@pytest.mark.parametrize("layout", ["lengths", "mask", "jagged"])
+@pytest.mark.parametrize("N", [1, 17])
+def test_nan_at_positions_of_no_row_is_never_read(layout, N):
+    q, k, v, idx = _problem(B=3, N=N, H=1, L=9, Dk=6, Dv=4, layout=layout, lengths=[4, 0, 5])
+    unused = ~_valid_positions(k, idx)
+    assert unused.any()
+    kn, vn = k.clone(), v.clone()
+    kn[unused] = float("nan")
+    vn[unused] = float("inf")
+    out, lse = _launch_fwd(q, kn, vn, idx)
+    clean, clean_lse = _launch_fwd(q, k, v, idx)
+    assert torch.equal(out, clean) and torch.equal(lse, clean_lse)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    delta = (go * out).sum(-1)
+    kw = {n: t for n, t in idx.items()}
+    a = K.attention_pool_bwd(go, q, kn, vn, lse, delta, scale=q.shape[-1] ** -0.5, **kw)
+    b = K.attention_pool_bwd(go, q, k, v, lse, delta, scale=q.shape[-1] ** -0.5, **kw)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("N", [1, 17])
+def test_overflowing_logits_do_not_make_a_row_look_empty(N):
+    # q.k of values near 1e20 overflows to +-inf in float32 (a key aligned with the query
+    # gives +inf). The reference gives NaN outputs there; the row is not empty (it has valid
+    # positions), so lse is not -inf.
+    q, k, v, idx = _problem(B=2, N=N, H=1, L=6, Dk=4, Dv=3, layout="lengths", lengths=[6, 0])
+    k = k.clone()
+    k[:, 2] = q[:, 0]
+    q, k = q * 1e20, k * 1e20
+    out, lse = _launch_fwd(q, k, v, idx)
+    ref, _ = _ref(q, k, v, idx)
+    assert torch.isnan(ref[0]).all()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert not torch.isneginf(lse[0]).any()
+    assert torch.isneginf(lse[1]).all() and (out[1] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The hardening regressions (tests/test_hardening.py) through the triton backend
+# ---------------------------------------------------------------------------------------------
+
+import test_hardening as H  # noqa: E402
+
+
+def _on_device(q, k, v, kw):
+    kw = {n: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), kw
+
+
+def _assert_rule_triton(q, k, v, kw, seed=0):
+    """H.assert_rule for the triton backend on DEVICE: out and the three gradients finite and
+    within LOW_PRECISION_FACTOR x the same-precision reference's error + the floor."""
+    q, k, v, kw = _on_device(q, k, v, kw)
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=g, dtype=torch.float64).to(DEVICE)
+    dtype = q.dtype
+    r64 = H._grads("reference", q.double(), k.double(), v.double(), kw, go)
+    rlp = H._grads("reference", q, k, v, kw, go)
+    got = H._grads("triton", q, k, v, kw, go)
+    for name, a, lp, ref in zip(("out", "grad_query", "grad_key", "grad_value"),
+                                (got[0],) + tuple(got[2]), (rlp[0],) + tuple(rlp[2]),
+                                (r64[0],) + tuple(r64[2])):
+        assert torch.isfinite(a).all(), "%s has NaN/Inf" % name
+        scale = max(1.0, ref.abs().max().item())
+        allowed = H.LOW_PRECISION_FACTOR * H._err(lp, ref) + H.FALLBACK_TOL[dtype] * scale
+        err = H._err(a, ref)
+        assert err <= allowed, "%s: error %.3g > allowed %.3g (triton %s)" % (name, err, allowed, dtype)
+
+
+@pytest.mark.parametrize("logit", [1e3, 1e4, 1e7])
+@pytest.mark.parametrize("N,D", [(1, 8), (17, 13)])
+def test_hardening_large_equal_logits(logit, N, D):
+    _assert_rule_triton(*H._equal_logits(N, 11, D, logit, torch.float32))
+
+
+@pytest.mark.parametrize("logit", [1e3, -1e4])
+def test_hardening_large_random_logits(logit):
+    g = torch.Generator().manual_seed(3)
+    D = 16
+    q = torch.ones(3, 2, 2, D)
+    k = torch.ones(3, 20, 2, D) + torch.randint(-3, 4, (3, 20, 2, D), generator=g) / 1024.0
+    v = torch.randn(3, 20, 2, D, generator=g)
+    _assert_rule_triton(q, k, v, dict(lengths=torch.tensor([20, 7, 1]), scale=logit / D))
+
+
+def test_hardening_fp16_near_top_of_range():
+    g = torch.Generator().manual_seed(0)
+    q = torch.full((1, 1, 1, 8), 6e4, dtype=torch.float16)
+    k = torch.full((1, 4, 1, 8), 6e4, dtype=torch.float16)
+    v = torch.randn(1, 4, 1, 8, generator=g).to(torch.float16)
+    _assert_rule_triton(q, k, v, {})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["jagged", "lengths"])
+@pytest.mark.parametrize("sharpness", [0.1, 6.0])
+def test_hardening_low_precision_gradients_peaked_and_flat(dtype, layout, sharpness):
+    # delta from the op's unrounded float32 out (item 4): within the rule on peaked softmaxes
+    _assert_rule_triton(*H._peaked(dtype, layout, sharpness))
+
+
+def test_triton_op_returns_its_float32_result():
+    q, k, v, idx = _problem(B=2, N=1, H=1, L=9, Dk=8, Dv=8, layout="lengths", dtype=torch.bfloat16)
+    out, lse = torch.ops.attnkern.triton_attention_pool_fwd(q, k, v, idx["lengths"], None, 0.3)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    ref, _ = _ref(q.float(), k.float(), v.float(), idx)
+    pub = attnkern.attention_pool(q, k, v, idx["lengths"], scale=0.3, backend="triton")
+    assert pub.dtype == torch.bfloat16 and torch.equal(pub, out.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("name", sorted(H.NONFINITE))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hardening_nonfinite_propagates_as_in_reference(name, dtype):
+    q, k, v, kw = _on_device(*H.NONFINITE[name])
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    ok_out, ok_lse, out, lse = H._finite_pattern("triton", q, k, v, kw)
+    ref_out_ok, ref_lse_ok, ref, ref_lse = H._finite_pattern("reference", q, k, v, kw)
+    assert torch.equal(ok_out, ref_out_ok), (name, out, ref)
+    assert torch.equal(ok_lse, ref_lse_ok), (name, lse, ref_lse)
+    fin = ok_out & ref_out_ok
+    tol = H.FALLBACK_TOL[dtype] * 4 + 1e-6
+    assert torch.allclose(out[fin].double(), ref[fin].double(), atol=tol * 10, rtol=tol * 10)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))

@@ -12,9 +12,19 @@ Kernels:
                                       softmax over the row's K/V tiles; writes (out, lse), or
                                       with several splits a partial (o, lse) per split
     _attention_pool_combine_kernel    merges the split partials (flash-decoding style)
-    _attention_pool_bwd_dq_kernel     dq, one program per (row, query block, head)
+    _attention_pool_bwd_dq_kernel     dq, one program per (row, query block, head); also
+                                      writes each query's softmax anchors (lse, or at large
+                                      logits the recomputed max and log-sum) for dk/dv
     _attention_pool_bwd_dkdv_kernel   dk/dv, one program per (row, L tile, head) looping over
                                       every query of the row: deterministic, no atomics
+
+Numerics: logits are scale * q.k in natural units, as in the reference (only the small
+s - max goes to base 2), and the backward recomputes them exactly as the forward computes
+them (the same dot, then the same scale); tl.dot takes 16-bit operands (p and ds cast to the
+input dtype, float32 accumulation); NaN/inf at a valid position propagate to out and lse (a
+row is empty, out = 0 and lse = -inf, only when nothing valid contributed); positions outside
+a row are never read. Launch configs: tile_costs/_fits (every tile and stage counted,
+calibrated on sm_90 compiles: see SM90_CONFIGS.md and aot.py).
 
 Row bounds are clamped in-kernel (lengths to [0, L]; offsets to [0, T], end >= start, and
 end <= start + max_length when max_length >= 0), so no launch can read out of bounds whatever
@@ -27,6 +37,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 from typing import Optional
 
 import torch
@@ -41,12 +52,16 @@ LENGTHS = tl.constexpr(1)  # padded + lengths [B]
 MASKED = tl.constexpr(2)  # padded + mask [B, L]
 JAGGED = tl.constexpr(3)  # jagged + offsets [B + 1]
 _LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
 
 # Queries per program at or below which the kernels use broadcast-multiply-and-sum instead of
 # tl.dot: tl.dot needs M, N, K >= 16 on the GPU, and padding one query to 16 rows wastes the
 # arithmetic of the (memory-bound) single-candidate case.
 SMALL_N = 4
+
+# The backward recomputes each query's softmax max and sum (instead of trusting the float32
+# lse) when |lse| reaches this (as the CPU backward does): below it, lse's rounding (half an
+# ulp, <= 2^-20) costs p less than 1e-6 relative error.
+RESTAT_ABOVE = 16.0
 
 # The split-L heuristic pretends this many SMs when there is no GPU (the interpreter).
 INTERPRET_SM_COUNT = 8
@@ -57,6 +72,33 @@ MAX_SPLITS = 64
 
 def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _version(text: str):
+    """(major, minor) of a version string such as "3.6.0" or "2.4.0rc1"."""
+    parts = [int(re.match(r"\d*", piece).group() or 0) for piece in text.split(".")[:2]]
+    return tuple(parts + [0] * (2 - len(parts)))
+
+
+def interpreter_problem(triton_version: Optional[str] = None,
+                        numpy_version: Optional[str] = None) -> str:
+    """Why Triton's interpreter cannot run these kernels with the installed packages, or "".
+
+    Triton 3.6's interpreter fails with numpy >= 2.4: program ids come back as shape-(1,)
+    arrays that numpy 2.4 no longer converts to Python integers (triton-lang/triton#9171).
+    Compiled kernels on a GPU are not affected."""
+    if triton_version is None:
+        triton_version = triton.__version__
+    if numpy_version is None:
+        import numpy
+
+        numpy_version = numpy.__version__
+    if _version(triton_version) == (3, 6) and _version(numpy_version) >= (2, 4):
+        return ("Triton %s's interpreter fails with numpy %s (numpy >= 2.4 does not convert "
+                "its shape-(1,) program ids to integers, triton-lang/triton#9171): install "
+                "numpy<2.4 or another Triton to run the Triton kernels on CPU tensors; compiled "
+                "kernels on a GPU are not affected" % (triton_version, numpy_version))
+    return ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,19 +127,31 @@ def _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT: tl.constexpr):
 
 
 @triton.jit
-def _load_kv_tile(k_base, v_base, MASK, b, pos, valid, offs_dk, offs_dv,
-                  stride_kl, stride_kd, stride_vl, stride_vd, stride_mb, stride_ml,
-                  DK: tl.constexpr, DV: tl.constexpr, LAYOUT: tl.constexpr):
-    """The K/V tile at positions `pos` of row b, and which of them take part: `valid` (inside
-    the row) narrowed by the mask in the MASKED layout. Positions that take no part read as
-    zeros and are never loaded."""
+def _tile_valid(MASK, b, pos, valid, stride_mb, stride_ml, LAYOUT: tl.constexpr):
+    """Which positions `pos` of row b take part: `valid` (inside the row) narrowed by the mask
+    in the MASKED layout (the mask is read only inside the row)."""
     if LAYOUT == MASKED:
         keep = tl.load(MASK + b * stride_mb + pos * stride_ml, mask=valid, other=0)
         valid = valid & (keep != 0)
-    k = tl.load(k_base + pos[:, None] * stride_kl + offs_dk[None, :] * stride_kd,
-                mask=valid[:, None] & (offs_dk[None, :] < DK), other=0.0)
-    v = tl.load(v_base + pos[:, None] * stride_vl + offs_dv[None, :] * stride_vd,
-                mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    return valid
+
+
+@triton.jit
+def _load_rows(base, pos, valid, offs_d, stride_l, stride_d, D):
+    """Rows `pos` of a [L, D] tile; positions that take no part read as zeros, never loaded."""
+    return tl.load(base + pos[:, None] * stride_l + offs_d[None, :] * stride_d,
+                   mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _load_kv_tile(k_base, v_base, MASK, b, pos, valid, offs_dk, offs_dv,
+                  stride_kl, stride_kd, stride_vl, stride_vd, stride_mb, stride_ml,
+                  DK, DV, LAYOUT: tl.constexpr):
+    """The K/V tile at positions `pos` of row b, and which of them take part (_tile_valid).
+    Positions that take no part read as zeros and are never loaded."""
+    valid = _tile_valid(MASK, b, pos, valid, stride_mb, stride_ml, LAYOUT)
+    k = _load_rows(k_base, pos, valid, offs_dk, stride_kl, stride_kd, DK)
+    v = _load_rows(v_base, pos, valid, offs_dv, stride_vl, stride_vd, DV)
     return valid, k, v
 
 
@@ -105,24 +159,39 @@ def _load_kv_tile(k_base, v_base, MASK, b, pos, valid, offs_dk, offs_dv,
 def _mm(a, b, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr):
     """a [M, K] @ b [K, N] accumulated in float32.
 
-    tl.dot path: two operands of one 16-bit dtype go to the tensor cores as they are (their
-    products are exact in float32); otherwise both are float32 with DOT_PRECISION ("ieee" by
-    default: no TF32 rounding of p, ds or float32 inputs). Broadcast-and-sum in float32 for
-    blocks of a few queries, which tl.dot (M >= 16) would pad 16-fold. NATIVE_DOT=False
-    sends 16-bit operands through float32 too (Triton's interpreter multiplies raw bf16 bits)."""
+    tl.dot path: when either operand is 16-bit (q, k, v, dO of float16/bfloat16 inputs), the
+    other one (p or ds, computed in float32) is cast to that dtype, so both enter the tensor
+    cores as 16-bit operands and accumulate in float32, as FlashAttention's Triton kernels do:
+    a float32 operand mixed with a 16-bit one would drop the dot to float32 FMA, which spills
+    registers at the many-query tile sizes. Two float32 operands (float32 inputs) use
+    DOT_PRECISION ("ieee" by default; "tf32x3"/"tf32" by ATTNKERN_TRITON_FP32_DOT).
+    Broadcast-and-sum in float32 for blocks of a few queries, which tl.dot (M >= 16) would
+    pad 16-fold. NATIVE_DOT=False sends 16-bit operands through float32 too (Triton's
+    interpreter multiplies raw bfloat16 bits)."""
     if USE_DOT:
-        if NATIVE_DOT and a.dtype == b.dtype and a.dtype != tl.float32:
-            return tl.dot(a, b)
+        if NATIVE_DOT and a.dtype != tl.float32:
+            r = tl.dot(a, b.to(a.dtype))
+        elif NATIVE_DOT and b.dtype != tl.float32:
+            r = tl.dot(a.to(b.dtype), b)
         else:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PRECISION)
+            r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PRECISION)
     else:
-        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+        r = tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    return r
+
+
+@triton.jit
+def _finite_or_zero(m):
+    """The softmax shift: m where finite, else 0 (as the reference shifts). -inf (no valid
+    position yet) keeps exp2 free of (-inf) - (-inf); +inf or NaN logits then give inf/NaN
+    sums that propagate to out and lse instead of being shifted away."""
+    return tl.where(tl.abs(m) < float("inf"), m, 0.0)
 
 
 @triton.jit
 def _attention_pool_fwd_kernel(
     Q, K, V, IDX, MASK, OUT, LSE,
-    scale_log2,
+    scale,
     stride_qb, stride_qn, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
@@ -166,9 +235,11 @@ def _attention_pool_fwd_kernel(
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    # Phase 2: stream the valid K/V tiles with an online softmax in base 2 (log2(e) is folded
-    # into scale_log2). Running max m_i; a tile that is all masked so far keeps m_i = -inf,
-    # and shifting by 0 then keeps exp2 free of (-inf) - (-inf).
+    # Phase 2: stream the valid K/V tiles with an online softmax. Logits s = scale * q.k in
+    # natural units, as the reference computes them; only the small differences s - m go to
+    # base 2 (exp(x) = exp2(x * log2(e))), so large logits lose nothing to the base change.
+    # Running max m_i, shifted by _finite_or_zero: a row that is all masked so far keeps
+    # m_i = -inf and shifts by 0.
     num_tiles = tl.cdiv(hi - lo, BLOCK_L)
     for t in range(0, num_tiles):
         pos = lo + t * BLOCK_L + offs_l
@@ -176,22 +247,25 @@ def _attention_pool_fwd_kernel(
         valid, k, v = _load_kv_tile(k_base, v_base, MASK, b, pos, valid, offs_dk, offs_dv,
                                     stride_kl, stride_kd, stride_vl, stride_vd, stride_mb,
                                     stride_ml, DK, DV, LAYOUT)
-        s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale_log2
+        s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(s - m_shift[:, None])
+        m_shift = _finite_or_zero(m_new)
+        alpha = tl.exp2((m_i - m_shift) * _LOG2E)  # 0 while nothing contributed (m_i = -inf)
+        p = tl.exp2((s - m_shift[:, None]) * _LOG2E)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + _mm(p, v, USE_DOT, DOT_PRECISION, NATIVE_DOT)
         m_i = m_new
 
-    # Phase 3: normalise; an empty row (or split) gives o = 0 and lse = -inf exactly.
-    nonempty = l_i > 0.0
-    inv_l = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)
+    # Phase 3: normalise. l_i == 0 only when no valid position contributed (an empty row or
+    # split): o = 0 and lse = -inf exactly. NaN/inf in l_i (NaN or overflowing logits at a
+    # valid position) propagate to o and lse, as in the reference. lse is within about one
+    # float32 ulp; the backward does not rely on it being better (see the dq kernel).
+    empty = l_i == 0.0
+    inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     o = acc * inv_l[:, None]
-    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * _LN2,
-                   float("-inf"))
+    lse = tl.where(empty, float("-inf"),
+                   _finite_or_zero(m_i) + tl.log(tl.where(empty, 1.0, l_i)))
     o_ptrs = (OUT + split * stride_os + b * stride_ob + h * stride_oh
               + offs_n[:, None].to(tl.int64) * stride_on + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < DV))
@@ -220,18 +294,17 @@ def _attention_pool_combine_kernel(
 
     lse_s = tl.load(PART_LSE + offs_s.to(tl.int64) * stride_qs + b * stride_qb + n * stride_qn
                     + h * stride_qh, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse_s, axis=0)
-    # Every split empty: the row is empty, out = 0 and lse = -inf.
-    m_shift = tl.where(m == float("-inf"), 0.0, m)
+    # Every split empty: out = 0 and lse = -inf. A NaN/inf split lse propagates (as in one split).
+    m_shift = _finite_or_zero(tl.max(lse_s, axis=0))
     w = tl.exp2((lse_s - m_shift) * _LOG2E)
     w_sum = tl.sum(w, axis=0)
-    nonempty = w_sum > 0.0
-    w = w / tl.where(nonempty, w_sum, 1.0)
+    empty = w_sum == 0.0
+    w = w / tl.where(empty, 1.0, w_sum)
     o_s = tl.load(PART_O + offs_s[:, None].to(tl.int64) * stride_ps + b * stride_pb
                   + n * stride_pn + h * stride_ph + offs_dv[None, :] * stride_pd,
                   mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     o = tl.sum(o_s * w[:, None], axis=0)
-    lse = tl.where(nonempty, m_shift + tl.log(tl.where(nonempty, w_sum, 1.0)), float("-inf"))
+    lse = tl.where(empty, float("-inf"), m_shift + tl.log(tl.where(empty, 1.0, w_sum)))
     tl.store(OUT + b * stride_ob + n * stride_on + h * stride_oh + offs_dv * stride_od,
              o.to(OUT.dtype.element_ty), mask=offs_dv < DV)
     tl.store(LSE + b * stride_lb + n * stride_ln + h * stride_lh, lse)
@@ -239,8 +312,8 @@ def _attention_pool_combine_kernel(
 
 @triton.jit
 def _attention_pool_bwd_dq_kernel(
-    Q, K, V, IDX, MASK, DO, LSE, DELTA, DQ,
-    scale, scale_log2,
+    Q, K, V, IDX, MASK, DO, LSE, DELTA, DQ, ANCH,
+    scale, restat_above,
     stride_qb, stride_qn, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
@@ -249,6 +322,7 @@ def _attention_pool_bwd_dq_kernel(
     stride_lb, stride_ln, stride_lh,
     stride_db, stride_dn, stride_dh,
     stride_dqb, stride_dqn, stride_dqh, stride_dqd,
+    stride_as, stride_ab, stride_an, stride_ah,
     N, L, MAX_LEN, DK, DV,
     N_KEY,
     LAYOUT: tl.constexpr,
@@ -256,7 +330,15 @@ def _attention_pool_bwd_dq_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
 ):
-    """dq = scale * sum_l p_l (dO.v_l - delta) k_l, p recomputed from the saved lse."""
+    """dq = scale * sum_l p_l (dO.v_l - delta) k_l with p = exp((s_l - a) - c) recomputed.
+
+    The anchors (a, c) of each query are (lse, 0), or, when |lse| reaches `restat_above`
+    anywhere in the query block, the row's max logit and the log of its softmax sum
+    recomputed here in a first pass over K (the same logits as the forward's, computed the
+    same way). A float32 lse is only good to about one ulp of its own size, so at large
+    logits p = exp2(s - lse) would be off by up to ~ulp(lse) relatively (7e-4 at logits of
+    1e4); (s - a) is exact near the max and c is small. The anchors are written to ANCH
+    [2, B, N, H] for the dk/dv kernel, which runs after this one."""
     num_qblocks = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0).to(tl.int64)
     b = pid // num_qblocks
@@ -272,7 +354,7 @@ def _attention_pool_bwd_dq_kernel(
     offs_n64 = offs_n.to(tl.int64)
 
     # Phase 1: per-query operands. An empty row has lse = -inf; shifting by 0 there keeps
-    # p = exp2(-inf) = 0 instead of exp2(-inf + inf) = NaN.
+    # p = exp2(-inf) = 0 instead of exp2(-inf + inf) = NaN. NaN/inf lse propagate.
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_n64[:, None] * stride_qn
                 + offs_dk[None, :] * stride_qd,
                 mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
@@ -280,23 +362,45 @@ def _attention_pool_bwd_dq_kernel(
                  + offs_dv[None, :] * stride_gd,
                  mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_n64 * stride_ln, mask=n_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E)
+    a = tl.where(lse == float("-inf"), 0.0, lse)
+    c = tl.zeros([BLOCK_N], tl.float32)
     delta = tl.load(DELTA + b * stride_db + h * stride_dh + offs_n64 * stride_dn, mask=n_ok, other=0.0)
 
-    dq = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    # Phase 2: stream the row's K/V tiles, recomputing p and accumulating ds @ K.
     num_tiles = tl.cdiv(end - start, BLOCK_L)
+    # Phase 2 (large logits only): the softmax statistics again, from K alone.
+    if tl.max(tl.where(n_ok, tl.abs(a), 0.0), axis=0) >= restat_above:
+        m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_N], tl.float32)
+        for t in range(0, num_tiles):
+            pos = start + t * BLOCK_L + offs_l
+            valid = _tile_valid(MASK, b, pos, pos < end, stride_mb, stride_ml, LAYOUT)
+            k = _load_rows(k_base, pos, valid, offs_dk, stride_kl, stride_kd, DK)
+            s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_shift = _finite_or_zero(m_new)
+            l_i = (l_i * tl.exp2((m_i - m_shift) * _LOG2E)
+                   + tl.sum(tl.exp2((s - m_shift[:, None]) * _LOG2E), axis=1))
+            m_i = m_new
+        a = _finite_or_zero(m_i)
+        c = tl.where(l_i == 0.0, 0.0, tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
+    anc = ANCH + b * stride_ab + h * stride_ah + offs_n64 * stride_an
+    tl.store(anc, a, mask=n_ok)
+    tl.store(anc + stride_as, c, mask=n_ok)
+
+    # Phase 3: stream the row's K/V tiles, recomputing p and accumulating ds @ K.
+    dq = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
     for t in range(0, num_tiles):
         pos = start + t * BLOCK_L + offs_l
         valid = pos < end
         valid, k, v = _load_kv_tile(k_base, v_base, MASK, b, pos, valid, offs_dk, offs_dv,
                                     stride_kl, stride_kd, stride_vl, stride_vd, stride_mb,
                                     stride_ml, DK, DV, LAYOUT)
-        s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale_log2
+        s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
-        p = tl.exp2(s - lse2[:, None])
+        p = tl.exp2(((s - a[:, None]) - c[:, None]) * _LOG2E)
         dp = _mm(do, tl.trans(v), USE_DOT, DOT_PRECISION, NATIVE_DOT)
         ds = p * (dp - delta[:, None])
         dq += _mm(ds, k, USE_DOT, DOT_PRECISION, NATIVE_DOT)
@@ -309,14 +413,14 @@ def _attention_pool_bwd_dq_kernel(
 
 @triton.jit
 def _attention_pool_bwd_dkdv_kernel(
-    Q, K, V, IDX, MASK, DO, LSE, DELTA, DK_OUT, DV_OUT,
-    scale, scale_log2,
+    Q, K, V, IDX, MASK, DO, ANCH, DELTA, DK_OUT, DV_OUT,
+    scale,
     stride_qb, stride_qn, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
     stride_idx, stride_mb, stride_ml,
     stride_gb, stride_gn, stride_gh, stride_gd,
-    stride_lb, stride_ln, stride_lh,
+    stride_as, stride_ab, stride_an, stride_ah,
     stride_db, stride_dn, stride_dh,
     stride_dkb, stride_dkl, stride_dkh, stride_dkd,
     stride_dvb, stride_dvl, stride_dvh, stride_dvd,
@@ -329,7 +433,8 @@ def _attention_pool_bwd_dkdv_kernel(
 ):
     """dk/dv of one L tile of one row: loops over all N queries, so no two programs ever
     write the same position (deterministic, no atomics). Positions that take part in no row
-    are never written: the launcher zero-fills the outputs."""
+    are never written: the launcher zero-fills the outputs. p = exp2((s - a) - c) with the
+    anchors (a, c) the dq kernel wrote to ANCH (p = exp((s - a) - c))."""
     tiles_per_row = tl.cdiv(GRID_LEN, BLOCK_L)
     pid = tl.program_id(0).to(tl.int64)
     b = pid // tiles_per_row
@@ -364,13 +469,14 @@ def _attention_pool_bwd_dkdv_kernel(
         do = tl.load(DO + b * stride_gb + h * stride_gh + qn64[:, None] * stride_gn
                      + offs_dv[None, :] * stride_gd,
                      mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        lse = tl.load(LSE + b * stride_lb + h * stride_lh + qn64 * stride_ln, mask=n_ok, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E)
+        anc = ANCH + b * stride_ab + h * stride_ah + qn64 * stride_an
+        a = tl.load(anc, mask=n_ok, other=0.0)  # the dq kernel's anchors
+        c = tl.load(anc + stride_as, mask=n_ok, other=0.0)
         delta = tl.load(DELTA + b * stride_db + h * stride_dh + qn64 * stride_dn, mask=n_ok,
                         other=0.0)
-        s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale_log2
+        s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale
         s = tl.where(n_ok[:, None] & valid[None, :], s, float("-inf"))
-        p = tl.exp2(s - lse2[:, None])
+        p = tl.exp2(((s - a[:, None]) - c[:, None]) * _LOG2E)
         dv += _mm(tl.trans(p), do, USE_DOT, DOT_PRECISION, NATIVE_DOT)
         dp = _mm(do, tl.trans(v), USE_DOT, DOT_PRECISION, NATIVE_DOT)
         ds = p * (dp - delta[:, None])
@@ -396,14 +502,20 @@ def head_block(d: int) -> int:
     return max(16, triton.next_power_of_2(int(d)))
 
 
-def query_block(n: int) -> int:
+def query_block(n: int, block_dk: int = 16, block_dv: int = 16, dtype_bytes: int = 2,
+                kind: str = "fwd") -> int:
     """Queries per program: the exact power of two up to SMALL_N (broadcast path), else a
-    tl.dot block of 16..64 rows."""
+    tl.dot block of 16..64 rows, halved while not even the smallest tile fits (float32
+    operands at large head dims: see _fits), down to SMALL_N (the broadcast path)."""
     if n <= SMALL_N:
         return triton.next_power_of_2(max(int(n), 1))
-    if n <= 16:
-        return 16
-    return 32 if n <= 32 else 64
+    bn = 16 if n <= 16 else (32 if n <= 32 else 64)
+    while bn >= 16 and not any(_fits(bn, 16, block_dk, block_dv, w, 2, dtype_bytes, kind)
+                               for w in (4, 8)):
+        bn //= 2
+    # No tl.dot tile fits (float32 "ieee" at large head dims): blocks of SMALL_N queries on
+    # the broadcast path.
+    return bn if bn >= 16 else SMALL_N
 
 
 def n_key(n: int) -> int:
@@ -411,24 +523,94 @@ def n_key(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-# The broadcast path materialises [BLOCK_N, BLOCK_L, BLOCK_D] in registers: keep it bounded.
-_BROADCAST_ELEMS = 16384
 # Fixed interpreter config: small tiles so that block-boundary lengths are cheap to test.
 INTERPRET_BLOCK_L = 16
 
+# Launch budgets of one program (H100/H200: 255 registers per thread, 227 KB of shared memory
+# per block). The cost model below counts what the kernels keep live; the budgets leave room
+# for addresses, masks and Triton's layout-conversion scratch. tests/test_triton_sm90.py
+# compiles the shipped configs for sm_90 and checks the real numbers (no spills, shared
+# memory <= 227 KB), so the model is held to account.
+REG_BUDGET = 128  # 32-bit values per thread
+FP32_DOT_REG_BUDGET = 52  # 32-bit values per thread with the "ieee" tl.dot (FMA) on float32
+FP32_DOT_KV_TILE = 4096  # elements of one K or V tile, "ieee" tl.dot
+DKDV_QUERY_TILE = 16384  # elements of the q (or dO) tile of a dk/dv query block, 16-bit
+# ptxas left to itself sometimes caps a 16-bit kernel far below the 255 registers a thread may
+# have and spills (12 bytes at 72 registers, 18 KB at 32): 16-bit launches pass .maxnreg 255,
+# which lifts that. float32 tl.dot ("ieee" FMA) kernels spill more with it: none for them.
+MAXNREG_16BIT = 255
 
-# The dk/dv kernel keeps K, V, dK and dV tiles [BLOCK_L, D] live in float32: bound their size.
-_BWD_TILE_ELEMS = 16384
+
+def maxnreg(num_warps: int, dtype_bytes: int):
+    """The .maxnreg of a launch: MAXNREG_16BIT for 16-bit inputs (within what 64K registers
+    give num_warps warps), else None (ptxas's own choice)."""
+    if int(dtype_bytes) != 2:
+        return None
+    return int(min(MAXNREG_16BIT, 65536 // (32 * int(num_warps))))
+SHARED_BUDGET = 200 * 1024  # bytes
 
 
-def _fits(block_n, block_l, block_dk, block_dv, dtype_bytes=4, bwd=False):
-    d = max(block_dk, block_dv)
-    if bwd and block_l * (block_dk + block_dv) > _BWD_TILE_ELEMS:
-        return False
-    if block_n <= SMALL_N:
-        return block_n * block_l * d <= _BROADCAST_ELEMS
-    # K and V tiles (+ pipelining) must fit in shared memory; stay well under 228 KB.
-    return block_l * (block_dk + block_dv) * dtype_bytes <= 64 * 1024
+def tile_costs(block_n, block_l, block_dk, block_dv, num_stages, dtype_bytes, kind):
+    """(float32 values live per program, shared memory bytes) of one program of `kind`
+    (fwd | dq | dkdv), counting every tile:
+
+    fwd   acc [N, Dv], scores and p [N, L]; K/V tiles x stages, the q tile, a score tile
+    dq    dq [N, Dk], scores, p, dp/ds [N, L]; K/V tiles x stages, q and dO tiles, a score tile
+    dkdv  dk, dv [L, Dk + Dv], scores, p, dp/ds [N, L]; q/dO tiles x stages (the loop runs
+          over queries), the K/V tile, two score tiles
+    tl.dot on float32 operands ("ieee": FMA, no tensor cores) also holds its operand tiles
+    in registers. The broadcast path (N <= SMALL_N) holds its [N, L, D] products and the
+    K/V tiles in registers. _fits holds these against budgets calibrated on sm_90 compiles."""
+    b = int(dtype_bytes)
+    n, l_, dkv = int(block_n), int(block_l), int(block_dk) + int(block_dv)
+    stages = max(1, int(num_stages))
+    if n <= SMALL_N:
+        live = n * l_ * max(block_dk, block_dv) + l_ * dkv + 2 * n * l_
+        shared = stages * l_ * dkv * b
+        return live, shared
+    if kind == "fwd":
+        live = n * block_dv + 2 * n * l_
+        operands = n * block_dk + l_ * dkv
+        shared = stages * l_ * dkv * b + n * block_dk * b + n * l_ * 4
+    elif kind == "dq":
+        live = n * block_dk + 3 * n * l_
+        operands = n * dkv + l_ * dkv
+        shared = stages * l_ * dkv * b + n * dkv * b + n * l_ * 4
+    elif kind == "dkdv":
+        live = l_ * dkv + 3 * n * l_
+        operands = n * dkv + l_ * dkv
+        shared = stages * n * dkv * b + l_ * dkv * b + 2 * n * l_ * 4
+    else:
+        raise ValueError("kind must be fwd, dq or dkdv, got %r" % (kind,))
+    # Operand tiles: mma.sync fragments of 16-bit values (two per register), or the slices of
+    # float32 operands that the FMA dot keeps per thread (about half of them).
+    live += operands // 2
+    return live, shared
+
+
+def _fits(block_n, block_l, block_dk, block_dv, num_warps=4, num_stages=2, dtype_bytes=4,
+          kind="fwd"):
+    """Whether one program's tiles fit the register and shared-memory budgets.
+
+    Besides the counted tiles (tile_costs), rules calibrated on sm_90 compiles of these
+    kernels (python -m attnkern.triton_kernels.aot; ptxas spills outside them):
+    - dk/dv with 16-bit operands: the q/dO tiles of a query block (mma.sync fragments, held
+      in registers) at most DKDV_QUERY_TILE elements;
+    - tl.dot on float32 operands ("ieee": FMA, no tensor cores): 8 warps, 2 stages, K/V tiles
+      of at most FP32_DOT_KV_TILE elements, FP32_DOT_REG_BUDGET per thread, and dk/dv query
+      blocks of 16."""
+    live, shared = tile_costs(block_n, block_l, block_dk, block_dv, num_stages, dtype_bytes, kind)
+    budget = REG_BUDGET
+    if block_n > SMALL_N:
+        if dtype_bytes == 4:
+            if (num_warps != 8 or num_stages > 2
+                    or block_l * max(block_dk, block_dv) > FP32_DOT_KV_TILE
+                    or (kind == "dkdv" and block_n > 16)):
+                return False
+            budget = FP32_DOT_REG_BUDGET
+        elif kind == "dkdv" and block_n * (block_dk + block_dv) > DKDV_QUERY_TILE:
+            return False
+    return live <= budget * 32 * num_warps and shared <= SHARED_BUDGET
 
 
 def _configs(block_ls, warps, stages):
@@ -438,44 +620,68 @@ def _configs(block_ls, warps, stages):
     ]
 
 
-# A100/H100/H200-class candidates; pruned per call to those that fit the head dims and BLOCK_N.
+# A100/H100/H200-class candidates; pruned per call to those that fit the blocks and dtype.
 FWD_CONFIGS = _configs((16, 32, 64, 128), (2, 4, 8), (2,)) + _configs((64, 128), (4, 8), (3,))
 BWD_CONFIGS = _configs((16, 32, 64), (4, 8), (2,)) + _configs((32, 64), (4, 8), (3,))
 AUTOTUNE_KEY = ["DK", "DV", "N_KEY"]  # Triton adds every tensor argument's dtype to the key
 
 
-def prune_configs(configs, named_args, bwd=False, **kwargs):
-    """Drops configs whose tiles do not fit the head dims / query block; keeps at least one."""
-    bn = named_args.get("BLOCK_N", kwargs.get("BLOCK_N"))
-    bdk = named_args.get("BLOCK_DK", kwargs.get("BLOCK_DK"))
-    bdv = named_args.get("BLOCK_DV", kwargs.get("BLOCK_DV"))
-    kept = [c for c in configs if _fits(bn, c.kwargs["BLOCK_L"], bdk, bdv, bwd=bwd)]
-    if kept:
-        return kept
-    return [min(configs, key=lambda c: (c.kwargs["BLOCK_L"], c.num_warps))]
+def _arg(named_args, kwargs, name):
+    return named_args[name] if name in named_args else kwargs.get(name)
 
 
-def _prune_bwd(configs, named_args, **kwargs):
-    return prune_configs(configs, named_args, bwd=True, **kwargs)
+def prune_configs(configs, named_args, kind="fwd", dtype_bytes=None, **kwargs):
+    """Drops configs whose tiles do not fit (_fits) the blocks and the inputs' dtype (from the
+    query tensor, or dtype_bytes); keeps at least the smallest one."""
+    bn = _arg(named_args, kwargs, "BLOCK_N")
+    bdk = _arg(named_args, kwargs, "BLOCK_DK")
+    bdv = _arg(named_args, kwargs, "BLOCK_DV")
+    if dtype_bytes is None:
+        q = named_args.get("Q")
+        dtype_bytes = q.element_size() if isinstance(q, torch.Tensor) else 4
+    kept = [c for c in configs if _fits(bn, c.kwargs["BLOCK_L"], bdk, bdv, c.num_warps,
+                                        c.num_stages, dtype_bytes, kind)]
+    if not kept:
+        kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_L"], c.num_stages, -c.num_warps))]
+    return [_with_maxnreg(c, dtype_bytes) for c in kept]
+
+
+def _with_maxnreg(c, dtype_bytes):
+    """Config c with the .maxnreg of its dtype (see maxnreg)."""
+    regs = maxnreg(c.num_warps, dtype_bytes)
+    if c.maxnreg == regs:
+        return c
+    return triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages,
+                         num_ctas=c.num_ctas, maxnreg=regs, pre_hook=c.pre_hook)
+
+
+def _prune_dq(configs, named_args, **kwargs):
+    return prune_configs(configs, named_args, kind="dq", **kwargs)
+
+
+def _prune_dkdv(configs, named_args, **kwargs):
+    return prune_configs(configs, named_args, kind="dkdv", **kwargs)
 
 
 _fwd_tuned = triton.autotune(FWD_CONFIGS, key=AUTOTUNE_KEY,
                              prune_configs_by={"early_config_prune": prune_configs})(
     _attention_pool_fwd_kernel)
 _dq_tuned = triton.autotune(BWD_CONFIGS, key=AUTOTUNE_KEY,
-                            prune_configs_by={"early_config_prune": _prune_bwd})(
+                            prune_configs_by={"early_config_prune": _prune_dq})(
     _attention_pool_bwd_dq_kernel)
 _dkdv_tuned = triton.autotune(BWD_CONFIGS, key=AUTOTUNE_KEY,
-                              prune_configs_by={"early_config_prune": _prune_bwd})(
+                              prune_configs_by={"early_config_prune": _prune_dkdv})(
     _attention_pool_bwd_dkdv_kernel)
 
 
-def default_block_l(block_n, block_dk, block_dv, bwd=False):
-    """Untuned BLOCK_L: the largest of 64/32/16 that fits (CUDA with autotune off)."""
+def default_config(block_n, block_dk, block_dv, dtype_bytes, kind="fwd"):
+    """Untuned (BLOCK_L, num_warps, num_stages) for CUDA with autotune off: the largest
+    BLOCK_L of 64/32/16 that fits with 4 warps (else 8), 2 stages; else (16, 8, 2)."""
     for bl in (64, 32, 16):
-        if _fits(block_n, bl, block_dk, block_dv, bwd=bwd):
-            return bl
-    return 16
+        for w in (4, 8):
+            if _fits(block_n, bl, block_dk, block_dv, w, 2, dtype_bytes, kind):
+                return bl, w, 2
+    return 16, 8, 2
 
 
 def fp32_dot_precision() -> str:
@@ -548,6 +754,24 @@ def _layout_args(key, lengths, mask, offsets, max_length):
     return DENSE.value, key, 0, key, (0, 0), -1, L, False
 
 
+def _meta(layout, block_n, block_dk, block_dv, dtype):
+    return dict(LAYOUT=layout, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+                USE_DOT=block_n > SMALL_N, DOT_PRECISION=fp32_dot_precision(),
+                NATIVE_DOT=native_dot(dtype))
+
+
+def _fixed_config(block_l, block_n, block_dk, block_dv, dtype_bytes, kind):
+    """Launch options without autotuning: default_config's, BLOCK_L overridden by `block_l`
+    when given; INTERPRET_BLOCK_L under the interpreter."""
+    bl, warps, stages = default_config(block_n, block_dk, block_dv, dtype_bytes, kind)
+    if block_l is not None:
+        bl = int(block_l)
+    elif interpret_mode():
+        bl = INTERPRET_BLOCK_L
+    return {"BLOCK_L": bl, "num_warps": warps, "num_stages": stages,
+            "maxnreg": maxnreg(warps, dtype_bytes)}
+
+
 def _kv_strides(t, jagged):
     """(stride_b, stride_l, stride_h, stride_d) of a padded [B, L, H, D] or jagged [T, H, D]."""
     if jagged:
@@ -577,9 +801,12 @@ def attention_pool_fwd(
     *,
     num_splits: Optional[int] = None,
     block_l: Optional[int] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ):
-    """Forward launcher on canonical tensors (any strides). Returns (out [B, N, H, Dv] in the
-    query dtype, contiguous; lse [B, N, H] float32). An empty row gives out = 0, lse = -inf.
+    """Forward launcher on canonical tensors (any strides). Returns (out [B, N, H, Dv] in
+    out_dtype (default: the query dtype), contiguous; lse [B, N, H] float32). An empty row
+    gives out = 0, lse = -inf. out_dtype=torch.float32 keeps the kernel's unrounded float32
+    result (the ops do, so that the backward's delta is formed from unrounded values).
 
     num_splits: None = the split-L heuristic, or a forced number of splits (>= 1).
     block_l: None = autotuned on CUDA / INTERPRET_BLOCK_L under the interpreter, else fixed.
@@ -589,15 +816,15 @@ def attention_pool_fwd(
     Dv = value.shape[-1]
     if scale is None:
         scale = 1.0 / math.sqrt(Dk)
-    out = torch.empty((B, N, H, Dv), dtype=query.dtype, device=query.device)
+    out = torch.empty((B, N, H, Dv), dtype=out_dtype or query.dtype, device=query.device)
     lse = torch.empty((B, N, H), dtype=torch.float32, device=query.device)
     if B == 0:
         return out, lse
     layout, idx, stride_idx, mk, (stride_mb, stride_ml), max_len, L, jagged = _layout_args(
         key, lengths, mask, offsets, max_length)
 
-    block_n = query_block(N)
     block_dk, block_dv = head_block(Dk), head_block(Dv)
+    block_n = query_block(N, block_dk, block_dv, query.element_size(), "fwd")
     qblocks = triton.cdiv(N, block_n)
     programs = B * qblocks * H
     if num_splits is None:
@@ -616,22 +843,19 @@ def attention_pool_fwd(
 
     args = (
         query, key, value, idx, mk, o_buf, l_buf,
-        float(scale) * LOG2E,
+        float(scale),
         *query.stride(), *_kv_strides(key, jagged), *_kv_strides(value, jagged),
         stride_idx, stride_mb, stride_ml,
         *so, *sl,
         N, L, max_len, num_splits, Dk, Dv, n_key(N),
     )
-    meta = dict(LAYOUT=layout, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                USE_DOT=block_n > SMALL_N, DOT_PRECISION=fp32_dot_precision(),
-                NATIVE_DOT=native_dot(query.dtype))
+    meta = _meta(layout, block_n, block_dk, block_dv, query.dtype)
     grid = (B * qblocks, H, num_splits)
     if block_l is None and _use_autotune(query.device):
         _fwd_tuned[grid](*args, **meta)
     else:
-        if block_l is None:
-            block_l = INTERPRET_BLOCK_L if interpret_mode() else default_block_l(block_n, block_dk, block_dv)
-        _attention_pool_fwd_kernel[grid](*args, **meta, BLOCK_L=block_l)
+        _attention_pool_fwd_kernel[grid](*args, **meta, **_fixed_config(
+            block_l, block_n, block_dk, block_dv, query.element_size(), "fwd"))
 
     if num_splits > 1:
         attention_pool_combine(o_buf, l_buf, out, lse)
@@ -685,29 +909,33 @@ def attention_pool_bwd(
     layout, idx, stride_idx, mk, (stride_mb, stride_ml), max_len, L, jagged = _layout_args(
         key, lengths, mask, offsets, max_length)
 
-    block_n = query_block(N)
     block_dk, block_dv = head_block(Dk), head_block(Dv)
-    qblocks = triton.cdiv(N, block_n)
-    meta = dict(LAYOUT=layout, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                USE_DOT=block_n > SMALL_N, DOT_PRECISION=fp32_dot_precision(),
-                NATIVE_DOT=native_dot(query.dtype))
+    esize = query.element_size()
+    # The two kernels may take different query blocks (their tiles differ).
+    bn_dq = query_block(N, block_dk, block_dv, esize, "dq")
+    bn_dkdv = query_block(N, block_dk, block_dv, esize, "dkdv")
+    qblocks = triton.cdiv(N, bn_dq)
     tuned = block_l is None and _use_autotune(query.device)
-    if block_l is None and not tuned:
-        block_l = (INTERPRET_BLOCK_L if interpret_mode()
-                   else default_block_l(block_n, block_dk, block_dv, bwd=True))
-    fixed = {} if tuned else {"BLOCK_L": block_l}
+    meta_dq = _meta(layout, bn_dq, block_dk, block_dv, query.dtype)
+    meta_dkdv = _meta(layout, bn_dkdv, block_dk, block_dv, query.dtype)
+    if not tuned:
+        meta_dq.update(_fixed_config(block_l, bn_dq, block_dk, block_dv, esize, "dq"))
+        meta_dkdv.update(_fixed_config(block_l, bn_dkdv, block_dk, block_dv, esize, "dkdv"))
 
-    common = (
-        float(scale), float(scale) * LOG2E,
+    # The softmax anchors of each query, written by the dq kernel for the dk/dv kernel.
+    anch = torch.empty((2, B, N, H), dtype=torch.float32, device=query.device)
+    operands = (
         *query.stride(), *_kv_strides(key, jagged), *_kv_strides(value, jagged),
         stride_idx, stride_mb, stride_ml,
-        *grad_out.stride(), *lse.stride(), *delta.stride(),
+        *grad_out.stride(),
     )
     # dq: one program per (row, query block, head).
-    dq_args = (query, key, value, idx, mk, grad_out, lse, delta, dq, *common,
-               *dq.stride(), N, L, max_len, Dk, Dv, n_key(N))
+    dq_args = (query, key, value, idx, mk, grad_out, lse, delta, dq, anch,
+               float(scale), float(RESTAT_ABOVE), *operands,
+               *lse.stride(), *delta.stride(), *dq.stride(), *anch.stride(),
+               N, L, max_len, Dk, Dv, n_key(N))
     dq_grid = (B * qblocks, H)
-    (_dq_tuned if tuned else _attention_pool_bwd_dq_kernel)[dq_grid](*dq_args, **meta, **fixed)
+    (_dq_tuned if tuned else _attention_pool_bwd_dq_kernel)[dq_grid](*dq_args, **meta_dq)
 
     # dk/dv: one program per (row, L tile, head).
     row_len = _jagged_grid_len(offsets, L, max_len) if jagged else L
@@ -715,9 +943,11 @@ def attention_pool_bwd(
         def dkdv_grid(m):
             return (B * triton.cdiv(row_len, m["BLOCK_L"]), H)
 
-        dkdv_args = (query, key, value, idx, mk, grad_out, lse, delta, dk, dv, *common,
+        dkdv_args = (query, key, value, idx, mk, grad_out, anch, delta, dk, dv,
+                     float(scale), *operands,
+                     *anch.stride(), *delta.stride(),
                      *_kv_strides(dk, jagged), *_kv_strides(dv, jagged),
                      N, L, max_len, row_len, Dk, Dv, n_key(N))
         (_dkdv_tuned if tuned else _attention_pool_bwd_dkdv_kernel)[dkdv_grid](
-            *dkdv_args, **meta, **fixed)
+            *dkdv_args, **meta_dkdv)
     return dq, dk, dv

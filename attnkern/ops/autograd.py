@@ -14,16 +14,8 @@ from . import checks
 from .schemas import LAYOUT_OPS, argument_names, qualified
 
 
-def fake_fwd(query, value):
-    """Output metadata of every forward op: out [B, N, H, Dv] (query dtype), lse [B, N, H] f32."""
-    B, N, H, _ = query.shape
-    out = query.new_empty((B, N, H, value.shape[-1]))
-    lse = query.new_empty((B, N, H), dtype=torch.float32)
-    return out, lse
-
-
 def fake_fwd_acc(query, value):
-    """The C++ forward ops: out in the accumulator dtype (float32; float64 for float64 inputs),
+    """Every forward op (C++ and Triton): out in the accumulator dtype (float32; float64 for float64 inputs),
     so that the autograd's delta is formed from unrounded values; lse [B, N, H] float32."""
     B, N, H, _ = query.shape
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
@@ -117,7 +109,6 @@ def register_pool_autograd(fwd_name: str, bwd_op, layout: str) -> None:
 def register_fakes_and_autograd(prefix: str = "") -> None:
     """Fake impls for the four ops attnkern::<prefix><op> of SCHEMAS, and autograd for the two
     forward ops. prefix "" are the C++ ops, "triton_" the Triton ones."""
-    cpp = prefix == ""  # the C++ ops return their float32 accumulator as out
     for layout, (fwd, bwd) in LAYOUT_OPS.items():
         fwd_names, bwd_names = argument_names(fwd), argument_names(bwd)
 
@@ -126,7 +117,8 @@ def register_fakes_and_autograd(prefix: str = "") -> None:
         def fake_forward(*args, _names=fwd_names, _layout=layout, **kwargs):
             a = _bound(_names, args, kwargs)
             checks.fwd(_layout, a)
-            return (fake_fwd_acc if cpp else fake_fwd)(a["query"], a["value"])
+            # The C++ and the Triton ops both return their float32 result as out.
+            return fake_fwd_acc(a["query"], a["value"])
 
         def fake_backward(*args, _names=bwd_names, _layout=layout, **kwargs):
             a = _bound(_names, args, kwargs)

@@ -67,7 +67,10 @@ def _triton_status() -> BackendInfo:
     except ImportError as e:
         return BackendInfo(False, "the Triton kernels failed to import: %s" % e)
     if triton_interpret():
-        return BackendInfo(True)
+        from attnkern.triton_kernels.attention_pool import interpreter_problem
+
+        problem = interpreter_problem()
+        return BackendInfo(not problem, problem)
     if not torch.cuda.is_available():
         return BackendInfo(
             False,

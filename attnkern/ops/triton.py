@@ -112,7 +112,10 @@ def _custom_op(name: str):
 def triton_attention_pool_fwd(query: Tensor, key: Tensor, value: Tensor, lengths: Optional[Tensor],
                               mask: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor]:
     _check_padded(query, key, value, lengths, mask)
-    return _k.attention_pool_fwd(query, key, value, lengths=lengths, mask=mask, scale=scale)
+    # out as the kernel's unrounded float32 result, as the C++ ops (the public function casts
+    # it to the query dtype; the autograd forms delta from it)
+    return _k.attention_pool_fwd(query, key, value, lengths=lengths, mask=mask, scale=scale,
+                                 out_dtype=torch.float32)
 
 
 @_custom_op("attention_pool_bwd")
@@ -130,7 +133,7 @@ def triton_jagged_attention_pool_fwd(query: Tensor, key: Tensor, value: Tensor, 
                                      max_length: int, scale: float) -> Tuple[Tensor, Tensor]:
     _check_jagged(query, key, value, offsets, max_length)
     return _k.attention_pool_fwd(query, key, value, offsets=offsets, max_length=max_length,
-                                 scale=scale)
+                                 scale=scale, out_dtype=torch.float32)
 
 
 @_custom_op("jagged_attention_pool_bwd")

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of repeats per measurement (default 0.25; --full 1.0)")
     p.add_argument("--out", default=os.path.join("runs", "bench"),
-                   help="output folder for bench.json, bench.csv, bench.md, bench.png")
+                   help="output folder for bench.json, bench.jsonl (one record a line, appended per case), bench.csv, bench.md, bench.png")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for the run (default: torch's default)")
     p.add_argument("--cold-compile", action="store_true",
@@ -104,6 +104,20 @@ def select_cases(args) -> List[Case]:
     lengths = args.lengths or (LENGTHS if args.full else ("uniform",))
     modes = args.modes or MODES
     return make_cases(shapes, lengths, dtypes, modes)
+
+
+def _append_records(path: str, records: List[dict]) -> None:
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json(path: str, records: List[dict]) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(records, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None) -> int:
@@ -148,6 +162,13 @@ def main(argv=None) -> int:
         env["threads"]), file=sys.stderr)
 
     records: List[dict] = []
+    os.makedirs(args.out, exist_ok=True)
+    paths = {ext: os.path.join(args.out, "bench." + ext)
+             for ext in ("json", "jsonl", "csv", "md", "png")}
+    # Written as it goes: every case's records are appended to bench.jsonl (one JSON object a
+    # line) and bench.json is rewritten as soon as the case is measured, so a run stopped
+    # at a time limit keeps every case it finished.
+    open(paths["jsonl"], "w").close()
     tty = sys.stderr.isatty()
     t_all = time.perf_counter()
     for i, case in enumerate(cases, 1):
@@ -159,24 +180,24 @@ def main(argv=None) -> int:
                 print("\r\033[K%s: %s" % (prefix, what), end="", file=sys.stderr, flush=True)
 
         setup = setup_case(case, device)
-        records.extend(run_case(setup, providers, env, budget_s=budget, progress=progress))
+        case_records = run_case(setup, providers, env, budget_s=budget, progress=progress)
+        records.extend(case_records)
+        _append_records(paths["jsonl"], case_records)
+        _write_json(paths["json"], records)
         print("%s%s: done in %.1fs" % ("\r\033[K" if tty else "", prefix, time.perf_counter() - t_case),
               file=sys.stderr, flush=True)
         del setup
     elapsed = time.perf_counter() - t_all
 
     print(format_table(records))
-    os.makedirs(args.out, exist_ok=True)
-    paths = {ext: os.path.join(args.out, "bench." + ext) for ext in ("json", "csv", "md", "png")}
-    with open(paths["json"], "w") as f:
-        json.dump(records, f, indent=1)
+    _write_json(paths["json"], records)
     write_csv(records, paths["csv"])
     cmd = "attnkern bench " + " ".join(argv if argv is not None else sys.argv[1:])
     with open(paths["md"], "w") as f:
         f.write("Command: `%s` (%.0f s) on %s, torch %s, %d threads\n\n" % (
             cmd.strip(), elapsed, env["device_name"], env["torch_version"], env["threads"]))
         f.write(format_markdown(records))
-    written = [paths["json"], paths["csv"], paths["md"]]
+    written = [paths["json"], paths["jsonl"], paths["csv"], paths["md"]]
     if not args.no_plot:
         try:
             plot_results(records, paths["png"])
