@@ -6,7 +6,7 @@ Two formats:
   AOTInductor package (``.pt2``), whose graph calls attnkern's fused ops through the
   dispatcher. A serving process loads the package and attnkern's op library, nothing else
   (``torch.ops.load_library`` of ``attnkern/_C*.so`` in Python; in C++ a ``dlopen`` of it
-  next to ``torch::inductor::AOTIModelPackageLoader``).
+  before ``torch::inductor::AOTIModelPackageLoader`` runs: examples/serve_aoti.cpp).
 - ``onnx``: ``torch.onnx.export`` with attnkern's ops translated to standard ONNX ops
   (`attnkern.ops.onnx_translation`): any ONNX runtime runs it, with its own kernels.
 
@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -163,41 +164,50 @@ def export_program(model: nn.Module, example: Optional[Inputs] = None) -> torch.
                                dynamic_shapes=_export_dims(model))
 
 
-def export_aoti(model: nn.Module, path: str, *, fast_compile: bool = False) -> str:
-    """AOTInductor package of `model` at `path` (.pt2). fast_compile: build the generated C++
-    at -O1 (the tests: quicker to build, a little slower to run)."""
+def export_aoti(model: nn.Module, path: str) -> str:
+    """AOTInductor package of `model` at `path` (.pt2): the exported graph compiled to a shared
+    library that calls attnkern's ops through the dispatcher (Inductor's proxy executor)."""
     ep = export_program(model)
-    configs = {"aot_inductor.compile_wrapper_opt_level": "O1"} if fast_compile else {}
     with torch.no_grad():
-        return torch._inductor.aoti_compile_and_package(ep, package_path=path,
-                                                          inductor_configs=configs)
+        return torch._inductor.aoti_compile_and_package(ep, package_path=path)
 
 
 def export_onnx(model: nn.Module, path: str, *, exporter: str = "dynamo") -> str:
     """ONNX file of `model` at `path`, attnkern's ops written as standard ONNX ops.
 
     exporter: "dynamo" (torch.export + onnxscript, the default) or "torchscript" (the legacy
-    TorchScript exporter, for installs without onnxscript)."""
-    from ..ops import onnx_translation  # needs onnxscript (the export extra): imported here
-
+    TorchScript exporter, which needs no onnxscript)."""
     if exporter not in EXPORTERS:
         raise ValueError("exporter must be one of %s, got %r" % (", ".join(EXPORTERS), exporter))
+    try:
+        import onnx  # noqa: F401  (both exporters write through it)
+        if exporter == "dynamo":
+            import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError("ONNX export needs the export extra (%s): pip install 'attnkern[export]'"
+                           % e) from e
+    from ..ops import onnx_translation
+
     example = make_inputs(model, EXAMPLE)
-    name = _model_name(model)
-    if exporter == "dynamo":
-        prog = torch.onnx.export(
-            model, example.args, kwargs=example.kwargs, dynamo=True,
-            dynamic_shapes=_export_dims(model), opset_version=onnx_translation.OPSET,
-            custom_translation_table=onnx_translation.translation_table(),
-            input_names=list(example.names), output_names=["output"])
-        prog.save(path)
-        return path
-    onnx_translation.register_torchscript_symbolics()
-    axes = dict(dynamic_dims(model))
-    axes["output"] = OUTPUT_DIMS[name]
-    torch.onnx.export(model, example.args, path, kwargs=example.kwargs, dynamo=False,
-                      opset_version=onnx_translation.OPSET, input_names=list(example.names),
-                      output_names=["output"], dynamic_axes=axes)
+    names = list(example.names)
+    with warnings.catch_warnings():
+        # Expected and harmless: the TorchScript tracer flags every shape check of the
+        # validation code; the dynamo exporter notes that dims sharing a constraint keep one name.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*(axis name|dynamic axes will not be renamed).*")
+        if exporter == "dynamo":
+            prog = torch.onnx.export(
+                model, example.args, kwargs=example.kwargs, dynamo=True, verbose=False,
+                dynamic_shapes=_export_dims(model), opset_version=onnx_translation.OPSET,
+                custom_translation_table=onnx_translation.translation_table(),
+                input_names=names, output_names=["output"])
+            prog.save(path)
+            return path
+        onnx_translation.register_torchscript_symbolics()
+        axes = dict(dynamic_dims(model), output=OUTPUT_DIMS[_model_name(model)])
+        torch.onnx.export(model, example.args, path, kwargs=example.kwargs, dynamo=False,
+                          opset_version=onnx_translation.OPSET, input_names=names,
+                          output_names=["output"], dynamic_axes=axes)
     return path
 
 

@@ -142,11 +142,13 @@ def markdown(report: dict) -> str:
         lines.append("| %s | %.2f | %.2f | %.2f | %.2fx | %.1e |" % (
             p, r["p50_ms"], r["p99_ms"], r["mean_ms"], eager / r["p50_ms"],
             report["max_abs_err_vs_eager"][p]))
+    load = m.get("load_average_1min")
     lines += ["", "%s, %s logical CPUs, %d threads; torch %s (CPU capability %s%s), "
-              "onnxruntime %s, Python %s; %d calls per provider, taking turns."
+              "onnxruntime %s, Python %s; %d calls per provider, taking turns%s."
               % (m["cpu"], m["logical_cpus"], m["threads"], m["torch"], m["torch_cpu_capability"],
                  ", attnkern kernels %s" % m["attnkern_cpu_isa"] if "attnkern_cpu_isa" in m else "",
-                 m["onnxruntime"], m["python"], report["results"]["eager"]["calls"])]
+                 m["onnxruntime"], m["python"], report["results"]["eager"]["calls"],
+                 "; load average %.1f" % load if load is not None else "")]
     return "\n".join(lines)
 
 
@@ -159,8 +161,12 @@ def main(argv=None) -> int:
     p.add_argument("--embed-dim", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch and onnxruntime threads (default: torch's default)")
     p.add_argument("--out", default=None, help="folder for latency.json and latency.md")
     a = p.parse_args(argv)
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     report = run(a.batch, a.candidates, a.history, embed_dim=a.embed_dim, heads=a.heads,
                  iters=a.iters)
     text = markdown(report)
