@@ -65,7 +65,8 @@ def _axes(layout):
     kv = {0: "t"} if layout == "jagged" else {0: "b", 1: "l"}
     axes = {"q": {0: "b"}, "k": kv, "v": kv}
     if layout != "full":
-        axes["extra"] = {"lengths": {0: "b"}, "mask": {0: "b", 1: "l"}, "jagged": {0: "b+1"}}[layout]
+        axes["extra"] = {"lengths": {0: "b"}, "mask": {0: "b", 1: "l"},
+                         "jagged": {0: "b+1"}}[layout]
     return axes
 
 
@@ -160,7 +161,8 @@ def test_cli_onnx_from_checkpoint(tmp_path):
     trained = attnkern.models.TargetAttentionCTR(40, embed_dim=8, num_heads=2, mlp_dims=(8,))
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"model": trained.state_dict(),
-                "config": {"embed_dim": 8, "num_heads": 2, "mlp_dims": [8], "pooling": "attention"}},
+                "config": {"embed_dim": 8, "num_heads": 2, "mlp_dims": [8],
+                           "pooling": "attention"}},
                ckpt)
     out = tmp_path / "ctr.onnx"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -157,7 +157,8 @@ def _export_dims(model: nn.Module) -> Dict[str, Dict[int, torch.export.Dim]]:
     return out
 
 
-def export_program(model: nn.Module, example: Optional[Inputs] = None) -> torch.export.ExportedProgram:
+def export_program(model: nn.Module,
+                   example: Optional[Inputs] = None) -> torch.export.ExportedProgram:
     """`torch.export` of a serving model with dynamic batch, candidates and history length."""
     example = make_inputs(model, EXAMPLE) if example is None else example
     return torch.export.export(model, example.args, kwargs=example.kwargs,
@@ -194,7 +195,8 @@ def export_onnx(model: nn.Module, path: str, *, exporter: str = "dynamo") -> str
         # Expected and harmless: the TorchScript tracer flags every shape check of the
         # validation code; the dynamo exporter notes that dims sharing a constraint keep one name.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message=".*(axis name|dynamic axes will not be renamed).*")
+        warnings.filterwarnings("ignore",
+                                message=".*(axis name|dynamic axes will not be renamed).*")
         if exporter == "dynamo":
             prog = torch.onnx.export(
                 model, example.args, kwargs=example.kwargs, dynamo=True, verbose=False,
@@ -240,11 +242,14 @@ def check_export(fmt: str, path: str, model: nn.Module,
         inp, outp = os.path.join(tmp, "inputs.pt"), os.path.join(tmp, "outputs.pt")
         torch.save([{"args": list(c.args), "kwargs": c.kwargs, "names": list(c.names)}
                     for c in cases], inp)
-        cmd = [sys.executable, "-I", SERVE_CHECK, "--format", fmt, "--package", path,
+        # Run as a file, from an empty folder: neither attnkern/tools/ (script folder) nor the
+        # current folder lands on sys.path, so nothing of attnkern can be imported by accident.
+        cmd = [sys.executable, "-c", "import runpy; runpy.run_path(%r, run_name='__main__')"
+               % SERVE_CHECK, "--format", fmt, "--package", os.path.abspath(path),
                "--inputs", inp, "--outputs", outp]
         if fmt == "aoti":
             cmd += ["--op-library", op_library()]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
         if res.returncode != 0:
             raise RuntimeError("the fresh process failed to run %s (exit %d):\n%s"
                                % (path, res.returncode, res.stderr[-4000:]))

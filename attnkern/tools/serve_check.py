@@ -1,10 +1,10 @@
 """Runs an exported attnkern model the way a serving process would, for `attnkern export --check`.
 
-Run as a script in a fresh interpreter (``python -I serve_check.py ...``): it imports torch
-and, for an AOTInductor package, loads attnkern's op library with ``torch.ops.load_library``
-(the compiled ops only, none of attnkern's Python code); for ONNX it imports onnxruntime and
-numpy only. It writes the outputs, and whether attnkern's Python package got imported, to
---outputs.
+Run as a file in a fresh interpreter (as `attnkern.tools.export.check_export` does): it
+imports torch and, for an AOTInductor package, loads attnkern's op library with
+``torch.ops.load_library`` (the compiled ops only, none of attnkern's Python code); for ONNX
+it imports onnxruntime and numpy only. It writes the outputs, and whether attnkern's Python
+package got imported, to --outputs.
 """
 
 import argparse

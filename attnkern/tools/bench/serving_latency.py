@@ -30,16 +30,39 @@ from .. import export as ex
 PROVIDERS = ("eager", "aoti", "onnxruntime")
 
 
-def _machine() -> Dict[str, object]:
-    model = platform.processor() or platform.machine()
+def _cpuinfo() -> Dict[str, str]:
+    info: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return info
+
+
+def _kernel_isa(flags: str) -> str:
+    """The SIMD path of attnkern's CPU kernels: the extension's own answer where it gives one,
+    else the rule of csrc/cpu/attention_pool_cpu.cpp applied to the CPU's flags."""
+    mod, _ = extension()
+    if mod is not None and hasattr(mod, "cpu_isa"):
+        return str(mod.cpu_isa())
+    have = set(flags.split())
+    cap = os.environ.get("ATTNKERN_CPU_ISA", "")
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx2"}
+    if avx512 <= have and cap in ("", "avx512"):
+        isa = "avx512"
+    elif {"avx2", "fma", "f16c"} <= have and cap != "generic":
+        isa = "avx2"
+    else:
+        isa = "generic"
+    return isa + " (from the CPU flags)"
+
+
+def _machine() -> Dict[str, object]:
+    cpu = _cpuinfo()
+    model = cpu.get("model name") or platform.processor() or platform.machine()
     import onnxruntime
 
     info = {"cpu": model, "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(),
@@ -48,9 +71,7 @@ def _machine() -> Dict[str, object]:
             "python": platform.python_version(),
             # The machine may be shared: its load during the run is part of the numbers.
             "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-    mod, _ = extension()
-    if mod is not None and hasattr(mod, "cpu_isa"):
-        info["attnkern_cpu_isa"] = mod.cpu_isa()
+    info["attnkern_cpu_isa"] = _kernel_isa(cpu.get("flags", ""))
     return info
 
 
