@@ -3,8 +3,9 @@
 The ONNX translation of the ops is checked op by op in onnxruntime (both exporters, every
 layout, empty rows), the models through `check_export`, which runs them in a fresh process
 that imports no attnkern Python code, at two shapes other than the traced example (B = 1 and
-another B, N, L: the dynamic dimensions). AOTInductor compiles take a while on 2 cores:
-those tests are marked slow and share one compiled package where they can.
+another B, N, L: the dynamic dimensions). Those runs (subprocesses, and AOTInductor compiles
+of 30-40 s each on 2 cores) are marked slow; the AOTInductor tests share one compiled package
+where they can.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ def _assert_checked(records):
 
 
 @needs_onnx
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ex.MODELS)
 def test_onnx_model_fresh_process(tmp_path, model):
     m = ex.build_model(_cfg(model))
@@ -141,6 +143,7 @@ def test_onnx_model_fresh_process(tmp_path, model):
 
 
 @needs_onnx
+@pytest.mark.slow
 def test_onnx_torchscript_exporter_model(tmp_path):
     m = ex.build_model(_cfg("target_attention_ctr"))
     path = ex.export_onnx(m, str(tmp_path / "m.onnx"), exporter="torchscript")
@@ -148,6 +151,7 @@ def test_onnx_torchscript_exporter_model(tmp_path):
 
 
 @needs_onnx
+@pytest.mark.slow
 def test_check_catches_a_different_model(tmp_path):
     # The check must be able to fail: other weights give other logits.
     m = ex.build_model(_cfg("target_attention_ctr"))
@@ -157,6 +161,7 @@ def test_check_catches_a_different_model(tmp_path):
 
 
 @needs_onnx
+@pytest.mark.slow
 def test_cli_onnx_from_checkpoint(tmp_path):
     trained = attnkern.models.TargetAttentionCTR(40, embed_dim=8, num_heads=2, mlp_dims=(8,))
     ckpt = tmp_path / "ckpt.pt"
