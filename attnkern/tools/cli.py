@@ -1,4 +1,4 @@
-"""The `attnkern` command line: check | bench | train."""
+"""The `attnkern` command line: check | bench | train | export."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 _COMMANDS = {
     "check": ("attnkern.tools.check", "run every available backend against the reference (pass/fail table)"),
     "bench": ("attnkern.tools.bench", "time every backend and the PyTorch alternatives"),
+    "export": ("attnkern.tools.export", "export a model for serving (AOTInductor or ONNX); --check reloads and compares"),
     "train": ("attnkern.tools.train", "train the target-attention CTR model (and the sum-pooling baseline)"),
 }
 

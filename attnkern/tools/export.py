@@ -1,0 +1,316 @@
+"""`attnkern export`: a model for serving without its Python code.
+
+Two formats:
+
+- ``aoti``: `torch.export` (dynamic batch, candidates and history length) and an
+  AOTInductor package (``.pt2``), whose graph calls attnkern's fused ops through the
+  dispatcher. A serving process loads the package and attnkern's op library, nothing else
+  (``torch.ops.load_library`` of ``attnkern/_C*.so`` in Python; in C++ a ``dlopen`` of it
+  before ``torch::inductor::AOTIModelPackageLoader`` runs: examples/serve_aoti.cpp).
+- ``onnx``: ``torch.onnx.export`` with attnkern's ops translated to standard ONNX ops
+  (`attnkern.ops.onnx_translation`): any ONNX runtime runs it, with its own kernels.
+
+``--check`` reloads the export in a fresh process (`serve_check.py`, which imports only torch
+or onnxruntime) on inputs of two shapes other than the export's example, and compares with
+eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..models import TargetAttentionCTR
+from ..nn import AttentionPooling
+from ..testing import edge_lengths
+
+MODELS = ("attention_pooling", "target_attention_ctr")
+FORMATS = ("aoti", "onnx")
+EXPORTERS = ("dynamo", "torchscript")
+SERVE_CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_check.py")
+
+# Eager against the export, float32: a different summation order (Inductor's fused GEMMs,
+# onnxruntime's MatMul) moves the last few bits; a wrong mask or scale moves whole digits.
+ATOL, RTOL = 1e-5, 1e-4
+
+
+@dataclass
+class ModelConfig:
+    """The model that is exported (random weights unless a training checkpoint is given)."""
+
+    model: str = "target_attention_ctr"
+    embed_dim: int = 32
+    num_heads: int = 2
+    num_items: int = 1000
+    mlp_dims: Tuple[int, ...] = (64, 32)
+    checkpoint: Optional[str] = None
+    seed: int = 0
+
+
+@dataclass
+class Shape:
+    batch: int
+    candidates: int
+    history: int
+
+
+EXAMPLE = Shape(3, 4, 7)  # the traced example: no size 0 or 1 (torch.export specialises those)
+CHECK_SHAPES = (Shape(1, 5, 11), Shape(6, 1, 3))  # serving's B = 1; another B and L, one candidate
+
+
+@dataclass
+class Inputs:
+    """One call of a serving model: positional args then keyword args (the flat order a
+    C++ caller passes), and their names (the ONNX graph's input names)."""
+
+    args: Tuple[torch.Tensor, ...]
+    kwargs: Dict[str, torch.Tensor] = field(default_factory=dict)
+    names: Tuple[str, ...] = ()
+
+    def flat(self) -> List[torch.Tensor]:
+        return list(self.args) + list(self.kwargs.values())
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The eval-mode model of `cfg` on the CPU (fused "cpu" backend when it is built)."""
+    if cfg.model not in MODELS:
+        raise ValueError("model must be one of %s, got %r" % (", ".join(MODELS), cfg.model))
+    torch.manual_seed(cfg.seed)
+    if cfg.model == "attention_pooling":
+        if cfg.checkpoint is not None:
+            raise ValueError("--checkpoint is for target_attention_ctr (a training checkpoint)")
+        model = AttentionPooling(cfg.embed_dim, cfg.num_heads)
+        # Non-zero biases, so that a dropped bias cannot go unnoticed by the checks.
+        with torch.no_grad():
+            for proj in (model.q_proj, model.k_proj, model.v_proj, model.out_proj):
+                proj.bias.normal_(0.0, 0.1)
+        return model.eval()
+    if cfg.checkpoint is None:
+        return TargetAttentionCTR(cfg.num_items, cfg.embed_dim, cfg.num_heads,
+                                  mlp_dims=cfg.mlp_dims).eval()
+    ckpt = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
+    conf = ckpt.get("config", {})
+    state = ckpt.get("best_model") or ckpt["model"]
+    model = TargetAttentionCTR(
+        state["embedding.weight"].shape[0],
+        embed_dim=conf.get("embed_dim", cfg.embed_dim),
+        num_heads=conf.get("num_heads", cfg.num_heads),
+        mlp_dims=tuple(conf.get("mlp_dims", cfg.mlp_dims)),
+        pooling=conf.get("pooling", "attention"),
+    )
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def make_inputs(model: nn.Module, shape: Shape, seed: int = 0, lengths=None) -> Inputs:
+    """Random inputs of `shape` for `model`; row lengths cycle through full, about half,
+    nearly full, empty and one (`edge_lengths`) unless given."""
+    g = torch.Generator().manual_seed(seed)
+    B, N, L = shape.batch, shape.candidates, shape.history
+    if lengths is None:
+        # Row 0 full (B = 1 serves a whole history), then about half, nearly full, empty, one...
+        lengths = edge_lengths(B + 2, L)[2:]
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    if isinstance(model, AttentionPooling):
+        query = torch.randn((B, N, model.embed_dim), generator=g)
+        keys = torch.randn((B, L, model.kdim), generator=g)
+        return Inputs((query, keys), {"lengths": lengths}, ("query", "keys", "lengths"))
+    history = torch.randint(1, model.num_items, (B, L), generator=g)
+    history[torch.arange(L)[None, :] >= lengths[:, None]] = 0  # padding id past each length
+    target = torch.randint(1, model.num_items, (B, N), generator=g)
+    return Inputs((history, target, lengths), {}, ("history", "target", "lengths"))
+
+
+def dynamic_dims(model: nn.Module) -> Dict[str, Dict[int, str]]:
+    """Input name -> {axis: dim name}: batch, candidates and history length are dynamic."""
+    if isinstance(model, AttentionPooling):
+        return {"query": {0: "batch", 1: "candidates"}, "keys": {0: "batch", 1: "history"},
+                "lengths": {0: "batch"}}
+    return {"history": {0: "batch", 1: "history"}, "target": {0: "batch", 1: "candidates"},
+            "lengths": {0: "batch"}}
+
+
+OUTPUT_DIMS = {"attention_pooling": {0: "batch", 1: "candidates"},
+               "target_attention_ctr": {0: "batch", 1: "candidates"}}
+
+
+def _export_dims(model: nn.Module) -> Dict[str, Dict[int, torch.export.Dim]]:
+    dims: Dict[str, torch.export.Dim] = {}
+    out = {}
+    for name, axes in dynamic_dims(model).items():
+        out[name] = {}
+        for axis, dim in axes.items():
+            if dim not in dims:
+                dims[dim] = torch.export.Dim(dim, min=1)
+            out[name][axis] = dims[dim]
+    return out
+
+
+def export_program(model: nn.Module,
+                   example: Optional[Inputs] = None) -> torch.export.ExportedProgram:
+    """`torch.export` of a serving model with dynamic batch, candidates and history length."""
+    example = make_inputs(model, EXAMPLE) if example is None else example
+    return torch.export.export(model, example.args, kwargs=example.kwargs,
+                               dynamic_shapes=_export_dims(model))
+
+
+def export_aoti(model: nn.Module, path: str) -> str:
+    """AOTInductor package of `model` at `path` (.pt2): the exported graph compiled to a shared
+    library that calls attnkern's ops through the dispatcher (Inductor's proxy executor)."""
+    ep = export_program(model)
+    with torch.no_grad():
+        return torch._inductor.aoti_compile_and_package(ep, package_path=path)
+
+
+def export_onnx(model: nn.Module, path: str, *, exporter: str = "dynamo") -> str:
+    """ONNX file of `model` at `path`, attnkern's ops written as standard ONNX ops.
+
+    exporter: "dynamo" (torch.export + onnxscript, the default) or "torchscript" (the legacy
+    TorchScript exporter, which needs no onnxscript)."""
+    if exporter not in EXPORTERS:
+        raise ValueError("exporter must be one of %s, got %r" % (", ".join(EXPORTERS), exporter))
+    try:
+        import onnx  # noqa: F401  (both exporters write through it)
+        if exporter == "dynamo":
+            import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError("ONNX export needs the export extra (%s): pip install 'attnkern[export]'"
+                           % e) from e
+    from ..ops import onnx_translation
+
+    example = make_inputs(model, EXAMPLE)
+    names = list(example.names)
+    with warnings.catch_warnings():
+        # Expected and harmless: the TorchScript tracer flags every shape check of the
+        # validation code; the dynamo exporter notes that dims sharing a constraint keep one name.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore",
+                                message=".*(axis name|dynamic axes will not be renamed).*")
+        if exporter == "dynamo":
+            prog = torch.onnx.export(
+                model, example.args, kwargs=example.kwargs, dynamo=True, verbose=False,
+                dynamic_shapes=_export_dims(model), opset_version=onnx_translation.OPSET,
+                custom_translation_table=onnx_translation.translation_table(),
+                input_names=names, output_names=["output"])
+            prog.save(path)
+            return path
+        onnx_translation.register_torchscript_symbolics()
+        axes = dict(dynamic_dims(model), output=OUTPUT_DIMS[_model_name(model)])
+        torch.onnx.export(model, example.args, path, kwargs=example.kwargs, dynamo=False,
+                          opset_version=onnx_translation.OPSET, input_names=names,
+                          output_names=["output"], dynamic_axes=axes)
+    return path
+
+
+def _model_name(model: nn.Module) -> str:
+    return "attention_pooling" if isinstance(model, AttentionPooling) else "target_attention_ctr"
+
+
+def op_library() -> str:
+    """Path of attnkern's op library (the compiled extension), which an AOTInductor package
+    of a model with the fused ops needs loaded."""
+    spec = importlib.util.find_spec("attnkern._C")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("attnkern's extension (attnkern._C) is not built: build it with "
+                           "`python setup.py build_ext --inplace` or `pip install .`")
+    return spec.origin
+
+
+def check_export(fmt: str, path: str, model: nn.Module,
+                 shapes: Sequence[Shape] = CHECK_SHAPES, seed: int = 1) -> List[dict]:
+    """Runs the export at `path` in a fresh process (only torch and attnkern's op library, or
+    only onnxruntime, imported there) on inputs of each shape, and compares with eager.
+
+    Returns one record per shape: shape, max_abs_err, ok (within ATOL + RTOL * |eager|),
+    attnkern_imported (whether the fresh process imported attnkern's Python code: it never
+    should)."""
+    cases = [make_inputs(model, s, seed=seed + i) for i, s in enumerate(shapes)]
+    with torch.inference_mode():
+        expected = [model(*c.args, **c.kwargs) for c in cases]
+    with tempfile.TemporaryDirectory(prefix="attnkern-check-") as tmp:
+        inp, outp = os.path.join(tmp, "inputs.pt"), os.path.join(tmp, "outputs.pt")
+        torch.save([{"args": list(c.args), "kwargs": c.kwargs, "names": list(c.names)}
+                    for c in cases], inp)
+        # Run as a file, from an empty folder: neither attnkern/tools/ (script folder) nor the
+        # current folder lands on sys.path, so nothing of attnkern can be imported by accident.
+        cmd = [sys.executable, "-c", "import runpy; runpy.run_path(%r, run_name='__main__')"
+               % SERVE_CHECK, "--format", fmt, "--package", os.path.abspath(path),
+               "--inputs", inp, "--outputs", outp]
+        if fmt == "aoti":
+            cmd += ["--op-library", op_library()]
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+        if res.returncode != 0:
+            raise RuntimeError("the fresh process failed to run %s (exit %d):\n%s"
+                               % (path, res.returncode, res.stderr[-4000:]))
+        got = torch.load(outp)
+    records = []
+    for shape, want, out in zip(shapes, expected, got["outputs"]):
+        err = (out - want).abs()
+        ok = out.shape == want.shape and bool((err <= ATOL + RTOL * want.abs()).all())
+        records.append({"shape": vars(shape), "max_abs_err": float(err.max()), "ok": ok,
+                        "attnkern_imported": got["attnkern_imported"]})
+    return records
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = ModelConfig()
+    p = argparse.ArgumentParser(prog="attnkern export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--format", choices=FORMATS, required=True)
+    p.add_argument("--model", choices=MODELS, default=d.model)
+    p.add_argument("--out", required=True, help="output file (.pt2 for aoti, .onnx for onnx)")
+    p.add_argument("--check", action="store_true",
+                   help="reload in a fresh process and compare with eager at two shapes")
+    p.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
+                   help="ONNX exporter (default: dynamo; torchscript is the legacy one)")
+    p.add_argument("--checkpoint", default=None,
+                   help="target_attention_ctr: weights from an `attnkern train` checkpoint")
+    p.add_argument("--embed-dim", type=int, default=d.embed_dim)
+    p.add_argument("--heads", type=int, default=d.num_heads)
+    p.add_argument("--num-items", type=int, default=d.num_items)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the random weights")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    cfg = ModelConfig(model=args.model, embed_dim=args.embed_dim, num_heads=args.heads,
+                      num_items=args.num_items, checkpoint=args.checkpoint, seed=args.seed)
+    model = build_model(cfg)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    t0 = time.perf_counter()
+    if args.format == "aoti":
+        export_aoti(model, args.out)
+    else:
+        export_onnx(model, args.out, exporter=args.exporter)
+    seconds = time.perf_counter() - t0
+    dims = ", ".join("%s %s" % (n, {a: d for a, d in ax.items()})
+                     for n, ax in dynamic_dims(model).items())
+    print("attnkern export: %s %s -> %s (%.1f MB, %.1f s); dynamic axes: %s"
+          % (args.model, args.format, args.out, os.path.getsize(args.out) / 1e6, seconds, dims))
+    if args.format == "aoti":
+        print("serving needs: the package, torch's libraries and attnkern's op library %s"
+              % op_library())
+    if not args.check:
+        return 0
+    records = check_export(args.format, args.out, model)
+    fails = 0
+    for r in records:
+        s = r["shape"]
+        status = "ok" if r["ok"] and not r["attnkern_imported"] else "FAIL"
+        fails += status != "ok"
+        print("check B=%d N=%d L=%d: max |export - eager| = %.2e  %s"
+              % (s["batch"], s["candidates"], s["history"], r["max_abs_err"], status))
+    if records and records[0]["attnkern_imported"]:
+        print("FAIL: the fresh process imported attnkern's Python code")
+    return 1 if fails else 0
