@@ -33,6 +33,8 @@ from . import models, nn  # noqa: E402  (public submodules: attnkern.nn.Attentio
 from ._validation import set_validation, validation_enabled  # noqa: E402
 from .functional import attention_pool  # noqa: E402
 from .ops import BackendInfo, BackendUnavailable, backends  # noqa: E402
+from .activation_unit import activation_unit_pool  # noqa: E402
+from . import _activation_ops  # noqa: E402,F401  (fake impls + autograd of the activation-unit ops)
 from .reference import attention_pool_ref  # noqa: E402
 
 try:
@@ -46,6 +48,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attention_pool",
+    "activation_unit_pool",
     "attention_pool_ref",
     "backends",
     "BackendInfo",

@@ -96,22 +96,32 @@ def _register_extension_ops() -> bool:
 EXTENSION_OPS = _register_extension_ops()
 
 
-def _has_kernel(op: str, key: str) -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
-    except RuntimeError:
-        return False
+_missing: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def _missing_kernels(backend: str) -> bool:
+    """True when this build has no activation-unit kernels for `backend`. Probed once per
+    backend; under torch.compile evaluated eagerly and taken as a constant."""
+    if backend not in _missing:
+        if backend == "triton":
+            has = hasattr(torch.ops.attnkern, "triton_activation_unit_pool_fwd")
+        else:
+            try:
+                has = EXTENSION_OPS and torch._C._dispatch_has_kernel_for_dispatch_key(FWD_OP, backend.upper())
+            except RuntimeError:
+                has = False
+        _missing[backend] = not has
+    return _missing[backend]
 
 
 def fused_op(backend: str):
     """The registered forward op of a fused backend ("cpu", "cuda", "triton"), or a RuntimeError
     saying that this build has no activation-unit kernels for it."""
+    if _missing_kernels(backend):
+        raise RuntimeError(
+            "attnkern backend %r has no activation_unit_pool kernels in this build; use "
+            "backend='reference' (or 'cpu' for CPU tensors)" % backend)
     if backend == "triton":
-        op = getattr(torch.ops.attnkern, "triton_activation_unit_pool_fwd", None)
-        if op is not None:
-            return op
-    elif EXTENSION_OPS and _has_kernel(FWD_OP, backend.upper()):
-        return torch.ops.attnkern.activation_unit_pool_fwd
-    raise RuntimeError(
-        "attnkern backend %r has no activation_unit_pool kernels in this build; use "
-        "backend='reference' (or 'cpu' for CPU tensors)" % backend)
+        return torch.ops.attnkern.triton_activation_unit_pool_fwd
+    return torch.ops.attnkern.activation_unit_pool_fwd
