@@ -15,8 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .nn import AttentionPooling
-from .nn_activation import ActivationUnitPooling
+from .nn import ActivationUnitPooling, AttentionPooling
 
 __all__ = ["TargetAttentionCTR", "POOLINGS"]
 

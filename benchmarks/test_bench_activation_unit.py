@@ -1,5 +1,5 @@
 """activation_unit_pool (DIN attention) benchmarks through pytest-benchmark: the cases of
-attnkern.bench_activation (B=1024 L=200 E=64, units (64,) and (80, 40)) against FuxiCTR's
+attnkern.tools.bench.activation (B=1024 L=200 E=64, units (64,) and (80, 40)) against FuxiCTR's
 DIN_Attention eager and compiled. Each provider's output and gradients are checked against the
 eager layer once before timing; no timing is asserted. FLOPs go to extra_info.
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import attnkern
-from attnkern import bench_activation as ba
+from attnkern.tools.bench import activation as ba
 
 CASES = [pytest.param(c, id="quick-" + c.id) for c in ba.QUICK_CASES] + \
         [pytest.param(c, id=c.id) for c in ba.DEFAULT_CASES]

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import attnkern
-from activation_oracle import loop_oracle
-from attnkern._activation_check import check, to_public
-from attnkern._activation_inputs import FWD_ARGS, GRAD_ARGS, random_activation_problem
+from attnkern.ops.schemas import ACTIVATION_FWD_ARGS as FWD_ARGS, ACTIVATION_GRAD_ARGS as GRAD_ARGS, ACTIVATION_SCHEMAS
+from attnkern.testing import (activation_loop_oracle as loop_oracle, activation_unused_rows,
+                              check_activation_backend as check, random_activation_problem, to_public)
 
 ACTS = ["relu", "sigmoid", "prelu", "dice"]
 LAYOUTS = ["lengths", "mask", "jagged", "full"]
@@ -100,9 +100,7 @@ def test_unused_positions_are_never_read(backend):
     for layout in ("lengths", "mask", "jagged"):
         a = random_activation_problem(B=5, N=2, L=11, E=6, Dv=3, units=(8,), activation="sigmoid",
                                       layout=layout, seed=3)
-        from attnkern._activation_check import unused_rows
-
-        unused = unused_rows(a)
+        unused = activation_unused_rows(a)
         a["key"] = a["key"].masked_fill(unused[..., None], float("nan"))
         a["value"] = a["value"].masked_fill(unused[..., None], float("inf"))
         _assert_check(backend, a)
@@ -214,8 +212,7 @@ def test_generic_isa_path_matches():
     """The portable kernels (ATTNKERN_CPU_ISA=generic, chosen once per process) in a subprocess."""
     code = (
         "import torch, attnkern\n"
-        "from attnkern._activation_check import check\n"
-        "from attnkern._activation_inputs import random_activation_problem as r\n"
+        "from attnkern.testing import check_activation_backend as check, random_activation_problem as r\n"
         "for act, sm in (('dice', True), ('relu', False), ('sigmoid', False), ('prelu', True)):\n"
         "    ok, e, why = check('cpu', r(B=4, N=2, L=50, E=9, Dv=5, units=(7, 3), activation=act, softmax=sm, seed=1))\n"
         "    assert ok, why\n"
@@ -322,8 +319,10 @@ def test_raw_op_checks_jagged_offsets_and_bwd_extras():
             torch.ops.attnkern.activation_unit_pool_bwd(g, *a.values(), l, d)
 
 
-def test_fwd_args_order_matches_schema():
+@pytest.mark.parametrize("name", sorted(ACTIVATION_SCHEMAS))
+def test_cpp_schemas_match_the_declaration(name):
     if not attnkern.backends()["cpu"].available:
         pytest.skip("extension not built")
+    assert str(getattr(torch.ops.attnkern, name).default._schema) == "attnkern::" + name + ACTIVATION_SCHEMAS[name]
     schema = torch.ops.attnkern.activation_unit_pool_fwd.default._schema
     assert tuple(arg.name for arg in schema.arguments) == FWD_ARGS

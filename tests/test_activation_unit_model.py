@@ -6,7 +6,7 @@ import torch
 
 import attnkern
 from attnkern.models import TargetAttentionCTR
-from attnkern.nn_activation import ActivationUnitPooling
+from attnkern.nn import ActivationUnitPooling
 
 
 def _batch(g, B=6, L=9, num_items=50, N=None):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from activation_oracle import loop_oracle
-from attnkern._activation_inputs import GRAD_ARGS, random_activation_problem
-from attnkern.reference_activation import activation_unit_pool_ref, dice_params
+from attnkern.ops.schemas import ACTIVATION_GRAD_ARGS as GRAD_ARGS
+from attnkern.reference import activate, activation_unit_pool_ref, dice_params
+from attnkern.testing import activation_loop_oracle as loop_oracle, random_activation_problem
 
 ACTS = ["relu", "sigmoid", "prelu", "dice"]
 
@@ -83,5 +83,4 @@ def test_dice_params_fold_batchnorm():
     p = torch.sigmoid(bn(x))
     want = p * x + alpha * (1 - p) * x
     d = dice_params(alpha, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-    from attnkern.reference_activation import activate
     torch.testing.assert_close(activate(x, "dice", d), want, atol=1e-13, rtol=1e-13)

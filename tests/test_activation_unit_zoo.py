@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnkern
-from attnkern.nn_activation import ActivationUnitPooling
+from attnkern.nn import ActivationUnitPooling
 
 BACKENDS = [pytest.param("reference", id="reference"),
             pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(

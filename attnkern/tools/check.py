@@ -95,14 +95,13 @@ ACTIVATION_SHAPES = [
 
 def check_activation_case(backend, device, layout, dtype, shape) -> Result:
     """One activation_unit_pool row: out and every gradient (query, key, value, weights, biases,
-    activation parameters) against the float64 reference (attnkern._activation_check)."""
-    from attnkern._activation_check import check
-    from attnkern._activation_inputs import random_activation_problem
+    activation parameters) against the float64 reference (attnkern.testing.check_activation_backend)."""
+    from attnkern.testing import check_activation_backend, random_activation_problem
 
     name, B, N, L, E, Dv, units, act, softmax = shape
     a = random_activation_problem(B=B, N=N, L=L, E=E, Dv=Dv, units=units, activation=act, softmax=softmax,
                                   layout=layout, dtype=dtype, device=device, extra_rows=1)
-    passed, errors, why = check(backend, a)
+    passed, errors, why = check_activation_backend(backend, a)
     short = {"out": errors.get("out", float("nan")), "dq": errors.get("query", float("nan")),
              "dk": errors.get("key", float("nan")), "dv": errors.get("value", float("nan")),
              "dW": max([v for k, v in errors.items() if k not in ("out", "query", "key", "value")] or [float("nan")])}
@@ -152,14 +151,14 @@ def main(argv=None) -> int:
                 e.get("dq", float("nan")), e.get("dk", float("nan")), e.get("dv", float("nan")),
                 "PASS" if r.passed else "FAIL", r.note), flush=True)
     # activation_unit_pool rows (dW: the largest error of the weight/bias/activation gradients)
-    from attnkern._activation_ops import _missing_kernels
+    from attnkern.ops import activation_kernels_missing
 
     au_shapes = ACTIVATION_SHAPES[:1] if args.quick else ACTIVATION_SHAPES
     no_kernels = set()
     for dev, backend, dt in _plan(backends, devices, dtypes):
         if dev is None:
             continue
-        if backend != "reference" and _missing_kernels(backend):
+        if backend != "reference" and activation_kernels_missing(backend):
             no_kernels.add(backend)
             continue
         for layout, shape in itertools.product(LAYOUTS, au_shapes):

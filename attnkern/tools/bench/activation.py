@@ -1,7 +1,7 @@
 """Benchmark of activation-unit pooling (DIN attention) against FuxiCTR's DIN_Attention.
 
-    python -m attnkern.bench_activation                 # B=1024 L=200 E=64, units (64,) and (80, 40)
-    python -m attnkern.bench_activation --quick         # a small case (smoke)
+    attnkern bench --op activation_unit_pool          # B=1024 L=200 E=64, units (64,) and (80, 40)
+    attnkern bench --op activation_unit_pool --quick  # a small case (smoke)
 
 Providers:
 
@@ -106,7 +106,7 @@ def build(case: Case, seed: int = 0):
 def provider_fn(provider: str, case: Case, q, k, lengths, mask, module, mode: str) -> Callable:
     """A callable running the provider once (forward, or forward+backward), returning
     (out, grads) with grads = (dq, dk, dW1) for fwd+bwd."""
-    from .nn_activation import ActivationUnitPooling
+    from attnkern.nn import ActivationUnitPooling
 
     if provider in ("eager", "compile"):
         f = module if provider == "eager" else torch.compile(module)
@@ -194,11 +194,11 @@ def memory_child(provider: str, case: Case) -> dict:
 
 
 def measure_memory(provider: str, case: Case) -> dict:
-    code = ("import json, sys; from attnkern.bench_activation import memory_child, Case; "
+    code = ("import json, sys; from attnkern.tools.bench.activation import memory_child, Case; "
             "print(json.dumps(memory_child(%r, Case(%d, %d, %d, %r))))"
             % (provider, case.B, case.L, case.E, tuple(case.units)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__))] +
-                                                      sys.path))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + sys.path))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
     if res.returncode != 0:
         return {"provider": provider, "error": res.stderr[-500:]}
@@ -263,7 +263,7 @@ def format_table(records: Sequence[dict], peak: float) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="attnkern bench-din", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="attnkern bench --op activation_unit_pool", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small cases (smoke test)")
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--reps", type=int, default=7)
