@@ -17,7 +17,10 @@ from attnkern.testing import (activation_loop_oracle as loop_oracle, activation_
 
 ACTS = ["relu", "sigmoid", "prelu", "dice"]
 LAYOUTS = ["lengths", "mask", "jagged", "full"]
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# The half-precision rows of the grid are slow-marked: the fast subset keeps float32/float64.
+DTYPES = [torch.float32, torch.float64,
+          pytest.param(torch.bfloat16, marks=pytest.mark.slow, id="torch.bfloat16"),
+          pytest.param(torch.float16, marks=pytest.mark.slow, id="torch.float16")]
 
 
 def backends():
@@ -207,6 +210,7 @@ def test_torch_compile_fullgraph(backend, layout):
         torch.testing.assert_close(x, y)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not attnkern.backends()["cpu"].available, reason="extension not built")
 def test_generic_isa_path_matches():
     """The portable kernels (ATTNKERN_CPU_ISA=generic, chosen once per process) in a subprocess."""

@@ -366,6 +366,21 @@ void bwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::
         rows.positions(b, pos);
         const int64_t cnt = int64_t(pos.size());
         scalar_t* gqb = gqp + b * N * E;
+        // grad_key/grad_value are not pre-zeroed (that would write them twice): a padded row's
+        // positions outside the row are zeroed here (jagged rows past offsets[-1] by the caller).
+        if (!d.jagged && cnt < d.L) {
+          int64_t next = 0;
+          for (int64_t l = 0; l < d.L; ++l) {
+            if (next < cnt && pos[next] == l) {
+              ++next;
+              continue;
+            }
+            scalar_t* rk = gkv.row(b, l);
+            scalar_t* rv = gvv.row(b, l);
+            for (int64_t e = 0; e < E; ++e) rk[e * gkv.se] = scalar_t(0);
+            for (int64_t e = 0; e < Dv; ++e) rv[e * gvv.se] = scalar_t(0);
+          }
+        }
         if (cnt == 0) {
           for (int64_t x = 0; x < N * E; ++x) gqb[x] = scalar_t(0);
           continue;
@@ -497,8 +512,16 @@ BwdResult activation_unit_pool_bwd_cpu(
   const Rows rows = make_rows(d, lengths, mask, offsets, max_length);
   const auto acc = acc_type(query.scalar_type());
   at::Tensor gq = at::empty({d.B, d.N, d.E}, query.options());
-  at::Tensor gk = at::zeros(key.sizes(), key.options());
-  at::Tensor gv = at::zeros(value.sizes(), value.options());
+  // Every position is written exactly once by the kernel (zeros outside the rows included).
+  at::Tensor gk = at::empty(key.sizes(), key.options());
+  at::Tensor gv = at::empty(value.sizes(), value.options());
+  if (d.jagged) {
+    const int64_t covered = rows.offsets[d.B];
+    gk.narrow(0, covered, d.L - covered).zero_();
+    gv.narrow(0, covered, d.L - covered).zero_();
+  } else if (d.B == 0) {
+    gk.zero_(), gv.zero_();
+  }
   at::Tensor gw1 = at::empty(w1.sizes(), w1.options());
   at::Tensor gb1 = at::empty(b1.sizes(), b1.options());
   at::Tensor gw2 = w2.has_value() ? at::empty(w2->sizes(), w2->options()) : at::empty({0}, w1.options());
