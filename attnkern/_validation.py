@@ -304,6 +304,10 @@ def validate_activation_unit(query, key, value, weights, lengths, mask, offsets,
     """Checks a public call and returns it in the registered op's canonical form."""
     from .reference import ACTIVATION_PARAM_ROWS, ACTIVATIONS, MAX_UNITS
 
+    # value None or the key tensor itself: the keys are the values (one gradient, no second
+    # [B, L, E] one summed into it).
+    shared = value is None or value is key
+    value = key if value is None else value
     for x, name in ((query, "query"), (key, "key"), (value, "value")):
         _check_tensor(x, name)
     if query.dtype not in _FLOAT_DTYPES:
@@ -425,7 +429,7 @@ def validate_activation_unit(query, key, value, weights, lengths, mask, offsets,
     (w1, b1), *rest = layers
     w_out, b_out = rest[-1]
     w2, b2 = rest[0] if len(rest) == 2 else (None, None)
-    args = dict(query=q3, key=key, value=value, lengths=lengths, mask=mask, offsets=offsets,
+    args = dict(query=q3, key=key, value=None if shared else value, lengths=lengths, mask=mask, offsets=offsets,
                 max_length=-1 if max_length is None else int(max_length), w1=w1, b1=b1, w2=w2, b2=b2,
                 w_out=w_out, b_out=b_out, act1=acts[0], act2=acts[1], activation=activation,
                 softmax=normalize == "softmax")

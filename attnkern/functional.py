@@ -138,7 +138,7 @@ def attention_pool(
 def activation_unit_pool(
     query: torch.Tensor,
     key: torch.Tensor,
-    value: torch.Tensor,
+    value: Optional[torch.Tensor],
     weights: Sequence,
     lengths: Optional[torch.Tensor] = None,
     *,
@@ -161,7 +161,8 @@ def activation_unit_pool(
     Args:
         query: [B, E] or [B, N, E] (N candidate items sharing one history).
         key: padded [B, L, E], or jagged [T, E] together with ``offsets``.
-        value: padded [B, L, Dv] or jagged [T, Dv] (DIN pools the keys themselves: pass key).
+        value: padded [B, L, Dv] or jagged [T, Dv]; None (or the key tensor itself) pools the
+            keys, as DIN does, with one key gradient instead of two summed.
         weights: the MLP's layers as (weight, bias) pairs in nn.Linear's convention: first
             hidden layer ([H1, 4E], [H1]), optionally a second ([H2, H1], [H2]), then the output
             layer ([1, H], [1]). A bias may be None (no bias). 1 <= H1, H2 <= 256.

@@ -208,7 +208,7 @@ class ActivationUnitPooling(nn.Module):
 
     Forward:
         query: [B, E] or [B, N, E]; keys: padded [B, L, E] or jagged [T, E] (with offsets);
-        values: default keys; lengths / mask (True = attend) / offsets / max_length as in
+        values: default the keys themselves (pooled with one gradient); lengths / mask (True = attend) / offsets / max_length as in
         `attnkern.activation_unit_pool`. Returns [B, Dv] or [B, N, Dv].
     """
 
@@ -271,7 +271,6 @@ class ActivationUnitPooling(nn.Module):
     def forward(self, query: torch.Tensor, keys: torch.Tensor, values: Optional[torch.Tensor] = None,
                 lengths: Optional[torch.Tensor] = None, *, mask: Optional[torch.Tensor] = None,
                 offsets: Optional[torch.Tensor] = None, max_length: Optional[int] = None) -> torch.Tensor:
-        values = keys if values is None else values
         weights = [(l.weight, l.bias) for l in self.hidden] + [(self.out.weight, self.out.bias)]
         return activation_unit_pool(query, keys, values, weights, lengths, mask=mask, offsets=offsets,
                                     max_length=max_length, activation=self.activation,

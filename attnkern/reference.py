@@ -271,7 +271,7 @@ def masked_activation_unit_pool_ref(
 
 
 def activation_unit_pool_ref(
-    query: Tensor, key: Tensor, value: Tensor, lengths: Optional[Tensor], mask: Optional[Tensor],
+    query: Tensor, key: Tensor, value: Optional[Tensor], lengths: Optional[Tensor], mask: Optional[Tensor],
     offsets: Optional[Tensor], max_length: int, w1: Tensor, b1: Tensor, w2: Optional[Tensor],
     b2: Optional[Tensor], w_out: Tensor, b_out: Tensor, act1: Optional[Tensor],
     act2: Optional[Tensor], activation: str, softmax: bool,
@@ -281,8 +281,11 @@ def activation_unit_pool_ref(
     query [B, N, E]; padded key [B, L, E] / value [B, L, Dv] with optional lengths [B] or
     mask [B, L] (True = attend), or jagged key [T, E] / value [T, Dv] with offsets [B+1]
     (max_length >= every row's length, or -1 = unknown; ignored for the padded layout).
-    Returns (out [B, N, Dv] in query's dtype, lse [B, N]); see the module docstring.
+    value None: the keys are the values. Returns (out [B, N, Dv] in query's dtype, lse [B, N]);
+    see the section comment above.
     """
+    if value is None:
+        value = key
     if offsets is not None:
         ml = None if max_length is None or max_length < 0 else int(max_length)
         key, value, valid = jagged_to_padded(key, value, offsets, ml)

@@ -431,12 +431,12 @@ def random_activation_problem(B: int = 3, N: int = 1, L: int = 13, E: int = 8, D
                               softmax: bool = False, layout: str = "lengths",
                               lengths: Optional[torch.Tensor] = None, *, seed: int = 0,
                               dtype: torch.dtype = torch.float32, extra_rows: int = 2,
-                              device="cpu") -> "OrderedDict":
+                              device="cpu", shared_value: bool = False) -> "OrderedDict":
     """The registered forward op's arguments (ACTIVATION_FWD_ARGS order) for one random problem.
 
     layout: "lengths" | "mask" | "jagged" | "full" (as attnkern._inputs.random_problem); lengths
     default to empty, one, full, half and nearly full rows. Jagged problems carry `extra_rows`
-    key/value rows that belong to no row."""
+    key/value rows that belong to no row. shared_value: value None (the keys are pooled; Dv = E)."""
     g = torch.Generator().manual_seed(seed)
     lengths = edge_lengths(B, L) if lengths is None else torch.as_tensor(lengths, dtype=torch.int64)
     q, k, v, kw = random_problem(B, N, 1, L, E, Dv, layout, lengths, generator=g,
@@ -446,7 +446,7 @@ def random_activation_problem(B: int = 3, N: int = 1, L: int = 13, E: int = 8, D
     else:
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
     a = OrderedDict()
-    a["query"], a["key"], a["value"] = q, k, v
+    a["query"], a["key"], a["value"] = q, k, (None if shared_value else v)
     a["lengths"] = kw["lengths"].to(torch.int32) if "lengths" in kw else None
     a["mask"] = kw.get("mask")
     a["offsets"] = kw.get("offsets")
@@ -496,7 +496,8 @@ def activation_loop_oracle(a):
     (out [B, N, Dv], lse [B, N]) in float64."""
     f = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
          for n, t in a.items()}
-    q, k, v = f["query"], f["key"], f["value"]
+    q, k = f["query"], f["key"]
+    v = k if f["value"] is None else f["value"]
     jagged = f["offsets"] is not None
     B, N, _ = q.shape
     outs, lses = [], []
@@ -586,7 +587,8 @@ def check_activation_backend(backend: str, a: dict, seed: int = 1) -> Tuple[bool
     dtype = a["query"].dtype
     B, N = a["query"].shape[:2]
     g = torch.Generator().manual_seed(seed)
-    go = torch.randn(B, N, a["value"].shape[-1], generator=g, dtype=torch.float64).to(a["query"].device)
+    Dv = (a["key"] if a["value"] is None else a["value"]).shape[-1]
+    go = torch.randn(B, N, Dv, generator=g, dtype=torch.float64).to(a["query"].device)
     oracle = run_activation_unit("reference", a, go, torch.float64)
     lowp = oracle if dtype == torch.float64 else run_activation_unit("reference", a, go)
     got = run_activation_unit(backend, a, go)
@@ -616,7 +618,7 @@ def check_activation_backend(backend: str, a: dict, seed: int = 1) -> Tuple[bool
             why.append("grad query must be exactly 0 on empty rows")
     unused = activation_unused_rows(a)
     for name in ("key", "value"):
-        if (got[name].cpu()[unused] != 0).any():
+        if name in got and (got[name].cpu()[unused] != 0).any():
             why.append("grad %s must be exactly 0 at positions in no row" % name)
     return not why, errors, "; ".join(why)
 

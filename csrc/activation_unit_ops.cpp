@@ -13,6 +13,9 @@
 //   act1 / act2: parameters of hidden layer 1 / 2 ([P, H] with the query's dtype), None for
 //   relu/sigmoid; prelu: P = 1 (row 0 = slope); dice: P = 3 (rows alpha, scale, shift:
 //   y = x * (alpha + (1 - alpha) * sigmoid(scale * x + shift))).
+// value None: the keys are also the values (DIN pools its history itself); the backward then
+//   returns one grad_key holding both contributions and an empty grad_value, so no second
+//   [B, L, E] gradient is materialised and summed.
 // softmax: false = raw scores as weights (DIN), true = masked softmax over the row.
 // Outputs: out [B, N, Dv] (query dtype), lse [B, N] (float64 for float64 inputs, else float32):
 //   the log-sum-exp of the scores when softmax (-inf on empty rows), 0 otherwise.
@@ -23,12 +26,12 @@
 
 TORCH_LIBRARY_FRAGMENT(attnkern, m) {
   m.def(
-      "activation_unit_pool_fwd(Tensor query, Tensor key, Tensor value, Tensor? lengths, "
+      "activation_unit_pool_fwd(Tensor query, Tensor key, Tensor? value, Tensor? lengths, "
       "Tensor? mask, Tensor? offsets, int max_length, Tensor w1, Tensor b1, Tensor? w2, "
       "Tensor? b2, Tensor w_out, Tensor b_out, Tensor? act1, Tensor? act2, str activation, "
       "bool softmax) -> (Tensor out, Tensor lse)");
   m.def(
-      "activation_unit_pool_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
+      "activation_unit_pool_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor? value, "
       "Tensor? lengths, Tensor? mask, Tensor? offsets, int max_length, Tensor w1, Tensor b1, "
       "Tensor? w2, Tensor? b2, Tensor w_out, Tensor b_out, Tensor? act1, Tensor? act2, "
       "str activation, bool softmax, Tensor lse, Tensor delta) "

@@ -128,6 +128,33 @@ def test_non_contiguous_inputs(backend, layout):
 
 
 @pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("layout", ["lengths", "mask", "jagged"])
+def test_keys_as_values(backend, layout):
+    """value None (or the key tensor itself): one key gradient holding both contributions, equal
+    to passing a separate copy of the keys and summing their two gradients."""
+    a = random_activation_problem(B=5, N=2, L=50, E=6, units=(7, 3), activation="dice", softmax=True,
+                                  layout=layout, seed=8, shared_value=True)
+    _assert_check(backend, a)
+    args, kw = to_public(a)
+    q, k, _, weights = args
+    k1 = k.detach().clone().requires_grad_(True)
+    k2 = k.detach().clone().requires_grad_(True)
+    k3 = k.detach().clone().requires_grad_(True)
+    go = torch.randn(q.shape[0], q.shape[1], k.shape[-1], generator=torch.Generator().manual_seed(0))
+    shared = attnkern.activation_unit_pool(q, k1, None, weights, **kw, backend=backend)
+    same = attnkern.activation_unit_pool(q, k3, k3, weights, **kw, backend=backend)
+    k4 = k.detach().clone().requires_grad_(True)
+    apart = attnkern.activation_unit_pool(q, k2, k4, weights, **kw, backend=backend)
+    torch.testing.assert_close(shared, apart)
+    torch.testing.assert_close(same, apart)
+    g1, = torch.autograd.grad(shared, [k1], go)
+    g3, = torch.autograd.grad(same, [k3], go)
+    g2, g4 = torch.autograd.grad(apart, [k2, k4], go)
+    torch.testing.assert_close(g1, g2 + g4, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g3, g2 + g4, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backends())
 def test_shared_prelu_slope_and_no_bias(backend):
     """A single PReLU slope (DeepCTR's nn.PReLU()) and bias-free layers."""
     g = torch.Generator().manual_seed(0)
@@ -165,9 +192,9 @@ def test_gradcheck_float64(backend, layout, activation, units, softmax):
     assert torch.autograd.gradcheck(f, xs, eps=1e-6, atol=1e-7)
 
 
-def _op_args(layout, dtype=torch.float32, activation="dice", units=(5, 3), softmax=True):
+def _op_args(layout, dtype=torch.float32, activation="dice", units=(5, 3), softmax=True, shared=False):
     a = random_activation_problem(B=3, N=2, L=6, E=4, Dv=3, units=units, activation=activation,
-                                  softmax=softmax, layout=layout, dtype=dtype, seed=11)
+                                  softmax=softmax, layout=layout, dtype=dtype, seed=11, shared_value=shared)
     for n in GRAD_ARGS:
         if a[n] is not None:
             a[n] = a[n].requires_grad_(True)
@@ -176,9 +203,10 @@ def _op_args(layout, dtype=torch.float32, activation="dice", units=(5, 3), softm
 
 @pytest.mark.skipif(not attnkern.backends()["cpu"].available, reason="extension not built")
 @pytest.mark.parametrize("layout", ["lengths", "mask", "jagged"])
-@pytest.mark.parametrize("activation,units", [("dice", (5, 3)), ("relu", (4,))])
-def test_opcheck(layout, activation, units):
-    a = _op_args(layout, activation=activation, units=units)
+@pytest.mark.parametrize("activation,units,shared", [("dice", (5, 3), False), ("relu", (4,), False),
+                                                     ("prelu", (4, 2), True)])
+def test_opcheck(layout, activation, units, shared):
+    a = _op_args(layout, activation=activation, units=units, shared=shared)
     torch.library.opcheck(torch.ops.attnkern.activation_unit_pool_fwd.default, tuple(a.values()))
     out, lse = torch.ops.attnkern.activation_unit_pool_fwd(*a.values())
     go = torch.randn_like(out)

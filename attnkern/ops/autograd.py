@@ -169,7 +169,7 @@ def register_activation_fakes_and_autograd(prefix: str = "") -> None:
 
     def fake_forward(*args, **kwargs):
         a = _bound(fwd_names, args, kwargs)
-        return fake_activation_fwd(a["query"], a["value"])
+        return fake_activation_fwd(a["query"], a["key"] if a["value"] is None else a["value"])
 
     def fake_backward(*args, **kwargs):
         a = _bound(bwd_names, args, kwargs)

@@ -40,12 +40,12 @@ SCHEMAS = {
 # the very same schema (tests/test_activation_unit.py compares the C++ ones with these).
 ACTIVATION_SCHEMAS = {
     "activation_unit_pool_fwd": (
-        "(Tensor query, Tensor key, Tensor value, Tensor? lengths, Tensor? mask, Tensor? offsets, "
+        "(Tensor query, Tensor key, Tensor? value, Tensor? lengths, Tensor? mask, Tensor? offsets, "
         "int max_length, Tensor w1, Tensor b1, Tensor? w2, Tensor? b2, Tensor w_out, Tensor b_out, "
         "Tensor? act1, Tensor? act2, str activation, bool softmax) -> (Tensor out, Tensor lse)"
     ),
     "activation_unit_pool_bwd": (
-        "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? lengths, Tensor? mask, "
+        "(Tensor grad_out, Tensor query, Tensor key, Tensor? value, Tensor? lengths, Tensor? mask, "
         "Tensor? offsets, int max_length, Tensor w1, Tensor b1, Tensor? w2, Tensor? b2, "
         "Tensor w_out, Tensor b_out, Tensor? act1, Tensor? act2, str activation, bool softmax, "
         "Tensor lse, Tensor delta) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value, "

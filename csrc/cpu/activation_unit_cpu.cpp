@@ -343,13 +343,15 @@ struct WGrads {
 template <class scalar_t, class A>
 void bwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::Tensor& qa, const at::Tensor& key,
               const at::Tensor& value, const at::Tensor& goa, const at::Tensor& lse_a, const at::Tensor& delta_a,
-              bool softmax, at::Tensor& gq, at::Tensor& gk, at::Tensor& gv, std::vector<WGrads<A>>& parts,
-              int64_t nchunks) {
+              bool softmax, bool shared, at::Tensor& gq, at::Tensor& gk, at::Tensor& gv,
+              std::vector<WGrads<A>>& parts, int64_t nchunks) {
   const AuKernels<A>& k = kernels<A>();
   const RowView<const scalar_t> kv = row_view<const scalar_t>(key, d.jagged);
   const RowView<const scalar_t> vv = row_view<const scalar_t>(value, d.jagged);
+  // shared: the values are the keys (value None): one gradient, the value contributions are
+  // added into grad_key (gv is then an empty placeholder, never touched).
   const RowView<scalar_t> gkv = row_view<scalar_t>(gk, d.jagged);
-  const RowView<scalar_t> gvv = row_view<scalar_t>(gv, d.jagged);
+  const RowView<scalar_t> gvv = shared ? gkv : row_view<scalar_t>(gv, d.jagged);
   const A *q = qa.data_ptr<A>(), *go = goa.data_ptr<A>(), *lse = lse_a.data_ptr<A>(), *delta = delta_a.data_ptr<A>();
   scalar_t* gqp = gq.data_ptr<scalar_t>();
   const int64_t N = d.N, E = d.E, Dv = d.Dv, B = d.B;
@@ -378,7 +380,8 @@ void bwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::
             scalar_t* rk = gkv.row(b, l);
             scalar_t* rv = gvv.row(b, l);
             for (int64_t e = 0; e < E; ++e) rk[e * gkv.se] = scalar_t(0);
-            for (int64_t e = 0; e < Dv; ++e) rv[e * gvv.se] = scalar_t(0);
+            if (!shared)
+              for (int64_t e = 0; e < Dv; ++e) rv[e * gvv.se] = scalar_t(0);
           }
         }
         if (cnt == 0) {
@@ -443,6 +446,10 @@ void bwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::
           for (int64_t i = 0; i < nb; ++i) {
             scalar_t* rk = gkv.row(b, pb[i]);
             scalar_t* rv = gvv.row(b, pb[i]);
+            if (shared) {
+              for (int64_t e = 0; e < E; ++e) rk[e * gkv.se] = scalar_t(dkb[i * Ep + e] + dvb[i * Dvp + e]);
+              continue;
+            }
             for (int64_t e = 0; e < E; ++e) rk[e * gkv.se] = scalar_t(dkb[i * Ep + e]);
             for (int64_t e = 0; e < Dv; ++e) rv[e * gvv.se] = scalar_t(dvb[i * Dvp + e]);
           }
@@ -472,12 +479,13 @@ at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDoubl
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> activation_unit_pool_fwd_cpu(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& value_opt,
     const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& mask,
     const std::optional<at::Tensor>& offsets, int64_t max_length, const at::Tensor& w1, const at::Tensor& b1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2, const at::Tensor& w_out,
     const at::Tensor& b_out, const std::optional<at::Tensor>& act1, const std::optional<at::Tensor>& act2,
     c10::string_view activation, bool softmax) {
+  const at::Tensor& value = value_opt.has_value() ? *value_opt : key;
   const AuDims d = check_activation_unit_fwd(query, key, value, lengths, mask, offsets, max_length, w1, b1, w2, b2,
                                              w_out, b_out, act1, act2, std::string(activation));
   TORCH_CHECK_VALUE(query.device().is_cpu(), "attnkern: the CPU kernel needs CPU tensors, got ", query.device());
@@ -499,12 +507,15 @@ using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at:
                              at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 BwdResult activation_unit_pool_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const std::optional<at::Tensor>& value_opt,
     const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& mask,
     const std::optional<at::Tensor>& offsets, int64_t max_length, const at::Tensor& w1, const at::Tensor& b1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2, const at::Tensor& w_out,
     const at::Tensor& b_out, const std::optional<at::Tensor>& act1, const std::optional<at::Tensor>& act2,
     c10::string_view activation, bool softmax, const at::Tensor& lse, const at::Tensor& delta) {
+  const bool shared = !value_opt.has_value();
+  const at::Tensor& value = shared ? key : *value_opt;
   const AuDims d = check_activation_unit_fwd(query, key, value, lengths, mask, offsets, max_length, w1, b1, w2, b2,
                                              w_out, b_out, act1, act2, std::string(activation));
   check_activation_unit_bwd_extras(d, query, grad_out, lse, delta);
@@ -514,11 +525,11 @@ BwdResult activation_unit_pool_bwd_cpu(
   at::Tensor gq = at::empty({d.B, d.N, d.E}, query.options());
   // Every position is written exactly once by the kernel (zeros outside the rows included).
   at::Tensor gk = at::empty(key.sizes(), key.options());
-  at::Tensor gv = at::empty(value.sizes(), value.options());
+  at::Tensor gv = shared ? at::empty({0}, value.options()) : at::empty(value.sizes(), value.options());
   if (d.jagged) {
     const int64_t covered = rows.offsets[d.B];
     gk.narrow(0, covered, d.L - covered).zero_();
-    gv.narrow(0, covered, d.L - covered).zero_();
+    if (!shared) gv.narrow(0, covered, d.L - covered).zero_();
   } else if (d.B == 0) {
     gk.zero_(), gv.zero_();
   }
@@ -537,7 +548,8 @@ BwdResult activation_unit_pool_bwd_cpu(
     const Weights<A> w = prepare<A>(d, w1, b1, w2, b2, w_out, b_out, act1, act2);
     const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(d.B, kAuChunks));
     std::vector<WGrads<A>> parts(nchunks, WGrads<A>(w));
-    if (d.B > 0) bwd_impl<scalar_t, A>(d, w, rows, qa, key, value, goa, la, da, softmax, gq, gk, gv, parts, nchunks);
+    if (d.B > 0) bwd_impl<scalar_t, A>(d, w, rows, qa, key, value, goa, la, da, softmax, shared, gq, gk, gv, parts,
+                                     nchunks);
     // Fixed-order sum of the chunk partials.
     WGrads<A>& t = parts[0];
     for (int64_t i = 1; i < nchunks; ++i) {

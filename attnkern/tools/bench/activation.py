@@ -20,9 +20,10 @@ zoo's concatenated first layer does 4x more): per query and valid key 2 * H1 * E
 + 2 * H_last + 2 * Dv forward, and 3x that more for the backward (recompute, input and weight
 gradients). The machine's peak is a float32 GEMM (torch.mm, 2048^3) measured in the same run.
 
-Peak extra memory: each provider runs forward+backward once in a fresh process; extra = peak
-resident memory minus resident memory with the inputs built. "workspace" subtracts what every
-provider must allocate (output, gradients of query, keys and weights).
+Peak extra memory (Linux): each provider runs forward+backward once in a fresh process; extra =
+peak resident memory (VmHWM, reset right before the call) minus the resident memory with the
+inputs built. "workspace" subtracts what every provider must allocate (the output and the
+gradients of query, keys and the first layer's weight).
 """
 
 from __future__ import annotations
@@ -168,13 +169,18 @@ def time_alternating(fns: Dict[str, Callable], reps: int) -> Dict[str, List[floa
     return times
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no %s in /proc/self/status" % field)
 
 
 def memory_child(provider: str, case: Case) -> dict:
-    """Runs in a fresh process: peak extra resident memory of one fwd+bwd."""
+    """Runs in a fresh process (Linux): peak extra resident memory of one fwd+bwd. The peak
+    (VmHWM) is reset through /proc/self/clear_refs right before the call, so imports, input
+    building and compilation do not count."""
     q, k, lengths, mask, module = build(case)
     fn = provider_fn(provider, case, q, k, lengths, mask, module, "fwd+bwd")
     if provider == "compile":
@@ -182,15 +188,14 @@ def memory_child(provider: str, case: Case) -> dict:
     import gc
 
     gc.collect()
-    base = _rss_bytes()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     out, grads = fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    # The high-water mark may predate this call (imports, compile): then nothing is learnt.
-    extra = max(0, peak - max(base, peak_before)) if peak > peak_before else 0
+    peak = _status_bytes("VmHWM")
     unavoidable = out.numel() * 4 + sum(g.numel() * 4 for g in grads)
-    return {"provider": provider, "extra_bytes": extra, "unavoidable_bytes": unavoidable,
-            "reliable": peak > peak_before}
+    return {"provider": provider, "extra_bytes": max(0, peak - base), "unavoidable_bytes": unavoidable,
+            "reliable": True}
 
 
 def measure_memory(provider: str, case: Case) -> dict:
@@ -268,6 +273,7 @@ def main(argv=None) -> int:
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--memory-only", action="store_true", help="only the peak-memory subprocesses")
     p.add_argument("--out", default=None, help="write the records as JSON here")
     args = p.parse_args(argv)
     cases = QUICK_CASES if args.quick else DEFAULT_CASES
@@ -275,6 +281,14 @@ def main(argv=None) -> int:
     bad = [x for x in providers if x not in PROVIDERS]
     if bad:
         p.error("unknown providers %s; choose from %s" % (bad, ",".join(PROVIDERS)))
+    if args.memory_only:
+        for c in cases:
+            for prov in providers:
+                m = measure_memory(prov, c)
+                print("%-26s %-10s extra %8.1f MB  unavoidable %8.1f MB" % (
+                    c.id, prov, m.get("extra_bytes", float("nan")) / 2 ** 20,
+                    m.get("unavoidable_bytes", float("nan")) / 2 ** 20), m.get("error", ""), flush=True)
+        return 0
     peak = measure_peak_gemm()
     records = []
     for c in cases:
