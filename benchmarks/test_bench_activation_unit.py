@@ -4,7 +4,7 @@ DIN_Attention eager and compiled. Each provider's output and gradients are check
 eager layer once before timing; no timing is asserted. FLOPs go to extra_info.
 
     pytest benchmarks/test_bench_activation_unit.py                 # the benchmark cases
-    pytest benchmarks/test_bench_activation_unit.py -k quick --benchmark-disable   # smoke
+    pytest benchmarks/test_bench_activation_unit.py -k tiny --benchmark-disable    # smoke
 """
 
 import pytest
@@ -13,14 +13,17 @@ import torch
 import attnkern
 from attnkern.tools.bench import activation as ba
 
-CASES = [pytest.param(c, id="quick-" + c.id) for c in ba.QUICK_CASES] + \
+# "tiny" ids: the CI smoke run (pytest benchmarks -k tiny --benchmark-disable) runs these once.
+CASES = [pytest.param(c, id="tiny-" + c.id) for c in ba.QUICK_CASES] + \
         [pytest.param(c, id=c.id) for c in ba.DEFAULT_CASES]
 
 
+# Argument names differ from conftest's case/provider, which it parametrizes for attention_pool.
 @pytest.mark.parametrize("mode", ba.MODES)
-@pytest.mark.parametrize("provider", ba.PROVIDERS)
-@pytest.mark.parametrize("case", CASES)
-def test_activation_unit_pool(benchmark, case, provider, mode):
+@pytest.mark.parametrize("au_provider", ba.PROVIDERS)
+@pytest.mark.parametrize("au_case", CASES)
+def test_activation_unit_pool(benchmark, au_case, au_provider, mode):
+    case, provider = au_case, au_provider
     if provider in ("reference", "cpu") and not attnkern.backends()[provider].available:
         pytest.skip(attnkern.backends()[provider].reason)
     if provider == "reference" and case.B * case.L > 10000 and mode == "fwd+bwd":
