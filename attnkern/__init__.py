@@ -1,6 +1,7 @@
 """attnkern: fused attention-pooling kernels for recommender systems.
 
     out = attnkern.attention_pool(query, key, value, lengths)
+    out = attnkern.activation_unit_pool(query, key, key, weights, lengths)   # DIN
 
 See README.md for the shapes, mask polarity (True = attend) and the backends.
 """
@@ -31,9 +32,9 @@ _alias_triton_kernels()
 
 from . import models, nn  # noqa: E402  (public submodules: attnkern.nn.AttentionPooling, ...)
 from ._validation import set_validation, validation_enabled  # noqa: E402
-from .functional import attention_pool  # noqa: E402
+from .functional import activation_unit_pool, attention_pool  # noqa: E402
 from .ops import BackendInfo, BackendUnavailable, backends  # noqa: E402
-from .reference import attention_pool_ref  # noqa: E402
+from .reference import activation_unit_pool_ref, attention_pool_ref  # noqa: E402
 
 try:
     # Imported for its side effect: registers the Triton custom ops attnkern::triton_* up
@@ -46,7 +47,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attention_pool",
+    "activation_unit_pool",
     "attention_pool_ref",
+    "activation_unit_pool_ref",
     "backends",
     "BackendInfo",
     "BackendUnavailable",

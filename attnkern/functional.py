@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ._validation import check_values, checked_index_values, validate
-from .ops import BACKENDS, BackendUnavailable, backend_info, fused_op
+from ._validation import Problem, check_values, checked_index_values, validate, validate_activation_unit
+from .ops import BACKENDS, BackendUnavailable, activation_fused_op, backend_info, fused_op
 from .ops.availability import triton_interpret
-from .reference import attention_pool_ref
+from .reference import activation_unit_pool_ref, attention_pool_ref
 
 _resolved: dict = {}
 # Backends whose registered ops read and check lengths/offsets values themselves (the C++ CPU
@@ -148,3 +148,68 @@ def attention_pool(
     if prob.squeeze_n:
         out, lse = out.squeeze(1), lse.squeeze(1)
     return (out, lse) if return_lse else out
+
+
+def activation_unit_pool(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: Optional[torch.Tensor],
+    weights: Sequence,
+    lengths: Optional[torch.Tensor] = None,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    offsets: Optional[torch.Tensor] = None,
+    max_length: Optional[int] = None,
+    activation: str = "relu",
+    activation_params: Optional[Sequence[torch.Tensor]] = None,
+    normalize: Optional[str] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """DIN's local activation unit, fused: score each valid history position with an MLP over
+    ``[q, k, q - k, q * k]`` and pool the values with those weights.
+
+    ``out[b, n] = sum over valid l of w[b, n, l] * value[b, l]`` with
+    ``s = MLP([q, k_l, q - k_l, q * k_l])`` and ``w = s`` (``normalize=None``, DIN's raw
+    weights) or ``w = softmax over the valid l of s`` (``normalize="softmax"``). The exact math,
+    activations and the first-layer split the kernels use are in attnkern.reference (activation_unit_pool_ref).
+
+    Args:
+        query: [B, E] or [B, N, E] (N candidate items sharing one history).
+        key: padded [B, L, E], or jagged [T, E] together with ``offsets``.
+        value: padded [B, L, Dv] or jagged [T, Dv]; None (or the key tensor itself) pools the
+            keys, as DIN does, with one key gradient instead of two summed.
+        weights: the MLP's layers as (weight, bias) pairs in nn.Linear's convention: first
+            hidden layer ([H1, 4E], [H1]), optionally a second ([H2, H1], [H2]), then the output
+            layer ([1, H], [1]). A bias may be None (no bias). 1 <= H1, H2 <= 256.
+        lengths: padded only, [B] int32/int64: row b is valid on ``key[b, :lengths[b]]``.
+        mask: padded only, [B, L] bool, True = the position takes part. With neither, all L.
+        offsets: jagged only, [B+1] int32/int64: row b is ``key[offsets[b]:offsets[b+1]]``.
+        max_length: jagged only, optional int >= every row's length.
+        activation: "relu" | "sigmoid" | "prelu" | "dice", for every hidden layer.
+        activation_params: one tensor per hidden layer: prelu slopes ([H] or a shared [1]);
+            Dice's [3, H] (alpha, scale, shift) from ``attnkern.reference.dice_params``
+            (Dice with given statistics: the inference form). None for relu/sigmoid.
+        normalize: None (raw scores) or "softmax" (masked softmax over the row).
+        backend: "auto" | "reference" | "cpu" | "cuda" | "triton".
+
+    Returns:
+        [B, Dv] or [B, N, Dv] in query's dtype (accumulated in float32, float64 for float64).
+        A row with no valid position gives 0 and zero gradients. Positions outside a row are
+        never read and get exactly zero key/value gradients. Differentiable w.r.t. query, key,
+        value, every weight and bias and the activation parameters.
+
+    All floating tensors share query's dtype (float16, bfloat16, float32; float64 on
+    "reference" and "cpu") and device. 1 <= E, Dv <= 256; any strides.
+    """
+    prob = validate_activation_unit(query, key, value, weights, lengths, mask, offsets, max_length,
+                                    activation, activation_params, normalize)
+    name = _resolve(backend, query)
+    a = prob.args
+    if name not in _OPS_CHECK_VALUES:
+        check_values(Problem(a["query"], False, prob.layout, prob.B, 1, 1, 1, 1, prob.L, 1.0),
+                     lengths, offsets, max_length)
+    if name == "reference":
+        out, _ = activation_unit_pool_ref(*a.values())
+    else:
+        out, _ = activation_fused_op(name)(*a.values())
+    return out.squeeze(1) if prob.squeeze_n else out

@@ -3,7 +3,9 @@
 DIN-style: item-id embeddings, the target item as the query of `AttentionPooling` over
 the user's history, and an MLP head over [target, pooled, target * pooled] giving a click
 logit. ``pooling="sum"`` swaps the attention for the sum pooling of the DIN paper's base
-model, everything else equal: the baseline the layer is measured against.
+model, everything else equal: the baseline the layer is measured against. ``pooling="din"``
+uses DIN's local activation unit instead (`ActivationUnitPooling`: an MLP over
+[q, k, q - k, q * k] scores each history item, raw weights).
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .nn import AttentionPooling
+from .nn import ActivationUnitPooling, AttentionPooling
 
 __all__ = ["TargetAttentionCTR", "POOLINGS"]
 
-POOLINGS = ("attention", "sum")
+POOLINGS = ("attention", "sum", "din")
 
 
 class TargetAttentionCTR(nn.Module):
@@ -28,10 +30,12 @@ class TargetAttentionCTR(nn.Module):
         embed_dim: item embedding size E (divisible by ``num_heads``).
         num_heads: heads of the attention pooling.
         mlp_dims: hidden sizes of the MLP head.
-        pooling: "attention" (`AttentionPooling`, the target as query) or "sum" (sum of the
-            valid history embeddings, the DIN paper's base model).
+        pooling: "attention" (`AttentionPooling`, the target as query), "sum" (sum of the
+            valid history embeddings, the DIN paper's base model) or "din"
+            (`ActivationUnitPooling` with ``din_units`` hidden units and PReLU, raw weights).
         dropout: dropout after each hidden layer of the head.
         backend: attention backend, see `attnkern.attention_pool`.
+        din_units: hidden layer widths of the activation unit (``pooling="din"``).
 
     Forward:
         history: [B, L] int64 item ids; row b's history is ``history[b, :lengths[b]]``
@@ -52,6 +56,7 @@ class TargetAttentionCTR(nn.Module):
         pooling: str = "attention",
         dropout: float = 0.0,
         backend: str = "auto",
+        din_units: Sequence[int] = (64,),
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -64,7 +69,12 @@ class TargetAttentionCTR(nn.Module):
         nn.init.normal_(self.embedding.weight, std=embed_dim ** -0.5)
         with torch.no_grad():
             self.embedding.weight[0].zero_()
-        self.pool = AttentionPooling(embed_dim, num_heads, backend=backend) if pooling == "attention" else None
+        if pooling == "attention":
+            self.pool = AttentionPooling(embed_dim, num_heads, backend=backend)
+        elif pooling == "din":
+            self.pool = ActivationUnitPooling(embed_dim, din_units, "prelu", backend=backend)
+        else:
+            self.pool = None
         layers = []
         width = 3 * embed_dim
         for d in mlp_dims:

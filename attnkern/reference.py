@@ -18,7 +18,7 @@ float64 inputs; `out` has the query's dtype, `lse` is always float32.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -126,3 +126,181 @@ def attention_pool_ref(
         else:
             valid = torch.ones(B, L, dtype=torch.bool, device=key.device)
     return masked_attention_pool_ref(query, key, value, valid, float(scale))
+
+
+# ----------------------------------------------------------------------------------------------
+# DIN's activation-unit pooling
+#
+# Pure-PyTorch reference of DIN's activation-unit pooling: the specification in code.
+#
+# The registered ops ``attnkern::activation_unit_pool_fwd`` / ``_bwd`` (csrc/activation_unit_ops.cpp)
+# take exactly the arguments of `activation_unit_pool_ref` below, in that order, and every fused
+# backend must match it.
+#
+# Canonical shapes (the public function normalises to these):
+#
+#     query  [B, N, E]                      N candidate queries share one history
+#     key    padded [B, L, E]  | jagged [T, E]     (jagged: with offsets [B+1])
+#     value  padded [B, L, Dv] | jagged [T, Dv]
+#     lengths [B] int32/int64 (row b valid on its prefix [0, lengths[b]))  XOR
+#     mask   [B, L] bool (True = the position takes part)                  (padded only)
+#     offsets [B+1] int32/int64, row b = rows offsets[b]:offsets[b+1]      (jagged only)
+#
+# The MLP ("local activation unit"), in nn.Linear's convention ``y = x W^T + b``, scores
+# position l of row b for query n over ``x_l = [q, k_l, q - k_l, q * k_l]`` (4E features):
+#
+#     h1 = act(x_l W1^T + b1)             W1 [H1, 4E], b1 [H1]
+#     h2 = act(h1 W2^T + b2)              optional second hidden layer: W2 [H2, H1], b2 [H2]
+#     s_l = h_last W_out^T + b_out        W_out [1, H_last], b_out [1]
+#
+# The first layer is never formed as a concatenation. With W1 = [Wa | Wb | Wc | Wd] (four
+# [H1, E] column blocks) it splits exactly into a per-query and a per-position part:
+#
+#     W1 x_l + b1 = c_q + M_q k_l,   c_q = (Wa + Wc) q + b1,   M_q = (Wb - Wc) + Wd diag(q)
+#
+# so per query one [H1, E] matrix M_q is applied to each key.
+#
+# Activations (the same for every hidden layer), with parameters act [P, H] per hidden layer:
+#
+#     "relu"     max(x, 0)                         (no parameters; gradient 0 at x = 0)
+#     "sigmoid"  1 / (1 + exp(-x))                 (no parameters)
+#     "prelu"    x if x > 0 else a * x             act [1, H]: a = slope (nn.PReLU; a shared
+#                                                  slope is expanded to H by the caller)
+#     "dice"     x * (alpha + (1 - alpha) * sigmoid(scale * x + shift))
+#                act [3, H] rows (alpha, scale, shift). Dice's inference form: BatchNorm with
+#                given statistics folded in, scale = gamma / sqrt(running_var + eps),
+#                shift = beta - running_mean * scale (gamma = 1, beta = 0 without affine);
+#                see `dice_params`. Every row is differentiable.
+#
+# Pooling over the valid positions l of row b:
+#
+#     softmax=False (DIN):  w_l = s_l;           out = sum_l w_l v_l;   lse = 0
+#     softmax=True:         w_l = softmax_l(s);  out = sum_l w_l v_l;   lse = log sum_l exp(s_l)
+#
+# A row with no valid position gives out = 0 (lse = -inf with softmax) and zero gradients, never
+# NaN. Positions that take part in no row (padding, masked out, jagged rows past offsets[-1]) are
+# never read: their key/value gradients are exactly zero and a NaN there changes nothing.
+#
+# Accumulation is float32 for float16/bfloat16/float32 inputs and float64 for float64 inputs;
+# `out` has the query's dtype; `lse` is float64 for float64 inputs, else float32. All tensors
+# (query, key, value, weights, biases, act) share one dtype and device.
+# ----------------------------------------------------------------------------------------------
+ACTIVATIONS = ("relu", "sigmoid", "prelu", "dice")
+# Number of rows of an activation's parameter tensor act [P, H] (0: takes none).
+ACTIVATION_PARAM_ROWS = {"relu": 0, "sigmoid": 0, "prelu": 1, "dice": 3}
+MAX_UNITS = 256
+
+
+def activate(x: Tensor, activation: str, act: Optional[Tensor]) -> Tensor:
+    """One hidden layer's activation on x [..., H]; act [P, H] as in the module docstring."""
+    if activation == "relu":
+        return torch.relu(x)
+    if activation == "sigmoid":
+        return torch.sigmoid(x)
+    if activation == "prelu":
+        return torch.where(x > 0, x, act[0] * x)
+    if activation == "dice":
+        alpha, scale, shift = act[0], act[1], act[2]
+        return x * (alpha + (1 - alpha) * torch.sigmoid(scale * x + shift))
+    raise ValueError("activation must be one of %s, got %r" % (", ".join(ACTIVATIONS), activation))
+
+
+def dice_params(alpha: Tensor, running_mean: Tensor, running_var: Tensor, eps: float,
+                weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+    """Dice's parameters [3, H] (alpha, scale, shift) from its alpha and its BatchNorm's
+    statistics (and affine weight/bias when it has them). Differentiable in alpha, weight, bias."""
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return torch.stack([alpha.reshape(-1), scale.reshape(-1).to(alpha.dtype),
+                        shift.reshape(-1).to(alpha.dtype)])
+
+
+def activation_unit_scores_ref(query: Tensor, key: Tensor, w1: Tensor, b1: Tensor,
+                               w2: Optional[Tensor], b2: Optional[Tensor], w_out: Tensor,
+                               b_out: Tensor, act1: Optional[Tensor], act2: Optional[Tensor],
+                               activation: str) -> Tensor:
+    """Scores s [B, N, L] of query [B, N, E] against padded key [B, L, E], in the compute dtype
+    (no masking). Uses the exact split of the first layer (module docstring)."""
+    cdt = _compute_dtype(query.dtype)
+    q, k = query.to(cdt), key.to(cdt)
+    E = q.shape[-1]
+    wa, wb, wc, wd = w1.to(cdt).split(E, dim=1)
+    c = q @ (wa + wc).T + b1.to(cdt)                      # [B, N, H1]
+    m = (wb - wc) + wd * q[..., None, :]                  # [B, N, H1, E]
+    h = torch.einsum("bnue,ble->bnlu", m, k) + c[:, :, None, :]
+    h = activate(h, activation, None if act1 is None else act1.to(cdt))
+    if w2 is not None:
+        h = h @ w2.to(cdt).T + b2.to(cdt)
+        h = activate(h, activation, None if act2 is None else act2.to(cdt))
+    return (h @ w_out.to(cdt).T).squeeze(-1) + b_out.to(cdt)
+
+
+def masked_activation_unit_pool_ref(
+    query: Tensor, key: Tensor, value: Tensor, valid: Tensor, w1: Tensor, b1: Tensor,
+    w2: Optional[Tensor], b2: Optional[Tensor], w_out: Tensor, b_out: Tensor,
+    act1: Optional[Tensor], act2: Optional[Tensor], activation: str, softmax: bool,
+) -> Tuple[Tensor, Tensor]:
+    """The core on padded key [B, L, E] / value [B, L, Dv] with valid [B, L] bool."""
+    cdt = _compute_dtype(query.dtype)
+    # Positions outside the row are zeroed first, so that nothing there (NaN included) reaches
+    # the result or any gradient.
+    keep = valid.to(torch.bool)
+    k = torch.where(keep[..., None], key.to(cdt), torch.zeros((), dtype=cdt, device=key.device))
+    v = torch.where(keep[..., None], value.to(cdt), torch.zeros((), dtype=cdt, device=key.device))
+    s = activation_unit_scores_ref(query, k, w1, b1, w2, b2, w_out, b_out, act1, act2, activation)
+    keep3 = keep[:, None, :].expand_as(s)
+    if softmax:
+        s = s.masked_fill(~keep3, float("-inf"))
+        # The max is a numerical shift only (no gradient through it); an empty row shifts by 0.
+        if s.shape[-1] > 0:
+            mx = s.amax(dim=-1, keepdim=True).detach()
+        else:
+            mx = s.new_zeros(s.shape[:-1] + (1,))
+        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+        p = torch.exp(s - mx)
+        denom = p.sum(dim=-1, keepdim=True)
+        nonempty = denom > 0
+        safe = torch.where(nonempty, denom, torch.ones_like(denom))
+        w = p / safe
+        lse = torch.where(nonempty, mx + torch.log(safe),
+                          torch.full_like(denom, float("-inf"))).squeeze(-1)
+    else:
+        w = torch.where(keep3, s, torch.zeros_like(s))
+        lse = torch.zeros(s.shape[:-1], dtype=cdt, device=s.device)
+    out = torch.einsum("bnl,bld->bnd", w, v)
+    return out.to(query.dtype), lse
+
+
+def activation_unit_pool_ref(
+    query: Tensor, key: Tensor, value: Optional[Tensor], lengths: Optional[Tensor], mask: Optional[Tensor],
+    offsets: Optional[Tensor], max_length: int, w1: Tensor, b1: Tensor, w2: Optional[Tensor],
+    b2: Optional[Tensor], w_out: Tensor, b_out: Tensor, act1: Optional[Tensor],
+    act2: Optional[Tensor], activation: str, softmax: bool,
+) -> Tuple[Tensor, Tensor]:
+    """Reference activation-unit pooling with the registered forward op's arguments, in its order.
+
+    query [B, N, E]; padded key [B, L, E] / value [B, L, Dv] with optional lengths [B] or
+    mask [B, L] (True = attend), or jagged key [T, E] / value [T, Dv] with offsets [B+1]
+    (max_length >= every row's length, or -1 = unknown; ignored for the padded layout).
+    value None: the keys are the values. Returns (out [B, N, Dv] in query's dtype, lse [B, N]);
+    see the section comment above.
+    """
+    if value is None:
+        value = key
+    if offsets is not None:
+        ml = None if max_length is None or max_length < 0 else int(max_length)
+        key, value, valid = jagged_to_padded(key, value, offsets, ml)
+    else:
+        B, L = key.shape[0], key.shape[1]
+        if mask is not None:
+            valid = mask.to(torch.bool)
+        elif lengths is not None:
+            valid = lengths_to_mask(lengths, L)
+        else:
+            valid = torch.ones(B, L, dtype=torch.bool, device=key.device)
+    return masked_activation_unit_pool_ref(query, key, value, valid, w1, b1, w2, b2, w_out, b_out,
+                                           act1, act2, activation, bool(softmax))

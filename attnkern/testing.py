@@ -7,7 +7,10 @@ oracle of `attnkern bench`:
   reference run in the same precision, plus FLOOR[dtype] times the oracle's magnitude (>= 1);
 - the one checking body (`check_function`, `check_backend`): forward (out, lse) and the three
   gradients against the oracle, no NaN/Inf, exact zeros for empty rows and at positions that
-  take part in no row.
+  take part in no row;
+- the same for activation-unit pooling (DIN): `random_activation_problem`,
+  `activation_loop_oracle` and `check_activation_backend` (out and every gradient, weights,
+  biases and activation parameters included).
 
 The reference backend is checked against `loop_oracle`, an independent row-by-row float64
 computation, never against itself.
@@ -16,10 +19,14 @@ computation, never against itself.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from .ops.schemas import ACTIVATION_FWD_ARGS, ACTIVATION_GRAD_ARGS
+from .reference import ACTIVATION_PARAM_ROWS
 
 Tensor = torch.Tensor
 LAYOUTS = ("lengths", "mask", "jagged", "full")
@@ -378,3 +385,265 @@ def check_backend(backend: str, args: Sequence[Tensor], kwargs: dict,
     return check_function(pool_function(backend, kwargs), args, kwargs, grad_out,
                           reference=reference, scale=scale, grads=grads, max_logit=max_logit,
                           label=backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation-unit pooling (DIN): generator, float64 loop oracle and checking body
+# ----------------------------------------------------------------------------------------------
+
+def random_mlp(E: int, units: Sequence[int], activation: str, *, generator: torch.Generator,
+               dtype: torch.dtype = torch.float32) -> "OrderedDict[str, Optional[torch.Tensor]]":
+    """Random MLP weights (w1, b1, w2, b2, w_out, b_out, act1, act2) for embedding size E and
+    one or two hidden layers of `units`, scaled so that the scores are O(1)."""
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(shape, generator=generator, dtype=torch.float64) * std).to(dtype)
+
+    def act_params(h):
+        rows = ACTIVATION_PARAM_ROWS[activation]
+        if rows == 0:
+            return None
+        u = torch.rand((rows, h), generator=generator, dtype=torch.float64)
+        if activation == "prelu":
+            p = 0.5 * u  # slopes in [0, 0.5)
+        else:  # alpha in [0, 0.5), scale in [0.5, 1.5), shift in [-0.5, 0.5)
+            p = torch.stack([0.5 * u[0], 0.5 + u[1], u[2] - 0.5])
+        return p.to(dtype)
+
+    h1 = units[0]
+    w = OrderedDict()
+    w["w1"] = randn(h1, 4 * E, std=(4 * E) ** -0.5 * 1.5)
+    w["b1"] = randn(h1, std=0.3)
+    if len(units) == 2:
+        w["w2"] = randn(units[1], h1, std=h1 ** -0.5 * 1.5)
+        w["b2"] = randn(units[1], std=0.3)
+    else:
+        w["w2"], w["b2"] = None, None
+    w["w_out"] = randn(1, units[-1], std=units[-1] ** -0.5)
+    w["b_out"] = randn(1, std=0.3)
+    w["act1"] = act_params(h1)
+    w["act2"] = act_params(units[1]) if len(units) == 2 else None
+    return w
+
+
+def random_activation_problem(B: int = 3, N: int = 1, L: int = 13, E: int = 8, Dv: int = 8,
+                              units: Sequence[int] = (16,), activation: str = "relu",
+                              softmax: bool = False, layout: str = "lengths",
+                              lengths: Optional[torch.Tensor] = None, *, seed: int = 0,
+                              dtype: torch.dtype = torch.float32, extra_rows: int = 2,
+                              device="cpu", shared_value: bool = False) -> "OrderedDict":
+    """The registered forward op's arguments (ACTIVATION_FWD_ARGS order) for one random problem.
+
+    layout: "lengths" | "mask" | "jagged" | "full" (as attnkern._inputs.random_problem); lengths
+    default to empty, one, full, half and nearly full rows. Jagged problems carry `extra_rows`
+    key/value rows that belong to no row. shared_value: value None (the keys are pooled; Dv = E)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = edge_lengths(B, L) if lengths is None else torch.as_tensor(lengths, dtype=torch.int64)
+    q, k, v, kw = random_problem(B, N, 1, L, E, Dv, layout, lengths, generator=g,
+                                 extra_rows=extra_rows)
+    if layout == "jagged":
+        q, k, v = q[:, :, 0], k[:, 0], v[:, 0]
+    else:
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+    a = OrderedDict()
+    a["query"], a["key"], a["value"] = q, k, (None if shared_value else v)
+    a["lengths"] = kw["lengths"].to(torch.int32) if "lengths" in kw else None
+    a["mask"] = kw.get("mask")
+    a["offsets"] = kw.get("offsets")
+    a["max_length"] = kw.get("max_length", -1)
+    a.update(random_mlp(E, units, activation, generator=g))
+    a["activation"] = activation
+    a["softmax"] = bool(softmax)
+    for name, t in a.items():
+        if isinstance(t, torch.Tensor):
+            t = t.to(device)
+            a[name] = t.to(dtype) if t.is_floating_point() else t
+    return a
+
+
+def _oracle_act(x, activation, act):
+    if activation == "relu":
+        return x * (x > 0)
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + torch.exp(-x))
+    if activation == "prelu":
+        return torch.where(x > 0, x, act[0] * x)
+    if activation == "dice":
+        p = 1.0 / (1.0 + torch.exp(-(act[1] * x + act[2])))
+        return p * x + act[0] * (1.0 - p) * x
+    raise AssertionError(activation)
+
+
+def activation_valid_positions(a):
+    """Per row b: the list of (key row index) positions that take part."""
+    B = a["query"].shape[0]
+    if a["offsets"] is not None:
+        o = a["offsets"].long().tolist()
+        return [list(range(o[b], o[b + 1])) for b in range(B)]
+    L = a["key"].shape[1]
+    if a["mask"] is not None:
+        return [[l for l in range(L) if bool(a["mask"][b, l])] for b in range(B)]
+    if a["lengths"] is not None:
+        return [list(range(int(a["lengths"][b]))) for b in range(B)]
+    return [list(range(L)) for _ in range(B)]
+
+
+def activation_loop_oracle(a):
+    """Float64 loop oracle of activation-unit pooling: row by row, query by query, position by
+    position, over the explicit concatenation [q, k, q - k, q * k] (no split of the first
+    layer), math.exp-style softmax; differentiable through ordinary autograd.
+    a: the forward op's arguments (ACTIVATION_FWD_ARGS). Returns
+    (out [B, N, Dv], lse [B, N]) in float64."""
+    f = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+         for n, t in a.items()}
+    q, k = f["query"], f["key"]
+    v = k if f["value"] is None else f["value"]
+    jagged = f["offsets"] is not None
+    B, N, _ = q.shape
+    outs, lses = [], []
+    for b, pos in enumerate(activation_valid_positions(a)):
+        for n in range(N):
+            qi = q[b, n]
+            scores, rows = [], []
+            for l in pos:
+                kl = k[l] if jagged else k[b, l]
+                vl = v[l] if jagged else v[b, l]
+                x = torch.cat([qi, kl, qi - kl, qi * kl])
+                h = _oracle_act(f["w1"] @ x + f["b1"], f["activation"], f["act1"])
+                if f["w2"] is not None:
+                    h = _oracle_act(f["w2"] @ h + f["b2"], f["activation"], f["act2"])
+                scores.append((f["w_out"] @ h + f["b_out"])[0])
+                rows.append(vl)
+            o = torch.zeros(v.shape[-1], dtype=torch.float64)
+            if not scores:
+                lse = torch.tensor(-math.inf if f["softmax"] else 0.0, dtype=torch.float64)
+            elif f["softmax"]:
+                m = max(float(s.detach()) for s in scores)
+                e = [torch.exp(s - m) for s in scores]
+                z = sum(e)
+                for ei, vl in zip(e, rows):
+                    o = o + ei / z * vl
+                lse = m + torch.log(z)
+            else:
+                for s, vl in zip(scores, rows):
+                    o = o + s * vl
+                lse = torch.tensor(0.0, dtype=torch.float64)
+            outs.append(o)
+            lses.append(lse)
+    Dv = v.shape[-1]
+    out = torch.stack(outs).reshape(B, N, Dv) if outs else torch.zeros(B, N, Dv, dtype=torch.float64)
+    lse = torch.stack(lses).reshape(B, N) if lses else torch.zeros(B, N, dtype=torch.float64)
+    return out, lse
+
+
+def to_public(a: dict) -> Tuple[tuple, dict]:
+    """The public activation_unit_pool call (args, kwargs) of the forward op's arguments `a`."""
+    weights = [(a["w1"], a["b1"])]
+    if a["w2"] is not None:
+        weights.append((a["w2"], a["b2"]))
+    weights.append((a["w_out"], a["b_out"]))
+    params = None
+    if a["act1"] is not None:
+        params = [a["act1"]] + ([a["act2"]] if a["act2"] is not None else [])
+        if a["activation"] == "prelu":
+            params = [p[0] for p in params]
+    kw = dict(activation=a["activation"], activation_params=params,
+              normalize="softmax" if a["softmax"] else None)
+    for n in ("lengths", "mask", "offsets"):
+        if a[n] is not None:
+            kw[n] = a[n]
+    if a["offsets"] is not None and a["max_length"] >= 0:
+        kw["max_length"] = a["max_length"]
+    return (a["query"], a["key"], a["value"], weights), kw
+
+
+def run_activation_unit(backend: str, a: dict, grad_out: torch.Tensor, dtype=None) -> Dict[str, torch.Tensor]:
+    """out and the gradient of every differentiable input, with inputs cast to `dtype`."""
+    import attnkern
+
+    leaves = dict(a)
+    for n in ACTIVATION_GRAD_ARGS:
+        if a[n] is not None:
+            t = a[n].detach()
+            leaves[n] = (t.to(dtype) if dtype is not None else t.clone()).requires_grad_(True)
+    args, kw = to_public(leaves)
+    out = attnkern.activation_unit_pool(*args, **kw, backend=backend)
+    names = [n for n in ACTIVATION_GRAD_ARGS if leaves[n] is not None]
+    grads = torch.autograd.grad(out, [leaves[n] for n in names], grad_out.to(out.dtype), allow_unused=True)
+    res = {"out": out.detach()}
+    for n, g in zip(names, grads):
+        res[n] = torch.zeros_like(leaves[n]) if g is None else g.detach()
+    return res
+
+
+def _err(a, b):
+    return 0.0 if a.numel() == 0 else (a.double().cpu() - b.double().cpu()).abs().max().item()
+
+
+def check_activation_backend(backend: str, a: dict, seed: int = 1) -> Tuple[bool, Dict[str, float], str]:
+    """Runs `backend` on problem `a` (ACTIVATION_FWD_ARGS dict, dtype of a["query"]) against the float64
+    reference. Returns (passed, max errors by name, why it failed). Also checks that outputs are
+    finite, empty rows give 0 and positions in no row get exactly zero key/value gradients."""
+    dtype = a["query"].dtype
+    B, N = a["query"].shape[:2]
+    g = torch.Generator().manual_seed(seed)
+    Dv = (a["key"] if a["value"] is None else a["value"]).shape[-1]
+    go = torch.randn(B, N, Dv, generator=g, dtype=torch.float64).to(a["query"].device)
+    oracle = run_activation_unit("reference", a, go, torch.float64)
+    lowp = oracle if dtype == torch.float64 else run_activation_unit("reference", a, go)
+    got = run_activation_unit(backend, a, go)
+    errors, why = {}, []
+    for name, ref in oracle.items():
+        x = got[name]
+        if x.shape != ref.shape or x.dtype != dtype:
+            why.append("%s: shape/dtype %s %s, want %s %s" % (name, list(x.shape), x.dtype, list(ref.shape), dtype))
+            continue
+        scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+        # Plus one rounding of the result to the output dtype: two fp32 results that differ in
+        # the last bits can round to neighbouring low-precision values.
+        ulp = torch.finfo(dtype).eps * (ref.abs().max().item() if ref.numel() else 0.0)
+        allowed = LOW_PRECISION_FACTOR * _err(lowp[name], ref) + FLOOR[dtype] * scale + ulp
+        errors[name] = _err(x, ref)
+        if not bool(torch.isfinite(x).all()):
+            why.append("%s has NaN/Inf" % name)
+        elif errors[name] > allowed:
+            why.append("%s: error %.3g > allowed %.3g" % (name, errors[name], allowed))
+    # Exact zeros: empty rows, and key/value rows that take part in no row.
+    valid = activation_valid_mask(a)
+    empty = ~valid.any(dim=-1) if valid.dim() == 2 else None
+    if empty is not None and empty.any():
+        if (got["out"][empty.to(got["out"].device)] != 0).any():
+            why.append("out must be exactly 0 on empty rows")
+        if (got["query"][empty.to(got["out"].device)] != 0).any():
+            why.append("grad query must be exactly 0 on empty rows")
+    unused = activation_unused_rows(a)
+    for name in ("key", "value"):
+        if name in got and (got[name].cpu()[unused] != 0).any():
+            why.append("grad %s must be exactly 0 at positions in no row" % name)
+    return not why, errors, "; ".join(why)
+
+
+def activation_valid_mask(a: dict) -> torch.Tensor:
+    """[B, L] bool of the valid positions (jagged: [B, max row length])."""
+    if a["offsets"] is not None:
+        o = a["offsets"].long().cpu()
+        lens = o[1:] - o[:-1]
+        L = int(lens.max()) if lens.numel() else 0
+        return torch.arange(L)[None, :] < lens[:, None]
+    B, L = a["key"].shape[:2]
+    if a["mask"] is not None:
+        return a["mask"].cpu()
+    if a["lengths"] is not None:
+        return torch.arange(L)[None, :] < a["lengths"].long().cpu()[:, None]
+    return torch.ones(B, L, dtype=torch.bool)
+
+
+def activation_unused_rows(a: dict) -> torch.Tensor:
+    """Bool over key's leading dims ([B, L] padded, [T] jagged): positions in no row."""
+    if a["offsets"] is not None:
+        o = a["offsets"].long().cpu()
+        covered = torch.zeros(a["key"].shape[0], dtype=torch.bool)
+        for b in range(o.numel() - 1):
+            covered[o[b]:o[b + 1]] = True
+        return ~covered
+    return ~activation_valid_mask(a)

@@ -19,7 +19,7 @@ from .schemas import LAYOUT_OPS, TRITON_PREFIX
 from . import extension  # noqa: E402,F401
 
 __all__ = ["BACKENDS", "BackendInfo", "BackendUnavailable", "backend_info", "backends",
-           "fused_op"]
+           "fused_op", "activation_fused_op"]
 
 
 def fused_op(backend: str, layout: str):
@@ -32,3 +32,36 @@ def fused_op(backend: str, layout: str):
         from . import triton  # noqa: F401
         prefix = TRITON_PREFIX
     return getattr(torch.ops.attnkern, prefix + LAYOUT_OPS[layout][0])
+
+
+_activation_missing: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def activation_kernels_missing(backend: str) -> bool:
+    """True when this build has no activation-unit kernels for fused `backend`. Probed once per
+    backend; under torch.compile evaluated eagerly and taken as a constant."""
+    if backend not in _activation_missing:
+        if backend == "triton":
+            has = hasattr(torch.ops.attnkern, TRITON_PREFIX + "activation_unit_pool_fwd")
+        else:
+            try:
+                has = extension.EXTENSION_OPS and torch._C._dispatch_has_kernel_for_dispatch_key(
+                    "attnkern::activation_unit_pool_fwd", backend.upper())
+            except RuntimeError:
+                has = False
+        _activation_missing[backend] = not has
+    return _activation_missing[backend]
+
+
+def activation_fused_op(backend: str):
+    """The registered activation-unit forward op of a fused backend, or a RuntimeError saying that
+    this build has none for it."""
+    if backend == "triton":
+        from . import triton  # noqa: F401  (registers attnkern::triton_* on first use)
+    if activation_kernels_missing(backend):
+        raise RuntimeError(
+            "attnkern backend %r has no activation_unit_pool kernels in this build; use "
+            "backend='reference' (or 'cpu' for CPU tensors)" % backend)
+    prefix = TRITON_PREFIX if backend == "triton" else ""
+    return getattr(torch.ops.attnkern, prefix + "activation_unit_pool_fwd")

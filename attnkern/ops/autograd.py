@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .schemas import LAYOUT_OPS, argument_names, qualified
+from .schemas import (ACTIVATION_FWD_ARGS, ACTIVATION_GRAD_ARGS, ACTIVATION_OPS, LAYOUT_OPS,
+                      argument_names, qualified)
 
 
 def fake_fwd_acc(query, value):
@@ -129,3 +130,83 @@ def register_fakes_and_autograd(prefix: str = "") -> None:
         torch.library.register_fake(qualified(prefix + bwd), fake_backward)
         register_pool_autograd(qualified(prefix + fwd),
                                getattr(torch.ops.attnkern, prefix + bwd), layout)
+
+
+# ---- activation-unit pooling (DIN) --------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def fake_activation_fwd(query, value):
+    """Output metadata of the activation-unit forward: out [B, N, Dv] (query dtype), lse [B, N]
+    (float64 for float64 inputs, else float32)."""
+    B, N, _ = query.shape
+    return (query.new_empty((B, N, value.shape[-1])),
+            query.new_empty((B, N), dtype=_acc_dtype(query.dtype)))
+
+
+def fake_activation_bwd(query, key, value, w1, b1, w2, b2, w_out, b_out, act1, act2):
+    """Output metadata of the activation-unit backward: grads shaped like the inputs, [0] for
+    absent optional ones."""
+    def like(t):
+        return query.new_empty((0,)) if t is None else t.new_empty(t.shape)
+
+    return tuple(like(t) for t in (query, key, value, w1, b1, w2, b2, w_out, b_out, act1, act2))
+
+
+def register_activation_autograd(fwd_name: str, bwd_op) -> None:
+    """Attaches autograd to activation-unit forward op `fwd_name` (qualified), whose backward is
+    the registered `bwd_op`. The forward saves out and lse; the backward op recomputes the MLP."""
+
+    def setup_context(ctx, inputs, output):
+        args = dict(zip(ACTIVATION_FWD_ARGS, inputs))
+        out, lse = output
+        ctx.max_length = args["max_length"]
+        ctx.activation = args["activation"]
+        ctx.softmax = args["softmax"]
+        names = tuple(n for n in ACTIVATION_FWD_ARGS if isinstance(args[n], torch.Tensor))
+        ctx.absent = tuple(n for n in ACTIVATION_FWD_ARGS if args[n] is None)
+        _save(ctx, **{n: args[n] for n in names}, out=out, lse=lse)
+
+    def backward(ctx, grad_out, grad_lse):
+        s = _saved(ctx)
+        for n in ctx.absent:
+            s[n] = None
+        query, out = s["query"], s["out"]
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        grad_out = grad_out.to(query.dtype)
+        acc = _acc_dtype(query.dtype)
+        # delta = rowsum(dO * O) - dLSE: the softmax-backward correction (unused without softmax).
+        delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
+        if ctx.softmax and grad_lse is not None:
+            delta = delta - grad_lse.to(acc)
+        grads = bwd_op(grad_out, query, s["key"], s["value"], s["lengths"], s["mask"], s["offsets"],
+                       ctx.max_length, s["w1"], s["b1"], s["w2"], s["b2"], s["w_out"], s["b_out"],
+                       s["act1"], s["act2"], ctx.activation, ctx.softmax, s["lse"], delta)
+        by_name = dict(zip(ACTIVATION_GRAD_ARGS, grads))
+        return tuple(by_name[n] if n in by_name and s.get(n) is not None else None
+                     for n in ACTIVATION_FWD_ARGS)
+
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+def register_activation_fakes_and_autograd(prefix: str = "") -> None:
+    """Fake impls and autograd of attnkern::<prefix>activation_unit_pool_fwd/_bwd (prefix "": the
+    C++ ops; a Python backend such as Triton calls this with its own prefix)."""
+    fwd, bwd = ACTIVATION_OPS
+    fwd_names, bwd_names = argument_names(fwd), argument_names(bwd)
+
+    def fake_forward(*args, **kwargs):
+        a = _bound(fwd_names, args, kwargs)
+        return fake_activation_fwd(a["query"], a["key"] if a["value"] is None else a["value"])
+
+    def fake_backward(*args, **kwargs):
+        a = _bound(bwd_names, args, kwargs)
+        return fake_activation_bwd(*(a[n] for n in ACTIVATION_GRAD_ARGS))
+
+    torch.library.register_fake(qualified(prefix + fwd), fake_forward)
+    torch.library.register_fake(qualified(prefix + bwd), fake_backward)
+    register_activation_autograd(qualified(prefix + fwd), getattr(torch.ops.attnkern, prefix + bwd))

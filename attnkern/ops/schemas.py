@@ -35,6 +35,32 @@ SCHEMAS = {
     ),
 }
 
+# DIN's activation-unit pooling (csrc/activation_unit_ops.cpp): one op pair for both layouts
+# (offsets given = jagged). A Triton or other Python backend declares TRITON_PREFIX + name with
+# the very same schema (tests/test_activation_unit.py compares the C++ ones with these).
+ACTIVATION_SCHEMAS = {
+    "activation_unit_pool_fwd": (
+        "(Tensor query, Tensor key, Tensor? value, Tensor? lengths, Tensor? mask, Tensor? offsets, "
+        "int max_length, Tensor w1, Tensor b1, Tensor? w2, Tensor? b2, Tensor w_out, Tensor b_out, "
+        "Tensor? act1, Tensor? act2, str activation, bool softmax) -> (Tensor out, Tensor lse)"
+    ),
+    "activation_unit_pool_bwd": (
+        "(Tensor grad_out, Tensor query, Tensor key, Tensor? value, Tensor? lengths, Tensor? mask, "
+        "Tensor? offsets, int max_length, Tensor w1, Tensor b1, Tensor? w2, Tensor? b2, "
+        "Tensor w_out, Tensor b_out, Tensor? act1, Tensor? act2, str activation, bool softmax, "
+        "Tensor lse, Tensor delta) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value, "
+        "Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, Tensor grad_b2, Tensor grad_w_out, "
+        "Tensor grad_b_out, Tensor grad_act1, Tensor grad_act2)"
+    ),
+}
+ACTIVATION_OPS = ("activation_unit_pool_fwd", "activation_unit_pool_bwd")
+# The forward's arguments in order, and the differentiable ones in the order of the backward's
+# gradients.
+ACTIVATION_FWD_ARGS = ("query", "key", "value", "lengths", "mask", "offsets", "max_length", "w1",
+                       "b1", "w2", "b2", "w_out", "b_out", "act1", "act2", "activation", "softmax")
+ACTIVATION_GRAD_ARGS = ("query", "key", "value", "w1", "b1", "w2", "b2", "w_out", "b_out", "act1",
+                        "act2")
+
 # (forward op, backward op) per layout
 LAYOUT_OPS = {
     "padded": ("attention_pool_fwd", "attention_pool_bwd"),
@@ -48,6 +74,6 @@ def qualified(name: str) -> str:
 
 
 def argument_names(name: str) -> Tuple[str, ...]:
-    """The argument names of op `name` (a key of SCHEMAS), in order."""
-    schema = torch._C.parse_schema(qualified(name) + SCHEMAS[name])
+    """The argument names of op `name` (a key of SCHEMAS or ACTIVATION_SCHEMAS), in order."""
+    schema = torch._C.parse_schema(qualified(name) + {**SCHEMAS, **ACTIVATION_SCHEMAS}[name])
     return tuple(a.name for a in schema.arguments)

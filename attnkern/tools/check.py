@@ -85,6 +85,29 @@ def _plan(backends, devices, dtypes):
                 yield dev, backend, dt
 
 
+# Activation-unit pooling (DIN): (name, B, N, L, E, Dv, hidden units, activation, softmax).
+ACTIVATION_SHAPES = [
+    ("din", 4, 1, 49, 16, 16, (32,), "relu", False),
+    ("din2", 3, 3, 50, 7, 5, (9, 4), "dice", True),
+    ("din3", 5, 2, 17, 40, 3, (80, 40), "prelu", False),
+]
+
+
+def check_activation_case(backend, device, layout, dtype, shape) -> Result:
+    """One activation_unit_pool row: out and every gradient (query, key, value, weights, biases,
+    activation parameters) against the float64 reference (attnkern.testing.check_activation_backend)."""
+    from attnkern.testing import check_activation_backend, random_activation_problem
+
+    name, B, N, L, E, Dv, units, act, softmax = shape
+    a = random_activation_problem(B=B, N=N, L=L, E=E, Dv=Dv, units=units, activation=act, softmax=softmax,
+                                  layout=layout, dtype=dtype, device=device, extra_rows=1)
+    passed, errors, why = check_activation_backend(backend, a)
+    short = {"out": errors.get("out", float("nan")), "dq": errors.get("query", float("nan")),
+             "dk": errors.get("key", float("nan")), "dv": errors.get("value", float("nan")),
+             "dW": max([v for k, v in errors.items() if k not in ("out", "query", "key", "value")] or [float("nan")])}
+    return Result(backend, device, layout, str(dtype).split(".")[-1], name, short, passed, why[:80])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="attnkern check", description=__doc__)
     parser.add_argument("--backend", action="append", choices=["reference", "cpu", "cuda", "triton"],
@@ -127,6 +150,31 @@ def main(argv=None) -> int:
                 r.backend, r.device, r.layout, r.dtype, r.shape, e.get("out", float("nan")),
                 e.get("dq", float("nan")), e.get("dk", float("nan")), e.get("dv", float("nan")),
                 "PASS" if r.passed else "FAIL", r.note), flush=True)
+    # activation_unit_pool rows (dW: the largest error of the weight/bias/activation gradients)
+    from attnkern.ops import activation_kernels_missing
+
+    au_shapes = ACTIVATION_SHAPES[:1] if args.quick else ACTIVATION_SHAPES
+    no_kernels = set()
+    for dev, backend, dt in _plan(backends, devices, dtypes):
+        if dev is None:
+            continue
+        if backend != "reference" and activation_kernels_missing(backend):
+            no_kernels.add(backend)
+            continue
+        for layout, shape in itertools.product(LAYOUTS, au_shapes):
+            try:
+                r = check_activation_case(backend, dev, layout, dt, shape)
+            except Exception as e:  # a crash is a failure, reported with its message
+                r = Result(backend, dev, layout, str(dt).split(".")[-1], shape[0], {}, False,
+                           "%s: %s" % (type(e).__name__, str(e).splitlines()[0][:80]))
+            results.append(r)
+            e = r.errors
+            print("%-9s %-6s %-8s %-9s %-6s %10.2e %10.2e %10.2e %10.2e  %s dW %.2e %s" % (
+                r.backend, r.device, r.layout, r.dtype, r.shape, e.get("out", float("nan")),
+                e.get("dq", float("nan")), e.get("dk", float("nan")), e.get("dv", float("nan")),
+                "PASS" if r.passed else "FAIL", e.get("dW", float("nan")), r.note), flush=True)
+    for backend in sorted(no_kernels):
+        print("skipped activation_unit_pool on backend %s: no kernels for it in this build" % backend)
     for backend, reason in skipped:
         print("skipped backend %s: %s" % (backend, reason))
     failed = sum(not r.passed for r in results)

@@ -292,8 +292,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", choices=("auto", "movielens", "synthetic"), default="auto",
                    help="auto: movielens when the attnkern[data] extra is installed, else synthetic")
-    p.add_argument("--pooling", nargs="+", choices=POOLINGS, default=list(POOLINGS),
-                   help="one run per pooling (default: both)")
+    p.add_argument("--pooling", nargs="+", choices=POOLINGS, default=["attention", "sum"],
+                   help="one run per pooling (default: attention sum; din = DIN's activation unit)")
     p.add_argument("--seed", nargs="+", type=int, default=[0], help="one run per seed (default: 0)")
     p.add_argument("--backend", default=d.backend, help="attention backend (default: auto)")
     p.add_argument("--epochs", type=int, default=d.epochs)

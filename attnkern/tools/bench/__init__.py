@@ -4,6 +4,7 @@ fraction of this machine's memory limit.
     attnkern bench                      # quick default set (fp32, 3 shapes, fwd and fwd+bwd)
     attnkern bench --full               # every shape, uniform and full lengths, fp32 and bf16
     attnkern bench --device cuda --dtype bfloat16 --out runs/bench-gpu
+    attnkern bench --op activation_unit_pool    # DIN's activation unit (tools/bench/activation.py)
 
 Providers (each skipped with its reason when it cannot run here):
 
@@ -121,6 +122,22 @@ def _write_json(path: str, records: List[dict]) -> None:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--op" in argv:
+        # `attnkern bench --op activation_unit_pool [...]`: DIN's activation unit against FuxiCTR's
+        # DIN_Attention (attnkern/tools/bench/activation.py has its own options).
+        i = argv.index("--op")
+        op = argv[i + 1] if i + 1 < len(argv) else ""
+        rest = argv[:i] + argv[i + 2:]
+        if op == "activation_unit_pool":
+            from . import activation
+
+            return activation.main(rest)
+        if op != "attention_pool":
+            print("attnkern bench: --op must be attention_pool or activation_unit_pool, got %r" % op,
+                  file=sys.stderr)
+            return 2
+        argv = rest
     args = build_parser().parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

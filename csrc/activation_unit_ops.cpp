@@ -1,0 +1,41 @@
+// Op schemas of DIN's activation-unit pooling (declared once; see attnkern/reference_activation.py
+// for the math, which every backend implements exactly).
+//
+// One forward and one backward op serve both layouts: `offsets` given = jagged (key [T, E],
+// value [T, Dv]), else padded (key [B, L, E], value [B, L, Dv]) with at most one of
+// lengths [B] / mask [B, L] (True = the position takes part). max_length is for the jagged
+// layout (-1 = unknown) and ignored for the padded one.
+//
+// MLP (nn.Linear convention, y = x W^T + b), over x_l = [q, k_l, q - k_l, q * k_l]:
+//   w1 [H1, 4E], b1 [H1]; optional second hidden layer w2 [H2, H1], b2 [H2] (both or neither);
+//   w_out [1, Hlast], b_out [1]. 1 <= H1, H2 <= 256, 1 <= E, Dv <= 256.
+// activation: "relu" | "sigmoid" | "prelu" | "dice", the same for every hidden layer.
+//   act1 / act2: parameters of hidden layer 1 / 2 ([P, H] with the query's dtype), None for
+//   relu/sigmoid; prelu: P = 1 (row 0 = slope); dice: P = 3 (rows alpha, scale, shift:
+//   y = x * (alpha + (1 - alpha) * sigmoid(scale * x + shift))).
+// value None: the keys are also the values (DIN pools its history itself); the backward then
+//   returns one grad_key holding both contributions and an empty grad_value, so no second
+//   [B, L, E] gradient is materialised and summed.
+// softmax: false = raw scores as weights (DIN), true = masked softmax over the row.
+// Outputs: out [B, N, Dv] (query dtype), lse [B, N] (float64 for float64 inputs, else float32):
+//   the log-sum-exp of the scores when softmax (-inf on empty rows), 0 otherwise.
+// Backward: delta [B, N] (dtype of lse) = sum_d grad_out * out (read only when softmax).
+//   Returns the gradients of query, key, value, w1, b1, w2, b2, w_out, b_out, act1, act2, each
+//   shaped like its input; those of absent optional inputs are empty [0] tensors.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(attnkern, m) {
+  m.def(
+      "activation_unit_pool_fwd(Tensor query, Tensor key, Tensor? value, Tensor? lengths, "
+      "Tensor? mask, Tensor? offsets, int max_length, Tensor w1, Tensor b1, Tensor? w2, "
+      "Tensor? b2, Tensor w_out, Tensor b_out, Tensor? act1, Tensor? act2, str activation, "
+      "bool softmax) -> (Tensor out, Tensor lse)");
+  m.def(
+      "activation_unit_pool_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor? value, "
+      "Tensor? lengths, Tensor? mask, Tensor? offsets, int max_length, Tensor w1, Tensor b1, "
+      "Tensor? w2, Tensor? b2, Tensor w_out, Tensor b_out, Tensor? act1, Tensor? act2, "
+      "str activation, bool softmax, Tensor lse, Tensor delta) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_w1, "
+      "Tensor grad_b1, Tensor grad_w2, Tensor grad_b2, Tensor grad_w_out, Tensor grad_b_out, "
+      "Tensor grad_act1, Tensor grad_act2)");
+}
