@@ -5,7 +5,8 @@
 Same schemas as the C++ ops attnkern::activation_unit_pool_fwd / _bwd
 (csrc/activation_unit_ops.cpp). Each op checks its own inputs (shapes, dtypes, devices) with the
 messages of the C++ checks, so a direct torch.ops.attnkern.triton_* call can never make a
-kernel read out of bounds; lengths/offsets values are clamped in-kernel. Fake impls make them
+kernel read out of bounds. lengths/offsets values are checked for CPU tensors (for CUDA ones
+only with set_validation(True): reading them syncs the device), and clamped in-kernel always. Fake impls make them
 traceable by torch.compile(fullgraph=True); `register_activation_unit_autograd` attaches an
 autograd formula that calls only registered ops (usable for the C++ ops too).
 """
@@ -17,6 +18,8 @@ from typing import Optional, Tuple
 import torch
 
 from attnkern.triton_kernels import activation_unit as _k
+
+from ._validation import Problem, check_values
 
 Tensor = torch.Tensor
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -176,6 +179,12 @@ def check_fwd(query, key, value, lengths, mask, offsets, max_length, w1, b1, w2,
     if not (dev == "cuda" or (dev == "cpu" and _k.interpret_mode())):
         _fail(ValueError, "the triton backend needs CUDA tensors (or CPU tensors with "
               "TRITON_INTERPRET=1 set before importing triton), got query on %s", query.device)
+    layout = "jagged" if offsets is not None else "padded"
+    try:
+        check_values(Problem(query, False, layout, B, N, 1, E, Dv, L, 1.0), lengths, offsets,
+                     None if (offsets is None or max_length < 0) else max_length)
+    except ValueError as e:
+        raise ValueError("attnkern: %s" % e) from None
     return dict(B=B, N=N, E=E, Dv=Dv, L=L, H1=H1, H2=H2)
 
 

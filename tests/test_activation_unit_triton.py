@@ -212,13 +212,17 @@ def test_weight_gradient_partials_are_deterministic():
         assert torch.equal(y, z)
 
 
-def test_index_values_are_clamped():
-    """lengths past L / negative, offsets past T or decreasing: rows are clamped in-kernel, so a
-    direct op call reads nothing out of bounds (lengths > L act as L, < 0 as 0)."""
+def test_index_values_are_checked_then_clamped_in_kernel():
+    """The op rejects bad lengths/offsets values it can read (CPU tensors) with a ValueError; the
+    kernels clamp rows whatever the values (lengths > L act as L, < 0 as 0; offsets past T or
+    decreasing give clamped or empty rows), so nothing is read out of bounds either way."""
     a = _problem(B=3, N=1, L=4, E=2, Dv=2, units=(3,), activation="relu", softmax=False,
                  layout="lengths", seed=9)
     a["lengths"] = torch.tensor([9, -3, 2], dtype=torch.int32, device=DEVICE)
-    out, _ = T.activation_unit_pool_triton(*a.values())
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="lengths must be"):
+            T.activation_unit_pool_triton(*a.values())
+    out, _ = K.activation_unit_fwd(*a.values())
     b = dict(a)
     b["lengths"] = torch.tensor([4, 0, 2], dtype=torch.int32, device=DEVICE)
     want, _ = activation_unit_pool_ref(*b.values())
@@ -228,9 +232,15 @@ def test_index_values_are_clamped():
     T_rows = j["key"].shape[0]
     j["offsets"] = torch.tensor([2, 1, T_rows + 50], dtype=torch.int64, device=DEVICE)
     j["max_length"] = -1
-    out, lse = T.activation_unit_pool_triton(*j.values())
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="offsets"):
+            T.activation_unit_pool_triton(*j.values())
+    out, lse = K.activation_unit_fwd(*j.values())
     assert torch.isfinite(out).all()
     assert (out[0] == 0).all() and torch.isneginf(lse[0]).all()  # end < start: empty row
+    g = torch.ones_like(out)
+    grads = K.activation_unit_bwd(g, *j.values(), lse, (g * out).sum(-1))
+    assert all(torch.isfinite(t).all() for t in grads)
 
 
 def test_non_contiguous_inputs():
@@ -363,32 +373,73 @@ def _direct_bwd(op_fwd, op_bwd, a, g):
     return out, lse, op_bwd(g.to(out.dtype), *a.values(), lse, delta)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-@pytest.mark.skipif(not _cuda_built(), reason="attnkern._C was built without CUDA kernels")
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("activation", ACTS)
-@pytest.mark.parametrize("units", [(5,), (80, 40)], ids=["one", "two"])
-@pytest.mark.parametrize("softmax", [False, True], ids=["raw", "softmax"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_cuda_kernels_match_reference(layout, activation, units, softmax, dtype):
-    a = _problem(B=7, N=3, L=70, E=13, Dv=9, units=units, activation=activation, softmax=softmax,
-                 layout=layout, dtype=dtype, device="cuda", seed=14)
-    g = torch.randn(7, 3, 9, generator=torch.Generator().manual_seed(2)).cuda()
+def check_cuda_ops(a, seed=2):
+    """The CUDA ops (called directly) against the float64 reference within the suite's rule."""
+    dtype = a["query"].dtype
+    B, N, Dv = a["query"].shape[0], a["query"].shape[1], a["value"].shape[-1]
+    g = torch.randn(B, N, Dv, generator=torch.Generator().manual_seed(seed)).cuda()
     out, lse, grads = _direct_bwd(torch.ops.attnkern.activation_unit_pool_fwd,
                                   torch.ops.attnkern.activation_unit_pool_bwd, a, g)
     a64 = _to(a, torch.float64, "cpu")
     out64, lse64, g64 = _run(activation_unit_pool_ref, a64, g.double().cpu())
     out_lp, _, g_lp = _run(activation_unit_pool_ref, a, g)
     allowed = LOW_PRECISION_FACTOR * _err(out_lp, out64) + FLOOR[dtype] * _scale(out64)
-    assert _err(out, out64) <= allowed
+    assert torch.isfinite(out).all() and _err(out, out64) <= allowed
     assert torch.equal(torch.isneginf(lse.cpu()), torch.isneginf(lse64))
     by_name = dict(zip(GRAD_ARGS, grads))
+    for n in GRAD_ARGS:
+        if a[n] is None:
+            assert by_name[n].numel() == 0, n
     unused = unused_positions(a)
     for n in g64:
         allowed = LOW_PRECISION_FACTOR * _err(g_lp[n], g64[n]) + FLOOR[dtype] * _scale(g64[n])
-        assert by_name[n].shape == a[n].shape
+        assert by_name[n].shape == a[n].shape and by_name[n].dtype == dtype, n
         assert _err(by_name[n], g64[n]) <= allowed, n
     assert (by_name["key"].cpu()[unused] == 0).all() and (by_name["value"].cpu()[unused] == 0).all()
+
+
+def _cover_cuda():
+    return [pytest.param(*c.values[:2], (80, 40) if len(c.values[2]) == 2 else (5,), c.values[3],
+                         dt, id=c.id.replace("-two-", "-80x40-") + "-" + name)
+            for c in _cover() for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.skipif(not _cuda_built(), reason="attnkern._C was built without CUDA kernels")
+@pytest.mark.parametrize("layout,activation,units,softmax,dtype", _cover_cuda())
+def test_cuda_kernels_match_reference(layout, activation, units, softmax, dtype):
+    a = _problem(B=7, N=3, L=70, E=13, Dv=9, units=units, activation=activation, softmax=softmax,
+                 layout=layout, dtype=dtype, device="cuda", seed=14)
+    check_cuda_ops(a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.skipif(not _cuda_built(), reason="attnkern._C was built without CUDA kernels")
+@pytest.mark.parametrize("E,Dv,units", [(256, 256, (256,)), (130, 7, (256, 256)), (64, 64, (64,))],
+                         ids=["wide-unstaged", "odd-two-wide", "bench"])
+def test_cuda_kernels_wide_layers(E, Dv, units):
+    """Layers whose M_q does not fit in shared memory (recomputed from W1), odd E, and the
+    vectorised key loads (E = 64)."""
+    a = _problem(B=5, N=2, L=40, E=E, Dv=Dv, units=units, activation="dice", softmax=True,
+                 layout="jagged", device="cuda", seed=16)
+    check_cuda_ops(a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.skipif(not _cuda_built(), reason="attnkern._C was built without CUDA kernels")
+def test_cuda_input_checks_and_clamping():
+    a = _problem(B=3, N=1, L=4, E=2, Dv=2, units=(3,), activation="relu", softmax=False,
+                 layout="lengths", device="cuda", seed=9)
+    op = torch.ops.attnkern.activation_unit_pool_fwd
+    with pytest.raises(ValueError, match="w1 must be"):
+        op(*_bad(a, w1=a["w1"][:, :-1]))
+    with pytest.raises(ValueError, match="lengths must have shape"):
+        op(*_bad(a, lengths=a["lengths"][:1]))
+    a["lengths"] = torch.tensor([9, -3, 2], dtype=torch.int32, device="cuda")
+    out, _ = op(*a.values())
+    b = dict(a, lengths=torch.tensor([4, 0, 2], dtype=torch.int32, device="cuda"))
+    want, _ = activation_unit_pool_ref(*b.values())
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")

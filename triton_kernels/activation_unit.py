@@ -35,7 +35,6 @@ value can make a launch read out of bounds; positions outside every row are neve
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -60,6 +59,9 @@ INTERPRET_BLOCK_L = 16
 # the weight gradients); the interpreter uses a few programs so that the partial sum is tested.
 BWD_PROGRAMS_PER_SM = 4
 INTERPRET_BWD_PROGRAMS = 2
+# The backward keeps three [H1, E] weight-gradient accumulators live per program: more warps
+# spread them over more registers.
+BWD_NUM_WARPS = 8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,9 +448,6 @@ def _block_l(block_e: int, block_h: int) -> int:
     activations and the key tile stay in registers."""
     if interpret_mode():
         return INTERPRET_BLOCK_L
-    env = os.environ.get("ATTNKERN_TRITON_AU_BLOCK_L")
-    if env:
-        return int(env)
     widest = max(block_e, block_h)
     return 64 if widest <= 64 else (32 if widest <= 128 else 16)
 
@@ -572,7 +571,7 @@ def activation_unit_bwd(grad_out, query, key, value, lengths, mask, offsets, max
             *strides, *grad_out.stride(), *lse.stride(), *delta.stride(),
             dq32.stride(0), dq32.stride(1), *dk_str, *dv_str,
             B, N, d["L"], d["max_len"], E, d["Dv"], H1, H2, G,
-            SOFTMAX=bool(softmax), **meta)
+            SOFTMAX=bool(softmax), num_warps=BWD_NUM_WARPS, **meta)
     # The partials summed over programs in a fixed order (deterministic), then the first
     # layer's four column blocks from the split: dWa = DCQ, dWb = DM, dWc = DCQ - DM, dWd = DMQ.
     dm, dmq, dcq = p_dm.sum(0), p_dmq.sum(0), p_dcq.sum(0)
