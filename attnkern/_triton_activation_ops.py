@@ -4,11 +4,12 @@
 
 Same schemas as the C++ ops attnkern::activation_unit_pool_fwd / _bwd
 (csrc/activation_unit_ops.cpp). Each op checks its own inputs (shapes, dtypes, devices) with the
-messages of the C++ checks, so a direct torch.ops.attnkern.triton_* call can never make a
-kernel read out of bounds. lengths/offsets values are checked for CPU tensors (for CUDA ones
-only with set_validation(True): reading them syncs the device), and clamped in-kernel always. Fake impls make them
-traceable by torch.compile(fullgraph=True); `register_activation_unit_autograd` attaches an
-autograd formula that calls only registered ops (usable for the C++ ops too).
+messages of the C++ checks (csrc/activation_unit_checks.cpp), so a direct
+torch.ops.attnkern.triton_* call can never make a kernel read out of bounds. lengths/offsets
+values are checked for CPU tensors (for CUDA ones only with set_validation(True): reading them
+syncs the device) and clamped in-kernel always. Fake impls and autograd (which calls only
+registered ops) are the C++ ops' own, from attnkern._activation_ops, so
+torch.compile(fullgraph=True) traces through.
 """
 
 from __future__ import annotations
@@ -19,18 +20,13 @@ import torch
 
 from attnkern.triton_kernels import activation_unit as _k
 
+from ._activation_ops import fake_bwd, fake_fwd, register_activation_autograd
 from ._validation import Problem, check_values
 
 Tensor = torch.Tensor
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_DIM = 256
 _ACT_ROWS = {"relu": 0, "sigmoid": 0, "prelu": 1, "dice": 3}
-
-# The forward op's arguments in schema order, and the differentiable ones (the backward's
-# outputs, in order).
-FWD_ARGS = ("query", "key", "value", "lengths", "mask", "offsets", "max_length", "w1", "b1",
-            "w2", "b2", "w_out", "b_out", "act1", "act2", "activation", "softmax")
-GRAD_ARGS = ("query", "key", "value", "w1", "b1", "w2", "b2", "w_out", "b_out", "act1", "act2")
 
 FWD_SCHEMA = (
     "(Tensor query, Tensor key, Tensor value, Tensor? lengths, Tensor? mask, Tensor? offsets, "
@@ -95,6 +91,8 @@ def check_fwd(query, key, value, lengths, mask, offsets, max_length, w1, b1, w2,
               query.dtype)
     if query.dim() != 3:
         _fail(ValueError, "query must be [B, N, E], got %s", list(query.shape))
+    if query.shape[1] < 1:
+        _fail(ValueError, "query must have N >= 1 queries, got %s", list(query.shape))
     _same(query, "query", query)
     _same(key, "key", query)
     _same(value, "value", query)
@@ -127,26 +125,28 @@ def check_fwd(query, key, value, lengths, mask, offsets, max_length, w1, b1, w2,
         if mask is not None:
             if mask.dtype != torch.bool:
                 _fail(TypeError, "mask must be bool (True = attend), got %s", mask.dtype)
-            _shape(mask, "mask", (B, L))
+            if tuple(mask.shape) != (B, L):
+                _fail(ValueError, "mask must have shape [B, L] = [%d, %d], got %s", B, L,
+                      list(mask.shape))
             if mask.device != query.device:
                 _fail(ValueError, "mask must be on the device of query (%s), got %s",
                       query.device, mask.device)
     Dv = value.shape[-1]
-    for name, d in (("E", E), ("Dv", Dv)):
+    for name, d in (("embedding dim E", E), ("value dim Dv", Dv)):
         if not 1 <= d <= MAX_DIM:
             _fail(ValueError, "%s must be in [1, %d], got %d", name, MAX_DIM, d)
     if activation not in _ACT_ROWS:
-        _fail(ValueError, "activation must be one of %s, got %r", ", ".join(_ACT_ROWS), activation)
+        _fail(ValueError, "activation must be relu, sigmoid, prelu or dice, got '%s'", activation)
     _same(w1, "w1", query)
     if w1.dim() != 2 or w1.shape[1] != 4 * E:
         _fail(ValueError, "w1 must be [H1, 4E] = [H1, %d], got %s", 4 * E, list(w1.shape))
     H1 = w1.shape[0]
     if not 1 <= H1 <= MAX_DIM:
-        _fail(ValueError, "hidden layer 1 must have 1..%d units, got %d", MAX_DIM, H1)
+        _fail(ValueError, "hidden units must be in [1, %d], got H1=%d", MAX_DIM, H1)
     _same(b1, "b1", query)
     _shape(b1, "b1", (H1,))
     if (w2 is None) != (b2 is None):
-        _fail(ValueError, "w2 and b2 come together (a second hidden layer) or not at all")
+        _fail(ValueError, "give w2 and b2 together, or neither")
     H2 = 0
     if w2 is not None:
         _same(w2, "w2", query)
@@ -154,7 +154,7 @@ def check_fwd(query, key, value, lengths, mask, offsets, max_length, w1, b1, w2,
             _fail(ValueError, "w2 must be [H2, H1] = [H2, %d], got %s", H1, list(w2.shape))
         H2 = w2.shape[0]
         if not 1 <= H2 <= MAX_DIM:
-            _fail(ValueError, "hidden layer 2 must have 1..%d units, got %d", MAX_DIM, H2)
+            _fail(ValueError, "hidden units must be in [1, %d], got H2=%d", MAX_DIM, H2)
         _same(b2, "b2", query)
         _shape(b2, "b2", (H2,))
     hl = H2 if H2 else H1
@@ -163,18 +163,15 @@ def check_fwd(query, key, value, lengths, mask, offsets, max_length, w1, b1, w2,
     _same(b_out, "b_out", query)
     _shape(b_out, "b_out", (1,))
     rows = _ACT_ROWS[activation]
-    for name, t, h in (("act1", act1, H1), ("act2", act2, H2)):
-        if rows == 0 or h == 0:
-            if t is not None:
-                why = ("activation %r takes none" % activation) if rows == 0 else \
-                    "there is no second hidden layer"
-                _fail(ValueError, "%s must be None (%s)", name, why)
-            continue
-        if t is None:
-            _fail(ValueError, "%s must be given for activation %r: [%d, %d]", name, activation,
-                  rows, h)
-        _same(t, name, query)
-        _shape(t, name, (rows, h))
+    for i, (name, t, h) in enumerate((("act1", act1, H1), ("act2", act2, H2))):
+        want = rows > 0 and h > 0
+        if (t is not None) != want:
+            _fail(ValueError, "%s %s for activation '%s'%s", name,
+                  "is required" if want else "must be None", activation,
+                  " with one hidden layer" if (i == 1 and H2 == 0) else "")
+        if want:
+            _same(t, name, query)
+            _shape(t, name, (rows, h))
     dev = query.device.type
     if not (dev == "cuda" or (dev == "cpu" and _k.interpret_mode())):
         _fail(ValueError, "the triton backend needs CUDA tensors (or CPU tensors with "
@@ -195,7 +192,8 @@ def check_bwd_extras(d: dict, query: Tensor, grad_out: Tensor, lse: Tensor, delt
     _shape(grad_out, "grad_out", (d["B"], d["N"], d["Dv"]))
     for name, t in (("lse", lse), ("delta", delta)):
         if t.dtype != torch.float32:
-            _fail(TypeError, "%s must be float32, got %s", name, t.dtype)
+            _fail(TypeError, "%s must be torch.float32 for %s inputs, got %s", name, query.dtype,
+                  t.dtype)
         _shape(t, name, (d["B"], d["N"]))
     for name, t in (("grad_out", grad_out), ("lse", lse), ("delta", delta)):
         if t.device != query.device:
@@ -231,21 +229,6 @@ def triton_activation_unit_pool_bwd(grad_out, query, key, value, lengths, mask, 
                                   activation, softmax, lse, delta)
 
 
-def fake_fwd(query, value):
-    """out [B, N, Dv] (query dtype), lse [B, N] (float64 for float64 inputs, else float32)."""
-    B, N, _ = query.shape
-    lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-    return query.new_empty((B, N, value.shape[-1])), query.new_empty((B, N), dtype=lse_dtype)
-
-
-def fake_bwd(query, key, value, w1, b1, w2, b2, w_out, b_out, act1, act2):
-    """Contiguous gradients shaped like their inputs; empty [0] for absent optional inputs."""
-    def like(t):
-        return query.new_empty((0,)) if t is None else t.new_empty(t.shape)
-
-    return tuple(like(t) for t in (query, key, value, w1, b1, w2, b2, w_out, b_out, act1, act2))
-
-
 @triton_activation_unit_pool_fwd.register_fake
 def _(query, key, value, lengths, mask, offsets, max_length, w1, b1, w2, b2, w_out, b_out,
       act1, act2, activation, softmax):
@@ -258,48 +241,8 @@ def _(grad_out, query, key, value, lengths, mask, offsets, max_length, w1, b1, w
     return fake_bwd(query, key, value, w1, b1, w2, b2, w_out, b_out, act1, act2)
 
 
-_SAVED = ("query", "key", "value", "lengths", "mask", "offsets", "w1", "b1", "w2", "b2", "w_out",
-          "b_out", "act1", "act2")
-
-
-def register_activation_unit_autograd(fwd_name: str, bwd_op) -> None:
-    """Attaches autograd to the forward op `fwd_name` (FWD_ARGS signature) whose backward is the
-    registered `bwd_op` (BWD_SCHEMA signature). Saves the inputs, out and lse by name; the
-    backward recomputes the MLP."""
-
-    def setup_context(ctx, inputs, output):
-        args = dict(zip(FWD_ARGS, inputs))
-        out, lse = output
-        ctx.max_length = args["max_length"]
-        ctx.activation = args["activation"]
-        ctx.softmax = bool(args["softmax"])
-        ctx.saved_names = _SAVED + ("out", "lse")
-        ctx.save_for_backward(*(args[n] for n in _SAVED), out, lse)
-
-    def backward(ctx, grad_out, grad_lse):
-        s = dict(zip(ctx.saved_names, ctx.saved_tensors))
-        query, out, lse = s["query"], s["out"], s["lse"]
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        grad_out = grad_out.to(query.dtype).contiguous()
-        if ctx.softmax:
-            # delta = rowsum(dO * O) - dLSE: the softmax-backward correction (d lse / d s = p).
-            delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
-            if grad_lse is not None:
-                delta = delta - grad_lse.to(lse.dtype)
-        else:  # lse is the constant 0 and delta is never read
-            delta = torch.zeros_like(lse)
-        grads = bwd_op(grad_out, query, s["key"], s["value"], s["lengths"], s["mask"], s["offsets"],
-                       ctx.max_length, s["w1"], s["b1"], s["w2"], s["b2"], s["w_out"], s["b_out"],
-                       s["act1"], s["act2"], ctx.activation, ctx.softmax, lse, delta)
-        by_name = {n: (g if s[n] is not None else None) for n, g in zip(GRAD_ARGS, grads)}
-        return tuple(by_name.get(n) for n in FWD_ARGS)
-
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
-
-
-register_activation_unit_autograd("attnkern::triton_activation_unit_pool_fwd",
-                                  torch.ops.attnkern.triton_activation_unit_pool_bwd)
+register_activation_autograd("attnkern::triton_activation_unit_pool_fwd",
+                             torch.ops.attnkern.triton_activation_unit_pool_bwd)
 
 
 def activation_unit_pool_triton(query: Tensor, key: Tensor, value: Tensor,

@@ -4,9 +4,9 @@ ops' input checks, index clamping, fake impls and torch.compile; the CUDA kernel
 
 On CPU the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set before triton is
 imported); with a GPU the same tests run on CUDA tensors. Shapes are tiny: the interpreter is
-slow. Tolerance: the suite's rule (attnkern.check): error against the float64 reference at
-most LOW_PRECISION_FACTOR x the reference's own error in the same precision, plus FLOOR x the
-oracle's magnitude.
+slow. Forward and gradients go through the suite's one checking body
+(attnkern._activation_check.check: the public function with backend="triton" / "cuda" against
+the float64 reference under the project's tolerance rule); lse through the raw op.
 """
 
 import os
@@ -20,8 +20,8 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 import attnkern  # noqa: E402
+from attnkern._activation_check import FLOOR, LOW_PRECISION_FACTOR, check, unused_rows  # noqa: E402
 from attnkern._activation_inputs import GRAD_ARGS, random_activation_problem  # noqa: E402
-from attnkern.check import FLOOR, LOW_PRECISION_FACTOR  # noqa: E402
 from attnkern.reference_activation import activation_unit_pool_ref  # noqa: E402
 
 if not attnkern.backends()["triton"].available:
@@ -65,56 +65,27 @@ def _scale(t):
     return 1.0 if t.numel() == 0 else max(1.0, t.double().abs().max().item())
 
 
-def unused_positions(a):
-    """Positions of key's leading dims that take part in no row (exact-zero gradients there)."""
-    key = a["key"]
-    if a["offsets"] is not None:
-        off = a["offsets"].long().cpu()
-        covered = torch.zeros(key.shape[0], dtype=torch.bool)
-        for b in range(off.numel() - 1):
-            covered[off[b]:off[b + 1]] = True
-        return ~covered
-    B, L = key.shape[:2]
-    if a["mask"] is not None:
-        return ~a["mask"].cpu()
-    if a["lengths"] is not None:
-        return torch.arange(L)[None, :] >= a["lengths"].long().cpu()[:, None]
-    return torch.zeros(B, L, dtype=torch.bool)
-
-
-def check_triton(a, seed=1):
-    """Triton vs the float64 reference within the suite's rule; exact zeros on empty rows and at
-    unused positions, lse -inf exactly on empty rows (softmax)."""
-    dtype = a["query"].dtype
-    out_shape = (a["query"].shape[0], a["query"].shape[1], a["value"].shape[-1])
-    g = torch.randn(out_shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-    a64 = _to(a, torch.float64, "cpu")
-    out64, lse64, g64 = _run(activation_unit_pool_ref, a64, g.double().cpu())
-    out_lp, lse_lp, g_lp = _run(activation_unit_pool_ref, a, g)
-    out, lse, gr = _run(T.activation_unit_pool_triton, a, g)
-    assert out.dtype == dtype and out.shape == out64.shape
+def check_backend(backend, a):
+    """`backend` through the public function against the float64 reference (out and every
+    gradient, exact zeros on empty rows and unused positions: the shared checking body), and the
+    raw op's lse: -inf exactly on empty rows with softmax, 0 without, close elsewhere."""
+    ok, errors, why = check(backend, a)
+    assert ok, why + " " + str({k: "%.2g" % v for k, v in errors.items()})
+    op = (torch.ops.attnkern.triton_activation_unit_pool_fwd if backend == "triton"
+          else torch.ops.attnkern.activation_unit_pool_fwd)
+    with torch.no_grad():
+        _, lse = op(*a.values())
+        _, lse64 = activation_unit_pool_ref(*_to(a, torch.float64, "cpu").values())
+        _, lse_lp = activation_unit_pool_ref(*a.values())
     assert lse.dtype == torch.float32 and lse.shape == lse64.shape
-    floor = FLOOR[dtype]
-
-    def close(name, got, lp, ref):
-        assert torch.isfinite(got).all(), "%s has NaN/Inf" % name
-        allowed = LOW_PRECISION_FACTOR * _err(lp, ref) + floor * _scale(ref)
-        err = _err(got, ref)
-        assert err <= allowed, "%s: max error %.3g > allowed %.3g (%s)" % (name, err, allowed, dtype)
-
-    close("out", out, out_lp, out64)
-    empty_lse = torch.isneginf(lse64)
-    assert torch.equal(torch.isneginf(lse.cpu()), empty_lse)
-    fin = ~empty_lse
-    close("lse", lse.cpu()[fin], lse_lp.cpu()[fin], lse64[fin])
-    if a["softmax"]:
-        assert (out.cpu()[empty_lse] == 0).all()
-    unused = unused_positions(a)
-    for n in g64:
-        assert gr[n].shape == a[n].shape and gr[n].dtype == a[n].dtype, n
-        close("grad_" + n, gr[n], g_lp[n], g64[n])
-    assert (gr["key"].cpu()[unused] == 0).all() and (gr["value"].cpu()[unused] == 0).all()
-    return out, lse, gr
+    empty = torch.isneginf(lse64)
+    assert torch.equal(torch.isneginf(lse.cpu()), empty)
+    if not a["softmax"]:
+        assert (lse == 0).all()
+    fin = ~empty
+    allowed = (LOW_PRECISION_FACTOR * _err(lse_lp.cpu()[fin], lse64[fin])
+               + FLOOR[a["query"].dtype] * _scale(lse64[fin]))
+    assert _err(lse.cpu()[fin], lse64[fin]) <= allowed
 
 
 def _cover():
@@ -136,7 +107,7 @@ def test_matches_reference(layout, activation, units, softmax):
     # B = 5 cycles through empty, one, full, half and nearly-full rows; N = 2 queries per row.
     a = _problem(B=5, N=2, L=6, E=3, Dv=4, units=units, activation=activation, softmax=softmax,
                  layout=layout, seed=7)
-    check_triton(a)
+    check_backend("triton", a)
 
 
 @pytest.mark.parametrize("softmax", [False, True], ids=["raw", "softmax"])
@@ -145,13 +116,13 @@ def test_block_boundary_lengths(L, softmax):
     """Rows of exactly one interpreter tile (16) and one past it; odd E, Dv and unit widths."""
     a = _problem(B=3, N=1, L=L, E=5, Dv=3, units=(17,), activation="dice", softmax=softmax,
                  layout="lengths", lengths=[L, L - 1, 2], seed=2)
-    check_triton(a)
+    check_backend("triton", a)
 
 
 def test_bfloat16_two_layers():
     a = _problem(B=3, N=2, L=5, E=4, Dv=2, units=(6, 5), activation="prelu", softmax=True,
                  layout="jagged", dtype=torch.bfloat16, seed=4)
-    check_triton(a)
+    check_backend("triton", a)
 
 
 @pytest.mark.parametrize("softmax", [False, True], ids=["raw", "softmax"])
@@ -159,7 +130,7 @@ def test_empty_rows_and_unused_positions_never_read(softmax):
     """NaN/Inf at positions of no row change nothing; empty rows give 0 and zero gradients."""
     a = _problem(B=4, N=3, L=5, E=3, Dv=2, units=(4, 3), activation="sigmoid", softmax=softmax,
                  layout="lengths", lengths=[0, 2, 0, 5], seed=5)
-    unused = unused_positions(a).to(DEVICE)
+    unused = unused_rows(a).to(DEVICE)
     a["key"] = a["key"].masked_fill(unused[..., None], float("nan"))
     a["value"] = a["value"].masked_fill(unused[..., None], float("inf"))
     out, lse, gr = _run(T.activation_unit_pool_triton, a, torch.ones(4, 3, 2, device=DEVICE))
@@ -250,7 +221,7 @@ def test_non_contiguous_inputs():
     a["query"] = a["query"].transpose(0, 1).contiguous().transpose(0, 1)
     a["w1"] = a["w1"].t().contiguous().t()
     assert not a["key"].is_contiguous() and not a["w1"].is_contiguous()
-    check_triton(a)
+    check_backend("triton", a)
 
 
 def _bad(a, **changes):
@@ -266,11 +237,11 @@ def test_input_checks():
     cases = [
         (ValueError, "w1 must be", dict(w1=a["w1"][:, :-1])),
         (ValueError, "b1 must have shape", dict(b1=a["b1"][:-1])),
-        (ValueError, "w2 and b2", dict(w2=torch.zeros(2, 3, device=DEVICE))),
+        (ValueError, "give w2 and b2 together", dict(w2=torch.zeros(2, 3, device=DEVICE))),
         (ValueError, "w_out must have shape", dict(w_out=a["w_out"][:, :-1])),
         (ValueError, "act1 must have shape", dict(act1=torch.zeros(3, 3, device=DEVICE))),
-        (ValueError, "act1 must be given", dict(act1=None)),
-        (ValueError, "activation must be one of", dict(activation="gelu")),
+        (ValueError, "act1 is required", dict(act1=None)),
+        (ValueError, "activation must be relu", dict(activation="gelu")),
         (ValueError, "padded key", dict(key=a["key"][:, :, :1])),
         (ValueError, "lengths must have shape", dict(lengths=a["lengths"][:1])),
         (TypeError, "lengths must be int32 or int64", dict(lengths=a["lengths"].float())),
@@ -297,7 +268,7 @@ def test_input_checks():
     bwd = torch.ops.attnkern.triton_activation_unit_pool_bwd
     with pytest.raises(ValueError, match="grad_out must have shape"):
         bwd(g[:, :, :1], *a.values(), lse, delta)
-    with pytest.raises(TypeError, match="lse must be float32"):
+    with pytest.raises(TypeError, match="lse must be torch.float32"):
         bwd(g, *a.values(), lse.double(), delta)
 
 
@@ -366,38 +337,6 @@ def test_cuda_kernels_registered():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
 
 
-def _direct_bwd(op_fwd, op_bwd, a, g):
-    """Forward and backward through a pair of raw ops, delta from the forward's output."""
-    out, lse = op_fwd(*a.values())
-    delta = (g.float() * out.float()).sum(-1) if a["softmax"] else torch.zeros_like(lse)
-    return out, lse, op_bwd(g.to(out.dtype), *a.values(), lse, delta)
-
-
-def check_cuda_ops(a, seed=2):
-    """The CUDA ops (called directly) against the float64 reference within the suite's rule."""
-    dtype = a["query"].dtype
-    B, N, Dv = a["query"].shape[0], a["query"].shape[1], a["value"].shape[-1]
-    g = torch.randn(B, N, Dv, generator=torch.Generator().manual_seed(seed)).cuda()
-    out, lse, grads = _direct_bwd(torch.ops.attnkern.activation_unit_pool_fwd,
-                                  torch.ops.attnkern.activation_unit_pool_bwd, a, g)
-    a64 = _to(a, torch.float64, "cpu")
-    out64, lse64, g64 = _run(activation_unit_pool_ref, a64, g.double().cpu())
-    out_lp, _, g_lp = _run(activation_unit_pool_ref, a, g)
-    allowed = LOW_PRECISION_FACTOR * _err(out_lp, out64) + FLOOR[dtype] * _scale(out64)
-    assert torch.isfinite(out).all() and _err(out, out64) <= allowed
-    assert torch.equal(torch.isneginf(lse.cpu()), torch.isneginf(lse64))
-    by_name = dict(zip(GRAD_ARGS, grads))
-    for n in GRAD_ARGS:
-        if a[n] is None:
-            assert by_name[n].numel() == 0, n
-    unused = unused_positions(a)
-    for n in g64:
-        allowed = LOW_PRECISION_FACTOR * _err(g_lp[n], g64[n]) + FLOOR[dtype] * _scale(g64[n])
-        assert by_name[n].shape == a[n].shape and by_name[n].dtype == dtype, n
-        assert _err(by_name[n], g64[n]) <= allowed, n
-    assert (by_name["key"].cpu()[unused] == 0).all() and (by_name["value"].cpu()[unused] == 0).all()
-
-
 def _cover_cuda():
     return [pytest.param(*c.values[:2], (80, 40) if len(c.values[2]) == 2 else (5,), c.values[3],
                          dt, id=c.id.replace("-two-", "-80x40-") + "-" + name)
@@ -410,7 +349,7 @@ def _cover_cuda():
 def test_cuda_kernels_match_reference(layout, activation, units, softmax, dtype):
     a = _problem(B=7, N=3, L=70, E=13, Dv=9, units=units, activation=activation, softmax=softmax,
                  layout=layout, dtype=dtype, device="cuda", seed=14)
-    check_cuda_ops(a)
+    check_backend("cuda", a)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
@@ -422,7 +361,7 @@ def test_cuda_kernels_wide_layers(E, Dv, units):
     vectorised key loads (E = 64)."""
     a = _problem(B=5, N=2, L=40, E=E, Dv=Dv, units=units, activation="dice", softmax=True,
                  layout="jagged", device="cuda", seed=16)
-    check_cuda_ops(a)
+    check_backend("cuda", a)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
@@ -448,4 +387,4 @@ def test_triton_on_gpu_bench_like_shape(units):
     """The compiled (non-interpreted) Triton kernels at a realistic size: E = 64, long rows."""
     a = _problem(B=64, N=2, L=200, E=64, Dv=64, units=units, activation="dice", softmax=False,
                  layout="lengths", device="cuda", seed=15)
-    check_triton(a)
+    check_backend("triton", a)

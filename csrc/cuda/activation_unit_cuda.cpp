@@ -1,6 +1,7 @@
 // CUDA launchers of attnkern::activation_unit_pool_fwd / _bwd (schemas and semantics in
-// csrc/activation_unit_ops.cpp): checks of every input (so a direct torch.ops call can never
-// make a kernel read out of bounds), output and scratch allocation with the torch allocator,
+// csrc/activation_unit_ops.cpp): checks of every input (the shared ones of
+// activation_unit_checks.cpp plus the CUDA dtype/device rule, so a direct torch.ops call can
+// never make a kernel read out of bounds), output and scratch allocation with the torch allocator,
 // the current stream and a device guard. The kernels take raw pointers and strides
 // (activation_unit_kernels.h).
 //
@@ -17,6 +18,7 @@
 #include <string>
 #include <tuple>
 
+#include "activation_unit.h"
 #include "activation_unit_kernels.h"
 
 namespace attnkern {
@@ -24,38 +26,6 @@ namespace {
 
 namespace kc = attnkern::cuda;
 using OptT = std::optional<at::Tensor>;
-
-constexpr int64_t kAuMaxDim = 256;
-
-struct Dims {
-  int64_t B = 0, N = 0, E = 0, Dv = 0, L = 0, H1 = 0, H2 = 0, act_rows = 0;
-  kc::AuAct act = kc::AuAct::kRelu;
-  bool jagged = false;
-};
-
-void check_like(const at::Tensor& t, const char* name, const at::Tensor& query) {
-  TORCH_CHECK_TYPE(t.scalar_type() == query.scalar_type(), "attnkern: ", name,
-                   " must have the dtype of query (", query.scalar_type(), "), got ",
-                   t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == query.device(), "attnkern: ", name,
-                    " must be on the device of query (", query.device(), "), got ", t.device());
-  TORCH_CHECK_VALUE(t.layout() == at::kStrided, "attnkern: ", name,
-                    " must be a dense (strided) tensor");
-}
-
-void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef want) {
-  TORCH_CHECK_VALUE(t.sizes() == want, "attnkern: ", name, " must have shape ", want, ", got ",
-                    t.sizes());
-}
-
-void check_index(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& query) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, "attnkern: ",
-                   name, " must be int32 or int64, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, "attnkern: ", name, " must have shape [", n,
-                    "], got ", t.sizes());
-  TORCH_CHECK_VALUE(t.device() == query.device(), "attnkern: ", name,
-                    " must be on the device of query (", query.device(), "), got ", t.device());
-}
 
 kc::DType cuda_dtype(const at::Tensor& query) {
   switch (query.scalar_type()) {
@@ -73,127 +43,20 @@ kc::DType cuda_dtype(const at::Tensor& query) {
   return kc::DType::kFloat32;  // unreachable
 }
 
-Dims check_fwd(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-               const OptT& lengths, const OptT& mask, const OptT& offsets, int64_t max_length,
-               const at::Tensor& w1, const at::Tensor& b1, const OptT& w2, const OptT& b2,
-               const at::Tensor& w_out, const at::Tensor& b_out, const OptT& act1,
-               const OptT& act2, const std::string& activation) {
+// The shared checks (activation_unit_checks.cpp) plus the CUDA-only rules.
+AuDims check_fwd_cuda(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                      const OptT& lengths, const OptT& mask, const OptT& offsets,
+                      int64_t max_length, const at::Tensor& w1, const at::Tensor& b1,
+                      const OptT& w2, const OptT& b2, const at::Tensor& w_out,
+                      const at::Tensor& b_out, const OptT& act1, const OptT& act2,
+                      c10::string_view activation) {
+  const AuDims d = check_activation_unit_fwd(query, key, value, lengths, mask, offsets, max_length,
+                                             w1, b1, w2, b2, w_out, b_out, act1, act2,
+                                             std::string(activation));
   cuda_dtype(query);
-  TORCH_CHECK_VALUE(query.layout() == at::kStrided, "attnkern: query must be a dense (strided) tensor");
-  TORCH_CHECK_VALUE(query.dim() == 3, "attnkern: query must be [B, N, E], got ", query.sizes());
   TORCH_CHECK_VALUE(query.is_cuda(), "attnkern: the cuda kernels need CUDA tensors, got query on ",
                     query.device());
-  check_like(key, "key", query);
-  check_like(value, "value", query);
-  Dims d;
-  d.B = query.size(0);
-  d.N = query.size(1);
-  d.E = query.size(2);
-  d.jagged = offsets.has_value();
-  if (d.jagged) {
-    TORCH_CHECK_VALUE(!lengths.has_value() && !mask.has_value(),
-                      "attnkern: lengths and mask are for the padded layout; with offsets leave them None");
-    TORCH_CHECK_VALUE(key.dim() == 2 && key.size(1) == d.E, "attnkern: jagged key must be [T, E] = [T, ",
-                      d.E, "], got ", key.sizes());
-    d.L = key.size(0);
-    TORCH_CHECK_VALUE(value.dim() == 2 && value.size(0) == d.L,
-                      "attnkern: jagged value must be [T, Dv] = [", d.L, ", Dv], got ", value.sizes());
-    check_index(*offsets, "offsets", d.B + 1, query);
-    TORCH_CHECK_VALUE(max_length >= -1, "attnkern: max_length must be >= 0 (or -1 for unknown), got ",
-                      max_length);
-  } else {
-    TORCH_CHECK_VALUE(key.dim() == 3 && key.size(0) == d.B && key.size(2) == d.E,
-                      "attnkern: padded key must be [B, L, E] = [", d.B, ", L, ", d.E, "], got ",
-                      key.sizes());
-    d.L = key.size(1);
-    TORCH_CHECK_VALUE(value.dim() == 3 && value.size(0) == d.B && value.size(1) == d.L,
-                      "attnkern: padded value must be [B, L, Dv] = [", d.B, ", ", d.L, ", Dv], got ",
-                      value.sizes());
-    TORCH_CHECK_VALUE(!(lengths.has_value() && mask.has_value()),
-                      "attnkern: give lengths or mask, not both");
-    if (lengths.has_value()) check_index(*lengths, "lengths", d.B, query);
-    if (mask.has_value()) {
-      TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool,
-                       "attnkern: mask must be bool (True = attend), got ", mask->scalar_type());
-      check_shape(*mask, "mask", {d.B, d.L});
-      TORCH_CHECK_VALUE(mask->device() == query.device(), "attnkern: mask must be on the device of query (",
-                        query.device(), "), got ", mask->device());
-    }
-  }
-  d.Dv = value.size(-1);
-  TORCH_CHECK_VALUE(d.E >= 1 && d.E <= kAuMaxDim, "attnkern: E must be in [1, ", kAuMaxDim, "], got ", d.E);
-  TORCH_CHECK_VALUE(d.Dv >= 1 && d.Dv <= kAuMaxDim, "attnkern: Dv must be in [1, ", kAuMaxDim, "], got ",
-                    d.Dv);
-  if (activation == "relu") {
-    d.act = kc::AuAct::kRelu;
-  } else if (activation == "sigmoid") {
-    d.act = kc::AuAct::kSigmoid;
-  } else if (activation == "prelu") {
-    d.act = kc::AuAct::kPrelu;
-    d.act_rows = 1;
-  } else if (activation == "dice") {
-    d.act = kc::AuAct::kDice;
-    d.act_rows = 3;
-  } else {
-    TORCH_CHECK_VALUE(false, "attnkern: activation must be one of relu, sigmoid, prelu, dice, got '",
-                      activation, "'");
-  }
-  check_like(w1, "w1", query);
-  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == 4 * d.E, "attnkern: w1 must be [H1, 4E] = [H1, ",
-                    4 * d.E, "], got ", w1.sizes());
-  d.H1 = w1.size(0);
-  TORCH_CHECK_VALUE(d.H1 >= 1 && d.H1 <= kAuMaxDim, "attnkern: hidden layer 1 must have 1..", kAuMaxDim,
-                    " units, got ", d.H1);
-  check_like(b1, "b1", query);
-  check_shape(b1, "b1", {d.H1});
-  TORCH_CHECK_VALUE(w2.has_value() == b2.has_value(),
-                    "attnkern: w2 and b2 come together (a second hidden layer) or not at all");
-  if (w2.has_value()) {
-    check_like(*w2, "w2", query);
-    TORCH_CHECK_VALUE(w2->dim() == 2 && w2->size(1) == d.H1, "attnkern: w2 must be [H2, H1] = [H2, ",
-                      d.H1, "], got ", w2->sizes());
-    d.H2 = w2->size(0);
-    TORCH_CHECK_VALUE(d.H2 >= 1 && d.H2 <= kAuMaxDim, "attnkern: hidden layer 2 must have 1..",
-                      kAuMaxDim, " units, got ", d.H2);
-    check_like(*b2, "b2", query);
-    check_shape(*b2, "b2", {d.H2});
-  }
-  const int64_t hl = d.H2 > 0 ? d.H2 : d.H1;
-  check_like(w_out, "w_out", query);
-  check_shape(w_out, "w_out", {1, hl});
-  check_like(b_out, "b_out", query);
-  check_shape(b_out, "b_out", {1});
-  const OptT* acts[2] = {&act1, &act2};
-  const char* names[2] = {"act1", "act2"};
-  const int64_t units[2] = {d.H1, d.H2};
-  for (int i = 0; i < 2; ++i) {
-    const OptT& a = *acts[i];
-    if (d.act_rows == 0 || units[i] == 0) {
-      TORCH_CHECK_VALUE(!a.has_value(), "attnkern: ", names[i], " must be None (",
-                        d.act_rows == 0 ? "the activation takes none" : "there is no second hidden layer",
-                        ")");
-      continue;
-    }
-    TORCH_CHECK_VALUE(a.has_value(), "attnkern: ", names[i], " must be given for activation '",
-                      activation, "': [", d.act_rows, ", ", units[i], "]");
-    check_like(*a, names[i], query);
-    check_shape(*a, names[i], {d.act_rows, units[i]});
-  }
   return d;
-}
-
-void check_bwd_extras(const Dims& d, const at::Tensor& query, const at::Tensor& grad_out,
-                      const at::Tensor& lse, const at::Tensor& delta) {
-  check_like(grad_out, "grad_out", query);
-  check_shape(grad_out, "grad_out", {d.B, d.N, d.Dv});
-  const std::pair<const at::Tensor*, const char*> extras[2] = {{&lse, "lse"}, {&delta, "delta"}};
-  for (const auto& [t, name] : extras) {
-    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "attnkern: ", name, " must be float32, got ",
-                     t->scalar_type());
-    check_shape(*t, name, {d.B, d.N});
-    TORCH_CHECK_VALUE(t->device() == query.device(), "attnkern: ", name,
-                      " must be on the device of query (", query.device(), "), got ", t->device());
-  }
 }
 
 // The kernels need a unit innermost stride; every other stride is passed through.
@@ -207,7 +70,7 @@ struct Prepared {
 };
 
 // Keeps the (possibly copied) tensors alive while the problem points at them.
-Prepared prepare(const Dims& d, const at::Tensor& query, const at::Tensor& key,
+Prepared prepare(const AuDims& d, const at::Tensor& query, const at::Tensor& key,
                  const at::Tensor& value, const OptT& lengths, const OptT& mask,
                  const OptT& offsets, int64_t max_length, const at::Tensor& w1,
                  const at::Tensor& b1, const OptT& w2, const OptT& b2, const at::Tensor& w_out,
@@ -229,7 +92,7 @@ Prepared prepare(const Dims& d, const at::Tensor& query, const at::Tensor& key,
   p.Dv = d.Dv;
   p.H1 = d.H1;
   p.H2 = d.H2;
-  p.act = d.act;
+  p.act = static_cast<kc::AuAct>(d.act);
   p.act_rows = d.act_rows;
   p.softmax = softmax;
   p.query = r.q.data_ptr();
@@ -296,8 +159,8 @@ std::tuple<at::Tensor, at::Tensor> activation_unit_pool_fwd_cuda(
     const at::Tensor& b1, const OptT& w2, const OptT& b2, const at::Tensor& w_out,
     const at::Tensor& b_out, const OptT& act1, const OptT& act2, c10::string_view activation,
     bool softmax) {
-  const Dims d = check_fwd(query, key, value, lengths, mask, offsets, max_length, w1, b1, w2, b2,
-                           w_out, b_out, act1, act2, std::string(activation));
+  const AuDims d = check_fwd_cuda(query, key, value, lengths, mask, offsets, max_length, w1, b1,
+                                  w2, b2, w_out, b_out, act1, act2, activation);
   c10::cuda::CUDAGuard guard(query.device());
   auto out = at::empty({d.B, d.N, d.Dv}, query.options());
   auto lse = at::empty({d.B, d.N}, query.options().dtype(at::kFloat));
@@ -318,9 +181,9 @@ activation_unit_pool_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& quer
                               const OptT& b2, const at::Tensor& w_out, const at::Tensor& b_out,
                               const OptT& act1, const OptT& act2, c10::string_view activation,
                               bool softmax, const at::Tensor& lse, const at::Tensor& delta) {
-  const Dims d = check_fwd(query, key, value, lengths, mask, offsets, max_length, w1, b1, w2, b2,
-                           w_out, b_out, act1, act2, std::string(activation));
-  check_bwd_extras(d, query, grad_out, lse, delta);
+  const AuDims d = check_fwd_cuda(query, key, value, lengths, mask, offsets, max_length, w1, b1,
+                                  w2, b2, w_out, b_out, act1, act2, activation);
+  check_activation_unit_bwd_extras(d, query, grad_out, lse, delta);
   c10::cuda::CUDAGuard guard(query.device());
   const auto f32 = query.options().dtype(at::kFloat);
   // grad_query accumulates in fp32; grad_key / grad_value start at zero (the kernel writes only
