@@ -43,11 +43,6 @@ try:
 except ImportError:  # Triton is not installed: backends()["triton"] says so
     pass
 
-try:  # the activation-unit Triton ops (attnkern::triton_activation_unit_pool_*), likewise
-    from . import _triton_activation_ops  # noqa: F401
-except ImportError:
-    pass
-
 __version__ = "0.1.0"
 
 __all__ = [

@@ -5,7 +5,7 @@ ops' input checks, index clamping, fake impls and torch.compile; the CUDA kernel
 On CPU the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set before triton is
 imported); with a GPU the same tests run on CUDA tensors. Shapes are tiny: the interpreter is
 slow. Forward and gradients go through the suite's one checking body
-(attnkern._activation_check.check: the public function with backend="triton" / "cuda" against
+(attnkern.testing.check_activation_backend: the public function with backend="triton" / "cuda" against
 the float64 reference under the project's tolerance rule); lse through the raw op.
 """
 
@@ -20,15 +20,19 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 import attnkern  # noqa: E402
-from attnkern._activation_check import FLOOR, LOW_PRECISION_FACTOR, check, unused_rows  # noqa: E402
-from attnkern._activation_inputs import GRAD_ARGS, random_activation_problem  # noqa: E402
-from attnkern.reference_activation import activation_unit_pool_ref  # noqa: E402
+from attnkern.ops.availability import cuda_kernels_built, extension  # noqa: E402
+from attnkern.ops.schemas import ACTIVATION_GRAD_ARGS as GRAD_ARGS  # noqa: E402
+from attnkern.reference import activation_unit_pool_ref  # noqa: E402
+from attnkern.testing import (FLOOR, LOW_PRECISION_FACTOR, random_activation_problem,  # noqa: E402
+                              activation_unused_rows as unused_rows,
+                              check_activation_backend as check)
 
 if not attnkern.backends()["triton"].available:
     pytest.skip(attnkern.backends()["triton"].reason, allow_module_level=True)
 
-from attnkern import _triton_activation_ops as T  # noqa: E402
 from attnkern.triton_kernels import activation_unit as K  # noqa: E402
+
+TRITON_FWD = torch.ops.attnkern.triton_activation_unit_pool_fwd
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ACTS = ["relu", "sigmoid", "prelu", "dice"]
@@ -133,7 +137,7 @@ def test_empty_rows_and_unused_positions_never_read(softmax):
     unused = unused_rows(a).to(DEVICE)
     a["key"] = a["key"].masked_fill(unused[..., None], float("nan"))
     a["value"] = a["value"].masked_fill(unused[..., None], float("inf"))
-    out, lse, gr = _run(T.activation_unit_pool_triton, a, torch.ones(4, 3, 2, device=DEVICE))
+    out, lse, gr = _run(TRITON_FWD, a, torch.ones(4, 3, 2, device=DEVICE))
     assert torch.isfinite(out).all()
     empty = torch.tensor([True, False, True, False], device=DEVICE)
     assert (out[empty] == 0).all()
@@ -155,7 +159,7 @@ def test_empty_rows_and_unused_positions_never_read(softmax):
 def test_all_rows_empty():
     a = _problem(B=2, N=2, L=3, E=2, Dv=2, units=(3,), activation="relu", softmax=True,
                  layout="jagged", lengths=[0, 0], seed=6)
-    out, lse, gr = _run(T.activation_unit_pool_triton, a, torch.ones(2, 2, 2, device=DEVICE))
+    out, lse, gr = _run(TRITON_FWD, a, torch.ones(2, 2, 2, device=DEVICE))
     assert (out == 0).all() and torch.isneginf(lse).all()
     for n, g in gr.items():
         assert (g == 0).all(), n
@@ -192,7 +196,7 @@ def test_index_values_are_checked_then_clamped_in_kernel():
     a["lengths"] = torch.tensor([9, -3, 2], dtype=torch.int32, device=DEVICE)
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="lengths must be"):
-            T.activation_unit_pool_triton(*a.values())
+            TRITON_FWD(*a.values())
     out, _ = K.activation_unit_fwd(*a.values())
     b = dict(a)
     b["lengths"] = torch.tensor([4, 0, 2], dtype=torch.int32, device=DEVICE)
@@ -205,7 +209,7 @@ def test_index_values_are_checked_then_clamped_in_kernel():
     j["max_length"] = -1
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="offsets"):
-            T.activation_unit_pool_triton(*j.values())
+            TRITON_FWD(*j.values())
     out, lse = K.activation_unit_fwd(*j.values())
     assert torch.isfinite(out).all()
     assert (out[0] == 0).all() and torch.isneginf(lse[0]).all()  # end < start: empty row
@@ -274,8 +278,6 @@ def test_input_checks():
 
 def test_schema_matches_cpp_op():
     """The Triton ops take exactly the C++ ops' arguments (same names, types, defaults)."""
-    from attnkern._backends import extension
-
     if extension()[0] is None or not hasattr(torch.ops.attnkern, "activation_unit_pool_fwd"):
         pytest.skip("the compiled extension with the activation-unit schemas is not built")
     for suffix in ("fwd", "bwd"):
@@ -306,7 +308,7 @@ def test_torch_compile_fullgraph():
                  layout="jagged", seed=13)
 
     def f(*args):
-        out, lse = T.activation_unit_pool_triton(*args)
+        out, lse = TRITON_FWD(*args)
         return out.sum() + lse.sum()
 
     # aot_eager traces through the fake impls and the autograd formula without a C++ compiler.
@@ -326,8 +328,6 @@ def test_torch_compile_fullgraph():
 
 
 def _cuda_built():
-    from attnkern._backends import cuda_kernels_built
-
     return cuda_kernels_built()
 
 
