@@ -7,8 +7,8 @@
 #   1. build the extension in place for the local GPU arch only
 #   2. the CUDA and Triton tests (pytest -k "cuda or triton")
 #   3. compute-sanitizer memcheck on a small forward+backward (empty rows, out-of-range
-#      lengths/offsets that the kernels must clamp, masks, split-L, odd head dims), and
-#      racecheck on the backward
+#      lengths/offsets that the kernels must clamp, masks, split-L, odd head dims; attention
+#      and activation-unit pooling), and racecheck on the backward
 #   4. `python -m attnkern check` (every backend against the reference)
 #   5. `python -m attnkern bench --device cuda` (JSON results into OUT_DIR/bench)
 # Writes OUT_DIR/<step>.log and OUT_DIR/summary.json; exits non-zero if any step failed.
@@ -122,6 +122,42 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
                     bwd(ops.jagged_attention_pool_bwd, out, lse, q, kj, vj, offs, max_length)
 torch.cuda.synchronize()
 print("sanitize case done")
+
+# Activation-unit pooling (DIN) through its raw ops: lengths/offsets out of range (clamped),
+# empty rows, a mask with holes, one and two hidden layers, M_q staged and not (E = 256).
+def au_mlp(E, units, dtype):
+    r = lambda *s: torch.randn(*s, device=dev, dtype=dtype)
+    u = lambda h: torch.stack([0.5 * torch.rand(h), 0.5 + torch.rand(h), torch.rand(h) - 0.5]).to(dev, dtype)
+    H1, Hl = units[0], units[-1]
+    two = len(units) == 2
+    return (r(H1, 4 * E) * (4 * E) ** -0.5, r(H1), r(units[1], H1) * H1 ** -0.5 if two else None,
+            r(units[1]) if two else None, r(1, Hl) * Hl ** -0.5, r(1), u(H1), u(units[1]) if two else None)
+
+
+for dtype in (torch.float32, torch.bfloat16):
+    for E, Dv, units in ((13, 9, (80, 40)), (64, 64, (64,)), (256, 7, (256,))):
+        B, N, L = 5, 2, 37
+        q = torch.randn(B, N, E, device=dev, dtype=dtype)
+        k = torch.randn(B, L, E, device=dev, dtype=dtype)
+        v = torch.randn(B, L, Dv, device=dev, dtype=dtype)
+        w = au_mlp(E, units, dtype)
+        lengths = torch.tensor([0, L + 1000, -7, 1, L], device=dev)
+        mask = torch.rand(B, L, device=dev) > 0.5
+        mask[0] = False
+        T = B * L
+        offs = torch.tensor([-2, 0, L, T + 5, 3, T * 3], device=dev)
+        layouts = ((k, v, lengths, None, None, -1), (k, v, None, mask, None, -1),
+                   (k.reshape(T, E), v.reshape(T, Dv), None, None, offs, -1),
+                   (k.reshape(T, E), v.reshape(T, Dv), None, None, offs, 5))
+        for kk, vv, lens, msk, off, ml in layouts:
+            for softmax in (False, True):
+                args = (q, kk, vv, lens, msk, off, ml, *w, "dice", softmax)
+                out, lse = ops.activation_unit_pool_fwd(*args)
+                if phase in ("all", "bwd"):
+                    go = torch.randn_like(out)
+                    ops.activation_unit_pool_bwd(go, *args, lse, (go.float() * out.float()).sum(-1))
+torch.cuda.synchronize()
+print("activation-unit sanitize case done")
 PYEOF
   if [ -x "$SAN" ]; then
     # No caching allocator: memcheck then sees every allocation's real bounds.
