@@ -123,6 +123,18 @@ def test_block_boundary_lengths(L, softmax):
     check_backend("triton", a)
 
 
+@pytest.mark.parametrize("layout,softmax", [("lengths", False), ("jagged", True)])
+def test_shared_keys_and_values(layout, softmax):
+    """value None: the keys are pooled; grad_key holds both contributions, grad_value is [0]."""
+    a = _problem(B=5, N=2, L=6, E=4, Dv=4, units=(5, 3), activation="dice", softmax=softmax,
+                 layout=layout, seed=17, shared_value=True)
+    assert a["value"] is None
+    check_backend("triton", a)
+    g, lse, delta = _bwd_args(a)
+    grads = torch.ops.attnkern.triton_activation_unit_pool_bwd(g, *a.values(), lse, delta)
+    assert grads[2].numel() == 0 and grads[1].shape == a["key"].shape
+
+
 def test_bfloat16_two_layers():
     a = _problem(B=3, N=2, L=5, E=4, Dv=2, units=(6, 5), activation="prelu", softmax=True,
                  layout="jagged", dtype=torch.bfloat16, seed=4)

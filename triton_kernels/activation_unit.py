@@ -280,6 +280,7 @@ def _activation_unit_bwd_kernel(
     LAYOUT: tl.constexpr, ACT: tl.constexpr, TWO_LAYERS: tl.constexpr, SOFTMAX: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SHARED_VALUE: tl.constexpr,
 ):
     """Gradients of rows pid, pid + NUM_PROGRAMS, ... Outputs: dK / dV tiles (each written by
     exactly one program, once, at valid positions only: the launcher zero-fills), dq added into
@@ -399,11 +400,15 @@ def _activation_unit_bwd_kernel(
                               mask=offs_e < E)
 
             # Phase 2e: this tile's dK/dV, complete after the query loop; valid positions only.
+            # Shared keys/values (value None, Dv = E): one gradient holding both contributions.
+            if SHARED_VALUE:
+                dk += dv
             tl.store(DK + b * stride_dkb + pos[:, None] * stride_dkl + offs_e[None, :],
                      dk.to(DK.dtype.element_ty), mask=valid[:, None] & (offs_e[None, :] < E))
-            tl.store(DV_OUT + b * stride_dvb + pos[:, None] * stride_dvl + offs_dv[None, :],
-                     dv.to(DV_OUT.dtype.element_ty),
-                     mask=valid[:, None] & (offs_dv[None, :] < DV))
+            if not SHARED_VALUE:
+                tl.store(DV_OUT + b * stride_dvb + pos[:, None] * stride_dvl + offs_dv[None, :],
+                         dv.to(DV_OUT.dtype.element_ty),
+                         mask=valid[:, None] & (offs_dv[None, :] < DV))
 
     # Phase 3: this program's partial weight gradients (contiguous buffers).
     hh = offs_h1[:, None] < H1
@@ -508,8 +513,11 @@ def _common(query, key, value, lengths, mask, offsets, max_length, w1, b1, w2, b
 def activation_unit_fwd(query, key, value, lengths, mask, offsets, max_length, w1, b1, w2, b2,
                         w_out, b_out, act1, act2, activation: str, softmax: bool):
     """Forward launcher on canonical tensors (any strides; shapes/dtypes checked by the caller,
-    index values clamped in-kernel). Returns (out [B, N, Dv] in the query dtype, lse [B, N]
-    float32: the scores' log-sum-exp with softmax, -inf on empty rows; 0 without)."""
+    index values clamped in-kernel); value None = the keys are the values. Returns
+    (out [B, N, Dv] in the query dtype, lse [B, N] float32: the scores' log-sum-exp with softmax,
+    -inf on empty rows; 0 without)."""
+    if value is None:
+        value = key
     ptrs, strides, meta, d = _common(query, key, value, lengths, mask, offsets, max_length, w1,
                                      b1, w2, b2, w_out, b_out, act1, act2, activation)
     B, N = d["B"], d["N"]
@@ -539,14 +547,19 @@ def activation_unit_bwd(grad_out, query, key, value, lengths, mask, offsets, max
     """Backward launcher: the 11 gradients of the registered backward op (query, key, value, w1,
     b1, w2, b2, w_out, b_out, act1, act2), each shaped like its input and in its dtype; those of
     absent optional inputs are empty [0] tensors. dK/dV are exactly zero at every position of no
-    row. delta [B, N] = sum_d grad_out * out (read only with softmax)."""
+    row. delta [B, N] = sum_d grad_out * out (read only with softmax). value None: the keys are
+    the values; grad_key then holds both contributions and grad_value is empty [0]."""
+    shared = value is None
+    if shared:
+        value = key
     ptrs, strides, meta, d = _common(query, key, value, lengths, mask, offsets, max_length, w1,
                                      b1, w2, b2, w_out, b_out, act1, act2, activation)
     B, N, E, H1, H2, two = d["B"], d["N"], d["E"], d["H1"], d["H2"], d["two"]
     dev, dt = query.device, query.dtype
     dq32 = torch.zeros((B, N, E), dtype=torch.float32, device=dev)
     dk = torch.zeros(key.shape, dtype=key.dtype, device=dev)
-    dv = torch.zeros(value.shape, dtype=value.dtype, device=dev)
+    # With shared keys/values grad_value is never written: a dummy of one element stands in.
+    dv = torch.zeros((1,) * value.dim() if shared else value.shape, dtype=value.dtype, device=dev)
     G = num_programs if num_programs is not None else bwd_num_programs(B, dev)
     G = max(1, int(G))
     f32 = dict(dtype=torch.float32, device=dev)
@@ -571,7 +584,7 @@ def activation_unit_bwd(grad_out, query, key, value, lengths, mask, offsets, max
             *strides, *grad_out.stride(), *lse.stride(), *delta.stride(),
             dq32.stride(0), dq32.stride(1), *dk_str, *dv_str,
             B, N, d["L"], d["max_len"], E, d["Dv"], H1, H2, G,
-            SOFTMAX=bool(softmax), num_warps=BWD_NUM_WARPS, **meta)
+            SOFTMAX=bool(softmax), SHARED_VALUE=shared, num_warps=BWD_NUM_WARPS, **meta)
     # The partials summed over programs in a fixed order (deterministic), then the first
     # layer's four column blocks from the split: dWa = DCQ, dWb = DM, dWc = DCQ - DM, dWd = DMQ.
     dm, dmq, dcq = p_dm.sum(0), p_dmq.sum(0), p_dcq.sum(0)
@@ -587,4 +600,6 @@ def activation_unit_bwd(grad_out, query, key, value, lengths, mask, offsets, max
     ga1 = p_da1.sum(0)[: act1.shape[0]].to(act1.dtype) if act1 is not None else empty.clone()
     ga2 = (p_da2.sum(0)[: act2.shape[0]].to(act2.dtype)
            if (act2 is not None and two) else empty.clone())
+    if shared:
+        dv = empty.clone()
     return dq32.to(dt), dk, dv, gw1, gb1, gw2, gb2, gwo, gbo, ga1, ga2

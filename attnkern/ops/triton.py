@@ -205,6 +205,8 @@ def _check_activation_fwd(query, key, value, lengths, mask, offsets, max_length,
         _au_fail(ValueError, "query must have N >= 1 queries, got %s", list(query.shape))
     _au_same(query, "query", query)
     _au_same(key, "key", query)
+    if value is None:  # the keys are also the values
+        value = key
     _au_same(value, "value", query)
     B, N, E = query.shape
     if offsets is not None:

@@ -212,9 +212,11 @@ __global__ void __launch_bounds__(kThreads) au_bwd_kernel(const AuProblem p, con
       // Phase 6: the tile's dK/dV, written once at its valid positions.
       for (int64_t i = threadIdx.x; i < tl * E; i += blockDim.x) {
         const int64_t l = i / E, e = i % E;
-        if (s.valid[l] != 0.f) dkey[(out_row0 + t0 + l) * E + e] = from_float<T>(s.dk[i]);
+        // Shared keys/values (Dv = E): one gradient holding both contributions.
+        const float g_kv = in.shared_value ? s.dk[i] + s.dv[i] : s.dk[i];
+        if (s.valid[l] != 0.f) dkey[(out_row0 + t0 + l) * E + e] = from_float<T>(g_kv);
       }
-      for (int64_t i = threadIdx.x; i < tl * Dv; i += blockDim.x) {
+      for (int64_t i = threadIdx.x; i < (in.shared_value ? 0 : tl * Dv); i += blockDim.x) {
         const int64_t l = i / Dv, d = i % Dv;
         if (s.valid[l] != 0.f) dval[(out_row0 + t0 + l) * Dv + d] = from_float<T>(s.dv[i]);
       }

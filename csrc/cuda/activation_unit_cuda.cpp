@@ -154,11 +154,13 @@ int64_t max_smem() {
 }
 
 std::tuple<at::Tensor, at::Tensor> activation_unit_pool_fwd_cuda(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const OptT& lengths,
+    const at::Tensor& query, const at::Tensor& key, const OptT& value_opt, const OptT& lengths,
     const OptT& mask, const OptT& offsets, int64_t max_length, const at::Tensor& w1,
     const at::Tensor& b1, const OptT& w2, const OptT& b2, const at::Tensor& w_out,
     const at::Tensor& b_out, const OptT& act1, const OptT& act2, c10::string_view activation,
     bool softmax) {
+  // value None: the keys are also the values.
+  const at::Tensor& value = value_opt.has_value() ? *value_opt : key;
   const AuDims d = check_fwd_cuda(query, key, value, lengths, mask, offsets, max_length, w1, b1,
                                   w2, b2, w_out, b_out, act1, act2, activation);
   c10::cuda::CUDAGuard guard(query.device());
@@ -175,12 +177,16 @@ std::tuple<at::Tensor, at::Tensor> activation_unit_pool_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 activation_unit_pool_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& query,
-                              const at::Tensor& key, const at::Tensor& value, const OptT& lengths,
+                              const at::Tensor& key, const OptT& value_opt, const OptT& lengths,
                               const OptT& mask, const OptT& offsets, int64_t max_length,
                               const at::Tensor& w1, const at::Tensor& b1, const OptT& w2,
                               const OptT& b2, const at::Tensor& w_out, const at::Tensor& b_out,
                               const OptT& act1, const OptT& act2, c10::string_view activation,
                               bool softmax, const at::Tensor& lse, const at::Tensor& delta) {
+  // value None: the keys are also the values, and grad_key holds both contributions (no second
+  // [B, L, E] gradient); grad_value is then an empty [0] tensor.
+  const bool shared = !value_opt.has_value();
+  const at::Tensor& value = shared ? key : *value_opt;
   const AuDims d = check_fwd_cuda(query, key, value, lengths, mask, offsets, max_length, w1, b1,
                                   w2, b2, w_out, b_out, act1, act2, activation);
   check_activation_unit_bwd_extras(d, query, grad_out, lse, delta);
@@ -190,7 +196,7 @@ activation_unit_pool_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& quer
   // valid positions); the partial weight gradients start at zero.
   auto dq32 = at::zeros({d.B, d.N, d.E}, f32);
   auto grad_key = at::zeros(key.sizes(), key.options());
-  auto grad_value = at::zeros(value.sizes(), value.options());
+  auto grad_value = shared ? at::empty({0}, value.options()) : at::zeros(value.sizes(), value.options());
   const Prepared r = prepare(d, query, key, value, lengths, mask, offsets, max_length, w1, b1, w2,
                              b2, w_out, b_out, act1, act2, softmax);
   const int64_t G = kc::au_bwd_blocks(r.p, num_sms());
@@ -216,6 +222,7 @@ activation_unit_pool_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& quer
     in.go_sn = go.stride(1);
     in.lse = lse_c.data_ptr<float>();
     in.delta = delta_c.data_ptr<float>();
+    in.shared_value = shared;
     kc::AuBwdScratch s;
     s.dm = p_dm.data_ptr<float>();
     s.dmq = p_dmq.data_ptr<float>();
@@ -228,7 +235,7 @@ activation_unit_pool_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& quer
     s.da1 = p_da1.data_ptr<float>();
     s.da2 = p_da2.data_ptr<float>();
     C10_CUDA_CHECK(kc::launch_au_bwd(r.p, in, dq32.data_ptr<float>(), grad_key.data_ptr(),
-                                     grad_value.data_ptr(), s, G, max_smem(),
+                                     shared ? nullptr : grad_value.data_ptr(), s, G, max_smem(),
                                      at::cuda::getCurrentCUDAStream()));
   }
   // Partials summed over blocks in a fixed order; W1's four column blocks from the split:

@@ -79,6 +79,9 @@ struct AuBwdInputs {
   int64_t go_sb = 0, go_sn = 0;
   const float* lse = nullptr;    // [B, N] contiguous
   const float* delta = nullptr;  // [B, N] contiguous (read only with softmax)
+  // The values are the keys (value None): the value gradient is added into grad_key and
+  // grad_value is not written.
+  bool shared_value = false;
 };
 
 // grad_query32 [B, N, E] fp32 contiguous, ZERO-FILLED by the caller (each row's block adds
