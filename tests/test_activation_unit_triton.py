@@ -378,6 +378,15 @@ def test_cuda_kernels_wide_layers(E, Dv, units):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 @pytest.mark.skipif(not _cuda_built(), reason="attnkern._C was built without CUDA kernels")
+@pytest.mark.parametrize("layout,softmax", [("mask", False), ("jagged", True)])
+def test_cuda_shared_keys_and_values(layout, softmax):
+    a = _problem(B=6, N=2, L=40, E=64, Dv=64, units=(80, 40), activation="prelu",
+                 softmax=softmax, layout=layout, device="cuda", seed=18, shared_value=True)
+    check_backend("cuda", a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.skipif(not _cuda_built(), reason="attnkern._C was built without CUDA kernels")
 def test_cuda_input_checks_and_clamping():
     a = _problem(B=3, N=1, L=4, E=2, Dv=2, units=(3,), activation="relu", softmax=False,
                  layout="lengths", device="cuda", seed=9)
