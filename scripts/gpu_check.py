@@ -9,7 +9,8 @@
 `case` runs a small forward + backward through the fused C++ backend's raw ops (cuda, or cpu
 in the dry run) and through the Triton launchers: empty rows, lengths/offsets out of range
 (clamped in-kernel; the CPU ops reject them, so the dry run passes them clamped there), a
-mask with holes, split-L, odd and unequal head dims, every dtype. Each result is checked
+mask with holes, split-L, odd and unequal head dims, every dtype; and the activation-unit
+(DIN) raw ops over the same kinds of index values. Each result is checked
 against the float64 reference, so a kernel that runs clean under the sanitizer but computes
 garbage still fails.
 """
@@ -45,6 +46,63 @@ def _close(name, got, want, dtype, failures):
     if bad.any():
         failures.append("%s: %d of %d values off (max err %.3g)" % (
             name, int(bad.sum()), got.numel(), (got - want).abs().nan_to_num(0).max().item()))
+
+
+def _activation_unit_cases(dev, bad_indices, tiny, failures) -> int:
+    """The activation-unit (DIN) raw ops: lengths/offsets out of range (clamped in-kernel;
+    passed clamped where bad_indices is False), empty rows, a mask with holes, one and two
+    hidden layers, M_q staged and not (E = 256). Forward checked against the reference."""
+    import torch
+
+    from attnkern.reference import activation_unit_pool_ref
+
+    ops = torch.ops.attnkern
+    n_calls = 0
+    dtypes = (torch.float32,) if tiny else (torch.float32, torch.bfloat16)
+    dims = ((13, 9, (80, 40)),) if tiny else ((13, 9, (80, 40)), (64, 64, (64,)), (256, 7, (256,)))
+    for dtype in dtypes:
+        for E, Dv, units in dims:
+            B, N, L = 5, 2, 37
+            r = lambda *shape: torch.randn(*shape, device=dev, dtype=dtype)  # noqa: E731
+            two = len(units) == 2
+
+            def act(h):
+                return torch.stack([0.5 * torch.rand(h), 0.5 + torch.rand(h),
+                                    torch.rand(h) - 0.5]).to(dev, dtype)
+
+            w = (r(units[0], 4 * E) * (4 * E) ** -0.5, r(units[0]),
+                 r(units[1], units[0]) * units[0] ** -0.5 if two else None,
+                 r(units[1]) if two else None, r(1, units[-1]) * units[-1] ** -0.5, r(1),
+                 act(units[0]), act(units[1]) if two else None)
+            q, k, v = r(B, N, E), r(B, L, E), r(B, L, Dv)
+            bad = torch.tensor([0, L + 1000, -7, 1, L], device=dev)
+            lengths = bad if bad_indices else bad.clamp(0, L)
+            mask = torch.rand(B, L, device=dev) > 0.5
+            mask[0] = False
+            T = B * L
+            offs_bad = torch.tensor([-2, 0, L, T + 5, 3, T * 3], device=dev)
+            offs_good = torch.cummax(offs_bad.clamp(0, T), 0).values
+            offs_good[0] = 0
+            offs = offs_bad if bad_indices else offs_good
+            layouts = [(k, v, lengths, None, None, -1), (k, v, None, mask, None, -1),
+                       (k.reshape(T, E), v.reshape(T, Dv), None, None, offs, -1)]
+            if bad_indices:
+                layouts.append((k.reshape(T, E), v.reshape(T, Dv), None, None, offs, 5))
+            for kk, vv, lens, msk, off, ml in layouts:
+                for softmax in (False, True):
+                    args = (q, kk, vv, lens, msk, off, ml, *w, "dice", softmax)
+                    out, lse = ops.activation_unit_pool_fwd(*args)
+                    go = torch.randn_like(out)
+                    ops.activation_unit_pool_bwd(go, *args, lse, (go.float() * out.float()).sum(-1))
+                    n_calls += 2
+                    if lens is not None:
+                        ref_args = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                                    else a for a in args]
+                        ref_args[3] = lens.clamp(0, L)
+                        ref, _ = activation_unit_pool_ref(*ref_args)
+                        _close("activation-unit fwd %s E=%d units=%s softmax=%s"
+                               % (str(dtype)[6:], E, units, softmax), out, ref, dtype, failures)
+    return n_calls
 
 
 def cmd_case(argv) -> int:
@@ -129,6 +187,8 @@ def cmd_case(argv) -> int:
                         if "lengths" in kw:
                             ref, _ = _ref(q.double(), k.double(), v.double(), bad.clamp(0, L), scale=0.3)
                             _close("triton fwd %s" % tag, out, ref, dtype, failures)
+    if have_fused:
+        n_calls += _activation_unit_cases(dev, fused == "cuda", args.tiny, failures)
     if dev == "cuda":
         torch.cuda.synchronize()
     print("%d raw-op calls in %.1f s" % (n_calls, time.time() - t0))
