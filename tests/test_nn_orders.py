@@ -294,3 +294,29 @@ def test_ddp_two_processes_match_one(tmp_path, absorb):
         got = torch.load(tmp_path / ("rank%d.pt" % rank), weights_only=True)
         for name, v in layer.state_dict().items():
             torch.testing.assert_close(got[name], v, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("absorb", [True, False])
+def test_loads_nn_multihead_attention_weights(absorb):
+    """The README's mapping from nn.MultiheadAttention(batch_first=True): in_proj splits into
+    q/k/v, out_proj stays; its key_padding_mask passes as it is (non-empty rows: MHA gives
+    NaN on a fully padded row)."""
+    torch.manual_seed(0)
+    E, H = 16, 4
+    mha = torch.nn.MultiheadAttention(E, H, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_bias.normal_()
+        mha.out_proj.bias.normal_()
+    pool = AttentionPooling(E, H, absorb=absorb)
+    wq, wk, wv = mha.in_proj_weight.chunk(3)
+    bq, bk, bv = mha.in_proj_bias.chunk(3)
+    pool.load_state_dict({"q_proj.weight": wq, "q_proj.bias": bq, "k_proj.weight": wk,
+                          "k_proj.bias": bk, "v_proj.weight": wv, "v_proj.bias": bv,
+                          "out_proj.weight": mha.out_proj.weight,
+                          "out_proj.bias": mha.out_proj.bias})
+    q, k, v, valid, _ = _problem("mask", 3, E, E, E, dtype=torch.float32)
+    keep = valid.any(1)
+    pad = ~valid[keep]
+    expect, _ = mha(q[keep], k[keep], v[keep], key_padding_mask=pad, need_weights=False)
+    torch.testing.assert_close(pool(q[keep], k[keep], v[keep], key_padding_mask=pad), expect,
+                               atol=1e-5, rtol=1e-5)
