@@ -43,6 +43,7 @@ class Problem:
     B: int
     N: int
     H: int
+    Hkv: int  # K/V heads; divides H (query head h uses K/V head h // (H // Hkv))
     Dk: int
     Dv: int
     L: int  # padded L, or jagged T
@@ -78,10 +79,41 @@ def _reads_values(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or _validation
 
 
+def _check_heads(H: int, Hkv: int, query, key) -> None:
+    if Hkv < 1 or H % Hkv != 0:
+        raise ValueError(
+            "key must have a number of heads Hkv that divides the query's H = %d (query head h "
+            "uses K/V head h // (H // Hkv)), got Hkv = %d: query %s, key %s"
+            % (H, Hkv, list(query.shape), list(key.shape))
+        )
+
+
+def _check_mask(mask, name: str, B: int, L: int, device) -> None:
+    _check_tensor(mask, name)
+    if mask.dtype != torch.bool:
+        if name == "mask":
+            hint = ("a 0/1 mask with 1 = valid (FuxiCTR's) is mask=m.bool(); one with 1 = "
+                    "padding is key_padding_mask=m.bool()")
+        else:
+            hint = ("a 0/1 mask with 1 = padding is key_padding_mask=m.bool(); one with 1 = "
+                    "valid (FuxiCTR's) is mask=m.bool()")
+        polarity = "True = attend" if name == "mask" else "True = padding"
+        raise TypeError("%s must be a bool tensor (%s), got %s: %s"
+                        % (name, polarity, mask.dtype, hint))
+    if tuple(mask.shape) != (B, L):
+        raise ValueError("%s must have shape [B, L] = [%d, %d], got %s"
+                         % (name, B, L, list(mask.shape)))
+    if mask.device != device:
+        raise ValueError(
+            "%s must be on the device of query (%s), got %s" % (name, device, mask.device)
+        )
+
+
 def validate(query, key, value, lengths, mask, offsets, max_length, scale, return_lse,
-             values: bool = True) -> Problem:
+             values: bool = True, key_padding_mask=None) -> Problem:
     """Checks a call and returns it normalised. values=False leaves the reads of lengths/offsets
-    values to `check_values`, for callers whose kernel checks them itself."""
+    values to `check_values`, for callers whose kernel checks them itself. key_padding_mask
+    (True = padding) is checked like mask; the caller passes ~key_padding_mask on as mask."""
     for x, name in ((query, "query"), (key, "key"), (value, "value")):
         _check_tensor(x, name)
     if query.dtype not in _FLOAT_DTYPES:
@@ -124,22 +156,26 @@ def validate(query, key, value, lengths, mask, offsets, max_length, scale, retur
             raise ValueError("lengths is for the padded layout; with offsets (jagged) leave it None")
         if mask is not None:
             raise ValueError("mask is for the padded layout; with offsets (jagged) leave it None")
+        if key_padding_mask is not None:
+            raise ValueError(
+                "key_padding_mask is for the padded layout; with offsets (jagged) leave it None")
         if key.dim() != 3:
-            raise ValueError("with offsets, key must be jagged [T, H, Dk], got %s" % list(key.shape))
+            raise ValueError("with offsets, key must be jagged [T, Hkv, Dk], got %s" % list(key.shape))
         if value.dim() != 3:
             raise ValueError(
-                "with offsets, value must be jagged [T, H, Dv], got %s" % list(value.shape)
+                "with offsets, value must be jagged [T, Hkv, Dv], got %s" % list(value.shape)
             )
-        T = key.shape[0]
-        if tuple(key.shape[1:]) != (H, Dk):
+        T, Hkv = key.shape[0], key.shape[1]
+        _check_heads(H, Hkv, query, key)
+        if key.shape[2] != Dk:
             raise ValueError(
-                "key must be [T, H, Dk] = [T, %d, %d] to match query %s, got %s"
-                % (H, Dk, list(query.shape), list(key.shape))
+                "key must be [T, Hkv, Dk] = [T, %d, %d] to match query %s, got %s"
+                % (Hkv, Dk, list(query.shape), list(key.shape))
             )
-        if value.shape[0] != T or value.shape[1] != H:
+        if value.shape[0] != T or value.shape[1] != Hkv:
             raise ValueError(
-                "value must be [T, H, Dv] = [%d, %d, Dv] to match key, got %s"
-                % (T, H, list(value.shape))
+                "value must be [T, Hkv, Dv] = [%d, %d, Dv] to match key, got %s"
+                % (T, Hkv, list(value.shape))
             )
         _check_index(offsets, "offsets", B + 1, query.device)
         if max_length is not None:
@@ -157,34 +193,32 @@ def validate(query, key, value, lengths, mask, offsets, max_length, scale, retur
             raise ValueError("max_length is for the jagged layout (with offsets); got offsets=None")
         if key.dim() != 4:
             hint = " (a 3-D key is jagged: pass offsets)" if key.dim() == 3 else ""
-            raise ValueError("key must be padded [B, L, H, Dk]%s, got %s" % (hint, list(key.shape)))
+            raise ValueError("key must be padded [B, L, Hkv, Dk]%s, got %s" % (hint, list(key.shape)))
         if value.dim() != 4:
-            raise ValueError("value must be padded [B, L, H, Dv], got %s" % list(value.shape))
-        L = key.shape[1]
-        if tuple(key.shape) != (B, L, H, Dk):
+            raise ValueError("value must be padded [B, L, Hkv, Dv], got %s" % list(value.shape))
+        L, Hkv = key.shape[1], key.shape[2]
+        _check_heads(H, Hkv, query, key)
+        if tuple(key.shape) != (B, L, Hkv, Dk):
             raise ValueError(
-                "key must be [B, L, H, Dk] = [%d, L, %d, %d] to match query %s, got %s"
-                % (B, H, Dk, list(query.shape), list(key.shape))
+                "key must be [B, L, Hkv, Dk] = [%d, L, %d, %d] to match query %s, got %s"
+                % (B, Hkv, Dk, list(query.shape), list(key.shape))
             )
-        if tuple(value.shape[:3]) != (B, L, H):
+        if tuple(value.shape[:3]) != (B, L, Hkv):
             raise ValueError(
-                "value must be [B, L, H, Dv] = [%d, %d, %d, Dv] to match key, got %s"
-                % (B, L, H, list(value.shape))
+                "value must be [B, L, Hkv, Dv] = [%d, %d, %d, Dv] to match key, got %s"
+                % (B, L, Hkv, list(value.shape))
             )
-        if lengths is not None and mask is not None:
-            raise ValueError("give lengths or mask, not both")
+        given = [n for n, x in (("lengths", lengths), ("mask", mask),
+                                ("key_padding_mask", key_padding_mask)) if x is not None]
+        if len(given) > 1:
+            raise ValueError("give at most one of lengths, mask and key_padding_mask, got %s"
+                             % " and ".join(given))
         if lengths is not None:
             _check_index(lengths, "lengths", B, query.device)
         if mask is not None:
-            _check_tensor(mask, "mask")
-            if mask.dtype != torch.bool:
-                raise TypeError("mask must be a bool tensor (True = attend), got %s" % mask.dtype)
-            if tuple(mask.shape) != (B, L):
-                raise ValueError("mask must have shape [B, L] = [%d, %d], got %s" % (B, L, list(mask.shape)))
-            if mask.device != query.device:
-                raise ValueError(
-                    "mask must be on the device of query (%s), got %s" % (query.device, mask.device)
-                )
+            _check_mask(mask, "mask", B, L, query.device)
+        if key_padding_mask is not None:
+            _check_mask(key_padding_mask, "key_padding_mask", B, L, query.device)
     Dv = value.shape[-1]
     if not 1 <= Dv <= MAX_HEAD_DIM:
         raise ValueError("value head dim Dv must be in [1, %d], got %d" % (MAX_HEAD_DIM, Dv))
@@ -198,7 +232,8 @@ def validate(query, key, value, lengths, mask, offsets, max_length, scale, retur
         if not math.isfinite(scale):
             raise ValueError("scale must be finite, got %r" % scale)
 
-    prob = Problem(q4, squeeze_n, "jagged" if jagged else "padded", B, N, H, Dk, Dv, L, scale)
+    prob = Problem(q4, squeeze_n, "jagged" if jagged else "padded", B, N, H, Hkv, Dk, Dv, L,
+                   scale)
     if values:
         check_values(prob, lengths, offsets, max_length)
     return prob

@@ -76,6 +76,21 @@ def _resolve(backend, query: torch.Tensor) -> str:
     return name
 
 
+def _fold_query_heads(query: torch.Tensor, Hkv: int) -> torch.Tensor:
+    """[B, N, H, Dk] -> [B, N * G, Hkv, Dk] with G = H // Hkv: the G query heads that share a
+    K/V head become G more candidates of that head, so the fused kernels (one K/V head per
+    query head) read each K/V row once per K/V head and their dK/dV sum over the group. A copy
+    of the query only; autograd maps the gradient back through the reshape."""
+    B, N, H, Dk = query.shape
+    return query.unflatten(2, (Hkv, H // Hkv)).transpose(2, 3).reshape(B, N * (H // Hkv), Hkv, Dk)
+
+
+def _unfold_query_heads(x: torch.Tensor, N: int) -> torch.Tensor:
+    """The inverse of _fold_query_heads for out [B, N * G, Hkv, Dv] or lse [B, N * G, Hkv]."""
+    x = x.unflatten(1, (N, x.shape[1] // N)).transpose(2, 3)  # [B, N, Hkv, G, ...]
+    return x.flatten(2, 3)
+
+
 def attention_pool(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -83,6 +98,7 @@ def attention_pool(
     lengths: Optional[torch.Tensor] = None,
     *,
     mask: Optional[torch.Tensor] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
     offsets: Optional[torch.Tensor] = None,
     max_length: Optional[int] = None,
     scale: Optional[float] = None,
@@ -92,15 +108,24 @@ def attention_pool(
     """Masked scaled-dot-product attention pooling (target attention).
 
     Each query attends over its row's valid keys/values and gets one pooled vector:
-    ``out[b, n, h] = sum_l softmax_l(scale * <q[b, n, h], k[b, l, h]>) * v[b, l, h]``.
+    ``out[b, n, h] = sum_l softmax_l(scale * <q[b, n, h], k[b, l, g]>) * v[b, l, g]`` with
+    ``g = h // (H // Hkv)``.
 
     Args:
         query: [B, H, Dk] or [B, N, H, Dk] (N candidate queries sharing one history).
-        key: padded [B, L, H, Dk], or jagged [T, H, Dk] together with ``offsets``.
-        value: padded [B, L, H, Dv], or jagged [T, H, Dv].
+        key: padded [B, L, Hkv, Dk], or jagged [T, Hkv, Dk] together with ``offsets``. Hkv
+            must divide H: query head h uses K/V head h // (H // Hkv) (SDPA's enable_gqa);
+            Hkv = H is plain multi-head, Hkv = 1 one K/V head shared by every query head.
+            The gradient of a shared K/V head sums over its query heads.
+        value: padded [B, L, Hkv, Dv], or jagged [T, Hkv, Dv].
         lengths: padded only, [B] int32/int64: row b's valid prefix is ``key[b, :lengths[b]]``.
         mask: padded only, [B, L] bool, True = the position takes part (the SDPA convention).
-            With neither ``lengths`` nor ``mask``, all L positions take part.
+        key_padding_mask: padded only, [B, L] bool, True = the position is padding
+            (nn.MultiheadAttention's convention): the same as ``mask=~key_padding_mask``.
+            At most one of ``lengths``, ``mask`` and ``key_padding_mask``; with none of them
+            all L positions take part. Left-padded histories need a mask (lengths mean a
+            prefix). A 0/1 float mask is refused: pass ``m.bool()`` as the one whose polarity
+            it has.
         offsets: jagged only, [B+1] int32/int64: row b is ``key[offsets[b]:offsets[b+1]]``.
         max_length: jagged only, optional int >= every row's length (sizes GPU launches
             without a device sync; needed for the reference backend under torch.compile).
@@ -117,7 +142,9 @@ def attention_pool(
     1 <= Dk, Dv <= 256; any strides. Differentiable w.r.t. query, key and value.
     """
     prob = validate(query, key, value, lengths, mask, offsets, max_length, scale, return_lse,
-                    values=False)
+                    values=False, key_padding_mask=key_padding_mask)
+    if key_padding_mask is not None:
+        mask = ~key_padding_mask
     name = _resolve(backend, query)
     if name != "reference" and _functorch_active():
         # The fused ops have no vmap rule, so torch.func transforms (jacrev, vmap, grad, ...)
@@ -134,16 +161,22 @@ def attention_pool(
         # check_values cannot read tensors while torch.compile traces: the graph gets an op
         # that checks them when it runs, and the reference reads its indices through that op.
         lengths, offsets = checked_index_values(prob, lengths, offsets, max_length)
-    if name == "reference":
+    if name == "reference":  # shared K/V heads natively
         out, lse = attention_pool_ref(
             prob.query, key, value, lengths, mask=mask, offsets=offsets,
             max_length=max_length, scale=prob.scale,
         )
-    elif prob.layout == "padded":
-        out, lse = fused_op(name, "padded")(prob.query, key, value, lengths, mask, prob.scale)
     else:
-        ml = -1 if max_length is None else int(max_length)
-        out, lse = fused_op(name, "jagged")(prob.query, key, value, offsets, ml, prob.scale)
+        query4, group = prob.query, prob.H // prob.Hkv
+        if group > 1:
+            query4 = _fold_query_heads(query4, prob.Hkv)
+        if prob.layout == "padded":
+            out, lse = fused_op(name, "padded")(query4, key, value, lengths, mask, prob.scale)
+        else:
+            ml = -1 if max_length is None else int(max_length)
+            out, lse = fused_op(name, "jagged")(query4, key, value, offsets, ml, prob.scale)
+        if group > 1:
+            out, lse = _unfold_query_heads(out, prob.N), _unfold_query_heads(lse, prob.N)
     out = out.to(prob.query.dtype)  # the C++ ops return their unrounded float32 accumulators
     if prob.squeeze_n:
         out, lse = out.squeeze(1), lse.squeeze(1)

@@ -1,16 +1,33 @@
-"""`AttentionPooling`: the drop-in layer around `attnkern.attention_pool`.
+"""The layers: `AttentionPooling`, the drop-in layer around `attnkern.attention_pool`, and
+`ActivationUnitPooling`, DIN's activation unit around `attnkern.activation_unit_pool`.
 
-Projections in, the fused pooling in the middle, a projection out::
+Projections in, the fused pooling in the middle, a projection out. With A = attention_dim
+split into H heads of Dh = A / H::
 
-    q = W_q query            [B, (N,) H, E/H]
-    k = W_k keys, v = W_v values          [B, L, H, E/H]  (or jagged [T, H, E/H])
-    o = attention_pool(q, k, v, ...)      [B, (N,) H, E/H]
-    out = W_o concat_heads(o)             [B, (N,) E]
+    q = W_q query                        [B, (N,) H, Dh]
+    k = W_k keys, v = W_v values         [B, L, H, Dh]  (or jagged [T, H, Dh])
+    o = attention_pool(q, k, v, ...)     [B, (N,) H, Dh]
+    out = W_o concat_heads(o)            [B, (N,) E]
+
+The same result can be had without projecting the history at all ("absorbed" order). The
+logit of head h at position l is
+
+    <W_q^h q + b_q^h, W_k^h k_l + b_k^h> = <(W_k^h)^T (W_q^h q + b_q^h), k_l> + c_h
+
+where c_h does not depend on l, so the softmax cancels it; and the pooled head is
+
+    sum_l p_l (W_v^h v_l + b_v^h) = W_v^h (sum_l p_l v_l) + b_v^h    (0 on an empty row).
+
+So the pooling runs with H query vectors of width kdim over the raw keys and values (one K/V
+head shared by the H query heads) and W_v is applied to H pooled vectors instead of L rows.
+Which order is cheaper depends on the shape; `absorb_cost` is the model "auto" uses.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import math
+import numbers
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -18,22 +35,73 @@ from torch import nn
 from .functional import activation_unit_pool, attention_pool
 from .reference import ACTIVATIONS, MAX_UNITS, dice_params
 
-__all__ = ["AttentionPooling", "ActivationUnitPooling"]
+__all__ = ["AttentionPooling", "ActivationUnitPooling", "absorb_cost"]
+
+# How many multiply-adds of the projections (GEMMs) one multiply-add of the fused pooling is
+# worth. Calibrated on this project's 2-core CPU (B=1024, E=64, L=200, H in {2, 4}, fwd and
+# fwd+bwd): the absorbed order was faster at N x H = 64 and slower at N x H = 128, which
+# brackets the weight in (0.7, 1.2). The projected order's projections are memory-bound
+# passes over the padded history (and their backward two more), not compute-bound GEMMs.
+POOL_COST_WEIGHT = 1.0
+
+
+def absorb_cost(N: int, H: int, L: float, E: int, kdim: int, vdim: int,
+                attention_dim: Optional[int] = None) -> Tuple[float, float]:
+    """The cost model behind ``absorb="auto"``: (projected, absorbed) multiply-adds of one
+    forward, per history row, for N queries of H heads over a history of (mean padded) length
+    L, with keys of width kdim, values of width vdim and an attention width A (default E).
+
+    Terms both orders share (the query and output projections) are left out::
+
+        projected = A (kdim + vdim)                       K and V projections of the row
+                  + w N 2A                                pooling of N x H heads of A / H
+        absorbed  = w N H (kdim + vdim)                   pooling of N x H queries of width kdim
+                  + N A (kdim + vdim) / L                 W_k folded into, W_v applied to, N x H
+                                                          vectors per row, spread over L rows
+
+    with w = POOL_COST_WEIGHT. "auto" absorbs when absorbed <= projected: roughly when N x H
+    is below A. The backward of either order costs about twice its forward, so the same
+    comparison holds for training."""
+    A = E if attention_dim is None else attention_dim
+    w = POOL_COST_WEIGHT
+    kv = kdim + vdim
+    projected = A * kv + w * N * 2 * A
+    absorbed = w * N * H * kv + N * A * kv / max(L, 1.0)
+    return float(projected), float(absorbed)
+
+
+def _positive_int(x, name):
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1:
+        raise ValueError("%s must be a positive int, got %r" % (name, x))
+    return int(x)
 
 
 class AttentionPooling(nn.Module):
     """Multi-head target attention pooling over a padded or jagged history.
 
     Each query (a candidate item, a learned query, ...) attends over its row's valid keys and
-    gets one pooled vector back. The layer owns the query, key, value and output projections;
-    the pooling itself is the fused `attnkern.attention_pool` on the chosen backend.
+    gets one pooled vector back. The layer owns the query, key, value and output projections
+    (a drop-in for FuxiCTR's ``MultiHeadTargetAttention`` and for ``nn.MultiheadAttention``
+    with one query per row); the pooling itself is the fused `attnkern.attention_pool`.
 
     Args:
-        embed_dim: E, the size of the query and of the output; split into ``num_heads`` heads
-            of E / num_heads each (E must be divisible by num_heads).
-        num_heads: H.
+        embed_dim: E, the size of the query and of the output.
+        num_heads: H; ``attention_dim`` must be divisible by it.
         kdim: size of the keys' last dim (default E).
         vdim: size of the values' last dim (default ``kdim``).
+        attention_dim: A, the width the projections map into, split into H heads of A / H
+            (default E; FuxiCTR's ``attention_dim``).
+        scale: the logit scale, default ``1 / sqrt(A / H)``; 1.0 for unscaled dot products
+            (FuxiCTR's ``use_scale=False``).
+        projections: False uses query and keys as they are (no parameters; needs
+            kdim = vdim = E; FuxiCTR's ``use_qkvo=False``): the output is the concatenated
+            pooled heads, [B, (N,) E].
+        absorb: the evaluation order, both exact. True never projects the history: W_k is
+            folded into the query of each head and W_v is applied after the pooling, so the
+            pooling reads the raw keys and values once for all heads. False projects keys and
+            values first (the textbook order). "auto" (default) picks the cheaper one for
+            each call's shape by `absorb_cost`: absorbed when N x H is small next to A, e.g.
+            one candidate per row; projected for many candidates.
         bias: whether the four projections have a bias.
         backend: "auto" | "reference" | "cpu" | "cuda" | "triton", passed to `attention_pool`.
 
@@ -42,8 +110,12 @@ class AttentionPooling(nn.Module):
         keys: padded [B, L, kdim], or jagged [T, kdim] together with ``offsets`` [B+1].
         values: like ``keys`` with last dim ``vdim``; defaults to ``keys``.
         lengths: padded only, [B] int32/int64: row b's valid prefix is ``keys[b, :lengths[b]]``.
-        mask: padded only, [B, L] bool, True = the position takes part (the SDPA convention).
-            With neither ``lengths`` nor ``mask`` every position takes part.
+        mask: padded only, [B, L] bool, True = the position takes part (the SDPA convention;
+            FuxiCTR's 0/1 float mask ``m`` is ``mask=m.bool()``).
+        key_padding_mask: padded only, [B, L] bool, True = padding (nn.MultiheadAttention's
+            convention), the same as ``mask=~key_padding_mask``. At most one of ``lengths``,
+            ``mask`` and ``key_padding_mask``; with none, every position takes part.
+            Left-padded ("pre") histories need a mask: lengths mean a valid prefix.
         offsets: jagged only, [B+1] int32/int64: row b is ``keys[offsets[b]:offsets[b+1]]``.
         max_length: jagged only, optional Python int >= every row's length (saves a device
             sync; needed with the reference backend under ``torch.compile``).
@@ -51,7 +123,8 @@ class AttentionPooling(nn.Module):
     Returns:
         [B, E] or [B, N, E], in the dtype of the projections' output (the autocast dtype under
         ``torch.autocast``). A row with an empty history pools to zero, so its output is the
-        output projection's bias.
+        output projection's bias (zero without projections). (FuxiCTR's layer, which masks
+        with -1e9, gives such a row the mean of all its padded values instead.)
     """
 
     def __init__(
@@ -61,41 +134,69 @@ class AttentionPooling(nn.Module):
         *,
         kdim: Optional[int] = None,
         vdim: Optional[int] = None,
+        attention_dim: Optional[int] = None,
+        scale: Optional[float] = None,
+        projections: bool = True,
+        absorb="auto",
         bias: bool = True,
         backend: str = "auto",
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
-        if not isinstance(embed_dim, int) or embed_dim < 1:
-            raise ValueError("embed_dim must be a positive int, got %r" % (embed_dim,))
-        if not isinstance(num_heads, int) or num_heads < 1:
-            raise ValueError("num_heads must be a positive int, got %r" % (num_heads,))
-        if embed_dim % num_heads != 0:
+        embed_dim = _positive_int(embed_dim, "embed_dim")
+        num_heads = _positive_int(num_heads, "num_heads")
+        kdim = embed_dim if kdim is None else _positive_int(kdim, "kdim")
+        vdim = kdim if vdim is None else _positive_int(vdim, "vdim")
+        if not isinstance(projections, bool):
+            raise TypeError("projections must be a bool, got %s" % type(projections).__name__)
+        if attention_dim is None:
+            attention_dim = embed_dim
+        else:
+            attention_dim = _positive_int(attention_dim, "attention_dim")
+            if not projections and attention_dim != embed_dim:
+                raise ValueError(
+                    "attention_dim (%d) must be embed_dim (%d) with projections=False: without "
+                    "projections the heads split the embedding itself" % (attention_dim, embed_dim))
+        if attention_dim % num_heads != 0:
             raise ValueError(
-                "embed_dim (%d) must be divisible by num_heads (%d)" % (embed_dim, num_heads)
-            )
-        kdim = embed_dim if kdim is None else kdim
-        vdim = kdim if vdim is None else vdim
-        for name, d in (("kdim", kdim), ("vdim", vdim)):
-            if not isinstance(d, int) or d < 1:
-                raise ValueError("%s must be a positive int, got %r" % (name, d))
+                "attention_dim (%d%s) must be divisible by num_heads (%d)"
+                % (attention_dim, ", = embed_dim" if attention_dim == embed_dim else "", num_heads))
+        if not projections and (kdim != embed_dim or vdim != embed_dim):
+            raise ValueError(
+                "projections=False uses query and keys as they are, so kdim and vdim must be "
+                "embed_dim (%d); got kdim=%d, vdim=%d" % (embed_dim, kdim, vdim))
+        if absorb not in ("auto", True, False):
+            raise ValueError('absorb must be "auto", True or False, got %r' % (absorb,))
+        if scale is not None:
+            if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+                raise TypeError("scale must be a float or None, got %s" % type(scale).__name__)
+            if not math.isfinite(float(scale)):
+                raise ValueError("scale must be finite, got %r" % (scale,))
+            scale = float(scale)
         if not isinstance(backend, str):
             raise TypeError("backend must be a str, got %s" % type(backend).__name__)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
-        self.head_dim = embed_dim // num_heads
         self.kdim = kdim
         self.vdim = vdim
+        self.attention_dim = attention_dim
+        self.head_dim = attention_dim // num_heads
+        self.scale = 1.0 / math.sqrt(self.head_dim) if scale is None else scale
+        self.projections = projections
+        self.absorb = absorb
         self.backend = backend
-        factory = {"device": device, "dtype": dtype}
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.k_proj = nn.Linear(kdim, embed_dim, bias=bias, **factory)
-        self.v_proj = nn.Linear(vdim, embed_dim, bias=bias, **factory)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.reset_parameters()
+        if projections:
+            factory = {"device": device, "dtype": dtype}
+            self.q_proj = nn.Linear(embed_dim, attention_dim, bias=bias, **factory)
+            self.k_proj = nn.Linear(kdim, attention_dim, bias=bias, **factory)
+            self.v_proj = nn.Linear(vdim, attention_dim, bias=bias, **factory)
+            self.out_proj = nn.Linear(attention_dim, embed_dim, bias=bias, **factory)
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if not self.projections:
+            return
         # nn.MultiheadAttention's initialisation: Xavier-uniform input projections, zero
         # biases. The default Linear init is ~1.7x smaller per projection, which starts the
         # softmax close to uniform (plain mean pooling) and slows learning which items matter.
@@ -106,10 +207,27 @@ class AttentionPooling(nn.Module):
                 nn.init.zeros_(proj.bias)
 
     def extra_repr(self) -> str:
-        return "embed_dim=%d, num_heads=%d, kdim=%d, vdim=%d, backend=%r" % (
-            self.embed_dim, self.num_heads, self.kdim, self.vdim, self.backend)
+        return ("embed_dim=%d, num_heads=%d, kdim=%d, vdim=%d, attention_dim=%d, scale=%g, "
+                "projections=%s, absorb=%r, backend=%r" % (
+                    self.embed_dim, self.num_heads, self.kdim, self.vdim, self.attention_dim,
+                    self.scale, self.projections, self.absorb, self.backend))
+
+    def uses_absorbed_order(self, num_queries: int, mean_length: float) -> bool:
+        """Whether a call with ``num_queries`` (N) queries per row over histories of
+        ``mean_length`` (padded L, or T / B jagged) runs in the absorbed order."""
+        if not self.projections:
+            return False
+        if self.absorb != "auto":
+            return self.absorb
+        projected, absorbed = absorb_cost(num_queries, self.num_heads, mean_length,
+                                          self.embed_dim, self.kdim, self.vdim,
+                                          self.attention_dim)
+        return absorbed <= projected
 
     def _check(self, query, keys, values, offsets):
+        for x, name in ((query, "query"), (keys, "keys"), (values, "values")):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError("%s must be a torch.Tensor, got %s" % (name, type(x).__name__))
         if query.dim() not in (2, 3) or query.shape[-1] != self.embed_dim:
             raise ValueError(
                 "query must be [B, E] or [B, N, E] with E = embed_dim = %d, got %s"
@@ -148,6 +266,7 @@ class AttentionPooling(nn.Module):
         lengths: Optional[torch.Tensor] = None,
         *,
         mask: Optional[torch.Tensor] = None,
+        key_padding_mask: Optional[torch.Tensor] = None,
         offsets: Optional[torch.Tensor] = None,
         max_length: Optional[int] = None,
     ) -> torch.Tensor:
@@ -159,24 +278,65 @@ class AttentionPooling(nn.Module):
                 )
             values = keys
         self._check(query, keys, values, offsets)
+        pool = dict(lengths=lengths, mask=mask, key_padding_mask=key_padding_mask,
+                    offsets=offsets, max_length=max_length, scale=self.scale,
+                    backend=self.backend)
         H, D = self.num_heads, self.head_dim
-        q = self.q_proj(query)
-        k = self.k_proj(keys)
-        v = self.v_proj(values)
-        q = q.unflatten(-1, (H, D))  # [B, (N,) H, D]
-        k = k.unflatten(-1, (H, D))  # [B, L, H, D] or [T, H, D]
-        v = v.unflatten(-1, (H, D))
+        if not self.projections:
+            return self._pool(query.unflatten(-1, (H, D)), keys.unflatten(-1, (H, D)),
+                              values.unflatten(-1, (H, D)), pool)[0].flatten(-2)
+        N = 1 if query.dim() == 2 else query.shape[1]
+        if offsets is None:
+            mean_length = keys.shape[1]
+        else:
+            mean_length = keys.shape[0] / max(offsets.shape[0] - 1, 1)
+        q = self.q_proj(query).unflatten(-1, (H, D))  # [B, (N,) H, D]
+        if self.uses_absorbed_order(N, mean_length):
+            o = self._absorbed(q, keys, values, pool)
+        else:
+            k = self.k_proj(keys).unflatten(-1, (H, D))  # [B, L, H, D] or [T, H, D]
+            v = self.v_proj(values).unflatten(-1, (H, D))
+            o = self._pool(q, k, v, pool)[0]
+        return self.out_proj(o.flatten(-2))
+
+    @staticmethod
+    def _pool(q, k, v, pool):
         # Under autocast the projections already ran in the low-precision dtype; the pooling
         # takes one dtype for q, k, v and accumulates in float32 itself, so it runs with
         # autocast off (like a custom_fwd op) and is not re-cast op by op.
         k = k.to(q.dtype)
         v = v.to(q.dtype)
         with torch.autocast(device_type=q.device.type, enabled=False):
-            o = attention_pool(
-                q, k, v, lengths, mask=mask, offsets=offsets, max_length=max_length,
-                backend=self.backend,
-            )
-        return self.out_proj(o.flatten(-2))
+            return attention_pool(q, k, v, return_lse=True, **pool)
+
+    def _absorbed(self, q, keys, values, pool):
+        """The pooled heads [B, (N,) H, D] without projecting the history (module docstring)."""
+        H, D = self.num_heads, self.head_dim
+        w_k = self.k_proj.weight.view(H, D, self.kdim)
+        w_v = self.v_proj.weight.view(H, D, self.vdim)
+        # W_k^h folded into each head's query: [B, (N,) H, kdim]. The bias b_k only adds a
+        # constant to every logit of a head, which the softmax cancels (its gradient is exactly
+        # zero); it still takes part below, so that every parameter has a gradient (DDP).
+        q_k = torch.einsum("...hd,hdk->...hk", q, w_k.to(q.dtype))
+        # The pooling reads the history as it is: the folded query takes the history's dtype
+        # (under autocast a cast of the small query, never of the history).
+        q_k = q_k.to(keys.dtype)
+        k = keys.unsqueeze(-2)  # [B, L, 1, kdim] or [T, 1, kdim]: one K/V head for all H
+        # Values that are the keys pass as the same tensor: autograd then adds the two history
+        # gradients in place, where two views would get a freshly allocated [B, L, kdim] sum
+        # (measured at B=1024, L=200, kdim=64 on CPU: 590 -> 250 ms for the pooling's fwd+bwd).
+        v = k if values is keys else values.to(keys.dtype).unsqueeze(-2)
+        with torch.autocast(device_type=keys.device.type, enabled=False):
+            o, lse = attention_pool(q_k, k, v, return_lse=True, **pool)  # [B, (N,) H, vdim]
+        o = torch.einsum("...hv,hdv->...hd", o.to(q.dtype), w_v.to(q.dtype))
+        b_v, b_k = self.v_proj.bias, self.k_proj.bias
+        if b_v is not None:
+            # An empty row pools to zero in the projected order, bias included.
+            nonempty = (lse > float("-inf")).unsqueeze(-1)
+            o = o + torch.where(nonempty, b_v.view(H, D).to(o.dtype), o.new_zeros(()))
+        if b_k is not None:
+            o = o + (b_k.sum() * 0).to(o.dtype)
+        return o
 
 
 class ActivationUnitPooling(nn.Module):

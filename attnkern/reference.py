@@ -32,19 +32,23 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def masked_attention_pool_ref(
     query: Tensor, key: Tensor, value: Tensor, valid: Tensor, scale: float
 ) -> Tuple[Tensor, Tensor]:
-    """The core: query [B, N, H, Dk], key [B, L, H, Dk], value [B, L, H, Dv],
-    valid [B, L] bool (True = the position takes part). Returns out [B, N, H, Dv]
-    in query's dtype and lse [B, N, H] float32."""
+    """The core: query [B, N, H, Dk], key [B, L, Hkv, Dk], value [B, L, Hkv, Dv] with Hkv
+    dividing H (query head h uses K/V head h // (H // Hkv)), valid [B, L] bool (True = the
+    position takes part). Returns out [B, N, H, Dv] in query's dtype and lse [B, N, H]
+    float32."""
     cdt = _compute_dtype(query.dtype)
-    q = query.to(cdt)
+    B, N, H, _ = query.shape
+    Hkv = key.shape[2]
+    # query heads grouped by the K/V head they use: [B, N, Hkv, G, Dk]
+    q = query.to(cdt).unflatten(2, (Hkv, H // Hkv))
     k = key.to(cdt)
     v = value.to(cdt)
-    # scores [B, N, H, L]
     # Positions that take part in no row are never read: their values could be anything
     # (NaN/inf included), and 0 * inf would otherwise leak into the sum.
     v = torch.where(valid[:, :, None, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
-    s = torch.einsum("bnhd,blhd->bnhl", q, k) * scale
-    keep = valid[:, None, None, :]
+    # scores [B, N, Hkv, G, L]
+    s = torch.einsum("bnkgd,blkd->bnkgl", q, k) * scale
+    keep = valid[:, None, None, None, :]
     s = s.masked_fill(~keep, float("-inf"))
     # The max is a numerical shift only: the result does not depend on it, so no gradient
     # flows through it. An empty row has max -inf; shift by 0 there instead.
@@ -56,10 +60,10 @@ def masked_attention_pool_ref(
     # valid position) is not empty: it propagates to out and lse.
     nonempty = denom != 0
     safe_denom = torch.where(nonempty, denom, torch.ones_like(denom))
-    out = torch.einsum("bnhl,blhd->bnhd", p / safe_denom, v)
+    out = torch.einsum("bnkgl,blkd->bnkgd", p / safe_denom, v).flatten(2, 3)
     lse = torch.where(
         nonempty, m + torch.log(safe_denom), torch.full_like(denom, float("-inf"))
-    ).squeeze(-1)
+    ).squeeze(-1).flatten(2, 3)
     return out.to(query.dtype), lse.to(torch.float32)
 
 

@@ -51,9 +51,10 @@ def edge_lengths(B: int, L: int) -> torch.Tensor:
 def random_problem(B: int, N: int, H: int, L: int, Dk: int, Dv: int, layout: str,
                    lengths: torch.Tensor, *, generator: torch.Generator,
                    dtype: torch.dtype = torch.float32, extra_rows: int = 0,
-                   magnitude: float = 1.0) -> Tuple[Tensor, Tensor, Tensor, Dict]:
-    """Random q [B, N, H, Dk] and k/v (padded [B, L, H, D], jagged [T, H, D]) on the CPU, and the
-    layout's keyword arguments for `attention_pool`.
+                   magnitude: float = 1.0,
+                   Hkv: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, Dict]:
+    """Random q [B, N, H, Dk] and k/v (padded [B, L, Hkv, D], jagged [T, Hkv, D]; Hkv = H
+    unless given) on the CPU, and the layout's keyword arguments for `attention_pool`.
 
     layout: "lengths" (row b valid for its first lengths[b] positions), "mask" (random holes
     within those positions), "jagged" (rows packed back to back, offsets from lengths, then
@@ -67,15 +68,16 @@ def random_problem(B: int, N: int, H: int, L: int, Dk: int, Dv: int, layout: str
         return torch.randn(shape, generator=generator, dtype=dtype)
 
     q = randn(B, N, H, Dk) * magnitude
+    Hkv = H if Hkv is None else Hkv
     kw: Dict[str, Optional[Tensor]] = {}
     if layout == "jagged":
         T = int(lengths.sum()) + extra_rows
-        k, v = randn(T, H, Dk) * magnitude, randn(T, H, Dv)
+        k, v = randn(T, Hkv, Dk) * magnitude, randn(T, Hkv, Dv)
         offsets = torch.zeros(B + 1, dtype=torch.int64)
         offsets[1:] = torch.cumsum(lengths, 0)
         kw = {"offsets": offsets, "max_length": L}
     else:
-        k, v = randn(B, L, H, Dk) * magnitude, randn(B, L, H, Dv)
+        k, v = randn(B, L, Hkv, Dk) * magnitude, randn(B, L, Hkv, Dv)
         if layout == "lengths":
             kw = {"lengths": lengths}
         elif layout == "mask":
@@ -86,12 +88,13 @@ def random_problem(B: int, N: int, H: int, L: int, Dk: int, Dv: int, layout: str
 
 def make_problem(B=3, N=1, H=1, L=37, Dk=16, Dv=16, dtype=torch.float32, layout="lengths",
                  lengths=None, device="cpu", seed=0, query_3d=False, magnitude=1.0,
-                 extra_rows=2, lengths_dtype=torch.int32):
+                 extra_rows=2, lengths_dtype=torch.int32, Hkv=None):
     """Random inputs for one call: ([q, k, v], layout kwargs) for attnkern.attention_pool.
 
     lengths: None (empty, one, full, half and nearly full rows: `edge_lengths`), "uniform"
     (randint(0, L + 1) per row) or the lengths themselves. Jagged inputs get `extra_rows` trailing
-    rows that belong to no row; lengths are `lengths_dtype` (int32, the common case)."""
+    rows that belong to no row; lengths are `lengths_dtype` (int32, the common case). Hkv:
+    K/V heads (default H; fewer are shared by groups of query heads)."""
     g = torch.Generator().manual_seed(seed)
     if lengths is None:
         lengths_t = edge_lengths(B, L)
@@ -100,7 +103,7 @@ def make_problem(B=3, N=1, H=1, L=37, Dk=16, Dv=16, dtype=torch.float32, layout=
     else:
         lengths_t = torch.as_tensor(lengths, dtype=torch.long)
     q, k, v, kwargs = random_problem(B, N, H, L, Dk, Dv, layout, lengths_t, generator=g,
-                                     extra_rows=extra_rows, magnitude=magnitude)
+                                     extra_rows=extra_rows, magnitude=magnitude, Hkv=Hkv)
     if query_3d:
         assert N == 1
         q = q[:, 0]
@@ -126,6 +129,8 @@ def row_positions(key: Tensor, kwargs: dict) -> List[Tensor]:
     B, L = key.shape[0], key.shape[1]
     if kwargs.get("mask") is not None:
         valid = kwargs["mask"].cpu()
+    elif kwargs.get("key_padding_mask") is not None:
+        valid = ~kwargs["key_padding_mask"].cpu()
     elif kwargs.get("lengths") is not None:
         valid = torch.arange(L)[None, :] < kwargs["lengths"].long().cpu()[:, None]
     else:
@@ -151,12 +156,14 @@ def loop_oracle(q: Tensor, k: Tensor, v: Tensor, kwargs: dict, scale: float,
                 grad_out: Optional[Tensor] = None):
     """Row by row and head by head in float64 on the CPU, over the valid positions only, with
     the softmax and its backward written out: an oracle that shares no code with the reference.
-    q [B, N, H, Dk] (or [B, H, Dk]); returns (out, lse[, grad_query, grad_key, grad_value])."""
+    q [B, N, H, Dk] (or [B, H, Dk]), k/v with Hkv heads (query head h uses K/V head
+    h // (H // Hkv)); returns (out, lse[, grad_query, grad_key, grad_value])."""
     squeeze = q.dim() == 3
     q = (q.unsqueeze(1) if squeeze else q).detach().cpu().double()
     k, v = k.detach().cpu().double(), v.detach().cpu().double()
     B, N, H, _ = q.shape
-    kf, vf = k.reshape(-1, H, k.shape[-1]), v.reshape(-1, H, v.shape[-1])
+    Hkv = k.shape[-2]
+    kf, vf = k.reshape(-1, Hkv, k.shape[-1]), v.reshape(-1, Hkv, v.shape[-1])
     out = torch.zeros(B, N, H, v.shape[-1], dtype=torch.float64)
     lse = torch.full((B, N, H), -math.inf, dtype=torch.float64)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(kf), torch.zeros_like(vf)
@@ -165,7 +172,8 @@ def loop_oracle(q: Tensor, k: Tensor, v: Tensor, kwargs: dict, scale: float,
         if pos.numel() == 0:
             continue
         for h in range(H):
-            kb, vb = kf[pos, h], vf[pos, h]  # [P, D]
+            hk = h // (H // Hkv)
+            kb, vb = kf[pos, hk], vf[pos, hk]  # [P, D]
             s = scale * (q[b, :, h] @ kb.T)  # [N, P]
             m = s.max(dim=-1, keepdim=True).values
             w = torch.exp(s - m)
@@ -178,8 +186,8 @@ def loop_oracle(q: Tensor, k: Tensor, v: Tensor, kwargs: dict, scale: float,
                 dp = g @ vb.T
                 ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
                 dq[b, :, h] = scale * (ds @ kb)
-                dk[pos, h] += scale * (ds.T @ q[b, :, h])
-                dv[pos, h] += p.T @ g
+                dk[pos, hk] += scale * (ds.T @ q[b, :, h])
+                dv[pos, hk] += p.T @ g
     if squeeze:
         out, lse, dq = out.squeeze(1), lse.squeeze(1), dq.squeeze(1)
     if go is None:

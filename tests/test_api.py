@@ -58,6 +58,12 @@ def test_dtype_errors():
     _raises(TypeError, "value must have the dtype of query", q, k, v.half())
     _raises(TypeError, "lengths must be int32 or int64", q, k, v, torch.tensor([1.0, 2.0]))
     _raises(TypeError, "mask must be a bool", q, k, v, mask=torch.ones(2, 5))
+    # a 0/1 float mask: the message says how to convert it, for either polarity
+    _raises(TypeError, r"True = attend.*mask=m\.bool\(\)", q, k, v, mask=torch.ones(2, 5))
+    _raises(TypeError, r"key_padding_mask must be a bool tensor \(True = padding\).*"
+            r"key_padding_mask=m\.bool\(\)", q, k, v, key_padding_mask=torch.zeros(2, 5))
+    _raises(ValueError, "key_padding_mask must have shape", q, k, v,
+            key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
     qj, kj, vj = _jagged()
     _raises(TypeError, "offsets must be int32 or int64", qj, kj, vj,
             offsets=torch.tensor([0.0, 2.0, 6.0]))
@@ -74,7 +80,10 @@ def test_shape_errors():
     _raises(ValueError, "query must be", q[None, None], k, v)
     _raises(ValueError, "key must be", q, k[:1], v)
     _raises(ValueError, "key must be", q, k[..., :3], v)
-    _raises(ValueError, "key must be", q, k[:, :, :1], v)
+    _raises(ValueError, "value must be", q, k[:, :, :1], v)  # K and V head counts differ
+    q3 = torch.randn(2, 3, 4)
+    _raises(ValueError, "Hkv that divides the query's H = 3", q3, k, v)  # 2 K/V heads, 3 query heads
+    _raises(ValueError, "Hkv that divides the query's H = 2", q, k[:, :, :0], v[:, :, :0])
     _raises(ValueError, "value must be", q, k, v[:, :4])
     _raises(ValueError, "value must be", q, k, v[0])
     _raises(ValueError, "a 3-D key is jagged: pass offsets", q, k[0], v[0])
@@ -91,11 +100,16 @@ def test_layout_conflicts():
     q, k, v = _ok()
     lengths = torch.tensor([1, 2])
     mask = torch.ones(2, 5, dtype=torch.bool)
-    _raises(ValueError, "lengths or mask, not both", q, k, v, lengths, mask=mask)
+    _raises(ValueError, "at most one of lengths, mask and key_padding_mask, got lengths and mask",
+            q, k, v, lengths, mask=mask)
+    _raises(ValueError, "got mask and key_padding_mask", q, k, v, mask=mask, key_padding_mask=~mask)
+    _raises(ValueError, "got lengths and key_padding_mask", q, k, v, lengths, key_padding_mask=~mask)
     qj, kj, vj = _jagged()
     offsets = torch.tensor([0, 2, 6])
     _raises(ValueError, "lengths is for the padded layout", qj, kj, vj, lengths, offsets=offsets)
     _raises(ValueError, "mask is for the padded layout", qj, kj, vj, mask=mask, offsets=offsets)
+    _raises(ValueError, "key_padding_mask is for the padded layout", qj, kj, vj,
+            key_padding_mask=mask, offsets=offsets)
     _raises(ValueError, "key must be jagged", q, k, v, offsets=offsets)
     _raises(ValueError, "max_length is for the jagged layout", q, k, v, max_length=3)
     _raises(ValueError, "offsets must have shape", qj, kj, vj, offsets=torch.tensor([0, 6]))

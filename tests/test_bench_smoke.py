@@ -178,3 +178,39 @@ def test_bench_streams_every_case_and_compiles_once_per_run(tmp_path, monkeypatc
     assert records == json.loads((out / "bench.json").read_text()) and len(records) == len(seen)
     assert len({(r["shape"]["name"], r["mode"]) for r in records}) == 4
     assert len(calls) == 1
+
+
+def test_layer_family_runs_and_checks(tmp_path, capsys):
+    """`attnkern bench --family layer` on a tiny shape: every provider agrees with the layer
+    (same weights), and the records and tables are written."""
+    out = tmp_path / "layer"
+    rc = bench.main(["--family", "layer", "--layer-shape", "8,8,2,6,1", "--layer-shape",
+                     "8,8,2,6,3", "--no-model", "--rounds", "1", "--out", str(out)])
+    assert rc == 0
+    records = json.loads((out / "layer.json").read_text())
+    from attnkern.tools.bench import layers
+
+    assert {(r["provider"], r["mode"]) for r in records} == {
+        (p, m) for p in layers.LAYER_PROVIDERS for m in layers.MODES}
+    assert all(r["max_abs_err"] <= 1e-5 and r["ms"] > 0 for r in records)
+    assert {r["order"] for r in records if r["provider"] == "attnkern"} == {"absorbed"}
+    assert "auto order" in (out / "layer.md").read_text()
+    assert rc == 0 and "Layer fwd+bwd" in capsys.readouterr().out
+
+
+def test_model_step_providers_train():
+    """One step of each model provider at a tiny shape lowers nothing to NaN and changes the
+    weights; the eager layer really is in the model."""
+    from attnkern.tools.bench import layers
+
+    shape = layers.LayerShape(16, 8, 2, 6, 1)
+    for provider in layers.MODEL_PROVIDERS:
+        model = layers.make_model(provider, shape, items=50)
+        assert isinstance(model.pool, layers.EagerTargetAttention) == (provider == "eager")
+        step = layers.model_step_callable(provider, shape, items=50)
+        assert torch.isfinite(step())
+
+
+def test_bad_layer_shape(capsys):
+    assert bench.main(["--family", "layer", "--layer-shape", "8,8,3,6,1"]) == 2
+    assert "H dividing E" in capsys.readouterr().err

@@ -101,7 +101,10 @@ def test_gradients():
     m(q, k, lengths=lengths).square().sum().backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, name
+        # b_k adds the same constant to every logit of a head, which the softmax cancels: its
+        # exact gradient is zero (rounding noise in the projected order, exactly 0 absorbed).
+        if name != "k_proj.bias":
+            assert p.grad.abs().sum() > 0, name
     pad = torch.arange(k.shape[1])[None, :] >= lengths[:, None]
     assert (k.grad[pad] == 0).all()
     assert (q.grad[lengths == 0] == 0).all()

@@ -172,10 +172,12 @@ def test_cli_writes_results_and_summary(tmp_path, capsys, one_thread):
             "--seed", "0", "1", "--out", str(tmp_path), "--no-progress"]
     assert train.main(argv) == 0
     out = capsys.readouterr().out
-    assert "val_auc" in out and "test AUC" in out
+    assert "val_auc" in out and "test AUC" in out and "s/epoch" in out
     summary = json.loads((tmp_path / "summary-synthetic.json").read_text())
     assert set(summary["pooling"]) == {"attention", "sum"}
     assert summary["pooling"]["sum"]["seeds"] == 2
+    for pooling in ("attention", "sum"):  # seconds per epoch, for the cost side of the table
+        assert summary["pooling"][pooling]["train_seconds_per_epoch"] > 0
     for pooling in ("attention", "sum"):
         for seed in (0, 1):
             run_dir = tmp_path / ("synthetic-%s-seed%d" % (pooling, seed))

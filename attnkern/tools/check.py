@@ -14,11 +14,13 @@ import torch
 
 from attnkern import testing
 
-# (name, B, N, H, L, Dk, Dv): odd head dims, Dk != Dv, several queries/heads, L off any block.
+# (name, B, N, H, L, Dk, Dv[, Hkv]): odd head dims, Dk != Dv, several queries/heads, L off any
+# block, and query heads sharing K/V heads (Hkv < H).
 SHAPES = [
     ("base", 4, 1, 1, 33, 64, 64),
     ("multi", 3, 4, 2, 17, 7, 40),
     ("wide", 5, 2, 3, 70, 130, 7),
+    ("shared", 3, 2, 4, 21, 16, 24, 2),
 ]
 LAYOUTS = testing.LAYOUTS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -45,9 +47,10 @@ def pool_function(backend: str, kwargs: dict):
 def check_case(backend, device, layout, dtype, shape) -> Result:
     """One case by the checking body of attnkern.testing (random inputs with empty rows, full
     rows and rows of odd length)."""
-    name, B, N, H, L, Dk, Dv = shape
+    name, B, N, H, L, Dk, Dv = shape[:7]
+    Hkv = shape[7] if len(shape) > 7 else H
     args, kw = testing.make_problem(B, N, H, L, Dk, Dv, dtype=dtype, layout=layout,
-                                    device=device, extra_rows=1)
+                                    device=device, extra_rows=1, Hkv=Hkv)
     go = testing.random_grad_out(args[0], args[2])
     reference = None if backend == "reference" else testing.pool_function("reference", kw)
     report = testing.check_function(pool_function(backend, kw), args, kw, go,

@@ -318,15 +318,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _summary(results: List[dict]) -> Dict[str, dict]:
+    """Per pooling: test AUC over the seeds, and the training seconds per epoch (mean over
+    every epoch of every seed: the cost side of the comparison)."""
     by_pool: Dict[str, List[float]] = {}
+    seconds: Dict[str, List[float]] = {}
     for r in results:
         if r and r["test"]:
-            by_pool.setdefault(r["config"]["pooling"], []).append(r["test"]["auc"])
+            pool = r["config"]["pooling"]
+            by_pool.setdefault(pool, []).append(r["test"]["auc"])
+            seconds.setdefault(pool, []).extend(e["train_seconds"] for e in r["epochs"])
     out = {}
     for pool, aucs in by_pool.items():
+        secs = seconds[pool]
         out[pool] = {"test_auc_mean": statistics.fmean(aucs),
                      "test_auc_std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
-                     "seeds": len(aucs), "test_auc": aucs}
+                     "seeds": len(aucs), "test_auc": aucs,
+                     "train_seconds_per_epoch": statistics.fmean(secs) if secs else None,
+                     "train_seconds_per_epoch_std": statistics.stdev(secs) if len(secs) > 1 else 0.0}
     return out
 
 
@@ -380,9 +388,12 @@ def main(argv=None) -> int:
                         {"data": data_name, "pooling": summary,
                          "runs": [os.path.join(args.out, RunConfig(**r["config"]).name, "results.json")
                                   for r in results if r]})
-            print("\n%-10s %-18s %s" % ("pooling", "test AUC", "seeds"))
+            print("\n%-10s %-18s %-7s %s" % ("pooling", "test AUC", "seeds", "s/epoch (train)"))
             for pool, s in summary.items():
-                print("%-10s %.4f +- %.4f    %d" % (pool, s["test_auc_mean"], s["test_auc_std"], s["seeds"]))
+                secs = s["train_seconds_per_epoch"]
+                print("%-10s %.4f +- %.4f    %-7d %s" % (
+                    pool, s["test_auc_mean"], s["test_auc_std"], s["seeds"],
+                    "?" if secs is None else "%.1f +- %.1f" % (secs, s["train_seconds_per_epoch_std"])))
     finally:
         if args.ddp and dist.is_initialized():
             dist.destroy_process_group()

@@ -73,8 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="attnkern bench",
         description="Time attention pooling on every available backend and the PyTorch "
                     "alternatives; print a table, write JSON, CSV, markdown and a PNG plot.")
+    p.add_argument("--family", choices=("op", "layer"), default="op",
+                   help="op: attention_pool against the PyTorch alternatives (default); layer: "
+                        "AttentionPooling against an eager FuxiCTR-style layer and "
+                        "nn.MultiheadAttention, and a TargetAttentionCTR training step")
     p.add_argument("--full", action="store_true",
-                   help="every shape, uniform and full lengths, float32 and bfloat16 (long)")
+                   help="every shape, uniform and full lengths, float32 and bfloat16 (long); "
+                        "with --family layer every shape of the layer grid")
+    p.add_argument("--layer-shape", action="append", default=None, metavar="B,E,H,L,N",
+                   help="--family layer: a layer shape (repeatable; default: the quick set)")
+    p.add_argument("--no-model", action="store_true",
+                   help="--family layer: skip the model training step")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="--family layer: timing rounds (each times every provider 3 times)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--dtype", type=_csv_list(tuple(DTYPES)), default=None,
@@ -156,6 +167,8 @@ def main(argv=None) -> int:
 
         inductor_config.fx_graph_cache = False
         functorch_config.enable_autograd_cache = False
+    if args.family == "layer":
+        return _main_layer(args, argv, device)
     budget = args.budget if args.budget is not None else (1.0 if args.full else 0.25)
     cases = select_cases(args)
     wanted = args.providers or list(PROVIDERS)
@@ -225,5 +238,52 @@ def main(argv=None) -> int:
     bad = [r["key"] for r in records if r.get("check") == "MISMATCH" or r.get("status") == "error"]
     if bad:
         print("attnkern bench: mismatches or errors in %s" % ", ".join(bad), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _main_layer(args, argv, device) -> int:
+    """`attnkern bench --family layer`: see attnkern/tools/bench/layers.py."""
+    from . import layers
+
+    if device.type != "cpu":
+        print("attnkern bench: --family layer runs on CPU only for now", file=sys.stderr)
+        return 2
+    try:
+        shapes = ([layers.parse_layer_shape(t) for t in args.layer_shape] if args.layer_shape
+                  else list(layers.FULL_LAYER_SHAPES if args.full else layers.QUICK_LAYER_SHAPES))
+    except ValueError as e:
+        print("attnkern bench: --layer-shape: %s" % e, file=sys.stderr)
+        return 2
+    if args.rounds < 1:
+        print("attnkern bench: --rounds must be >= 1", file=sys.stderr)
+        return 2
+    env = environment(device)
+    print("attnkern bench: layer family, %d shapes x %s%s on %s, torch %s, %d threads" % (
+        len(shapes), ",".join(args.modes or layers.MODES), "" if args.no_model else " + model step",
+        env["device_name"], env["torch_version"], env["threads"]), file=sys.stderr)
+    t0 = time.perf_counter()
+    records = layers.run_family(
+        shapes, args.modes or layers.MODES, env, model=not args.no_model, rounds=args.rounds,
+        progress=lambda what: print("attnkern bench: %s" % what, file=sys.stderr, flush=True))
+    elapsed = time.perf_counter() - t0
+    table = layers.format_layer_markdown(records)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    paths = [os.path.join(args.out, "layer." + ext) for ext in ("json", "md")]
+    with open(paths[0], "w") as f:
+        json.dump(records, f, indent=1)
+    cmd = "attnkern bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    with open(paths[1], "w") as f:
+        f.write("Command: `%s` (%.0f s) on %s, torch %s, %d threads, load average %s\n\n" % (
+            cmd.strip(), elapsed, env["device_name"], env["torch_version"], env["threads"],
+            "%.1f" % env["load_avg"] if env["load_avg"] is not None else "?"))
+        f.write(table)
+    print("attnkern bench: %.0f s; wrote %s" % (elapsed, ", ".join(paths)), file=sys.stderr)
+    bad = [r for r in records if r["family"] == "layer" and not r["max_abs_err"] <= 1e-3]
+    if bad:
+        print("attnkern bench: layer outputs disagree: %s" % ", ".join(
+            "%s %s (%.3g)" % (r["provider"], r["shape"]["name"], r["max_abs_err"]) for r in bad),
+            file=sys.stderr)
         return 1
     return 0
