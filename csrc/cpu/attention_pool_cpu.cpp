@@ -27,6 +27,7 @@
 #include "attention_pool.h"
 #include "host_buffers.h"
 #include "kernel_common.h"
+#include "tile_kernels.h"
 
 namespace attnkern {
 namespace cpu {
@@ -34,7 +35,7 @@ namespace cpu {
 int64_t workspace_elems(int64_t N, int64_t Dk, int64_t Dv) {
   // Padded to the widest vector (16 lanes); covers the forward and backward layouts.
   const int64_t Dkp = (Dk + 15) / 16 * 16, Dvp = (Dv + 15) / 16 * 16;
-  return 2 * N * Dkp + N * Dvp + 48 * (Dkp + Dvp) + 34 * N + 128;
+  return std::max(2 * N * Dkp + N * Dvp + 48 * (Dkp + Dvp) + 34 * N + 128, tile_workspace_elems(N, Dk, Dv));
 }
 
 namespace {
@@ -42,6 +43,12 @@ namespace {
 // Rows with more valid positions than this are split when there are few (row, head) tasks.
 constexpr int64_t kSplitLen = 512;
 constexpr int64_t kSplitMaxTasks = 64;
+
+KernelTable with_tiles(KernelTable t, FwdFn fwd, BwdFn bwd) {
+  t.fwd_tile = fwd;
+  t.bwd_tile = bwd;
+  return t;
+}
 
 const KernelTable& simd_kernels() {
   static const KernelTable table = [] {
@@ -54,11 +61,11 @@ const KernelTable& simd_kernels() {
                         __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2");
     const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                       __builtin_cpu_supports("f16c");
-    if (has512 && (cap.empty() || cap == "avx512")) return avx512_kernels();
-    if (has2 && cap != "generic") return avx2_kernels();
+    if (has512 && (cap.empty() || cap == "avx512")) return with_tiles(avx512_kernels(), &tile_fwd_avx512, &tile_bwd_avx512);
+    if (has2 && cap != "generic") return with_tiles(avx2_kernels(), &tile_fwd_avx2, &tile_bwd_avx2);
 #endif
     (void)cap;
-    return generic_kernels();
+    return with_tiles(generic_kernels(), &tile_fwd_generic, &tile_bwd_generic);
   }();
   return table;
 }
@@ -241,6 +248,7 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
   using A = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
   const KernelTable& kt = kernels_for(p.dtype);
   const int64_t N = p.N, H = p.H, Dv = p.Dv;
+  const FwdFn fwd = N >= kTileMinQueries && kt.fwd_tile ? kt.fwd_tile : kt.fwd;
   const int64_t ws_n = workspace_elems(N, p.Dk, Dv);
   scalar_t* o = out.data_ptr<scalar_t>();
   float* ls = lse.data_ptr<float>();
@@ -269,7 +277,7 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
     at::parallel_for(0, ntasks, grain_for(N * avg_len * (p.Dk + Dv)), [&](int64_t t0, int64_t t1) {
       std::vector<A> ws(ws_n), acc(N * Dv), m(N), l(N);
       for_each_task(p, rows, t0, t1, [&](int64_t t, const Span& s) {
-        kt.fwd(p, s, ws.data(), acc.data(), m.data(), l.data());
+        fwd(p, s, ws.data(), acc.data(), m.data(), l.data());
         finish(t, acc.data(), m.data(), l.data());
       });
     });
@@ -282,7 +290,7 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
   at::parallel_for(0, nitems, 1, [&](int64_t i0, int64_t i1) {
     std::vector<A> ws(ws_n);
     for_each_item(rows, H, items, i0, i1, [&](int64_t i, const Span& s) {
-      kt.fwd(p, s, ws.data(), pacc.data() + i * N * Dv, pm.data() + i * N, pl.data() + i * N);
+      fwd(p, s, ws.data(), pacc.data() + i * N * Dv, pm.data() + i * N, pl.data() + i * N);
     });
   });
   std::vector<int64_t> first(ntasks + 1, nitems);
@@ -371,6 +379,7 @@ void bwd_impl(const BwdParams& p, const Rows& rows, at::Tensor& gq) {
   using A = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
   const KernelTable& kt = kernels_for(p.dtype);
   const int64_t N = p.N, H = p.H, Dk = p.Dk;
+  const BwdFn bwd = N >= kTileMinQueries && kt.bwd_tile ? kt.bwd_tile : kt.bwd;
   const int64_t ws_n = workspace_elems(N, Dk, p.Dv);
   scalar_t* gqp = gq.data_ptr<scalar_t>();
   auto store_dq = [&](int64_t task, const A* dq) {
@@ -388,7 +397,7 @@ void bwd_impl(const BwdParams& p, const Rows& rows, at::Tensor& gq) {
     at::parallel_for(0, ntasks, grain_for(2 * N * avg_len * (Dk + p.Dv)), [&](int64_t t0, int64_t t1) {
       std::vector<A> ws(ws_n), dq(N * Dk);
       for_each_task(p, rows, t0, t1, [&](int64_t t, const Span& s) {
-        kt.bwd(p, s, ws.data(), dq.data());
+        bwd(p, s, ws.data(), dq.data());
         store_dq(t, dq.data());
         zero_invalid<scalar_t>(rows, p, kt, s.b, s.h, s.count);
       });
@@ -401,7 +410,7 @@ void bwd_impl(const BwdParams& p, const Rows& rows, at::Tensor& gq) {
   at::parallel_for(0, nitems, 1, [&](int64_t i0, int64_t i1) {
     std::vector<A> ws(ws_n);
     for_each_item(rows, H, items, i0, i1, [&](int64_t i, const Span& s) {
-      kt.bwd(p, s, ws.data(), pdq.data() + i * N * Dk);
+      bwd(p, s, ws.data(), pdq.data() + i * N * Dk);
     });
   });
   std::vector<int64_t> first(ntasks + 1, nitems);

@@ -78,6 +78,9 @@ struct KernelTable {
   FwdFn fwd;
   BwdFn bwd;
   ZeroFn zero;
+  // Tiled kernels for many queries per history (tile_kernels.h); null where there are none.
+  FwdFn fwd_tile = nullptr;
+  BwdFn bwd_tile = nullptr;
 };
 
 // Prefetches the K/V rows of the first p.prefetch positions of span s (portable code: the
