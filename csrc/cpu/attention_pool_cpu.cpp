@@ -44,6 +44,13 @@ namespace {
 constexpr int64_t kSplitLen = 512;
 constexpr int64_t kSplitMaxTasks = 64;
 
+// ATTNKERN_CPU_TILES=0 turns the tiled kernels off (read at every call, so that a benchmark can
+// compare both paths in one process).
+bool tiles_enabled() {
+  const char* e = std::getenv("ATTNKERN_CPU_TILES");
+  return !(e && e[0] == '0');
+}
+
 KernelTable with_tiles(KernelTable t, FwdFn fwd, BwdFn bwd) {
   t.fwd_tile = fwd;
   t.bwd_tile = bwd;
@@ -248,7 +255,7 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
   using A = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
   const KernelTable& kt = kernels_for(p.dtype);
   const int64_t N = p.N, H = p.H, Dv = p.Dv;
-  const FwdFn fwd = N >= kTileMinQueries && kt.fwd_tile ? kt.fwd_tile : kt.fwd;
+  const FwdFn fwd = N >= kTileMinQueries && kt.fwd_tile && tiles_enabled() ? kt.fwd_tile : kt.fwd;
   const int64_t ws_n = workspace_elems(N, p.Dk, Dv);
   scalar_t* o = out.data_ptr<scalar_t>();
   float* ls = lse.data_ptr<float>();
@@ -379,7 +386,7 @@ void bwd_impl(const BwdParams& p, const Rows& rows, at::Tensor& gq) {
   using A = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
   const KernelTable& kt = kernels_for(p.dtype);
   const int64_t N = p.N, H = p.H, Dk = p.Dk;
-  const BwdFn bwd = N >= kTileMinQueries && kt.bwd_tile ? kt.bwd_tile : kt.bwd;
+  const BwdFn bwd = N >= kTileMinQueries && kt.bwd_tile && tiles_enabled() ? kt.bwd_tile : kt.bwd;
   const int64_t ws_n = workspace_elems(N, Dk, p.Dv);
   scalar_t* gqp = gq.data_ptr<scalar_t>();
   auto store_dq = [&](int64_t task, const A* dq) {

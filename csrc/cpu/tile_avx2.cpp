@@ -70,24 +70,52 @@ struct TileVec256 {
     const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     return {_mm256_blendv_ps(_mm256_set1_ps(-__builtin_inff()), v, _mm256_castsi256_ps(keep))};
   }
-  // 2^x: x = n + f (round to nearest, |f| <= 1/2), degree-7 polynomial of 2^f, times 2^n built
-  // in the exponent field. max/min take x as their second operand, so a NaN lane stays NaN all
-  // the way through; lanes below -126 (incl. -inf) are set to exactly 0.
+  // 2^x: x = n + f (round to nearest, |f| <= 1/2), a degree-5 minimax polynomial of 2^f
+  // (relative error 1e-7, below the rounding of an fp32 logit), times 2^n added into the
+  // exponent field. Inputs are <= 2^8 here (the lazy running max). max() takes x as its second
+  // operand, so a NaN lane stays NaN; lanes below -125 (incl. -inf) are set to exactly 0.
   static TileVec256 exp2(TileVec256 x) {
-    const __m256 xc = _mm256_min_ps(_mm256_set1_ps(127.f), _mm256_max_ps(_mm256_set1_ps(-126.f), x.v));
+    const __m256 xc = _mm256_max_ps(_mm256_set1_ps(-125.f), x.v);
     const __m256 n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256 f = _mm256_sub_ps(xc, n);
-    __m256 y = _mm256_set1_ps(1.5252733804059841e-05f);
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.5403530393381608e-04f));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.3333558146428443e-03f));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(9.6181291076284772e-03f));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(5.5504108664821580e-02f));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.4022650695910071e-01f));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(6.9314718055994531e-01f));
+    __m256 y = _mm256_set1_ps(1.326460061769931e-03f);
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(9.671514518998413e-03f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(5.550734171906474e-02f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.4022242044256292e-01f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(6.931469772847576e-01f));
     y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    const __m256 r = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-    return {_mm256_blendv_ps(r, _mm256_setzero_ps(), _mm256_cmp_ps(x.v, _mm256_set1_ps(-126.f), _CMP_LT_OQ))};
+    const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+    const __m256 r = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(y), e));
+    return {_mm256_blendv_ps(r, _mm256_setzero_ps(), _mm256_cmp_ps(x.v, _mm256_set1_ps(-125.f), _CMP_LT_OQ))};
+  }
+  // dst[d * NR + j] = rows[j * rs + d] for the W rows j < 8 and d < D (rows readable up to
+  // D rounded up to 8): 8 x 8 transposes in registers.
+  template <int NR>
+  static void transpose_rows(const float* rows, int64_t rs, int64_t D, float* dst) {
+    int64_t d = 0;
+    for (; d < D; d += 8) {
+      __m256 r[8];
+      for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(rows + j * rs + d);
+      const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      __m256 c[8];
+      c[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+      c[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+      c[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+      c[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+      c[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+      c[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+      c[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+      c[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+      const int64_t n = D - d < 8 ? D - d : 8;
+      for (int64_t i = 0; i < n; ++i) _mm256_storeu_ps(dst + (d + i) * NR, c[i]);
+    }
   }
 };
 

@@ -61,22 +61,26 @@ struct TileVec512 {
     const __mmask16 keep = n <= 0 ? __mmask16(0) : n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u);
     return {_mm512_mask_blend_ps(keep, _mm512_set1_ps(-__builtin_inff()), v)};
   }
-  // 2^x as in tile_avx2.cpp, with the 2^n scaling done by vscalefps; NaN stays NaN, lanes
-  // below -126 (incl. -inf) are exactly 0.
+  // 2^x as in tile_avx2.cpp (degree-5 polynomial), with the 2^n scaling done by vscalefps;
+  // NaN stays NaN, lanes below -125 (incl. -inf) are exactly 0.
   static TileVec512 exp2(TileVec512 x) {
-    const __m512 xc = _mm512_min_ps(_mm512_set1_ps(127.f), _mm512_max_ps(_mm512_set1_ps(-126.f), x.v));
+    const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-125.f), x.v);
     const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(xc, n);
-    __m512 y = _mm512_set1_ps(1.5252733804059841e-05f);
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.5403530393381608e-04f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.3333558146428443e-03f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.6181291076284772e-03f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5504108664821580e-02f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022650695910071e-01f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314718055994531e-01f));
+    __m512 y = _mm512_set1_ps(1.326460061769931e-03f);
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.671514518998413e-03f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.550734171906474e-02f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022242044256292e-01f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931469772847576e-01f));
     y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
     const __m512 r = _mm512_scalef_ps(y, n);
-    return {_mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(-126.f), _CMP_LT_OQ), _mm512_setzero_ps())};
+    return {_mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(-125.f), _CMP_LT_OQ), _mm512_setzero_ps())};
+  }
+  // dst[d * NR + j] = rows[j * rs + d] for the W rows j and d < D.
+  template <int NR>
+  static void transpose_rows(const float* rows, int64_t rs, int64_t D, float* dst) {
+    for (int j = 0; j < W; ++j)
+      for (int64_t d = 0; d < D; ++d) dst[d * NR + j] = rows[j * rs + d];
   }
 };
 

@@ -39,6 +39,12 @@ struct TileScalar {
   float hsum() const { return x; }
   TileScalar mask_tail(int n) const { return n > 0 ? *this : TileScalar{-std::numeric_limits<float>::infinity()}; }
   static TileScalar exp2(TileScalar a) { return {std::exp2(a.x)}; }  // exp2(-inf) = 0, NaN -> NaN
+  // dst[d * NR + j] = rows[j * rs + d] for the W rows j and d < D.
+  template <int NR>
+  static void transpose_rows(const float* rows, int64_t rs, int64_t D, float* dst) {
+    for (int j = 0; j < W; ++j)
+      for (int64_t d = 0; d < D; ++d) dst[d * NR + j] = rows[j * rs + d];
+  }
 };
 
 }  // namespace

@@ -62,24 +62,36 @@ inline void row_f32(const T* src, int64_t D, int64_t Dp, float* dst) {
 }
 
 // Keys [i0, i0 + nb) of the span, rows of `base` (stride sl, D elements), packed as fp32
-// panels pk[panel][d][NR] (transposed; keys past nb are zero) and/or fp32 rows pr[j][Dp]
-// (zero rows past nb, up to the last panel's end). tmp: one row of Dp floats.
+// rows pr[j][Dp] (zero rows past nb, up to the last panel's end) and, if pk is given, also
+// transposed into panels pk[panel][d][NR] (zero past nb), W rows at a time by
+// V::transpose_rows.
 template <class V, class T>
 inline void pack_block(const Span& s, int64_t i0, int nb, const T* base, int64_t sl, int64_t D, int64_t Dp,
-                       float* pk, float* pr, float* tmp) {
+                       float* pk, float* pr) {
   constexpr int NR = V::NV * V::W;
   const int nk = int(tile_ceil(nb, NR) * NR);
   for (int j = 0; j < nk; ++j) {
-    float* row = pr ? pr + int64_t(j) * Dp : tmp;
+    float* row = pr + int64_t(j) * Dp;
     if (j < nb) {
       row_f32<V>(base + span_pos(s, i0 + j) * sl, D, Dp, row);
     } else {
       for (int64_t d = 0; d < Dp; ++d) row[d] = 0.f;
     }
-    if (pk) {
-      float* col = pk + int64_t(j / NR) * D * NR + (j % NR);
-      for (int64_t d = 0; d < D; ++d) col[d * NR] = row[d];
-    }
+  }
+  if (pk)
+    for (int j = 0; j < nk; j += V::W)
+      V::template transpose_rows<NR>(pr + int64_t(j) * Dp, Dp, D, pk + int64_t(j / NR) * D * NR + (j % NR));
+}
+
+// Asks for the rows of keys [i0, i0 + nb) of the span (D elements of type T each) ahead of
+// use: a history's rows are short and strided (the heads are interleaved), which the hardware
+// prefetchers follow poorly, so the next block is requested while this one computes.
+template <class T>
+inline void prefetch_block(const Span& s, int64_t i0, int nb, const T* base, int64_t sl, int64_t D) {
+  const int64_t bytes = D * int64_t(sizeof(T));
+  for (int j = 0; j < nb; ++j) {
+    const char* r = reinterpret_cast<const char*>(base + span_pos(s, i0 + j) * sl);
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(r + o, 0, 3);
   }
 }
 
@@ -268,7 +280,7 @@ void tile_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out,
   float* kt = ll + N;            // [KB / NR][Dk][NR]
   float* vp = kt + KB * t.Dk;    // [KB][Dvp]
   float* S = vp + KB * t.Dvp;    // [MR][KB]
-  float* tmp = S + MR * KB;      // one row [Dkp]
+  float* kr = S + MR * KB;       // [KB][Dkp]: the key block as rows, before the transpose
   load_scaled_queries<V, T>(p, s, t, qs, nullptr);
   for (int64_t i = 0; i < N * t.Dvp; ++i) O[i] = 0.f;
   for (int64_t n = 0; n < N; ++n) {
@@ -279,8 +291,17 @@ void tile_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out,
   const auto* vb = static_cast<const T*>(p.v) + s.b * p.v_sb + s.h * p.v_sh;
   for (int64_t i0 = 0; i0 < s.count; i0 += KB) {
     const int nb = int(s.count - i0 < KB ? s.count - i0 : KB);
-    pack_block<V>(s, i0, nb, kb, p.k_sl, t.Dk, t.Dkp, kt, nullptr, tmp);
-    pack_block<V>(s, i0, nb, vb, p.v_sl, t.Dv, t.Dvp, nullptr, vp, tmp);
+    if (i0 == 0) {
+      prefetch_block(s, 0, nb, kb, p.k_sl, t.Dk);
+      prefetch_block(s, 0, nb, vb, p.v_sl, t.Dv);
+    }
+    pack_block<V>(s, i0, nb, kb, p.k_sl, t.Dk, t.Dkp, kt, kr);
+    pack_block<V>(s, i0, nb, vb, p.v_sl, t.Dv, t.Dvp, nullptr, vp);
+    if (i0 + KB < s.count) {
+      const int nn = int(s.count - i0 - KB < KB ? s.count - i0 - KB : KB);
+      prefetch_block(s, i0 + KB, nn, kb, p.k_sl, t.Dk);
+      prefetch_block(s, i0 + KB, nn, vb, p.v_sl, t.Dv);
+    }
     for (int64_t n0 = 0; n0 < N; n0 += MR) {
       const int rows = int(N - n0 < MR ? N - n0 : MR);
       with_rows<MR>(rows, [&](auto mc) {
@@ -348,7 +369,7 @@ void tile_bwd_span(const BwdParams& p, const Span& s, float* ws, float* dq_out) 
   float* dVb = dKb + KB * t.Dkp;   // [KB][Dvp]
   float* S = dVb + KB * t.Dvp;     // [MR][KB]
   float* dP = S + MR * KB;         // [MR][KB]
-  float* tmp = dP + MR * KB;       // one row [max(Dkp, Dvp)]
+  float* vr = dP + MR * KB;        // [KB][Dvp]: the value block as rows, before the transpose
 
   load_scaled_queries<V, T>(p, s, t, qs, qf);
   const T* go = static_cast<const T*>(p.go) + s.b * p.go_sb + s.h * p.go_sh;
@@ -371,8 +392,13 @@ void tile_bwd_span(const BwdParams& p, const Span& s, float* ws, float* dq_out) 
   const float scale = float(p.scale);
   for (int64_t i0 = 0; i0 < s.count; i0 += KB) {
     const int nb = int(s.count - i0 < KB ? s.count - i0 : KB);
-    pack_block<V>(s, i0, nb, kb, p.k_sl, t.Dk, t.Dkp, kt, kr, tmp);
-    pack_block<V>(s, i0, nb, vb, p.v_sl, t.Dv, t.Dvp, vt, nullptr, tmp);
+    pack_block<V>(s, i0, nb, kb, p.k_sl, t.Dk, t.Dkp, kt, kr);
+    pack_block<V>(s, i0, nb, vb, p.v_sl, t.Dv, t.Dvp, vt, vr);
+    if (i0 + KB < s.count) {
+      const int nn = int(s.count - i0 - KB < KB ? s.count - i0 - KB : KB);
+      prefetch_block(s, i0 + KB, nn, kb, p.k_sl, t.Dk);
+      prefetch_block(s, i0 + KB, nn, vb, p.v_sl, t.Dv);
+    }
     for (int64_t i = 0; i < int64_t(nb) * t.Dkp; ++i) dKb[i] = 0.f;
     for (int64_t i = 0; i < int64_t(nb) * t.Dvp; ++i) dVb[i] = 0.f;
     for (int64_t n0 = 0; n0 < N; n0 += MR) {
@@ -399,8 +425,8 @@ template <class V>
 inline int64_t tile_ws_elems(int64_t N, int64_t Dk, int64_t Dv) {
   constexpr int W = V::W, KB = V::KB, MR = V::MR;
   const int64_t Dkp = tile_ceil(Dk, W) * W, Dvp = tile_ceil(Dv, W) * W, Dm = Dkp > Dvp ? Dkp : Dvp;
-  const int64_t fwd = N * (Dkp + Dvp) + 2 * N + KB * (Dk + Dvp) + MR * KB + Dm;
-  const int64_t bwd = N * (3 * Dkp + Dvp) + 3 * N + KB * (Dk + Dv + 2 * Dkp + Dvp) + 2 * MR * KB + Dm;
+  const int64_t fwd = N * (Dkp + Dvp) + 2 * N + KB * (Dk + Dvp + Dkp) + MR * KB + Dm;
+  const int64_t bwd = N * (3 * Dkp + Dvp) + 3 * N + KB * (Dk + Dv + 2 * Dkp + 2 * Dvp) + 2 * MR * KB + Dm;
   return (fwd > bwd ? fwd : bwd) + 64;
 }
 

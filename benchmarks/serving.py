@@ -1,0 +1,212 @@
+"""Serving benchmark: many candidates (N) scored against one history, every position valid.
+
+Providers: the eager reference, SDPA (no mask: every position is valid), torch.compile of the
+reference, FlexAttention (CPU, where it compiles) and attnkern's cpu backend. Timings are
+medians over rounds in which the providers run one after another (the machine is shared, so
+every ratio is taken within one run). GFLOP/s count the useful FLOPs 2 * N * H * L * (Dk + Dv)
+(forward); the machine's peak is measured in the same run by a same-dtype GEMM (torch.mm at a
+large square size), and the time to read K and V once by summing a buffer of their size (one of
+several buffers, together larger than the last-level cache).
+
+    python benchmarks/serving.py [--dtypes float32,bfloat16] [--rounds 7] [--providers ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+SERVING_SHAPES = [  # (B, N, H, L, D)
+    (1, 1024, 4, 2048, 32),
+    (1, 512, 2, 1024, 64),
+    (8, 256, 4, 1000, 32),
+    (16, 1, 4, 16384, 32),
+    (1, 2048, 8, 4096, 64),
+]
+PROVIDERS = ("reference", "sdpa", "compile", "flex", "cpu")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_isa() -> str:
+    """The SIMD path attnkern's CPU launcher picks on this machine (its rule: the widest of
+    avx512 (F/BW/VL/DQ) and avx2 (with FMA, F16C) the CPU has, capped by ATTNKERN_CPU_ISA)."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    cap = os.environ.get("ATTNKERN_CPU_ISA", "")
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx2"} <= flags and cap in ("", "avx512"):
+        return "avx512"
+    if {"avx2", "fma", "f16c"} <= flags and cap != "generic":
+        return "avx2"
+    return "generic"
+
+
+def flops(B, N, H, L, D) -> int:
+    return 2 * B * N * H * L * (D + D)
+
+
+def make_inputs(shape, dtype, seed=0):
+    B, N, H, L, D = shape
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, N, H, D, generator=g).to(dtype)
+    k = torch.randn(B, L, H, D, generator=g).to(dtype)
+    v = torch.randn(B, L, H, D, generator=g).to(dtype)
+    return q, k, v
+
+
+def provider_fn(name: str, q, k, v) -> Callable[[], torch.Tensor]:
+    import torch.nn.functional as F
+
+    import attnkern
+    from attnkern.reference import attention_pool_ref
+
+    if name == "reference":
+        return lambda: attention_pool_ref(q, k, v)[0]
+    if name == "sdpa":
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return lambda: F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+    if name == "compile":
+        torch._dynamo.reset()
+        c = torch.compile(attention_pool_ref, dynamic=False)
+        return lambda: c(q, k, v)[0]
+    if name == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        torch._dynamo.reset()
+        fl = torch.compile(flex_attention, dynamic=False)
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return lambda: fl(qt, kt, vt).transpose(1, 2)
+    if name == "cpu":
+        return lambda: attnkern.attention_pool(q, k, v, backend="cpu")
+    raise ValueError("unknown provider %r" % name)
+
+
+def gemm_peak_fn(dtype, n=2048) -> Callable:
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    return lambda: torch.mm(a, b)
+
+
+def read_fn(nbytes: int) -> Callable:
+    copies = max(2, min(64, -(-(256 << 20) // max(nbytes, 1))))
+    bufs = itertools.cycle([torch.ones(max(nbytes // 4, 1), dtype=torch.float32) for _ in range(copies)])
+    return lambda: next(bufs).sum()
+
+
+def _once(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+@dataclass
+class Result:
+    shape: tuple
+    dtype: str
+    times: Dict[str, float]  # provider -> median seconds
+    errors: Dict[str, str]
+    read_s: float
+    peak_gflops: float
+    max_err: Dict[str, float]
+
+
+def run_shape(shape, dtype_name: str, providers, rounds: int, peak_gflops: float, check: bool = True) -> Result:
+    dtype = DTYPES[dtype_name]
+    q, k, v = make_inputs(shape, dtype)
+    B, N, H, L, D = shape
+    fns, errors, max_err = {}, {}, {}
+    want = None
+    if check:
+        from attnkern.reference import attention_pool_ref
+
+        want = attention_pool_ref(q.double(), k.double(), v.double())[0]
+    for p in providers:
+        try:
+            f = provider_fn(p, q, k, v)
+            out = f()  # warm-up (and compile)
+            if want is not None:
+                max_err[p] = (out.double() - want).abs().max().item()
+            fns[p] = f
+        except Exception as e:  # a provider that cannot run here is reported, not fatal
+            errors[p] = "%s: %s" % (type(e).__name__, str(e).splitlines()[0][:120] if str(e) else "")
+    kv_bytes = B * L * H * 2 * D * torch.empty((), dtype=dtype).element_size()
+    rd = read_fn(kv_bytes)
+    rd()
+    gemm_n = 1536
+    gemm = gemm_peak_fn(dtype, gemm_n)
+    gemm()
+    extra = {"read": rd, "gemm": gemm}
+    samples: Dict[str, List[float]] = {p: [] for p in list(fns) + list(extra)}
+    order = list(fns) + list(extra)
+    for r in range(rounds):
+        # Alternate the order so that no provider always runs right after the same one.
+        for p in (order if r % 2 == 0 else order[::-1]):
+            samples[p].append(_once(extra.get(p) or fns[p]))
+    times = {p: statistics.median(s) for p, s in samples.items() if p not in extra}
+    peak = max(peak_gflops, 2 * gemm_n ** 3 / statistics.median(samples["gemm"]) / 1e9)
+    return Result(shape, dtype_name, times, errors, statistics.median(samples["read"]), peak, max_err)
+
+
+def measure_peak(dtype_name: str, rounds: int = 5) -> float:
+    n = 2048
+    f = gemm_peak_fn(DTYPES[dtype_name], n)
+    f()
+    t = statistics.median(_once(f) for _ in range(rounds))
+    return 2 * n ** 3 / t / 1e9
+
+
+def format_result(r: Result) -> List[str]:
+    B, N, H, L, D = r.shape
+    fl = flops(*r.shape)
+    lines = ["(B=%d, N=%d, H=%d, L=%d, D=%d) %s  read K/V once: %.3f ms  GEMM peak %.0f GFLOP/s" % (
+        B, N, H, L, D, r.dtype, r.read_s * 1e3, r.peak_gflops)]
+    sdpa = r.times.get("sdpa")
+    for p, t in r.times.items():
+        g = fl / t / 1e9
+        extra = ""
+        if sdpa:
+            extra += "  x sdpa %.2f" % (sdpa / t)
+        extra += "  /read %.2f" % (t / r.read_s)
+        err = r.max_err.get(p)
+        lines.append("  %-10s %9.3f ms %7.1f GFLOP/s %5.1f%% peak%s%s" % (
+            p, t * 1e3, g, 100 * g / r.peak_gflops, extra, "  err %.1e" % err if err is not None else ""))
+    for p, e in r.errors.items():
+        lines.append("  %-10s unavailable: %s" % (p, e))
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--shapes", default="", help="indices into the serving shapes, e.g. 0,3")
+    args = ap.parse_args(argv)
+    providers = [p for p in args.providers.split(",") if p]
+    shapes = SERVING_SHAPES if not args.shapes else [SERVING_SHAPES[int(i)] for i in args.shapes.split(",")]
+    print("torch %s, %d threads, attnkern cpu ISA path: %s" % (torch.__version__, torch.get_num_threads(), cpu_isa()))
+    for dt in args.dtypes.split(","):
+        peak = measure_peak(dt)
+        for shape in shapes:
+            r = run_shape(shape, dt, providers, args.rounds, peak)
+            print("\n".join(format_result(r)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
