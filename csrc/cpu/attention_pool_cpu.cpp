@@ -266,10 +266,12 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
     for (int64_t n = 0; n < N; ++n) {
       const int64_t r = (b * N + n) * H + h;
       scalar_t* on = o + r * Dv;
-      if (l[n] > A(0)) {
+      // l is NaN when a score was NaN or +inf (the tiled kernels keep it): out and lse are NaN.
+      if (l[n] > A(0) || l[n] != l[n]) {
         const A inv = A(1) / l[n];
         for (int64_t e = 0; e < Dv; ++e) on[e] = scalar_t(acc[n * Dv + e] * inv);
-        ls[r] = float((m[n] + std::log2(l[n])) * A(0.6931471805599453));
+        // In double: with large logits, float m + log2(l) would lose log2(l).
+        ls[r] = float(double(m[n]) * 0.6931471805599453 + std::log(double(l[n])));
       } else {
         for (int64_t e = 0; e < Dv; ++e) on[e] = scalar_t(0);
         ls[r] = -std::numeric_limits<float>::infinity();
