@@ -4,6 +4,7 @@ fraction of this machine's memory limit.
     attnkern bench                      # quick default set (fp32, 3 shapes, fwd and fwd+bwd)
     attnkern bench --full               # every shape, uniform and full lengths, fp32 and bf16
     attnkern bench --device cuda --dtype bfloat16 --out runs/bench-gpu
+    attnkern bench --family serving     # many candidates per history (see bench/serving.py)
 
 Providers (each skipped with its reason when it cannot run here):
 
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="disable torch.compile's on-disk caches, so that compile_s is a cold "
                         "compile (default: torch's defaults, warm after the first run)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--family", choices=("default", "serving"), default="default",
+                   help="serving: the many-candidates family of bench/serving.py (its own options)")
     return p
 
 
@@ -107,6 +110,16 @@ def select_cases(args) -> List[Case]:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--family" in argv or any(a.startswith("--family=") for a in argv):
+        fam = argparse.ArgumentParser(add_help=False)
+        fam.add_argument("--family", choices=("default", "serving"), default="default")
+        known, rest = fam.parse_known_args(argv)
+        if known.family == "serving":
+            from . import serving
+
+            return serving.main(rest)
+        argv = rest
     args = build_parser().parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,14 +1,19 @@
-"""Serving benchmark: many candidates (N) scored against one history, every position valid.
+"""`attnkern bench --family serving`: many candidates (N) scored against one history, every
+position valid (the ranking-service case).
 
 Providers: the eager reference, SDPA (no mask: every position is valid), torch.compile of the
 reference, FlexAttention (CPU, where it compiles) and attnkern's cpu backend. Timings are
 medians over rounds in which the providers run one after another (the machine is shared, so
 every ratio is taken within one run). GFLOP/s count the useful FLOPs 2 * N * H * L * (Dk + Dv)
-(forward); the machine's peak is measured in the same run by a same-dtype GEMM (torch.mm at a
-large square size), and the time to read K and V once by summing a buffer of their size (one of
+(forward); the machine's peak is measured in the same run by a float32 GEMM (torch.mm at a
+large square size; bfloat16/float16 inputs are computed in float32 by every provider on a CPU
+without AVX512-BF16/AMX, so the float32 roof is theirs too), and the time to read K and V once by summing a buffer of their size (one of
 several buffers, together larger than the last-level cache).
 
-    python benchmarks/serving.py [--dtypes float32,bfloat16] [--rounds 7] [--providers ...]
+    attnkern bench --family serving [--dtype float32,bfloat16] [--rounds 7] [--threads 2]
+
+Each provider's output is checked once against the float64 reference (a mismatch is marked and
+makes the command exit non-zero); the SIMD path attnkern's CPU launcher takes is recorded.
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-SERVING_SHAPES = [  # (B, N, H, L, D)
-    (1, 1024, 4, 2048, 32),
-    (1, 512, 2, 1024, 64),
-    (8, 256, 4, 1000, 32),
-    (16, 1, 4, 16384, 32),
-    (1, 2048, 8, 4096, 64),
-]
+SERVING_SHAPES = {  # name: (B, N, H, L, D)
+    "n1024": (1, 1024, 4, 2048, 32),
+    "n512d64": (1, 512, 2, 1024, 64),
+    "b8n256": (8, 256, 4, 1000, 32),
+    "long": (16, 1, 4, 16384, 32),  # long history, one query: memory-bound
+    "n2048h8": (1, 2048, 8, 4096, 64),
+}
+TINY_SHAPES = {"tiny": (1, 20, 2, 70, 8), "tiny-long": (2, 1, 2, 600, 8)}  # smoke tests only
+_TOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 3e-3}  # max |out - float64 reference|
 PROVIDERS = ("reference", "sdpa", "compile", "flex", "cpu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -148,7 +155,7 @@ def run_shape(shape, dtype_name: str, providers, rounds: int, peak_gflops: float
     rd = read_fn(kv_bytes)
     rd()
     gemm_n = 1536
-    gemm = gemm_peak_fn(dtype, gemm_n)
+    gemm = gemm_peak_fn(torch.float32, gemm_n)
     gemm()
     extra = {"read": rd, "gemm": gemm}
     samples: Dict[str, List[float]] = {p: [] for p in list(fns) + list(extra)}
@@ -162,9 +169,9 @@ def run_shape(shape, dtype_name: str, providers, rounds: int, peak_gflops: float
     return Result(shape, dtype_name, times, errors, statistics.median(samples["read"]), peak, max_err)
 
 
-def measure_peak(dtype_name: str, rounds: int = 5) -> float:
-    n = 2048
-    f = gemm_peak_fn(DTYPES[dtype_name], n)
+def measure_peak(dtype_name: str, rounds: int = 3) -> float:
+    n = 1536
+    f = gemm_peak_fn(torch.float32, n)
     f()
     t = statistics.median(_once(f) for _ in range(rounds))
     return 2 * n ** 3 / t / 1e9
@@ -173,7 +180,7 @@ def measure_peak(dtype_name: str, rounds: int = 5) -> float:
 def format_result(r: Result) -> List[str]:
     B, N, H, L, D = r.shape
     fl = flops(*r.shape)
-    lines = ["(B=%d, N=%d, H=%d, L=%d, D=%d) %s  read K/V once: %.3f ms  GEMM peak %.0f GFLOP/s" % (
+    lines = ["(B=%d, N=%d, H=%d, L=%d, D=%d) %s  read K/V once: %.3f ms  fp32 GEMM peak %.0f GFLOP/s" % (
         B, N, H, L, D, r.dtype, r.read_s * 1e3, r.peak_gflops)]
     sdpa = r.times.get("sdpa")
     for p, t in r.times.items():
@@ -190,22 +197,55 @@ def format_result(r: Result) -> List[str]:
     return lines
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="attnkern bench --family serving", description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", default="float32,bfloat16", help="comma-separated dtypes")
     ap.add_argument("--providers", default=",".join(PROVIDERS))
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--shapes", default="", help="indices into the serving shapes, e.g. 0,3")
-    args = ap.parse_args(argv)
-    providers = [p for p in args.providers.split(",") if p]
-    shapes = SERVING_SHAPES if not args.shapes else [SERVING_SHAPES[int(i)] for i in args.shapes.split(",")]
-    print("torch %s, %d threads, attnkern cpu ISA path: %s" % (torch.__version__, torch.get_num_threads(), cpu_isa()))
-    for dt in args.dtypes.split(","):
+    ap.add_argument("--rounds", type=int, default=7, help="alternating rounds; the median is reported")
+    ap.add_argument("--shapes", default=",".join(SERVING_SHAPES),
+                    help="comma-separated names: " + ", ".join(list(SERVING_SHAPES) + list(TINY_SHAPES)))
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run")
+    ap.add_argument("--out", default=None, help="write serving.md (the table) into this folder")
+    return ap
+
+
+def run(dtypes, providers, shapes, rounds, out=None) -> int:
+    table = {**SERVING_SHAPES, **TINY_SHAPES}
+    bad = [s for s in shapes if s not in table]
+    if bad:
+        raise ValueError("unknown serving shape(s) %s; choose from %s" % (bad, ", ".join(table)))
+    head = "torch %s, %d threads, attnkern cpu ISA path: %s" % (torch.__version__, torch.get_num_threads(), cpu_isa())
+    print(head, flush=True)
+    lines, failed = [head, ""], []
+    for dt in dtypes:
+        if dt not in DTYPES:
+            raise ValueError("unknown dtype %r" % dt)
         peak = measure_peak(dt)
-        for shape in shapes:
-            r = run_shape(shape, dt, providers, args.rounds, peak)
-            print("\n".join(format_result(r)), flush=True)
+        for name in shapes:
+            r = run_shape(table[name], dt, providers, rounds, peak)
+            text = format_result(r)
+            for p, e in r.max_err.items():
+                if not e <= _TOL[dt] * 8 and p != "reference":
+                    failed.append("%s %s %s (error %.3g)" % (name, dt, p, e))
+                    text.append("  MISMATCH: %s error %.3g against the float64 reference" % (p, e))
+            print("\n".join(text), flush=True)
+            lines += text
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "serving.md"), "w") as f:
+            f.write("```\n" + "\n".join(lines) + "\n```\n")
+    if failed:
+        print("attnkern bench: mismatches in %s" % "; ".join(failed), file=sys.stderr)
+        return 1
     return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return run([d for d in args.dtype.split(",") if d], [p for p in args.providers.split(",") if p],
+               [s for s in args.shapes.split(",") if s], args.rounds, args.out)
 
 
 if __name__ == "__main__":
