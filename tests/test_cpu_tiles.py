@@ -36,6 +36,7 @@ pytestmark = pytest.mark.skipif(
         (3, 64, 1, 64, 64, 70),
         (2, 20, 2, 7, 130, 40),  # Dv of several register blocks plus a partial one
         (1, 17, 1, 32, 48, 1100),  # one row, long: split into slices, merged
+        (1, 130, 2, 16, 24, 600),  # many queries, few rows: the forward splits the queries
     ],
 )
 def test_tiles_match_reference(layout, dtype, B, N, H, Dk, Dv, L):
@@ -55,10 +56,10 @@ def test_tiles_noncontiguous_inputs():
         check_against_reference(layout, torch.float32, 2, 18, 2, 24, 40, 29, noncontig=True)
 
 
-@pytest.mark.parametrize("L", [5, 1100])  # the second one takes the split path
-def test_tiles_thread_count_independent(L):
-    (q, k, v), kw = make_inputs("lengths", torch.float32, 2, 17, 2, 20, 24, L)
-    grad_out = torch.randn(2, 17, 2, 24, dtype=torch.float64)
+@pytest.mark.parametrize("N,L", [(17, 5), (17, 1100), (130, 600)])  # plain, key slices, query chunks
+def test_tiles_thread_count_independent(N, L):
+    (q, k, v), kw = make_inputs("lengths", torch.float32, 2, N, 2, 20, 24, L)
+    grad_out = torch.randn(2, N, 2, 24, dtype=torch.float64)
     threads = torch.get_num_threads()
     results = []
     try:

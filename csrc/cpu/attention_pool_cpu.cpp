@@ -261,10 +261,11 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
   float* ls = lse.data_ptr<float>();
 
   // Normalises one task's (acc, m, l) into out/lse.
-  auto finish = [&](int64_t task, const A* acc, const A* m, const A* l) {
+  // Normalises queries [n0, n0 + nq) of one task (acc/m/l indexed from n0).
+  auto finish_rows = [&](int64_t task, const A* acc, const A* m, const A* l, int64_t n0, int64_t nq) {
     const int64_t b = task / H, h = task % H;
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t r = (b * N + n) * H + h;
+    for (int64_t n = 0; n < nq; ++n) {
+      const int64_t r = (b * N + n0 + n) * H + h;
       scalar_t* on = o + r * Dv;
       // l is NaN when a score was NaN or +inf (the tiled kernels keep it): out and lse are NaN.
       if (l[n] > A(0) || l[n] != l[n]) {
@@ -278,10 +279,36 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
       }
     }
   };
+  auto finish = [&](int64_t task, const A* acc, const A* m, const A* l) { finish_rows(task, acc, m, l, 0, N); };
 
   const int64_t ntasks = rows.B * H;
   const std::vector<Item> items = split_plan(rows, H, p.dtype);
   const int64_t avg_len = rows.offsets ? (rows.B ? (rows.offsets[rows.B] - rows.offsets[0]) / rows.B + 1 : 1) : rows.L + 1;
+  // Many queries and few tasks: the tiled kernel's work is split over query chunks instead of
+  // key slices (a shape-only rule; each query's arithmetic is the same either way), so there is
+  // no merge pass and one parallel region.
+  const int64_t qchunks = fwd == kt.fwd ? 1 : tile_query_chunks(N, ntasks);
+  if (!items.empty() && qchunks > 1) {
+    const int64_t qn = (N + qchunks - 1) / qchunks;
+    const int64_t es = int64_t(sizeof(scalar_t));
+    at::parallel_for(0, ntasks * qchunks, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<A> ws(ws_n), acc(qn * Dv), m(qn), l(qn);
+      std::vector<int32_t> idx;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t t = i / qchunks, n0 = (i % qchunks) * qn, nq = std::min(qn, N - n0);
+        if (nq <= 0) continue;
+        const int64_t b = t / H;
+        const int64_t cnt = rows.count(b, &idx);
+        FwdParams pc = p;
+        pc.q = static_cast<const char*>(p.q) + n0 * p.q_sn * es;
+        pc.N = nq;
+        fwd(pc, Span{b, t % H, rows.start(b), cnt, rows.mask ? idx.data() : nullptr}, ws.data(), acc.data(), m.data(),
+            l.data());
+        finish_rows(t, acc.data(), m.data(), l.data(), n0, nq);
+      }
+    });
+    return;
+  }
   if (items.empty()) {
     at::parallel_for(0, ntasks, grain_for(N * avg_len * (p.Dk + Dv)), [&](int64_t t0, int64_t t1) {
       std::vector<A> ws(ws_n), acc(N * Dv), m(N), l(N);

@@ -56,6 +56,12 @@ int64_t tile_workspace_elems(int64_t N, int64_t Dk, int64_t Dv) {
   return a + 8 * 64 * 2 + 2 * (Dkp + Dvp);
 }
 
+int64_t tile_query_chunks(int64_t N, int64_t ntasks) {
+  const int64_t by_size = N / 64, by_items = (64 + ntasks - 1) / (ntasks > 0 ? ntasks : 1);
+  const int64_t c = by_size < by_items ? by_size : by_items;
+  return c > 1 ? c : 1;
+}
+
 void tile_fwd_generic(const FwdParams& p, const Span& s, void* ws, void* acc, void* m, void* l) {
   tile_fwd_entry<TileScalar>(p, s, ws, acc, m, l);
 }

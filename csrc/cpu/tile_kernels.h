@@ -14,6 +14,11 @@ namespace cpu {
 // bfloat16; float64 keeps the general kernels).
 constexpr int64_t kTileMinQueries = 16;
 
+// Query chunks per (row, head) task for the launcher's forward split when there are few tasks
+// (1: split the keys instead). Chunks of at least 64 queries keep the per-chunk K/V packing
+// small next to the arithmetic; about 64 work items in all.
+int64_t tile_query_chunks(int64_t N, int64_t ntasks);
+
 // Workspace (float elements) the tiled kernels need, forward and backward, on every ISA.
 int64_t tile_workspace_elems(int64_t N, int64_t Dk, int64_t Dv);
 
