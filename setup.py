@@ -106,6 +106,11 @@ def _extensions():
         # libgomp.so.1 resolves to the copy torch has already loaded (one OpenMP runtime).
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
+    # Extra flags for the CPU kernels' compile and link, for instrumented builds (the sanitizer
+    # run of scripts/sanitize_cpu.sh passes -fsanitize=address,undefined here).
+    extra = os.environ.get("ATTNKERN_CPU_EXTRA_FLAGS", "").split()
+    cxx_flags += extra
+    link_flags += extra
     # Every .cpp under csrc/ except the CUDA glue in csrc/cuda/ (built only with the CUDA kernels).
     cpu_sources = _sources("csrc/**/*.cpp", exclude=os.path.join("csrc", "cuda"))
     use_cuda, reason = _want_cuda(torch)

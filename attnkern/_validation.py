@@ -52,6 +52,12 @@ class Problem:
 def _check_tensor(x, name):
     if not isinstance(x, torch.Tensor):
         raise TypeError("%s must be a torch.Tensor, got %s" % (name, type(x).__name__))
+    # Sparse, mkldnn and nested tensors have no strides to hand a kernel (a nested tensor cannot
+    # even report its sizes): refuse them by name, before anything reads their shape.
+    if x.is_nested:
+        raise TypeError("%s must be a dense (strided) tensor, got a nested tensor" % name)
+    if x.layout != torch.strided:
+        raise TypeError("%s must be a dense (strided) tensor, got layout %s" % (name, x.layout))
 
 
 def _check_index(x, name, expected_len, device):
@@ -143,6 +149,8 @@ def validate(query, key, value, lengths, mask, offsets, max_length, scale, retur
                 )
             if max_length < 0:
                 raise ValueError("max_length must be >= 0, got %d" % max_length)
+            if max_length >= 2 ** 63:
+                raise ValueError("max_length must be < 2**63 (an int64), got %d" % max_length)
         L = T
     else:
         if max_length is not None:
@@ -233,7 +241,8 @@ def _check_offsets(offsets: torch.Tensor, T: int, max_length: Optional[int]) -> 
         if longest > max_length:
             i = int(torch.argmax(diffs))
             raise ValueError(
-                "row %d has length %d > max_length=%d" % (i, longest, max_length)
+                "max_length=%d is less than the length %d that offsets give row %d"
+                % (max_length, longest, i)
             )
     if int(o[-1]) > T:
         raise ValueError("offsets[-1] must be <= T = %d (key rows), got %d" % (T, int(o[-1])))

@@ -43,6 +43,11 @@ def _resolve_name(backend: str, device_type: str) -> Tuple[str, str]:
     return resolved
 
 
+def _functorch_active() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
+
+
 def _resolve(backend, query: torch.Tensor) -> str:
     if not isinstance(backend, str):
         raise TypeError("backend must be a str, got %s" % type(backend).__name__)
@@ -114,6 +119,15 @@ def attention_pool(
     prob = validate(query, key, value, lengths, mask, offsets, max_length, scale, return_lse,
                     values=False)
     name = _resolve(backend, query)
+    if name != "reference" and _functorch_active():
+        # The fused ops have no vmap rule, so torch.func transforms (jacrev, vmap, grad, ...)
+        # cannot run them: "auto" takes the reference there, an explicit fused backend is an
+        # error that says so.
+        if backend != "auto":
+            raise RuntimeError(
+                "attnkern: torch.func transforms (vmap, grad, jacrev, ...) are not supported by "
+                "the %r backend; use backend='reference' (or 'auto', which picks it there)" % name)
+        name = "reference"
     if name not in _OPS_CHECK_VALUES:
         check_values(prob, lengths, offsets, max_length)
     if name == "reference" and torch.compiler.is_compiling():
@@ -130,6 +144,7 @@ def attention_pool(
     else:
         ml = -1 if max_length is None else int(max_length)
         out, lse = fused_op(name, "jagged")(prob.query, key, value, offsets, ml, prob.scale)
+    out = out.to(prob.query.dtype)  # the C++ ops return their unrounded float32 accumulators
     if prob.squeeze_n:
         out, lse = out.squeeze(1), lse.squeeze(1)
     return (out, lse) if return_lse else out

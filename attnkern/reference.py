@@ -40,6 +40,9 @@ def masked_attention_pool_ref(
     k = key.to(cdt)
     v = value.to(cdt)
     # scores [B, N, H, L]
+    # Positions that take part in no row are never read: their values could be anything
+    # (NaN/inf included), and 0 * inf would otherwise leak into the sum.
+    v = torch.where(valid[:, :, None, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
     s = torch.einsum("bnhd,blhd->bnhl", q, k) * scale
     keep = valid[:, None, None, :]
     s = s.masked_fill(~keep, float("-inf"))
@@ -49,7 +52,9 @@ def masked_attention_pool_ref(
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)  # masked positions: exp(-inf) = 0
     denom = p.sum(dim=-1, keepdim=True)
-    nonempty = denom > 0
+    # Empty: no valid position with a finite logit. A NaN sum (a NaN/inf logit or value at a
+    # valid position) is not empty: it propagates to out and lse.
+    nonempty = denom != 0
     safe_denom = torch.where(nonempty, denom, torch.ones_like(denom))
     out = torch.einsum("bnhl,blhd->bnhd", p / safe_denom, v)
     lse = torch.where(

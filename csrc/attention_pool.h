@@ -5,7 +5,10 @@
 //           lengths [B] int32/int64 (optional) XOR mask [B, L] bool (optional)
 //   jagged: query [B, N, H, Dk], key [T, H, Dk],    value [T, H, Dv],
 //           offsets [B+1] int32/int64, max_length (-1 = unknown)
-// Outputs: out [B, N, H, Dv] (query dtype, contiguous), lse [B, N, H] float32 (-inf on empty rows).
+// Outputs: out [B, N, H, Dv] contiguous, in the accumulator dtype (float32; float64 for float64
+// inputs): unrounded, so that the autograd's delta = sum(grad_out * out) is accurate for
+// float16/bfloat16 (the public function casts out to the query dtype); lse [B, N, H] float32
+// (-inf on empty rows, NaN where a valid position holds a non-finite value).
 // Backward takes delta [B, N, H] float32 (float64 allowed for float64 inputs)
 // = sum_d(grad_out * out) - grad_lse and returns
 // grad_query / grad_key / grad_value with the shapes and dtypes of query / key / value, exactly

@@ -7,11 +7,24 @@
 namespace attnkern {
 namespace {
 
+// Sparse, mkldnn and nested tensors have no strides to hand the kernels; refuse them first (a
+// nested tensor cannot even report its sizes).
+void check_dense(const at::Tensor& t, const char* name) {
+  // None passed for a Tensor argument arrives as an undefined tensor.
+  TORCH_CHECK_TYPE(t.defined(), "attnkern: ", name, " must be a Tensor, got None");
+  TORCH_CHECK_TYPE(!t.is_nested(), "attnkern: ", name, " must be a dense (strided) tensor, got a nested tensor");
+  TORCH_CHECK_TYPE(t.layout() == at::kStrided, "attnkern: ", name, " must be a dense (strided) tensor, got layout ",
+                   t.layout());
+}
+
 bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
 void check_qkv_common(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value) {
+  check_dense(query, "query");
+  check_dense(key, "key");
+  check_dense(value, "value");
   TORCH_CHECK_TYPE(is_float_dtype(query.scalar_type()),
                    "attnkern: query must be float16, bfloat16, float32 or float64, got ",
                    query.scalar_type());
@@ -39,6 +52,7 @@ void check_dims(PoolDims& d) {
 
 void check_index_tensor(const at::Tensor& t, const char* name, int64_t expected_len,
                         const at::Tensor& query) {
+  check_dense(t, name);
   TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, "attnkern: ",
                    name, " must be int32 or int64, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == expected_len, "attnkern: ", name,
@@ -75,6 +89,7 @@ PoolDims check_padded_fwd(const at::Tensor& query, const at::Tensor& key, const 
   if (lengths.has_value()) check_index_tensor(*lengths, "lengths", d.B, query);
   if (mask.has_value()) {
     const auto& m = *mask;
+    check_dense(m, "mask");
     TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, "attnkern: mask must be bool (True = attend), got ",
                      m.scalar_type());
     TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == d.B && m.size(1) == d.L,
@@ -113,6 +128,9 @@ PoolDims check_jagged_fwd(const at::Tensor& query, const at::Tensor& key, const 
 
 void check_bwd_extras(const PoolDims& d, const at::Tensor& query, const at::Tensor& grad_out,
                       const at::Tensor& lse, const at::Tensor& delta) {
+  check_dense(grad_out, "grad_out");
+  check_dense(lse, "lse");
+  check_dense(delta, "delta");
   TORCH_CHECK_TYPE(grad_out.scalar_type() == query.scalar_type(),
                    "attnkern: grad_out must have the dtype of query (", query.scalar_type(),
                    "), got ", grad_out.scalar_type());
@@ -153,12 +171,12 @@ void check_offsets_values_cpu(const at::Tensor& offsets, int64_t T, int64_t max_
   const int64_t* p = o.data_ptr<int64_t>();
   const int64_t n = o.numel();
   TORCH_CHECK_VALUE(p[0] == 0, "attnkern: offsets[0] must be 0, got ", p[0]);
-  for (int64_t i = 1; i < n; ++i) {
+  for (int64_t i = 1; i < n; ++i)
     TORCH_CHECK_VALUE(p[i] >= p[i - 1], "attnkern: offsets must be non-decreasing, got offsets[", i - 1,
                       "]=", p[i - 1], " > offsets[", i, "]=", p[i]);
-    TORCH_CHECK_VALUE(max_length < 0 || p[i] - p[i - 1] <= max_length, "attnkern: row ", i - 1,
-                      " has length ", p[i] - p[i - 1], " > max_length=", max_length);
-  }
+  for (int64_t i = 1; i < n; ++i)
+    TORCH_CHECK_VALUE(max_length < 0 || p[i] - p[i - 1] <= max_length, "attnkern: max_length=", max_length,
+                      " is less than the length ", p[i] - p[i - 1], " that offsets give row ", i - 1);
   TORCH_CHECK_VALUE(p[n - 1] <= T, "attnkern: offsets[-1] must be <= T = ", T, " (key rows), got ",
                     p[n - 1]);
 }

@@ -51,12 +51,20 @@ def check_against_reference(layout, dtype, B, N, H, Dk, Dv, L, *, seed=0, length
         k = torch.cat([k, torch.zeros_like(k)], dim=-1)[..., :Dk]
     scale = 1.0 / math.sqrt(Dk)
     ref = lambda q_, k_, v_: attention_pool_ref(q_, k_, v_, scale=scale, **layout_kw)  # noqa: E731
-    got = lambda q_, k_, v_: call_op(q_, k_, v_, layout_kw, scale)  # noqa: E731
+    raw_out = []
+
+    def got(q_, k_, v_):
+        out, lse = call_op(q_, k_, v_, layout_kw, scale)
+        raw_out.append(out)
+        return out.to(q_.dtype), lse  # the cast the public function makes
+
     grad_out = torch.randn(B, N, H, Dv, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     report = check_function(got, [q, k, v], layout_kw, grad_out, reference=ref, label="cpu op")
     report.assert_passed()
     result = list(report.outputs)
-    assert result[0].is_contiguous() and result[1].is_contiguous()
+    # The raw op's out is its unrounded accumulator: float32 (float64 for float64 inputs).
+    assert raw_out[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert raw_out[0].is_contiguous() and result[1].is_contiguous()
     return layout_kw, result
 
 

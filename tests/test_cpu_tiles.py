@@ -19,6 +19,7 @@ import torch
 import attnkern
 from attnkern.reference import attention_pool_ref
 from test_cpu import LAYOUTS, call_op, check_against_reference, forward_backward, make_inputs
+from test_hardening import NONFINITE, _equal_logits, assert_rule
 
 pytestmark = pytest.mark.skipif(
     not attnkern.backends()["cpu"].available,
@@ -125,6 +126,57 @@ def test_tiles_large_logits_gradients():
             err = (res[i].double() - o).abs().max().item()
             err_same = (same[i].double() - o).abs().max().item()
             assert err <= 2 * err_same + 2e-5 * max(1.0, o.abs().max().item()), (mult, i, err, err_same)
+
+
+@pytest.mark.parametrize("logit", [1e3, 1e4, 1e5, 1e7])
+@pytest.mark.parametrize("N,D", [(16, 8), (17, 40), (20, 13)])
+def test_tiles_large_logits_hardening_cases(logit, N, D):
+    # tests/test_hardening.py's equal large logits on the tiled path: the backward's shift is
+    # recomputed with the tiled stats kernel (the tiled backward's own logits), so the
+    # gradients stay exact up to logits of 1e7.
+    q, k, v, kw = _equal_logits(N, 11, D, logit, torch.float32)
+    assert_rule("cpu", q, k, v, kw)
+
+
+@pytest.mark.parametrize("logit", [1e3, -1e4])
+def test_tiles_large_random_logits(logit):
+    g = torch.Generator().manual_seed(3)
+    D = 16
+    q = torch.ones(3, 16, 2, D)
+    k = torch.ones(3, 20, 2, D) + torch.randint(-3, 4, (3, 20, 2, D), generator=g) / 1024.0
+    v = torch.randn(3, 20, 2, D, generator=g)
+    assert_rule("cpu", q, k, v, dict(lengths=torch.tensor([20, 7, 1]), scale=logit / D))
+
+
+@pytest.mark.parametrize("N,L,length", [(16, 1500, 1300), (130, 700, 600)])  # key slices, query chunks
+def test_tiles_split_rows_large_logits(N, L, length):
+    q, k, v, kw = _equal_logits(N, L, 8, 1e4, torch.float32, B=1)
+    kw["lengths"] = torch.tensor([length])
+    assert_rule("cpu", q, k, v, kw)
+
+
+def test_tiles_fp16_near_top_of_range():
+    g = torch.Generator().manual_seed(0)
+    q = torch.full((1, 16, 1, 8), 6e4, dtype=torch.float16)
+    k = torch.full((1, 4, 1, 8), 6e4, dtype=torch.float16)
+    v = torch.randn(1, 4, 1, 8, generator=g).to(torch.float16)
+    assert_rule("cpu", q, k, v, {})
+
+
+@pytest.mark.parametrize("case", ["overflowing_dot", "all_minus_inf_logits", "nan_key_valid", "inf_value_valid"])
+def test_tiles_nonfinite_as_in_reference(case):
+    # tests/test_hardening.py's non-finite cases with 16 queries: same finite/NaN/inf pattern of
+    # out and lse as the reference (a +inf logit is NaN, all -inf logits an empty row).
+    q, k, v, kw = NONFINITE[case]
+    q = q.expand(-1, 16, -1, -1).contiguous()
+    out, lse = attnkern.attention_pool(q, k, v, **kw, return_lse=True, backend="cpu")
+    ref, ref_lse = attnkern.attention_pool(q, k, v, **kw, return_lse=True, backend="reference")
+    assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    fin = torch.isfinite(ref)
+    assert torch.allclose(out[fin], ref[fin], atol=1e-5, rtol=1e-5)
 
 
 def test_tiles_and_general_kernels_agree():

@@ -8,7 +8,8 @@
 // task, which writes its dk/dv; dq partials of a split row are summed in a fixed order.
 //
 // The arithmetic runs in kernel_{avx512,avx2,generic}.cpp; the best one this CPU supports is
-// chosen at run time (ATTNKERN_CPU_ISA=generic|avx2|avx512 caps the choice, for testing).
+// chosen at run time (ATTNKERN_CPU_ISA=generic|avx2|avx512 caps the choice, for testing; any
+// other value is an error).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -32,12 +33,6 @@
 namespace attnkern {
 namespace cpu {
 
-int64_t workspace_elems(int64_t N, int64_t Dk, int64_t Dv) {
-  // Padded to the widest vector (16 lanes); covers the forward and backward layouts.
-  const int64_t Dkp = (Dk + 15) / 16 * 16, Dvp = (Dv + 15) / 16 * 16;
-  return std::max(2 * N * Dkp + N * Dvp + 48 * (Dkp + Dvp) + 34 * N + 128, tile_workspace_elems(N, Dk, Dv));
-}
-
 namespace {
 
 // Rows with more valid positions than this are split when there are few (row, head) tasks.
@@ -51,16 +46,29 @@ bool tiles_enabled() {
   return !(e && e[0] == '0');
 }
 
-KernelTable with_tiles(KernelTable t, FwdFn fwd, BwdFn bwd) {
+KernelTable with_tiles(KernelTable t, FwdFn fwd, BwdFn bwd, StatsFn stats, WorkspaceFn workspace) {
   t.fwd_tile = fwd;
   t.bwd_tile = bwd;
+  t.stats_tile = stats;
+  t.workspace_tile = workspace;
   return t;
+}
+
+// Whether the (row, head) tasks of N queries take the tiled kernels of table kt.
+bool use_tiles(const KernelTable& kt, int64_t N) { return N >= kTileMinQueries && kt.fwd_tile && tiles_enabled(); }
+
+// Workspace elements for the kernels a call runs (general, or also the tiled ones).
+int64_t workspace_for(const KernelTable& kt, bool tiles, int64_t N, int64_t Dk, int64_t Dv) {
+  const int64_t w = kt.workspace(N, Dk, Dv);
+  return tiles ? std::max(w, kt.workspace_tile(N, Dk, Dv)) : w;
 }
 
 const KernelTable& simd_kernels() {
   static const KernelTable table = [] {
     const char* env = std::getenv("ATTNKERN_CPU_ISA");
     const std::string cap = env ? std::string(env) : std::string();
+    TORCH_CHECK_VALUE(cap.empty() || cap == "generic" || cap == "avx2" || cap == "avx512",
+                      "attnkern: ATTNKERN_CPU_ISA must be generic, avx2 or avx512 (or unset), got '", cap, "'");
 #if defined(__x86_64__) || defined(_M_X64)
     __builtin_cpu_init();
     const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -68,11 +76,12 @@ const KernelTable& simd_kernels() {
                         __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2");
     const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                       __builtin_cpu_supports("f16c");
-    if (has512 && (cap.empty() || cap == "avx512")) return with_tiles(avx512_kernels(), &tile_fwd_avx512, &tile_bwd_avx512);
-    if (has2 && cap != "generic") return with_tiles(avx2_kernels(), &tile_fwd_avx2, &tile_bwd_avx2);
+    if (has512 && (cap.empty() || cap == "avx512")) return with_tiles(avx512_kernels(), &tile_fwd_avx512, &tile_bwd_avx512, &tile_stats_avx512, &tile_workspace_avx512);
+    if (has2 && cap != "generic") return with_tiles(avx2_kernels(), &tile_fwd_avx2, &tile_bwd_avx2, &tile_stats_avx2, &tile_workspace_avx2);
 #endif
     (void)cap;
-    return with_tiles(generic_kernels(), &tile_fwd_generic, &tile_bwd_generic);
+    return with_tiles(generic_kernels(), &tile_fwd_generic, &tile_bwd_generic, &tile_stats_generic,
+                      &tile_workspace_generic);
   }();
   return table;
 }
@@ -81,6 +90,8 @@ const KernelTable& kernels_for(int dtype) {
   static const KernelTable generic = generic_kernels();
   return dtype == kF64 ? generic : simd_kernels();
 }
+
+at::ScalarType accumulator_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 int dtype_code(at::ScalarType t) {
   switch (t) {
@@ -100,11 +111,11 @@ struct Rows {
   const int64_t* lengths = nullptr;  // padded + lengths
   const bool* mask = nullptr;        // padded + mask, [B, L] contiguous
   const int64_t* offsets = nullptr;  // jagged
-  at::Tensor keep_alive_a, keep_alive_b;
+  at::Tensor keep_alive;
 
   int64_t start(int64_t b) const { return offsets ? offsets[b] : 0; }
   // Valid count; for a mask row also fills idx with the valid positions.
-  int64_t count(int64_t b, std::vector<int32_t>* idx) const {
+  int64_t count(int64_t b, std::vector<int64_t>* idx) const {
     if (offsets) return offsets[b + 1] - offsets[b];
     if (lengths) return lengths[b];
     if (mask) {
@@ -113,7 +124,7 @@ struct Rows {
       if (idx) {
         idx->resize(L);
         for (int64_t l = 0; l < L; ++l)
-          if (m[l]) (*idx)[c++] = int32_t(l);
+          if (m[l]) (*idx)[c++] = l;
       } else {
         for (int64_t l = 0; l < L; ++l) c += m[l];
       }
@@ -129,11 +140,11 @@ Rows padded_rows(const PoolDims& d, const std::optional<at::Tensor>& lengths, co
   r.L = d.L;
   if (lengths.has_value()) {
     check_lengths_values_cpu(*lengths, d.L);
-    r.keep_alive_a = lengths->to(at::kLong).contiguous();
-    r.lengths = r.keep_alive_a.data_ptr<int64_t>();
+    r.keep_alive = lengths->to(at::kLong).contiguous();
+    r.lengths = r.keep_alive.data_ptr<int64_t>();
   } else if (mask.has_value()) {
-    r.keep_alive_a = mask->contiguous();
-    r.mask = r.keep_alive_a.data_ptr<bool>();
+    r.keep_alive = mask->contiguous();
+    r.mask = r.keep_alive.data_ptr<bool>();
   }
   return r;
 }
@@ -143,19 +154,23 @@ Rows jagged_rows(const PoolDims& d, const at::Tensor& offsets, int64_t max_lengt
   Rows r;
   r.B = d.B;
   r.L = d.L;
-  r.keep_alive_a = offsets.to(at::kLong).contiguous();
-  r.offsets = r.keep_alive_a.data_ptr<int64_t>();
+  r.keep_alive = offsets.to(at::kLong).contiguous();
+  r.offsets = r.keep_alive.data_ptr<int64_t>();
   return r;
 }
 
-// A unit of parallel work: (row, head) task, and the slice [i0, i1) of its valid positions.
+// A unit of parallel work: (row, head) task, and the slice [i0, i1) of its valid positions;
+// for a mask row, l0 is the mask position of valid position i0 (so that an item's positions
+// are found by scanning only its own part of the mask).
 struct Item {
   int64_t task;
   int64_t i0, i1;
+  int64_t l0;
 };
 
 // The split plan: empty when no row is split (then items are the tasks themselves).
-// float64 rows are never split: its backward refines the float32 lse over the whole row.
+// float64 rows are never split: their backward recomputes the softmax statistics over the
+// whole row.
 std::vector<Item> split_plan(const Rows& rows, int64_t H, int dtype) {
   std::vector<Item> items;
   if (rows.B * H > kSplitMaxTasks || dtype == kF64) return items;
@@ -166,12 +181,21 @@ std::vector<Item> split_plan(const Rows& rows, int64_t H, int dtype) {
     any = any || counts[b] > kSplitLen;
   }
   if (!any) return items;
-  for (int64_t b = 0; b < rows.B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t c = counts[b];
-      if (c == 0) items.push_back({b * H + h, 0, 0});
-      for (int64_t i0 = 0; i0 < c; i0 += kSplitLen) items.push_back({b * H + h, i0, std::min(c, i0 + kSplitLen)});
+  std::vector<int64_t> piece_l0;  // mask position where each piece of the row starts
+  for (int64_t b = 0; b < rows.B; ++b) {
+    const int64_t c = counts[b];
+    piece_l0.clear();
+    if (rows.mask) {  // one scan of the row's mask
+      const bool* m = rows.mask + b * rows.L;
+      for (int64_t l = 0, v = 0; l < rows.L; ++l)
+        if (m[l] && v++ % kSplitLen == 0) piece_l0.push_back(l);
     }
+    for (int64_t h = 0; h < H; ++h) {
+      if (c == 0) items.push_back({b * H + h, 0, 0, 0});
+      for (int64_t i0 = 0, k = 0; i0 < c; i0 += kSplitLen, ++k)
+        items.push_back({b * H + h, i0, std::min(c, i0 + kSplitLen), rows.mask ? piece_l0[k] : 0});
+    }
+  }
   return items;
 }
 
@@ -222,7 +246,7 @@ void for_each_task(const FwdParams& p, const Rows& rows, int64_t t0, int64_t t1,
     const int64_t b = t / H;
     if (!rows.mask) prefetch_span_head(p, Span{b, t % H, rows.start(b), rows.count(b, nullptr), nullptr});
   };
-  std::vector<int32_t> idx;
+  std::vector<int64_t> idx;
   int64_t idx_row = -1, cnt = 0;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / H;
@@ -240,41 +264,56 @@ void for_each_task(const FwdParams& p, const Rows& rows, int64_t t0, int64_t t1,
 // task.
 template <class F>
 void for_each_item(const Rows& rows, int64_t H, const std::vector<Item>& items, int64_t i0, int64_t i1, F&& f) {
-  std::vector<int32_t> idx;
+  std::vector<int64_t> idx;
   for (int64_t i = i0; i < i1; ++i) {
     const Item& it = items[i];
     const int64_t b = it.task / H;
-    rows.count(b, &idx);
-    f(i, Span{b, it.task % H, rows.start(b) + (rows.mask ? 0 : it.i0), it.i1 - it.i0,
-              rows.mask ? idx.data() + it.i0 : nullptr});
+    const int64_t n = it.i1 - it.i0;
+    if (rows.mask) {  // this item's positions only: its part of the mask, from l0
+      idx.resize(std::max<int64_t>(n, 1));
+      const bool* m = rows.mask + b * rows.L;
+      for (int64_t l = it.l0, c = 0; c < n; ++l)
+        if (m[l]) idx[c++] = l;
+    }
+    f(i, Span{b, it.task % H, rows.start(b) + (rows.mask ? 0 : it.i0), n, rows.mask ? idx.data() : nullptr});
   }
 }
 
+template <class A>
+A shift_of_host(A m) {  // as shift_of in kernel_impl.h: the shift the kernels subtracted
+  return std::isinf(m) ? A(0) : m;
+}
+
+// Writes out in the accumulator type (float32, float64 for float64 inputs): the autograd
+// forms delta = sum(grad_out * out) from these unrounded values, which float16/bfloat16
+// rounding would make inaccurate for peaked softmaxes; the public function casts out to the
+// query dtype.
 template <class scalar_t>
 void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor& lse) {
   using A = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
   const KernelTable& kt = kernels_for(p.dtype);
   const int64_t N = p.N, H = p.H, Dv = p.Dv;
-  const FwdFn fwd = N >= kTileMinQueries && kt.fwd_tile && tiles_enabled() ? kt.fwd_tile : kt.fwd;
-  const int64_t ws_n = workspace_elems(N, p.Dk, Dv);
-  scalar_t* o = out.data_ptr<scalar_t>();
+  const bool tiles = use_tiles(kt, N);
+  const FwdFn fwd = tiles ? kt.fwd_tile : kt.fwd;
+  const int64_t ws_n = workspace_for(kt, tiles, N, p.Dk, Dv);
+  A* o = out.data_ptr<A>();
   float* ls = lse.data_ptr<float>();
 
-  // Normalises one task's (acc, m, l) into out/lse.
   // Normalises queries [n0, n0 + nq) of one task (acc/m/l indexed from n0).
   auto finish_rows = [&](int64_t task, const A* acc, const A* m, const A* l, int64_t n0, int64_t nq) {
     const int64_t b = task / H, h = task % H;
     for (int64_t n = 0; n < nq; ++n) {
       const int64_t r = (b * N + n0 + n) * H + h;
-      scalar_t* on = o + r * Dv;
-      // l is NaN when a score was NaN or +inf (the tiled kernels keep it): out and lse are NaN.
-      if (l[n] > A(0) || l[n] != l[n]) {
+      A* on = o + r * Dv;
+      // l == 0 only when no valid position has a finite logit (an empty row, or all -inf: the
+      // reference's "empty" too); a NaN l (a NaN/inf logit or value) propagates. The lse sum
+      // is formed in double: in float, m + log2(l) loses log2(l) at large logits.
+      if (!(l[n] == A(0))) {
         const A inv = A(1) / l[n];
-        for (int64_t e = 0; e < Dv; ++e) on[e] = scalar_t(acc[n * Dv + e] * inv);
-        // In double: with large logits, float m + log2(l) would lose log2(l).
-        ls[r] = float(double(m[n]) * 0.6931471805599453 + std::log(double(l[n])));
+        for (int64_t e = 0; e < Dv; ++e) on[e] = acc[n * Dv + e] * inv;
+        ls[r] = float(double(shift_of_host(m[n])) + std::log(double(l[n])));
       } else {
-        for (int64_t e = 0; e < Dv; ++e) on[e] = scalar_t(0);
+        for (int64_t e = 0; e < Dv; ++e) on[e] = A(0);
         ls[r] = -std::numeric_limits<float>::infinity();
       }
     }
@@ -287,13 +326,13 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
   // Many queries and few tasks: the tiled kernel's work is split over query chunks instead of
   // key slices (a shape-only rule; each query's arithmetic is the same either way), so there is
   // no merge pass and one parallel region.
-  const int64_t qchunks = fwd == kt.fwd ? 1 : tile_query_chunks(N, ntasks);
+  const int64_t qchunks = tiles ? tile_query_chunks(N, ntasks) : 1;
   if (!items.empty() && qchunks > 1) {
     const int64_t qn = (N + qchunks - 1) / qchunks;
     const int64_t es = int64_t(sizeof(scalar_t));
     at::parallel_for(0, ntasks * qchunks, 1, [&](int64_t i0, int64_t i1) {
       std::vector<A> ws(ws_n), acc(qn * Dv), m(qn), l(qn);
-      std::vector<int32_t> idx;
+      std::vector<int64_t> idx;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t t = i / qchunks, n0 = (i % qchunks) * qn, nq = std::min(qn, N - n0);
         if (nq <= 0) continue;
@@ -336,13 +375,22 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t e = (t + 1 < ntasks) ? first[t + 1] : nitems;
       for (int64_t n = 0; n < N; ++n) {
+        // Each piece's (acc, l) is relative to its shift; pieces with l == 0 (no finite logit)
+        // take no part, so that they cannot move the common shift.
         A mx = -std::numeric_limits<A>::infinity();
-        for (int64_t i = first[t]; i < e; ++i) mx = std::max(mx, pm[i * N + n]);
+        bool any = false;
+        for (int64_t i = first[t]; i < e; ++i) {
+          if (pl[i * N + n] == A(0)) continue;
+          const A sh = shift_of_host(pm[i * N + n]);
+          mx = any ? std::max(mx, sh) : sh;
+          any = true;
+        }
         A lsum = 0;
         for (int64_t x = 0; x < Dv; ++x) acc[n * Dv + x] = 0;
-        if (mx != -std::numeric_limits<A>::infinity()) {
+        if (any) {
           for (int64_t i = first[t]; i < e; ++i) {
-            const A w = std::exp2(pm[i * N + n] - mx);
+            if (pl[i * N + n] == A(0)) continue;
+            const A w = std::exp(shift_of_host(pm[i * N + n]) - mx);
             lsum += w * pl[i * N + n];
             for (int64_t x = 0; x < Dv; ++x) acc[n * Dv + x] += w * pacc[(i * N + n) * Dv + x];
           }
@@ -362,7 +410,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_common(const at::Tensor& query_in, const 
   const at::Tensor q = last_dim_contiguous(query_in);
   const at::Tensor k = last_dim_contiguous(key_in);
   const at::Tensor v = last_dim_contiguous(value_in);
-  at::Tensor out = at::empty({d.B, d.N, d.H, d.Dv}, q.options());
+  at::Tensor out = at::empty({d.B, d.N, d.H, d.Dv}, q.options().dtype(accumulator_dtype(q.scalar_type())));
   at::Tensor lse = at::empty({d.B, d.N, d.H}, q.options().dtype(at::kFloat));
   if (d.B == 0) return {out, lse};
   FwdParams p;
@@ -410,13 +458,51 @@ void zero_invalid(const Rows& rows, const BwdParams& p, const KernelTable& kt, i
   }
 }
 
+// Rows whose float32 lse is at least this large in magnitude (or not finite) get their softmax
+// statistics recomputed in the backward: a float32 lse is off by up to |lse| * 6e-8, which the
+// probabilities recomputed from it inherit as a relative error (1e-6 here; 6e-5 at 1e3, and
+// beyond 1e9 no probability at all), against about 1e-7 for the float32 reference.
+constexpr double kRefineLse = 16.0;
+
+// BwdParams::shift for the (row, head) task of span s: from the forward's lse, or, where
+// that cannot resolve the logits (large or non-finite lse, float64 inputs), recomputed over the
+// whole row with the backward's own logits (one extra pass over K).
+template <class A>
+void fill_shift(const BwdParams& p, StatsFn stats, const float* lse, const Span& s, A* ws, A* m, A* l,
+                A* shift) {
+  const int64_t N = p.N, H = p.H;
+  bool refine = p.dtype == kF64;
+  for (int64_t n = 0; n < N && !refine; ++n) {
+    const float x = lse[((s.b * N + n) * H) + s.h];
+    refine = s.count > 0 && !(std::fabs(x) < kRefineLse);
+  }
+  if (refine) stats(p, s, ws, m, l);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t r = (s.b * N + n) * H + s.h;
+    if (refine) {
+      shift[2 * r] = m[n];
+      // l == 0: no finite logit; a zero log-sum then keeps 2^(-inf) = 0 at every position.
+      shift[2 * r + 1] = l[n] > A(0) ? A(std::log2(l[n])) : (l[n] == A(0) ? A(0) : l[n]);
+    } else {
+      shift[2 * r] = A(lse[r]);
+      shift[2 * r + 1] = A(0);
+    }
+  }
+}
+
 template <class scalar_t>
-void bwd_impl(const BwdParams& p, const Rows& rows, at::Tensor& gq) {
+void bwd_impl(BwdParams& p, const Rows& rows, const float* lse, at::Tensor& gq) {
   using A = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
   const KernelTable& kt = kernels_for(p.dtype);
   const int64_t N = p.N, H = p.H, Dk = p.Dk;
-  const BwdFn bwd = N >= kTileMinQueries && kt.bwd_tile && tiles_enabled() ? kt.bwd_tile : kt.bwd;
-  const int64_t ws_n = workspace_elems(N, Dk, p.Dv);
+  // The tiled path recomputes a row's shift with the tiled stats kernel: the same logits as
+  // the tiled backward.
+  const bool tiles = use_tiles(kt, N);
+  const BwdFn bwd = tiles ? kt.bwd_tile : kt.bwd;
+  const StatsFn stats = tiles ? kt.stats_tile : kt.stats;
+  const int64_t ws_n = workspace_for(kt, tiles, N, Dk, p.Dv);
+  std::vector<A> shift(2 * rows.B * N * H);
+  p.shift = shift.data();
   scalar_t* gqp = gq.data_ptr<scalar_t>();
   auto store_dq = [&](int64_t task, const A* dq) {
     const int64_t b = task / H, h = task % H;
@@ -431,8 +517,9 @@ void bwd_impl(const BwdParams& p, const Rows& rows, at::Tensor& gq) {
   const int64_t avg_len = rows.offsets ? (rows.B ? (rows.offsets[rows.B] - rows.offsets[0]) / rows.B + 1 : 1) : rows.L + 1;
   if (items.empty()) {
     at::parallel_for(0, ntasks, grain_for(2 * N * avg_len * (Dk + p.Dv)), [&](int64_t t0, int64_t t1) {
-      std::vector<A> ws(ws_n), dq(N * Dk);
+      std::vector<A> ws(ws_n), dq(N * Dk), m(N), l(N);
       for_each_task(p, rows, t0, t1, [&](int64_t t, const Span& s) {
+        fill_shift<A>(p, stats, lse, s, ws.data(), m.data(), l.data(), shift.data());
         bwd(p, s, ws.data(), dq.data());
         store_dq(t, dq.data());
         zero_invalid<scalar_t>(rows, p, kt, s.b, s.h, s.count);
@@ -441,6 +528,13 @@ void bwd_impl(const BwdParams& p, const Rows& rows, at::Tensor& gq) {
     return;
   }
 
+  // Split rows: the shift of each whole row first, then the pieces.
+  at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<A> ws(ws_n), m(N), l(N);
+    for_each_task(p, rows, t0, t1, [&](int64_t, const Span& s) {
+      fill_shift<A>(p, stats, lse, s, ws.data(), m.data(), l.data(), shift.data());
+    });
+  });
   const int64_t nitems = int64_t(items.size());
   std::vector<A> pdq(nitems * N * Dk);
   at::parallel_for(0, nitems, 1, [&](int64_t i0, int64_t i1) {
@@ -453,7 +547,6 @@ void bwd_impl(const BwdParams& p, const Rows& rows, at::Tensor& gq) {
   for (int64_t i = nitems - 1; i >= 0; --i) first[items[i].task] = i;
   at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<A> dq(N * Dk);
-    std::vector<int32_t> idx;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t e = (t + 1 < ntasks) ? first[t + 1] : nitems;
       std::fill(dq.begin(), dq.end(), A(0));
@@ -492,7 +585,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_common(const at::Tensor& grad
   p.go_sb = go.stride(0);
   p.go_sn = go.stride(1);
   p.go_sh = go.stride(2);
-  p.lse = lse.data_ptr<float>();
   if (delta.scalar_type() == at::kDouble) {
     p.delta64 = delta.data_ptr<double>();
   } else {
@@ -508,7 +600,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_common(const at::Tensor& grad
     p.gv_sb = gv.stride(0), p.gv_sl = gv.stride(1), p.gv_sh = gv.stride(2);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_pool_bwd_cpu",
-                                  [&] { bwd_impl<scalar_t>(p, rows, gq); });
+                                  [&] { bwd_impl<scalar_t>(p, rows, lse.data_ptr<float>(), gq); });
   if (jagged) {
     const int64_t end = rows.offsets[rows.B];
     if (end < d.L) {
@@ -569,3 +661,19 @@ TORCH_LIBRARY_IMPL(attnkern, CPU, m) {
   m.impl("jagged_attention_pool_fwd", &attnkern::jagged_attention_pool_fwd_cpu);
   m.impl("jagged_attention_pool_bwd", &attnkern::jagged_attention_pool_bwd_cpu);
 }
+
+// Sparse, mkldnn and nested CPU tensors dispatch to these keys; the launchers' first checks
+// (check_dense) turn them into a TypeError that names the argument, instead of the
+// dispatcher's "could not run ... with arguments from the SparseCPU backend".
+#define ATTNKERN_REJECT_LAYOUT(KEY)                                                       \
+  TORCH_LIBRARY_IMPL(attnkern, KEY, m) {                                                 \
+    m.impl("attention_pool_fwd", &attnkern::attention_pool_fwd_cpu);                     \
+    m.impl("attention_pool_bwd", &attnkern::attention_pool_bwd_cpu);                     \
+    m.impl("jagged_attention_pool_fwd", &attnkern::jagged_attention_pool_fwd_cpu);       \
+    m.impl("jagged_attention_pool_bwd", &attnkern::jagged_attention_pool_bwd_cpu);       \
+  }
+ATTNKERN_REJECT_LAYOUT(SparseCPU)
+ATTNKERN_REJECT_LAYOUT(SparseCsrCPU)
+ATTNKERN_REJECT_LAYOUT(MkldnnCPU)
+ATTNKERN_REJECT_LAYOUT(NestedTensorCPU)
+#undef ATTNKERN_REJECT_LAYOUT

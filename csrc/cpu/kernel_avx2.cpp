@@ -73,7 +73,6 @@ struct Vec256 {
   Vec256 operator-(Vec256 b) const { return {_mm256_sub_ps(v, b.v)}; }
   Vec256 operator*(Vec256 b) const { return {_mm256_mul_ps(v, b.v)}; }
   static Vec256 fma(Vec256 a, Vec256 b, Vec256 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
-  float first() const { return _mm256_cvtss_f32(v); }
   float reduce_add() const {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -87,23 +86,17 @@ struct Vec256 {
     return _mm_cvtss_f32(s);
   }
 
-  // 2^x as in kernel_avx512.cpp; 2^n is built in the exponent field. Lanes below -126
-  // (incl. -inf) give exactly 0.
+  // 2^x: round-to-nearest split x = n + f, |f| <= 1/2, exp2_poly(f) (kernel_impl.h) scaled by
+  // 2^n built in the exponent field. Below -126 (incl. -inf): exactly 0; from 128 up: +inf;
+  // NaN stays NaN (max/min return their second operand, x, when it is NaN).
   static Vec256 exp2(Vec256 x) {
-    const __m256 xc = _mm256_min_ps(_mm256_max_ps(x.v, _mm256_set1_ps(-126.f)), _mm256_set1_ps(127.f));
+    const __m256 xc = _mm256_min_ps(_mm256_set1_ps(127.f), _mm256_max_ps(_mm256_set1_ps(-126.f), x.v));
     const __m256 n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 f = _mm256_sub_ps(xc, n);
-    __m256 y = _mm256_set1_ps(1.5252733804059841e-05f);
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.5403530393381608e-04f));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.3333558146428443e-03f));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(9.6181291076284772e-03f));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(5.5504108664821580e-02f));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.4022650695910071e-01f));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(6.9314718055994531e-01f));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.0f));
+    const __m256 y = exp2_poly(Vec256{_mm256_sub_ps(xc, n)}).v;
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    const __m256 r = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-    return {_mm256_and_ps(r, _mm256_cmp_ps(x.v, _mm256_set1_ps(-126.f), _CMP_GE_OQ))};
+    __m256 r = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    r = _mm256_and_ps(r, _mm256_cmp_ps(x.v, _mm256_set1_ps(-126.f), _CMP_NLT_UQ));  // NaN: kept
+    return {_mm256_blendv_ps(r, _mm256_set1_ps(__builtin_inff()), _mm256_cmp_ps(x.v, _mm256_set1_ps(128.f), _CMP_GE_OQ))};
   }
   Vec256 mask_tail(int nb) const {
     const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(nb), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -140,7 +133,9 @@ void zero_avx2(void* p, int64_t bytes) {
 
 }  // namespace
 
-KernelTable avx2_kernels() { return {"avx2", &fwd_entry<Vec256>, &bwd_entry<Vec256>, &zero_avx2}; }
+KernelTable avx2_kernels() {
+  return {&fwd_entry<Vec256>, &bwd_entry<Vec256>, &stats_entry<Vec256>, &zero_avx2, &workspace_entry<Vec256>};
+}
 
 }  // namespace cpu
 }  // namespace attnkern

@@ -66,26 +66,20 @@ struct Vec512 {
   Vec512 operator-(Vec512 b) const { return {_mm512_sub_ps(v, b.v)}; }
   Vec512 operator*(Vec512 b) const { return {_mm512_mul_ps(v, b.v)}; }
   static Vec512 fma(Vec512 a, Vec512 b, Vec512 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
-  float first() const { return _mm512_cvtss_f32(v); }
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
   float reduce_max() const { return _mm512_reduce_max_ps(v); }
 
-  // 2^x: round-to-nearest split x = n + f, |f| <= 1/2, degree-7 Taylor polynomial of 2^f
-  // (relative error < 1e-8), scaled by 2^n. Lanes below -126 (incl. -inf) give exactly 0.
+  // 2^x: round-to-nearest split x = n + f, |f| <= 1/2, exp2_poly(f) (kernel_impl.h) scaled by
+  // 2^n. Below -126 (incl. -inf): exactly 0; from 128 up: +inf; NaN stays NaN (max/min return
+  // their second operand, x, when it is NaN).
   static Vec512 exp2(Vec512 x) {
-    const __m512 xc = _mm512_min_ps(_mm512_max_ps(x.v, _mm512_set1_ps(-126.f)), _mm512_set1_ps(127.f));
+    const __m512 xc = _mm512_min_ps(_mm512_set1_ps(127.f), _mm512_max_ps(_mm512_set1_ps(-126.f), x.v));
     const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(xc, n);
-    __m512 y = _mm512_set1_ps(1.5252733804059841e-05f);
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.5403530393381608e-04f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.3333558146428443e-03f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.6181291076284772e-03f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5504108664821580e-02f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022650695910071e-01f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314718055994531e-01f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
-    const __m512 r = _mm512_scalef_ps(y, n);
-    return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, _mm512_set1_ps(-126.f), _CMP_GE_OQ), r)};
+    const __m512 y = exp2_poly(Vec512{_mm512_sub_ps(xc, n)}).v;
+    __m512 r = _mm512_scalef_ps(y, n);
+    r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, _mm512_set1_ps(-126.f), _CMP_NLT_UQ), r);  // NaN: kept
+    return {_mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(128.f), _CMP_GE_OQ),
+                               _mm512_set1_ps(__builtin_inff()))};
   }
   // Lanes 0..7 of a then lanes 0..7 of b (concat_lo); lanes 8..15 of both (concat_hi).
   static Vec512 concat_lo(Vec512 a, Vec512 b) { return {_mm512_shuffle_f32x4(a.v, b.v, 0x44)}; }
@@ -122,7 +116,9 @@ void zero_avx512(void* p, int64_t bytes) {
 
 }  // namespace
 
-KernelTable avx512_kernels() { return {"avx512", &fwd_entry<Vec512>, &bwd_entry<Vec512>, &zero_avx512}; }
+KernelTable avx512_kernels() {
+  return {&fwd_entry<Vec512>, &bwd_entry<Vec512>, &stats_entry<Vec512>, &zero_avx512, &workspace_entry<Vec512>};
+}
 
 }  // namespace cpu
 }  // namespace attnkern

@@ -40,7 +40,11 @@ struct FwdParams {
 struct BwdParams : FwdParams {
   const void* go = nullptr;  // grad_out [B, N, H, Dv]
   int64_t go_sb = 0, go_sn = 0, go_sh = 0;
-  const float* lse = nullptr;    // [B, N, H] contiguous
+  // Per (b, n, h) row r: shift[2r] = the logit shift m, shift[2r + 1] = log2 of the softmax sum
+  // after it, so that p = 2^((s - m) log2(e) - shift[2r + 1]) for the logit s = scale * q.k. Accumulator precision (float,
+  // double for kF64). The launcher derives it from the forward's lse, or recomputes it
+  // (stats below) where that float32 lse cannot resolve the logits.
+  const void* shift = nullptr;
   const float* delta = nullptr;  // [B, N, H] contiguous
   const double* delta64 = nullptr;  // the same, for float64 inputs (then delta is null)
   void* gk = nullptr;            // grad_key, dtype of key, written at the span's positions only
@@ -50,37 +54,45 @@ struct BwdParams : FwdParams {
 };
 
 // The valid positions of one (row, head) task, or a slice of them:
-// position i (0 <= i < count) is start + (idx ? idx[i] : i).
+// position i (0 <= i < count) is start + (idx ? idx[i] : i). 64-bit positions: a mask row
+// may be longer than 2^31.
 struct Span {
   int64_t b = 0;
   int64_t h = 0;
   int64_t start = 0;
   int64_t count = 0;
-  const int32_t* idx = nullptr;
+  const int64_t* idx = nullptr;
 };
 
-// Workspace (in accumulator elements: float, or double for kF64) that a kernel call may use.
-int64_t workspace_elems(int64_t N, int64_t Dk, int64_t Dv);
-
-// Forward over one span: unnormalised acc [N, Dv] = sum_l 2^(s2_l - m) v_l, running max m [N]
-// of s2 = scale * log2(e) * q.k (log2 units) and l [N] = sum_l 2^(s2_l - m). An empty span gives
+// Forward over one span: unnormalised acc [N, Dv] = sum_l exp(s_l - m) v_l, running max m [N]
+// of the logits s = scale * q.k and l [N] = sum_l exp(s_l - m) (m is the shift actually used:
+// the kernels subtract 0 instead when m is infinite). An empty span gives
 // acc = 0, m = -inf, l = 0. acc/m/l are float (double for kF64).
 typedef void (*FwdFn)(const FwdParams& p, const Span& s, void* ws, void* acc, void* m, void* l);
 // Backward over one span: writes grad_key/grad_value at the span's positions and
 // dq [N, Dk] (float, or double for kF64) = scale * sum_l ds_l k_l over the span.
 typedef void (*BwdFn)(const BwdParams& p, const Span& s, void* ws, void* dq);
+// Softmax statistics of a span with the backward's logits: m [N] (max) and
+// l [N] = sum_l exp(s_l - m) (float, or double for kF64).
+typedef void (*StatsFn)(const FwdParams& p, const Span& s, void* ws, void* m, void* l);
+// Workspace (in accumulator elements: float, or double for kF64) that the kernels need.
+typedef int64_t (*WorkspaceFn)(int64_t N, int64_t Dk, int64_t Dv);
 
 // Zeroes `bytes` bytes with streaming stores where aligned (gradients of padded positions).
 typedef void (*ZeroFn)(void* p, int64_t bytes);
 
 struct KernelTable {
-  const char* name;
   FwdFn fwd;
   BwdFn bwd;
+  StatsFn stats;
   ZeroFn zero;
+  WorkspaceFn workspace;
   // Tiled kernels for many queries per history (tile_kernels.h); null where there are none.
+  // stats_tile scores as bwd_tile does; workspace_tile sizes their workspace.
   FwdFn fwd_tile = nullptr;
   BwdFn bwd_tile = nullptr;
+  StatsFn stats_tile = nullptr;
+  WorkspaceFn workspace_tile = nullptr;
 };
 
 // Prefetches the K/V rows of the first p.prefetch positions of span s (portable code: the

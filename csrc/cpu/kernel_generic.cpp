@@ -54,7 +54,6 @@ struct VecScalar {
   VecScalar operator-(VecScalar b) const { return {x - b.x}; }
   VecScalar operator*(VecScalar b) const { return {x * b.x}; }
   static VecScalar fma(VecScalar a, VecScalar b, VecScalar c) { return {a.x * b.x + c.x}; }
-  A first() const { return x; }
   A reduce_add() const { return x; }
   A reduce_max() const { return x; }
   static VecScalar exp2(VecScalar a) { return {std::exp2(a.x)}; }
@@ -76,6 +75,13 @@ void bwd_generic(const BwdParams& p, const Span& s, void* ws, void* dq) {
     bwd_entry<VecScalar<float>>(p, s, ws, dq);
 }
 
+void stats_generic(const FwdParams& p, const Span& s, void* ws, void* m, void* l) {
+  if (p.dtype == kF64)
+    stats_entry<VecScalar<double>>(p, s, ws, m, l);
+  else
+    stats_entry<VecScalar<float>>(p, s, ws, m, l);
+}
+
 void zero_generic(void* p, int64_t bytes) { std::memset(p, 0, size_t(bytes)); }
 
 }  // namespace
@@ -89,7 +95,10 @@ void prefetch_span_head(const FwdParams& p, const Span& s) {
   }
 }
 
-KernelTable generic_kernels() { return {"generic", &fwd_generic, &bwd_generic, &zero_generic}; }
+// workspace_entry depends only on the lane count (1 here), not on the accumulator type.
+KernelTable generic_kernels() {
+  return {&fwd_generic, &bwd_generic, &stats_generic, &zero_generic, &workspace_entry<VecScalar<float>>};
+}
 
 }  // namespace cpu
 }  // namespace attnkern

@@ -5,9 +5,11 @@
 //
 // V provides: W (lanes), A (accumulator scalar), zero/set1/load/load_partial/store/
 // store_partial for A and for every input type T, stream (non-temporal store), fence, + - *,
-// fma, first, reduce_add, reduce_max, exp2 (exactly 0 for -inf), mask_tail(nb) (lanes >= nb
-// set to -inf), transpose_reduce(V a[W]) (lane j = horizontal sum of a[j]) and, for W >= 2,
-// concat_lo/concat_hi(a, b) (the low/high halves of a and b, a's first).
+// fma, reduce_add, reduce_max, exp2 (exactly 0 below -126 and for -inf, +inf from 128 up, NaN
+// stays NaN: a non-finite logit at a valid position must show in the result, never vanish),
+// mask_tail(nb) (lanes >= nb set to -inf), transpose_reduce(V a[W]) (lane j = horizontal sum
+// of a[j], by the same tree of additions for every lane) and, for W >= 2, concat_lo/concat_hi(a, b)
+// (the low/high halves of a and b, a's first).
 //
 // Shape of the work: keys are processed in blocks of W positions. For each block the scores of
 // a query are W dot products, reduced horizontally all at once by transpose_reduce (or, with
@@ -16,6 +18,13 @@
 // head dim (the common serving case) has its own register-resident, pipelined kernel
 // (fwd_span_single, bwd_span_single). The backward writes each dK/dV row once, straight from
 // registers.
+//
+// Logits: every path computes a logit as s = scale * <q, k> (the dot product of the unscaled q
+// and k first, then the scale, as the reference does: a large scale overflows where the
+// reference's does), and the backward uses the same dot routine as the forward for each
+// (N, head dim) case, so the logits it recomputes are the forward's. Probabilities are
+// 2^((s - m) * log2(e)): the shift is subtracted in natural units, where s - m is exact for the
+// logits that matter, so that large logits (|s| >> 1) lose nothing to the base change.
 #pragma once
 
 #include "kernel_common.h"
@@ -43,6 +52,78 @@ inline A neg_inf() {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The shift subtracted from the logits before exp2: the running max, or 0 when that max is
+// infinite (all logits so far -inf, or one +inf): as in the reference, masked lanes then still
+// give exactly 0 and a +inf logit turns the row into NaN instead of vanishing. NaN stays NaN.
+template <class A>
+inline A shift_of(A m) {
+  return (m == -__builtin_inf() || m == __builtin_inf()) ? A(0) : m;
+}
+
+// 2^f for |f| <= 1/2: degree-7 Taylor polynomial (relative error < 1e-8), shared by the SIMD
+// exp2 of every ISA (they add the range reduction and the special values).
+template <class V>
+inline V exp2_poly(V f) {
+  constexpr float c[8] = {1.5252733804059841e-05f, 1.5403530393381608e-04f, 1.3333558146428443e-03f,
+                          9.6181291076284772e-03f, 5.5504108664821580e-02f, 2.4022650695910071e-01f,
+                          6.9314718055994531e-01f, 1.0f};
+  V y = V::set1(c[0]);
+#pragma GCC unroll 8
+  for (int i = 1; i < 8; ++i) y = V::fma(y, f, V::set1(c[i]));
+  return y;
+}
+
+// Workspace layouts (offsets in accumulator elements) of the general kernels, for W lanes and
+// head dims padded to Dkp / Dvp. The kernels carve their workspace with these and the launcher
+// sizes it with workspace_entry below, so the two can never disagree.
+struct Bump {
+  int64_t used = 0;
+  int64_t take(int64_t n) {
+    const int64_t o = used;
+    used += n;
+    return o;
+  }
+};
+
+struct FwdWs {
+  int64_t qs, acc, mm, ll, pb, p4, kt_buf, rows_buf, total;
+};
+inline FwdWs fwd_ws(int W, int64_t N, int64_t Dkp, int64_t Dvp) {
+  Bump b;
+  FwdWs w;
+  w.qs = b.take(N * Dkp);        // queries, fp32/64, padded with zeros
+  w.acc = b.take(N * Dvp);       // output accumulators
+  w.mm = b.take(N);              // running max of the logits
+  w.ll = b.take(N);              // running sum
+  w.pb = b.take(2 * W);          // probabilities of one query's step (2 blocks)
+  w.p4 = b.take(4 * W);          // probabilities of four queries [4][W]
+  w.kt_buf = b.take(Dkp * W);    // key block transposed [Dkp][W]
+  w.rows_buf = b.take(W * Dkp);  // key block as fp32 rows [W][Dkp]
+  w.total = b.used;
+  return w;
+}
+
+struct BwdWs {
+  int64_t qf, dof, dqa, msh, lg, dl, pb, dsb, kt_buf, vt_buf, rows_buf, total;
+};
+inline BwdWs bwd_ws(int W, int64_t N, int64_t Dkp, int64_t Dvp) {
+  Bump b;
+  BwdWs w;
+  w.qf = b.take(N * Dkp);   // q, fp32/64, padded
+  w.dof = b.take(N * Dvp);  // grad_out
+  w.dqa = b.take(N * Dkp);  // dq accumulator
+  w.msh = b.take(N);        // logit shift
+  w.lg = b.take(N);         // log2 of the softmax sum after that shift
+  w.dl = b.take(N);         // delta
+  w.pb = b.take(N * W);     // probabilities of the block [N][W]
+  w.dsb = b.take(N * W);    // scale * ds of the block [N][W]
+  w.kt_buf = b.take(Dkp * W);                            // key block transposed [Dkp][W] (N >= 4)
+  w.vt_buf = b.take(Dvp * W);                            // value block transposed [Dvp][W]
+  w.rows_buf = b.take(W * (Dkp > Dvp ? Dkp : Dvp));      // a block as fp32/64 rows
+  w.total = b.used;
+  return w;
+}
 
 // Loads chunk c of a head vector whose last chunk holds `tail` (1..W) elements.
 template <class V, class T>
@@ -209,19 +290,26 @@ inline void prefetch_step(const FwdParams& p, const Span& s, int64_t i0, int64_t
 }
 
 // The running max of a query is only moved when a block's max exceeds it by more than
-// 2^kLazyLog2: probabilities then stay <= 2^8 (exact enough and far from overflow in fp32),
-// and the common case (no move, alpha = 1) is a predictable branch instead of a chain of
-// exp2 and rescaling on every block. Returns alpha, the factor that rescales the accumulator.
-constexpr double kLazyLog2 = 8.0;
+// kLazyMax = 8 ln 2: probabilities then stay <= 2^8 (exact enough and far from overflow in
+// fp32), and the common case (no move, alpha = 1) is a predictable branch instead of a chain
+// of exp2 and rescaling on every block. Returns alpha, the factor that rescales the accumulator.
+constexpr double kLazyMax = 8.0 * 0.6931471805599453;
 
 template <class A>
 inline A lazy_max_update(A bmax, A* mm, A* ll) {
   const A m = *mm;
-  if (!(bmax > m + A(kLazyLog2))) return A(1);
-  const A alpha = scalar_exp2<A>(m - bmax);  // 0 when m = -inf (first block)
+  if (!(bmax > m + A(kLazyMax))) return A(1);
+  const A alpha = scalar_exp2<A>((m - bmax) * A(kLog2e));  // 0 when m = -inf (first block)
   *mm = bmax;
   *ll *= alpha;
   return alpha;
+}
+
+// exp(s - m) as 2^((s - m) log2 e): exactly 0 for s = -inf (masked lanes).
+template <class V>
+inline V exp_shifted(V s, typename V::A m) {
+  using A = typename V::A;
+  return V::exp2((s - V::set1(m)) * V::set1(A(kLog2e)));
 }
 
 // Online-softmax step of one query for one block: updates its running max/sum and returns
@@ -230,7 +318,7 @@ template <class V>
 inline typename V::A softmax_step(V sc, typename V::A* mm, typename V::A* ll, typename V::A* pb) {
   using A = typename V::A;
   const A alpha = lazy_max_update<A>(sc.reduce_max(), mm, ll);
-  const V pr = V::exp2(sc - V::set1(*mm));
+  const V pr = exp_shifted(sc, shift_of(*mm));
   *ll += pr.reduce_add();
   pr.store(pb);
   return alpha;
@@ -243,8 +331,8 @@ inline typename V::A softmax_step2(V s0, V s1, typename V::A* mm, typename V::A*
   using A = typename V::A;
   const A b0 = s0.reduce_max(), b1 = s1.reduce_max();
   const A alpha = lazy_max_update<A>(b0 > b1 ? b0 : b1, mm, ll);
-  const V mv = V::set1(*mm);
-  const V p0 = V::exp2(s0 - mv), p1 = V::exp2(s1 - mv);
+  const A mv = shift_of(*mm);
+  const V p0 = exp_shifted(s0, mv), p1 = exp_shifted(s1, mv);
   *ll += (p0 + p1).reduce_add();
   p0.store(pb);
   p1.store(pb + V::W);
@@ -372,10 +460,10 @@ void fwd_span_single(const FwdParams& p, const Span& s, typename V::A* acc_out, 
   auto load_k = [&](const T* r, int c) { return load_nc<V, NC, FULL>(r, c, kt); };
   auto load_v = [&](const T* r, int c) { return load_nc<V, NC, FULL>(r, c, vt); };
   const T* q = static_cast<const T*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
-  const V c2 = V::set1(A(p.scale * kLog2e));
+  const V sv = V::set1(A(p.scale));  // logits in natural units
   V x[NC], o[NC];
   for (int c = 0; c < NC; ++c) {
-    x[c] = load_k(q, c) * c2;
+    x[c] = load_k(q, c);
     o[c] = V::zero();
   }
   A m = neg_inf<A>(), l = A(0);
@@ -408,11 +496,11 @@ void fwd_span_single(const FwdParams& p, const Span& s, typename V::A* acc_out, 
         a[j] = t;
       }
     }
-    const V sc = V::transpose_reduce(a).mask_tail(nb);
+    const V sc = (V::transpose_reduce(a) * sv).mask_tail(nb);
     const A alpha = lazy_max_update<A>(sc.reduce_max(), &m, &l);
     if (alpha != A(1))
       for (int c = 0; c < NC; ++c) o[c] = o[c] * V::set1(alpha);
-    const V pv = V::exp2(sc - V::set1(m));  // masked lanes: exactly 0
+    const V pv = exp_shifted(sc, shift_of(m));  // masked lanes: exactly 0
     l += pv.reduce_add();
     pv.store(pr);
   }
@@ -448,21 +536,22 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
   }
   const int64_t Dkp = nck * W, Dvp = ncv * W;
   const int kt = int(Dk - (nck - 1) * W), vt = int(Dv - (ncv - 1) * W);
-  A* qs = ws;
-  A* acc = qs + N * Dkp;
-  A* mm = acc + N * Dvp;
-  A* ll = mm + N;
-  A* pb = ll + N;
-  A* p4 = pb + 2 * W;         // probabilities of four queries [4][W]
-  A* kt_buf = p4 + 4 * W;     // key block transposed [Dkp][W]
-  A* rows_buf = kt_buf + Dkp * W;  // key block as fp32 rows [W][Dkp]
+  const FwdWs lay = fwd_ws(W, N, Dkp, Dvp);
+  A* qs = ws + lay.qs;
+  A* acc = ws + lay.acc;
+  A* mm = ws + lay.mm;
+  A* ll = ws + lay.ll;
+  A* pb = ws + lay.pb;
+  A* p4 = ws + lay.p4;
+  A* kt_buf = ws + lay.kt_buf;
+  A* rows_buf = ws + lay.rows_buf;
 
-  // Queries pre-scaled by scale*log2(e): the softmax then runs in base 2.
+  // Scores are scaled by scale*log2(e) after the dot product: the softmax then runs in base 2.
   const T* q = static_cast<const T*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
-  const V c2 = V::set1(A(p.scale * kLog2e));
+  const V sv = V::set1(A(p.scale));  // logits in natural units
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t c = 0; c < nck; ++c)
-      (load_chunk<V>(q + n * p.q_sn, c, nck - 1, kt) * c2).store(qs + n * Dkp + c * W);
+      load_chunk<V>(q + n * p.q_sn, c, nck - 1, kt).store(qs + n * Dkp + c * W);
     for (int64_t c = 0; c < ncv; ++c) V::zero().store(acc + n * Dvp + c * W);
     mm[n] = neg_inf<A>();
     ll[n] = A(0);
@@ -491,7 +580,8 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
           V sc[4];
           dots4<V>(qs + n * Dkp, Dkp, kt_buf, Dk, sc);
           A alpha[4];
-          for (int i = 0; i < 4; ++i) alpha[i] = softmax_step<V>(sc[i].mask_tail(nh), mm + n + i, ll + n + i, p4 + i * W);
+          for (int i = 0; i < 4; ++i)
+            alpha[i] = softmax_step<V>((sc[i] * sv).mask_tail(nh), mm + n + i, ll + n + i, p4 + i * W);
           A* accs[4] = {acc + n * Dvp, acc + (n + 1) * Dvp, acc + (n + 2) * Dvp, acc + (n + 3) * Dvp};
           const int64_t nfull = vt == W ? ncv : ncv - 1;
           int64_t c = 0;
@@ -503,8 +593,8 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
     }
     for (; n < N; ++n) {
       const A* x = qs + n * Dkp;
-      const V s0 = block_dots<V, T>(x, kp, nck, kt).mask_tail(nb < W ? nb : W);
-      const V s1 = nb > W ? block_dots<V, T>(x, kp + W, nck, kt).mask_tail(nb - W) : V::set1(neg_inf<A>());
+      const V s0 = (block_dots<V, T>(x, kp, nck, kt) * sv).mask_tail(nb < W ? nb : W);
+      const V s1 = nb > W ? (block_dots<V, T>(x, kp + W, nck, kt) * sv).mask_tail(nb - W) : V::set1(neg_inf<A>());
       const A alpha = softmax_step2<V>(s0, s1, mm + n, ll + n, pb);
       block_axpy_rows<V, T>(acc + n * Dvp, pb, vp, nb, ncv, vt, alpha);
     }
@@ -593,9 +683,10 @@ void bwd_span_single(const BwdParams& p, const Span& s, typename V::A* dq_out) {
     dq[c] = V::zero();
   }
   const int64_t r = s.b * p.H + s.h;  // N == 1
-  const V lse2 = V::set1(A(p.lse[r]) * A(kLog2e));
+  const A* sh = static_cast<const A*>(p.shift) + 2 * r;
+  const V msh = V::set1(shift_of(sh[0])), lg = V::set1(sh[1]), l2e = V::set1(A(kLog2e));
   const V dl = V::set1(A(p.delta[r]));
-  const V c2 = V::set1(A(p.scale * kLog2e));
+  const V sv = V::set1(A(p.scale));  // logits in natural units
   const V scale = V::set1(A(p.scale));
 
   const auto [kb, vb, gkb, gvb] = bwd_bases<T>(p, s);
@@ -621,9 +712,9 @@ void bwd_span_single(const BwdParams& p, const Span& s, typename V::A* dq_out) {
       }
       half[h] = V::transpose_reduce(a);
     }
-    const V sc = (V::concat_lo(half[0], half[1]) * c2).mask_tail(nb);
+    const V sc = (V::concat_lo(half[0], half[1]) * sv).mask_tail(nb);
     const V dp = V::concat_hi(half[0], half[1]);
-    const V pr = V::exp2(sc - lse2);  // masked lanes: exactly 0
+    const V pr = V::exp2((sc - msh) * l2e - lg);  // masked lanes: exactly 0
     const V ds = pr * (dp - dl) * scale;
     pr.store(prb);
     ds.store(dsb);
@@ -665,16 +756,18 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
       return;
     }
   }
-  A* qf = ws;               // q, fp32/64, padded
-  A* dof = qf + N * Dkp;    // grad_out
-  A* dqa = dof + N * Dvp;   // dq accumulator
-  A* lse2 = dqa + N * Dkp;  // lse in log2 units
-  A* dl = lse2 + N;         // delta
-  A* pb = dl + N;           // probabilities of the block [N][W]
-  A* dsb = pb + N * W;      // scale * ds of the block [N][W]
-  A* kt_buf = dsb + N * W;  // key block transposed [Dkp][W] (N >= 4)
-  A* vt_buf = kt_buf + Dkp * W;    // value block transposed [Dvp][W]
-  A* rows_buf = vt_buf + Dvp * W;  // a block as fp32/64 rows [W][max(Dkp, Dvp)]
+  const BwdWs lay = bwd_ws(W, N, Dkp, Dvp);
+  A* qf = ws + lay.qf;
+  A* dof = ws + lay.dof;
+  A* dqa = ws + lay.dqa;
+  A* msh = ws + lay.msh;
+  A* lg = ws + lay.lg;
+  A* dl = ws + lay.dl;
+  A* pb = ws + lay.pb;
+  A* dsb = ws + lay.dsb;
+  A* kt_buf = ws + lay.kt_buf;
+  A* vt_buf = ws + lay.vt_buf;
+  A* rows_buf = ws + lay.rows_buf;
 
   const T* q = static_cast<const T*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
   const T* go = static_cast<const T*>(p.go) + s.b * p.go_sb + s.h * p.go_sh;
@@ -685,36 +778,18 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
     }
     for (int64_t c = 0; c < ncv; ++c) load_chunk<V>(go + n * p.go_sn, c, ncv - 1, vt).store(dof + n * Dvp + c * W);
     const int64_t r = (s.b * N + n) * H + s.h;
-    lse2[n] = A(p.lse[r]) * A(kLog2e);
+    const A* sh = static_cast<const A*>(p.shift) + 2 * r;
+    msh[n] = shift_of(sh[0]);
+    lg[n] = sh[1];
     dl[n] = p.delta64 ? A(p.delta64[r]) : A(p.delta[r]);
   }
-  const V c2 = V::set1(A(p.scale * kLog2e));
+  const V sv = V::set1(A(p.scale));  // logits in natural units
   const A scale = A(p.scale);
 
   const auto [kb, vb, gkb, gvb] = bwd_bases<T>(p, s);
   const T* kp[W];
   const T* vp[W];
   int64_t posb[W];
-  if constexpr (sizeof(A) == 8) {
-    // float64: the saved lse is float32, which alone would cap the gradients at ~1e-7
-    // relative accuracy; one extra pass refines it to double (float64 is for gradcheck).
-    for (int64_t n = 0; n < N; ++n) dqa[n * Dkp] = A(0);
-    for (int64_t i0 = 0; i0 < s.count; i0 += W) {
-      const int nb = int(s.count - i0 < W ? s.count - i0 : W);
-      for (int j = 0; j < W; ++j) {
-        const int64_t i = i0 + (j < nb ? j : nb - 1);
-        kp[j] = kb + (s.start + (s.idx ? int64_t(s.idx[i]) : i)) * p.k_sl;
-      }
-      for (int64_t n = 0; n < N; ++n) {
-        const V sc = (block_dots<V, T>(qf + n * Dkp, kp, nck, kt) * c2).mask_tail(nb);
-        dqa[n * Dkp] += V::exp2(sc - V::set1(lse2[n])).reduce_add();
-      }
-    }
-    for (int64_t n = 0; n < N; ++n) {
-      if (dqa[n * Dkp] > A(0)) lse2[n] += __builtin_log2(dqa[n * Dkp]);
-      dqa[n * Dkp] = A(0);
-    }
-  }
   for (int64_t i0 = 0; i0 < s.count; i0 += W) {
     const int nb = int(s.count - i0 < W ? s.count - i0 : W);
     prefetch_step(p, s, i0, W, kb, vb);
@@ -727,7 +802,7 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
     }
     // Per query: p and ds of the block's keys (kept for the rows below), and dq += ds . K.
     auto query_grads = [&](int64_t n, V sc, V dp) {
-      const V pr = V::exp2((sc * c2).mask_tail(nb) - V::set1(lse2[n]));  // masked lanes: exactly 0
+      const V pr = V::exp2(((sc * sv).mask_tail(nb) - V::set1(msh[n])) * V::set1(A(kLog2e)) - V::set1(lg[n]));
       const V ds = pr * (dp - V::set1(dl[n])) * V::set1(scale);
       pr.store(pb + n * W);
       ds.store(dsb + n * W);
@@ -769,6 +844,55 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
     for (int64_t d = 0; d < Dk; ++d) dq_out[n * Dk + d] = dqa[n * Dkp + d];
 }
 
+// Softmax statistics of a span as the backward recomputes its logits: per query n, the max
+// m[n] of the logits s and l[n] = sum_l exp(s_l - m[n]). Each block's scores come from the same
+// dot routine the backward uses for this (N, head dim) case (dots4 for groups of four queries,
+// block_dots otherwise, which adds in the order of the single-query kernels' chains), so the
+// probabilities exp(s - m) / l the backward forms from them sum to 1 to rounding even when
+// the forward's float32 lse cannot resolve the logits (|logit| >> 1, or float64 inputs).
+template <class V, class T>
+void stats_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::A* m_out, typename V::A* l_out) {
+  using A = typename V::A;
+  constexpr int W = V::W;
+  const int64_t N = p.N, Dk = p.Dk;
+  const int64_t nck = ceil_div(Dk, W), ncv = ceil_div(p.Dv, W);
+  const int64_t Dkp = nck * W;
+  const int kt = int(Dk - (nck - 1) * W);
+  const BwdWs lay = bwd_ws(W, N, Dkp, ncv * W);
+  A* qf = ws + lay.qf;
+  A* kt_buf = ws + lay.kt_buf;
+  A* rows_buf = ws + lay.rows_buf;
+  const T* q = static_cast<const T*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < nck; ++c) load_chunk<V>(q + n * p.q_sn, c, nck - 1, kt).store(qf + n * Dkp + c * W);
+    m_out[n] = neg_inf<A>();
+    l_out[n] = A(0);
+  }
+  const V sv = V::set1(A(p.scale));  // logits in natural units
+  const auto [kb, vb] = kv_bases<T>(p, s);
+  const T* kp[W];
+  auto step = [&](int64_t n, V sc, int nb) {
+    const V s2 = (sc * sv).mask_tail(nb);
+    lazy_max_update<A>(s2.reduce_max(), m_out + n, l_out + n);
+    l_out[n] += exp_shifted(s2, shift_of(m_out[n])).reduce_add();
+  };
+  for (int64_t i0 = 0; i0 < s.count; i0 += W) {
+    const int nb = int(s.count - i0 < W ? s.count - i0 : W);
+    prefetch_step(p, s, i0, W, kb, vb);
+    block_rows<W>(s, i0, nb, kb, p.k_sl, kp);
+    int64_t n = 0;
+    if (W > 1 && N >= 4) {
+      transpose_block<V>(kp, nck, kt, Dk, rows_buf, kt_buf);
+      for (; n + 4 <= N; n += 4) {
+        V sc[4];
+        dots4<V>(qf + n * Dkp, Dkp, kt_buf, Dk, sc);
+        for (int i = 0; i < 4; ++i) step(n + i, sc[i], nb);
+      }
+    }
+    for (; n < N; ++n) step(n, block_dots<V, T>(qf + n * Dkp, kp, nck, kt), nb);
+  }
+}
+
 // Type-erased entry points for the KernelTable of a V: a float V serves float32/16/bfloat16,
 // a double V float64.
 template <class V>
@@ -787,6 +911,32 @@ void fwd_entry(const FwdParams& p, const Span& s, void* ws, void* acc, void* m, 
       default: fwd_span<V, float>(p, s, w, a, mm, ll); break;
     }
   }
+}
+
+template <class V>
+void stats_entry(const FwdParams& p, const Span& s, void* ws, void* m, void* l) {
+  using A = typename V::A;
+  A* w = static_cast<A*>(ws);
+  A* mm = static_cast<A*>(m);
+  A* ll = static_cast<A*>(l);
+  if constexpr (sizeof(A) == 8) {
+    stats_span<V, double>(p, s, w, mm, ll);
+  } else {
+    switch (p.dtype) {
+      case kF16: stats_span<V, fp16_t>(p, s, w, mm, ll); break;
+      case kBF16: stats_span<V, bf16_t>(p, s, w, mm, ll); break;
+      default: stats_span<V, float>(p, s, w, mm, ll); break;
+    }
+  }
+}
+
+// Workspace (accumulator elements) that any kernel of this V needs for the given shape.
+template <class V>
+int64_t workspace_entry(int64_t N, int64_t Dk, int64_t Dv) {
+  constexpr int W = V::W;
+  const int64_t Dkp = ceil_div(Dk, W) * W, Dvp = ceil_div(Dv, W) * W;
+  const int64_t f = fwd_ws(W, N, Dkp, Dvp).total, b = bwd_ws(W, N, Dkp, Dvp).total;
+  return f > b ? f : b;
 }
 
 template <class V>

@@ -72,10 +72,11 @@ struct TileVec256 {
   }
   // 2^x: x = n + f (round to nearest, |f| <= 1/2), a degree-5 minimax polynomial of 2^f
   // (relative error 1e-7, below the rounding of an fp32 logit), times 2^n added into the
-  // exponent field. Inputs are <= 2^8 here (the lazy running max). max() takes x as its second
-  // operand, so a NaN lane stays NaN; lanes below -125 (incl. -inf) are set to exactly 0.
+  // exponent field. max()/min() take x as their second operand, so a NaN lane stays NaN; lanes
+  // below -125 (incl. -inf) are set to exactly 0, lanes from 128 up (incl. +inf) to +inf (a
+  // +inf logit must show in the result, as in the reference).
   static TileVec256 exp2(TileVec256 x) {
-    const __m256 xc = _mm256_max_ps(_mm256_set1_ps(-125.f), x.v);
+    const __m256 xc = _mm256_min_ps(_mm256_set1_ps(127.f), _mm256_max_ps(_mm256_set1_ps(-125.f), x.v));
     const __m256 n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256 f = _mm256_sub_ps(xc, n);
     __m256 y = _mm256_set1_ps(1.326460061769931e-03f);
@@ -86,7 +87,8 @@ struct TileVec256 {
     y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.0f));
     const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
     const __m256 r = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(y), e));
-    return {_mm256_blendv_ps(r, _mm256_setzero_ps(), _mm256_cmp_ps(x.v, _mm256_set1_ps(-125.f), _CMP_LT_OQ))};
+    const __m256 z = _mm256_blendv_ps(r, _mm256_setzero_ps(), _mm256_cmp_ps(x.v, _mm256_set1_ps(-125.f), _CMP_LT_OQ));
+    return {_mm256_blendv_ps(z, _mm256_set1_ps(__builtin_inff()), _mm256_cmp_ps(x.v, _mm256_set1_ps(128.f), _CMP_GE_OQ))};
   }
   // dst[d * NR + j] = rows[j * rs + d] for the W rows j < 8 and d < D (rows readable up to
   // D rounded up to 8): 8 x 8 transposes in registers.
@@ -125,6 +127,10 @@ void tile_fwd_avx2(const FwdParams& p, const Span& s, void* ws, void* acc, void*
   tile_fwd_entry<TileVec256>(p, s, ws, acc, m, l);
 }
 void tile_bwd_avx2(const BwdParams& p, const Span& s, void* ws, void* dq) { tile_bwd_entry<TileVec256>(p, s, ws, dq); }
+void tile_stats_avx2(const FwdParams& p, const Span& s, void* ws, void* m, void* l) {
+  tile_stats_entry<TileVec256>(p, s, ws, m, l);
+}
+int64_t tile_workspace_avx2(int64_t N, int64_t Dk, int64_t Dv) { return tile_ws_elems<TileVec256>(N, Dk, Dv); }
 
 }  // namespace cpu
 }  // namespace attnkern

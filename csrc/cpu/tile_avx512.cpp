@@ -62,9 +62,9 @@ struct TileVec512 {
     return {_mm512_mask_blend_ps(keep, _mm512_set1_ps(-__builtin_inff()), v)};
   }
   // 2^x as in tile_avx2.cpp (degree-5 polynomial), with the 2^n scaling done by vscalefps;
-  // NaN stays NaN, lanes below -125 (incl. -inf) are exactly 0.
+  // NaN stays NaN, lanes below -125 (incl. -inf) are exactly 0, from 128 up (incl. +inf) +inf.
   static TileVec512 exp2(TileVec512 x) {
-    const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-125.f), x.v);
+    const __m512 xc = _mm512_min_ps(_mm512_set1_ps(127.f), _mm512_max_ps(_mm512_set1_ps(-125.f), x.v));
     const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(xc, n);
     __m512 y = _mm512_set1_ps(1.326460061769931e-03f);
@@ -74,7 +74,9 @@ struct TileVec512 {
     y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931469772847576e-01f));
     y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
     const __m512 r = _mm512_scalef_ps(y, n);
-    return {_mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(-125.f), _CMP_LT_OQ), _mm512_setzero_ps())};
+    const __m512 z = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(-125.f), _CMP_LT_OQ), _mm512_setzero_ps());
+    return {_mm512_mask_mov_ps(z, _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(128.f), _CMP_GE_OQ),
+                               _mm512_set1_ps(__builtin_inff()))};
   }
   // dst[d * NR + j] = rows[j * rs + d] for the W rows j and d < D.
   template <int NR>
@@ -92,6 +94,10 @@ void tile_fwd_avx512(const FwdParams& p, const Span& s, void* ws, void* acc, voi
 void tile_bwd_avx512(const BwdParams& p, const Span& s, void* ws, void* dq) {
   tile_bwd_entry<TileVec512>(p, s, ws, dq);
 }
+void tile_stats_avx512(const FwdParams& p, const Span& s, void* ws, void* m, void* l) {
+  tile_stats_entry<TileVec512>(p, s, ws, m, l);
+}
+int64_t tile_workspace_avx512(int64_t N, int64_t Dk, int64_t Dv) { return tile_ws_elems<TileVec512>(N, Dk, Dv); }
 
 }  // namespace cpu
 }  // namespace attnkern

@@ -38,7 +38,7 @@ struct TileScalar {
   float hmax() const { return x; }
   float hsum() const { return x; }
   TileScalar mask_tail(int n) const { return n > 0 ? *this : TileScalar{-std::numeric_limits<float>::infinity()}; }
-  static TileScalar exp2(TileScalar a) { return {std::exp2(a.x)}; }  // exp2(-inf) = 0, NaN -> NaN
+  static TileScalar exp2(TileScalar a) { return {std::exp2(a.x)}; }  // exp2(-inf) = 0, +inf -> +inf, NaN -> NaN
   // dst[d * NR + j] = rows[j * rs + d] for the W rows j and d < D.
   template <int NR>
   static void transpose_rows(const float* rows, int64_t rs, int64_t D, float* dst) {
@@ -48,13 +48,6 @@ struct TileScalar {
 };
 
 }  // namespace
-
-int64_t tile_workspace_elems(int64_t N, int64_t Dk, int64_t Dv) {
-  // The widest vector (16 lanes) and the largest tiles, whatever ISA runs.
-  const int64_t a = tile_ws_elems<TileScalar>(N, (Dk + 15) / 16 * 16, (Dv + 15) / 16 * 16);
-  const int64_t Dkp = (Dk + 15) / 16 * 16, Dvp = (Dv + 15) / 16 * 16;
-  return a + 8 * 64 * 2 + 2 * (Dkp + Dvp);
-}
 
 int64_t tile_query_chunks(int64_t N, int64_t ntasks) {
   const int64_t by_size = N / 64, by_items = (64 + ntasks - 1) / (ntasks > 0 ? ntasks : 1);
@@ -68,6 +61,10 @@ void tile_fwd_generic(const FwdParams& p, const Span& s, void* ws, void* acc, vo
 void tile_bwd_generic(const BwdParams& p, const Span& s, void* ws, void* dq) {
   tile_bwd_entry<TileScalar>(p, s, ws, dq);
 }
+void tile_stats_generic(const FwdParams& p, const Span& s, void* ws, void* m, void* l) {
+  tile_stats_entry<TileScalar>(p, s, ws, m, l);
+}
+int64_t tile_workspace_generic(int64_t N, int64_t Dk, int64_t Dv) { return tile_ws_elems<TileScalar>(N, Dk, Dv); }
 
 }  // namespace cpu
 }  // namespace attnkern

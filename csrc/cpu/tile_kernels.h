@@ -19,17 +19,23 @@ constexpr int64_t kTileMinQueries = 16;
 // small next to the arithmetic; about 64 work items in all.
 int64_t tile_query_chunks(int64_t N, int64_t ntasks);
 
-// Workspace (float elements) the tiled kernels need, forward and backward, on every ISA.
-int64_t tile_workspace_elems(int64_t N, int64_t Dk, int64_t Dv);
-
-// Same contracts as FwdFn/BwdFn in kernel_common.h (float accumulators only).
+// Same contracts as FwdFn/BwdFn/StatsFn/WorkspaceFn in kernel_common.h (float accumulators
+// only): logits s = scale * <q, k> in natural units, the forward's m and the backward's
+// BwdParams::shift in those units. The stats kernels score exactly as the tiled backward does,
+// so the launcher recomputes a row's shift with them for the tasks that take the tiled path.
 void tile_fwd_generic(const FwdParams& p, const Span& s, void* ws, void* acc, void* m, void* l);
 void tile_bwd_generic(const BwdParams& p, const Span& s, void* ws, void* dq);
+void tile_stats_generic(const FwdParams& p, const Span& s, void* ws, void* m, void* l);
+int64_t tile_workspace_generic(int64_t N, int64_t Dk, int64_t Dv);
 #if defined(__x86_64__) || defined(_M_X64)
 void tile_fwd_avx2(const FwdParams& p, const Span& s, void* ws, void* acc, void* m, void* l);
 void tile_bwd_avx2(const BwdParams& p, const Span& s, void* ws, void* dq);
+void tile_stats_avx2(const FwdParams& p, const Span& s, void* ws, void* m, void* l);
+int64_t tile_workspace_avx2(int64_t N, int64_t Dk, int64_t Dv);
 void tile_fwd_avx512(const FwdParams& p, const Span& s, void* ws, void* acc, void* m, void* l);
 void tile_bwd_avx512(const BwdParams& p, const Span& s, void* ws, void* dq);
+void tile_stats_avx512(const FwdParams& p, const Span& s, void* ws, void* m, void* l);
+int64_t tile_workspace_avx512(int64_t N, int64_t Dk, int64_t Dv);
 #endif
 
 }  // namespace cpu

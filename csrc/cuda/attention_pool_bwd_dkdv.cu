@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kThreads, 3)
           }
           s = group_sum<LPK>(s);
           dp = group_sum<LPK>(dp);
-          const float pr = ok[u] ? exp2f(s - lse2) : 0.f;
+          const float pr = (ok[u] && lse2 != -INFINITY) ? exp2f(s - lse2) : 0.f;  // -inf: no finite logit
           const float ds = pr * (dp - delta);
 #pragma unroll
           for (int e = 0; e < EPL; ++e) {

@@ -129,7 +129,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
             s = group_sum<LPK>(s);
             dp = group_sum<LPK>(dp);
             // Invalid positions contribute exactly 0 (and never evaluate exp2 of garbage).
-            const float pr = ok[u] ? exp2f(s - lse2[qi]) : 0.f;
+            // lse2 == -inf: no finite logit in the row (all -inf), every p is 0.
+            const float pr = (ok[u] && lse2[qi] != -INFINITY) ? exp2f(s - lse2[qi]) : 0.f;
             const float ds = pr * (dp - delta[qi]);
 #pragma unroll
             for (int e = 0; e < EPL; ++e) dq[qi][e] = fmaf(ds, kf[u][e], dq[qi][e]);

@@ -128,13 +128,16 @@ kc::PoolProblem make_problem(const PoolDims& d, const at::Tensor& q, const at::T
 std::tuple<at::Tensor, at::Tensor> run_fwd(const PoolDims& d, const at::Tensor& query,
                                            const at::Tensor& key, const at::Tensor& value,
                                            const kc::RowSpec& rows, double scale, bool jagged) {
+  // The op's out is float32 for every input dtype here (as on the CPU, whose kernels store
+  // their unrounded accumulators so that the autograd's delta = sum(grad_out * out) is exact):
+  // the public function casts it to the query dtype. These kernels still round through the
+  // query dtype first (storing fp32 directly is a change to verify on a GPU).
   auto out = at::empty({d.B, d.N, d.H, d.Dv}, query.options());
   auto lse = at::empty({d.B, d.N, d.H}, query.options().dtype(at::kFloat));
-  if (d.B == 0) return {out, lse};
+  if (d.B == 0) return {out.to(at::kFloat), lse};
   if (d.L == 0) {  // every row is empty
-    out.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
-    return {out, lse};
+    return {out.to(at::kFloat).zero_(), lse};
   }
   const auto q = unit_inner_stride(query);
   const auto k = unit_inner_stride(key);
@@ -145,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> run_fwd(const PoolDims& d, const at::Tensor& 
   float* scratch_data = scratch_ptr(scratch, kc::fwd_scratch_floats(p, plan), query);
   C10_CUDA_CHECK(kc::launch_fwd(p, plan, out.data_ptr(), lse.data_ptr<float>(), scratch_data,
                                 at::cuda::getCurrentCUDAStream()));
-  return {out, lse};
+  return {out.to(at::kFloat), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(
@@ -241,3 +244,17 @@ TORCH_LIBRARY_IMPL(attnkern, CUDA, m) {
   m.impl("jagged_attention_pool_fwd", &attnkern::jagged_attention_pool_fwd_cuda);
   m.impl("jagged_attention_pool_bwd", &attnkern::jagged_attention_pool_bwd_cuda);
 }
+
+// Sparse and nested CUDA tensors: the launchers' first checks (check_dense) raise a TypeError
+// that names the argument.
+#define ATTNKERN_REJECT_LAYOUT(KEY)                                                      \
+  TORCH_LIBRARY_IMPL(attnkern, KEY, m) {                                                \
+    m.impl("attention_pool_fwd", &attnkern::attention_pool_fwd_cuda);                   \
+    m.impl("attention_pool_bwd", &attnkern::attention_pool_bwd_cuda);                   \
+    m.impl("jagged_attention_pool_fwd", &attnkern::jagged_attention_pool_fwd_cuda);     \
+    m.impl("jagged_attention_pool_bwd", &attnkern::jagged_attention_pool_bwd_cuda);     \
+  }
+ATTNKERN_REJECT_LAYOUT(SparseCUDA)
+ATTNKERN_REJECT_LAYOUT(SparseCsrCUDA)
+ATTNKERN_REJECT_LAYOUT(NestedTensorCUDA)
+#undef ATTNKERN_REJECT_LAYOUT

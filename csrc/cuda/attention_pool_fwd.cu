@@ -124,7 +124,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 #pragma unroll
             for (int e = 0; e < EPL; ++e) dot = fmaf(q[qi][e], kf[u][e], dot);
             s[u] = group_sum<LPK>(dot);
-            if (ok[u]) mx = fmaxf(mx, s[u]);
+            // fmaxf drops NaN: a NaN logit at a valid position makes the max NaN instead, so
+            // that it reaches l and acc (and so out and lse) rather than vanishing.
+            if (ok[u]) mx = isnan(s[u]) ? s[u] : fmaxf(mx, s[u]);
           }
           // mx == -inf: this group has seen no valid key yet; skipping avoids inf - inf.
           if (mx != -INFINITY) {
@@ -157,7 +159,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
       float lsum = l[qi] * f;
 #pragma unroll
       for (int off = LPK; off < 32; off *= 2) lsum += __shfl_xor_sync(kFullMask, lsum, off);
-      const bool empty = !(lsum > 0.f);  // no valid key: out = 0, lse = -inf
+      // No valid key with a finite logit: out = 0, lse = -inf. A NaN sum propagates.
+      const bool empty = lsum == 0.f;
       const float inv = empty ? 0.f : 1.f / lsum;
 #pragma unroll
       for (int e = 0; e < EPL; ++e) {
@@ -198,7 +201,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; r < rows;
        r += warp_stride) {
     float mx = -INFINITY;
-    for (int64_t s = 0; s < splits; ++s) mx = fmaxf(mx, part_lse[s * rows + r]);
+    for (int64_t s = 0; s < splits; ++s) {
+      const float x = part_lse[s * rows + r];
+      mx = (isnan(x) || isnan(mx)) ? NAN : fmaxf(mx, x);  // a NaN split keeps the row NaN
+    }
     if (mx == -INFINITY) {  // empty row: out = 0, lse = -inf
       for (int e = lane; e < dv; e += 32) out[r * dv + e] = from_float<T>(0.f);
       if (lane == 0) lse[r] = -INFINITY;

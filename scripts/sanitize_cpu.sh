@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Builds the CPU extension a second time with AddressSanitizer + UndefinedBehaviorSanitizer, in
+# its own folder (a copy of the sources under $ATTNKERN_ASAN_DIR, default build-asan/: the
+# normal in-place extension is left alone), then runs the CPU tests and a short fuzz run with
+# that copy first on PYTHONPATH. Any sanitizer report fails the run (exit status non-zero).
+#
+#   scripts/sanitize_cpu.sh [fuzz minutes, default 1]
+#
+# Python itself is not instrumented: the ASan runtime is preloaded (LD_PRELOAD), and leak
+# detection is off (the interpreter's own allocations at exit are not ours to judge).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+OUT="${ATTNKERN_ASAN_DIR:-$ROOT/build-asan}"
+FUZZ_MINUTES="${1:-1}"
+CXX_BIN="${CXX:-c++}"
+start=$(date +%s)
+
+mkdir -p "$OUT/src"
+# cp -a keeps the sources' times, so an unchanged file is not recompiled on a second run.
+cp -a setup.py pyproject.toml README.md pytest.ini csrc attnkern triton_kernels tests scripts "$OUT/src/"
+rm -f "$OUT"/src/attnkern/_C*.so
+SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+(cd "$OUT/src" && ATTNKERN_CUDA=0 ATTNKERN_CPU_EXTRA_FLAGS="$SAN" python setup.py -q build_ext --inplace \
+  > "$OUT/build.log" 2>&1) || { tail -50 "$OUT/build.log"; echo "sanitize_cpu: build failed"; exit 1; }
+built=$(date +%s)
+
+LIBASAN="$("$CXX_BIN" -print-file-name=libasan.so)"
+export LD_PRELOAD="$LIBASAN"
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_odr_violation=0:alloc_dealloc_mismatch=0"
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
+export PYTHONPATH="$OUT/src${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_INTERPRET=1
+LOG="$OUT/run.log"
+status=0
+(
+  cd "$OUT/src"
+  python -c "import attnkern, sys; assert attnkern.__file__.startswith('$OUT/src'), attnkern.__file__; \
+assert attnkern.backends()['cpu'].available, attnkern.backends()['cpu'].reason"
+  # avx2 (this CPU's best): the CPU kernel tests and the hardening regressions; generic: the
+  # regressions that reach its arithmetic paths (AVX-512 cannot run on CI's CPUs).
+  ATTNKERN_CPU_ISA=avx2 python -m pytest -q -x -p no:cacheprovider -m "not slow" \
+    tests/test_cpu.py tests/test_hardening.py
+  ATTNKERN_CPU_ISA=generic python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_hardening.py \
+    -k "large_logits or fp16_near or nonfinite or nan_row or peaked or mask_split"
+  python -m pytest -q -x -p no:cacheprovider tests/test_fuzz.py -k "cpu"
+  python scripts/fuzz.py --minutes "$FUZZ_MINUTES" --targets api:cpu,raw:cpu
+) > "$LOG" 2>&1 || status=$?
+end=$(date +%s)
+if grep -qE "ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$LOG"; then
+  grep -nE -A30 "ERROR: AddressSanitizer|runtime error:" "$LOG" | head -80
+  echo "sanitize_cpu: sanitizer report (log: $LOG)"
+  exit 1
+fi
+tail -25 "$LOG"
+echo "sanitize_cpu: build $((built - start)) s, tests + fuzz $((end - built)) s, status $status"
+exit $status

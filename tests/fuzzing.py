@@ -1,0 +1,421 @@
+"""The fuzzer behind tests/test_fuzz.py (hypothesis, bounded) and scripts/fuzz.py (timed runs).
+
+One case is drawn through a `draw` object (hypothesis' `data.draw` or a seeded random.Random):
+a target (the public function on a backend, or one of the registered raw ops), shapes, dtype,
+layout, strides, scale and value magnitudes, sometimes a non-finite value, and sometimes one
+malformed argument. Every outcome must be one of
+
+    ok           the result matches the float64 reference within the suite's tolerance rule
+                 (forward and gradients; with a non-finite input: the same rows are non-finite
+                 as in the reference, and the finite rows match);
+    clean_error  a ValueError/TypeError whose message names the malformed argument.
+
+Anything else is a failure: a mismatch, another exception type, an error that names no
+argument, an error raised for a well-formed call.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+import attnkern
+
+from attnkern.testing import FLOOR, LOW_PRECISION_FACTOR  # the suite's one tolerance rule
+
+ARG_NAMES = ("query", "key", "value", "lengths", "mask", "key_padding_mask", "offsets",
+             "max_length", "scale", "backend", "return_lse", "grad_out", "lse", "delta")
+
+OUTCOMES = ("ok", "clean_error", "mismatch", "bad_error")
+
+
+class RandomDraw:
+    """The draw interface over random.Random (for timed runs)."""
+
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+
+    def int(self, lo: int, hi: int) -> int:
+        return self.rng.randint(lo, hi)
+
+    def choice(self, seq: Sequence):
+        return seq[self.rng.randrange(len(seq))]
+
+    def bool(self, p: float = 0.5) -> bool:
+        return self.rng.random() < p
+
+
+class HypothesisDraw:
+    """The same interface over hypothesis' `data` (for the bounded test: shrinking works)."""
+
+    def __init__(self, data):
+        from hypothesis import strategies as st
+
+        self.data, self.st = data, st
+
+    def int(self, lo: int, hi: int) -> int:
+        return self.data.draw(self.st.integers(lo, hi))
+
+    def choice(self, seq: Sequence):
+        return self.data.draw(self.st.sampled_from(list(seq)))
+
+    def bool(self, p: float = 0.5) -> bool:
+        return self.data.draw(self.st.integers(0, 999)) < int(p * 1000)
+
+
+def available_targets() -> List[str]:
+    """Targets on this machine: public API per backend, raw C++ ops, raw Triton ops."""
+    info = attnkern.backends()
+    t = ["api:reference"]
+    if info["cpu"].available:
+        t += ["api:cpu", "raw:cpu"]
+    if info["triton"].available and not torch.cuda.is_available():
+        t += ["api:triton", "raw:triton"]  # the interpreter: tiny shapes only
+    return t
+
+
+@dataclass
+class Case:
+    target: str
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    kwargs: Dict
+    bad: Optional[str] = None  # the malformed argument's name, if any
+    nonfinite: bool = False
+    max_logit: float = 0.0
+    notes: List[str] = field(default_factory=list)
+
+
+def _gen(draw, seed_hint: int) -> torch.Generator:
+    return torch.Generator().manual_seed(draw.int(0, 2 ** 31 - 1) ^ seed_hint)
+
+
+def _strided(t: torch.Tensor, draw) -> torch.Tensor:
+    """The same values behind other strides: a transposed copy viewed back, or a slice of a
+    wider buffer. (Expanded inputs are drawn separately, in draw_case.)"""
+    kind = draw.choice(("contig", "contig", "wide", "transposed"))
+    if kind == "wide" and t.dim() >= 2:
+        buf = torch.zeros(t.shape[:-1] + (t.shape[-1] + 3,), dtype=t.dtype)
+        buf[..., 1:1 + t.shape[-1]] = t
+        return buf[..., 1:1 + t.shape[-1]]
+    if kind == "transposed" and t.dim() >= 3:
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    return t
+
+
+def draw_case(draw, target: str) -> Case:
+    tiny = target.endswith("triton")
+    raw = target.startswith("raw:")
+    backend = target.split(":")[1]
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    if backend in ("cpu", "reference"):
+        dtypes.append(torch.float64)
+    dtype = draw.choice(dtypes)
+    B = draw.int(0, 2 if tiny else 4)
+    N = draw.int(1, 2 if tiny else 5)
+    H = Hkv = draw.int(1, 2 if tiny else 3)
+    L = draw.int(0, 6 if tiny else 40)
+    dims = (1, 2, 4, 7, 8, 16) if tiny else (1, 3, 7, 8, 13, 16, 32, 40, 64)
+    Dk, Dv = draw.choice(dims), draw.choice(dims)
+    layout = draw.choice(("full", "lengths", "mask", "jagged"))
+    magnitude = draw.choice((0.01, 1.0, 1.0, 4.0, 30.0))
+    g = _gen(draw, 17)
+
+    def randn(*shape):
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * magnitude).to(dtype)
+
+    lengths = torch.randint(0, L + 1, (B,), generator=g)
+    if B and draw.bool(0.3):
+        lengths[draw.int(0, B - 1)] = L
+    q = randn(B, N, H, Dk)
+    kw: Dict = {}
+    if layout == "jagged":
+        T = int(lengths.sum()) + draw.int(0, 2)
+        k, v = randn(T, Hkv, Dk), randn(T, Hkv, Dv) / max(magnitude, 1.0)
+        offsets = torch.zeros(B + 1, dtype=draw.choice((torch.int32, torch.int64)))
+        offsets[1:] = torch.cumsum(lengths, 0)
+        kw["offsets"] = offsets
+        if raw or draw.bool(0.5):
+            mx = int(lengths.max()) if B else 0
+            kw["max_length"] = mx + draw.int(0, 2) if (raw or draw.bool()) else None
+            if raw and draw.bool(0.3):
+                kw["max_length"] = -1
+    else:
+        k, v = randn(B, L, Hkv, Dk), randn(B, L, Hkv, Dv) / max(magnitude, 1.0)
+        if layout == "lengths":
+            kw["lengths"] = lengths.to(draw.choice((torch.int32, torch.int64)))
+        elif layout == "mask":
+            kw["mask"] = torch.rand((B, L), generator=g) < draw.choice((0.1, 0.5, 0.9))
+    if not raw and draw.bool(0.15) and B and L:  # a stride-0 (expanded) history
+        k = k[:1].expand_as(k) if layout != "jagged" else k
+    q, k, v = _strided(q, draw), _strided(k, draw), _strided(v, draw)
+    scale = draw.choice((None, None, 0.5, 0.01, 3.0, -1.0)) if not raw else draw.choice((0.5, 0.125, -2.0))
+    if scale is not None:
+        kw["scale"] = scale
+    if not raw and N == 1 and draw.bool(0.3):
+        q = q[:, 0]  # the [B, H, Dk] query form
+    case = Case(target, q, k, v, kw)
+    sc = abs(scale) if scale is not None else 1 / math.sqrt(Dk)
+    case.max_logit = sc * Dk * magnitude ** 2 * 4
+    if draw.bool(0.1) and q.numel():
+        case.nonfinite = True
+        t = draw.choice(("q", "k", "v"))
+        x = {"q": case.q, "k": case.k, "v": case.v}[t].clone()
+        if x.numel():
+            x[tuple(draw.int(0, n - 1) for n in x.shape)] = draw.choice((float("nan"), float("inf"), -float("inf")))
+            setattr(case, t, x)
+    if draw.bool(0.3):
+        mutate(case, draw, layout, raw)
+    return case
+
+
+def mutate(case: Case, draw, layout: str, raw: bool) -> None:
+    """Makes exactly one argument malformed and records its name in case.bad."""
+    kw = case.kwargs
+    options = ["key_dtype", "value_len", "key_dim", "scale_nan", "query_rank", "sparse_query", "meta_key"]
+    if not raw:
+        options += ["backend", "query_list", "huge_max_length"]
+    if "lengths" in kw:
+        options += ["lengths_float", "lengths_big", "lengths_negative", "lengths_shape"]
+    if "mask" in kw:
+        options += ["mask_int", "mask_shape"]
+    if "offsets" in kw:
+        options += ["offsets_start", "offsets_decreasing", "offsets_past_end", "max_length_small"]
+    what = draw.choice(options)
+    q, k, v = case.q, case.k, case.v
+    if what == "key_dtype":
+        case.k = k.to(torch.float16 if k.dtype != torch.float16 else torch.float32)
+        case.bad = "key"
+    elif what == "value_len":
+        dim = 0 if layout == "jagged" else 1
+        pad = list(v.shape)
+        pad[dim] = 1
+        case.v = torch.cat([v, v.new_zeros(pad)], dim)
+        case.bad = "value"
+    elif what == "key_dim":
+        case.k = torch.cat([k, k[..., :1]], -1)
+        case.bad = "key"
+    elif what == "scale_nan":
+        kw["scale"] = draw.choice((float("nan"), float("inf")))
+        case.bad = "scale"
+    elif what == "query_rank":
+        case.q = q.reshape(-1)
+        case.bad = "query"
+    elif what == "sparse_query":
+        case.q = q.to_sparse()
+        case.bad = "query"
+    elif what == "meta_key":
+        case.k = k.to("meta")
+        case.bad = "key"
+    elif what == "backend":
+        case.target = "api:bogus"
+        case.bad = "backend"
+    elif what == "query_list":
+        case.q = q.tolist()
+        case.bad = "query"
+    elif what == "huge_max_length":
+        kw["max_length"] = 2 ** 63 + draw.int(0, 5)
+        kw.pop("lengths", None), kw.pop("mask", None), kw.pop("key_padding_mask", None)
+        case.bad = "max_length" if "offsets" in kw else None
+        if case.bad is None:
+            kw.pop("max_length")
+    elif what == "lengths_float":
+        kw["lengths"] = kw["lengths"].float()
+        case.bad = "lengths"
+    elif what == "lengths_big":
+        if kw["lengths"].numel():
+            kw["lengths"] = kw["lengths"].clone()
+            kw["lengths"][0] = (k.shape[1] if k.dim() == 4 else 0) + 1
+            case.bad = "lengths"
+    elif what == "lengths_negative":
+        if kw["lengths"].numel():
+            kw["lengths"] = kw["lengths"].clone()
+            kw["lengths"][-1] = -1
+            case.bad = "lengths"
+    elif what == "lengths_shape":
+        kw["lengths"] = torch.cat([kw["lengths"], kw["lengths"][:1] * 0])
+        case.bad = "lengths"
+    elif what == "mask_int":
+        kw["mask"] = kw["mask"].to(torch.int32)
+        case.bad = "mask"
+    elif what == "mask_shape":
+        kw["mask"] = torch.cat([kw["mask"], kw["mask"][:, :1]], 1)
+        case.bad = "mask"
+    elif what == "offsets_start":
+        o = kw["offsets"].clone()
+        o[0] = 1
+        kw["offsets"] = o
+        case.bad = "offsets"
+    elif what == "offsets_decreasing":
+        o = kw["offsets"].clone()
+        if o.numel() >= 2:
+            o[1] = o[-1] + 1
+            o[-1] = 0
+            if o.numel() > 2 or o[1] > o[0]:
+                kw["offsets"] = torch.cat([o[:1], o[1:2], o[:1] * 0 + max(int(o[1]) - 1, 0)]) if o.numel() == 2 else o
+                case.bad = "offsets" if not torch.all(kw["offsets"][1:] >= kw["offsets"][:-1]) else None
+        if case.bad is None and o.numel() >= 2:
+            kw["offsets"] = o
+            case.bad = "offsets" if not torch.all(o[1:] >= o[:-1]) or o[0] != 0 else None
+    elif what == "offsets_past_end":
+        o = kw["offsets"].clone()
+        o[-1] = k.shape[0] + 1
+        kw["offsets"] = o
+        case.bad = "offsets"
+    elif what == "max_length_small":
+        o = kw["offsets"].long()
+        longest = int((o[1:] - o[:-1]).max()) if o.numel() > 1 else 0
+        if longest >= 1:
+            kw["max_length"] = longest - 1
+            case.bad = "max_length"
+
+
+# ----------------------------------------------------------------------------- running a case
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _magnitude(t: torch.Tensor) -> float:
+    return max(1.0, t.double().abs().max().item()) if t.numel() else 1.0
+
+
+def _api_call(backend, q, k, v, kw, go, grads: bool):
+    leaves = [t.detach().clone().requires_grad_(grads) if isinstance(t, torch.Tensor) and t.layout == torch.strided
+              and not t.is_nested and t.device.type != "meta" else t for t in (q, k, v)]
+    out, lse = attnkern.attention_pool(*leaves, **kw, return_lse=True, backend=backend)
+    if not grads:
+        return out, lse, None
+    gs = torch.autograd.grad(out, leaves, go.to(out.dtype).reshape(out.shape), allow_unused=True)
+    return out, lse, [torch.zeros_like(x) if gi is None else gi for x, gi in zip(leaves, gs)]
+
+
+def _raw_call(backend, q, k, v, kw, go, grads: bool):
+    """The registered fwd op (and bwd op with delta formed as the autograd forms it)."""
+    ops = torch.ops.attnkern
+    prefix = "triton_" if backend == "triton" else ""
+    scale = kw["scale"] if "scale" in kw else 1 / math.sqrt(q.shape[-1])
+    if "offsets" in kw:
+        ml = kw.get("max_length")
+        ml = -1 if ml is None else ml
+        out, lse = getattr(ops, prefix + "jagged_attention_pool_fwd")(q, k, v, kw["offsets"], ml, scale)
+        extra = (kw["offsets"], ml)
+        bwd = getattr(ops, prefix + "jagged_attention_pool_bwd")
+    else:
+        out, lse = getattr(ops, prefix + "attention_pool_fwd")(q, k, v, kw.get("lengths"), kw.get("mask"), scale)
+        extra = (kw.get("lengths"), kw.get("mask"))
+        bwd = getattr(ops, prefix + "attention_pool_bwd")
+    if not grads:
+        return out, lse, None
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    g = go.to(q.dtype).reshape(out.shape)
+    delta = (g.to(acc) * out.to(acc)).sum(-1)
+    gs = bwd(g, q, k, v, *extra, lse, delta, scale)
+    return out, lse, list(gs)
+
+
+def _reference(q, k, v, kw, go, grads: bool):
+    return _api_call("reference", q, k, v, kw, go, grads)
+
+
+def run_case(case: Case) -> str:
+    """Runs one case and returns its outcome; raises AssertionError with details on a failure
+    (the caller counts or reports it)."""
+    kind, backend = case.target.split(":")
+    call = _raw_call if kind == "raw" else _api_call
+    q, k, v, kw = case.q, case.k, case.v, case.kwargs
+    grads = not case.nonfinite
+    try:
+        go_shape = (q.shape[:-1] + (v.shape[-1],)) if isinstance(q, torch.Tensor) and isinstance(v, torch.Tensor) else (1,)
+        go = torch.randn(go_shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        got = call(backend, q, k, v, kw, go, grads)
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        if case.bad is None:
+            raise AssertionError("well-formed call raised %s: %s" % (type(e).__name__, msg[:500]))
+        if case.bad not in msg:
+            raise AssertionError("%s does not name %r: %s" % (type(e).__name__, case.bad, msg[:500]))
+        return "clean_error"
+    except Exception as e:  # noqa: BLE001 - every other exception is a finding
+        raise AssertionError("%s (%s) for %s" % (type(e).__name__, str(e)[:500], case.bad or "a well-formed call"))
+    if case.bad is not None:
+        raise AssertionError("malformed %s was accepted" % case.bad)
+    try:
+        compare(case, got, go, grads)
+    except AssertionError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise AssertionError("comparison failed with %s: %s" % (type(e).__name__, str(e)[:300]))
+    return "ok"
+
+
+def compare(case: Case, got, go, grads: bool) -> None:
+    q, k, v, kw = case.q, case.k, case.v, dict(case.kwargs)
+    if kw.get("max_length") == -1:  # the raw ops' "unknown"
+        kw["max_length"] = None
+    dtype = q.dtype
+    r64 = _reference(q.double(), k.double(), v.double(), kw, go, grads)
+    rlp = r64 if dtype == torch.float64 else _reference(q, k, v, kw, go, grads)
+    out, lse = got[0], got[1]
+    if case.target.startswith("raw:"):
+        out = out.to(dtype)
+    ref_out = r64[0].reshape(out.shape)
+    tol = FLOOR[dtype] + 8 * case.max_logit * torch.finfo(torch.float32).eps
+    if case.nonfinite:
+        # The same rows are non-finite as in the reference; the finite rows match.
+        fin, rfin = torch.isfinite(out).all(-1), torch.isfinite(ref_out).all(-1)
+        assert torch.equal(fin, rfin), "non-finite rows differ: got %s, reference %s" % (fin.tolist(), rfin.tolist())
+        if fin.any():
+            allowed = LOW_PRECISION_FACTOR * _err(rlp[0].reshape(out.shape)[fin], ref_out[fin]) + \
+                tol * _magnitude(ref_out[fin])
+            assert _err(out[fin], ref_out[fin]) <= allowed, "finite rows differ"
+        return
+    pairs = [("out", out, rlp[0].reshape(out.shape), ref_out)]
+    if grads:
+        pairs += [(n, a, b, c) for n, a, b, c in zip(("grad_query", "grad_key", "grad_value"), got[2], rlp[2], r64[2])]
+    for name, a, lp, ref in pairs:
+        assert torch.isfinite(a).all(), "%s has NaN/Inf" % name
+        allowed = LOW_PRECISION_FACTOR * _err(lp, ref) + tol * _magnitude(ref)
+        err = _err(a, ref)
+        assert err <= allowed, "%s: error %.3g > allowed %.3g" % (name, err, allowed)
+    empty = torch.isneginf(r64[1].reshape(lse.shape))
+    assert torch.equal(torch.isneginf(lse), empty), "lse is -inf on other rows than the reference's"
+    if (~empty).any():
+        d = _err(lse[~empty], r64[1].reshape(lse.shape)[~empty])
+        d_lp = _err(rlp[1].reshape(lse.shape)[~empty], r64[1].reshape(lse.shape)[~empty])
+        assert d <= LOW_PRECISION_FACTOR * d_lp + 4 * tol * _magnitude(r64[1].reshape(lse.shape)[~empty]), \
+            "lse error %.3g" % d
+
+
+def describe(case: Case) -> str:
+    def d(t):
+        if isinstance(t, torch.Tensor):
+            return "%s%s%s" % (str(t.dtype).replace("torch.", ""), list(t.shape),
+                               "" if t.is_sparse or t.device.type == "meta" or t.is_contiguous() else "(strided)")
+        return repr(t) if not isinstance(t, list) else "list"
+    kw = ", ".join("%s=%s" % (n, d(x)) for n, x in case.kwargs.items())
+    return "%s q=%s k=%s v=%s %s bad=%s nonfinite=%s" % (case.target, d(case.q), d(case.k), d(case.v), kw,
+                                                        case.bad, case.nonfinite)
+
+
+def fuzz_one(draw, targets: Sequence[str], record: Optional[Callable[[str, Case, str], None]] = None) -> str:
+    target = draw.choice(list(targets))
+    case = draw_case(draw, target)
+    try:
+        outcome = run_case(case)
+    except AssertionError as e:
+        outcome = "bad_error" if "raised" in str(e) or "does not name" in str(e) or \
+            str(e).split(" ")[0].endswith("Error") else "mismatch"
+        if record:
+            record(outcome, case, str(e))
+        else:
+            raise AssertionError("%s: %s\n  case: %s" % (outcome, e, describe(case)))
+    return outcome
