@@ -28,6 +28,7 @@
 #include "attention_pool.h"
 #include "host_buffers.h"
 #include "kernel_common.h"
+#include "tile_kernels.h"
 
 namespace attnkern {
 namespace cpu {
@@ -37,6 +38,30 @@ namespace {
 // Rows with more valid positions than this are split when there are few (row, head) tasks.
 constexpr int64_t kSplitLen = 512;
 constexpr int64_t kSplitMaxTasks = 64;
+
+// ATTNKERN_CPU_TILES=0 turns the tiled kernels off (read at every call, so that a benchmark can
+// compare both paths in one process).
+bool tiles_enabled() {
+  const char* e = std::getenv("ATTNKERN_CPU_TILES");
+  return !(e && e[0] == '0');
+}
+
+KernelTable with_tiles(KernelTable t, FwdFn fwd, BwdFn bwd, StatsFn stats, WorkspaceFn workspace) {
+  t.fwd_tile = fwd;
+  t.bwd_tile = bwd;
+  t.stats_tile = stats;
+  t.workspace_tile = workspace;
+  return t;
+}
+
+// Whether the (row, head) tasks of N queries take the tiled kernels of table kt.
+bool use_tiles(const KernelTable& kt, int64_t N) { return N >= kTileMinQueries && kt.fwd_tile && tiles_enabled(); }
+
+// Workspace elements for the kernels a call runs (general, or also the tiled ones).
+int64_t workspace_for(const KernelTable& kt, bool tiles, int64_t N, int64_t Dk, int64_t Dv) {
+  const int64_t w = kt.workspace(N, Dk, Dv);
+  return tiles ? std::max(w, kt.workspace_tile(N, Dk, Dv)) : w;
+}
 
 const KernelTable& simd_kernels() {
   static const KernelTable table = [] {
@@ -51,11 +76,12 @@ const KernelTable& simd_kernels() {
                         __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2");
     const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                       __builtin_cpu_supports("f16c");
-    if (has512 && (cap.empty() || cap == "avx512")) return avx512_kernels();
-    if (has2 && cap != "generic") return avx2_kernels();
+    if (has512 && (cap.empty() || cap == "avx512")) return with_tiles(avx512_kernels(), &tile_fwd_avx512, &tile_bwd_avx512, &tile_stats_avx512, &tile_workspace_avx512);
+    if (has2 && cap != "generic") return with_tiles(avx2_kernels(), &tile_fwd_avx2, &tile_bwd_avx2, &tile_stats_avx2, &tile_workspace_avx2);
 #endif
     (void)cap;
-    return generic_kernels();
+    return with_tiles(generic_kernels(), &tile_fwd_generic, &tile_bwd_generic, &tile_stats_generic,
+                      &tile_workspace_generic);
   }();
   return table;
 }
@@ -267,15 +293,17 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
   using A = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
   const KernelTable& kt = kernels_for(p.dtype);
   const int64_t N = p.N, H = p.H, Dv = p.Dv;
-  const int64_t ws_n = kt.workspace(N, p.Dk, Dv);
+  const bool tiles = use_tiles(kt, N);
+  const FwdFn fwd = tiles ? kt.fwd_tile : kt.fwd;
+  const int64_t ws_n = workspace_for(kt, tiles, N, p.Dk, Dv);
   A* o = out.data_ptr<A>();
   float* ls = lse.data_ptr<float>();
 
-  // Normalises one task's (acc, m, l) into out/lse.
-  auto finish = [&](int64_t task, const A* acc, const A* m, const A* l) {
+  // Normalises queries [n0, n0 + nq) of one task (acc/m/l indexed from n0).
+  auto finish_rows = [&](int64_t task, const A* acc, const A* m, const A* l, int64_t n0, int64_t nq) {
     const int64_t b = task / H, h = task % H;
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t r = (b * N + n) * H + h;
+    for (int64_t n = 0; n < nq; ++n) {
+      const int64_t r = (b * N + n0 + n) * H + h;
       A* on = o + r * Dv;
       // l == 0 only when no valid position has a finite logit (an empty row, or all -inf: the
       // reference's "empty" too); a NaN l (a NaN/inf logit or value) propagates. The lse sum
@@ -290,15 +318,41 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
       }
     }
   };
+  auto finish = [&](int64_t task, const A* acc, const A* m, const A* l) { finish_rows(task, acc, m, l, 0, N); };
 
   const int64_t ntasks = rows.B * H;
   const std::vector<Item> items = split_plan(rows, H, p.dtype);
   const int64_t avg_len = rows.offsets ? (rows.B ? (rows.offsets[rows.B] - rows.offsets[0]) / rows.B + 1 : 1) : rows.L + 1;
+  // Many queries and few tasks: the tiled kernel's work is split over query chunks instead of
+  // key slices (a shape-only rule; each query's arithmetic is the same either way), so there is
+  // no merge pass and one parallel region.
+  const int64_t qchunks = tiles ? tile_query_chunks(N, ntasks) : 1;
+  if (!items.empty() && qchunks > 1) {
+    const int64_t qn = (N + qchunks - 1) / qchunks;
+    const int64_t es = int64_t(sizeof(scalar_t));
+    at::parallel_for(0, ntasks * qchunks, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<A> ws(ws_n), acc(qn * Dv), m(qn), l(qn);
+      std::vector<int64_t> idx;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t t = i / qchunks, n0 = (i % qchunks) * qn, nq = std::min(qn, N - n0);
+        if (nq <= 0) continue;
+        const int64_t b = t / H;
+        const int64_t cnt = rows.count(b, &idx);
+        FwdParams pc = p;
+        pc.q = static_cast<const char*>(p.q) + n0 * p.q_sn * es;
+        pc.N = nq;
+        fwd(pc, Span{b, t % H, rows.start(b), cnt, rows.mask ? idx.data() : nullptr}, ws.data(), acc.data(), m.data(),
+            l.data());
+        finish_rows(t, acc.data(), m.data(), l.data(), n0, nq);
+      }
+    });
+    return;
+  }
   if (items.empty()) {
     at::parallel_for(0, ntasks, grain_for(N * avg_len * (p.Dk + Dv)), [&](int64_t t0, int64_t t1) {
       std::vector<A> ws(ws_n), acc(N * Dv), m(N), l(N);
       for_each_task(p, rows, t0, t1, [&](int64_t t, const Span& s) {
-        kt.fwd(p, s, ws.data(), acc.data(), m.data(), l.data());
+        fwd(p, s, ws.data(), acc.data(), m.data(), l.data());
         finish(t, acc.data(), m.data(), l.data());
       });
     });
@@ -311,7 +365,7 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
   at::parallel_for(0, nitems, 1, [&](int64_t i0, int64_t i1) {
     std::vector<A> ws(ws_n);
     for_each_item(rows, H, items, i0, i1, [&](int64_t i, const Span& s) {
-      kt.fwd(p, s, ws.data(), pacc.data() + i * N * Dv, pm.data() + i * N, pl.data() + i * N);
+      fwd(p, s, ws.data(), pacc.data() + i * N * Dv, pm.data() + i * N, pl.data() + i * N);
     });
   });
   std::vector<int64_t> first(ntasks + 1, nitems);
@@ -414,15 +468,15 @@ constexpr double kRefineLse = 16.0;
 // that cannot resolve the logits (large or non-finite lse, float64 inputs), recomputed over the
 // whole row with the backward's own logits (one extra pass over K).
 template <class A>
-void fill_shift(const BwdParams& p, const KernelTable& kt, const float* lse, const Span& s, A* ws,
-                A* m, A* l, A* shift) {
+void fill_shift(const BwdParams& p, StatsFn stats, const float* lse, const Span& s, A* ws, A* m, A* l,
+                A* shift) {
   const int64_t N = p.N, H = p.H;
   bool refine = p.dtype == kF64;
   for (int64_t n = 0; n < N && !refine; ++n) {
     const float x = lse[((s.b * N + n) * H) + s.h];
     refine = s.count > 0 && !(std::fabs(x) < kRefineLse);
   }
-  if (refine) kt.stats(p, s, ws, m, l);
+  if (refine) stats(p, s, ws, m, l);
   for (int64_t n = 0; n < N; ++n) {
     const int64_t r = (s.b * N + n) * H + s.h;
     if (refine) {
@@ -441,7 +495,12 @@ void bwd_impl(BwdParams& p, const Rows& rows, const float* lse, at::Tensor& gq) 
   using A = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
   const KernelTable& kt = kernels_for(p.dtype);
   const int64_t N = p.N, H = p.H, Dk = p.Dk;
-  const int64_t ws_n = kt.workspace(N, Dk, p.Dv);
+  // The tiled path recomputes a row's shift with the tiled stats kernel: the same logits as
+  // the tiled backward.
+  const bool tiles = use_tiles(kt, N);
+  const BwdFn bwd = tiles ? kt.bwd_tile : kt.bwd;
+  const StatsFn stats = tiles ? kt.stats_tile : kt.stats;
+  const int64_t ws_n = workspace_for(kt, tiles, N, Dk, p.Dv);
   std::vector<A> shift(2 * rows.B * N * H);
   p.shift = shift.data();
   scalar_t* gqp = gq.data_ptr<scalar_t>();
@@ -460,8 +519,8 @@ void bwd_impl(BwdParams& p, const Rows& rows, const float* lse, at::Tensor& gq) 
     at::parallel_for(0, ntasks, grain_for(2 * N * avg_len * (Dk + p.Dv)), [&](int64_t t0, int64_t t1) {
       std::vector<A> ws(ws_n), dq(N * Dk), m(N), l(N);
       for_each_task(p, rows, t0, t1, [&](int64_t t, const Span& s) {
-        fill_shift<A>(p, kt, lse, s, ws.data(), m.data(), l.data(), shift.data());
-        kt.bwd(p, s, ws.data(), dq.data());
+        fill_shift<A>(p, stats, lse, s, ws.data(), m.data(), l.data(), shift.data());
+        bwd(p, s, ws.data(), dq.data());
         store_dq(t, dq.data());
         zero_invalid<scalar_t>(rows, p, kt, s.b, s.h, s.count);
       });
@@ -473,7 +532,7 @@ void bwd_impl(BwdParams& p, const Rows& rows, const float* lse, at::Tensor& gq) 
   at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<A> ws(ws_n), m(N), l(N);
     for_each_task(p, rows, t0, t1, [&](int64_t, const Span& s) {
-      fill_shift<A>(p, kt, lse, s, ws.data(), m.data(), l.data(), shift.data());
+      fill_shift<A>(p, stats, lse, s, ws.data(), m.data(), l.data(), shift.data());
     });
   });
   const int64_t nitems = int64_t(items.size());
@@ -481,7 +540,7 @@ void bwd_impl(BwdParams& p, const Rows& rows, const float* lse, at::Tensor& gq) 
   at::parallel_for(0, nitems, 1, [&](int64_t i0, int64_t i1) {
     std::vector<A> ws(ws_n);
     for_each_item(rows, H, items, i0, i1, [&](int64_t i, const Span& s) {
-      kt.bwd(p, s, ws.data(), pdq.data() + i * N * Dk);
+      bwd(p, s, ws.data(), pdq.data() + i * N * Dk);
     });
   });
   std::vector<int64_t> first(ntasks + 1, nitems);

@@ -87,6 +87,12 @@ struct KernelTable {
   StatsFn stats;
   ZeroFn zero;
   WorkspaceFn workspace;
+  // Tiled kernels for many queries per history (tile_kernels.h); null where there are none.
+  // stats_tile scores as bwd_tile does; workspace_tile sizes their workspace.
+  FwdFn fwd_tile = nullptr;
+  BwdFn bwd_tile = nullptr;
+  StatsFn stats_tile = nullptr;
+  WorkspaceFn workspace_tile = nullptr;
 };
 
 // Prefetches the K/V rows of the first p.prefetch positions of span s (portable code: the

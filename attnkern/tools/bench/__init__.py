@@ -5,6 +5,7 @@ fraction of this machine's memory limit.
     attnkern bench --full               # every shape, uniform and full lengths, fp32 and bf16
     attnkern bench --device cuda --dtype bfloat16 --out runs/bench-gpu
     attnkern bench --op activation_unit_pool    # DIN's activation unit (tools/bench/activation.py)
+    attnkern bench --family serving     # many candidates per history (see bench/serving.py)
 
 Providers (each skipped with its reason when it cannot run here):
 
@@ -73,10 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="attnkern bench",
         description="Time attention pooling on every available backend and the PyTorch "
                     "alternatives; print a table, write JSON, CSV, markdown and a PNG plot.")
-    p.add_argument("--family", choices=("op", "layer"), default="op",
+    p.add_argument("--family", choices=("op", "layer", "serving"), default="op",
                    help="op: attention_pool against the PyTorch alternatives (default); layer: "
                         "AttentionPooling against an eager FuxiCTR-style layer and "
-                        "nn.MultiheadAttention, and a TargetAttentionCTR training step")
+                        "nn.MultiheadAttention, and a TargetAttentionCTR training step; "
+                        "serving: many candidates per history (bench/serving.py, its own options)")
     p.add_argument("--full", action="store_true",
                    help="every shape, uniform and full lengths, float32 and bfloat16 (long); "
                         "with --family layer every shape of the layer grid")
@@ -149,6 +151,14 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         argv = rest
+    if "--family" in argv or any(a.startswith("--family=") for a in argv):
+        fam = argparse.ArgumentParser(add_help=False)
+        fam.add_argument("--family", choices=("op", "layer", "serving"), default="op")
+        known, rest = fam.parse_known_args(argv)
+        if known.family == "serving":
+            from . import serving
+
+            return serving.main(rest)
     args = build_parser().parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,252 @@
+"""`attnkern bench --family serving`: many candidates (N) scored against one history, every
+position valid (the ranking-service case).
+
+Providers: the eager reference, SDPA (no mask: every position is valid), torch.compile of the
+reference, FlexAttention (CPU, where it compiles) and attnkern's cpu backend. Timings are
+medians over rounds in which the providers run one after another (the machine is shared, so
+every ratio is taken within one run). GFLOP/s count the useful FLOPs 2 * N * H * L * (Dk + Dv)
+(forward); the machine's peak is measured in the same run by a float32 GEMM (torch.mm at a
+large square size; bfloat16/float16 inputs are computed in float32 by every provider on a CPU
+without AVX512-BF16/AMX, so the float32 roof is theirs too), and the time to read K and V once by summing a buffer of their size (one of
+several buffers, together larger than the last-level cache).
+
+    attnkern bench --family serving [--dtype float32,bfloat16] [--rounds 7] [--threads 2]
+
+Each provider's output is checked once against the float64 reference (a mismatch is marked and
+makes the command exit non-zero); the SIMD path attnkern's CPU launcher takes is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+SERVING_SHAPES = {  # name: (B, N, H, L, D)
+    "n1024": (1, 1024, 4, 2048, 32),
+    "n512d64": (1, 512, 2, 1024, 64),
+    "b8n256": (8, 256, 4, 1000, 32),
+    "long": (16, 1, 4, 16384, 32),  # long history, one query: memory-bound
+    "n2048h8": (1, 2048, 8, 4096, 64),
+}
+TINY_SHAPES = {"tiny": (1, 20, 2, 70, 8), "tiny-long": (2, 1, 2, 600, 8)}  # smoke tests only
+_TOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 3e-3}  # max |out - float64 reference|
+PROVIDERS = ("reference", "sdpa", "compile", "flex", "cpu")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_isa() -> str:
+    """The SIMD path attnkern's CPU launcher picks on this machine (its rule: the widest of
+    avx512 (F/BW/VL/DQ) and avx2 (with FMA, F16C) the CPU has, capped by ATTNKERN_CPU_ISA)."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    cap = os.environ.get("ATTNKERN_CPU_ISA", "")
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx2"} <= flags and cap in ("", "avx512"):
+        return "avx512"
+    if {"avx2", "fma", "f16c"} <= flags and cap != "generic":
+        return "avx2"
+    return "generic"
+
+
+def flops(B, N, H, L, D) -> int:
+    return 2 * B * N * H * L * (D + D)
+
+
+def make_inputs(shape, dtype, seed=0):
+    B, N, H, L, D = shape
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, N, H, D, generator=g).to(dtype)
+    k = torch.randn(B, L, H, D, generator=g).to(dtype)
+    v = torch.randn(B, L, H, D, generator=g).to(dtype)
+    return q, k, v
+
+
+def provider_fn(name: str, q, k, v) -> Callable[[], torch.Tensor]:
+    import torch.nn.functional as F
+
+    import attnkern
+    from attnkern.reference import attention_pool_ref
+
+    if name == "reference":
+        return lambda: attention_pool_ref(q, k, v)[0]
+    if name == "sdpa":
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return lambda: F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+    if name == "compile":
+        torch._dynamo.reset()
+        c = torch.compile(attention_pool_ref, dynamic=False)
+        return lambda: c(q, k, v)[0]
+    if name == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        torch._dynamo.reset()
+        fl = torch.compile(flex_attention, dynamic=False)
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return lambda: fl(qt, kt, vt).transpose(1, 2)
+    if name == "cpu":
+        return lambda: attnkern.attention_pool(q, k, v, backend="cpu")
+    raise ValueError("unknown provider %r" % name)
+
+
+def gemm_peak_fn(dtype, n=2048) -> Callable:
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    return lambda: torch.mm(a, b)
+
+
+def read_fn(nbytes: int) -> Callable:
+    copies = max(2, min(64, -(-(256 << 20) // max(nbytes, 1))))
+    bufs = itertools.cycle([torch.ones(max(nbytes // 4, 1), dtype=torch.float32) for _ in range(copies)])
+    return lambda: next(bufs).sum()
+
+
+def _once(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+@dataclass
+class Result:
+    shape: tuple
+    dtype: str
+    times: Dict[str, float]  # provider -> median seconds
+    errors: Dict[str, str]
+    read_s: float
+    peak_gflops: float
+    max_err: Dict[str, float]
+
+
+def run_shape(shape, dtype_name: str, providers, rounds: int, peak_gflops: float, check: bool = True) -> Result:
+    dtype = DTYPES[dtype_name]
+    q, k, v = make_inputs(shape, dtype)
+    B, N, H, L, D = shape
+    fns, errors, max_err = {}, {}, {}
+    want = None
+    if check:
+        from attnkern.reference import attention_pool_ref
+
+        want = attention_pool_ref(q.double(), k.double(), v.double())[0]
+    for p in providers:
+        try:
+            f = provider_fn(p, q, k, v)
+            out = f()  # warm-up (and compile)
+            if want is not None:
+                max_err[p] = (out.double() - want).abs().max().item()
+            fns[p] = f
+        except Exception as e:  # a provider that cannot run here is reported, not fatal
+            errors[p] = "%s: %s" % (type(e).__name__, str(e).splitlines()[0][:120] if str(e) else "")
+    kv_bytes = B * L * H * 2 * D * torch.empty((), dtype=dtype).element_size()
+    rd = read_fn(kv_bytes)
+    rd()
+    gemm_n = 1536
+    gemm = gemm_peak_fn(torch.float32, gemm_n)
+    gemm()
+    extra = {"read": rd, "gemm": gemm}
+    samples: Dict[str, List[float]] = {p: [] for p in list(fns) + list(extra)}
+    order = list(fns) + list(extra)
+    for r in range(rounds):
+        # Alternate the order so that no provider always runs right after the same one.
+        for p in (order if r % 2 == 0 else order[::-1]):
+            samples[p].append(_once(extra.get(p) or fns[p]))
+    times = {p: statistics.median(s) for p, s in samples.items() if p not in extra}
+    peak = max(peak_gflops, 2 * gemm_n ** 3 / statistics.median(samples["gemm"]) / 1e9)
+    return Result(shape, dtype_name, times, errors, statistics.median(samples["read"]), peak, max_err)
+
+
+def measure_peak(dtype_name: str, rounds: int = 3) -> float:
+    n = 1536
+    f = gemm_peak_fn(torch.float32, n)
+    f()
+    t = statistics.median(_once(f) for _ in range(rounds))
+    return 2 * n ** 3 / t / 1e9
+
+
+def format_result(r: Result) -> List[str]:
+    B, N, H, L, D = r.shape
+    fl = flops(*r.shape)
+    lines = ["(B=%d, N=%d, H=%d, L=%d, D=%d) %s  read K/V once: %.3f ms  fp32 GEMM peak %.0f GFLOP/s" % (
+        B, N, H, L, D, r.dtype, r.read_s * 1e3, r.peak_gflops)]
+    sdpa = r.times.get("sdpa")
+    for p, t in r.times.items():
+        g = fl / t / 1e9
+        extra = ""
+        if sdpa:
+            extra += "  x sdpa %.2f" % (sdpa / t)
+        extra += "  /read %.2f" % (t / r.read_s)
+        err = r.max_err.get(p)
+        lines.append("  %-10s %9.3f ms %7.1f GFLOP/s %5.1f%% peak%s%s" % (
+            p, t * 1e3, g, 100 * g / r.peak_gflops, extra, "  err %.1e" % err if err is not None else ""))
+    for p, e in r.errors.items():
+        lines.append("  %-10s unavailable: %s" % (p, e))
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="attnkern bench --family serving", description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", default="float32,bfloat16", help="comma-separated dtypes")
+    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--rounds", type=int, default=7, help="alternating rounds; the median is reported")
+    ap.add_argument("--shapes", default=",".join(SERVING_SHAPES),
+                    help="comma-separated names: " + ", ".join(list(SERVING_SHAPES) + list(TINY_SHAPES)))
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run")
+    ap.add_argument("--out", default=None, help="write serving.md (the table) into this folder")
+    return ap
+
+
+def run(dtypes, providers, shapes, rounds, out=None) -> int:
+    table = {**SERVING_SHAPES, **TINY_SHAPES}
+    bad = [s for s in shapes if s not in table]
+    if bad:
+        raise ValueError("unknown serving shape(s) %s; choose from %s" % (bad, ", ".join(table)))
+    head = "torch %s, %d threads, attnkern cpu ISA path: %s" % (torch.__version__, torch.get_num_threads(), cpu_isa())
+    print(head, flush=True)
+    lines, failed = [head, ""], []
+    for dt in dtypes:
+        if dt not in DTYPES:
+            raise ValueError("unknown dtype %r" % dt)
+        peak = measure_peak(dt)
+        for name in shapes:
+            r = run_shape(table[name], dt, providers, rounds, peak)
+            text = format_result(r)
+            for p, e in r.max_err.items():
+                if not e <= _TOL[dt] * 8 and p != "reference":
+                    failed.append("%s %s %s (error %.3g)" % (name, dt, p, e))
+                    text.append("  MISMATCH: %s error %.3g against the float64 reference" % (p, e))
+            print("\n".join(text), flush=True)
+            lines += text
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "serving.md"), "w") as f:
+            f.write("```\n" + "\n".join(lines) + "\n```\n")
+    if failed:
+        print("attnkern bench: mismatches in %s" % "; ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return run([d for d in args.dtype.split(",") if d], [p for p in args.providers.split(",") if p],
+               [s for s in args.shapes.split(",") if s], args.rounds, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,544 @@
+// Tiled CPU kernels for many queries per history, written once over a vector class `V` and
+// included by tile_{avx512,avx2,generic}.cpp after each defines its `V`. Everything here has
+// internal linkage (anonymous namespace), so the per-ISA copies are never merged by the linker.
+//
+// V provides: W (fp32 lanes), MR (query rows of a tile), NV (key vectors of a panel: NR = NV * W
+// keys), CG (value chunks of W per register block), KB (keys of a block); zero, set1, load and
+// store of float, load of bf16_t/fp16_t (W elements), to_f32/from_f32 (one element of any input
+// type), + - *, fma, max, hmax, hsum, mask_tail(n) (lanes >= n set to -inf) and exp2 (exactly 0
+// below -125 and for -inf, +inf from 128 up, NaN for NaN).
+//
+// Shape of the work, per span (the valid positions of one (row, head), or a slice of them):
+// the keys are taken KB at a time; a block's keys are converted to fp32 once, transposed into
+// panels of NR keys (Kt[panel][d][NR]), and its values into fp32 rows. Every tile of MR queries
+// then runs against the block as small GEMMs whose accumulators live in registers: the scores
+// S = scale * (Q Kt) (MR x NV vectors per panel: the dot products of the unscaled queries first,
+// then the scale, so that the logits are in natural units as in kernel_impl.h), the online
+// softmax per query row on the block (one max and one rescale decision per row and block,
+// probabilities 2^((s - m) log2 e)), and O += P V (MR x CG vectors at a time).
+// The backward and the stats kernel (the launcher's recomputed shift) score with the same code
+// on the same fp32 queries, so their logits round exactly as the forward's; the backward forms
+// p = 2^((s - m) log2 e - log2 l) from BwdParams::shift, dP = dO Vt, dS, dQ += dS K and the
+// block's dK += dS^T Q, dV += P^T dO (register-blocked rank-MR updates), written once per key.
+#pragma once
+
+#include "kernel_common.h"
+#include "tile_kernels.h"
+
+namespace attnkern {
+namespace cpu {
+namespace {
+
+constexpr float kTileLog2e = 1.4426950408889634f;
+// A row's running max moves only when a block's max exceeds it by more than 8 ln 2 (see
+// kLazyMax in kernel_impl.h): probabilities stay <= 2^8 and the common case is no rescale.
+constexpr float kTileLazyMax = float(8.0 * 0.6931471805599453);
+
+template <int M>
+struct IntC {
+  static constexpr int value = M;
+};
+
+// Calls f(IntC<m>{}) for 1 <= m <= M.
+template <int M, class F>
+inline void with_rows(int m, F&& f) {
+  if constexpr (M >= 1) {
+    if (m == M) {
+      f(IntC<M>{});
+      return;
+    }
+    with_rows<M - 1>(m, f);
+  }
+}
+
+inline int64_t tile_ceil(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t span_pos(const Span& s, int64_t i) { return s.start + (s.idx ? int64_t(s.idx[i]) : i); }
+inline float neg_inff() { return -__builtin_inff(); }
+// The shift subtracted from the logits (shift_of in kernel_impl.h): the running max, or 0 when
+// that is infinite, so that masked lanes still give 0 and a +inf logit turns the row NaN.
+inline float tile_shift_of(float m) { return (m == neg_inff() || m == __builtin_inff()) ? 0.f : m; }
+
+// Workspace layouts (offsets in floats) for W lanes: the kernels carve their workspace with
+// these and tile_ws_elems sizes it from them, so the two cannot disagree.
+struct TileBump {
+  int64_t used = 0;
+  int64_t take(int64_t n) {
+    const int64_t o = used;
+    used += n;
+    return o;
+  }
+};
+
+// One input row (D elements of type T) as fp32, zero-padded to Dp.
+template <class V, class T>
+inline void row_f32(const T* src, int64_t D, int64_t Dp, float* dst) {
+  int64_t d = 0;
+  for (; d + V::W <= D; d += V::W) V::load(src + d).store(dst + d);
+  for (; d < D; ++d) dst[d] = V::to_f32(src[d]);
+  for (; d < Dp; ++d) dst[d] = 0.f;
+}
+
+// Keys [i0, i0 + nb) of the span, rows of `base` (stride sl, D elements), packed as fp32
+// rows pr[j][Dp] (zero rows past nb, up to the last panel's end) and, if pk is given, also
+// transposed into panels pk[panel][d][NR] (zero past nb), W rows at a time by
+// V::transpose_rows.
+template <class V, class T>
+inline void pack_block(const Span& s, int64_t i0, int nb, const T* base, int64_t sl, int64_t D, int64_t Dp,
+                       float* pk, float* pr) {
+  constexpr int NR = V::NV * V::W;
+  const int nk = int(tile_ceil(nb, NR) * NR);
+  for (int j = 0; j < nk; ++j) {
+    float* row = pr + int64_t(j) * Dp;
+    if (j < nb) {
+      row_f32<V>(base + span_pos(s, i0 + j) * sl, D, Dp, row);
+    } else {
+      for (int64_t d = 0; d < Dp; ++d) row[d] = 0.f;
+    }
+  }
+  if (pk)
+    for (int j = 0; j < nk; j += V::W)
+      V::template transpose_rows<NR>(pr + int64_t(j) * Dp, Dp, D, pk + int64_t(j / NR) * D * NR + (j % NR));
+}
+
+// Asks for the rows of keys [i0, i0 + nb) of the span (D elements of type T each) ahead of
+// use: a history's rows are short and strided (the heads are interleaved), which the hardware
+// prefetchers follow poorly, so the next block is requested while this one computes.
+template <class T>
+inline void prefetch_block(const Span& s, int64_t i0, int nb, const T* base, int64_t sl, int64_t D) {
+  const int64_t bytes = D * int64_t(sizeof(T));
+  for (int j = 0; j < nb; ++j) {
+    const char* r = reinterpret_cast<const char*>(base + span_pos(s, i0 + j) * sl);
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(r + o, 0, 3);
+  }
+}
+
+// Scores of M query rows (x, row stride xs, D elements, fp32) against one panel pk[d][NR]:
+// S[r][0:NR] = mul * sum_d x[r][d] * pk[d][:], summed in order d = 0, 1, ... by one FMA chain
+// per lane, then scaled (the forward, the stats and the backward all score through here, so
+// they round identically). Lanes >= valid are set to -inf; vmax[r] (if given) takes the
+// lane-wise max.
+template <class V, int M>
+inline void qk_panel(const float* x, int64_t xs, const float* pk, int64_t D, int valid, float mul, float* S,
+                     int64_t ss, V* vmax) {
+  constexpr int NV = V::NV, W = V::W, NR = NV * W;
+  V acc[M][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < M; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  for (int64_t d = 0; d < D; ++d) {
+    V k[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) k[v] = V::load(pk + d * NR + v * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      const V b = V::set1(x[r * xs + d]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(b, k[v], acc[r][v]);
+    }
+  }
+  if (mul != 1.f) {
+    const V mv = V::set1(mul);
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = acc[r][v] * mv;
+  }
+  if (valid < NR) {
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = acc[r][v].mask_tail(valid - v * W);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < M; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v].store(S + r * ss + v * W);
+      if (vmax) vmax[r] = V::max(vmax[r], acc[r][v]);
+    }
+}
+
+// Y[r][0:CG*W] += sum_{j < nk} P[r][j] * X[j][0:CG*W] for M rows: O += P V (forward) and
+// dQ += dS K (backward). X rows have stride xs, P rows ps, Y rows ys.
+template <class V, int M, int CG>
+inline void pv_cols(const float* P, int64_t ps, const float* X, int64_t xs, int nk, float* Y, int64_t ys) {
+  constexpr int W = V::W;
+  V acc[M][CG];
+#pragma GCC unroll 8
+  for (int r = 0; r < M; ++r)
+#pragma GCC unroll 4
+    for (int g = 0; g < CG; ++g) acc[r][g] = V::load(Y + r * ys + g * W);
+  for (int j = 0; j < nk; ++j) {
+    V x[CG];
+#pragma GCC unroll 4
+    for (int g = 0; g < CG; ++g) x[g] = V::load(X + int64_t(j) * xs + g * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      const V b = V::set1(P[r * ps + j]);
+#pragma GCC unroll 4
+      for (int g = 0; g < CG; ++g) acc[r][g] = V::fma(b, x[g], acc[r][g]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < M; ++r)
+#pragma GCC unroll 4
+    for (int g = 0; g < CG; ++g) acc[r][g].store(Y + r * ys + g * W);
+}
+
+template <class V, int M>
+inline void pv_all(const float* P, int64_t ps, const float* X, int64_t xs, int nk, float* Y, int64_t ys, int64_t Dp) {
+  constexpr int W = V::W, CG = V::CG;
+  int64_t c = 0;
+  for (; c + CG * W <= Dp; c += CG * W) pv_cols<V, M, CG>(P, ps, X + c, xs, nk, Y + c, ys);
+  for (; c < Dp; c += W) pv_cols<V, M, 1>(P, ps, X + c, xs, nk, Y + c, ys);
+}
+
+// Y[j][0:CG*W] += sum_{r < M} P[r][j] * X[r][0:CG*W] for keys j < nk: the block's
+// dV += P^T dO and dK += dS^T Q, with the M x CG vectors of X held in registers.
+template <class V, int M, int CG>
+inline void rank_cols(const float* P, int64_t ps, const float* X, int64_t xs, int nk, float* Y, int64_t ys) {
+  constexpr int W = V::W;
+  V x[M][CG];
+#pragma GCC unroll 8
+  for (int r = 0; r < M; ++r)
+#pragma GCC unroll 4
+    for (int g = 0; g < CG; ++g) x[r][g] = V::load(X + r * xs + g * W);
+  for (int j = 0; j < nk; ++j) {
+    V y[CG];
+#pragma GCC unroll 4
+    for (int g = 0; g < CG; ++g) y[g] = V::load(Y + int64_t(j) * ys + g * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      const V b = V::set1(P[r * ps + j]);
+#pragma GCC unroll 4
+      for (int g = 0; g < CG; ++g) y[g] = V::fma(b, x[r][g], y[g]);
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < CG; ++g) y[g].store(Y + int64_t(j) * ys + g * W);
+  }
+}
+
+template <class V, int M>
+inline void rank_all(const float* P, int64_t ps, const float* X, int64_t xs, int nk, float* Y, int64_t ys,
+                     int64_t Dp) {
+  constexpr int W = V::W, CG = V::CG;
+  int64_t c = 0;
+  for (; c + CG * W <= Dp; c += CG * W) rank_cols<V, M, CG>(P, ps, X + c, xs, nk, Y + c, ys);
+  for (; c < Dp; c += W) rank_cols<V, M, 1>(P, ps, X + c, xs, nk, Y + c, ys);
+}
+
+// Head dims, and padded to whole vectors.
+struct TileDims {
+  int64_t Dk, Dv, Dkp, Dvp;
+};
+
+template <class V>
+inline TileDims tile_dims(int64_t Dk, int64_t Dv) {
+  constexpr int W = V::W;
+  return {Dk, Dv, tile_ceil(Dk, W) * W, tile_ceil(Dv, W) * W};
+}
+
+// Forward and stats.
+struct TileFwdWs {
+  int64_t qs, O, mm, ll, kt, vp, S, kr, total;
+};
+template <class V>
+inline TileFwdWs tile_fwd_ws(int64_t N, const TileDims& t) {
+  constexpr int KB = V::KB, MR = V::MR;
+  TileBump b;
+  TileFwdWs w;
+  w.qs = b.take(N * t.Dkp);  // queries as fp32, zero-padded
+  w.O = b.take(N * t.Dvp);   // output accumulators
+  w.mm = b.take(N);          // running max
+  w.ll = b.take(N);          // running sum
+  w.kt = b.take(KB * t.Dk);  // key block as panels [KB / NR][Dk][NR]
+  w.vp = b.take(KB * t.Dvp); // value block as fp32 rows [KB][Dvp]
+  w.S = b.take(MR * KB);     // scores / probabilities of one tile [MR][KB]
+  w.kr = b.take(KB * t.Dkp); // key block as rows [KB][Dkp], before the transpose
+  w.total = b.used;
+  return w;
+}
+
+struct TileBwdWs {
+  int64_t qf, dO, dQ, msh, lg, dl, kt, vt, kr, dKb, dVb, S, dP, vr, total;
+};
+template <class V>
+inline TileBwdWs tile_bwd_ws(int64_t N, const TileDims& t) {
+  constexpr int KB = V::KB, MR = V::MR;
+  TileBump b;
+  TileBwdWs w;
+  w.qf = b.take(N * t.Dkp);   // queries as fp32 (scores and dK)
+  w.dO = b.take(N * t.Dvp);   // grad_out
+  w.dQ = b.take(N * t.Dkp);   // dq accumulators
+  w.msh = b.take(N);          // logit shift m
+  w.lg = b.take(N);           // log2 of the softmax sum after it
+  w.dl = b.take(N);           // delta
+  w.kt = b.take(KB * t.Dk);   // [KB / NR][Dk][NR]
+  w.vt = b.take(KB * t.Dv);   // [KB / NR][Dv][NR]
+  w.kr = b.take(KB * t.Dkp);  // [KB][Dkp]
+  w.dKb = b.take(KB * t.Dkp); // [KB][Dkp]
+  w.dVb = b.take(KB * t.Dvp); // [KB][Dvp]
+  w.S = b.take(MR * KB);      // [MR][KB]
+  w.dP = b.take(MR * KB);     // [MR][KB]
+  w.vr = b.take(KB * t.Dvp);  // [KB][Dvp]: the value block as rows, before the transpose
+  w.total = b.used;
+  return w;
+}
+
+// The span's queries as fp32 rows, zero-padded to Dkp (the same in forward, stats, backward).
+template <class V, class T>
+inline void load_queries(const FwdParams& p, const Span& s, const TileDims& t, float* qf) {
+  const T* q = static_cast<const T*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
+  for (int64_t n = 0; n < p.N; ++n) row_f32<V>(q + n * p.q_sn, t.Dk, t.Dkp, qf + n * t.Dkp);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+// One tile of M query rows against one packed block of nb keys (np panels). PV: also
+// O += P V (the forward); without it only the row statistics (the stats kernel).
+template <class V, int M, bool PV>
+inline void fwd_tile_rows(const float* qs, int64_t Dkp, const float* kt, int64_t Dk, const float* vp, int64_t Dvp,
+                          int nb, float scale, float* S, float* O, float* mm, float* ll) {
+  constexpr int W = V::W, NR = V::NV * V::W, KB = V::KB;
+  const int np = int(tile_ceil(nb, NR)), nk = np * NR;
+  V vmax[M];
+  for (int r = 0; r < M; ++r) vmax[r] = V::set1(neg_inff());
+  for (int pn = 0; pn < np; ++pn) {
+    const int valid = nb - pn * NR < NR ? nb - pn * NR : NR;
+    qk_panel<V, M>(qs, Dkp, kt + int64_t(pn) * Dk * NR, Dk, valid, scale, S + pn * NR, KB, vmax);
+  }
+  const V l2e = V::set1(kTileLog2e);
+  for (int r = 0; r < M; ++r) {
+    const float bmax = vmax[r].hmax();
+    float m = mm[r];
+    if (bmax > m + kTileLazyMax) {
+      const float alpha = __builtin_exp2f((m - bmax) * kTileLog2e);  // 0 on the first block
+      ll[r] *= alpha;
+      if constexpr (PV) {
+        float* o = O + r * Dvp;
+        const V a = V::set1(alpha);
+        for (int64_t c = 0; c < Dvp; c += W) (V::load(o + c) * a).store(o + c);
+      }
+      m = mm[r] = bmax;
+    }
+    // The shift: 0 while no finite score was seen (-inf scores then give 0, NaN ones NaN) or
+    // once the max is +inf.
+    const V mv = V::set1(tile_shift_of(m));
+    V sum = V::zero();
+    float* sr = S + r * KB;
+    for (int j = 0; j < nk; j += W) {
+      const V pr = V::exp2((V::load(sr + j) - mv) * l2e);
+      sum = sum + pr;
+      if constexpr (PV) pr.store(sr + j);
+    }
+    ll[r] += sum.hsum();
+  }
+  if constexpr (PV) pv_all<V, M>(S, KB, vp, Dvp, nk, O, Dvp, Dvp);
+}
+
+// PV: the forward (acc_out, m_out, l_out); otherwise the stats kernel (m_out, l_out only).
+template <class V, class T, bool PV>
+void tile_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out, float* m_out, float* l_out) {
+  constexpr int KB = V::KB, MR = V::MR;
+  const TileDims t = tile_dims<V>(p.Dk, p.Dv);
+  const int64_t N = p.N;
+  const TileFwdWs lay = tile_fwd_ws<V>(N, t);
+  float* qs = ws + lay.qs;
+  float* O = ws + lay.O;
+  float* mm = ws + lay.mm;
+  float* ll = ws + lay.ll;
+  float* kt = ws + lay.kt;
+  float* vp = ws + lay.vp;
+  float* S = ws + lay.S;
+  float* kr = ws + lay.kr;
+  load_queries<V, T>(p, s, t, qs);
+  if constexpr (PV)
+    for (int64_t i = 0; i < N * t.Dvp; ++i) O[i] = 0.f;
+  for (int64_t n = 0; n < N; ++n) {
+    mm[n] = neg_inff();
+    ll[n] = 0.f;
+  }
+  const float scale = float(p.scale);
+  const auto* kb = static_cast<const T*>(p.k) + s.b * p.k_sb + s.h * p.k_sh;
+  const auto* vb = static_cast<const T*>(p.v) + s.b * p.v_sb + s.h * p.v_sh;
+  for (int64_t i0 = 0; i0 < s.count; i0 += KB) {
+    const int nb = int(s.count - i0 < KB ? s.count - i0 : KB);
+    if (i0 == 0) {
+      prefetch_block(s, 0, nb, kb, p.k_sl, t.Dk);
+      if constexpr (PV) prefetch_block(s, 0, nb, vb, p.v_sl, t.Dv);
+    }
+    pack_block<V>(s, i0, nb, kb, p.k_sl, t.Dk, t.Dkp, kt, kr);
+    if constexpr (PV) pack_block<V>(s, i0, nb, vb, p.v_sl, t.Dv, t.Dvp, nullptr, vp);
+    if (i0 + KB < s.count) {
+      const int nn = int(s.count - i0 - KB < KB ? s.count - i0 - KB : KB);
+      prefetch_block(s, i0 + KB, nn, kb, p.k_sl, t.Dk);
+      if constexpr (PV) prefetch_block(s, i0 + KB, nn, vb, p.v_sl, t.Dv);
+    }
+    for (int64_t n0 = 0; n0 < N; n0 += MR) {
+      const int rows = int(N - n0 < MR ? N - n0 : MR);
+      with_rows<MR>(rows, [&](auto mc) {
+        fwd_tile_rows<V, decltype(mc)::value, PV>(qs + n0 * t.Dkp, t.Dkp, kt, t.Dk, vp, t.Dvp, nb, scale, S,
+                                                  O + n0 * t.Dvp, mm + n0, ll + n0);
+      });
+    }
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    if constexpr (PV)
+      for (int64_t d = 0; d < t.Dv; ++d) acc_out[n * t.Dv + d] = O[n * t.Dvp + d];
+    // m is the running max (the launcher subtracts its shift_of, as the kernels did); a NaN
+    // score leaves a NaN l, which the launcher propagates.
+    m_out[n] = mm[n];
+    l_out[n] = ll[n];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+template <class V, int M>
+inline void bwd_tile_rows(const TileDims& t, const float* qf, const float* dO, float* dQ, const float* msh,
+                          const float* lg, const float* dl, const float* kt, const float* vt, const float* kr,
+                          int nb, float scale, float* S, float* dP, float* dKb, float* dVb) {
+  constexpr int W = V::W, NR = V::NV * V::W, KB = V::KB;
+  const int np = int(tile_ceil(nb, NR)), nk = np * NR;
+  for (int pn = 0; pn < np; ++pn) {
+    const int valid = nb - pn * NR < NR ? nb - pn * NR : NR;
+    qk_panel<V, M>(qf, t.Dkp, kt + int64_t(pn) * t.Dk * NR, t.Dk, valid, scale, S + pn * NR, KB, nullptr);
+    qk_panel<V, M>(dO, t.Dvp, vt + int64_t(pn) * t.Dv * NR, t.Dv, NR, 1.f, dP + pn * NR, KB, nullptr);
+  }
+  const V l2e = V::set1(kTileLog2e);
+  for (int r = 0; r < M; ++r) {
+    const V m = V::set1(msh[r]), lgr = V::set1(lg[r]), d = V::set1(dl[r]);
+    float* sr = S + r * KB;
+    float* pr = dP + r * KB;
+    for (int j = 0; j < nk; j += W) {
+      const V pj = V::exp2((V::load(sr + j) - m) * l2e - lgr);  // keys past nb: -inf -> 0
+      const V ds = pj * (V::load(pr + j) - d);
+      pj.store(sr + j);
+      ds.store(pr + j);
+    }
+  }
+  pv_all<V, M>(dP, KB, kr, t.Dkp, nk, dQ, t.Dkp, t.Dkp);
+  rank_all<V, M>(S, KB, dO, t.Dvp, nb, dVb, t.Dvp, t.Dvp);
+  rank_all<V, M>(dP, KB, qf, t.Dkp, nb, dKb, t.Dkp, t.Dkp);
+}
+
+template <class V, class T>
+void tile_bwd_span(const BwdParams& p, const Span& s, float* ws, float* dq_out) {
+  constexpr int KB = V::KB, MR = V::MR;
+  const TileDims t = tile_dims<V>(p.Dk, p.Dv);
+  const int64_t N = p.N, H = p.H;
+  const TileBwdWs lay = tile_bwd_ws<V>(N, t);
+  float* qf = ws + lay.qf;
+  float* dO = ws + lay.dO;
+  float* dQ = ws + lay.dQ;
+  float* msh = ws + lay.msh;
+  float* lg = ws + lay.lg;
+  float* dl = ws + lay.dl;
+  float* kt = ws + lay.kt;
+  float* vt = ws + lay.vt;
+  float* kr = ws + lay.kr;
+  float* dKb = ws + lay.dKb;
+  float* dVb = ws + lay.dVb;
+  float* S = ws + lay.S;
+  float* dP = ws + lay.dP;
+  float* vr = ws + lay.vr;
+
+  load_queries<V, T>(p, s, t, qf);
+  const T* go = static_cast<const T*>(p.go) + s.b * p.go_sb + s.h * p.go_sh;
+  const float* shift = static_cast<const float*>(p.shift);
+  for (int64_t n = 0; n < N; ++n) {
+    row_f32<V>(go + n * p.go_sn, t.Dv, t.Dvp, dO + n * t.Dvp);
+    for (int64_t d = 0; d < t.Dkp; ++d) dQ[n * t.Dkp + d] = 0.f;
+    const int64_t r = (s.b * N + n) * H + s.h;
+    // p = 2^((s - m) log2 e - log2 l): the shift the launcher derived from the forward's lse
+    // or recomputed with tile_stats (the same logits as here).
+    msh[n] = tile_shift_of(shift[2 * r]);
+    lg[n] = shift[2 * r + 1];
+    dl[n] = p.delta64 ? float(p.delta64[r]) : p.delta[r];
+  }
+  const T* kb = static_cast<const T*>(p.k) + s.b * p.k_sb + s.h * p.k_sh;
+  const T* vb = static_cast<const T*>(p.v) + s.b * p.v_sb + s.h * p.v_sh;
+  T* gkb = static_cast<T*>(p.gk) + s.b * p.gk_sb + s.h * p.gk_sh;
+  T* gvb = static_cast<T*>(p.gv) + s.b * p.gv_sb + s.h * p.gv_sh;
+  const float scale = float(p.scale);
+  for (int64_t i0 = 0; i0 < s.count; i0 += KB) {
+    const int nb = int(s.count - i0 < KB ? s.count - i0 : KB);
+    pack_block<V>(s, i0, nb, kb, p.k_sl, t.Dk, t.Dkp, kt, kr);
+    pack_block<V>(s, i0, nb, vb, p.v_sl, t.Dv, t.Dvp, vt, vr);
+    if (i0 + KB < s.count) {
+      const int nn = int(s.count - i0 - KB < KB ? s.count - i0 - KB : KB);
+      prefetch_block(s, i0 + KB, nn, kb, p.k_sl, t.Dk);
+      prefetch_block(s, i0 + KB, nn, vb, p.v_sl, t.Dv);
+    }
+    for (int64_t i = 0; i < int64_t(nb) * t.Dkp; ++i) dKb[i] = 0.f;
+    for (int64_t i = 0; i < int64_t(nb) * t.Dvp; ++i) dVb[i] = 0.f;
+    for (int64_t n0 = 0; n0 < N; n0 += MR) {
+      const int rows = int(N - n0 < MR ? N - n0 : MR);
+      with_rows<MR>(rows, [&](auto mc) {
+        bwd_tile_rows<V, decltype(mc)::value>(t, qf + n0 * t.Dkp, dO + n0 * t.Dvp, dQ + n0 * t.Dkp, msh + n0,
+                                              lg + n0, dl + n0, kt, vt, kr, nb, scale, S, dP, dKb, dVb);
+      });
+    }
+    for (int j = 0; j < nb; ++j) {
+      const int64_t pos = span_pos(s, i0 + j);
+      T* gk = gkb + pos * p.gk_sl;
+      T* gv = gvb + pos * p.gv_sl;
+      for (int64_t d = 0; d < t.Dk; ++d) V::from_f32(dKb[j * t.Dkp + d] * scale, gk + d);
+      for (int64_t d = 0; d < t.Dv; ++d) V::from_f32(dVb[j * t.Dvp + d], gv + d);
+    }
+  }
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t d = 0; d < t.Dk; ++d) dq_out[n * t.Dk + d] = dQ[n * t.Dkp + d] * scale;
+}
+
+// Workspace in floats that any tiled kernel of this V needs (the KernelTable's workspace_tile).
+template <class V>
+inline int64_t tile_ws_elems(int64_t N, int64_t Dk, int64_t Dv) {
+  const TileDims t = tile_dims<V>(Dk, Dv);
+  const int64_t f = tile_fwd_ws<V>(N, t).total, b = tile_bwd_ws<V>(N, t).total;
+  return f > b ? f : b;
+}
+
+template <class V>
+void tile_fwd_entry(const FwdParams& p, const Span& s, void* ws, void* acc, void* m, void* l) {
+  float* w = static_cast<float*>(ws);
+  float* a = static_cast<float*>(acc);
+  float* mm = static_cast<float*>(m);
+  float* ll = static_cast<float*>(l);
+  switch (p.dtype) {
+    case kF16: tile_fwd_span<V, fp16_t, true>(p, s, w, a, mm, ll); break;
+    case kBF16: tile_fwd_span<V, bf16_t, true>(p, s, w, a, mm, ll); break;
+    default: tile_fwd_span<V, float, true>(p, s, w, a, mm, ll); break;
+  }
+}
+
+// Softmax statistics (StatsFn) with the tiled backward's logits.
+template <class V>
+void tile_stats_entry(const FwdParams& p, const Span& s, void* ws, void* m, void* l) {
+  float* w = static_cast<float*>(ws);
+  float* mm = static_cast<float*>(m);
+  float* ll = static_cast<float*>(l);
+  switch (p.dtype) {
+    case kF16: tile_fwd_span<V, fp16_t, false>(p, s, w, nullptr, mm, ll); break;
+    case kBF16: tile_fwd_span<V, bf16_t, false>(p, s, w, nullptr, mm, ll); break;
+    default: tile_fwd_span<V, float, false>(p, s, w, nullptr, mm, ll); break;
+  }
+}
+
+template <class V>
+void tile_bwd_entry(const BwdParams& p, const Span& s, void* ws, void* dq) {
+  float* w = static_cast<float*>(ws);
+  float* d = static_cast<float*>(dq);
+  switch (p.dtype) {
+    case kF16: tile_bwd_span<V, fp16_t>(p, s, w, d); break;
+    case kBF16: tile_bwd_span<V, bf16_t>(p, s, w, d); break;
+    default: tile_bwd_span<V, float>(p, s, w, d); break;
+  }
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace attnkern

@@ -1,0 +1,42 @@
+// Plain-data interface of the tiled (GEMM-like) CPU kernels for many queries per history.
+// Same rules as kernel_common.h: no torch/STL headers, no inline functions (this header is
+// included by translation units compiled for AVX2 / AVX-512).
+#pragma once
+
+#include <stdint.h>
+
+#include "kernel_common.h"
+
+namespace attnkern {
+namespace cpu {
+
+// Queries per (row, head) from which the launcher runs the tiled kernels (float32, float16,
+// bfloat16; float64 keeps the general kernels).
+constexpr int64_t kTileMinQueries = 16;
+
+// Query chunks per (row, head) task for the launcher's forward split when there are few tasks
+// (1: split the keys instead). Chunks of at least 64 queries keep the per-chunk K/V packing
+// small next to the arithmetic; about 64 work items in all.
+int64_t tile_query_chunks(int64_t N, int64_t ntasks);
+
+// Same contracts as FwdFn/BwdFn/StatsFn/WorkspaceFn in kernel_common.h (float accumulators
+// only): logits s = scale * <q, k> in natural units, the forward's m and the backward's
+// BwdParams::shift in those units. The stats kernels score exactly as the tiled backward does,
+// so the launcher recomputes a row's shift with them for the tasks that take the tiled path.
+void tile_fwd_generic(const FwdParams& p, const Span& s, void* ws, void* acc, void* m, void* l);
+void tile_bwd_generic(const BwdParams& p, const Span& s, void* ws, void* dq);
+void tile_stats_generic(const FwdParams& p, const Span& s, void* ws, void* m, void* l);
+int64_t tile_workspace_generic(int64_t N, int64_t Dk, int64_t Dv);
+#if defined(__x86_64__) || defined(_M_X64)
+void tile_fwd_avx2(const FwdParams& p, const Span& s, void* ws, void* acc, void* m, void* l);
+void tile_bwd_avx2(const BwdParams& p, const Span& s, void* ws, void* dq);
+void tile_stats_avx2(const FwdParams& p, const Span& s, void* ws, void* m, void* l);
+int64_t tile_workspace_avx2(int64_t N, int64_t Dk, int64_t Dv);
+void tile_fwd_avx512(const FwdParams& p, const Span& s, void* ws, void* acc, void* m, void* l);
+void tile_bwd_avx512(const BwdParams& p, const Span& s, void* ws, void* dq);
+void tile_stats_avx512(const FwdParams& p, const Span& s, void* ws, void* m, void* l);
+int64_t tile_workspace_avx512(int64_t N, int64_t Dk, int64_t Dv);
+#endif
+
+}  // namespace cpu
+}  // namespace attnkern
