@@ -238,7 +238,7 @@ def mutate(case: Case, draw, layout: str, raw: bool) -> None:
             kw["lengths"][-1] = -1
             case.bad = "lengths"
     elif what == "lengths_shape":
-        kw["lengths"] = torch.cat([kw["lengths"], kw["lengths"][:1] * 0])
+        kw["lengths"] = torch.cat([kw["lengths"], kw["lengths"].new_zeros(1)])  # also when B = 0
         case.bad = "lengths"
     elif what == "mask_int":
         kw["mask"] = kw["mask"].to(torch.int32)
