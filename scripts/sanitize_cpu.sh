@@ -26,7 +26,10 @@ SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-poin
 built=$(date +%s)
 
 LIBASAN="$("$CXX_BIN" -print-file-name=libasan.so)"
-export LD_PRELOAD="$LIBASAN"
+# libstdc++ right after the ASan runtime: its __cxa_throw interceptor finds the real one only if
+# libstdc++ is loaded when ASan starts (python itself does not link it), else the first C++
+# exception (any TORCH_CHECK) aborts in a CHECK of the interceptor.
+export LD_PRELOAD="$LIBASAN $("$CXX_BIN" -print-file-name=libstdc++.so)"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_odr_violation=0:alloc_dealloc_mismatch=0"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 # Triton's own native module aborts under the preloaded ASan runtime (a CHECK in its __cxa_throw
