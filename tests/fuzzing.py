@@ -244,7 +244,7 @@ def mutate(case: Case, draw, layout: str, raw: bool) -> None:
         kw["mask"] = kw["mask"].to(torch.int32)
         case.bad = "mask"
     elif what == "mask_shape":
-        kw["mask"] = torch.cat([kw["mask"], kw["mask"][:, :1]], 1)
+        kw["mask"] = torch.cat([kw["mask"], kw["mask"].new_zeros(kw["mask"].shape[0], 1)], 1)  # also L = 0
         case.bad = "mask"
     elif what == "offsets_start":
         o = kw["offsets"].clone()
