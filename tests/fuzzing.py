@@ -238,13 +238,13 @@ def mutate(case: Case, draw, layout: str, raw: bool) -> None:
             kw["lengths"][-1] = -1
             case.bad = "lengths"
     elif what == "lengths_shape":
-        kw["lengths"] = torch.cat([kw["lengths"], kw["lengths"][:1] * 0])
+        kw["lengths"] = torch.cat([kw["lengths"], kw["lengths"].new_zeros(1)])  # also when B = 0
         case.bad = "lengths"
     elif what == "mask_int":
         kw["mask"] = kw["mask"].to(torch.int32)
         case.bad = "mask"
     elif what == "mask_shape":
-        kw["mask"] = torch.cat([kw["mask"], kw["mask"][:, :1]], 1)
+        kw["mask"] = torch.cat([kw["mask"], kw["mask"].new_zeros(kw["mask"].shape[0], 1)], 1)  # also L = 0
         case.bad = "mask"
     elif what == "offsets_start":
         o = kw["offsets"].clone()
