@@ -239,7 +239,8 @@ def activation_unit_pool(
     name = _resolve(backend, query)
     a = prob.args
     if name not in _OPS_CHECK_VALUES:
-        check_values(Problem(a["query"], False, prob.layout, prob.B, 1, 1, 1, 1, prob.L, 1.0),
+        check_values(Problem(query=a["query"], squeeze_n=False, layout=prob.layout, B=prob.B, N=1, H=1,
+                             Hkv=1, Dk=1, Dv=1, L=prob.L, scale=1.0),
                      lengths, offsets, max_length)
     if name == "reference":
         out, _ = activation_unit_pool_ref(*a.values())

@@ -294,7 +294,8 @@ def _check_activation_fwd(query, key, value, lengths, mask, offsets, max_length,
                  "TRITON_INTERPRET=1 set before importing triton), got query on %s", query.device)
     layout = "jagged" if offsets is not None else "padded"
     try:
-        check_values(Problem(query, False, layout, B, N, 1, E, Dv, L, 1.0), lengths, offsets,
+        check_values(Problem(query=query, squeeze_n=False, layout=layout, B=B, N=N, H=1, Hkv=1,
+                             Dk=E, Dv=Dv, L=L, scale=1.0), lengths, offsets,
                      None if (offsets is None or max_length < 0) else max_length)
     except ValueError as e:
         raise ValueError("attnkern: %s" % e) from None
