@@ -50,15 +50,19 @@ class Problem:
     scale: float
 
 
+def _check_dim(what, d, most):
+    if not 1 <= d <= most:
+        raise ValueError("%s must be in [1, %d], got %d" % (what, most, d))
+
+
 def _check_tensor(x, name):
     if not isinstance(x, torch.Tensor):
         raise TypeError("%s must be a torch.Tensor, got %s" % (name, type(x).__name__))
     # Sparse, mkldnn and nested tensors have no strides to hand a kernel (a nested tensor cannot
     # even report its sizes): refuse them by name, before anything reads their shape.
-    if x.is_nested:
-        raise TypeError("%s must be a dense (strided) tensor, got a nested tensor" % name)
-    if x.layout != torch.strided:
-        raise TypeError("%s must be a dense (strided) tensor, got layout %s" % (name, x.layout))
+    if x.is_nested or x.layout != torch.strided:
+        got = "a nested tensor" if x.is_nested else "layout %s" % x.layout
+        raise TypeError("%s must be a dense (strided) tensor, got %s" % (name, got))
 
 
 def _check_index(x, name, expected_len, device):
@@ -147,8 +151,7 @@ def validate(query, key, value, lengths, mask, offsets, max_length, scale, retur
         raise ValueError("query must have H >= 1 heads, got %s" % list(query.shape))
     if N < 1:
         raise ValueError("query must have N >= 1 queries, got %s" % list(query.shape))
-    if not 1 <= Dk <= MAX_HEAD_DIM:
-        raise ValueError("query head dim Dk must be in [1, %d], got %d" % (MAX_HEAD_DIM, Dk))
+    _check_dim("query head dim Dk", Dk, MAX_HEAD_DIM)
 
     jagged = offsets is not None
     if jagged:
@@ -220,8 +223,7 @@ def validate(query, key, value, lengths, mask, offsets, max_length, scale, retur
         if key_padding_mask is not None:
             _check_mask(key_padding_mask, "key_padding_mask", B, L, query.device)
     Dv = value.shape[-1]
-    if not 1 <= Dv <= MAX_HEAD_DIM:
-        raise ValueError("value head dim Dv must be in [1, %d], got %d" % (MAX_HEAD_DIM, Dv))
+    _check_dim("value head dim Dv", Dv, MAX_HEAD_DIM)
 
     if scale is None:
         scale = 1.0 / math.sqrt(Dk)
@@ -369,8 +371,7 @@ def validate_activation_unit(query, key, value, weights, lengths, mask, offsets,
     B, N, E = q3.shape
     if N < 1:
         raise ValueError("query must have N >= 1 queries, got %s" % list(query.shape))
-    if not 1 <= E <= MAX_UNITS:
-        raise ValueError("query embedding dim E must be in [1, %d], got %d" % (MAX_UNITS, E))
+    _check_dim("query embedding dim E", E, MAX_UNITS)
 
     jagged = offsets is not None
     if jagged:
@@ -410,8 +411,7 @@ def validate_activation_unit(query, key, value, weights, lengths, mask, offsets,
             if mask.device != query.device:
                 raise ValueError("mask must be on the device of query (%s), got %s" % (query.device, mask.device))
     Dv = value.shape[-1]
-    if not 1 <= Dv <= MAX_UNITS:
-        raise ValueError("value dim Dv must be in [1, %d], got %d" % (MAX_UNITS, Dv))
+    _check_dim("value dim Dv", Dv, MAX_UNITS)
 
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError("activation must be one of %s, got %r" % (", ".join(ACTIVATIONS), activation))

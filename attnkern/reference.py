@@ -73,6 +73,17 @@ def lengths_to_mask(lengths: Tensor, L: int) -> Tensor:
     return pos[None, :] < lengths.to(torch.long)[:, None]
 
 
+def padded_valid(key: Tensor, lengths: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
+    """The [B, L] bool mask (True = attend) of a padded key [B, L, ...] given lengths or mask
+    (mask wins; neither: every position is valid)."""
+    B, L = key.shape[0], key.shape[1]
+    if mask is not None:
+        return mask.to(torch.bool)
+    if lengths is not None:
+        return lengths_to_mask(lengths, L)
+    return torch.ones(B, L, dtype=torch.bool, device=key.device)
+
+
 def jagged_to_padded(
     key: Tensor, value: Tensor, offsets: Tensor, max_length: Optional[int] = None
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -122,13 +133,7 @@ def attention_pool_ref(
     if offsets is not None:
         key, value, valid = jagged_to_padded(key, value, offsets, max_length)
     else:
-        B, L = key.shape[0], key.shape[1]
-        if mask is not None:
-            valid = mask.to(torch.bool)
-        elif lengths is not None:
-            valid = lengths_to_mask(lengths, L)
-        else:
-            valid = torch.ones(B, L, dtype=torch.bool, device=key.device)
+        valid = padded_valid(key, lengths, mask)
     return masked_attention_pool_ref(query, key, value, valid, float(scale))
 
 
@@ -299,12 +304,6 @@ def activation_unit_pool_ref(
         ml = None if max_length is None or max_length < 0 else int(max_length)
         key, value, valid = jagged_to_padded(key, value, offsets, ml)
     else:
-        B, L = key.shape[0], key.shape[1]
-        if mask is not None:
-            valid = mask.to(torch.bool)
-        elif lengths is not None:
-            valid = lengths_to_mask(lengths, L)
-        else:
-            valid = torch.ones(B, L, dtype=torch.bool, device=key.device)
+        valid = padded_valid(key, lengths, mask)
     return masked_activation_unit_pool_ref(query, key, value, valid, w1, b1, w2, b2, w_out, b_out,
                                            act1, act2, activation, bool(softmax))

@@ -655,3 +655,12 @@ def activation_unused_rows(a: dict) -> torch.Tensor:
             covered[o[b]:o[b + 1]] = True
         return ~covered
     return ~activation_valid_mask(a)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a test's torch.distributed rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -152,6 +152,24 @@ def _problem(gen, B=6, L=9, E=8):
     return q, k, lengths
 
 
+def _zoo_grid(two_units, flag):
+    """Parametrizes a zoo test over backend x activation x units ((16,) or two_units) x the
+    zoo's softmax flag (argument name `flag`)."""
+    def wrap(test):
+        test = pytest.mark.parametrize(flag, [False, True], ids=["raw", "softmax"])(test)
+        test = pytest.mark.parametrize("units", [(16,), two_units], ids=["one", "two"])(test)
+        test = pytest.mark.parametrize("activation", ["relu", "sigmoid", "prelu", "dice"])(test)
+        return pytest.mark.parametrize("backend", BACKENDS)(test)
+    return wrap
+
+
+def _layer_like(zoo, E, units, activation, softmax, backend, **dice):
+    """An ActivationUnitPooling holding zoo's MLP weights and activation parameters."""
+    ours = ActivationUnitPooling(E, units, activation, "softmax" if softmax else None, backend=backend, **dice)
+    ours.load_mlp_(_linears(zoo), _acts(zoo))
+    return ours
+
+
 def _compare_grads(zoo, ours, loss_zoo, loss_ours):
     gz = torch.autograd.grad(loss_zoo, [p for p in _linears(zoo)[0].parameters()])
     go = torch.autograd.grad(loss_ours, [ours.hidden[0].weight, ours.hidden[0].bias])
@@ -159,17 +177,12 @@ def _compare_grads(zoo, ours, loss_zoo, loss_ours):
         torch.testing.assert_close(b, a, atol=2e-4, rtol=2e-4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("activation", ["relu", "sigmoid", "prelu", "dice"])
-@pytest.mark.parametrize("units", [(16,), (12, 6)], ids=["one", "two"])
-@pytest.mark.parametrize("use_softmax", [False, True], ids=["raw", "softmax"])
+@_zoo_grid((12, 6), "use_softmax")
 def test_fuxictr_din_attention(backend, activation, units, use_softmax):
     gen = torch.Generator().manual_seed(0)
     E = 8
     zoo = _randomise_(FuxiDINAttention(E, list(units), activation, use_softmax), gen)
-    ours = ActivationUnitPooling(E, units, activation, "softmax" if use_softmax else None,
-                                 dice_eps=1e-9, backend=backend)
-    ours.load_mlp_(_linears(zoo), _acts(zoo))
+    ours = _layer_like(zoo, E, units, activation, use_softmax, backend, dice_eps=1e-9)
     q, k, lengths = _problem(gen, E=E)
     mask = torch.arange(k.shape[1])[None, :] < lengths[:, None]
     want = zoo(q, k, mask.long())
@@ -187,17 +200,13 @@ def test_fuxictr_din_attention(backend, activation, units, use_softmax):
     _compare_grads(zoo, ours, want[nonempty].square().sum(), got[nonempty].square().sum())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("activation", ["relu", "sigmoid", "prelu", "dice"])
-@pytest.mark.parametrize("units", [(16,), (80, 40)], ids=["one", "two"])
-@pytest.mark.parametrize("weight_normalization", [False, True], ids=["raw", "softmax"])
+@_zoo_grid((80, 40), "weight_normalization")
 def test_deepctr_attention_sequence_pooling(backend, activation, units, weight_normalization):
     gen = torch.Generator().manual_seed(1)
     E = 4
     zoo = _randomise_(DeepAttentionSequencePoolingLayer(units, activation, weight_normalization, E), gen)
-    ours = ActivationUnitPooling(E, units, activation, "softmax" if weight_normalization else None,
-                                 dice_eps=1e-8, dice_affine=activation == "dice", backend=backend)
-    ours.load_mlp_(_linears(zoo), _acts(zoo))
+    ours = _layer_like(zoo, E, units, activation, weight_normalization, backend, dice_eps=1e-8,
+                       dice_affine=activation == "dice")
     q, k, lengths = _problem(gen, E=E)
     want = zoo(q[:, None, :], k, lengths[:, None])  # [B, 1, E]
     got = ours(q[:, None, :], k, lengths=lengths)  # [B, 1, E]

@@ -142,11 +142,8 @@ def test_zero_gradients_where_no_row_attends(layout):
     assert (grad_key[~valid] == 0).all() and (grad_value[~valid] == 0).all()
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("L", [5, 1100])  # the second one takes the split path
-def test_thread_count_independent(layout, L):
-    (q, k, v), kw = make_inputs(layout, torch.float32, 3, 2, 2, 20, 24, L)
-    grad_out = torch.randn(3, 2, 2, 24, dtype=torch.float64)
+def assert_thread_count_independent(q, k, v, kw, grad_out):
+    """The op's outputs and gradients (scale 0.3) are bitwise the same with 1, 2 and 3 threads."""
     threads = torch.get_num_threads()
     results = []
     try:
@@ -158,6 +155,14 @@ def test_thread_count_independent(layout, L):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("L", [5, 1100])  # the second one takes the split path
+def test_thread_count_independent(layout, L):
+    (q, k, v), kw = make_inputs(layout, torch.float32, 3, 2, 2, 20, 24, L)
+    grad_out = torch.randn(3, 2, 2, 24, dtype=torch.float64)
+    assert_thread_count_independent(q, k, v, kw, grad_out)
 
 
 def test_empty_shapes():
@@ -215,17 +220,25 @@ def test_gradcheck_float64(layout):
     assert torch.autograd.gradcheck(lambda *t: call_op(*t, kw, 0.7)[0], leaves)
 
 
-_ISA_SCRIPT = """
+_SUBPROCESS_SCRIPT = """
 import sys, torch
 sys.path.insert(0, "tests")
 from test_cpu import check_against_reference
 for layout in ("full", "lengths", "mask", "jagged"):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        check_against_reference(layout, dtype, 3, 5, 2, 19, 33, 45)
-        check_against_reference(layout, dtype, 2, 1, 1, 64, 64, 1100)
-        check_against_reference(layout, dtype, 3, 1, 1, 32, 32, 45)
-        check_against_reference(layout, dtype, 3, 1, 2, 12, 10, 45)
+        for shape in %r:
+            check_against_reference(layout, dtype, *shape)
 """
+
+
+def check_against_reference_in_subprocess(shapes, **env_vars):
+    """check_against_reference for every layout, fp32/bf16/fp16 and each (B, N, H, Dk, Dv, L) of
+    shapes, in a fresh interpreter with env_vars set (what the launcher reads once at start)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), **env_vars)
+    script = _SUBPROCESS_SCRIPT % (list(shapes),)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.mark.parametrize("var,value", [("ATTNKERN_CPU_ISA", "generic"), ("ATTNKERN_CPU_ISA", "avx2"),
@@ -235,11 +248,9 @@ def test_narrower_simd_paths_and_prefetch_settings(var, value):
     # The launcher picks the widest SIMD path at run time; ATTNKERN_CPU_ISA caps it so that
     # the narrower kernels (what older x86-64 CPUs and aarch64 run) are checked here too.
     # Software prefetch must never change a result: off, and at its shortest distance.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env[var] = value
-    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], cwd=root, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    check_against_reference_in_subprocess(
+        [(3, 5, 2, 19, 33, 45), (2, 1, 1, 64, 64, 1100), (3, 1, 1, 32, 32, 45), (3, 1, 2, 12, 10, 45)],
+        **{var: value})
 
 
 def test_large_gradients_reuse_cached_buffers():

@@ -10,16 +10,15 @@ on the thread count.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import attnkern
 from attnkern.reference import attention_pool_ref
-from test_cpu import LAYOUTS, call_op, check_against_reference, forward_backward, make_inputs
-from test_hardening import NONFINITE, _equal_logits, assert_rule
+from test_cpu import (LAYOUTS, assert_thread_count_independent, call_op, check_against_reference,
+                      check_against_reference_in_subprocess, forward_backward, make_inputs)
+from test_hardening import NONFINITE, _equal_logits, _fp16_near_top, _random_logits, assert_rule
 
 pytestmark = pytest.mark.skipif(
     not attnkern.backends()["cpu"].available,
@@ -61,17 +60,7 @@ def test_tiles_noncontiguous_inputs():
 def test_tiles_thread_count_independent(N, L):
     (q, k, v), kw = make_inputs("lengths", torch.float32, 2, N, 2, 20, 24, L)
     grad_out = torch.randn(2, N, 2, 24, dtype=torch.float64)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(forward_backward(lambda *t: call_op(*t, kw, 0.3), [q, k, v], grad_out))
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+    assert_thread_count_independent(q, k, v, kw, grad_out)
 
 
 @pytest.mark.parametrize("B,L", [(3, 40), (1, 1100)])
@@ -140,12 +129,7 @@ def test_tiles_large_logits_hardening_cases(logit, N, D):
 
 @pytest.mark.parametrize("logit", [1e3, -1e4])
 def test_tiles_large_random_logits(logit):
-    g = torch.Generator().manual_seed(3)
-    D = 16
-    q = torch.ones(3, 16, 2, D)
-    k = torch.ones(3, 20, 2, D) + torch.randint(-3, 4, (3, 20, 2, D), generator=g) / 1024.0
-    v = torch.randn(3, 20, 2, D, generator=g)
-    assert_rule("cpu", q, k, v, dict(lengths=torch.tensor([20, 7, 1]), scale=logit / D))
+    assert_rule("cpu", *_random_logits(16, logit))
 
 
 @pytest.mark.parametrize("N,L,length", [(16, 1500, 1300), (130, 700, 600)])  # key slices, query chunks
@@ -177,11 +161,7 @@ def test_tiles_recomputed_shift_matches_backward_logits(logit):
 
 
 def test_tiles_fp16_near_top_of_range():
-    g = torch.Generator().manual_seed(0)
-    q = torch.full((1, 16, 1, 8), 6e4, dtype=torch.float16)
-    k = torch.full((1, 4, 1, 8), 6e4, dtype=torch.float16)
-    v = torch.randn(1, 4, 1, 8, generator=g).to(torch.float16)
-    assert_rule("cpu", q, k, v, {})
+    assert_rule("cpu", *_fp16_near_top(16))
 
 
 @pytest.mark.parametrize("case", ["overflowing_dot", "all_minus_inf_logits", "nan_key_valid", "inf_value_valid"])
@@ -219,17 +199,6 @@ def test_tiles_and_general_kernels_agree():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-_ISA_SCRIPT = """
-import sys, torch
-sys.path.insert(0, "tests")
-from test_cpu import check_against_reference
-for layout in ("full", "lengths", "mask", "jagged"):
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        check_against_reference(layout, dtype, 3, 17, 2, 19, 33, 45)
-        check_against_reference(layout, dtype, 1, 16, 1, 32, 32, 1100)
-"""
-
-
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_tiles_every_simd_path(isa):
     if isa != "generic":
@@ -237,7 +206,4 @@ def test_tiles_every_simd_path(isa):
         need = {"avx2": ("avx2", "fma", "f16c"), "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq")}[isa]
         if not all(f in flags.split() for f in need):
             pytest.skip("this CPU has no %s" % isa)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), ATTNKERN_CPU_ISA=isa)
-    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], cwd=root, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    check_against_reference_in_subprocess([(3, 17, 2, 19, 33, 45), (1, 16, 1, 32, 32, 1100)], ATTNKERN_CPU_ISA=isa)

@@ -19,17 +19,18 @@ _SETTINGS = dict(deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@pytest.mark.parametrize("target", FAST)
-@seed(20261201)
-@settings(max_examples=80, **_SETTINGS)
-@given(data=st.data())
-def test_fuzz(target, data):
-    assert fuzzing.fuzz_one(fuzzing.HypothesisDraw(data), [target]) in ("ok", "clean_error")
+def _fuzz_test(targets, max_examples):
+    """A test fuzzing each of targets with max_examples drawn cases."""
+
+    @pytest.mark.parametrize("target", targets)
+    @seed(20261201)
+    @settings(max_examples=max_examples, **_SETTINGS)
+    @given(data=st.data())
+    def test(target, data):
+        assert fuzzing.fuzz_one(fuzzing.HypothesisDraw(data), [target]) in ("ok", "clean_error")
+
+    return test
 
 
-@pytest.mark.parametrize("target", INTERPRETED)
-@seed(20261201)
-@settings(max_examples=15, **_SETTINGS)
-@given(data=st.data())
-def test_fuzz_triton_interpreter(target, data):
-    assert fuzzing.fuzz_one(fuzzing.HypothesisDraw(data), [target]) in ("ok", "clean_error")
+test_fuzz = _fuzz_test(FAST, 80)
+test_fuzz_triton_interpreter = _fuzz_test(INTERPRETED, 15)

@@ -66,6 +66,17 @@ def _equal_logits(N, L, D, logit, dtype, B=2, seed=0):
     return q, k, v, dict(lengths=lengths, scale=float(logit) / D)
 
 
+def _random_logits(N, logit):
+    """Unequal logits of large magnitude: a spread of a few units on top of `logit` (q = ones,
+    k = ones + a few 1/1024 steps, scale = logit / D, rows of 20, 7 and 1 keys)."""
+    g = torch.Generator().manual_seed(3)
+    D = 16
+    q = torch.ones(3, N, 2, D)
+    k = torch.ones(3, 20, 2, D) + torch.randint(-3, 4, (3, 20, 2, D), generator=g) / 1024.0
+    v = torch.randn(3, 20, 2, D, generator=g)
+    return q, k, v, dict(lengths=torch.tensor([20, 7, 1]), scale=logit / D)
+
+
 @needs_cpu
 @pytest.mark.parametrize("logit", [1e3, 1e4, 1e5, 1e7])
 @pytest.mark.parametrize("N,D", [(1, 8), (5, 8), (1, 13), (6, 40)])
@@ -78,22 +89,22 @@ def test_large_logits_fp32(logit, N, D):
 @pytest.mark.parametrize("logit", [1e3, -1e4])
 def test_large_random_logits_fp32(logit):
     """Unequal logits of large magnitude: a spread of a few units on top of `logit`."""
-    g = torch.Generator().manual_seed(3)
-    D = 16
-    q = torch.ones(3, 2, 2, D)
-    k = torch.ones(3, 20, 2, D) + torch.randint(-3, 4, (3, 20, 2, D), generator=g) / 1024.0
-    v = torch.randn(3, 20, 2, D, generator=g)
-    assert_rule("cpu", q, k, v, dict(lengths=torch.tensor([20, 7, 1]), scale=logit / D))
+    assert_rule("cpu", *_random_logits(2, logit))
+
+
+def _fp16_near_top(N):
+    """fp16 q [1, N, 1, 8] and k [1, 4, 1, 8] filled with 6e4 (logits ~1e10 in float32)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.full((1, N, 1, 8), 6e4, dtype=torch.float16)
+    k = torch.full((1, 4, 1, 8), 6e4, dtype=torch.float16)
+    v = torch.randn(1, 4, 1, 8, generator=g).to(torch.float16)
+    return q, k, v, {}
 
 
 @needs_cpu
 def test_fp16_near_top_of_range():
     """fp16 q and k filled with 6e4: logits ~1e10 in float32; gradients finite and accurate."""
-    g = torch.Generator().manual_seed(0)
-    q = torch.full((1, 1, 1, 8), 6e4, dtype=torch.float16)
-    k = torch.full((1, 4, 1, 8), 6e4, dtype=torch.float16)
-    v = torch.randn(1, 4, 1, 8, generator=g).to(torch.float16)
-    assert_rule("cpu", q, k, v, {})
+    assert_rule("cpu", *_fp16_near_top(1))
 
 
 @needs_cpu
@@ -155,20 +166,20 @@ def _nonfinite_cases():
     base = lambda: (torch.randn(B, 1, H, D, generator=g), torch.randn(B, L, H, D, generator=g),  # noqa: E731
                     torch.randn(B, L, H, D, generator=g))
     lengths = torch.tensor([9, 4, 6])
+    nan, inf = float("nan"), float("inf")
+
+    def poked(*edits):  # base() with entries set: (0/1/2 = q/k/v, index, value) each
+        qkv = base()
+        for which, index, value in edits:
+            qkv[which][index] = value
+        return (*qkv, dict(lengths=lengths))
+
     cases = {}
-    q, k, v = base()
-    q[0, 0, 0, 3] = float("nan")
-    cases["nan_query"] = (q, k, v, dict(lengths=lengths))
-    q, k, v = base()
-    k[1, 2, 0, 0] = float("nan")
-    cases["nan_key_valid"] = (q, k, v, dict(lengths=lengths))
-    q, k, v = base()
-    k[1, 7, 0, 0] = float("nan")  # padded position of row 1: never read
-    v[2, 8, 0, 1] = float("inf")
-    cases["nonfinite_padded"] = (q, k, v, dict(lengths=lengths))
-    q, k, v = base()
-    v[2, 3, 0, 5] = float("inf")
-    cases["inf_value_valid"] = (q, k, v, dict(lengths=lengths))
+    cases["nan_query"] = poked((0, (0, 0, 0, 3), nan))
+    cases["nan_key_valid"] = poked((1, (1, 2, 0, 0), nan))
+    # k[1, 7] is a padded position of row 1: never read
+    cases["nonfinite_padded"] = poked((1, (1, 7, 0, 0), nan), (2, (2, 8, 0, 1), inf))
+    cases["inf_value_valid"] = poked((2, (2, 3, 0, 5), inf))
     q, k, v = base()
     cases["overflowing_scale"] = (q * 10, k * 10, v, dict(lengths=lengths, scale=1e38))
     q, k, v = base()

@@ -14,6 +14,7 @@ import torch
 
 import attnkern
 from attnkern.nn import AttentionPooling, absorb_cost
+from attnkern.testing import free_port
 
 LAYOUTS = ("lengths", "mask", "key_padding_mask", "jagged", "full")
 
@@ -240,14 +241,6 @@ def test_submodules_are_attributes_of_the_package():
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_batch():
     g = torch.Generator().manual_seed(7)
     q = torch.randn(8, 16, generator=g)
@@ -285,7 +278,7 @@ def _ddp_worker(rank, world, port, out_dir, absorb):
 def test_ddp_two_processes_match_one(tmp_path, absorb):
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), absorb), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path), absorb), nprocs=2, join=True)
     torch.manual_seed(0)
     layer = AttentionPooling(16, 2, absorb=absorb)
     _randomise(layer)

@@ -3,13 +3,13 @@ equivalence on 2 CPU processes (gloo), and the MovieLens time split (no leakage)
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from attnkern.testing import free_port
 from attnkern.tools import data, train
 
 
@@ -195,12 +195,6 @@ def test_cli_movielens_without_extra(monkeypatch, capsys, tmp_path):
 # --------------------------------------------------------------------------- DDP
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _global_batch():
     g = torch.Generator().manual_seed(123)
     B, L, items = 16, 9, 60
@@ -232,7 +226,7 @@ def _ddp_step_worker(rank, world, port, out_dir):
 
 @pytest.mark.slow
 def test_ddp_step_matches_single_process(tmp_path, one_thread):
-    mp.spawn(_ddp_step_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_step_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     items, batch = _global_batch()
     torch.manual_seed(0)
     model = train.build_model(_small_config(embed_dim=16, num_heads=2), items)
@@ -257,6 +251,6 @@ def _ddp_cli_worker(rank, world, port, out_dir):
 
 @pytest.mark.slow
 def test_ddp_cli_two_processes(tmp_path, one_thread):
-    mp.spawn(_ddp_cli_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_cli_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     res = json.loads((tmp_path / "synthetic-attention-seed0" / "results.json").read_text())
     assert res["world_size"] == 2 and len(res["epochs"]) == 2 and res["test"] is not None

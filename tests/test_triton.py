@@ -652,12 +652,7 @@ def test_hardening_large_equal_logits(logit, N, D):
 
 @pytest.mark.parametrize("logit", [1e3, -1e4])
 def test_hardening_large_random_logits(logit):
-    g = torch.Generator().manual_seed(3)
-    D = 16
-    q = torch.ones(3, 2, 2, D)
-    k = torch.ones(3, 20, 2, D) + torch.randint(-3, 4, (3, 20, 2, D), generator=g) / 1024.0
-    v = torch.randn(3, 20, 2, D, generator=g)
-    _assert_rule_triton(q, k, v, dict(lengths=torch.tensor([20, 7, 1]), scale=logit / D))
+    _assert_rule_triton(*H._random_logits(2, logit))
 
 
 def test_hardening_fp16_near_top_of_range():

@@ -67,6 +67,16 @@ def _dims(B, N, H, Dk, Dv):
         raise ValueError("attnkern: value head dim Dv must be in [1, %d], got %d" % (MAX_HEAD_DIM, Dv))
 
 
+def _qkv_ranks(query, key, value, dim, layout, sizes):
+    """_qkv, then the rank of key and value in `layout` ("[B, L, H, %s]" names the last dim
+    Dk / Dv); returns query's (B, N, H, Dk)."""
+    _qkv(query, key, value)
+    for t, name, d in ((key, "key", "Dk"), (value, "value", "Dv")):
+        if t.dim() != dim:
+            raise ValueError("attnkern: %s %s must be %s, got %s" % (layout, name, sizes % d, _sizes(t)))
+    return query.shape
+
+
 def _index(t, name, n, query):
     _dense(t, name)
     if t.dtype not in (torch.int32, torch.int64):
@@ -79,12 +89,7 @@ def _index(t, name, n, query):
 
 def padded_fwd(query, key, value, lengths, mask):
     """check_padded_fwd; returns (B, N, H, Dk, Dv, L)."""
-    _qkv(query, key, value)
-    if key.dim() != 4:
-        raise ValueError("attnkern: padded key must be [B, L, H, Dk], got %s" % _sizes(key))
-    if value.dim() != 4:
-        raise ValueError("attnkern: padded value must be [B, L, H, Dv], got %s" % _sizes(value))
-    B, N, H, Dk = query.shape
+    B, N, H, Dk = _qkv_ranks(query, key, value, 4, "padded", "[B, L, H, %s]")
     L, Dv = key.shape[1], value.shape[3]
     if key.shape[0] != B or key.shape[2] != H or key.shape[3] != Dk:
         raise ValueError("attnkern: key must be [B, L, H, Dk] = [%d, L, %d, %d] to match query %s, got %s"
@@ -110,12 +115,7 @@ def padded_fwd(query, key, value, lengths, mask):
 
 def jagged_fwd(query, key, value, offsets, max_length):
     """check_jagged_fwd; returns (B, N, H, Dk, Dv, T)."""
-    _qkv(query, key, value)
-    if key.dim() != 3:
-        raise ValueError("attnkern: jagged key must be [T, H, Dk], got %s" % _sizes(key))
-    if value.dim() != 3:
-        raise ValueError("attnkern: jagged value must be [T, H, Dv], got %s" % _sizes(value))
-    B, N, H, Dk = query.shape
+    B, N, H, Dk = _qkv_ranks(query, key, value, 3, "jagged", "[T, H, %s]")
     T, Dv = key.shape[0], value.shape[2]
     if key.shape[1] != H or key.shape[2] != Dk:
         raise ValueError("attnkern: key must be [T, H, Dk] = [T, %d, %d] to match query %s, got %s"

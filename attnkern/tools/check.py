@@ -111,6 +111,23 @@ def check_activation_case(backend, device, layout, dtype, shape) -> Result:
     return Result(backend, device, layout, str(dtype).split(".")[-1], name, short, passed, why[:80])
 
 
+def _row(check, backend, dev, layout, dt, shape, dw=False) -> Result:
+    """Runs one case (a crash is a failure, reported with its message) and prints its row; dw:
+    also the largest weight/bias/activation gradient error."""
+    try:
+        r = check(backend, dev, layout, dt, shape)
+    except Exception as exc:
+        r = Result(backend, dev, layout, str(dt).split(".")[-1], shape[0], {}, False,
+                   "%s: %s" % (type(exc).__name__, str(exc).splitlines()[0][:80]))
+    e = r.errors
+    extra = " dW %.2e" % e.get("dW", float("nan")) if dw else ""
+    print("%-9s %-6s %-8s %-9s %-6s %10.2e %10.2e %10.2e %10.2e  %s%s %s" % (
+        r.backend, r.device, r.layout, r.dtype, r.shape, e.get("out", float("nan")),
+        e.get("dq", float("nan")), e.get("dk", float("nan")), e.get("dv", float("nan")),
+        "PASS" if r.passed else "FAIL", extra, r.note), flush=True)
+    return r
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="attnkern check", description=__doc__)
     parser.add_argument("--backend", action="append", choices=["reference", "cpu", "cuda", "triton"],
@@ -142,17 +159,7 @@ def main(argv=None) -> int:
             skipped.append((backend, dt))
             continue
         for layout, shape in itertools.product(LAYOUTS, shapes):
-            try:
-                r = check_case(backend, dev, layout, dt, shape)
-            except Exception as e:  # a crash is a failure, reported with its message
-                r = Result(backend, dev, layout, str(dt).split(".")[-1], shape[0], {}, False,
-                           "%s: %s" % (type(e).__name__, str(e).splitlines()[0][:80]))
-            results.append(r)
-            e = r.errors
-            print("%-9s %-6s %-8s %-9s %-6s %10.2e %10.2e %10.2e %10.2e  %s %s" % (
-                r.backend, r.device, r.layout, r.dtype, r.shape, e.get("out", float("nan")),
-                e.get("dq", float("nan")), e.get("dk", float("nan")), e.get("dv", float("nan")),
-                "PASS" if r.passed else "FAIL", r.note), flush=True)
+            results.append(_row(check_case, backend, dev, layout, dt, shape))
     # activation_unit_pool rows (dW: the largest error of the weight/bias/activation gradients)
     from attnkern.ops import activation_kernels_missing
 
@@ -165,17 +172,7 @@ def main(argv=None) -> int:
             no_kernels.add(backend)
             continue
         for layout, shape in itertools.product(LAYOUTS, au_shapes):
-            try:
-                r = check_activation_case(backend, dev, layout, dt, shape)
-            except Exception as e:  # a crash is a failure, reported with its message
-                r = Result(backend, dev, layout, str(dt).split(".")[-1], shape[0], {}, False,
-                           "%s: %s" % (type(e).__name__, str(e).splitlines()[0][:80]))
-            results.append(r)
-            e = r.errors
-            print("%-9s %-6s %-8s %-9s %-6s %10.2e %10.2e %10.2e %10.2e  %s dW %.2e %s" % (
-                r.backend, r.device, r.layout, r.dtype, r.shape, e.get("out", float("nan")),
-                e.get("dq", float("nan")), e.get("dk", float("nan")), e.get("dv", float("nan")),
-                "PASS" if r.passed else "FAIL", e.get("dW", float("nan")), r.note), flush=True)
+            results.append(_row(check_activation_case, backend, dev, layout, dt, shape, dw=True))
     for backend in sorted(no_kernels):
         print("skipped activation_unit_pool on backend %s: no kernels for it in this build" % backend)
     for backend, reason in skipped:
