@@ -265,10 +265,8 @@ class AttentionPooling(nn.Module):
         values: Optional[torch.Tensor] = None,
         lengths: Optional[torch.Tensor] = None,
         *,
-        mask: Optional[torch.Tensor] = None,
-        key_padding_mask: Optional[torch.Tensor] = None,
-        offsets: Optional[torch.Tensor] = None,
-        max_length: Optional[int] = None,
+        mask: Optional[torch.Tensor] = None, key_padding_mask: Optional[torch.Tensor] = None,
+        offsets: Optional[torch.Tensor] = None, max_length: Optional[int] = None,
     ) -> torch.Tensor:
         if values is None:
             if self.vdim != self.kdim:
