@@ -680,6 +680,28 @@ def test_triton_op_returns_its_float32_result():
     assert pub.dtype == torch.bfloat16 and torch.equal(pub, out.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_raw_triton_ops_refuse_a_non_finite_scale(bad):
+    # as the C++ ops and the fake impls do: a NaN/inf scale never reaches a kernel
+    q, k, v, idx = _problem(B=2, N=1, H=1, L=9, Dk=8, Dv=8, layout="lengths")
+    ops = torch.ops.attnkern
+    with pytest.raises(ValueError, match="scale must be finite"):
+        ops.triton_attention_pool_fwd(q, k, v, idx["lengths"], None, bad)
+    out, lse = ops.triton_attention_pool_fwd(q, k, v, idx["lengths"], None, 0.3)
+    go = torch.ones(out.shape, dtype=q.dtype)
+    delta = (go * out).sum(-1)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        ops.triton_attention_pool_bwd(go, q, k, v, idx["lengths"], None, lse, delta, bad)
+    T = k.shape[0] * k.shape[1]
+    offsets = torch.tensor([0, 4, 9], dtype=torch.long)
+    kj, vj = k.reshape(T, 1, 8), v.reshape(T, 1, 8)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        ops.triton_jagged_attention_pool_fwd(q, kj, vj, offsets, -1, bad)
+    out, lse = ops.triton_jagged_attention_pool_fwd(q, kj, vj, offsets, -1, 0.3)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        ops.triton_jagged_attention_pool_bwd(go, q, kj, vj, offsets, -1, lse, (go * out).sum(-1), bad)
+
+
 @pytest.mark.parametrize("name", sorted(H.NONFINITE))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hardening_nonfinite_propagates_as_in_reference(name, dtype):

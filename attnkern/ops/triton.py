@@ -23,6 +23,7 @@ from attnkern.triton_kernels import activation_unit as _au
 from attnkern.triton_kernels import attention_pool as _k
 
 from .._validation import Problem, check_values, validate
+from . import checks
 from .autograd import register_activation_fakes_and_autograd, register_fakes_and_autograd
 from .schemas import ACTIVATION_SCHEMAS, SCHEMAS, TRITON_PREFIX, qualified
 
@@ -114,6 +115,7 @@ def _custom_op(name: str, schemas=SCHEMAS):
 def triton_attention_pool_fwd(query: Tensor, key: Tensor, value: Tensor, lengths: Optional[Tensor],
                               mask: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor]:
     _check_padded(query, key, value, lengths, mask)
+    checks.scale(scale)
     # out as the kernel's unrounded float32 result, as the C++ ops (the public function casts
     # it to the query dtype; the autograd forms delta from it)
     return _k.attention_pool_fwd(query, key, value, lengths=lengths, mask=mask, scale=scale,
@@ -126,6 +128,7 @@ def triton_attention_pool_bwd(grad_out: Tensor, query: Tensor, key: Tensor, valu
                               delta: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     dims = _check_padded(query, key, value, lengths, mask)
     _check_bwd_extras(dims, query, grad_out, lse, delta)
+    checks.scale(scale)
     return _k.attention_pool_bwd(grad_out, query, key, value, lse, delta, lengths=lengths,
                                  mask=mask, scale=scale)
 
@@ -134,6 +137,7 @@ def triton_attention_pool_bwd(grad_out: Tensor, query: Tensor, key: Tensor, valu
 def triton_jagged_attention_pool_fwd(query: Tensor, key: Tensor, value: Tensor, offsets: Tensor,
                                      max_length: int, scale: float) -> Tuple[Tensor, Tensor]:
     _check_jagged(query, key, value, offsets, max_length)
+    checks.scale(scale)
     return _k.attention_pool_fwd(query, key, value, offsets=offsets, max_length=max_length,
                                  scale=scale, out_dtype=torch.float32)
 
@@ -144,6 +148,7 @@ def triton_jagged_attention_pool_bwd(grad_out: Tensor, query: Tensor, key: Tenso
                                      scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     dims = _check_jagged(query, key, value, offsets, max_length)
     _check_bwd_extras(dims, query, grad_out, lse, delta)
+    checks.scale(scale)
     return _k.attention_pool_bwd(grad_out, query, key, value, lse, delta, offsets=offsets,
                                  max_length=max_length, scale=scale)
 
