@@ -81,13 +81,16 @@ def _fold_query_heads(query: torch.Tensor, Hkv: int) -> torch.Tensor:
     K/V head become G more candidates of that head, so the fused kernels (one K/V head per
     query head) read each K/V row once per K/V head and their dK/dV sum over the group. A copy
     of the query only; autograd maps the gradient back through the reshape."""
-    B, N, H, Dk = query.shape
-    return query.unflatten(2, (Hkv, H // Hkv)).transpose(2, 3).reshape(B, N * (H // Hkv), Hkv, Dk)
+    # Only the head counts (model constants) appear in the shapes, never B or N: a traced or
+    # exported graph (TorchScript, ONNX) keeps its batch and candidate sizes dynamic.
+    G = query.shape[2] // Hkv
+    return query.unflatten(2, (Hkv, G)).transpose(2, 3).flatten(1, 2)
 
 
-def _unfold_query_heads(x: torch.Tensor, N: int) -> torch.Tensor:
-    """The inverse of _fold_query_heads for out [B, N * G, Hkv, Dv] or lse [B, N * G, Hkv]."""
-    x = x.unflatten(1, (N, x.shape[1] // N)).transpose(2, 3)  # [B, N, Hkv, G, ...]
+def _unfold_query_heads(x: torch.Tensor, G: int) -> torch.Tensor:
+    """The inverse of _fold_query_heads (group size G) for out [B, N * G, Hkv, Dv] or
+    lse [B, N * G, Hkv]."""
+    x = x.unflatten(1, (-1, G)).transpose(2, 3)  # [B, N, Hkv, G, ...]
     return x.flatten(2, 3)
 
 
@@ -176,7 +179,7 @@ def attention_pool(
             ml = -1 if max_length is None else int(max_length)
             out, lse = fused_op(name, "jagged")(query4, key, value, offsets, ml, prob.scale)
         if group > 1:
-            out, lse = _unfold_query_heads(out, prob.N), _unfold_query_heads(lse, prob.N)
+            out, lse = _unfold_query_heads(out, group), _unfold_query_heads(lse, group)
     out = out.to(prob.query.dtype)  # the C++ ops return their unrounded float32 accumulators
     if prob.squeeze_n:
         out, lse = out.squeeze(1), lse.squeeze(1)
