@@ -101,7 +101,9 @@ class AttentionPooling(nn.Module):
             pooling reads the raw keys and values once for all heads. False projects keys and
             values first (the textbook order). "auto" (default) picks the cheaper one for
             each call's shape by `absorb_cost`: absorbed when N x H is small next to A, e.g.
-            one candidate per row; projected for many candidates.
+            one candidate per row; projected for many candidates. When N or L is symbolic
+            (torch.export with dynamic shapes) "auto" decides as for one candidate over a long
+            history, so the exported graph holds one order for every size.
         bias: whether the four projections have a bias.
         backend: "auto" | "reference" | "cpu" | "cuda" | "triton", passed to `attention_pool`.
 
@@ -219,6 +221,12 @@ class AttentionPooling(nn.Module):
             return False
         if self.absorb != "auto":
             return self.absorb
+        if isinstance(num_queries, (torch.SymInt, torch.SymFloat)) or isinstance(
+                mean_length, (torch.SymInt, torch.SymFloat)):
+            # Symbolic sizes (torch.export with dynamic shapes): deciding on them would pin them
+            # with a guard. Both orders are exact, so decide from the model's constants alone:
+            # the cost model's choice for one query over a long history.
+            num_queries, mean_length = 1, float("inf")
         projected, absorbed = absorb_cost(num_queries, self.num_heads, mean_length,
                                           self.embed_dim, self.kdim, self.vdim,
                                           self.attention_dim)
