@@ -16,6 +16,36 @@ from attnkern import testing  # noqa: E402
 from attnkern.testing import make_problem, unused_positions  # noqa: E402,F401  (for the tests)
 
 
+# The fast subset (-m "not slow") keeps this many Triton-interpreter cases of each test function;
+# the rest of a parametrized grid is marked slow (an interpreter case takes about a second on 2
+# cores, and the grids hold hundreds). CI runs everything. On a GPU nothing is marked: the
+# kernels run compiled there.
+INTERPRETER_CASES_IN_FAST_SUBSET = 1
+# Test files whose every test runs Triton kernels (the others say so with backend="triton").
+_INTERPRETER_FILES = ("test_triton.py", "test_activation_unit_triton.py")
+
+
+def _runs_the_interpreter(item):
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    if item.path.name in _INTERPRETER_FILES:
+        return True
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return params.get("backend") == "triton"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects by mark
+def pytest_collection_modifyitems(config, items):
+    kept = {}
+    for item in items:
+        if not _runs_the_interpreter(item) or item.get_closest_marker("slow"):
+            continue
+        key = (item.path, item.originalname)
+        kept[key] = kept.get(key, 0) + 1
+        if kept[key] > INTERPRETER_CASES_IN_FAST_SUBSET:
+            item.add_marker(pytest.mark.slow)
+
+
 def backend_device_pairs(interpreter_slow=False):
     """(backend, device) pairs the property suite runs, each with a skip mark when unavailable.
     interpreter_slow: mark the Triton-on-CPU pair (the interpreter: seconds a case) slow."""
