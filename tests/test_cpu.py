@@ -212,6 +212,35 @@ def test_bad_offsets_raise(offsets, max_length, match):
         torch.ops.attnkern.jagged_attention_pool_bwd(q, q, k, v, offs, max_length, lse, delta, 0.5)
 
 
+def _heads_apart(t, jagged):
+    """The same values with each head's rows contiguous ([B, H, L, D] or [H, T, D] storage,
+    viewed back as [B, L, H, D] / [T, H, D]): the launcher then runs one head at a time."""
+    d = 0 if jagged else 1
+    return t.transpose(d, d + 1).contiguous().transpose(d, d + 1)
+
+
+@pytest.mark.parametrize("layout", ["lengths", "mask", "jagged", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,D", [(2, 32), (3, 20), (4, 8), (5, 16), (8, 32)])
+@pytest.mark.parametrize("rows", ["split", "whole"])
+def test_all_heads_of_a_row_together(layout, dtype, H, D, rows):
+    """One query, heads that are neighbours in memory: each row (or, for few rows with long
+    histories, each piece of a row) runs as one pass over all heads (the strided
+    one-head-at-a-time read ran at about half the memory bandwidth). Bit for bit what the
+    one-head kernel gives, and the reference's."""
+    if rows == "split":  # few (row, head) tasks, long rows: split into pieces
+        B, L, lengths = 3, 1100, [1100, 0, 613]
+    else:  # B * H > 64: whole rows
+        B, L, lengths = 17, 70, [70, 0] + [3 * i for i in range(15)]
+    kw_len = {} if layout in ("mask", "full") else {"lengths": lengths}
+    layout_kw, result = check_against_reference(layout, dtype, B, 1, H, D, D, L, seed=H, **kw_len)
+    (q, k, v), kw = make_inputs(layout, dtype, B, 1, H, D, D, L, seed=H, **kw_len)
+    jagged = "offsets" in kw
+    together = call_op(q, k, v, kw, 0.3)
+    apart = call_op(q, _heads_apart(k, jagged), _heads_apart(v, jagged), kw, 0.3)
+    assert torch.equal(together[0], apart[0]) and torch.equal(together[1], apart[1])
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gradcheck_float64(layout):
     (q, k, v), kw = make_inputs(layout, torch.float64, 3, 2, 2, 5, 3, 6, lengths=None if layout == "mask" else [2, 0, 6])
@@ -249,7 +278,8 @@ def test_narrower_simd_paths_and_prefetch_settings(var, value):
     # the narrower kernels (what older x86-64 CPUs and aarch64 run) are checked here too.
     # Software prefetch must never change a result: off, and at its shortest distance.
     check_against_reference_in_subprocess(
-        [(3, 5, 2, 19, 33, 45), (2, 1, 1, 64, 64, 1100), (3, 1, 1, 32, 32, 45), (3, 1, 2, 12, 10, 45)],
+        [(3, 5, 2, 19, 33, 45), (2, 1, 1, 64, 64, 1100), (3, 1, 1, 32, 32, 45), (3, 1, 2, 12, 10, 45),
+         (2, 1, 4, 16, 16, 1100), (3, 1, 3, 8, 8, 45)],
         **{var: value})
 
 

@@ -199,6 +199,33 @@ std::vector<Item> split_plan(const Rows& rows, int64_t H, int dtype) {
   return items;
 }
 
+// The order in which the split items run: within a row, piece by piece, and for each piece
+// every head in turn. In the padded [B, L, H, D] and jagged [T, H, D] layouts the heads of a
+// position are neighbours in memory, so the H items of one piece together read one contiguous
+// stretch of K and V (a head alone reads D of every H * D elements: a strided stream that ran
+// at about half the memory bandwidth). The merge still finds a task's items contiguous in
+// `items` (the plan's order: row, head, piece).
+std::vector<int64_t> execution_order(const std::vector<Item>& items, int64_t H) {
+  std::vector<int64_t> order;
+  order.reserve(items.size());
+  for (size_t r0 = 0; r0 < items.size();) {  // the items of one row: H runs of equal length
+    const int64_t b = items[r0].task / H;
+    size_t r1 = r0;
+    while (r1 < items.size() && items[r1].task / H == b) ++r1;
+    const size_t pieces = (r1 - r0) / size_t(H);
+    for (size_t k = 0; k < pieces; ++k)
+      for (int64_t h = 0; h < H; ++h) order.push_back(int64_t(r0 + size_t(h) * pieces + k));
+    r0 = r1;
+  }
+  return order;
+}
+
+// Whether each position's K rows of all heads (and its V rows) lie back to back in memory, so
+// that the first head of a split piece can prefetch them all in one stream.
+bool heads_are_neighbours(const FwdParams& p) {
+  return p.H > 1 && p.k_sh == p.Dk && p.v_sh == p.Dv && p.k_sl == p.H * p.Dk && p.v_sl == p.H * p.Dv;
+}
+
 int64_t grain_for(int64_t per_task_cost) {
   return std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, per_task_cost));
 }
@@ -239,8 +266,9 @@ void fill_fwd_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, con
 // positions. Before each task runs, the first rows of the next one are prefetched, so that they
 // arrive while this one computes (the kernels prefetch the rest of a task as they go). Mask rows
 // are left to the kernels: their positions are known only when the row starts.
+// With step = H (t0 a multiple of H), one call per row, its span at head 0 (p.heads = H).
 template <class F>
-void for_each_task(const FwdParams& p, const Rows& rows, int64_t t0, int64_t t1, F&& f) {
+void for_each_task(const FwdParams& p, const Rows& rows, int64_t t0, int64_t t1, int64_t step, F&& f) {
   const int64_t H = p.H;
   auto prefetch = [&](int64_t t) {
     const int64_t b = t / H;
@@ -248,25 +276,39 @@ void for_each_task(const FwdParams& p, const Rows& rows, int64_t t0, int64_t t1,
   };
   std::vector<int64_t> idx;
   int64_t idx_row = -1, cnt = 0;
-  for (int64_t t = t0; t < t1; ++t) {
+  for (int64_t t = t0; t < t1; t += step) {
     const int64_t b = t / H;
     if (b != idx_row) {
       cnt = rows.count(b, &idx);
       idx_row = b;
     }
     if (t == t0) prefetch(t);
-    if (t + 1 < t1) prefetch(t + 1);
+    if (t + step < t1) prefetch(t + step);
     f(t, Span{b, t % H, rows.start(b), cnt, rows.mask ? idx.data() : nullptr});
   }
 }
 
-// Runs f(i, span) for the split items [i0, i1): span = positions [it.i0, it.i1) of the item's
-// task.
+// Runs f(j, span) for the split items order[j] (execution_order), j = j0, j0 + step, ... < j1:
+// span = positions [it.i0, it.i1) of the item's task. Before each item runs, the first rows of
+// the next one are prefetched (of every head when p.prefetch_heads says so): the kernels
+// prefetch only inside their own span, so each piece would otherwise start on cold memory.
 template <class F>
-void for_each_item(const Rows& rows, int64_t H, const std::vector<Item>& items, int64_t i0, int64_t i1, F&& f) {
+void for_each_item(const FwdParams& p, const Rows& rows, const std::vector<Item>& items,
+                   const std::vector<int64_t>& order, int64_t j0, int64_t j1, int64_t step, F&& f) {
+  const int64_t H = p.H;
   std::vector<int64_t> idx;
-  for (int64_t i = i0; i < i1; ++i) {
-    const Item& it = items[i];
+  auto span_of = [&](const Item& it, int64_t n) {
+    return Span{it.task / H, it.task % H, rows.start(it.task / H) + (rows.mask ? 0 : it.i0), n,
+                rows.mask ? idx.data() : nullptr};
+  };
+  auto prefetch = [&](int64_t j) {
+    const Item& it = items[order[j]];
+    if (!rows.mask && it.i1 > it.i0) prefetch_span_head(p, span_of(it, it.i1 - it.i0));
+  };
+  for (int64_t j = j0; j < j1; j += step) {
+    if (j == j0) prefetch(j);
+    if (j + step < j1) prefetch(j + step);
+    const Item& it = items[order[j]];
     const int64_t b = it.task / H;
     const int64_t n = it.i1 - it.i0;
     if (rows.mask) {  // this item's positions only: its part of the mask, from l0
@@ -275,7 +317,7 @@ void for_each_item(const Rows& rows, int64_t H, const std::vector<Item>& items, 
       for (int64_t l = it.l0, c = 0; c < n; ++l)
         if (m[l]) idx[c++] = l;
     }
-    f(i, Span{b, it.task % H, rows.start(b) + (rows.mask ? 0 : it.i0), n, rows.mask ? idx.data() : nullptr});
+    f(j, span_of(it, n));
   }
 }
 
@@ -348,10 +390,23 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
     });
     return;
   }
+  if (items.empty() && heads_are_neighbours(p) && !tiles) {
+    // One pass over each row for all its heads (see the split case below).
+    FwdParams ph = p;
+    ph.heads = ph.prefetch_heads = H;
+    at::parallel_for(0, rows.B, grain_for(H * N * avg_len * (p.Dk + Dv)), [&](int64_t b0, int64_t b1) {
+      std::vector<A> ws(ws_n), acc(H * N * Dv), m(H * N), l(H * N);
+      for_each_task(ph, rows, b0 * H, b1 * H, H, [&](int64_t t, const Span& s) {
+        fwd(ph, s, ws.data(), acc.data(), m.data(), l.data());
+        for (int64_t h = 0; h < H; ++h) finish(t + h, acc.data() + h * N * Dv, m.data() + h * N, l.data() + h * N);
+      });
+    });
+    return;
+  }
   if (items.empty()) {
     at::parallel_for(0, ntasks, grain_for(N * avg_len * (p.Dk + Dv)), [&](int64_t t0, int64_t t1) {
       std::vector<A> ws(ws_n), acc(N * Dv), m(N), l(N);
-      for_each_task(p, rows, t0, t1, [&](int64_t t, const Span& s) {
+      for_each_task(p, rows, t0, t1, 1, [&](int64_t t, const Span& s) {
         fwd(p, s, ws.data(), acc.data(), m.data(), l.data());
         finish(t, acc.data(), m.data(), l.data());
       });
@@ -362,12 +417,32 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
   // Split rows: partial (acc, m, l) per item, then a fixed-order log-sum-exp merge per task.
   const int64_t nitems = int64_t(items.size());
   std::vector<A> pacc(nitems * N * Dv), pm(nitems * N), pl(nitems * N);
-  at::parallel_for(0, nitems, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<A> ws(ws_n);
-    for_each_item(rows, H, items, i0, i1, [&](int64_t i, const Span& s) {
-      fwd(p, s, ws.data(), pacc.data() + i * N * Dv, pm.data() + i * N, pl.data() + i * N);
+  const std::vector<int64_t> order = execution_order(items, H);
+  if (heads_are_neighbours(p) && !tiles) {
+    // The H items of a piece (back to back in `order`) run as one span over all heads.
+    FwdParams ph = p;
+    ph.heads = ph.prefetch_heads = H;
+    at::parallel_for(0, nitems / H, 1, [&](int64_t u0, int64_t u1) {
+      std::vector<A> ws(ws_n), acc(H * N * Dv), m(H * N), l(H * N);
+      for_each_item(ph, rows, items, order, u0 * H, u1 * H, H, [&](int64_t j, const Span& s) {
+        fwd(ph, s, ws.data(), acc.data(), m.data(), l.data());
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t i = order[j + h];
+          std::copy_n(acc.data() + h * N * Dv, N * Dv, pacc.data() + i * N * Dv);
+          std::copy_n(m.data() + h * N, N, pm.data() + i * N);
+          std::copy_n(l.data() + h * N, N, pl.data() + i * N);
+        }
+      });
     });
-  });
+  } else {
+    at::parallel_for(0, nitems, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<A> ws(ws_n);
+      for_each_item(p, rows, items, order, i0, i1, 1, [&](int64_t j, const Span& s) {
+        const int64_t i = order[j];
+        fwd(p, s, ws.data(), pacc.data() + i * N * Dv, pm.data() + i * N, pl.data() + i * N);
+      });
+    });
+  }
   std::vector<int64_t> first(ntasks + 1, nitems);
   for (int64_t i = nitems - 1; i >= 0; --i) first[items[i].task] = i;
   at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
@@ -518,7 +593,7 @@ void bwd_impl(BwdParams& p, const Rows& rows, const float* lse, at::Tensor& gq) 
   if (items.empty()) {
     at::parallel_for(0, ntasks, grain_for(2 * N * avg_len * (Dk + p.Dv)), [&](int64_t t0, int64_t t1) {
       std::vector<A> ws(ws_n), dq(N * Dk), m(N), l(N);
-      for_each_task(p, rows, t0, t1, [&](int64_t t, const Span& s) {
+      for_each_task(p, rows, t0, t1, 1, [&](int64_t t, const Span& s) {
         fill_shift<A>(p, stats, lse, s, ws.data(), m.data(), l.data(), shift.data());
         bwd(p, s, ws.data(), dq.data());
         store_dq(t, dq.data());
@@ -531,15 +606,17 @@ void bwd_impl(BwdParams& p, const Rows& rows, const float* lse, at::Tensor& gq) 
   // Split rows: the shift of each whole row first, then the pieces.
   at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<A> ws(ws_n), m(N), l(N);
-    for_each_task(p, rows, t0, t1, [&](int64_t, const Span& s) {
+    for_each_task(p, rows, t0, t1, 1, [&](int64_t, const Span& s) {
       fill_shift<A>(p, stats, lse, s, ws.data(), m.data(), l.data(), shift.data());
     });
   });
   const int64_t nitems = int64_t(items.size());
   std::vector<A> pdq(nitems * N * Dk);
+  const std::vector<int64_t> order = execution_order(items, H);
   at::parallel_for(0, nitems, 1, [&](int64_t i0, int64_t i1) {
     std::vector<A> ws(ws_n);
-    for_each_item(rows, H, items, i0, i1, [&](int64_t i, const Span& s) {
+    for_each_item(p, rows, items, order, i0, i1, 1, [&](int64_t j, const Span& s) {
+      const int64_t i = order[j];
       bwd(p, s, ws.data(), pdq.data() + i * N * Dk);
     });
   });

@@ -259,7 +259,8 @@ inline KvBases<T> kv_bases(const FwdParams& p, const Span& s) {
 // arithmetic.
 template <class T>
 inline void prefetch_rows(const FwdParams& p, const Span& s, int64_t i0, int64_t i1, const T* kb, const T* vb) {
-  const int64_t kbytes = p.Dk * int64_t(sizeof(T)), vbytes = p.Dv * int64_t(sizeof(T));
+  const int64_t kbytes = p.Dk * int64_t(sizeof(T)) + (p.prefetch_heads - 1) * p.k_sh * int64_t(sizeof(T));
+  const int64_t vbytes = p.Dv * int64_t(sizeof(T)) + (p.prefetch_heads - 1) * p.v_sh * int64_t(sizeof(T));
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t pos = s.start + (s.idx ? int64_t(s.idx[i]) : i);
     const char* kr = reinterpret_cast<const char*>(kb + pos * p.k_sl);
@@ -518,9 +519,132 @@ void fwd_span_single(const FwdParams& p, const Span& s, typename V::A* acc_out, 
   *l_out = l;
 }
 
+// fwd_span_single for the NH heads s.h .. s.h + NH - 1 of a row at once (p.heads > 1, heads
+// whose rows are neighbours in memory): each block of W positions is read as W rows of
+// NH x D elements, front to back, and every head takes its share of it while it is in L1. A
+// head alone reads D of every H x D elements, a strided stream that ran at about half the
+// memory bandwidth here; all heads together read one contiguous stream. Each head's arithmetic
+// is fwd_span_single's, in the same order (the same results, bit for bit). Outputs are stacked:
+// acc_out [NH, Dv], m_out [NH], l_out [NH].
+template <class V, class T, int NC, bool FULL, int NH>
+void fwd_span_single_heads(const FwdParams& p, const Span& s, typename V::A* acc_out, typename V::A* m_out,
+                           typename V::A* l_out) {
+  using A = typename V::A;
+  constexpr int W = V::W;
+  const int kt = int(p.Dk - (NC - 1) * W), vt = int(p.Dv - (NC - 1) * W);
+  auto load_k = [&](const T* r, int c) { return load_nc<V, NC, FULL>(r, c, kt); };
+  auto load_v = [&](const T* r, int c) { return load_nc<V, NC, FULL>(r, c, vt); };
+  const T* q = static_cast<const T*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
+  const V sv = V::set1(A(p.scale));
+  V x[NH][NC], o[NH][NC];
+  A m[NH], l[NH];
+  alignas(64) A pr[NH][W];
+  for (int h = 0; h < NH; ++h) {
+    for (int c = 0; c < NC; ++c) {
+      x[h][c] = load_k(q + h * p.q_sh, c);
+      o[h][c] = V::zero();
+    }
+    m[h] = neg_inf<A>();
+    l[h] = A(0);
+  }
+  const auto [kb, vb] = kv_bases<T>(p, s);
+  const T* kp[W];
+  const T* vpa[2][W];
+  int cur = 0;
+  for (int64_t i0 = 0; i0 < s.count; i0 += W, cur ^= 1) {
+    const int nb = int(s.count - i0 < W ? s.count - i0 : W);
+    prefetch_step(p, s, i0, W, kb, vb);
+    block_rows<W>(s, i0, nb, kb, p.k_sl, kp);
+    block_rows<W>(s, i0, nb, vb, p.v_sl, vpa[cur]);
+    const T* const* vprev = vpa[cur ^ 1];
+    // Rows front to back: position j's K (and the previous block's V) for every head in turn.
+    V a[NH][W];
+    for (int j = 0; j < W; ++j) {
+      for (int h = 0; h < NH; ++h) {
+        const T* kr = kp[j] + h * p.k_sh;
+        V t = V::zero();
+        for (int c = 0; c < NC; ++c) t = V::fma(x[h][c], load_k(kr, c), t);
+        a[h][j] = t;
+      }
+      if (i0 > 0)
+        for (int h = 0; h < NH; ++h) {
+          const T* vr = vprev[j] + h * p.v_sh;
+          const V w = V::set1(pr[h][j]);  // 0 past the previous block's end
+          for (int c = 0; c < NC; ++c) o[h][c] = V::fma(w, load_v(vr, c), o[h][c]);
+        }
+    }
+    for (int h = 0; h < NH; ++h) {
+      const V sc = (V::transpose_reduce(a[h]) * sv).mask_tail(nb);
+      const A alpha = lazy_max_update<A>(sc.reduce_max(), &m[h], &l[h]);
+      if (alpha != A(1))
+        for (int c = 0; c < NC; ++c) o[h][c] = o[h][c] * V::set1(alpha);
+      const V pv = exp_shifted(sc, shift_of(m[h]));
+      l[h] += pv.reduce_add();
+      pv.store(pr[h]);
+    }
+  }
+  for (int h = 0; h < NH; ++h) {
+    if (s.count > 0) {
+      const T* const* vprev = vpa[cur ^ 1];
+      for (int j = 0; j < W; ++j) {
+        const V w = V::set1(pr[h][j]);
+        for (int c = 0; c < NC; ++c) o[h][c] = V::fma(w, load_v(vprev[j] + h * p.v_sh, c), o[h][c]);
+      }
+    }
+    A ob[NC * W];
+    for (int c = 0; c < NC; ++c) o[h][c].store(ob + c * W);
+    for (int64_t d = 0; d < p.Dv; ++d) acc_out[h * p.Dv + d] = ob[d];
+    m_out[h] = m[h];
+    l_out[h] = l[h];
+  }
+}
+
+// The heads of a p.heads > 1 span, in groups of up to four (the state of four heads of up to
+// four vectors each stays within L1-resident spills; the single-head kernel keeps it in
+// registers). Returns false when the head dims have no single-query instance.
+template <class V, class T>
+bool fwd_span_heads(const FwdParams& p, const Span& s, typename V::A* acc_out, typename V::A* m_out,
+                    typename V::A* l_out) {
+  constexpr int W = V::W;
+  if constexpr (W == 1) {
+    return false;
+  } else {
+    return with_single_dims<W>(p.N, p.Dk, p.Dv, [&](auto d) {
+      using D = decltype(d);
+      for (int64_t h0 = 0; h0 < p.heads;) {
+        const int64_t left = p.heads - h0;
+        Span g = s;
+        g.h = s.h + h0;
+        typename V::A* a = acc_out + h0 * p.Dv;
+        if (left >= 4) {
+          fwd_span_single_heads<V, T, D::nc, D::full, 4>(p, g, a, m_out + h0, l_out + h0);
+          h0 += 4;
+        } else if (left >= 2) {
+          fwd_span_single_heads<V, T, D::nc, D::full, 2>(p, g, a, m_out + h0, l_out + h0);
+          h0 += 2;
+        } else {
+          fwd_span_single<V, T, D::nc, D::full>(p, g, a, m_out + h0, l_out + h0);
+          h0 += 1;
+        }
+      }
+    });
+  }
+}
+
 template <class V, class T>
 void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::A* acc_out,
               typename V::A* m_out, typename V::A* l_out) {
+  if (p.heads > 1) {  // heads s.h .. s.h + p.heads - 1, outputs stacked
+    if (fwd_span_heads<V, T>(p, s, acc_out, m_out, l_out)) return;
+    FwdParams one = p;
+    one.heads = 1;
+    for (int64_t h = 0; h < p.heads; ++h) {
+      Span g = s;
+      g.h = s.h + h;
+      fwd_span<V, T>(one, g, ws, acc_out + h * p.N * p.Dv, m_out + h * p.N, l_out + h * p.N);
+    }
+    return;
+  }
   using A = typename V::A;
   constexpr int W = V::W;
   const int64_t N = p.N, Dk = p.Dk, Dv = p.Dv;
