@@ -34,7 +34,7 @@ def assert_rule(backend, q, k, v, kwargs, seed=0):
     """backend vs the float64 reference: out and the three gradients finite and within
     LOW_PRECISION_FACTOR x the same-precision reference's error + the floor."""
     g = torch.Generator().manual_seed(seed)
-    go = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=g, dtype=torch.float64)
+    go = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=g, dtype=torch.float64).to(q.device)
     dtype = q.dtype
     r64 = _grads("reference", q.double(), k.double(), v.double(), kwargs, go)
     rlp = r64 if dtype == torch.float64 else _grads("reference", q, k, v, kwargs, go)
@@ -151,6 +151,21 @@ def _peaked(dtype, layout, sharpness, seed=0):
 def test_low_precision_gradients_peaked_and_flat(dtype, layout, sharpness, seed):
     q, k, v, kw = _peaked(dtype, layout, sharpness, seed=seed)
     assert_rule("cpu", q, k, v, kw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["jagged", "lengths"])
+@pytest.mark.parametrize("sharpness", [0.1, 24.0])
+def test_low_precision_gradients_peaked_and_flat_cuda(dtype, layout, sharpness):
+    """The CUDA forward op returns its unrounded float32 out too, so delta is unrounded."""
+    q, k, v, kw = _peaked(dtype, layout, sharpness)
+    dev = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    q, k, v, kw = dev(q), dev(k), dev(v), {name: dev(t) for name, t in kw.items()}
+    out, lse = torch.ops.attnkern.attention_pool_fwd(q, k, v, kw.get("lengths"), None, 0.3) \
+        if "offsets" not in kw else torch.ops.attnkern.jagged_attention_pool_fwd(q, k, v, kw["offsets"], -1, 0.3)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    assert_rule("cuda", q, k, v, kw)
 
 
 # -- 5. non-finite values at valid positions -------------------------------------------------

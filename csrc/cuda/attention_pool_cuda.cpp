@@ -128,16 +128,15 @@ kc::PoolProblem make_problem(const PoolDims& d, const at::Tensor& q, const at::T
 std::tuple<at::Tensor, at::Tensor> run_fwd(const PoolDims& d, const at::Tensor& query,
                                            const at::Tensor& key, const at::Tensor& value,
                                            const kc::RowSpec& rows, double scale, bool jagged) {
-  // The op's out is float32 for every input dtype here (as on the CPU, whose kernels store
-  // their unrounded accumulators so that the autograd's delta = sum(grad_out * out) is exact):
-  // the public function casts it to the query dtype. These kernels still round through the
-  // query dtype first (storing fp32 directly is a change to verify on a GPU).
-  auto out = at::empty({d.B, d.N, d.H, d.Dv}, query.options());
+  // The op's out is float32 for every input dtype, the kernels' unrounded accumulators (as on
+  // the CPU), so that the autograd's delta = sum(grad_out * out) is not computed from values
+  // rounded to bf16/fp16: the public function casts out to the query dtype.
+  auto out = at::empty({d.B, d.N, d.H, d.Dv}, query.options().dtype(at::kFloat));
   auto lse = at::empty({d.B, d.N, d.H}, query.options().dtype(at::kFloat));
-  if (d.B == 0) return {out.to(at::kFloat), lse};
+  if (d.B == 0) return {out, lse};
   if (d.L == 0) {  // every row is empty
     lse.fill_(-std::numeric_limits<float>::infinity());
-    return {out.to(at::kFloat).zero_(), lse};
+    return {out.zero_(), lse};
   }
   const auto q = unit_inner_stride(query);
   const auto k = unit_inner_stride(key);
@@ -148,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor> run_fwd(const PoolDims& d, const at::Tensor& 
   float* scratch_data = scratch_ptr(scratch, kc::fwd_scratch_floats(p, plan), query);
   C10_CUDA_CHECK(kc::launch_fwd(p, plan, out.data_ptr(), lse.data_ptr<float>(), scratch_data,
                                 at::cuda::getCurrentCUDAStream()));
-  return {out.to(at::kFloat), lse};
+  return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(

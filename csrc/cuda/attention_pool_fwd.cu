@@ -178,7 +178,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
         if (n >= p.N) break;
         const int64_t r = (b * p.N + n) * p.H + h;
         if (a.num_splits == 1) {
-          store_slice<T, DB, ALIGNED>(static_cast<T*>(a.out) + r * dv, dv, j, acc[qi]);
+          // Unrounded: out is float32 for every input dtype (delta = sum(grad_out * out)).
+          store_slice_f32<T, DB>(static_cast<float*>(a.out) + r * dv, dv, j, acc[qi]);
           if (j == 0) a.lse[r] = lse2[qi] * kLn2;  // -inf stays -inf
         } else {
           store_slice_f32<T, DB>(a.part_o + (split * rows + r) * dv, dv, j, acc[qi]);
@@ -189,12 +190,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   }
 }
 
-// Merges the split partials of one (row, query, head) per warp, in split order.
-template <typename T>
+// Merges the split partials of one (row, query, head) per warp, in split order, into the
+// float32 out.
 __global__ void __launch_bounds__(kThreads)
     attention_pool_fwd_combine_kernel(const float* __restrict__ part_o,
                                       const float* __restrict__ part_lse, int64_t splits,
-                                      int64_t rows, int dv, T* __restrict__ out,
+                                      int64_t rows, int dv, float* __restrict__ out,
                                       float* __restrict__ lse) {
   const int lane = threadIdx.x & 31;
   const int64_t warp_stride = int64_t(gridDim.x) * kWarpsPerBlock;
@@ -206,7 +207,7 @@ __global__ void __launch_bounds__(kThreads)
       mx = (isnan(x) || isnan(mx)) ? NAN : fmaxf(mx, x);  // a NaN split keeps the row NaN
     }
     if (mx == -INFINITY) {  // empty row: out = 0, lse = -inf
-      for (int e = lane; e < dv; e += 32) out[r * dv + e] = from_float<T>(0.f);
+      for (int e = lane; e < dv; e += 32) out[r * dv + e] = 0.f;
       if (lane == 0) lse[r] = -INFINITY;
       continue;
     }
@@ -219,7 +220,7 @@ __global__ void __launch_bounds__(kThreads)
         const float ws = exp2f(part_lse[s * rows + r] - mx);  // 0 for an empty split
         x = fmaf(ws, part_o[(s * rows + r) * dv + e], x);
       }
-      out[r * dv + e] = from_float<T>(x * inv);
+      out[r * dv + e] = x * inv;
     }
     if (lane == 0) lse[r] = (mx + log2f(total)) * kLn2;
   }
@@ -287,12 +288,12 @@ cudaError_t launch_fwd(const PoolProblem& p, const FwdPlan& plan, void* out, flo
         }
       });
     });
-    if (a.num_splits > 1) {
-      attention_pool_fwd_combine_kernel<T><<<grid_blocks(rows), kThreads, 0, stream>>>(
-          a.part_o, a.part_lse, a.num_splits, rows, static_cast<int>(p.Dv), static_cast<T*>(out),
-          lse);
-    }
   });
+  if (a.num_splits > 1) {
+    attention_pool_fwd_combine_kernel<<<grid_blocks(rows), kThreads, 0, stream>>>(
+        a.part_o, a.part_lse, a.num_splits, rows, static_cast<int>(p.Dv), static_cast<float*>(out),
+        lse);
+  }
   return cudaGetLastError();
 }
 

@@ -65,7 +65,8 @@ FwdPlan plan_fwd(const PoolProblem& p, int num_sms);
 // Scratch floats the forward needs for a plan: partial outputs and partial lse.
 int64_t fwd_scratch_floats(const PoolProblem& p, const FwdPlan& plan);
 
-// out: [B, N, H, Dv] contiguous (query dtype); lse: [B, N, H] contiguous float32.
+// out: [B, N, H, Dv] contiguous float32 (unrounded, for every input dtype); lse: [B, N, H]
+// contiguous float32.
 // scratch: fwd_scratch_floats() floats (may be null when that is 0).
 cudaError_t launch_fwd(const PoolProblem& p, const FwdPlan& plan, void* out, float* lse,
                        float* scratch, cudaStream_t stream);
