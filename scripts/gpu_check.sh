@@ -155,7 +155,12 @@ if ! command -v ninja >/dev/null 2>&1; then
   record build "fail(no ninja)" 0 0 "$OUT/build.log"
   exit 2
 fi
-if [ "$DRY" = 1 ]; then
+if [ "$DRY" = 1 ] && compgen -G "attnkern/_C*.so" >/dev/null; then
+  # The dry run compiles the CPU kernels into $OUT, not in place: the checkout's own extension
+  # (perhaps built with the CUDA kernels) is what its later steps use, and it stays as it is.
+  run_step build "$T_BUILD" env ATTNKERN_CUDA=0 MAX_JOBS="$NPROC" "$PY" setup.py build_ext \
+    --build-lib "$OUT/dry-build/lib" --build-temp "$OUT/dry-build/temp"
+elif [ "$DRY" = 1 ]; then  # nothing built yet: the later steps need an extension in place
   run_step build "$T_BUILD" env ATTNKERN_CUDA=0 MAX_JOBS="$NPROC" "$PY" setup.py build_ext --inplace
 else
   SAN_PATH=$(dirname "$(command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)")

@@ -3,6 +3,7 @@ backend for cuda, plain runs for the sanitizer steps), so that the plumbing of t
 (import paths, step records, JUnit XML, the summary) is tested without a GPU; and the helpers
 that write JUnit XML for a step killed at its time limit."""
 
+import glob
 import json
 import os
 import shutil
@@ -41,7 +42,11 @@ def _have_build_tools():
 @pytest.mark.skipif(not _have_build_tools(), reason="ninja is not installed")
 def test_dry_run_runs_every_step(tmp_path):
     out = tmp_path / "gpu"
+    built = sorted(glob.glob(os.path.join(ROOT, "attnkern", "_C*.so")))
+    before = [(p, os.stat(p).st_mtime_ns) for p in built]
     r = _dry_run(out)
+    # its build goes into OUT: the checkout's own extension (perhaps with the CUDA kernels) stays
+    assert [(p, os.stat(p).st_mtime_ns) for p in built] == before
     report = r.stdout[-4000:] + r.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] is True
