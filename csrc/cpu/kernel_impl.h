@@ -16,7 +16,7 @@
 // four or more queries, four queries at a time against the transposed block), so the K/V block
 // is read from memory once and then reused from L1 for all N queries. One query with a small
 // head dim (the common serving case) has its own register-resident, pipelined kernel
-// (fwd_span_single, bwd_span_single). The backward writes each dK/dV row once, straight from
+// (fwd_span_single_heads, bwd_span_single). The backward writes each dK/dV row once, straight from
 // registers.
 //
 // Logits: every path computes a logit as s = scale * <q, k> (the dot product of the unscaled q
@@ -445,87 +445,17 @@ inline V load_nc(const T* r, int c, int tail) {
   return V::load(r + c * V::W);
 }
 
-// Forward of one query (N == 1) with Dk and Dv in ((NC - 1) * W, NC * W]: the query, the
-// output accumulator and a block's scores all stay in registers, and the loop is software-
-// pipelined so that each pass over a block's W rows reads key row j of block i (its score)
-// and value row j of block i - 1 (weighted by the probabilities found at the end of the
-// previous pass) together. Reading K and V side by side, row by row, keeps two memory streams
-// in flight at all times, which reads a run of short rows markedly faster than a block of K
-// rows then a block of V rows; the arithmetic of the two blocks also overlaps.
-template <class V, class T, int NC, bool FULL>
-void fwd_span_single(const FwdParams& p, const Span& s, typename V::A* acc_out, typename V::A* m_out,
-                     typename V::A* l_out) {
-  using A = typename V::A;
-  constexpr int W = V::W;
-  const int kt = int(p.Dk - (NC - 1) * W), vt = int(p.Dv - (NC - 1) * W);
-  auto load_k = [&](const T* r, int c) { return load_nc<V, NC, FULL>(r, c, kt); };
-  auto load_v = [&](const T* r, int c) { return load_nc<V, NC, FULL>(r, c, vt); };
-  const T* q = static_cast<const T*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
-  const V sv = V::set1(A(p.scale));  // logits in natural units
-  V x[NC], o[NC];
-  for (int c = 0; c < NC; ++c) {
-    x[c] = load_k(q, c);
-    o[c] = V::zero();
-  }
-  A m = neg_inf<A>(), l = A(0);
-  const auto [kb, vb] = kv_bases<T>(p, s);
-  const T* kp[W];
-  const T* vpa[2][W];
-  A pr[W];
-  int cur = 0;
-  for (int64_t i0 = 0; i0 < s.count; i0 += W, cur ^= 1) {
-    const int nb = int(s.count - i0 < W ? s.count - i0 : W);
-    prefetch_step(p, s, i0, W, kb, vb);
-    block_rows<W>(s, i0, nb, kb, p.k_sl, kp);
-    block_rows<W>(s, i0, nb, vb, p.v_sl, vpa[cur]);
-    const T* const* vprev = vpa[cur ^ 1];
-    V a[W];
-    if (i0 == 0) {
-      for (int j = 0; j < W; ++j) {
-        V t = V::zero();
-        for (int c = 0; c < NC; ++c) t = V::fma(x[c], load_k(kp[j], c), t);
-        a[j] = t;
-      }
-    } else {
-      for (int j = 0; j < W; ++j) {
-        V t = V::zero();
-        const V w = V::set1(pr[j]);  // 0 past the previous block's end
-        for (int c = 0; c < NC; ++c) {
-          t = V::fma(x[c], load_k(kp[j], c), t);
-          o[c] = V::fma(w, load_v(vprev[j], c), o[c]);
-        }
-        a[j] = t;
-      }
-    }
-    const V sc = (V::transpose_reduce(a) * sv).mask_tail(nb);
-    const A alpha = lazy_max_update<A>(sc.reduce_max(), &m, &l);
-    if (alpha != A(1))
-      for (int c = 0; c < NC; ++c) o[c] = o[c] * V::set1(alpha);
-    const V pv = exp_shifted(sc, shift_of(m));  // masked lanes: exactly 0
-    l += pv.reduce_add();
-    pv.store(pr);
-  }
-  if (s.count > 0) {  // the last block's values
-    const T* const* vprev = vpa[cur ^ 1];
-    for (int j = 0; j < W; ++j) {
-      const V w = V::set1(pr[j]);
-      for (int c = 0; c < NC; ++c) o[c] = V::fma(w, load_v(vprev[j], c), o[c]);
-    }
-  }
-  A ob[NC * W];
-  for (int c = 0; c < NC; ++c) o[c].store(ob + c * W);
-  for (int64_t d = 0; d < p.Dv; ++d) acc_out[d] = ob[d];
-  *m_out = m;
-  *l_out = l;
-}
-
-// fwd_span_single for the NH heads s.h .. s.h + NH - 1 of a row at once (p.heads > 1, heads
-// whose rows are neighbours in memory): each block of W positions is read as W rows of
-// NH x D elements, front to back, and every head takes its share of it while it is in L1. A
-// head alone reads D of every H x D elements, a strided stream that ran at about half the
-// memory bandwidth here; all heads together read one contiguous stream. Each head's arithmetic
-// is fwd_span_single's, in the same order (the same results, bit for bit). Outputs are stacked:
-// acc_out [NH, Dv], m_out [NH], l_out [NH].
+// Forward of one query (N == 1) with Dk and Dv in ((NC - 1) * W, NC * W], for the NH heads
+// s.h .. s.h + NH - 1 of a row at once (NH = 1: one head; NH > 1 when p.heads > 1, heads whose
+// rows are neighbours in memory). The queries, the output accumulators and a block's scores
+// stay in registers (for NH = 1; spilled to L1 beyond), and the loop is software-pipelined:
+// each pass over a block's W rows reads key row j of block i (its score) and value row j of
+// block i - 1 (weighted by the probabilities found at the end of the previous pass) together,
+// which keeps two memory streams in flight and overlaps the arithmetic of the two blocks. With
+// NH > 1 each row is read as NH x D elements front to back, every head taking its share while
+// it is in L1: a head alone reads D of every H x D elements, a strided stream that ran at about
+// half the memory bandwidth here. Each head's arithmetic does not depend on NH (the same
+// results, bit for bit). Outputs are stacked: acc_out [NH, Dv], m_out [NH], l_out [NH].
 template <class V, class T, int NC, bool FULL, int NH>
 void fwd_span_single_heads(const FwdParams& p, const Span& s, typename V::A* acc_out, typename V::A* m_out,
                            typename V::A* l_out) {
@@ -600,8 +530,7 @@ void fwd_span_single_heads(const FwdParams& p, const Span& s, typename V::A* acc
 }
 
 // The heads of a p.heads > 1 span, in groups of up to four (the state of four heads of up to
-// four vectors each stays within L1-resident spills; the single-head kernel keeps it in
-// registers). Returns false when the head dims have no single-query instance.
+// four vectors each stays within L1-resident spills). Returns false when the head dims have no single-query instance.
 template <class V, class T>
 bool fwd_span_heads(const FwdParams& p, const Span& s, typename V::A* acc_out, typename V::A* m_out,
                     typename V::A* l_out) {
@@ -623,7 +552,7 @@ bool fwd_span_heads(const FwdParams& p, const Span& s, typename V::A* acc_out, t
           fwd_span_single_heads<V, T, D::nc, D::full, 2>(p, g, a, m_out + h0, l_out + h0);
           h0 += 2;
         } else {
-          fwd_span_single<V, T, D::nc, D::full>(p, g, a, m_out + h0, l_out + h0);
+          fwd_span_single_heads<V, T, D::nc, D::full, 1>(p, g, a, m_out + h0, l_out + h0);
           h0 += 1;
         }
       }
@@ -654,7 +583,7 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
   if constexpr (W > 1) {
     if (with_single_dims<W>(N, Dk, Dv, [&](auto d) {
           using D = decltype(d);
-          fwd_span_single<V, T, D::nc, D::full>(p, s, acc_out, m_out, l_out);
+          fwd_span_single_heads<V, T, D::nc, D::full, 1>(p, s, acc_out, m_out, l_out);
         }))
       return;
   }
@@ -788,7 +717,7 @@ inline void row_combine(T* const* dst, const typename V::A* w, const typename V:
 // Backward of one query (N == 1) with Dk and Dv in ((NC - 1) * W, NC * W], SIMD widths
 // W >= 2 (FULL: no partial chunk). q, grad_out and the dq accumulator stay in registers. Per
 // block, each pass over half of its keys reads key row j and value row j side by side (two
-// memory streams in flight, as in fwd_span_single): the half's W/2 score dot products and W/2
+// memory streams in flight, as in fwd_span_single_heads): the half's W/2 score dot products and W/2
 // dO.v dot products share one transpose_reduce (scores in the low lanes, dp in the high
 // lanes). dK and dV rows are written straight from registers (ds_j q and p_j dO).
 template <class V, class T, int NC, bool FULL>
