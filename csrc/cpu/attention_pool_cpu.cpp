@@ -290,7 +290,7 @@ void for_each_task(const FwdParams& p, const Rows& rows, int64_t t0, int64_t t1,
 
 // Runs f(j, span) for the split items order[j] (execution_order), j = j0, j0 + step, ... < j1:
 // span = positions [it.i0, it.i1) of the item's task. Before each item runs, the first rows of
-// the next one are prefetched (of every head when p.prefetch_heads says so): the kernels
+// the next one are prefetched (of every head when p.heads says so): the kernels
 // prefetch only inside their own span, so each piece would otherwise start on cold memory.
 template <class F>
 void for_each_item(const FwdParams& p, const Rows& rows, const std::vector<Item>& items,
@@ -393,7 +393,7 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
   if (items.empty() && heads_are_neighbours(p) && !tiles) {
     // One pass over each row for all its heads (see the split case below).
     FwdParams ph = p;
-    ph.heads = ph.prefetch_heads = H;
+    ph.heads = H;
     at::parallel_for(0, rows.B, grain_for(H * N * avg_len * (p.Dk + Dv)), [&](int64_t b0, int64_t b1) {
       std::vector<A> ws(ws_n), acc(H * N * Dv), m(H * N), l(H * N);
       for_each_task(ph, rows, b0 * H, b1 * H, H, [&](int64_t t, const Span& s) {
@@ -421,7 +421,7 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
   if (heads_are_neighbours(p) && !tiles) {
     // The H items of a piece (back to back in `order`) run as one span over all heads.
     FwdParams ph = p;
-    ph.heads = ph.prefetch_heads = H;
+    ph.heads = H;
     at::parallel_for(0, nitems / H, 1, [&](int64_t u0, int64_t u1) {
       std::vector<A> ws(ws_n), acc(H * N * Dv), m(H * N), l(H * N);
       for_each_item(ph, rows, items, order, u0 * H, u1 * H, H, [&](int64_t j, const Span& s) {

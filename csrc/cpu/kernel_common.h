@@ -35,11 +35,9 @@ struct FwdParams {
   int64_t N = 1, H = 1, Dk = 1, Dv = 1;
   double scale = 1.0;
   int64_t prefetch = 0;  // valid positions ahead whose K/V rows are prefetched (0: none)
-  // Prefetch the rows of this many heads from the span's head on (1: its own row only); the
-  // first head of a split piece asks for every head's rows when they are neighbours in memory.
-  int64_t prefetch_heads = 1;
   // Heads a span covers, from its head s.h on (forward, general kernels only): outputs are
-  // stacked per head (acc [heads, N, Dv], m and l [heads, N]). 1 for the tiled kernels.
+  // stacked per head (acc [heads, N, Dv], m and l [heads, N]), and the prefetches ask for the
+  // rows of all of them. 1 for the tiled kernels.
   int64_t heads = 1;
 };
 

@@ -259,8 +259,8 @@ inline KvBases<T> kv_bases(const FwdParams& p, const Span& s) {
 // arithmetic.
 template <class T>
 inline void prefetch_rows(const FwdParams& p, const Span& s, int64_t i0, int64_t i1, const T* kb, const T* vb) {
-  const int64_t kbytes = p.Dk * int64_t(sizeof(T)) + (p.prefetch_heads - 1) * p.k_sh * int64_t(sizeof(T));
-  const int64_t vbytes = p.Dv * int64_t(sizeof(T)) + (p.prefetch_heads - 1) * p.v_sh * int64_t(sizeof(T));
+  const int64_t kbytes = p.Dk * int64_t(sizeof(T)) + (p.heads - 1) * p.k_sh * int64_t(sizeof(T));
+  const int64_t vbytes = p.Dv * int64_t(sizeof(T)) + (p.heads - 1) * p.v_sh * int64_t(sizeof(T));
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t pos = s.start + (s.idx ? int64_t(s.idx[i]) : i);
     const char* kr = reinterpret_cast<const char*>(kb + pos * p.k_sl);
