@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "attention_pool.h"
+
 TORCH_LIBRARY(attnkern, m) {
   m.def(
       "attention_pool_fwd(Tensor query, Tensor key, Tensor value, Tensor? lengths, Tensor? mask, "
@@ -34,4 +36,6 @@ bool built_with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "attnkern compiled kernels (op schemas, CPU and CUDA implementations)";
   mod.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in");
+  mod.def("cpu_isa", [] { return std::string(attnkern::cpu_isa()); },
+          "The instruction set the CPU kernels run on in this process (avx512, avx2 or generic)");
 }

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import attnkern
+from attnkern.ops.availability import cpu_isa
 from attnkern.reference import attention_pool_ref
 from attnkern.testing import check_function, forward_backward, make_problem
 
@@ -268,6 +269,41 @@ def check_against_reference_in_subprocess(shapes, **env_vars):
     script = _SUBPROCESS_SCRIPT % (list(shapes),)
     proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def cpu_isa_in_subprocess(cap: str) -> str:
+    """The instruction set the launcher picks with ATTNKERN_CPU_ISA=cap ("" = unset), as a
+    fresh interpreter's attnkern._C.cpu_isa() reports it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("ATTNKERN_CPU_ISA", None)
+    if cap:
+        env["ATTNKERN_CPU_ISA"] = cap
+    proc = subprocess.run([sys.executable, "-c", "import attnkern._C as C; print(C.cpu_isa())"], cwd=root,
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout.strip()
+
+
+_WIDTH = {"generic": 0, "avx2": 1, "avx512": 2, "avx512-emulated": 2}
+
+
+@pytest.mark.parametrize("cap", ["", "generic", "avx2", "avx512"])
+def test_cpu_isa_follows_the_cpu_and_the_cap(cap):
+    # The launcher reports what it runs; ATTNKERN_CPU_ISA never widens it past the CPU's best
+    # (only the emulation test build offers avx512 without the instructions, and only on request).
+    isa = cpu_isa_in_subprocess(cap)
+    assert isa in _WIDTH, isa
+    best = cpu_isa_in_subprocess("")
+    assert best in ("avx512", "avx2", "generic"), best
+    if cap:
+        assert _WIDTH[isa] <= _WIDTH[cap]
+        assert isa == "avx512-emulated" or _WIDTH[isa] <= _WIDTH[best]
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    if cap in ("", "avx2") and all(f in flags for f in ("avx2", "fma", "f16c")):
+        assert _WIDTH[isa] >= 1
+    if os.environ.get("ATTNKERN_CPU_ISA", "") == cap:
+        assert cpu_isa() == isa
 
 
 @pytest.mark.parametrize("var,value", [("ATTNKERN_CPU_ISA", "generic"), ("ATTNKERN_CPU_ISA", "avx2"),

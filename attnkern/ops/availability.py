@@ -44,6 +44,31 @@ def extension():
     return mod, ""
 
 
+def cpu_isa() -> str:
+    """The instruction set attnkern's CPU kernels run on in this process: the extension's own
+    answer (avx512, avx2 or generic; avx512-emulated in the emulation test build), else, without
+    the extension, the launcher's rule applied to the CPU's flags (the widest of avx512
+    (F/BW/VL/DQ, FMA) and avx2 (FMA, F16C) the CPU has, capped by ATTNKERN_CPU_ISA)."""
+    mod, _ = extension()
+    if mod is not None and hasattr(mod, "cpu_isa"):
+        return str(mod.cpu_isa())
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    cap = os.environ.get("ATTNKERN_CPU_ISA", "")
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx2"} <= flags and cap in ("", "avx512"):
+        return "avx512 (from the CPU flags)"
+    if {"avx2", "fma", "f16c"} <= flags and cap != "generic":
+        return "avx2 (from the CPU flags)"
+    return "generic (from the CPU flags)"
+
+
 def _has_kernel(op: str, key: str) -> bool:
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)

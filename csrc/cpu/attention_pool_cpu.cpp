@@ -46,7 +46,9 @@ bool tiles_enabled() {
   return !(e && e[0] == '0');
 }
 
-KernelTable with_tiles(KernelTable t, FwdFn fwd, BwdFn bwd, StatsFn stats, WorkspaceFn workspace) {
+KernelTable with_tiles(KernelTable t, FwdFn fwd, BwdFn bwd, StatsFn stats, WorkspaceFn workspace,
+                       const char* isa) {
+  t.isa = isa;
   t.fwd_tile = fwd;
   t.bwd_tile = bwd;
   t.stats_tile = stats;
@@ -71,17 +73,29 @@ const KernelTable& simd_kernels() {
                       "attnkern: ATTNKERN_CPU_ISA must be generic, avx2 or avx512 (or unset), got '", cap, "'");
 #if defined(__x86_64__) || defined(_M_X64)
     __builtin_cpu_init();
+#if defined(ATTNKERN_EMULATE_AVX512)
+    // Test build (avx512_emulation.h): the AVX-512 kernels run emulated on any x86-64 CPU, and
+    // only when asked for, so that the default stays the fastest real path.
+    const bool has512 = cap == "avx512";
+    const char* name512 = "avx512-emulated";
+#else
     const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                         __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2");
+    const char* name512 = "avx512";
+#endif
     const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                       __builtin_cpu_supports("f16c");
-    if (has512 && (cap.empty() || cap == "avx512")) return with_tiles(avx512_kernels(), &tile_fwd_avx512, &tile_bwd_avx512, &tile_stats_avx512, &tile_workspace_avx512);
-    if (has2 && cap != "generic") return with_tiles(avx2_kernels(), &tile_fwd_avx2, &tile_bwd_avx2, &tile_stats_avx2, &tile_workspace_avx2);
+    if (has512 && (cap.empty() || cap == "avx512"))
+      return with_tiles(avx512_kernels(), &tile_fwd_avx512, &tile_bwd_avx512, &tile_stats_avx512,
+                        &tile_workspace_avx512, name512);
+    if (has2 && cap != "generic")
+      return with_tiles(avx2_kernels(), &tile_fwd_avx2, &tile_bwd_avx2, &tile_stats_avx2, &tile_workspace_avx2,
+                        "avx2");
 #endif
     (void)cap;
     return with_tiles(generic_kernels(), &tile_fwd_generic, &tile_bwd_generic, &tile_stats_generic,
-                      &tile_workspace_generic);
+                      &tile_workspace_generic, "generic");
   }();
   return table;
 }
@@ -690,6 +704,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_common(const at::Tensor& grad
 
 }  // namespace
 }  // namespace cpu
+
+const char* cpu_isa() { return cpu::simd_kernels().isa; }
 
 // ---------------------------------------------------------------------------------------------
 // Registered ops

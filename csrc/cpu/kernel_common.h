@@ -97,6 +97,9 @@ struct KernelTable {
   BwdFn bwd_tile = nullptr;
   StatsFn stats_tile = nullptr;
   WorkspaceFn workspace_tile = nullptr;
+  // The instruction set the table runs: "avx512", "avx2", "generic" ("avx512-emulated" in
+  // the test build of avx512_emulation.h).
+  const char* isa = "generic";
 };
 
 // Prefetches the K/V rows of the first p.prefetch positions of span s (portable code: the

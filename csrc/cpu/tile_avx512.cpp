@@ -4,6 +4,16 @@
 // torch/STL header here (see kernel_common.h for why).
 #if defined(__x86_64__) || defined(_M_X64)
 
+#if defined(ATTNKERN_EMULATE_AVX512)
+// Test build: the AVX-512 intrinsics are portable functions (avx512_emulation.h), run on AVX2.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+#include "avx512_emulation.h"
+#else
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))), \
                              apply_to = function)
@@ -11,8 +21,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 #endif
-
 #include <immintrin.h>
+#endif
 
 #include "tile_impl.h"
 

@@ -30,6 +30,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ...ops.availability import cpu_isa
+
 SERVING_SHAPES = {  # name: (B, N, H, L, D)
     "n1024": (1, 1024, 4, 2048, 32),
     "n512d64": (1, 512, 2, 1024, 64),
@@ -41,26 +43,6 @@ TINY_SHAPES = {"tiny": (1, 20, 2, 70, 8), "tiny-long": (2, 1, 2, 600, 8)}  # smo
 _TOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 3e-3}  # max |out - float64 reference|
 PROVIDERS = ("reference", "sdpa", "compile", "flex", "cpu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cpu_isa() -> str:
-    """The SIMD path attnkern's CPU launcher picks on this machine (its rule: the widest of
-    avx512 (F/BW/VL/DQ) and avx2 (with FMA, F16C) the CPU has, capped by ATTNKERN_CPU_ISA)."""
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    cap = os.environ.get("ATTNKERN_CPU_ISA", "")
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx2"} <= flags and cap in ("", "avx512"):
-        return "avx512"
-    if {"avx2", "fma", "f16c"} <= flags and cap != "generic":
-        return "avx2"
-    return "generic"
 
 
 def flops(B, N, H, L, D) -> int:

@@ -24,7 +24,7 @@ from typing import Callable, Dict, List
 import numpy as np
 import torch
 
-from ...ops.availability import extension
+from ...ops.availability import cpu_isa
 from .. import export as ex
 
 PROVIDERS = ("eager", "aoti", "onnxruntime")
@@ -42,24 +42,6 @@ def _cpuinfo() -> Dict[str, str]:
     return info
 
 
-def _kernel_isa(flags: str) -> str:
-    """The SIMD path of attnkern's CPU kernels: the extension's own answer where it gives one,
-    else the rule of csrc/cpu/attention_pool_cpu.cpp applied to the CPU's flags."""
-    mod, _ = extension()
-    if mod is not None and hasattr(mod, "cpu_isa"):
-        return str(mod.cpu_isa())
-    have = set(flags.split())
-    cap = os.environ.get("ATTNKERN_CPU_ISA", "")
-    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx2"}
-    if avx512 <= have and cap in ("", "avx512"):
-        isa = "avx512"
-    elif {"avx2", "fma", "f16c"} <= have and cap != "generic":
-        isa = "avx2"
-    else:
-        isa = "generic"
-    return isa + " (from the CPU flags)"
-
-
 def _machine() -> Dict[str, object]:
     cpu = _cpuinfo()
     model = cpu.get("model name") or platform.processor() or platform.machine()
@@ -71,7 +53,7 @@ def _machine() -> Dict[str, object]:
             "python": platform.python_version(),
             # The machine may be shared: its load during the run is part of the numbers.
             "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-    info["attnkern_cpu_isa"] = _kernel_isa(cpu.get("flags", ""))
+    info["attnkern_cpu_isa"] = cpu_isa()
     return info
 
 
