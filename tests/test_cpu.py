@@ -285,20 +285,20 @@ def cpu_isa_in_subprocess(cap: str) -> str:
     return proc.stdout.strip()
 
 
-_WIDTH = {"generic": 0, "avx2": 1, "avx512": 2, "avx512-emulated": 2}
+_WIDTH = {"generic": 0, "avx2": 1, "avx512": 2, "avx512-emulated": 2, "avx512_bf16": 3, "avx512_bf16-emulated": 3}
 
 
-@pytest.mark.parametrize("cap", ["", "generic", "avx2", "avx512"])
+@pytest.mark.parametrize("cap", ["", "generic", "avx2", "avx512", "avx512_bf16"])
 def test_cpu_isa_follows_the_cpu_and_the_cap(cap):
     # The launcher reports what it runs; ATTNKERN_CPU_ISA never widens it past the CPU's best
     # (only the emulation test build offers avx512 without the instructions, and only on request).
     isa = cpu_isa_in_subprocess(cap)
     assert isa in _WIDTH, isa
     best = cpu_isa_in_subprocess("")
-    assert best in ("avx512", "avx2", "generic"), best
+    assert best in ("avx512_bf16", "avx512", "avx2", "generic"), best
     if cap:
         assert _WIDTH[isa] <= _WIDTH[cap]
-        assert isa == "avx512-emulated" or _WIDTH[isa] <= _WIDTH[best]
+        assert isa.endswith("-emulated") or _WIDTH[isa] <= _WIDTH[best]
     flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
     if cap in ("", "avx2") and all(f in flags for f in ("avx2", "fma", "f16c")):
         assert _WIDTH[isa] >= 1

@@ -46,9 +46,10 @@ def extension():
 
 def cpu_isa() -> str:
     """The instruction set attnkern's CPU kernels run on in this process: the extension's own
-    answer (avx512, avx2 or generic; avx512-emulated in the emulation test build), else, without
-    the extension, the launcher's rule applied to the CPU's flags (the widest of avx512
-    (F/BW/VL/DQ, FMA) and avx2 (FMA, F16C) the CPU has, capped by ATTNKERN_CPU_ISA)."""
+    answer (avx512_bf16, avx512, avx2 or generic; "-emulated" appended in the emulation test
+    build), else, without the extension, the launcher's rule applied to the CPU's flags (the
+    widest of avx512_bf16, avx512 (F/BW/VL/DQ, FMA) and avx2 (FMA, F16C) the CPU has, capped by
+    ATTNKERN_CPU_ISA)."""
     mod, _ = extension()
     if mod is not None and hasattr(mod, "cpu_isa"):
         return str(mod.cpu_isa())
@@ -62,7 +63,10 @@ def cpu_isa() -> str:
     except OSError:
         pass
     cap = os.environ.get("ATTNKERN_CPU_ISA", "")
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx2"} <= flags and cap in ("", "avx512"):
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx2"} <= flags
+    if avx512 and "avx512_bf16" in flags and cap in ("", "avx512_bf16"):
+        return "avx512_bf16 (from the CPU flags)"
+    if avx512 and cap in ("", "avx512", "avx512_bf16"):
         return "avx512 (from the CPU flags)"
     if {"avx2", "fma", "f16c"} <= flags and cap != "generic":
         return "avx2 (from the CPU flags)"

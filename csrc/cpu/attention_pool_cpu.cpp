@@ -8,7 +8,7 @@
 // task, which writes its dk/dv; dq partials of a split row are summed in a fixed order.
 //
 // The arithmetic runs in kernel_{avx512,avx2,generic}.cpp; the best one this CPU supports is
-// chosen at run time (ATTNKERN_CPU_ISA=generic|avx2|avx512 caps the choice, for testing; any
+// chosen at run time (ATTNKERN_CPU_ISA=generic|avx2|avx512|avx512_bf16 caps the choice, for testing; any
 // other value is an error).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -69,26 +69,34 @@ const KernelTable& simd_kernels() {
   static const KernelTable table = [] {
     const char* env = std::getenv("ATTNKERN_CPU_ISA");
     const std::string cap = env ? std::string(env) : std::string();
-    TORCH_CHECK_VALUE(cap.empty() || cap == "generic" || cap == "avx2" || cap == "avx512",
-                      "attnkern: ATTNKERN_CPU_ISA must be generic, avx2 or avx512 (or unset), got '", cap, "'");
+    TORCH_CHECK_VALUE(cap.empty() || cap == "generic" || cap == "avx2" || cap == "avx512" || cap == "avx512_bf16",
+                      "attnkern: ATTNKERN_CPU_ISA must be generic, avx2, avx512 or avx512_bf16 (or unset), got '",
+                      cap, "'");
 #if defined(__x86_64__) || defined(_M_X64)
     __builtin_cpu_init();
 #if defined(ATTNKERN_EMULATE_AVX512)
     // Test build (avx512_emulation.h): the AVX-512 kernels run emulated on any x86-64 CPU, and
     // only when asked for, so that the default stays the fastest real path.
-    const bool has512 = cap == "avx512";
+    const bool has512 = cap == "avx512" || cap == "avx512_bf16";
+    const bool hasbf16 = cap == "avx512_bf16";
     const char* name512 = "avx512-emulated";
+    const char* namebf16 = "avx512_bf16-emulated";
 #else
     const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                         __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2");
+    const bool hasbf16 = has512 && __builtin_cpu_supports("avx512bf16");
     const char* name512 = "avx512";
+    const char* namebf16 = "avx512_bf16";
 #endif
-    const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                      __builtin_cpu_supports("f16c");
-    if (has512 && (cap.empty() || cap == "avx512"))
+    if (hasbf16 && (cap.empty() || cap == "avx512_bf16"))
+      return with_tiles(avx512_kernels(), &tile_fwd_avx512_bf16, &tile_bwd_avx512_bf16, &tile_stats_avx512_bf16,
+                        &tile_workspace_avx512_bf16, namebf16);
+    if (has512 && (cap.empty() || cap == "avx512" || cap == "avx512_bf16"))
       return with_tiles(avx512_kernels(), &tile_fwd_avx512, &tile_bwd_avx512, &tile_stats_avx512,
                         &tile_workspace_avx512, name512);
+    const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
     if (has2 && cap != "generic")
       return with_tiles(avx2_kernels(), &tile_fwd_avx2, &tile_bwd_avx2, &tile_stats_avx2, &tile_workspace_avx2,
                         "avx2");

@@ -1,10 +1,10 @@
-// Portable stand-ins for the AVX-512 intrinsics the AVX-512 kernels use, for a test build only
-// (ATTNKERN_EMULATE_AVX512, set by setup.py from the environment variable of that name): on a
-// CPU without AVX-512 the AVX-512 kernels then run, lane by lane, so that their arithmetic,
-// their masks and their memory accesses are tested wherever the suite runs (the sanitizer
-// build in CI uses it). Never part of a normal build: kernel_avx512.cpp and tile_avx512.cpp
-// include it instead of compiling for AVX-512, and the launcher offers the emulated kernels
-// only when ATTNKERN_CPU_ISA=avx512 asks for them.
+// Portable stand-ins for the AVX-512 (and AVX512-BF16) intrinsics the AVX-512 kernels use, for
+// a test build only (-DATTNKERN_EMULATE_AVX512, e.g. through ATTNKERN_CPU_EXTRA_FLAGS; the
+// sanitizer run of scripts/sanitize_cpu.sh builds so): on a CPU without AVX-512 the AVX-512
+// kernels then run, lane by lane, so that their arithmetic, their masks and their memory
+// accesses are tested wherever the suite runs. Never part of a normal build: kernel_avx512.cpp,
+// tile_avx512.cpp and tile_avx512_bf16.cpp include it instead of compiling for AVX-512, and the
+// launcher offers the emulated kernels only when ATTNKERN_CPU_ISA=avx512 or avx512_bf16 asks.
 //
 // Each function follows the instruction's definition in Intel's intrinsics guide, lane for
 // lane: masked loads and stores touch only the selected lanes (as the hardware does, so a
@@ -29,9 +29,12 @@ struct alignas(64) M512 {
 struct alignas(64) M512i {
   uint32_t u[16];
 };
-// 32 bf16 values (bit patterns), as VDPBF16PS reads them.
+// 32 bf16 values (bit patterns), as VDPBF16PS reads them; (__m512bh)x of an __m512i x
+// reinterprets its bits, as the vector cast does.
 struct alignas(64) M512bh {
   uint16_t h[32];
+  M512bh() = default;
+  explicit M512bh(const M512i& x) { __builtin_memcpy(h, x.u, 64); }
 };
 
 inline M512 setzero_ps() { return M512{}; }
@@ -277,6 +280,26 @@ inline __m256i cvtps_ph(M512 a) {
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(h));
 }
 
+// vdpbf16ps: per lane j, src + a[2j+1] * b[2j+1], then + a[2j] * b[2j] (Intel's order), each
+// product exact in fp32; denormal inputs and results are flushed to zero (the instruction
+// works with DAZ and FTZ whatever MXCSR says), rounding to nearest even.
+inline float bf16_daz(uint16_t h) {
+  const uint32_t u = (h & 0x7f80u) == 0 ? uint32_t(h & 0x8000u) << 16 : uint32_t(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+inline float ftz(float x) { return (x != 0.f && __builtin_fabsf(x) < 1.17549435e-38f) ? __builtin_copysignf(0.f, x) : x; }
+inline M512 dpbf16_ps(M512 src, M512bh a, M512bh b) {
+  M512 r;
+  for (int j = 0; j < 16; ++j) {
+    float t = ftz(src.f[j]);
+    t = ftz(t + bf16_daz(a.h[2 * j + 1]) * bf16_daz(b.h[2 * j + 1]));
+    r.f[j] = ftz(t + bf16_daz(a.h[2 * j]) * bf16_daz(b.h[2 * j]));
+  }
+  return r;
+}
+
 }  // namespace emu
 }  // namespace cpu
 }  // namespace attnkern
@@ -375,3 +398,5 @@ inline __m256i cvtps_ph(M512 a) {
 #define _mm512_cvtph_ps ATTNKERN_EMU(cvtph_ps)
 #undef _mm512_cvtps_ph
 #define _mm512_cvtps_ph(a, r) ATTNKERN_EMU(cvtps_ph<(r)>)(a)
+#undef _mm512_dpbf16_ps
+#define _mm512_dpbf16_ps ATTNKERN_EMU(dpbf16_ps)

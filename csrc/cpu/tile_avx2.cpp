@@ -21,6 +21,7 @@ namespace {
 
 struct TileVec256 {
   static constexpr int W = 8, MR = 6, NV = 2, CG = 2, KB = 64;
+  static constexpr bool kPairDot = false;  // no bf16 pair dot products (tile_avx512_vec.h)
   __m256 v;
 
   static TileVec256 zero() { return {_mm256_setzero_ps()}; }

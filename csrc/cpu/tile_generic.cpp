@@ -15,6 +15,7 @@ namespace {
 
 struct TileScalar {
   static constexpr int W = 1, MR = 4, NV = 4, CG = 4, KB = 64;
+  static constexpr bool kPairDot = false;  // no bf16 pair dot products (tile_avx512_vec.h)
   float x;
 
   static TileScalar zero() { return {0.f}; }

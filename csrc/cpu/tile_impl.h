@@ -6,7 +6,8 @@
 // keys), CG (value chunks of W per register block), KB (keys of a block); zero, set1, load and
 // store of float, load of bf16_t/fp16_t (W elements), to_f32/from_f32 (one element of any input
 // type), + - *, fma, max, hmax, hsum, mask_tail(n) (lanes >= n set to -inf) and exp2 (exactly 0
-// below -125 and for -inf, +inf from 128 up, NaN for NaN).
+// below -125 and for -inf, +inf from 128 up, NaN for NaN); kPairDot, and where it is true
+// load_bits, set1_bits and dot_pairs (the bf16 pair scoring below).
 //
 // Shape of the work, per span (the valid positions of one (row, head), or a slice of them):
 // the keys are taken KB at a time; a block's keys are converted to fp32 once, transposed into
@@ -20,6 +21,10 @@
 // on the same fp32 queries, so their logits round exactly as the forward's; the backward forms
 // p = 2^((s - m) log2 e - log2 l) from BwdParams::shift, dP = dO Vt, dS, dQ += dS K and the
 // block's dK += dS^T Q, dV += P^T dO (register-blocked rank-MR updates), written once per key.
+// Where V::kPairDot (AVX512-BF16) and the inputs are bf16, the scores are dot products of the
+// bf16 elements themselves, two at a time (vdpbf16ps: exact products, fp32 sums): queries and key
+// panels are kept as 32-bit pairs of neighbouring elements instead of fp32, in forward, stats and
+// backward alike, so the three still round identically.
 #pragma once
 
 #include "kernel_common.h"
@@ -57,6 +62,26 @@ inline float neg_inff() { return -__builtin_inff(); }
 // The shift subtracted from the logits (shift_of in kernel_impl.h): the running max, or 0 when
 // that is infinite, so that masked lanes still give 0 and a +inf logit turns the row NaN.
 inline float tile_shift_of(float m) { return (m == neg_inff() || m == __builtin_inff()) ? 0.f : m; }
+
+template <class T>
+struct IsBf16 {
+  static constexpr bool value = false;
+};
+template <>
+struct IsBf16<bf16_t> {
+  static constexpr bool value = true;
+};
+// Whether V scores inputs of type T on bf16 pairs.
+template <class V, class T>
+constexpr bool kPairs = V::kPairDot && IsBf16<T>::value;
+
+// 32-bit pairs of a row of D elements (the last one zero-padded when D is odd).
+inline int64_t pairs_of(int64_t D) { return (D + 1) / 2; }
+// One bf16 row as pairs: dst[i * ds] = bits(src[2i]) | bits(src[2i + 1]) << 16.
+inline void row_pairs(const bf16_t* src, int64_t D, uint32_t* dst, int64_t ds) {
+  for (int64_t i = 0; 2 * i < D; ++i)
+    dst[i * ds] = uint32_t(src[2 * i].x) | (2 * i + 1 < D ? uint32_t(src[2 * i + 1].x) << 16 : 0u);
+}
 
 // Workspace layouts (offsets in floats) for W lanes: the kernels carve their workspace with
 // these and tile_ws_elems sizes it from them, so the two cannot disagree.
@@ -100,6 +125,24 @@ inline void pack_block(const Span& s, int64_t i0, int nb, const T* base, int64_t
       V::template transpose_rows<NR>(pr + int64_t(j) * Dp, Dp, D, pk + int64_t(j / NR) * D * NR + (j % NR));
 }
 
+// Keys [i0, i0 + nb) of the span (bf16 rows of `base`, stride sl, D elements) as pairs, in
+// panels pk2[panel][i][NR] (row_pairs of each key; zero keys past nb up to the last panel's end).
+template <class V>
+inline void pack_block_pairs(const Span& s, int64_t i0, int nb, const bf16_t* base, int64_t sl, int64_t D,
+                             uint32_t* pk2) {
+  constexpr int NR = V::NV * V::W;
+  const int64_t D2 = pairs_of(D);
+  const int nk = int(tile_ceil(nb, NR) * NR);
+  for (int j = 0; j < nk; ++j) {
+    uint32_t* col = pk2 + int64_t(j / NR) * D2 * NR + (j % NR);
+    if (j < nb) {
+      row_pairs(base + span_pos(s, i0 + j) * sl, D, col, NR);
+    } else {
+      for (int64_t i = 0; i < D2; ++i) col[i * NR] = 0u;
+    }
+  }
+}
+
 // Asks for the rows of keys [i0, i0 + nb) of the span (D elements of type T each) ahead of
 // use: a history's rows are short and strided (the heads are interleaved), which the hardware
 // prefetchers follow poorly, so the next block is requested while this one computes.
@@ -110,6 +153,33 @@ inline void prefetch_block(const Span& s, int64_t i0, int nb, const T* base, int
     const char* r = reinterpret_cast<const char*>(base + span_pos(s, i0 + j) * sl);
     for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(r + o, 0, 3);
   }
+}
+
+// The end of a panel's scoring: acc *= mul, lanes >= valid set to -inf, stored to S (row
+// stride ss); vmax[r] (if given) takes the lane-wise max.
+template <class V, int M>
+inline void finish_scores(V (&acc)[M][V::NV], int valid, float mul, float* S, int64_t ss, V* vmax) {
+  constexpr int NV = V::NV, W = V::W, NR = NV * W;
+  if (mul != 1.f) {
+    const V mv = V::set1(mul);
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = acc[r][v] * mv;
+  }
+  if (valid < NR) {
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = acc[r][v].mask_tail(valid - v * W);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < M; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v].store(S + r * ss + v * W);
+      if (vmax) vmax[r] = V::max(vmax[r], acc[r][v]);
+    }
 }
 
 // Scores of M query rows (x, row stride xs, D elements, fp32) against one panel pk[d][NR]:
@@ -137,26 +207,60 @@ inline void qk_panel(const float* x, int64_t xs, const float* pk, int64_t D, int
       for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(b, k[v], acc[r][v]);
     }
   }
-  if (mul != 1.f) {
-    const V mv = V::set1(mul);
-#pragma GCC unroll 8
-    for (int r = 0; r < M; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = acc[r][v] * mv;
-  }
-  if (valid < NR) {
-#pragma GCC unroll 8
-    for (int r = 0; r < M; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = acc[r][v].mask_tail(valid - v * W);
-  }
+  finish_scores<V, M>(acc, valid, mul, S, ss, vmax);
+}
+
+// qk_panel on bf16 pairs: x2 holds the M query rows as pairs (row stride xs, D2 pairs), pk2 one
+// panel [D2][NR] of key pairs; one dot_pairs chain per lane, in order i = 0, 1, ...
+template <class V, int M>
+inline void qk_pairs(const uint32_t* x2, int64_t xs, const uint32_t* pk2, int64_t D2, int valid, float mul,
+                     float* S, int64_t ss, V* vmax) {
+  constexpr int NV = V::NV, W = V::W, NR = NV * W;
+  V acc[M][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < M; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      acc[r][v].store(S + r * ss + v * W);
-      if (vmax) vmax[r] = V::max(vmax[r], acc[r][v]);
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  for (int64_t i = 0; i < D2; ++i) {
+    V k[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) k[v] = V::load_bits(pk2 + i * NR + v * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      const V b = V::set1_bits(x2[r * xs + i]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::dot_pairs(acc[r][v], b, k[v]);
     }
+  }
+  finish_scores<V, M>(acc, valid, mul, S, ss, vmax);
+}
+
+// The queries and the key block a tile scores with: fp32 rows q (stride qs) and panels kt
+// [panel][Dk][NR], or, on bf16 pairs, q2 (stride D2) and k2 [panel][D2][NR].
+struct TileScoring {
+  const float* q;
+  int64_t qs;
+  const float* kt;
+  int64_t Dk;
+  const uint32_t* q2;
+  const uint32_t* k2;
+  int64_t D2;
+  TileScoring rows_from(int64_t n0) const {
+    TileScoring t = *this;
+    t.q = q ? q + n0 * qs : nullptr;
+    t.q2 = q2 ? q2 + n0 * D2 : nullptr;
+    return t;
+  }
+};
+
+// Scores of M query rows against panel pn of the block (qk_panel, or qk_pairs when PAIRS).
+template <class V, int M, bool PAIRS>
+inline void score_panel(const TileScoring& sc, int pn, int valid, float mul, float* S, int64_t ss, V* vmax) {
+  constexpr int NR = V::NV * V::W;
+  if constexpr (PAIRS)
+    qk_pairs<V, M>(sc.q2, sc.D2, sc.k2 + int64_t(pn) * sc.D2 * NR, sc.D2, valid, mul, S, ss, vmax);
+  else
+    qk_panel<V, M>(sc.q, sc.qs, sc.kt + int64_t(pn) * sc.Dk * NR, sc.Dk, valid, mul, S, ss, vmax);
 }
 
 // Y[r][0:CG*W] += sum_{j < nk} P[r][j] * X[j][0:CG*W] for M rows: O += P V (forward) and
@@ -241,7 +345,7 @@ inline TileDims tile_dims(int64_t Dk, int64_t Dv) {
 
 // Forward and stats.
 struct TileFwdWs {
-  int64_t qs, O, mm, ll, kt, vp, S, kr, total;
+  int64_t qs, O, mm, ll, kt, vp, S, kr, q2, total;
 };
 template <class V>
 inline TileFwdWs tile_fwd_ws(int64_t N, const TileDims& t) {
@@ -256,12 +360,15 @@ inline TileFwdWs tile_fwd_ws(int64_t N, const TileDims& t) {
   w.vp = b.take(KB * t.Dvp); // value block as fp32 rows [KB][Dvp]
   w.S = b.take(MR * KB);     // scores / probabilities of one tile [MR][KB]
   w.kr = b.take(KB * t.Dkp); // key block as rows [KB][Dkp], before the transpose
+  // bf16 pair scoring (V::kPairDot): the queries as pairs [N][D2]; the key block's pair panels
+  // [KB / NR][D2][NR] take kt's place.
+  w.q2 = b.take(V::kPairDot ? N * pairs_of(t.Dk) : 0);
   w.total = b.used;
   return w;
 }
 
 struct TileBwdWs {
-  int64_t qf, dO, dQ, msh, lg, dl, kt, vt, kr, dKb, dVb, S, dP, vr, total;
+  int64_t qf, dO, dQ, msh, lg, dl, kt, vt, kr, dKb, dVb, S, dP, vr, q2, total;
 };
 template <class V>
 inline TileBwdWs tile_bwd_ws(int64_t N, const TileDims& t) {
@@ -282,6 +389,7 @@ inline TileBwdWs tile_bwd_ws(int64_t N, const TileDims& t) {
   w.S = b.take(MR * KB);      // [MR][KB]
   w.dP = b.take(MR * KB);     // [MR][KB]
   w.vr = b.take(KB * t.Dvp);  // [KB][Dvp]: the value block as rows, before the transpose
+  w.q2 = b.take(V::kPairDot ? N * pairs_of(t.Dk) : 0);  // as in tile_fwd_ws
   w.total = b.used;
   return w;
 }
@@ -293,21 +401,28 @@ inline void load_queries(const FwdParams& p, const Span& s, const TileDims& t, f
   for (int64_t n = 0; n < p.N; ++n) row_f32<V>(q + n * p.q_sn, t.Dk, t.Dkp, qf + n * t.Dkp);
 }
 
+// The span's bf16 queries as pairs [N][D2] (row_pairs), for the pair scoring.
+inline void load_query_pairs(const FwdParams& p, const Span& s, int64_t Dk, uint32_t* q2) {
+  const bf16_t* q = static_cast<const bf16_t*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
+  const int64_t D2 = pairs_of(Dk);
+  for (int64_t n = 0; n < p.N; ++n) row_pairs(q + n * p.q_sn, Dk, q2 + n * D2, 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 
 // One tile of M query rows against one packed block of nb keys (np panels). PV: also
 // O += P V (the forward); without it only the row statistics (the stats kernel).
-template <class V, int M, bool PV>
-inline void fwd_tile_rows(const float* qs, int64_t Dkp, const float* kt, int64_t Dk, const float* vp, int64_t Dvp,
-                          int nb, float scale, float* S, float* O, float* mm, float* ll) {
+template <class V, int M, bool PV, bool PAIRS>
+inline void fwd_tile_rows(const TileScoring& sc, const float* vp, int64_t Dvp, int nb, float scale, float* S,
+                          float* O, float* mm, float* ll) {
   constexpr int W = V::W, NR = V::NV * V::W, KB = V::KB;
   const int np = int(tile_ceil(nb, NR)), nk = np * NR;
   V vmax[M];
   for (int r = 0; r < M; ++r) vmax[r] = V::set1(neg_inff());
   for (int pn = 0; pn < np; ++pn) {
     const int valid = nb - pn * NR < NR ? nb - pn * NR : NR;
-    qk_panel<V, M>(qs, Dkp, kt + int64_t(pn) * Dk * NR, Dk, valid, scale, S + pn * NR, KB, vmax);
+    score_panel<V, M, PAIRS>(sc, pn, valid, scale, S + pn * NR, KB, vmax);
   }
   const V l2e = V::set1(kTileLog2e);
   for (int r = 0; r < M; ++r) {
@@ -353,7 +468,14 @@ void tile_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out,
   float* vp = ws + lay.vp;
   float* S = ws + lay.S;
   float* kr = ws + lay.kr;
-  load_queries<V, T>(p, s, t, qs);
+  constexpr bool pairs = kPairs<V, T>;
+  uint32_t* q2 = reinterpret_cast<uint32_t*>(ws + lay.q2);
+  uint32_t* k2 = reinterpret_cast<uint32_t*>(kt);
+  if constexpr (pairs)
+    load_query_pairs(p, s, t.Dk, q2);
+  else
+    load_queries<V, T>(p, s, t, qs);
+  const TileScoring sc{qs, t.Dkp, kt, t.Dk, q2, k2, pairs_of(t.Dk)};
   if constexpr (PV)
     for (int64_t i = 0; i < N * t.Dvp; ++i) O[i] = 0.f;
   for (int64_t n = 0; n < N; ++n) {
@@ -369,7 +491,10 @@ void tile_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out,
       prefetch_block(s, 0, nb, kb, p.k_sl, t.Dk);
       if constexpr (PV) prefetch_block(s, 0, nb, vb, p.v_sl, t.Dv);
     }
-    pack_block<V>(s, i0, nb, kb, p.k_sl, t.Dk, t.Dkp, kt, kr);
+    if constexpr (pairs)
+      pack_block_pairs<V>(s, i0, nb, kb, p.k_sl, t.Dk, k2);
+    else
+      pack_block<V>(s, i0, nb, kb, p.k_sl, t.Dk, t.Dkp, kt, kr);
     if constexpr (PV) pack_block<V>(s, i0, nb, vb, p.v_sl, t.Dv, t.Dvp, nullptr, vp);
     if (i0 + KB < s.count) {
       const int nn = int(s.count - i0 - KB < KB ? s.count - i0 - KB : KB);
@@ -379,8 +504,8 @@ void tile_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out,
     for (int64_t n0 = 0; n0 < N; n0 += MR) {
       const int rows = int(N - n0 < MR ? N - n0 : MR);
       with_rows<MR>(rows, [&](auto mc) {
-        fwd_tile_rows<V, decltype(mc)::value, PV>(qs + n0 * t.Dkp, t.Dkp, kt, t.Dk, vp, t.Dvp, nb, scale, S,
-                                                  O + n0 * t.Dvp, mm + n0, ll + n0);
+        fwd_tile_rows<V, decltype(mc)::value, PV, pairs>(sc.rows_from(n0), vp, t.Dvp, nb, scale, S,
+                                                         O + n0 * t.Dvp, mm + n0, ll + n0);
       });
     }
   }
@@ -397,15 +522,15 @@ void tile_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out,
 // ---------------------------------------------------------------------------------------------
 // Backward
 
-template <class V, int M>
-inline void bwd_tile_rows(const TileDims& t, const float* qf, const float* dO, float* dQ, const float* msh,
-                          const float* lg, const float* dl, const float* kt, const float* vt, const float* kr,
+template <class V, int M, bool PAIRS>
+inline void bwd_tile_rows(const TileDims& t, const TileScoring& sc, const float* qf, const float* dO, float* dQ,
+                          const float* msh, const float* lg, const float* dl, const float* vt, const float* kr,
                           int nb, float scale, float* S, float* dP, float* dKb, float* dVb) {
   constexpr int W = V::W, NR = V::NV * V::W, KB = V::KB;
   const int np = int(tile_ceil(nb, NR)), nk = np * NR;
   for (int pn = 0; pn < np; ++pn) {
     const int valid = nb - pn * NR < NR ? nb - pn * NR : NR;
-    qk_panel<V, M>(qf, t.Dkp, kt + int64_t(pn) * t.Dk * NR, t.Dk, valid, scale, S + pn * NR, KB, nullptr);
+    score_panel<V, M, PAIRS>(sc, pn, valid, scale, S + pn * NR, KB, nullptr);
     qk_panel<V, M>(dO, t.Dvp, vt + int64_t(pn) * t.Dv * NR, t.Dv, NR, 1.f, dP + pn * NR, KB, nullptr);
   }
   const V l2e = V::set1(kTileLog2e);
@@ -445,8 +570,13 @@ void tile_bwd_span(const BwdParams& p, const Span& s, float* ws, float* dq_out) 
   float* S = ws + lay.S;
   float* dP = ws + lay.dP;
   float* vr = ws + lay.vr;
+  constexpr bool pairs = kPairs<V, T>;
+  uint32_t* q2 = reinterpret_cast<uint32_t*>(ws + lay.q2);
+  uint32_t* k2 = reinterpret_cast<uint32_t*>(kt);
 
-  load_queries<V, T>(p, s, t, qf);
+  load_queries<V, T>(p, s, t, qf);  // dK += dS^T Q needs them as fp32 also when scoring on pairs
+  if constexpr (pairs) load_query_pairs(p, s, t.Dk, q2);
+  const TileScoring sc{qf, t.Dkp, kt, t.Dk, q2, k2, pairs_of(t.Dk)};
   const T* go = static_cast<const T*>(p.go) + s.b * p.go_sb + s.h * p.go_sh;
   const float* shift = static_cast<const float*>(p.shift);
   for (int64_t n = 0; n < N; ++n) {
@@ -466,7 +596,12 @@ void tile_bwd_span(const BwdParams& p, const Span& s, float* ws, float* dq_out) 
   const float scale = float(p.scale);
   for (int64_t i0 = 0; i0 < s.count; i0 += KB) {
     const int nb = int(s.count - i0 < KB ? s.count - i0 : KB);
-    pack_block<V>(s, i0, nb, kb, p.k_sl, t.Dk, t.Dkp, kt, kr);
+    if constexpr (pairs) {
+      pack_block<V>(s, i0, nb, kb, p.k_sl, t.Dk, t.Dkp, nullptr, kr);
+      pack_block_pairs<V>(s, i0, nb, kb, p.k_sl, t.Dk, k2);
+    } else {
+      pack_block<V>(s, i0, nb, kb, p.k_sl, t.Dk, t.Dkp, kt, kr);
+    }
     pack_block<V>(s, i0, nb, vb, p.v_sl, t.Dv, t.Dvp, vt, vr);
     if (i0 + KB < s.count) {
       const int nn = int(s.count - i0 - KB < KB ? s.count - i0 - KB : KB);
@@ -478,8 +613,9 @@ void tile_bwd_span(const BwdParams& p, const Span& s, float* ws, float* dq_out) 
     for (int64_t n0 = 0; n0 < N; n0 += MR) {
       const int rows = int(N - n0 < MR ? N - n0 : MR);
       with_rows<MR>(rows, [&](auto mc) {
-        bwd_tile_rows<V, decltype(mc)::value>(t, qf + n0 * t.Dkp, dO + n0 * t.Dvp, dQ + n0 * t.Dkp, msh + n0,
-                                              lg + n0, dl + n0, kt, vt, kr, nb, scale, S, dP, dKb, dVb);
+        bwd_tile_rows<V, decltype(mc)::value, pairs>(t, sc.rows_from(n0), qf + n0 * t.Dkp, dO + n0 * t.Dvp,
+                                                     dQ + n0 * t.Dkp, msh + n0, lg + n0, dl + n0, vt, kr, nb,
+                                                     scale, S, dP, dKb, dVb);
       });
     }
     for (int j = 0; j < nb; ++j) {

@@ -36,6 +36,11 @@ void tile_fwd_avx512(const FwdParams& p, const Span& s, void* ws, void* acc, voi
 void tile_bwd_avx512(const BwdParams& p, const Span& s, void* ws, void* dq);
 void tile_stats_avx512(const FwdParams& p, const Span& s, void* ws, void* m, void* l);
 int64_t tile_workspace_avx512(int64_t N, int64_t Dk, int64_t Dv);
+// AVX-512 with AVX512-BF16: bf16 scored on element pairs (vdpbf16ps), other dtypes as avx512.
+void tile_fwd_avx512_bf16(const FwdParams& p, const Span& s, void* ws, void* acc, void* m, void* l);
+void tile_bwd_avx512_bf16(const BwdParams& p, const Span& s, void* ws, void* dq);
+void tile_stats_avx512_bf16(const FwdParams& p, const Span& s, void* ws, void* m, void* l);
+int64_t tile_workspace_avx512_bf16(int64_t N, int64_t Dk, int64_t Dv);
 #endif
 
 }  // namespace cpu
