@@ -1,9 +1,14 @@
-// Backward, pass 1 of 2: grad_query, recomputing the probabilities from the saved lse.
+// Backward, pass 2 of 3: grad_query, recomputing the probabilities from each query's softmax
+// anchors.
 //
 // One warp per (row, head, query group, split), laid out like the forward: the warp streams the
 // row's valid keys once for its QG queries and accumulates, per query,
-//   dq = scale * sum_l p_l (dO . v_l - delta) k_l,   p_l = exp2(scale * log2(e) * q.k_l - lse2)
-// in fp32 registers. Split-L (few rows x heads, long rows) writes fp32 partials that a reduce
+//   dq = scale * sum_l p_l (dO . v_l - delta) k_l,   p_l = exp2((s_l - a2) - c2),
+//   s_l = scale * log2(e) * q.k_l,
+// in fp32 registers. The anchors (a2, c2) are (lse * log2(e), 0) from the saved lse, or, for a
+// query with a large lse, its max and log2 sum from the stats pass's split statistics, merged
+// here in split order (attention_pool_common.cuh says why); the split-0 warps store them for
+// the dk/dv pass. Split-L (few rows x heads, long rows) writes fp32 partials that a reduce
 // pass sums in split order, so the result is deterministic. Every grad_query element is
 // written, zeros included (empty rows).
 #include "attention_pool_common.cuh"
@@ -18,13 +23,38 @@ namespace {
 struct DqKernelArgs {
   PoolProblem p;
   BwdInputs in;
-  void* grad_query;  // [B, N, H, Dk] contiguous, used when num_splits == 1
-  float* part_dq;    // [S, B * N * H, Dk] fp32, used when num_splits > 1
+  void* grad_query;         // [B, N, H, Dk] contiguous, used when num_splits == 1
+  float* part_dq;           // [S, B * N * H, Dk] fp32, used when num_splits > 1
+  const float* part_stats;  // [S, 2, B * N * H], the stats pass's (read where needs_restat)
+  float* anchors;           // [2, B * N * H], written here for the dk/dv pass
   int64_t num_qgroups;
   int64_t num_splits;
   int64_t split_block;
   int64_t total_warps;
 };
+
+// The anchors (a2, c2) of query row r: from its lse, or, where that needs_restat, from the stats
+// pass's statistics merged in split order (the same anchors in every split's warp). Not
+// inlined: it runs once per query, and inlined it raised the kernel's register count (by up to
+// 21 on sm_90, one query in 16-bit dtypes), which costs resident warps.
+__device__ __noinline__ float2 query_anchors(const float* lse_in, const float* part_stats,
+                                             int64_t splits, int64_t rows, int64_t r) {
+  const float lse = lse_in[r];
+  float2 an;
+  if (needs_restat(lse)) {
+    float m = part_stats[r];
+    float l = part_stats[rows + r];
+    for (int64_t sp = 1; sp < splits; ++sp) {
+      const float* st = part_stats + 2 * sp * rows;
+      stats_merge(m, l, st[r], st[rows + r]);
+    }
+    anchors_of(m, l, an.x, an.y);
+  } else {
+    an.x = lse * kLog2e;  // -inf: no finite logit in the row, every p is 0 (see the callers)
+    an.y = 0.f;
+  }
+  return an;
+}
 
 template <typename T, int DB, bool ALIGNED, int QG>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
@@ -63,7 +93,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     float q[QG][EPL];   // scale * log2(e) * q
     float go[QG][EPL];  // grad_out
     float dq[QG][EPL];
-    float lse2[QG];
+    float a2[QG];  // the anchors: p = exp2((s - a2) - c2)
+    float c2[QG];
     float delta[QG];
 #pragma unroll
     for (int qi = 0; qi < QG; ++qi) {
@@ -75,7 +106,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
                                        n * a.in.go_sn + h * a.in.go_sh,
                                    dv, j, go[qi]);
         const int64_t r = (b * p.N + n) * p.H + h;
-        lse2[qi] = a.in.lse[r] * kLog2e;
+        const float2 an = query_anchors(a.in.lse, a.part_stats, a.num_splits, rows, r);
+        a2[qi] = an.x;
+        c2[qi] = an.y;
+        if (split == 0 && lane == 0) {
+          a.anchors[r] = a2[qi];
+          a.anchors[rows + r] = c2[qi];
+        }
         delta[qi] = a.in.delta[r];
       } else {
 #pragma unroll
@@ -83,7 +120,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
           q[qi][e] = 0.f;
           go[qi][e] = 0.f;
         }
-        lse2[qi] = 0.f;
+        a2[qi] = 0.f;
+        c2[qi] = 0.f;
         delta[qi] = 0.f;
       }
 #pragma unroll
@@ -129,8 +167,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
             s = group_sum<LPK>(s);
             dp = group_sum<LPK>(dp);
             // Invalid positions contribute exactly 0 (and never evaluate exp2 of garbage).
-            // lse2 == -inf: no finite logit in the row (all -inf), every p is 0.
-            const float pr = (ok[u] && lse2[qi] != -INFINITY) ? exp2f(s - lse2[qi]) : 0.f;
+            // a2 == -inf: lse = -inf, no finite logit in the row (all -inf), every p is 0.
+            const float pr =
+                (ok[u] && a2[qi] != -INFINITY) ? exp2f((s - a2[qi]) - c2[qi]) : 0.f;
             const float ds = pr * (dp - delta[qi]);
 #pragma unroll
             for (int e = 0; e < EPL; ++e) dq[qi][e] = fmaf(ds, kf[u][e], dq[qi][e]);
@@ -193,7 +232,7 @@ bool dq_aligned(const PoolProblem& p, const BwdInputs& in, const void* grad_quer
 }  // namespace
 
 cudaError_t launch_bwd_dq(const PoolProblem& p, const BwdInputs& in, const BwdPlan& plan,
-                          void* grad_query, float* scratch, cudaStream_t stream) {
+                          void* grad_query, const BwdScratch& ws, cudaStream_t stream) {
   const int64_t rows = p.B * p.N * p.H;
   const int qg = dq_query_group(p.N);
   DqKernelArgs a;
@@ -202,7 +241,9 @@ cudaError_t launch_bwd_dq(const PoolProblem& p, const BwdInputs& in, const BwdPl
   a.grad_query = grad_query;
   a.num_splits = plan.dq_splits > 1 ? plan.dq_splits : 1;
   a.split_block = plan.dq_split_block > 0 ? plan.dq_split_block : 64;
-  a.part_dq = a.num_splits > 1 ? scratch : nullptr;
+  a.part_dq = a.num_splits > 1 ? ws.part_dq : nullptr;
+  a.part_stats = ws.part_stats;
+  a.anchors = ws.anchors;
   a.num_qgroups = ceil_div(p.N, qg);
   a.total_warps = p.B * p.H * a.num_qgroups * a.num_splits;
   const unsigned blocks = grid_blocks(a.total_warps);
