@@ -2,8 +2,9 @@
 //
 // One warp per (row, head, tile slot). A tile is KPS * KG consecutive key positions: each key
 // group holds KG keys (K and V slices, dk/dv accumulators) in registers and loops over the
-// row's N queries, recomputing p = exp2((scale * log2(e) * q.k - a2) - c2) from the anchors
-// (a2, c2) the dq pass stored (the same logits, computed the same way) and
+// row's N queries, recomputing p = e^((s - a) - c), s = scale * q.k (natural units, logit_of:
+// the same logits as the forward's and the dq pass's, computed the same way), from the anchors
+// (a, c) the dq pass stored, and
 //   dv_l += p dO,   dk_l += p (dO . v_l - delta) q   (times scale at the end).
 // Each valid key position belongs to exactly one warp, which writes it once: no atomics, so
 // the result is deterministic; positions that take part in no row are never written and stay
@@ -21,7 +22,7 @@ namespace {
 struct DkdvKernelArgs {
   PoolProblem p;
   BwdInputs in;
-  const float* anchors;  // [2, B * N * H]: a2, then c2 (the dq pass's)
+  const float* anchors;  // [2, B * N * H]: a, then c (the dq pass's)
   void* grad_key;        // contiguous, shaped like key
   void* grad_value;      // contiguous, shaped like value
   int64_t gk_sb, gk_sl, gk_sh;
@@ -48,7 +49,6 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int g = lane / LPK;
   const int dk = static_cast<int>(p.Dk);
   const int dv = static_cast<int>(p.Dv);
-  const float scale_log2 = p.scale * kLog2e;
   const int64_t rows = p.B * p.N * p.H;
   const int64_t warp_stride = int64_t(gridDim.x) * kWarpsPerBlock;
 
@@ -102,24 +102,22 @@ __global__ void __launch_bounds__(kThreads, 3)
                                        n * a.in.go_sn + h * a.in.go_sh,
                                    dv, j, go);
         const int64_t r = (b * p.N + n) * p.H + h;
-        const float a2 = a.anchors[r];
-        const float c2 = a.anchors[rows + r];
+        const float anc_a = a.anchors[r];
+        const float anc_c = a.anchors[rows + r];
         const float delta = a.in.delta[r];
 #pragma unroll
-        for (int e = 0; e < EPL; ++e) q[e] *= scale_log2;
-#pragma unroll
         for (int u = 0; u < KG; ++u) {
-          float s = 0.f;
+          float dot = 0.f;
           float dp = 0.f;
 #pragma unroll
           for (int e = 0; e < EPL; ++e) {
-            s = fmaf(q[e], kf[u][e], s);
+            dot = fmaf(q[e], kf[u][e], dot);
             dp = fmaf(go[e], vf[u][e], dp);
           }
-          s = group_sum<LPK>(s);
+          const float s = logit_of<LPK>(dot, p.scale);
           dp = group_sum<LPK>(dp);
-          // a2 == -inf: lse = -inf, no finite logit in the row, every p is 0.
-          const float pr = (ok[u] && a2 != -INFINITY) ? exp2f((s - a2) - c2) : 0.f;
+          // a == -inf: lse = -inf, no finite logit in the row, every p is 0.
+          const float pr = (ok[u] && anc_a != -INFINITY) ? exp_nat((s - anc_a) - anc_c) : 0.f;
           const float ds = pr * (dp - delta);
 #pragma unroll
           for (int e = 0; e < EPL; ++e) {
@@ -129,13 +127,13 @@ __global__ void __launch_bounds__(kThreads, 3)
         }
       }
 
-      // q was pre-scaled by scale * log2(e): dk = ln(2) * sum ds * q_scaled = scale * sum ds q.
+      // dk = scale * sum ds q (q unscaled in the loop, as the logits need it).
 #pragma unroll
       for (int u = 0; u < KG; ++u) {
         if (!ok[u]) continue;
         const int64_t pos = tile + u * KPS + g;
 #pragma unroll
-        for (int e = 0; e < EPL; ++e) gk[u][e] *= kLn2;
+        for (int e = 0; e < EPL; ++e) gk[u][e] *= p.scale;
         store_slice<T, DB, ALIGNED>(
             static_cast<T*>(a.grad_key) + b * a.gk_sb + (kpos0 + pos) * a.gk_sl + h * a.gk_sh, dk,
             j, gk[u]);

@@ -3,12 +3,12 @@
 //
 // One warp per (row, head, query group, split), laid out like the forward: the warp streams the
 // row's valid keys once for its QG queries and accumulates, per query,
-//   dq = scale * sum_l p_l (dO . v_l - delta) k_l,   p_l = exp2((s_l - a2) - c2),
-//   s_l = scale * log2(e) * q.k_l,
-// in fp32 registers. The anchors (a2, c2) are (lse * log2(e), 0) from the saved lse, or, for a
-// query with a large lse, its max and log2 sum from the stats pass's split statistics, merged
-// here in split order (attention_pool_common.cuh says why); the split-0 warps store them for
-// the dk/dv pass. Split-L (few rows x heads, long rows) writes fp32 partials that a reduce
+//   dq = scale * sum_l p_l (dO . v_l - delta) k_l,   p_l = e^((s_l - a) - c),
+//   s_l = scale * q.k_l (natural units, logit_of: the forward's logits, computed the same way),
+// in fp32 registers, e^x as exp2(x * log2(e)). The anchors (a, c) are (lse, 0) from the saved
+// lse, or, for a query with a large lse, its max and log sum from the stats pass's split
+// statistics, merged here in split order (attention_pool_common.cuh says why); the split-0
+// warps store them for the dk/dv pass. Split-L (few rows x heads, long rows) writes fp32 partials that a reduce
 // pass sums in split order, so the result is deterministic. Every grad_query element is
 // written, zeros included (empty rows).
 #include "attention_pool_common.cuh"
@@ -33,7 +33,7 @@ struct DqKernelArgs {
   int64_t total_warps;
 };
 
-// The anchors (a2, c2) of query row r: from its lse, or, where that needs_restat, from the stats
+// The anchors (a, c) of query row r: from its lse, or, where that needs_restat, from the stats
 // pass's statistics merged in split order (the same anchors in every split's warp). Not
 // inlined: it runs once per query, and inlined it raised the kernel's register count (by up to
 // 21 on sm_90, one query in 16-bit dtypes), which costs resident warps.
@@ -50,7 +50,7 @@ __device__ __noinline__ float2 query_anchors(const float* lse_in, const float* p
     }
     anchors_of(m, l, an.x, an.y);
   } else {
-    an.x = lse * kLog2e;  // -inf: no finite logit in the row, every p is 0 (see the callers)
+    an.x = lse;  // -inf: no finite logit in the row, every p is 0 (see the callers)
     an.y = 0.f;
   }
   return an;
@@ -71,7 +71,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const int g = lane / LPK;
   const int dk = static_cast<int>(p.Dk);
   const int dv = static_cast<int>(p.Dv);
-  const float scale_log2 = p.scale * kLog2e;
   const int64_t rows = p.B * p.N * p.H;
   const int64_t warp_stride = int64_t(gridDim.x) * kWarpsPerBlock;
 
@@ -90,11 +89,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     const T* vbase =
         static_cast<const T*>(p.value) + b * p.v_sb + h * p.v_sh + rr.start * p.v_sl;
 
-    float q[QG][EPL];   // scale * log2(e) * q
+    float q[QG][EPL];   // unscaled: the logits are scale * q.k
     float go[QG][EPL];  // grad_out
     float dq[QG][EPL];
-    float a2[QG];  // the anchors: p = exp2((s - a2) - c2)
-    float c2[QG];
+    float anc_a[QG];  // the anchors (a, c), natural units: p = e^((s - a) - c)
+    float anc_c[QG];
     float delta[QG];
 #pragma unroll
     for (int qi = 0; qi < QG; ++qi) {
@@ -107,11 +106,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
                                    dv, j, go[qi]);
         const int64_t r = (b * p.N + n) * p.H + h;
         const float2 an = query_anchors(a.in.lse, a.part_stats, a.num_splits, rows, r);
-        a2[qi] = an.x;
-        c2[qi] = an.y;
+        anc_a[qi] = an.x;
+        anc_c[qi] = an.y;
         if (split == 0 && lane == 0) {
-          a.anchors[r] = a2[qi];
-          a.anchors[rows + r] = c2[qi];
+          a.anchors[r] = anc_a[qi];
+          a.anchors[rows + r] = anc_c[qi];
         }
         delta[qi] = a.in.delta[r];
       } else {
@@ -120,15 +119,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
           q[qi][e] = 0.f;
           go[qi][e] = 0.f;
         }
-        a2[qi] = 0.f;
-        c2[qi] = 0.f;
+        anc_a[qi] = 0.f;
+        anc_c[qi] = 0.f;
         delta[qi] = 0.f;
       }
 #pragma unroll
-      for (int e = 0; e < EPL; ++e) {
-        q[qi][e] *= scale_log2;
-        dq[qi][e] = 0.f;
-      }
+      for (int e = 0; e < EPL; ++e) dq[qi][e] = 0.f;
     }
 
     const int64_t block_stride = a.num_splits * a.split_block;
@@ -157,19 +153,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
         for (int qi = 0; qi < QG; ++qi) {
 #pragma unroll
           for (int u = 0; u < U; ++u) {
-            float s = 0.f;
+            float dot = 0.f;
             float dp = 0.f;
 #pragma unroll
             for (int e = 0; e < EPL; ++e) {
-              s = fmaf(q[qi][e], kf[u][e], s);
+              dot = fmaf(q[qi][e], kf[u][e], dot);
               dp = fmaf(go[qi][e], vf[u][e], dp);
             }
-            s = group_sum<LPK>(s);
+            const float s = logit_of<LPK>(dot, p.scale);
             dp = group_sum<LPK>(dp);
             // Invalid positions contribute exactly 0 (and never evaluate exp2 of garbage).
-            // a2 == -inf: lse = -inf, no finite logit in the row (all -inf), every p is 0.
+            // a == -inf: lse = -inf, no finite logit in the row (all -inf), every p is 0.
             const float pr =
-                (ok[u] && a2[qi] != -INFINITY) ? exp2f((s - a2[qi]) - c2[qi]) : 0.f;
+                (ok[u] && anc_a[qi] != -INFINITY) ? exp_nat((s - anc_a[qi]) - anc_c[qi]) : 0.f;
             const float ds = pr * (dp - delta[qi]);
 #pragma unroll
             for (int e = 0; e < EPL; ++e) dq[qi][e] = fmaf(ds, kf[u][e], dq[qi][e]);

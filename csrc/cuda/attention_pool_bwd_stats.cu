@@ -6,9 +6,9 @@
 // long rows are still spread over the GPU. A warp whose queries all have a small lse only reads
 // the lse and stops: that is the common case, and it costs one short launch. Otherwise the warp
 // streams its split's valid keys (K only) and keeps, per query and key group, the running max
-// and sum of the logits (stats_merge), computed exactly as the dq and dk/dv kernels compute
-// them (scale * log2(e) * q times k, the same lane slices, fma order and group sum), so that
-// s - max is exact at the max. The key groups are then merged by a butterfly and the split's
+// and sum of the logits (stats_merge, natural units), computed exactly as the dq and dk/dv
+// kernels compute them (logit_of: scale times the dot of the unscaled q and k, the same lane
+// slices, fma order and group sum), so that s - max is exact at the max. The key groups are then merged by a butterfly and the split's
 // (max, sum) written to part_stats [S, 2, B * N * H] for each such query; the dq kernel merges
 // the splits in split order (deterministic).
 #include "attention_pool_common.cuh"
@@ -45,7 +45,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const int j = lane % LPK;
   const int g = lane / LPK;
   const int dk = static_cast<int>(p.Dk);
-  const float scale_log2 = p.scale * kLog2e;
   const int64_t rows = p.B * p.N * p.H;
   const int64_t warp_stride = int64_t(gridDim.x) * kWarpsPerBlock;
 
@@ -73,7 +72,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     const RowRange rr = row_range(p.rows, b, p.L);
     const T* kbase = static_cast<const T*>(p.key) + b * p.k_sb + h * p.k_sh + rr.start * p.k_sl;
 
-    float q[QG][EPL];  // scale * log2(e) * q, as in the dq and dk/dv kernels
+    float q[QG][EPL];  // unscaled, as in the dq and dk/dv kernels
     float m[QG];
     float l[QG];
 #pragma unroll
@@ -86,8 +85,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 #pragma unroll
         for (int e = 0; e < EPL; ++e) q[qi][e] = 0.f;
       }
-#pragma unroll
-      for (int e = 0; e < EPL; ++e) q[qi][e] *= scale_log2;
       m[qi] = -INFINITY;
       l[qi] = 0.f;
     }
@@ -114,10 +111,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
         for (int qi = 0; qi < QG; ++qi) {
 #pragma unroll
           for (int u = 0; u < U; ++u) {
-            float s = 0.f;
+            float dot = 0.f;
 #pragma unroll
-            for (int e = 0; e < EPL; ++e) s = fmaf(q[qi][e], kf[u][e], s);
-            s = group_sum<LPK>(s);
+            for (int e = 0; e < EPL; ++e) dot = fmaf(q[qi][e], kf[u][e], dot);
+            const float s = logit_of<LPK>(dot, p.scale);
             if (ok[u]) stats_merge(m[qi], l[qi], s, 1.f);
           }
         }

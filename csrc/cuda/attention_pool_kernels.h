@@ -62,7 +62,7 @@ struct FwdPlan {
 // Picks the split-L factor so that B * H * query-groups * splits fills the GPU.
 FwdPlan plan_fwd(const PoolProblem& p, int num_sms);
 
-// Scratch floats the forward needs for a plan: partial outputs and partial lse.
+// Scratch floats the forward needs for a plan: partial outputs and each split's (max, sum).
 int64_t fwd_scratch_floats(const PoolProblem& p, const FwdPlan& plan);
 
 // out: [B, N, H, Dv] contiguous float32 (unrounded, for every input dtype); lse: [B, N, H]
