@@ -200,6 +200,56 @@ def test_split_rows_large_logits_cuda(N, layout):
     kw["lengths"] = torch.tensor([1300])
     assert_rule("cuda", *_cuda(*_in_layout(q, k, v, kw, layout)))
 
+
+# The CUDA kernels form the logits as the reference does, scale * q.k in natural units (the dot
+# of the unscaled q and k): rounding a pre-scaled q to float32 cost up to ~1 ulp of each large
+# logit, which unequal logits of 1e3 and more turned into errors of several times the rule's.
+
+@needs_gpu
+@pytest.mark.parametrize("logit", [1e3, -1e4])
+@pytest.mark.parametrize("N", [1, 2])
+def test_large_random_logits_fp32_cuda(logit, N):
+    """Unequal logits of large magnitude: a spread of a few units on top of `logit`."""
+    assert_rule("cuda", *_cuda(*_random_logits(N, logit)))
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", ["dense", "lengths", "mask", "jagged"])
+def test_large_random_logits_layouts_cuda(layout):
+    assert_rule("cuda", *_cuda(*_in_layout(*_random_logits(2, -1e4), layout)))
+
+
+def _random_long_row(N, logit, L=1500, length=1300):
+    """_random_logits on one long row (two heads): long enough that the CUDA forward splits it
+    along L and merges the splits' partial results."""
+    g = torch.Generator().manual_seed(4)
+    D = 16
+    q = torch.ones(1, N, 2, D)
+    k = torch.ones(1, L, 2, D) + torch.randint(-3, 4, (1, L, 2, D), generator=g) / 1024.0
+    v = torch.randn(1, L, 2, D, generator=g)
+    return q, k, v, dict(lengths=torch.tensor([length]), scale=logit / D)
+
+
+@needs_gpu
+@pytest.mark.parametrize("N", [1, 3])
+@pytest.mark.parametrize("layout", ["lengths", "mask", "jagged"])
+def test_split_rows_large_random_logits_forward_cuda(N, layout):
+    """The forward's split-L combine weighs each split by its (max, sum), not by a float32
+    partial lse (off by ~ulp(1e4), several times the rule for out). Forward only: at these
+    logits the gradients of k ~ 1 + small steps are dominated by float32 cancellation noise,
+    which the split statistics tests above (equal logits) avoid."""
+    q, k, v, kw = _cuda(*_in_layout(*_random_long_row(N, 1e4), layout))
+    ref = attnkern.attention_pool(q.double(), k.double(), v.double(), **kw, return_lse=True,
+                                  backend="reference")
+    rlp = attnkern.attention_pool(q, k, v, **kw, return_lse=True, backend="reference")
+    got = attnkern.attention_pool(q, k, v, **kw, return_lse=True, backend="cuda")
+    for name, a, lp, r in zip(("out", "lse"), got, rlp, ref):
+        assert torch.isfinite(a).all(), "%s has NaN/Inf" % name
+        allowed = (LOW_PRECISION_FACTOR * _err(lp, r)
+                   + FALLBACK_TOL[torch.float32] * max(1.0, r.abs().max().item()))
+        assert _err(a, r) <= allowed, "%s: error %.3g > allowed %.3g" % (name, _err(a, r), allowed)
+
+
 # -- 4. low-precision gradients on peaked and flat softmaxes --------------------------------
 
 def _peaked(dtype, layout, sharpness, seed=0):
