@@ -122,6 +122,134 @@ def test_split_rows_large_logits():
     assert_rule("cpu", q, k, v, kw)
 
 
+
+# -- 1b. large logits on CUDA: the backward recomputes each query's softmax max and log-sum
+# where |lse| >= 16 (a float32 lse is off by up to ~ulp(lse), which p would inherit) -----------
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+def _cuda(q, k, v, kw):
+    dev = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return dev(q), dev(k), dev(v), {name: dev(t) for name, t in kw.items()}
+
+
+def _in_layout(q, k, v, kw, layout, seed=1):
+    """A problem of _equal_logits (lengths) in another layout: dense (every position valid),
+    mask (random positions of the same rows, the first one always) or jagged (rows packed)."""
+    lengths = kw["lengths"]
+    B, L = k.shape[:2]
+    kw = {name: t for name, t in kw.items() if name != "lengths"}
+    if layout == "lengths":
+        kw["lengths"] = lengths
+    elif layout == "mask":
+        g = torch.Generator().manual_seed(seed)
+        mask = (torch.rand(B, L, generator=g) < 0.6) & (torch.arange(L)[None, :] < lengths[:, None])
+        mask[:, 0] = True
+        kw["mask"] = mask
+    elif layout == "jagged":
+        kw["offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
+        k = torch.cat([k[b, :lengths[b]] for b in range(B)])
+        v = torch.cat([v[b, :lengths[b]] for b in range(B)])
+    return q, k, v, kw
+
+
+@needs_gpu
+@pytest.mark.parametrize("logit", [1e3, 1e4, 1e5, 1e7])
+@pytest.mark.parametrize("N,D", [(1, 8), (5, 8), (1, 13), (6, 40)])
+def test_large_logits_fp32_cuda(logit, N, D):
+    assert_rule("cuda", *_cuda(*_equal_logits(N, 11, D, logit, torch.float32)))
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", ["dense", "lengths", "mask", "jagged"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_large_logits_layouts_cuda(layout, dtype):
+    """Two heads, logits of +1e4 and -1e4, every layout and dtype."""
+    q, k, v, kw = _equal_logits(3, 11, 8, 1e4, dtype)
+    g = torch.Generator().manual_seed(2)
+    q = torch.cat([q, -q], dim=2)
+    k = torch.cat([k, k], dim=2)
+    v = torch.cat([v, torch.randn(v.shape, generator=g).to(dtype)], dim=2)
+    assert_rule("cuda", *_cuda(*_in_layout(q, k, v, kw, layout)))
+
+
+@needs_gpu
+def test_large_and_small_lse_in_one_query_group_cuda():
+    """Queries with logits of 1e4, 5 and -1e4 (|lse| above, below, above 16) side by side: the
+    anchors are chosen per query, so the small one keeps its lse."""
+    q, k, v, kw = _equal_logits(3, 11, 8, 1e4, torch.float32)
+    q[:, 1] *= 5e-4
+    q[:, 2] *= -1.0
+    assert_rule("cuda", *_cuda(q, k, v, kw))
+
+
+@needs_gpu
+def test_fp16_near_top_of_range_cuda():
+    """fp16 q and k filled with 6e4: logits ~1e10 in float32; gradients finite and accurate."""
+    assert_rule("cuda", *_cuda(*_fp16_near_top(1)))
+
+
+@needs_gpu
+@pytest.mark.parametrize("N", [1, 3])
+@pytest.mark.parametrize("layout", ["lengths", "mask", "jagged"])
+def test_split_rows_large_logits_cuda(N, layout):
+    """One long row: the dq pass (and its statistics) is split along L, and the statistics of
+    the splits are merged for the whole row."""
+    q, k, v, kw = _equal_logits(N, 1500, 8, 1e4, torch.float32, B=1)
+    kw["lengths"] = torch.tensor([1300])
+    assert_rule("cuda", *_cuda(*_in_layout(q, k, v, kw, layout)))
+
+
+# The CUDA kernels form the logits as the reference does, scale * q.k in natural units (the dot
+# of the unscaled q and k): rounding a pre-scaled q to float32 cost up to ~1 ulp of each large
+# logit, which unequal logits of 1e3 and more turned into errors of several times the rule's.
+
+@needs_gpu
+@pytest.mark.parametrize("logit", [1e3, -1e4])
+@pytest.mark.parametrize("N", [1, 2])
+def test_large_random_logits_fp32_cuda(logit, N):
+    """Unequal logits of large magnitude: a spread of a few units on top of `logit`."""
+    assert_rule("cuda", *_cuda(*_random_logits(N, logit)))
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", ["dense", "lengths", "mask", "jagged"])
+def test_large_random_logits_layouts_cuda(layout):
+    assert_rule("cuda", *_cuda(*_in_layout(*_random_logits(2, -1e4), layout)))
+
+
+def _random_long_row(N, logit, L=1500, length=1300):
+    """_random_logits on one long row (two heads): long enough that the CUDA forward splits it
+    along L and merges the splits' partial results."""
+    g = torch.Generator().manual_seed(4)
+    D = 16
+    q = torch.ones(1, N, 2, D)
+    k = torch.ones(1, L, 2, D) + torch.randint(-3, 4, (1, L, 2, D), generator=g) / 1024.0
+    v = torch.randn(1, L, 2, D, generator=g)
+    return q, k, v, dict(lengths=torch.tensor([length]), scale=logit / D)
+
+
+@needs_gpu
+@pytest.mark.parametrize("N", [1, 3])
+@pytest.mark.parametrize("layout", ["lengths", "mask", "jagged"])
+def test_split_rows_large_random_logits_forward_cuda(N, layout):
+    """The forward's split-L combine weighs each split by its (max, sum), not by a float32
+    partial lse (off by ~ulp(1e4), several times the rule for out). Forward only: at these
+    logits the gradients of k ~ 1 + small steps are dominated by float32 cancellation noise,
+    which the split statistics tests above (equal logits) avoid."""
+    q, k, v, kw = _cuda(*_in_layout(*_random_long_row(N, 1e4), layout))
+    ref = attnkern.attention_pool(q.double(), k.double(), v.double(), **kw, return_lse=True,
+                                  backend="reference")
+    rlp = attnkern.attention_pool(q, k, v, **kw, return_lse=True, backend="reference")
+    got = attnkern.attention_pool(q, k, v, **kw, return_lse=True, backend="cuda")
+    for name, a, lp, r in zip(("out", "lse"), got, rlp, ref):
+        assert torch.isfinite(a).all(), "%s has NaN/Inf" % name
+        allowed = (LOW_PRECISION_FACTOR * _err(lp, r)
+                   + FALLBACK_TOL[torch.float32] * max(1.0, r.abs().max().item()))
+        assert _err(a, r) <= allowed, "%s: error %.3g > allowed %.3g" % (name, _err(a, r), allowed)
+
+
 # -- 4. low-precision gradients on peaked and flat softmaxes --------------------------------
 
 def _peaked(dtype, layout, sharpness, seed=0):
@@ -241,6 +369,16 @@ def test_nan_row_is_not_empty():
     (gq,) = torch.autograd.grad(out.sum(), q)
     assert torch.isnan(gq[0]).any() and torch.isfinite(gq[1:]).all()
 
+
+
+@needs_gpu
+def test_nan_row_is_not_empty_cuda():
+    """A NaN query (lse NaN: its statistics are recomputed) gives NaN gradients for its row only."""
+    q, k, v, kw = _cuda(*NONFINITE["nan_query"])
+    q = q.clone().requires_grad_(True)
+    out = attnkern.attention_pool(q, k, v, **kw, backend="cuda")
+    (gq,) = torch.autograd.grad(out.sum(), q)
+    assert torch.isnan(gq[0]).any() and torch.isfinite(gq[1:]).all()
 
 # -- 6. a mask on split rows ------------------------------------------------------------------
 

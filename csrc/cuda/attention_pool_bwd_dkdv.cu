@@ -1,8 +1,10 @@
-// Backward, pass 2 of 2: grad_key and grad_value, and the backward entry point.
+// Backward, pass 3 of 3: grad_key and grad_value, and the backward entry point.
 //
 // One warp per (row, head, tile slot). A tile is KPS * KG consecutive key positions: each key
 // group holds KG keys (K and V slices, dk/dv accumulators) in registers and loops over the
-// row's N queries, recomputing p = exp2(scale * log2(e) * q.k - lse2) and
+// row's N queries, recomputing p = e^((s - a) - c), s = scale * q.k (natural units, logit_of:
+// the same logits as the forward's and the dq pass's, computed the same way), from the anchors
+// (a, c) the dq pass stored, and
 //   dv_l += p dO,   dk_l += p (dO . v_l - delta) q   (times scale at the end).
 // Each valid key position belongs to exactly one warp, which writes it once: no atomics, so
 // the result is deterministic; positions that take part in no row are never written and stay
@@ -20,8 +22,9 @@ namespace {
 struct DkdvKernelArgs {
   PoolProblem p;
   BwdInputs in;
-  void* grad_key;    // contiguous, shaped like key
-  void* grad_value;  // contiguous, shaped like value
+  const float* anchors;  // [2, B * N * H]: a, then c (the dq pass's)
+  void* grad_key;        // contiguous, shaped like key
+  void* grad_value;      // contiguous, shaped like value
   int64_t gk_sb, gk_sl, gk_sh;
   int64_t gv_sb, gv_sl, gv_sh;
   int64_t slots;
@@ -46,7 +49,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int g = lane / LPK;
   const int dk = static_cast<int>(p.Dk);
   const int dv = static_cast<int>(p.Dv);
-  const float scale_log2 = p.scale * kLog2e;
+  const int64_t rows = p.B * p.N * p.H;
   const int64_t warp_stride = int64_t(gridDim.x) * kWarpsPerBlock;
 
   for (int64_t w = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; w < a.total_warps;
@@ -99,22 +102,22 @@ __global__ void __launch_bounds__(kThreads, 3)
                                        n * a.in.go_sn + h * a.in.go_sh,
                                    dv, j, go);
         const int64_t r = (b * p.N + n) * p.H + h;
-        const float lse2 = a.in.lse[r] * kLog2e;
+        const float anc_a = a.anchors[r];
+        const float anc_c = a.anchors[rows + r];
         const float delta = a.in.delta[r];
 #pragma unroll
-        for (int e = 0; e < EPL; ++e) q[e] *= scale_log2;
-#pragma unroll
         for (int u = 0; u < KG; ++u) {
-          float s = 0.f;
+          float dot = 0.f;
           float dp = 0.f;
 #pragma unroll
           for (int e = 0; e < EPL; ++e) {
-            s = fmaf(q[e], kf[u][e], s);
+            dot = fmaf(q[e], kf[u][e], dot);
             dp = fmaf(go[e], vf[u][e], dp);
           }
-          s = group_sum<LPK>(s);
+          const float s = logit_of<LPK>(dot, p.scale);
           dp = group_sum<LPK>(dp);
-          const float pr = (ok[u] && lse2 != -INFINITY) ? exp2f(s - lse2) : 0.f;  // -inf: no finite logit
+          // a == -inf: lse = -inf, no finite logit in the row, every p is 0.
+          const float pr = (ok[u] && anc_a != -INFINITY) ? exp_nat((s - anc_a) - anc_c) : 0.f;
           const float ds = pr * (dp - delta);
 #pragma unroll
           for (int e = 0; e < EPL; ++e) {
@@ -124,13 +127,13 @@ __global__ void __launch_bounds__(kThreads, 3)
         }
       }
 
-      // q was pre-scaled by scale * log2(e): dk = ln(2) * sum ds * q_scaled = scale * sum ds q.
+      // dk = scale * sum ds q (q unscaled in the loop, as the logits need it).
 #pragma unroll
       for (int u = 0; u < KG; ++u) {
         if (!ok[u]) continue;
         const int64_t pos = tile + u * KPS + g;
 #pragma unroll
-        for (int e = 0; e < EPL; ++e) gk[u][e] *= kLn2;
+        for (int e = 0; e < EPL; ++e) gk[u][e] *= p.scale;
         store_slice<T, DB, ALIGNED>(
             static_cast<T*>(a.grad_key) + b * a.gk_sb + (kpos0 + pos) * a.gk_sl + h * a.gk_sh, dk,
             j, gk[u]);
@@ -161,10 +164,12 @@ int dkdv_tile(const PoolProblem& p) {
 }  // namespace
 
 cudaError_t launch_bwd_dkdv(const PoolProblem& p, const BwdInputs& in, const BwdPlan& plan,
-                            void* grad_key, void* grad_value, cudaStream_t stream) {
+                            const float* anchors, void* grad_key, void* grad_value,
+                            cudaStream_t stream) {
   DkdvKernelArgs a;
   a.p = p;
   a.in = in;
+  a.anchors = anchors;
   a.grad_key = grad_key;
   a.grad_value = grad_value;
   // grad_key / grad_value are contiguous: padded [B, L, H, D], jagged [T, H, D].
@@ -213,19 +218,45 @@ BwdPlan plan_bwd(const PoolProblem& p, int num_sms) {
   return plan;
 }
 
+namespace {
+
+// The scratch layout (detail::BwdScratch) in floats from `base`, and its size: one function for
+// the size and the carving, so the two cannot disagree.
+int64_t bwd_scratch_layout(const PoolProblem& p, const BwdPlan& plan, float* base,
+                           detail::BwdScratch* ws) {
+  const int64_t rows = p.B * p.N * p.H;
+  const int64_t splits = plan.dq_splits > 1 ? plan.dq_splits : 1;
+  const int64_t anchors = 0;
+  const int64_t part_stats = anchors + 2 * rows;
+  const int64_t part_dq = part_stats + 2 * splits * rows;
+  const int64_t total = part_dq + (splits > 1 ? splits * rows * p.Dk : 0);
+  if (ws != nullptr) {
+    ws->anchors = base + anchors;
+    ws->part_stats = base + part_stats;
+    ws->part_dq = splits > 1 ? base + part_dq : nullptr;
+  }
+  return total;
+}
+
+}  // namespace
+
 int64_t bwd_scratch_floats(const PoolProblem& p, const BwdPlan& plan) {
-  if (plan.dq_splits <= 1) return 0;
-  return int64_t(plan.dq_splits) * p.B * p.N * p.H * p.Dk;
+  return bwd_scratch_layout(p, plan, nullptr, nullptr);
 }
 
 cudaError_t launch_bwd(const PoolProblem& p, const BwdInputs& in, const BwdPlan& plan,
                        void* grad_query, void* grad_key, void* grad_value, float* scratch,
                        cudaStream_t stream) {
   if (p.B == 0 || p.N == 0 || p.H == 0) return cudaSuccess;
-  cudaError_t err = detail::launch_bwd_dq(p, in, plan, grad_query, scratch, stream);
+  detail::BwdScratch ws;
+  bwd_scratch_layout(p, plan, scratch, &ws);
+  // In stream order: the stats pass, then dq (which stores the anchors), then dk/dv.
+  cudaError_t err = detail::launch_bwd_stats(p, in, plan, ws.part_stats, stream);
+  if (err != cudaSuccess) return err;
+  err = detail::launch_bwd_dq(p, in, plan, grad_query, ws, stream);
   if (err != cudaSuccess) return err;
   if (p.L == 0) return cudaSuccess;  // no key positions: grad_key / grad_value stay zero
-  return detail::launch_bwd_dkdv(p, in, plan, grad_key, grad_value, stream);
+  return detail::launch_bwd_dkdv(p, in, plan, ws.anchors, grad_key, grad_value, stream);
 }
 
 }  // namespace cuda

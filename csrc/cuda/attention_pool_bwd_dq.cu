@@ -1,9 +1,14 @@
-// Backward, pass 1 of 2: grad_query, recomputing the probabilities from the saved lse.
+// Backward, pass 2 of 3: grad_query, recomputing the probabilities from each query's softmax
+// anchors.
 //
 // One warp per (row, head, query group, split), laid out like the forward: the warp streams the
 // row's valid keys once for its QG queries and accumulates, per query,
-//   dq = scale * sum_l p_l (dO . v_l - delta) k_l,   p_l = exp2(scale * log2(e) * q.k_l - lse2)
-// in fp32 registers. Split-L (few rows x heads, long rows) writes fp32 partials that a reduce
+//   dq = scale * sum_l p_l (dO . v_l - delta) k_l,   p_l = e^((s_l - a) - c),
+//   s_l = scale * q.k_l (natural units, logit_of: the forward's logits, computed the same way),
+// in fp32 registers, e^x as exp2(x * log2(e)). The anchors (a, c) are (lse, 0) from the saved
+// lse, or, for a query with a large lse, its max and log sum from the stats pass's split
+// statistics, merged here in split order (attention_pool_common.cuh says why); the split-0
+// warps store them for the dk/dv pass. Split-L (few rows x heads, long rows) writes fp32 partials that a reduce
 // pass sums in split order, so the result is deterministic. Every grad_query element is
 // written, zeros included (empty rows).
 #include "attention_pool_common.cuh"
@@ -18,13 +23,38 @@ namespace {
 struct DqKernelArgs {
   PoolProblem p;
   BwdInputs in;
-  void* grad_query;  // [B, N, H, Dk] contiguous, used when num_splits == 1
-  float* part_dq;    // [S, B * N * H, Dk] fp32, used when num_splits > 1
+  void* grad_query;         // [B, N, H, Dk] contiguous, used when num_splits == 1
+  float* part_dq;           // [S, B * N * H, Dk] fp32, used when num_splits > 1
+  const float* part_stats;  // [S, 2, B * N * H], the stats pass's (read where needs_restat)
+  float* anchors;           // [2, B * N * H], written here for the dk/dv pass
   int64_t num_qgroups;
   int64_t num_splits;
   int64_t split_block;
   int64_t total_warps;
 };
+
+// The anchors (a, c) of query row r: from its lse, or, where that needs_restat, from the stats
+// pass's statistics merged in split order (the same anchors in every split's warp). Not
+// inlined: it runs once per query, and inlined it raised the kernel's register count (by up to
+// 21 on sm_90, one query in 16-bit dtypes), which costs resident warps.
+__device__ __noinline__ float2 query_anchors(const float* lse_in, const float* part_stats,
+                                             int64_t splits, int64_t rows, int64_t r) {
+  const float lse = lse_in[r];
+  float2 an;
+  if (needs_restat(lse)) {
+    float m = part_stats[r];
+    float l = part_stats[rows + r];
+    for (int64_t sp = 1; sp < splits; ++sp) {
+      const float* st = part_stats + 2 * sp * rows;
+      stats_merge(m, l, st[r], st[rows + r]);
+    }
+    anchors_of(m, l, an.x, an.y);
+  } else {
+    an.x = lse;  // -inf: no finite logit in the row, every p is 0 (see the callers)
+    an.y = 0.f;
+  }
+  return an;
+}
 
 template <typename T, int DB, bool ALIGNED, int QG>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
@@ -41,7 +71,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const int g = lane / LPK;
   const int dk = static_cast<int>(p.Dk);
   const int dv = static_cast<int>(p.Dv);
-  const float scale_log2 = p.scale * kLog2e;
   const int64_t rows = p.B * p.N * p.H;
   const int64_t warp_stride = int64_t(gridDim.x) * kWarpsPerBlock;
 
@@ -60,10 +89,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     const T* vbase =
         static_cast<const T*>(p.value) + b * p.v_sb + h * p.v_sh + rr.start * p.v_sl;
 
-    float q[QG][EPL];   // scale * log2(e) * q
+    float q[QG][EPL];   // unscaled: the logits are scale * q.k
     float go[QG][EPL];  // grad_out
     float dq[QG][EPL];
-    float lse2[QG];
+    float anc_a[QG];  // the anchors (a, c), natural units: p = e^((s - a) - c)
+    float anc_c[QG];
     float delta[QG];
 #pragma unroll
     for (int qi = 0; qi < QG; ++qi) {
@@ -75,7 +105,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
                                        n * a.in.go_sn + h * a.in.go_sh,
                                    dv, j, go[qi]);
         const int64_t r = (b * p.N + n) * p.H + h;
-        lse2[qi] = a.in.lse[r] * kLog2e;
+        const float2 an = query_anchors(a.in.lse, a.part_stats, a.num_splits, rows, r);
+        anc_a[qi] = an.x;
+        anc_c[qi] = an.y;
+        if (split == 0 && lane == 0) {
+          a.anchors[r] = anc_a[qi];
+          a.anchors[rows + r] = anc_c[qi];
+        }
         delta[qi] = a.in.delta[r];
       } else {
 #pragma unroll
@@ -83,14 +119,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
           q[qi][e] = 0.f;
           go[qi][e] = 0.f;
         }
-        lse2[qi] = 0.f;
+        anc_a[qi] = 0.f;
+        anc_c[qi] = 0.f;
         delta[qi] = 0.f;
       }
 #pragma unroll
-      for (int e = 0; e < EPL; ++e) {
-        q[qi][e] *= scale_log2;
-        dq[qi][e] = 0.f;
-      }
+      for (int e = 0; e < EPL; ++e) dq[qi][e] = 0.f;
     }
 
     const int64_t block_stride = a.num_splits * a.split_block;
@@ -119,18 +153,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
         for (int qi = 0; qi < QG; ++qi) {
 #pragma unroll
           for (int u = 0; u < U; ++u) {
-            float s = 0.f;
+            float dot = 0.f;
             float dp = 0.f;
 #pragma unroll
             for (int e = 0; e < EPL; ++e) {
-              s = fmaf(q[qi][e], kf[u][e], s);
+              dot = fmaf(q[qi][e], kf[u][e], dot);
               dp = fmaf(go[qi][e], vf[u][e], dp);
             }
-            s = group_sum<LPK>(s);
+            const float s = logit_of<LPK>(dot, p.scale);
             dp = group_sum<LPK>(dp);
             // Invalid positions contribute exactly 0 (and never evaluate exp2 of garbage).
-            // lse2 == -inf: no finite logit in the row (all -inf), every p is 0.
-            const float pr = (ok[u] && lse2[qi] != -INFINITY) ? exp2f(s - lse2[qi]) : 0.f;
+            // a == -inf: lse = -inf, no finite logit in the row (all -inf), every p is 0.
+            const float pr =
+                (ok[u] && anc_a[qi] != -INFINITY) ? exp_nat((s - anc_a[qi]) - anc_c[qi]) : 0.f;
             const float ds = pr * (dp - delta[qi]);
 #pragma unroll
             for (int e = 0; e < EPL; ++e) dq[qi][e] = fmaf(ds, kf[u][e], dq[qi][e]);
@@ -193,7 +228,7 @@ bool dq_aligned(const PoolProblem& p, const BwdInputs& in, const void* grad_quer
 }  // namespace
 
 cudaError_t launch_bwd_dq(const PoolProblem& p, const BwdInputs& in, const BwdPlan& plan,
-                          void* grad_query, float* scratch, cudaStream_t stream) {
+                          void* grad_query, const BwdScratch& ws, cudaStream_t stream) {
   const int64_t rows = p.B * p.N * p.H;
   const int qg = dq_query_group(p.N);
   DqKernelArgs a;
@@ -202,7 +237,9 @@ cudaError_t launch_bwd_dq(const PoolProblem& p, const BwdInputs& in, const BwdPl
   a.grad_query = grad_query;
   a.num_splits = plan.dq_splits > 1 ? plan.dq_splits : 1;
   a.split_block = plan.dq_split_block > 0 ? plan.dq_split_block : 64;
-  a.part_dq = a.num_splits > 1 ? scratch : nullptr;
+  a.part_dq = a.num_splits > 1 ? ws.part_dq : nullptr;
+  a.part_stats = ws.part_stats;
+  a.anchors = ws.anchors;
   a.num_qgroups = ceil_div(p.N, qg);
   a.total_warps = p.B * p.H * a.num_qgroups * a.num_splits;
   const unsigned blocks = grid_blocks(a.total_warps);

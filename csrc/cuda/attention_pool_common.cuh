@@ -1,5 +1,6 @@
-// Device helpers shared by the attnkern CUDA kernels (forward, dq, dk/dv): the lane layout of a
-// head-dim bucket, 16-byte vector loads, row-range clamping and the dtype/bucket dispatch.
+// Device helpers shared by the attnkern CUDA kernels (forward, stats, dq, dk/dv): the lane layout
+// of a head-dim bucket, 16-byte vector loads, row-range clamping, the dtype/bucket dispatch and
+// the logit and softmax-statistics arithmetic (natural units, see "logits" below).
 //
 // Lane layout. A warp works on one (row, head, ...) item. The head dims are covered by
 // "key groups" of LPK lanes: lane j of a group owns the 16-byte vectors j, j + LPK, ... of a
@@ -13,6 +14,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -338,11 +340,89 @@ __device__ __forceinline__ bool position_valid(const RowSpec& r, int64_t b, int6
   return m != 0;
 }
 
+// ------------------------------------------------------------------ logits
+// Every kernel computes a logit as s = scale * <q, k> in natural units, like the reference and
+// the CPU backend: the fp32 dot of the unscaled q and k (fma over the lane's slice, then
+// group_sum), then one rounded product with the scale. Not folding scale * log2(e) into q keeps
+// what the dot of the unscaled inputs resolves (rounding the scaled q to fp32 cost up to ~1 ulp
+// of each large logit); only the small differences s - m go to base 2 (exp_nat), where they
+// are exact near the max. The stats, dq and dk/dv kernels compute the same s bit for bit (same
+// slices, fma order, group sum and product), as the anchors need.
+template <int LPK>
+__device__ __forceinline__ float logit_of(float dot, float scale) {
+  // __fmul_rn: never contracted into a following subtraction, so s is the same rounded value
+  // wherever it is used.
+  return __fmul_rn(group_sum<LPK>(dot), scale);
+}
+
+// e^d as exp2(d * log2(e)), d a difference of natural-unit logits (or -inf: 0).
+__device__ __forceinline__ float exp_nat(float d) { return exp2f(d * kLog2e); }
+
+// ------------------------------------------------------------------ softmax anchors
+// The backward recomputes p = exp_nat((s - a) - c) from per-query anchors (a, c), natural units
+// (as the Triton backward). Normally (a, c) = (lse, 0). But a float32 lse is only good to about
+// one ulp of its own size, which p inherits as a relative error (5e-4 at logits of 1e4, all of
+// it by 1e7), so where |lse| reaches kRestatAbove (as in the CPU and Triton backends: below it
+// the rounding costs p less than 1e-6) the backward recomputes the row's max m and the sum l of
+// e^(s - m) from its own logits and takes (a, c) = (m, ln l): s - a is exact near the max and
+// c is small (0 <= c <= ln L). lse = -inf (no finite logit, or an empty row) keeps a = -inf:
+// the kernels then give p = 0 at every position. NaN and +inf lse are recomputed, as on the CPU.
+constexpr float kRestatAbove = 16.f;
+
+__device__ __forceinline__ bool needs_restat(float lse) {
+  return !(fabsf(lse) < kRestatAbove) && lse != -INFINITY;
+}
+
+// The shift subtracted from the logits before exp_nat: the max, or 0 where it is infinite (no
+// finite logit yet, or a +inf one, which then turns the sum, and p, into inf/NaN as in the
+// reference instead of vanishing). As shift_of (CPU) and _finite_or_zero (Triton).
+__device__ __forceinline__ float finite_or_zero(float m) {
+  return (m == INFINITY || m == -INFINITY) ? 0.f : m;
+}
+
+// l * e^d; exactly l where d == 0 (the common case, no reliance on the approximate exp2 there).
+__device__ __forceinline__ float rescale(float l, float d) {
+  return d == 0.f ? l : __fmul_rn(l, exp_nat(d));
+}
+
+// Softmax statistics (m, l): m the max of the logits seen (natural units; fmaxf skips NaN, so m
+// is -inf only while every logit seen is -inf or NaN) and l the sum of e^(s - finite_or_zero(m))
+// over them (NaN once a NaN logit was seen, else 0 while m == -inf). Merges (m2, l2) into
+// (m, l); one logit s is (s, 1). Rounded products and a plain sum (no fma contraction), so
+// that merge(x, y) == merge(y, x) bit for bit and the lanes of a butterfly all agree.
+__device__ __forceinline__ void stats_merge(float& m, float& l, float m2, float l2) {
+  const float mn = fmaxf(m, m2);
+  const float sh = finite_or_zero(mn);
+  // m == -inf: l is 0 (or NaN) and e^-inf = 0, so it adds 0 (or keeps the NaN).
+  l = __fadd_rn(rescale(l, m - sh), rescale(l2, m2 - sh));
+  m = mn;
+}
+
+// The anchors of statistics (m, l). l == 0 (no finite logit): (0, 0), so p = e^s = 0 at every
+// valid position (all -inf there). l NaN/inf propagate to c and so to p.
+__device__ __forceinline__ void anchors_of(float m, float l, float& a, float& c) {
+  a = finite_or_zero(m);
+  c = l == 0.f ? 0.f : logf(l);
+}
+
 // ------------------------------------------------------------------ internal launchers
+// Scratch of the backward (floats, carved by launch_bwd): the anchors [2, B * N * H] (a then
+// c; written by the dq kernel, read by the dk/dv kernel), the statistics of each dq split
+// [S, 2, B * N * H] (max then sum; written by the stats kernel for the queries that
+// needs_restat, merged in split order by the dq kernel) and, for S > 1, the dq partials.
+struct BwdScratch {
+  float* anchors = nullptr;
+  float* part_stats = nullptr;
+  float* part_dq = nullptr;
+};
+
+cudaError_t launch_bwd_stats(const PoolProblem& p, const BwdInputs& in, const BwdPlan& plan,
+                             float* part_stats, cudaStream_t stream);
 cudaError_t launch_bwd_dq(const PoolProblem& p, const BwdInputs& in, const BwdPlan& plan,
-                          void* grad_query, float* scratch, cudaStream_t stream);
+                          void* grad_query, const BwdScratch& ws, cudaStream_t stream);
 cudaError_t launch_bwd_dkdv(const PoolProblem& p, const BwdInputs& in, const BwdPlan& plan,
-                            void* grad_key, void* grad_value, cudaStream_t stream);
+                            const float* anchors, void* grad_key, void* grad_value,
+                            cudaStream_t stream);
 
 // Query-group sizes (queries held in registers per warp, sharing each K/V load).
 inline int fwd_query_group(int64_t n) { return n == 1 ? 1 : 4; }

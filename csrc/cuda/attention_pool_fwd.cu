@@ -2,14 +2,17 @@
 //
 // Each warp holds QG queries in registers and streams the row's valid keys once for all of
 // them, KPS key positions at a time (one per key group, see attention_pool_common.cuh), with
-// an fp32 online softmax in the log2 domain (log2(e) folded into the scale, exp2f). Warps of a
-// block take consecutive query groups of the same (row, head, split), so with many queries the
-// K/V lines they stream are shared through L1 rather than re-read from HBM.
+// an fp32 online softmax in natural units: logits s = scale * q.k (the dot of the unscaled q
+// and k, then the scale), max m and sum l of e^(s - m) = exp2((s - m) * log2(e)), so s - m is
+// exact near the max at any magnitude of the logits; lse = m + ln l. Warps of a block take
+// consecutive query groups of the same (row, head, split), so with many queries the K/V lines
+// they stream are shared through L1 rather than re-read from HBM.
 //
 // Split-L: when rows x heads x query groups cannot fill the GPU, each (row, head) is cut into
 // `num_splits` interleaved blocks of keys; the split warps write normalised partial outputs and
-// partial log2-sum-exps (fp32 scratch) and a combine pass merges them in a fixed order
-// (deterministic).
+// their (max, sum) (fp32 scratch), and a combine pass merges them in a fixed order
+// (deterministic). Partial (max, sum) rather than a partial lse: a float32 lse is only good to
+// ~1 ulp of the logits, which the split weights e^(lse_s - lse) would inherit.
 #include "attention_pool_common.cuh"
 
 #include <cmath>
@@ -24,7 +27,7 @@ struct FwdKernelArgs {
   void* out;        // [B, N, H, Dv] contiguous, used when num_splits == 1
   float* lse;       // [B, N, H], used when num_splits == 1
   float* part_o;    // [S, B * N * H, Dv] fp32, used when num_splits > 1
-  float* part_lse;  // [S, B * N * H] fp32, log2 domain
+  float* part_ml;   // [S, 2, B * N * H] fp32: each split's max, then its sum (natural units)
   int64_t num_qgroups;
   int64_t num_splits;
   int64_t split_block;
@@ -49,7 +52,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const int g = lane / LPK;  // key group within the warp
   const int dk = static_cast<int>(p.Dk);
   const int dv = static_cast<int>(p.Dv);
-  const float scale_log2 = p.scale * kLog2e;
   const int64_t rows = p.B * p.N * p.H;
   const int64_t warp_stride = int64_t(gridDim.x) * kWarpsPerBlock;
 
@@ -69,8 +71,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
         static_cast<const T*>(p.value) + b * p.v_sb + h * p.v_sh + rr.start * p.v_sl;
 
     float q[QG][EPL];
-    float m[QG];  // running max of the log2-domain logits
-    float l[QG];  // running sum of exp2(logit - m)
+    float m[QG];  // running max of the logits (natural units)
+    float l[QG];  // running sum of e^(logit - m)
     float acc[QG][EPL];
 #pragma unroll
     for (int qi = 0; qi < QG; ++qi) {
@@ -83,10 +85,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
         for (int e = 0; e < EPL; ++e) q[qi][e] = 0.f;
       }
 #pragma unroll
-      for (int e = 0; e < EPL; ++e) {
-        q[qi][e] *= scale_log2;
-        acc[qi][e] = 0.f;
-      }
+      for (int e = 0; e < EPL; ++e) acc[qi][e] = 0.f;
       m[qi] = -INFINITY;
       l[qi] = 0.f;
     }
@@ -123,20 +122,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
             float dot = 0.f;
 #pragma unroll
             for (int e = 0; e < EPL; ++e) dot = fmaf(q[qi][e], kf[u][e], dot);
-            s[u] = group_sum<LPK>(dot);
+            s[u] = logit_of<LPK>(dot, p.scale);
             // fmaxf drops NaN: a NaN logit at a valid position makes the max NaN instead, so
             // that it reaches l and acc (and so out and lse) rather than vanishing.
             if (ok[u]) mx = isnan(s[u]) ? s[u] : fmaxf(mx, s[u]);
           }
           // mx == -inf: this group has seen no valid key yet; skipping avoids inf - inf.
           if (mx != -INFINITY) {
-            const float corr = exp2f(m[qi] - mx);  // m == -inf gives 0
+            const float corr = exp_nat(m[qi] - mx);  // m == -inf gives 0
             l[qi] *= corr;
 #pragma unroll
             for (int e = 0; e < EPL; ++e) acc[qi][e] *= corr;
 #pragma unroll
             for (int u = 0; u < U; ++u) {
-              const float pu = ok[u] ? exp2f(s[u] - mx) : 0.f;
+              const float pu = ok[u] ? exp_nat(s[u] - mx) : 0.f;
               l[qi] += pu;
 #pragma unroll
               for (int e = 0; e < EPL; ++e) acc[qi][e] = fmaf(pu, vf[u][e], acc[qi][e]);
@@ -149,13 +148,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 
     // Merge the KPS key groups (they hold the same head slice for different keys). All lanes
     // take part in every shuffle; the stores come after, in a separate loop.
-    float lse2[QG];
+    float mrow[QG];  // the max and sum of the warp's keys, for the lse or the split combine
+    float lrow[QG];
 #pragma unroll
     for (int qi = 0; qi < QG; ++qi) {
       float mx = m[qi];
 #pragma unroll
       for (int off = LPK; off < 32; off *= 2) mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, off));
-      const float f = (m[qi] == -INFINITY) ? 0.f : exp2f(m[qi] - mx);
+      const float f = (m[qi] == -INFINITY) ? 0.f : exp_nat(m[qi] - mx);
       float lsum = l[qi] * f;
 #pragma unroll
       for (int off = LPK; off < 32; off *= 2) lsum += __shfl_xor_sync(kFullMask, lsum, off);
@@ -169,7 +169,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
         for (int off = LPK; off < 32; off *= 2) x += __shfl_xor_sync(kFullMask, x, off);
         acc[qi][e] = x * inv;
       }
-      lse2[qi] = empty ? -INFINITY : mx + log2f(lsum);
+      mrow[qi] = mx;
+      lrow[qi] = lsum;
     }
     if (g == 0) {
 #pragma unroll
@@ -180,10 +181,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
         if (a.num_splits == 1) {
           // Unrounded: out is float32 for every input dtype (delta = sum(grad_out * out)).
           store_slice_f32<T, DB>(static_cast<float*>(a.out) + r * dv, dv, j, acc[qi]);
-          if (j == 0) a.lse[r] = lse2[qi] * kLn2;  // -inf stays -inf
+          // No valid key with a finite logit (lrow == 0): lse = -inf. NaN/inf propagate.
+          if (j == 0) a.lse[r] = lrow[qi] == 0.f ? -INFINITY : mrow[qi] + logf(lrow[qi]);
         } else {
+          // An empty split stores (-inf, 0) and zeros, and weighs 0 in the combine.
           store_slice_f32<T, DB>(a.part_o + (split * rows + r) * dv, dv, j, acc[qi]);
-          if (j == 0) a.part_lse[split * rows + r] = lse2[qi];
+          if (j == 0) {
+            a.part_ml[(2 * split) * rows + r] = mrow[qi];
+            a.part_ml[(2 * split + 1) * rows + r] = lrow[qi];
+          }
         }
       }
     }
@@ -191,10 +197,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 }
 
 // Merges the split partials of one (row, query, head) per warp, in split order, into the
-// float32 out.
+// float32 out: split s weighs l_s * e^(m_s - max), with m_s - max exact near the max.
 __global__ void __launch_bounds__(kThreads)
     attention_pool_fwd_combine_kernel(const float* __restrict__ part_o,
-                                      const float* __restrict__ part_lse, int64_t splits,
+                                      const float* __restrict__ part_ml, int64_t splits,
                                       int64_t rows, int dv, float* __restrict__ out,
                                       float* __restrict__ lse) {
   const int lane = threadIdx.x & 31;
@@ -203,26 +209,33 @@ __global__ void __launch_bounds__(kThreads)
        r += warp_stride) {
     float mx = -INFINITY;
     for (int64_t s = 0; s < splits; ++s) {
-      const float x = part_lse[s * rows + r];
+      const float x = part_ml[2 * s * rows + r];
       mx = (isnan(x) || isnan(mx)) ? NAN : fmaxf(mx, x);  // a NaN split keeps the row NaN
     }
-    if (mx == -INFINITY) {  // empty row: out = 0, lse = -inf
+    // Shifted by finite_or_zero: every split empty ((-inf, 0) each) gives total = 0; a NaN sum
+    // (a NaN logit, also behind a max of -inf) or a max of +inf (whose split's sum is NaN)
+    // makes total, out and lse NaN.
+    const float sh = finite_or_zero(mx);
+    float total = 0.f;
+    for (int64_t s = 0; s < splits; ++s) {
+      total += rescale(part_ml[(2 * s + 1) * rows + r], part_ml[2 * s * rows + r] - sh);
+    }
+    if (total == 0.f) {  // empty row: out = 0, lse = -inf
       for (int e = lane; e < dv; e += 32) out[r * dv + e] = 0.f;
       if (lane == 0) lse[r] = -INFINITY;
       continue;
     }
-    float total = 0.f;
-    for (int64_t s = 0; s < splits; ++s) total += exp2f(part_lse[s * rows + r] - mx);
     const float inv = 1.f / total;
     for (int e = lane; e < dv; e += 32) {
       float x = 0.f;
       for (int64_t s = 0; s < splits; ++s) {
-        const float ws = exp2f(part_lse[s * rows + r] - mx);  // 0 for an empty split
+        // 0 for an empty split (-inf, 0), whose partial out is 0 too.
+        const float ws = rescale(part_ml[(2 * s + 1) * rows + r], part_ml[2 * s * rows + r] - sh);
         x = fmaf(ws, part_o[(s * rows + r) * dv + e], x);
       }
       out[r * dv + e] = x * inv;
     }
-    if (lane == 0) lse[r] = (mx + log2f(total)) * kLn2;
+    if (lane == 0) lse[r] = sh + logf(total);
   }
 }
 
@@ -253,7 +266,7 @@ FwdPlan plan_fwd(const PoolProblem& p, int num_sms) {
 int64_t fwd_scratch_floats(const PoolProblem& p, const FwdPlan& plan) {
   if (plan.num_splits <= 1) return 0;
   const int64_t rows = p.B * p.N * p.H;
-  return int64_t(plan.num_splits) * rows * (p.Dv + 1);
+  return int64_t(plan.num_splits) * rows * (p.Dv + 2);  // partial out, then (max, sum)
 }
 
 cudaError_t launch_fwd(const PoolProblem& p, const FwdPlan& plan, void* out, float* lse,
@@ -269,7 +282,7 @@ cudaError_t launch_fwd(const PoolProblem& p, const FwdPlan& plan, void* out, flo
   a.num_splits = plan.num_splits > 1 ? plan.num_splits : 1;
   a.split_block = plan.split_block > 0 ? plan.split_block : 64;
   a.part_o = a.num_splits > 1 ? scratch : nullptr;
-  a.part_lse = a.num_splits > 1 ? scratch + a.num_splits * rows * p.Dv : nullptr;
+  a.part_ml = a.num_splits > 1 ? scratch + a.num_splits * rows * p.Dv : nullptr;
   a.num_qgroups = ceil_div(p.N, qg);
   a.total_warps = p.B * p.H * a.num_qgroups * a.num_splits;
   const unsigned blocks = grid_blocks(a.total_warps);
@@ -291,7 +304,7 @@ cudaError_t launch_fwd(const PoolProblem& p, const FwdPlan& plan, void* out, flo
   });
   if (a.num_splits > 1) {
     attention_pool_fwd_combine_kernel<<<grid_blocks(rows), kThreads, 0, stream>>>(
-        a.part_o, a.part_lse, a.num_splits, rows, static_cast<int>(p.Dv), static_cast<float*>(out),
+        a.part_o, a.part_ml, a.num_splits, rows, static_cast<int>(p.Dv), static_cast<float*>(out),
         lse);
   }
   return cudaGetLastError();

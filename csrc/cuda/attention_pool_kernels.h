@@ -62,7 +62,7 @@ struct FwdPlan {
 // Picks the split-L factor so that B * H * query-groups * splits fills the GPU.
 FwdPlan plan_fwd(const PoolProblem& p, int num_sms);
 
-// Scratch floats the forward needs for a plan: partial outputs and partial lse.
+// Scratch floats the forward needs for a plan: partial outputs and each split's (max, sum).
 int64_t fwd_scratch_floats(const PoolProblem& p, const FwdPlan& plan);
 
 // out: [B, N, H, Dv] contiguous float32 (unrounded, for every input dtype); lse: [B, N, H]
@@ -86,12 +86,17 @@ struct BwdPlan {
 };
 
 BwdPlan plan_bwd(const PoolProblem& p, int num_sms);
+// Scratch floats the backward needs for a plan (> 0 whenever B * N * H > 0): each query's
+// softmax anchors and its per-split statistics (the probabilities are recomputed from those,
+// not from the float32 lse alone, where |lse| is large: attention_pool_common.cuh), plus the
+// split partials of grad_query when the dq pass is split.
 int64_t bwd_scratch_floats(const PoolProblem& p, const BwdPlan& plan);
 
 // grad_query: [B, N, H, Dk] contiguous, fully written here.
 // grad_key / grad_value: contiguous, shaped like key / value, ZERO-FILLED by the caller: only
 // valid positions are written (each by exactly one warp, no atomics), so every position that
 // takes part in no row stays exactly zero.
+// scratch: bwd_scratch_floats() floats, uninitialised (every float is written before it is read).
 cudaError_t launch_bwd(const PoolProblem& p, const BwdInputs& in, const BwdPlan& plan,
                        void* grad_query, void* grad_key, void* grad_value, float* scratch,
                        cudaStream_t stream);
