@@ -134,8 +134,10 @@ def _extensions():
         "-O3",
         # --use_fast_math: exp2f/log2f become the ex2.approx/lg2.approx instructions (about
         # 2 ulp), float divisions the approximate division, and denormals flush to zero. The
-        # kernels' softmax runs in the log2 domain on exactly these (exp2f(-inf) = 0 still holds)
-        # and their fp32 error stays orders below the tests' fp32 floor (attnkern.testing.FLOOR).
+        # kernels' softmax takes e^(s - m) as exp2f((s - m) * log2(e)) on exactly these
+        # (exp2f(-inf) = 0 still holds; the logits themselves are natural units, their product
+        # with the scale never contracted, see attention_pool_common.cuh) and their fp32 error
+        # stays orders below the tests' fp32 floor (attnkern.testing.FLOOR).
         "--use_fast_math",
         "--expt-relaxed-constexpr",
         "-lineinfo",
