@@ -50,7 +50,8 @@ status=0
   python -c "import attnkern, sys; assert attnkern.__file__.startswith('$OUT/src'), attnkern.__file__; \
 assert attnkern.backends()['cpu'].available, attnkern.backends()['cpu'].reason"
   # avx2: the CPU kernel tests and the hardening regressions; avx512 (emulated): the same and
-  # the tiled kernels' tests; generic: the regressions that reach its arithmetic paths.
+  # the tiled kernels' tests; avx512_bf16 (emulated): the tiled kernels' tests; generic: the
+  # regressions that reach its arithmetic paths.
   ATTNKERN_CPU_ISA=avx2 python -m pytest -q -x -p no:cacheprovider -m "not slow" \
     tests/test_cpu.py tests/test_hardening.py
   if [ "$(uname -m)" = x86_64 ]; then
@@ -58,6 +59,8 @@ assert attnkern.backends()['cpu'].available, attnkern.backends()['cpu'].reason"
 assert isa == 'avx512-emulated', isa"
     ATTNKERN_CPU_ISA=avx512 python -m pytest -q -x -p no:cacheprovider -m "not slow" \
       tests/test_cpu.py tests/test_cpu_tiles.py tests/test_hardening.py
+    # avx512_bf16 differs from avx512 only in the tiled kernels' bf16 scoring.
+    ATTNKERN_CPU_ISA=avx512_bf16 python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_cpu_tiles.py
   fi
   ATTNKERN_CPU_ISA=generic python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_hardening.py \
     -k "large_logits or fp16_near or nonfinite or nan_row or peaked or mask_split"

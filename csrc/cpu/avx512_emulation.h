@@ -23,99 +23,103 @@ namespace attnkern {
 namespace cpu {
 namespace emu {
 
-struct alignas(64) M512 {
+// Out of line: inlined into every use in the kernels' many template instances, the lane loops
+// made the compile of the emulation build (sanitizers on) take tens of minutes.
+#define ATTNKERN_EMU_FN inline __attribute__((noinline))
+
+struct M512 {
   float f[16];
 };
-struct alignas(64) M512i {
+struct M512i {
   uint32_t u[16];
 };
 // 32 bf16 values (bit patterns), as VDPBF16PS reads them; (__m512bh)x of an __m512i x
 // reinterprets its bits, as the vector cast does.
-struct alignas(64) M512bh {
+struct M512bh {
   uint16_t h[32];
   M512bh() = default;
   explicit M512bh(const M512i& x) { __builtin_memcpy(h, x.u, 64); }
 };
 
-inline M512 setzero_ps() { return M512{}; }
-inline M512i setzero_si512() { return M512i{}; }
-inline M512 set1_ps(float a) {
+ATTNKERN_EMU_FN M512 setzero_ps() { return M512{}; }
+ATTNKERN_EMU_FN M512i setzero_si512() { return M512i{}; }
+ATTNKERN_EMU_FN M512 set1_ps(float a) {
   M512 r;
   for (int i = 0; i < 16; ++i) r.f[i] = a;
   return r;
 }
-inline M512i set1_epi32(int a) {
+ATTNKERN_EMU_FN M512i set1_epi32(int a) {
   M512i r;
   for (int i = 0; i < 16; ++i) r.u[i] = uint32_t(a);
   return r;
 }
-inline M512i setr_epi32(int e0, int e1, int e2, int e3, int e4, int e5, int e6, int e7, int e8, int e9,
+ATTNKERN_EMU_FN M512i setr_epi32(int e0, int e1, int e2, int e3, int e4, int e5, int e6, int e7, int e8, int e9,
                         int e10, int e11, int e12, int e13, int e14, int e15) {
   const int e[16] = {e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15};
   M512i r;
   for (int i = 0; i < 16; ++i) r.u[i] = uint32_t(e[i]);
   return r;
 }
-inline M512 loadu_ps(const void* p) {
+ATTNKERN_EMU_FN M512 loadu_ps(const void* p) {
   M512 r;
   __builtin_memcpy(r.f, p, 64);
   return r;
 }
-inline M512i loadu_si512(const void* p) {
+ATTNKERN_EMU_FN M512i loadu_si512(const void* p) {
   M512i r;
   __builtin_memcpy(r.u, p, 64);
   return r;
 }
-inline void storeu_ps(void* p, M512 a) { __builtin_memcpy(p, a.f, 64); }
-inline void storeu_si512(void* p, M512i a) { __builtin_memcpy(p, a.u, 64); }
-inline M512 maskz_loadu_ps(__mmask16 k, const void* p) {
+ATTNKERN_EMU_FN void storeu_ps(void* p, M512 a) { __builtin_memcpy(p, a.f, 64); }
+ATTNKERN_EMU_FN void storeu_si512(void* p, M512i a) { __builtin_memcpy(p, a.u, 64); }
+ATTNKERN_EMU_FN M512 maskz_loadu_ps(__mmask16 k, const void* p) {
   M512 r{};
   const float* s = static_cast<const float*>(p);
   for (int i = 0; i < 16; ++i)
     if ((k >> i) & 1) __builtin_memcpy(&r.f[i], s + i, 4);
   return r;
 }
-inline void mask_storeu_ps(void* p, __mmask16 k, M512 a) {
+ATTNKERN_EMU_FN void mask_storeu_ps(void* p, __mmask16 k, M512 a) {
   float* d = static_cast<float*>(p);
   for (int i = 0; i < 16; ++i)
     if ((k >> i) & 1) __builtin_memcpy(d + i, &a.f[i], 4);
 }
-inline __m256i maskz_loadu_epi16_256(__mmask16 k, const void* p) {
+ATTNKERN_EMU_FN __m256i maskz_loadu_epi16_256(__mmask16 k, const void* p) {
   alignas(32) uint16_t r[16] = {};
   const uint16_t* s = static_cast<const uint16_t*>(p);
   for (int i = 0; i < 16; ++i)
     if ((k >> i) & 1) __builtin_memcpy(&r[i], s + i, 2);
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(r));
 }
-inline void mask_storeu_epi16_256(void* p, __mmask16 k, __m256i a) {
+ATTNKERN_EMU_FN void mask_storeu_epi16_256(void* p, __mmask16 k, __m256i a) {
   alignas(32) uint16_t v[16];
   _mm256_store_si256(reinterpret_cast<__m256i*>(v), a);
   uint16_t* d = static_cast<uint16_t*>(p);
   for (int i = 0; i < 16; ++i)
     if ((k >> i) & 1) __builtin_memcpy(d + i, &v[i], 2);
 }
-inline void stream_ps(void* p, M512 a) {
+ATTNKERN_EMU_FN void stream_ps(void* p, M512 a) {
   if (reinterpret_cast<uintptr_t>(p) & 63) __builtin_trap();  // vmovntps faults when misaligned
   __builtin_memcpy(p, a.f, 64);
 }
-inline void stream_si512(void* p, M512i a) {
+ATTNKERN_EMU_FN void stream_si512(void* p, M512i a) {
   if (reinterpret_cast<uintptr_t>(p) & 63) __builtin_trap();
   __builtin_memcpy(p, a.u, 64);
 }
 
-inline M512 castsi512_ps(M512i a) {
+ATTNKERN_EMU_FN M512 castsi512_ps(M512i a) {
   M512 r;
   __builtin_memcpy(r.f, a.u, 64);
   return r;
 }
-inline M512i castps_si512(M512 a) {
+ATTNKERN_EMU_FN M512i castps_si512(M512 a) {
   M512i r;
   __builtin_memcpy(r.u, a.f, 64);
   return r;
 }
 
 #define ATTNKERN_EMU_LANEWISE(name, T, expr) \
-  inline T name(T a, T b) {                  \
+  ATTNKERN_EMU_FN T name(T a, T b) {                  \
     T r;                                     \
     for (int i = 0; i < 16; ++i) expr;       \
     return r;                                \
@@ -129,17 +133,17 @@ ATTNKERN_EMU_LANEWISE(add_epi32, M512i, r.u[i] = a.u[i] + b.u[i])
 ATTNKERN_EMU_LANEWISE(and_si512, M512i, r.u[i] = a.u[i] & b.u[i])
 #undef ATTNKERN_EMU_LANEWISE
 
-inline M512 fmadd_ps(M512 a, M512 b, M512 c) {
+ATTNKERN_EMU_FN M512 fmadd_ps(M512 a, M512 b, M512 c) {
   M512 r;
   for (int i = 0; i < 16; ++i) r.f[i] = fmaf(a.f[i], b.f[i], c.f[i]);
   return r;
 }
-inline M512i slli_epi32(M512i a, unsigned n) {
+ATTNKERN_EMU_FN M512i slli_epi32(M512i a, unsigned n) {
   M512i r;
   for (int i = 0; i < 16; ++i) r.u[i] = n > 31 ? 0u : a.u[i] << n;
   return r;
 }
-inline M512i srli_epi32(M512i a, unsigned n) {
+ATTNKERN_EMU_FN M512i srli_epi32(M512i a, unsigned n) {
   M512i r;
   for (int i = 0; i < 16; ++i) r.u[i] = n > 31 ? 0u : a.u[i] >> n;
   return r;
@@ -148,7 +152,7 @@ inline M512i srli_epi32(M512i a, unsigned n) {
 // Predicates 0..31 of vcmpps (the _CMP_* constants); bit 4 only picks signalling or quiet
 // comparisons, which give the same mask.
 template <int P>
-inline __mmask16 cmp_ps_mask(M512 a, M512 b) {
+ATTNKERN_EMU_FN __mmask16 cmp_ps_mask(M512 a, M512 b) {
   static_assert(P >= 0 && P < 32, "vcmpps predicate");
   unsigned k = 0;
   for (int i = 0; i < 16; ++i) {
@@ -177,14 +181,14 @@ inline __mmask16 cmp_ps_mask(M512 a, M512 b) {
   }
   return __mmask16(k);
 }
-inline M512 mask_blend_ps(__mmask16 k, M512 a, M512 b) {
+ATTNKERN_EMU_FN M512 mask_blend_ps(__mmask16 k, M512 a, M512 b) {
   M512 r;
   for (int i = 0; i < 16; ++i) r.f[i] = ((k >> i) & 1) ? b.f[i] : a.f[i];
   return r;
 }
-inline M512 mask_mov_ps(M512 src, __mmask16 k, M512 a) { return mask_blend_ps(k, src, a); }
-inline M512 maskz_mov_ps(__mmask16 k, M512 a) { return mask_blend_ps(k, M512{}, a); }
-inline M512i mask_mov_epi32(M512i src, __mmask16 k, M512i a) {
+ATTNKERN_EMU_FN M512 mask_mov_ps(M512 src, __mmask16 k, M512 a) { return mask_blend_ps(k, src, a); }
+ATTNKERN_EMU_FN M512 maskz_mov_ps(__mmask16 k, M512 a) { return mask_blend_ps(k, M512{}, a); }
+ATTNKERN_EMU_FN M512i mask_mov_epi32(M512i src, __mmask16 k, M512i a) {
   M512i r;
   for (int i = 0; i < 16; ++i) r.u[i] = ((k >> i) & 1) ? a.u[i] : src.u[i];
   return r;
@@ -193,30 +197,30 @@ inline M512i mask_mov_epi32(M512i src, __mmask16 k, M512i a) {
 // GCC's _mm512_reduce_add_ps / _mm512_reduce_max_ps order: high half op low half, then the
 // high and low quarters of that, then lanes (0, 2) and (1, 3), then lanes 0 and 1.
 template <typename Op>
-inline float reduce_ps(M512 a, Op op) {
+ATTNKERN_EMU_FN float reduce_ps(M512 a, Op op) {
   float t[8], u[4];
   for (int i = 0; i < 8; ++i) t[i] = op(a.f[8 + i], a.f[i]);
   for (int i = 0; i < 4; ++i) u[i] = op(t[4 + i], t[i]);
   const float v0 = op(u[0], u[2]), v1 = op(u[1], u[3]);
   return op(v0, v1);
 }
-inline float reduce_add_ps(M512 a) {
+ATTNKERN_EMU_FN float reduce_add_ps(M512 a) {
   return reduce_ps(a, [](float x, float y) { return x + y; });
 }
-inline float reduce_max_ps(M512 a) {
+ATTNKERN_EMU_FN float reduce_max_ps(M512 a) {
   return reduce_ps(a, [](float x, float y) { return x > y ? x : y; });
 }
 
 // vrndscaleps with scale 0 and round-to-nearest-even (the only form the kernels use).
 template <int R>
-inline M512 roundscale_ps(M512 a) {
+ATTNKERN_EMU_FN M512 roundscale_ps(M512 a) {
   static_assert(R == (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), "only round-to-nearest is emulated");
   M512 r;
   for (int i = 0; i < 16; ++i) r.f[i] = __builtin_rintf(a.f[i]);  // default mode: nearest even
   return r;
 }
 // vscalefps: a * 2^floor(b) (NaN in either: NaN).
-inline M512 scalef_ps(M512 a, M512 b) {
+ATTNKERN_EMU_FN M512 scalef_ps(M512 a, M512 b) {
   M512 r;
   for (int i = 0; i < 16; ++i) {
     const float e = b.f[i];
@@ -230,7 +234,7 @@ inline M512 scalef_ps(M512 a, M512 b) {
   return r;
 }
 template <int I>
-inline M512 shuffle_f32x4(M512 a, M512 b) {
+ATTNKERN_EMU_FN M512 shuffle_f32x4(M512 a, M512 b) {
   static_assert(I >= 0 && I < 256, "shuffle control");
   const int sel[4] = {I & 3, (I >> 2) & 3, (I >> 4) & 3, (I >> 6) & 3};
   M512 r;
@@ -239,7 +243,7 @@ inline M512 shuffle_f32x4(M512 a, M512 b) {
   return r;
 }
 template <int I>
-inline M512 shuffle_ps(M512 a, M512 b) {
+ATTNKERN_EMU_FN M512 shuffle_ps(M512 a, M512 b) {
   static_assert(I >= 0 && I < 256, "shuffle control");
   const int sel[4] = {I & 3, (I >> 2) & 3, (I >> 4) & 3, (I >> 6) & 3};
   M512 r;
@@ -247,25 +251,25 @@ inline M512 shuffle_ps(M512 a, M512 b) {
     for (int e = 0; e < 4; ++e) r.f[4 * l + e] = (e < 2 ? a : b).f[4 * l + sel[e]];
   return r;
 }
-inline M512 permutexvar_ps(M512i idx, M512 a) {
+ATTNKERN_EMU_FN M512 permutexvar_ps(M512i idx, M512 a) {
   M512 r;
   for (int i = 0; i < 16; ++i) r.f[i] = a.f[idx.u[i] & 15u];
   return r;
 }
 
-inline M512i cvtepu16_epi32(__m256i a) {
+ATTNKERN_EMU_FN M512i cvtepu16_epi32(__m256i a) {
   alignas(32) uint16_t h[16];
   _mm256_store_si256(reinterpret_cast<__m256i*>(h), a);
   M512i r;
   for (int i = 0; i < 16; ++i) r.u[i] = h[i];
   return r;
 }
-inline __m256i cvtepi32_epi16(M512i a) {  // truncation
+ATTNKERN_EMU_FN __m256i cvtepi32_epi16(M512i a) {  // truncation
   alignas(32) uint16_t h[16];
   for (int i = 0; i < 16; ++i) h[i] = uint16_t(a.u[i]);
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(h));
 }
-inline M512 cvtph_ps(__m256i a) {
+ATTNKERN_EMU_FN M512 cvtph_ps(__m256i a) {
   alignas(32) uint16_t h[16];
   _mm256_store_si256(reinterpret_cast<__m256i*>(h), a);
   M512 r;
@@ -273,7 +277,7 @@ inline M512 cvtph_ps(__m256i a) {
   return r;
 }
 template <int R>
-inline __m256i cvtps_ph(M512 a) {
+ATTNKERN_EMU_FN __m256i cvtps_ph(M512 a) {
   static_assert(R == (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), "only round-to-nearest is emulated");
   alignas(32) uint16_t h[16];
   for (int i = 0; i < 16; ++i) h[i] = _cvtss_sh(a.f[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -283,14 +287,14 @@ inline __m256i cvtps_ph(M512 a) {
 // vdpbf16ps: per lane j, src + a[2j+1] * b[2j+1], then + a[2j] * b[2j] (Intel's order), each
 // product exact in fp32; denormal inputs and results are flushed to zero (the instruction
 // works with DAZ and FTZ whatever MXCSR says), rounding to nearest even.
-inline float bf16_daz(uint16_t h) {
+ATTNKERN_EMU_FN float bf16_daz(uint16_t h) {
   const uint32_t u = (h & 0x7f80u) == 0 ? uint32_t(h & 0x8000u) << 16 : uint32_t(h) << 16;
   float f;
   __builtin_memcpy(&f, &u, 4);
   return f;
 }
-inline float ftz(float x) { return (x != 0.f && __builtin_fabsf(x) < 1.17549435e-38f) ? __builtin_copysignf(0.f, x) : x; }
-inline M512 dpbf16_ps(M512 src, M512bh a, M512bh b) {
+ATTNKERN_EMU_FN float ftz(float x) { return (x != 0.f && __builtin_fabsf(x) < 1.17549435e-38f) ? __builtin_copysignf(0.f, x) : x; }
+ATTNKERN_EMU_FN M512 dpbf16_ps(M512 src, M512bh a, M512bh b) {
   M512 r;
   for (int j = 0; j < 16; ++j) {
     float t = ftz(src.f[j]);
