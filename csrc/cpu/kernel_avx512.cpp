@@ -1,28 +1,10 @@
-// AVX-512 kernels (16 fp32 lanes). The whole translation unit is compiled for AVX-512 by the
-// pragma below, never by a global -mavx512 flag, so the extension still loads on any x86-64 CPU:
+// AVX-512 kernels (16 fp32 lanes). The whole translation unit is compiled for AVX-512 by
+// avx512_target_push.h, never by a global -mavx512 flag, so the extension still loads on any x86-64 CPU:
 // the launcher calls into this file only after checking the CPU at run time. No torch/STL
 // header is included here (see kernel_common.h for why).
 #if defined(__x86_64__) || defined(_M_X64)
 
-#if defined(ATTNKERN_EMULATE_AVX512)
-// Test build: the AVX-512 intrinsics are portable functions (avx512_emulation.h), run on AVX2.
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-#include "avx512_emulation.h"
-#else
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
-#endif
-#include <immintrin.h>
-#endif
+#include "avx512_target_push.h"
 
 #include "kernel_common.h"
 #include "kernel_impl.h"
@@ -133,10 +115,6 @@ KernelTable avx512_kernels() {
 }  // namespace cpu
 }  // namespace attnkern
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#include "avx512_target_pop.h"
 
 #endif  // x86-64

@@ -1,28 +1,10 @@
 // Tiled kernels (tile_impl.h) for AVX-512 (F/BW/VL/DQ): 16 fp32 lanes, tiles of 8 queries x
-// 32 keys (16 score accumulators of the 32 registers). Compiled for AVX-512 by the pragma
-// below, never by a global flag; the launcher calls in only after checking the CPU. No
+// 32 keys (16 score accumulators of the 32 registers). Compiled for AVX-512 by
+// avx512_target_push.h, never by a global flag; the launcher calls in only after checking the CPU. No
 // torch/STL header here (see kernel_common.h for why).
 #if defined(__x86_64__) || defined(_M_X64)
 
-#if defined(ATTNKERN_EMULATE_AVX512)
-// Test build: the AVX-512 intrinsics are portable functions (avx512_emulation.h), run on AVX2.
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-#include "avx512_emulation.h"
-#else
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
-#endif
-#include <immintrin.h>
-#endif
+#include "avx512_target_push.h"
 
 #include "tile_avx512_vec.h"
 
@@ -43,10 +25,6 @@ int64_t tile_workspace_avx512(int64_t N, int64_t Dk, int64_t Dv) { return tile_w
 }  // namespace cpu
 }  // namespace attnkern
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#include "avx512_target_pop.h"
 
 #endif  // x86-64

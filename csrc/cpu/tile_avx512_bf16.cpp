@@ -1,31 +1,13 @@
 // Tiled kernels (tile_impl.h) for AVX-512 with AVX512-BF16: bf16 inputs are scored on pairs of
 // elements with vdpbf16ps (half the multiply-add instructions of converting to fp32 first, and
 // no conversion of the key block); fp32 and fp16 inputs run tile_avx512.cpp's kernels. Compiled
-// for that ISA by the pragma below, never by a global flag; the launcher calls in only after
+// for that ISA by avx512_target_push.h, never by a global flag; the launcher calls in only after
 // checking the CPU. No torch/STL header here (see kernel_common.h for why).
 #if defined(__x86_64__) || defined(_M_X64)
 
-#if defined(ATTNKERN_EMULATE_AVX512)
-// Test build: the AVX-512 intrinsics are portable functions (avx512_emulation.h), run on AVX2.
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-#include "avx512_emulation.h"
-#else
-#if defined(__clang__)
-#pragma clang attribute push(                                                                         \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
-#endif
-#include <immintrin.h>
-#endif
+#define ATTNKERN_AVX512_BF16 1  // the target below adds AVX512-BF16; tile_avx512_vec.h the pair ops
+#include "avx512_target_push.h"
 
-#define ATTNKERN_TILE_PAIR_DOT 1
 #include "tile_avx512_vec.h"
 
 namespace attnkern {
@@ -52,10 +34,6 @@ int64_t tile_workspace_avx512_bf16(int64_t N, int64_t Dk, int64_t Dv) { return t
 }  // namespace cpu
 }  // namespace attnkern
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#include "avx512_target_pop.h"
 
 #endif  // x86-64

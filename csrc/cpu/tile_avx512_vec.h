@@ -1,7 +1,7 @@
 // The AVX-512 vector class of the tiled kernels (tile_impl.h), shared by tile_avx512.cpp and
-// tile_avx512_bf16.cpp: each includes it after its own target pragma (and after
-// avx512_emulation.h in the emulation build), so each gets its own copy (internal linkage).
-// With ATTNKERN_TILE_PAIR_DOT defined (tile_avx512_bf16.cpp) it also scores bf16 inputs on
+// tile_avx512_bf16.cpp: each includes it after avx512_target_push.h (and so, in the emulation
+// build, after avx512_emulation.h), so each gets its own copy (internal linkage).
+// With ATTNKERN_AVX512_BF16 defined (tile_avx512_bf16.cpp) it also scores bf16 inputs on
 // pairs of elements with vdpbf16ps (AVX512-BF16): kPairDot, load_bits, set1_bits, dot_pairs.
 #pragma once
 
@@ -13,7 +13,7 @@ namespace {
 
 struct TileVec512 {
   static constexpr int W = 16, MR = 8, NV = 2, CG = 2, KB = 64;
-#if defined(ATTNKERN_TILE_PAIR_DOT)
+#if defined(ATTNKERN_AVX512_BF16)
   static constexpr bool kPairDot = true;
 #else
   static constexpr bool kPairDot = false;
@@ -81,7 +81,7 @@ struct TileVec512 {
       for (int64_t d = 0; d < D; ++d) dst[d * NR + j] = rows[j * rs + d];
   }
 
-#if defined(ATTNKERN_TILE_PAIR_DOT)
+#if defined(ATTNKERN_AVX512_BF16)
   // Raw 32-bit lanes (two bf16 elements each, element 2i in the low half) carried in a vector.
   static TileVec512 load_bits(const uint32_t* p) { return {_mm512_castsi512_ps(_mm512_loadu_si512(p))}; }
   static TileVec512 set1_bits(uint32_t a) { return {_mm512_castsi512_ps(_mm512_set1_epi32(int(a)))}; }

@@ -186,10 +186,11 @@ inline void finish_scores(V (&acc)[M][V::NV], int valid, float mul, float* S, in
 // S[r][0:NR] = mul * sum_d x[r][d] * pk[d][:], summed in order d = 0, 1, ... by one FMA chain
 // per lane, then scaled (the forward, the stats and the backward all score through here, so
 // they round identically). Lanes >= valid are set to -inf; vmax[r] (if given) takes the
-// lane-wise max.
-template <class V, int M>
-inline void qk_panel(const float* x, int64_t xs, const float* pk, int64_t D, int valid, float mul, float* S,
-                     int64_t ss, V* vmax) {
+// lane-wise max. PAIRS: the same on bf16 pairs (E = uint32_t): x holds the rows as pairs (D
+// pairs each), pk a panel [D][NR] of key pairs, one dot_pairs chain per lane.
+template <class V, int M, bool PAIRS, class E>
+inline void qk_panel(const E* x, int64_t xs, const E* pk, int64_t D, int valid, float mul, float* S, int64_t ss,
+                     V* vmax) {
   constexpr int NV = V::NV, W = V::W, NR = NV * W;
   V acc[M][NV];
 #pragma GCC unroll 8
@@ -199,37 +200,23 @@ inline void qk_panel(const float* x, int64_t xs, const float* pk, int64_t D, int
   for (int64_t d = 0; d < D; ++d) {
     V k[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) k[v] = V::load(pk + d * NR + v * W);
-#pragma GCC unroll 8
-    for (int r = 0; r < M; ++r) {
-      const V b = V::set1(x[r * xs + d]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(b, k[v], acc[r][v]);
+    for (int v = 0; v < NV; ++v) {
+      if constexpr (PAIRS)
+        k[v] = V::load_bits(pk + d * NR + v * W);
+      else
+        k[v] = V::load(pk + d * NR + v * W);
     }
-  }
-  finish_scores<V, M>(acc, valid, mul, S, ss, vmax);
-}
-
-// qk_panel on bf16 pairs: x2 holds the M query rows as pairs (row stride xs, D2 pairs), pk2 one
-// panel [D2][NR] of key pairs; one dot_pairs chain per lane, in order i = 0, 1, ...
-template <class V, int M>
-inline void qk_pairs(const uint32_t* x2, int64_t xs, const uint32_t* pk2, int64_t D2, int valid, float mul,
-                     float* S, int64_t ss, V* vmax) {
-  constexpr int NV = V::NV, W = V::W, NR = NV * W;
-  V acc[M][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < M; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
-  for (int64_t i = 0; i < D2; ++i) {
-    V k[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) k[v] = V::load_bits(pk2 + i * NR + v * W);
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
-      const V b = V::set1_bits(x2[r * xs + i]);
+      if constexpr (PAIRS) {
+        const V b = V::set1_bits(x[r * xs + d]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = V::dot_pairs(acc[r][v], b, k[v]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = V::dot_pairs(acc[r][v], b, k[v]);
+      } else {
+        const V b = V::set1(x[r * xs + d]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(b, k[v], acc[r][v]);
+      }
     }
   }
   finish_scores<V, M>(acc, valid, mul, S, ss, vmax);
@@ -253,14 +240,14 @@ struct TileScoring {
   }
 };
 
-// Scores of M query rows against panel pn of the block (qk_panel, or qk_pairs when PAIRS).
+// Scores of M query rows against panel pn of the block (qk_panel, on bf16 pairs when PAIRS).
 template <class V, int M, bool PAIRS>
 inline void score_panel(const TileScoring& sc, int pn, int valid, float mul, float* S, int64_t ss, V* vmax) {
   constexpr int NR = V::NV * V::W;
   if constexpr (PAIRS)
-    qk_pairs<V, M>(sc.q2, sc.D2, sc.k2 + int64_t(pn) * sc.D2 * NR, sc.D2, valid, mul, S, ss, vmax);
+    qk_panel<V, M, true>(sc.q2, sc.D2, sc.k2 + int64_t(pn) * sc.D2 * NR, sc.D2, valid, mul, S, ss, vmax);
   else
-    qk_panel<V, M>(sc.q, sc.qs, sc.kt + int64_t(pn) * sc.Dk * NR, sc.Dk, valid, mul, S, ss, vmax);
+    qk_panel<V, M, false>(sc.q, sc.qs, sc.kt + int64_t(pn) * sc.Dk * NR, sc.Dk, valid, mul, S, ss, vmax);
 }
 
 // Y[r][0:CG*W] += sum_{j < nk} P[r][j] * X[j][0:CG*W] for M rows: O += P V (forward) and
@@ -531,7 +518,7 @@ inline void bwd_tile_rows(const TileDims& t, const TileScoring& sc, const float*
   for (int pn = 0; pn < np; ++pn) {
     const int valid = nb - pn * NR < NR ? nb - pn * NR : NR;
     score_panel<V, M, PAIRS>(sc, pn, valid, scale, S + pn * NR, KB, nullptr);
-    qk_panel<V, M>(dO, t.Dvp, vt + int64_t(pn) * t.Dv * NR, t.Dv, NR, 1.f, dP + pn * NR, KB, nullptr);
+    qk_panel<V, M, false>(dO, t.Dvp, vt + int64_t(pn) * t.Dv * NR, t.Dv, NR, 1.f, dP + pn * NR, KB, nullptr);
   }
   const V l2e = V::set1(kTileLog2e);
   for (int r = 0; r < M; ++r) {

@@ -1,0 +1,34 @@
+// Opens the AVX-512 region of kernel_avx512.cpp, tile_avx512.cpp and tile_avx512_bf16.cpp: the
+// rest of the translation unit is compiled for AVX-512 F/BW/VL/DQ (plus AVX512-BF16 where the
+// file defines ATTNKERN_AVX512_BF16 first) by a target pragma, never by a global flag, so the
+// extension loads on any x86-64 CPU; <immintrin.h> comes after it. In the emulation test build
+// (ATTNKERN_EMULATE_AVX512) the region is AVX2 instead and avx512_emulation.h stands in for the
+// AVX-512 intrinsics. avx512_target_pop.h closes the region. Deliberately no include guard: the
+// pragma must take effect in each file that includes this.
+#if defined(ATTNKERN_EMULATE_AVX512)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+#include "avx512_emulation.h"
+#elif defined(ATTNKERN_AVX512_BF16)
+#if defined(__clang__)
+#pragma clang attribute push(                                                                         \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
+#endif
+#include <immintrin.h>
+#else
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#endif
+#include <immintrin.h>
+#endif
