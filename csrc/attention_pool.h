@@ -19,6 +19,8 @@
 #include <c10/util/Optional.h>
 
 #include <optional>
+#include <string>
+#include <vector>
 
 namespace attnkern {
 
@@ -54,5 +56,8 @@ void check_offsets_values_cpu(const at::Tensor& offsets, int64_t T, int64_t max_
 // ("avx512", "avx2" or "generic"; "avx512-emulated" in the avx512_emulation.h test build),
 // chosen once from the CPU and ATTNKERN_CPU_ISA.
 const char* cpu_isa();
+// Every instruction set ATTNKERN_CPU_ISA can select on this CPU with this build, narrowest first
+// (the emulated ones of the test build tagged "-emulated").
+std::vector<std::string> cpu_isas();
 
 }  // namespace attnkern

@@ -7,6 +7,7 @@ bad lengths/offsets, zero gradients at positions that take no part, and gradchec
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 import attnkern
-from attnkern.ops.availability import cpu_isa
+from attnkern.ops.availability import cpu_isa, extension
 from attnkern.reference import attention_pool_ref
 from attnkern.testing import check_function, forward_backward, make_problem
 
@@ -271,6 +272,7 @@ def check_against_reference_in_subprocess(shapes, **env_vars):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_isa_in_subprocess(cap: str) -> str:
     """The instruction set the launcher picks with ATTNKERN_CPU_ISA=cap ("" = unset), as a
     fresh interpreter's attnkern._C.cpu_isa() reports it."""
@@ -285,25 +287,49 @@ def cpu_isa_in_subprocess(cap: str) -> str:
     return proc.stdout.strip()
 
 
-_WIDTH = {"generic": 0, "avx2": 1, "avx512": 2, "avx512-emulated": 2, "avx512_bf16": 3, "avx512_bf16-emulated": 3}
+def cpu_isas() -> list:
+    """Every instruction set ATTNKERN_CPU_ISA can select here (attnkern._C.cpu_isas())."""
+    return list(extension()[0].cpu_isas())
 
 
+def cpu_isa_runs(isa: str) -> bool:
+    """Whether ATTNKERN_CPU_ISA=isa selects that instruction set here (natively, or emulated in
+    the avx512_emulation.h test build)."""
+    return isa in cpu_isas() or isa + "-emulated" in cpu_isas()
+
+
+_WIDTH = {"generic": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3}
+
+
+def _width(isa: str) -> int:
+    return _WIDTH[isa.replace("-emulated", "")]
+
+
+def _expected_isa(cap: str) -> str:
+    # The widest selectable set within the cap; emulated ones only when the cap names them.
+    fits = [i for i in cpu_isas() if (_width(i) <= _width(cap) if cap else not i.endswith("-emulated"))]
+    return max(fits, key=_width)
+
+
+def test_cpu_isa_reports_the_path_in_use():
+    isas = cpu_isas()
+    assert isas[0] == "generic" and all(_width(a) < _width(b) for a, b in zip(isas, isas[1:])), isas
+    isa = extension()[0].cpu_isa()
+    assert isa in isas and cpu_isa() == isa
+    assert isa == _expected_isa(os.environ.get("ATTNKERN_CPU_ISA", ""))
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    if all(f in flags for f in ("avx2", "fma", "f16c")):
+        assert "avx2" in isas
+    if "avx512f" not in flags:
+        assert not any(i in isas for i in ("avx512", "avx512_bf16"))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("cap", ["", "generic", "avx2", "avx512", "avx512_bf16"])
 def test_cpu_isa_follows_the_cpu_and_the_cap(cap):
-    # The launcher reports what it runs; ATTNKERN_CPU_ISA never widens it past the CPU's best
-    # (only the emulation test build offers avx512 without the instructions, and only on request).
-    isa = cpu_isa_in_subprocess(cap)
-    assert isa in _WIDTH, isa
-    best = cpu_isa_in_subprocess("")
-    assert best in ("avx512_bf16", "avx512", "avx2", "generic"), best
-    if cap:
-        assert _WIDTH[isa] <= _WIDTH[cap]
-        assert isa.endswith("-emulated") or _WIDTH[isa] <= _WIDTH[best]
-    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
-    if cap in ("", "avx2") and all(f in flags for f in ("avx2", "fma", "f16c")):
-        assert _WIDTH[isa] >= 1
-    if os.environ.get("ATTNKERN_CPU_ISA", "") == cap:
-        assert cpu_isa() == isa
+    # ATTNKERN_CPU_ISA never widens the choice past what the CPU runs (only the emulation test
+    # build offers avx512 without the instructions, and only on request).
+    assert cpu_isa_in_subprocess(cap) == _expected_isa(cap)
 
 
 @pytest.mark.parametrize("var,value", [("ATTNKERN_CPU_ISA", "generic"), ("ATTNKERN_CPU_ISA", "avx2"),

@@ -65,6 +65,29 @@ int64_t workspace_for(const KernelTable& kt, bool tiles, int64_t N, int64_t Dk, 
   return tiles ? std::max(w, kt.workspace_tile(N, Dk, Dv)) : w;
 }
 
+// The instruction sets this CPU and build can run. The emulation test build
+// (avx512_emulation.h) runs the AVX-512 kernels on any x86-64 CPU, emulated.
+struct IsaSupport {
+  bool avx2 = false, avx512 = false, avx512_bf16 = false, emulated = false;
+};
+
+IsaSupport isa_support() {
+  IsaSupport s;
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  s.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#if defined(ATTNKERN_EMULATE_AVX512)
+  s.avx512 = s.avx512_bf16 = s.emulated = true;
+#else
+  s.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2");
+  s.avx512_bf16 = s.avx512 && __builtin_cpu_supports("avx512bf16");
+#endif
+#endif
+  return s;
+}
+
 const KernelTable& simd_kernels() {
   static const KernelTable table = [] {
     const char* env = std::getenv("ATTNKERN_CPU_ISA");
@@ -72,36 +95,21 @@ const KernelTable& simd_kernels() {
     TORCH_CHECK_VALUE(cap.empty() || cap == "generic" || cap == "avx2" || cap == "avx512" || cap == "avx512_bf16",
                       "attnkern: ATTNKERN_CPU_ISA must be generic, avx2, avx512 or avx512_bf16 (or unset), got '",
                       cap, "'");
+    const IsaSupport s = isa_support();
 #if defined(__x86_64__) || defined(_M_X64)
-    __builtin_cpu_init();
-#if defined(ATTNKERN_EMULATE_AVX512)
-    // Test build (avx512_emulation.h): the AVX-512 kernels run emulated on any x86-64 CPU, and
-    // only when asked for, so that the default stays the fastest real path.
-    const bool has512 = cap == "avx512" || cap == "avx512_bf16";
-    const bool hasbf16 = cap == "avx512_bf16";
-    const char* name512 = "avx512-emulated";
-    const char* namebf16 = "avx512_bf16-emulated";
-#else
-    const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                        __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2");
-    const bool hasbf16 = has512 && __builtin_cpu_supports("avx512bf16");
-    const char* name512 = "avx512";
-    const char* namebf16 = "avx512_bf16";
-#endif
-    if (hasbf16 && (cap.empty() || cap == "avx512_bf16"))
+    // Emulated kernels only when asked for, so that the default stays the fastest real path.
+    const bool ask512 = cap == "avx512" || cap == "avx512_bf16";
+    if (s.avx512_bf16 && (cap == "avx512_bf16" || (cap.empty() && !s.emulated)))
       return with_tiles(avx512_kernels(), &tile_fwd_avx512_bf16, &tile_bwd_avx512_bf16, &tile_stats_avx512_bf16,
-                        &tile_workspace_avx512_bf16, namebf16);
-    if (has512 && (cap.empty() || cap == "avx512" || cap == "avx512_bf16"))
+                        &tile_workspace_avx512_bf16, s.emulated ? "avx512_bf16-emulated" : "avx512_bf16");
+    if (s.avx512 && (ask512 || (cap.empty() && !s.emulated)))
       return with_tiles(avx512_kernels(), &tile_fwd_avx512, &tile_bwd_avx512, &tile_stats_avx512,
-                        &tile_workspace_avx512, name512);
-    const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                      __builtin_cpu_supports("f16c");
-    if (has2 && cap != "generic")
+                        &tile_workspace_avx512, s.emulated ? "avx512-emulated" : "avx512");
+    if (s.avx2 && cap != "generic")
       return with_tiles(avx2_kernels(), &tile_fwd_avx2, &tile_bwd_avx2, &tile_stats_avx2, &tile_workspace_avx2,
                         "avx2");
 #endif
-    (void)cap;
+    (void)s;
     return with_tiles(generic_kernels(), &tile_fwd_generic, &tile_bwd_generic, &tile_stats_generic,
                       &tile_workspace_generic, "generic");
   }();
@@ -714,6 +722,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_common(const at::Tensor& grad
 }  // namespace cpu
 
 const char* cpu_isa() { return cpu::simd_kernels().isa; }
+
+std::vector<std::string> cpu_isas() {
+  const cpu::IsaSupport s = cpu::isa_support();
+  const std::string tag = s.emulated ? "-emulated" : "";
+  std::vector<std::string> r{"generic"};
+  if (s.avx2) r.push_back("avx2");
+  if (s.avx512) r.push_back("avx512" + tag);
+  if (s.avx512_bf16) r.push_back("avx512_bf16" + tag);
+  return r;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Registered ops
