@@ -3,15 +3,10 @@
 // file defines ATTNKERN_AVX512_BF16 first) by a target pragma, never by a global flag, so the
 // extension loads on any x86-64 CPU; <immintrin.h> comes after it. In the emulation test build
 // (ATTNKERN_EMULATE_AVX512) the region is AVX2 instead and avx512_emulation.h stands in for the
-// AVX-512 intrinsics. avx512_target_pop.h closes the region. Deliberately no include guard: the
+// AVX-512 intrinsics. target_pop.h closes the region. Deliberately no include guard: the
 // pragma must take effect in each file that includes this.
 #if defined(ATTNKERN_EMULATE_AVX512)
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
+#include "avx2_target_push.h"
 #include "avx512_emulation.h"
 #elif defined(ATTNKERN_AVX512_BF16)
 #if defined(__clang__)

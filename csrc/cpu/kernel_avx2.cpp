@@ -1,16 +1,9 @@
 // AVX2 kernels (8 fp32 lanes), for x86-64 CPUs without AVX-512. Compiled for AVX2/FMA/F16C by
-// the pragma below, never by a global flag; the launcher checks the CPU before calling in.
+// avx2_target_push.h, never by a global flag; the launcher checks the CPU before calling in.
 // No torch/STL header is included here (see kernel_common.h for why).
 #if defined(__x86_64__) || defined(_M_X64)
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-
-#include <immintrin.h>
+#include "avx2_target_push.h"
 
 #include "kernel_common.h"
 #include "kernel_impl.h"
@@ -140,10 +133,6 @@ KernelTable avx2_kernels() {
 }  // namespace cpu
 }  // namespace attnkern
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#include "target_pop.h"
 
 #endif  // x86-64

@@ -115,6 +115,6 @@ KernelTable avx512_kernels() {
 }  // namespace cpu
 }  // namespace attnkern
 
-#include "avx512_target_pop.h"
+#include "target_pop.h"
 
 #endif  // x86-64

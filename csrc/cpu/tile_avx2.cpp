@@ -1,17 +1,10 @@
 // Tiled kernels (tile_impl.h) for AVX2/FMA/F16C: 8 fp32 lanes, tiles of 6 queries x 16 keys
-// (12 score accumulators in registers). Compiled for AVX2 by the pragma below, never by a
+// (12 score accumulators in registers). Compiled for AVX2 by avx2_target_push.h, never by a
 // global flag; the launcher checks the CPU before calling in. No torch/STL header here (see
 // kernel_common.h for why).
 #if defined(__x86_64__) || defined(_M_X64)
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-
-#include <immintrin.h>
+#include "avx2_target_push.h"
 
 #include "tile_impl.h"
 
@@ -136,10 +129,6 @@ int64_t tile_workspace_avx2(int64_t N, int64_t Dk, int64_t Dv) { return tile_ws_
 }  // namespace cpu
 }  // namespace attnkern
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#include "target_pop.h"
 
 #endif  // x86-64

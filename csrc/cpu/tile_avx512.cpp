@@ -25,6 +25,6 @@ int64_t tile_workspace_avx512(int64_t N, int64_t Dk, int64_t Dv) { return tile_w
 }  // namespace cpu
 }  // namespace attnkern
 
-#include "avx512_target_pop.h"
+#include "target_pop.h"
 
 #endif  // x86-64
