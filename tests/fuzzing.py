@@ -118,6 +118,8 @@ def draw_case(draw, target: str) -> Case:
     dtype = draw.choice(dtypes)
     B = draw.int(0, 2 if tiny else 4)
     N = draw.int(1, 2 if tiny else 5)
+    if not tiny and draw.bool(0.2):
+        N = draw.int(16, 40)  # the CPU's tiled kernels (16 or more queries per row and head)
     H = Hkv = draw.int(1, 2 if tiny else 3)
     L = draw.int(0, 6 if tiny else 40)
     dims = (1, 2, 4, 7, 8, 16) if tiny else (1, 3, 7, 8, 13, 16, 32, 40, 64)
