@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the CPU extension a second time with AddressSanitizer + UndefinedBehaviorSanitizer, in
 # its own folder (a copy of the sources under $ATTNKERN_ASAN_DIR, default build-asan/: the
-# normal in-place extension is left alone), then runs the CPU tests (avx2, emulated avx512 and
-# generic kernels) and a short fuzz run with that copy first on PYTHONPATH. Any sanitizer report
+# normal in-place extension is left alone), then runs the CPU tests (avx2; emulated avx512,
+# avx512_bf16 and amx; generic kernels) and a short fuzz run with that copy first on PYTHONPATH. Any sanitizer report
 # fails the run (exit status non-zero).
 #
 #   scripts/sanitize_cpu.sh [fuzz minutes, default 1]
@@ -23,9 +23,9 @@ cp -a setup.py pyproject.toml README.md pytest.ini csrc attnkern triton_kernels 
 rm -f "$OUT"/src/attnkern/_C*.so
 SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
 # -DATTNKERN_EMULATE_AVX512: the AVX-512 kernels are built on portable stand-ins of their
-# intrinsics (csrc/cpu/avx512_emulation.h), so that ATTNKERN_CPU_ISA=avx512 runs them, lane by
-# lane, on a CPU without AVX-512 too, their masked loads and stores touching only the lanes the
-# hardware would.
+# intrinsics (csrc/cpu/avx512_emulation.h, and the AMX kernels on amx_emulation.h), so that
+# ATTNKERN_CPU_ISA=avx512 (avx512_bf16, amx) runs them, lane by lane, on a CPU without those
+# instructions too, their masked loads and stores touching only the lanes the hardware would.
 (cd "$OUT/src" && ATTNKERN_CUDA=0 ATTNKERN_CPU_EXTRA_FLAGS="$SAN -DATTNKERN_EMULATE_AVX512" python setup.py -q build_ext --inplace \
   > "$OUT/build.log" 2>&1) || { tail -50 "$OUT/build.log"; echo "sanitize_cpu: build failed"; exit 1; }
 built=$(date +%s)
@@ -50,8 +50,8 @@ status=0
   python -c "import attnkern, sys; assert attnkern.__file__.startswith('$OUT/src'), attnkern.__file__; \
 assert attnkern.backends()['cpu'].available, attnkern.backends()['cpu'].reason"
   # avx2: the CPU kernel tests and the hardening regressions; avx512 (emulated): the same and
-  # the tiled kernels' tests; avx512_bf16 (emulated): the tiled kernels' tests; generic: the
-  # regressions that reach its arithmetic paths.
+  # the tiled kernels' tests; avx512_bf16 and amx (emulated): the tiled kernels' tests; generic:
+  # the regressions that reach its arithmetic paths.
   ATTNKERN_CPU_ISA=avx2 python -m pytest -q -x -p no:cacheprovider -m "not slow" \
     tests/test_cpu.py tests/test_hardening.py
   if [ "$(uname -m)" = x86_64 ]; then
@@ -59,8 +59,14 @@ assert attnkern.backends()['cpu'].available, attnkern.backends()['cpu'].reason"
 assert isa == 'avx512-emulated', isa"
     ATTNKERN_CPU_ISA=avx512 python -m pytest -q -x -p no:cacheprovider -m "not slow" \
       tests/test_cpu.py tests/test_cpu_tiles.py tests/test_hardening.py
-    # avx512_bf16 differs from avx512 only in the tiled kernels' bf16 scoring.
+    # avx512_bf16 differs from avx512 only in the tiled kernels' bf16 scoring, amx only in their
+    # bf16 matrix products (the tile unit, amx_emulation.h here).
     ATTNKERN_CPU_ISA=avx512_bf16 python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_cpu_tiles.py
+    ATTNKERN_CPU_ISA=amx python -c "import attnkern._C as C; isa = C.cpu_isa(); print('amx run:', isa); \
+assert isa == 'amx-emulated', isa"
+    ATTNKERN_CPU_ISA=amx python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_cpu_tiles.py
+    # The fuzzer on the amx kernels too (its many-query calls reach the tiles).
+    ATTNKERN_CPU_ISA=amx python scripts/fuzz.py --minutes "$FUZZ_MINUTES" --targets api:cpu,raw:cpu
   fi
   ATTNKERN_CPU_ISA=generic python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_hardening.py \
     -k "large_logits or fp16_near or nonfinite or nan_row or peaked or mask_split"

@@ -298,7 +298,7 @@ def cpu_isa_runs(isa: str) -> bool:
     return isa in cpu_isas() or isa + "-emulated" in cpu_isas()
 
 
-_WIDTH = {"generic": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3}
+_WIDTH = {"generic": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3, "amx": 4}
 
 
 def _width(isa: str) -> int:
@@ -321,11 +321,13 @@ def test_cpu_isa_reports_the_path_in_use():
     if all(f in flags for f in ("avx2", "fma", "f16c")):
         assert "avx2" in isas
     if "avx512f" not in flags:
-        assert not any(i in isas for i in ("avx512", "avx512_bf16"))
+        assert not any(i in isas for i in ("avx512", "avx512_bf16", "amx"))
+    if "amx_bf16" not in flags:
+        assert "amx" not in isas
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cap", ["", "generic", "avx2", "avx512", "avx512_bf16"])
+@pytest.mark.parametrize("cap", ["", "generic", "avx2", "avx512", "avx512_bf16", "amx"])
 def test_cpu_isa_follows_the_cpu_and_the_cap(cap):
     # ATTNKERN_CPU_ISA never widens the choice past what the CPU runs (only the emulation test
     # build offers avx512 without the instructions, and only on request).

@@ -199,7 +199,7 @@ def test_tiles_and_general_kernels_agree():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512_bf16"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512_bf16", "amx"])
 def test_tiles_every_simd_path(isa):
     if not cpu_isa_runs(isa):
         pytest.skip("this CPU has no %s (and this is not the emulation build)" % isa)

@@ -46,10 +46,11 @@ def extension():
 
 def cpu_isa() -> str:
     """The instruction set attnkern's CPU kernels run on in this process: the extension's own
-    answer (avx512_bf16, avx512, avx2 or generic; "-emulated" appended in the emulation test
-    build), else, without the extension, the launcher's rule applied to the CPU's flags (the
-    widest of avx512_bf16, avx512 (F/BW/VL/DQ, FMA) and avx2 (FMA, F16C) the CPU has, capped by
-    ATTNKERN_CPU_ISA)."""
+    answer (amx, avx512_bf16, avx512, avx2 or generic; "-emulated" appended in the emulation
+    test build), else, without the extension, the launcher's rule applied to the CPU's flags (the
+    widest of amx (AMX-TILE and AMX-BF16 on top of avx512_bf16; the extension also needs the
+    kernel's permission to use the tiles), avx512_bf16, avx512 (F/BW/VL/DQ, FMA) and avx2 (FMA,
+    F16C) the CPU has, capped by ATTNKERN_CPU_ISA)."""
     mod, _ = extension()
     if mod is not None and hasattr(mod, "cpu_isa"):
         return str(mod.cpu_isa())
@@ -64,9 +65,11 @@ def cpu_isa() -> str:
         pass
     cap = os.environ.get("ATTNKERN_CPU_ISA", "")
     avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx2"} <= flags
-    if avx512 and "avx512_bf16" in flags and cap in ("", "avx512_bf16"):
+    if avx512 and {"avx512_bf16", "amx_tile", "amx_bf16"} <= flags and cap in ("", "amx"):
+        return "amx (from the CPU flags)"
+    if avx512 and "avx512_bf16" in flags and cap in ("", "avx512_bf16", "amx"):
         return "avx512_bf16 (from the CPU flags)"
-    if avx512 and cap in ("", "avx512", "avx512_bf16"):
+    if avx512 and cap in ("", "avx512", "avx512_bf16", "amx"):
         return "avx512 (from the CPU flags)"
     if {"avx2", "fma", "f16c"} <= flags and cap != "generic":
         return "avx2 (from the CPU flags)"

@@ -8,8 +8,8 @@
 // task, which writes its dk/dv; dq partials of a split row are summed in a fixed order.
 //
 // The arithmetic runs in kernel_{avx512,avx2,generic}.cpp; the best one this CPU supports is
-// chosen at run time (ATTNKERN_CPU_ISA=generic|avx2|avx512|avx512_bf16 caps the choice, for testing; any
-// other value is an error).
+// chosen at run time (ATTNKERN_CPU_ISA=generic|avx2|avx512|avx512_bf16|amx caps the choice, for testing;
+// any other value is an error).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -24,6 +24,11 @@
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "attention_pool.h"
 #include "host_buffers.h"
@@ -68,8 +73,25 @@ int64_t workspace_for(const KernelTable& kt, bool tiles, int64_t N, int64_t Dk, 
 // The instruction sets this CPU and build can run. The emulation test build
 // (avx512_emulation.h) runs the AVX-512 kernels on any x86-64 CPU, emulated.
 struct IsaSupport {
-  bool avx2 = false, avx512 = false, avx512_bf16 = false, emulated = false;
+  bool avx2 = false, avx512 = false, avx512_bf16 = false, amx = false, emulated = false;
 };
+
+#if defined(__x86_64__) || defined(_M_X64)
+// Linux hands a process the AMX tile data state only on request (arch_prctl
+// ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); a tile instruction before that raises SIGILL.
+// Asked once per process; false where the kernel refuses or is not Linux.
+bool amx_permitted() {
+  static const bool ok = [] {
+#if defined(__linux__)
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+#endif
 
 IsaSupport isa_support() {
   IsaSupport s;
@@ -77,12 +99,14 @@ IsaSupport isa_support() {
   __builtin_cpu_init();
   s.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #if defined(ATTNKERN_EMULATE_AVX512)
-  s.avx512 = s.avx512_bf16 = s.emulated = true;
+  s.avx512 = s.avx512_bf16 = s.amx = s.emulated = true;
 #else
   s.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
              __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2");
   s.avx512_bf16 = s.avx512 && __builtin_cpu_supports("avx512bf16");
+  s.amx = s.avx512_bf16 && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+          amx_permitted();
 #endif
 #endif
   return s;
@@ -92,14 +116,18 @@ const KernelTable& simd_kernels() {
   static const KernelTable table = [] {
     const char* env = std::getenv("ATTNKERN_CPU_ISA");
     const std::string cap = env ? std::string(env) : std::string();
-    TORCH_CHECK_VALUE(cap.empty() || cap == "generic" || cap == "avx2" || cap == "avx512" || cap == "avx512_bf16",
-                      "attnkern: ATTNKERN_CPU_ISA must be generic, avx2, avx512 or avx512_bf16 (or unset), got '",
+    TORCH_CHECK_VALUE(cap.empty() || cap == "generic" || cap == "avx2" || cap == "avx512" || cap == "avx512_bf16" ||
+                          cap == "amx",
+                      "attnkern: ATTNKERN_CPU_ISA must be generic, avx2, avx512, avx512_bf16 or amx (or unset), got '",
                       cap, "'");
     const IsaSupport s = isa_support();
 #if defined(__x86_64__) || defined(_M_X64)
     // Emulated kernels only when asked for, so that the default stays the fastest real path.
-    const bool ask512 = cap == "avx512" || cap == "avx512_bf16";
-    if (s.avx512_bf16 && (cap == "avx512_bf16" || (cap.empty() && !s.emulated)))
+    const bool ask512 = cap == "avx512" || cap == "avx512_bf16" || cap == "amx";
+    if (s.amx && (cap == "amx" || (cap.empty() && !s.emulated)))
+      return with_tiles(avx512_kernels(), &tile_fwd_amx, &tile_bwd_amx, &tile_stats_amx, &tile_workspace_amx,
+                        s.emulated ? "amx-emulated" : "amx");
+    if (s.avx512_bf16 && (cap == "avx512_bf16" || cap == "amx" || (cap.empty() && !s.emulated)))
       return with_tiles(avx512_kernels(), &tile_fwd_avx512_bf16, &tile_bwd_avx512_bf16, &tile_stats_avx512_bf16,
                         &tile_workspace_avx512_bf16, s.emulated ? "avx512_bf16-emulated" : "avx512_bf16");
     if (s.avx512 && (ask512 || (cap.empty() && !s.emulated)))
@@ -730,6 +758,7 @@ std::vector<std::string> cpu_isas() {
   if (s.avx2) r.push_back("avx2");
   if (s.avx512) r.push_back("avx512" + tag);
   if (s.avx512_bf16) r.push_back("avx512_bf16" + tag);
+  if (s.amx) r.push_back("amx" + tag);
   return r;
 }
 

@@ -1,6 +1,7 @@
-// Opens the AVX-512 region of kernel_avx512.cpp, tile_avx512.cpp and tile_avx512_bf16.cpp: the
-// rest of the translation unit is compiled for AVX-512 F/BW/VL/DQ (plus AVX512-BF16 where the
-// file defines ATTNKERN_AVX512_BF16 first) by a target pragma, never by a global flag, so the
+// Opens the AVX-512 region of kernel_avx512.cpp, tile_avx512.cpp, tile_avx512_bf16.cpp and
+// tile_amx.cpp: the rest of the translation unit is compiled for AVX-512 F/BW/VL/DQ (plus
+// AVX512-BF16 where the file defines ATTNKERN_AVX512_BF16 first, and AMX-TILE/AMX-BF16 where it
+// also defines ATTNKERN_AMX) by a target pragma, never by a global flag, so the
 // extension loads on any x86-64 CPU; <immintrin.h> comes after it. In the emulation test build
 // (ATTNKERN_EMULATE_AVX512) the region is AVX2 instead and avx512_emulation.h stands in for the
 // AVX-512 intrinsics. target_pop.h closes the region. Deliberately no include guard: the
@@ -8,6 +9,19 @@
 #if defined(ATTNKERN_EMULATE_AVX512)
 #include "avx2_target_push.h"
 #include "avx512_emulation.h"
+#if defined(ATTNKERN_AMX)
+#include "amx_emulation.h"
+#endif
+#elif defined(ATTNKERN_AMX)
+#if defined(__clang__)
+#pragma clang attribute push(                                                                         \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c"))), \
+    apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c")
+#endif
+#include <immintrin.h>
 #elif defined(ATTNKERN_AVX512_BF16)
 #if defined(__clang__)
 #pragma clang attribute push(                                                                         \

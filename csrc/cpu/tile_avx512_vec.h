@@ -90,6 +90,16 @@ struct TileVec512 {
     return {_mm512_dpbf16_ps(acc.v, (__m512bh)_mm512_castps_si512(a.v), (__m512bh)_mm512_castps_si512(b.v))};
   }
 #endif
+#if defined(ATTNKERN_AMX)
+  // The W lanes as bf16 bit patterns at d (round to nearest even, NaN stays NaN, as from_f32).
+  void store_bf16(uint16_t* d) const {
+    const __m512i b = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    _mm256_storeu_si256((__m256i*)d, _mm512_cvtepi32_epi16(r));
+  }
+#endif
 };
 
 }  // namespace

@@ -125,22 +125,29 @@ inline void pack_block(const Span& s, int64_t i0, int nb, const T* base, int64_t
       V::template transpose_rows<NR>(pr + int64_t(j) * Dp, Dp, D, pk + int64_t(j / NR) * D * NR + (j % NR));
 }
 
-// Keys [i0, i0 + nb) of the span (bf16 rows of `base`, stride sl, D elements) as pairs, in
-// panels pk2[panel][i][NR] (row_pairs of each key; zero keys past nb up to the last panel's end).
+// Keys [i0, i0 + nb) of the span (bf16 rows of `base`, stride sl, D elements) as pairs in
+// panels of PW keys, dst[panel][i][PW] for pairs i < D2p (row_pairs of each key): zero keys past
+// nb up to nk (a multiple of PW) and zero pairs past the row's end.
+inline void pack_pair_panels(const Span& s, int64_t i0, int nb, int nk, int PW, const bf16_t* base, int64_t sl,
+                             int64_t D, int64_t D2p, uint32_t* dst) {
+  const int64_t D2 = pairs_of(D);
+  for (int j = 0; j < nk; ++j) {
+    uint32_t* col = dst + int64_t(j / PW) * D2p * PW + (j % PW);
+    int64_t i = 0;
+    if (j < nb) {
+      row_pairs(base + span_pos(s, i0 + j) * sl, D, col, PW);
+      i = D2;
+    }
+    for (; i < D2p; ++i) col[i * PW] = 0u;
+  }
+}
+
+// The block's keys as pairs in the panels of V's scoring, pk2[panel][i][NR] (pack_pair_panels).
 template <class V>
 inline void pack_block_pairs(const Span& s, int64_t i0, int nb, const bf16_t* base, int64_t sl, int64_t D,
                              uint32_t* pk2) {
   constexpr int NR = V::NV * V::W;
-  const int64_t D2 = pairs_of(D);
-  const int nk = int(tile_ceil(nb, NR) * NR);
-  for (int j = 0; j < nk; ++j) {
-    uint32_t* col = pk2 + int64_t(j / NR) * D2 * NR + (j % NR);
-    if (j < nb) {
-      row_pairs(base + span_pos(s, i0 + j) * sl, D, col, NR);
-    } else {
-      for (int64_t i = 0; i < D2; ++i) col[i * NR] = 0u;
-    }
-  }
+  pack_pair_panels(s, i0, nb, int(tile_ceil(nb, NR) * NR), NR, base, sl, D, pairs_of(D), pk2);
 }
 
 // Asks for the rows of keys [i0, i0 + nb) of the span (D elements of type T each) ahead of
@@ -153,6 +160,17 @@ inline void prefetch_block(const Span& s, int64_t i0, int nb, const T* base, int
     const char* r = reinterpret_cast<const char*>(base + span_pos(s, i0 + j) * sl);
     for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(r + o, 0, 3);
   }
+}
+
+// Asks for the block after [i0, i0 + bs) of the span ahead of use: its keys (rows of k) and,
+// where v is given, its values (prefetch_block).
+template <class T>
+inline void prefetch_next_block(const Span& s, int64_t i0, int bs, const T* k, int64_t ksl, int64_t Dk, const T* v,
+                                int64_t vsl, int64_t Dv) {
+  if (i0 + bs >= s.count) return;
+  const int nn = int(s.count - i0 - bs < bs ? s.count - i0 - bs : bs);
+  prefetch_block(s, i0 + bs, nn, k, ksl, Dk);
+  if (v) prefetch_block(s, i0 + bs, nn, v, vsl, Dv);
 }
 
 // The end of a panel's scoring: acc *= mul, lanes >= valid set to -inf, stored to S (row
@@ -388,48 +406,57 @@ inline void load_queries(const FwdParams& p, const Span& s, const TileDims& t, f
   for (int64_t n = 0; n < p.N; ++n) row_f32<V>(q + n * p.q_sn, t.Dk, t.Dkp, qf + n * t.Dkp);
 }
 
-// The span's bf16 queries as pairs [N][D2] (row_pairs), for the pair scoring.
+// Rows n < N of src (row stride rs, D bf16 elements) as pairs [Np][D2p] (row_pairs): zero
+// pairs past the row's end and zero rows from N up to Np.
+inline void rows_as_pairs(const bf16_t* src, int64_t rs, int64_t N, int64_t Np, int64_t D, int64_t D2p,
+                          uint32_t* dst) {
+  const int64_t D2 = pairs_of(D);
+  for (int64_t n = 0; n < Np; ++n) {
+    uint32_t* row = dst + n * D2p;
+    int64_t i = 0;
+    if (n < N) {
+      row_pairs(src + n * rs, D, row, 1);
+      i = D2;
+    }
+    for (; i < D2p; ++i) row[i] = 0u;
+  }
+}
+
+// The span's bf16 queries as pairs [N][D2] (rows_as_pairs), for the pair scoring.
 inline void load_query_pairs(const FwdParams& p, const Span& s, int64_t Dk, uint32_t* q2) {
   const bf16_t* q = static_cast<const bf16_t*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
-  const int64_t D2 = pairs_of(Dk);
-  for (int64_t n = 0; n < p.N; ++n) row_pairs(q + n * p.q_sn, Dk, q2 + n * D2, 1);
+  rows_as_pairs(q, p.q_sn, p.N, p.N, Dk, pairs_of(Dk), q2);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Forward
 
-// One tile of M query rows against one packed block of nb keys (np panels). PV: also
-// O += P V (the forward); without it only the row statistics (the stats kernel).
-template <class V, int M, bool PV, bool PAIRS>
-inline void fwd_tile_rows(const TileScoring& sc, const float* vp, int64_t Dvp, int nb, float scale, float* S,
-                          float* O, float* mm, float* ll) {
-  constexpr int W = V::W, NR = V::NV * V::W, KB = V::KB;
-  const int np = int(tile_ceil(nb, NR)), nk = np * NR;
-  V vmax[M];
-  for (int r = 0; r < M; ++r) vmax[r] = V::set1(neg_inff());
-  for (int pn = 0; pn < np; ++pn) {
-    const int valid = nb - pn * NR < NR ? nb - pn * NR : NR;
-    score_panel<V, M, PAIRS>(sc, pn, valid, scale, S + pn * NR, KB, vmax);
-  }
+// The online softmax of M query rows on a block whose scores are in S (row stride ss, nk keys,
+// a multiple of W; -inf past the valid ones), bmax[r] the block max of row r: the running max
+// moves (lazily) and rescales ll and, with PV, the output rows O (stride Dvp); the scores become
+// probabilities in place (with PV) and their sum is added to ll.
+template <class V, bool PV>
+inline void softmax_rows(int M, const float* bmax, float* S, int64_t ss, int nk, float* O, int64_t Dvp, float* mm,
+                         float* ll) {
+  constexpr int W = V::W;
   const V l2e = V::set1(kTileLog2e);
   for (int r = 0; r < M; ++r) {
-    const float bmax = vmax[r].hmax();
     float m = mm[r];
-    if (bmax > m + kTileLazyMax) {
-      const float alpha = __builtin_exp2f((m - bmax) * kTileLog2e);  // 0 on the first block
+    if (bmax[r] > m + kTileLazyMax) {
+      const float alpha = __builtin_exp2f((m - bmax[r]) * kTileLog2e);  // 0 on the first block
       ll[r] *= alpha;
       if constexpr (PV) {
         float* o = O + r * Dvp;
         const V a = V::set1(alpha);
         for (int64_t c = 0; c < Dvp; c += W) (V::load(o + c) * a).store(o + c);
       }
-      m = mm[r] = bmax;
+      m = mm[r] = bmax[r];
     }
     // The shift: 0 while no finite score was seen (-inf scores then give 0, NaN ones NaN) or
     // once the max is +inf.
     const V mv = V::set1(tile_shift_of(m));
     V sum = V::zero();
-    float* sr = S + r * KB;
+    float* sr = S + r * ss;
     for (int j = 0; j < nk; j += W) {
       const V pr = V::exp2((V::load(sr + j) - mv) * l2e);
       sum = sum + pr;
@@ -437,7 +464,50 @@ inline void fwd_tile_rows(const TileScoring& sc, const float* vp, int64_t Dvp, i
     }
     ll[r] += sum.hsum();
   }
+}
+
+// One tile of M query rows against one packed block of nb keys (np panels). PV: also
+// O += P V (the forward); without it only the row statistics (the stats kernel).
+template <class V, int M, bool PV, bool PAIRS>
+inline void fwd_tile_rows(const TileScoring& sc, const float* vp, int64_t Dvp, int nb, float scale, float* S,
+                          float* O, float* mm, float* ll) {
+  constexpr int NR = V::NV * V::W, KB = V::KB;
+  const int np = int(tile_ceil(nb, NR)), nk = np * NR;
+  V vmax[M];
+  for (int r = 0; r < M; ++r) vmax[r] = V::set1(neg_inff());
+  for (int pn = 0; pn < np; ++pn) {
+    const int valid = nb - pn * NR < NR ? nb - pn * NR : NR;
+    score_panel<V, M, PAIRS>(sc, pn, valid, scale, S + pn * NR, KB, vmax);
+  }
+  float bmax[M];
+  for (int r = 0; r < M; ++r) bmax[r] = vmax[r].hmax();
+  softmax_rows<V, PV>(M, bmax, S, KB, nk, O, Dvp, mm, ll);
   if constexpr (PV) pv_all<V, M>(S, KB, vp, Dvp, nk, O, Dvp, Dvp);
+}
+
+// The forward's row state before the first block: O = 0 (PV), m = -inf, l = 0 for N rows.
+template <bool PV>
+inline void fwd_init_rows(int64_t N, int64_t Ors, float* O, float* mm, float* ll) {
+  if constexpr (PV)
+    for (int64_t i = 0; i < N * Ors; ++i) O[i] = 0.f;
+  for (int64_t n = 0; n < N; ++n) {
+    mm[n] = neg_inff();
+    ll[n] = 0.f;
+  }
+}
+
+// The forward's results after the last block: acc_out (PV; Dv of each O row, stride Ors), m, l.
+template <bool PV>
+inline void fwd_write_rows(int64_t N, int64_t Dv, int64_t Ors, const float* O, const float* mm, const float* ll,
+                           float* acc_out, float* m_out, float* l_out) {
+  for (int64_t n = 0; n < N; ++n) {
+    if constexpr (PV)
+      for (int64_t d = 0; d < Dv; ++d) acc_out[n * Dv + d] = O[n * Ors + d];
+    // m is the running max (the launcher subtracts its shift_of, as the kernels did); a NaN
+    // score leaves a NaN l, which the launcher propagates.
+    m_out[n] = mm[n];
+    l_out[n] = ll[n];
+  }
 }
 
 // PV: the forward (acc_out, m_out, l_out); otherwise the stats kernel (m_out, l_out only).
@@ -463,12 +533,7 @@ void tile_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out,
   else
     load_queries<V, T>(p, s, t, qs);
   const TileScoring sc{qs, t.Dkp, kt, t.Dk, q2, k2, pairs_of(t.Dk)};
-  if constexpr (PV)
-    for (int64_t i = 0; i < N * t.Dvp; ++i) O[i] = 0.f;
-  for (int64_t n = 0; n < N; ++n) {
-    mm[n] = neg_inff();
-    ll[n] = 0.f;
-  }
+  fwd_init_rows<PV>(N, t.Dvp, O, mm, ll);
   const float scale = float(p.scale);
   const auto* kb = static_cast<const T*>(p.k) + s.b * p.k_sb + s.h * p.k_sh;
   const auto* vb = static_cast<const T*>(p.v) + s.b * p.v_sb + s.h * p.v_sh;
@@ -483,11 +548,7 @@ void tile_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out,
     else
       pack_block<V>(s, i0, nb, kb, p.k_sl, t.Dk, t.Dkp, kt, kr);
     if constexpr (PV) pack_block<V>(s, i0, nb, vb, p.v_sl, t.Dv, t.Dvp, nullptr, vp);
-    if (i0 + KB < s.count) {
-      const int nn = int(s.count - i0 - KB < KB ? s.count - i0 - KB : KB);
-      prefetch_block(s, i0 + KB, nn, kb, p.k_sl, t.Dk);
-      if constexpr (PV) prefetch_block(s, i0 + KB, nn, vb, p.v_sl, t.Dv);
-    }
+    prefetch_next_block(s, i0, KB, kb, p.k_sl, t.Dk, PV ? vb : nullptr, p.v_sl, t.Dv);
     for (int64_t n0 = 0; n0 < N; n0 += MR) {
       const int rows = int(N - n0 < MR ? N - n0 : MR);
       with_rows<MR>(rows, [&](auto mc) {
@@ -496,35 +557,23 @@ void tile_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out,
       });
     }
   }
-  for (int64_t n = 0; n < N; ++n) {
-    if constexpr (PV)
-      for (int64_t d = 0; d < t.Dv; ++d) acc_out[n * t.Dv + d] = O[n * t.Dvp + d];
-    // m is the running max (the launcher subtracts its shift_of, as the kernels did); a NaN
-    // score leaves a NaN l, which the launcher propagates.
-    m_out[n] = mm[n];
-    l_out[n] = ll[n];
-  }
+  fwd_write_rows<PV>(N, t.Dv, t.Dvp, O, mm, ll, acc_out, m_out, l_out);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Backward
 
-template <class V, int M, bool PAIRS>
-inline void bwd_tile_rows(const TileDims& t, const TileScoring& sc, const float* qf, const float* dO, float* dQ,
-                          const float* msh, const float* lg, const float* dl, const float* vt, const float* kr,
-                          int nb, float scale, float* S, float* dP, float* dKb, float* dVb) {
-  constexpr int W = V::W, NR = V::NV * V::W, KB = V::KB;
-  const int np = int(tile_ceil(nb, NR)), nk = np * NR;
-  for (int pn = 0; pn < np; ++pn) {
-    const int valid = nb - pn * NR < NR ? nb - pn * NR : NR;
-    score_panel<V, M, PAIRS>(sc, pn, valid, scale, S + pn * NR, KB, nullptr);
-    qk_panel<V, M, false>(dO, t.Dvp, vt + int64_t(pn) * t.Dv * NR, t.Dv, NR, 1.f, dP + pn * NR, KB, nullptr);
-  }
+// The backward's probabilities and dS of M rows in place: S (scores, row stride ss, nk keys)
+// becomes p = 2^((s - m) log2 e - log2 l), dP (dO . v) becomes dS = p (dP - delta).
+template <class V>
+inline void bwd_probs_rows(int M, float* S, float* dP, int64_t ss, int nk, const float* msh, const float* lg,
+                           const float* dl) {
+  constexpr int W = V::W;
   const V l2e = V::set1(kTileLog2e);
   for (int r = 0; r < M; ++r) {
     const V m = V::set1(msh[r]), lgr = V::set1(lg[r]), d = V::set1(dl[r]);
-    float* sr = S + r * KB;
-    float* pr = dP + r * KB;
+    float* sr = S + r * ss;
+    float* pr = dP + r * ss;
     for (int j = 0; j < nk; j += W) {
       const V pj = V::exp2((V::load(sr + j) - m) * l2e - lgr);  // keys past nb: -inf -> 0
       const V ds = pj * (V::load(pr + j) - d);
@@ -532,16 +581,89 @@ inline void bwd_tile_rows(const TileDims& t, const TileScoring& sc, const float*
       ds.store(pr + j);
     }
   }
-  pv_all<V, M>(dP, KB, kr, t.Dkp, nk, dQ, t.Dkp, t.Dkp);
-  rank_all<V, M>(S, KB, dO, t.Dvp, nb, dVb, t.Dvp, t.Dvp);
-  rank_all<V, M>(dP, KB, qf, t.Dkp, nb, dKb, t.Dkp, t.Dkp);
+}
+
+// The fp32 products of M rows against a block of nb keys (nk packed): dQ += dS K, and the
+// block's dV += P^T dO, dK += dS^T Q (P in S, dS in dP, row stride ss).
+template <class V, int M>
+inline void bwd_updates(const TileDims& t, const float* S, const float* dP, int64_t ss, int nb, int nk,
+                        const float* qf, const float* dO, const float* kr, float* dQ, float* dKb, float* dVb) {
+  pv_all<V, M>(dP, ss, kr, t.Dkp, nk, dQ, t.Dkp, t.Dkp);
+  rank_all<V, M>(S, ss, dO, t.Dvp, nb, dVb, t.Dvp, t.Dvp);
+  rank_all<V, M>(dP, ss, qf, t.Dkp, nb, dKb, t.Dkp, t.Dkp);
+}
+
+// dQ += dS K for M rows (dS in dP, row stride ss; K as fp32 rows kr [nk][Dkp]; dQ stride Dkp),
+// in pieces of at most V::MR rows, the register blocking of pv_cols.
+template <class V>
+inline void bwd_dq_rows(int M, const float* dP, int64_t ss, int nk, const float* kr, int64_t Dkp, float* dQ) {
+  for (int h = 0; h < M; h += V::MR)
+    with_rows<V::MR>(M - h < V::MR ? M - h : V::MR, [&](auto mc) {
+      pv_all<V, decltype(mc)::value>(dP + h * ss, ss, kr, Dkp, nk, dQ + h * Dkp, Dkp, Dkp);
+    });
+}
+
+// The backward's per-row inputs of the span: grad_out rows as fp32 (dO, stride t.Dvp; skipped
+// where dO is null), dQ = 0 (stride Dqs), the shift (m, log2 l) and delta.
+template <class V, class T>
+inline void bwd_load_rows(const BwdParams& p, const Span& s, const TileDims& t, int64_t Dqs, float* dO, float* dQ,
+                          float* msh, float* lg, float* dl) {
+  const T* go = static_cast<const T*>(p.go) + s.b * p.go_sb + s.h * p.go_sh;
+  const float* shift = static_cast<const float*>(p.shift);
+  for (int64_t n = 0; n < p.N; ++n) {
+    if (dO) row_f32<V>(go + n * p.go_sn, t.Dv, t.Dvp, dO + n * t.Dvp);
+    for (int64_t d = 0; d < Dqs; ++d) dQ[n * Dqs + d] = 0.f;
+    const int64_t r = (s.b * p.N + n) * p.H + s.h;
+    // p = 2^((s - m) log2 e - log2 l): the shift the launcher derived from the forward's lse
+    // or recomputed with tile_stats (the same logits as here).
+    msh[n] = tile_shift_of(shift[2 * r]);
+    lg[n] = shift[2 * r + 1];
+    dl[n] = p.delta64 ? float(p.delta64[r]) : p.delta[r];
+  }
+}
+
+// The block's dK/dV accumulators for nb keys, zeroed.
+inline void bwd_zero_block(const TileDims& t, int nb, float* dKb, float* dVb) {
+  for (int64_t i = 0; i < int64_t(nb) * t.Dkp; ++i) dKb[i] = 0.f;
+  for (int64_t i = 0; i < int64_t(nb) * t.Dvp; ++i) dVb[i] = 0.f;
+}
+
+// dk (times scale) and dv of a block's nb keys [i0, i0 + nb) of the span, from dKb/dVb.
+template <class V, class T>
+inline void bwd_write_block(const BwdParams& p, const Span& s, const TileDims& t, int64_t i0, int nb,
+                            const float* dKb, const float* dVb) {
+  T* gkb = static_cast<T*>(p.gk) + s.b * p.gk_sb + s.h * p.gk_sh;
+  T* gvb = static_cast<T*>(p.gv) + s.b * p.gv_sb + s.h * p.gv_sh;
+  const float scale = float(p.scale);
+  for (int j = 0; j < nb; ++j) {
+    const int64_t pos = span_pos(s, i0 + j);
+    T* gk = gkb + pos * p.gk_sl;
+    T* gv = gvb + pos * p.gv_sl;
+    for (int64_t d = 0; d < t.Dk; ++d) V::from_f32(dKb[j * t.Dkp + d] * scale, gk + d);
+    for (int64_t d = 0; d < t.Dv; ++d) V::from_f32(dVb[j * t.Dvp + d], gv + d);
+  }
+}
+
+template <class V, int M, bool PAIRS>
+inline void bwd_tile_rows(const TileDims& t, const TileScoring& sc, const float* qf, const float* dO, float* dQ,
+                          const float* msh, const float* lg, const float* dl, const float* vt, const float* kr,
+                          int nb, float scale, float* S, float* dP, float* dKb, float* dVb) {
+  constexpr int NR = V::NV * V::W, KB = V::KB;
+  const int np = int(tile_ceil(nb, NR)), nk = np * NR;
+  for (int pn = 0; pn < np; ++pn) {
+    const int valid = nb - pn * NR < NR ? nb - pn * NR : NR;
+    score_panel<V, M, PAIRS>(sc, pn, valid, scale, S + pn * NR, KB, nullptr);
+    qk_panel<V, M, false>(dO, t.Dvp, vt + int64_t(pn) * t.Dv * NR, t.Dv, NR, 1.f, dP + pn * NR, KB, nullptr);
+  }
+  bwd_probs_rows<V>(M, S, dP, KB, nk, msh, lg, dl);
+  bwd_updates<V, M>(t, S, dP, KB, nb, nk, qf, dO, kr, dQ, dKb, dVb);
 }
 
 template <class V, class T>
 void tile_bwd_span(const BwdParams& p, const Span& s, float* ws, float* dq_out) {
   constexpr int KB = V::KB, MR = V::MR;
   const TileDims t = tile_dims<V>(p.Dk, p.Dv);
-  const int64_t N = p.N, H = p.H;
+  const int64_t N = p.N;
   const TileBwdWs lay = tile_bwd_ws<V>(N, t);
   float* qf = ws + lay.qf;
   float* dO = ws + lay.dO;
@@ -564,22 +686,9 @@ void tile_bwd_span(const BwdParams& p, const Span& s, float* ws, float* dq_out) 
   load_queries<V, T>(p, s, t, qf);  // dK += dS^T Q needs them as fp32 also when scoring on pairs
   if constexpr (pairs) load_query_pairs(p, s, t.Dk, q2);
   const TileScoring sc{qf, t.Dkp, kt, t.Dk, q2, k2, pairs_of(t.Dk)};
-  const T* go = static_cast<const T*>(p.go) + s.b * p.go_sb + s.h * p.go_sh;
-  const float* shift = static_cast<const float*>(p.shift);
-  for (int64_t n = 0; n < N; ++n) {
-    row_f32<V>(go + n * p.go_sn, t.Dv, t.Dvp, dO + n * t.Dvp);
-    for (int64_t d = 0; d < t.Dkp; ++d) dQ[n * t.Dkp + d] = 0.f;
-    const int64_t r = (s.b * N + n) * H + s.h;
-    // p = 2^((s - m) log2 e - log2 l): the shift the launcher derived from the forward's lse
-    // or recomputed with tile_stats (the same logits as here).
-    msh[n] = tile_shift_of(shift[2 * r]);
-    lg[n] = shift[2 * r + 1];
-    dl[n] = p.delta64 ? float(p.delta64[r]) : p.delta[r];
-  }
+  bwd_load_rows<V, T>(p, s, t, t.Dkp, dO, dQ, msh, lg, dl);
   const T* kb = static_cast<const T*>(p.k) + s.b * p.k_sb + s.h * p.k_sh;
   const T* vb = static_cast<const T*>(p.v) + s.b * p.v_sb + s.h * p.v_sh;
-  T* gkb = static_cast<T*>(p.gk) + s.b * p.gk_sb + s.h * p.gk_sh;
-  T* gvb = static_cast<T*>(p.gv) + s.b * p.gv_sb + s.h * p.gv_sh;
   const float scale = float(p.scale);
   for (int64_t i0 = 0; i0 < s.count; i0 += KB) {
     const int nb = int(s.count - i0 < KB ? s.count - i0 : KB);
@@ -590,13 +699,8 @@ void tile_bwd_span(const BwdParams& p, const Span& s, float* ws, float* dq_out) 
       pack_block<V>(s, i0, nb, kb, p.k_sl, t.Dk, t.Dkp, kt, kr);
     }
     pack_block<V>(s, i0, nb, vb, p.v_sl, t.Dv, t.Dvp, vt, vr);
-    if (i0 + KB < s.count) {
-      const int nn = int(s.count - i0 - KB < KB ? s.count - i0 - KB : KB);
-      prefetch_block(s, i0 + KB, nn, kb, p.k_sl, t.Dk);
-      prefetch_block(s, i0 + KB, nn, vb, p.v_sl, t.Dv);
-    }
-    for (int64_t i = 0; i < int64_t(nb) * t.Dkp; ++i) dKb[i] = 0.f;
-    for (int64_t i = 0; i < int64_t(nb) * t.Dvp; ++i) dVb[i] = 0.f;
+    prefetch_next_block(s, i0, KB, kb, p.k_sl, t.Dk, vb, p.v_sl, t.Dv);
+    bwd_zero_block(t, nb, dKb, dVb);
     for (int64_t n0 = 0; n0 < N; n0 += MR) {
       const int rows = int(N - n0 < MR ? N - n0 : MR);
       with_rows<MR>(rows, [&](auto mc) {
@@ -605,13 +709,7 @@ void tile_bwd_span(const BwdParams& p, const Span& s, float* ws, float* dq_out) 
                                                      scale, S, dP, dKb, dVb);
       });
     }
-    for (int j = 0; j < nb; ++j) {
-      const int64_t pos = span_pos(s, i0 + j);
-      T* gk = gkb + pos * p.gk_sl;
-      T* gv = gvb + pos * p.gv_sl;
-      for (int64_t d = 0; d < t.Dk; ++d) V::from_f32(dKb[j * t.Dkp + d] * scale, gk + d);
-      for (int64_t d = 0; d < t.Dv; ++d) V::from_f32(dVb[j * t.Dvp + d], gv + d);
-    }
+    bwd_write_block<V, T>(p, s, t, i0, nb, dKb, dVb);
   }
   for (int64_t n = 0; n < N; ++n)
     for (int64_t d = 0; d < t.Dk; ++d) dq_out[n * t.Dk + d] = dQ[n * t.Dkp + d] * scale;

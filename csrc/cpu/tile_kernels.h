@@ -41,6 +41,12 @@ void tile_fwd_avx512_bf16(const FwdParams& p, const Span& s, void* ws, void* acc
 void tile_bwd_avx512_bf16(const BwdParams& p, const Span& s, void* ws, void* dq);
 void tile_stats_avx512_bf16(const FwdParams& p, const Span& s, void* ws, void* m, void* l);
 int64_t tile_workspace_avx512_bf16(int64_t N, int64_t Dk, int64_t Dv);
+// AVX-512 with AMX-TILE/AMX-BF16: bf16 matrix products on the tile unit (tile_amx.cpp), other
+// dtypes as avx512_bf16. The calling thread's tiles are configured and released inside.
+void tile_fwd_amx(const FwdParams& p, const Span& s, void* ws, void* acc, void* m, void* l);
+void tile_bwd_amx(const BwdParams& p, const Span& s, void* ws, void* dq);
+void tile_stats_amx(const FwdParams& p, const Span& s, void* ws, void* m, void* l);
+int64_t tile_workspace_amx(int64_t N, int64_t Dk, int64_t Dv);
 #endif
 
 }  // namespace cpu
