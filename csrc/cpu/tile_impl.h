@@ -473,14 +473,18 @@ inline void fwd_tile_rows(const TileScoring& sc, const float* vp, int64_t Dvp, i
                           float* O, float* mm, float* ll) {
   constexpr int NR = V::NV * V::W, KB = V::KB;
   const int np = int(tile_ceil(nb, NR)), nk = np * NR;
-  V vmax[M];
-  for (int r = 0; r < M; ++r) vmax[r] = V::set1(neg_inff());
   for (int pn = 0; pn < np; ++pn) {
     const int valid = nb - pn * NR < NR ? nb - pn * NR : NR;
-    score_panel<V, M, PAIRS>(sc, pn, valid, scale, S + pn * NR, KB, vmax);
+    score_panel<V, M, PAIRS>(sc, pn, valid, scale, S + pn * NR, KB, nullptr);
   }
+  // Each row's block max from the stored scores (a running max kept in registers across the
+  // panels took M of them from the scoring loop, which then spilled its key vectors).
   float bmax[M];
-  for (int r = 0; r < M; ++r) bmax[r] = vmax[r].hmax();
+  for (int r = 0; r < M; ++r) {
+    V mx = V::load(S + r * KB);
+    for (int j = V::W; j < nk; j += V::W) mx = V::max(mx, V::load(S + r * KB + j));
+    bmax[r] = mx.hmax();
+  }
   softmax_rows<V, PV>(M, bmax, S, KB, nk, O, Dvp, mm, ll);
   if constexpr (PV) pv_all<V, M>(S, KB, vp, Dvp, nk, O, Dvp, Dvp);
 }
