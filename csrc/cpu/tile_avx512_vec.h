@@ -6,6 +6,7 @@
 #pragma once
 
 #include "tile_impl.h"
+#include "transpose8_avx2.h"
 
 namespace attnkern {
 namespace cpu {
@@ -74,11 +75,12 @@ struct TileVec512 {
     return {_mm512_mask_mov_ps(z, _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(128.f), _CMP_GE_OQ),
                                _mm512_set1_ps(__builtin_inff()))};
   }
-  // dst[d * NR + j] = rows[j * rs + d] for the W rows j and d < D.
+  // dst[d * NR + j] = rows[j * rs + d] for the W rows j and d < D (rows readable up to D
+  // rounded up to 8: they are Dp = D rounded up to W long), as two 8-row halves.
   template <int NR>
   static void transpose_rows(const float* rows, int64_t rs, int64_t D, float* dst) {
-    for (int j = 0; j < W; ++j)
-      for (int64_t d = 0; d < D; ++d) dst[d * NR + j] = rows[j * rs + d];
+    transpose8_rows(rows, rs, D, dst, NR);
+    transpose8_rows(rows + 8 * rs, rs, D, dst + 8, NR);
   }
 
 #if defined(ATTNKERN_AVX512_BF16)
