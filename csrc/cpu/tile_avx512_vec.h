@@ -87,6 +87,13 @@ struct TileVec512 {
   // Raw 32-bit lanes (two bf16 elements each, element 2i in the low half) carried in a vector.
   static TileVec512 load_bits(const uint32_t* p) { return {_mm512_castsi512_ps(_mm512_loadu_si512(p))}; }
   static TileVec512 set1_bits(uint32_t a) { return {_mm512_castsi512_ps(_mm512_set1_epi32(int(a)))}; }
+  // Pair lanes from two vectors of fp32 values that are bf16 values (low halves zero): even's
+  // bf16 bits in the low half, odd's in the high half (the halves do not overlap: + is |).
+  static TileVec512 join_pairs(TileVec512 even, TileVec512 odd) {
+    const __m512i lo = _mm512_srli_epi32(_mm512_castps_si512(even.v), 16);
+    const __m512i hi = _mm512_and_si512(_mm512_castps_si512(odd.v), _mm512_set1_epi32(int(0xffff0000u)));
+    return {_mm512_castsi512_ps(_mm512_add_epi32(lo, hi))};
+  }
   // acc + a.lo * b.lo + a.hi * b.hi per lane (vdpbf16ps: exact bf16 products, fp32 sums).
   static TileVec512 dot_pairs(TileVec512 acc, TileVec512 a, TileVec512 b) {
     return {_mm512_dpbf16_ps(acc.v, (__m512bh)_mm512_castps_si512(a.v), (__m512bh)_mm512_castps_si512(b.v))};

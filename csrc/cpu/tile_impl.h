@@ -142,12 +142,28 @@ inline void pack_pair_panels(const Span& s, int64_t i0, int nb, int nk, int PW, 
   }
 }
 
-// The block's keys as pairs in the panels of V's scoring, pk2[panel][i][NR] (pack_pair_panels).
+// The block's keys (bf16) as pairs in the panels of V's scoring, k2[panel][i][NR], the layout
+// of pack_pair_panels: packed as fp32 rows pr and panels kt first (pack_block: vector loads and
+// register transposes), then each panel's rows 2i and 2i + 1 joined into pair row i in place
+// (k2 aliases kt; pair row i ends before fp32 row 2i + 1's unread part, as D2 <= D). The fp32
+// values are bf16 ones, so their high halves are the bf16 bits exactly.
 template <class V>
 inline void pack_block_pairs(const Span& s, int64_t i0, int nb, const bf16_t* base, int64_t sl, int64_t D,
-                             uint32_t* pk2) {
-  constexpr int NR = V::NV * V::W;
-  pack_pair_panels(s, i0, nb, int(tile_ceil(nb, NR) * NR), NR, base, sl, D, pairs_of(D), pk2);
+                             int64_t Dp, float* kt, float* pr) {
+  constexpr int NR = V::NV * V::W, W = V::W;
+  pack_block<V>(s, i0, nb, base, sl, D, Dp, kt, pr);
+  const int64_t D2 = pairs_of(D);
+  const int np = int(tile_ceil(nb, NR));
+  for (int pn = 0; pn < np; ++pn) {
+    const float* f = kt + int64_t(pn) * D * NR;
+    float* o = kt + int64_t(pn) * D2 * NR;
+    for (int64_t i = 0; i < D2; ++i)
+      for (int c = 0; c < NR; c += W) {
+        const V even = V::load(f + 2 * i * NR + c);
+        const V odd = 2 * i + 1 < D ? V::load(f + (2 * i + 1) * NR + c) : V::zero();
+        V::join_pairs(even, odd).store(o + i * NR + c);
+      }
+  }
 }
 
 // Asks for the rows of keys [i0, i0 + nb) of the span (D elements of type T each) ahead of
@@ -548,7 +564,7 @@ void tile_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out,
       if constexpr (PV) prefetch_block(s, 0, nb, vb, p.v_sl, t.Dv);
     }
     if constexpr (pairs)
-      pack_block_pairs<V>(s, i0, nb, kb, p.k_sl, t.Dk, k2);
+      pack_block_pairs<V>(s, i0, nb, kb, p.k_sl, t.Dk, t.Dkp, kt, kr);
     else
       pack_block<V>(s, i0, nb, kb, p.k_sl, t.Dk, t.Dkp, kt, kr);
     if constexpr (PV) pack_block<V>(s, i0, nb, vb, p.v_sl, t.Dv, t.Dvp, nullptr, vp);
@@ -696,12 +712,10 @@ void tile_bwd_span(const BwdParams& p, const Span& s, float* ws, float* dq_out) 
   const float scale = float(p.scale);
   for (int64_t i0 = 0; i0 < s.count; i0 += KB) {
     const int nb = int(s.count - i0 < KB ? s.count - i0 : KB);
-    if constexpr (pairs) {
-      pack_block<V>(s, i0, nb, kb, p.k_sl, t.Dk, t.Dkp, nullptr, kr);
-      pack_block_pairs<V>(s, i0, nb, kb, p.k_sl, t.Dk, k2);
-    } else {
+    if constexpr (pairs)
+      pack_block_pairs<V>(s, i0, nb, kb, p.k_sl, t.Dk, t.Dkp, kt, kr);  // kr keeps the fp32 rows
+    else
       pack_block<V>(s, i0, nb, kb, p.k_sl, t.Dk, t.Dkp, kt, kr);
-    }
     pack_block<V>(s, i0, nb, vb, p.v_sl, t.Dv, t.Dvp, vt, vr);
     prefetch_next_block(s, i0, KB, kb, p.k_sl, t.Dk, vb, p.v_sl, t.Dv);
     bwd_zero_block(t, nb, dKb, dVb);
