@@ -22,6 +22,21 @@ def test_serving_family_runs_and_checks(tmp_path, capsys):
     assert (tmp_path / "serving.md").read_text().count("(B=") == 2
 
 
+def test_serving_peak_is_the_faster_gemm():
+    # The roof of bfloat16 inputs is a bfloat16 GEMM where the CPU runs one faster than float32
+    # (AVX512-BF16, AMX), else the float32 one; float32 inputs always get the float32 GEMM.
+    g32, d32 = serving.measure_peak("float32", rounds=1)
+    assert d32 == "float32" and g32 > 0
+    g16, d16 = serving.measure_peak("bfloat16", rounds=1)
+    assert d16 in ("float32", "bfloat16") and g16 > 0
+
+
+def test_serving_bf16_line_names_its_peak(capsys):
+    assert serving.run(["bfloat16"], ["sdpa", "cpu"], ["tiny"], 1) == 0
+    out = capsys.readouterr().out
+    assert "GEMM peak" in out and ("(bfloat16)" in out or "(float32)" in out)
+
+
 def test_serving_unknown_shape_is_an_error():
     with pytest.raises(ValueError, match="unknown serving shape"):
         serving.run(["float32"], ["cpu"], ["nope"], 1)

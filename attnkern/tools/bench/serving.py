@@ -5,10 +5,14 @@ Providers: the eager reference, SDPA (no mask: every position is valid), torch.c
 reference, FlexAttention (CPU, where it compiles) and attnkern's cpu backend. Timings are
 medians over rounds in which the providers run one after another (the machine is shared, so
 every ratio is taken within one run). GFLOP/s count the useful FLOPs 2 * N * H * L * (Dk + Dv)
-(forward); the machine's peak is measured in the same run by a float32 GEMM (torch.mm at a
-large square size; bfloat16/float16 inputs are computed in float32 by every provider on a CPU
-without AVX512-BF16/AMX, so the float32 roof is theirs too), and the time to read K and V once by summing a buffer of their size (one of
-several buffers, together larger than the last-level cache).
+(forward); the machine's peak for a dtype is measured in the same run as the best rate of a
+GEMM (torch.mm at a large square size) in that dtype or in float32, whichever is faster: on a CPU
+with AVX512-BF16 or AMX a bfloat16 GEMM runs at twice the float32 rate or more, so that is the
+roof of bfloat16 inputs there; without them (and for float16 on most CPUs) every provider
+computes in float32 and the float32 roof is theirs. The best of the run's GEMM samples is taken,
+not their median: a shared machine only ever slows a GEMM down. The time to read K and V once is
+the median time to sum a buffer of their size (one of several buffers, together larger than the
+last-level cache).
 
     attnkern bench --family serving [--dtype float32,bfloat16] [--rounds 7] [--threads 2]
 
@@ -43,6 +47,7 @@ TINY_SHAPES = {"tiny": (1, 20, 2, 70, 8), "tiny-long": (2, 1, 2, 600, 8)}  # smo
 _TOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 3e-3}  # max |out - float64 reference|
 PROVIDERS = ("reference", "sdpa", "compile", "flex", "cpu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def flops(B, N, H, L, D) -> int:
@@ -112,9 +117,11 @@ class Result:
     read_s: float
     peak_gflops: float
     max_err: Dict[str, float]
+    peak_dtype: str = "float32"  # the GEMM that set the peak
 
 
-def run_shape(shape, dtype_name: str, providers, rounds: int, peak_gflops: float, check: bool = True) -> Result:
+def run_shape(shape, dtype_name: str, providers, rounds: int, peak_gflops, check: bool = True) -> Result:
+    """Times the providers at one shape; peak_gflops is measure_peak's (GFLOP/s, dtype name)."""
     dtype = DTYPES[dtype_name]
     q, k, v = make_inputs(shape, dtype)
     B, N, H, L, D = shape
@@ -137,7 +144,9 @@ def run_shape(shape, dtype_name: str, providers, rounds: int, peak_gflops: float
     rd = read_fn(kv_bytes)
     rd()
     gemm_n = 1536
-    gemm = gemm_peak_fn(torch.float32, gemm_n)
+    # The GEMM of the dtype that set the run's peak (measure_peak), timed with the providers.
+    peak, peak_of = peak_gflops
+    gemm = gemm_peak_fn(DTYPES[peak_of], gemm_n)
     gemm()
     extra = {"read": rd, "gemm": gemm}
     samples: Dict[str, List[float]] = {p: [] for p in list(fns) + list(extra)}
@@ -147,23 +156,28 @@ def run_shape(shape, dtype_name: str, providers, rounds: int, peak_gflops: float
         for p in (order if r % 2 == 0 else order[::-1]):
             samples[p].append(_once(extra.get(p) or fns[p]))
     times = {p: statistics.median(s) for p, s in samples.items() if p not in extra}
-    peak = max(peak_gflops, 2 * gemm_n ** 3 / statistics.median(samples["gemm"]) / 1e9)
-    return Result(shape, dtype_name, times, errors, statistics.median(samples["read"]), peak, max_err)
+    peak = max(peak, 2 * gemm_n ** 3 / min(samples["gemm"]) / 1e9)
+    return Result(shape, dtype_name, times, errors, statistics.median(samples["read"]), peak, max_err, peak_of)
 
 
-def measure_peak(dtype_name: str, rounds: int = 3) -> float:
+def measure_peak(dtype_name: str, rounds: int = 3):
+    """(GFLOP/s, dtype name): the best GEMM rate of `rounds` runs in float32 and in dtype_name."""
     n = 1536
-    f = gemm_peak_fn(torch.float32, n)
-    f()
-    t = statistics.median(_once(f) for _ in range(rounds))
-    return 2 * n ** 3 / t / 1e9
+    best = (0.0, "float32")
+    for gd in dict.fromkeys([torch.float32, DTYPES[dtype_name]]):
+        f = gemm_peak_fn(gd, n)
+        f()
+        g = 2 * n ** 3 / min(_once(f) for _ in range(rounds)) / 1e9
+        if g > best[0]:
+            best = (g, DTYPE_NAMES[gd])
+    return best
 
 
 def format_result(r: Result) -> List[str]:
     B, N, H, L, D = r.shape
     fl = flops(*r.shape)
-    lines = ["(B=%d, N=%d, H=%d, L=%d, D=%d) %s  read K/V once: %.3f ms  fp32 GEMM peak %.0f GFLOP/s" % (
-        B, N, H, L, D, r.dtype, r.read_s * 1e3, r.peak_gflops)]
+    lines = ["(B=%d, N=%d, H=%d, L=%d, D=%d) %s  read K/V once: %.3f ms  GEMM peak %.0f GFLOP/s (%s)" % (
+        B, N, H, L, D, r.dtype, r.read_s * 1e3, r.peak_gflops, r.peak_dtype)]
     sdpa = r.times.get("sdpa")
     for p, t in r.times.items():
         g = fl / t / 1e9
