@@ -45,6 +45,16 @@ __all__ = ["AttentionPooling", "ActivationUnitPooling", "absorb_cost"]
 POOL_COST_WEIGHT = 1.0
 
 
+def _size_hint(x, fallback):
+    """A size as a number: x itself, or for a symbolic size its example value (the hint,
+    read without adding a guard), or `fallback` where it has none."""
+    if not isinstance(x, (torch.SymInt, torch.SymFloat)):
+        return x
+    node = getattr(x, "node", None)
+    hint = getattr(node, "hint", None) if node is not None and node.has_hint() else None
+    return fallback if hint is None or isinstance(hint, (torch.SymInt, torch.SymFloat)) else hint
+
+
 def absorb_cost(N: int, H: int, L: float, E: int, kdim: int, vdim: int,
                 attention_dim: Optional[int] = None) -> Tuple[float, float]:
     """The cost model behind ``absorb="auto"``: (projected, absorbed) multiply-adds of one
@@ -102,8 +112,10 @@ class AttentionPooling(nn.Module):
             values first (the textbook order). "auto" (default) picks the cheaper one for
             each call's shape by `absorb_cost`: absorbed when N x H is small next to A, e.g.
             one candidate per row; projected for many candidates. When N or L is symbolic
-            (torch.export with dynamic shapes) "auto" decides as for one candidate over a long
-            history, so the exported graph holds one order for every size.
+            (torch.export with dynamic shapes) "auto" decides for the traced example's N and L
+            (without a guard, so the sizes stay dynamic), and the exported graph holds that one
+            order for every size: export with an example of the shape you serve (``attnkern
+            export --example-shape``), or fix the order with True / False.
         bias: whether the four projections have a bias.
         backend: "auto" | "reference" | "cpu" | "cuda" | "triton", passed to `attention_pool`.
 
@@ -224,9 +236,11 @@ class AttentionPooling(nn.Module):
         if isinstance(num_queries, (torch.SymInt, torch.SymFloat)) or isinstance(
                 mean_length, (torch.SymInt, torch.SymFloat)):
             # Symbolic sizes (torch.export with dynamic shapes): deciding on them would pin them
-            # with a guard. Both orders are exact, so decide from the model's constants alone:
-            # the cost model's choice for one query over a long history.
-            num_queries, mean_length = 1, float("inf")
+            # with a guard. Both orders are exact, so decide from the sizes of the traced example
+            # (the symbols' hints, read without a guard: export with an example of the shape you
+            # serve), or, where a size has no hint, as for one query over a long history.
+            num_queries = _size_hint(num_queries, 1)
+            mean_length = _size_hint(mean_length, float("inf"))
         projected, absorbed = absorb_cost(num_queries, self.num_heads, mean_length,
                                           self.embed_dim, self.kdim, self.vdim,
                                           self.attention_dim)

@@ -197,6 +197,44 @@ def test_bad_arguments():
         ex.build_model(_cfg("attention_pooling", checkpoint="x.pt"))
 
 
+@pytest.mark.parametrize("example, absorbed", [(ex.Shape(3, 2, 7), True), (ex.Shape(2, 256, 64), False)])
+def test_export_order_follows_the_example(monkeypatch, example, absorbed):
+    # absorb="auto" under torch.export decides from the traced example's N and L (their hints,
+    # no guard): few candidates, absorbed; a serving example with many candidates, projected,
+    # the order eager takes there. N and L stay dynamic either way.
+    from attnkern.nn import AttentionPooling
+
+    m = AttentionPooling(32, 2).eval()
+    seen = []
+    real = AttentionPooling.uses_absorbed_order
+
+    def spy(self, n, length):
+        seen.append(real(self, n, length))
+        return seen[-1]
+
+    monkeypatch.setattr(AttentionPooling, "uses_absorbed_order", spy)
+    ep = ex.export_program(m, ex.make_inputs(m, example))
+    assert seen and all(a == absorbed for a in seen)
+    assert real(m, example.candidates, example.history) == absorbed  # eager's choice at that shape
+    monkeypatch.setattr(AttentionPooling, "uses_absorbed_order", real)
+    for shape in (ex.Shape(2, 1, 5), ex.Shape(4, 300, 9)):  # other N and L: still dynamic
+        inp = ex.make_inputs(m, shape, seed=3)
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(*inp.args, **inp.kwargs), m(*inp.args, **inp.kwargs),
+                                       atol=1e-5, rtol=1e-4)
+
+
+def test_example_shape_option():
+    assert ex.example_shape(ex.Shape(1, 1024, 2048)) == ex.Shape(2, 1024, 2048)  # B = 1 would pin B
+    assert ex._parse_shape("1,1024,2048") == ex.Shape(1, 1024, 2048)
+    for bad in ("1,2", "a,b,c", "0,4,7"):
+        with pytest.raises(ValueError, match="--example-shape"):
+            ex._parse_shape(bad)
+    with pytest.raises(SystemExit) as e:  # the command line: usage and the message, exit 2
+        ex.main(["--format", "onnx", "--out", "unused.onnx", "--example-shape", "1,0,5"])
+    assert e.value.code == 2
+
+
 # --------------------------------------------------------------------------- AOTInductor
 
 

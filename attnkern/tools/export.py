@@ -66,6 +66,15 @@ class Shape:
 
 
 EXAMPLE = Shape(3, 4, 7)  # the traced example: no size 0 or 1 (torch.export specialises those)
+
+
+def example_shape(shape: Shape) -> Shape:
+    """The shape the export traces for a requested example: sizes below 2 raised to 2 (torch.export
+    specialises sizes 0 and 1, which would pin that axis). Every axis stays dynamic either way;
+    the example's candidates and history length choose AttentionPooling's evaluation order
+    under absorb="auto" (absorbed for few candidates, projected for many), the one order the
+    exported graph then holds: give the shape you serve."""
+    return Shape(*(max(2, int(x)) for x in (shape.batch, shape.candidates, shape.history)))
 CHECK_SHAPES = (Shape(1, 5, 11), Shape(6, 1, 3))  # serving's B = 1; another B and L, one candidate
 
 
@@ -165,16 +174,18 @@ def export_program(model: nn.Module,
                                dynamic_shapes=_export_dims(model))
 
 
-def export_aoti(model: nn.Module, path: str) -> str:
+def export_aoti(model: nn.Module, path: str, *, example: Shape = EXAMPLE) -> str:
     """AOTInductor package of `model` at `path` (.pt2): the exported graph compiled to a shared
-    library that calls attnkern's ops through the dispatcher (Inductor's proxy executor)."""
-    ep = export_program(model)
+    library that calls attnkern's ops through the dispatcher (Inductor's proxy executor).
+    `example`: the traced inputs' shape (see example_shape)."""
+    ep = export_program(model, make_inputs(model, example_shape(example)))
     with torch.no_grad():
         return torch._inductor.aoti_compile_and_package(ep, package_path=path)
 
 
-def export_onnx(model: nn.Module, path: str, *, exporter: str = "dynamo") -> str:
+def export_onnx(model: nn.Module, path: str, *, exporter: str = "dynamo", example: Shape = EXAMPLE) -> str:
     """ONNX file of `model` at `path`, attnkern's ops written as standard ONNX ops.
+    `example`: the traced inputs' shape (see example_shape).
 
     exporter: "dynamo" (torch.export + onnxscript, the default) or "torchscript" (the legacy
     TorchScript exporter, which needs no onnxscript)."""
@@ -189,7 +200,7 @@ def export_onnx(model: nn.Module, path: str, *, exporter: str = "dynamo") -> str
                            % e) from e
     from ..ops import onnx_translation
 
-    example = make_inputs(model, EXAMPLE)
+    example = make_inputs(model, example_shape(example))
     names = list(example.names)
     with warnings.catch_warnings():
         # Expected and harmless: the TorchScript tracer flags every shape check of the
@@ -279,20 +290,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=d.num_heads)
     p.add_argument("--num-items", type=int, default=d.num_items)
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the random weights")
+    p.add_argument("--example-shape", type=_shape_arg, default=EXAMPLE, metavar="B,N,L", help="batch, candidates and history length of the traced example "
+                   "(all stay dynamic; N and L choose the attention layer's evaluation order: give "
+                   "the serving shape, e.g. 1,1024,2048)")
     return p
+
+
+def _parse_shape(text: str) -> Shape:
+    try:
+        b, n, l = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError("--example-shape must be three integers B,N,L, got %r" % text) from None
+    if min(b, n, l) < 1:
+        raise ValueError("--example-shape sizes must be >= 1, got %r" % text)
+    return Shape(b, n, l)
+
+
+def _shape_arg(text: str) -> Shape:
+    try:
+        return _parse_shape(text)
+    except ValueError as e:  # argparse then prints the usage and this message, exit status 2
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     cfg = ModelConfig(model=args.model, embed_dim=args.embed_dim, num_heads=args.heads,
                       num_items=args.num_items, checkpoint=args.checkpoint, seed=args.seed)
+    example = args.example_shape
     model = build_model(cfg)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     t0 = time.perf_counter()
     if args.format == "aoti":
-        export_aoti(model, args.out)
+        export_aoti(model, args.out, example=example)
     else:
-        export_onnx(model, args.out, exporter=args.exporter)
+        export_onnx(model, args.out, exporter=args.exporter, example=example)
     seconds = time.perf_counter() - t0
     dims = ", ".join("%s %s" % (n, {a: d for a, d in ax.items()})
                      for n, ax in dynamic_dims(model).items())
