@@ -190,9 +190,9 @@ inline void prefetch_next_block(const Span& s, int64_t i0, int bs, const T* k, i
 }
 
 // The end of a panel's scoring: acc *= mul, lanes >= valid set to -inf, stored to S (row
-// stride ss); vmax[r] (if given) takes the lane-wise max.
+// stride ss).
 template <class V, int M>
-inline void finish_scores(V (&acc)[M][V::NV], int valid, float mul, float* S, int64_t ss, V* vmax) {
+inline void finish_scores(V (&acc)[M][V::NV], int valid, float mul, float* S, int64_t ss) {
   constexpr int NV = V::NV, W = V::W, NR = NV * W;
   if (mul != 1.f) {
     const V mv = V::set1(mul);
@@ -210,21 +210,17 @@ inline void finish_scores(V (&acc)[M][V::NV], int valid, float mul, float* S, in
 #pragma GCC unroll 8
   for (int r = 0; r < M; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      acc[r][v].store(S + r * ss + v * W);
-      if (vmax) vmax[r] = V::max(vmax[r], acc[r][v]);
-    }
+    for (int v = 0; v < NV; ++v) acc[r][v].store(S + r * ss + v * W);
 }
 
 // Scores of M query rows (x, row stride xs, D elements, fp32) against one panel pk[d][NR]:
 // S[r][0:NR] = mul * sum_d x[r][d] * pk[d][:], summed in order d = 0, 1, ... by one FMA chain
 // per lane, then scaled (the forward, the stats and the backward all score through here, so
-// they round identically). Lanes >= valid are set to -inf; vmax[r] (if given) takes the
-// lane-wise max. PAIRS: the same on bf16 pairs (E = uint32_t): x holds the rows as pairs (D
-// pairs each), pk a panel [D][NR] of key pairs, one dot_pairs chain per lane.
+// they round identically). Lanes >= valid are set to -inf. PAIRS: the same on bf16 pairs
+// (E = uint32_t): x holds the rows as pairs (D pairs each), pk a panel [D][NR] of key pairs,
+// one dot_pairs chain per lane.
 template <class V, int M, bool PAIRS, class E>
-inline void qk_panel(const E* x, int64_t xs, const E* pk, int64_t D, int valid, float mul, float* S, int64_t ss,
-                     V* vmax) {
+inline void qk_panel(const E* x, int64_t xs, const E* pk, int64_t D, int valid, float mul, float* S, int64_t ss) {
   constexpr int NV = V::NV, W = V::W, NR = NV * W;
   V acc[M][NV];
 #pragma GCC unroll 8
@@ -253,7 +249,7 @@ inline void qk_panel(const E* x, int64_t xs, const E* pk, int64_t D, int valid, 
       }
     }
   }
-  finish_scores<V, M>(acc, valid, mul, S, ss, vmax);
+  finish_scores<V, M>(acc, valid, mul, S, ss);
 }
 
 // The queries and the key block a tile scores with: fp32 rows q (stride qs) and panels kt
@@ -276,12 +272,12 @@ struct TileScoring {
 
 // Scores of M query rows against panel pn of the block (qk_panel, on bf16 pairs when PAIRS).
 template <class V, int M, bool PAIRS>
-inline void score_panel(const TileScoring& sc, int pn, int valid, float mul, float* S, int64_t ss, V* vmax) {
+inline void score_panel(const TileScoring& sc, int pn, int valid, float mul, float* S, int64_t ss) {
   constexpr int NR = V::NV * V::W;
   if constexpr (PAIRS)
-    qk_panel<V, M, true>(sc.q2, sc.D2, sc.k2 + int64_t(pn) * sc.D2 * NR, sc.D2, valid, mul, S, ss, vmax);
+    qk_panel<V, M, true>(sc.q2, sc.D2, sc.k2 + int64_t(pn) * sc.D2 * NR, sc.D2, valid, mul, S, ss);
   else
-    qk_panel<V, M, false>(sc.q, sc.qs, sc.kt + int64_t(pn) * sc.Dk * NR, sc.Dk, valid, mul, S, ss, vmax);
+    qk_panel<V, M, false>(sc.q, sc.qs, sc.kt + int64_t(pn) * sc.Dk * NR, sc.Dk, valid, mul, S, ss);
 }
 
 // Y[r][0:CG*W] += sum_{j < nk} P[r][j] * X[j][0:CG*W] for M rows: O += P V (forward) and
@@ -491,7 +487,7 @@ inline void fwd_tile_rows(const TileScoring& sc, const float* vp, int64_t Dvp, i
   const int np = int(tile_ceil(nb, NR)), nk = np * NR;
   for (int pn = 0; pn < np; ++pn) {
     const int valid = nb - pn * NR < NR ? nb - pn * NR : NR;
-    score_panel<V, M, PAIRS>(sc, pn, valid, scale, S + pn * NR, KB, nullptr);
+    score_panel<V, M, PAIRS>(sc, pn, valid, scale, S + pn * NR, KB);
   }
   // Each row's block max from the stored scores (a running max kept in registers across the
   // panels took M of them from the scoring loop, which then spilled its key vectors).
@@ -672,8 +668,8 @@ inline void bwd_tile_rows(const TileDims& t, const TileScoring& sc, const float*
   const int np = int(tile_ceil(nb, NR)), nk = np * NR;
   for (int pn = 0; pn < np; ++pn) {
     const int valid = nb - pn * NR < NR ? nb - pn * NR : NR;
-    score_panel<V, M, PAIRS>(sc, pn, valid, scale, S + pn * NR, KB, nullptr);
-    qk_panel<V, M, false>(dO, t.Dvp, vt + int64_t(pn) * t.Dv * NR, t.Dv, NR, 1.f, dP + pn * NR, KB, nullptr);
+    score_panel<V, M, PAIRS>(sc, pn, valid, scale, S + pn * NR, KB);
+    qk_panel<V, M, false>(dO, t.Dvp, vt + int64_t(pn) * t.Dv * NR, t.Dv, NR, 1.f, dP + pn * NR, KB);
   }
   bwd_probs_rows<V>(M, S, dP, KB, nk, msh, lg, dl);
   bwd_updates<V, M>(t, S, dP, KB, nb, nk, qf, dO, kr, dQ, dKb, dVb);
