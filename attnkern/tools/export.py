@@ -66,6 +66,7 @@ class Shape:
 
 
 EXAMPLE = Shape(3, 4, 7)  # the traced example: no size 0 or 1 (torch.export specialises those)
+CHECK_SHAPES = (Shape(1, 5, 11), Shape(6, 1, 3))  # serving's B = 1; another B and L, one candidate
 
 
 def example_shape(shape: Shape) -> Shape:
@@ -75,7 +76,6 @@ def example_shape(shape: Shape) -> Shape:
     under absorb="auto" (absorbed for few candidates, projected for many), the one order the
     exported graph then holds: give the shape you serve."""
     return Shape(*(max(2, int(x)) for x in (shape.batch, shape.candidates, shape.history)))
-CHECK_SHAPES = (Shape(1, 5, 11), Shape(6, 1, 3))  # serving's B = 1; another B and L, one candidate
 
 
 @dataclass
@@ -290,9 +290,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=d.num_heads)
     p.add_argument("--num-items", type=int, default=d.num_items)
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the random weights")
-    p.add_argument("--example-shape", type=_shape_arg, default=EXAMPLE, metavar="B,N,L", help="batch, candidates and history length of the traced example "
-                   "(all stay dynamic; N and L choose the attention layer's evaluation order: give "
-                   "the serving shape, e.g. 1,1024,2048)")
+    p.add_argument("--example-shape", type=_shape_arg, default=EXAMPLE, metavar="B,N,L",
+                   help="batch, candidates and history length of the traced example (all stay "
+                   "dynamic; N and L choose the attention layer's evaluation order: give the "
+                   "serving shape, e.g. 1,1024,2048)")
     return p
 
 
@@ -317,14 +318,13 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     cfg = ModelConfig(model=args.model, embed_dim=args.embed_dim, num_heads=args.heads,
                       num_items=args.num_items, checkpoint=args.checkpoint, seed=args.seed)
-    example = args.example_shape
     model = build_model(cfg)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     t0 = time.perf_counter()
     if args.format == "aoti":
-        export_aoti(model, args.out, example=example)
+        export_aoti(model, args.out, example=args.example_shape)
     else:
-        export_onnx(model, args.out, exporter=args.exporter, example=example)
+        export_onnx(model, args.out, exporter=args.exporter, example=args.example_shape)
     seconds = time.perf_counter() - t0
     dims = ", ".join("%s %s" % (n, {a: d for a, d in ax.items()})
                      for n, ax in dynamic_dims(model).items())
