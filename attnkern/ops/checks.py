@@ -1,4 +1,4 @@
-"""The C++ ops' input checks (csrc/checks.cpp), in Python, for their fake (meta) impls.
+"""The C++ ops' input checks (csrc/attention_pool_checks.cpp), in Python, for their fake (meta) impls.
 
 A call whose tensors include a meta tensor (or that runs under FakeTensorMode) reaches the fake
 impl instead of the kernel, so the fake impl must refuse what the kernel would refuse: ranks,

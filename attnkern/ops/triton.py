@@ -4,7 +4,7 @@
     attnkern::triton_jagged_attention_pool_fwd / _bwd
     attnkern::triton_activation_unit_pool_fwd / _bwd   (DIN's activation unit)
 
-Same schemas as the C++ ops of csrc/ops.cpp. Each op checks its own inputs (shapes, dtypes,
+Same schemas as the C++ ops of csrc/attention_pool_ops.cpp. Each op checks its own inputs (shapes, dtypes,
 devices; for CPU tensors under TRITON_INTERPRET=1 also the lengths/offsets values) with the
 messages of the C++ checks, so a direct torch.ops.attnkern.triton_* call can never make a
 kernel read out of bounds; on CUDA the kernels clamp every row to its legal range instead of

@@ -1,6 +1,6 @@
 // The op schemas, declared once. Each backend adds its kernels with
 // TORCH_LIBRARY_IMPL(attnkern, CPU|CUDA, m); the Triton kernels are separate Python custom ops
-// (attnkern::triton_*), fake impls and autograd are registered in attnkern/_ops.py.
+// (attnkern::triton_*), fake impls and autograd are registered in attnkern/ops/autograd.py.
 #include <torch/extension.h>
 #include <torch/library.h>
 
