@@ -22,6 +22,8 @@
 #include <string>
 #include <vector>
 
+#include "op_limits.h"
+
 namespace attnkern {
 
 struct PoolDims {
@@ -33,11 +35,9 @@ struct PoolDims {
   int64_t L = 0;   // padded: max history length; jagged: T (total key rows)
 };
 
-constexpr int64_t kMaxHeadDim = 256;
-
 // Shape/dtype/device checks shared by the forward launchers. They never read tensor data, so
 // they are safe for CUDA tensors. Errors are ValueError (shapes) / TypeError (dtypes) naming
-// the argument with expected vs given.
+// the argument with expected vs given (csrc/input_checks.h).
 PoolDims check_padded_fwd(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                           const std::optional<at::Tensor>& lengths,
                           const std::optional<at::Tensor>& mask);

@@ -1,10 +1,9 @@
-// The op schemas, declared once. Each backend adds its kernels with
-// TORCH_LIBRARY_IMPL(attnkern, CPU|CUDA, m); the Triton kernels are separate Python custom ops
-// (attnkern::triton_*), fake impls and autograd are registered in attnkern/ops/autograd.py.
-#include <torch/extension.h>
+// The attention pool's op schemas, declared once; this file also opens the attnkern library
+// (the activation unit's schemas are a fragment of it, activation_unit_ops.cpp). Each backend
+// adds its kernels with TORCH_LIBRARY_IMPL(attnkern, CPU|CUDA, m); the Triton kernels are
+// separate Python custom ops (attnkern::triton_*). Fake impls and autograd are registered in
+// attnkern/ops/autograd.py, the input contract is docs/contract.md.
 #include <torch/library.h>
-
-#include "attention_pool.h"
 
 TORCH_LIBRARY(attnkern, m) {
   m.def(
@@ -21,23 +20,4 @@ TORCH_LIBRARY(attnkern, m) {
       "jagged_attention_pool_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
       "Tensor offsets, int max_length, Tensor lse, Tensor delta, float scale) "
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
-}
-
-namespace {
-bool built_with_cuda() {
-#ifdef ATTNKERN_WITH_CUDA
-  return true;
-#else
-  return false;
-#endif
-}
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.doc() = "attnkern compiled kernels (op schemas, CPU and CUDA implementations)";
-  mod.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in");
-  mod.def("cpu_isa", [] { return std::string(attnkern::cpu_isa()); },
-          "The instruction set the CPU kernels run on in this process (amx, avx512_bf16, avx512, avx2 or generic)");
-  mod.def("cpu_isas", &attnkern::cpu_isas,
-          "Every instruction set ATTNKERN_CPU_ISA can select on this CPU with this build, narrowest first");
 }
