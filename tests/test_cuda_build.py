@@ -4,7 +4,7 @@ Runs without a GPU (CI builds and links the CUDA kernels on a GPU-less host); th
 checks of the "cuda" backend live in the shared property suite, which runs them on CUDA
 tensors when a GPU is present. The GPU tests here cover only what the shared suite can't
 reach through the public API: direct op calls with malformed lengths/offsets (clamped on the
-device, SPEC section 3) and the CUDA-only dtype rule.
+device, docs/contract.md section 3) and the CUDA-only dtype rule.
 """
 
 import pytest
