@@ -2,8 +2,11 @@
 (attnkern/_validation.py) and the registered ops' checks (csrc/*_checks.cpp, mirrored for the
 fake impls in attnkern/ops/checks.py). The same bad calls go through the public function, the
 raw torch.ops call and the op's fake impl under FakeTensorMode: each is a clear error naming the
-argument, never a crash, and the fake impl's error is the kernel's. The size limits of the C++
+argument, never a crash, and the fake impl's error is the kernel's; the Triton twin of each op
+too where Triton runs. The size limits of the C++
 and the Python side agree."""
+
+import importlib
 
 import pytest
 import torch
@@ -62,6 +65,7 @@ POOL = {
     "lengths_and_mask": ("padded", _with(mask=torch.ones(2, 5, dtype=torch.bool)), "mask", "mask"),
     "scale": ("padded", _with(scale=float("nan")), "scale", "scale"),
     "key_sparse": ("padded", lambda a: dict(a, key=a["key"].to_sparse()), "key", "key"),
+    "key_nested": ("padded", lambda a: dict(a, key=torch.nested.nested_tensor(list(a["key"]))), "key", "key"),
     "lengths_too_long": ("padded", _with(lengths=torch.tensor([6, 2])), "lengths", "lengths", True),
     "lengths_negative": ("padded", _with(lengths=torch.tensor([-1, 2])), "lengths", "lengths", True),
     "offsets_shape": ("jagged", lambda a: dict(a, offsets=a["offsets"][:2]), "offsets", "offsets"),
@@ -117,9 +121,9 @@ def _pool_public(a):
 
 def _pool_raw(a):
     if "offsets" in a:
-        return ops.jagged_attention_pool_fwd, [a[n] for n in ("query", "key", "value", "offsets", "max_length",
+        return "jagged_attention_pool_fwd", [a[n] for n in ("query", "key", "value", "offsets", "max_length",
                                                                "scale")]
-    return ops.attention_pool_fwd, [a[n] for n in ("query", "key", "value", "lengths", "mask", "scale")]
+    return "attention_pool_fwd", [a[n] for n in ("query", "key", "value", "lengths", "mask", "scale")]
 
 
 def _au_public(a):
@@ -128,7 +132,7 @@ def _au_public(a):
 
 
 def _au_raw(a):
-    return ops.activation_unit_pool_fwd, list(a.values())
+    return "activation_unit_pool_fwd", list(a.values())
 
 
 def _names_in(error, words):
@@ -145,14 +149,32 @@ def _fake(args):
     return mode, [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args]
 
 
-def _drive(public, op, args, public_words, raw_words, reads_values):
+def _triton_ops():
+    """Whether the Triton ops run here (on CPU tensors: TRITON_INTERPRET=1, set by conftest.py)."""
+    if not attnkern.backends()["triton"].available:
+        return False
+    importlib.import_module("attnkern.ops.triton")  # declares the attnkern::triton_* ops
+    return True
+
+
+def _drive(public, name, args, public_words, raw_words, reads_values):
     with pytest.raises((ValueError, TypeError)) as e:
         public()
     _names_in(e, public_words)
+    op = getattr(ops, name)
     with pytest.raises((ValueError, TypeError, RuntimeError)) as real:
         op(*args)
     _names_in(real, raw_words)
     assert str(real.value).startswith("attnkern: ")
+    if _triton_ops():
+        # The Triton twin: the activation unit's with the C++ op's very checks; the attention
+        # pool's with the public API's, prefixed as the ops' are.
+        with pytest.raises((ValueError, TypeError)) as twin:
+            getattr(ops, "triton_" + name)(*args)
+        _names_in(twin, raw_words)
+        assert str(twin.value).startswith("attnkern: ")
+        if name.startswith("activation_unit"):
+            assert str(twin.value).split("\n")[0] == str(real.value).split("\n")[0]
     mode, fake_args = _fake(args)
     if mode is None:
         return

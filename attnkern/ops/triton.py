@@ -26,7 +26,8 @@ from attnkern.triton_kernels import attention_pool as _k
 from .._validation import Problem, check_values, validate
 from . import checks
 from .autograd import register_activation_fakes_and_autograd, register_fakes_and_autograd
-from .schemas import ACTIVATION_FWD_ARGS, ACTIVATION_SCHEMAS, SCHEMAS, TRITON_PREFIX, qualified
+from .schemas import (ACTIVATION_FWD_ARGS, ACTIVATION_SCHEMAS, NAMESPACE, SCHEMAS, TRITON_PREFIX, argument_names,
+                      qualified)
 
 Tensor = torch.Tensor
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -187,3 +188,26 @@ def triton_activation_unit_pool_bwd(grad_out, query, key, value, lengths, mask, 
 
 
 register_activation_fakes_and_autograd(TRITON_PREFIX)
+
+
+# Nested tensors dispatch to keys of their own, where the ops above are not registered: there
+# the checks turn them into a TypeError naming the argument (as the C++ ops do), instead of the
+# dispatcher's "could not run ... with arguments from the NestedTensorCPU backend".
+_NESTED = torch.library.Library(NAMESPACE, "IMPL")
+
+
+def _reject_nested(name: str):
+    names = argument_names(name)
+
+    def reject(*args):
+        for n, t in zip(names, args):
+            if isinstance(t, Tensor):
+                checks.dense(t, n)
+        raise TypeError("attnkern: %s takes dense (strided) tensors only" % (TRITON_PREFIX + name))
+
+    return reject
+
+
+for _name in (*SCHEMAS, *ACTIVATION_SCHEMAS):
+    for _key in ("NestedTensorCPU", "NestedTensorCUDA"):
+        _NESTED.impl(TRITON_PREFIX + _name, _reject_nested(_name), _key)
