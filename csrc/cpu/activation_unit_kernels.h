@@ -4,7 +4,7 @@
 // The launcher gathers each block of valid key/value rows into contiguous accumulator-typed
 // (float, or double for float64) buffers whose rows are padded with zeros to a multiple of
 // kAuPad elements; the kernels here are the arithmetic on those L1/L2-resident buffers. Like
-// kernel_common.h this header stays free of torch/STL headers and inline functions: it is
+// attention_pool_kernels.h this header stays free of torch/STL headers and inline functions: it is
 // included by translation units compiled for AVX2 (an inline function defined here could be
 // emitted as an AVX2 COMDAT copy that the linker then picks for baseline code).
 #pragma once

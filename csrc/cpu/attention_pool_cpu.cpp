@@ -7,7 +7,7 @@
 // log-sum-exp in a fixed order. The backward is deterministic: each position belongs to one
 // task, which writes its dk/dv; dq partials of a split row are summed in a fixed order.
 //
-// The arithmetic runs in kernel_{avx512,avx2,generic}.cpp; the best one this CPU supports is
+// The arithmetic runs in attention_pool_{avx512,avx2,generic}.cpp; the best one this CPU supports is
 // chosen at run time (ATTNKERN_CPU_ISA=generic|avx2|avx512|avx512_bf16|amx caps the choice, for testing;
 // any other value is an error).
 #include <ATen/ATen.h>
@@ -32,8 +32,8 @@
 
 #include "attention_pool.h"
 #include "host_buffers.h"
-#include "kernel_common.h"
-#include "tile_kernels.h"
+#include "attention_pool_kernels.h"
+#include "attention_pool_tile_kernels.h"
 
 namespace attnkern {
 namespace cpu {
@@ -380,7 +380,7 @@ void for_each_item(const FwdParams& p, const Rows& rows, const std::vector<Item>
 }
 
 template <class A>
-A shift_of_host(A m) {  // as shift_of in kernel_impl.h: the shift the kernels subtracted
+A shift_of_host(A m) {  // as shift_of in attention_pool_impl.h: the shift the kernels subtracted
   return std::isinf(m) ? A(0) : m;
 }
 

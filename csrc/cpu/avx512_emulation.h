@@ -2,8 +2,8 @@
 // a test build only (-DATTNKERN_EMULATE_AVX512, e.g. through ATTNKERN_CPU_EXTRA_FLAGS; the
 // sanitizer run of scripts/sanitize_cpu.sh builds so): on a CPU without AVX-512 the AVX-512
 // kernels then run, lane by lane, so that their arithmetic, their masks and their memory
-// accesses are tested wherever the suite runs. Never part of a normal build: kernel_avx512.cpp,
-// tile_avx512.cpp and tile_avx512_bf16.cpp include it instead of compiling for AVX-512, and the
+// accesses are tested wherever the suite runs. Never part of a normal build: attention_pool_avx512.cpp,
+// attention_pool_tile_avx512.cpp and attention_pool_tile_avx512_bf16.cpp include it instead of compiling for AVX-512, and the
 // launcher offers the emulated kernels only when ATTNKERN_CPU_ISA=avx512 or avx512_bf16 asks.
 //
 // Each function follows the instruction's definition in Intel's intrinsics guide, lane for
@@ -12,7 +12,7 @@
 // address (the hardware faults), max/min return the second operand when either is NaN, and the
 // horizontal reductions add in the order GCC's own _mm512_reduce_*_ps do. fmadd is fused
 // (fmaf), as the instruction is. Included after <immintrin.h>; the names below then stand for
-// these functions for the rest of the translation unit. No torch/STL header (kernel_common.h).
+// these functions for the rest of the translation unit. No torch/STL header (attention_pool_kernels.h).
 #pragma once
 
 #include <immintrin.h>

@@ -1,5 +1,5 @@
-// 8 x 8 fp32 transposes in AVX registers, for the tiled kernels' key panels (tile_impl.h's
-// pack_block): tile_avx2.cpp and tile_avx512_vec.h include this inside their target regions
+// 8 x 8 fp32 transposes in AVX registers, for the tiled kernels' key panels (attention_pool_tile_impl.h's
+// pack_block): attention_pool_tile_avx2.cpp and attention_pool_tile_avx512_vec.h include this inside their target regions
 // (every one of them, the emulation build's too, enables AVX2), so each gets its own copy.
 #pragma once
 

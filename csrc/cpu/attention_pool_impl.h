@@ -1,5 +1,5 @@
 // The CPU attention-pooling kernels, written once over a SIMD vector class `V` and included by
-// each per-ISA translation unit (kernel_avx512.cpp, kernel_avx2.cpp, kernel_generic.cpp) after
+// each per-ISA translation unit (attention_pool_avx512.cpp, attention_pool_avx2.cpp, attention_pool_generic.cpp) after
 // it defines its `V`. Everything here has internal linkage (anonymous namespace), so the
 // ISA-specific copies can never be merged by the linker.
 //
@@ -27,7 +27,7 @@
 // logits that matter, so that large logits (|s| >> 1) lose nothing to the base change.
 #pragma once
 
-#include "kernel_common.h"
+#include "attention_pool_kernels.h"
 
 namespace attnkern {
 namespace cpu {
@@ -271,7 +271,7 @@ inline void prefetch_rows(const FwdParams& p, const Span& s, int64_t i0, int64_t
 }
 
 // The first p.prefetch positions of a span (the launcher calls this, through
-// prefetch_span_head in kernel_generic.cpp, for the task that runs next).
+// prefetch_span_head in attention_pool_generic.cpp, for the task that runs next).
 template <class T>
 inline void prefetch_head(const FwdParams& p, const Span& s) {
   const auto [kb, vb] = kv_bases<T>(p, s);

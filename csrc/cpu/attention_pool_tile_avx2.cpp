@@ -1,12 +1,12 @@
-// Tiled kernels (tile_impl.h) for AVX2/FMA/F16C: 8 fp32 lanes, tiles of 6 queries x 16 keys
+// Tiled kernels (attention_pool_tile_impl.h) for AVX2/FMA/F16C: 8 fp32 lanes, tiles of 6 queries x 16 keys
 // (12 score accumulators in registers). Compiled for AVX2 by avx2_target_push.h, never by a
 // global flag; the launcher checks the CPU before calling in. No torch/STL header here (see
-// kernel_common.h for why).
+// attention_pool_kernels.h for why).
 #if defined(__x86_64__) || defined(_M_X64)
 
 #include "avx2_target_push.h"
 
-#include "tile_impl.h"
+#include "attention_pool_tile_impl.h"
 #include "transpose8_avx2.h"
 
 namespace attnkern {
@@ -15,7 +15,7 @@ namespace {
 
 struct TileVec256 {
   static constexpr int W = 8, MR = 6, NV = 2, CG = 2, KB = 64;
-  static constexpr bool kPairDot = false;  // no bf16 pair dot products (tile_avx512_vec.h)
+  static constexpr bool kPairDot = false;  // no bf16 pair dot products (attention_pool_tile_avx512_vec.h)
   __m256 v;
 
   static TileVec256 zero() { return {_mm256_setzero_ps()}; }

@@ -1,14 +1,14 @@
-// Tiled kernels (tile_impl.h) for AVX-512 with AVX512-BF16: bf16 inputs are scored on pairs of
+// Tiled kernels (attention_pool_tile_impl.h) for AVX-512 with AVX512-BF16: bf16 inputs are scored on pairs of
 // elements with vdpbf16ps (half the multiply-add instructions of converting to fp32 first, and
-// no conversion of the key block); fp32 and fp16 inputs run tile_avx512.cpp's kernels. Compiled
+// no conversion of the key block); fp32 and fp16 inputs run attention_pool_tile_avx512.cpp's kernels. Compiled
 // for that ISA by avx512_target_push.h, never by a global flag; the launcher calls in only after
-// checking the CPU. No torch/STL header here (see kernel_common.h for why).
+// checking the CPU. No torch/STL header here (see attention_pool_kernels.h for why).
 #if defined(__x86_64__) || defined(_M_X64)
 
-#define ATTNKERN_AVX512_BF16 1  // the target below adds AVX512-BF16; tile_avx512_vec.h the pair ops
+#define ATTNKERN_AVX512_BF16 1  // the target below adds AVX512-BF16; attention_pool_tile_avx512_vec.h the pair ops
 #include "avx512_target_push.h"
 
-#include "tile_avx512_vec.h"
+#include "attention_pool_tile_avx512_vec.h"
 
 namespace attnkern {
 namespace cpu {

@@ -1,12 +1,12 @@
-// Tiled kernels (tile_impl.h) for AVX-512 (F/BW/VL/DQ): 16 fp32 lanes, tiles of 8 queries x
+// Tiled kernels (attention_pool_tile_impl.h) for AVX-512 (F/BW/VL/DQ): 16 fp32 lanes, tiles of 8 queries x
 // 32 keys (16 score accumulators of the 32 registers). Compiled for AVX-512 by
 // avx512_target_push.h, never by a global flag; the launcher calls in only after checking the CPU. No
-// torch/STL header here (see kernel_common.h for why).
+// torch/STL header here (see attention_pool_kernels.h for why).
 #if defined(__x86_64__) || defined(_M_X64)
 
 #include "avx512_target_push.h"
 
-#include "tile_avx512_vec.h"
+#include "attention_pool_tile_avx512_vec.h"
 
 namespace attnkern {
 namespace cpu {

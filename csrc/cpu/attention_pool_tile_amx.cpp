@@ -1,13 +1,13 @@
 // Tiled kernels for CPUs with AMX (AMX-TILE, AMX-BF16: Sapphire Rapids and later) on bf16
-// inputs; fp32 and fp16 inputs run tile_avx512_bf16.cpp's kernels. The matrix products whose
+// inputs; fp32 and fp16 inputs run attention_pool_tile_avx512_bf16.cpp's kernels. The matrix products whose
 // operands are bf16 run on the tile unit (tdpbf16ps: exact bf16 products, fp32 sums), the
-// softmax and the rest on AVX-512 (TileVec512 and tile_impl.h's row code):
+// softmax and the rest on AVX-512 (TileVec512 and attention_pool_tile_impl.h's row code):
 //   forward: S = Q K^T on tiles; online softmax; O += P V on tiles, with P as the sum of two
 //            bf16 parts (hi + lo: products with V exact, O accumulated in fp32, so O is as
 //            accurate as with fp32 P; the backward's delta = sum(dO O) depends on that);
 //   stats:   S = Q K^T on tiles, exactly as the forward and the backward score;
 //   backward: S = Q K^T and dP = dO V^T on tiles (both exact products of bf16 inputs); p and dS
-//            in fp32 (tile_impl.h's row code); dK = dS^T Q and dV = P^T dO on tiles with P and
+//            in fp32 (attention_pool_tile_impl.h's row code); dK = dS^T Q and dV = P^T dO on tiles with P and
 //            dS in bf16 (fp32 accumulation; summed over all the span's queries at once, per
 //            block of keys); dQ += dS K in fp32 on AVX-512: its terms cancel (a row's dS sums
 //            to 0), so dS rounded to bf16 would cost it more than the bf16 reference's error.
@@ -18,14 +18,14 @@
 // The launcher calls in only on a CPU with AMX whose kernel granted this process the tile data
 // (amx_permitted in attention_pool_cpu.cpp). Compiled for the ISA by avx512_target_push.h,
 // never by a global flag; in the emulation test build amx_emulation.h stands in for the tile
-// instructions. No torch/STL header here (see kernel_common.h for why).
+// instructions. No torch/STL header here (see attention_pool_kernels.h for why).
 #if defined(__x86_64__) || defined(_M_X64)
 
 #define ATTNKERN_AVX512_BF16 1
 #define ATTNKERN_AMX 1
 #include "avx512_target_push.h"
 
-#include "tile_avx512_vec.h"
+#include "attention_pool_tile_avx512_vec.h"
 
 namespace attnkern {
 namespace cpu {

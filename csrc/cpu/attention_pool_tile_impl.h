@@ -1,5 +1,5 @@
 // Tiled CPU kernels for many queries per history, written once over a vector class `V` and
-// included by tile_{avx512,avx2,generic}.cpp after each defines its `V`. Everything here has
+// included by attention_pool_tile_{avx512,avx2,generic}.cpp after each defines its `V`. Everything here has
 // internal linkage (anonymous namespace), so the per-ISA copies are never merged by the linker.
 //
 // V provides: W (fp32 lanes), MR (query rows of a tile), NV (key vectors of a panel: NR = NV * W
@@ -14,7 +14,7 @@
 // panels of NR keys (Kt[panel][d][NR]), and its values into fp32 rows. Every tile of MR queries
 // then runs against the block as small GEMMs whose accumulators live in registers: the scores
 // S = scale * (Q Kt) (MR x NV vectors per panel: the dot products of the unscaled queries first,
-// then the scale, so that the logits are in natural units as in kernel_impl.h), the online
+// then the scale, so that the logits are in natural units as in attention_pool_impl.h), the online
 // softmax per query row on the block (one max and one rescale decision per row and block,
 // probabilities 2^((s - m) log2 e)), and O += P V (MR x CG vectors at a time).
 // The backward and the stats kernel (the launcher's recomputed shift) score with the same code
@@ -27,8 +27,8 @@
 // backward alike, so the three still round identically.
 #pragma once
 
-#include "kernel_common.h"
-#include "tile_kernels.h"
+#include "attention_pool_kernels.h"
+#include "attention_pool_tile_kernels.h"
 
 namespace attnkern {
 namespace cpu {
@@ -36,7 +36,7 @@ namespace {
 
 constexpr float kTileLog2e = 1.4426950408889634f;
 // A row's running max moves only when a block's max exceeds it by more than 8 ln 2 (see
-// kLazyMax in kernel_impl.h): probabilities stay <= 2^8 and the common case is no rescale.
+// kLazyMax in attention_pool_impl.h): probabilities stay <= 2^8 and the common case is no rescale.
 constexpr float kTileLazyMax = float(8.0 * 0.6931471805599453);
 
 template <int M>
@@ -59,7 +59,7 @@ inline void with_rows(int m, F&& f) {
 inline int64_t tile_ceil(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t span_pos(const Span& s, int64_t i) { return s.start + (s.idx ? int64_t(s.idx[i]) : i); }
 inline float neg_inff() { return -__builtin_inff(); }
-// The shift subtracted from the logits (shift_of in kernel_impl.h): the running max, or 0 when
+// The shift subtracted from the logits (shift_of in attention_pool_impl.h): the running max, or 0 when
 // that is infinite, so that masked lanes still give 0 and a +inf logit turns the row NaN.
 inline float tile_shift_of(float m) { return (m == neg_inff() || m == __builtin_inff()) ? 0.f : m; }
 

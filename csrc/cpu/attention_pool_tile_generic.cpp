@@ -1,4 +1,4 @@
-// Portable tiled kernels (tile_impl.h over one fp32 lane): tiles of 4 queries x 4 keys in
+// Portable tiled kernels (attention_pool_tile_impl.h over one fp32 lane): tiles of 4 queries x 4 keys in
 // scalar registers. They serve CPUs without AVX2 (and aarch64), and ATTNKERN_CPU_ISA=generic.
 // Compiled with the extension's baseline flags, so torch/c10 headers are safe here.
 #include <c10/util/BFloat16.h>
@@ -7,7 +7,7 @@
 #include <cmath>
 #include <limits>
 
-#include "tile_impl.h"
+#include "attention_pool_tile_impl.h"
 
 namespace attnkern {
 namespace cpu {
@@ -15,7 +15,7 @@ namespace {
 
 struct TileScalar {
   static constexpr int W = 1, MR = 4, NV = 4, CG = 4, KB = 64;
-  static constexpr bool kPairDot = false;  // no bf16 pair dot products (tile_avx512_vec.h)
+  static constexpr bool kPairDot = false;  // no bf16 pair dot products (attention_pool_tile_avx512_vec.h)
   float x;
 
   static TileScalar zero() { return {0.f}; }

@@ -1,12 +1,12 @@
 // AVX2 kernels (8 fp32 lanes), for x86-64 CPUs without AVX-512. Compiled for AVX2/FMA/F16C by
 // avx2_target_push.h, never by a global flag; the launcher checks the CPU before calling in.
-// No torch/STL header is included here (see kernel_common.h for why).
+// No torch/STL header is included here (see attention_pool_kernels.h for why).
 #if defined(__x86_64__) || defined(_M_X64)
 
 #include "avx2_target_push.h"
 
-#include "kernel_common.h"
-#include "kernel_impl.h"
+#include "attention_pool_kernels.h"
+#include "attention_pool_impl.h"
 
 namespace attnkern {
 namespace cpu {
@@ -79,7 +79,7 @@ struct Vec256 {
     return _mm_cvtss_f32(s);
   }
 
-  // 2^x: round-to-nearest split x = n + f, |f| <= 1/2, exp2_poly(f) (kernel_impl.h) scaled by
+  // 2^x: round-to-nearest split x = n + f, |f| <= 1/2, exp2_poly(f) (attention_pool_impl.h) scaled by
   // 2^n built in the exponent field. Below -126 (incl. -inf): exactly 0; from 128 up: +inf;
   // NaN stays NaN (max/min return their second operand, x, when it is NaN).
   static Vec256 exp2(Vec256 x) {

@@ -1,13 +1,13 @@
 // AVX-512 kernels (16 fp32 lanes). The whole translation unit is compiled for AVX-512 by
 // avx512_target_push.h, never by a global -mavx512 flag, so the extension still loads on any x86-64 CPU:
 // the launcher calls into this file only after checking the CPU at run time. No torch/STL
-// header is included here (see kernel_common.h for why).
+// header is included here (see attention_pool_kernels.h for why).
 #if defined(__x86_64__) || defined(_M_X64)
 
 #include "avx512_target_push.h"
 
-#include "kernel_common.h"
-#include "kernel_impl.h"
+#include "attention_pool_kernels.h"
+#include "attention_pool_impl.h"
 
 namespace attnkern {
 namespace cpu {
@@ -61,7 +61,7 @@ struct Vec512 {
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
   float reduce_max() const { return _mm512_reduce_max_ps(v); }
 
-  // 2^x: round-to-nearest split x = n + f, |f| <= 1/2, exp2_poly(f) (kernel_impl.h) scaled by
+  // 2^x: round-to-nearest split x = n + f, |f| <= 1/2, exp2_poly(f) (attention_pool_impl.h) scaled by
   // 2^n. Below -126 (incl. -inf): exactly 0; from 128 up: +inf; NaN stays NaN (max/min return
   // their second operand, x, when it is NaN).
   static Vec512 exp2(Vec512 x) {

@@ -91,7 +91,7 @@ struct KernelTable {
   StatsFn stats;
   ZeroFn zero;
   WorkspaceFn workspace;
-  // Tiled kernels for many queries per history (tile_kernels.h); null where there are none.
+  // Tiled kernels for many queries per history (attention_pool_tile_kernels.h); null where there are none.
   // stats_tile scores as bwd_tile does; workspace_tile sizes their workspace.
   FwdFn fwd_tile = nullptr;
   BwdFn bwd_tile = nullptr;

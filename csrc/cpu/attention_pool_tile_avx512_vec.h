@@ -1,11 +1,11 @@
-// The AVX-512 vector class of the tiled kernels (tile_impl.h), shared by tile_avx512.cpp and
-// tile_avx512_bf16.cpp: each includes it after avx512_target_push.h (and so, in the emulation
+// The AVX-512 vector class of the tiled kernels (attention_pool_tile_impl.h), shared by attention_pool_tile_avx512.cpp and
+// attention_pool_tile_avx512_bf16.cpp: each includes it after avx512_target_push.h (and so, in the emulation
 // build, after avx512_emulation.h), so each gets its own copy (internal linkage).
-// With ATTNKERN_AVX512_BF16 defined (tile_avx512_bf16.cpp) it also scores bf16 inputs on
+// With ATTNKERN_AVX512_BF16 defined (attention_pool_tile_avx512_bf16.cpp) it also scores bf16 inputs on
 // pairs of elements with vdpbf16ps (AVX512-BF16): kPairDot, load_bits, set1_bits, dot_pairs.
 #pragma once
 
-#include "tile_impl.h"
+#include "attention_pool_tile_impl.h"
 #include "transpose8_avx2.h"
 
 namespace attnkern {
@@ -58,7 +58,7 @@ struct TileVec512 {
     const __mmask16 keep = n <= 0 ? __mmask16(0) : n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u);
     return {_mm512_mask_blend_ps(keep, _mm512_set1_ps(-__builtin_inff()), v)};
   }
-  // 2^x as in tile_avx2.cpp (degree-5 polynomial), with the 2^n scaling done by vscalefps;
+  // 2^x as in attention_pool_tile_avx2.cpp (degree-5 polynomial), with the 2^n scaling done by vscalefps;
   // NaN stays NaN, lanes below -125 (incl. -inf) are exactly 0, from 128 up (incl. +inf) +inf.
   static TileVec512 exp2(TileVec512 x) {
     const __m512 xc = _mm512_min_ps(_mm512_set1_ps(127.f), _mm512_max_ps(_mm512_set1_ps(-125.f), x.v));

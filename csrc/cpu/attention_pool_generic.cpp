@@ -7,7 +7,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "kernel_common.h"
+#include "attention_pool_kernels.h"
 
 // GCC 12's loop vectoriser miscompiled an earlier form of block_dots for this one-lane vector
 // (a chained in-order reduction); the portable path gains nothing from it, so it is off here.
@@ -15,7 +15,7 @@
 #pragma GCC optimize("no-tree-vectorize")
 #endif
 
-#include "kernel_impl.h"
+#include "attention_pool_impl.h"
 
 namespace attnkern {
 namespace cpu {
