@@ -14,17 +14,11 @@
 namespace attnkern {
 namespace {
 
-using namespace checks;
-
 // An input of the query's dtype and device.
 void check_float_like(const at::Tensor& t, const char* name, const at::Tensor& query) {
-  dense(t, name);
-  same_dtype(t, name, query);
-  on_query_device(t, name, query);
-}
-
-void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef want) {
-  TORCH_CHECK_VALUE(t.sizes() == want, "attnkern: ", name, " must have shape ", want, ", got ", t.sizes());
+  check_dense(t, name);
+  check_same_dtype(t, name, query);
+  check_on_query_device(t, name, query);
 }
 
 }  // namespace
@@ -38,7 +32,7 @@ AuDims check_activation_unit_fwd(const at::Tensor& query, const at::Tensor& key,
                                  const at::Tensor& w_out, const at::Tensor& b_out,
                                  const std::optional<at::Tensor>& act1,
                                  const std::optional<at::Tensor>& act2, const std::string& activation) {
-  float_query(query);
+  check_float_query(query);
   TORCH_CHECK_VALUE(query.dim() == 3, "attnkern: query must be [B, N, E], got ", query.sizes());
   check_float_like(key, "key", query);
   check_float_like(value, "value", query);
@@ -55,8 +49,8 @@ AuDims check_activation_unit_fwd(const at::Tensor& query, const at::Tensor& key,
     d.L = key.size(0);
     TORCH_CHECK_VALUE(value.dim() == 2 && value.size(0) == d.L, "attnkern: jagged value must be [T, Dv] = [",
                       d.L, ", Dv], got ", value.sizes());
-    index_tensor(*offsets, "offsets", d.B + 1, query);
-    checks::max_length(max_length);
+    check_index_tensor(*offsets, "offsets", d.B + 1, query);
+    check_max_length(max_length);
   } else {
     TORCH_CHECK_VALUE(key.dim() == 3 && key.size(0) == d.B && key.size(2) == d.E,
                       "attnkern: padded key must be [B, L, E] = [", d.B, ", L, ", d.E, "], got ", key.sizes());
@@ -65,13 +59,13 @@ AuDims check_activation_unit_fwd(const at::Tensor& query, const at::Tensor& key,
                       "attnkern: padded value must be [B, L, Dv] = [", d.B, ", ", d.L, ", Dv], got ",
                       value.sizes());
     TORCH_CHECK_VALUE(!(lengths.has_value() && mask.has_value()), "attnkern: give lengths or mask, not both");
-    if (lengths.has_value()) index_tensor(*lengths, "lengths", d.B, query);
-    if (mask.has_value()) mask_tensor(*mask, d.B, d.L, query);
+    if (lengths.has_value()) check_index_tensor(*lengths, "lengths", d.B, query);
+    if (mask.has_value()) check_mask(*mask, d.B, d.L, query);
   }
   d.Dv = value.size(-1);
   TORCH_CHECK_VALUE(d.N >= 1, "attnkern: query must have N >= 1 queries, got ", query.sizes());
-  dim_in_range("embedding dim E", d.E, kMaxUnits);
-  dim_in_range("value dim Dv", d.Dv, kMaxUnits);
+  check_dim_in_range("embedding dim E", d.E, kMaxUnits);
+  check_dim_in_range("value dim Dv", d.Dv, kMaxUnits);
 
   if (activation == "relu") d.act = 0;
   else if (activation == "sigmoid") d.act = 1;
@@ -83,7 +77,7 @@ AuDims check_activation_unit_fwd(const at::Tensor& query, const at::Tensor& key,
   TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == 4 * d.E, "attnkern: w1 must be [H1, 4E] = [H1, ", 4 * d.E,
                     "], got ", w1.sizes());
   d.H1 = w1.size(0);
-  dim_in_range("hidden units H1", d.H1, kMaxUnits);
+  check_dim_in_range("hidden units H1", d.H1, kMaxUnits);
   check_float_like(b1, "b1", query);
   check_shape(b1, "b1", {d.H1});
   TORCH_CHECK_VALUE(w2.has_value() == b2.has_value(), "attnkern: give w2 and b2 together, or neither");
@@ -92,7 +86,7 @@ AuDims check_activation_unit_fwd(const at::Tensor& query, const at::Tensor& key,
     TORCH_CHECK_VALUE(w2->dim() == 2 && w2->size(1) == d.H1, "attnkern: w2 must be [H2, H1] = [H2, ", d.H1,
                       "], got ", w2->sizes());
     d.H2 = w2->size(0);
-    dim_in_range("hidden units H2", d.H2, kMaxUnits);
+    check_dim_in_range("hidden units H2", d.H2, kMaxUnits);
     check_float_like(*b2, "b2", query);
     check_shape(*b2, "b2", {d.H2});
   }
@@ -124,18 +118,18 @@ void check_activation_unit_bwd_extras(const AuDims& d, const at::Tensor& query, 
   const auto acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   for (const auto* t : {&lse, &delta}) {
     const char* name = t == &lse ? "lse" : "delta";
-    dense(*t, name);
+    check_dense(*t, name);
     TORCH_CHECK_TYPE(t->scalar_type() == acc, "attnkern: ", name, " must be ", dtype_name(acc), " for ",
                      dtype_name(query.scalar_type()), " inputs, got ", dtype_name(t->scalar_type()));
     check_shape(*t, name, {d.B, d.N});
-    on_query_device(*t, name, query);
+    check_on_query_device(*t, name, query);
   }
 }
 
 }  // namespace attnkern
 
 // Sparse, mkldnn and nested tensors dispatch to keys of their own, where no kernel could run
-// them: there the checks of dense() turn them into a TypeError that names the argument,
+// them: there check_dense() turns them into a TypeError that names the argument,
 // instead of the dispatcher's "could not run ... with arguments from the SparseCPU backend".
 namespace {
 
@@ -144,7 +138,7 @@ void reject_non_strided(const c10::OperatorHandle& op, torch::jit::Stack* stack)
   const size_t first = stack->size() - args.size();
   for (size_t i = 0; i < args.size(); ++i) {
     const c10::IValue& v = (*stack)[first + i];
-    if (v.isTensor()) attnkern::checks::dense(v.toTensor(), args[i].name().c_str());
+    if (v.isTensor()) attnkern::check_dense(v.toTensor(), args[i].name().c_str());
   }
   TORCH_CHECK_TYPE(false, "attnkern: ", op.schema().name(), " takes dense (strided) tensors only");
 }

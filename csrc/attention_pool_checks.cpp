@@ -3,24 +3,20 @@
 // docs/contract.md; the public API checks more, with its own messages, in attnkern/_validation.py).
 #include "attention_pool.h"
 
-#include <initializer_list>
-
 #include "input_checks.h"
 
 namespace attnkern {
 namespace {
 
-using namespace checks;
-
 // query [B, N, H, Dk] with key and value of its dtype and device, key and value of `rank` dims;
 // the dims every layout shares (L is the padded length or the jagged T).
 PoolDims check_qkv(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t rank,
                    const char* key_shape, const char* value_shape) {
-  float_query(query);
-  dense(key, "key");
-  dense(value, "value");
-  same_dtype(key, "key", query);
-  same_dtype(value, "value", query);
+  check_float_query(query);
+  check_dense(key, "key");
+  check_dense(value, "value");
+  check_same_dtype(key, "key", query);
+  check_same_dtype(value, "value", query);
   TORCH_CHECK_VALUE(key.device() == query.device() && value.device() == query.device(),
                     "attnkern: query, key and value must be on one device, got ", query.device(),
                     ", ", key.device(), ", ", value.device());
@@ -41,14 +37,8 @@ PoolDims check_qkv(const at::Tensor& query, const at::Tensor& key, const at::Ten
 void check_dims(const PoolDims& d) {
   TORCH_CHECK_VALUE(d.H >= 1, "attnkern: query must have H >= 1 heads, got H=", d.H);
   TORCH_CHECK_VALUE(d.N >= 1, "attnkern: query must have N >= 1 queries, got N=", d.N);
-  dim_in_range("query/key head dim Dk", d.Dk, kMaxHeadDim);
-  dim_in_range("value head dim Dv", d.Dv, kMaxHeadDim);
-}
-
-// t's sizes are `want`; the message spells them as `shape` ("[B, N, H]").
-void check_sizes(const at::Tensor& t, const char* name, const char* shape, std::initializer_list<int64_t> want) {
-  TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(want), "attnkern: ", name, " must be ", shape, " = ",
-                    at::IntArrayRef(want), ", got ", t.sizes());
+  check_dim_in_range("query/key head dim Dk", d.Dk, kMaxHeadDim);
+  check_dim_in_range("value head dim Dv", d.Dv, kMaxHeadDim);
 }
 
 }  // namespace
@@ -67,8 +57,8 @@ PoolDims check_padded_fwd(const at::Tensor& query, const at::Tensor& key, const 
   check_dims(d);
   TORCH_CHECK_VALUE(!(lengths.has_value() && mask.has_value()),
                     "attnkern: give lengths or mask, not both");
-  if (lengths.has_value()) index_tensor(*lengths, "lengths", d.B, query);
-  if (mask.has_value()) mask_tensor(*mask, d.B, d.L, query);
+  if (lengths.has_value()) check_index_tensor(*lengths, "lengths", d.B, query);
+  if (mask.has_value()) check_mask(*mask, d.B, d.L, query);
   return d;
 }
 
@@ -82,18 +72,18 @@ PoolDims check_jagged_fwd(const at::Tensor& query, const at::Tensor& key, const 
                     "attnkern: value must be [T, H, Dv] = [", d.L, ", ", d.H,
                     ", Dv] to match key ", key.sizes(), ", got ", value.sizes());
   check_dims(d);
-  index_tensor(offsets, "offsets", d.B + 1, query);
-  checks::max_length(max_length);
+  check_index_tensor(offsets, "offsets", d.B + 1, query);
+  check_max_length(max_length);
   return d;
 }
 
 void check_bwd_extras(const PoolDims& d, const at::Tensor& query, const at::Tensor& grad_out,
                       const at::Tensor& lse, const at::Tensor& delta) {
-  dense(grad_out, "grad_out");
-  dense(lse, "lse");
-  dense(delta, "delta");
-  same_dtype(grad_out, "grad_out", query);
-  check_sizes(grad_out, "grad_out", "[B, N, H, Dv]", {d.B, d.N, d.H, d.Dv});
+  check_dense(grad_out, "grad_out");
+  check_dense(lse, "lse");
+  check_dense(delta, "delta");
+  check_same_dtype(grad_out, "grad_out", query);
+  check_shape(grad_out, "grad_out", {d.B, d.N, d.H, d.Dv}, "[B, N, H, Dv]");
   TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, "attnkern: lse must be torch.float32, got ",
                    dtype_name(lse.scalar_type()));
   // float64 inputs may pass a float64 delta, so that their gradients stay float64-accurate.
@@ -101,8 +91,8 @@ void check_bwd_extras(const PoolDims& d, const at::Tensor& query, const at::Tens
                        (delta.scalar_type() == at::kDouble && query.scalar_type() == at::kDouble),
                    "attnkern: delta must be torch.float32 (or torch.float64 for torch.float64 inputs), got ",
                    dtype_name(delta.scalar_type()), " with ", dtype_name(query.scalar_type()), " inputs");
-  check_sizes(lse, "lse", "[B, N, H]", {d.B, d.N, d.H});
-  check_sizes(delta, "delta", "[B, N, H]", {d.B, d.N, d.H});
+  check_shape(lse, "lse", {d.B, d.N, d.H}, "[B, N, H]");
+  check_shape(delta, "delta", {d.B, d.N, d.H}, "[B, N, H]");
   TORCH_CHECK_VALUE(grad_out.device() == query.device() && lse.device() == query.device() &&
                         delta.device() == query.device(),
                     "attnkern: grad_out, lse and delta must be on the device of query (",

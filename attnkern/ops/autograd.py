@@ -1,7 +1,8 @@
 """Fake (meta) impls and autograd for every backend's fwd/bwd ops.
 
 The C++ ops (CPU and CUDA kernels) are declared in csrc/attention_pool_ops.cpp and
-csrc/activation_unit_ops.cpp; the Triton ops are Python custom ops declared in attnkern/ops/triton.py with the same schemas (attnkern/ops/schemas.py).
+csrc/activation_unit_ops.cpp; the Triton ops are Python custom ops declared in
+attnkern/ops/triton.py with the same schemas (attnkern/ops/schemas.py).
 `register_fakes_and_autograd` gives both the same fake impls and the same autograd, which calls
 only registered ops: the forward saves lse, the backward recomputes the probabilities from it.
 """

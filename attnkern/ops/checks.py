@@ -80,6 +80,13 @@ def max_length(value):
         _fail(ValueError, "max_length must be >= 0 (or -1 for unknown), got %d", value)
 
 
+def shape(t, name, want, dims=None):
+    """t's sizes are `want`; `dims` spells them ("[B, N, H]") where it helps."""
+    if tuple(t.shape) != tuple(want):
+        _fail(ValueError, "%s must have shape %s[%s], got %s", name, dims + " = " if dims else "",
+              ", ".join(map(str, want)), _sizes(t))
+
+
 def dim_in_range(what, d, most):
     if not 1 <= d <= most:
         _fail(ValueError, "%s must be in [1, %d], got %d", what, most, d)
@@ -106,9 +113,9 @@ def _qkv(query, key, value, rank, key_shape, value_shape):
               query.device, key.device, value.device)
     if query.dim() != 4:
         _fail(ValueError, "query must be [B, N, H, Dk], got %d dims", query.dim())
-    for t, shape in ((key, key_shape), (value, value_shape)):
+    for t, spelled in ((key, key_shape), (value, value_shape)):
         if t.dim() != rank:
-            _fail(ValueError, "%s, got %s", shape, _sizes(t))
+            _fail(ValueError, "%s, got %s", spelled, _sizes(t))
     B, N, H, Dk = query.shape
     return B, N, H, Dk, value.shape[-1], key.shape[rank - 3]
 
@@ -120,11 +127,6 @@ def _dims(B, N, H, Dk, Dv):
         _fail(ValueError, "query must have N >= 1 queries, got N=%d", N)
     dim_in_range("query/key head dim Dk", Dk, MAX_HEAD_DIM)
     dim_in_range("value head dim Dv", Dv, MAX_HEAD_DIM)
-
-
-def _sizes_are(t, name, shape, want):
-    if tuple(t.shape) != tuple(want):
-        _fail(ValueError, "%s must be %s = [%s], got %s", name, shape, ", ".join(map(str, want)), _sizes(t))
 
 
 def padded_fwd(query, key, value, lengths, mask):
@@ -169,14 +171,14 @@ def bwd_extras(dims, query, grad_out, lse, delta):
     for t, n in ((grad_out, "grad_out"), (lse, "lse"), (delta, "delta")):
         dense(t, n)
     same_dtype(grad_out, "grad_out", query)
-    _sizes_are(grad_out, "grad_out", "[B, N, H, Dv]", (B, N, H, Dv))
+    shape(grad_out, "grad_out", (B, N, H, Dv), "[B, N, H, Dv]")
     if lse.dtype != torch.float32:
         _fail(TypeError, "lse must be torch.float32, got %s", lse.dtype)
     if not (delta.dtype == torch.float32 or (delta.dtype == torch.float64 and query.dtype == torch.float64)):
         _fail(TypeError, "delta must be torch.float32 (or torch.float64 for torch.float64 inputs), got %s with %s "
               "inputs", delta.dtype, query.dtype)
     for t, n in ((lse, "lse"), (delta, "delta")):
-        _sizes_are(t, n, "[B, N, H]", (B, N, H))
+        shape(t, n, (B, N, H), "[B, N, H]")
     if grad_out.device != query.device or lse.device != query.device or delta.device != query.device:
         _fail(ValueError, "grad_out, lse and delta must be on the device of query (%s)", query.device)
 
@@ -199,11 +201,6 @@ def _float_like(t, name, query):
     dense(t, name)
     same_dtype(t, name, query)
     on_query_device(t, name, query)
-
-
-def _shape(t, name, want):
-    if tuple(t.shape) != tuple(want):
-        _fail(ValueError, "%s must have shape [%s], got %s", name, ", ".join(map(str, want)), _sizes(t))
 
 
 def activation_unit_fwd(a) -> dict:
@@ -254,7 +251,7 @@ def activation_unit_fwd(a) -> dict:
     H1 = w1.shape[0]
     dim_in_range("hidden units H1", H1, MAX_UNITS)
     _float_like(a["b1"], "b1", query)
-    _shape(a["b1"], "b1", (H1,))
+    shape(a["b1"], "b1", (H1,))
     if (w2 is None) != (a["b2"] is None):
         _fail(ValueError, "give w2 and b2 together, or neither")
     H2 = 0
@@ -265,10 +262,10 @@ def activation_unit_fwd(a) -> dict:
         H2 = w2.shape[0]
         dim_in_range("hidden units H2", H2, MAX_UNITS)
         _float_like(a["b2"], "b2", query)
-        _shape(a["b2"], "b2", (H2,))
+        shape(a["b2"], "b2", (H2,))
     for name, want in (("w_out", (1, H2 or H1)), ("b_out", (1,))):
         _float_like(a[name], name, query)
-        _shape(a[name], name, want)
+        shape(a[name], name, want)
     rows = ACTIVATION_PARAM_ROWS[activation]
     for i, (name, h) in enumerate((("act1", H1), ("act2", H2))):
         want = rows > 0 and h > 0
@@ -277,18 +274,18 @@ def activation_unit_fwd(a) -> dict:
                   activation, " with one hidden layer" if (i == 1 and H2 == 0) else "")
         if want:
             _float_like(a[name], name, query)
-            _shape(a[name], name, (rows, h))
+            shape(a[name], name, (rows, h))
     return dict(B=B, N=N, E=E, Dv=Dv, L=L, H1=H1, H2=H2)
 
 
 def activation_unit_bwd_extras(d, query, grad_out, lse, delta):
     """check_activation_unit_bwd_extras."""
     _float_like(grad_out, "grad_out", query)
-    _shape(grad_out, "grad_out", (d["B"], d["N"], d["Dv"]))
+    shape(grad_out, "grad_out", (d["B"], d["N"], d["Dv"]))
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     for name, t in (("lse", lse), ("delta", delta)):
         dense(t, name)
         if t.dtype != acc:
             _fail(TypeError, "%s must be %s for %s inputs, got %s", name, acc, query.dtype, t.dtype)
-        _shape(t, name, (d["B"], d["N"]))
+        shape(t, name, (d["B"], d["N"]))
         on_query_device(t, name, query)
