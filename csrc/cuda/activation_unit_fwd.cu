@@ -110,10 +110,11 @@ __global__ void __launch_bounds__(kThreads) au_fwd_kernel(const AuProblem p, voi
       __syncthreads();  // s.valid / s.s are rewritten by the next tile
     }
 
-    // Phase 4: normalise and store; an empty row gives out = 0 (lse = -inf with softmax).
+    // Phase 4: normalise and store; an empty row gives out = 0 (lse = -inf with softmax). A NaN
+    // sum (a non-finite value at a valid position) is not empty: it propagates.
     float inv = 1.f, row_lse = 0.f;
     if (p.softmax) {
-      const bool nonempty = l_run > 0.f;
+      const bool nonempty = l_run != 0.f;
       inv = nonempty ? 1.f / l_run : 0.f;
       row_lse = nonempty ? (m_run + log2f(l_run)) * kLn2 : -INFINITY;
     }
