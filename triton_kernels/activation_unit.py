@@ -527,14 +527,14 @@ def activation_unit_fwd(query, key, value, lengths, mask, offsets, max_length, w
                         w_out, b_out, act1, act2, activation: str, softmax: bool):
     """Forward launcher on canonical tensors (any strides; shapes/dtypes checked by the caller,
     index values clamped in-kernel); value None = the keys are the values. Returns
-    (out [B, N, Dv] in the query dtype, lse [B, N] float32: the scores' log-sum-exp with softmax,
+    (out [B, N, Dv] float32, unrounded: the autograd forms delta from it; lse [B, N] float32: the scores' log-sum-exp with softmax,
     -inf on empty rows; 0 without)."""
     if value is None:
         value = key
     ptrs, strides, meta, d = _common(query, key, value, lengths, mask, offsets, max_length, w1,
                                      b1, w2, b2, w_out, b_out, act1, act2, activation)
     B, N = d["B"], d["N"]
-    out = torch.empty((B, N, d["Dv"]), dtype=query.dtype, device=query.device)
+    out = torch.empty((B, N, d["Dv"]), dtype=torch.float32, device=query.device)  # unrounded
     lse = torch.empty((B, N), dtype=torch.float32, device=query.device)
     if B == 0 or N == 0:
         return out, lse

@@ -269,7 +269,7 @@ void fwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::
   const RowView<const scalar_t> kv = row_view<const scalar_t>(key, d.jagged);
   const RowView<const scalar_t> vv = row_view<const scalar_t>(value, d.jagged);
   const A* q = qa.data_ptr<A>();
-  scalar_t* o = out.data_ptr<scalar_t>();
+  A* o = out.data_ptr<A>();
   A* ls = lse.data_ptr<A>();
   const int64_t N = d.N, E = d.E, Dv = d.Dv;
   const int64_t cost = N * std::max<int64_t>(1, d.L) * (w.H1 * (E + w.H2 + 1));
@@ -321,16 +321,16 @@ void fwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::
       for (int64_t n = 0; n < N; ++n) {
         const int64_t r = b * N + n;
         const A* an = acc.data() + n * w.Dvp;
-        scalar_t* on = o + r * Dv;
+        A* on = o + r * Dv;
         if (!softmax) {
-          for (int64_t e = 0; e < Dv; ++e) on[e] = scalar_t(an[e]);
+          for (int64_t e = 0; e < Dv; ++e) on[e] = an[e];
           ls[r] = A(0);
         } else if (l[n] != A(0)) {  // NaN too: a non-finite value at a valid position propagates
           const A inv = A(1) / l[n];
-          for (int64_t e = 0; e < Dv; ++e) on[e] = scalar_t(an[e] * inv);
+          for (int64_t e = 0; e < Dv; ++e) on[e] = an[e] * inv;
           ls[r] = m[n] + std::log(l[n]);
         } else {
-          for (int64_t e = 0; e < Dv; ++e) on[e] = scalar_t(0);
+          for (int64_t e = 0; e < Dv; ++e) on[e] = A(0);
           ls[r] = -std::numeric_limits<A>::infinity();
         }
       }
@@ -504,7 +504,9 @@ std::tuple<at::Tensor, at::Tensor> activation_unit_pool_fwd_cpu(
   TORCH_CHECK_VALUE(query.device().is_cpu(), "attnkern: the CPU kernel needs CPU tensors, got ", query.device());
   const Rows rows = make_rows(d, lengths, mask, offsets, max_length);
   const auto acc = acc_type(query.scalar_type());
-  at::Tensor out = at::empty({d.B, d.N, d.Dv}, query.options());
+  // out unrounded, in the accumulator type: the autograd forms delta from it (rounded to
+  // float16/bfloat16 first, delta's error would pass into every softmax gradient).
+  at::Tensor out = at::empty({d.B, d.N, d.Dv}, query.options().dtype(acc));
   at::Tensor lse = at::empty({d.B, d.N}, query.options().dtype(acc));
   if (d.B == 0) return {out, lse};
   const at::Tensor qa = query.to(acc).contiguous();
