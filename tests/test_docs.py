@@ -1,7 +1,7 @@
 """The README and docs/ stay true to the tree: every repository path they cite exists, every
 relative link (and its #anchor) resolves, every flag they show for an `attnkern` command is
-one that command accepts, CI runs the README's test command, and the README stays a front
-page (under 250 lines)."""
+one that command accepts, the API examples run, CI runs the README's test command, and the
+README stays a front page (under 250 lines)."""
 
 import contextlib
 import glob
@@ -139,6 +139,16 @@ def test_command_flags_exist(page):
         bad += ["%s: %s" % (rest, f) for f in sorted(flags)
                 if not re.search(re.escape(f) + r"(?![\w-])", text)]
     assert not bad, "%s shows flags the commands do not accept: %s" % (page, bad)
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/api.md", "docs/layers.md"])
+def test_python_examples_run(page):
+    """The pages' examples run as shown, block after block in one namespace (a block that
+    starts with a class name is a signature listing, not code)."""
+    namespace = {}
+    for block in re.findall(r"^```python\n(.*?)^```", read(page), re.S | re.M):
+        if not re.match(r"[A-Z]\w*\(", block):
+            exec(compile(block, page, "exec"), namespace)
 
 
 def test_ci_runs_the_readme_test_command():
