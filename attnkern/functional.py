@@ -249,4 +249,5 @@ def activation_unit_pool(
         out, _ = activation_unit_pool_ref(*a.values())
     else:
         out, _ = activation_fused_op(name)(*a.values())
+        out = out.to(a["query"].dtype)  # the fused ops return their unrounded accumulators
     return out.squeeze(1) if prob.squeeze_n else out

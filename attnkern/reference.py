@@ -272,7 +272,9 @@ def masked_activation_unit_pool_ref(
         mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
         p = torch.exp(s - mx)
         denom = p.sum(dim=-1, keepdim=True)
-        nonempty = denom > 0
+        # Empty: no valid position with a finite score. A NaN sum (a NaN/inf at a valid
+        # position) is not empty: it propagates to out and lse.
+        nonempty = denom != 0
         safe = torch.where(nonempty, denom, torch.ones_like(denom))
         w = p / safe
         lse = torch.where(nonempty, mx + torch.log(safe),
