@@ -364,8 +364,8 @@ class ActivationUnitPooling(nn.Module):
     item, the values are pooled with those scores (raw, or a masked softmax).
 
     A drop-in for FuxiCTR's ``DIN_Attention`` and DeepCTR-Torch's
-    ``AttentionSequencePoolingLayer`` (``load_mlp_`` copies their weights; see README for the
-    recipe and for what each does on an empty history, where this layer gives 0).
+    ``AttentionSequencePoolingLayer`` (``load_mlp_`` copies their weights; docs/recipes.md has
+    the recipe and what each does on an empty history, where this layer gives 0).
 
     Args:
         embed_dim: E, the size of the query and of the keys.
