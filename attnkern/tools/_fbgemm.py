@@ -8,6 +8,7 @@ never imported; nothing here runs when attnkern is imported."""
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.metadata
 import importlib.util
 from typing import Optional, Tuple
@@ -68,4 +69,16 @@ def fbgemm_status() -> Optional[str]:
     except Exception as e:  # noqa: BLE001 - a broken binary raises OSError, ImportError, ...
         return "fbgemm_gpu %s does not import with torch %s (%s: %s)" % (
             version, torch.__version__, type(e).__name__, e)
+    return None
+
+
+def status_with(module: str) -> Optional[str]:
+    """fbgemm_status(), then whether `module` (fbgemm_gpu.sll, torchrec, ...) imports."""
+    why = fbgemm_status()
+    if why is not None:
+        return why
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - a broken install raises anything
+        return "%s does not import (%s: %s); see scripts/install_torchrec.sh" % (module, type(e).__name__, e)
     return None

@@ -412,7 +412,7 @@ def main(argv=None) -> int:
                     pool, s["test_auc_mean"], s["test_auc_std"], s["seeds"],
                     "?" if secs is None else "%.1f +- %.1f" % (secs, s["train_seconds_per_epoch_std"])))
     finally:
-        if dist.is_initialized():
+        if (args.ddp or args.engine == "torchrec") and dist.is_initialized():
             dist.destroy_process_group()
     return 0
 

@@ -165,16 +165,9 @@ FBGEMM_PROVIDERS = ("fbgemm", "fbgemm_bmm")
 
 
 def _fbgemm_status() -> Optional[str]:
-    from attnkern.tools._fbgemm import fbgemm_status
+    from attnkern.tools._fbgemm import status_with
 
-    why = fbgemm_status()
-    if why is not None:
-        return why
-    try:
-        import fbgemm_gpu.sll  # noqa: F401  (registers the torch.ops.fbgemm.sll_* operators)
-    except Exception as e:  # noqa: BLE001 - a broken install raises anything
-        return "fbgemm_gpu.sll does not import (%s: %s)" % (type(e).__name__, e)
-    return None
+    return status_with("fbgemm_gpu.sll")  # importing it registers the torch.ops.fbgemm.sll_* ops
 
 
 def _fbgemm_fn(inp: Inputs, provider: str) -> Callable:
