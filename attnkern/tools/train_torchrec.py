@@ -8,8 +8,9 @@ launches itself under torchrun (gloo on CPU, nccl on GPU); ``torchrun --nproc_pe
 attnkern train --engine torchrec ...`` does the same. The history and the target are two
 features of one table, as in the single-process model: a `KeyedJaggedTensor` of the valid
 history items (no padding is looked up) and the targets; the pooling takes the history's
-`JaggedTensor` as it comes out of the collection. The embedding rows are updated by TorchRec's
-Adam like every other parameter (the single-process model's optimizer and learning rate).
+`JaggedTensor` as it comes out of the collection. The table's rows are updated in the backward
+by FBGEMM's Adagrad (its CPU build has no Adam) at TABLE_LR_SCALE times --lr, the dense
+parameters by torch's Adam at --lr (the single-process model's optimizer).
 
 Needs torchrec and fbgemm_gpu (scripts/install_torchrec.sh installs the pair that matches
 torch). Results are written as by `attnkern train` (``results.json`` per run, with
@@ -142,7 +143,9 @@ def copy_table_(dmp, weight: torch.Tensor) -> None:
                 (r, c), (h, w) = s.metadata.shard_offsets, s.metadata.shard_sizes
                 s.tensor.copy_(weight[r:r + h, c:c + w])
                 done += 1
-    if not done and dist.get_rank() == 0:
+    total = torch.tensor([done])
+    dist.all_reduce(total)  # a table-wise table lives on one process: the others hold no shard
+    if int(total) == 0:
         raise RuntimeError("no shard of table %r found in the sharded model's state" % TABLE)
 
 
