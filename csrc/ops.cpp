@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "attention_pool.h"
+#include "cpu/isa_dispatch.h"
 
 TORCH_LIBRARY(attnkern, m) {
   m.def(
@@ -36,8 +37,6 @@ bool built_with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "attnkern compiled kernels (op schemas, CPU and CUDA implementations)";
   mod.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in");
-  mod.def("cpu_isa", [] { return std::string(attnkern::cpu_isa()); },
-          "The instruction set the CPU kernels run on in this process (amx, avx512_bf16, avx512, avx2 or generic)");
-  mod.def("cpu_isas", &attnkern::cpu_isas,
-          "Every instruction set ATTNKERN_CPU_ISA can select on this CPU with this build, narrowest first");
+  mod.def("cpu_isa", [] { return std::string(attnkern::cpu_isa()); }, attnkern::kCpuIsaDoc);
+  mod.def("cpu_isas", &attnkern::cpu_isas, attnkern::kCpuIsasDoc);
 }
