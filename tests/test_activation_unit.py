@@ -241,9 +241,9 @@ def test_torch_compile_fullgraph(backend, layout):
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512_bf16", "amx"])
 def test_every_isa_path_matches(isa):
     """The kernels of each instruction set (ATTNKERN_CPU_ISA, chosen once per process) in a
-    subprocess: a cap this CPU does not reach runs its widest set below (amx: avx512_bf16, which
-    this op shares), and float32, bfloat16 and float64 take their own paths; 40 units leave a
-    column panel of one AVX-512 vector next to a full one."""
+    subprocess: a cap this CPU does not reach runs its widest set below, avx512_bf16 and amx run
+    this op's avx512 kernels, float64 its generic ones; 40 units leave a column panel of one
+    AVX-512 vector next to a full one."""
     code = (
         "import torch, attnkern\n"
         "from attnkern.testing import check_activation_backend as check, random_activation_problem as r\n"

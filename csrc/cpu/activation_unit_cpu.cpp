@@ -13,7 +13,7 @@
 //
 // Weight gradients are summed per fixed chunk of rows (a shape-only rule) and the chunks are
 // added in order, so results do not depend on the thread count. The arithmetic runs in
-// activation_unit_{avx512_bf16,avx512,avx2,generic}.cpp, chosen by the CPU instruction-set dispatcher
+// activation_unit_{avx512,avx2,generic}.cpp, chosen by the CPU instruction-set dispatcher
 // (isa_dispatch.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -47,13 +47,13 @@ constexpr int64_t kAuChunks = 32;
 inline int64_t pad(int64_t n) { return (n + kAuPad - 1) / kAuPad * kAuPad; }
 
 // The float32 kernels of the instruction set the dispatcher selected (isa_dispatch.h): this op
-// has no AMX kernels, so amx runs the avx512_bf16 ones.
+// has no kernels of its own for avx512_bf16 and amx, which run the avx512 ones.
 const AuKernels<float>& kernels_f32() {
   static const AuKernels<float> table = [] {
     switch (selected_isa()) {
 #if defined(__x86_64__) || defined(_M_X64)
       case Isa::kAmx:
-      case Isa::kAvx512Bf16: return au_avx512_bf16_f32();
+      case Isa::kAvx512Bf16:
       case Isa::kAvx512: return au_avx512_f32();
       case Isa::kAvx2: return au_avx2_f32();
 #endif
@@ -230,51 +230,13 @@ void build_query(const AuKernels<A>& k, const Weights<A>& w, const A* q, A* mt, 
   k.gemm(1, w.E, w.H1p, q, 0, 1, w.wacT.data(), w.H1p, c, w.H1p);
 }
 
-// Block buffers of one task (thread); kbp: the block's keys as bf16 pairs (Pairs below).
+// Block buffers of one task (thread).
 template <class A>
 struct Block {
   std::vector<A> kb, vb, z1, a1, z2, a2, s;
-  std::vector<uint32_t> kbp;
-  Block(const Weights<A>& w, bool pairs)
+  Block(const Weights<A>& w)
       : kb(kAuBlock * w.Ep, A(0)), vb(kAuBlock * w.Dvp, A(0)), z1(kAuBlock * w.H1p), a1(kAuBlock * w.H1p),
-        z2(kAuBlock * std::max<int64_t>(w.H2p, 1)), a2(kAuBlock * std::max<int64_t>(w.H2p, 1)), s(kAuBlock),
-        kbp(pairs ? kAuBlock * ((w.E + 1) / 2) : 0) {}
-};
-
-// bfloat16 inputs where the kernels multiply bf16 pairs (AVX512-BF16, AuKernels::gemm_pairs):
-// the first layer's product takes the keys' own bf16 values and each query's M_q^T rounded to
-// bf16 (as the bfloat16 reference rounds its first layer's operands), two elements per lane and
-// instruction. Pairs run along E: element 2p in the low half (the last one zero when E is odd).
-template <class scalar_t, class A>
-struct Pairs {
-  bool on;
-  int64_t E, E2, H1p;
-  std::vector<uint32_t> mt;  // [N, E2, H1p]
-  Pairs(const AuKernels<A>& k, const Weights<A>& w, int64_t N)
-      : on(std::is_same<scalar_t, at::BFloat16>::value && k.gemm_pairs != nullptr), E(w.E), E2((w.E + 1) / 2),
-        H1p(w.H1p), mt(on ? N * E2 * H1p : 0) {}
-  static uint16_t bits(A x) { return c10::BFloat16(float(x)).x; }
-  static uint32_t join(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
-  // Query n's M_q^T [E, H1p] (fp32), rounded and paired.
-  void query(int64_t n, const A* mtn) {
-    if (!on) return;
-    uint32_t* o = mt.data() + n * E2 * H1p;
-    for (int64_t p = 0; p < E2; ++p)
-      for (int64_t u = 0; u < H1p; ++u)
-        o[p * H1p + u] = join(bits(mtn[2 * p * H1p + u]), 2 * p + 1 < E ? bits(mtn[(2 * p + 1) * H1p + u]) : 0);
-  }
-  const uint32_t* query_pairs(int64_t n) const { return on ? mt.data() + n * E2 * H1p : nullptr; }
-  // The block's keys, their bf16 bits paired (a copy, no rounding).
-  void gather(const RowView<const scalar_t>& v, int64_t b, const int64_t* pos, int64_t nb, Block<A>& blk) const {
-    if constexpr (std::is_same<scalar_t, at::BFloat16>::value) {
-      if (!on) return;
-      for (int64_t i = 0; i < nb; ++i) {
-        const scalar_t* src = v.row(b, pos[i]);
-        for (int64_t p = 0; p < E2; ++p)
-          blk.kbp[i * E2 + p] = join(src[2 * p * v.se].x, 2 * p + 1 < E ? src[(2 * p + 1) * v.se].x : 0);
-      }
-    }
-  }
+        z2(kAuBlock * std::max<int64_t>(w.H2p, 1)), a2(kAuBlock * std::max<int64_t>(w.H2p, 1)), s(kAuBlock) {}
 };
 
 // Columns [n, np) of nb rows (row stride np) set to 0. The padded units' weights are zero,
@@ -286,15 +248,11 @@ void zero_padding(int64_t nb, int64_t n, int64_t np, A* z) {
 }
 
 // Scores s[0:nb] of one query against the block's keys; leaves pre-activations z1/z2 and
-// activations a1/a2 of the block in `blk`. mtp: the query's M_q^T as bf16 pairs (Pairs), or null.
+// activations a1/a2 of the block in `blk`.
 template <class A>
-void block_scores(const AuKernels<A>& k, const Weights<A>& w, const A* mt, const A* c, int64_t nb, Block<A>& blk,
-                  const uint32_t* mtp) {
+void block_scores(const AuKernels<A>& k, const Weights<A>& w, const A* mt, const A* c, int64_t nb, Block<A>& blk) {
   for (int64_t i = 0; i < nb; ++i) std::copy(c, c + w.H1p, blk.z1.data() + i * w.H1p);
-  if (mtp)
-    k.gemm_pairs(nb, (w.E + 1) / 2, w.H1p, blk.kbp.data(), (w.E + 1) / 2, mtp, w.H1p, blk.z1.data(), w.H1p);
-  else
-    k.gemm(nb, w.E, w.H1p, blk.kb.data(), w.Ep, 1, mt, w.H1p, blk.z1.data(), w.H1p);
+  k.gemm(nb, w.E, w.H1p, blk.kb.data(), w.Ep, 1, mt, w.H1p, blk.z1.data(), w.H1p);
   zero_padding(nb, w.H1, w.H1p, blk.z1.data());
   k.act_fwd(w.act, nb, w.H1p, blk.z1.data(), w.H1p, w.act1.data(), blk.a1.data());
   const A* last = blk.a1.data();
@@ -321,8 +279,7 @@ void fwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::
   const int64_t cost = N * std::max<int64_t>(1, d.L) * (w.H1 * (E + w.H2 + 1));
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(1, cost));
   at::parallel_for(0, d.B, grain, [&](int64_t b0, int64_t b1) {
-    Pairs<scalar_t, A> pairs(k, w, N);
-    Block<A> blk(w, pairs.on);
+    Block<A> blk(w);
     std::vector<A> mt(N * E * w.H1p), c(N * w.H1p), qp(w.Ep, A(0)), acc(N * w.Dvp), m(N), l(N);
     std::vector<int64_t> pos;
     for (int64_t b = b0; b < b1; ++b) {
@@ -335,15 +292,13 @@ void fwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::
         for (int64_t n = 0; n < N; ++n) {
           std::copy(q + (b * N + n) * E, q + (b * N + n + 1) * E, qp.begin());
           build_query(k, w, qp.data(), mt.data() + n * E * w.H1p, static_cast<A*>(nullptr), c.data() + n * w.H1p);
-          pairs.query(n, mt.data() + n * E * w.H1p);
         }
       for (int64_t i0 = 0; i0 < cnt; i0 += kAuBlock) {
         const int64_t nb = std::min(kAuBlock, cnt - i0);
         gather(kv, b, pos.data() + i0, nb, E, w.Ep, blk.kb.data());
         gather(vv, b, pos.data() + i0, nb, Dv, w.Dvp, blk.vb.data());
-        pairs.gather(kv, b, pos.data() + i0, nb, blk);
         for (int64_t n = 0; n < N; ++n) {
-          block_scores(k, w, mt.data() + n * E * w.H1p, c.data() + n * w.H1p, nb, blk, pairs.query_pairs(n));
+          block_scores(k, w, mt.data() + n * E * w.H1p, c.data() + n * w.H1p, nb, blk);
           A* an = acc.data() + n * w.Dvp;
           if (!softmax) {
             for (int64_t i = 0; i < nb; ++i) k.axpby(w.Dvp, blk.s[i], blk.vb.data() + i * w.Dvp, A(1), an);
@@ -419,8 +374,7 @@ void bwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::
   const int64_t N = d.N, E = d.E, Dv = d.Dv, B = d.B;
   const int64_t Ep = w.Ep, H1 = w.H1, H1p = w.H1p, H2 = w.H2, H2p = w.H2p, Hlp = w.Hlp, Dvp = w.Dvp;
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    Pairs<scalar_t, A> pairs(k, w, N);
-    Block<A> blk(w, pairs.on);
+    Block<A> blk(w);
     std::vector<A> mt(N * E * H1p), mm(N * H1 * Ep), c(N * H1p), qp(N * Ep, A(0)), gop(N * Dvp, A(0));
     std::vector<A> G(N * H1 * Ep), g(N * H1p), dkb(kAuBlock * Ep), dvb(kAuBlock * Dvp), ds(kAuBlock);
     std::vector<A> dl(kAuBlock * std::max(H1p, Hlp)), dq(Ep);
@@ -456,7 +410,6 @@ void bwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::
           std::copy(q + (b * N + n) * E, q + (b * N + n + 1) * E, qn);
           std::copy(go + (b * N + n) * Dv, go + (b * N + n + 1) * Dv, gop.data() + n * Dvp);
           build_query(k, w, qn, mt.data() + n * E * H1p, mm.data() + n * H1 * Ep, c.data() + n * H1p);
-          pairs.query(n, mt.data() + n * E * H1p);
         }
         std::fill(G.begin(), G.end(), A(0));
         std::fill(g.begin(), g.end(), A(0));
@@ -465,12 +418,11 @@ void bwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::
           const int64_t* pb = pos.data() + i0;
           gather(kv, b, pb, nb, E, Ep, blk.kb.data());
           gather(vv, b, pb, nb, Dv, Dvp, blk.vb.data());
-          pairs.gather(kv, b, pb, nb, blk);
           std::fill(dkb.begin(), dkb.begin() + nb * Ep, A(0));
           std::fill(dvb.begin(), dvb.begin() + nb * Dvp, A(0));
           for (int64_t n = 0; n < N; ++n) {
             const A* gon = gop.data() + n * Dvp;
-            block_scores(k, w, mt.data() + n * E * H1p, c.data() + n * H1p, nb, blk, pairs.query_pairs(n));
+            block_scores(k, w, mt.data() + n * E * H1p, c.data() + n * H1p, nb, blk);
             // Pooling: weights (raw scores or softmax probabilities) and their gradients ds.
             const A lsen = lse[b * N + n], dn = delta[b * N + n];
             for (int64_t i = 0; i < nb; ++i) {

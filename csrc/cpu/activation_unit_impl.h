@@ -1,6 +1,6 @@
 // The activation-unit block kernels, written once over a vector type `V` (vec_common.h:
 // vec_scalar.h, vec_avx2.h, vec_avx512.h) and included by each per-ISA translation unit
-// (activation_unit_{avx512_bf16,avx512,avx2,generic}.cpp). Everything has internal linkage (anonymous
+// (activation_unit_{avx512,avx2,generic}.cpp). Everything has internal linkage (anonymous
 // namespace), so the ISA-specific copies are never merged by the linker.
 //
 // max(a, b) and min(a, b) return b where either is NaN (as maxps/minps do), so a NaN input goes
@@ -22,11 +22,10 @@ namespace {
 template <class V>
 constexpr int kAuRows = V::W >= 16 ? 12 : 6;
 
-// C[0:R, 0:NB * W] += A[0:R, 0:P] B[0:P, 0:NB * W] with the R x NB accumulators in registers;
-// with Pairs, A and B hold bf16 pairs (TA = uint32_t) multiplied by V::dot_pairs.
-template <class V, int R, int NB, bool Pairs, class TA>
-inline void au_gemm_tile(int64_t P, const TA* a, int64_t a_si, int64_t a_sp, const TA* b, int64_t ldb,
-                         typename V::A* c, int64_t ldc) {
+// C[0:R, 0:NB * W] += A[0:R, 0:P] B[0:P, 0:NB * W] with the R x NB accumulators in registers.
+template <class V, int R, int NB>
+inline void au_gemm_tile(int64_t P, const typename V::A* a, int64_t a_si, int64_t a_sp, const typename V::A* b,
+                         int64_t ldb, typename V::A* c, int64_t ldc) {
   constexpr int W = V::W;
   V acc[R][NB];
 #pragma GCC unroll 12
@@ -34,21 +33,12 @@ inline void au_gemm_tile(int64_t P, const TA* a, int64_t a_si, int64_t a_sp, con
     for (int q = 0; q < NB; ++q) acc[r][q] = V::load(c + r * ldc + q * W);
   for (int64_t p = 0; p < P; ++p) {
     V bv[NB];
-    const TA* ap = a + p * a_sp;
-    if constexpr (Pairs) {
-      for (int q = 0; q < NB; ++q) bv[q] = V::load_bits(b + p * ldb + q * W);
+    for (int q = 0; q < NB; ++q) bv[q] = V::load(b + p * ldb + q * W);
+    const typename V::A* ap = a + p * a_sp;
 #pragma GCC unroll 12
-      for (int r = 0; r < R; ++r) {
-        const V x = V::set1_bits(ap[r * a_si]);
-        for (int q = 0; q < NB; ++q) acc[r][q] = V::dot_pairs(acc[r][q], x, bv[q]);
-      }
-    } else {
-      for (int q = 0; q < NB; ++q) bv[q] = V::load(b + p * ldb + q * W);
-#pragma GCC unroll 12
-      for (int r = 0; r < R; ++r) {
-        const V x = V::set1(ap[r * a_si]);
-        for (int q = 0; q < NB; ++q) acc[r][q] = V::fma(x, bv[q], acc[r][q]);
-      }
+    for (int r = 0; r < R; ++r) {
+      const V x = V::set1(ap[r * a_si]);
+      for (int q = 0; q < NB; ++q) acc[r][q] = V::fma(x, bv[q], acc[r][q]);
     }
   }
 #pragma GCC unroll 12
@@ -57,45 +47,33 @@ inline void au_gemm_tile(int64_t P, const TA* a, int64_t a_si, int64_t a_sp, con
 }
 
 // The last m < kAuRows rows of a column panel: the tile of exactly m rows.
-template <class V, int NB, bool Pairs, class TA, int R = kAuRows<V> - 1>
-inline void au_gemm_rows(int m, int64_t P, const TA* a, int64_t a_si, int64_t a_sp, const TA* b, int64_t ldb,
-                         typename V::A* c, int64_t ldc) {
+template <class V, int NB, int R = kAuRows<V> - 1>
+inline void au_gemm_rows(int m, int64_t P, const typename V::A* a, int64_t a_si, int64_t a_sp,
+                         const typename V::A* b, int64_t ldb, typename V::A* c, int64_t ldc) {
   if constexpr (R >= 1) {
-    if (m == R) return au_gemm_tile<V, R, NB, Pairs>(P, a, a_si, a_sp, b, ldb, c, ldc);
-    au_gemm_rows<V, NB, Pairs, TA, R - 1>(m, P, a, a_si, a_sp, b, ldb, c, ldc);
+    if (m == R) return au_gemm_tile<V, R, NB>(P, a, a_si, a_sp, b, ldb, c, ldc);
+    au_gemm_rows<V, NB, R - 1>(m, P, a, a_si, a_sp, b, ldb, c, ldc);
   }
 }
 
 // Column panels of 2 vectors (one where ncols, a multiple of kAuPad, leaves a single vector);
 // B's panel (P x 2W) is reused from L1 by every row tile.
-template <class V, int NB, bool Pairs, class TA>
-void au_gemm_panel(int64_t M, int64_t P, const TA* a, int64_t a_si, int64_t a_sp, const TA* b, int64_t ldb,
-                   typename V::A* c, int64_t ldc) {
+template <class V, int NB>
+void au_gemm_panel(int64_t M, int64_t P, const typename V::A* a, int64_t a_si, int64_t a_sp,
+                   const typename V::A* b, int64_t ldb, typename V::A* c, int64_t ldc) {
   constexpr int R = kAuRows<V>;
   int64_t i = 0;
-  for (; i + R <= M; i += R) au_gemm_tile<V, R, NB, Pairs>(P, a + i * a_si, a_si, a_sp, b, ldb, c + i * ldc, ldc);
-  if (i < M) au_gemm_rows<V, NB, Pairs, TA>(int(M - i), P, a + i * a_si, a_si, a_sp, b, ldb, c + i * ldc, ldc);
-}
-
-template <class V, bool Pairs = false, class TA>
-void au_gemm_any(int64_t M, int64_t P, int64_t ncols, const TA* a, int64_t a_si, int64_t a_sp, const TA* b,
-                 int64_t ldb, typename V::A* c, int64_t ldc) {
-  constexpr int64_t W = V::W;
-  int64_t j = 0;
-  for (; j + 2 * W <= ncols; j += 2 * W) au_gemm_panel<V, 2, Pairs>(M, P, a, a_si, a_sp, b + j, ldb, c + j, ldc);
-  for (; j < ncols; j += W) au_gemm_panel<V, 1, Pairs>(M, P, a, a_si, a_sp, b + j, ldb, c + j, ldc);
+  for (; i + R <= M; i += R) au_gemm_tile<V, R, NB>(P, a + i * a_si, a_si, a_sp, b, ldb, c + i * ldc, ldc);
+  if (i < M) au_gemm_rows<V, NB>(int(M - i), P, a + i * a_si, a_si, a_sp, b, ldb, c + i * ldc, ldc);
 }
 
 template <class V>
 void au_gemm(int64_t M, int64_t P, int64_t ncols, const typename V::A* a, int64_t a_si, int64_t a_sp,
              const typename V::A* b, int64_t ldb, typename V::A* c, int64_t ldc) {
-  au_gemm_any<V>(M, P, ncols, a, a_si, a_sp, b, ldb, c, ldc);
-}
-
-template <class V>
-void au_gemm_pairs(int64_t M, int64_t P2, int64_t ncols, const uint32_t* a, int64_t a_si, const uint32_t* b,
-                   int64_t ldb, typename V::A* c, int64_t ldc) {
-  au_gemm_any<V, true>(M, P2, ncols, a, a_si, 1, b, ldb, c, ldc);
+  constexpr int64_t W = V::W;
+  int64_t j = 0;
+  for (; j + 2 * W <= ncols; j += 2 * W) au_gemm_panel<V, 2>(M, P, a, a_si, a_sp, b + j, ldb, c + j, ldc);
+  for (; j < ncols; j += W) au_gemm_panel<V, 1>(M, P, a, a_si, a_sp, b + j, ldb, c + j, ldc);
 }
 
 template <class V>
@@ -216,10 +194,7 @@ void au_muladd(int64_t n, const typename V::A* x, const typename V::A* y, typena
 
 template <class V>
 AuKernels<typename V::A> au_table(const char* name) {
-  if constexpr (V::kPairDot)
-    return {name, &au_gemm<V>, &au_act_fwd<V>, &au_act_bwd<V>, &au_dot<V>, &au_axpby<V>, &au_muladd<V>, &au_gemm_pairs<V>};
-  else
-    return {name, &au_gemm<V>, &au_act_fwd<V>, &au_act_bwd<V>, &au_dot<V>, &au_axpby<V>, &au_muladd<V>, nullptr};
+  return {name, &au_gemm<V>, &au_act_fwd<V>, &au_act_bwd<V>, &au_dot<V>, &au_axpby<V>, &au_muladd<V>};
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
 // Plain-data interface between the activation-unit CPU launcher (activation_unit_cpu.cpp) and
-// its per-ISA block kernels (activation_unit_{avx512_bf16,avx512,avx2,generic}.cpp).
+// its per-ISA block kernels (activation_unit_{avx512,avx2,generic}.cpp).
 //
 // The launcher gathers each block of valid key/value rows into contiguous accumulator-typed
 // (float, or double for float64) buffers whose rows are padded with zeros to a multiple of
@@ -40,19 +40,13 @@ struct AuKernels {
   void (*axpby)(int64_t n, A a, const A* x, A beta, A* y);
   // out[0:n] += x * y (elementwise), n a multiple of kAuPad.
   void (*muladd)(int64_t n, const A* x, const A* y, A* out);
-  // gemm on bf16 pairs (AVX512-BF16 only, null elsewhere): each uint32_t of a and b holds two bf16
-  // values (element 2p in the low half), and C[i, 0:ncols] += sum_{p < P2} a[i * a_si + p] .
-  // b[p * ldb + 0:ncols], the pairs multiplied exactly and summed in fp32 (vdpbf16ps).
-  void (*gemm_pairs)(int64_t M, int64_t P2, int64_t ncols, const uint32_t* a, int64_t a_si, const uint32_t* b,
-                     int64_t ldb, A* c, int64_t ldc);
 };
 
 AuKernels<float> au_generic_f32();
 AuKernels<double> au_generic_f64();
 #if defined(__x86_64__) || defined(_M_X64)
 AuKernels<float> au_avx2_f32();    // needs avx2, fma, f16c
-AuKernels<float> au_avx512_f32();       // needs avx512f, avx512bw, avx512vl, avx512dq, fma
-AuKernels<float> au_avx512_bf16_f32();  // needs those and avx512bf16
+AuKernels<float> au_avx512_f32();  // needs avx512f, avx512bw, avx512vl, avx512dq, fma
 #endif
 
 }  // namespace cpu

@@ -30,8 +30,8 @@ constexpr const char* kCpuIsaDoc =
     "The instruction set the CPU kernels of every op run on in this process for float32, float16 "
     "and bfloat16 inputs (amx, avx512_bf16, avx512, avx2 or generic; '-emulated' in the "
     "avx512_emulation.h test build), chosen once from the CPU and ATTNKERN_CPU_ISA. An op without "
-    "kernels for that set runs its widest narrower ones (the activation unit runs avx512_bf16 "
-    "under amx); float64 inputs always run the generic kernels.";
+    "kernels for that set runs its widest narrower ones (the activation unit runs its avx512 "
+    "kernels under avx512_bf16 and amx); float64 inputs always run the generic kernels.";
 constexpr const char* kCpuIsasDoc =
     "Every instruction set ATTNKERN_CPU_ISA can select on this CPU with this build, narrowest first "
     "(the emulated ones of the test build tagged '-emulated').";

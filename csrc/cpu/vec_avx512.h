@@ -1,6 +1,6 @@
 // The AVX-512 (F/BW/VL/DQ) vector type (16 fp32 lanes) of the AVX-512 kernels of every op family
 // (attention_pool_avx512.cpp, attention_pool_tile_avx512*.cpp, attention_pool_tile_amx.cpp,
-// activation_unit_avx512*.cpp): the interface of vec_common.h. Each includes it after
+// activation_unit_avx512.cpp): the interface of vec_common.h. Each includes it after
 // avx512_target_push.h (and so, in the emulation build, after avx512_emulation.h), so each gets
 // its own copy (internal linkage).
 // With ATTNKERN_AVX512_BF16 defined it also has the bf16 pair products of AVX512-BF16
