@@ -52,12 +52,4 @@ void check_bwd_extras(const PoolDims& d, const at::Tensor& query, const at::Tens
 void check_lengths_values_cpu(const at::Tensor& lengths, int64_t L);
 void check_offsets_values_cpu(const at::Tensor& offsets, int64_t T, int64_t max_length);
 
-// The instruction set the CPU kernels of float32/bf16/fp16 inputs run on in this process
-// ("avx512", "avx2" or "generic"; "avx512-emulated" in the avx512_emulation.h test build),
-// chosen once from the CPU and ATTNKERN_CPU_ISA.
-const char* cpu_isa();
-// Every instruction set ATTNKERN_CPU_ISA can select on this CPU with this build, narrowest first
-// (the emulated ones of the test build tagged "-emulated").
-std::vector<std::string> cpu_isas();
-
 }  // namespace attnkern

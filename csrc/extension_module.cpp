@@ -3,7 +3,7 @@
 // in attention_pool_ops.cpp and activation_unit_ops.cpp, the kernels in cpu/ and cuda/).
 #include <torch/extension.h>
 
-#include "attention_pool.h"
+#include "cpu/isa_dispatch.h"
 #include "op_limits.h"
 
 namespace {
@@ -19,10 +19,8 @@ bool built_with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "attnkern compiled kernels (op schemas, CPU and CUDA implementations)";
   mod.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in");
-  mod.def("cpu_isa", [] { return std::string(attnkern::cpu_isa()); },
-          "The instruction set the CPU kernels run on in this process (amx, avx512_bf16, avx512, avx2 or generic)");
-  mod.def("cpu_isas", &attnkern::cpu_isas,
-          "Every instruction set ATTNKERN_CPU_ISA can select on this CPU with this build, narrowest first");
+  mod.def("cpu_isa", [] { return std::string(attnkern::cpu_isa()); }, attnkern::kCpuIsaDoc);
+  mod.def("cpu_isas", &attnkern::cpu_isas, attnkern::kCpuIsasDoc);
   mod.attr("MAX_HEAD_DIM") = attnkern::kMaxHeadDim;
   mod.attr("MAX_UNITS") = attnkern::kMaxUnits;
 }

@@ -1,5 +1,5 @@
 // Plain-data interface between the activation-unit CPU launcher (activation_unit_cpu.cpp) and
-// its per-ISA block kernels (activation_unit_{avx2,generic}.cpp).
+// its per-ISA block kernels (activation_unit_{avx512,avx2,generic}.cpp).
 //
 // The launcher gathers each block of valid key/value rows into contiguous accumulator-typed
 // (float, or double for float64) buffers whose rows are padded with zeros to a multiple of
@@ -45,7 +45,8 @@ struct AuKernels {
 AuKernels<float> au_generic_f32();
 AuKernels<double> au_generic_f64();
 #if defined(__x86_64__) || defined(_M_X64)
-AuKernels<float> au_avx2_f32();  // needs avx2, fma
+AuKernels<float> au_avx2_f32();    // needs avx2, fma, f16c
+AuKernels<float> au_avx512_f32();  // needs avx512f, avx512bw, avx512vl, avx512dq, fma
 #endif
 
 }  // namespace cpu

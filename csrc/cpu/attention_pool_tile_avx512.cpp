@@ -6,21 +6,22 @@
 
 #include "avx512_target_push.h"
 
-#include "attention_pool_tile_avx512_vec.h"
+#include "vec_avx512.h"
+#include "attention_pool_tile_impl.h"
 
 namespace attnkern {
 namespace cpu {
 
 void tile_fwd_avx512(const FwdParams& p, const Span& s, void* ws, void* acc, void* m, void* l) {
-  tile_fwd_entry<TileVec512>(p, s, ws, acc, m, l);
+  tile_fwd_entry<Vec512>(p, s, ws, acc, m, l);
 }
 void tile_bwd_avx512(const BwdParams& p, const Span& s, void* ws, void* dq) {
-  tile_bwd_entry<TileVec512>(p, s, ws, dq);
+  tile_bwd_entry<Vec512>(p, s, ws, dq);
 }
 void tile_stats_avx512(const FwdParams& p, const Span& s, void* ws, void* m, void* l) {
-  tile_stats_entry<TileVec512>(p, s, ws, m, l);
+  tile_stats_entry<Vec512>(p, s, ws, m, l);
 }
-int64_t tile_workspace_avx512(int64_t N, int64_t Dk, int64_t Dv) { return tile_ws_elems<TileVec512>(N, Dk, Dv); }
+int64_t tile_workspace_avx512(int64_t N, int64_t Dk, int64_t Dv) { return tile_ws_elems<Vec512>(N, Dk, Dv); }
 
 }  // namespace cpu
 }  // namespace attnkern
