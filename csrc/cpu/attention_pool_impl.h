@@ -22,6 +22,9 @@
 // logits that matter, so that large logits (|s| >> 1) lose nothing to the base change.
 #pragma once
 
+#include <cmath>
+#include <type_traits>
+
 #include "attention_pool_kernels.h"
 #include "vec_common.h"
 
@@ -826,6 +829,10 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
   const T* kp[W];
   const T* vp[W];
   int64_t posb[W];
+  // The row's every key in one block (float32): delta from the block's own dP where it agrees
+  // with the autograd's to dP's rounding (bwd_own_delta, as the tiled backward does).
+  const bool own = std::is_same_v<A, float> && s.whole && s.count <= W;
+  float vn[W], dn = 0.f;
   for (int64_t i0 = 0; i0 < s.count; i0 += W) {
     const int nb = int(s.count - i0 < W ? s.count - i0 : W);
     prefetch_step(p, s, i0, W, kb, vb);
@@ -836,10 +843,30 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
       kp[j] = kb + pos * p.k_sl;
       vp[j] = vb + pos * p.v_sl;
     }
+    if (own) {
+      for (int j = 0; j < nb; ++j) {
+        A sq = A(0);
+        for (int64_t c = 0; c < ncv; ++c) {
+          const V x = load_chunk<V>(vp[j], c, ncv - 1, vt);
+          sq += (x * x).reduce_add();
+        }
+        vn[j] = float(std::sqrt(sq));
+      }
+    }
     // Per query: p and ds of the block's keys (kept for the rows below), and dq += ds . K.
     auto query_grads = [&](int64_t n, V sc, V dp) {
       const V pr = exp2_accurate(((sc * sv).mask_tail(nb) - V::set1(msh[n])) * V::set1(A(kLog2e)) - V::set1(lg[n]));
-      const V ds = pr * (dp - V::set1(dl[n])) * V::set1(scale);
+      A d = dl[n];
+      if constexpr (std::is_same_v<A, float>) {
+        if (own) {
+          float pb1[W], dp1[W];
+          pr.store(pb1);
+          dp.store(dp1);
+          row_norms(1, dof + n * Dvp, Dvp, Dv, &dn);
+          bwd_own_delta(1, pb1, dp1, W, nb, Dv, vn, &dn, dl + n, &d);
+        }
+      }
+      const V ds = pr * (dp - V::set1(d)) * V::set1(scale);
       pr.store(pb + n * W);
       ds.store(dsb + n * W);
       block_axpy_rows<V, T>(dqa + n * Dkp, dsb + n * W, kp, nb, nck, kt, A(1));

@@ -112,5 +112,39 @@ const KernelTable& kernels_for(int dtype);
 bool use_tiles(const KernelTable& kt, int64_t N);
 int64_t workspace_for(const KernelTable& kt, bool tiles, int64_t N, int64_t Dk, int64_t Dv);
 
+// delta of M rows whose every valid key is in this block (a short row, whole in its span); the
+// tiled backward and the general one (attention_pool_impl.h) both take it.
+// The autograd's delta, rowsum(dO * O) in float64 from the forward's output, equals
+// sum_j p_j dP_j only up to the rounding of the kernel's fp32 dot products dP; dS = p (dP - delta)
+// keeps that rounding where the true dS cancels (a softmax over one key is constant: dS = 0),
+// and dK sums it over every query. The kernel's own sum cancels as a softmax backward does
+// (the reference's): it replaces delta where the two differ by no more than that rounding can,
+// |dP_j error| <= Dv eps |dO| |v_j| (and the output's rounding, (nb + 2) eps |dO| sum p |v|).
+// A delta further off holds a gradient of the log-sum-exp (delta = rowsum(dO * O) - dLSE) and
+// is kept. NaN anywhere: kept (the comparison fails).
+inline void bwd_own_delta(int M, const float* S, const float* dP, int64_t ss, int nb, int64_t Dv, const float* vn,
+                          const float* dn, const float* dl, float* out) {
+  constexpr double kEps = 5.9604644775390625e-08;  // 2^-24, fp32's unit roundoff
+  for (int r = 0; r < M; ++r) {
+    double sum = 0.0, mass = 0.0;
+    for (int j = 0; j < nb; ++j) {
+      sum += double(S[r * ss + j]) * double(dP[r * ss + j]);
+      mass += double(S[r * ss + j]) * double(vn[j]);
+    }
+    const double off = __builtin_fabs(sum - double(dl[r]));
+    const double tol = double(Dv + nb + 4) * kEps * double(dn[r]) * mass + kEps * __builtin_fabs(double(dl[r]));
+    out[r] = off <= tol ? float(sum) : dl[r];
+  }
+}
+
+// Euclidean norms of n rows of D elements (row stride ld).
+inline void row_norms(int n, const float* x, int64_t ld, int64_t D, float* out) {
+  for (int i = 0; i < n; ++i) {
+    double s = 0.0;
+    for (int64_t d = 0; d < D; ++d) s += double(x[i * ld + d]) * double(x[i * ld + d]);
+    out[i] = float(__builtin_sqrt(s));
+  }
+}
+
 }  // namespace cpu
 }  // namespace attnkern

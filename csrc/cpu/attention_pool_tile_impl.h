@@ -617,39 +617,6 @@ inline void bwd_ds_rows(int M, const float* S, float* dP, int64_t ss, int nk, co
   }
 }
 
-// delta of M rows whose every valid key is in this block (a short row, whole in its span).
-// The autograd's delta, rowsum(dO * O) in float64 from the forward's output, equals
-// sum_j p_j dP_j only up to the rounding of the kernel's fp32 dot products dP; dS = p (dP - delta)
-// keeps that rounding where the true dS cancels (a softmax over one key is constant: dS = 0),
-// and dK sums it over every query. The kernel's own sum cancels as a softmax backward does
-// (the reference's): it replaces delta where the two differ by no more than that rounding can,
-// |dP_j error| <= Dv eps |dO| |v_j| (and the output's rounding, (nb + 2) eps |dO| sum p |v|).
-// A delta further off holds a gradient of the log-sum-exp (delta = rowsum(dO * O) - dLSE) and
-// is kept. NaN anywhere: kept (the comparison fails).
-inline void bwd_own_delta(int M, const float* S, const float* dP, int64_t ss, int nb, int64_t Dv, const float* vn,
-                          const float* dn, const float* dl, float* out) {
-  constexpr double kEps = 5.9604644775390625e-08;  // 2^-24, fp32's unit roundoff
-  for (int r = 0; r < M; ++r) {
-    double sum = 0.0, mass = 0.0;
-    for (int j = 0; j < nb; ++j) {
-      sum += double(S[r * ss + j]) * double(dP[r * ss + j]);
-      mass += double(S[r * ss + j]) * double(vn[j]);
-    }
-    const double off = __builtin_fabs(sum - double(dl[r]));
-    const double tol = double(Dv + nb + 4) * kEps * double(dn[r]) * mass + kEps * __builtin_fabs(double(dl[r]));
-    out[r] = off <= tol ? float(sum) : dl[r];
-  }
-}
-
-// Euclidean norms of n rows of D elements (row stride ld).
-inline void row_norms(int n, const float* x, int64_t ld, int64_t D, float* out) {
-  for (int i = 0; i < n; ++i) {
-    double s = 0.0;
-    for (int64_t d = 0; d < D; ++d) s += double(x[i * ld + d]) * double(x[i * ld + d]);
-    out[i] = float(__builtin_sqrt(s));
-  }
-}
-
 // The fp32 products of M rows against a block of nb keys (nk packed): dQ += dS K, and the
 // block's dV += P^T dO, dK += dS^T Q (P in S, dS in dP, row stride ss).
 template <class V, int M>
