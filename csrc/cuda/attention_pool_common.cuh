@@ -315,8 +315,8 @@ __device__ __forceinline__ int64_t clamp64(int64_t x, int64_t lo, int64_t hi) {
   return x < lo ? lo : (x > hi ? hi : x);
 }
 
-// Clamped on the device (SPEC section 3): whatever lengths/offsets hold, [start, start + len)
-// lies inside [0, L).
+// Clamped on the device (the rule of RowSpec, attention_pool_kernels.h): whatever
+// lengths/offsets hold, [start, start + len) lies inside [0, L).
 __device__ __forceinline__ RowRange row_range(const RowSpec& r, int64_t b, int64_t L) {
   switch (r.mode) {
     case RowMode::kLengths:
