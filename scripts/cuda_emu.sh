@@ -13,7 +13,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 OUT="${ATTNKERN_CUDA_EMU_DIR:-$ROOT/build-cuda-emu}"
-CXX_BIN="${CXX:-c++}"
 start=$(date +%s)
 
 mkdir -p "$OUT/src"
@@ -29,17 +28,8 @@ fi
   || { grep -E -A5 "error" "$OUT/build.log" | head -80; echo "cuda_emu: build failed"; exit 1; }
 built=$(date +%s)
 
-LIBASAN="$("$CXX_BIN" -print-file-name=libasan.so)"
-# As in scripts/sanitize_cpu.sh: libstdc++ right after the ASan runtime, so that its
-# __cxa_throw interceptor finds the real one (every TORCH_CHECK throws).
-export LD_PRELOAD="$LIBASAN $("$CXX_BIN" -print-file-name=libstdc++.so)"
-export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_odr_violation=0:alloc_dealloc_mismatch=0"
-export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
-# Triton's native module aborts under the preloaded ASan runtime (scripts/sanitize_cpu.sh) and
-# is not under test here.
-mkdir -p "$OUT/no_triton/triton"
-echo 'raise ImportError("triton is hidden in the CUDA emulation run")' > "$OUT/no_triton/triton/__init__.py"
-export PYTHONPATH="$OUT/src:$OUT/no_triton"
+. scripts/sanitizer_env.sh
+sanitizer_env "$OUT" "$OUT/src"
 LOG="$OUT/run.log"
 status=0
 (
@@ -53,11 +43,7 @@ info = attnkern.backends()['cuda']; assert info.available and info.emulated, inf
     tests/test_activation_unit_cuda.py tests/test_cuda_build.py
 ) > "$LOG" 2>&1 || status=$?
 end=$(date +%s)
-if grep -qE "ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$LOG"; then
-  grep -nE -A30 "ERROR: AddressSanitizer|runtime error:" "$LOG" | head -80
-  echo "cuda_emu: sanitizer report (log: $LOG)"
-  exit 1
-fi
+sanitizer_verdict "$LOG" cuda_emu || exit 1
 tail -25 "$LOG"
 echo "cuda_emu: build $((built - start)) s, tests $((end - built)) s, status $status"
 exit $status

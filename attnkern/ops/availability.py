@@ -66,8 +66,10 @@ def cuda_emulation() -> str:
     return ""
 
 
+@torch.compiler.assume_constant_result
 def cuda_emulated() -> bool:
-    """True when backend "cuda" runs csrc/cuda's kernels on CPU tensors through the emulation."""
+    """True when backend "cuda" runs csrc/cuda's kernels on CPU tensors through the emulation.
+    Under torch.compile evaluated eagerly and taken as a constant."""
     return cuda_emulation() == ""
 
 

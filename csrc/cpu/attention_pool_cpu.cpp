@@ -32,6 +32,7 @@
 
 #include "attention_pool.h"
 #include "host_buffers.h"
+#include "register_attention_pool.h"
 #include "kernel_common.h"
 #include "tile_kernels.h"
 
@@ -803,25 +804,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_pool_bwd_cpu(
 
 }  // namespace attnkern
 
-TORCH_LIBRARY_IMPL(attnkern, CPU, m) {
-  m.impl("attention_pool_fwd", &attnkern::attention_pool_fwd_cpu);
-  m.impl("attention_pool_bwd", &attnkern::attention_pool_bwd_cpu);
-  m.impl("jagged_attention_pool_fwd", &attnkern::jagged_attention_pool_fwd_cpu);
-  m.impl("jagged_attention_pool_bwd", &attnkern::jagged_attention_pool_bwd_cpu);
-}
-
-// Sparse, mkldnn and nested CPU tensors dispatch to these keys; the launchers' first checks
-// (check_dense) turn them into a TypeError that names the argument, instead of the
-// dispatcher's "could not run ... with arguments from the SparseCPU backend".
-#define ATTNKERN_REJECT_LAYOUT(KEY)                                                       \
-  TORCH_LIBRARY_IMPL(attnkern, KEY, m) {                                                 \
-    m.impl("attention_pool_fwd", &attnkern::attention_pool_fwd_cpu);                     \
-    m.impl("attention_pool_bwd", &attnkern::attention_pool_bwd_cpu);                     \
-    m.impl("jagged_attention_pool_fwd", &attnkern::jagged_attention_pool_fwd_cpu);       \
-    m.impl("jagged_attention_pool_bwd", &attnkern::jagged_attention_pool_bwd_cpu);       \
-  }
-ATTNKERN_REJECT_LAYOUT(SparseCPU)
-ATTNKERN_REJECT_LAYOUT(SparseCsrCPU)
-ATTNKERN_REJECT_LAYOUT(MkldnnCPU)
-ATTNKERN_REJECT_LAYOUT(NestedTensorCPU)
-#undef ATTNKERN_REJECT_LAYOUT
+// Under the CPU key, and under the sparse, mkldnn and nested CPU keys (register_attention_pool.h).
+#define ATTNKERN_CPU_POOL(KEY)                                                            \
+  ATTNKERN_REGISTER_POOL(KEY, ATTNKERN_OP_NAME, attnkern::attention_pool_fwd_cpu,          \
+                         attnkern::attention_pool_bwd_cpu,                                 \
+                         attnkern::jagged_attention_pool_fwd_cpu,                          \
+                         attnkern::jagged_attention_pool_bwd_cpu)
+ATTNKERN_CPU_POOL(CPU)
+ATTNKERN_CPU_POOL(SparseCPU)
+ATTNKERN_CPU_POOL(SparseCsrCPU)
+ATTNKERN_CPU_POOL(MkldnnCPU)
+ATTNKERN_CPU_POOL(NestedTensorCPU)
+#undef ATTNKERN_CPU_POOL

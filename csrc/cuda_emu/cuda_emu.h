@@ -197,26 +197,20 @@ inline T __ldg(const T* ptr) {
   return *ptr;
 }
 
-inline float __uint_as_float(unsigned x) {
-  float f;
-  std::memcpy(&f, &x, sizeof(f));
-  return f;
+namespace cuda_emu {
+template <typename To, typename From>
+inline To bits_as(From x) {
+  static_assert(sizeof(To) == sizeof(From), "a bit cast keeps the size");
+  To out;
+  std::memcpy(&out, &x, sizeof(out));
+  return out;
 }
-inline unsigned __float_as_uint(float x) {
-  unsigned u;
-  std::memcpy(&u, &x, sizeof(u));
-  return u;
-}
-inline float __int_as_float(int x) {
-  float f;
-  std::memcpy(&f, &x, sizeof(f));
-  return f;
-}
-inline int __float_as_int(float x) {
-  int i;
-  std::memcpy(&i, &x, sizeof(i));
-  return i;
-}
+}  // namespace cuda_emu
+
+inline float __uint_as_float(unsigned x) { return cuda_emu::bits_as<float>(x); }
+inline unsigned __float_as_uint(float x) { return cuda_emu::bits_as<unsigned>(x); }
+inline float __int_as_float(int x) { return cuda_emu::bits_as<float>(x); }
+inline int __float_as_int(float x) { return cuda_emu::bits_as<int>(x); }
 
 // ------------------------------------------------------------------ float math
 // Correctly rounded host math (the build has -ffp-contract=off, so a * b + c is never fused
