@@ -234,6 +234,13 @@ def activation_unit_pool(
         never read and get exactly zero key/value gradients. Differentiable w.r.t. query, key,
         value, every weight and bias and the activation parameters.
 
+    Non-finite values follow attention_pool's rule on every backend: a NaN or inf at a valid
+    position (or in the query or a weight) is never dropped; it reaches the row's output as it
+    does in attnkern.reference (NaN where the reference is NaN, inf where it is inf). A row is
+    empty (out = 0) only when it has no valid position, or, with softmax, when every valid
+    score is -inf; a NaN row is not empty. A NaN at a position outside every row changes
+    nothing.
+
     All floating tensors share query's dtype (float16, bfloat16, float32; float64 on
     "reference" and "cpu") and device. 1 <= E, Dv <= 256; any strides.
     """
@@ -249,4 +256,5 @@ def activation_unit_pool(
         out, _ = activation_unit_pool_ref(*a.values())
     else:
         out, _ = activation_fused_op(name)(*a.values())
+        out = out.to(a["query"].dtype)  # the fused ops return their unrounded accumulators
     return out.squeeze(1) if prob.squeeze_n else out

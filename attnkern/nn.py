@@ -399,7 +399,11 @@ class ActivationUnitPooling(nn.Module):
         super().__init__()
         if isinstance(hidden_units, int):
             hidden_units = (hidden_units,)
-        hidden_units = tuple(hidden_units)
+        try:
+            hidden_units = tuple(hidden_units)
+        except TypeError:
+            raise ValueError("hidden_units must be one or two ints in [1, %d] (an int or a sequence), "
+                             "got %r" % (MAX_UNITS, hidden_units)) from None
         if len(hidden_units) not in (1, 2) or not all(isinstance(h, int) and 1 <= h <= MAX_UNITS
                                                       for h in hidden_units):
             raise ValueError("hidden_units must be one or two ints in [1, %d], got %r" % (MAX_UNITS, hidden_units))
@@ -451,6 +455,12 @@ class ActivationUnitPooling(nn.Module):
     def forward(self, query: torch.Tensor, keys: torch.Tensor, values: Optional[torch.Tensor] = None,
                 lengths: Optional[torch.Tensor] = None, *, mask: Optional[torch.Tensor] = None,
                 offsets: Optional[torch.Tensor] = None, max_length: Optional[int] = None) -> torch.Tensor:
+        # The layer knows E: name the input whose width is wrong (the function, which infers E
+        # from the query, can only say that the keys disagree with it).
+        for name, t in (("query", query), ("keys", keys)):
+            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] != self.embed_dim:
+                raise ValueError("%s must have last dimension embed_dim = %d, got shape %s"
+                                 % (name, self.embed_dim, list(t.shape)))
         weights = [(l.weight, l.bias) for l in self.hidden] + [(self.out.weight, self.out.bias)]
         return activation_unit_pool(query, keys, values, weights, lengths, mask=mask, offsets=offsets,
                                     max_length=max_length, activation=self.activation,

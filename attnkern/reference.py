@@ -188,7 +188,8 @@ def attention_pool_ref(
 #
 # A row with no valid position gives out = 0 (lse = -inf with softmax) and zero gradients, never
 # NaN. Positions that take part in no row (padding, masked out, jagged rows past offsets[-1]) are
-# never read: their key/value gradients are exactly zero and a NaN there changes nothing.
+# never read: their key/value gradients are exactly zero and a NaN there changes nothing. A NaN
+# or inf at a valid position propagates (a NaN softmax sum is not an empty row: lse is NaN).
 #
 # Accumulation is float32 for float16/bfloat16/float32 inputs and float64 for float64 inputs;
 # `out` has the query's dtype; `lse` is float64 for float64 inputs, else float32. All tensors
@@ -272,7 +273,9 @@ def masked_activation_unit_pool_ref(
         mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
         p = torch.exp(s - mx)
         denom = p.sum(dim=-1, keepdim=True)
-        nonempty = denom > 0
+        # Empty: no valid position with a finite score. A NaN sum (a NaN/inf at a valid
+        # position) is not empty: it propagates to out and lse.
+        nonempty = denom != 0
         safe = torch.where(nonempty, denom, torch.ones_like(denom))
         w = p / safe
         lse = torch.where(nonempty, mx + torch.log(safe),

@@ -17,7 +17,8 @@
 //   returns one grad_key holding both contributions and an empty grad_value, so no second
 //   [B, L, E] gradient is materialised and summed.
 // softmax: false = raw scores as weights (DIN), true = masked softmax over the row.
-// Outputs: out [B, N, Dv] (query dtype), lse [B, N] (float64 for float64 inputs, else float32):
+// Outputs: out [B, N, Dv] and lse [B, N], both float64 for float64 inputs, else float32 (out
+//   unrounded, so that the autograd forms delta from it; the public function rounds it):
 //   the log-sum-exp of the scores when softmax (-inf on empty rows), 0 otherwise.
 // Backward: delta [B, N] (dtype of lse) = sum_d grad_out * out (read only when softmax).
 //   Returns the gradients of query, key, value, w1, b1, w2, b2, w_out, b_out, act1, act2, each

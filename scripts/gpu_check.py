@@ -91,8 +91,8 @@ def _activation_unit_cases(dev, bad_indices, tiny, failures) -> int:
             for kk, vv, lens, msk, off, ml in layouts:
                 for softmax in (False, True):
                     args = (q, kk, vv, lens, msk, off, ml, *w, "dice", softmax)
-                    out, lse = ops.activation_unit_pool_fwd(*args)
-                    go = torch.randn_like(out)
+                    out, lse = ops.activation_unit_pool_fwd(*args)  # out unrounded, float32
+                    go = torch.randn_like(out).to(q.dtype)
                     ops.activation_unit_pool_bwd(go, *args, lse, (go.float() * out.float()).sum(-1))
                     n_calls += 2
                     if lens is not None:

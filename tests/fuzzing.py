@@ -1,9 +1,12 @@
 """The fuzzer behind tests/test_fuzz.py (hypothesis, bounded) and scripts/fuzz.py (timed runs).
 
 One case is drawn through a `draw` object (hypothesis' `data.draw` or a seeded random.Random):
-a target (the public function on a backend, or one of the registered raw ops), shapes, dtype,
-layout, strides, scale and value magnitudes, sometimes a non-finite value, and sometimes one
-malformed argument. Every outcome must be one of
+a target (attention_pool's public function on a backend, one of its registered raw ops, or
+activation_unit_pool on a backend: "au:<backend>"), shapes, dtype, layout, strides, scale and
+value magnitudes, sometimes rows of one valid key under many queries, sometimes a non-finite
+value (for the activation unit at a valid position, in a weight or in the query), and sometimes
+one malformed argument. Gradients are checked in every dtype, float16/bfloat16 with softmax
+included. Every outcome must be one of
 
     ok           the result matches the float64 reference within the suite's tolerance rule
                  (forward and gradients; with a non-finite input: the same rows are non-finite
@@ -75,6 +78,10 @@ def available_targets() -> List[str]:
         t += ["api:cpu", "raw:cpu"]
     if info["triton"].available and not torch.cuda.is_available():
         t += ["api:triton", "raw:triton"]  # the interpreter: tiny shapes only
+    if info["cpu"].available:
+        t += ["au:cpu"]
+    if info["triton"].available and not torch.cuda.is_available():
+        t += ["au:triton"]
     return t
 
 
@@ -124,6 +131,10 @@ def draw_case(draw, target: str) -> Case:
     L = draw.int(0, 6 if tiny else 40)
     dims = (1, 2, 4, 7, 8, 16) if tiny else (1, 3, 7, 8, 13, 16, 32, 40, 64)
     Dk, Dv = draw.choice(dims), draw.choice(dims)
+    if not tiny and draw.bool(0.1):
+        # Rows of at most one valid key under many queries: the softmax is constant, so the key
+        # gradient is 0 up to rounding, summed over every query (wide values: long dots dO . v).
+        N, L, Dv = draw.int(16, 300), 1, draw.choice((64, 130, 255))
     layout = draw.choice(("full", "lengths", "mask", "jagged"))
     magnitude = draw.choice((0.01, 1.0, 1.0, 4.0, 30.0))
     g = _gen(draw, 17)
@@ -397,7 +408,9 @@ def compare(case: Case, got, go, grads: bool) -> None:
             "lse error %.3g" % d
 
 
-def describe(case: Case) -> str:
+def describe(case) -> str:
+    if isinstance(case, AuCase):
+        return describe_au(case)
     def d(t):
         if isinstance(t, torch.Tensor):
             return "%s%s%s" % (str(t.dtype).replace("torch.", ""), list(t.shape),
@@ -408,8 +421,144 @@ def describe(case: Case) -> str:
                                                         case.bad, case.nonfinite)
 
 
+# ----------------------------------------------------------------------------- activation unit
+
+
+@dataclass
+class AuCase:
+    target: str
+    a: Dict  # the registered forward op's arguments (attnkern.testing.random_activation_problem)
+    nonfinite: str = ""  # where a non-finite value was put, if anywhere
+    notes: List[str] = field(default_factory=list)
+
+
+def draw_au_case(draw, target: str) -> AuCase:
+    from attnkern.testing import activation_valid_mask, random_activation_problem
+
+    tiny = target.endswith("triton")
+    backend = target.split(":")[1]
+    dtypes = [torch.float32, torch.float16, torch.bfloat16] + ([torch.float64] if backend == "cpu" else [])
+    dtype = draw.choice(dtypes)
+    B = draw.int(0, 2 if tiny else 4)
+    N = draw.int(1, 2 if tiny else 5)
+    if not tiny and draw.bool(0.15):
+        N = draw.int(16, 40)
+    L = draw.int(0, 5 if tiny else 30)
+    dims = (1, 3, 4, 8) if tiny else (1, 3, 4, 8, 13, 16, 33)
+    E, Dv = draw.choice(dims), draw.choice(dims)
+    widths = (1, 3, 8) if tiny else (1, 3, 8, 17, 64)
+    units = (draw.choice(widths),) if draw.bool(0.6) else (draw.choice(widths), draw.choice(widths))
+    a = random_activation_problem(
+        B=B, N=N, L=L, E=E, Dv=Dv, units=units, activation=draw.choice(("relu", "sigmoid", "prelu", "dice")),
+        softmax=draw.bool(0.5), layout=draw.choice(("full", "lengths", "mask", "jagged")),
+        seed=draw.int(0, 2 ** 31 - 1), dtype=dtype, extra_rows=draw.int(0, 2), shared_value=draw.bool(0.2))
+    case = AuCase(target, a)
+    if draw.bool(0.15) and B:
+        value = draw.choice((float("nan"), float("inf"), -float("inf")))
+        where = draw.choice(("query", "key", "value", "w1", "b1", "w_out"))
+        valid = activation_valid_mask(a).nonzero().tolist()
+        if where in ("key", "value") and (not valid or a[where] is None):
+            where = "query"
+        t = a[where].clone()
+        if where in ("key", "value"):  # a valid position: (b, l), or the jagged row's offset + l
+            b, l = draw.choice(valid)
+            pos = (int(a["offsets"][b]) + l,) if a["offsets"] is not None else (b, l)
+            index = pos + (draw.int(0, t.shape[-1] - 1),)
+        else:
+            index = tuple(draw.int(0, n - 1) for n in t.shape)
+        t[index] = value
+        a[where] = t
+        case.nonfinite = "%s%s=%s" % (where, list(index), value)
+    return case
+
+
+def run_au_case(case: AuCase) -> str:
+    """Runs one activation-unit case: forward and every gradient against the float64 reference
+    (the suite's checking body), or, with a non-finite input, the forward's row pattern."""
+    from attnkern.testing import check_activation_backend
+
+    backend = case.target.split(":")[1]
+    a = case.a
+    try:
+        if not case.nonfinite:
+            ok, errors, why = check_activation_backend(backend, a)
+            assert ok, "mismatch: %s" % why
+            return "ok"
+        out = _au_forward(backend, a)
+        ref = _au_forward("reference", a, torch.float64)
+    except AssertionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a well-formed call must not raise
+        raise AssertionError("well-formed call raised %s: %s" % (type(e).__name__, str(e)[:500]))
+    fin, rfin = torch.isfinite(out).all(-1), torch.isfinite(ref).all(-1)
+    assert torch.equal(fin, rfin), "mismatch: non-finite rows differ: got %s, reference %s" % (
+        fin.tolist(), rfin.tolist())
+    both = fin & rfin
+    if both.any():
+        lp = _au_forward("reference", a)
+        allowed = LOW_PRECISION_FACTOR * _err(lp[both], ref[both]) + FLOOR[out.dtype] * _magnitude(ref[both])
+        assert _err(out[both], ref[both]) <= allowed, "mismatch: finite rows differ"
+    return "ok"
+
+
+def _au_forward(backend: str, a: Dict, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    from attnkern.testing import to_public
+
+    if dtype is not None:
+        a = {n: (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t) for n, t in a.items()}
+    args, kw = to_public(a)
+    with torch.no_grad():
+        return attnkern.activation_unit_pool(*args, **kw, backend=backend)
+
+
+def describe_au(case: AuCase) -> str:
+    a = case.a
+    shapes = " ".join("%s=%s%s" % (n, str(t.dtype).replace("torch.", ""), list(t.shape))
+                      for n, t in a.items() if isinstance(t, torch.Tensor))
+    return "%s %s activation=%s softmax=%s nonfinite=%s" % (case.target, shapes, a["activation"], a["softmax"],
+                                                           case.nonfinite or None)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+# Numeric arguments of each command: (option, type, lowest accepted, highest accepted or None),
+# an open end written "(0" or "1)". A drawn bad value must be a usage error (exit status 2)
+# naming the option.
+INF = float("inf")
+CLI_NUMERIC = {
+    "export": [("--embed-dim", int, 1, None), ("--heads", int, 1, None), ("--num-items", int, 1, None)],
+    "train": [("--epochs", int, 1, None), ("--batch-size", int, 1, None), ("--embed-dim", int, 1, None),
+              ("--heads", int, 1, None), ("--mlp", int, 1, None), ("--max-length", int, 1, None),
+              ("--synthetic-samples", int, 100, None), ("--dropout", float, 0.0, "1)"),
+              ("--lr", float, "(0", None), ("--weight-decay", float, 0.0, None)],
+    "bench": [("--budget", float, 0.0, None)],
+}
+CLI_REQUIRED = {"export": ["--format", "aoti", "--out", "{tmp}/model.pt2"], "train": [], "bench": []}
+
+
+def draw_cli_bad_value(draw):
+    """(argv, option) of one command with one bad numeric value."""
+    command = draw.choice(sorted(CLI_NUMERIC))
+    option, kind, low, high = draw.choice(CLI_NUMERIC[command])
+    bad = ["nan", "inf", "-inf", "x", "", "1e", "0x10"]
+    if kind is int:
+        bad += [str(low - draw.int(1, 10 ** draw.int(0, 6))), "%d.5" % low]
+    else:
+        lo = float(str(low).lstrip("(")) if low is not None else None
+        if isinstance(low, str):  # an open lower end: the end itself is bad
+            bad.append(repr(lo))
+        bad.append(repr(lo - draw.choice((1e-6, 0.5, 3.0, 1e30))))
+        if high is not None:
+            hi = float(str(high).rstrip(")"))
+            bad += [repr(hi), repr(hi + draw.choice((1e-6, 2.0)))]
+    value = draw.choice(bad)
+    return [command] + CLI_REQUIRED[command] + [option + "=" + value], option
+
+
 def fuzz_one(draw, targets: Sequence[str], record: Optional[Callable[[str, Case, str], None]] = None) -> str:
     target = draw.choice(list(targets))
+    if target.startswith("au:"):
+        return _fuzz_au(draw, target, record)
     case = draw_case(draw, target)
     try:
         outcome = run_case(case)
@@ -421,3 +570,15 @@ def fuzz_one(draw, targets: Sequence[str], record: Optional[Callable[[str, Case,
         else:
             raise AssertionError("%s: %s\n  case: %s" % (outcome, e, describe(case)))
     return outcome
+
+
+def _fuzz_au(draw, target: str, record) -> str:
+    case = draw_au_case(draw, target)
+    try:
+        return run_au_case(case)
+    except AssertionError as e:
+        outcome = "mismatch" if str(e).startswith("mismatch") else "bad_error"
+        if record:
+            record(outcome, case, str(e))
+            return outcome
+        raise AssertionError("%s: %s\n  case: %s" % (outcome, e, describe_au(case)))

@@ -70,11 +70,21 @@ BWD_NUM_WARPS = 8
 
 
 @triton.jit
+def _units(z, offs_h, H):
+    """z [BLOCK_L, BLOCK_H] with its padded units (columns >= H) set to 0: their weights are
+    zero, and zero times an infinite key or activation is NaN, which the next layer's and the
+    score's zero weights would carry into a score that is finite in the reference."""
+    return tl.where((offs_h < H)[None, :], z, 0.0)
+
+
+@triton.jit
 def _act_fwd(x, p0, p1, p2, ACT: tl.constexpr):
     """The hidden activation on x [BLOCK_L, BLOCK_H]; p0..p2 [BLOCK_H] its parameter rows
     (prelu: p0 = slope; dice: alpha, scale, shift)."""
     if ACT == _RELU:
-        y = tl.maximum(x, 0.0)
+        # Not tl.maximum: it may return 0 for a NaN x, and a NaN at a valid position must
+        # reach the score.
+        y = tl.where(x < 0.0, 0.0, x)
     elif ACT == _SIGMOID:
         y = 1.0 / (1.0 + tl.exp(-x))
     elif ACT == _PRELU:
@@ -231,9 +241,11 @@ def _activation_unit_fwd_kernel(
         valid, k, v = _load_kv(K, V, MASK, b, pos, valid, offs_e, offs_dv, E, DV,
                                stride_kb, stride_kl, stride_ke, stride_vb, stride_vl, stride_vd,
                                stride_mb, stride_ml, LAYOUT)
-        h = _act_fwd(_mmf(k, tl.trans(m), DOT_PRECISION) + c[None, :], a10, a11, a12, ACT)
+        h = _act_fwd(_units(_mmf(k, tl.trans(m), DOT_PRECISION) + c[None, :], offs_h1, H1),
+                     a10, a11, a12, ACT)
         if TWO_LAYERS:
-            h = _act_fwd(_mmf(h, tl.trans(w2), DOT_PRECISION) + b2[None, :], a20, a21, a22, ACT)
+            h = _act_fwd(_units(_mmf(h, tl.trans(w2), DOT_PRECISION) + b2[None, :], offs_h2, H2),
+                         a20, a21, a22, ACT)
         s = tl.sum(h * wout[None, :], axis=1) + bout
         if SOFTMAX:
             s2 = tl.where(valid, s * _LOG2E, float("-inf"))
@@ -248,9 +260,10 @@ def _activation_unit_fwd_kernel(
             w = tl.where(valid, s, 0.0)
             acc += tl.sum(w[:, None] * v, axis=0)
 
-    # Phase 3: normalise (softmax) and store; an empty row gives out = 0 (lse = -inf).
+    # Phase 3: normalise (softmax) and store; an empty row gives out = 0 (lse = -inf). A NaN
+    # sum (a non-finite value at a valid position) is not empty: it propagates.
     if SOFTMAX:
-        nonempty = l_i > 0.0
+        nonempty = l_i != 0.0
         inv = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)
         o = acc * inv
         lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * _LN2,
@@ -346,10 +359,10 @@ def _activation_unit_bwd_kernel(
                 do = _load_vec(DO + b * stride_gb + n * stride_gn, offs_dv, DV, stride_gd)
                 m, c, wac, wd = _first_layer(W1, B1, q, offs_h1, offs_e, H1, E,
                                              stride_w1h, stride_w1e)
-                z1 = _mmf(k, tl.trans(m), DOT_PRECISION) + c[None, :]
+                z1 = _units(_mmf(k, tl.trans(m), DOT_PRECISION) + c[None, :], offs_h1, H1)
                 h1 = _act_fwd(z1, a10, a11, a12, ACT)
                 if TWO_LAYERS:
-                    z2 = _mmf(h1, tl.trans(w2), DOT_PRECISION) + b2[None, :]
+                    z2 = _units(_mmf(h1, tl.trans(w2), DOT_PRECISION) + b2[None, :], offs_h2, H2)
                     hl = _act_fwd(z2, a20, a21, a22, ACT)
                 else:
                     hl = h1
@@ -514,14 +527,14 @@ def activation_unit_fwd(query, key, value, lengths, mask, offsets, max_length, w
                         w_out, b_out, act1, act2, activation: str, softmax: bool):
     """Forward launcher on canonical tensors (any strides; shapes/dtypes checked by the caller,
     index values clamped in-kernel); value None = the keys are the values. Returns
-    (out [B, N, Dv] in the query dtype, lse [B, N] float32: the scores' log-sum-exp with softmax,
+    (out [B, N, Dv] float32, unrounded: the autograd forms delta from it; lse [B, N] float32: the scores' log-sum-exp with softmax,
     -inf on empty rows; 0 without)."""
     if value is None:
         value = key
     ptrs, strides, meta, d = _common(query, key, value, lengths, mask, offsets, max_length, w1,
                                      b1, w2, b2, w_out, b_out, act1, act2, activation)
     B, N = d["B"], d["N"]
-    out = torch.empty((B, N, d["Dv"]), dtype=query.dtype, device=query.device)
+    out = torch.empty((B, N, d["Dv"]), dtype=torch.float32, device=query.device)  # unrounded
     lse = torch.empty((B, N), dtype=torch.float32, device=query.device)
     if B == 0 or N == 0:
         return out, lse

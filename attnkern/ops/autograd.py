@@ -34,6 +34,18 @@ def fake_bwd(query, key, value):
     )
 
 
+def _delta(grad_out, out, grad_lse, dtype: torch.dtype) -> torch.Tensor:
+    """delta = rowsum(dO * O) - dLSE: the softmax-backward correction term of both ops. Summed in
+    float64 (every ds = p (dp - delta) inherits its rounding, and dq sums many of them), from the
+    op's out, which every forward op returns unrounded (float32 accumulators): from an out
+    rounded to float16/bfloat16 the gradients of a softmax would be off by that rounding. Passed
+    as float32, or float64 for float64 inputs so that their gradients stay float64-accurate."""
+    delta = (grad_out.double() * out.double()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.double()
+    return delta.to(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
 def _bound(names, args, kwargs) -> dict:
     bound = dict(zip(names, args))
     bound.update(kwargs)
@@ -87,15 +99,7 @@ def register_pool_autograd(fwd_name: str, bwd_op, layout: str) -> None:
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         grad_out = grad_out.to(query.dtype)
-        # delta = rowsum(dO * O) - dLSE: the softmax-backward correction term, tiny next to K/V.
-        # Summed in float64 (every ds = p (dp - delta) inherits its rounding, and dq sums many
-        # of them), from the op's out (the C++ ops' is unrounded); passed as float32, or float64
-        # for float64 inputs so that their gradients stay float64-accurate.
-        acc = torch.float64 if query.dtype == torch.float64 else torch.float32
-        delta = (grad_out.double() * out.double()).sum(-1)
-        if grad_lse is not None:
-            delta = delta - grad_lse.double()
-        delta = delta.to(acc)
+        delta = _delta(grad_out, out, grad_lse, query.dtype)
         index = ((s["lengths"], s["mask"]) if layout == "padded"
                  else (s["offsets"], ctx.max_length))
         dq, dk, dv = bwd_op(grad_out, query, s["key"], s["value"], *index, s["lse"], delta,
@@ -140,11 +144,12 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def fake_activation_fwd(query, value):
-    """Output metadata of the activation-unit forward: out [B, N, Dv] (query dtype), lse [B, N]
-    (float64 for float64 inputs, else float32)."""
+    """Output metadata of the activation-unit forward: out [B, N, Dv] and lse [B, N], both in the
+    accumulator dtype (float64 for float64 inputs, else float32: out is unrounded, as the
+    attention op's, so that the autograd's delta is formed from unrounded values)."""
     B, N, _ = query.shape
-    return (query.new_empty((B, N, value.shape[-1])),
-            query.new_empty((B, N), dtype=_acc_dtype(query.dtype)))
+    acc = _acc_dtype(query.dtype)
+    return (query.new_empty((B, N, value.shape[-1]), dtype=acc), query.new_empty((B, N), dtype=acc))
 
 
 def fake_activation_bwd(query, key, value, w1, b1, w2, b2, w_out, b_out, act1, act2):
@@ -178,11 +183,8 @@ def register_activation_autograd(fwd_name: str, bwd_op) -> None:
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         grad_out = grad_out.to(query.dtype)
-        acc = _acc_dtype(query.dtype)
-        # delta = rowsum(dO * O) - dLSE: the softmax-backward correction (unused without softmax).
-        delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
-        if ctx.softmax and grad_lse is not None:
-            delta = delta - grad_lse.to(acc)
+        # Read by the backward op only with softmax (lse is 0 without it).
+        delta = _delta(grad_out, out, grad_lse if ctx.softmax else None, query.dtype)
         grads = bwd_op(grad_out, query, s["key"], s["value"], s["lengths"], s["mask"], s["offsets"],
                        ctx.max_length, s["w1"], s["b1"], s["w2"], s["b2"], s["w_out"], s["b_out"],
                        s["act1"], s["act2"], ctx.activation, ctx.softmax, s["lse"], delta)

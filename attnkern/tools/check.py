@@ -138,6 +138,9 @@ def main(argv=None) -> int:
                         help="dtype(s) (default: float32, float16, bfloat16, float64)")
     parser.add_argument("--quick", action="store_true", help="one shape per layout and dtype")
     args = parser.parse_args(argv)
+    if args.device and "cuda" in args.device and not torch.cuda.is_available():
+        parser.error("argument --device: cuda needs a CUDA GPU and none is visible here (torch "
+                     "%s, CUDA build %s); accepted here: cpu" % (torch.__version__, torch.version.cuda))
 
     import attnkern
 
@@ -177,6 +180,11 @@ def main(argv=None) -> int:
         print("skipped activation_unit_pool on backend %s: no kernels for it in this build" % backend)
     for backend, reason in skipped:
         print("skipped backend %s: %s" % (backend, reason))
+    if not results:
+        # Every backend asked for was skipped, or runs on none of the devices asked for.
+        parser.error("nothing to check for --backend %s on --device %s (cpu runs on cpu, cuda on "
+                     "cuda, triton on cuda where a GPU is visible, else on cpu)"
+                     % (",".join(backends), ",".join(devices)))
     failed = sum(not r.passed for r in results)
     print("%d passed, %d failed  (%.1f s; max abs errors vs the float64 reference)" % (
         len(results) - failed, failed, time.time() - t0))

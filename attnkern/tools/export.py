@@ -34,6 +34,7 @@ from torch import nn
 from ..models import TargetAttentionCTR
 from ..nn import AttentionPooling
 from ..testing import edge_lengths
+from ._args import check_heads_divide, check_writable_file, int_at_least
 
 MODELS = ("attention_pooling", "target_attention_ctr")
 FORMATS = ("aoti", "onnx")
@@ -91,6 +92,25 @@ class Inputs:
         return list(self.args) + list(self.kwargs.values())
 
 
+class CheckpointError(ValueError):
+    """The --checkpoint file is missing or is not an `attnkern train` checkpoint."""
+
+
+def load_checkpoint(path: str) -> Tuple[dict, dict]:
+    """(the model's state dict, the run's config) of an `attnkern train` checkpoint."""
+    if not os.path.isfile(path):
+        raise CheckpointError("no such file: %r" % path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # any unreadable file: pickle, zip and torch each raise their own
+        raise CheckpointError("%r is not a checkpoint of `attnkern train` (%s)" % (path, e)) from None
+    state = ckpt.get("best_model") or ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or "embedding.weight" not in state:
+        raise CheckpointError("%r is not a checkpoint of `attnkern train` (no TargetAttentionCTR "
+                              "weights in it)" % path)
+    return state, ckpt.get("config", {})
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     """The eval-mode model of `cfg` on the CPU (fused "cpu" backend when it is built)."""
     if cfg.model not in MODELS:
@@ -108,9 +128,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.checkpoint is None:
         return TargetAttentionCTR(cfg.num_items, cfg.embed_dim, cfg.num_heads,
                                   mlp_dims=cfg.mlp_dims).eval()
-    ckpt = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
-    conf = ckpt.get("config", {})
-    state = ckpt.get("best_model") or ckpt["model"]
+    state, conf = load_checkpoint(cfg.checkpoint)
     model = TargetAttentionCTR(
         state["embedding.weight"].shape[0],
         embed_dim=conf.get("embed_dim", cfg.embed_dim),
@@ -286,9 +304,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="ONNX exporter (default: dynamo; torchscript is the legacy one)")
     p.add_argument("--checkpoint", default=None,
                    help="target_attention_ctr: weights from an `attnkern train` checkpoint")
-    p.add_argument("--embed-dim", type=int, default=d.embed_dim)
-    p.add_argument("--heads", type=int, default=d.num_heads)
-    p.add_argument("--num-items", type=int, default=d.num_items)
+    p.add_argument("--embed-dim", type=int_at_least(1), default=d.embed_dim,
+                   help="model width, a multiple of --heads (default: %(default)s)")
+    p.add_argument("--heads", type=int_at_least(1), default=d.num_heads,
+                   help="attention heads, a divisor of --embed-dim (default: %(default)s)")
+    p.add_argument("--num-items", type=int_at_least(1), default=d.num_items)
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the random weights")
     p.add_argument("--example-shape", type=_shape_arg, default=EXAMPLE, metavar="B,N,L",
                    help="batch, candidates and history length of the traced example (all stay "
@@ -315,11 +335,19 @@ def _shape_arg(text: str) -> Shape:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    check_heads_divide(parser, args.heads, args.embed_dim)
+    if args.checkpoint is not None and args.model != "target_attention_ctr":
+        parser.error("argument --checkpoint: only with --model target_attention_ctr (a training "
+                     "checkpoint), got --model %s" % args.model)
+    check_writable_file(parser, "--out", args.out)
     cfg = ModelConfig(model=args.model, embed_dim=args.embed_dim, num_heads=args.heads,
                       num_items=args.num_items, checkpoint=args.checkpoint, seed=args.seed)
-    model = build_model(cfg)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    try:
+        model = build_model(cfg)
+    except CheckpointError as e:
+        parser.error("argument --checkpoint: %s" % e)
     t0 = time.perf_counter()
     if args.format == "aoti":
         export_aoti(model, args.out, example=args.example_shape)

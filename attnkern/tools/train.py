@@ -35,6 +35,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from . import data as data_mod
 from ..models import POOLINGS, TargetAttentionCTR
+from ..ops.availability import BACKENDS
+from ._args import check_heads_divide, float_in, int_at_least, non_negative_float, positive_float
 
 __all__ = ["main", "RunConfig", "build_model", "train_step", "evaluate", "run", "init_distributed"]
 
@@ -282,6 +284,17 @@ def run(
 
 # --------------------------------------------------------------------------- command line
 
+BACKEND_CHOICES = ("auto",) + BACKENDS
+# Fewest synthetic samples: a tenth each for validation and test still gives AUC both classes.
+MIN_SYNTHETIC_SAMPLES = 100
+
+
+def _device_arg(text: str) -> str:
+    name, _, index = text.partition(":")
+    if text in ("auto", "cpu") or (name == "cuda" and (not index or index.isdigit())):
+        return text
+    raise argparse.ArgumentTypeError("expected auto, cpu, cuda or cuda:N, got %r" % text)
+
 
 def _parser() -> argparse.ArgumentParser:
     d = RunConfig()
@@ -295,20 +308,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", nargs="+", choices=POOLINGS, default=["attention", "sum"],
                    help="one run per pooling (default: attention sum; din = DIN's activation unit)")
     p.add_argument("--seed", nargs="+", type=int, default=[0], help="one run per seed (default: 0)")
-    p.add_argument("--backend", default=d.backend, help="attention backend (default: auto)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default=d.backend,
+                   help="attention backend (default: auto)")
+    p.add_argument("--epochs", type=int_at_least(1), default=d.epochs)
+    p.add_argument("--batch-size", type=int_at_least(1), default=d.batch_size,
                    help="global batch size, split over the DDP processes")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=positive_float, default=None,
                    help="Adam learning rate (default: 1e-3 on MovieLens, 1e-2 on synthetic data)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--embed-dim", type=int, default=d.embed_dim)
-    p.add_argument("--heads", type=int, default=d.num_heads)
-    p.add_argument("--mlp", type=int, nargs="+", default=d.mlp_dims, help="hidden sizes of the MLP head")
-    p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--max-length", type=int, default=d.max_length, help="history cap L")
-    p.add_argument("--synthetic-samples", type=int, default=d.synthetic_samples)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay)
+    p.add_argument("--embed-dim", type=int_at_least(1), default=d.embed_dim,
+                   help="model width, a multiple of --heads (default: %(default)s)")
+    p.add_argument("--heads", type=int_at_least(1), default=d.num_heads,
+                   help="attention heads, a divisor of --embed-dim (default: %(default)s)")
+    p.add_argument("--mlp", type=int_at_least(1), nargs="+", default=d.mlp_dims, help="hidden sizes of the MLP head")
+    p.add_argument("--dropout", type=float_in(0.0, 1.0, high_open=True), default=d.dropout)
+    p.add_argument("--max-length", type=int_at_least(1), default=d.max_length, help="history cap L")
+    p.add_argument("--synthetic-samples", type=int_at_least(MIN_SYNTHETIC_SAMPLES), default=d.synthetic_samples,
+                   help="samples of the synthetic data set, split 80/10/10 into training, validation "
+                   "and test (default: %(default)s)")
+    p.add_argument("--device", type=_device_arg, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     p.add_argument("--ddp", action="store_true", help="DistributedDataParallel; launch with torchrun")
     p.add_argument("--out", default="runs", help="output folder (default: runs)")
@@ -339,18 +357,18 @@ def _summary(results: List[dict]) -> Dict[str, dict]:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    check_heads_divide(parser, args.heads, args.embed_dim)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("argument --device: %s needs a CUDA GPU and none is visible (accepted here: "
+                     "auto, cpu)" % args.device)
     data_name = args.data
     if data_name == "auto":
         data_name = "movielens" if data_mod.movielens_available() else "synthetic"
     elif data_name == "movielens" and not data_mod.movielens_available():
         print("attnkern train: error: " + data_mod._EXTRA_HINT, file=sys.stderr)
         return 2
-    for name in ("epochs", "batch_size", "max_length", "embed_dim", "heads"):
-        if getattr(args, name) < 1:
-            print("attnkern train: error: --%s must be >= 1" % name.replace("_", "-"), file=sys.stderr)
-            return 2
-
     if args.lr is None:
         args.lr = 1e-2 if data_name == "synthetic" else RunConfig.lr
     rank, world, local_rank = 0, 1, 0

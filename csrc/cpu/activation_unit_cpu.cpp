@@ -235,17 +235,27 @@ struct Block {
         z2(kAuBlock * std::max<int64_t>(w.H2p, 1)), a2(kAuBlock * std::max<int64_t>(w.H2p, 1)), s(kAuBlock) {}
 };
 
+// Columns [n, np) of nb rows (row stride np) set to 0. The padded units' weights are zero,
+// and zero times an infinite key (or activation) is NaN, which the next layer's and the
+// score's zero weights would carry into a score that is finite in the reference.
+template <class A>
+void zero_padding(int64_t nb, int64_t n, int64_t np, A* z) {
+  for (int64_t i = 0; i < nb; ++i) std::fill(z + i * np + n, z + (i + 1) * np, A(0));
+}
+
 // Scores s[0:nb] of one query against the block's keys; leaves pre-activations z1/z2 and
 // activations a1/a2 of the block in `blk`.
 template <class A>
 void block_scores(const AuKernels<A>& k, const Weights<A>& w, const A* mt, const A* c, int64_t nb, Block<A>& blk) {
   for (int64_t i = 0; i < nb; ++i) std::copy(c, c + w.H1p, blk.z1.data() + i * w.H1p);
   k.gemm(nb, w.E, w.H1p, blk.kb.data(), w.Ep, 1, mt, w.H1p, blk.z1.data(), w.H1p);
+  zero_padding(nb, w.H1, w.H1p, blk.z1.data());
   k.act_fwd(w.act, nb, w.H1p, blk.z1.data(), w.H1p, w.act1.data(), blk.a1.data());
   const A* last = blk.a1.data();
   if (w.H2) {
     for (int64_t i = 0; i < nb; ++i) std::copy(w.b2.begin(), w.b2.end(), blk.z2.data() + i * w.H2p);
     k.gemm(nb, w.H1, w.H2p, blk.a1.data(), w.H1p, 1, w.w2t.data(), w.H2p, blk.z2.data(), w.H2p);
+    zero_padding(nb, w.H2, w.H2p, blk.z2.data());
     k.act_fwd(w.act, nb, w.H2p, blk.z2.data(), w.H2p, w.act2.data(), blk.a2.data());
     last = blk.a2.data();
   }
@@ -259,7 +269,7 @@ void fwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::
   const RowView<const scalar_t> kv = row_view<const scalar_t>(key, d.jagged);
   const RowView<const scalar_t> vv = row_view<const scalar_t>(value, d.jagged);
   const A* q = qa.data_ptr<A>();
-  scalar_t* o = out.data_ptr<scalar_t>();
+  A* o = out.data_ptr<A>();
   A* ls = lse.data_ptr<A>();
   const int64_t N = d.N, E = d.E, Dv = d.Dv;
   const int64_t cost = N * std::max<int64_t>(1, d.L) * (w.H1 * (E + w.H2 + 1));
@@ -290,14 +300,17 @@ void fwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::
             for (int64_t i = 0; i < nb; ++i) k.axpby(w.Dvp, blk.s[i], blk.vb.data() + i * w.Dvp, A(1), an);
             continue;
           }
+          // A NaN score becomes the max (std::max would skip it), so that it reaches l and the
+          // output instead of vanishing; while every score so far is -inf the weights are 0.
           A bm = m[n];
-          for (int64_t i = 0; i < nb; ++i) bm = std::max(bm, blk.s[i]);
-          if (bm > m[n]) {
+          for (int64_t i = 0; i < nb; ++i) bm = blk.s[i] > bm || std::isnan(blk.s[i]) ? blk.s[i] : bm;
+          if (bm > m[n] || (std::isnan(bm) && !std::isnan(m[n]))) {
             const A f = m[n] == -std::numeric_limits<A>::infinity() ? A(0) : std::exp(m[n] - bm);
             for (int64_t e = 0; e < w.Dvp; ++e) an[e] *= f;
             l[n] *= f;
             m[n] = bm;
           }
+          if (m[n] == -std::numeric_limits<A>::infinity()) continue;
           for (int64_t i = 0; i < nb; ++i) {
             const A p = std::exp(blk.s[i] - m[n]);
             l[n] += p;
@@ -308,16 +321,16 @@ void fwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::
       for (int64_t n = 0; n < N; ++n) {
         const int64_t r = b * N + n;
         const A* an = acc.data() + n * w.Dvp;
-        scalar_t* on = o + r * Dv;
+        A* on = o + r * Dv;
         if (!softmax) {
-          for (int64_t e = 0; e < Dv; ++e) on[e] = scalar_t(an[e]);
+          for (int64_t e = 0; e < Dv; ++e) on[e] = an[e];
           ls[r] = A(0);
-        } else if (l[n] > A(0)) {
+        } else if (l[n] != A(0)) {  // NaN too: a non-finite value at a valid position propagates
           const A inv = A(1) / l[n];
-          for (int64_t e = 0; e < Dv; ++e) on[e] = scalar_t(an[e] * inv);
+          for (int64_t e = 0; e < Dv; ++e) on[e] = an[e] * inv;
           ls[r] = m[n] + std::log(l[n]);
         } else {
-          for (int64_t e = 0; e < Dv; ++e) on[e] = scalar_t(0);
+          for (int64_t e = 0; e < Dv; ++e) on[e] = A(0);
           ls[r] = -std::numeric_limits<A>::infinity();
         }
       }
@@ -491,7 +504,9 @@ std::tuple<at::Tensor, at::Tensor> activation_unit_pool_fwd_cpu(
   TORCH_CHECK_VALUE(query.device().is_cpu(), "attnkern: the CPU kernel needs CPU tensors, got ", query.device());
   const Rows rows = make_rows(d, lengths, mask, offsets, max_length);
   const auto acc = acc_type(query.scalar_type());
-  at::Tensor out = at::empty({d.B, d.N, d.Dv}, query.options());
+  // out unrounded, in the accumulator type: the autograd forms delta from it (rounded to
+  // float16/bfloat16 first, delta's error would pass into every softmax gradient).
+  at::Tensor out = at::empty({d.B, d.N, d.Dv}, query.options().dtype(acc));
   at::Tensor lse = at::empty({d.B, d.N}, query.options().dtype(acc));
   if (d.B == 0) return {out, lse};
   const at::Tensor qa = query.to(acc).contiguous();

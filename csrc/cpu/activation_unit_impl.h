@@ -4,7 +4,9 @@
 // copies are never merged by the linker.
 //
 // V provides: A (scalar), W (lanes), zero, set1, load, store, + - * /, fma(a, b, c) = a * b + c,
-// max, min, exp, select_pos(z, a, b) (lane-wise z > 0 ? a : b) and reduce_add.
+// max, min, exp, select_pos(z, a, b) (lane-wise z > 0 ? a : b) and reduce_add. max(a, b) and
+// min(a, b) return b where either is NaN (as maxps/minps do), so a NaN input goes second: a NaN
+// at a valid position must reach the score, not become relu's 0.
 //
 // gemm is a register-tiled rank-P update: a tile of 6 rows x 2 vectors of C (12 accumulators,
 // within AVX2's 16 registers next to the two B vectors and one broadcast) stays in registers for
@@ -83,9 +85,9 @@ void au_act_fwd(int act, int64_t rows, int64_t ncols, const typename V::A* z, in
       const V x = V::load(zr + j);
       V o;
       switch (act) {
-        case kAuRelu: o = V::max(x, zero); break;
+        case kAuRelu: o = V::max(zero, x); break;
         case kAuSigmoid: o = au_sigmoid(x); break;
-        case kAuPrelu: o = V::fma(V::load(params + j), V::min(x, zero), V::max(x, zero)); break;
+        case kAuPrelu: o = V::fma(V::load(params + j), V::min(zero, x), V::max(zero, x)); break;
         default: {
           const V al = V::load(params + j);
           const V s = au_sigmoid(V::fma(V::load(params + ncols + j), x, V::load(params + 2 * ncols + j)));

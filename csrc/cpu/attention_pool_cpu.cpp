@@ -357,8 +357,9 @@ void for_each_item(const FwdParams& p, const Rows& rows, const std::vector<Item>
   const int64_t H = p.H;
   std::vector<int64_t> idx;
   auto span_of = [&](const Item& it, int64_t n) {
+    // A piece that starts a row and is shorter than a split is the whole row.
     return Span{it.task / H, it.task % H, rows.start(it.task / H) + (rows.mask ? 0 : it.i0), n,
-                rows.mask ? idx.data() : nullptr};
+                rows.mask ? idx.data() : nullptr, it.i0 == 0 && it.i1 < kSplitLen};
   };
   auto prefetch = [&](int64_t j) {
     const Item& it = items[order[j]];

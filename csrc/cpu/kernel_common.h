@@ -66,6 +66,7 @@ struct Span {
   int64_t start = 0;
   int64_t count = 0;
   const int64_t* idx = nullptr;
+  bool whole = true;  // every valid position of the row (false: a piece of a split row)
 };
 
 // Forward over one span: unnormalised acc [N, Dv] = sum_l exp(s_l - m) v_l, running max m [N]

@@ -323,8 +323,9 @@ void amx_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out, 
 }
 
 // Backward on bf16 inputs, every matrix product on the tiles: per tile of 16 rows S = Q K^T and
-// dP = dO V^T (exact products of the inputs), p and dS in fp32 (bwd_probs_rows), dQ += dS K in
-// fp32 (bwd_dq_rows); the tile's P and dS also go, as bf16, into the block's P^T and dS^T, from
+// dP = dO V^T (exact products of the inputs), p and dS in fp32 (bwd_probs_rows, bwd_ds_rows;
+// no bwd_own_delta: its fp32 rounding is far below bf16's tolerance), dQ += dS K in fp32
+// (bwd_dq_rows); the tile's P and dS also go, as bf16, into the block's P^T and dS^T, from
 // which the block's dV = P^T dO and dK = dS^T Q are formed once every tile has passed.
 void amx_bwd_span(const BwdParams& p, const Span& s, float* ws, float* dq_out) {
   const AmxDims a = amx_dims(p.Dk, p.Dv);
@@ -377,7 +378,8 @@ void amx_bwd_span(const BwdParams& p, const Span& s, float* ws, float* dq_out) {
       tile_products(q2 + n0 * a.K2, a.K2, k2, a.K2, nk / 16, S, kKeys);
       finish_logits(M, S, nb, nk, scale, nullptr);
       tile_products(o2 + n0 * a.V2, a.V2, v2, a.V2, nk / 16, dP, kKeys);
-      bwd_probs_rows<V>(M, S, dP, kKeys, nk, msh + n0, lg + n0, dl + n0);
+      bwd_probs_rows<V>(M, S, kKeys, nk, msh + n0, lg + n0);
+      bwd_ds_rows<V>(M, S, dP, kKeys, nk, dl + n0);
       bwd_dq_rows<V>(M, dP, kKeys, nk, kr, t.Dkp, dQ + n0 * t.Dkp);
       rows_to_bf16(M, dP, nk, dS);
       transpose_rows_bf16(M, dS, nk, Nq, n0, dSt);

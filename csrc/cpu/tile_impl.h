@@ -385,7 +385,7 @@ inline TileFwdWs tile_fwd_ws(int64_t N, const TileDims& t) {
 }
 
 struct TileBwdWs {
-  int64_t qf, dO, dQ, msh, lg, dl, kt, vt, kr, dKb, dVb, S, dP, vr, q2, total;
+  int64_t qf, dO, dQ, msh, lg, dl, kt, vt, kr, dKb, dVb, S, dP, vr, q2, vn, dn, total;
 };
 template <class V>
 inline TileBwdWs tile_bwd_ws(int64_t N, const TileDims& t) {
@@ -407,6 +407,8 @@ inline TileBwdWs tile_bwd_ws(int64_t N, const TileDims& t) {
   w.dP = b.take(MR * KB);     // [MR][KB]
   w.vr = b.take(KB * t.Dvp);  // [KB][Dvp]: the value block as rows, before the transpose
   w.q2 = b.take(V::kPairDot ? N * pairs_of(t.Dk) : 0);  // as in tile_fwd_ws
+  w.vn = b.take(KB);          // |v| of the block's keys (bwd_own_delta)
+  w.dn = b.take(N);           // |dO| of each row (bwd_own_delta)
   w.total = b.used;
   return w;
 }
@@ -579,23 +581,61 @@ void tile_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out,
 // ---------------------------------------------------------------------------------------------
 // Backward
 
-// The backward's probabilities and dS of M rows in place: S (scores, row stride ss, nk keys)
-// becomes p = 2^((s - m) log2 e - log2 l), dP (dO . v) becomes dS = p (dP - delta).
+// The backward's probabilities of M rows in place: S (scores, row stride ss, nk keys) becomes
+// p = 2^((s - m) log2 e - log2 l).
 template <class V>
-inline void bwd_probs_rows(int M, float* S, float* dP, int64_t ss, int nk, const float* msh, const float* lg,
-                           const float* dl) {
+inline void bwd_probs_rows(int M, float* S, int64_t ss, int nk, const float* msh, const float* lg) {
   constexpr int W = V::W;
   const V l2e = V::set1(kTileLog2e);
   for (int r = 0; r < M; ++r) {
-    const V m = V::set1(msh[r]), lgr = V::set1(lg[r]), d = V::set1(dl[r]);
+    const V m = V::set1(msh[r]), lgr = V::set1(lg[r]);
     float* sr = S + r * ss;
+    for (int j = 0; j < nk; j += W) V::exp2((V::load(sr + j) - m) * l2e - lgr).store(sr + j);  // past nb: 0
+  }
+}
+
+// dP (dO . v) of M rows becomes dS = p (dP - delta) in place (p in S).
+template <class V>
+inline void bwd_ds_rows(int M, const float* S, float* dP, int64_t ss, int nk, const float* dl) {
+  constexpr int W = V::W;
+  for (int r = 0; r < M; ++r) {
+    const V d = V::set1(dl[r]);
+    const float* sr = S + r * ss;
     float* pr = dP + r * ss;
-    for (int j = 0; j < nk; j += W) {
-      const V pj = V::exp2((V::load(sr + j) - m) * l2e - lgr);  // keys past nb: -inf -> 0
-      const V ds = pj * (V::load(pr + j) - d);
-      pj.store(sr + j);
-      ds.store(pr + j);
+    for (int j = 0; j < nk; j += W) (V::load(sr + j) * (V::load(pr + j) - d)).store(pr + j);
+  }
+}
+
+// delta of M rows whose every valid key is in this block (a short row, whole in its span).
+// The autograd's delta, rowsum(dO * O) in float64 from the forward's output, equals
+// sum_j p_j dP_j only up to the rounding of the kernel's fp32 dot products dP; dS = p (dP - delta)
+// keeps that rounding where the true dS cancels (a softmax over one key is constant: dS = 0),
+// and dK sums it over every query. The kernel's own sum cancels as a softmax backward does
+// (the reference's): it replaces delta where the two differ by no more than that rounding can,
+// |dP_j error| <= Dv eps |dO| |v_j| (and the output's rounding, (nb + 2) eps |dO| sum p |v|).
+// A delta further off holds a gradient of the log-sum-exp (delta = rowsum(dO * O) - dLSE) and
+// is kept. NaN anywhere: kept (the comparison fails).
+inline void bwd_own_delta(int M, const float* S, const float* dP, int64_t ss, int nb, int64_t Dv, const float* vn,
+                          const float* dn, const float* dl, float* out) {
+  constexpr double kEps = 5.9604644775390625e-08;  // 2^-24, fp32's unit roundoff
+  for (int r = 0; r < M; ++r) {
+    double sum = 0.0, mass = 0.0;
+    for (int j = 0; j < nb; ++j) {
+      sum += double(S[r * ss + j]) * double(dP[r * ss + j]);
+      mass += double(S[r * ss + j]) * double(vn[j]);
     }
+    const double off = __builtin_fabs(sum - double(dl[r]));
+    const double tol = double(Dv + nb + 4) * kEps * double(dn[r]) * mass + kEps * __builtin_fabs(double(dl[r]));
+    out[r] = off <= tol ? float(sum) : dl[r];
+  }
+}
+
+// Euclidean norms of n rows of D elements (row stride ld).
+inline void row_norms(int n, const float* x, int64_t ld, int64_t D, float* out) {
+  for (int i = 0; i < n; ++i) {
+    double s = 0.0;
+    for (int64_t d = 0; d < D; ++d) s += double(x[i * ld + d]) * double(x[i * ld + d]);
+    out[i] = float(__builtin_sqrt(s));
   }
 }
 
@@ -660,10 +700,13 @@ inline void bwd_write_block(const BwdParams& p, const Span& s, const TileDims& t
   }
 }
 
+// own: the block holds every valid key of the rows; vn [nb] and dn [M] are then |v| of the keys
+// and |dO| of the rows (bwd_own_delta).
 template <class V, int M, bool PAIRS>
 inline void bwd_tile_rows(const TileDims& t, const TileScoring& sc, const float* qf, const float* dO, float* dQ,
                           const float* msh, const float* lg, const float* dl, const float* vt, const float* kr,
-                          int nb, float scale, float* S, float* dP, float* dKb, float* dVb) {
+                          int nb, float scale, float* S, float* dP, float* dKb, float* dVb, bool own,
+                          const float* vn, const float* dn) {
   constexpr int NR = V::NV * V::W, KB = V::KB;
   const int np = int(tile_ceil(nb, NR)), nk = np * NR;
   for (int pn = 0; pn < np; ++pn) {
@@ -671,7 +714,10 @@ inline void bwd_tile_rows(const TileDims& t, const TileScoring& sc, const float*
     score_panel<V, M, PAIRS>(sc, pn, valid, scale, S + pn * NR, KB);
     qk_panel<V, M, false>(dO, t.Dvp, vt + int64_t(pn) * t.Dv * NR, t.Dv, NR, 1.f, dP + pn * NR, KB);
   }
-  bwd_probs_rows<V>(M, S, dP, KB, nk, msh, lg, dl);
+  bwd_probs_rows<V>(M, S, KB, nk, msh, lg);
+  float own_dl[M];
+  if (own) bwd_own_delta(M, S, dP, KB, nb, t.Dv, vn, dn, dl, own_dl);
+  bwd_ds_rows<V>(M, S, dP, KB, nk, own ? own_dl : dl);
   bwd_updates<V, M>(t, S, dP, KB, nb, nk, qf, dO, kr, dQ, dKb, dVb);
 }
 
@@ -695,6 +741,8 @@ void tile_bwd_span(const BwdParams& p, const Span& s, float* ws, float* dq_out) 
   float* S = ws + lay.S;
   float* dP = ws + lay.dP;
   float* vr = ws + lay.vr;
+  float* vn = ws + lay.vn;
+  float* dn = ws + lay.dn;
   constexpr bool pairs = kPairs<V, T>;
   uint32_t* q2 = reinterpret_cast<uint32_t*>(ws + lay.q2);
   uint32_t* k2 = reinterpret_cast<uint32_t*>(kt);
@@ -703,6 +751,8 @@ void tile_bwd_span(const BwdParams& p, const Span& s, float* ws, float* dq_out) 
   if constexpr (pairs) load_query_pairs(p, s, t.Dk, q2);
   const TileScoring sc{qf, t.Dkp, kt, t.Dk, q2, k2, pairs_of(t.Dk)};
   bwd_load_rows<V, T>(p, s, t, t.Dkp, dO, dQ, msh, lg, dl);
+  const bool own = s.whole && s.count <= KB;  // the row's every key in one block: bwd_own_delta
+  if (own) row_norms(int(N), dO, t.Dvp, t.Dv, dn);
   const T* kb = static_cast<const T*>(p.k) + s.b * p.k_sb + s.h * p.k_sh;
   const T* vb = static_cast<const T*>(p.v) + s.b * p.v_sb + s.h * p.v_sh;
   const float scale = float(p.scale);
@@ -714,13 +764,14 @@ void tile_bwd_span(const BwdParams& p, const Span& s, float* ws, float* dq_out) 
       pack_block<V>(s, i0, nb, kb, p.k_sl, t.Dk, t.Dkp, kt, kr);
     pack_block<V>(s, i0, nb, vb, p.v_sl, t.Dv, t.Dvp, vt, vr);
     prefetch_next_block(s, i0, KB, kb, p.k_sl, t.Dk, vb, p.v_sl, t.Dv);
+    if (own) row_norms(nb, vr, t.Dvp, t.Dv, vn);
     bwd_zero_block(t, nb, dKb, dVb);
     for (int64_t n0 = 0; n0 < N; n0 += MR) {
       const int rows = int(N - n0 < MR ? N - n0 : MR);
       with_rows<MR>(rows, [&](auto mc) {
         bwd_tile_rows<V, decltype(mc)::value, pairs>(t, sc.rows_from(n0), qf + n0 * t.Dkp, dO + n0 * t.Dvp,
                                                      dQ + n0 * t.Dkp, msh + n0, lg + n0, dl + n0, vt, kr, nb,
-                                                     scale, S, dP, dKb, dVb);
+                                                     scale, S, dP, dKb, dVb, own, vn, dn + n0);
       });
     }
     bwd_write_block<V, T>(p, s, t, i0, nb, dKb, dVb);

@@ -122,7 +122,7 @@ __device__ __forceinline__ void au_stage_act(const AuProblem& p, const void* act
 __device__ __forceinline__ float au_act(AuAct a, float x, const float* prm, int64_t H, int64_t h) {
   switch (a) {
     case AuAct::kRelu:
-      return x > 0.f ? x : 0.f;
+      return x < 0.f ? 0.f : x;  // a NaN x stays NaN: it must reach the score
     case AuAct::kSigmoid:
       return 1.f / (1.f + expf(-x));
     case AuAct::kPrelu:

@@ -135,12 +135,12 @@ std::tuple<at::Tensor, at::Tensor> activation_unit_pool_fwd_cuda(
   const AuDims d = check_fwd_cuda(query, key, value, lengths, mask, offsets, max_length, w1, b1,
                                   w2, b2, w_out, b_out, act1, act2, activation);
   cuda_launch::DeviceGuard guard(query.device());
-  auto out = at::empty({d.B, d.N, d.Dv}, query.options());
+  auto out = at::empty({d.B, d.N, d.Dv}, query.options().dtype(at::kFloat));  // unrounded
   auto lse = at::empty({d.B, d.N}, query.options().dtype(at::kFloat));
   if (d.B == 0 || d.N == 0) return {out, lse};
   const Prepared r = prepare(d, query, key, value, lengths, mask, offsets, max_length, w1, b1, w2,
                              b2, w_out, b_out, act1, act2, softmax);
-  ATTNKERN_CUDA_CHECK(kc::launch_au_fwd(r.p, out.data_ptr(), lse.data_ptr<float>(),
+  ATTNKERN_CUDA_CHECK(kc::launch_au_fwd(r.p, out.data_ptr<float>(), lse.data_ptr<float>(),
                                         cuda_launch::max_smem(), cuda_launch::num_sms(),
                                         cuda_launch::current_stream()));
   return {out, lse};

@@ -17,7 +17,7 @@ namespace detail {
 namespace {
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads) au_fwd_kernel(const AuProblem p, void* out,
+__global__ void __launch_bounds__(kThreads) au_fwd_kernel(const AuProblem p, float* out,
                                                           float* lse, int tl, bool m_smem) {
   extern __shared__ float4 au_fwd_smem[];
   AuFwdSmem s;
@@ -110,18 +110,19 @@ __global__ void __launch_bounds__(kThreads) au_fwd_kernel(const AuProblem p, voi
       __syncthreads();  // s.valid / s.s are rewritten by the next tile
     }
 
-    // Phase 4: normalise and store; an empty row gives out = 0 (lse = -inf with softmax).
+    // Phase 4: normalise and store; an empty row gives out = 0 (lse = -inf with softmax). A NaN
+    // sum (a non-finite value at a valid position) is not empty: it propagates.
     float inv = 1.f, row_lse = 0.f;
     if (p.softmax) {
-      const bool nonempty = l_run > 0.f;
+      const bool nonempty = l_run != 0.f;
       inv = nonempty ? 1.f / l_run : 0.f;
       row_lse = nonempty ? (m_run + log2f(l_run)) * kLn2 : -INFINITY;
     }
-    T* o = static_cast<T*>(out) + item * p.Dv;
+    float* o = out + item * p.Dv;
 #pragma unroll
     for (int i = 0; i < kAuMaxDvPerThread; ++i) {
       const int64_t d = threadIdx.x + int64_t(i) * blockDim.x;
-      if (d < p.Dv) o[d] = from_float<T>(acc[i] * inv);
+      if (d < p.Dv) o[d] = acc[i] * inv;
     }
     if (threadIdx.x == 0) lse[item] = row_lse;
   }
@@ -130,7 +131,7 @@ __global__ void __launch_bounds__(kThreads) au_fwd_kernel(const AuProblem p, voi
 }  // namespace
 }  // namespace detail
 
-cudaError_t launch_au_fwd(const AuProblem& p, void* out, float* lse, int64_t max_smem,
+cudaError_t launch_au_fwd(const AuProblem& p, float* out, float* lse, int64_t max_smem,
                           int num_sms, cudaStream_t stream) {
   using namespace detail;
   if (p.B * p.N == 0) return cudaSuccess;

@@ -48,10 +48,10 @@ struct AuProblem {
   const void* act2 = nullptr;  // [act_rows, H2] or null
 };
 
-// out [B, N, Dv] contiguous (query dtype); lse [B, N] contiguous float32 (log-sum-exp of the
-// scores with softmax, -inf on empty rows; 0 without). max_smem: the device's opt-in shared
-// memory per block in bytes.
-cudaError_t launch_au_fwd(const AuProblem& p, void* out, float* lse, int64_t max_smem,
+// out [B, N, Dv] contiguous float32 (unrounded: the autograd forms delta from it); lse [B, N]
+// contiguous float32 (log-sum-exp of the scores with softmax, -inf on empty rows; 0 without).
+// max_smem: the device's opt-in shared memory per block in bytes.
+cudaError_t launch_au_fwd(const AuProblem& p, float* out, float* lse, int64_t max_smem,
                           int num_sms, cudaStream_t stream);
 
 // Scratch of the backward: per-block partial weight gradients (fp32), summed by the caller

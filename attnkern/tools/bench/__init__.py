@@ -46,6 +46,7 @@ from typing import List
 import torch
 
 # Re-exported: `attnkern.tools.bench` is the one name benchmarks/ and the tests import.
+from .._args import non_negative_float
 from .cases import (BASELINES, DTYPES, FULL_SHAPES, LENGTHS, MODES, OP, PROVIDERS,  # noqa: F401
                     QUICK_SHAPES, SHAPES, Case, Inputs, Oracle, Shape, bytes_moved, flops,
                     full_cases, make_cases, make_inputs, make_oracle, quick_cases, tiny_cases)
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", type=_csv_list(MODES), default=None, help="fwd and/or fwd+bwd")
     p.add_argument("--providers", type=_csv_list(PROVIDERS), default=None,
                    help="comma-separated providers (default: every one that runs here)")
-    p.add_argument("--budget", type=float, default=None,
+    p.add_argument("--budget", type=non_negative_float, default=None,
                    help="seconds of repeats per measurement (default 0.25; --full 1.0)")
     p.add_argument("--out", default=os.path.join("runs", "bench"),
                    help="output folder for bench.json, bench.jsonl (one record a line, appended per case), bench.csv, bench.md, bench.png")
