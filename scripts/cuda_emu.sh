@@ -40,7 +40,7 @@ info = attnkern.backends()['cuda']; assert info.available and info.emulated, inf
   # tensors here: tests/conftest.py CUDA_DEVICE).
   python -m pytest -q -x -p no:cacheprovider -m "not slow" -k "cuda" "$@" tests/test_cuda_emulation.py \
     tests/test_backends.py tests/test_shared_kv_heads.py tests/test_hardening.py \
-    tests/test_activation_unit_cuda.py tests/test_cuda_build.py
+    tests/test_activation_unit_cuda.py tests/test_hardening_activation.py tests/test_cuda_build.py
 ) > "$LOG" 2>&1 || status=$?
 end=$(date +%s)
 sanitizer_verdict "$LOG" cuda_emu || exit 1
