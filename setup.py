@@ -168,7 +168,7 @@ def _extensions():
             "attnkern._C",
             cpu_sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")] + _pip_cuda_include_dirs(),
-            # Seen by the C++ and the nvcc compiles alike (csrc/ops.cpp: built_with_cuda()).
+            # Seen by the C++ and the nvcc compiles alike (csrc/extension_module.cpp: built_with_cuda()).
             define_macros=[("ATTNKERN_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=link_flags,

@@ -1,6 +1,9 @@
-"""Argument checks of the public API. Every malformed call raises before any kernel runs:
-ValueError for shapes, layouts, values, scale and backend names; TypeError for dtypes and
-non-tensors. Messages name the argument and give what was expected and what was given."""
+"""Argument checks of the public API, one function per op (`validate`: attention_pool,
+`validate_activation_unit`: activation_unit_pool), used by every backend. Every malformed call
+raises before any kernel runs: ValueError for shapes, layouts, values, scale and backend names;
+TypeError for dtypes and non-tensors. Messages name the argument and give what was expected and
+what was given. The contract is docs/contract.md; the registered ops check what a direct
+torch.ops call needs (csrc/*_checks.cpp, mirrored for the fake impls in attnkern/ops/checks.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +15,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from .limits import MAX_HEAD_DIM, MAX_UNITS
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
-MAX_HEAD_DIM = 256
 
 _validation = os.environ.get("ATTNKERN_VALIDATE", "0") not in ("", "0")
 
@@ -65,6 +69,38 @@ def _check_tensor(x, name):
         raise TypeError("%s must be a dense (strided) tensor, got %s" % (name, got))
 
 
+def _same(t, name, query):
+    """t is a dense tensor of the query's dtype and device."""
+    _check_tensor(t, name)
+    if t.dtype != query.dtype:
+        raise TypeError("%s must have the dtype of query (%s), got %s" % (name, query.dtype, t.dtype))
+    if t.device != query.device:
+        raise ValueError("%s must be on the device of query (%s), got %s" % (name, query.device, t.device))
+
+
+def _check_qkv(query, key, value):
+    """Tensors, a float query, key and value of its dtype and device (both ops)."""
+    for x, name in ((query, "query"), (key, "key"), (value, "value")):
+        _check_tensor(x, name)
+    if query.dtype not in _FLOAT_DTYPES:
+        raise TypeError("query must be float16, bfloat16, float32 or float64, got %s" % query.dtype)
+    _same(key, "key", query)
+    _same(value, "value", query)
+
+
+def _query_with_n(query, rank: int, shapes: str):
+    """(query with its N axis of `rank` dims, whether the call gave it without N)."""
+    if query.dim() == rank - 1:
+        q, squeeze_n = query.unsqueeze(1), True
+    elif query.dim() == rank:
+        q, squeeze_n = query, False
+    else:
+        raise ValueError("query must be %s, got %d dims %s" % (shapes, query.dim(), list(query.shape)))
+    if q.shape[1] < 1:
+        raise ValueError("query must have N >= 1 queries, got %s" % list(query.shape))
+    return q, squeeze_n
+
+
 def _check_index(x, name, expected_len, device):
     _check_tensor(x, name)
     if x.dtype not in _INDEX_DTYPES:
@@ -90,6 +126,24 @@ def _check_heads(H: int, Hkv: int, query, key) -> None:
             "uses K/V head h // (H // Hkv)), got Hkv = %d: query %s, key %s"
             % (H, Hkv, list(query.shape), list(key.shape))
         )
+
+
+def _check_jagged_index(offsets, max_length, B: int, device) -> None:
+    """offsets [B + 1] and the optional max_length (a Python int >= 0 that fits an int64) of the
+    jagged layout; the padded one (offsets None) takes no max_length."""
+    if offsets is None:
+        if max_length is not None:
+            raise ValueError("max_length is for the jagged layout (with offsets); got offsets=None")
+        return
+    _check_index(offsets, "offsets", B + 1, device)
+    if max_length is None:
+        return
+    if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral):
+        raise TypeError("max_length must be a Python int, got %s" % type(max_length).__name__)
+    if max_length < 0:
+        raise ValueError("max_length must be >= 0, got %d" % max_length)
+    if max_length >= 2 ** 63:
+        raise ValueError("max_length must be < 2**63 (an int64), got %d" % max_length)
 
 
 def _check_mask(mask, name: str, B: int, L: int, device) -> None:
@@ -118,42 +172,18 @@ def validate(query, key, value, lengths, mask, offsets, max_length, scale, retur
     """Checks a call and returns it normalised. values=False leaves the reads of lengths/offsets
     values to `check_values`, for callers whose kernel checks them itself. key_padding_mask
     (True = padding) is checked like mask; the caller passes ~key_padding_mask on as mask."""
-    for x, name in ((query, "query"), (key, "key"), (value, "value")):
-        _check_tensor(x, name)
-    if query.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            "query must be float16, bfloat16, float32 or float64, got %s" % query.dtype
-        )
-    for x, name in ((key, "key"), (value, "value")):
-        if x.dtype != query.dtype:
-            raise TypeError(
-                "%s must have the dtype of query (%s), got %s" % (name, query.dtype, x.dtype)
-            )
-        if x.device != query.device:
-            raise ValueError(
-                "%s must be on the device of query (%s), got %s" % (name, query.device, x.device)
-            )
+    _check_qkv(query, key, value)
     if not isinstance(return_lse, bool):
         raise TypeError("return_lse must be a bool, got %s" % type(return_lse).__name__)
 
-    # query: [B, H, Dk] or [B, N, H, Dk]
-    if query.dim() == 3:
-        q4, squeeze_n = query.unsqueeze(1), True
-    elif query.dim() == 4:
-        q4, squeeze_n = query, False
-    else:
-        raise ValueError(
-            "query must be [B, H, Dk] or [B, N, H, Dk], got %d dims %s"
-            % (query.dim(), list(query.shape))
-        )
+    q4, squeeze_n = _query_with_n(query, 4, "[B, H, Dk] or [B, N, H, Dk]")
     B, N, H, Dk = q4.shape
     if H < 1:
         raise ValueError("query must have H >= 1 heads, got %s" % list(query.shape))
-    if N < 1:
-        raise ValueError("query must have N >= 1 queries, got %s" % list(query.shape))
     _check_dim("query head dim Dk", Dk, MAX_HEAD_DIM)
 
     jagged = offsets is not None
+    _check_jagged_index(offsets, max_length, B, query.device)
     if jagged:
         if lengths is not None:
             raise ValueError("lengths is for the padded layout; with offsets (jagged) leave it None")
@@ -180,20 +210,8 @@ def validate(query, key, value, lengths, mask, offsets, max_length, scale, retur
                 "value must be [T, Hkv, Dv] = [%d, %d, Dv] to match key, got %s"
                 % (T, Hkv, list(value.shape))
             )
-        _check_index(offsets, "offsets", B + 1, query.device)
-        if max_length is not None:
-            if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral):
-                raise TypeError(
-                    "max_length must be a Python int, got %s" % type(max_length).__name__
-                )
-            if max_length < 0:
-                raise ValueError("max_length must be >= 0, got %d" % max_length)
-            if max_length >= 2 ** 63:
-                raise ValueError("max_length must be < 2**63 (an int64), got %d" % max_length)
         L = T
     else:
-        if max_length is not None:
-            raise ValueError("max_length is for the jagged layout (with offsets); got offsets=None")
         if key.dim() != 4:
             hint = " (a 3-D key is jagged: pass offsets)" if key.dim() == 3 else ""
             raise ValueError("key must be padded [B, L, Hkv, Dk]%s, got %s" % (hint, list(key.shape)))
@@ -330,16 +348,6 @@ class AuProblem:
     L: int
 
 
-def _same(t, name, query):
-    _check_tensor(t, name)
-    if t.dtype != query.dtype:
-        raise TypeError("%s must have the dtype of query (%s), got %s" % (name, query.dtype, t.dtype))
-    if t.device != query.device:
-        raise ValueError("%s must be on the device of query (%s), got %s" % (name, query.device, t.device))
-    if t.layout != torch.strided:
-        raise ValueError("%s must be a dense (strided) tensor, got layout %s" % (name, t.layout))
-
-
 def _shape(t, name, want):
     if tuple(t.shape) != tuple(want):
         raise ValueError("%s must have shape %s, got %s" % (name, list(want), list(t.shape)))
@@ -348,32 +356,19 @@ def _shape(t, name, want):
 def validate_activation_unit(query, key, value, weights, lengths, mask, offsets, max_length,
                              activation, activation_params, normalize) -> AuProblem:
     """Checks a public call and returns it in the registered op's canonical form."""
-    from .reference import ACTIVATION_PARAM_ROWS, ACTIVATIONS, MAX_UNITS
+    from .reference import ACTIVATION_PARAM_ROWS, ACTIVATIONS
 
     # value None or the key tensor itself: the keys are the values (one gradient, no second
     # [B, L, E] one summed into it).
     shared = value is None or value is key
     value = key if value is None else value
-    for x, name in ((query, "query"), (key, "key"), (value, "value")):
-        _check_tensor(x, name)
-    if query.dtype not in _FLOAT_DTYPES:
-        raise TypeError("query must be float16, bfloat16, float32 or float64, got %s" % query.dtype)
-    if query.layout != torch.strided:
-        raise ValueError("query must be a dense (strided) tensor, got layout %s" % query.layout)
-    _same(key, "key", query)
-    _same(value, "value", query)
-    if query.dim() == 2:
-        q3, squeeze_n = query.unsqueeze(1), True
-    elif query.dim() == 3:
-        q3, squeeze_n = query, False
-    else:
-        raise ValueError("query must be [B, E] or [B, N, E], got %s" % list(query.shape))
+    _check_qkv(query, key, value)
+    q3, squeeze_n = _query_with_n(query, 3, "[B, E] or [B, N, E]")
     B, N, E = q3.shape
-    if N < 1:
-        raise ValueError("query must have N >= 1 queries, got %s" % list(query.shape))
     _check_dim("query embedding dim E", E, MAX_UNITS)
 
     jagged = offsets is not None
+    _check_jagged_index(offsets, max_length, B, query.device)
     if jagged:
         if lengths is not None or mask is not None:
             raise ValueError("lengths and mask are for the padded layout; with offsets (jagged) leave them None")
@@ -382,16 +377,8 @@ def validate_activation_unit(query, key, value, weights, lengths, mask, offsets,
         T = key.shape[0]
         if value.dim() != 2 or value.shape[0] != T:
             raise ValueError("with offsets, value must be jagged [T, Dv] = [%d, Dv], got %s" % (T, list(value.shape)))
-        _check_index(offsets, "offsets", B + 1, query.device)
-        if max_length is not None:
-            if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral):
-                raise TypeError("max_length must be a Python int, got %s" % type(max_length).__name__)
-            if max_length < 0:
-                raise ValueError("max_length must be >= 0, got %d" % max_length)
         L = T
     else:
-        if max_length is not None:
-            raise ValueError("max_length is for the jagged layout (with offsets); got offsets=None")
         if key.dim() != 3 or key.shape[0] != B or key.shape[2] != E:
             hint = " (a 2-D key is jagged: pass offsets)" if key.dim() == 2 else ""
             raise ValueError("key must be padded [B, L, E] = [%d, L, %d]%s, got %s" % (B, E, hint, list(key.shape)))
@@ -403,13 +390,7 @@ def validate_activation_unit(query, key, value, weights, lengths, mask, offsets,
         if lengths is not None:
             _check_index(lengths, "lengths", B, query.device)
         if mask is not None:
-            _check_tensor(mask, "mask")
-            if mask.dtype != torch.bool:
-                raise TypeError("mask must be a bool tensor (True = attend), got %s" % mask.dtype)
-            if tuple(mask.shape) != (B, L):
-                raise ValueError("mask must have shape [B, L] = [%d, %d], got %s" % (B, L, list(mask.shape)))
-            if mask.device != query.device:
-                raise ValueError("mask must be on the device of query (%s), got %s" % (query.device, mask.device))
+            _check_mask(mask, "mask", B, L, query.device)
     Dv = value.shape[-1]
     _check_dim("value dim Dv", Dv, MAX_UNITS)
 

@@ -6,6 +6,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from ._jagged import unpack_history
 from ._validation import Problem, check_values, checked_index_values, validate, validate_activation_unit
 from .ops import BACKENDS, BackendUnavailable, activation_fused_op, backend_info, fused_op
 from .ops.availability import cuda_emulated, triton_interpret
@@ -116,11 +117,12 @@ def attention_pool(
 
     Args:
         query: [B, H, Dk] or [B, N, H, Dk] (N candidate queries sharing one history).
-        key: padded [B, L, Hkv, Dk], or jagged [T, Hkv, Dk] together with ``offsets``. Hkv
+        key: padded [B, L, Hkv, Dk], or jagged [T, Hkv, Dk] together with ``offsets``, or a
+            torchrec ``JaggedTensor`` of those values (its offsets are used; no copy). Hkv
             must divide H: query head h uses K/V head h // (H // Hkv) (SDPA's enable_gqa);
             Hkv = H is plain multi-head, Hkv = 1 one K/V head shared by every query head.
             The gradient of a shared K/V head sums over its query heads.
-        value: padded [B, L, Hkv, Dv], or jagged [T, Hkv, Dv].
+        value: padded [B, L, Hkv, Dv], or jagged [T, Hkv, Dv] (or a ``JaggedTensor``).
         lengths: padded only, [B] int32/int64: row b's valid prefix is ``key[b, :lengths[b]]``.
         mask: padded only, [B, L] bool, True = the position takes part (the SDPA convention).
         key_padding_mask: padded only, [B, L] bool, True = the position is padding
@@ -144,6 +146,8 @@ def attention_pool(
     Supported: float16, bfloat16, float32 on every backend, float64 on "reference" and "cpu";
     1 <= Dk, Dv <= 256; any strides. Differentiable w.r.t. query, key and value.
     """
+    key, value, offsets = unpack_history(key, value, offsets, lengths=lengths, mask=mask,
+                                         key_padding_mask=key_padding_mask)
     prob = validate(query, key, value, lengths, mask, offsets, max_length, scale, return_lse,
                     values=False, key_padding_mask=key_padding_mask)
     if key_padding_mask is not None:
@@ -211,7 +215,8 @@ def activation_unit_pool(
 
     Args:
         query: [B, E] or [B, N, E] (N candidate items sharing one history).
-        key: padded [B, L, E], or jagged [T, E] together with ``offsets``.
+        key: padded [B, L, E], or jagged [T, E] together with ``offsets``, or a torchrec
+            ``JaggedTensor`` of those values (its offsets are used; no copy).
         value: padded [B, L, Dv] or jagged [T, Dv]; None (or the key tensor itself) pools the
             keys, as DIN does, with one key gradient instead of two summed.
         weights: the MLP's layers as (weight, bias) pairs in nn.Linear's convention: first
@@ -244,6 +249,7 @@ def activation_unit_pool(
     All floating tensors share query's dtype (float16, bfloat16, float32; float64 on
     "reference" and "cpu") and device. 1 <= E, Dv <= 256; any strides.
     """
+    key, value, offsets = unpack_history(key, value, offsets, lengths=lengths, mask=mask)
     prob = validate_activation_unit(query, key, value, weights, lengths, mask, offsets, max_length,
                                     activation, activation_params, normalize)
     name = _resolve(backend, query)

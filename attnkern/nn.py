@@ -32,6 +32,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ._jagged import unpack_history
 from .functional import activation_unit_pool, attention_pool
 from .reference import ACTIVATIONS, MAX_UNITS, dice_params
 
@@ -121,7 +122,8 @@ class AttentionPooling(nn.Module):
 
     Forward:
         query: [B, E] (one query per row) or [B, N, E] (N candidates sharing a row's history).
-        keys: padded [B, L, kdim], or jagged [T, kdim] together with ``offsets`` [B+1].
+        keys: padded [B, L, kdim], or jagged [T, kdim] together with ``offsets`` [B+1], or a
+            torchrec ``JaggedTensor`` of [T, kdim] values (its offsets are used; no copy).
         values: like ``keys`` with last dim ``vdim``; defaults to ``keys``.
         lengths: padded only, [B] int32/int64: row b's valid prefix is ``keys[b, :lengths[b]]``.
         mask: padded only, [B, L] bool, True = the position takes part (the SDPA convention;
@@ -290,6 +292,8 @@ class AttentionPooling(nn.Module):
         mask: Optional[torch.Tensor] = None, key_padding_mask: Optional[torch.Tensor] = None,
         offsets: Optional[torch.Tensor] = None, max_length: Optional[int] = None,
     ) -> torch.Tensor:
+        keys, values, offsets = unpack_history(keys, values, offsets, ("keys", "values"), lengths=lengths,
+                                               mask=mask, key_padding_mask=key_padding_mask)
         if values is None:
             if self.vdim != self.kdim:
                 raise ValueError(
@@ -364,8 +368,8 @@ class ActivationUnitPooling(nn.Module):
     item, the values are pooled with those scores (raw, or a masked softmax).
 
     A drop-in for FuxiCTR's ``DIN_Attention`` and DeepCTR-Torch's
-    ``AttentionSequencePoolingLayer`` (``load_mlp_`` copies their weights; see README for the
-    recipe and for what each does on an empty history, where this layer gives 0).
+    ``AttentionSequencePoolingLayer`` (``load_mlp_`` copies their weights; docs/recipes.md has
+    the recipe and what each does on an empty history, where this layer gives 0).
 
     Args:
         embed_dim: E, the size of the query and of the keys.
@@ -387,7 +391,8 @@ class ActivationUnitPooling(nn.Module):
     model trained elsewhere.
 
     Forward:
-        query: [B, E] or [B, N, E]; keys: padded [B, L, E] or jagged [T, E] (with offsets);
+        query: [B, E] or [B, N, E]; keys: padded [B, L, E] or jagged [T, E] (with offsets, or a
+        torchrec ``JaggedTensor``);
         values: default the keys themselves (pooled with one gradient); lengths / mask (True = attend) / offsets / max_length as in
         `attnkern.activation_unit_pool`. Returns [B, Dv] or [B, N, Dv].
     """

@@ -22,6 +22,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from .limits import MAX_UNITS  # noqa: F401  (attnkern.nn reads the limit from here)
+
 Tensor = torch.Tensor
 
 
@@ -198,7 +200,6 @@ def attention_pool_ref(
 ACTIVATIONS = ("relu", "sigmoid", "prelu", "dice")
 # Number of rows of an activation's parameter tensor act [P, H] (0: takes none).
 ACTIVATION_PARAM_ROWS = {"relu": 0, "sigmoid": 0, "prelu": 1, "dice": 3}
-MAX_UNITS = 256
 
 
 def activate(x: Tensor, activation: str, act: Optional[Tensor]) -> Tensor:

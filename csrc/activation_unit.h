@@ -7,9 +7,9 @@
 #include <optional>
 #include <string>
 
-namespace attnkern {
+#include "op_limits.h"
 
-constexpr int64_t kMaxUnits = 256;
+namespace attnkern {
 
 struct AuDims {
   int64_t B = 0, N = 0, E = 0, Dv = 0;

@@ -1,31 +1,24 @@
 // Input checks of the activation-unit ops, shared by every launcher, so that a direct
-// torch.ops.attnkern.activation_unit_pool_* call can never make a kernel read out of bounds.
+// torch.ops.attnkern.activation_unit_pool_* call can never make a kernel read out of bounds (the
+// contract: docs/contract.md; the public API checks more, with its own messages, in
+// attnkern/_validation.py).
 #include "activation_unit.h"
 
-#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <memory>
+#include <vector>
+
+#include "input_checks.h"
 
 namespace attnkern {
 namespace {
 
+// An input of the query's dtype and device.
 void check_float_like(const at::Tensor& t, const char* name, const at::Tensor& query) {
-  TORCH_CHECK_TYPE(t.scalar_type() == query.scalar_type(), "attnkern: ", name,
-                   " must have the dtype of query (", query.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == query.device(), "attnkern: ", name, " must be on the device of query (",
-                    query.device(), "), got ", t.device());
-  TORCH_CHECK_VALUE(t.layout() == at::kStrided, "attnkern: ", name, " must be a dense (strided) tensor");
-}
-
-void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef want) {
-  TORCH_CHECK_VALUE(t.sizes() == want, "attnkern: ", name, " must have shape ", want, ", got ", t.sizes());
-}
-
-void check_index(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& query) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, "attnkern: ", name,
-                   " must be int32 or int64, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, "attnkern: ", name, " must have shape [", n, "], got ",
-                    t.sizes());
-  TORCH_CHECK_VALUE(t.device() == query.device(), "attnkern: ", name, " must be on the device of query (",
-                    query.device(), "), got ", t.device());
+  check_dense(t, name);
+  check_same_dtype(t, name, query);
+  check_on_query_device(t, name, query);
 }
 
 }  // namespace
@@ -39,10 +32,7 @@ AuDims check_activation_unit_fwd(const at::Tensor& query, const at::Tensor& key,
                                  const at::Tensor& w_out, const at::Tensor& b_out,
                                  const std::optional<at::Tensor>& act1,
                                  const std::optional<at::Tensor>& act2, const std::string& activation) {
-  const auto t = query.scalar_type();
-  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble,
-                   "attnkern: query must be float16, bfloat16, float32 or float64, got ", t);
-  TORCH_CHECK_VALUE(query.layout() == at::kStrided, "attnkern: query must be a dense (strided) tensor");
+  check_float_query(query);
   TORCH_CHECK_VALUE(query.dim() == 3, "attnkern: query must be [B, N, E], got ", query.sizes());
   check_float_like(key, "key", query);
   check_float_like(value, "value", query);
@@ -59,9 +49,8 @@ AuDims check_activation_unit_fwd(const at::Tensor& query, const at::Tensor& key,
     d.L = key.size(0);
     TORCH_CHECK_VALUE(value.dim() == 2 && value.size(0) == d.L, "attnkern: jagged value must be [T, Dv] = [",
                       d.L, ", Dv], got ", value.sizes());
-    check_index(*offsets, "offsets", d.B + 1, query);
-    TORCH_CHECK_VALUE(max_length >= -1, "attnkern: max_length must be >= 0 (or -1 for unknown), got ",
-                      max_length);
+    check_index_tensor(*offsets, "offsets", d.B + 1, query);
+    check_max_length(max_length);
   } else {
     TORCH_CHECK_VALUE(key.dim() == 3 && key.size(0) == d.B && key.size(2) == d.E,
                       "attnkern: padded key must be [B, L, E] = [", d.B, ", L, ", d.E, "], got ", key.sizes());
@@ -70,22 +59,13 @@ AuDims check_activation_unit_fwd(const at::Tensor& query, const at::Tensor& key,
                       "attnkern: padded value must be [B, L, Dv] = [", d.B, ", ", d.L, ", Dv], got ",
                       value.sizes());
     TORCH_CHECK_VALUE(!(lengths.has_value() && mask.has_value()), "attnkern: give lengths or mask, not both");
-    if (lengths.has_value()) check_index(*lengths, "lengths", d.B, query);
-    if (mask.has_value()) {
-      TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, "attnkern: mask must be bool (True = attend), got ",
-                       mask->scalar_type());
-      TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == d.B && mask->size(1) == d.L,
-                        "attnkern: mask must have shape [B, L] = [", d.B, ", ", d.L, "], got ", mask->sizes());
-      TORCH_CHECK_VALUE(mask->device() == query.device(), "attnkern: mask must be on the device of query (",
-                        query.device(), "), got ", mask->device());
-    }
+    if (lengths.has_value()) check_index_tensor(*lengths, "lengths", d.B, query);
+    if (mask.has_value()) check_mask(*mask, d.B, d.L, query);
   }
   d.Dv = value.size(-1);
   TORCH_CHECK_VALUE(d.N >= 1, "attnkern: query must have N >= 1 queries, got ", query.sizes());
-  TORCH_CHECK_VALUE(d.E >= 1 && d.E <= kMaxUnits, "attnkern: embedding dim E must be in [1, ", kMaxUnits,
-                    "], got ", d.E);
-  TORCH_CHECK_VALUE(d.Dv >= 1 && d.Dv <= kMaxUnits, "attnkern: value dim Dv must be in [1, ", kMaxUnits,
-                    "], got ", d.Dv);
+  check_dim_in_range("embedding dim E", d.E, kMaxUnits);
+  check_dim_in_range("value dim Dv", d.Dv, kMaxUnits);
 
   if (activation == "relu") d.act = 0;
   else if (activation == "sigmoid") d.act = 1;
@@ -97,8 +77,7 @@ AuDims check_activation_unit_fwd(const at::Tensor& query, const at::Tensor& key,
   TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == 4 * d.E, "attnkern: w1 must be [H1, 4E] = [H1, ", 4 * d.E,
                     "], got ", w1.sizes());
   d.H1 = w1.size(0);
-  TORCH_CHECK_VALUE(d.H1 >= 1 && d.H1 <= kMaxUnits, "attnkern: hidden units must be in [1, ", kMaxUnits,
-                    "], got H1=", d.H1);
+  check_dim_in_range("hidden units H1", d.H1, kMaxUnits);
   check_float_like(b1, "b1", query);
   check_shape(b1, "b1", {d.H1});
   TORCH_CHECK_VALUE(w2.has_value() == b2.has_value(), "attnkern: give w2 and b2 together, or neither");
@@ -107,8 +86,7 @@ AuDims check_activation_unit_fwd(const at::Tensor& query, const at::Tensor& key,
     TORCH_CHECK_VALUE(w2->dim() == 2 && w2->size(1) == d.H1, "attnkern: w2 must be [H2, H1] = [H2, ", d.H1,
                       "], got ", w2->sizes());
     d.H2 = w2->size(0);
-    TORCH_CHECK_VALUE(d.H2 >= 1 && d.H2 <= kMaxUnits, "attnkern: hidden units must be in [1, ", kMaxUnits,
-                      "], got H2=", d.H2);
+    check_dim_in_range("hidden units H2", d.H2, kMaxUnits);
     check_float_like(*b2, "b2", query);
     check_shape(*b2, "b2", {d.H2});
   }
@@ -140,11 +118,42 @@ void check_activation_unit_bwd_extras(const AuDims& d, const at::Tensor& query, 
   const auto acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   for (const auto* t : {&lse, &delta}) {
     const char* name = t == &lse ? "lse" : "delta";
-    TORCH_CHECK_TYPE(t->scalar_type() == acc, "attnkern: ", name, " must be ", acc, " for ",
-                     query.scalar_type(), " inputs, got ", t->scalar_type());
+    check_dense(*t, name);
+    TORCH_CHECK_TYPE(t->scalar_type() == acc, "attnkern: ", name, " must be ", dtype_name(acc), " for ",
+                     dtype_name(query.scalar_type()), " inputs, got ", dtype_name(t->scalar_type()));
     check_shape(*t, name, {d.B, d.N});
-    TORCH_CHECK_VALUE(t->device() == query.device(), "attnkern: ", name, " must be on the device of query");
+    check_on_query_device(*t, name, query);
   }
 }
 
 }  // namespace attnkern
+
+// Sparse, mkldnn and nested tensors dispatch to keys of their own, where no kernel could run
+// them: there check_dense() turns them into a TypeError that names the argument,
+// instead of the dispatcher's "could not run ... with arguments from the SparseCPU backend".
+namespace {
+
+void reject_non_strided(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack->size() - args.size();
+  for (size_t i = 0; i < args.size(); ++i) {
+    const c10::IValue& v = (*stack)[first + i];
+    if (v.isTensor()) attnkern::check_dense(v.toTensor(), args[i].name().c_str());
+  }
+  TORCH_CHECK_TYPE(false, "attnkern: ", op.schema().name(), " takes dense (strided) tensors only");
+}
+
+// One registration per layout key (CPU and CUDA alike: no kernel runs there).
+const bool kLayoutsRejected = [] {
+  static std::vector<std::unique_ptr<torch::Library>> libraries;
+  for (const auto key : {c10::DispatchKey::SparseCPU, c10::DispatchKey::SparseCsrCPU, c10::DispatchKey::MkldnnCPU,
+                         c10::DispatchKey::NestedTensorCPU, c10::DispatchKey::SparseCUDA,
+                         c10::DispatchKey::SparseCsrCUDA, c10::DispatchKey::NestedTensorCUDA}) {
+    libraries.push_back(std::make_unique<torch::Library>(torch::Library::IMPL, "attnkern", key, __FILE__, __LINE__));
+    for (const char* op : {"activation_unit_pool_fwd", "activation_unit_pool_bwd"})
+      libraries.back()->impl(op, torch::CppFunction::makeFromBoxedFunction<&reject_non_strided>());
+  }
+  return true;
+}();
+
+}  // namespace

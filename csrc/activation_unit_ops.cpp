@@ -1,5 +1,6 @@
-// Op schemas of DIN's activation-unit pooling (declared once; see attnkern/reference_activation.py
-// for the math, which every backend implements exactly).
+// Op schemas of DIN's activation-unit pooling (declared once; see attnkern/reference.py,
+// activation_unit_pool_ref, for the math, which every backend implements exactly; the contract
+// is docs/contract.md).
 //
 // One forward and one backward op serve both layouts: `offsets` given = jagged (key [T, E],
 // value [T, Dv]), else padded (key [B, L, E], value [B, L, Dv]) with at most one of

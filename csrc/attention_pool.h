@@ -22,6 +22,8 @@
 #include <string>
 #include <vector>
 
+#include "op_limits.h"
+
 namespace attnkern {
 
 struct PoolDims {
@@ -33,11 +35,9 @@ struct PoolDims {
   int64_t L = 0;   // padded: max history length; jagged: T (total key rows)
 };
 
-constexpr int64_t kMaxHeadDim = 256;
-
 // Shape/dtype/device checks shared by the forward launchers. They never read tensor data, so
 // they are safe for CUDA tensors. Errors are ValueError (shapes) / TypeError (dtypes) naming
-// the argument with expected vs given.
+// the argument with expected vs given (csrc/input_checks.h).
 PoolDims check_padded_fwd(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                           const std::optional<at::Tensor>& lengths,
                           const std::optional<at::Tensor>& mask);
@@ -51,13 +51,5 @@ void check_bwd_extras(const PoolDims& d, const at::Tensor& query, const at::Tens
 // Value checks that read lengths/offsets. Only for CPU tensors (they would sync a GPU).
 void check_lengths_values_cpu(const at::Tensor& lengths, int64_t L);
 void check_offsets_values_cpu(const at::Tensor& offsets, int64_t T, int64_t max_length);
-
-// The instruction set the CPU kernels of float32/bf16/fp16 inputs run on in this process
-// ("avx512", "avx2" or "generic"; "avx512-emulated" in the avx512_emulation.h test build),
-// chosen once from the CPU and ATTNKERN_CPU_ISA.
-const char* cpu_isa();
-// Every instruction set ATTNKERN_CPU_ISA can select on this CPU with this build, narrowest first
-// (the emulated ones of the test build tagged "-emulated").
-std::vector<std::string> cpu_isas();
 
 }  // namespace attnkern

@@ -27,7 +27,7 @@
 #
 # Time limits (seconds; override with ATTNKERN_T_<STEP>=N, the whole run with
 # ATTNKERN_T_TOTAL): every limit is also cut to what is left of the total, so the script ends
-# inside it. Sizing (H200, 16 cores) is described in README.md ("GPU check").
+# inside it. Sizing (H200, 16 cores) is described in docs/gpu_check.md.
 set -u -o pipefail
 
 DRY=${ATTNKERN_GPU_CHECK_DRY:-0}

@@ -2,7 +2,7 @@
 # Builds the CPU extension a second time with AddressSanitizer + UndefinedBehaviorSanitizer, in
 # its own folder (a copy of the sources under $ATTNKERN_ASAN_DIR, default build-asan/: the
 # normal in-place extension is left alone), then runs the CPU tests (avx2; emulated avx512,
-# avx512_bf16 and amx; generic kernels) and a short fuzz run with that copy first on PYTHONPATH. Any sanitizer report
+# avx512_bf16 and amx; generic kernels; the activation unit's on emulated avx512) and a short fuzz run with that copy first on PYTHONPATH. Any sanitizer report
 # fails the run (exit status non-zero).
 #
 #   scripts/sanitize_cpu.sh [fuzz minutes, default 1]
@@ -37,17 +37,18 @@ status=0
   python -c "import attnkern, sys; assert attnkern.__file__.startswith('$OUT/src'), attnkern.__file__; \
 assert attnkern.backends()['cpu'].available, attnkern.backends()['cpu'].reason"
   # avx2: the CPU kernel tests and the hardening regressions; avx512 (emulated): the same and
-  # the tiled kernels' tests; avx512_bf16 and amx (emulated): the tiled kernels' tests; generic:
-  # the regressions that reach its arithmetic paths.
+  # the tiled kernels' and the activation unit's tests; avx512_bf16 and amx (emulated): the tiled
+  # kernels' tests; generic: the regressions that reach its arithmetic paths.
   ATTNKERN_CPU_ISA=avx2 python -m pytest -q -x -p no:cacheprovider -m "not slow" \
     tests/test_cpu.py tests/test_hardening.py
   if [ "$(uname -m)" = x86_64 ]; then
     ATTNKERN_CPU_ISA=avx512 python -c "import attnkern._C as C; isa = C.cpu_isa(); print('avx512 run:', isa); \
 assert isa == 'avx512-emulated', isa"
     ATTNKERN_CPU_ISA=avx512 python -m pytest -q -x -p no:cacheprovider -m "not slow" \
-      tests/test_cpu.py tests/test_cpu_tiles.py tests/test_hardening.py
+      tests/test_cpu.py tests/test_cpu_tiles.py tests/test_hardening.py tests/test_activation_unit.py
     # avx512_bf16 differs from avx512 only in the tiled kernels' bf16 scoring, amx only in their
-    # bf16 matrix products (the tile unit, amx_emulation.h here).
+    # bf16 matrix products (the tile unit, amx_emulation.h here); the activation unit runs its
+    # avx512 kernels under both.
     ATTNKERN_CPU_ISA=avx512_bf16 python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_cpu_tiles.py
     ATTNKERN_CPU_ISA=amx python -c "import attnkern._C as C; isa = C.cpu_isa(); print('amx run:', isa); \
 assert isa == 'amx-emulated', isa"

@@ -238,17 +238,24 @@ def test_torch_compile_fullgraph(backend, layout):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not attnkern.backends()["cpu"].available, reason="extension not built")
-def test_generic_isa_path_matches():
-    """The portable kernels (ATTNKERN_CPU_ISA=generic, chosen once per process) in a subprocess."""
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512_bf16", "amx"])
+def test_every_isa_path_matches(isa):
+    """The kernels of each instruction set (ATTNKERN_CPU_ISA, chosen once per process) in a
+    subprocess: a cap this CPU does not reach runs its widest set below, avx512_bf16 and amx run
+    this op's avx512 kernels, float64 its generic ones; 40 units leave a column panel of one
+    AVX-512 vector next to a full one."""
     code = (
         "import torch, attnkern\n"
         "from attnkern.testing import check_activation_backend as check, random_activation_problem as r\n"
         "for act, sm in (('dice', True), ('relu', False), ('sigmoid', False), ('prelu', True)):\n"
-        "    ok, e, why = check('cpu', r(B=4, N=2, L=50, E=9, Dv=5, units=(7, 3), activation=act, softmax=sm, seed=1))\n"
-        "    assert ok, why\n"
+        "    for dt in (torch.float32, torch.bfloat16, torch.float64):\n"
+        "        for units in ((7, 3), (40,)):\n"
+        "            ok, e, why = check('cpu', r(B=4, N=2, L=50, E=9, Dv=5, units=units, activation=act, softmax=sm,\n"
+        "                                        seed=1, dtype=dt))\n"
+        "            assert ok, why\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, ATTNKERN_CPU_ISA="generic")
+    env = dict(os.environ, ATTNKERN_CPU_ISA=isa)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 

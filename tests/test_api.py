@@ -1,4 +1,4 @@
-"""The public API's contract: validation of every malformed call (SPEC §3), dispatch rules,
+"""The public API's contract: validation of every malformed call (docs/contract.md §3), dispatch rules,
 backends(), set_validation."""
 
 import pytest

@@ -1,6 +1,7 @@
 """The benchmark code cannot rot: `attnkern bench` runs end to end on the tiny case and writes
-its JSON, CSV, markdown and PNG; the pytest-benchmark suite runs its tiny cases once; and the
-case set covers the shapes the README promises. No timing is ever asserted."""
+its JSON, CSV, markdown and PNG; the pytest-benchmark suite runs its tiny cases once; the case
+set covers the shapes benchmarks/README.md promises; and one flag, --family, reaches every
+family. No timing is ever asserted."""
 
 import json
 import os
@@ -44,6 +45,43 @@ def test_bench_main_writes_json_csv_md_png(tmp_path, capsys):
     assert "| tiny | uniform | float32 | fwd | reference |" in (out / "bench.md").read_text()
     printed = capsys.readouterr().out
     assert "tiny uniform float32 fwd+bwd" in printed and "sdpa" in printed
+
+
+def test_bench_help_lists_every_family(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--family {op,activation,layer,serving}" in text
+    for family in ("op:", "activation: activation_unit_pool", "layer:", "serving:"):
+        assert family in text
+
+
+@pytest.mark.parametrize("argv, family, rest", [
+    (["--family", "activation", "--quick"], "activation", ["--quick"]),
+    (["--quick", "--family=activation"], "activation", ["--quick"]),
+    (["--op", "activation_unit_pool", "--quick"], "activation", ["--quick"]),
+    (["--family", "serving", "--rounds", "1"], "serving", ["--rounds", "1"]),
+])
+def test_bench_family_reaches_its_own_parser(monkeypatch, argv, family, rest):
+    """--family activation|serving (and the older --op activation_unit_pool) hand the rest of
+    the command line to that family's own main."""
+    from attnkern.tools.bench import activation, serving
+
+    calls = []
+    monkeypatch.setattr(activation, "main", lambda a: calls.append(("activation", a)) or 0)
+    monkeypatch.setattr(serving, "main", lambda a: calls.append(("serving", a)) or 0)
+    assert bench.main(argv) == 0
+    assert calls == [(family, rest)]
+
+
+def test_bench_refuses_an_op_that_contradicts_the_family(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--op", "activation_unit_pool", "--family", "layer"])
+    assert e.value.code == 2
+    assert "--op activation_unit_pool is --family activation" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--family", "nope"])
 
 
 def test_bench_rejects_bad_arguments(capsys):

@@ -1,4 +1,4 @@
-"""The CPU launcher's tiled kernels (many queries per history: N >= 16, see csrc/cpu/tile_impl.h).
+"""The CPU launcher's tiled kernels (many queries per history: N >= 16, see csrc/cpu/attention_pool_tile_impl.h).
 
 Query tiles with a remainder (N = 17), key blocks with a partial last panel, empty rows, the
 split path with one row (B = 1), every layout and dtype, forward and every gradient against the

@@ -5,7 +5,7 @@ checks of the "cuda" backend live in the shared property suite, which runs them 
 tensors when a GPU is present (on CPU tensors in the CUDA emulation build, scripts/cuda_emu.sh).
 The kernel tests here cover only what the shared suite can't reach through the public API:
 direct op calls with malformed lengths/offsets (clamped on the device, see RowSpec in
-csrc/cuda/attention_pool_kernels.h) and the CUDA-only dtype rule.
+csrc/cuda/attention_pool_kernels.h; docs/contract.md section 3) and the CUDA-only dtype rule.
 """
 
 import pytest

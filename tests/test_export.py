@@ -290,7 +290,7 @@ def _libpython():
 @pytest.mark.slow
 @pytest.mark.skipif(_libpython() is None, reason="this Python has no shared libpython to preload")
 def test_cpp_serving_example(ctr_package, tmp_path):
-    # examples/serve_aoti.cpp: the package served from C++ with no interpreter, as the README
+    # examples/serve_aoti.cpp: the package served from C++ with no interpreter, as docs/export.md
     # describes; its logits must be eager's on the same (deterministic) inputs.
     m, pt2 = ctr_package
     tlib = os.path.join(os.path.dirname(torch.__file__), "lib")

@@ -1,6 +1,6 @@
-"""The README's recipe for FuxiCTR users: a MultiHeadTargetAttention state dict (W_q, W_k, W_v,
-W_o, use_scale) loaded into AttentionPooling gives the same output, with FuxiCTR's 0/1 float
-mask (1 = valid) and its left-padded ("pre") histories.
+"""The recipe for FuxiCTR users in docs/recipes.md: a MultiHeadTargetAttention state dict
+(W_q, W_k, W_v, W_o, use_scale) loaded into AttentionPooling gives the same output, with
+FuxiCTR's 0/1 float mask (1 = valid) and its left-padded ("pre") histories.
 
 The FuxiCTR-style module below is written out here after FuxiCTR's
 fuxictr/pytorch/layers/attentions/target_attention.py and dot_product_attention.py
@@ -59,7 +59,7 @@ class FuxiMultiHeadTargetAttention(nn.Module):
 
 def from_fuxictr(fuxi_state_dict, input_dim, attention_dim, num_heads, use_scale=True,
                  use_qkvo=True):
-    """The README recipe, verbatim."""
+    """The docs/recipes.md recipe, verbatim."""
     pool = AttentionPooling(input_dim, num_heads, attention_dim=attention_dim if use_qkvo else None,
                             scale=None if use_scale else 1.0, projections=use_qkvo, bias=False)
     if use_qkvo:

@@ -291,7 +291,7 @@ def test_ddp_two_processes_match_one(tmp_path, absorb):
 
 @pytest.mark.parametrize("absorb", [True, False])
 def test_loads_nn_multihead_attention_weights(absorb):
-    """The README's mapping from nn.MultiheadAttention(batch_first=True): in_proj splits into
+    """docs/recipes.md's mapping from nn.MultiheadAttention(batch_first=True): in_proj splits into
     q/k/v, out_proj stays; its key_padding_mask passes as it is (non-empty rows: MHA gives
     NaN on a fully padded row)."""
     torch.manual_seed(0)

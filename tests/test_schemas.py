@@ -1,4 +1,4 @@
-"""The op schemas are declared once: the C++ ops' schemas (csrc/ops.cpp) as the dispatcher
+"""The op schemas are declared once: the C++ ops' schemas (csrc/attention_pool_ops.cpp) as the dispatcher
 parsed them match attnkern/ops/schemas.py, and so do the Triton ops declared from it."""
 
 import pytest

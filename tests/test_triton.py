@@ -502,7 +502,7 @@ def _tied_large_logits(N, magnitude, dtype=torch.float32):
 @pytest.mark.parametrize("N", [1, 17])
 @pytest.mark.parametrize("magnitude", [1e2, 1e4])
 def test_large_logits_gradients_as_accurate_as_reference(N, magnitude):
-    # SPEC: at |scale * q.k| up to 1e4 in float32 the gradients are within 2x of the float32
+    # docs/contract.md §4: at |scale * q.k| up to 1e4 in float32 the gradients are within 2x of the float32
     # reference's error (plus the float32 floor), with no allowance growing with the logits.
     (q, k, v), idx = _tied_large_logits(N, magnitude)
     scale = q.shape[-1] ** -0.5

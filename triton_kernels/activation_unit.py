@@ -1,6 +1,6 @@
 """Triton kernels of DIN's activation-unit pooling, forward and backward.
 
-The math is attnkern/reference_activation.py's (the specification): per query q of row b and
+The math is attnkern/reference.py's activation_unit_pool_ref (the specification): per query q of row b and
 valid position l, an MLP over [q, k_l, q - k_l, q * k_l] gives a score s_l, and the row pools
 sum_l w_l v_l with w = s (raw) or w = softmax(s). Canonical layouts (the Python API normalises
 to them):

@@ -1,7 +1,7 @@
 """Triton kernels of masked attention pooling (target attention), forward and backward.
 
 Each query of a row attends over that row's valid keys and gets one pooled vector
-(SPEC section 1). Canonical layouts (the Python API normalises to them):
+(docs/contract.md section 1). Canonical layouts (the Python API normalises to them):
 
     padded: query [B, N, H, Dk], key [B, L, H, Dk], value [B, L, H, Dv],
             lengths [B] (valid prefix) XOR mask [B, L] bool (True = attend), or neither

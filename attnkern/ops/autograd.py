@@ -1,7 +1,8 @@
 """Fake (meta) impls and autograd for every backend's fwd/bwd ops.
 
-The C++ ops (CPU and CUDA kernels) are declared in csrc/ops.cpp; the Triton ops are Python
-custom ops declared in attnkern/ops/triton.py with the same schemas (attnkern/ops/schemas.py).
+The C++ ops (CPU and CUDA kernels) are declared in csrc/attention_pool_ops.cpp and
+csrc/activation_unit_ops.cpp; the Triton ops are Python custom ops declared in
+attnkern/ops/triton.py with the same schemas (attnkern/ops/schemas.py).
 `register_fakes_and_autograd` gives both the same fake impls and the same autograd, which calls
 only registered ops: the forward saves lse, the backward recomputes the probabilities from it.
 """
@@ -201,12 +202,16 @@ def register_activation_fakes_and_autograd(prefix: str = "") -> None:
     fwd, bwd = ACTIVATION_OPS
     fwd_names, bwd_names = argument_names(fwd), argument_names(bwd)
 
+    # As the attention pool's: the fake impls check what the kernels check.
     def fake_forward(*args, **kwargs):
         a = _bound(fwd_names, args, kwargs)
+        checks.activation_unit_fwd(a)
         return fake_activation_fwd(a["query"], a["key"] if a["value"] is None else a["value"])
 
     def fake_backward(*args, **kwargs):
         a = _bound(bwd_names, args, kwargs)
+        checks.activation_unit_bwd_extras(checks.activation_unit_fwd(a), a["query"], a["grad_out"], a["lse"],
+                                          a["delta"])
         return fake_activation_bwd(*(a[n] for n in ACTIVATION_GRAD_ARGS))
 
     torch.library.register_fake(qualified(prefix + fwd), fake_forward)

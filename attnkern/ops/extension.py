@@ -1,4 +1,4 @@
-"""The C++ ops (attnkern::attention_pool_fwd etc., declared in csrc/ops.cpp, kernels in
+"""The C++ ops (attnkern::attention_pool_fwd etc., declared in csrc/attention_pool_ops.cpp, kernels in
 csrc/cpu and csrc/cuda; attnkern::activation_unit_pool_fwd/_bwd in csrc/activation_unit_ops.cpp): importing this module loads attnkern._C and gives its ops their fake
 impls and autograd. EXTENSION_OPS says whether the extension is there."""
 

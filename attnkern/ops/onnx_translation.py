@@ -13,7 +13,7 @@ One translation body (`_pool`), two exporters:
 - `register_torchscript_symbolics`: symbolics for the legacy TorchScript exporter
   (``dynamo=False``), which needs no onnxscript.
 
-Semantics are the op's (SPEC 1): float32 accumulation (float64 for float64 inputs), a row
+Semantics are the op's (docs/contract.md §1): float32 accumulation (float64 for float64 inputs), a row
 with no valid position gives out = 0 and lse = -inf, shared K/V heads (H a multiple of Hkv)
 are grouped by a reshape, never copied per query head. The value checks of the C++ ops
 (lengths in [0, L], monotone offsets) are not in the graph: a length > L acts as L.

@@ -1,6 +1,6 @@
 """The op schemas on the Python side, declared once.
 
-The C++ ops (csrc/ops.cpp, TORCH_LIBRARY(attnkern)) are the source of truth; the Triton ops
+The C++ ops (csrc/attention_pool_ops.cpp, TORCH_LIBRARY(attnkern)) are the source of truth; the Triton ops
 attnkern::triton_<name> are declared here with the very same signatures, and
 tests/test_schemas.py compares the two as the dispatcher parsed them. The autograd glue
 (attnkern/ops/autograd.py) reads the forward ops' argument names from here too.

@@ -63,10 +63,13 @@ class RunConfig:
     device: str = "auto"
     compile: bool = False
     progress: bool = True
+    engine: str = "eager"  # "torchrec": attnkern.tools.train_torchrec
+    sharding: str = "row_wise"  # the item table's, under --engine torchrec
 
     @property
     def name(self) -> str:
-        return "%s-%s-seed%d" % (self.data, self.pooling, self.seed)
+        engine = "" if self.engine == "eager" else "-" + self.engine
+        return "%s-%s-seed%d%s" % (self.data, self.pooling, self.seed, engine)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -329,6 +332,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device_arg, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     p.add_argument("--ddp", action="store_true", help="DistributedDataParallel; launch with torchrun")
+    p.add_argument("--engine", choices=("eager", "torchrec"), default="eager",
+                   help="torchrec: the item table sharded by TorchRec's DistributedModelParallel over "
+                   "--nproc processes (needs scripts/install_torchrec.sh); see docs/torchrec.md")
+    p.add_argument("--nproc", type=int, default=2, help="--engine torchrec: processes torchrun starts")
+    p.add_argument("--sharding", choices=("row_wise", "table_wise"), default="row_wise",
+                   help="--engine torchrec: how the item table is sharded")
     p.add_argument("--out", default="runs", help="output folder (default: runs)")
     p.add_argument("--resume", action="store_true", help="continue each run from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -371,8 +380,15 @@ def main(argv=None) -> int:
         return 2
     if args.lr is None:
         args.lr = 1e-2 if data_name == "synthetic" else RunConfig.lr
+    run_fn = run
+    if args.engine == "torchrec":
+        from . import train_torchrec
+
+        if "RANK" not in os.environ:  # not yet under torchrun: start it, running this command
+            return train_torchrec.launch(args.nproc, argv if argv is not None else sys.argv[1:])
+        run_fn = train_torchrec.run
     rank, world, local_rank = 0, 1, 0
-    if args.ddp:
+    if args.ddp or args.engine == "torchrec":
         dev_type = resolve_device(args.device).type
         rank, world, local_rank = init_distributed(dev_type)
     device = resolve_device(args.device, local_rank)
@@ -397,8 +413,9 @@ def main(argv=None) -> int:
                     mlp_dims=list(args.mlp), dropout=args.dropout, max_length=args.max_length,
                     synthetic_samples=args.synthetic_samples, device=args.device,
                     compile=args.compile, progress=not args.no_progress,
+                    engine=args.engine, sharding=args.sharding,
                 )
-                results.append(run(cfg, splits, args.out, resume=args.resume, ddp=args.ddp,
+                results.append(run_fn(cfg, splits, args.out, resume=args.resume, ddp=args.ddp,
                                    rank=rank, world=world, device=device))
         if rank == 0:
             summary = _summary(results)
@@ -413,7 +430,7 @@ def main(argv=None) -> int:
                     pool, s["test_auc_mean"], s["test_auc_std"], s["seeds"],
                     "?" if secs is None else "%.1f +- %.1f" % (secs, s["train_seconds_per_epoch_std"])))
     finally:
-        if args.ddp and dist.is_initialized():
+        if (args.ddp or args.engine == "torchrec") and dist.is_initialized():
             dist.destroy_process_group()
     return 0
 

@@ -13,8 +13,8 @@
 //
 // Weight gradients are summed per fixed chunk of rows (a shape-only rule) and the chunks are
 // added in order, so results do not depend on the thread count. The arithmetic runs in
-// activation_unit_{avx2,generic}.cpp, chosen at run time (ATTNKERN_CPU_ISA=generic forces the
-// portable one, for testing).
+// activation_unit_{avx512,avx2,generic}.cpp, chosen by the CPU instruction-set dispatcher
+// (isa_dispatch.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -32,6 +32,7 @@
 #include "activation_unit.h"
 #include "activation_unit_kernels.h"
 #include "attention_pool.h"
+#include "isa_dispatch.h"
 
 namespace attnkern {
 namespace cpu {
@@ -45,16 +46,19 @@ constexpr int64_t kAuChunks = 32;
 
 inline int64_t pad(int64_t n) { return (n + kAuPad - 1) / kAuPad * kAuPad; }
 
+// The float32 kernels of the instruction set the dispatcher selected (isa_dispatch.h): this op
+// has no kernels of its own for avx512_bf16 and amx, which run the avx512 ones.
 const AuKernels<float>& kernels_f32() {
   static const AuKernels<float> table = [] {
-    const char* env = std::getenv("ATTNKERN_CPU_ISA");
-    const std::string cap = env ? std::string(env) : std::string();
+    switch (selected_isa()) {
 #if defined(__x86_64__) || defined(_M_X64)
-    __builtin_cpu_init();
-    if (cap != "generic" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return au_avx2_f32();
+      case Isa::kAmx:
+      case Isa::kAvx512Bf16:
+      case Isa::kAvx512: return au_avx512_f32();
+      case Isa::kAvx2: return au_avx2_f32();
 #endif
-    (void)cap;
-    return au_generic_f32();
+      default: return au_generic_f32();
+    }
   }();
   return table;
 }

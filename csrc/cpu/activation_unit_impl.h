@@ -1,75 +1,91 @@
-// The activation-unit block kernels, written once over a SIMD vector class `V` and included by
-// each per-ISA translation unit (activation_unit_avx2.cpp, activation_unit_generic.cpp) after it
-// defines its `V`. Everything has internal linkage (anonymous namespace), so the ISA-specific
-// copies are never merged by the linker.
+// The activation-unit block kernels, written once over a vector type `V` (vec_common.h:
+// vec_scalar.h, vec_avx2.h, vec_avx512.h) and included by each per-ISA translation unit
+// (activation_unit_{avx512,avx2,generic}.cpp). Everything has internal linkage (anonymous
+// namespace), so the ISA-specific copies are never merged by the linker.
 //
-// V provides: A (scalar), W (lanes), zero, set1, load, store, + - * /, fma(a, b, c) = a * b + c,
-// max, min, exp, select_pos(z, a, b) (lane-wise z > 0 ? a : b) and reduce_add. max(a, b) and
-// min(a, b) return b where either is NaN (as maxps/minps do), so a NaN input goes second: a NaN
-// at a valid position must reach the score, not become relu's 0.
+// max(a, b) and min(a, b) return b where either is NaN (as maxps/minps do), so a NaN input goes
+// second: a NaN at a valid position must reach the score, not become relu's 0.
 //
-// gemm is a register-tiled rank-P update: a tile of 6 rows x 2 vectors of C (12 accumulators,
-// within AVX2's 16 registers next to the two B vectors and one broadcast) stays in registers for
-// the whole P loop; B's column panel (P x 2W) is reused from L1 by every row tile.
+// gemm is a register-tiled rank-P update: a tile of rows x 2 vectors of C stays in registers for
+// the whole P loop (kAuRows below).
 #pragma once
 
 #include "activation_unit_kernels.h"
+#include "vec_common.h"
 
 namespace attnkern {
 namespace cpu {
 namespace {
 
-template <class V, int R>
-inline void au_gemm_tile(int64_t P, const typename V::A* a, int64_t a_si, int64_t a_sp,
-                         const typename V::A* b, int64_t ldb, typename V::A* c, int64_t ldc) {
+// Rows of C per register tile: 6 x 2 vectors (12 accumulators) fill AVX2's 16 registers next to
+// the two B vectors and one broadcast; AVX-512's 32 take 12 x 2 (24).
+template <class V>
+constexpr int kAuRows = V::W >= 16 ? 12 : 6;
+
+// C[0:R, 0:NB * W] += A[0:R, 0:P] B[0:P, 0:NB * W] with the R x NB accumulators in registers.
+template <class V, int R, int NB>
+inline void au_gemm_tile(int64_t P, const typename V::A* a, int64_t a_si, int64_t a_sp, const typename V::A* b,
+                         int64_t ldb, typename V::A* c, int64_t ldc) {
   constexpr int W = V::W;
-  V acc0[R], acc1[R];
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) {
-    acc0[r] = V::load(c + r * ldc);
-    acc1[r] = V::load(c + r * ldc + W);
-  }
+  V acc[R][NB];
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < NB; ++q) acc[r][q] = V::load(c + r * ldc + q * W);
   for (int64_t p = 0; p < P; ++p) {
-    const V b0 = V::load(b + p * ldb), b1 = V::load(b + p * ldb + W);
+    V bv[NB];
+    for (int q = 0; q < NB; ++q) bv[q] = V::load(b + p * ldb + q * W);
     const typename V::A* ap = a + p * a_sp;
-#pragma GCC unroll 6
+#pragma GCC unroll 12
     for (int r = 0; r < R; ++r) {
       const V x = V::set1(ap[r * a_si]);
-      acc0[r] = V::fma(x, b0, acc0[r]);
-      acc1[r] = V::fma(x, b1, acc1[r]);
+      for (int q = 0; q < NB; ++q) acc[r][q] = V::fma(x, bv[q], acc[r][q]);
     }
   }
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) {
-    acc0[r].store(c + r * ldc);
-    acc1[r].store(c + r * ldc + W);
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < NB; ++q) acc[r][q].store(c + r * ldc + q * W);
+}
+
+// The last m < kAuRows rows of a column panel: the tile of exactly m rows.
+template <class V, int NB, int R = kAuRows<V> - 1>
+inline void au_gemm_rows(int m, int64_t P, const typename V::A* a, int64_t a_si, int64_t a_sp,
+                         const typename V::A* b, int64_t ldb, typename V::A* c, int64_t ldc) {
+  if constexpr (R >= 1) {
+    if (m == R) return au_gemm_tile<V, R, NB>(P, a, a_si, a_sp, b, ldb, c, ldc);
+    au_gemm_rows<V, NB, R - 1>(m, P, a, a_si, a_sp, b, ldb, c, ldc);
   }
+}
+
+// Column panels of 2 vectors (one where ncols, a multiple of kAuPad, leaves a single vector);
+// B's panel (P x 2W) is reused from L1 by every row tile.
+template <class V, int NB>
+void au_gemm_panel(int64_t M, int64_t P, const typename V::A* a, int64_t a_si, int64_t a_sp,
+                   const typename V::A* b, int64_t ldb, typename V::A* c, int64_t ldc) {
+  constexpr int R = kAuRows<V>;
+  int64_t i = 0;
+  for (; i + R <= M; i += R) au_gemm_tile<V, R, NB>(P, a + i * a_si, a_si, a_sp, b, ldb, c + i * ldc, ldc);
+  if (i < M) au_gemm_rows<V, NB>(int(M - i), P, a + i * a_si, a_si, a_sp, b, ldb, c + i * ldc, ldc);
 }
 
 template <class V>
 void au_gemm(int64_t M, int64_t P, int64_t ncols, const typename V::A* a, int64_t a_si, int64_t a_sp,
              const typename V::A* b, int64_t ldb, typename V::A* c, int64_t ldc) {
-  constexpr int64_t CW = 2 * V::W;
-  for (int64_t j = 0; j < ncols; j += CW) {
-    int64_t i = 0;
-    for (; i + 6 <= M; i += 6) au_gemm_tile<V, 6>(P, a + i * a_si, a_si, a_sp, b + j, ldb, c + i * ldc + j, ldc);
-    const typename V::A* ai = a + i * a_si;
-    typename V::A* ci = c + i * ldc + j;
-    switch (M - i) {
-      case 5: au_gemm_tile<V, 5>(P, ai, a_si, a_sp, b + j, ldb, ci, ldc); break;
-      case 4: au_gemm_tile<V, 4>(P, ai, a_si, a_sp, b + j, ldb, ci, ldc); break;
-      case 3: au_gemm_tile<V, 3>(P, ai, a_si, a_sp, b + j, ldb, ci, ldc); break;
-      case 2: au_gemm_tile<V, 2>(P, ai, a_si, a_sp, b + j, ldb, ci, ldc); break;
-      case 1: au_gemm_tile<V, 1>(P, ai, a_si, a_sp, b + j, ldb, ci, ldc); break;
-      default: break;
-    }
-  }
+  constexpr int64_t W = V::W;
+  int64_t j = 0;
+  for (; j + 2 * W <= ncols; j += 2 * W) au_gemm_panel<V, 2>(M, P, a, a_si, a_sp, b + j, ldb, c + j, ldc);
+  for (; j < ncols; j += W) au_gemm_panel<V, 1>(M, P, a, a_si, a_sp, b + j, ldb, c + j, ldc);
 }
 
 template <class V>
 inline V au_sigmoid(V x) {
   const V one = V::set1(typename V::A(1));
-  return one / (one + V::exp(V::zero() - x));
+  return one / (one + exp_clamped(V::zero() - x));
+}
+
+// Lane-wise z > 0 ? a : b.
+template <class V>
+inline V au_select_pos(V z, V a, V b) {
+  return V::select(V::gt(z, V::zero()), a, b);
 }
 
 template <class V>
@@ -118,14 +134,14 @@ void au_act_bwd(int act, int64_t rows, int64_t ncols, const typename V::A* z, co
       const V d = V::load(dy + r * ld + j);
       V o;
       switch (act) {
-        case kAuRelu: o = V::select_pos(x, d, zero); break;
+        case kAuRelu: o = au_select_pos(x, d, zero); break;
         case kAuSigmoid: {
           const V s = au_sigmoid(x);
           o = d * s * (one - s);
           break;
         }
         case kAuPrelu:
-          o = V::select_pos(x, d, d * p0);
+          o = au_select_pos(x, d, d * p0);
           g0 = V::fma(d, V::min(x, zero), g0);
           break;
         default: {

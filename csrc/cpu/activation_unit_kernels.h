@@ -1,10 +1,10 @@
 // Plain-data interface between the activation-unit CPU launcher (activation_unit_cpu.cpp) and
-// its per-ISA block kernels (activation_unit_{avx2,generic}.cpp).
+// its per-ISA block kernels (activation_unit_{avx512,avx2,generic}.cpp).
 //
 // The launcher gathers each block of valid key/value rows into contiguous accumulator-typed
 // (float, or double for float64) buffers whose rows are padded with zeros to a multiple of
 // kAuPad elements; the kernels here are the arithmetic on those L1/L2-resident buffers. Like
-// kernel_common.h this header stays free of torch/STL headers and inline functions: it is
+// attention_pool_kernels.h this header stays free of torch/STL headers and inline functions: it is
 // included by translation units compiled for AVX2 (an inline function defined here could be
 // emitted as an AVX2 COMDAT copy that the linker then picks for baseline code).
 #pragma once
@@ -45,7 +45,8 @@ struct AuKernels {
 AuKernels<float> au_generic_f32();
 AuKernels<double> au_generic_f64();
 #if defined(__x86_64__) || defined(_M_X64)
-AuKernels<float> au_avx2_f32();  // needs avx2, fma
+AuKernels<float> au_avx2_f32();    // needs avx2, fma, f16c
+AuKernels<float> au_avx512_f32();  // needs avx512f, avx512bw, avx512vl, avx512dq, fma
 #endif
 
 }  // namespace cpu

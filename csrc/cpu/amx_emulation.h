@@ -1,4 +1,4 @@
-// Portable stand-ins for the AMX intrinsics tile_amx.cpp uses (AMX-TILE and AMX-BF16), for the
+// Portable stand-ins for the AMX intrinsics attention_pool_tile_amx.cpp uses (AMX-TILE and AMX-BF16), for the
 // emulation test build only (-DATTNKERN_EMULATE_AVX512, see avx512_emulation.h): on a CPU
 // without AMX the AMX kernels then run, so that their tile shapes, their strides and their
 // memory accesses are tested wherever the suite runs. The launcher offers them only when

@@ -2,9 +2,9 @@
 // a test build only (-DATTNKERN_EMULATE_AVX512, e.g. through ATTNKERN_CPU_EXTRA_FLAGS; the
 // sanitizer run of scripts/sanitize_cpu.sh builds so): on a CPU without AVX-512 the AVX-512
 // kernels then run, lane by lane, so that their arithmetic, their masks and their memory
-// accesses are tested wherever the suite runs. Never part of a normal build: kernel_avx512.cpp,
-// tile_avx512.cpp and tile_avx512_bf16.cpp include it instead of compiling for AVX-512, and the
-// launcher offers the emulated kernels only when ATTNKERN_CPU_ISA=avx512 or avx512_bf16 asks.
+// accesses are tested wherever the suite runs. Never part of a normal build: the AVX-512 kernel
+// files (avx512_target_push.h) include it instead of compiling for AVX-512, and the dispatcher
+// (isa_dispatch.h) selects the emulated kernels only when ATTNKERN_CPU_ISA names them.
 //
 // Each function follows the instruction's definition in Intel's intrinsics guide, lane for
 // lane: masked loads and stores touch only the selected lanes (as the hardware does, so a
@@ -12,7 +12,7 @@
 // address (the hardware faults), max/min return the second operand when either is NaN, and the
 // horizontal reductions add in the order GCC's own _mm512_reduce_*_ps do. fmadd is fused
 // (fmaf), as the instruction is. Included after <immintrin.h>; the names below then stand for
-// these functions for the rest of the translation unit. No torch/STL header (kernel_common.h).
+// these functions for the rest of the translation unit. No torch/STL header (attention_pool_kernels.h).
 #pragma once
 
 #include <immintrin.h>
@@ -127,6 +127,7 @@ ATTNKERN_EMU_FN M512i castps_si512(M512 a) {
 ATTNKERN_EMU_LANEWISE(add_ps, M512, r.f[i] = a.f[i] + b.f[i])
 ATTNKERN_EMU_LANEWISE(sub_ps, M512, r.f[i] = a.f[i] - b.f[i])
 ATTNKERN_EMU_LANEWISE(mul_ps, M512, r.f[i] = a.f[i] * b.f[i])
+ATTNKERN_EMU_LANEWISE(div_ps, M512, r.f[i] = a.f[i] / b.f[i])
 ATTNKERN_EMU_LANEWISE(max_ps, M512, r.f[i] = a.f[i] > b.f[i] ? a.f[i] : b.f[i])
 ATTNKERN_EMU_LANEWISE(min_ps, M512, r.f[i] = a.f[i] < b.f[i] ? a.f[i] : b.f[i])
 ATTNKERN_EMU_LANEWISE(add_epi32, M512i, r.u[i] = a.u[i] + b.u[i])
@@ -356,6 +357,8 @@ ATTNKERN_EMU_FN M512 dpbf16_ps(M512 src, M512bh a, M512bh b) {
 #define _mm512_sub_ps ATTNKERN_EMU(sub_ps)
 #undef _mm512_mul_ps
 #define _mm512_mul_ps ATTNKERN_EMU(mul_ps)
+#undef _mm512_div_ps
+#define _mm512_div_ps ATTNKERN_EMU(div_ps)
 #undef _mm512_max_ps
 #define _mm512_max_ps ATTNKERN_EMU(max_ps)
 #undef _mm512_min_ps

@@ -1,5 +1,6 @@
-// Opens the AVX-512 region of kernel_avx512.cpp, tile_avx512.cpp, tile_avx512_bf16.cpp and
-// tile_amx.cpp: the rest of the translation unit is compiled for AVX-512 F/BW/VL/DQ (plus
+// Opens the AVX-512 region of the AVX-512 kernel files (attention_pool_avx512.cpp,
+// attention_pool_tile_avx512.cpp, attention_pool_tile_avx512_bf16.cpp, attention_pool_tile_amx.cpp,
+// activation_unit_avx512.cpp): the rest of the translation unit is compiled for AVX-512 F/BW/VL/DQ (plus
 // AVX512-BF16 where the file defines ATTNKERN_AVX512_BF16 first, and AMX-TILE/AMX-BF16 where it
 // also defines ATTNKERN_AMX) by a target pragma, never by a global flag, so the
 // extension loads on any x86-64 CPU; <immintrin.h> comes after it. In the emulation test build

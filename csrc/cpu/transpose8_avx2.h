@@ -1,6 +1,7 @@
-// 8 x 8 fp32 transposes in AVX registers, for the tiled kernels' key panels (tile_impl.h's
-// pack_block): tile_avx2.cpp and tile_avx512_vec.h include this inside their target regions
-// (every one of them, the emulation build's too, enables AVX2), so each gets its own copy.
+// 8 x 8 fp32 transposes in AVX registers, for the tiled kernels' key panels
+// (attention_pool_tile_impl.h's pack_block, through transpose_rows): vec_avx2.h and vec_avx512.h
+// include this inside their target regions (every one of them, the emulation build's too,
+// enables AVX2), so each translation unit gets its own copy.
 #pragma once
 
 #include <stdint.h>

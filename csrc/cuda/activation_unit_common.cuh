@@ -9,15 +9,16 @@
 
 #include "activation_unit_kernels.h"
 #include "attention_pool_common.cuh"
+#include "op_limits.h"
 
 namespace attnkern {
 namespace cuda {
 namespace detail {
 
 // Most value elements a thread owns in the forward's accumulator (Dv <= 256).
-constexpr int kAuMaxDvPerThread = (256 + kThreads - 1) / kThreads;
+constexpr int kAuMaxDvPerThread = (kMaxUnits + kThreads - 1) / kThreads;
 // Values (elements of dq) a thread owns in the backward's dq pass (E <= 256).
-constexpr int kAuMaxEPerThread = (256 + kThreads - 1) / kThreads;
+constexpr int kAuMaxEPerThread = (kMaxUnits + kThreads - 1) / kThreads;
 
 __host__ __device__ inline int64_t au_pad4(int64_t n) { return (n + 3) / 4 * 4; }
 __host__ __device__ inline int64_t au_hlast(const AuProblem& p) { return p.H2 > 0 ? p.H2 : p.H1; }

@@ -4,8 +4,9 @@ fraction of this machine's memory limit.
     attnkern bench                      # quick default set (fp32, 3 shapes, fwd and fwd+bwd)
     attnkern bench --full               # every shape, uniform and full lengths, fp32 and bf16
     attnkern bench --device cuda --dtype bfloat16 --out runs/bench-gpu
-    attnkern bench --op activation_unit_pool    # DIN's activation unit (tools/bench/activation.py)
-    attnkern bench --family serving     # many candidates per history (see bench/serving.py)
+    attnkern bench --family activation  # DIN's activation unit (bench/activation.py, own options)
+    attnkern bench --family layer       # the layer and a model training step (bench/layers.py)
+    attnkern bench --family serving     # many candidates per history (bench/serving.py, own options)
 
 Providers (each skipped with its reason when it cannot run here):
 
@@ -70,16 +71,26 @@ def _csv_list(choices):
     return parse
 
 
+FAMILIES = ("op", "activation", "layer", "serving")
+# `--op NAME`, the older spelling of the two op families, still selects them.
+OP_FAMILIES = {"attention_pool": "op", "activation_unit_pool": "activation"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="attnkern bench",
         description="Time attention pooling on every available backend and the PyTorch "
                     "alternatives; print a table, write JSON, CSV, markdown and a PNG plot.")
-    p.add_argument("--family", choices=("op", "layer", "serving"), default="op",
-                   help="op: attention_pool against the PyTorch alternatives (default); layer: "
-                        "AttentionPooling against an eager FuxiCTR-style layer and "
-                        "nn.MultiheadAttention, and a TargetAttentionCTR training step; "
-                        "serving: many candidates per history (bench/serving.py, its own options)")
+    p.add_argument("--family", choices=FAMILIES, default="op",
+                   help="op: attention_pool against the PyTorch alternatives (default); "
+                        "activation: activation_unit_pool (DIN's activation unit) against "
+                        "FuxiCTR's DIN_Attention and its torch.compile (its own options: "
+                        "--family activation --help); layer: AttentionPooling against an eager "
+                        "FuxiCTR-style layer and nn.MultiheadAttention, and a TargetAttentionCTR "
+                        "training step; serving: many candidates per history (its own options: "
+                        "--family serving --help). --op attention_pool|activation_unit_pool is "
+                        "an older spelling of --family op|activation")
+    p.add_argument("--op", choices=tuple(OP_FAMILIES), default=None, help=argparse.SUPPRESS)
     p.add_argument("--full", action="store_true",
                    help="every shape, uniform and full lengths, float32 and bfloat16 (long); "
                         "with --family layer every shape of the layer grid")
@@ -135,32 +146,32 @@ def _write_json(path: str, records: List[dict]) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _family(argv):
+    """The family argv selects, and argv without it (the activation and serving families parse
+    the rest with their own options)."""
+    p = argparse.ArgumentParser(prog="attnkern bench", add_help=False)
+    p.add_argument("--family", choices=FAMILIES, default=None)
+    p.add_argument("--op", choices=tuple(OP_FAMILIES), default=None)
+    known, rest = p.parse_known_args(argv)
+    if known.family and known.op and OP_FAMILIES[known.op] != known.family:
+        p.error("--op %s is --family %s, not --family %s" % (
+            known.op, OP_FAMILIES[known.op], known.family))
+    return known.family or OP_FAMILIES.get(known.op, "op"), rest
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--op" in argv:
-        # `attnkern bench --op activation_unit_pool [...]`: DIN's activation unit against FuxiCTR's
-        # DIN_Attention (attnkern/tools/bench/activation.py has its own options).
-        i = argv.index("--op")
-        op = argv[i + 1] if i + 1 < len(argv) else ""
-        rest = argv[:i] + argv[i + 2:]
-        if op == "activation_unit_pool":
-            from . import activation
+    family, rest = _family(argv)
+    if family == "activation":
+        from . import activation
 
-            return activation.main(rest)
-        if op != "attention_pool":
-            print("attnkern bench: --op must be attention_pool or activation_unit_pool, got %r" % op,
-                  file=sys.stderr)
-            return 2
-        argv = rest
-    if "--family" in argv or any(a.startswith("--family=") for a in argv):
-        fam = argparse.ArgumentParser(add_help=False)
-        fam.add_argument("--family", choices=("op", "layer", "serving"), default="op")
-        known, rest = fam.parse_known_args(argv)
-        if known.family == "serving":
-            from . import serving
+        return activation.main(rest)
+    if family == "serving":
+        from . import serving
 
-            return serving.main(rest)
+        return serving.main(rest)
     args = build_parser().parse_args(argv)
+    args.family = family
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -1,7 +1,7 @@
 """Benchmark of activation-unit pooling (DIN attention) against FuxiCTR's DIN_Attention.
 
-    attnkern bench --op activation_unit_pool          # B=1024 L=200 E=64, units (64,) and (80, 40)
-    attnkern bench --op activation_unit_pool --quick  # a small case (smoke)
+    attnkern bench --family activation          # B=1024 L=200 E=64, units (64,) and (80, 40)
+    attnkern bench --family activation --quick  # a small case (smoke)
 
 Providers:
 
@@ -268,7 +268,7 @@ def format_table(records: Sequence[dict], peak: float) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="attnkern bench --op activation_unit_pool", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="attnkern bench --family activation", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small cases (smoke test)")
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--reps", type=int, default=7)

@@ -12,7 +12,9 @@ from attnkern.testing import Comparison, compare, forward_backward, random_probl
 
 OP = "attention_pool"
 BASELINES = ("reference", "sdpa", "compile")
-PROVIDERS = ("reference", "sdpa", "compile", "flex", "cpu", "triton", "cuda")
+# fbgemm / fbgemm_bmm: FBGEMM's jagged attention and the jagged bmm + softmax + bmm a user would
+# compose (fbgemm_gpu.sll; jagged shapes with one head).
+PROVIDERS = ("reference", "sdpa", "compile", "flex", "cpu", "triton", "cuda", "fbgemm", "fbgemm_bmm")
 MODES = ("fwd", "fwd+bwd")
 LENGTHS = ("uniform", "full")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

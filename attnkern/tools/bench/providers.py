@@ -1,5 +1,6 @@
 """`attnkern bench` providers: each a callable running one case (attnkern's backends, SDPA,
-torch.compile, FlexAttention, and the machine's limit for the same bytes)."""
+torch.compile, FlexAttention, FBGEMM's jagged operators, and the machine's limit for the same
+bytes)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def provider_status(provider: str, device) -> Optional[str]:
         except ImportError as e:
             return "torch has no FlexAttention (%s)" % e
         return None
+    if provider in FBGEMM_PROVIDERS:
+        return _fbgemm_status()
     if provider not in attnkern.backends():
         return "unknown provider %r" % provider
     info = attnkern.backends()[provider]
@@ -158,6 +161,40 @@ def _flex_fn(inp: Inputs) -> Callable:
     return fn
 
 
+FBGEMM_PROVIDERS = ("fbgemm", "fbgemm_bmm")
+
+
+def _fbgemm_status() -> Optional[str]:
+    from attnkern.tools._fbgemm import status_with
+
+    return status_with("fbgemm_gpu.sll")  # importing it registers the torch.ops.fbgemm.sll_* ops
+
+
+def _fbgemm_fn(inp: Inputs, provider: str) -> Callable:
+    """FBGEMM's sll operators on the case: the jagged side is the history ([T, D] keys and
+    values), the dense side the queries ([B, Dk, N], pre-scaled: the operators have no scale),
+    and the softmax runs over each row's positions; the operators have no head dim, so heads
+    run one after another. "fbgemm" is sll_jagged_dense_flash_attention (with a zero [B, L, N]
+    bias, its required argument); "fbgemm_bmm" the three operators a user would chain."""
+    s = inp.case.shape
+    if inp.offsets is None:
+        raise Unavailable("FBGEMM's jagged attention takes the jagged layout")
+    ops = torch.ops.fbgemm
+    offsets, L, scale = inp.offsets, s.L, s.Dk ** -0.5
+    bias = torch.zeros(s.B, L, s.N, dtype=inp.query.dtype, device=inp.device)
+
+    def head(qd, kj, vj):
+        if provider == "fbgemm":
+            return ops.sll_jagged_dense_flash_attention(kj, qd, vj, bias, offsets, L, False)
+        p = ops.sll_jagged_softmax(ops.sll_jagged_dense_bmm(kj, qd, offsets, L, False), offsets, L)
+        return ops.sll_jagged_jagged_bmm(p, vj, offsets, L, False)  # [B, N, Dv]
+
+    def fn(q, k, v):
+        qd = (q * scale).permute(2, 0, 3, 1)  # [H, B, Dk, N]
+        return torch.stack([head(qd[h], k[:, h], v[:, h]) for h in range(s.H)], dim=2)
+    return fn
+
+
 def forward_fn(provider: str, inp: Inputs) -> Callable:
     """f(q, k, v) -> out [B, N, H, Dv] for one provider; raises Unavailable."""
     why = provider_status(provider, inp.device)
@@ -169,6 +206,8 @@ def forward_fn(provider: str, inp: Inputs) -> Callable:
         return _compile_fn(inp)
     if provider == "flex":
         return _flex_fn(inp)
+    if provider in FBGEMM_PROVIDERS:
+        return _fbgemm_fn(inp, provider)
     return _pool_fn(inp, provider)
 
 

@@ -66,7 +66,7 @@ def format_table(records: Sequence[dict]) -> str:
 
 
 def format_markdown(records: Sequence[dict]) -> str:
-    """One markdown table of every timed provider (the README's results table)."""
+    """One markdown table of every timed provider (the results tables of docs/benchmarks.md)."""
     # Peak memory is measured on CUDA only: drop the column when no record has it.
     keep = [i for i, c in enumerate(_COLUMNS)
             if c != "peak MiB" or any(r.get("peak_mem_bytes") is not None for r in records)]

@@ -1,154 +1,32 @@
-// CPU launcher and registration of the four attnkern ops for the CPU dispatch key.
+// CPU launchers of the four attention-pool ops: they check their inputs, fill the kernels'
+// parameters and run the kernel table attention_pool_dispatch.cpp chooses over the work items of
+// attention_pool_work.h, then normalise (forward) or sum (backward) what the kernels leave.
 //
-// Work decomposition: one task per (row, head); a task reads only the valid positions of its
-// row (padded prefix, mask list or jagged slice) in one online-softmax pass. When there are
-// few (row, head) tasks (a shape-only rule, so the result never depends on the thread count),
-// long rows are cut into fixed-length slices computed in parallel and merged with their
-// log-sum-exp in a fixed order. The backward is deterministic: each position belongs to one
-// task, which writes its dk/dv; dq partials of a split row are summed in a fixed order.
-//
-// The arithmetic runs in kernel_{avx512,avx2,generic}.cpp; the best one this CPU supports is
-// chosen at run time (ATTNKERN_CPU_ISA=generic|avx2|avx512|avx512_bf16|amx caps the choice, for testing;
-// any other value is an error).
+// The backward is deterministic: each position belongs to one task, which writes its dk/dv;
+// dq partials of a split row are summed in a fixed order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-
 #include "attention_pool.h"
+#include "attention_pool_kernels.h"
+#include "attention_pool_launch.h"
+#include "attention_pool_tile_kernels.h"
+#include "attention_pool_work.h"
 #include "host_buffers.h"
-#include "register_attention_pool.h"
-#include "kernel_common.h"
-#include "tile_kernels.h"
 
 namespace attnkern {
 namespace cpu {
-
 namespace {
-
-// Rows with more valid positions than this are split when there are few (row, head) tasks.
-constexpr int64_t kSplitLen = 512;
-constexpr int64_t kSplitMaxTasks = 64;
-
-// ATTNKERN_CPU_TILES=0 turns the tiled kernels off (read at every call, so that a benchmark can
-// compare both paths in one process).
-bool tiles_enabled() {
-  const char* e = std::getenv("ATTNKERN_CPU_TILES");
-  return !(e && e[0] == '0');
-}
-
-KernelTable with_tiles(KernelTable t, FwdFn fwd, BwdFn bwd, StatsFn stats, WorkspaceFn workspace,
-                       const char* isa) {
-  t.isa = isa;
-  t.fwd_tile = fwd;
-  t.bwd_tile = bwd;
-  t.stats_tile = stats;
-  t.workspace_tile = workspace;
-  return t;
-}
-
-// Whether the (row, head) tasks of N queries take the tiled kernels of table kt.
-bool use_tiles(const KernelTable& kt, int64_t N) { return N >= kTileMinQueries && kt.fwd_tile && tiles_enabled(); }
-
-// Workspace elements for the kernels a call runs (general, or also the tiled ones).
-int64_t workspace_for(const KernelTable& kt, bool tiles, int64_t N, int64_t Dk, int64_t Dv) {
-  const int64_t w = kt.workspace(N, Dk, Dv);
-  return tiles ? std::max(w, kt.workspace_tile(N, Dk, Dv)) : w;
-}
-
-// The instruction sets this CPU and build can run. The emulation test build
-// (avx512_emulation.h) runs the AVX-512 kernels on any x86-64 CPU, emulated.
-struct IsaSupport {
-  bool avx2 = false, avx512 = false, avx512_bf16 = false, amx = false, emulated = false;
-};
-
-#if defined(__x86_64__) || defined(_M_X64)
-// Linux hands a process the AMX tile data state only on request (arch_prctl
-// ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); a tile instruction before that raises SIGILL.
-// Asked once per process; false where the kernel refuses or is not Linux.
-bool amx_permitted() {
-  static const bool ok = [] {
-#if defined(__linux__)
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-#else
-    return false;
-#endif
-  }();
-  return ok;
-}
-#endif
-
-IsaSupport isa_support() {
-  IsaSupport s;
-#if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  s.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#if defined(ATTNKERN_EMULATE_AVX512)
-  s.avx512 = s.avx512_bf16 = s.amx = s.emulated = true;
-#else
-  s.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-             __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2");
-  s.avx512_bf16 = s.avx512 && __builtin_cpu_supports("avx512bf16");
-  s.amx = s.avx512_bf16 && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
-          amx_permitted();
-#endif
-#endif
-  return s;
-}
-
-const KernelTable& simd_kernels() {
-  static const KernelTable table = [] {
-    const char* env = std::getenv("ATTNKERN_CPU_ISA");
-    const std::string cap = env ? std::string(env) : std::string();
-    TORCH_CHECK_VALUE(cap.empty() || cap == "generic" || cap == "avx2" || cap == "avx512" || cap == "avx512_bf16" ||
-                          cap == "amx",
-                      "attnkern: ATTNKERN_CPU_ISA must be generic, avx2, avx512, avx512_bf16 or amx (or unset), got '",
-                      cap, "'");
-    const IsaSupport s = isa_support();
-#if defined(__x86_64__) || defined(_M_X64)
-    // Emulated kernels only when asked for, so that the default stays the fastest real path.
-    const bool ask512 = cap == "avx512" || cap == "avx512_bf16" || cap == "amx";
-    if (s.amx && (cap == "amx" || (cap.empty() && !s.emulated)))
-      return with_tiles(avx512_kernels(), &tile_fwd_amx, &tile_bwd_amx, &tile_stats_amx, &tile_workspace_amx,
-                        s.emulated ? "amx-emulated" : "amx");
-    if (s.avx512_bf16 && (cap == "avx512_bf16" || cap == "amx" || (cap.empty() && !s.emulated)))
-      return with_tiles(avx512_kernels(), &tile_fwd_avx512_bf16, &tile_bwd_avx512_bf16, &tile_stats_avx512_bf16,
-                        &tile_workspace_avx512_bf16, s.emulated ? "avx512_bf16-emulated" : "avx512_bf16");
-    if (s.avx512 && (ask512 || (cap.empty() && !s.emulated)))
-      return with_tiles(avx512_kernels(), &tile_fwd_avx512, &tile_bwd_avx512, &tile_stats_avx512,
-                        &tile_workspace_avx512, s.emulated ? "avx512-emulated" : "avx512");
-    if (s.avx2 && cap != "generic")
-      return with_tiles(avx2_kernels(), &tile_fwd_avx2, &tile_bwd_avx2, &tile_stats_avx2, &tile_workspace_avx2,
-                        "avx2");
-#endif
-    (void)s;
-    return with_tiles(generic_kernels(), &tile_fwd_generic, &tile_bwd_generic, &tile_stats_generic,
-                      &tile_workspace_generic, "generic");
-  }();
-  return table;
-}
-
-const KernelTable& kernels_for(int dtype) {
-  static const KernelTable generic = generic_kernels();
-  return dtype == kF64 ? generic : simd_kernels();
-}
 
 at::ScalarType accumulator_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -163,130 +41,12 @@ int dtype_code(at::ScalarType t) {
 
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
-// Which positions of row b take part: padded rows [0, len) or a mask, jagged rows a slice.
-struct Rows {
-  int64_t B = 0;
-  int64_t L = 0;                    // padded length (positions per row in key)
-  const int64_t* lengths = nullptr;  // padded + lengths
-  const bool* mask = nullptr;        // padded + mask, [B, L] contiguous
-  const int64_t* offsets = nullptr;  // jagged
-  at::Tensor keep_alive;
-
-  int64_t start(int64_t b) const { return offsets ? offsets[b] : 0; }
-  // Valid count; for a mask row also fills idx with the valid positions.
-  int64_t count(int64_t b, std::vector<int64_t>* idx) const {
-    if (offsets) return offsets[b + 1] - offsets[b];
-    if (lengths) return lengths[b];
-    if (mask) {
-      const bool* m = mask + b * L;
-      int64_t c = 0;
-      if (idx) {
-        idx->resize(L);
-        for (int64_t l = 0; l < L; ++l)
-          if (m[l]) (*idx)[c++] = l;
-      } else {
-        for (int64_t l = 0; l < L; ++l) c += m[l];
-      }
-      return c;
-    }
-    return L;
-  }
-};
-
-Rows padded_rows(const PoolDims& d, const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& mask) {
-  Rows r;
-  r.B = d.B;
-  r.L = d.L;
-  if (lengths.has_value()) {
-    check_lengths_values_cpu(*lengths, d.L);
-    r.keep_alive = lengths->to(at::kLong).contiguous();
-    r.lengths = r.keep_alive.data_ptr<int64_t>();
-  } else if (mask.has_value()) {
-    r.keep_alive = mask->contiguous();
-    r.mask = r.keep_alive.data_ptr<bool>();
-  }
-  return r;
-}
-
-Rows jagged_rows(const PoolDims& d, const at::Tensor& offsets, int64_t max_length) {
-  check_offsets_values_cpu(offsets, d.L, max_length);
-  Rows r;
-  r.B = d.B;
-  r.L = d.L;
-  r.keep_alive = offsets.to(at::kLong).contiguous();
-  r.offsets = r.keep_alive.data_ptr<int64_t>();
-  return r;
-}
-
-// A unit of parallel work: (row, head) task, and the slice [i0, i1) of its valid positions;
-// for a mask row, l0 is the mask position of valid position i0 (so that an item's positions
-// are found by scanning only its own part of the mask).
-struct Item {
-  int64_t task;
-  int64_t i0, i1;
-  int64_t l0;
-};
-
-// The split plan: empty when no row is split (then items are the tasks themselves).
-// float64 rows are never split: their backward recomputes the softmax statistics over the
-// whole row.
-std::vector<Item> split_plan(const Rows& rows, int64_t H, int dtype) {
-  std::vector<Item> items;
-  if (rows.B * H > kSplitMaxTasks || dtype == kF64) return items;
-  bool any = false;
-  std::vector<int64_t> counts(rows.B);
-  for (int64_t b = 0; b < rows.B; ++b) {
-    counts[b] = rows.count(b, nullptr);
-    any = any || counts[b] > kSplitLen;
-  }
-  if (!any) return items;
-  std::vector<int64_t> piece_l0;  // mask position where each piece of the row starts
-  for (int64_t b = 0; b < rows.B; ++b) {
-    const int64_t c = counts[b];
-    piece_l0.clear();
-    if (rows.mask) {  // one scan of the row's mask
-      const bool* m = rows.mask + b * rows.L;
-      for (int64_t l = 0, v = 0; l < rows.L; ++l)
-        if (m[l] && v++ % kSplitLen == 0) piece_l0.push_back(l);
-    }
-    for (int64_t h = 0; h < H; ++h) {
-      if (c == 0) items.push_back({b * H + h, 0, 0, 0});
-      for (int64_t i0 = 0, k = 0; i0 < c; i0 += kSplitLen, ++k)
-        items.push_back({b * H + h, i0, std::min(c, i0 + kSplitLen), rows.mask ? piece_l0[k] : 0});
-    }
-  }
-  return items;
-}
-
-// The order in which the split items run: within a row, piece by piece, and for each piece
-// every head in turn. In the padded [B, L, H, D] and jagged [T, H, D] layouts the heads of a
-// position are neighbours in memory, so the H items of one piece together read one contiguous
-// stretch of K and V (a head alone reads D of every H * D elements: a strided stream that ran
-// at about half the memory bandwidth). The merge still finds a task's items contiguous in
-// `items` (the plan's order: row, head, piece).
-std::vector<int64_t> execution_order(const std::vector<Item>& items, int64_t H) {
-  std::vector<int64_t> order;
-  order.reserve(items.size());
-  for (size_t r0 = 0; r0 < items.size();) {  // the items of one row: H runs of equal length
-    const int64_t b = items[r0].task / H;
-    size_t r1 = r0;
-    while (r1 < items.size() && items[r1].task / H == b) ++r1;
-    const size_t pieces = (r1 - r0) / size_t(H);
-    for (size_t k = 0; k < pieces; ++k)
-      for (int64_t h = 0; h < H; ++h) order.push_back(int64_t(r0 + size_t(h) * pieces + k));
-    r0 = r1;
-  }
-  return order;
-}
-
-// Whether each position's K rows of all heads (and its V rows) lie back to back in memory, so
-// that the first head of a split piece can prefetch them all in one stream.
-bool heads_are_neighbours(const FwdParams& p) {
-  return p.H > 1 && p.k_sh == p.Dk && p.v_sh == p.Dv && p.k_sl == p.H * p.Dk && p.v_sl == p.H * p.Dv;
-}
-
-int64_t grain_for(int64_t per_task_cost) {
-  return std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, per_task_cost));
+// The (row, position, head) strides of a key-like tensor: padded [B, L, H, D], or jagged
+// [T, H, D] (no row stride: a jagged row starts at its offset).
+void row_strides(const at::Tensor& t, bool jagged, int64_t& sb, int64_t& sl, int64_t& sh) {
+  sb = jagged ? 0 : t.stride(0);
+  sl = t.stride(jagged ? 0 : 1);
+  sh = t.stride(jagged ? 1 : 2);
 }
 
 void fill_fwd_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool jagged,
@@ -298,13 +58,8 @@ void fill_fwd_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, con
   p.q_sb = q.stride(0);
   p.q_sn = q.stride(1);
   p.q_sh = q.stride(2);
-  if (jagged) {
-    p.k_sb = 0, p.k_sl = k.stride(0), p.k_sh = k.stride(1);
-    p.v_sb = 0, p.v_sl = v.stride(0), p.v_sh = v.stride(1);
-  } else {
-    p.k_sb = k.stride(0), p.k_sl = k.stride(1), p.k_sh = k.stride(2);
-    p.v_sb = v.stride(0), p.v_sl = v.stride(1), p.v_sh = v.stride(2);
-  }
+  row_strides(k, jagged, p.k_sb, p.k_sl, p.k_sh);
+  row_strides(v, jagged, p.v_sb, p.v_sl, p.v_sh);
   p.N = d.N;
   p.H = d.H;
   p.Dk = d.Dk;
@@ -321,68 +76,8 @@ void fill_fwd_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, con
   p.prefetch = pf_kb ? std::max<int64_t>(32, (pf_kb << 10) / ((d.Dk + d.Dv) * es)) : 0;
 }
 
-// Runs f(t, span) for the (row, head) tasks [t0, t1) in order, span = the task's valid
-// positions. Before each task runs, the first rows of the next one are prefetched, so that they
-// arrive while this one computes (the kernels prefetch the rest of a task as they go). Mask rows
-// are left to the kernels: their positions are known only when the row starts.
-// With step = H (t0 a multiple of H), one call per row, its span at head 0 (p.heads = H).
-template <class F>
-void for_each_task(const FwdParams& p, const Rows& rows, int64_t t0, int64_t t1, int64_t step, F&& f) {
-  const int64_t H = p.H;
-  auto prefetch = [&](int64_t t) {
-    const int64_t b = t / H;
-    if (!rows.mask) prefetch_span_head(p, Span{b, t % H, rows.start(b), rows.count(b, nullptr), nullptr});
-  };
-  std::vector<int64_t> idx;
-  int64_t idx_row = -1, cnt = 0;
-  for (int64_t t = t0; t < t1; t += step) {
-    const int64_t b = t / H;
-    if (b != idx_row) {
-      cnt = rows.count(b, &idx);
-      idx_row = b;
-    }
-    if (t == t0) prefetch(t);
-    if (t + step < t1) prefetch(t + step);
-    f(t, Span{b, t % H, rows.start(b), cnt, rows.mask ? idx.data() : nullptr});
-  }
-}
-
-// Runs f(j, span) for the split items order[j] (execution_order), j = j0, j0 + step, ... < j1:
-// span = positions [it.i0, it.i1) of the item's task. Before each item runs, the first rows of
-// the next one are prefetched (of every head when p.heads says so): the kernels
-// prefetch only inside their own span, so each piece would otherwise start on cold memory.
-template <class F>
-void for_each_item(const FwdParams& p, const Rows& rows, const std::vector<Item>& items,
-                   const std::vector<int64_t>& order, int64_t j0, int64_t j1, int64_t step, F&& f) {
-  const int64_t H = p.H;
-  std::vector<int64_t> idx;
-  auto span_of = [&](const Item& it, int64_t n) {
-    // A piece that starts a row and is shorter than a split is the whole row.
-    return Span{it.task / H, it.task % H, rows.start(it.task / H) + (rows.mask ? 0 : it.i0), n,
-                rows.mask ? idx.data() : nullptr, it.i0 == 0 && it.i1 < kSplitLen};
-  };
-  auto prefetch = [&](int64_t j) {
-    const Item& it = items[order[j]];
-    if (!rows.mask && it.i1 > it.i0) prefetch_span_head(p, span_of(it, it.i1 - it.i0));
-  };
-  for (int64_t j = j0; j < j1; j += step) {
-    if (j == j0) prefetch(j);
-    if (j + step < j1) prefetch(j + step);
-    const Item& it = items[order[j]];
-    const int64_t b = it.task / H;
-    const int64_t n = it.i1 - it.i0;
-    if (rows.mask) {  // this item's positions only: its part of the mask, from l0
-      idx.resize(std::max<int64_t>(n, 1));
-      const bool* m = rows.mask + b * rows.L;
-      for (int64_t l = it.l0, c = 0; c < n; ++l)
-        if (m[l]) idx[c++] = l;
-    }
-    f(j, span_of(it, n));
-  }
-}
-
 template <class A>
-A shift_of_host(A m) {  // as shift_of in kernel_impl.h: the shift the kernels subtracted
+A shift_of_host(A m) {  // as shift_of in attention_pool_impl.h: the shift the kernels subtracted
   return std::isinf(m) ? A(0) : m;
 }
 
@@ -729,13 +424,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_common(const at::Tensor& grad
   }
   p.gk = gk.data_ptr();
   p.gv = gv.data_ptr();
-  if (jagged) {
-    p.gk_sb = 0, p.gk_sl = gk.stride(0), p.gk_sh = gk.stride(1);
-    p.gv_sb = 0, p.gv_sl = gv.stride(0), p.gv_sh = gv.stride(1);
-  } else {
-    p.gk_sb = gk.stride(0), p.gk_sl = gk.stride(1), p.gk_sh = gk.stride(2);
-    p.gv_sb = gv.stride(0), p.gv_sl = gv.stride(1), p.gv_sh = gv.stride(2);
-  }
+  row_strides(gk, jagged, p.gk_sb, p.gk_sl, p.gk_sh);
+  row_strides(gv, jagged, p.gv_sb, p.gv_sl, p.gv_sh);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_pool_bwd_cpu",
                                   [&] { bwd_impl<scalar_t>(p, rows, lse.data_ptr<float>(), gq); });
   if (jagged) {
@@ -750,22 +440,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_common(const at::Tensor& grad
 
 }  // namespace
 }  // namespace cpu
-
-const char* cpu_isa() { return cpu::simd_kernels().isa; }
-
-std::vector<std::string> cpu_isas() {
-  const cpu::IsaSupport s = cpu::isa_support();
-  const std::string tag = s.emulated ? "-emulated" : "";
-  std::vector<std::string> r{"generic"};
-  if (s.avx2) r.push_back("avx2");
-  if (s.avx512) r.push_back("avx512" + tag);
-  if (s.avx512_bf16) r.push_back("avx512_bf16" + tag);
-  if (s.amx) r.push_back("amx" + tag);
-  return r;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Registered ops
 
 std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
                                                           const at::Tensor& value,
@@ -804,16 +478,3 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_pool_bwd_cpu(
 }
 
 }  // namespace attnkern
-
-// Under the CPU key, and under the sparse, mkldnn and nested CPU keys (register_attention_pool.h).
-#define ATTNKERN_CPU_POOL(KEY)                                                            \
-  ATTNKERN_REGISTER_POOL(KEY, ATTNKERN_OP_NAME, attnkern::attention_pool_fwd_cpu,          \
-                         attnkern::attention_pool_bwd_cpu,                                 \
-                         attnkern::jagged_attention_pool_fwd_cpu,                          \
-                         attnkern::jagged_attention_pool_bwd_cpu)
-ATTNKERN_CPU_POOL(CPU)
-ATTNKERN_CPU_POOL(SparseCPU)
-ATTNKERN_CPU_POOL(SparseCsrCPU)
-ATTNKERN_CPU_POOL(MkldnnCPU)
-ATTNKERN_CPU_POOL(NestedTensorCPU)
-#undef ATTNKERN_CPU_POOL

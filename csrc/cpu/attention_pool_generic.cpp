@@ -7,7 +7,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "kernel_common.h"
+#include "attention_pool_kernels.h"
 
 // GCC 12's loop vectoriser miscompiled an earlier form of block_dots for this one-lane vector
 // (a chained in-order reduction); the portable path gains nothing from it, so it is off here.
@@ -15,51 +15,12 @@
 #pragma GCC optimize("no-tree-vectorize")
 #endif
 
-#include "kernel_impl.h"
+#include "vec_scalar.h"
+#include "attention_pool_impl.h"
 
 namespace attnkern {
 namespace cpu {
 namespace {
-
-template <class AT>
-struct VecScalar {
-  using A = AT;
-  static constexpr int W = 1;
-  A x;
-
-  static VecScalar zero() { return {A(0)}; }
-  static VecScalar set1(A a) { return {a}; }
-  static VecScalar load(const float* p) { return {A(*p)}; }
-  static VecScalar load(const double* p) { return {A(*p)}; }
-  static VecScalar load(const bf16_t* p) { return {A(c10::detail::f32_from_bits(p->x))}; }
-  static VecScalar load(const fp16_t* p) { return {A(c10::detail::fp16_ieee_to_fp32_value(p->x))}; }
-  template <class T>
-  static VecScalar load_partial(const T* p, int n) {
-    return n > 0 ? load(p) : zero();
-  }
-  void store(float* p) const { *p = float(x); }
-  void store(double* p) const { *p = double(x); }
-  void store(bf16_t* p) const { p->x = c10::detail::round_to_nearest_even(float(x)); }
-  void store(fp16_t* p) const { p->x = c10::detail::fp16_ieee_from_fp32_value(float(x)); }
-  template <class T>
-  void stream(T* p) const {
-    store(p);
-  }
-  static void fence() {}
-  template <class T>
-  void store_partial(T* p, int n) const {
-    if (n > 0) store(p);
-  }
-  VecScalar operator+(VecScalar b) const { return {x + b.x}; }
-  VecScalar operator-(VecScalar b) const { return {x - b.x}; }
-  VecScalar operator*(VecScalar b) const { return {x * b.x}; }
-  static VecScalar fma(VecScalar a, VecScalar b, VecScalar c) { return {a.x * b.x + c.x}; }
-  A reduce_add() const { return x; }
-  A reduce_max() const { return x; }
-  static VecScalar exp2(VecScalar a) { return {std::exp2(a.x)}; }
-  VecScalar mask_tail(int nb) const { return nb > 0 ? *this : VecScalar{-std::numeric_limits<A>::infinity()}; }
-  static VecScalar transpose_reduce(const VecScalar* a) { return a[0]; }
-};
 
 void fwd_generic(const FwdParams& p, const Span& s, void* ws, void* acc, void* m, void* l) {
   if (p.dtype == kF64)

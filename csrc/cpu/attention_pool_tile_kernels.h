@@ -1,11 +1,11 @@
 // Plain-data interface of the tiled (GEMM-like) CPU kernels for many queries per history.
-// Same rules as kernel_common.h: no torch/STL headers, no inline functions (this header is
+// Same rules as attention_pool_kernels.h: no torch/STL headers, no inline functions (this header is
 // included by translation units compiled for AVX2 / AVX-512).
 #pragma once
 
 #include <stdint.h>
 
-#include "kernel_common.h"
+#include "attention_pool_kernels.h"
 
 namespace attnkern {
 namespace cpu {
@@ -19,7 +19,7 @@ constexpr int64_t kTileMinQueries = 16;
 // small next to the arithmetic; about 64 work items in all.
 int64_t tile_query_chunks(int64_t N, int64_t ntasks);
 
-// Same contracts as FwdFn/BwdFn/StatsFn/WorkspaceFn in kernel_common.h (float accumulators
+// Same contracts as FwdFn/BwdFn/StatsFn/WorkspaceFn in attention_pool_kernels.h (float accumulators
 // only): logits s = scale * <q, k> in natural units, the forward's m and the backward's
 // BwdParams::shift in those units. The stats kernels score exactly as the tiled backward does,
 // so the launcher recomputes a row's shift with them for the tasks that take the tiled path.
@@ -41,7 +41,7 @@ void tile_fwd_avx512_bf16(const FwdParams& p, const Span& s, void* ws, void* acc
 void tile_bwd_avx512_bf16(const BwdParams& p, const Span& s, void* ws, void* dq);
 void tile_stats_avx512_bf16(const FwdParams& p, const Span& s, void* ws, void* m, void* l);
 int64_t tile_workspace_avx512_bf16(int64_t N, int64_t Dk, int64_t Dv);
-// AVX-512 with AMX-TILE/AMX-BF16: bf16 matrix products on the tile unit (tile_amx.cpp), other
+// AVX-512 with AMX-TILE/AMX-BF16: bf16 matrix products on the tile unit (attention_pool_tile_amx.cpp), other
 // dtypes as avx512_bf16. The calling thread's tiles are configured and released inside.
 void tile_fwd_amx(const FwdParams& p, const Span& s, void* ws, void* acc, void* m, void* l);
 void tile_bwd_amx(const BwdParams& p, const Span& s, void* ws, void* dq);

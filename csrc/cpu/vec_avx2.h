@@ -1,20 +1,26 @@
-// AVX2 kernels (8 fp32 lanes), for x86-64 CPUs without AVX-512. Compiled for AVX2/FMA/F16C by
-// avx2_target_push.h, never by a global flag; the launcher checks the CPU before calling in.
-// No torch/STL header is included here (see kernel_common.h for why).
-#if defined(__x86_64__) || defined(_M_X64)
+// The AVX2/FMA/F16C vector type (8 fp32 lanes) of the AVX2 kernels of every op family
+// (attention_pool_avx2.cpp, attention_pool_tile_avx2.cpp, activation_unit_avx2.cpp): the
+// interface of vec_common.h. Included after avx2_target_push.h (and, in the emulation build,
+// by the AVX-512 files too), so each translation unit gets its own copy (internal linkage).
+#pragma once
 
-#include "avx2_target_push.h"
-
-#include "kernel_common.h"
-#include "kernel_impl.h"
+#include "transpose8_avx2.h"
+#include "vec_common.h"
 
 namespace attnkern {
 namespace cpu {
 namespace {
 
+typedef uint32_t U32x8 __attribute__((vector_size(32)));
+
+inline float to_f32(fp16_t x) { return _cvtsh_ss(x.x); }
+inline void from_f32(float x, fp16_t* d) { d->x = _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+
 struct Vec256 {
   using A = float;
+  using M = __m256;
   static constexpr int W = 8;
+  static constexpr bool kScalar = false, kPairDot = false;
   __m256 v;
 
   static Vec256 zero() { return {_mm256_setzero_ps()}; }
@@ -35,12 +41,9 @@ struct Vec256 {
   }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   void store(bf16_t* p) const {
-    const __m256i b = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb), 16);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    U32x8 u = (U32x8)_mm256_castps_si256(v);
+    bf16_round_bits(u);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32((__m256i)u, (__m256i)u), 0x08);
     _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
   }
   void store(fp16_t* p) const {
@@ -65,7 +68,10 @@ struct Vec256 {
   Vec256 operator+(Vec256 b) const { return {_mm256_add_ps(v, b.v)}; }
   Vec256 operator-(Vec256 b) const { return {_mm256_sub_ps(v, b.v)}; }
   Vec256 operator*(Vec256 b) const { return {_mm256_mul_ps(v, b.v)}; }
+  Vec256 operator/(Vec256 b) const { return {_mm256_div_ps(v, b.v)}; }
   static Vec256 fma(Vec256 a, Vec256 b, Vec256 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  static Vec256 max(Vec256 a, Vec256 b) { return {_mm256_max_ps(a.v, b.v)}; }
+  static Vec256 min(Vec256 a, Vec256 b) { return {_mm256_min_ps(a.v, b.v)}; }
   float reduce_add() const {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -78,21 +84,19 @@ struct Vec256 {
     s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
   }
-
-  // 2^x: round-to-nearest split x = n + f, |f| <= 1/2, exp2_poly(f) (kernel_impl.h) scaled by
-  // 2^n built in the exponent field. Below -126 (incl. -inf): exactly 0; from 128 up: +inf;
-  // NaN stays NaN (max/min return their second operand, x, when it is NaN).
-  static Vec256 exp2(Vec256 x) {
-    const __m256 xc = _mm256_min_ps(_mm256_set1_ps(127.f), _mm256_max_ps(_mm256_set1_ps(-126.f), x.v));
-    const __m256 n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 y = exp2_poly(Vec256{_mm256_sub_ps(xc, n)}).v;
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    __m256 r = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-    r = _mm256_and_ps(r, _mm256_cmp_ps(x.v, _mm256_set1_ps(-126.f), _CMP_NLT_UQ));  // NaN: kept
-    return {_mm256_blendv_ps(r, _mm256_set1_ps(__builtin_inff()), _mm256_cmp_ps(x.v, _mm256_set1_ps(128.f), _CMP_GE_OQ))};
+  static M lt(Vec256 a, Vec256 b) { return _mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ); }
+  static M ge(Vec256 a, Vec256 b) { return _mm256_cmp_ps(a.v, b.v, _CMP_GE_OQ); }
+  static M gt(Vec256 a, Vec256 b) { return _mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ); }
+  static M unord(Vec256 a, Vec256 b) { return _mm256_cmp_ps(a.v, b.v, _CMP_UNORD_Q); }
+  static Vec256 select(M m, Vec256 a, Vec256 b) { return {_mm256_blendv_ps(b.v, a.v, m)}; }
+  static Vec256 round(Vec256 x) { return {_mm256_round_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+  // 2^n built in the exponent field (n in [-126, 127]), then one exact multiply.
+  static Vec256 scale_pow2(Vec256 y, Vec256 n) {
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23);
+    return {_mm256_mul_ps(y.v, _mm256_castsi256_ps(e))};
   }
-  Vec256 mask_tail(int nb) const {
-    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(nb), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  Vec256 mask_tail(int n) const {
+    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     return {_mm256_blendv_ps(_mm256_set1_ps(-__builtin_inff()), v, _mm256_castsi256_ps(keep))};
   }
 
@@ -113,26 +117,14 @@ struct Vec256 {
     // r[4l + i] holds key 2i + l; put key j in lane j.
     return {_mm256_permutevar8x32_ps(r, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))};
   }
+  // dst[d * NR + j] = rows[j * rs + d] for the W rows j < 8 and d < D (rows readable up to
+  // D rounded up to 8).
+  template <int NR>
+  static void transpose_rows(const float* rows, int64_t rs, int64_t D, float* dst) {
+    transpose8_rows(rows, rs, D, dst, NR);
+  }
 };
 
-void zero_avx2(void* p, int64_t bytes) {
-  char* c = static_cast<char*>(p);
-  for (; bytes > 0 && (reinterpret_cast<uintptr_t>(c) & 31); --bytes) *c++ = 0;
-  const __m256i z = _mm256_setzero_si256();
-  for (; bytes >= 32; bytes -= 32, c += 32) _mm256_stream_si256(reinterpret_cast<__m256i*>(c), z);
-  for (; bytes > 0; --bytes) *c++ = 0;
-  _mm_sfence();
-}
-
 }  // namespace
-
-KernelTable avx2_kernels() {
-  return {&fwd_entry<Vec256>, &bwd_entry<Vec256>, &stats_entry<Vec256>, &zero_avx2, &workspace_entry<Vec256>};
-}
-
 }  // namespace cpu
 }  // namespace attnkern
-
-#include "target_pop.h"
-
-#endif  // x86-64

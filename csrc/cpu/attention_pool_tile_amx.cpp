@@ -1,13 +1,13 @@
 // Tiled kernels for CPUs with AMX (AMX-TILE, AMX-BF16: Sapphire Rapids and later) on bf16
-// inputs; fp32 and fp16 inputs run tile_avx512_bf16.cpp's kernels. The matrix products whose
+// inputs; fp32 and fp16 inputs run attention_pool_tile_avx512_bf16.cpp's kernels. The matrix products whose
 // operands are bf16 run on the tile unit (tdpbf16ps: exact bf16 products, fp32 sums), the
-// softmax and the rest on AVX-512 (TileVec512 and tile_impl.h's row code):
+// softmax and the rest on AVX-512 (Vec512 and attention_pool_tile_impl.h's row code):
 //   forward: S = Q K^T on tiles; online softmax; O += P V on tiles, with P as the sum of two
 //            bf16 parts (hi + lo: products with V exact, O accumulated in fp32, so O is as
 //            accurate as with fp32 P; the backward's delta = sum(dO O) depends on that);
 //   stats:   S = Q K^T on tiles, exactly as the forward and the backward score;
 //   backward: S = Q K^T and dP = dO V^T on tiles (both exact products of bf16 inputs); p and dS
-//            in fp32 (tile_impl.h's row code); dK = dS^T Q and dV = P^T dO on tiles with P and
+//            in fp32 (attention_pool_tile_impl.h's row code); dK = dS^T Q and dV = P^T dO on tiles with P and
 //            dS in bf16 (fp32 accumulation; summed over all the span's queries at once, per
 //            block of keys); dQ += dS K in fp32 on AVX-512: its terms cancel (a row's dS sums
 //            to 0), so dS rounded to bf16 would cost it more than the bf16 reference's error.
@@ -16,26 +16,27 @@
 // pairs per tile row), zero-padded. Every tile is configured 16 rows x 64 bytes; the kernels load
 // the configuration on entry and release the tiles on return, on the thread they run on.
 // The launcher calls in only on a CPU with AMX whose kernel granted this process the tile data
-// (amx_permitted in attention_pool_cpu.cpp). Compiled for the ISA by avx512_target_push.h,
+// (amx_permitted in isa_dispatch.cpp). Compiled for the ISA by avx512_target_push.h,
 // never by a global flag; in the emulation test build amx_emulation.h stands in for the tile
-// instructions. No torch/STL header here (see kernel_common.h for why).
+// instructions. No torch/STL header here (see attention_pool_kernels.h for why).
 #if defined(__x86_64__) || defined(_M_X64)
 
 #define ATTNKERN_AVX512_BF16 1
 #define ATTNKERN_AMX 1
 #include "avx512_target_push.h"
 
-#include "tile_avx512_vec.h"
+#include "vec_avx512.h"
+#include "attention_pool_tile_impl.h"
 
 namespace attnkern {
 namespace cpu {
 namespace {
 
-using V = TileVec512;
+using V = Vec512;
 constexpr int kRows = 16;     // query rows of a tile
 constexpr int kKeys = 64;     // keys of a block: four tiles of 16 key columns
 constexpr int kChunk = 32;    // keys of one P tile (16 pairs)
-static_assert(kKeys == V::KB, "the fp32 row code strides S by V::KB");
+static_assert(kKeys == TileShape<V>::KB, "the fp32 row code strides S by TileShape<V>::KB");
 
 inline int64_t ceil_to(int64_t a, int64_t b) { return tile_ceil(a, b) * b; }
 
@@ -187,7 +188,7 @@ inline void tile_times_pairs(const uint16_t* A, int64_t as, int64_t K, const uin
 // M rows of X (fp32, row stride kKeys, nk columns) as bf16 rows of Y (row stride kKeys).
 inline void rows_to_bf16(int M, const float* X, int nk, uint16_t* Y) {
   for (int r = 0; r < M; ++r)
-    for (int j = 0; j < nk; j += V::W) V::load(X + r * kKeys + j).store_bf16(Y + r * kKeys + j);
+    for (int j = 0; j < nk; j += V::W) V::load(X + r * kKeys + j).store(reinterpret_cast<bf16_t*>(Y + r * kKeys + j));
 }
 
 // The same as two bf16 parts, X = hi + lo to about 2^-16 of X: hi = bf16(X), lo = bf16(X - hi).
@@ -196,8 +197,8 @@ inline void rows_to_bf16_split(int M, const float* X, int nk, uint16_t* hi, uint
     for (int j = 0; j < nk; j += V::W) {
       const int64_t o = r * kKeys + j;
       const V x = V::load(X + o);
-      x.store_bf16(hi + o);
-      (x - V::load(reinterpret_cast<const bf16_t*>(hi + o))).store_bf16(lo + o);
+      x.store(reinterpret_cast<bf16_t*>(hi + o));
+      (x - V::load(reinterpret_cast<const bf16_t*>(hi + o))).store(reinterpret_cast<bf16_t*>(lo + o));
     }
 }
 
@@ -213,7 +214,7 @@ inline void finish_logits(int M, float* S, int nb, int nk, float scale, float* b
       x.store(sr + j);
       mx = V::max(mx, x);
     }
-    if (bmax) bmax[r] = mx.hmax();
+    if (bmax) bmax[r] = mx.reduce_max();
   }
 }
 

@@ -1,20 +1,18 @@
-// Tiled CPU kernels for many queries per history, written once over a vector class `V` and
-// included by tile_{avx512,avx2,generic}.cpp after each defines its `V`. Everything here has
+// Tiled CPU kernels for many queries per history, written once over a vector type `V` and
+// included by attention_pool_tile_{avx512,avx512_bf16,amx,avx2,generic}.cpp with their set's `V`. Everything here has
 // internal linkage (anonymous namespace), so the per-ISA copies are never merged by the linker.
 //
-// V provides: W (fp32 lanes), MR (query rows of a tile), NV (key vectors of a panel: NR = NV * W
-// keys), CG (value chunks of W per register block), KB (keys of a block); zero, set1, load and
-// store of float, load of bf16_t/fp16_t (W elements), to_f32/from_f32 (one element of any input
-// type), + - *, fma, max, hmax, hsum, mask_tail(n) (lanes >= n set to -inf) and exp2 (exactly 0
-// below -125 and for -inf, +inf from 128 up, NaN for NaN); kPairDot, and where it is true
-// load_bits, set1_bits and dot_pairs (the bf16 pair scoring below).
+// V is a vector type of vec_common.h (vec_scalar.h, vec_avx2.h, vec_avx512.h); 2^x is its
+// exp2_fast (exactly 0 below -125 and for -inf, +inf from 128 up, NaN for NaN). Its lane count
+// sets the register blocking (TileShape below); where V::kPairDot, bf16 inputs are scored on
+// pairs (below).
 //
 // Shape of the work, per span (the valid positions of one (row, head), or a slice of them):
 // the keys are taken KB at a time; a block's keys are converted to fp32 once, transposed into
 // panels of NR keys (Kt[panel][d][NR]), and its values into fp32 rows. Every tile of MR queries
 // then runs against the block as small GEMMs whose accumulators live in registers: the scores
 // S = scale * (Q Kt) (MR x NV vectors per panel: the dot products of the unscaled queries first,
-// then the scale, so that the logits are in natural units as in kernel_impl.h), the online
+// then the scale, so that the logits are in natural units as in attention_pool_impl.h), the online
 // softmax per query row on the block (one max and one rescale decision per row and block,
 // probabilities 2^((s - m) log2 e)), and O += P V (MR x CG vectors at a time).
 // The backward and the stats kernel (the launcher's recomputed shift) score with the same code
@@ -27,16 +25,29 @@
 // backward alike, so the three still round identically.
 #pragma once
 
-#include "kernel_common.h"
-#include "tile_kernels.h"
+#include "attention_pool_kernels.h"
+#include "attention_pool_tile_kernels.h"
+#include "vec_common.h"
 
 namespace attnkern {
 namespace cpu {
 namespace {
 
+// The register blocking of the tiles for W lanes: MR query rows x NV vectors of keys (NR = NV * W
+// keys) of score accumulators, CG value chunks of W per register block, KB keys per block.
+// AVX-512 (W = 16): 8 x 32 keys, 16 of the 32 registers; AVX2 (W = 8): 6 x 16 keys, 12 of 16;
+// one lane: 4 x 4 in scalar registers.
+template <class V>
+struct TileShape {
+  static constexpr int MR = V::W >= 16 ? 8 : V::W == 8 ? 6 : 4;
+  static constexpr int NV = V::W == 1 ? 4 : 2;
+  static constexpr int CG = NV;
+  static constexpr int KB = 64;
+};
+
 constexpr float kTileLog2e = 1.4426950408889634f;
 // A row's running max moves only when a block's max exceeds it by more than 8 ln 2 (see
-// kLazyMax in kernel_impl.h): probabilities stay <= 2^8 and the common case is no rescale.
+// kLazyMax in attention_pool_impl.h): probabilities stay <= 2^8 and the common case is no rescale.
 constexpr float kTileLazyMax = float(8.0 * 0.6931471805599453);
 
 template <int M>
@@ -59,7 +70,7 @@ inline void with_rows(int m, F&& f) {
 inline int64_t tile_ceil(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t span_pos(const Span& s, int64_t i) { return s.start + (s.idx ? int64_t(s.idx[i]) : i); }
 inline float neg_inff() { return -__builtin_inff(); }
-// The shift subtracted from the logits (shift_of in kernel_impl.h): the running max, or 0 when
+// The shift subtracted from the logits (shift_of in attention_pool_impl.h): the running max, or 0 when
 // that is infinite, so that masked lanes still give 0 and a +inf logit turns the row NaN.
 inline float tile_shift_of(float m) { return (m == neg_inff() || m == __builtin_inff()) ? 0.f : m; }
 
@@ -99,7 +110,7 @@ template <class V, class T>
 inline void row_f32(const T* src, int64_t D, int64_t Dp, float* dst) {
   int64_t d = 0;
   for (; d + V::W <= D; d += V::W) V::load(src + d).store(dst + d);
-  for (; d < D; ++d) dst[d] = V::to_f32(src[d]);
+  for (; d < D; ++d) dst[d] = to_f32(src[d]);
   for (; d < Dp; ++d) dst[d] = 0.f;
 }
 
@@ -110,7 +121,7 @@ inline void row_f32(const T* src, int64_t D, int64_t Dp, float* dst) {
 template <class V, class T>
 inline void pack_block(const Span& s, int64_t i0, int nb, const T* base, int64_t sl, int64_t D, int64_t Dp,
                        float* pk, float* pr) {
-  constexpr int NR = V::NV * V::W;
+  constexpr int NR = TileShape<V>::NV * V::W;
   const int nk = int(tile_ceil(nb, NR) * NR);
   for (int j = 0; j < nk; ++j) {
     float* row = pr + int64_t(j) * Dp;
@@ -150,7 +161,7 @@ inline void pack_pair_panels(const Span& s, int64_t i0, int nb, int nk, int PW, 
 template <class V>
 inline void pack_block_pairs(const Span& s, int64_t i0, int nb, const bf16_t* base, int64_t sl, int64_t D,
                              int64_t Dp, float* kt, float* pr) {
-  constexpr int NR = V::NV * V::W, W = V::W;
+  constexpr int NR = TileShape<V>::NV * V::W, W = V::W;
   pack_block<V>(s, i0, nb, base, sl, D, Dp, kt, pr);
   const int64_t D2 = pairs_of(D);
   const int np = int(tile_ceil(nb, NR));
@@ -192,8 +203,8 @@ inline void prefetch_next_block(const Span& s, int64_t i0, int bs, const T* k, i
 // The end of a panel's scoring: acc *= mul, lanes >= valid set to -inf, stored to S (row
 // stride ss).
 template <class V, int M>
-inline void finish_scores(V (&acc)[M][V::NV], int valid, float mul, float* S, int64_t ss) {
-  constexpr int NV = V::NV, W = V::W, NR = NV * W;
+inline void finish_scores(V (&acc)[M][TileShape<V>::NV], int valid, float mul, float* S, int64_t ss) {
+  constexpr int NV = TileShape<V>::NV, W = V::W, NR = NV * W;
   if (mul != 1.f) {
     const V mv = V::set1(mul);
 #pragma GCC unroll 8
@@ -221,7 +232,7 @@ inline void finish_scores(V (&acc)[M][V::NV], int valid, float mul, float* S, in
 // one dot_pairs chain per lane.
 template <class V, int M, bool PAIRS, class E>
 inline void qk_panel(const E* x, int64_t xs, const E* pk, int64_t D, int valid, float mul, float* S, int64_t ss) {
-  constexpr int NV = V::NV, W = V::W, NR = NV * W;
+  constexpr int NV = TileShape<V>::NV, W = V::W, NR = NV * W;
   V acc[M][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < M; ++r)
@@ -273,7 +284,7 @@ struct TileScoring {
 // Scores of M query rows against panel pn of the block (qk_panel, on bf16 pairs when PAIRS).
 template <class V, int M, bool PAIRS>
 inline void score_panel(const TileScoring& sc, int pn, int valid, float mul, float* S, int64_t ss) {
-  constexpr int NR = V::NV * V::W;
+  constexpr int NR = TileShape<V>::NV * V::W;
   if constexpr (PAIRS)
     qk_panel<V, M, true>(sc.q2, sc.D2, sc.k2 + int64_t(pn) * sc.D2 * NR, sc.D2, valid, mul, S, ss);
   else
@@ -309,7 +320,7 @@ inline void pv_cols(const float* P, int64_t ps, const float* X, int64_t xs, int 
 
 template <class V, int M>
 inline void pv_all(const float* P, int64_t ps, const float* X, int64_t xs, int nk, float* Y, int64_t ys, int64_t Dp) {
-  constexpr int W = V::W, CG = V::CG;
+  constexpr int W = V::W, CG = TileShape<V>::CG;
   int64_t c = 0;
   for (; c + CG * W <= Dp; c += CG * W) pv_cols<V, M, CG>(P, ps, X + c, xs, nk, Y + c, ys);
   for (; c < Dp; c += W) pv_cols<V, M, 1>(P, ps, X + c, xs, nk, Y + c, ys);
@@ -343,7 +354,7 @@ inline void rank_cols(const float* P, int64_t ps, const float* X, int64_t xs, in
 template <class V, int M>
 inline void rank_all(const float* P, int64_t ps, const float* X, int64_t xs, int nk, float* Y, int64_t ys,
                      int64_t Dp) {
-  constexpr int W = V::W, CG = V::CG;
+  constexpr int W = V::W, CG = TileShape<V>::CG;
   int64_t c = 0;
   for (; c + CG * W <= Dp; c += CG * W) rank_cols<V, M, CG>(P, ps, X + c, xs, nk, Y + c, ys);
   for (; c < Dp; c += W) rank_cols<V, M, 1>(P, ps, X + c, xs, nk, Y + c, ys);
@@ -366,7 +377,7 @@ struct TileFwdWs {
 };
 template <class V>
 inline TileFwdWs tile_fwd_ws(int64_t N, const TileDims& t) {
-  constexpr int KB = V::KB, MR = V::MR;
+  constexpr int KB = TileShape<V>::KB, MR = TileShape<V>::MR;
   TileBump b;
   TileFwdWs w;
   w.qs = b.take(N * t.Dkp);  // queries as fp32, zero-padded
@@ -389,7 +400,7 @@ struct TileBwdWs {
 };
 template <class V>
 inline TileBwdWs tile_bwd_ws(int64_t N, const TileDims& t) {
-  constexpr int KB = V::KB, MR = V::MR;
+  constexpr int KB = TileShape<V>::KB, MR = TileShape<V>::MR;
   TileBump b;
   TileBwdWs w;
   w.qf = b.take(N * t.Dkp);   // queries as fp32 (scores and dK)
@@ -472,11 +483,11 @@ inline void softmax_rows(int M, const float* bmax, float* S, int64_t ss, int nk,
     V sum = V::zero();
     float* sr = S + r * ss;
     for (int j = 0; j < nk; j += W) {
-      const V pr = V::exp2((V::load(sr + j) - mv) * l2e);
+      const V pr = exp2_fast((V::load(sr + j) - mv) * l2e);
       sum = sum + pr;
       if constexpr (PV) pr.store(sr + j);
     }
-    ll[r] += sum.hsum();
+    ll[r] += sum.reduce_add();
   }
 }
 
@@ -485,7 +496,7 @@ inline void softmax_rows(int M, const float* bmax, float* S, int64_t ss, int nk,
 template <class V, int M, bool PV, bool PAIRS>
 inline void fwd_tile_rows(const TileScoring& sc, const float* vp, int64_t Dvp, int nb, float scale, float* S,
                           float* O, float* mm, float* ll) {
-  constexpr int NR = V::NV * V::W, KB = V::KB;
+  constexpr int NR = TileShape<V>::NV * V::W, KB = TileShape<V>::KB;
   const int np = int(tile_ceil(nb, NR)), nk = np * NR;
   for (int pn = 0; pn < np; ++pn) {
     const int valid = nb - pn * NR < NR ? nb - pn * NR : NR;
@@ -497,7 +508,7 @@ inline void fwd_tile_rows(const TileScoring& sc, const float* vp, int64_t Dvp, i
   for (int r = 0; r < M; ++r) {
     V mx = V::load(S + r * KB);
     for (int j = V::W; j < nk; j += V::W) mx = V::max(mx, V::load(S + r * KB + j));
-    bmax[r] = mx.hmax();
+    bmax[r] = mx.reduce_max();
   }
   softmax_rows<V, PV>(M, bmax, S, KB, nk, O, Dvp, mm, ll);
   if constexpr (PV) pv_all<V, M>(S, KB, vp, Dvp, nk, O, Dvp, Dvp);
@@ -531,7 +542,7 @@ inline void fwd_write_rows(int64_t N, int64_t Dv, int64_t Ors, const float* O, c
 // PV: the forward (acc_out, m_out, l_out); otherwise the stats kernel (m_out, l_out only).
 template <class V, class T, bool PV>
 void tile_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out, float* m_out, float* l_out) {
-  constexpr int KB = V::KB, MR = V::MR;
+  constexpr int KB = TileShape<V>::KB, MR = TileShape<V>::MR;
   const TileDims t = tile_dims<V>(p.Dk, p.Dv);
   const int64_t N = p.N;
   const TileFwdWs lay = tile_fwd_ws<V>(N, t);
@@ -590,7 +601,7 @@ inline void bwd_probs_rows(int M, float* S, int64_t ss, int nk, const float* msh
   for (int r = 0; r < M; ++r) {
     const V m = V::set1(msh[r]), lgr = V::set1(lg[r]);
     float* sr = S + r * ss;
-    for (int j = 0; j < nk; j += W) V::exp2((V::load(sr + j) - m) * l2e - lgr).store(sr + j);  // past nb: 0
+    for (int j = 0; j < nk; j += W) exp2_fast((V::load(sr + j) - m) * l2e - lgr).store(sr + j);  // past nb: 0
   }
 }
 
@@ -650,11 +661,11 @@ inline void bwd_updates(const TileDims& t, const float* S, const float* dP, int6
 }
 
 // dQ += dS K for M rows (dS in dP, row stride ss; K as fp32 rows kr [nk][Dkp]; dQ stride Dkp),
-// in pieces of at most V::MR rows, the register blocking of pv_cols.
+// in pieces of at most TileShape<V>::MR rows, the register blocking of pv_cols.
 template <class V>
 inline void bwd_dq_rows(int M, const float* dP, int64_t ss, int nk, const float* kr, int64_t Dkp, float* dQ) {
-  for (int h = 0; h < M; h += V::MR)
-    with_rows<V::MR>(M - h < V::MR ? M - h : V::MR, [&](auto mc) {
+  for (int h = 0; h < M; h += TileShape<V>::MR)
+    with_rows<TileShape<V>::MR>(M - h < TileShape<V>::MR ? M - h : TileShape<V>::MR, [&](auto mc) {
       pv_all<V, decltype(mc)::value>(dP + h * ss, ss, kr, Dkp, nk, dQ + h * Dkp, Dkp, Dkp);
     });
 }
@@ -695,8 +706,8 @@ inline void bwd_write_block(const BwdParams& p, const Span& s, const TileDims& t
     const int64_t pos = span_pos(s, i0 + j);
     T* gk = gkb + pos * p.gk_sl;
     T* gv = gvb + pos * p.gv_sl;
-    for (int64_t d = 0; d < t.Dk; ++d) V::from_f32(dKb[j * t.Dkp + d] * scale, gk + d);
-    for (int64_t d = 0; d < t.Dv; ++d) V::from_f32(dVb[j * t.Dvp + d], gv + d);
+    for (int64_t d = 0; d < t.Dk; ++d) from_f32(dKb[j * t.Dkp + d] * scale, gk + d);
+    for (int64_t d = 0; d < t.Dv; ++d) from_f32(dVb[j * t.Dvp + d], gv + d);
   }
 }
 
@@ -707,7 +718,7 @@ inline void bwd_tile_rows(const TileDims& t, const TileScoring& sc, const float*
                           const float* msh, const float* lg, const float* dl, const float* vt, const float* kr,
                           int nb, float scale, float* S, float* dP, float* dKb, float* dVb, bool own,
                           const float* vn, const float* dn) {
-  constexpr int NR = V::NV * V::W, KB = V::KB;
+  constexpr int NR = TileShape<V>::NV * V::W, KB = TileShape<V>::KB;
   const int np = int(tile_ceil(nb, NR)), nk = np * NR;
   for (int pn = 0; pn < np; ++pn) {
     const int valid = nb - pn * NR < NR ? nb - pn * NR : NR;
@@ -723,7 +734,7 @@ inline void bwd_tile_rows(const TileDims& t, const TileScoring& sc, const float*
 
 template <class V, class T>
 void tile_bwd_span(const BwdParams& p, const Span& s, float* ws, float* dq_out) {
-  constexpr int KB = V::KB, MR = V::MR;
+  constexpr int KB = TileShape<V>::KB, MR = TileShape<V>::MR;
   const TileDims t = tile_dims<V>(p.Dk, p.Dv);
   const int64_t N = p.N;
   const TileBwdWs lay = tile_bwd_ws<V>(N, t);

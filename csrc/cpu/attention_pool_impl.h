@@ -1,15 +1,10 @@
-// The CPU attention-pooling kernels, written once over a SIMD vector class `V` and included by
-// each per-ISA translation unit (kernel_avx512.cpp, kernel_avx2.cpp, kernel_generic.cpp) after
-// it defines its `V`. Everything here has internal linkage (anonymous namespace), so the
+// The CPU attention-pooling kernels, written once over a vector type `V` and included by each
+// per-ISA translation unit (attention_pool_{avx512,avx2,generic}.cpp) with its set's `V`. Everything here has internal linkage (anonymous namespace), so the
 // ISA-specific copies can never be merged by the linker.
 //
-// V provides: W (lanes), A (accumulator scalar), zero/set1/load/load_partial/store/
-// store_partial for A and for every input type T, stream (non-temporal store), fence, + - *,
-// fma, reduce_add, reduce_max, exp2 (exactly 0 below -126 and for -inf, +inf from 128 up, NaN
-// stays NaN: a non-finite logit at a valid position must show in the result, never vanish),
-// mask_tail(nb) (lanes >= nb set to -inf), transpose_reduce(V a[W]) (lane j = horizontal sum
-// of a[j], by the same tree of additions for every lane) and, for W >= 2, concat_lo/concat_hi(a, b)
-// (the low/high halves of a and b, a's first).
+// V is a vector type of vec_common.h (vec_scalar.h, vec_avx2.h, vec_avx512.h); 2^x is its
+// exp2_accurate (exactly 0 below -126 and for -inf, +inf from 128 up, NaN stays NaN: a
+// non-finite logit at a valid position must show in the result, never vanish).
 //
 // Shape of the work: keys are processed in blocks of W positions. For each block the scores of
 // a query are W dot products, reduced horizontally all at once by transpose_reduce (or, with
@@ -27,7 +22,8 @@
 // logits that matter, so that large logits (|s| >> 1) lose nothing to the base change.
 #pragma once
 
-#include "kernel_common.h"
+#include "attention_pool_kernels.h"
+#include "vec_common.h"
 
 namespace attnkern {
 namespace cpu {
@@ -59,19 +55,6 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <class A>
 inline A shift_of(A m) {
   return (m == -__builtin_inf() || m == __builtin_inf()) ? A(0) : m;
-}
-
-// 2^f for |f| <= 1/2: degree-7 Taylor polynomial (relative error < 1e-8), shared by the SIMD
-// exp2 of every ISA (they add the range reduction and the special values).
-template <class V>
-inline V exp2_poly(V f) {
-  constexpr float c[8] = {1.5252733804059841e-05f, 1.5403530393381608e-04f, 1.3333558146428443e-03f,
-                          9.6181291076284772e-03f, 5.5504108664821580e-02f, 2.4022650695910071e-01f,
-                          6.9314718055994531e-01f, 1.0f};
-  V y = V::set1(c[0]);
-#pragma GCC unroll 8
-  for (int i = 1; i < 8; ++i) y = V::fma(y, f, V::set1(c[i]));
-  return y;
 }
 
 // Workspace layouts (offsets in accumulator elements) of the general kernels, for W lanes and
@@ -271,7 +254,7 @@ inline void prefetch_rows(const FwdParams& p, const Span& s, int64_t i0, int64_t
 }
 
 // The first p.prefetch positions of a span (the launcher calls this, through
-// prefetch_span_head in kernel_generic.cpp, for the task that runs next).
+// prefetch_span_head in attention_pool_generic.cpp, for the task that runs next).
 template <class T>
 inline void prefetch_head(const FwdParams& p, const Span& s) {
   const auto [kb, vb] = kv_bases<T>(p, s);
@@ -310,7 +293,7 @@ inline A lazy_max_update(A bmax, A* mm, A* ll) {
 template <class V>
 inline V exp_shifted(V s, typename V::A m) {
   using A = typename V::A;
-  return V::exp2((s - V::set1(m)) * V::set1(A(kLog2e)));
+  return exp2_accurate((s - V::set1(m)) * V::set1(A(kLog2e)));
 }
 
 // Online-softmax step of one query for one block: updates its running max/sum and returns
@@ -767,7 +750,7 @@ void bwd_span_single(const BwdParams& p, const Span& s, typename V::A* dq_out) {
     }
     const V sc = (V::concat_lo(half[0], half[1]) * sv).mask_tail(nb);
     const V dp = V::concat_hi(half[0], half[1]);
-    const V pr = V::exp2((sc - msh) * l2e - lg);  // masked lanes: exactly 0
+    const V pr = exp2_accurate((sc - msh) * l2e - lg);  // masked lanes: exactly 0
     const V ds = pr * (dp - dl) * scale;
     pr.store(prb);
     ds.store(dsb);
@@ -855,7 +838,7 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
     }
     // Per query: p and ds of the block's keys (kept for the rows below), and dq += ds . K.
     auto query_grads = [&](int64_t n, V sc, V dp) {
-      const V pr = V::exp2(((sc * sv).mask_tail(nb) - V::set1(msh[n])) * V::set1(A(kLog2e)) - V::set1(lg[n]));
+      const V pr = exp2_accurate(((sc * sv).mask_tail(nb) - V::set1(msh[n])) * V::set1(A(kLog2e)) - V::set1(lg[n]));
       const V ds = pr * (dp - V::set1(dl[n])) * V::set1(scale);
       pr.store(pb + n * W);
       ds.store(dsb + n * W);

@@ -8,16 +8,10 @@
 
 #include <stdint.h>
 
+#include "elem_types.h"
+
 namespace attnkern {
 namespace cpu {
-
-// Element types as seen by the kernels (tags only: the kernels do their own conversions).
-struct bf16_t {
-  uint16_t x;
-};
-struct fp16_t {
-  uint16_t x;
-};
 
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 
@@ -92,15 +86,12 @@ struct KernelTable {
   StatsFn stats;
   ZeroFn zero;
   WorkspaceFn workspace;
-  // Tiled kernels for many queries per history (tile_kernels.h); null where there are none.
+  // Tiled kernels for many queries per history (attention_pool_tile_kernels.h); null where there are none.
   // stats_tile scores as bwd_tile does; workspace_tile sizes their workspace.
   FwdFn fwd_tile = nullptr;
   BwdFn bwd_tile = nullptr;
   StatsFn stats_tile = nullptr;
   WorkspaceFn workspace_tile = nullptr;
-  // The instruction set the table runs: "avx512", "avx2", "generic" ("avx512-emulated" in
-  // the test build of avx512_emulation.h).
-  const char* isa = "generic";
 };
 
 // Prefetches the K/V rows of the first p.prefetch positions of span s (portable code: the
@@ -113,6 +104,13 @@ KernelTable generic_kernels();
 KernelTable avx2_kernels();    // needs avx2, fma, f16c
 KernelTable avx512_kernels();  // needs avx512f, avx512bw, avx512vl, avx512dq, fma
 #endif
+
+// The launcher's side (attention_pool_dispatch.cpp): the table of a call with inputs of dtype
+// (the selected instruction set's, or the generic one for kF64); whether its tasks of N queries
+// take the tiled kernels; and the workspace elements of the kernels it runs.
+const KernelTable& kernels_for(int dtype);
+bool use_tiles(const KernelTable& kt, int64_t N);
+int64_t workspace_for(const KernelTable& kt, bool tiles, int64_t N, int64_t Dk, int64_t Dv);
 
 }  // namespace cpu
 }  // namespace attnkern

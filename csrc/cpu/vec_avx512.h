@@ -1,23 +1,32 @@
-// AVX-512 kernels (16 fp32 lanes). The whole translation unit is compiled for AVX-512 by
-// avx512_target_push.h, never by a global -mavx512 flag, so the extension still loads on any x86-64 CPU:
-// the launcher calls into this file only after checking the CPU at run time. No torch/STL
-// header is included here (see kernel_common.h for why).
-#if defined(__x86_64__) || defined(_M_X64)
+// The AVX-512 (F/BW/VL/DQ) vector type (16 fp32 lanes) of the AVX-512 kernels of every op family
+// (attention_pool_avx512.cpp, attention_pool_tile_avx512*.cpp, attention_pool_tile_amx.cpp,
+// activation_unit_avx512.cpp): the interface of vec_common.h. Each includes it after
+// avx512_target_push.h (and so, in the emulation build, after avx512_emulation.h), so each gets
+// its own copy (internal linkage).
+// With ATTNKERN_AVX512_BF16 defined it also has the bf16 pair products of AVX512-BF16
+// (vdpbf16ps): kPairDot, load_bits, set1_bits, join_pairs, dot_pairs.
+#pragma once
 
-#include "avx512_target_push.h"
-
-#include "kernel_common.h"
-#include "kernel_impl.h"
+#include "vec_avx2.h"  // AVX2 is part of every AVX-512 target: its fp16 element conversions
 
 namespace attnkern {
 namespace cpu {
 namespace {
 
-inline __mmask16 lanes(int n) { return (__mmask16)((1u << n) - 1u); }
+typedef uint32_t U32x16 __attribute__((vector_size(64)));
+
+inline __mmask16 lanes(int n) { return n <= 0 ? __mmask16(0) : n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u); }
 
 struct Vec512 {
   using A = float;
+  using M = __mmask16;
   static constexpr int W = 16;
+  static constexpr bool kScalar = false;
+#if defined(ATTNKERN_AVX512_BF16)
+  static constexpr bool kPairDot = true;
+#else
+  static constexpr bool kPairDot = false;
+#endif
   __m512 v;
 
   static Vec512 zero() { return {_mm512_setzero_ps()}; }
@@ -33,12 +42,12 @@ struct Vec512 {
   static Vec512 from_bf16(__m256i h) {
     return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
   }
-  // Round to nearest even (the conversion torch uses); NaN stays NaN.
   __m256i to_bf16() const {
-    const __m512i b = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    U32x16 u;
+    __builtin_memcpy(&u, &v, 64);
+    bf16_round_bits(u);
+    __m512i r;
+    __builtin_memcpy(&r, &u, 64);
     return _mm512_cvtepi32_epi16(r);
   }
   __m256i to_fp16() const { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -57,26 +66,24 @@ struct Vec512 {
   Vec512 operator+(Vec512 b) const { return {_mm512_add_ps(v, b.v)}; }
   Vec512 operator-(Vec512 b) const { return {_mm512_sub_ps(v, b.v)}; }
   Vec512 operator*(Vec512 b) const { return {_mm512_mul_ps(v, b.v)}; }
+  Vec512 operator/(Vec512 b) const { return {_mm512_div_ps(v, b.v)}; }
   static Vec512 fma(Vec512 a, Vec512 b, Vec512 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  static Vec512 max(Vec512 a, Vec512 b) { return {_mm512_max_ps(a.v, b.v)}; }
+  static Vec512 min(Vec512 a, Vec512 b) { return {_mm512_min_ps(a.v, b.v)}; }
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
   float reduce_max() const { return _mm512_reduce_max_ps(v); }
+  static M lt(Vec512 a, Vec512 b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ); }
+  static M ge(Vec512 a, Vec512 b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GE_OQ); }
+  static M gt(Vec512 a, Vec512 b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ); }
+  static M unord(Vec512 a, Vec512 b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_UNORD_Q); }
+  static Vec512 select(M m, Vec512 a, Vec512 b) { return {_mm512_mask_blend_ps(m, b.v, a.v)}; }
+  static Vec512 round(Vec512 x) { return {_mm512_roundscale_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+  static Vec512 scale_pow2(Vec512 y, Vec512 n) { return {_mm512_scalef_ps(y.v, n.v)}; }
+  Vec512 mask_tail(int n) const { return {_mm512_mask_blend_ps(lanes(n), _mm512_set1_ps(-__builtin_inff()), v)}; }
 
-  // 2^x: round-to-nearest split x = n + f, |f| <= 1/2, exp2_poly(f) (kernel_impl.h) scaled by
-  // 2^n. Below -126 (incl. -inf): exactly 0; from 128 up: +inf; NaN stays NaN (max/min return
-  // their second operand, x, when it is NaN).
-  static Vec512 exp2(Vec512 x) {
-    const __m512 xc = _mm512_min_ps(_mm512_set1_ps(127.f), _mm512_max_ps(_mm512_set1_ps(-126.f), x.v));
-    const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 y = exp2_poly(Vec512{_mm512_sub_ps(xc, n)}).v;
-    __m512 r = _mm512_scalef_ps(y, n);
-    r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, _mm512_set1_ps(-126.f), _CMP_NLT_UQ), r);  // NaN: kept
-    return {_mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(128.f), _CMP_GE_OQ),
-                               _mm512_set1_ps(__builtin_inff()))};
-  }
   // Lanes 0..7 of a then lanes 0..7 of b (concat_lo); lanes 8..15 of both (concat_hi).
   static Vec512 concat_lo(Vec512 a, Vec512 b) { return {_mm512_shuffle_f32x4(a.v, b.v, 0x44)}; }
   static Vec512 concat_hi(Vec512 a, Vec512 b) { return {_mm512_shuffle_f32x4(a.v, b.v, 0xEE)}; }
-  Vec512 mask_tail(int nb) const { return {_mm512_mask_blend_ps(lanes(nb), _mm512_set1_ps(-__builtin_inff()), v)}; }
 
   // 16 vectors -> one whose lane j is the sum of a[j]: four rounds of pairwise lane shuffles.
   static Vec512 transpose_reduce(const Vec512* a) {
@@ -95,26 +102,32 @@ struct Vec512 {
     const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     return {_mm512_permutexvar_ps(idx, r)};
   }
+  // dst[d * NR + j] = rows[j * rs + d] for the W rows j and d < D (rows readable up to D
+  // rounded up to 8), as two 8-row halves.
+  template <int NR>
+  static void transpose_rows(const float* rows, int64_t rs, int64_t D, float* dst) {
+    transpose8_rows(rows, rs, D, dst, NR);
+    transpose8_rows(rows + 8 * rs, rs, D, dst + 8, NR);
+  }
+
+#if defined(ATTNKERN_AVX512_BF16)
+  // Raw 32-bit lanes (two bf16 elements each, element 2i in the low half) carried in a vector.
+  static Vec512 load_bits(const uint32_t* p) { return {_mm512_castsi512_ps(_mm512_loadu_si512(p))}; }
+  static Vec512 set1_bits(uint32_t a) { return {_mm512_castsi512_ps(_mm512_set1_epi32(int(a)))}; }
+  // Pair lanes from two vectors of fp32 values that are bf16 values (low halves zero): even's
+  // bf16 bits in the low half, odd's in the high half (the halves do not overlap: + is |).
+  static Vec512 join_pairs(Vec512 even, Vec512 odd) {
+    const __m512i lo = _mm512_srli_epi32(_mm512_castps_si512(even.v), 16);
+    const __m512i hi = _mm512_and_si512(_mm512_castps_si512(odd.v), _mm512_set1_epi32(int(0xffff0000u)));
+    return {_mm512_castsi512_ps(_mm512_add_epi32(lo, hi))};
+  }
+  // acc + a.lo * b.lo + a.hi * b.hi per lane (vdpbf16ps: exact bf16 products, fp32 sums).
+  static Vec512 dot_pairs(Vec512 acc, Vec512 a, Vec512 b) {
+    return {_mm512_dpbf16_ps(acc.v, (__m512bh)_mm512_castps_si512(a.v), (__m512bh)_mm512_castps_si512(b.v))};
+  }
+#endif
 };
 
-void zero_avx512(void* p, int64_t bytes) {
-  char* c = static_cast<char*>(p);
-  for (; bytes > 0 && (reinterpret_cast<uintptr_t>(c) & 63); --bytes) *c++ = 0;
-  const __m512i z = _mm512_setzero_si512();
-  for (; bytes >= 64; bytes -= 64, c += 64) _mm512_stream_si512(reinterpret_cast<__m512i*>(c), z);
-  for (; bytes > 0; --bytes) *c++ = 0;
-  _mm_sfence();
-}
-
 }  // namespace
-
-KernelTable avx512_kernels() {
-  return {&fwd_entry<Vec512>, &bwd_entry<Vec512>, &stats_entry<Vec512>, &zero_avx512, &workspace_entry<Vec512>};
-}
-
 }  // namespace cpu
 }  // namespace attnkern
-
-#include "target_pop.h"
-
-#endif  // x86-64

@@ -1,0 +1,23 @@
+// The attention pool's op schemas, declared once; this file also opens the attnkern library
+// (the activation unit's schemas are a fragment of it, activation_unit_ops.cpp). Each backend
+// adds its kernels with TORCH_LIBRARY_IMPL(attnkern, CPU|CUDA, m); the Triton kernels are
+// separate Python custom ops (attnkern::triton_*). Fake impls and autograd are registered in
+// attnkern/ops/autograd.py, the input contract is docs/contract.md.
+#include <torch/library.h>
+
+TORCH_LIBRARY(attnkern, m) {
+  m.def(
+      "attention_pool_fwd(Tensor query, Tensor key, Tensor value, Tensor? lengths, Tensor? mask, "
+      "float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_pool_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? lengths, "
+      "Tensor? mask, Tensor lse, Tensor delta, float scale) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+  m.def(
+      "jagged_attention_pool_fwd(Tensor query, Tensor key, Tensor value, Tensor offsets, "
+      "int max_length, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "jagged_attention_pool_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
+      "Tensor offsets, int max_length, Tensor lse, Tensor delta, float scale) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+}

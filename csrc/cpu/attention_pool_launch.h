@@ -1,0 +1,30 @@
+// The CPU launchers of the four attention-pool ops (attention_pool_launch.cpp), registered for
+// the CPU dispatch keys by attention_pool_register.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace attnkern {
+
+std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                          const at::Tensor& value,
+                                                          const std::optional<at::Tensor>& lengths,
+                                                          const std::optional<at::Tensor>& mask, double scale);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& mask, const at::Tensor& lse,
+    const at::Tensor& delta, double scale);
+
+std::tuple<at::Tensor, at::Tensor> jagged_attention_pool_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                                 const at::Tensor& value, const at::Tensor& offsets,
+                                                                 int64_t max_length, double scale);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_pool_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& offsets, int64_t max_length, const at::Tensor& lse, const at::Tensor& delta, double scale);
+
+}  // namespace attnkern
