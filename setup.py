@@ -9,6 +9,8 @@ Environment switches:
   ATTNKERN_CUDA=1        require them (fail loudly if they cannot be built)
   TORCH_CUDA_ARCH_LIST   GPU architectures to build for (default "8.0;9.0")
   MAX_JOBS               parallel compile jobs (ninja)
+  ATTNKERN_CUDA_EMULATION=1  build only attnkern._cuda_emu, the CUDA kernels run on CPU tensors
+                         through an emulation harness (csrc/cuda_emu; scripts/cuda_emu.sh)
 """
 
 import glob
@@ -22,12 +24,13 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _sources(pattern, exclude=None):
+def _sources(pattern, exclude=()):
     """Files matching `pattern` (relative to this folder; ** spans subfolders at any depth), so
-    that a new kernel file or subfolder needs no edit here; minus those under `exclude`."""
+    that a new kernel file or subfolder needs no edit here; minus those under the folders
+    `exclude`."""
     found = glob.glob(os.path.join(ROOT, pattern), recursive=True)
     rel = (os.path.relpath(p, ROOT) for p in found)
-    return sorted(p for p in rel if exclude is None or not p.startswith(exclude + os.sep))
+    return sorted(p for p in rel if not p.startswith(tuple(e + os.sep for e in exclude)))
 
 
 def _pip_cuda_include_dirs():
@@ -90,7 +93,19 @@ def _want_cuda(torch):
     return reason is None, reason
 
 
+def _cuda_emulation_extensions():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "attnkern_cuda_emu_build", os.path.join(ROOT, "csrc", "cuda_emu", "build.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build.extensions(ROOT)
+
+
 def _extensions():
+    if os.environ.get("ATTNKERN_CUDA_EMULATION", "").strip() == "1":
+        return _cuda_emulation_extensions()
     if os.environ.get("ATTNKERN_CUDA", "").strip() != "0":
         _set_cuda_home_from_nvcc()
     import torch
@@ -111,8 +126,10 @@ def _extensions():
     extra = os.environ.get("ATTNKERN_CPU_EXTRA_FLAGS", "").split()
     cxx_flags += extra
     link_flags += extra
-    # Every .cpp under csrc/ except the CUDA glue in csrc/cuda/ (built only with the CUDA kernels).
-    cpu_sources = _sources("csrc/**/*.cpp", exclude=os.path.join("csrc", "cuda"))
+    # Every .cpp under csrc/ except the CUDA glue in csrc/cuda/ (built only with the CUDA kernels)
+    # and the CUDA emulation's harness (its own build).
+    cpu_sources = _sources("csrc/**/*.cpp",
+                           exclude=(os.path.join("csrc", "cuda"), os.path.join("csrc", "cuda_emu")))
     use_cuda, reason = _want_cuda(torch)
     if not use_cuda:
         print("attnkern: building the CPU kernels only (%s)" % reason)

@@ -9,7 +9,7 @@ import torch
 from ._jagged import unpack_history
 from ._validation import Problem, check_values, checked_index_values, validate, validate_activation_unit
 from .ops import BACKENDS, BackendUnavailable, activation_fused_op, backend_info, fused_op
-from .ops.availability import triton_interpret
+from .ops.availability import cuda_emulated, triton_interpret
 from .reference import activation_unit_pool_ref, attention_pool_ref
 
 _resolved: dict = {}
@@ -62,7 +62,7 @@ def _resolve(backend, query: torch.Tensor) -> str:
         raise BackendUnavailable(name, unavailable)
     if name == "cpu" and dev != "cpu":
         raise ValueError("backend 'cpu' needs CPU tensors, got query on %s" % query.device)
-    if name == "cuda" and dev != "cuda":
+    if name == "cuda" and dev != "cuda" and not (dev == "cpu" and cuda_emulated()):
         raise ValueError("backend 'cuda' needs CUDA tensors, got query on %s" % query.device)
     if name == "triton" and dev != "cuda" and not (dev == "cpu" and triton_interpret()):
         raise ValueError(

@@ -7,14 +7,12 @@
 #
 #   scripts/sanitize_cpu.sh [fuzz minutes, default 1]
 #
-# Python itself is not instrumented: the ASan runtime is preloaded (LD_PRELOAD), and leak
-# detection is off (the interpreter's own allocations at exit are not ours to judge).
+# The run's environment and the verdict on its log: scripts/sanitizer_env.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 OUT="${ATTNKERN_ASAN_DIR:-$ROOT/build-asan}"
 FUZZ_MINUTES="${1:-1}"
-CXX_BIN="${CXX:-c++}"
 start=$(date +%s)
 
 mkdir -p "$OUT/src"
@@ -30,19 +28,8 @@ SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-poin
   > "$OUT/build.log" 2>&1) || { tail -50 "$OUT/build.log"; echo "sanitize_cpu: build failed"; exit 1; }
 built=$(date +%s)
 
-LIBASAN="$("$CXX_BIN" -print-file-name=libasan.so)"
-# libstdc++ right after the ASan runtime: its __cxa_throw interceptor finds the real one only if
-# libstdc++ is loaded when ASan starts (python itself does not link it), else the first C++
-# exception (any TORCH_CHECK) aborts in a CHECK of the interceptor.
-export LD_PRELOAD="$LIBASAN $("$CXX_BIN" -print-file-name=libstdc++.so)"
-export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_odr_violation=0:alloc_dealloc_mismatch=0"
-export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
-# Triton's own native module aborts under the preloaded ASan runtime (a CHECK in its __cxa_throw
-# interceptor while Triton's pybind module initialises): it is not under test here, so a stub
-# package hides it (attnkern then reports the triton backend unavailable).
-mkdir -p "$OUT/no_triton/triton"
-echo 'raise ImportError("triton is hidden in the sanitizer run")' > "$OUT/no_triton/triton/__init__.py"
-export PYTHONPATH="$OUT/src:$OUT/no_triton${PYTHONPATH:+:$PYTHONPATH}"
+. scripts/sanitizer_env.sh
+sanitizer_env "$OUT" "$OUT/src"
 LOG="$OUT/run.log"
 status=0
 (
@@ -75,11 +62,7 @@ assert isa == 'amx-emulated', isa"
   python scripts/fuzz.py --minutes "$FUZZ_MINUTES" --targets api:cpu,raw:cpu
 ) > "$LOG" 2>&1 || status=$?
 end=$(date +%s)
-if grep -qE "ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$LOG"; then
-  grep -nE -A30 "ERROR: AddressSanitizer|runtime error:" "$LOG" | head -80
-  echo "sanitize_cpu: sanitizer report (log: $LOG)"
-  exit 1
-fi
+sanitizer_verdict "$LOG" sanitize_cpu || exit 1
 tail -25 "$LOG"
 echo "sanitize_cpu: build $((built - start)) s, tests + fuzz $((end - built)) s, status $status"
 exit $status

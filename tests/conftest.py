@@ -46,6 +46,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+# Where the "cuda" backend's tests run: CUDA tensors with a GPU; CPU tensors in the CUDA
+# emulation build (scripts/cuda_emu.sh), where backend="cuda" runs csrc/cuda's kernels through
+# the harness of csrc/cuda_emu; None: nowhere (those tests skip).
+CUDA_DEVICE = ("cuda" if torch.cuda.is_available()
+               else "cpu" if attnkern.backends()["cuda"].emulated else None)
+needs_cuda_backend = pytest.mark.skipif(
+    CUDA_DEVICE is None, reason="no CUDA GPU (and not the CUDA emulation build)")
+
+
+def on_cuda_device(*values):
+    """`values` with every tensor (also inside dicts) moved to CUDA_DEVICE."""
+    def move(x):
+        if isinstance(x, dict):
+            return {name: move(t) for name, t in x.items()}
+        return x.to(CUDA_DEVICE) if isinstance(x, torch.Tensor) else x
+    return tuple(move(x) for x in values)
+
+
+def cuda_op(name):
+    """The registered op `name` of the cuda backend (its kernels are the emulation's CPU kernels
+    of attnkern::cuda_emu_<name> in the CUDA emulation build)."""
+    from attnkern.ops.availability import CUDA_EMU_PREFIX
+
+    prefix = CUDA_EMU_PREFIX if CUDA_DEVICE == "cpu" else ""
+    return getattr(torch.ops.attnkern, prefix + name)
+
+
 def backend_device_pairs(interpreter_slow=False):
     """(backend, device) pairs the property suite runs, each with a skip mark when unavailable.
     interpreter_slow: mark the Triton-on-CPU pair (the interpreter: seconds a case) slow."""
@@ -56,11 +83,13 @@ def backend_device_pairs(interpreter_slow=False):
         ("reference", "cpu"),
         ("cpu", "cpu"),
         ("triton", "cuda" if gpu else "cpu"),
-        ("cuda", "cuda"),
+        ("cuda", CUDA_DEVICE or "cuda"),
         ("reference", "cuda"),
     ):
         marks = []
-        if device == "cuda" and not gpu:
+        if backend == "cuda" and CUDA_DEVICE is not None:
+            pass
+        elif device == "cuda" and not gpu:
             marks.append(pytest.mark.skipif(True, reason="no CUDA GPU"))
         elif not info[backend].available:
             marks.append(pytest.mark.skipif(True, reason=info[backend].reason))

@@ -1,6 +1,7 @@
 """Triton activation-unit pooling against the reference: forward and every gradient, every layout,
 activation, one and two hidden layers, raw and softmax weights, empty rows, N > 1; the custom
-ops' input checks, index clamping, fake impls and torch.compile; the CUDA kernels' registration.
+ops' input checks, index clamping, fake impls and torch.compile (the CUDA kernels' tests:
+tests/test_activation_unit_cuda.py).
 
 On CPU the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set before triton is
 imported); with a GPU the same tests run on CUDA tensors. Shapes are tiny: the interpreter is
@@ -20,24 +21,21 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 import attnkern  # noqa: E402
-from attnkern.ops.availability import cuda_kernels_built, extension  # noqa: E402
+from attnkern.ops.availability import extension  # noqa: E402
 from attnkern.ops.schemas import ACTIVATION_GRAD_ARGS as GRAD_ARGS  # noqa: E402
 from attnkern.reference import activation_unit_pool_ref  # noqa: E402
-from attnkern.testing import (FLOOR, LOW_PRECISION_FACTOR, random_activation_problem,  # noqa: E402
-                              activation_unused_rows as unused_rows,
-                              check_activation_backend as check)
+from attnkern.testing import activation_unused_rows as unused_rows  # noqa: E402
+from attnkern.testing import random_activation_problem  # noqa: E402
 
 if not attnkern.backends()["triton"].available:
     pytest.skip(attnkern.backends()["triton"].reason, allow_module_level=True)
 
 from attnkern.triton_kernels import activation_unit as K  # noqa: E402
+from activation_unit_cases import bad as _bad, check_backend, cover as _cover  # noqa: E402
 
 TRITON_FWD = torch.ops.attnkern.triton_activation_unit_pool_fwd
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ACTS = ["relu", "sigmoid", "prelu", "dice"]
-LAYOUTS = ["lengths", "mask", "jagged", "full"]
-UNITS = [(5,), (7, 3)]
 
 
 def _problem(dtype=torch.float32, device=DEVICE, **kw):
@@ -53,57 +51,6 @@ def _run(fn, a, grad_out):
     out, lse = fn(*a.values())
     gs = torch.autograd.grad(out, [a[n] for n in names], grad_out.to(out.dtype), allow_unused=True)
     return out, lse, {n: (torch.zeros_like(a[n]) if g is None else g) for n, g in zip(names, gs)}
-
-
-def _to(a, dtype=None, device=None):
-    return {n: (t.to(device=device or t.device,
-                     dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
-                if isinstance(t, torch.Tensor) else t) for n, t in a.items()}
-
-
-def _err(x, y):
-    return 0.0 if x.numel() == 0 else (x.double().cpu() - y.double().cpu()).abs().max().item()
-
-
-def _scale(t):
-    return 1.0 if t.numel() == 0 else max(1.0, t.double().abs().max().item())
-
-
-def check_backend(backend, a):
-    """`backend` through the public function against the float64 reference (out and every
-    gradient, exact zeros on empty rows and unused positions: the shared checking body), and the
-    raw op's lse: -inf exactly on empty rows with softmax, 0 without, close elsewhere."""
-    ok, errors, why = check(backend, a)
-    assert ok, why + " " + str({k: "%.2g" % v for k, v in errors.items()})
-    op = (torch.ops.attnkern.triton_activation_unit_pool_fwd if backend == "triton"
-          else torch.ops.attnkern.activation_unit_pool_fwd)
-    with torch.no_grad():
-        _, lse = op(*a.values())
-        _, lse64 = activation_unit_pool_ref(*_to(a, torch.float64, "cpu").values())
-        _, lse_lp = activation_unit_pool_ref(*a.values())
-    assert lse.dtype == torch.float32 and lse.shape == lse64.shape
-    empty = torch.isneginf(lse64)
-    assert torch.equal(torch.isneginf(lse.cpu()), empty)
-    if not a["softmax"]:
-        assert (lse == 0).all()
-    fin = ~empty
-    allowed = (LOW_PRECISION_FACTOR * _err(lse_lp.cpu()[fin], lse64[fin])
-               + FLOOR[a["query"].dtype] * _scale(lse64[fin]))
-    assert _err(lse.cpu()[fin], lse64[fin]) <= allowed
-
-
-def _cover():
-    """Every (activation, units, raw/softmax) triple once, spread so that each layout meets every
-    activation and both depths and normalisations: 16 cases instead of the 64 of a product."""
-    cases = []
-    for ai, act in enumerate(ACTS):
-        for j in range(4):
-            units, softmax = UNITS[j // 2], bool(j % 2)
-            layout = LAYOUTS[(ai + j) % 4]
-            ident = "%s-%s-%s-%s" % (layout, act, "two" if len(units) == 2 else "one",
-                                     "softmax" if softmax else "raw")
-            cases.append(pytest.param(layout, act, units, softmax, id=ident))
-    return cases
 
 
 @pytest.mark.parametrize("layout,activation,units,softmax", _cover())
@@ -240,12 +187,6 @@ def test_non_contiguous_inputs():
     check_backend("triton", a)
 
 
-def _bad(a, **changes):
-    b = dict(a)
-    b.update(changes)
-    return list(b.values())
-
-
 def test_input_checks():
     a = _problem(B=2, N=1, L=3, E=2, Dv=2, units=(3,), activation="prelu", softmax=False,
                  layout="lengths", seed=11)
@@ -332,74 +273,6 @@ def test_torch_compile_fullgraph():
     want = f(*a.values())
     torch.testing.assert_close(y.detach(), want, atol=1e-5, rtol=1e-5)
     assert leaves["w1"].grad is not None and torch.isfinite(leaves["w1"].grad).all()
-
-
-# ----------------------------------------------------------------------------------------------
-# CUDA kernels (C++ extension): registration without a GPU, numerics with one
-# ----------------------------------------------------------------------------------------------
-
-
-def _cuda_built():
-    return cuda_kernels_built()
-
-
-@pytest.mark.skipif(not _cuda_built(), reason="attnkern._C was built without CUDA kernels")
-def test_cuda_kernels_registered():
-    for op in ("attnkern::activation_unit_pool_fwd", "attnkern::activation_unit_pool_bwd"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
-
-
-def _cover_cuda():
-    return [pytest.param(*c.values[:2], (80, 40) if len(c.values[2]) == 2 else (5,), c.values[3],
-                         dt, id=c.id.replace("-two-", "-80x40-") + "-" + name)
-            for c in _cover() for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-@pytest.mark.skipif(not _cuda_built(), reason="attnkern._C was built without CUDA kernels")
-@pytest.mark.parametrize("layout,activation,units,softmax,dtype", _cover_cuda())
-def test_cuda_kernels_match_reference(layout, activation, units, softmax, dtype):
-    a = _problem(B=7, N=3, L=70, E=13, Dv=9, units=units, activation=activation, softmax=softmax,
-                 layout=layout, dtype=dtype, device="cuda", seed=14)
-    check_backend("cuda", a)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-@pytest.mark.skipif(not _cuda_built(), reason="attnkern._C was built without CUDA kernels")
-@pytest.mark.parametrize("E,Dv,units", [(256, 256, (256,)), (130, 7, (256, 256)), (64, 64, (64,))],
-                         ids=["wide-unstaged", "odd-two-wide", "bench"])
-def test_cuda_kernels_wide_layers(E, Dv, units):
-    """Layers whose M_q does not fit in shared memory (recomputed from W1), odd E, and the
-    vectorised key loads (E = 64)."""
-    a = _problem(B=5, N=2, L=40, E=E, Dv=Dv, units=units, activation="dice", softmax=True,
-                 layout="jagged", device="cuda", seed=16)
-    check_backend("cuda", a)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-@pytest.mark.skipif(not _cuda_built(), reason="attnkern._C was built without CUDA kernels")
-@pytest.mark.parametrize("layout,softmax", [("mask", False), ("jagged", True)])
-def test_cuda_shared_keys_and_values(layout, softmax):
-    a = _problem(B=6, N=2, L=40, E=64, Dv=64, units=(80, 40), activation="prelu",
-                 softmax=softmax, layout=layout, device="cuda", seed=18, shared_value=True)
-    check_backend("cuda", a)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-@pytest.mark.skipif(not _cuda_built(), reason="attnkern._C was built without CUDA kernels")
-def test_cuda_input_checks_and_clamping():
-    a = _problem(B=3, N=1, L=4, E=2, Dv=2, units=(3,), activation="relu", softmax=False,
-                 layout="lengths", device="cuda", seed=9)
-    op = torch.ops.attnkern.activation_unit_pool_fwd
-    with pytest.raises(ValueError, match="w1 must be"):
-        op(*_bad(a, w1=a["w1"][:, :-1]))
-    with pytest.raises(ValueError, match="lengths must have shape"):
-        op(*_bad(a, lengths=a["lengths"][:1]))
-    a["lengths"] = torch.tensor([9, -3, 2], dtype=torch.int32, device="cuda")
-    out, _ = op(*a.values())
-    b = dict(a, lengths=torch.tensor([4, 0, 2], dtype=torch.int32, device="cuda"))
-    want, _ = activation_unit_pool_ref(*b.values())
-    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")

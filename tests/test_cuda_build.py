@@ -2,15 +2,17 @@
 
 Runs without a GPU (CI builds and links the CUDA kernels on a GPU-less host); the numerical
 checks of the "cuda" backend live in the shared property suite, which runs them on CUDA
-tensors when a GPU is present. The GPU tests here cover only what the shared suite can't
-reach through the public API: direct op calls with malformed lengths/offsets (clamped on the
-device, docs/contract.md section 3) and the CUDA-only dtype rule.
+tensors when a GPU is present (on CPU tensors in the CUDA emulation build, scripts/cuda_emu.sh).
+The kernel tests here cover only what the shared suite can't reach through the public API:
+direct op calls with malformed lengths/offsets (clamped on the device, see RowSpec in
+csrc/cuda/attention_pool_kernels.h; docs/contract.md section 3) and the CUDA-only dtype rule.
 """
 
 import pytest
 import torch
 
 from attnkern.ops.availability import extension
+from conftest import CUDA_DEVICE, cuda_op
 
 OPS = (
     "attention_pool_fwd",
@@ -32,13 +34,11 @@ needs_cuda_build = pytest.mark.skipif(
 
 @pytest.fixture
 def gpu():
-    """Skips unless the CUDA kernels are built and a GPU is visible (checked at run time, so
-    collecting this module never touches torch.cuda)."""
-    if not _built_with_cuda():
-        pytest.skip("attnkern._C was built without the CUDA kernels")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU")
-    return "cuda"
+    """The device of the cuda backend's kernels: skips unless they run here (a GPU, or the CUDA
+    emulation build)."""
+    if CUDA_DEVICE is None:
+        pytest.skip("no CUDA GPU (and not the CUDA emulation build)")
+    return CUDA_DEVICE
 
 
 @needs_cuda_build
@@ -68,7 +68,7 @@ def test_out_of_range_lengths_are_clamped(gpu):
     k = torch.randn(B, L, H, D, device=dev)
     v = torch.randn(B, L, H, D, device=dev)
     lengths = torch.tensor([-5, 0, 1000, 17], device=dev)
-    out, lse = torch.ops.attnkern.attention_pool_fwd(q, k, v, lengths, None, D**-0.5)
+    out, lse = cuda_op("attention_pool_fwd")(q, k, v, lengths, None, D**-0.5)
     clamped = lengths.clamp(0, L)
     valid = torch.arange(L, device=dev)[None, :] < clamped[:, None]
     ref_out, ref_lse = _ref_padded(q, k, v, valid, D**-0.5)
@@ -77,7 +77,7 @@ def test_out_of_range_lengths_are_clamped(gpu):
 
     go = torch.randn_like(out)
     delta = (go * out).sum(-1)
-    dq, dk, dv = torch.ops.attnkern.attention_pool_bwd(
+    dq, dk, dv = cuda_op("attention_pool_bwd")(
         go, q, k, v, lengths, None, lse, delta, D**-0.5
     )
     assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
@@ -93,8 +93,7 @@ def test_malformed_offsets_stay_in_bounds(gpu):
     k = torch.randn(T, H, D, device=dev, dtype=torch.float16)
     v = torch.randn(T, H, D, device=dev, dtype=torch.float16)
     offsets = torch.tensor([-3, 8, 5, 500, 10**9], device=dev)
-    out, lse = torch.ops.attnkern.jagged_attention_pool_fwd(q, k, v, offsets, -1, 0.25)
-    torch.cuda.synchronize()
+    out, lse = cuda_op("jagged_attention_pool_fwd")(q, k, v, offsets, -1, 0.25)
     assert torch.isfinite(out).all()
     # Row 1 is [8, 8) after clamping (end clamped up to its start): empty.
     assert (out[1] == 0).all() and torch.isneginf(lse[1]).all()
@@ -104,7 +103,7 @@ def test_float64_is_a_type_error(gpu):
     q = torch.randn(1, 1, 1, 4, device=gpu, dtype=torch.float64)
     k = torch.randn(1, 3, 1, 4, device=gpu, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64"):
-        torch.ops.attnkern.attention_pool_fwd(q, k, k, None, None, 0.5)
+        cuda_op("attention_pool_fwd")(q, k, k, None, None, 0.5)
 
 
 @pytest.mark.parametrize("layout", ["lengths", "mask"])
@@ -122,7 +121,7 @@ def test_split_l_long_rows_match_reference(gpu, layout):
         lengths, mask = None, torch.rand(B, L, device=gpu) > 0.3
         valid = mask
     scale = D**-0.5
-    out, lse = torch.ops.attnkern.attention_pool_fwd(q, k, v, lengths, mask, scale)
+    out, lse = cuda_op("attention_pool_fwd")(q, k, v, lengths, mask, scale)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     ref_out, ref_lse = _ref_padded(q64, k64, v64, valid, scale)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=1e-4)
@@ -130,7 +129,7 @@ def test_split_l_long_rows_match_reference(gpu, layout):
 
     go = torch.randn_like(out)
     delta = (go * out).sum(-1)
-    grads = torch.ops.attnkern.attention_pool_bwd(go, q, k, v, lengths, mask, lse, delta, scale)
+    grads = cuda_op("attention_pool_bwd")(go, q, k, v, lengths, mask, lse, delta, scale)
     ref_grads = torch.autograd.grad(ref_out, (q64, k64, v64), go.double())
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)

@@ -14,6 +14,7 @@ import torch
 import attnkern
 from attnkern.reference import attention_pool_ref
 from attnkern.testing import FLOOR as FALLBACK_TOL, LOW_PRECISION_FACTOR
+from conftest import cuda_op, needs_cuda_backend, on_cuda_device
 
 CPU = attnkern.backends()["cpu"]
 needs_cpu = pytest.mark.skipif(not CPU.available, reason=CPU.reason or "cpu backend unavailable")
@@ -126,12 +127,8 @@ def test_split_rows_large_logits():
 # -- 1b. large logits on CUDA: the backward recomputes each query's softmax max and log-sum
 # where |lse| >= 16 (a float32 lse is off by up to ~ulp(lse), which p would inherit) -----------
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-
-
-def _cuda(q, k, v, kw):
-    dev = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
-    return dev(q), dev(k), dev(v), {name: dev(t) for name, t in kw.items()}
+needs_gpu = needs_cuda_backend  # a GPU, or the CUDA emulation build (conftest.CUDA_DEVICE)
+_cuda = on_cuda_device
 
 
 def _in_layout(q, k, v, kw, layout, seed=1):
@@ -281,17 +278,15 @@ def test_low_precision_gradients_peaked_and_flat(dtype, layout, sharpness, seed)
     assert_rule("cpu", q, k, v, kw)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["jagged", "lengths"])
 @pytest.mark.parametrize("sharpness", [0.1, 24.0])
 def test_low_precision_gradients_peaked_and_flat_cuda(dtype, layout, sharpness):
     """The CUDA forward op returns its unrounded float32 out too, so delta is unrounded."""
-    q, k, v, kw = _peaked(dtype, layout, sharpness)
-    dev = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
-    q, k, v, kw = dev(q), dev(k), dev(v), {name: dev(t) for name, t in kw.items()}
-    out, lse = torch.ops.attnkern.attention_pool_fwd(q, k, v, kw.get("lengths"), None, 0.3) \
-        if "offsets" not in kw else torch.ops.attnkern.jagged_attention_pool_fwd(q, k, v, kw["offsets"], -1, 0.3)
+    q, k, v, kw = _cuda(*_peaked(dtype, layout, sharpness))
+    out, lse = cuda_op("attention_pool_fwd")(q, k, v, kw.get("lengths"), None, 0.3) \
+        if "offsets" not in kw else cuda_op("jagged_attention_pool_fwd")(q, k, v, kw["offsets"], -1, 0.3)
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     assert_rule("cuda", q, k, v, kw)
 

@@ -18,6 +18,7 @@ import attnkern
 from attnkern.reference import activation_unit_pool_ref
 from attnkern.testing import (check_activation_backend, check_backend, make_problem,
                               random_activation_problem, to_public)
+from conftest import CUDA_DEVICE
 
 BACKENDS = attnkern.backends()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +29,9 @@ def _backend_param(name):
     return pytest.param(name, marks=pytest.mark.skipif(not info.available, reason=info.reason or name))
 
 
-DEVICE = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
+# "cuda": CPU tensors in the CUDA emulation build (conftest.CUDA_DEVICE).
+DEVICE = {"cpu": "cpu", "cuda": CUDA_DEVICE or "cuda",
+          "triton": "cuda" if torch.cuda.is_available() else "cpu"}
 FUSED = [_backend_param(b) for b in ("cpu", "triton", "cuda")]
 needs_cpu = pytest.mark.skipif(not BACKENDS["cpu"].available, reason=BACKENDS["cpu"].reason or "cpu")
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .availability import BACKENDS, BackendInfo, BackendUnavailable, backend_info, backends
+from .availability import (BACKENDS, CUDA_EMU_PREFIX, BackendInfo, BackendUnavailable, backend_info,
+                           backends, cuda_emulated)
 from .schemas import LAYOUT_OPS, TRITON_PREFIX
 
 # Imported for its side effect: loads attnkern._C and registers the fake impls and autograd of
@@ -22,15 +23,21 @@ __all__ = ["BACKENDS", "BackendInfo", "BackendUnavailable", "backend_info", "bac
            "fused_op", "activation_fused_op"]
 
 
+def _prefix(backend: str) -> str:
+    """The name prefix of a fused backend's registered ops."""
+    if backend == "triton":
+        return TRITON_PREFIX
+    return CUDA_EMU_PREFIX if backend == "cuda" and cuda_emulated() else ""
+
+
 def fused_op(backend: str, layout: str):
     """The registered forward op of a fused backend ("cpu", "cuda", "triton") for a layout
     ("padded" | "jagged")."""
-    prefix = ""
+    prefix = _prefix(backend)
     if backend == "triton":
         # Imported for its side effect: registers attnkern::triton_* on first use (attnkern's
         # __init__ normally has already). An import statement, which torch.compile can trace.
         from . import triton  # noqa: F401
-        prefix = TRITON_PREFIX
     return getattr(torch.ops.attnkern, prefix + LAYOUT_OPS[layout][0])
 
 
@@ -45,9 +52,11 @@ def activation_kernels_missing(backend: str) -> bool:
         if backend == "triton":
             has = hasattr(torch.ops.attnkern, TRITON_PREFIX + "activation_unit_pool_fwd")
         else:
+            # The CUDA emulation's kernels are CPU kernels of its prefixed ops.
+            key = "CPU" if _prefix(backend) == CUDA_EMU_PREFIX else backend.upper()
             try:
                 has = extension.EXTENSION_OPS and torch._C._dispatch_has_kernel_for_dispatch_key(
-                    "attnkern::activation_unit_pool_fwd", backend.upper())
+                    "attnkern::%sactivation_unit_pool_fwd" % _prefix(backend), key)
             except RuntimeError:
                 has = False
         _activation_missing[backend] = not has
@@ -63,5 +72,4 @@ def activation_fused_op(backend: str):
         raise RuntimeError(
             "attnkern backend %r has no activation_unit_pool kernels in this build; use "
             "backend='reference' (or 'cpu' for CPU tensors)" % backend)
-    prefix = TRITON_PREFIX if backend == "triton" else ""
-    return getattr(torch.ops.attnkern, prefix + "activation_unit_pool_fwd")
+    return getattr(torch.ops.attnkern, _prefix(backend) + "activation_unit_pool_fwd")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -18,10 +19,12 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 @dataclass(frozen=True)
 class BackendInfo:
-    """Availability record of one backend: `reason` says why not and how to get it."""
+    """Availability record of one backend: `reason` says why not and how to get it; `emulated`:
+    the backend's kernels run on the CPU through an emulation (the CUDA emulation build)."""
 
     available: bool
     reason: str = ""
+    emulated: bool = False
 
 
 class BackendUnavailable(RuntimeError):
@@ -42,6 +45,32 @@ def extension():
     except ImportError as e:  # pragma: no cover - depends on the install
         return None, str(e)
     return mod, ""
+
+
+CUDA_EMU_PREFIX = "cuda_emu_"
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_emulation() -> str:
+    """"" when this build carries the CUDA emulation (attnkern._cuda_emu, scripts/cuda_emu.sh)
+    and it can load; else why not ("absent" when this is not that build). Imports nothing."""
+    if importlib.util.find_spec("attnkern._cuda_emu") is None:
+        return "absent"
+    import ctypes
+
+    # The module is AddressSanitizer-instrumented: without the preloaded runtime, loading it
+    # would end the process.
+    if not hasattr(ctypes.CDLL(None), "__asan_init"):
+        return ("attnkern._cuda_emu is a sanitizer build and needs the AddressSanitizer runtime "
+                "preloaded; run it through scripts/cuda_emu.sh")
+    return ""
+
+
+@torch.compiler.assume_constant_result
+def cuda_emulated() -> bool:
+    """True when backend "cuda" runs csrc/cuda's kernels on CPU tensors through the emulation.
+    Under torch.compile evaluated eagerly and taken as a constant."""
+    return cuda_emulation() == ""
 
 
 def cpu_isa() -> str:
@@ -129,6 +158,10 @@ def backend_info(name: str) -> BackendInfo:
             return BackendInfo(True)
         return BackendInfo(False, "attnkern._C has no CPU kernels; rebuild the extension")
     if name == "cuda":
+        if cuda_emulated():  # on CPU tensors, through the harness of csrc/cuda_emu
+            return BackendInfo(True, emulated=True)
+        if cuda_emulation() != "absent":
+            return BackendInfo(False, cuda_emulation())
         if not mod.built_with_cuda():
             return BackendInfo(
                 False,

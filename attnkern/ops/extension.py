@@ -4,8 +4,23 @@ impls and autograd. EXTENSION_OPS says whether the extension is there."""
 
 from __future__ import annotations
 
+import importlib
+
+import torch
+
 from .autograd import register_activation_fakes_and_autograd, register_fakes_and_autograd
-from .availability import extension
+from .availability import CUDA_EMU_PREFIX, cuda_emulated, extension
+from .schemas import ACTIVATION_SCHEMAS, SCHEMAS, qualified
+
+
+def _register_cuda_emulation() -> None:
+    """The CUDA emulation build: attnkern::cuda_emu_<op>, declared here with the C++ ops' schemas,
+    get their CPU kernels (the CUDA launchers through the harness) when attnkern._cuda_emu loads."""
+    for name, schema in {**SCHEMAS, **ACTIVATION_SCHEMAS}.items():
+        torch.library.define(qualified(CUDA_EMU_PREFIX + name), schema)
+    importlib.import_module("attnkern._cuda_emu")
+    register_fakes_and_autograd(CUDA_EMU_PREFIX)
+    register_activation_fakes_and_autograd(CUDA_EMU_PREFIX)
 
 
 def _register() -> bool:
@@ -14,6 +29,8 @@ def _register() -> bool:
         return False
     register_fakes_and_autograd("")
     register_activation_fakes_and_autograd("")
+    if cuda_emulated():
+        _register_cuda_emulation()
     return True
 
 

@@ -1,27 +1,17 @@
-// Registration of the four attention-pool ops' CPU launchers (attention_pool_launch.h).
-#include <torch/library.h>
-
+// Registration of the four attention-pool ops' CPU launchers (attention_pool_launch.h), under
+// the CPU key and under the sparse, mkldnn and nested CPU keys (register_attention_pool.h says
+// why those too).
 #include "attention_pool_launch.h"
+#include "register_attention_pool.h"
 
-TORCH_LIBRARY_IMPL(attnkern, CPU, m) {
-  m.impl("attention_pool_fwd", &attnkern::attention_pool_fwd_cpu);
-  m.impl("attention_pool_bwd", &attnkern::attention_pool_bwd_cpu);
-  m.impl("jagged_attention_pool_fwd", &attnkern::jagged_attention_pool_fwd_cpu);
-  m.impl("jagged_attention_pool_bwd", &attnkern::jagged_attention_pool_bwd_cpu);
-}
-
-// Sparse, mkldnn and nested CPU tensors dispatch to these keys; the launchers' first checks
-// (check_dense) turn them into a TypeError that names the argument, instead of the
-// dispatcher's "could not run ... with arguments from the SparseCPU backend".
-#define ATTNKERN_REJECT_LAYOUT(KEY)                                                       \
-  TORCH_LIBRARY_IMPL(attnkern, KEY, m) {                                                 \
-    m.impl("attention_pool_fwd", &attnkern::attention_pool_fwd_cpu);                     \
-    m.impl("attention_pool_bwd", &attnkern::attention_pool_bwd_cpu);                     \
-    m.impl("jagged_attention_pool_fwd", &attnkern::jagged_attention_pool_fwd_cpu);       \
-    m.impl("jagged_attention_pool_bwd", &attnkern::jagged_attention_pool_bwd_cpu);       \
-  }
-ATTNKERN_REJECT_LAYOUT(SparseCPU)
-ATTNKERN_REJECT_LAYOUT(SparseCsrCPU)
-ATTNKERN_REJECT_LAYOUT(MkldnnCPU)
-ATTNKERN_REJECT_LAYOUT(NestedTensorCPU)
-#undef ATTNKERN_REJECT_LAYOUT
+#define ATTNKERN_CPU_POOL(KEY)                                                            \
+  ATTNKERN_REGISTER_POOL(KEY, ATTNKERN_OP_NAME, attnkern::attention_pool_fwd_cpu,          \
+                         attnkern::attention_pool_bwd_cpu,                                 \
+                         attnkern::jagged_attention_pool_fwd_cpu,                          \
+                         attnkern::jagged_attention_pool_bwd_cpu)
+ATTNKERN_CPU_POOL(CPU)
+ATTNKERN_CPU_POOL(SparseCPU)
+ATTNKERN_CPU_POOL(SparseCsrCPU)
+ATTNKERN_CPU_POOL(MkldnnCPU)
+ATTNKERN_CPU_POOL(NestedTensorCPU)
+#undef ATTNKERN_CPU_POOL

@@ -7,12 +7,6 @@
 //
 // lengths / offsets are never read on the host (that would sync the device): the kernels clamp
 // every row to its legal range (the same RowSpec as attention pooling).
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
 #include <limits>
 #include <optional>
 #include <string>
@@ -20,6 +14,7 @@
 
 #include "activation_unit.h"
 #include "activation_unit_kernels.h"
+#include "cuda_launch.h"
 
 namespace attnkern {
 namespace {
@@ -27,21 +22,8 @@ namespace {
 namespace kc = attnkern::cuda;
 using OptT = std::optional<at::Tensor>;
 
-kc::DType cuda_dtype(const at::Tensor& query) {
-  switch (query.scalar_type()) {
-    case at::kFloat:
-      return kc::DType::kFloat32;
-    case at::kHalf:
-      return kc::DType::kFloat16;
-    case at::kBFloat16:
-      return kc::DType::kBFloat16;
-    default:
-      TORCH_CHECK_TYPE(false,
-                       "attnkern: the cuda backend takes float32, float16 or bfloat16 inputs, got ",
-                       query.scalar_type(), " (float64 runs on the cpu and reference backends)");
-  }
-  return kc::DType::kFloat32;  // unreachable
-}
+using cuda_launch::cuda_dtype;
+using cuda_launch::unit_inner_stride;
 
 // The shared checks (activation_unit_checks.cpp) plus the CUDA-only rules.
 AuDims check_fwd_cuda(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
@@ -54,14 +36,8 @@ AuDims check_fwd_cuda(const at::Tensor& query, const at::Tensor& key, const at::
                                              w1, b1, w2, b2, w_out, b_out, act1, act2,
                                              std::string(activation));
   cuda_dtype(query);
-  TORCH_CHECK_VALUE(query.is_cuda(), "attnkern: the cuda kernels need CUDA tensors, got query on ",
-                    query.device());
+  cuda_launch::check_device(query);
   return d;
-}
-
-// The kernels need a unit innermost stride; every other stride is passed through.
-at::Tensor unit_inner_stride(const at::Tensor& t) {
-  return (t.size(-1) == 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
 
 struct Prepared {
@@ -148,11 +124,6 @@ Prepared prepare(const AuDims& d, const at::Tensor& query, const at::Tensor& key
   return r;
 }
 
-int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-int64_t max_smem() {
-  return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
-}
-
 std::tuple<at::Tensor, at::Tensor> activation_unit_pool_fwd_cuda(
     const at::Tensor& query, const at::Tensor& key, const OptT& value_opt, const OptT& lengths,
     const OptT& mask, const OptT& offsets, int64_t max_length, const at::Tensor& w1,
@@ -163,14 +134,15 @@ std::tuple<at::Tensor, at::Tensor> activation_unit_pool_fwd_cuda(
   const at::Tensor& value = value_opt.has_value() ? *value_opt : key;
   const AuDims d = check_fwd_cuda(query, key, value, lengths, mask, offsets, max_length, w1, b1,
                                   w2, b2, w_out, b_out, act1, act2, activation);
-  c10::cuda::CUDAGuard guard(query.device());
+  cuda_launch::DeviceGuard guard(query.device());
   auto out = at::empty({d.B, d.N, d.Dv}, query.options().dtype(at::kFloat));  // unrounded
   auto lse = at::empty({d.B, d.N}, query.options().dtype(at::kFloat));
   if (d.B == 0 || d.N == 0) return {out, lse};
   const Prepared r = prepare(d, query, key, value, lengths, mask, offsets, max_length, w1, b1, w2,
                              b2, w_out, b_out, act1, act2, softmax);
-  C10_CUDA_CHECK(kc::launch_au_fwd(r.p, out.data_ptr<float>(), lse.data_ptr<float>(), max_smem(),
-                                   num_sms(), at::cuda::getCurrentCUDAStream()));
+  ATTNKERN_CUDA_CHECK(kc::launch_au_fwd(r.p, out.data_ptr<float>(), lse.data_ptr<float>(),
+                                        cuda_launch::max_smem(), cuda_launch::num_sms(),
+                                        cuda_launch::current_stream()));
   return {out, lse};
 }
 
@@ -190,7 +162,7 @@ activation_unit_pool_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& quer
   const AuDims d = check_fwd_cuda(query, key, value, lengths, mask, offsets, max_length, w1, b1,
                                   w2, b2, w_out, b_out, act1, act2, activation);
   check_activation_unit_bwd_extras(d, query, grad_out, lse, delta);
-  c10::cuda::CUDAGuard guard(query.device());
+  cuda_launch::DeviceGuard guard(query.device());
   const auto f32 = query.options().dtype(at::kFloat);
   // grad_query accumulates in fp32; grad_key / grad_value start at zero (the kernel writes only
   // valid positions); the partial weight gradients start at zero.
@@ -199,7 +171,7 @@ activation_unit_pool_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& quer
   auto grad_value = shared ? at::empty({0}, value.options()) : at::zeros(value.sizes(), value.options());
   const Prepared r = prepare(d, query, key, value, lengths, mask, offsets, max_length, w1, b1, w2,
                              b2, w_out, b_out, act1, act2, softmax);
-  const int64_t G = kc::au_bwd_blocks(r.p, num_sms());
+  const int64_t G = kc::au_bwd_blocks(r.p, cuda_launch::num_sms());
   const bool two = d.H2 > 0;
   const int64_t hl = two ? d.H2 : d.H1;
   auto p_dm = at::zeros({G, d.H1, d.E}, f32);
@@ -234,9 +206,9 @@ activation_unit_pool_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& quer
     s.dbo = p_dbo.data_ptr<float>();
     s.da1 = p_da1.data_ptr<float>();
     s.da2 = p_da2.data_ptr<float>();
-    C10_CUDA_CHECK(kc::launch_au_bwd(r.p, in, dq32.data_ptr<float>(), grad_key.data_ptr(),
-                                     shared ? nullptr : grad_value.data_ptr(), s, G, max_smem(),
-                                     at::cuda::getCurrentCUDAStream()));
+    ATTNKERN_CUDA_CHECK(kc::launch_au_bwd(r.p, in, dq32.data_ptr<float>(), grad_key.data_ptr(),
+                                          shared ? nullptr : grad_value.data_ptr(), s, G,
+                                          cuda_launch::max_smem(), cuda_launch::current_stream()));
   }
   // Partials summed over blocks in a fixed order; W1's four column blocks from the split:
   // dWa = DCQ, dWb = DM, dWc = DCQ - DM, dWd = DMQ.
@@ -257,7 +229,7 @@ activation_unit_pool_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& quer
 }  // namespace
 }  // namespace attnkern
 
-TORCH_LIBRARY_IMPL(attnkern, CUDA, m) {
-  m.impl("activation_unit_pool_fwd", &attnkern::activation_unit_pool_fwd_cuda);
-  m.impl("activation_unit_pool_bwd", &attnkern::activation_unit_pool_bwd_cuda);
+TORCH_LIBRARY_IMPL(attnkern, ATTNKERN_CUDA_KEY, m) {
+  m.impl(ATTNKERN_CUDA_OP("activation_unit_pool_fwd"), &attnkern::activation_unit_pool_fwd_cuda);
+  m.impl(ATTNKERN_CUDA_OP("activation_unit_pool_bwd"), &attnkern::activation_unit_pool_bwd_cuda);
 }

@@ -1,10 +1,10 @@
 // Launch functions of the activation-unit (DIN) CUDA kernels: raw pointers, element strides,
 // sizes and a cudaStream_t; no torch headers (the torch glue is activation_unit_cuda.cpp).
 //
-// Math: attnkern/reference_activation.py. Per query q of row b and valid position l, an MLP
-// over [q, k_l, q - k_l, q * k_l] scores the position; the first layer is applied through its
-// exact split W1 x_l + b1 = c_q + M_q k_l (c_q = (Wa + Wc) q + b1, M_q = (Wb - Wc) + Wd diag(q)),
-// so the concatenation is never formed.
+// Math: activation_unit_pool_ref (attnkern/reference.py). Per query q of row b and valid
+// position l, an MLP over [q, k_l, q - k_l, q * k_l] scores the position; the first layer is
+// applied through its exact split W1 x_l + b1 = c_q + M_q k_l (c_q = (Wa + Wc) q + b1,
+// M_q = (Wb - Wc) + Wd diag(q)), so the concatenation is never formed.
 //
 // query/key/value/grad_out need a unit innermost stride (other strides are free); the MLP
 // parameters are contiguous. Row bounds come from the shared RowSpec (attention_pool_kernels.h)

@@ -50,20 +50,12 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int dk = static_cast<int>(p.Dk);
   const int dv = static_cast<int>(p.Dv);
   const int64_t rows = p.B * p.N * p.H;
-  const int64_t warp_stride = int64_t(gridDim.x) * kWarpsPerBlock;
 
-  for (int64_t w = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; w < a.total_warps;
-       w += warp_stride) {
-    int64_t t = w;
-    const int64_t slot = t % a.slots;
-    t /= a.slots;
-    const int64_t h = t % p.H;
-    const int64_t b = t / p.H;
-
-    const RowRange rr = row_range(p.rows, b, p.L);
+  for (int64_t w = first_warp(); w < a.total_warps; w += warp_stride()) {
+    const WarpItem item = warp_item(p, w, a.slots, 1);  // no splits: `inner` is the tile slot
+    const int64_t b = item.b, h = item.h, slot = item.inner;
+    const auto [rr, kbase, vbase] = row_span<T>(p, b, h);
     const int64_t kpos0 = rr.start;  // jagged: key row of position 0
-    const T* kbase = static_cast<const T*>(p.key) + b * p.k_sb + h * p.k_sh + kpos0 * p.k_sl;
-    const T* vbase = static_cast<const T*>(p.value) + b * p.v_sb + h * p.v_sh + kpos0 * p.v_sl;
 
     for (int64_t tile = slot * TILE; tile < rr.len; tile += a.slots * TILE) {
       float kf[KG][EPL];
@@ -96,8 +88,7 @@ __global__ void __launch_bounds__(kThreads, 3)
       for (int64_t n = 0; n < p.N; ++n) {
         float q[EPL];
         float go[EPL];
-        load_slice<T, DB, ALIGNED>(
-            static_cast<const T*>(p.query) + b * p.q_sb + n * p.q_sn + h * p.q_sh, dk, j, q);
+        load_slice<T, DB, ALIGNED>(query_row<T>(p, b, n, h), dk, j, q);
         load_slice<T, DB, ALIGNED>(static_cast<const T*>(a.in.grad_out) + b * a.in.go_sb +
                                        n * a.in.go_sn + h * a.in.go_sh,
                                    dv, j, go);

@@ -72,22 +72,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const int dk = static_cast<int>(p.Dk);
   const int dv = static_cast<int>(p.Dv);
   const int64_t rows = p.B * p.N * p.H;
-  const int64_t warp_stride = int64_t(gridDim.x) * kWarpsPerBlock;
 
-  for (int64_t w = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; w < a.total_warps;
-       w += warp_stride) {
-    int64_t t = w;
-    const int64_t qgrp = t % a.num_qgroups;
-    t /= a.num_qgroups;
-    const int64_t split = t % a.num_splits;
-    t /= a.num_splits;
-    const int64_t h = t % p.H;
-    const int64_t b = t / p.H;
-
-    const RowRange rr = row_range(p.rows, b, p.L);
-    const T* kbase = static_cast<const T*>(p.key) + b * p.k_sb + h * p.k_sh + rr.start * p.k_sl;
-    const T* vbase =
-        static_cast<const T*>(p.value) + b * p.v_sb + h * p.v_sh + rr.start * p.v_sl;
+  for (int64_t w = first_warp(); w < a.total_warps; w += warp_stride()) {
+    const auto [b, h, split, qgrp] = warp_item(p, w, a.num_qgroups, a.num_splits);
+    const auto [rr, kbase, vbase] = row_span<T>(p, b, h);
 
     float q[QG][EPL];   // unscaled: the logits are scale * q.k
     float go[QG][EPL];  // grad_out
@@ -99,8 +87,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     for (int qi = 0; qi < QG; ++qi) {
       const int64_t n = qgrp * QG + qi;
       if (n < p.N) {
-        load_slice<T, DB, ALIGNED>(
-            static_cast<const T*>(p.query) + b * p.q_sb + n * p.q_sn + h * p.q_sh, dk, j, q[qi]);
+        load_slice<T, DB, ALIGNED>(query_row<T>(p, b, n, h), dk, j, q[qi]);
         load_slice<T, DB, ALIGNED>(static_cast<const T*>(a.in.grad_out) + b * a.in.go_sb +
                                        n * a.in.go_sn + h * a.in.go_sh,
                                    dv, j, go[qi]);

@@ -315,8 +315,8 @@ __device__ __forceinline__ int64_t clamp64(int64_t x, int64_t lo, int64_t hi) {
   return x < lo ? lo : (x > hi ? hi : x);
 }
 
-// Clamped on the device (SPEC section 3): whatever lengths/offsets hold, [start, start + len)
-// lies inside [0, L).
+// Clamped on the device (the rule of RowSpec, attention_pool_kernels.h): whatever
+// lengths/offsets hold, [start, start + len) lies inside [0, L).
 __device__ __forceinline__ RowRange row_range(const RowSpec& r, int64_t b, int64_t L) {
   switch (r.mode) {
     case RowMode::kLengths:
@@ -338,6 +338,56 @@ __device__ __forceinline__ bool position_valid(const RowSpec& r, int64_t b, int6
   const unsigned char m =
       reinterpret_cast<const unsigned char*>(r.mask)[b * r.mask_stride_b + l * r.mask_stride_l];
   return m != 0;
+}
+
+// ------------------------------------------------------------------ work items
+// Every attention-pool kernel hands out work to warps with the same grid-stride loop
+// (w = first_warp(); w < items; w += warp_stride()), so the grid stays legal for any size.
+__device__ __forceinline__ int64_t first_warp() {
+  return int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+}
+__device__ __forceinline__ int64_t warp_stride() { return int64_t(gridDim.x) * kWarpsPerBlock; }
+
+// Work item w of a row kernel, decoded innermost first: `inner` (the query group in the forward,
+// stats and dq passes, so that the warps of a block take consecutive query groups of one (row,
+// head, split) and share its K/V lines through L1; the tile slot in the dk/dv pass), then the
+// split, the head and the row. The stats and dq passes launch the same items, so the
+// statistics one stores for a (query, split) are where the other looks.
+struct WarpItem {
+  int64_t b, h, split, inner;
+};
+
+__device__ __forceinline__ WarpItem warp_item(const PoolProblem& p, int64_t w, int64_t inner,
+                                              int64_t splits) {
+  const int64_t in = w % inner;
+  w /= inner;
+  const int64_t split = w % splits;
+  w /= splits;
+  return WarpItem{w / p.H, w % p.H, split, in};
+}
+
+// Row b's valid key positions (clamped, row_range) and the K and V rows of its position 0 for
+// head h (jagged: the row's first key row), so that position l is at key + l * k_sl.
+template <typename T>
+struct RowSpan {
+  RowRange rr;
+  const T* key;
+  const T* value;
+};
+
+template <typename T>
+__device__ __forceinline__ RowSpan<T> row_span(const PoolProblem& p, int64_t b, int64_t h) {
+  const RowRange rr = row_range(p.rows, b, p.L);
+  return RowSpan<T>{rr,
+                    static_cast<const T*>(p.key) + b * p.k_sb + h * p.k_sh + rr.start * p.k_sl,
+                    static_cast<const T*>(p.value) + b * p.v_sb + h * p.v_sh + rr.start * p.v_sl};
+}
+
+// Query n of row b, head h.
+template <typename T>
+__device__ __forceinline__ const T* query_row(const PoolProblem& p, int64_t b, int64_t n,
+                                              int64_t h) {
+  return static_cast<const T*>(p.query) + b * p.q_sb + n * p.q_sn + h * p.q_sh;
 }
 
 // ------------------------------------------------------------------ logits

@@ -5,54 +5,25 @@
 //
 // lengths / offsets are never read on the host (that would sync the device): the kernels clamp
 // every row to its legal range, so no value can make them access memory out of bounds.
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
 #include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
 
 #include "attention_pool.h"
-#include "attention_pool_kernels.h"
+#include "cuda_launch.h"
 
 namespace attnkern {
 namespace {
 
 namespace kc = attnkern::cuda;
-
-kc::DType cuda_dtype(const at::Tensor& query) {
-  switch (query.scalar_type()) {
-    case at::kFloat:
-      return kc::DType::kFloat32;
-    case at::kHalf:
-      return kc::DType::kFloat16;
-    case at::kBFloat16:
-      return kc::DType::kBFloat16;
-    default:
-      TORCH_CHECK_TYPE(false,
-                       "attnkern: the cuda backend takes float32, float16 or bfloat16 inputs, got ",
-                       query.scalar_type(), " (float64 runs on the cpu and reference backends)");
-  }
-  return kc::DType::kFloat32;  // unreachable
-}
+using cuda_launch::cuda_dtype;
+using cuda_launch::unit_inner_stride;
 
 void check_cuda_inputs(const at::Tensor& query, double scale) {
-  TORCH_CHECK_VALUE(query.is_cuda(), "attnkern: the cuda kernels need CUDA tensors, got query on ",
-                    query.device());
+  cuda_launch::check_device(query);
   TORCH_CHECK_VALUE(std::isfinite(scale), "attnkern: scale must be a finite float, got ", scale);
 }
-
-// The kernels need a unit innermost stride (a head vector is one contiguous run); every other
-// stride is passed through, stride-0 expansions included.
-at::Tensor unit_inner_stride(const at::Tensor& t) {
-  return (t.size(-1) == 1 || t.stride(-1) == 1) ? t : t.contiguous();
-}
-
-int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 float* scratch_ptr(at::Tensor& holder, int64_t floats, const at::Tensor& like) {
   if (floats <= 0) return nullptr;
@@ -142,11 +113,11 @@ std::tuple<at::Tensor, at::Tensor> run_fwd(const PoolDims& d, const at::Tensor& 
   const auto k = unit_inner_stride(key);
   const auto v = unit_inner_stride(value);
   const kc::PoolProblem p = make_problem(d, q, k, v, rows, scale, jagged);
-  const kc::FwdPlan plan = kc::plan_fwd(p, num_sms());
+  const kc::FwdPlan plan = kc::plan_fwd(p, cuda_launch::num_sms());
   at::Tensor scratch;
   float* scratch_data = scratch_ptr(scratch, kc::fwd_scratch_floats(p, plan), query);
-  C10_CUDA_CHECK(kc::launch_fwd(p, plan, out.data_ptr(), lse.data_ptr<float>(), scratch_data,
-                                at::cuda::getCurrentCUDAStream()));
+  ATTNKERN_CUDA_CHECK(kc::launch_fwd(p, plan, out.data_ptr(), lse.data_ptr<float>(),
+                                     scratch_data, cuda_launch::current_stream()));
   return {out, lse};
 }
 
@@ -177,12 +148,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(
   in.go_sh = go.stride(2);
   in.lse = lse_c.data_ptr<float>();
   in.delta = delta_c.data_ptr<float>();
-  const kc::BwdPlan plan = kc::plan_bwd(p, num_sms());
+  const kc::BwdPlan plan = kc::plan_bwd(p, cuda_launch::num_sms());
   at::Tensor scratch;
   float* scratch_data = scratch_ptr(scratch, kc::bwd_scratch_floats(p, plan), query);
-  C10_CUDA_CHECK(kc::launch_bwd(p, in, plan, grad_query.data_ptr(), grad_key.data_ptr(),
-                                grad_value.data_ptr(), scratch_data,
-                                at::cuda::getCurrentCUDAStream()));
+  ATTNKERN_CUDA_CHECK(kc::launch_bwd(p, in, plan, grad_query.data_ptr(), grad_key.data_ptr(),
+                                     grad_value.data_ptr(), scratch_data,
+                                     cuda_launch::current_stream()));
   return {grad_query, grad_key, grad_value};
 }
 
@@ -193,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cuda(
   const PoolDims d = check_padded_fwd(query, key, value, lengths, mask);
   check_cuda_inputs(query, scale);
   cuda_dtype(query);
-  c10::cuda::CUDAGuard guard(query.device());
+  cuda_launch::DeviceGuard guard(query.device());
   return run_fwd(d, query, key, value, padded_rows(lengths, mask), scale, /*jagged=*/false);
 }
 
@@ -206,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd_cuda(
   check_bwd_extras(d, query, grad_out, lse, delta);
   check_cuda_inputs(query, scale);
   cuda_dtype(query);
-  c10::cuda::CUDAGuard guard(query.device());
+  cuda_launch::DeviceGuard guard(query.device());
   return run_bwd(d, grad_out, query, key, value, padded_rows(lengths, mask), lse, delta, scale,
                  /*jagged=*/false);
 }
@@ -217,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_pool_fwd_cuda(
   const PoolDims d = check_jagged_fwd(query, key, value, offsets, max_length);
   check_cuda_inputs(query, scale);
   cuda_dtype(query);
-  c10::cuda::CUDAGuard guard(query.device());
+  cuda_launch::DeviceGuard guard(query.device());
   return run_fwd(d, query, key, value, jagged_rows(offsets, max_length), scale, /*jagged=*/true);
 }
 
@@ -229,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_pool_bwd_cuda(
   check_bwd_extras(d, query, grad_out, lse, delta);
   check_cuda_inputs(query, scale);
   cuda_dtype(query);
-  c10::cuda::CUDAGuard guard(query.device());
+  cuda_launch::DeviceGuard guard(query.device());
   return run_bwd(d, grad_out, query, key, value, jagged_rows(offsets, max_length), lse, delta,
                  scale, /*jagged=*/true);
 }
@@ -237,23 +208,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_pool_bwd_cuda(
 }  // namespace
 }  // namespace attnkern
 
-TORCH_LIBRARY_IMPL(attnkern, CUDA, m) {
-  m.impl("attention_pool_fwd", &attnkern::attention_pool_fwd_cuda);
-  m.impl("attention_pool_bwd", &attnkern::attention_pool_bwd_cuda);
-  m.impl("jagged_attention_pool_fwd", &attnkern::jagged_attention_pool_fwd_cuda);
-  m.impl("jagged_attention_pool_bwd", &attnkern::jagged_attention_pool_bwd_cuda);
-}
-
-// Sparse and nested CUDA tensors: the launchers' first checks (check_dense) raise a TypeError
-// that names the argument.
-#define ATTNKERN_REJECT_LAYOUT(KEY)                                                      \
-  TORCH_LIBRARY_IMPL(attnkern, KEY, m) {                                                \
-    m.impl("attention_pool_fwd", &attnkern::attention_pool_fwd_cuda);                   \
-    m.impl("attention_pool_bwd", &attnkern::attention_pool_bwd_cuda);                   \
-    m.impl("jagged_attention_pool_fwd", &attnkern::jagged_attention_pool_fwd_cuda);     \
-    m.impl("jagged_attention_pool_bwd", &attnkern::jagged_attention_pool_bwd_cuda);     \
-  }
-ATTNKERN_REJECT_LAYOUT(SparseCUDA)
-ATTNKERN_REJECT_LAYOUT(SparseCsrCUDA)
-ATTNKERN_REJECT_LAYOUT(NestedTensorCUDA)
-#undef ATTNKERN_REJECT_LAYOUT
+#define ATTNKERN_CUDA_POOL(KEY)                                                              \
+  ATTNKERN_REGISTER_POOL(KEY, ATTNKERN_CUDA_OP, attnkern::attention_pool_fwd_cuda,            \
+                         attnkern::attention_pool_bwd_cuda,                                   \
+                         attnkern::jagged_attention_pool_fwd_cuda,                            \
+                         attnkern::jagged_attention_pool_bwd_cuda)
+ATTNKERN_CUDA_POOL(ATTNKERN_CUDA_KEY)
+ATTNKERN_CUDA_POOL(ATTNKERN_CUDA_SPARSE_KEY)
+ATTNKERN_CUDA_POOL(ATTNKERN_CUDA_SPARSE_CSR_KEY)
+ATTNKERN_CUDA_POOL(ATTNKERN_CUDA_NESTED_KEY)
+#undef ATTNKERN_CUDA_POOL

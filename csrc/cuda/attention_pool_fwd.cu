@@ -53,22 +53,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const int dk = static_cast<int>(p.Dk);
   const int dv = static_cast<int>(p.Dv);
   const int64_t rows = p.B * p.N * p.H;
-  const int64_t warp_stride = int64_t(gridDim.x) * kWarpsPerBlock;
 
-  for (int64_t w = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; w < a.total_warps;
-       w += warp_stride) {
-    int64_t t = w;
-    const int64_t qgrp = t % a.num_qgroups;
-    t /= a.num_qgroups;
-    const int64_t split = t % a.num_splits;
-    t /= a.num_splits;
-    const int64_t h = t % p.H;
-    const int64_t b = t / p.H;
-
-    const RowRange rr = row_range(p.rows, b, p.L);
-    const T* kbase = static_cast<const T*>(p.key) + b * p.k_sb + h * p.k_sh + rr.start * p.k_sl;
-    const T* vbase =
-        static_cast<const T*>(p.value) + b * p.v_sb + h * p.v_sh + rr.start * p.v_sl;
+  for (int64_t w = first_warp(); w < a.total_warps; w += warp_stride()) {
+    const auto [b, h, split, qgrp] = warp_item(p, w, a.num_qgroups, a.num_splits);
+    const auto [rr, kbase, vbase] = row_span<T>(p, b, h);
 
     float q[QG][EPL];
     float m[QG];  // running max of the logits (natural units)
@@ -78,8 +66,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     for (int qi = 0; qi < QG; ++qi) {
       const int64_t n = qgrp * QG + qi;
       if (n < p.N) {
-        load_slice<T, DB, ALIGNED>(
-            static_cast<const T*>(p.query) + b * p.q_sb + n * p.q_sn + h * p.q_sh, dk, j, q[qi]);
+        load_slice<T, DB, ALIGNED>(query_row<T>(p, b, n, h), dk, j, q[qi]);
       } else {
 #pragma unroll
         for (int e = 0; e < EPL; ++e) q[qi][e] = 0.f;
@@ -204,9 +191,7 @@ __global__ void __launch_bounds__(kThreads)
                                       int64_t rows, int dv, float* __restrict__ out,
                                       float* __restrict__ lse) {
   const int lane = threadIdx.x & 31;
-  const int64_t warp_stride = int64_t(gridDim.x) * kWarpsPerBlock;
-  for (int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; r < rows;
-       r += warp_stride) {
+  for (int64_t r = first_warp(); r < rows; r += warp_stride()) {
     float mx = -INFINITY;
     for (int64_t s = 0; s < splits; ++s) {
       const float x = part_ml[2 * s * rows + r];

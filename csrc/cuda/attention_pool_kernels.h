@@ -16,8 +16,8 @@ namespace cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// How the valid key positions of row b are found. The kernels clamp every value they read
-// (SPEC section 3), so malformed lengths/offsets can never make them read out of bounds:
+// How the valid key positions of row b are found. The kernels clamp every value they read,
+// so malformed lengths/offsets can never make them read out of bounds:
 //   kAll:     positions [0, L)
 //   kLengths: positions [0, clamp(lengths[b], 0, L))
 //   kMask:    positions l in [0, L) with mask[b, l] != 0
