@@ -465,10 +465,13 @@ __attribute__((no_sanitize_address)) void check_shared(const char* p, size_t n, 
 
 // AddressSanitizer's shadow mapping, read once: the common case (an access inside one 8-byte
 // granule whose shadow byte says it is addressable) is answered here, the rest by the runtime.
+// The constructor must not be instrumented: its stores would call the hooks below, which ask
+// poisoned(), whose static this is, while its initialisation guard is held (a self-deadlock at
+// the first instrumented access, e.g. a static initialiser of the module).
 struct ShadowMapping {
   size_t scale = 3;
   size_t offset = 0;
-  ShadowMapping() { __asan_get_shadow_mapping(&scale, &offset); }
+  __attribute__((no_sanitize_address)) ShadowMapping() { __asan_get_shadow_mapping(&scale, &offset); }
 };
 
 __attribute__((no_sanitize_address)) inline bool poisoned(const void* p, size_t n) {
