@@ -26,6 +26,11 @@
 //   shaped like its input; those of absent optional inputs are empty [0] tensors.
 #include <torch/library.h>
 
+#include <memory>
+#include <vector>
+
+#include "input_checks.h"
+
 TORCH_LIBRARY_FRAGMENT(attnkern, m) {
   m.def(
       "activation_unit_pool_fwd(Tensor query, Tensor key, Tensor? value, Tensor? lengths, "
@@ -41,3 +46,33 @@ TORCH_LIBRARY_FRAGMENT(attnkern, m) {
       "Tensor grad_b1, Tensor grad_w2, Tensor grad_b2, Tensor grad_w_out, Tensor grad_b_out, "
       "Tensor grad_act1, Tensor grad_act2)");
 }
+
+// Sparse, mkldnn and nested tensors dispatch to keys of their own, where no kernel could run
+// them: there check_dense() turns them into a TypeError that names the argument,
+// instead of the dispatcher's "could not run ... with arguments from the SparseCPU backend".
+namespace {
+
+void reject_non_strided(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack->size() - args.size();
+  for (size_t i = 0; i < args.size(); ++i) {
+    const c10::IValue& v = (*stack)[first + i];
+    if (v.isTensor()) attnkern::check_dense(v.toTensor(), args[i].name().c_str());
+  }
+  TORCH_CHECK_TYPE(false, "attnkern: ", op.schema().name(), " takes dense (strided) tensors only");
+}
+
+// One registration per layout key (CPU and CUDA alike: no kernel runs there).
+const bool kLayoutsRejected = [] {
+  static std::vector<std::unique_ptr<torch::Library>> libraries;
+  for (const auto key : {c10::DispatchKey::SparseCPU, c10::DispatchKey::SparseCsrCPU, c10::DispatchKey::MkldnnCPU,
+                         c10::DispatchKey::NestedTensorCPU, c10::DispatchKey::SparseCUDA,
+                         c10::DispatchKey::SparseCsrCUDA, c10::DispatchKey::NestedTensorCUDA}) {
+    libraries.push_back(std::make_unique<torch::Library>(torch::Library::IMPL, "attnkern", key, __FILE__, __LINE__));
+    for (const char* op : {"activation_unit_pool_fwd", "activation_unit_pool_bwd"})
+      libraries.back()->impl(op, torch::CppFunction::makeFromBoxedFunction<&reject_non_strided>());
+  }
+  return true;
+}();
+
+}  // namespace

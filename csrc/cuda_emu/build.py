@@ -90,7 +90,7 @@ def extensions(root: str) -> list:
                            glob.glob(os.path.join(root, "csrc", "cuda", "*_cuda.cpp"))
                            + glob.glob(os.path.join(root, "csrc", "cuda_emu", "*.cpp")))
     # The launchers' shared checks, compiled into this module too (attnkern._C hides its symbols).
-    sources += [os.path.join("csrc", "checks.cpp"), os.path.join("csrc", "activation_unit_checks.cpp")]
+    sources += [os.path.join("csrc", "attention_pool_checks.cpp"), os.path.join("csrc", "activation_unit_checks.cpp")]
     flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-ffp-contract=off", "-fvisibility=hidden",
              "-DATTNKERN_CUDA_EMULATION"] + SANITIZE
     return [
