@@ -15,9 +15,8 @@ ROOT="$PWD"
 OUT="${ATTNKERN_CUDA_EMU_DIR:-$ROOT/build-cuda-emu}"
 start=$(date +%s)
 
-mkdir -p "$OUT/src"
-# cp -a keeps the sources' times, so an unchanged file is not recompiled on a second run.
-cp -a setup.py pyproject.toml README.md pytest.ini csrc attnkern triton_kernels tests scripts "$OUT/src/"
+. scripts/sanitizer_env.sh
+sanitizer_copy "$OUT"
 # attnkern._C (op schemas, CPU kernels): the checkout's own build when it has one (copied above),
 # else a CPU-only build in the copy.
 if ! ls "$OUT"/src/attnkern/_C*.so >/dev/null 2>&1; then
@@ -28,22 +27,17 @@ fi
   || { grep -E -A5 "error" "$OUT/build.log" | head -80; echo "cuda_emu: build failed"; exit 1; }
 built=$(date +%s)
 
-. scripts/sanitizer_env.sh
-sanitizer_env "$OUT" "$OUT/src"
-LOG="$OUT/run.log"
-status=0
-(
-  cd "$OUT/src"
-  python -c "import attnkern; assert attnkern.__file__.startswith('$OUT/src'), attnkern.__file__; \
-info = attnkern.backends()['cuda']; assert info.available and info.emulated, info; print('cuda backend:', info.reason)"
+emu_checks() {
+  python -c "import attnkern; info = attnkern.backends()['cuda']; \
+assert info.available and info.emulated, info; print('cuda backend:', info.reason)"
   # The harness's own checks, then every test of the cuda backend (their GPU cases run on CPU
   # tensors here: tests/conftest.py CUDA_DEVICE).
   python -m pytest -q -x -p no:cacheprovider -m "not slow" -k "cuda" "$@" tests/test_cuda_emulation.py \
     tests/test_backends.py tests/test_shared_kv_heads.py tests/test_hardening.py \
     tests/test_activation_unit_cuda.py tests/test_hardening_activation.py tests/test_cuda_build.py
-) > "$LOG" 2>&1 || status=$?
+}
+status=0
+sanitizer_run "$OUT" cuda_emu emu_checks "$@" || status=$?
 end=$(date +%s)
-sanitizer_verdict "$LOG" cuda_emu || exit 1
-tail -25 "$LOG"
 echo "cuda_emu: build $((built - start)) s, tests $((end - built)) s, status $status"
 exit $status

@@ -1,11 +1,24 @@
-# Sourced by scripts/sanitize_cpu.sh and scripts/cuda_emu.sh: the environment that runs Python on a
-# sanitizer build of attnkern, and the verdict on its log.
+# Sourced by scripts/sanitize_cpu.sh and scripts/cuda_emu.sh: the copy of the sources a sanitizer
+# build is made in, the environment that runs Python on it, and the verdict on its log.
 #
+#   sanitizer_copy OUT_DIR          copies the tree's sources into OUT_DIR/src
 #   sanitizer_env OUT_DIR SRC_DIR   exports LD_PRELOAD, ASAN_OPTIONS, UBSAN_OPTIONS, PYTHONPATH
 #   sanitizer_verdict LOG NAME      non-zero (and the reports shown) when LOG holds one
+#   sanitizer_run OUT_DIR NAME FN [ARG...]
+#                                   runs the shell function FN ARG... in OUT_DIR/src on that
+#                                   environment (once Python imports attnkern from there), its
+#                                   output in OUT_DIR/run.log, stopping at its first failing step;
+#                                   shows the log's tail; returns FN's status, 1 on a sanitizer
+#                                   report
 #
 # Python itself is not instrumented: the ASan runtime is preloaded, and leak detection is off
 # (the interpreter's own allocations at exit are not ours to judge).
+
+sanitizer_copy() {
+  mkdir -p "$1/src"
+  # cp -a keeps the sources' times, so an unchanged file is not recompiled on a second run.
+  cp -a setup.py pyproject.toml README.md pytest.ini csrc attnkern triton_kernels tests scripts "$1/src/"
+}
 
 sanitizer_env() {
   local out="$1" src="$2" cxx="${CXX:-c++}"
@@ -30,4 +43,22 @@ sanitizer_verdict() {
     echo "$name: sanitizer report (log: $log)"
     return 1
   fi
+}
+
+sanitizer_imports_from() {
+  python -c "import attnkern, sys; assert attnkern.__file__.startswith(sys.argv[1]), attnkern.__file__" "$1"
+}
+
+sanitizer_run() {
+  local out="$1" name="$2" fn="$3" status=0
+  shift 3
+  sanitizer_env "$out" "$out/src"
+  export -f sanitizer_imports_from "$fn"
+  # A child shell with errexit: the first failing step ends the run with its status (in a
+  # subshell here, errexit would be off wherever the caller tests this function's status).
+  (cd "$out/src" && bash -eo pipefail -c 'sanitizer_imports_from "$PWD"; "$@"' _ "$fn" "$@") \
+    > "$out/run.log" 2>&1 || status=$?
+  sanitizer_verdict "$out/run.log" "$name" || return 1
+  tail -25 "$out/run.log"
+  return $status
 }

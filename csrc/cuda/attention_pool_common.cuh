@@ -194,24 +194,16 @@ inline int64_t longest_row_estimate(const PoolProblem& p) {
 // ------------------------------------------------------------------ conversions
 template <typename T>
 __device__ __forceinline__ float to_float(T x) {
-  if constexpr (std::is_same<T, __half>::value) {
-    return __half2float(x);
-  } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    return __bfloat162float(x);
-  } else {
-    return x;
-  }
+  if constexpr (std::is_same<T, __half>::value) return __half2float(x);
+  else if constexpr (std::is_same<T, __nv_bfloat16>::value) return __bfloat162float(x);
+  else return x;
 }
 
 template <typename T>
 __device__ __forceinline__ T from_float(float x) {
-  if constexpr (std::is_same<T, __half>::value) {
-    return __float2half_rn(x);
-  } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    return __float2bfloat16_rn(x);
-  } else {
-    return x;
-  }
+  if constexpr (std::is_same<T, __half>::value) return __float2half_rn(x);
+  else if constexpr (std::is_same<T, __nv_bfloat16>::value) return __float2bfloat16_rn(x);
+  else return x;
 }
 
 // 16 bytes at a 16-byte aligned address -> 16 / sizeof(T) floats.
