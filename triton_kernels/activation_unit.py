@@ -41,8 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_pool import (DENSE, JAGGED, LENGTHS, MASKED, _row_bounds,  # noqa: F401
-                             fp32_dot_precision, interpret_mode, sm_count)
+from .attention_pool import (DENSE, JAGGED, LENGTHS, MASKED, _layout_args,  # noqa: F401
+                             _row_bounds, fp32_dot_precision, interpret_mode, sm_count)
 
 # Activation codes (constexpr ACT of both kernels).
 ACT_CODES = {"relu": 0, "sigmoid": 1, "prelu": 2, "dice": 3}
@@ -160,6 +160,40 @@ def _load_act(ACTP, offs_h, H, stride_ap, stride_ah, ACT: tl.constexpr):
 
 
 @triton.jit
+def _tile_offsets(BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr):
+    """The offsets a program indexes its tiles with: key positions (int32, added to the row's
+    start), then int64 ones into the key, value and hidden-unit dims."""
+    return (tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_E).to(tl.int64),
+            tl.arange(0, BLOCK_DV).to(tl.int64), tl.arange(0, BLOCK_H1).to(tl.int64),
+            tl.arange(0, BLOCK_H2).to(tl.int64))
+
+
+@triton.jit
+def _load_mlp_rest(ACT1, W2, B2, ACT2, WOUT, BOUT, offs_h1, offs_h2, H1, H2,
+                   stride_a1p, stride_a1h, stride_w2o, stride_w2i, stride_a2p, stride_a2h,
+                   stride_wo, ACT: tl.constexpr, TWO_LAYERS: tl.constexpr):
+    """The query-independent MLP parameters after the first layer's weights, as fp32: the first
+    activation's rows, the second layer's weights, bias and activation rows (with one layer,
+    zeros that are never read), the output weights and bias."""
+    a10, a11, a12 = _load_act(ACT1, offs_h1, H1, stride_a1p, stride_a1h, ACT)
+    if TWO_LAYERS:
+        w2 = _load_mat(W2, offs_h2, offs_h1, H2, H1, stride_w2o, stride_w2i)
+        b2 = _load_vec(B2, offs_h2, H2, 1)
+        a20, a21, a22 = _load_act(ACT2, offs_h2, H2, stride_a2p, stride_a2h, ACT)
+        wout = _load_vec(WOUT, offs_h2, H2, stride_wo)
+    else:
+        w2 = tl.zeros([1], tl.float32)
+        b2 = w2
+        a20 = w2
+        a21 = w2
+        a22 = w2
+        wout = _load_vec(WOUT, offs_h1, H1, stride_wo)
+    bout = tl.load(BOUT).to(tl.float32)
+    return a10, a11, a12, w2, b2, a20, a21, a22, wout, bout
+
+
+@triton.jit
 def _first_layer(W1, B1, q, offs_h, offs_e, H1, E, stride_w1h, stride_w1e):
     """(M_q [BLOCK_H1, BLOCK_E], c_q [BLOCK_H1], Wa + Wc, Wd) of query q [BLOCK_E]. Padded
     units/features are zero, so they add nothing downstream."""
@@ -209,24 +243,15 @@ def _activation_unit_fwd_kernel(
     n = pid % N
     start, end = _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT)
 
-    offs_l = tl.arange(0, BLOCK_L)
-    offs_e = tl.arange(0, BLOCK_E).to(tl.int64)
-    offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
-    offs_h1 = tl.arange(0, BLOCK_H1).to(tl.int64)
-    offs_h2 = tl.arange(0, BLOCK_H2).to(tl.int64)
+    offs_l, offs_e, offs_dv, offs_h1, offs_h2 = _tile_offsets(BLOCK_L, BLOCK_E, BLOCK_DV,
+                                                               BLOCK_H1, BLOCK_H2)
 
     # Phase 1: this query's first layer (M_q, c_q) and the rest of the MLP, loaded once.
     q = _load_vec(Q + b * stride_qb + n * stride_qn, offs_e, E, stride_qe)
     m, c, _wac, _wd = _first_layer(W1, B1, q, offs_h1, offs_e, H1, E, stride_w1h, stride_w1e)
-    a10, a11, a12 = _load_act(ACT1, offs_h1, H1, stride_a1p, stride_a1h, ACT)
-    if TWO_LAYERS:
-        w2 = _load_mat(W2, offs_h2, offs_h1, H2, H1, stride_w2o, stride_w2i)
-        b2 = _load_vec(B2, offs_h2, H2, 1)
-        a20, a21, a22 = _load_act(ACT2, offs_h2, H2, stride_a2p, stride_a2h, ACT)
-        wout = _load_vec(WOUT, offs_h2, H2, stride_wo)
-    else:
-        wout = _load_vec(WOUT, offs_h1, H1, stride_wo)
-    bout = tl.load(BOUT).to(tl.float32)
+    a10, a11, a12, w2, b2, a20, a21, a22, wout, bout = _load_mlp_rest(
+        ACT1, W2, B2, ACT2, WOUT, BOUT, offs_h1, offs_h2, H1, H2, stride_a1p, stride_a1h,
+        stride_w2o, stride_w2i, stride_a2p, stride_a2h, stride_wo, ACT, TWO_LAYERS)
 
     m_i = tl.full([1], float("-inf"), tl.float32)
     l_i = tl.zeros([1], tl.float32)
@@ -305,22 +330,13 @@ def _activation_unit_bwd_kernel(
         P_DC  [H1]     sum dz1                   (= db1)
         P_DW2 [H2, H1], P_DB2 [H2], P_DWO [H_last], P_DBO [1], P_DA1 [3, H1], P_DA2 [3, H2]."""
     pid = tl.program_id(0)
-    offs_l = tl.arange(0, BLOCK_L)
-    offs_e = tl.arange(0, BLOCK_E).to(tl.int64)
-    offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
-    offs_h1 = tl.arange(0, BLOCK_H1).to(tl.int64)
-    offs_h2 = tl.arange(0, BLOCK_H2).to(tl.int64)
+    offs_l, offs_e, offs_dv, offs_h1, offs_h2 = _tile_offsets(BLOCK_L, BLOCK_E, BLOCK_DV,
+                                                               BLOCK_H1, BLOCK_H2)
 
     # Phase 1: the query-independent MLP parameters, loaded once per program.
-    a10, a11, a12 = _load_act(ACT1, offs_h1, H1, stride_a1p, stride_a1h, ACT)
-    if TWO_LAYERS:
-        w2 = _load_mat(W2, offs_h2, offs_h1, H2, H1, stride_w2o, stride_w2i)
-        b2 = _load_vec(B2, offs_h2, H2, 1)
-        a20, a21, a22 = _load_act(ACT2, offs_h2, H2, stride_a2p, stride_a2h, ACT)
-        wout = _load_vec(WOUT, offs_h2, H2, stride_wo)
-    else:
-        wout = _load_vec(WOUT, offs_h1, H1, stride_wo)
-    bout = tl.load(BOUT).to(tl.float32)
+    a10, a11, a12, w2, b2, a20, a21, a22, wout, bout = _load_mlp_rest(
+        ACT1, W2, B2, ACT2, WOUT, BOUT, offs_h1, offs_h2, H1, H2, stride_a1p, stride_a1h,
+        stride_w2o, stride_w2i, stride_a2p, stride_a2h, stride_wo, ACT, TWO_LAYERS)
 
     g_dm = tl.zeros([BLOCK_H1, BLOCK_E], tl.float32)
     g_dmq = tl.zeros([BLOCK_H1, BLOCK_E], tl.float32)
@@ -470,20 +486,6 @@ def _block_l(block_e: int, block_h: int) -> int:
     return 64 if widest <= 64 else (32 if widest <= 128 else 16)
 
 
-def _layout(key, lengths, mask, offsets, max_length):
-    """(LAYOUT, IDX, stride_idx, MASK (uint8 view), mask strides, MAX_LEN, L, jagged); unused
-    pointers get a valid dummy that is never read."""
-    if offsets is not None:
-        return JAGGED.value, offsets, offsets.stride(0), key, (0, 0), int(max_length), key.shape[0], True
-    L = key.shape[1]
-    if mask is not None:
-        mk = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-        return MASKED.value, mk, 0, mk, (mk.stride(0), mk.stride(1)), -1, L, False
-    if lengths is not None:
-        return LENGTHS.value, lengths, lengths.stride(0), key, (0, 0), -1, L, False
-    return DENSE.value, key, 0, key, (0, 0), -1, L, False
-
-
 def _kv_strides(t, jagged):
     """(stride_b, stride_l, stride_d) of a padded [B, L, D] or jagged [T, D] tensor."""
     if jagged:
@@ -499,8 +501,8 @@ def _common(query, key, value, lengths, mask, offsets, max_length, w1, b1, w2, b
             act1, act2, activation):
     if activation not in ACT_CODES:
         raise ValueError("activation must be one of %s, got %r" % (", ".join(ACT_CODES), activation))
-    layout, idx, stride_idx, mk, mstr, max_len, L, jagged = _layout(key, lengths, mask, offsets,
-                                                                    max_length)
+    layout, idx, stride_idx, mk, mstr, max_len, L, jagged = _layout_args(
+        key, lengths, mask, offsets, max_length)
     B, N, E = query.shape
     Dv = value.shape[-1]
     H1 = w1.shape[0]

@@ -32,6 +32,7 @@
 #include "activation_unit.h"
 #include "activation_unit_kernels.h"
 #include "attention_pool.h"
+#include "attention_pool_work.h"
 #include "isa_dispatch.h"
 
 namespace attnkern {
@@ -143,46 +144,27 @@ Weights<A> prepare(const AuDims& d, const at::Tensor& w1_in, const at::Tensor& b
 }
 
 // Which key/value rows take part in row b: positions (row indices of key) in order.
-struct Rows {
-  int64_t L = 0;
-  bool jagged = false;
-  const int64_t* lengths = nullptr;
-  const bool* mask = nullptr;
-  const int64_t* offsets = nullptr;
-  at::Tensor keep_alive;
-
-  void positions(int64_t b, std::vector<int64_t>& pos) const {
-    pos.clear();
-    if (offsets) {
-      for (int64_t t = offsets[b]; t < offsets[b + 1]; ++t) pos.push_back(t);
-    } else if (mask) {
-      for (int64_t l = 0; l < L; ++l)
-        if (mask[b * L + l]) pos.push_back(l);
-    } else {
-      const int64_t n = lengths ? lengths[b] : L;
-      for (int64_t l = 0; l < n; ++l) pos.push_back(l);
-    }
-  }
-};
-
+// The batch's rows, as the attention pool reads them (attention_pool_work.h: the same checks of
+// lengths and offsets, the same host copies); its constructors read only B and L of the dims.
 Rows make_rows(const AuDims& d, const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& mask,
                const std::optional<at::Tensor>& offsets, int64_t max_length) {
-  Rows r;
-  r.L = d.L;
-  r.jagged = d.jagged;
-  if (offsets.has_value()) {
-    check_offsets_values_cpu(*offsets, d.L, max_length);
-    r.keep_alive = offsets->to(at::kLong).contiguous();
-    r.offsets = r.keep_alive.data_ptr<int64_t>();
-  } else if (lengths.has_value()) {
-    check_lengths_values_cpu(*lengths, d.L);
-    r.keep_alive = lengths->to(at::kLong).contiguous();
-    r.lengths = r.keep_alive.data_ptr<int64_t>();
-  } else if (mask.has_value()) {
-    r.keep_alive = mask->contiguous();
-    r.mask = r.keep_alive.data_ptr<bool>();
+  PoolDims pd;
+  pd.B = d.B;
+  pd.L = d.L;
+  return offsets.has_value() ? jagged_rows(pd, *offsets, max_length) : padded_rows(pd, lengths, mask);
+}
+
+// Row b's valid key positions (jagged: its key rows).
+void row_positions(const Rows& rows, int64_t b, std::vector<int64_t>& pos) {
+  pos.clear();
+  if (rows.mask) {
+    for (int64_t l = 0; l < rows.L; ++l)
+      if (rows.mask[b * rows.L + l]) pos.push_back(l);
+    return;
   }
-  return r;
+  const int64_t start = rows.start(b);
+  const int64_t n = rows.count(b, nullptr);
+  for (int64_t i = 0; i < n; ++i) pos.push_back(start + i);
 }
 
 // A strided [rows, D] view of key/value (or their gradients) for one batch row.
@@ -283,7 +265,7 @@ void fwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::
     std::vector<A> mt(N * E * w.H1p), c(N * w.H1p), qp(w.Ep, A(0)), acc(N * w.Dvp), m(N), l(N);
     std::vector<int64_t> pos;
     for (int64_t b = b0; b < b1; ++b) {
-      rows.positions(b, pos);
+      row_positions(rows, b, pos);
       const int64_t cnt = int64_t(pos.size());
       std::fill(acc.begin(), acc.end(), A(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<A>::infinity());
@@ -382,7 +364,7 @@ void bwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::
     for (int64_t ch = c0; ch < c1; ++ch) {
       WGrads<A>& wg = parts[ch];
       for (int64_t b = ch * B / nchunks; b < (ch + 1) * B / nchunks; ++b) {
-        rows.positions(b, pos);
+        row_positions(rows, b, pos);
         const int64_t cnt = int64_t(pos.size());
         scalar_t* gqb = gqp + b * N * E;
         // grad_key/grad_value are not pre-zeroed (that would write them twice): a padded row's
