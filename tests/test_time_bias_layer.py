@@ -207,3 +207,101 @@ def test_errors():
         with pytest.raises(ValueError, match="recency_buckets must be a positive int"):
             AttentionPooling(8, 2, recency_buckets=bad)
 
+
+# --------------------------------------------------------------------------- model, data, training
+
+
+def test_model_takes_times():
+    from attnkern.models import TargetAttentionCTR
+
+    g = torch.Generator().manual_seed(0)
+    B, L = 4, 6
+    lengths = torch.tensor([6, 0, 2, 5])
+    history = torch.randint(1, 30, (B, L), generator=g) * (torch.arange(L)[None] < lengths[:, None])
+    target = torch.randint(1, 30, (B, 3), generator=g)
+    t = torch.full((B,), 10 ** 9)
+    ht = t[:, None] - torch.randint(0, 10 ** 6, (B, L), generator=g)
+    m = TargetAttentionCTR(30, 8, 2, mlp_dims=(8,), time_buckets=NB, recency_buckets=NR)
+    assert m.uses_times and m(history, target, lengths, ht, t).shape == (B, 3)
+    with pytest.raises(ValueError, match="key_times"):
+        m(history, target, lengths)
+    with pytest.raises(ValueError, match="takes no times"):
+        TargetAttentionCTR(30, 8, 2, pooling="sum")(history, target, lengths, ht, t)
+    with pytest.raises(ValueError, match="need pooling='attention'"):
+        TargetAttentionCTR(30, 8, 2, pooling="din", time_buckets=NB)
+
+
+def test_movielens_times_follow_the_ratings():
+    pd = pytest.importorskip("pandas")
+    from attnkern.tools import data, train
+
+    rng = np.random.default_rng(0)
+    n = 400
+    ratings = pd.DataFrame({"userId": rng.integers(1, 6, n), "movieId": rng.integers(1, 50, n),
+                            "rating": rng.integers(1, 11, n) / 2,
+                            "timestamp": rng.integers(0, 10 ** 6, n)})
+    s = data.movielens(max_length=8, ratings=ratings)
+    ts = np.sort(ratings["timestamp"].to_numpy())
+    splits, timed = train._for_model(_synthetic_config(time_buckets=4), s)
+    assert timed
+    for d in (splits.train, splits.valid, splits.test):
+        history, lengths, _, _, history_times, target_time = d.__getitems__(range(len(d)))
+        assert (target_time.numpy() == d.ds.meta["timestamp"]).all()
+        valid = torch.arange(8)[None] < lengths[:, None]
+        assert (history_times[~valid] == 0).all()
+        # every history item is no later than its target, oldest first
+        assert (history_times <= target_time[:, None])[valid].all()
+        assert (history_times[:, 1:] >= history_times[:, :-1])[valid[:, 1:]].all()
+        assert np.isin(history_times[valid].numpy(), ts).all()
+    assert train._for_model(_synthetic_config(), s) == (s, False)
+
+
+def _synthetic_config(**kw):
+    from attnkern.tools import train
+
+    base = dict(data="synthetic", pooling="attention", seed=0, backend="auto", epochs=6,
+                batch_size=64, lr=1e-2, embed_dim=16, num_heads=2, mlp_dims=[32], max_length=20,
+                progress=False)
+    return train.RunConfig(**dict(base, **kw))
+
+
+@pytest.mark.slow
+def test_time_bias_learns_the_planted_time_signal(tmp_path):
+    # On synthetic data where only the items of the last hour (and the last item) drive a
+    # click, the time table finds what plain attention cannot see (measured: validation AUC
+    # about 0.89 against 0.80 after 6 epochs).
+    from attnkern.tools import data, train
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        splits = data.synthetic(num_samples=8000, num_items=100, num_topics=8, max_length=20,
+                                time_window=3600.0)
+        plain = train.run(_synthetic_config(), splits, str(tmp_path))
+        timed = train.run(_synthetic_config(time_buckets=32), splits, str(tmp_path))
+    finally:
+        torch.set_num_threads(n)
+    best = [max(e["val_auc"] for e in r["epochs"]) for r in (plain, timed)]
+    assert best[1] > best[0] + 0.03, best
+    assert timed["test"]["auc"] > plain["test"]["auc"]
+    assert (tmp_path / "synthetic-attention-time-seed0" / "results.json").exists()
+
+
+def test_cli_time_and_recency(tmp_path, capsys):
+    import json
+
+    from attnkern.tools import train
+
+    argv = ["--data", "synthetic", "--synthetic-samples", "300", "--max-length", "6",
+            "--epochs", "1", "--batch-size", "64", "--embed-dim", "8", "--mlp", "8",
+            "--pooling", "attention", "--time-bias", "--recency-bias",
+            "--synthetic-time-window", "3600", "--out", str(tmp_path), "--no-progress"]
+    assert train.main(argv) == 0
+    summary = json.loads((tmp_path / "summary-synthetic.json").read_text())
+    assert set(summary["pooling"]) == {"attention-time-recency"}
+    res = json.loads((tmp_path / "synthetic-attention-time-recency-seed0" / "results.json").read_text())
+    assert (res["config"]["time_buckets"], res["config"]["recency_buckets"]) == (64, 6)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train.main(argv + ["--pooling", "attention", "sum"])
+    assert "need --pooling attention, got sum" in capsys.readouterr().err
