@@ -33,8 +33,7 @@ import torch
 from torch import nn
 
 from ._jagged import unpack_history
-from ._bias_standin import attention_pool
-from .functional import activation_unit_pool
+from .functional import activation_unit_pool, attention_pool
 from .reference import ACTIVATIONS, MAX_UNITS, dice_params
 
 __all__ = ["AttentionPooling", "ActivationUnitPooling", "absorb_cost", "time_bucket", "recency"]
