@@ -36,11 +36,15 @@ status=0
   cd "$OUT/src"
   python -c "import attnkern, sys; assert attnkern.__file__.startswith('$OUT/src'), attnkern.__file__; \
 assert attnkern.backends()['cpu'].available, attnkern.backends()['cpu'].reason"
+  # The score bias's CPU cases on every path (tests/test_bias.py: the general and tiled kernels,
+  # block boundaries, split rows, -inf and NaN entries).
+  BIAS_K="(against and cpu) or many_queries or block_boundaries or split or deterministic or (minus_inf and cpu) or (nan_bias and cpu) or (broadcasts and cpu)"
   # avx2: the CPU kernel tests and the hardening regressions; avx512 (emulated): the same and
   # the tiled kernels' and the activation unit's tests; avx512_bf16 and amx (emulated): the tiled
   # kernels' tests; generic: the regressions that reach its arithmetic paths.
   ATTNKERN_CPU_ISA=avx2 python -m pytest -q -x -p no:cacheprovider -m "not slow" \
     tests/test_cpu.py tests/test_hardening.py
+  ATTNKERN_CPU_ISA=avx2 python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_bias.py -k "$BIAS_K"
   if [ "$(uname -m)" = x86_64 ]; then
     ATTNKERN_CPU_ISA=avx512 python -c "import attnkern._C as C; isa = C.cpu_isa(); print('avx512 run:', isa); \
 assert isa == 'avx512-emulated', isa"
@@ -49,10 +53,13 @@ assert isa == 'avx512-emulated', isa"
     # avx512_bf16 differs from avx512 only in the tiled kernels' bf16 scoring, amx only in their
     # bf16 matrix products (the tile unit, amx_emulation.h here); the activation unit runs its
     # avx512 kernels under both.
+    ATTNKERN_CPU_ISA=avx512 python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_bias.py -k "$BIAS_K"
     ATTNKERN_CPU_ISA=avx512_bf16 python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_cpu_tiles.py
     ATTNKERN_CPU_ISA=amx python -c "import attnkern._C as C; isa = C.cpu_isa(); print('amx run:', isa); \
 assert isa == 'amx-emulated', isa"
     ATTNKERN_CPU_ISA=amx python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_cpu_tiles.py
+    ATTNKERN_CPU_ISA=amx python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_bias.py \
+      -k "many_queries or split or block_boundaries"
     # The fuzzer on the amx kernels too (its many-query calls reach the tiles).
     ATTNKERN_CPU_ISA=amx python scripts/fuzz.py --minutes "$FUZZ_MINUTES" --targets api:cpu,raw:cpu
   fi

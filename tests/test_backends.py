@@ -256,11 +256,12 @@ def test_opcheck(backend, device, layout):
 @pytest.mark.parametrize("layout", ["lengths", "mask", "jagged"])
 def test_torch_compile_fullgraph(backend, device, layout):
     args, kwargs = make_problem(B=3, N=2, H=2, L=8, Dk=4, Dv=4, layout=layout, device=device)
+    assert_compiles_fullgraph(lambda q, k, v: attnkern.attention_pool(q, k, v, **kwargs, backend=backend), args)
+
+
+def assert_compiles_fullgraph(f, args):
+    """f compiled with fullgraph=True (aot_eager) gives f's outputs and input gradients."""
     torch._dynamo.reset()
-
-    def f(q, k, v):
-        return attnkern.attention_pool(q, k, v, **kwargs, backend=backend)
-
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     leaves = [a.detach().requires_grad_() for a in args]
     out = compiled(*leaves)

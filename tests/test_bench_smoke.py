@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import attnkern
 from attnkern.tools import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,6 +90,20 @@ def test_bench_rejects_bad_arguments(capsys):
         bench.main(["--dtype", "float8"])
     with pytest.raises(SystemExit):
         bench.main(["--providers", "nope"])
+
+
+def test_bias_case_checks_every_provider():
+    """The tiny shape with a score bias: the fused op, the eager reference, SDPA (a float mask)
+    and torch.compile agree with the oracle, forward and backward; a provider that drops the
+    bias does not."""
+    providers = ["reference", "sdpa"] + (["cpu"] if attnkern.backends()["cpu"].available else [])
+    for mode in ("fwd+bwd", "fwd"):
+        setup = bench.setup_case(bench.Case(bench.SHAPES["tiny_bias"], "uniform", "float32", mode))
+        assert setup.inputs.bias is not None
+        for provider in providers:
+            assert setup.check(setup.callable(provider)())[0], provider
+    plain = bench.setup_case(bench.Case(bench.SHAPES["tiny"], "uniform", "float32", "fwd"))
+    assert not setup.check(plain.callable("reference")())[0]
 
 
 @pytest.mark.parametrize("layout", ["padded", "jagged"])

@@ -38,10 +38,12 @@ def make_inputs(layout, dtype, B, N, H, Dk, Dv, L, *, seed=0, lengths=None):
     return tuple(args), layout_kw
 
 
-def call_op(q, k, v, layout_kw, scale):
+def call_op(q, k, v, layout_kw, scale, *bias):
+    """The registered forward op; bias (optional) in the op's layout."""
     if "offsets" in layout_kw:
-        return torch.ops.attnkern.jagged_attention_pool_fwd(q, k, v, layout_kw["offsets"], -1, scale)
-    return torch.ops.attnkern.attention_pool_fwd(q, k, v, layout_kw.get("lengths"), layout_kw.get("mask"), scale)
+        return torch.ops.attnkern.jagged_attention_pool_fwd(q, k, v, layout_kw["offsets"], -1, scale, *bias)
+    return torch.ops.attnkern.attention_pool_fwd(q, k, v, layout_kw.get("lengths"), layout_kw.get("mask"), scale,
+                                                 *bias)
 
 
 def check_against_reference(layout, dtype, B, N, H, Dk, Dv, L, *, seed=0, lengths=None, noncontig=False):
@@ -144,14 +146,15 @@ def test_zero_gradients_where_no_row_attends(layout):
     assert (grad_key[~valid] == 0).all() and (grad_value[~valid] == 0).all()
 
 
-def assert_thread_count_independent(q, k, v, kw, grad_out):
-    """The op's outputs and gradients (scale 0.3) are bitwise the same with 1, 2 and 3 threads."""
+def assert_thread_count_independent(q, k, v, kw, grad_out, *bias):
+    """The op's outputs and gradients (scale 0.3; with a bias in the op's layout, its gradient
+    too) are bitwise the same with 1, 2 and 3 threads."""
     threads = torch.get_num_threads()
     results = []
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append(forward_backward(lambda *t: call_op(*t, kw, 0.3), [q, k, v], grad_out))
+            results.append(forward_backward(lambda *t: call_op(*t[:3], kw, 0.3, *t[3:]), [q, k, v, *bias], grad_out))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:

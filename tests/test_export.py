@@ -187,6 +187,29 @@ def test_cli_onnx_from_checkpoint(tmp_path):
     np.testing.assert_allclose(got, trained(*inp.args).detach().numpy(), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
+def test_aoti_time_aware_ctr_fresh_process(tmp_path):
+    # The time-aware model: times as two more inputs, the bias built in the graph (buckets,
+    # the tables' lookup) and passed to the fused op.
+    m = ex.build_model(_cfg("target_attention_ctr", time_buckets=16, recency_buckets=8))
+    assert m.uses_times and ex.make_inputs(m, ex.EXAMPLE).names[3:] == ("history_times", "target_time")
+    path = ex.export_aoti(m, str(tmp_path / "ctr.pt2"))
+    _assert_checked(ex.check_export("aoti", path, m))
+
+
+@needs_onnx
+@pytest.mark.slow
+def test_cli_onnx_time_aware_ctr(tmp_path, capsys):
+    out = tmp_path / "ctr.onnx"
+    assert ex.main(["--format", "onnx", "--model", "target_attention_ctr", "--time-bias", "16",
+                    "--recency-bias", "8", "--embed-dim", "16", "--num-items", "50",
+                    "--out", str(out), "--check"]) == 0
+    text = capsys.readouterr().out
+    assert text.count(" ok") == len(ex.CHECK_SHAPES) and "history_times" in text
+    # The bias reaches the scores: the graph tiles it over the queries and adds it.
+    assert "Tile" in {n.op_type for n in onnx.load(str(out)).graph.node}
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="model must be one of"):
         ex.build_model(ex.ModelConfig(model="din"))
@@ -195,6 +218,11 @@ def test_bad_arguments():
         ex.export_onnx(m, "unused.onnx", exporter="jit")
     with pytest.raises(ValueError, match="checkpoint"):
         ex.build_model(_cfg("attention_pooling", checkpoint="x.pt"))
+    with pytest.raises(ValueError, match="tables are for target_attention_ctr"):
+        ex.build_model(_cfg("attention_pooling", time_buckets=4))
+    with pytest.raises(SystemExit) as e:
+        ex.main(["--format", "onnx", "--model", "attention_pooling", "--time-bias", "--out", "unused.onnx"])
+    assert e.value.code == 2
 
 
 @pytest.mark.parametrize("example, absorbed", [(ex.Shape(3, 2, 7), True), (ex.Shape(2, 256, 64), False)])

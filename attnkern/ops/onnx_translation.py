@@ -42,10 +42,12 @@ def _acc_type(dtype_name: str) -> int:
 # --------------------------------------------------------------------------- the translation
 
 
-def _pool(op, query, key, value, valid, scale, acc):
+def _pool(op, query, key, value, valid, scale, acc, bias=None):
     """out [B, N, H, Dv] (query's dtype) and lse [B, N, H] float32 from query [B, N, H, Dk],
-    key/value [Bk, L, Hkv, D] (Bk = B, or 1 for jagged keys shared by every row) and valid
-    [B, L] bool (None: every position)."""
+    key/value [Bk, L, Hkv, D] (Bk = B, or 1 for jagged keys shared by every row), valid
+    [B, L] bool (None: every position) and bias (None, or laid out as the scores
+    [B or 1, Hb, Nb, L] with Hb in {1, Hkv}: attention_pool gives the ops a bias only with one
+    query head per K/V head, so G = 1 then)."""
     q = op.Cast(query, to=acc)
     k = op.Cast(key, to=acc)
     v = op.Cast(value, to=acc)
@@ -63,6 +65,12 @@ def _pool(op, query, key, value, valid, scale, acc):
     kt = op.Transpose(k, perm=[0, 2, 3, 1])  # [Bk, Hkv, Dk, L]
     vt = op.Transpose(v, perm=[0, 2, 1, 3])  # [Bk, Hkv, L, Dv]
     s = op.Mul(op.MatMul(q, kt), _scalar(op, scale, acc))
+    if bias is not None:  # before the mask: a masked position's bias is never read
+        # Query n of the scores reads bias row n % Nb (a bias shared by the N queries of a
+        # row, folded with G query heads, has Nb = G): tiled to the scores' N.
+        one = op.Constant(value_ints=[1])
+        reps = op.Div(op.Slice(op.Shape(s), [2], [3]), op.Slice(op.Shape(bias), [2], [3]))
+        s = op.Add(s, op.Tile(op.Cast(bias, to=acc), op.Concat(one, one, reps, one, axis=0)))
     zero = op.CastLike(op.Constant(value_float=0.0), s)
     if valid is not None:
         minus_inf = op.CastLike(op.Constant(value_float=-math.inf), s)
@@ -99,7 +107,9 @@ def _arange(op, n):
     return op.Range(op.Constant(value_int=0), op.Squeeze(n, [0]), op.Constant(value_int=1))
 
 
-def _padded(op, query, key, value, lengths, mask, scale, acc):
+def _padded(op, query, key, value, lengths, mask, scale, acc, bias=None):
+    if bias is not None:
+        bias = op.Transpose(bias, perm=[0, 2, 1, 3])  # [B, Nb, Hb, L] -> [B, Hb, Nb, L]
     if mask is not None:
         valid = op.Cast(mask, to=_BOOL)
     elif lengths is not None:
@@ -107,10 +117,10 @@ def _padded(op, query, key, value, lengths, mask, scale, acc):
         valid = op.Less(op.Unsqueeze(pos, [0]), op.Unsqueeze(op.Cast(lengths, to=_INT64), [1]))
     else:
         valid = None
-    return _pool(op, query, key, value, valid, scale, acc)
+    return _pool(op, query, key, value, valid, scale, acc, bias)
 
 
-def _jagged(op, query, key, value, offsets, scale, acc):
+def _jagged(op, query, key, value, offsets, scale, acc, bias=None):
     # Row b is key[offsets[b]:offsets[b + 1]]: every row scores all T keys and masks the ones
     # outside its span ([B, T] scores per query: fine for serving-sized T, not a fused kernel).
     pos = op.Unsqueeze(_arange(op, op.Slice(op.Shape(key), [0], [1])), [0])  # [1, T]
@@ -118,7 +128,10 @@ def _jagged(op, query, key, value, offsets, scale, acc):
     start = op.Unsqueeze(op.Slice(off, [0], [-1]), [1])  # [B, 1]
     end = op.Unsqueeze(op.Slice(off, [1], [_INT64_MAX]), [1])
     valid = op.And(op.GreaterOrEqual(pos, start), op.Less(pos, end))  # [B, T]
-    return _pool(op, query, op.Unsqueeze(key, [0]), op.Unsqueeze(value, [0]), valid, scale, acc)
+    if bias is not None:  # [T, Nb, Hb] -> [1, Hb, Nb, T]: every row scores all T keys
+        bias = op.Unsqueeze(op.Transpose(bias, perm=[2, 1, 0]), [0])
+    return _pool(op, query, op.Unsqueeze(key, [0]), op.Unsqueeze(value, [0]), valid, scale, acc,
+                 bias)
 
 
 # --------------------------------------------------------------------------- dynamo exporter
@@ -129,19 +142,19 @@ def _dtype_name(x) -> str:
     return getattr(dtype, "name", str(dtype))
 
 
-def attention_pool_fwd(query, key, value, lengths=None, mask=None, scale=1.0):
+def attention_pool_fwd(query, key, value, lengths=None, mask=None, scale=1.0, bias=None):
     """ONNX translation of ``attnkern::attention_pool_fwd`` (padded layout)."""
     from onnxscript import opset18 as op
 
-    return _padded(op, query, key, value, lengths, mask, scale, _acc_type(_dtype_name(query)))
+    return _padded(op, query, key, value, lengths, mask, scale, _acc_type(_dtype_name(query)), bias)
 
 
-def jagged_attention_pool_fwd(query, key, value, offsets, max_length=-1, scale=1.0):
+def jagged_attention_pool_fwd(query, key, value, offsets, max_length=-1, scale=1.0, bias=None):
     """ONNX translation of ``attnkern::jagged_attention_pool_fwd`` (max_length only sizes
     GPU launches: unused here)."""
     from onnxscript import opset18 as op
 
-    return _jagged(op, query, key, value, offsets, scale, _acc_type(_dtype_name(query)))
+    return _jagged(op, query, key, value, offsets, scale, _acc_type(_dtype_name(query)), bias)
 
 
 def _registered_ops(translations):
@@ -217,20 +230,21 @@ def _ts_optional(x):
     return None if symbolic_helper._is_none(x) else x
 
 
-def _ts_attention_pool_fwd(g, query, key, value, lengths, mask, scale):
+def _ts_attention_pool_fwd(g, query, key, value, lengths, mask, scale, bias=None):
     from torch.onnx import symbolic_helper
 
     scale = symbolic_helper._maybe_get_const(scale, "f")
     return _padded(_GraphOps(g), query, key, value, _ts_optional(lengths), _ts_optional(mask),
-                   scale, _acc_type(_ts_scalar_type(query)))
+                   scale, _acc_type(_ts_scalar_type(query)),
+                   None if bias is None else _ts_optional(bias))
 
 
-def _ts_jagged_attention_pool_fwd(g, query, key, value, offsets, max_length, scale):
+def _ts_jagged_attention_pool_fwd(g, query, key, value, offsets, max_length, scale, bias=None):
     from torch.onnx import symbolic_helper
 
     scale = symbolic_helper._maybe_get_const(scale, "f")
     return _jagged(_GraphOps(g), query, key, value, offsets, scale,
-                   _acc_type(_ts_scalar_type(query)))
+                   _acc_type(_ts_scalar_type(query)), None if bias is None else _ts_optional(bias))
 
 
 def register_torchscript_symbolics() -> None:

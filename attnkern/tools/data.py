@@ -39,7 +39,8 @@ class CTRDataset(torch.utils.data.Dataset):
     """Samples as four aligned tensors: history [S, L] int64 (row i's items in
     ``history[i, :lengths[i]]``, oldest first, zero-padded), lengths [S] int64,
     target [S] int64, label [S] float32. Optional ``meta`` holds per-sample numpy arrays
-    (user, timestamp, position) for inspection and tests.
+    (user, timestamp, position, and MovieLens's history_times [S, L]) for inspection, tests
+    and the sequential model.
 
     Batched indexing (``__getitems__``) returns one tuple of batch tensors, so that a
     DataLoader with ``collate_fn=identity_collate`` costs one gather per batch."""
@@ -140,7 +141,9 @@ def movielens(
     or test sample comes after all of its user's training samples. Item ids are built from
     the training targets only: a movie rated fewer than `min_count` times in training shares
     the id 1 with the movies never seen in training, so that this id's embedding is trained
-    (0 = padding). Histories carry only items, never labels.
+    (0 = padding). Histories carry only items, never labels. ``meta`` holds the times
+    (seconds): "timestamp" the target's (its rating's, the query time), "history_times" the
+    history's (0 at padding).
 
     `ratings` (a DataFrame with userId, movieId, rating, timestamp) replaces the packaged data
     set, for tests.
@@ -177,11 +180,12 @@ def movielens(
     label = (rating >= threshold).astype(np.float32)
 
     hist, lengths = _histories(item, start, pos, max_length)
+    hist_ts, _ = _histories(ts, start, pos, max_length)  # the history's timestamps, 0-padded
     parts = []
     for s in range(3):
         sel = np.flatnonzero(split == s)
         meta = {"user": user[sel], "timestamp": ts[sel], "movie": movie[sel], "position": pos[sel],
-                "start": start[sel]}
+                "start": start[sel], "history_times": hist_ts[sel]}
         parts.append(_dataset(hist[sel], lengths[sel], item[sel], label[sel], meta))
     info = {
         "ratings": int(n),
@@ -208,6 +212,7 @@ def synthetic(
     sharpness: float = 10.0,
     seed: int = 0,
     valid_fraction: float = 0.1, test_fraction: float = 0.1,
+    time_window: Optional[float] = None,
 ) -> CTRSplits:
     """A synthetic click data set with a planted signal.
 
@@ -218,6 +223,15 @@ def synthetic(
     on the target's similarity to the closest history item, which target attention can pick
     out and a sum over a multi-topic history blurs. Samples are i.i.d.; the split is random.
     Item ids start at 1 (0 = padding).
+
+    Times (seconds, in ``meta`` as MovieLens's: "timestamp" the target's, the query time;
+    "history_times" the history's, 0 at padding): each sample has its own pace, a mean gap
+    between events drawn log-uniformly from 10 s to 1 day, and exponential gaps of that mean
+    between its history items and up to the target. With `time_window` (seconds) the maximum
+    above only runs over the history items at most `time_window` before the target, and the
+    last one (interest fades: a signal that the gaps, not the positions, carry). Without it
+    the times carry no signal, and the items and labels are those of the same seed without
+    times.
     """
     rng = np.random.default_rng(seed)
     topic_of = rng.integers(0, num_topics, size=num_items)
@@ -244,8 +258,13 @@ def synthetic(
     own = draw(user_topics[np.arange(S), rng.integers(0, topics_per_user, size=S)])
     tgt = np.where(in_topic, own, rng.integers(0, num_items, size=S))
     valid = np.arange(max_length)[None, :] < lengths[:, None]
+    hist_times, target_time, age = _synthetic_times(lengths, max_length, seed)
     sims = np.einsum("sd,sld->sl", latent[tgt], latent[hist])
-    best = np.where(valid, sims, -np.inf).max(axis=1)
+    counts_now = valid
+    if time_window is not None:
+        last = np.arange(max_length)[None, :] == lengths[:, None] - 1
+        counts_now = valid & ((age <= time_window) | last)
+    best = np.where(counts_now, sims, -np.inf).max(axis=1)
     prob = 1.0 / (1.0 + np.exp(-sharpness * (best - 0.5)))
     label = (rng.random(S) < prob).astype(np.float32)
 
@@ -255,12 +274,33 @@ def synthetic(
     n_valid = int(round(S * valid_fraction))
     cuts = [perm[n_test + n_valid:], perm[n_test:n_test + n_valid], perm[:n_test]]
     parts = [
-        _dataset(hist_ids[c], lengths[c], tgt[c] + 1, label[c], {"click_probability": prob[c]})
+        _dataset(hist_ids[c], lengths[c], tgt[c] + 1, label[c],
+                 {"click_probability": prob[c], "timestamp": target_time[c],
+                  "history_times": hist_times[c]})
         for c in cuts
     ]
     info = {"samples": S, "items": num_items, "topics": num_topics,
-            "positive_rate": float(label.mean()), "seed": seed}
+            "positive_rate": float(label.mean()), "seed": seed, "time_window": time_window}
     return CTRSplits("synthetic", num_items + 1, max_length, *parts, info=info)
+
+
+def _synthetic_times(lengths: np.ndarray, max_length: int, seed: int):
+    """(history times [S, L] int64, 0 at padding; target times [S]; each item's age, target
+    time - item time, [S, L]) for histories of `lengths`. Their own random stream: the items
+    and labels of a seed do not depend on whether times are used."""
+    rng = np.random.default_rng((seed, 0x7173))
+    S = lengths.shape[0]
+    pace = 10.0 ** rng.uniform(1.0, np.log10(86400.0), size=S)  # mean gap, seconds
+    gaps = rng.exponential(1.0, size=(S, max_length)) * pace[:, None]
+    target_time = 1_500_000_000 + rng.integers(0, 10 ** 8, size=S)
+    # back[s, j]: age of the j-th item from the end (j = 0 the last one), the sum of j + 1 gaps.
+    back = np.cumsum(gaps, axis=1)
+    cols = np.arange(max_length)
+    from_end = np.clip(lengths[:, None] - 1 - cols[None, :], 0, max_length - 1)
+    age = np.ceil(np.take_along_axis(back, from_end, axis=1)).astype(np.int64)
+    valid = cols[None, :] < lengths[:, None]
+    hist_times = np.where(valid, target_time[:, None] - age, 0)
+    return hist_times, target_time, age
 
 
 def load(name: str, max_length: int = 50, seed: int = 0, **kwargs) -> CTRSplits:

@@ -57,6 +57,8 @@ class ModelConfig:
     mlp_dims: Tuple[int, ...] = (64, 32)
     checkpoint: Optional[str] = None
     seed: int = 0
+    time_buckets: int = 0  # target_attention_ctr: the attention's time table (0: none)
+    recency_buckets: int = 0  # and its recency table
 
 
 @dataclass
@@ -119,6 +121,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.model == "attention_pooling":
         if cfg.checkpoint is not None:
             raise ValueError("--checkpoint is for target_attention_ctr (a training checkpoint)")
+        if cfg.time_buckets or cfg.recency_buckets:
+            raise ValueError("time and recency tables are for target_attention_ctr")
         model = AttentionPooling(cfg.embed_dim, cfg.num_heads)
         # Non-zero biases, so that a dropped bias cannot go unnoticed by the checks.
         with torch.no_grad():
@@ -126,8 +130,18 @@ def build_model(cfg: ModelConfig) -> nn.Module:
                 proj.bias.normal_(0.0, 0.1)
         return model.eval()
     if cfg.checkpoint is None:
-        return TargetAttentionCTR(cfg.num_items, cfg.embed_dim, cfg.num_heads,
-                                  mlp_dims=cfg.mlp_dims).eval()
+        model = TargetAttentionCTR(cfg.num_items, cfg.embed_dim, cfg.num_heads,
+                                   mlp_dims=cfg.mlp_dims, time_buckets=cfg.time_buckets or None,
+                                   recency_buckets=cfg.recency_buckets or None)
+        # Random table entries (they start at zero), so that a dropped bias fails the checks.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("_bias_weight"):
+                    p.normal_(0.0, 1.0)
+        return model.eval()
+    if cfg.time_buckets or cfg.recency_buckets:
+        raise ValueError("--time-bias / --recency-bias size a random model; a checkpoint brings "
+                         "its own tables")
     state, conf = load_checkpoint(cfg.checkpoint)
     model = TargetAttentionCTR(
         state["embedding.weight"].shape[0],
@@ -135,6 +149,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         num_heads=conf.get("num_heads", cfg.num_heads),
         mlp_dims=tuple(conf.get("mlp_dims", cfg.mlp_dims)),
         pooling=conf.get("pooling", "attention"),
+        time_buckets=conf.get("time_buckets") or None,
+        recency_buckets=conf.get("recency_buckets") or None,
     )
     model.load_state_dict(state)
     return model.eval()
@@ -156,7 +172,14 @@ def make_inputs(model: nn.Module, shape: Shape, seed: int = 0, lengths=None) -> 
     history = torch.randint(1, model.num_items, (B, L), generator=g)
     history[torch.arange(L)[None, :] >= lengths[:, None]] = 0  # padding id past each length
     target = torch.randint(1, model.num_items, (B, N), generator=g)
-    return Inputs((history, target, lengths), {}, ("history", "target", "lengths"))
+    if not model.uses_times:
+        return Inputs((history, target, lengths), {}, ("history", "target", "lengths"))
+    # Request times in 2023; the history's ages from 0 to about 3 years (every time bucket).
+    target_time = 1_700_000_000 + torch.randint(0, 10 ** 6, (B,), generator=g)
+    age = (10 ** (8.5 * torch.rand((B, L), generator=g, dtype=torch.float64))).long() - 1
+    history_times = torch.where(history > 0, target_time[:, None] - age, torch.zeros_like(age))
+    return Inputs((history, target, lengths, history_times, target_time), {},
+                  ("history", "target", "lengths", "history_times", "target_time"))
 
 
 def dynamic_dims(model: nn.Module) -> Dict[str, Dict[int, str]]:
@@ -164,8 +187,11 @@ def dynamic_dims(model: nn.Module) -> Dict[str, Dict[int, str]]:
     if isinstance(model, AttentionPooling):
         return {"query": {0: "batch", 1: "candidates"}, "keys": {0: "batch", 1: "history"},
                 "lengths": {0: "batch"}}
-    return {"history": {0: "batch", 1: "history"}, "target": {0: "batch", 1: "candidates"},
+    dims = {"history": {0: "batch", 1: "history"}, "target": {0: "batch", 1: "candidates"},
             "lengths": {0: "batch"}}
+    if model.uses_times:
+        dims.update(history_times={0: "batch", 1: "history"}, target_time={0: "batch"})
+    return dims
 
 
 OUTPUT_DIMS = {"attention_pooling": {0: "batch", 1: "candidates"},
@@ -310,6 +336,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="attention heads, a divisor of --embed-dim (default: %(default)s)")
     p.add_argument("--num-items", type=int_at_least(1), default=d.num_items)
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the random weights")
+    p.add_argument("--time-bias", type=int_at_least(1), nargs="?", const=64, default=0, metavar="NB",
+                   help="target_attention_ctr: a random model with a time table of NB (default 64) "
+                   "buckets; its inputs add history_times [B, L] and target_time [B]")
+    p.add_argument("--recency-bias", type=int_at_least(1), nargs="?", const=50, default=0, metavar="NR",
+                   help="target_attention_ctr: a random model with a recency table of NR (default 50) "
+                   "entries")
     p.add_argument("--example-shape", type=_shape_arg, default=EXAMPLE, metavar="B,N,L",
                    help="batch, candidates and history length of the traced example (all stay "
                    "dynamic; N and L choose the attention layer's evaluation order: give the "
@@ -341,9 +373,14 @@ def main(argv=None) -> int:
     if args.checkpoint is not None and args.model != "target_attention_ctr":
         parser.error("argument --checkpoint: only with --model target_attention_ctr (a training "
                      "checkpoint), got --model %s" % args.model)
+    if (args.time_bias or args.recency_bias) and (args.model != "target_attention_ctr"
+                                                  or args.checkpoint is not None):
+        parser.error("--time-bias / --recency-bias size a random target_attention_ctr (a "
+                     "checkpoint brings its own tables)")
     check_writable_file(parser, "--out", args.out)
     cfg = ModelConfig(model=args.model, embed_dim=args.embed_dim, num_heads=args.heads,
-                      num_items=args.num_items, checkpoint=args.checkpoint, seed=args.seed)
+                      num_items=args.num_items, checkpoint=args.checkpoint, seed=args.seed,
+                      time_buckets=args.time_bias, recency_buckets=args.recency_bias)
     try:
         model = build_model(cfg)
     except CheckpointError as e:

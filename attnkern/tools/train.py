@@ -2,7 +2,12 @@
 baseline, on MovieLens (with the `attnkern[data]` extra) or the built-in synthetic data.
 
     attnkern train --data movielens --pooling attention sum --seed 0 1 2 3 4 --epochs 4
+    attnkern train --data movielens --pooling attention --time-bias --seed 0 1 2 3 4 --epochs 4
     torchrun --nproc_per_node 2 -m attnkern train --ddp --data synthetic
+
+``--time-bias [NB]`` and ``--recency-bias [NR]`` give the attention layer its time and
+recency tables (`AttentionPooling`'s time_buckets / recency_buckets); the runs' names and the
+summary's rows get a ``-time`` / ``-recency`` suffix.
 
 Each (pooling, seed) run writes ``<out>/<data>-<pooling>-seed<seed>/``: ``checkpoint.pt``
 (after every epoch; ``--resume`` continues from it) and ``results.json`` (config,
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -65,11 +71,20 @@ class RunConfig:
     progress: bool = True
     engine: str = "eager"  # "torchrec": attnkern.tools.train_torchrec
     sharding: str = "row_wise"  # the item table's, under --engine torchrec
+    time_buckets: int = 0  # the attention layer's time table (0: none)
+    recency_buckets: int = 0  # its recency table (0: none)
+    synthetic_time_window: Optional[float] = None  # the synthetic data's planted time signal
+
+    @property
+    def variant(self) -> str:
+        """The pooling and its bias tables, e.g. "attention-time": a row of the summary."""
+        return self.pooling + ("-time" if self.time_buckets else "") + (
+            "-recency" if self.recency_buckets else "")
 
     @property
     def name(self) -> str:
         engine = "" if self.engine == "eager" else "-" + self.engine
-        return "%s-%s-seed%d%s" % (self.data, self.pooling, self.seed, engine)
+        return "%s-%s-seed%d%s" % (self.data, self.variant, self.seed, engine)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -84,15 +99,47 @@ def build_model(cfg: RunConfig, num_items: int) -> TargetAttentionCTR:
         pooling=cfg.pooling,
         dropout=cfg.dropout,
         backend=cfg.backend,
+        time_buckets=cfg.time_buckets or None,
+        recency_buckets=cfg.recency_buckets or None,
     )
 
 
+class TimedDataset(torch.utils.data.Dataset):
+    """A CTRDataset whose batches also carry the history's and the target's timestamps:
+    (history, lengths, target, label, history_times, target_time)."""
+
+    def __init__(self, ds: data_mod.CTRDataset):
+        self.ds = ds
+        self.label = ds.label
+        self.history_times = torch.from_numpy(np.ascontiguousarray(ds.meta["history_times"], dtype=np.int64))
+        self.target_time = torch.from_numpy(np.ascontiguousarray(ds.meta["timestamp"], dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(self.ds.__getitems__(indices)) + (self.history_times[idx], self.target_time[idx])
+
+
+def _for_model(cfg: RunConfig, splits: data_mod.CTRSplits):
+    """(splits, timed): a model with a time table (--time-bias) gets batches with timestamps."""
+    timed = bool(cfg.time_buckets)
+    if timed and "history_times" not in splits.train.meta:
+        raise ValueError("a time table (--time-bias) needs timestamps, and the %s data set has "
+                         "none" % splits.name)
+    if timed:
+        splits = dataclasses.replace(splits, train=TimedDataset(splits.train),
+                                     valid=TimedDataset(splits.valid), test=TimedDataset(splits.test))
+    return splits, timed
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, device) -> torch.Tensor:
-    """One optimisation step on `batch` = (history, lengths, target, label); returns the
-    (detached) mean binary cross-entropy of the batch."""
-    history, lengths, target, label = (x.to(device, non_blocking=True) for x in batch)
+    """One optimisation step on `batch` = (history, lengths, target, label[, history_times,
+    target_time]); returns the (detached) mean binary cross-entropy of the batch."""
+    history, lengths, target, label, *times = (x.to(device, non_blocking=True) for x in batch)
     optimizer.zero_grad(set_to_none=True)
-    logits = model(history, target, lengths)
+    logits = model(history, target, lengths, *times)
     loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), label)
     loss.backward()
     optimizer.step()
@@ -106,8 +153,10 @@ def predict(model: nn.Module, dataset: data_mod.CTRDataset, batch_size: int, dev
     model.eval()
     out = []
     for start in range(0, len(dataset), batch_size):
-        history, lengths, target, _ = dataset.__getitems__(range(start, min(start + batch_size, len(dataset))))
-        logits = model(history.to(device), target.to(device), lengths.to(device))
+        history, lengths, target, _, *times = dataset.__getitems__(
+            range(start, min(start + batch_size, len(dataset))))
+        logits = model(history.to(device), target.to(device), lengths.to(device),
+                       *(t.to(device) for t in times))
         out.append(torch.sigmoid(logits.float()).cpu().double().numpy())
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros(0)
@@ -193,6 +242,7 @@ def run(
         raise ValueError("--batch-size (%d, the global batch) must be divisible by the number of "
                          "processes (%d)" % (cfg.batch_size, world))
 
+    splits, timed = _for_model(cfg, splits)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, splits.num_items).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -338,6 +388,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=2, help="--engine torchrec: processes torchrun starts")
     p.add_argument("--sharding", choices=("row_wise", "table_wise"), default="row_wise",
                    help="--engine torchrec: how the item table is sharded")
+    p.add_argument("--time-bias", type=int_at_least(1), nargs="?", const=64, default=0, metavar="NB",
+                   help="attention with a per-head table of NB (default 64) log buckets of how long "
+                   "before the target each history item happened (the data's timestamps)")
+    p.add_argument("--recency-bias", type=int_at_least(1), nargs="?", const=-1, default=0, metavar="NR",
+                   help="attention with a per-head table of NR (default --max-length) entries for an "
+                   "item's place from the end of the history")
+    p.add_argument("--synthetic-time-window", type=positive_float, default=None, metavar="SECONDS",
+                   help="synthetic data: only the history items at most SECONDS before the target "
+                   "(and the last one) drive the click probability (a time signal; default: none)")
     p.add_argument("--out", default="runs", help="output folder (default: runs)")
     p.add_argument("--resume", action="store_true", help="continue each run from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -345,13 +404,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _summary(results: List[dict]) -> Dict[str, dict]:
-    """Per pooling: test AUC over the seeds, and the training seconds per epoch (mean over
-    every epoch of every seed: the cost side of the comparison)."""
+    """Per pooling (with its bias tables: "attention-time", ...): test AUC over the seeds, and
+    the training seconds per epoch (mean over every epoch of every seed: the cost side of the
+    comparison)."""
     by_pool: Dict[str, List[float]] = {}
     seconds: Dict[str, List[float]] = {}
     for r in results:
         if r and r["test"]:
-            pool = r["config"]["pooling"]
+            pool = RunConfig(**r["config"]).variant
             by_pool.setdefault(pool, []).append(r["test"]["auc"])
             seconds.setdefault(pool, []).extend(e["train_seconds"] for e in r["epochs"])
     out = {}
@@ -380,6 +440,18 @@ def main(argv=None) -> int:
         return 2
     if args.lr is None:
         args.lr = 1e-2 if data_name == "synthetic" else RunConfig.lr
+    if args.recency_bias == -1:
+        args.recency_bias = args.max_length
+    if args.time_bias or args.recency_bias:
+        others = [p for p in args.pooling if p != "attention"]
+        if others:
+            parser.error("--time-bias and --recency-bias bias the attention logits: they need "
+                         "--pooling attention, got %s" % " ".join(others))
+        if args.engine != "eager":
+            parser.error("--time-bias and --recency-bias are not supported with --engine %s"
+                         % args.engine)
+    if args.synthetic_time_window is not None and data_name != "synthetic":
+        parser.error("--synthetic-time-window is for --data synthetic, got %s" % data_name)
     run_fn = run
     if args.engine == "torchrec":
         from . import train_torchrec
@@ -403,7 +475,8 @@ def main(argv=None) -> int:
         for seed in args.seed:
             if splits is None or data_name == "synthetic":
                 splits = data_mod.load(data_name, max_length=args.max_length, seed=seed,
-                                       **({"num_samples": args.synthetic_samples}
+                                       **({"num_samples": args.synthetic_samples,
+                                           "time_window": args.synthetic_time_window}
                                           if data_name == "synthetic" else {}))
             for pooling in args.pooling:
                 cfg = RunConfig(
@@ -413,7 +486,9 @@ def main(argv=None) -> int:
                     mlp_dims=list(args.mlp), dropout=args.dropout, max_length=args.max_length,
                     synthetic_samples=args.synthetic_samples, device=args.device,
                     compile=args.compile, progress=not args.no_progress,
-                    engine=args.engine, sharding=args.sharding,
+                    engine=args.engine, sharding=args.sharding, time_buckets=args.time_bias,
+                    recency_buckets=args.recency_bias,
+                    synthetic_time_window=args.synthetic_time_window,
                 )
                 results.append(run_fn(cfg, splits, args.out, resume=args.resume, ddp=args.ddp,
                                    rank=rank, world=world, device=device))
@@ -423,10 +498,10 @@ def main(argv=None) -> int:
                         {"data": data_name, "pooling": summary,
                          "runs": [os.path.join(args.out, RunConfig(**r["config"]).name, "results.json")
                                   for r in results if r]})
-            print("\n%-10s %-18s %-7s %s" % ("pooling", "test AUC", "seeds", "s/epoch (train)"))
+            print("\n%-24s %-18s %-7s %s" % ("pooling", "test AUC", "seeds", "s/epoch (train)"))
             for pool, s in summary.items():
                 secs = s["train_seconds_per_epoch"]
-                print("%-10s %.4f +- %.4f    %-7d %s" % (
+                print("%-24s %.4f +- %.4f    %-7d %s" % (
                     pool, s["test_auc_mean"], s["test_auc_std"], s["seeds"],
                     "?" if secs is None else "%.1f +- %.1f" % (secs, s["train_seconds_per_epoch_std"])))
     finally:

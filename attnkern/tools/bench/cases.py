@@ -36,10 +36,11 @@ class Shape:
     Dk: int
     Dv: int
     layout: str = "padded"  # "padded" | "jagged"
+    bias: bool = False  # a score bias [B, H, L] shared by the N queries (padded only)
 
     def as_dict(self) -> dict:
         return {"name": self.name, "B": self.B, "N": self.N, "H": self.H, "L": self.L,
-                "Dk": self.Dk, "Dv": self.Dv, "layout": self.layout}
+                "Dk": self.Dk, "Dv": self.Dv, "layout": self.layout, "bias": self.bias}
 
 
 SHAPES: Dict[str, Shape] = {s.name: s for s in (
@@ -54,10 +55,23 @@ SHAPES: Dict[str, Shape] = {s.name: s for s in (
     Shape("b256_n64_l200_d64", 256, 64, 1, 200, 64, 64),
     # The b1024_l200_d64 lengths packed into [T, H, D] with offsets.
     Shape("jagged_b1024_l200_d64", 1024, 1, 1, 200, 64, 64, "jagged"),
+    # The score bias (attention_pool(bias=), a [B, H, L] bias shared by the N queries), each
+    # beside the same shape without one: the op shapes and the serving shape (one request's
+    # 1024 candidates against its history).
+    Shape("tiny_bias", 8, 1, 2, 16, 8, 8, bias=True),
+    Shape("b1024_h2_l200_d64", 1024, 1, 2, 200, 64, 64),
+    Shape("b1024_h2_l200_d64_bias", 1024, 1, 2, 200, 64, 64, bias=True),
+    Shape("b1024_n64_h2_l200_d64", 1024, 64, 2, 200, 64, 64),
+    Shape("b1024_n64_h2_l200_d64_bias", 1024, 64, 2, 200, 64, 64, bias=True),
+    Shape("serve_n1024_h4_l2048_d32", 1, 1024, 4, 2048, 32, 32),
+    Shape("serve_n1024_h4_l2048_d32_bias", 1, 1024, 4, 2048, 32, 32, bias=True),
 )}
 
 QUICK_SHAPES = ("b1024_l200_d64", "b256_n64_l200_d64", "jagged_b1024_l200_d64")
-FULL_SHAPES = tuple(name for name in SHAPES if not name.startswith("tiny"))
+# `attnkern bench --shapes` with these pairs: the bias's cost against the same op without one.
+BIAS_SHAPES = ("b1024_h2_l200_d64", "b1024_h2_l200_d64_bias", "b1024_n64_h2_l200_d64",
+               "b1024_n64_h2_l200_d64_bias", "serve_n1024_h4_l2048_d32", "serve_n1024_h4_l2048_d32_bias")
+FULL_SHAPES = tuple(name for name in SHAPES if not name.startswith("tiny") and name not in BIAS_SHAPES)
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,7 @@ class Inputs:
     offsets: Optional[torch.Tensor]
     grad_out: torch.Tensor  # [B, N, H, Dv]
     total_len: int  # sum of lengths: the number of valid K/V positions
+    bias: Optional[torch.Tensor] = None  # [B, H, L] in the case's dtype, for shapes with a bias
 
     @property
     def nonempty(self) -> torch.Tensor:
@@ -129,24 +144,31 @@ def make_inputs(case: Case, device="cpu", seed: int = 0) -> Inputs:
     query, key, value = (t.to(dtype=dtype, device=device) for t in (q, k, v))
     grad_out = torch.randn(s.B, s.N, s.H, s.Dv, generator=g).to(dtype=dtype, device=device)
     offsets = kw["offsets"].to(device) if layout == "jagged" else None
+    # Drawn last: the shape without a bias gets the same q, k, v and grad_out.
+    bias = (torch.randn(s.B, s.H, s.L, generator=g).to(dtype=dtype, device=device)
+            if s.bias else None)
     return Inputs(case, torch.device(device), query, key, value, lengths.to(device), offsets,
-                  grad_out, total)
+                  grad_out, total, bias)
 
 
 def bytes_moved(case: Case, total_len: int) -> int:
     """Bytes the op must move at least. Forward: read Q and the valid K and V, write O.
     Backward: read Q, the valid K and V, O and dO; write dQ and the whole of dK and dV (their
-    padded positions get explicit zeros, so those bytes must move too)."""
+    padded positions get explicit zeros, so those bytes must move too). A bias: read at the
+    valid positions, its gradient written whole."""
     s = case.shape
     item = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
     q = s.B * s.N * s.H * s.Dk * item
     o = s.B * s.N * s.H * s.Dv * item
     kv_valid = total_len * s.H * (s.Dk + s.Dv) * item
-    fwd = kv_valid + q + o
+    bias_valid = total_len * s.H * item if s.bias else 0
+    fwd = kv_valid + q + o + bias_valid
     if case.mode == "fwd":
         return fwd
     key_rows = total_len if s.layout == "jagged" else s.B * s.L
     bwd = 2 * q + kv_valid + 2 * o + key_rows * s.H * (s.Dk + s.Dv) * item
+    if s.bias:
+        bwd += bias_valid + key_rows * s.H * item
     return fwd + bwd
 
 
@@ -197,11 +219,11 @@ def make_oracle(inp: Inputs) -> Oracle:
     kw = ({"offsets": inp.offsets, "max_length": inp.case.shape.L} if inp.offsets is not None
           else {"lengths": inp.lengths})
 
-    def run(*tensors):
+    def run(*tensors, bias=None):
         go = tensors[3] if inp.case.mode == "fwd+bwd" else None
-        res = forward_backward(lambda q, k, v: attention_pool_ref(q, k, v, **kw), tensors[:3], go)
+        res = forward_backward(lambda q, k, v: attention_pool_ref(q, k, v, **kw, bias=bias), tensors[:3], go)
         return res[:1] + res[2:]  # lse is not compared: not every provider has one
 
     tensors = (inp.query, inp.key, inp.value, inp.grad_out)
-    exact = run(*(t.double() for t in tensors))
-    return Oracle(inp, exact, run(*tensors))
+    exact = run(*(t.double() for t in tensors), bias=None if inp.bias is None else inp.bias.double())
+    return Oracle(inp, exact, run(*tensors, bias=inp.bias))

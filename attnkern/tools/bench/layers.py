@@ -13,10 +13,17 @@ Layer cases: B=1024, E=64, H in {2, 4}, L in {100, 200, 1000}, N in {1, 64}, len
     eager               a FuxiCTR-style MultiHeadTargetAttention written out in PyTorch:
                         projections, a -1e9 mask fill, softmax, a weighted sum (matmuls)
     mha                 torch.nn.MultiheadAttention(batch_first=True) with key_padding_mask
+    attnkern-time       AttentionPooling(time_buckets=64, recency_buckets=64): the time-aware
+                        layer, its [B, H, L] bias built by a lookup and passed to the fused op
+    eager-time          the eager layer with the same tables: the bias (the same lookup) added
+                        to the scores before the mask fill and softmax
+
+The time-aware providers take key times (ages log-uniform from 1 s to 3 years) and a query
+time per row.
 
 Model case: one TargetAttentionCTR training step (forward, BCE loss, backward, Adam) at
 B=1024, L=200, E=64, H=2, N=1, 10,000 items, with the attnkern layer, the eager layer in
-its place, and pooling="sum".
+its place, pooling="sum", and the time-aware model with either layer.
 
 Providers are timed in rounds, alternating, so that the machine's load drifts over all of
 them alike; the table reports each one's median and its speedup over "eager". Before timing,
@@ -36,11 +43,13 @@ import torch
 from torch import nn
 
 from attnkern.models import TargetAttentionCTR
-from attnkern.nn import AttentionPooling
+from attnkern.nn import AttentionPooling, recency, time_bucket
 
-LAYER_PROVIDERS = ("attnkern", "attnkern-projected", "eager", "mha")
-MODEL_PROVIDERS = ("attnkern", "eager", "sum")
+LAYER_PROVIDERS = ("attnkern", "attnkern-projected", "eager", "mha", "attnkern-time", "eager-time")
+MODEL_PROVIDERS = ("attnkern", "eager", "sum", "attnkern-time", "eager-time")
 MODES = ("fwd", "fwd+bwd")
+TIME_PROVIDERS = ("attnkern-time", "eager-time")
+TIME_BUCKETS = RECENCY_BUCKETS = 64
 
 
 class EagerTargetAttention(nn.Module):
@@ -60,7 +69,7 @@ class EagerTargetAttention(nn.Module):
         self.W_v = nn.Linear(embed_dim, attention_dim, bias=False)
         self.W_o = nn.Linear(attention_dim, embed_dim, bias=False)
 
-    def forward(self, query, keys, values=None, lengths=None, *, mask=None):
+    def forward(self, query, keys, values=None, lengths=None, *, mask=None, bias=None):
         values = keys if values is None else values
         B, L = keys.shape[0], keys.shape[1]
         if mask is None:
@@ -75,11 +84,36 @@ class EagerTargetAttention(nn.Module):
         k = k.view(B, -1, H, D).transpose(1, 2)  # [B, H, L, D]
         v = v.view(B, -1, H, D).transpose(1, 2)
         scores = torch.matmul(q, k.transpose(-1, -2)) / D ** 0.5
+        if bias is not None:  # [B, H, L], shared by the N queries
+            scores = scores + bias.unsqueeze(2)
         scores = scores.masked_fill(mask.view(B, 1, 1, L) == 0, -1.0e9)
         attention = scores.softmax(dim=-1)
         out = torch.matmul(attention, v).transpose(1, 2).reshape(B, -1, H * D)
         out = self.W_o(out)
         return out.squeeze(1) if squeeze else out
+
+
+class EagerTimeAttention(nn.Module):
+    """The eager layer with AttentionPooling's time and recency tables: the same bucket lookup
+    gives a [B, H, L] bias that is added to the scores before the mask fill and softmax."""
+
+    def __init__(self, embed_dim: int, num_heads: int, time_buckets: int, recency_buckets: int):
+        super().__init__()
+        self.attn = EagerTargetAttention(embed_dim, num_heads)
+        self.time_buckets, self.recency_buckets = time_buckets, recency_buckets
+        self.time_bias_weight = nn.Parameter(torch.zeros(num_heads, time_buckets))
+        self.recency_bias_weight = nn.Parameter(torch.zeros(num_heads, recency_buckets))
+
+    def forward(self, query, keys, values=None, lengths=None, *, key_times=None, query_time=None):
+        with torch.no_grad():
+            t = time_bucket(query_time[:, None] - key_times, self.time_buckets)
+            r = recency(keys.shape[1], lengths).clamp(max=self.recency_buckets - 1)
+        # The layer's lookup (index_select, whose backward is a fast index_add), so that the
+        # two providers differ in the attention only.
+        H = self.time_bias_weight.shape[0]
+        bias = (self.time_bias_weight.index_select(1, t.reshape(-1)).view(H, *t.shape)
+                + self.recency_bias_weight.index_select(1, r.reshape(-1)).view(H, *r.shape))
+        return self.attn(query, keys, values, lengths, bias=bias.transpose(0, 1))  # [B, H, L]
 
 
 class MHAPooling(nn.Module):
@@ -135,6 +169,10 @@ def make_layer(provider: str, shape: LayerShape, seed: int = 0) -> nn.Module:
         return EagerTargetAttention(E, H)
     if provider == "mha":
         return MHAPooling(E, H)
+    if provider == "attnkern-time":
+        return AttentionPooling(E, H, time_buckets=TIME_BUCKETS, recency_buckets=RECENCY_BUCKETS)
+    if provider == "eager-time":
+        return EagerTimeAttention(E, H, TIME_BUCKETS, RECENCY_BUCKETS)
     raise ValueError("unknown layer provider %r; expected one of %s" % (provider, ", ".join(LAYER_PROVIDERS)))
 
 
@@ -147,13 +185,29 @@ def layer_inputs(shape: LayerShape, seed: int = 0):
     return query, keys, lengths
 
 
+def time_inputs(B: int, L: int, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Key times and a query time per row (int64 seconds): ages log-uniform in [1 s, 3 years]."""
+    g = torch.Generator().manual_seed(seed + 1)
+    query_time = 1_700_000_000 + torch.randint(0, 10 ** 6, (B,), generator=g)
+    age = (10 ** (8 * torch.rand(B, L, generator=g, dtype=torch.float64))).long()
+    return {"key_times": query_time[:, None] - age, "query_time": query_time}
+
+
+def _layer_kwargs(provider: str, shape: LayerShape, lengths) -> dict:
+    kw = {"lengths": lengths}
+    if provider in TIME_PROVIDERS:
+        kw.update(time_inputs(lengths.shape[0], shape.L))
+    return kw
+
+
 def layer_callable(provider: str, shape: LayerShape, mode: str) -> Callable:
     layer = make_layer(provider, shape)
     query, keys, lengths = layer_inputs(shape)
+    kw = _layer_kwargs(provider, shape, lengths)
     if mode == "fwd":
         def fwd():
             with torch.no_grad():
-                return layer(query, keys, lengths=lengths)
+                return layer(query, keys, **kw)
         return fwd
     query.requires_grad_(True)
     keys.requires_grad_(True)
@@ -162,7 +216,7 @@ def layer_callable(provider: str, shape: LayerShape, mode: str) -> Callable:
         for p in layer.parameters():
             p.grad = None
         query.grad = keys.grad = None
-        out = layer(query, keys, lengths=lengths)
+        out = layer(query, keys, **kw)
         out.sum().backward()
         return out
     return fwd_bwd
@@ -172,9 +226,13 @@ def make_model(provider: str, shape: LayerShape = MODEL_SHAPE, items: int = MODE
                seed: int = 0) -> TargetAttentionCTR:
     torch.manual_seed(seed)
     pooling = "sum" if provider == "sum" else "attention"
-    model = TargetAttentionCTR(items, embed_dim=shape.E, num_heads=shape.H, pooling=pooling)
+    tables = ({"time_buckets": TIME_BUCKETS, "recency_buckets": RECENCY_BUCKETS}
+              if provider in TIME_PROVIDERS else {})
+    model = TargetAttentionCTR(items, embed_dim=shape.E, num_heads=shape.H, pooling=pooling, **tables)
     if provider == "eager":
         model.pool = EagerTargetAttention(shape.E, shape.H)
+    elif provider == "eager-time":
+        model.pool = EagerTimeAttention(shape.E, shape.H, TIME_BUCKETS, RECENCY_BUCKETS)
     elif provider not in MODEL_PROVIDERS:
         raise ValueError("unknown model provider %r; expected one of %s" % (provider, ", ".join(MODEL_PROVIDERS)))
     return model
@@ -192,10 +250,14 @@ def model_step_callable(provider: str, shape: LayerShape = MODEL_SHAPE, items: i
     target = torch.randint(1, items, (B,), generator=g)
     label = torch.randint(0, 2, (B,), generator=g).float()
     loss_fn = nn.BCEWithLogitsLoss()
+    times = ()
+    if provider in TIME_PROVIDERS:
+        t = time_inputs(B, L)
+        times = (t["key_times"], t["query_time"])
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(history, target, lengths), label)
+        loss = loss_fn(model(history, target, lengths, *times), label)
         loss.backward()
         opt.step()
         return loss
@@ -225,12 +287,20 @@ def time_rounds(fns: Dict[str, Callable], *, rounds: int = 5, reps: int = 3,
 
 def share_weights(layers: Dict[str, nn.Module]) -> None:
     """Copies the weights of layers["attnkern"] (biases zero at initialisation) into the other
-    providers' layers, so that their outputs can be compared."""
+    providers' layers, so that their outputs can be compared; the time-aware layers get the
+    same random tables."""
     src = layers["attnkern"]
+    g = torch.Generator().manual_seed(7)
+    time_w = torch.randn(src.num_heads, TIME_BUCKETS, generator=g)
+    recency_w = torch.randn(src.num_heads, RECENCY_BUCKETS, generator=g)
     with torch.no_grad():
         for name, layer in layers.items():
+            if hasattr(layer, "time_bias_weight"):
+                layer.time_bias_weight.copy_(time_w)
+                layer.recency_bias_weight.copy_(recency_w)
+                layer = getattr(layer, "attn", layer)
             if isinstance(layer, AttentionPooling):
-                layer.load_state_dict(src.state_dict())
+                layer.load_state_dict(src.state_dict(), strict=False)
             elif isinstance(layer, EagerTargetAttention):
                 layer.W_q.weight.copy_(src.q_proj.weight)
                 layer.W_k.weight.copy_(src.k_proj.weight)
@@ -246,17 +316,28 @@ def share_weights(layers: Dict[str, nn.Module]) -> None:
 
 
 def check_layers(shape: LayerShape, providers: Sequence[str], rows: int = 64) -> Dict[str, float]:
-    """Max abs difference of each provider's output from AttentionPooling(absorb=False) on the
-    non-empty rows of a `rows`-row slice of the case, with shared weights."""
+    """Max abs difference of each provider's output from AttentionPooling(absorb=False) (with
+    the tables, for the time-aware providers) on the non-empty rows of a `rows`-row slice of
+    the case, with shared weights."""
     layers = {p: make_layer(p, shape) for p in set(providers) | {"attnkern", "attnkern-projected"}}
+    layers["projected-time"] = AttentionPooling(shape.E, shape.H, absorb=False, time_buckets=TIME_BUCKETS,
+                                                recency_buckets=RECENCY_BUCKETS)
     share_weights(layers)
     query, keys, lengths = layer_inputs(shape)
     query, keys, lengths = query[:rows], keys[:rows], lengths[:rows]
+    times = time_inputs(shape.B, shape.L)
+    times = {k: v[:rows] for k, v in times.items()}
     with torch.no_grad():
         ref = layers["attnkern-projected"](query, keys, lengths=lengths)
+        ref_time = layers["projected-time"](query, keys, lengths=lengths, **times)
         nonempty = lengths > 0
-        return {p: (layers[p](query, keys, lengths=lengths) - ref)[nonempty].abs().max().item()
-                for p in providers}
+        out = {}
+        for p in providers:
+            if p in TIME_PROVIDERS:
+                out[p] = (layers[p](query, keys, lengths=lengths, **times) - ref_time)[nonempty].abs().max().item()
+            else:
+                out[p] = (layers[p](query, keys, lengths=lengths) - ref)[nonempty].abs().max().item()
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,7 +345,7 @@ def check_layers(shape: LayerShape, providers: Sequence[str], rows: int = 64) ->
 
 
 def order_of(provider: str, shape: LayerShape) -> str:
-    if provider == "attnkern":
+    if provider in ("attnkern", "attnkern-time"):
         return "absorbed" if AttentionPooling(shape.E, shape.H).uses_absorbed_order(shape.N, shape.L) else "projected"
     if provider == "attnkern-projected":
         return "projected"
@@ -285,9 +366,15 @@ def run_layer_case(shape: LayerShape, mode: str, providers: Sequence[str], env: 
             "family": "layer", "provider": p, "mode": mode, "shape": shape.as_dict(),
             "order": order_of(p, shape), "ms": med[p] * 1e3,
             "x_eager": base / med[p] if base else None, "max_abs_err": errors[p],
-            "reps": len(times[p]), **env,
+            "time_over_plain": _time_over_plain(p, med), "reps": len(times[p]), **env,
         })
     return out
+
+
+def _time_over_plain(provider: str, med: Dict[str, float]) -> Optional[float]:
+    """A time-aware provider's time over the same layer's without tables, in the same rounds."""
+    plain = {"attnkern-time": "attnkern", "eager-time": "eager"}.get(provider)
+    return med[provider] / med[plain] if plain in med else None
 
 
 def run_model_case(providers: Sequence[str], env: dict, *, rounds: int = 5, reps: int = 3,
@@ -302,6 +389,7 @@ def run_model_case(providers: Sequence[str], env: dict, *, rounds: int = 5, reps
             "order": order_of(p, shape), "ms": med[p] * 1e3,
             "x_eager": med["eager"] / med[p] if "eager" in med else None,
             "vs_sum": med[p] / med["sum"] if "sum" in med else None,
+            "time_over_plain": _time_over_plain(p, med),
             "reps": len(times[p]), **env,
         })
     return out
@@ -339,12 +427,23 @@ def format_layer_markdown(records: Sequence[dict]) -> str:
         s = model[0]["shape"]
         lines.append("TargetAttentionCTR training step (forward, backward, Adam), B=%d, L=%d, E=%d, "
                      "H=%d, %d items:\n" % (s["B"], s["L"], s["E"], s["H"], s["items"]))
-        lines.append("| pooling | ms | speedup over eager | time / sum pooling's |")
-        lines.append("|---|---|---|---|")
+        lines.append("| pooling | ms | speedup over eager | time / sum pooling's | time-aware / plain |")
+        lines.append("|---|---|---|---|---|")
         for r in model:
-            lines.append("| %s | %.3g | %s | %s |" % (
+            lines.append("| %s | %.3g | %s | %s | %s |" % (
                 r["provider"], r["ms"], "%.2fx" % r["x_eager"] if r["x_eager"] else "",
-                "%.2f" % r["vs_sum"] if r["vs_sum"] else ""))
+                "%.2f" % r["vs_sum"] if r["vs_sum"] else "",
+                "%.2f" % r["time_over_plain"] if r.get("time_over_plain") else ""))
+        lines.append("")
+    timed = [r for r in records if r.get("time_over_plain")]
+    if timed:
+        lines.append("Time-aware (time + recency tables) over plain, same rounds:\n")
+        lines.append("| family | mode | B | L | N | provider | ratio |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for r in timed:
+            s = r["shape"]
+            lines.append("| %s | %s | %d | %d | %d | %s | %.2f |" % (
+                r["family"], r["mode"], s["B"], s["L"], s["N"], r["provider"], r["time_over_plain"]))
         lines.append("")
     return "\n".join(lines)
 

@@ -54,17 +54,17 @@ def provider_status(provider: str, device) -> Optional[str]:
 def _pool_fn(inp: Inputs, backend: str) -> Callable:
     import attnkern
 
-    L = inp.case.shape.L
+    L, bias = inp.case.shape.L, inp.bias
     if inp.offsets is not None:
         offsets = inp.offsets
 
         def fn(q, k, v):
-            return attnkern.attention_pool(q, k, v, offsets=offsets, max_length=L, backend=backend)
+            return attnkern.attention_pool(q, k, v, offsets=offsets, max_length=L, bias=bias, backend=backend)
     else:
         lengths = inp.lengths
 
         def fn(q, k, v):
-            return attnkern.attention_pool(q, k, v, lengths, backend=backend)
+            return attnkern.attention_pool(q, k, v, lengths, bias=bias, backend=backend)
     return fn
 
 
@@ -91,15 +91,19 @@ def _sdpa_fn(inp: Inputs) -> Callable:
     import torch.nn.functional as F
 
     to_padded = _padded_view(inp)
+    bias = inp.bias
 
     def fn(q, k, v):
         kp, vp, valid = to_padded(k, v)
         # [B, N, H, D] -> [B, H, N, D] as transpose views (no copy of our own); mask [B, 1, 1, L],
         # True = attend. A fully masked row (length 0) gives NaN in SDPA: harmless for timing,
-        # and the correctness check compares non-empty rows only.
+        # and the correctness check compares non-empty rows only. A bias goes in as a float
+        # mask [B, H, 1, L], -inf at the padding, formed in the timed call as a user would.
+        mask = valid[:, None, None, :]
+        if bias is not None:
+            mask = torch.where(valid[:, None, :], bias, float("-inf"))[:, :, None, :]
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2),
-            attn_mask=valid[:, None, None, :])
+            q.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), attn_mask=mask)
         return out.transpose(1, 2)
     return fn
 
@@ -126,17 +130,17 @@ def _compile_fn(inp: Inputs) -> Callable:
     from attnkern.reference import attention_pool_ref
 
     compiled = _compiled("compile", attention_pool_ref)
-    L = inp.case.shape.L
+    L, bias = inp.case.shape.L, inp.bias
     if inp.offsets is not None:
         offsets = inp.offsets
 
         def fn(q, k, v):
-            return compiled(q, k, v, offsets=offsets, max_length=L)[0]
+            return compiled(q, k, v, offsets=offsets, max_length=L, bias=bias)[0]
     else:
         lengths = inp.lengths
 
         def fn(q, k, v):
-            return compiled(q, k, v, lengths)[0]
+            return compiled(q, k, v, lengths, bias=bias)[0]
     return fn
 
 
@@ -204,6 +208,8 @@ def forward_fn(provider: str, inp: Inputs) -> Callable:
         return _sdpa_fn(inp)
     if provider == "compile":
         return _compile_fn(inp)
+    if inp.bias is not None and (provider == "flex" or provider in FBGEMM_PROVIDERS):
+        raise Unavailable("%s is not benchmarked with a score bias" % provider)
     if provider == "flex":
         return _flex_fn(inp)
     if provider in FBGEMM_PROVIDERS:
