@@ -227,7 +227,17 @@ inline void fill_block(const SeqParams& p, const RowMask& rm, int64_t s0, int64_
   if (p.time_table)
     for (int64_t r = 0; r < nq; ++r) {
       const int64_t qt = p.query_times[s0 + i0 + r];
-      for (int64_t c = 0; c < nk; ++c) bi.bucket[r * kSeqBK + c] = int32_t(time_bucket(p, qt - p.key_times[s0 + j0 + c]));
+      // A binary search for the first key, then a walk from the previous key's bucket: exact for
+      // any times, and a step or two per key where they change slowly along the row (sorted
+      // timestamps, the usual case).
+      int64_t bk = nk > 0 ? time_bucket(p, qt - p.key_times[s0 + j0]) : 0;
+      for (int64_t c = 0; c < nk; ++c) {
+        const int64_t dt = qt - p.key_times[s0 + j0 + c];
+        const uint64_t a = dt < 0 ? uint64_t(0) - uint64_t(dt) : uint64_t(dt);
+        while (bk < p.NB - 1 && uint64_t(p.time_bounds[bk]) <= a) ++bk;
+        while (bk > 0 && uint64_t(p.time_bounds[bk - 1]) > a) --bk;
+        bi.bucket[r * kSeqBK + c] = int32_t(bk);
+      }
     }
 }
 
