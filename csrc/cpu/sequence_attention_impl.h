@@ -297,14 +297,25 @@ inline A attn_scale_of(const SeqParams& p, int64_t t) {
   return p.attn_scale ? static_cast<const A*>(p.attn_scale)[t] : A(p.attn_scale_value);
 }
 
-// The workspace of one thread, carved from ws (elements of A).
+// The workspace of one thread, carved from ws (elements of A), and the inputs with their token
+// strides and query-head group size G.
 template <class A>
 struct SeqWork {
   A *KT, *VT, *S, *dP, *m, *l;
   int32_t* bucket;
   uint8_t* valid;
   int64_t* iv;
-  SeqWork(const SeqParams& p, void* ws) {
+  const A *q, *k, *v;
+  int64_t G, qs, ks, vs, os;
+  SeqWork(const SeqParams& p, void* ws)
+      : q(static_cast<const A*>(p.q)),
+        k(static_cast<const A*>(p.k)),
+        v(static_cast<const A*>(p.v)),
+        G(p.H / p.Hkv),
+        qs(p.H * p.Dk),
+        ks(p.Hkv * p.Dk),
+        vs(p.Hkv * p.Dv),
+        os(p.H * p.Dv) {
     A* w = static_cast<A*>(ws);
     const int64_t D = p.Dk > p.Dv ? p.Dk : p.Dv;
     KT = w;
@@ -328,13 +339,10 @@ void seq_fwd_entry(const SeqParams& p, const int64_t* rows, const int64_t* q0s, 
   constexpr int W = V::W;
   const A ninf = -__builtin_inf();
   SeqWork<A> w(p, ws);
-  const A* q = static_cast<const A*>(p.q);
-  const A* k = static_cast<const A*>(p.k);
-  const A* v = static_cast<const A*>(p.v);
+  const A *q = w.q, *k = w.k, *v = w.v;
+  const int64_t G = w.G, qs = w.qs, ks = w.ks, vs = w.vs, os = w.os;
   A* out = static_cast<A*>(p.out);
   A* lse = static_cast<A*>(p.lse);
-  const int64_t G = p.H / p.Hkv;
-  const int64_t qs = p.H * p.Dk, ks = p.Hkv * p.Dk, vs = p.Hkv * p.Dv, os = p.H * p.Dv;
   for (int64_t t = begin; t < end; ++t) {
     const int64_t b = rows[t], i0 = q0s[t], s0 = p.starts[b];
     const RowMask rm(p, b);
@@ -421,17 +429,14 @@ void seq_bwd_entry(const SeqParams& p, int64_t begin, int64_t end, void* ws) {
   constexpr int W = V::W;
   const A ninf = -__builtin_inf();
   SeqWork<A> w(p, ws);
-  const A* q = static_cast<const A*>(p.q);
-  const A* k = static_cast<const A*>(p.k);
-  const A* v = static_cast<const A*>(p.v);
+  const A *q = w.q, *k = w.k, *v = w.v;
+  const int64_t G = w.G, qs = w.qs, ks = w.ks, vs = w.vs, os = w.os;
   const A* go = static_cast<const A*>(p.grad_out);
   const A* lse = static_cast<const A*>(p.lse);
   const A* delta = static_cast<const A*>(p.delta);
   A* dq = static_cast<A*>(p.grad_q);
   A* dk = static_cast<A*>(p.grad_k);
   A* dv = static_cast<A*>(p.grad_v);
-  const int64_t G = p.H / p.Hkv;
-  const int64_t qs = p.H * p.Dk, ks = p.Hkv * p.Dk, vs = p.Hkv * p.Dv, os = p.H * p.Dv;
   const A scale = A(p.scale);
   for (int64_t b = begin; b < end; ++b) {
     const RowMask rm(p, b);

@@ -228,19 +228,23 @@ void run_items(const SeqParams& p, at::ScalarType acc, int64_t n, const F& fn) {
 
 }  // namespace
 
+// The checked parameters, the tensors they point into, the accumulator type (both launchers).
+#define ATTNKERN_SEQ_PREPARE                                                                                       \
+  std::vector<at::Tensor> keep;                                                                                    \
+  SeqParams p = prepare({query, key, value, starts, lengths, max_length, num_targets, contextual_len, max_attn_len, \
+                         causal, silu, scale, attn_scale, attn_scale_value, query_times, key_times, time_table,    \
+                         time_bounds, position_table, bias},                                                       \
+                        keep);                                                                                     \
+  const at::ScalarType acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;                       \
+  const auto opts = query.options().dtype(acc);
+
 std::tuple<at::Tensor, at::Tensor> sequence_attention_fwd_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& starts,
     const at::Tensor& lengths, int64_t max_length, const OptT& num_targets, int64_t contextual_len,
     int64_t max_attn_len, bool causal, bool silu, double scale, const OptT& attn_scale,
     std::optional<double> attn_scale_value, const OptT& query_times, const OptT& key_times, const OptT& time_table,
     const OptT& time_bounds, const OptT& position_table, const OptT& bias) {
-  std::vector<at::Tensor> keep;
-  SeqParams p = prepare({query, key, value, starts, lengths, max_length, num_targets, contextual_len, max_attn_len,
-                         causal, silu, scale, attn_scale, attn_scale_value, query_times, key_times, time_table,
-                         time_bounds, position_table, bias},
-                        keep);
-  const at::ScalarType acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto opts = query.options().dtype(acc);
+  ATTNKERN_SEQ_PREPARE
   at::Tensor out = at::zeros({p.T, p.H, p.Dv}, opts);
   at::Tensor lse = at::full({p.T, p.H}, -std::numeric_limits<double>::infinity(), opts);
   p.out = out.data_ptr();
@@ -273,13 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool silu, double scale, const OptT& attn_scale, std::optional<double> attn_scale_value,
     const OptT& query_times, const OptT& key_times, const OptT& time_table, const OptT& time_bounds,
     const OptT& position_table, const OptT& bias) {
-  std::vector<at::Tensor> keep;
-  SeqParams p = prepare({query, key, value, starts, lengths, max_length, num_targets, contextual_len, max_attn_len,
-                         causal, silu, scale, attn_scale, attn_scale_value, query_times, key_times, time_table,
-                         time_bounds, position_table, bias},
-                        keep);
-  const at::ScalarType acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto opts = query.options().dtype(acc);
+  ATTNKERN_SEQ_PREPARE
   check_dense(grad_out, "grad_out");
   TORCH_CHECK_VALUE(grad_out.dim() == 3 && grad_out.size(0) == p.T && grad_out.size(1) == p.H &&
                         grad_out.size(2) == p.Dv,
@@ -335,6 +333,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor g_bias = p.bias ? gb.to(query.scalar_type()) : empty(query.scalar_type());
   return {dq.to(query.scalar_type()), dk.to(query.scalar_type()), dv.to(query.scalar_type()), g_time, g_pos, g_bias};
 }
+
+#undef ATTNKERN_SEQ_PREPARE
 
 }  // namespace cpu
 }  // namespace attnkern
