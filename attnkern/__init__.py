@@ -2,6 +2,7 @@
 
     out = attnkern.attention_pool(query, key, value, lengths)
     out = attnkern.activation_unit_pool(query, key, key, weights, lengths)   # DIN
+    out = attnkern.sequence_attention(q, k, v, offsets, causal=True)        # HSTU, SASRec
 
 See README.md for the shapes, mask polarity (True = attend) and the backends.
 """
@@ -34,7 +35,8 @@ from . import models, nn  # noqa: E402  (public submodules: attnkern.nn.Attentio
 from ._validation import set_validation, validation_enabled  # noqa: E402
 from .functional import activation_unit_pool, attention_pool  # noqa: E402
 from .ops import BackendInfo, BackendUnavailable, backends  # noqa: E402
-from .reference import activation_unit_pool_ref, attention_pool_ref  # noqa: E402
+from .reference import activation_unit_pool_ref, attention_pool_ref, sequence_attention_ref  # noqa: E402
+from .sequence import sequence_attention  # noqa: E402
 
 try:
     # Imported for its side effect: registers the Triton custom ops attnkern::triton_* up
@@ -48,6 +50,8 @@ __version__ = "0.1.0"
 __all__ = [
     "attention_pool",
     "activation_unit_pool",
+    "sequence_attention",
+    "sequence_attention_ref",
     "attention_pool_ref",
     "activation_unit_pool_ref",
     "backends",

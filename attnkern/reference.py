@@ -351,3 +351,192 @@ def activation_unit_pool_ref(
         valid = padded_valid(key, lengths, mask)
     return masked_activation_unit_pool_ref(query, key, value, valid, w1, b1, w2, b2, w_out, b_out,
                                            act1, act2, activation, bool(softmax))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequence self-attention (attnkern.sequence_attention)
+#
+# Every position of a row attends positions of the same row. By position within row b of length
+# n (i = query, j = key, both < n; positions >= n are never read), with nt = num_targets[b]
+# (0 without num_targets), c = contextual_len, m = max_attn_len and h = n - nt the history:
+#
+#     id(p) = p                                   c == 0
+#           = max(p - c + 1, 0)                   c > 0   (the c contextual positions share id 0)
+#     id(p) = min(id(p), idmax)    idmax = h (c == 0) or h - c + 1 (c > 0): the targets share
+#                                  one id, the one after the last history position
+#     d     = id(i) - id(j)
+#     valid = i == j
+#           | (d > 0 if causal else d != 0) & (m == 0 | |d| <= m)
+#           | c > 0 & id(i) == 0 & id(j) < idmax  (contextual rows attend the whole history)
+#
+# which is generative-recommenders' `_get_valid_attn_mask` (hstu_mha) restricted to the row's
+# valid positions (docs/sequence_attention.md says where that restriction matters).
+#
+# Scores, with hb = h if Hb == H else 0 (Hb the tables' and bias's head count):
+#
+#     s_ij = scale * <q_i, k_j> + position_table[min(|i - j|, P - 1), hb]
+#          + time_table[bucket(query_times_i - key_times_j), hb] + bias[b, hb, i, j]
+#     bucket(dt) = floor(ln(max(|dt|, 1)) / 0.301)   ("log", evaluated in float32 as HSTU does)
+#                | floor(sqrt(max(|dt|, 1)))         ("sqrt", in float32), clamped to [0, NB - 1]
+#
+#     softmax: out_i = sum_valid j softmax_j(s_ij) v_j,   lse_i = log sum_valid j exp(s_ij)
+#     silu:    out_i = attn_scale_i * sum_valid j silu(s_ij) v_j
+#
+# A query with no valid key gives out 0 (lse -inf); padded positions of the padded layout give
+# out 0. Accumulation is float32 (float64 for float64 inputs); lse is in that dtype.
+# ----------------------------------------------------------------------------------------------
+SEQUENCE_NORMALIZATIONS = ("softmax", "silu")
+TIME_BUCKETS = ("log", "sqrt")
+
+
+def time_bucket_ref(dt: Tensor, num_buckets: int, time_bucket: str = "log") -> Tensor:
+    """bucket(dt) of int64 time differences, as in the section comment above (int64)."""
+    x = dt.abs().clamp_min(1).to(torch.float32)
+    if time_bucket == "log":
+        f = torch.log(x) / 0.301
+    elif time_bucket == "sqrt":
+        f = torch.sqrt(x)
+    else:
+        raise ValueError("time_bucket must be one of %s, got %r" % (", ".join(TIME_BUCKETS), time_bucket))
+    return f.floor().to(torch.int64).clamp(0, num_buckets - 1)
+
+
+def sequence_mask_ref(lengths: Tensor, L: int, causal: bool = True,
+                      num_targets: Optional[Tensor] = None, contextual_len: int = 0,
+                      max_attn_len: int = 0) -> Tensor:
+    """The [B, L, L] bool mask valid[b, i, j] (query i attends key j) of the section comment."""
+    n = lengths.to(torch.long).view(-1, 1, 1)
+    nt = torch.zeros_like(n) if num_targets is None else num_targets.to(torch.long).view(-1, 1, 1)
+    pos = torch.arange(L, device=lengths.device)
+    i, j = pos.view(1, L, 1), pos.view(1, 1, L)
+    c = int(contextual_len)
+    off = c - 1 if c > 0 else 0
+    idmax = n - nt - off
+
+    def ident(p):
+        return torch.minimum((p - off).clamp_min(0), idmax)
+
+    idi, idj = ident(i), ident(j)
+    d = idi - idj
+    valid = (d > 0) if causal else (d != 0)
+    if max_attn_len > 0:
+        valid = valid & (d.abs() <= max_attn_len)
+    valid = valid | (i == j)
+    if c > 0:
+        valid = valid | ((idi == 0) & (idj < idmax))
+    return valid & (i < n) & (j < n)
+
+
+def _pad_tokens(x: Tensor, starts: Tensor, L: int) -> Tensor:
+    """Rows x[starts[b] + p] for p < L as [B, L, ...] (positions past the end read row 0; the
+    caller masks them)."""
+    idx = starts.view(-1, 1) + torch.arange(L, device=starts.device).view(1, L)
+    idx = idx.clamp(0, max(x.shape[0] - 1, 0))
+    if x.shape[0] == 0:
+        return x.new_zeros((starts.shape[0], L) + tuple(x.shape[1:]))
+    return x[idx]
+
+
+def sequence_attention_ref(
+    query: Tensor, key: Tensor, value: Tensor, offsets: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None, *, max_length: Optional[int] = None, causal: bool = True,
+    num_targets: Optional[Tensor] = None, contextual_len: int = 0, max_attn_len: int = 0,
+    normalization: str = "softmax", scale: Optional[float] = None,
+    key_times: Optional[Tensor] = None, query_times: Optional[Tensor] = None,
+    time_table: Optional[Tensor] = None, position_table: Optional[Tensor] = None,
+    attn_scale=None, bias: Optional[Tensor] = None, time_bucket: str = "log",
+) -> Tuple[Tensor, Tensor]:
+    """Reference sequence self-attention (section comment above). Jagged query [T, H, Dk],
+    key [T, Hkv, Dk], value [T, Hkv, Dv] with offsets [B+1] (times [T], attn_scale [T]), or
+    padded [B, L, H(kv), D] with lengths [B] (or none: every position valid; times and
+    attn_scale [B, L]). Returns (out shaped like query with Dv, lse [T, H] or [B, L, H]).
+    Forms the [B, H, L, L] scores: it is the specification, not a kernel."""
+    cdt = _compute_dtype(query.dtype)
+    jagged = offsets is not None
+    if jagged:
+        offsets = offsets.to(torch.long)
+        starts = offsets[:-1]
+        lens = (offsets[1:] - starts).clamp_min(0)
+        if max_length is None:
+            max_length = int(lens.max().item()) if lens.numel() > 0 else 0
+        L = int(max_length)
+
+        def pad(x):
+            return None if x is None else _pad_tokens(x, starts, L)
+    else:
+        B, L = query.shape[0], query.shape[1]
+        lens = (torch.full((B,), L, dtype=torch.long, device=query.device) if lengths is None
+                else lengths.to(torch.long))
+
+        def pad(x):
+            return x
+    B = lens.shape[0]
+    H, Hkv = query.shape[-2], key.shape[-2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    valid = sequence_mask_ref(lens, L, causal, num_targets, contextual_len, max_attn_len)
+    rowvalid = torch.arange(L, device=query.device).view(1, L) < lens.view(-1, 1)  # [B, L]
+    q = pad(query).to(cdt)
+    k, v = pad(key).to(cdt), pad(value).to(cdt)
+    # Never read outside the rows: zero there, so that NaN/inf padding cannot leak into 0 * x.
+    zero = torch.zeros((), dtype=cdt, device=query.device)
+    q = torch.where(rowvalid[:, :, None, None], q, zero)
+    k = torch.where(rowvalid[:, :, None, None], k, zero)
+    v = torch.where(rowvalid[:, :, None, None], v, zero)
+    G = H // Hkv
+    k = k.repeat_interleave(G, dim=2)
+    v = v.repeat_interleave(G, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * float(scale)  # [B, H, L, L]
+    pos = torch.arange(L, device=query.device)
+    if position_table is not None:
+        P = position_table.shape[0]
+        rel = (pos.view(L, 1) - pos.view(1, L)).abs().clamp_max(P - 1)
+        s = s + position_table.to(cdt)[rel].permute(2, 0, 1).unsqueeze(0)  # [1, Hb, L, L]
+    if time_table is not None:
+        qt, kt = pad(query_times).to(torch.long), pad(key_times).to(torch.long)
+        bkt = time_bucket_ref(qt[:, :, None] - kt[:, None, :], time_table.shape[0], time_bucket)
+        s = s + time_table.to(cdt)[bkt].permute(0, 3, 1, 2)  # [B, Hb, L, L]
+    if bias is not None:
+        s = s + bias.to(cdt)
+    keep = valid[:, None]  # [B, 1, L, L]
+    if normalization == "softmax":
+        s = s.masked_fill(~keep, float("-inf"))
+        m = s.amax(dim=-1, keepdim=True).detach() if L > 0 else s.new_zeros(s.shape[:-1] + (1,))
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        denom = p.sum(dim=-1, keepdim=True)
+        nonempty = denom != 0
+        safe = torch.where(nonempty, denom, torch.ones_like(denom))
+        w = p / safe
+        lse = torch.where(nonempty, m + torch.log(safe), torch.full_like(denom, float("-inf")))
+        lse = lse.squeeze(-1).transpose(1, 2)  # [B, L, H]
+    elif normalization == "silu":
+        if attn_scale is None:
+            a = torch.full((B, L), 1.0 / max(L, 1), dtype=cdt, device=query.device)
+        elif isinstance(attn_scale, Tensor):
+            a = pad(attn_scale).to(cdt)
+        else:
+            a = torch.full((B, L), float(attn_scale), dtype=cdt, device=query.device)
+        w = torch.where(keep, torch.nn.functional.silu(s), zero) * a[:, None, :, None]
+        lse = torch.zeros(B, L, H, dtype=cdt, device=query.device)
+    else:
+        raise ValueError("normalization must be one of %s, got %r"
+                         % (", ".join(SEQUENCE_NORMALIZATIONS), normalization))
+    out = torch.einsum("bhij,bjhd->bihd", w, v)
+    out = torch.where(rowvalid[:, :, None, None], out, zero)
+    lse = torch.where(rowvalid[:, :, None], lse, torch.full_like(lse, float("-inf")))
+    if jagged:
+        T = query.shape[0]
+        # Token t of row b at position t - starts[b]: gather back (tokens outside every row: 0).
+        tok = torch.arange(T, device=query.device)
+        row = (torch.searchsorted(offsets, tok, right=True) - 1).clamp(0, max(B - 1, 0))
+        p = tok - offsets[row]
+        inside = (tok < offsets[-1]) & (p < L) if B > 0 else torch.zeros_like(tok, dtype=torch.bool)
+        p = p.clamp(0, max(L - 1, 0))
+        if B == 0 or L == 0:
+            out = query.new_zeros((T, H, value.shape[-1]), dtype=cdt)
+            lse = torch.full((T, H), float("-inf"), dtype=cdt, device=query.device)
+        else:
+            out = torch.where(inside[:, None, None], out[row, p], zero)
+            lse = torch.where(inside[:, None], lse[row, p], torch.full_like(lse[row, p], float("-inf")))
+    return out.to(query.dtype), lse
