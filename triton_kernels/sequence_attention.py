@@ -462,12 +462,20 @@ INTERPRET_BLOCK = 16
 
 def launch_config(dtype: torch.dtype, block_dk: int, block_dv: int):
     """(BLOCK_M = BLOCK_N, num_warps, num_stages). One square tile: the position-gradient fold
-    (fold_position_grad) relies on BLOCK_M == BLOCK_N."""
+    (fold_position_grad) relies on BLOCK_M == BLOCK_N. Chosen on sm_90 compiles with every
+    feature on (python -m attnkern.triton_kernels.sequence_aot; not yet timed on a GPU):
+    16-bit inputs take 32 x 32 tiles up to 64-wide heads (64 x 64 tiles spill even without
+    any bias), 16 x 16 above; float32's FMA dot 16 x 16 tiles."""
     if interpret_mode():
         return INTERPRET_BLOCK, 4, 1
-    if dtype == torch.float32:
-        return 32, 4, 2
-    return (64 if max(block_dk, block_dv) <= 128 else 32), 4, 2
+    if dtype == torch.float32 or max(block_dk, block_dv) > 64:
+        return 16, 4, 2
+    return 32, 4, 2
+
+
+# .maxnreg per kernel: ptxas left to itself caps the forward and dq kernels at 128 registers
+# and spills (float32); the dk/dv kernel spills more with the cap lifted.
+MAXNREG = {"fwd": 255, "dq": 255, "dkdv": None}
 
 
 def row_grid_length(lens: torch.Tensor, max_length: int) -> int:
@@ -534,6 +542,10 @@ class _Call:
         self.num_blocks = triton.cdiv(max(max_len, 1), self.block)
         self.empty = self.B == 0 or max_len <= 0 or T == 0
 
+    def launch(self, kernel: str) -> dict:
+        """The constexprs and launch options of `kernel` (fwd | dq | dkdv)."""
+        return dict(self.flags, **self.meta, maxnreg=MAXNREG[kernel])
+
 
 def sequence_attention_fwd(query, key, value, starts, lens, max_length, num_targets=None,
                            contextual_len=0, max_attn_len=0, causal=True, silu=False, scale=None,
@@ -559,7 +571,7 @@ def sequence_attention_fwd(query, key, value, starts, lens, max_length, num_targ
     if not c.empty:
         _seq_fwd_kernel[(c.num_blocks, c.B, c.H)](
             *c.tensors, out, lse, c.scale, c.as_value, *c.strides, *out.stride(), *lse.stride(),
-            *c.sizes, **c.flags, **c.meta)
+            *c.sizes, **c.launch("fwd"))
     return out, lse
 
 
@@ -638,12 +650,12 @@ def sequence_attention_bwd(grad_out, query, key, value, starts, lens, max_length
         common = (c.scale, c.as_value, *c.strides, *grad_out.stride(), *lse.stride())
         _seq_bwd_dq_kernel[(M, B, H)](
             *c.tensors, grad_out, lse, delta, dq, dbias, tg, pg, *common, *dq.stride(),
-            *db_strides, *tg_strides, *pg_strides, *c.sizes, M, **c.flags,
-            BIAS_GRAD=grad_bias, TIME_GRAD=grad_time_table, POS_GRAD=grad_position_table,
-            BLOCK_NB=block_nb, **c.meta)
+            *db_strides, *tg_strides, *pg_strides, *c.sizes, M, BIAS_GRAD=grad_bias,
+            TIME_GRAD=grad_time_table, POS_GRAD=grad_position_table, BLOCK_NB=block_nb,
+            **c.launch("dq"))
         _seq_bwd_dkdv_kernel[(M, B, c.Hkv)](
             *c.tensors, grad_out, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
-            *c.sizes, **c.flags, **c.meta)
+            *c.sizes, **c.launch("dkdv"))
 
     d_time = d_pos = d_bias = None
     if grad_time_table:
