@@ -71,13 +71,13 @@ def compile_variant(kernel: str, dtype: str, silu: bool, head: int = 64) -> dict
         with contextlib.redirect_stdout(buf):
             ck = triton.compile(ASTSource(fn, signature, consts, attrs),
                                 target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": warps, "num_stages": stages,
+                                options={"num_warps": warps[kernel], "num_stages": stages,
                                          "maxnreg": S.MAXNREG[kernel]})
     finally:
         knobs.nvidia.dump_ptxas_log = old
     parsed = _parse_ptxas(buf.getvalue()) or _parse_ptxas(_ptxas_report(ck.asm["ptx"], 90))
     regs, spills = parsed if parsed is not None else (-1, -1)
-    return dict(kernel=kernel, dtype=dtype, silu=silu, head=head, block=block, num_warps=warps,
+    return dict(kernel=kernel, dtype=dtype, silu=silu, head=head, block=block, num_warps=warps[kernel],
                 num_stages=stages, n_regs=regs, n_spills=spills, shared=int(ck.metadata.shared),
                 seconds=round(time.time() - t0, 1))
 

@@ -366,9 +366,13 @@ def _seq_bwd_dq_kernel(
                     band = tl.where(offs_band == lo_rel - shift,
                                     tl.sum(tl.where(ok, ds, 0.0), axis=None), band)
                 else:
-                    for d in range(lo_rel, hi_rel + 1):
-                        part = tl.sum(tl.where(ok & (rel == d), ds, 0.0), axis=None)
-                        band = tl.where(offs_band == d - shift, part, band)
+                    # The tile skewed so that its diagonals become columns: slot d of query
+                    # row il holds key column jl = il + BLOCK_N - d (i - j = shift + d).
+                    col = tl.arange(0, BLOCK_M)[:, None] + BLOCK_N - offs_band[None, :]
+                    inside = (col >= 0) & (col < BLOCK_N)
+                    skew = tl.gather(tl.where(ok, ds, 0.0),
+                                     tl.minimum(tl.maximum(col, 0), BLOCK_N - 1), axis=1)
+                    band = tl.sum(tl.where(inside, skew, 0.0), axis=0)
                 diag = mb - kb + NUM_KB - 1
                 tl.store(PG + b * stride_pgb + mb * stride_pgm + h * stride_pgh
                          + diag * stride_pgd + offs_band, band)
@@ -461,16 +465,17 @@ INTERPRET_BLOCK = 16
 
 
 def launch_config(dtype: torch.dtype, block_dk: int, block_dv: int):
-    """(BLOCK_M = BLOCK_N, num_warps, num_stages). One square tile: the position-gradient fold
-    (fold_position_grad) relies on BLOCK_M == BLOCK_N. Chosen on sm_90 compiles with every
-    feature on (python -m attnkern.triton_kernels.sequence_aot; not yet timed on a GPU):
-    16-bit inputs take 32 x 32 tiles up to 64-wide heads (64 x 64 tiles spill even without
-    any bias), 16 x 16 above; float32's FMA dot 16 x 16 tiles."""
+    """(BLOCK_M = BLOCK_N, num_warps by kernel (fwd | dq | dkdv), num_stages). One square
+    tile: the position-gradient fold (fold_position_grad) relies on BLOCK_M == BLOCK_N. Chosen
+    on sm_90 compiles with every feature on (python -m attnkern.triton_kernels.sequence_aot;
+    not yet timed on a GPU): 16-bit inputs take 32 x 32 tiles up to 64-wide heads (64 x 64
+    tiles spill even without any bias) and 8 warps for dq (whose table gradients spill 4),
+    16 x 16 tiles above; float32's FMA dot 16 x 16 tiles."""
     if interpret_mode():
-        return INTERPRET_BLOCK, 4, 1
+        return INTERPRET_BLOCK, dict(fwd=4, dq=4, dkdv=4), 1
     if dtype == torch.float32 or max(block_dk, block_dv) > 64:
-        return 16, 4, 2
-    return 32, 4, 2
+        return 16, dict(fwd=4, dq=4, dkdv=4), 2
+    return 32, dict(fwd=4, dq=8, dkdv=4), 2
 
 
 # .maxnreg per kernel: ptxas left to itself caps the forward and dq kernels at 128 registers
@@ -538,13 +543,14 @@ class _Call:
                           AS_PER_TOKEN=attn_scale is not None)
         self.meta = dict(BLOCK_M=self.block, BLOCK_N=self.block, BLOCK_DK=block_dk,
                          BLOCK_DV=block_dv, DOT_PRECISION=fp32_dot_precision(),
-                         NATIVE_DOT=native_dot(query.dtype), num_warps=warps, num_stages=stages)
+                         NATIVE_DOT=native_dot(query.dtype), num_stages=stages)
+        self.warps = warps
         self.num_blocks = triton.cdiv(max(max_len, 1), self.block)
         self.empty = self.B == 0 or max_len <= 0 or T == 0
 
     def launch(self, kernel: str) -> dict:
         """The constexprs and launch options of `kernel` (fwd | dq | dkdv)."""
-        return dict(self.flags, **self.meta, maxnreg=MAXNREG[kernel])
+        return dict(self.flags, **self.meta, num_warps=self.warps[kernel], maxnreg=MAXNREG[kernel])
 
 
 def sequence_attention_fwd(query, key, value, starts, lens, max_length, num_targets=None,
