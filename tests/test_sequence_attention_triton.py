@@ -165,13 +165,31 @@ def test_op_input_checks(change, error, words):
 
 
 def test_op_fake_and_compile():
-    # The fake impls: shapes without running a kernel, and the op traced whole.
-    a = _op_args()
-    out, lse = torch.ops.attnkern.triton_sequence_attention_fwd(*a.values())
+    # The fake impls give the shapes without running a kernel; torch.compile(fullgraph=True)
+    # traces the op, its autograd and the backward op whole, and gets eager's gradients.
+    a = _op_args(position_table=torch.randn(3, 1, device=DEVICE))
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fa = {k: (mode.from_tensor(v) if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
         fo, fl = torch.ops.attnkern.triton_sequence_attention_fwd(*fa.values())
-    assert fo.shape == out.shape and fl.shape == lse.shape and fo.dtype == out.dtype
+    assert fo.shape == (6, 2, 4) and fl.shape == (6, 2) and fo.dtype == torch.float32
+
+    def loss(q, pt):
+        b = dict(a, query=q, position_table=pt)
+        return torch.ops.attnkern.triton_sequence_attention_fwd(*b.values())[0].square().sum()
+
+    leaves = [a["query"].clone().requires_grad_(), a["position_table"].clone().requires_grad_()]
+    want = torch.autograd.grad(loss(*leaves), leaves)
+    got = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(*leaves),
+                              leaves)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+
+
+def test_opcheck():
+    q = torch.randn(6, 2, 4, device=DEVICE, requires_grad=True)
+    pt = torch.randn(3, 1, device=DEVICE, requires_grad=True)
+    a = _op_args(query=q, position_table=pt, silu=True, num_targets=torch.tensor([0, 1], device=DEVICE))
+    torch.library.opcheck(torch.ops.attnkern.triton_sequence_attention_fwd.default, tuple(a.values()))
 
 
 def _has_nvidia_backend():
