@@ -74,6 +74,19 @@ def test_low_precision(dtype, case):
     _check(case, dtype, lengths=[3, 21])
 
 
+def test_unknown_max_length_and_float64_attn_scale():
+    # Without max_length the op reads the rows' lengths (and SiLU's default scale is 1 / the
+    # longest); a per-token attn_scale may come in any float dtype.
+    for kw in (dict(normalization="silu", attn_scale=torch.rand(11, dtype=torch.float64)),
+               dict(normalization="silu"), dict(num_targets=[1, 0, 2])):
+        t, a = random_sequence_problem([4, 0, 7], H=2, **kw)
+        a.pop("max_length")
+        t, a = _to_device(t, a)
+        got = attnkern.sequence_attention(**t, **a, backend="triton")
+        want = attnkern.sequence_attention(**t, **a, backend="reference")
+        torch.testing.assert_close(got, want)
+
+
 def _canonical(t, a):
     """The op-level arguments of a public call (the wrapper's own normalisation)."""
     prob = validate_sequence(t["query"], t["key"], t["value"], a.get("offsets"), a.get("lengths"),

@@ -100,7 +100,8 @@ def check_fwd(a: dict) -> dict:
         low = -1 if name == "max_length" else 0
         if a[name] < low:
             _fail("%s must be >= %d, got %d" % (name, low, a[name]))
-    s = _tensor(a, "attn_scale", 1, (torch.float16, torch.bfloat16, torch.float32), optional=True)
+    s = _tensor(a, "attn_scale", 1, (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                optional=True)
     if s is not None:
         _shape("attn_scale", s, (T,))
     tt = _tensor(a, "time_table", 2, (q.dtype, torch.float32), optional=True)
@@ -154,7 +155,7 @@ def _canonical(a: dict) -> tuple:
     return (a["query"], a["key"], a["value"], idx(a["starts"]), idx(a["lengths"]),
             a["max_length"], idx(a["num_targets"]), a["contextual_len"], a["max_attn_len"],
             a["causal"], a["silu"], a["scale"],
-            None if a["attn_scale"] is None else a["attn_scale"].contiguous(),
+            None if a["attn_scale"] is None else a["attn_scale"].to(torch.float32).contiguous(),
             a["attn_scale_value"], idx(a["query_times"]), idx(a["key_times"]), a["time_table"],
             idx(a["time_bounds"]), a["position_table"], a["bias"])
 
