@@ -27,6 +27,7 @@ if not attnkern.backends()["triton"].available:
     pytest.skip(attnkern.backends()["triton"].reason, allow_module_level=True)
 
 from attnkern.triton_kernels import sequence_attention as K  # noqa: E402
+from test_triton_sm90 import CACHE as SM90_CACHE, _has_nvidia_backend  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LENGTHS = [5, 0, 19, 40]
@@ -205,14 +206,6 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.attnkern.triton_sequence_attention_fwd.default, tuple(a.values()))
 
 
-def _has_nvidia_backend():
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_nvidia_backend(), reason="this Triton has no NVIDIA backend (ptxas)")
 def test_kernels_compile_for_sm90_without_spills():
@@ -225,8 +218,7 @@ def test_kernels_compile_for_sm90_without_spills():
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = os.environ.get(
-        "ATTNKERN_AOT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "attnkern", "triton-sm90"))
+    env["TRITON_CACHE_DIR"] = SM90_CACHE
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     only = "fwd:bfloat16:softmax,dq:float32:silu,dkdv:bfloat16:silu,dkdv:float32:softmax"
     r = subprocess.run([sys.executable, "-m", "attnkern.triton_kernels.sequence_aot", "--only", only],

@@ -11,17 +11,13 @@ tests/test_sequence_attention_triton.py asserts on them. Must run with TRITON_IN
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
-import re
 import time
 
 import torch
-import triton
 
 from . import sequence_attention as S
-from .aot import _TL_NAMES, _jit_fn, _parse_ptxas, _ptxas_report
+from .aot import _TL_NAMES, _UNIT_STRIDES, _jit_fn, compile_for
 
 KERNELS = {"fwd": S._seq_fwd_kernel, "dq": S._seq_bwd_dq_kernel, "dkdv": S._seq_bwd_dkdv_kernel}
 # Pointer arguments: "x" = the inputs' dtype.
@@ -29,7 +25,6 @@ _POINTERS = {"Q": "x", "K": "x", "V": "x", "STARTS": "i64", "LENS": "i64", "NT":
              "QT": "i64", "KT": "i64", "TT": "x", "BOUNDS": "i64", "PT": "x", "AS": "fp32",
              "BIAS": "x", "OUT": "fp32", "LSE": "fp32", "DO": "x", "DELTA": "fp32", "DQ": "x",
              "DBIAS": "fp32", "TG": "fp32", "PG": "fp32", "DK_OUT": "x", "DV_OUT": "x"}
-_UNIT_STRIDES = re.compile(r"^stride_\w*d$")
 
 
 def features(silu: bool) -> dict:
@@ -40,8 +35,6 @@ def features(silu: bool) -> dict:
 
 
 def compile_variant(kernel: str, dtype: str, silu: bool, head: int = 64) -> dict:
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = _jit_fn(KERNELS[kernel])
@@ -64,19 +57,9 @@ def compile_variant(kernel: str, dtype: str, silu: bool, head: int = 64) -> dict
         else:
             signature[name] = "i32"
     t0 = time.time()
-    buf = io.StringIO()
-    old = knobs.nvidia.dump_ptxas_log
-    knobs.nvidia.dump_ptxas_log = True
-    try:
-        with contextlib.redirect_stdout(buf):
-            ck = triton.compile(ASTSource(fn, signature, consts, attrs),
-                                target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": warps[kernel], "num_stages": stages,
-                                         "maxnreg": S.MAXNREG[kernel]})
-    finally:
-        knobs.nvidia.dump_ptxas_log = old
-    parsed = _parse_ptxas(buf.getvalue()) or _parse_ptxas(_ptxas_report(ck.asm["ptx"], 90))
-    regs, spills = parsed if parsed is not None else (-1, -1)
+    ck, regs, spills = compile_for(ASTSource(fn, signature, consts, attrs),
+                                   {"num_warps": warps[kernel], "num_stages": stages,
+                                    "maxnreg": S.MAXNREG[kernel]})
     return dict(kernel=kernel, dtype=dtype, silu=silu, head=head, block=block, num_warps=warps[kernel],
                 num_stages=stages, n_regs=regs, n_spills=spills, shared=int(ck.metadata.shared),
                 seconds=round(time.time() - t0, 1))
