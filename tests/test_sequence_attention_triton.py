@@ -127,18 +127,21 @@ def test_backward_is_deterministic_and_tables_get_every_pair():
 
 @pytest.mark.parametrize("P", [1, 3, 40])
 def test_fold_position_grad_sums_each_pair_into_its_row(P):
-    # Bands of random partial sums, folded by hand: slot d of band (mb, kb) is the pair
-    # distance i - j = (mb - kb - 1) * block + d, whose table row is min(|i - j|, P - 1).
-    block, M, H = 4, 3, 2
-    pg = torch.randn(2, M, H, 2 * M - 1, 2 * block, dtype=torch.float64).float()
+    # Partial sums folded by hand: slot d of band index e is the pair distance
+    # i - j = (e - DMAX - 1) * block + d, whose table row is min(|i - j|, P - 1); the last
+    # index's slot 0 is the sum of the pairs already known to be on row P - 1.
+    block, M, H = 4, 4, 2
+    dmax = K.band_tiles(P, block, M)
+    pg = torch.randn(2, M, H, 2 * dmax + 2, 2 * block, dtype=torch.float64).float()
+    pg[:, :, :, -1, 1:] = 0
     want = torch.zeros(P, H, dtype=torch.float64)
     for b in range(2):
         for mb in range(M):
-            for diag in range(2 * M - 1):
-                kb = mb + M - 1 - diag
+            for e in range(2 * dmax + 1):
                 for d in range(2 * block):
-                    rel = (mb - kb - 1) * block + d
-                    want[min(abs(rel), P - 1)] += pg[b, mb, :, diag, d].double()
+                    rel = (e - dmax - 1) * block + d
+                    want[min(abs(rel), P - 1)] += pg[b, mb, :, e, d].double()
+            want[P - 1] += pg[b, mb, :, -1, 0].double()
     got = K.fold_position_grad(pg, P, block)
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
 

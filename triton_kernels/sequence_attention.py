@@ -283,7 +283,7 @@ def _seq_bwd_dq_kernel(
     stride_dbb, stride_dbh, stride_dbi, stride_dbj,
     stride_tgb, stride_tgm, stride_tgh,
     stride_pgb, stride_pgm, stride_pgh, stride_pgd,
-    T, H_PER_KV, MAX_LEN, CTX, WIN, NB, P, DK, DV, NUM_KB,
+    T, H_PER_KV, MAX_LEN, CTX, WIN, NB, P, DK, DV, DMAX,
     CAUSAL: tl.constexpr, SILU: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_TIME: tl.constexpr, LOG_NB: tl.constexpr,
     HAS_POS: tl.constexpr, HAS_BIAS: tl.constexpr, AS_PER_TOKEN: tl.constexpr,
@@ -295,9 +295,11 @@ def _seq_bwd_dq_kernel(
     """dq = scale * sum_j ds_ij k_j, with ds = dL/ds_ij (the gradient of every bias too).
 
     Table gradients as partial sums, no atomics: TG [B, M blocks, H, NB] holds this program's
-    sum of ds per time bucket; PG [B, M blocks, H, tile diagonal, 2 * BLOCK_N] the sum of ds
-    along each diagonal i - j of each key tile (slot d <-> i - j = (q0 - k0) - BLOCK_N + d),
-    which the launcher folds onto the position table."""
+    sum of ds per time bucket; PG [B, M blocks, H, 2 * DMAX + 2, 2 * BLOCK_N] the sum of ds
+    along each diagonal i - j of each key tile within DMAX tiles of the diagonal (index
+    mb - kb + DMAX; slot d <-> i - j = (q0 - k0) - BLOCK_N + d), and at index 2 * DMAX + 1,
+    slot 0, the sum over the tiles whose every pair lies on the table's last row (beyond
+    DMAX tiles every pair does). The launcher folds them onto the position table."""
     mb = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
@@ -322,6 +324,7 @@ def _seq_bwd_dq_kernel(
     offs_nb = tl.arange(0, BLOCK_NB)
     tg = tl.zeros([BLOCK_NB], tl.float32)
     offs_band = tl.arange(0, 2 * BLOCK_N)
+    far = tl.zeros([2 * BLOCK_N], tl.float32)
 
     pre, lo_b, hi_b = _key_blocks(q0, n, nt, CTX, WIN, CAUSAL, BLOCK_M, BLOCK_N)
     for t in range(0, pre + hi_b - lo_b):
@@ -358,25 +361,26 @@ def _seq_bwd_dq_kernel(
             lo_rel = tl.min(tl.where(ok, rel, 2147483647), axis=None)
             hi_rel = tl.max(tl.where(ok, rel, -2147483647), axis=None)
             if lo_rel <= hi_rel:
-                band = tl.zeros([2 * BLOCK_N], tl.float32)
-                shift = q0 - k0 - BLOCK_N
-                if (lo_rel >= P - 1) | (hi_rel <= 1 - P):
-                    # The whole tile clamps to one table row: one sum, in the slot of its
-                    # lowest diagonal (which clamps the same way).
-                    band = tl.where(offs_band == lo_rel - shift,
-                                    tl.sum(tl.where(ok, ds, 0.0), axis=None), band)
+                dlt = mb - kb
+                if (dlt > DMAX) | (dlt < -DMAX) | (lo_rel >= P - 1) | (hi_rel <= 1 - P):
+                    # Every pair of the tile is on table row P - 1 (or row 0 when P = 1):
+                    # one sum, into this program's far total.
+                    far = tl.where(offs_band == 0, far + tl.sum(tl.where(ok, ds, 0.0), axis=None), far)
                 else:
                     # The tile skewed so that its diagonals become columns: slot d of query
-                    # row il holds key column jl = il + BLOCK_N - d (i - j = shift + d).
+                    # row il holds key column jl = il + BLOCK_N - d (i - j = (q0 - k0) -
+                    # BLOCK_N + d).
                     col = tl.arange(0, BLOCK_M)[:, None] + BLOCK_N - offs_band[None, :]
                     inside = (col >= 0) & (col < BLOCK_N)
                     skew = tl.gather(tl.where(ok, ds, 0.0),
                                      tl.minimum(tl.maximum(col, 0), BLOCK_N - 1), axis=1)
                     band = tl.sum(tl.where(inside, skew, 0.0), axis=0)
-                diag = mb - kb + NUM_KB - 1
-                tl.store(PG + b * stride_pgb + mb * stride_pgm + h * stride_pgh
-                         + diag * stride_pgd + offs_band, band)
+                    tl.store(PG + b * stride_pgb + mb * stride_pgm + h * stride_pgh
+                             + (dlt + DMAX) * stride_pgd + offs_band, band)
 
+    if POS_GRAD:
+        tl.store(PG + b * stride_pgb + mb * stride_pgm + h * stride_pgh
+                 + (2 * DMAX + 1) * stride_pgd + offs_band, far)
     dq = dq * scale
     tl.store(DQ + (start + offs_m[:, None]) * stride_dqt + h * stride_dqh + offs_dk[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_dk[None, :] < DK))
@@ -581,27 +585,35 @@ def sequence_attention_fwd(query, key, value, starts, lens, max_length, num_targ
     return out, lse
 
 
-def fold_position_grad(pg: torch.Tensor, P: int, block: int) -> torch.Tensor:
-    """The position table's gradient per head [P, H] from the dq kernel's diagonal bands
-    pg [B, M, H, 2M - 1, 2 * block] (M query = key blocks), summed in a fixed order.
+def band_tiles(P: int, block: int, num_blocks: int) -> int:
+    """DMAX: the tile diagonals mb - kb beyond +-DMAX have every pair on the position table's
+    last row (|i - j| >= DMAX * block + 1 > P - 1), so they need no band of their own."""
+    return min(num_blocks - 1, P // block + 1)
 
-    Band (mb, kb), index mb - kb + M - 1, slot d holds i - j = (mb - kb - 1) * block + d: its
-    first half lies in the chunk [(mb - kb - 1) * block, (mb - kb) * block) of i - j, its
-    second half in the next chunk."""
-    M = pg.shape[1]
-    band = pg.sum(dim=(0, 1))  # [H, 2M - 1, 2 * block]
-    H = band.shape[0]
+
+def fold_position_grad(pg: torch.Tensor, P: int, block: int) -> torch.Tensor:
+    """The position table's gradient per head [P, H] from the dq kernel's partial sums
+    pg [B, M, H, 2 * DMAX + 2, 2 * block], added in a fixed order.
+
+    Band index mb - kb + DMAX, slot d holds i - j = (mb - kb - 1) * block + d: its first half
+    lies in the chunk [(mb - kb - 1) * block, (mb - kb) * block) of i - j, its second half in
+    the next chunk. Index 2 * DMAX + 1, slot 0: pairs on the last row."""
+    band = pg.sum(dim=(0, 1))  # [H, 2 * DMAX + 2, 2 * block]
+    far = band[:, -1, 0]
+    band = band[:, :-1]
+    H, dmax = band.shape[0], (band.shape[1] - 1) // 2
     chunks = torch.zeros((H, band.shape[1] + 1, block), dtype=torch.float32, device=pg.device)
     chunks[:, :-1] += band[:, :, :block]
     chunks[:, 1:] += band[:, :, block:]
     flat = chunks.reshape(H, -1)
-    rel = torch.arange(flat.shape[1], device=pg.device) - M * block  # chunk e starts at (e - M) * block
+    # chunk e starts at i - j = (e - DMAX - 1) * block
+    rel = torch.arange(flat.shape[1], device=pg.device) - (dmax + 1) * block
     row = rel.abs().clamp_max(P - 1)
     grad = torch.zeros((H, P), dtype=torch.float32, device=pg.device)
     # Each sign's rows below P - 1 are distinct (no accumulation within one assignment); the
     # rows clamped to P - 1 are summed apart.
     tail = row == P - 1
-    grad[:, P - 1] = flat[:, tail].sum(dim=1)
+    grad[:, P - 1] = flat[:, tail].sum(dim=1) + far
     for side in (rel >= 0, rel < 0):
         keep = side & ~tail
         grad[:, row[keep]] += flat[:, keep]
@@ -640,7 +652,7 @@ def sequence_attention_bwd(grad_out, query, key, value, starts, lens, max_length
     dummy = torch.zeros(1, dtype=torch.float32, device=dev)
     dbias, tg, pg = dummy, dummy, dummy
     db_strides, tg_strides, pg_strides = zero4, zero4[:3], zero4
-    block_nb = 1
+    block_nb, dmax = 1, 0
     if grad_bias:
         # Per head (one writer per element); summed over heads below when Hb = 1.
         dbias = torch.zeros((bias.shape[0], H) + tuple(bias.shape[2:]), dtype=torch.float32, device=dev)
@@ -650,13 +662,14 @@ def sequence_attention_bwd(grad_out, query, key, value, starts, lens, max_length
         tg = torch.zeros((B, M, H, block_nb), dtype=torch.float32, device=dev)
         tg_strides = tg.stride()[:3]
     if grad_position_table:
-        pg = torch.zeros((B, M, H, 2 * M - 1, 2 * c.block), dtype=torch.float32, device=dev)
+        dmax = band_tiles(c.P, c.block, M)
+        pg = torch.zeros((B, M, H, 2 * dmax + 2, 2 * c.block), dtype=torch.float32, device=dev)
         pg_strides = pg.stride()[:4]
     if not c.empty:
         common = (c.scale, c.as_value, *c.strides, *grad_out.stride(), *lse.stride())
         _seq_bwd_dq_kernel[(M, B, H)](
             *c.tensors, grad_out, lse, delta, dq, dbias, tg, pg, *common, *dq.stride(),
-            *db_strides, *tg_strides, *pg_strides, *c.sizes, M, BIAS_GRAD=grad_bias,
+            *db_strides, *tg_strides, *pg_strides, *c.sizes, dmax, BIAS_GRAD=grad_bias,
             TIME_GRAD=grad_time_table, POS_GRAD=grad_position_table, BLOCK_NB=block_nb,
             **c.launch("dq"))
         _seq_bwd_dkdv_kernel[(M, B, c.Hkv)](
