@@ -2,11 +2,12 @@
 
     attnkern::triton_sequence_attention_fwd / _bwd
 
-The schema is the op-level layout of docs/sequence_attention.md (the one every fused backend
-registers, the C++ ops without a prefix). Each op checks its own inputs' shapes, dtypes and
-devices, so that a direct torch.ops.attnkern.triton_* call can never make a kernel read out of
-bounds (the kernels clamp the rows, the targets, the buckets and the positions themselves);
-the fake impls run the same checks and make the ops traceable by torch.compile(fullgraph=True).
+The schema is the op-level layout of docs/sequence_attention.md (attnkern/ops/sequence.py's
+SEQUENCE_SCHEMAS, which the C++ ops register without a prefix), and so are the fake impls and
+the autograd (register_sequence_fakes_and_autograd). Each op checks its own inputs' shapes,
+dtypes and devices, so that a direct torch.ops.attnkern.triton_* call can never make a kernel
+read out of bounds (the kernels clamp the rows, the targets, the buckets and the positions
+themselves).
 """
 
 from __future__ import annotations
@@ -19,29 +20,14 @@ from attnkern.triton_kernels import sequence_attention as _k
 from attnkern.triton_kernels.attention_pool import interpret_mode
 
 from .schemas import NAMESPACE, TRITON_PREFIX, qualified
+from .sequence import (SEQUENCE_FWD_ARGS, SEQUENCE_OPS, SEQUENCE_SCHEMAS,
+                       register_sequence_fakes_and_autograd)
 
 Tensor = torch.Tensor
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
-FWD_ARGS = ("query", "key", "value", "starts", "lengths", "max_length", "num_targets",
-            "contextual_len", "max_attn_len", "causal", "silu", "scale", "attn_scale",
-            "attn_scale_value", "query_times", "key_times", "time_table", "time_bounds",
-            "position_table", "bias")
-FWD_SCHEMA = (
-    "(Tensor query, Tensor key, Tensor value, Tensor starts, Tensor lengths, int max_length, "
-    "Tensor? num_targets, int contextual_len, int max_attn_len, bool causal, bool silu, "
-    "float scale, Tensor? attn_scale, float? attn_scale_value, Tensor? query_times, "
-    "Tensor? key_times, Tensor? time_table, Tensor? time_bounds, Tensor? position_table, "
-    "Tensor? bias) -> (Tensor out, Tensor lse)")
-BWD_SCHEMA = (
-    "(Tensor grad_out, Tensor lse, Tensor delta, " + FWD_SCHEMA[1:].split(") ->")[0]
-    + ") -> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_time_table, "
-    "Tensor grad_position_table, Tensor grad_bias)")
-# The differentiable arguments, in the order of the backward op's gradients.
-GRAD_ARGS = ("query", "key", "value", "time_table", "position_table", "bias")
-FWD_OP = TRITON_PREFIX + "sequence_attention_fwd"
-BWD_OP = TRITON_PREFIX + "sequence_attention_bwd"
+FWD_OP, BWD_OP = (TRITON_PREFIX + n for n in SEQUENCE_OPS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,7 +90,7 @@ def check_fwd(a: dict) -> dict:
                 optional=True)
     if s is not None:
         _shape("attn_scale", s, (T,))
-    tt = _tensor(a, "time_table", 2, (q.dtype, torch.float32), optional=True)
+    tt = _tensor(a, "time_table", 2, (q.dtype,), optional=True)
     tables = [("time_table", tt)]
     if tt is not None:
         if tt.shape[0] > _k.MAX_TIME_BUCKETS:
@@ -113,12 +99,12 @@ def check_fwd(a: dict) -> dict:
         for name in ("query_times", "key_times"):
             _shape(name, _tensor(a, name, 1, _INDEX_DTYPES), (T,))
         _shape("time_bounds", _tensor(a, "time_bounds", 1, (torch.int64,)), (max(tt.shape[0] - 1, 0),))
-    pt = _tensor(a, "position_table", 2, (q.dtype, torch.float32), optional=True)
+    pt = _tensor(a, "position_table", 2, (q.dtype,), optional=True)
     tables.append(("position_table", pt))
     for name, t in tables:
         if t is not None and (t.shape[0] < 1 or t.shape[1] not in (1, H)):
             _fail("%s must be [rows >= 1, 1 or H=%d], got %s" % (name, H, tuple(t.shape)))
-    bias = _tensor(a, "bias", 4, (q.dtype, torch.float32), optional=True)
+    bias = _tensor(a, "bias", 4, (q.dtype,), optional=True)
     if bias is not None:
         L = bias.shape[-1]
         if bias.shape[0] != B or bias.shape[1] not in (1, H) or bias.shape[2] != L:
@@ -137,7 +123,7 @@ def _check_bwd(a: dict) -> dict:
     go = _tensor(a, "grad_out", 3, _TRITON_DTYPES)
     _shape("grad_out", go, (d["T"], d["H"], d["Dv"]))
     _shape("lse", _tensor(a, "lse", 2, (torch.float32,)), (d["T"], d["H"]))
-    if not a["silu"]:  # unused (may be empty) with SiLU
+    if not a["silu"]:  # unused with SiLU
         _shape("delta", _tensor(a, "delta", 2, (torch.float32,)), (d["T"], d["H"]))
     return d
 
@@ -160,16 +146,16 @@ def _canonical(a: dict) -> tuple:
             idx(a["time_bounds"]), a["position_table"], a["bias"])
 
 
-@torch.library.custom_op(qualified(FWD_OP), mutates_args=(), schema=FWD_SCHEMA)
+@torch.library.custom_op(qualified(FWD_OP), mutates_args=(), schema=SEQUENCE_SCHEMAS[SEQUENCE_OPS[0]])
 def triton_sequence_attention_fwd(*args):
-    a = dict(zip(FWD_ARGS, args))
+    a = dict(zip(SEQUENCE_FWD_ARGS, args))
     check_fwd(a)
     return _k.sequence_attention_fwd(*_canonical(a))
 
 
-@torch.library.custom_op(qualified(BWD_OP), mutates_args=(), schema=BWD_SCHEMA)
+@torch.library.custom_op(qualified(BWD_OP), mutates_args=(), schema=SEQUENCE_SCHEMAS[SEQUENCE_OPS[1]])
 def triton_sequence_attention_bwd(grad_out, lse, delta, *args):
-    a = dict(zip(FWD_ARGS, args), grad_out=grad_out, lse=lse, delta=delta)
+    a = dict(zip(SEQUENCE_FWD_ARGS, args), grad_out=grad_out, lse=lse, delta=delta)
     _check_bwd(a)
     lse = lse.contiguous()
     delta = delta.contiguous() if not a["silu"] else lse
@@ -177,61 +163,8 @@ def triton_sequence_attention_bwd(grad_out, lse, delta, *args):
     return tuple(a["query"].new_empty((0,)) if g is None else g for g in grads)
 
 
-@torch.library.register_fake(qualified(FWD_OP))
-def _fake_fwd(*args):
-    a = dict(zip(FWD_ARGS, args))
-    d = check_fwd(a)
-    q = a["query"]
-    return (q.new_empty((d["T"], d["H"], d["Dv"]), dtype=torch.float32),
-            q.new_empty((d["T"], d["H"]), dtype=torch.float32))
-
-
-@torch.library.register_fake(qualified(BWD_OP))
-def _fake_bwd(grad_out, lse, delta, *args):
-    a = dict(zip(FWD_ARGS, args), grad_out=grad_out, lse=lse, delta=delta)
-    _check_bwd(a)
-    return tuple(a["query"].new_empty((0,)) if a[n] is None else a[n].new_empty(a[n].shape)
-                 for n in GRAD_ARGS)
-
-
-# ----------------------------------------------------------------------------------------------
-# Autograd: the forward saves out and lse; the backward op recomputes the scores.
-# ----------------------------------------------------------------------------------------------
-
-
-def _setup_context(ctx, inputs, output):
-    a = dict(zip(FWD_ARGS, inputs))
-    out, lse = output
-    ctx.tensor_names = tuple(n for n in FWD_ARGS if isinstance(a[n], Tensor))
-    ctx.plain = {n: a[n] for n in FWD_ARGS if not isinstance(a[n], Tensor)}
-    ctx.save_for_backward(*(a[n] for n in ctx.tensor_names), out, lse)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    saved = ctx.saved_tensors
-    a = dict(ctx.plain)
-    a.update(zip(ctx.tensor_names, saved[:-2]))
-    out, lse = saved[-2:]
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    if a["silu"]:
-        delta = lse.new_empty((0,))
-    else:
-        # rowsum(dO * O) in float64 from the unrounded out: every ds = p (dp - delta) inherits
-        # its rounding.
-        delta = (grad_out.double() * out.double()).sum(-1)
-        if grad_lse is not None:
-            delta = delta - grad_lse.double()
-        delta = delta.float()
-    grads = torch.ops.attnkern.triton_sequence_attention_bwd(
-        grad_out.to(a["query"].dtype), lse, delta, *(a[n] for n in FWD_ARGS))
-    by_name = dict(zip(GRAD_ARGS, grads))
-    needs = dict(zip(FWD_ARGS, ctx.needs_input_grad))
-    return tuple(by_name[n] if n in by_name and a[n] is not None and needs[n] else None
-                 for n in FWD_ARGS)
-
-
-torch.library.register_autograd(qualified(FWD_OP), _backward, setup_context=_setup_context)
+# The fake impls and autograd of every backend's sequence ops (attnkern/ops/sequence.py).
+register_sequence_fakes_and_autograd(TRITON_PREFIX)
 
 
 # Nested tensors dispatch to keys of their own: there a clear TypeError instead of the
