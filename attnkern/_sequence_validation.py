@@ -7,13 +7,12 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from ._validation import (_check_dim, _check_heads, _check_index, _check_jagged_index,
                           _check_lengths, _check_offsets, _check_qkv, _check_tensor,
-                          _reads_values, _same)
+                          _reads_values, _same, resolve_scale)
 from .limits import MAX_HEAD_DIM
 from .reference import SEQUENCE_NORMALIZATIONS, TIME_BUCKETS
 
@@ -144,14 +143,7 @@ def validate_sequence(query, key, value, offsets, lengths, max_length, causal, n
     if num_targets is not None:
         _check_index(num_targets, "num_targets", B, dev)
 
-    if scale is None:
-        scale = 1.0 / math.sqrt(Dk)
-    else:
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            raise TypeError("scale must be a float, got %s" % type(scale).__name__)
-        scale = float(scale)
-        if not math.isfinite(scale):
-            raise ValueError("scale must be finite, got %r" % scale)
+    scale = resolve_scale(scale, Dk)
 
     if attn_scale is not None:
         if not silu:

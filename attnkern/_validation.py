@@ -167,6 +167,18 @@ def _check_mask(mask, name: str, B: int, L: int, device) -> None:
         )
 
 
+def resolve_scale(scale, Dk: int) -> float:
+    """The logit scale: a finite float, default 1/sqrt(Dk)."""
+    if scale is None:
+        return 1.0 / math.sqrt(Dk)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError("scale must be a float, got %s" % type(scale).__name__)
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError("scale must be finite, got %r" % scale)
+    return scale
+
+
 def validate(query, key, value, lengths, mask, offsets, max_length, scale, return_lse,
              values: bool = True, key_padding_mask=None) -> Problem:
     """Checks a call and returns it normalised. values=False leaves the reads of lengths/offsets
@@ -243,14 +255,7 @@ def validate(query, key, value, lengths, mask, offsets, max_length, scale, retur
     Dv = value.shape[-1]
     _check_dim("value head dim Dv", Dv, MAX_HEAD_DIM)
 
-    if scale is None:
-        scale = 1.0 / math.sqrt(Dk)
-    else:
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            raise TypeError("scale must be a float, got %s" % type(scale).__name__)
-        scale = float(scale)
-        if not math.isfinite(scale):
-            raise ValueError("scale must be finite, got %r" % scale)
+    scale = resolve_scale(scale, Dk)
 
     prob = Problem(q4, squeeze_n, "jagged" if jagged else "padded", B, N, H, Hkv, Dk, Dv, L,
                    scale)

@@ -77,6 +77,20 @@ def _resolve(backend, query: torch.Tensor) -> str:
     return name
 
 
+def _resolve_for_transforms(backend, query: torch.Tensor) -> str:
+    """`_resolve`, and the reference under torch.func transforms: the fused ops have no vmap
+    rule, so transforms (jacrev, vmap, grad, ...) cannot run them; "auto" takes the reference
+    there, an explicit fused backend is an error that says so."""
+    name = _resolve(backend, query)
+    if name != "reference" and _functorch_active():
+        if backend != "auto":
+            raise RuntimeError(
+                "attnkern: torch.func transforms (vmap, grad, jacrev, ...) are not supported by "
+                "the %r backend; use backend='reference' (or 'auto', which picks it there)" % name)
+        name = "reference"
+    return name
+
+
 def _fold_query_heads(query: torch.Tensor, Hkv: int) -> torch.Tensor:
     """[B, N, H, Dk] -> [B, N * G, Hkv, Dk] with G = H // Hkv: the G query heads that share a
     K/V head become G more candidates of that head, so the fused kernels (one K/V head per
@@ -152,16 +166,7 @@ def attention_pool(
                     values=False, key_padding_mask=key_padding_mask)
     if key_padding_mask is not None:
         mask = ~key_padding_mask
-    name = _resolve(backend, query)
-    if name != "reference" and _functorch_active():
-        # The fused ops have no vmap rule, so torch.func transforms (jacrev, vmap, grad, ...)
-        # cannot run them: "auto" takes the reference there, an explicit fused backend is an
-        # error that says so.
-        if backend != "auto":
-            raise RuntimeError(
-                "attnkern: torch.func transforms (vmap, grad, jacrev, ...) are not supported by "
-                "the %r backend; use backend='reference' (or 'auto', which picks it there)" % name)
-        name = "reference"
+    name = _resolve_for_transforms(backend, query)
     if name not in _OPS_CHECK_VALUES:
         check_values(prob, lengths, offsets, max_length)
     if name == "reference" and torch.compiler.is_compiling():

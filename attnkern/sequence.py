@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ._sequence_validation import check_sequence_values, validate_sequence
-from .functional import _functorch_active, _resolve
+from .functional import _resolve_for_transforms
 from .reference import sequence_attention_ref, time_bucket_ref
 
 _TIME_BUCKET_CODES = {"log": 0, "sqrt": 1}
@@ -150,13 +150,7 @@ def sequence_attention(
                              contextual_len, max_attn_len, normalization, scale, key_times,
                              query_times, time_table, position_table, attn_scale, bias,
                              time_bucket, return_lse)
-    name = _resolve(backend, query)
-    if name != "reference" and _functorch_active():
-        if backend != "auto":
-            raise RuntimeError(
-                "attnkern: torch.func transforms (vmap, grad, jacrev, ...) are not supported by "
-                "the %r backend; use backend='reference' (or 'auto', which picks it there)" % name)
-        name = "reference"
+    name = _resolve_for_transforms(backend, query)
     check_sequence_values(prob, offsets, lengths, num_targets, max_length)
     if name == "reference":
         out, lse = sequence_attention_ref(

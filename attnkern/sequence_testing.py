@@ -12,10 +12,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .reference import time_bucket_ref
-from .testing import FLOOR, compare, magnitude
+from .testing import compare
 
 Tensor = torch.Tensor
-SEQ_GRADS = ("query", "key", "value", "time_table", "position_table", "bias")
 
 
 def hand_mask(n: int, L: int, causal: bool, nt: int, c: int, m: int) -> Tensor:

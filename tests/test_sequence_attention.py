@@ -317,3 +317,24 @@ def test_cpu_every_isa_path(isa):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+@needs_cpu
+def test_cpu_masks_on_odd_rows():
+    # Every mask option on rows the block intervals find hard: more contextual positions than
+    # history, rows of candidates only, windows wider than the row, rows across block edges.
+    g = torch.Generator().manual_seed(3)
+    for trial in range(12):
+        lengths = torch.randint(0, 140, (3,), generator=g)
+        nt = (torch.rand(3, generator=g) * (lengths + 1).double()).long()
+        if trial % 4 == 0:
+            nt = lengths.clone()
+        t, a = random_sequence_problem(lengths.tolist(), H=1, Dk=4, Dv=4, seed=trial,
+                                       causal=bool(trial % 2), num_targets=nt.tolist(),
+                                       contextual_len=[0, 1, 5, 90][trial % 4],
+                                       max_attn_len=[0, 3, 70, 200][(trial // 2) % 4],
+                                       normalization=["softmax", "silu"][(trial // 3) % 2],
+                                       position=True)
+        want = attnkern.sequence_attention(**t, **a, backend="reference")
+        got = attnkern.sequence_attention(**t, **a, backend="cpu")
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, msg=str((trial, lengths, nt, a)))

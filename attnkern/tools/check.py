@@ -111,6 +111,34 @@ def check_activation_case(backend, device, layout, dtype, shape) -> Result:
     return Result(backend, device, layout, str(dtype).split(".")[-1], name, short, passed, why[:80])
 
 
+# Sequence self-attention: (name, row lengths, options of random_sequence_problem); rows past
+# one 64-position block, targets, contextual positions, a window, both normalizations, the
+# time/position tables and a dense bias, shared K/V heads.
+SEQUENCE_SHAPES = [
+    ("hstu", [70, 1, 23], dict(normalization="silu", num_targets=[4, 0, 3], time=True,
+                               position=True, Hb=2)),
+    ("sasrec", [66, 0, 9], dict(contextual_len=2, max_attn_len=30, dense_bias=True, Hkv=1)),
+]
+
+
+def check_sequence_case(backend, device, layout, dtype, shape) -> Result:
+    """One sequence_attention row (CPU tensors): out and the gradients of query, key, value and
+    of the tables / dense bias (dW) against the row-by-row float64 oracle
+    (attnkern.sequence_testing.check_sequence_backend)."""
+    from attnkern.sequence_testing import check_sequence_backend, random_sequence_problem
+
+    name, lengths, kw = shape
+    t, a = random_sequence_problem(lengths, layout="jagged" if layout == "jagged" else "padded",
+                                   Dk=16, Dv=24, **kw)
+    passed, errors, why = check_sequence_backend(backend, t, a, dtype)
+    nan = float("nan")
+    short = {"out": errors.get("out", nan), "dq": errors.get("grad_query", nan),
+             "dk": errors.get("grad_key", nan), "dv": errors.get("grad_value", nan),
+             "dW": max([v for k, v in errors.items() if k in ("grad_time_table", "grad_position_table",
+                                                              "grad_bias")] or [nan])}
+    return Result(backend, device, layout, str(dtype).split(".")[-1], name, short, passed, why[:80])
+
+
 def _row(check, backend, dev, layout, dt, shape, dw=False) -> Result:
     """Runs one case (a crash is a failure, reported with its message) and prints its row; dw:
     also the largest weight/bias/activation gradient error."""
@@ -178,6 +206,17 @@ def main(argv=None) -> int:
             results.append(_row(check_activation_case, backend, dev, layout, dt, shape, dw=True))
     for backend in sorted(no_kernels):
         print("skipped activation_unit_pool on backend %s: no kernels for it in this build" % backend)
+    # sequence_attention rows, on CPU tensors (dW: the largest table / dense-bias gradient error)
+    from attnkern.ops.sequence import sequence_kernels_missing
+
+    seq_shapes = SEQUENCE_SHAPES[:1] if args.quick else SEQUENCE_SHAPES
+    for dev, backend, dt in _plan(backends, ["cpu"] if "cpu" in devices else [], dtypes):
+        if dev is None or (backend != "reference" and sequence_kernels_missing(backend)):
+            continue
+        if backend in ("cuda", "triton") and dt == torch.float64:
+            continue
+        for layout, shape in itertools.product(("jagged", "lengths"), seq_shapes):
+            results.append(_row(check_sequence_case, backend, dev, layout, dt, shape, dw=True))
     for backend, reason in skipped:
         print("skipped backend %s: %s" % (backend, reason))
     if not results:
