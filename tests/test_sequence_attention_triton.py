@@ -30,6 +30,13 @@ from attnkern.triton_kernels import sequence_attention as K  # noqa: E402
 from test_triton_sm90 import CACHE as SM90_CACHE, _has_nvidia_backend  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _small_interpreter_tiles(monkeypatch):
+    # 16-position tiles under the interpreter: the rows below (up to 40 positions) then span
+    # several tiles, so that the blocks a tile skips are exercised.
+    monkeypatch.setattr(K, "INTERPRET_BLOCK", 16)
 LENGTHS = [5, 0, 19, 40]
 
 CASES = [
