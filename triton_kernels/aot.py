@@ -155,13 +155,12 @@ def _sidecar(ck) -> str:
     return os.path.join(base, "attnkern-aot", h + ".json")
 
 
-def compile_variant(v: Variant, capability: int = 90) -> Dict:
-    """Compiles one variant for sm_<capability>; returns its row of the table."""
+def compile_for(src, options: Dict, capability: int = 90):
+    """(compiled kernel, registers, spilled bytes) of an ASTSource compiled for
+    sm_<capability> (-1, -1 when ptxas gave no report)."""
     from triton import knobs
     from triton.backends.compiler import GPUTarget
 
-    src, options = source(v)
-    t0 = time.time()
     buf = io.StringIO()
     old = knobs.nvidia.dump_ptxas_log
     knobs.nvidia.dump_ptxas_log = True
@@ -181,6 +180,14 @@ def compile_variant(v: Variant, capability: int = 90) -> Dict:
         with open(side, "w") as f:
             json.dump(list(parsed), f)
     regs, spills = parsed if parsed is not None else (-1, -1)
+    return ck, regs, spills
+
+
+def compile_variant(v: Variant, capability: int = 90) -> Dict:
+    """Compiles one variant for sm_<capability>; returns its row of the table."""
+    src, options = source(v)
+    t0 = time.time()
+    ck, regs, spills = compile_for(src, options, capability)
     row = asdict(v)
     row.update(name=v.name, shared=int(ck.metadata.shared), n_regs=regs, n_spills=spills,
                seconds=round(time.time() - t0, 2),

@@ -234,3 +234,8 @@ def _reject_nested(name: str):
 for _name in (*SCHEMAS, *ACTIVATION_SCHEMAS):
     for _key in ("NestedTensorCPU", "NestedTensorCUDA"):
         _NESTED.impl(TRITON_PREFIX + _name, _reject_nested(_name), _key)
+
+
+# Sequence self-attention's Triton ops (attnkern::triton_sequence_attention_fwd/_bwd), registered
+# with the others.
+from . import triton_sequence  # noqa: E402,F401
