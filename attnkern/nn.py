@@ -547,6 +547,13 @@ def _choice(x, name, choices):
     return x
 
 
+def _check_flags(causal, backend):
+    if not isinstance(causal, bool):
+        raise TypeError("causal must be a bool, got %s" % type(causal).__name__)
+    if not isinstance(backend, str):
+        raise TypeError("backend must be a str, got %s" % type(backend).__name__)
+
+
 def _optional_scale(scale, name="scale"):
     if scale is None:
         return None
@@ -672,10 +679,7 @@ class SequenceSelfAttention(nn.Module):
         if attention_dim % num_heads != 0:
             raise ValueError("attention_dim (%d%s) must be divisible by num_heads (%d)" % (
                 attention_dim, ", = embed_dim" if attention_dim == embed_dim else "", num_heads))
-        if not isinstance(causal, bool):
-            raise TypeError("causal must be a bool, got %s" % type(causal).__name__)
-        if not isinstance(backend, str):
-            raise TypeError("backend must be a str, got %s" % type(backend).__name__)
+        _check_flags(causal, backend)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -839,14 +843,11 @@ class HSTULayer(nn.Module):
                          else _positive_int(attention_dim, "attention_dim"))
         self.silu = _choice(silu, "silu", ("u", "uvqk"))
         self.output = _choice(output, "output", OUTPUTS)
-        if not isinstance(causal, bool):
-            raise TypeError("causal must be a bool, got %s" % type(causal).__name__)
+        _check_flags(causal, backend)
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
             raise ValueError("dropout must be a float in [0, 1), got %r" % (dropout,))
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
             raise ValueError("eps must be a float > 0, got %r" % (eps,))
-        if not isinstance(backend, str):
-            raise TypeError("backend must be a str, got %s" % type(backend).__name__)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.hidden_dim = hidden_dim

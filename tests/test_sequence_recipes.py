@@ -33,6 +33,7 @@ from torch import nn
 
 import attnkern
 from attnkern.nn import HSTULayer, SequenceSelfAttention
+from attnkern.sequence_testing import gr_mask  # its _get_valid_attn_mask, transcribed
 
 # The fused CPU backend of sequence_attention, where this build has it.
 BACKENDS = ["reference"] + (["cpu"] if attnkern.backends()["cpu"].available
@@ -71,38 +72,6 @@ def padded_to_jagged(dense, offsets):
 # ---------------------------------------------------------------------------- generative-recommenders, written out
 
 
-def gr_valid_attn_mask(causal, N, seq_lengths, num_targets=None, max_attn_len=0,
-                       contextual_seq_len=0):
-    """pt_hstu_attention._get_valid_attn_mask (min_full_attn_seq_len = 0)."""
-    ids = torch.arange(0, N).view(1, N)
-    max_ids = seq_lengths.view(-1, 1, 1)
-    if contextual_seq_len > 0:
-        ids = ids - contextual_seq_len + 1
-        ids = torch.clamp(ids, min=0)
-        max_ids = max_ids - contextual_seq_len + 1
-    if num_targets is not None:
-        max_ids = max_ids - num_targets.view(-1, 1, 1)
-        ids = torch.clamp(ids, max=max_ids)
-        row_ids = ids.view(-1, N, 1).expand(-1, N, N)
-        col_ids = ids.view(-1, 1, N).expand(-1, N, N)
-    else:
-        row_ids = ids.view(N, 1).expand(N, N)
-        col_ids = row_ids.t()
-        row_ids = row_ids.view(1, N, N)
-        col_ids = col_ids.view(1, N, N)
-    row_col_dist = row_ids - col_ids
-    valid_attn_mask = torch.eye(N, dtype=torch.bool).view(1, N, N)
-    if not causal:
-        row_col_dist = torch.where(row_col_dist > 0, row_col_dist, -row_col_dist)
-    valid_attn_mask = torch.logical_or(valid_attn_mask, row_col_dist > 0)
-    if max_attn_len > 0:
-        valid_attn_mask = torch.logical_and(valid_attn_mask, row_col_dist <= max_attn_len)
-    if contextual_seq_len > 0:
-        valid_attn_mask = torch.logical_or(
-            valid_attn_mask, torch.logical_and(row_ids == 0, col_ids < max_ids))
-    return valid_attn_mask
-
-
 def gr_hstu_mha(max_seq_len, alpha, q, k, v, seq_offsets, causal=True, num_targets=None,
                 max_attn_len=0, contextual_seq_len=0):
     """pt_hstu_attention.pytorch_hstu_mha (no dropout)."""
@@ -112,8 +81,8 @@ def gr_hstu_mha(max_seq_len, alpha, q, k, v, seq_offsets, causal=True, num_targe
     q, k, v = pad(q), pad(k), pad(v)
     qk_attn = torch.einsum("bhxa,bhya->bhxy", q, k) * alpha
     qk_attn = F.silu(qk_attn) / max_seq_len
-    valid_attn_mask = gr_valid_attn_mask(causal, max_seq_len, seq_offsets[1:] - seq_offsets[:-1],
-                                         num_targets, max_attn_len, contextual_seq_len)
+    valid_attn_mask = gr_mask(max_seq_len, seq_offsets[1:] - seq_offsets[:-1], causal,
+                              num_targets, max_attn_len, contextual_seq_len)
     qk_attn = qk_attn * valid_attn_mask.unsqueeze(1)
     attn_dense = torch.einsum("bhxd,bhdv->bhxv", qk_attn, v)
     return padded_to_jagged(attn_dense.transpose(1, 2).flatten(2, 3), seq_offsets).view(L, H, V)

@@ -39,7 +39,8 @@ class CTRDataset(torch.utils.data.Dataset):
     """Samples as four aligned tensors: history [S, L] int64 (row i's items in
     ``history[i, :lengths[i]]``, oldest first, zero-padded), lengths [S] int64,
     target [S] int64, label [S] float32. Optional ``meta`` holds per-sample numpy arrays
-    (user, timestamp, position) for inspection and tests.
+    (user, timestamp, position, and MovieLens's history_times [S, L]) for inspection, tests
+    and the sequential model.
 
     Batched indexing (``__getitems__``) returns one tuple of batch tensors, so that a
     DataLoader with ``collate_fn=identity_collate`` costs one gather per batch."""
@@ -177,11 +178,12 @@ def movielens(
     label = (rating >= threshold).astype(np.float32)
 
     hist, lengths = _histories(item, start, pos, max_length)
+    hist_ts, _ = _histories(ts, start, pos, max_length)  # the history's timestamps, 0-padded
     parts = []
     for s in range(3):
         sel = np.flatnonzero(split == s)
         meta = {"user": user[sel], "timestamp": ts[sel], "movie": movie[sel], "position": pos[sel],
-                "start": start[sel]}
+                "start": start[sel], "history_times": hist_ts[sel]}
         parts.append(_dataset(hist[sel], lengths[sel], item[sel], label[sel], meta))
     info = {
         "ratings": int(n),

@@ -1,7 +1,9 @@
 """`attnkern train`: trains TargetAttentionCTR with attention pooling and the sum-pooling
-baseline, on MovieLens (with the `attnkern[data]` extra) or the built-in synthetic data.
+baseline, and the HSTU-style sequential ranker (``--model hstu``), on MovieLens (with the
+`attnkern[data]` extra) or the built-in synthetic data.
 
     attnkern train --data movielens --pooling attention sum --seed 0 1 2 3 4 --epochs 4
+    attnkern train --data movielens --model target hstu --seed 0 1 2
     torchrun --nproc_per_node 2 -m attnkern train --ddp --data synthetic
 
 Each (pooling, seed) run writes ``<out>/<data>-<pooling>-seed<seed>/``: ``checkpoint.pt``
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -34,7 +37,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from . import data as data_mod
-from ..models import POOLINGS, TargetAttentionCTR
+from ..models import POOLINGS, HSTURanker, TargetAttentionCTR
 from ..ops.availability import BACKENDS
 from ._args import check_heads_divide, float_in, int_at_least, non_negative_float, positive_float
 
@@ -64,6 +67,8 @@ class RunConfig:
     compile: bool = False
     progress: bool = True
     engine: str = "eager"  # "torchrec": attnkern.tools.train_torchrec
+    model: str = "target"  # "hstu": HSTURanker (its runs carry pooling="hstu")
+    num_layers: int = 2  # HSTURanker's
     sharding: str = "row_wise"  # the item table's, under --engine torchrec
 
     @property
@@ -75,7 +80,13 @@ class RunConfig:
 # --------------------------------------------------------------------------- building blocks
 
 
-def build_model(cfg: RunConfig, num_items: int) -> TargetAttentionCTR:
+def build_model(cfg: RunConfig, num_items: int, timed: bool = False) -> nn.Module:
+    """The run's model; `timed`: the data carries timestamps (HSTURanker's time bias)."""
+    if cfg.model == "hstu":
+        return HSTURanker(num_items, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
+                          num_layers=cfg.num_layers, mlp_dims=tuple(cfg.mlp_dims),
+                          dropout=cfg.dropout, max_positions=cfg.max_length + 1,
+                          num_time_buckets=HSTU_TIME_BUCKETS if timed else 0, backend=cfg.backend)
     return TargetAttentionCTR(
         num_items,
         embed_dim=cfg.embed_dim,
@@ -87,12 +98,43 @@ def build_model(cfg: RunConfig, num_items: int) -> TargetAttentionCTR:
     )
 
 
+# Log-bucketed time gaps: ln(gap in seconds) / 0.301 < 64 for any gap below 2.6e8 years.
+HSTU_TIME_BUCKETS = 64
+
+
+class TimedDataset(torch.utils.data.Dataset):
+    """A CTRDataset whose batches also carry the history's and the target's timestamps:
+    (history, lengths, target, label, history_times, target_time)."""
+
+    def __init__(self, ds: data_mod.CTRDataset):
+        self.ds = ds
+        self.label = ds.label
+        self.history_times = torch.from_numpy(np.ascontiguousarray(ds.meta["history_times"], dtype=np.int64))
+        self.target_time = torch.from_numpy(np.ascontiguousarray(ds.meta["timestamp"], dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(self.ds.__getitems__(indices)) + (self.history_times[idx], self.target_time[idx])
+
+
+def _for_model(cfg: RunConfig, splits: data_mod.CTRSplits):
+    """(splits, timed): HSTURanker's batches carry timestamps where the data has them."""
+    timed = cfg.model == "hstu" and "history_times" in splits.train.meta
+    if timed:
+        splits = dataclasses.replace(splits, train=TimedDataset(splits.train),
+                                     valid=TimedDataset(splits.valid), test=TimedDataset(splits.test))
+    return splits, timed
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, device) -> torch.Tensor:
-    """One optimisation step on `batch` = (history, lengths, target, label); returns the
-    (detached) mean binary cross-entropy of the batch."""
-    history, lengths, target, label = (x.to(device, non_blocking=True) for x in batch)
+    """One optimisation step on `batch` = (history, lengths, target, label[, history_times,
+    target_time]); returns the (detached) mean binary cross-entropy of the batch."""
+    history, lengths, target, label, *times = (x.to(device, non_blocking=True) for x in batch)
     optimizer.zero_grad(set_to_none=True)
-    logits = model(history, target, lengths)
+    logits = model(history, target, lengths, *times)
     loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), label)
     loss.backward()
     optimizer.step()
@@ -106,8 +148,10 @@ def predict(model: nn.Module, dataset: data_mod.CTRDataset, batch_size: int, dev
     model.eval()
     out = []
     for start in range(0, len(dataset), batch_size):
-        history, lengths, target, _ = dataset.__getitems__(range(start, min(start + batch_size, len(dataset))))
-        logits = model(history.to(device), target.to(device), lengths.to(device))
+        history, lengths, target, _, *times = dataset.__getitems__(
+            range(start, min(start + batch_size, len(dataset))))
+        logits = model(history.to(device), target.to(device), lengths.to(device),
+                       *(t.to(device) for t in times))
         out.append(torch.sigmoid(logits.float()).cpu().double().numpy())
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros(0)
@@ -193,8 +237,9 @@ def run(
         raise ValueError("--batch-size (%d, the global batch) must be divisible by the number of "
                          "processes (%d)" % (cfg.batch_size, world))
 
+    splits, timed = _for_model(cfg, splits)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, splits.num_items).to(device)
+    model = build_model(cfg, splits.num_items, timed).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "history": [], "best_val_auc": -math.inf, "best_epoch": 0,
              "best_model": None, "test": None}
@@ -288,6 +333,7 @@ def run(
 # --------------------------------------------------------------------------- command line
 
 BACKEND_CHOICES = ("auto",) + BACKENDS
+MODELS = ("target", "hstu")
 # Fewest synthetic samples: a tenth each for validation and test still gives AUC both classes.
 MIN_SYNTHETIC_SAMPLES = 100
 
@@ -303,13 +349,21 @@ def _parser() -> argparse.ArgumentParser:
     d = RunConfig()
     p = argparse.ArgumentParser(
         prog="attnkern train",
-        description="Train TargetAttentionCTR (attention pooling) and the sum-pooling baseline; "
+        description="Train TargetAttentionCTR (attention pooling) and the sum-pooling baseline, "
+        "or the HSTU-style ranker (--model hstu); "
         "per-epoch validation AUC/logloss, test metrics at the best validation epoch.",
     )
     p.add_argument("--data", choices=("auto", "movielens", "synthetic"), default="auto",
                    help="auto: movielens when the attnkern[data] extra is installed, else synthetic")
+    p.add_argument("--model", nargs="+", choices=MODELS, default=["target"],
+                   help="target: TargetAttentionCTR, one run per --pooling (default); hstu: "
+                   "HSTURanker, history and target in one sequence through --layers HSTU layers "
+                   "with the relative time (MovieLens) and position bias; its runs are named "
+                   "and summarised as pooling 'hstu'")
     p.add_argument("--pooling", nargs="+", choices=POOLINGS, default=["attention", "sum"],
                    help="one run per pooling (default: attention sum; din = DIN's activation unit)")
+    p.add_argument("--layers", type=int_at_least(1), default=d.num_layers,
+                   help="--model hstu: HSTU layers (default: %(default)s)")
     p.add_argument("--seed", nargs="+", type=int, default=[0], help="one run per seed (default: 0)")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default=d.backend,
                    help="attention backend (default: auto)")
@@ -380,6 +434,8 @@ def main(argv=None) -> int:
         return 2
     if args.lr is None:
         args.lr = 1e-2 if data_name == "synthetic" else RunConfig.lr
+    if "hstu" in args.model and args.engine != "eager":
+        parser.error("argument --model: hstu trains with --engine eager only")
     run_fn = run
     if args.engine == "torchrec":
         from . import train_torchrec
@@ -396,8 +452,11 @@ def main(argv=None) -> int:
         torch.cuda.set_device(device)
 
     try:
+        runs = [("target", p) for p in args.pooling if "target" in args.model]
+        runs += [("hstu", "hstu")] if "hstu" in args.model else []
         _log(rank, "attnkern train: data=%s pooling=%s seeds=%s device=%s processes=%d backend=%s"
-             % (data_name, ",".join(args.pooling), ",".join(map(str, args.seed)), device, world, args.backend))
+             % (data_name, ",".join(p for _, p in runs), ",".join(map(str, args.seed)), device,
+                world, args.backend))
         results = []
         splits = None
         for seed in args.seed:
@@ -405,9 +464,10 @@ def main(argv=None) -> int:
                 splits = data_mod.load(data_name, max_length=args.max_length, seed=seed,
                                        **({"num_samples": args.synthetic_samples}
                                           if data_name == "synthetic" else {}))
-            for pooling in args.pooling:
+            for model, pooling in runs:
                 cfg = RunConfig(
-                    data=data_name, pooling=pooling, seed=seed, backend=args.backend,
+                    data=data_name, pooling=pooling, model=model, num_layers=args.layers,
+                    seed=seed, backend=args.backend,
                     epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                     weight_decay=args.weight_decay, embed_dim=args.embed_dim, num_heads=args.heads,
                     mlp_dims=list(args.mlp), dropout=args.dropout, max_length=args.max_length,
