@@ -35,8 +35,14 @@ def _time_bucket_bounds_cpu(time_bucket: str, num_buckets: int) -> torch.Tensor:
     return hi
 
 
+@torch.compiler.assume_constant_result
+def _time_bucket_bounds_const(time_bucket: str, num_buckets: int) -> torch.Tensor:
+    # Under torch.compile: computed eagerly, a constant of the graph (never 63 traced bisections).
+    return _time_bucket_bounds_cpu(time_bucket, num_buckets)
+
+
 def time_bucket_bounds(time_bucket: str, num_buckets: int, device) -> torch.Tensor:
-    return _time_bucket_bounds_cpu(time_bucket, int(num_buckets)).to(device)
+    return _time_bucket_bounds_const(time_bucket, int(num_buckets)).to(device)
 
 
 def canonical_sequence_args(prob, query, key, value, offsets, lengths, max_length, causal,

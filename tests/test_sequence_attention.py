@@ -168,3 +168,152 @@ def test_bad_arguments_name_themselves(change, error, words):
     a.update(change)
     with pytest.raises(error, match=r"(?s).*" + words.replace("[", r"\[").replace("]", r"\]")):
         attnkern.sequence_attention(**t, **a, backend="reference")
+
+
+# ---- the fused CPU op --------------------------------------------------------------------------
+
+needs_cpu = pytest.mark.skipif(not attnkern.backends()["cpu"].available,
+                               reason="attnkern._C not built: %s" % attnkern.backends()["cpu"].reason)
+
+# Rows longer than one block (64) so that skipped, full and partial block pairs all occur.
+CPU_CASES = [
+    dict(lengths=[70, 0, 1, 130], time=True, position=True),
+    dict(lengths=[70, 3, 129], num_targets=[5, 1, 17], contextual_len=2, max_attn_len=50,
+         time=True, position=True, Hb=2, normalization="silu"),
+    dict(lengths=[66, 9], causal=False, dense_bias=True, Hkv=1, H=2),
+    dict(lengths=[100, 5], causal=False, num_targets=[10, 2], contextual_len=3, max_attn_len=20,
+         normalization="silu", attn_scale=0.25, time=True, time_bucket="sqrt", NB=30),
+    dict(lengths=[150, 2], num_targets=[70, 0], Dk=12, Dv=20, H=4, Hkv=2, position=True,
+         dense_bias=True),
+]
+
+
+@needs_cpu
+@pytest.mark.parametrize("layout", ["jagged", "padded"])
+@pytest.mark.parametrize("case", range(len(CPU_CASES)))
+def test_cpu_against_the_oracle(case, layout):
+    kw = dict(CPU_CASES[case])
+    t, a = random_sequence_problem(kw.pop("lengths"), layout=layout, seed=case, **kw)
+    for dtype in (torch.float32, torch.float64) if layout == "jagged" else (torch.float32,):
+        ok, errors, why = check_sequence_backend("cpu", t, a, dtype)
+        assert ok, why
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_low_precision(dtype):
+    t, a = random_sequence_problem([90, 7], num_targets=[4, 1], time=True, position=True,
+                                   normalization="softmax")
+    ok, errors, why = check_sequence_backend("cpu", t, a, dtype)
+    assert ok, why
+
+
+@needs_cpu
+def test_cpu_gradcheck_float64():
+    # A row past one block (64); the dense bias's gradient is checked against the oracle above
+    # (gradcheck would perturb each of its L * L entries).
+    t, a = random_sequence_problem([67, 3], H=2, Hkv=1, Dk=3, Dv=2, dtype=torch.float64, time=True,
+                                   position=True, num_targets=[3, 1], NB=6, P=5,
+                                   contextual_len=2, max_attn_len=40)
+    names = list(t)
+    for norm in ("softmax", "silu"):
+        a["normalization"] = norm
+
+        def f(*xs):
+            return attnkern.sequence_attention(**dict(zip(names, xs)), **a, backend="cpu")
+        assert torch.autograd.gradcheck(f, [x.detach().requires_grad_() for x in t.values()],
+                                        atol=1e-7, fast_mode=True)
+
+
+@needs_cpu
+def test_cpu_table_gradients_are_deterministic_across_threads():
+    t, a = random_sequence_problem([200, 150, 90, 64, 1], time=True, position=True)
+    leaves = {k: v.requires_grad_() for k, v in t.items()}
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1, 2):
+            torch.set_num_threads(n)
+            out = attnkern.sequence_attention(**leaves, **a, backend="cpu")
+            grads.append(torch.autograd.grad(out.square().sum(), list(leaves.values())))
+    finally:
+        torch.set_num_threads(threads)
+    for g in grads[1:]:
+        for x, y in zip(grads[0], g):
+            assert torch.equal(x, y)
+
+
+def _op_args(t, a):
+    from attnkern._sequence_validation import validate_sequence
+    from attnkern.sequence import canonical_sequence_args
+
+    kw = dict(offsets=a["offsets"], lengths=None, max_length=a["max_length"],
+              causal=a["causal"], num_targets=a.get("num_targets"),
+              contextual_len=a["contextual_len"], max_attn_len=a["max_attn_len"],
+              key_times=a.get("key_times"), query_times=a.get("query_times"),
+              time_table=t.get("time_table"), position_table=t.get("position_table"),
+              attn_scale=a.get("attn_scale"), bias=t.get("bias"))
+    prob = validate_sequence(t["query"], t["key"], t["value"], kw["offsets"], None,
+                             kw["max_length"], kw["causal"], kw["num_targets"],
+                             kw["contextual_len"], kw["max_attn_len"], a["normalization"], None,
+                             kw["key_times"], kw["query_times"], kw["time_table"],
+                             kw["position_table"], kw["attn_scale"], kw["bias"], a["time_bucket"],
+                             False)
+    return canonical_sequence_args(prob, t["query"], t["key"], t["value"], time_bucket=a["time_bucket"],
+                                   **kw)
+
+
+@needs_cpu
+def test_opcheck_and_compile():
+    t, a = random_sequence_problem([70, 5], num_targets=[3, 1], time=True, position=True,
+                                   dense_bias=True, Dk=4, Dv=4)
+    t = {k: v.requires_grad_() for k, v in t.items()}
+    args = _op_args(t, a)
+    torch.library.opcheck(torch.ops.attnkern.sequence_attention_fwd.default, args)
+    f = torch.compile(attnkern.sequence_attention, fullgraph=True, backend="eager")
+    out = f(**t, **a, backend="cpu")
+    want = attnkern.sequence_attention(**t, **a, backend="cpu")
+    torch.testing.assert_close(out, want)
+    out.sum().backward()
+    assert t["time_table"].grad is not None and t["position_table"].grad is not None
+
+
+@needs_cpu
+def test_cpu_op_checks_its_inputs():
+    t, a = random_sequence_problem([5, 3], time=True)
+    args = list(_op_args(t, a))
+    bad = list(args)
+    bad[4] = torch.tensor([5, 4])  # lengths past the tokens
+    with pytest.raises(ValueError, match="rows"):
+        torch.ops.attnkern.sequence_attention_fwd(*bad)
+    bad = list(args)
+    bad[17] = torch.tensor([3, 1] + [5] * (args[16].shape[0] - 3))  # decreasing bounds
+    with pytest.raises(ValueError, match="time_bounds"):
+        torch.ops.attnkern.sequence_attention_fwd(*bad)
+
+
+@pytest.mark.slow
+@needs_cpu
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512_bf16"])
+def test_cpu_every_isa_path(isa):
+    """Each instruction set's kernels (ATTNKERN_CPU_ISA is read once per process): a cap this CPU
+    does not reach runs its widest set below; avx512_bf16 runs the avx512 kernels."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from attnkern.sequence_testing import check_sequence_backend as check, random_sequence_problem as r\n"
+        "t, a = r([70, 3], Dk=12, Dv=20, H=2, Hkv=1, time=True, position=True, num_targets=[5, 1],\n"
+        "         contextual_len=2, max_attn_len=50)\n"
+        "for dt, norm in ((torch.float32, 'softmax'), (torch.bfloat16, 'silu')):\n"
+        "    a['normalization'] = norm\n"
+        "    ok, e, why = check('cpu', t, a, dt)\n"
+        "    assert ok, why\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, ATTNKERN_CPU_ISA=isa)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]

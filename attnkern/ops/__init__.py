@@ -18,6 +18,7 @@ from .schemas import LAYOUT_OPS, TRITON_PREFIX
 # Imported for its side effect: loads attnkern._C and registers the fake impls and autograd of
 # its ops, so that direct torch.ops.attnkern.* calls are differentiable and traceable.
 from . import extension  # noqa: E402,F401
+from . import sequence as _sequence  # noqa: E402,F401  (the same for the sequence-attention ops)
 
 __all__ = ["BACKENDS", "BackendInfo", "BackendUnavailable", "backend_info", "backends",
            "fused_op", "activation_fused_op"]

@@ -1,0 +1,80 @@
+// The interface between the sequence-attention launcher (sequence_attention_launch.cpp) and its
+// per-ISA kernels (sequence_attention_{generic,avx2,avx512}.cpp over sequence_attention_impl.h).
+// Like attention_pool_kernels.h it includes no torch/STL header: the kernel files are compiled
+// for AVX2 / AVX-512 by target pragmas.
+#pragma once
+
+#include <stdint.h>
+
+namespace attnkern {
+namespace cpu {
+
+// Query block x key block of the tiled loops. Every vector width (1, 8, 16 lanes) divides kSeqBK.
+constexpr int kSeqBQ = 64;
+constexpr int kSeqBK = 64;
+
+// One call. Floating tensors are contiguous and in the accumulator type A (float, or double for
+// float64 inputs): the launcher converts 16-bit inputs once. Layout: docs/sequence_attention.md.
+struct SeqParams {
+  const void* q;  // [T, H, Dk]
+  const void* k;  // [T, Hkv, Dk]
+  const void* v;  // [T, Hkv, Dv]
+  const int64_t* starts;       // [B]
+  const int64_t* lengths;      // [B]
+  const int64_t* num_targets;  // [B] or null
+  int64_t B, T, H, Hkv, Dk, Dv, L;
+  int64_t contextual_len, max_attn_len;
+  bool causal, silu;
+  double scale;
+  const void* attn_scale;  // [T] or null: then attn_scale_value for every query
+  double attn_scale_value;
+  const int64_t* query_times;  // [T] (with time_table)
+  const int64_t* key_times;    // [T]
+  const void* time_table;      // [NB, Hb] or null
+  const int64_t* time_bounds;  // [NB - 1]
+  int64_t NB;
+  const void* position_table;  // [P, Hb] or null
+  int64_t P;
+  const void* bias;  // [B, Hb, L, L] or null
+  int64_t Hb;
+  // forward: outputs, zero / -inf filled by the launcher
+  void* out;  // [T, H, Dv]
+  void* lse;  // [T, H]
+  // backward: inputs and accumulators (zero filled), each row's tokens written by its task only
+  const void* grad_out;  // [T, H, Dv]
+  const void* delta;     // [T, H]
+  void* grad_q;          // [T, H, Dk]
+  void* grad_k;          // [T, Hkv, Dk]
+  void* grad_v;          // [T, Hkv, Dv]
+  void* grad_time;       // [B, NB, Hb]: row b's partial sums (the launcher adds them in order)
+  void* grad_position;   // [B, P, Hb]
+  void* grad_bias;       // [B, Hb, L, L]
+};
+
+// Forward of the query blocks q0[t] .. q0[t] + kSeqBQ of rows row[t] for t in [begin, end); the
+// workspace holds seq_workspace() elements of A.
+using SeqFwdFn = void (*)(const SeqParams&, const int64_t* row, const int64_t* q0, int64_t begin,
+                          int64_t end, void* ws);
+// Backward of the rows [begin, end).
+using SeqBwdFn = void (*)(const SeqParams&, int64_t begin, int64_t end, void* ws);
+
+struct SeqKernels {
+  SeqFwdFn fwd;
+  SeqBwdFn bwd;
+};
+
+// Workspace elements (of A) of one thread, for either direction.
+inline int64_t seq_workspace(const SeqParams& p) {
+  const int64_t D = p.Dk > p.Dv ? p.Dk : p.Dv;
+  // KT, VT, S/P, dP/dS, a float-sized bucket index and valid flag per tile element, the row
+  // state (m, l per head) and the rows' key intervals (4 int64 per query).
+  return 2 * D * kSeqBK + 4 * int64_t(kSeqBQ) * kSeqBK + 2 * p.H * kSeqBQ + 8 * kSeqBQ + 64;
+}
+
+SeqKernels seq_generic_kernels();      // float
+SeqKernels seq_generic_f64_kernels();  // double: float64 inputs on every instruction set
+SeqKernels seq_avx2_kernels();
+SeqKernels seq_avx512_kernels();
+
+}  // namespace cpu
+}  // namespace attnkern
