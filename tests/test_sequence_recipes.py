@@ -35,9 +35,7 @@ import attnkern
 from attnkern.nn import HSTULayer, SequenceSelfAttention
 from attnkern.sequence_testing import gr_mask  # its _get_valid_attn_mask, transcribed
 
-# The fused CPU backend of sequence_attention, where this build has it.
-BACKENDS = ["reference"] + (["cpu"] if attnkern.backends()["cpu"].available
-                            and importlib.util.find_spec("attnkern.ops.sequence") else [])
+BACKENDS = [b for b in ("reference", "cpu") if attnkern.backends()[b].available]
 DT = torch.float64
 TOL = dict(rtol=1e-7, atol=1e-9)
 # The original generative-recommenders code runs in float32 only (FBGEMM's CPU jagged operators
