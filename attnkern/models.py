@@ -1,4 +1,5 @@
-"""`TargetAttentionCTR`: the thin recommender that shows what the layer is for.
+"""`TargetAttentionCTR`: the thin recommender that shows what the layer is for; `HSTURanker`:
+the same task as an HSTU-style sequential ranker (history and candidates in one sequence).
 
 DIN-style: item-id embeddings, the target item as the query of `AttentionPooling` over
 the user's history, and an MLP head over [target, pooled, target * pooled] giving a click
@@ -17,11 +18,23 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .nn import ActivationUnitPooling, AttentionPooling
+from .nn import ActivationUnitPooling, AttentionPooling, HSTULayer
 
-__all__ = ["TargetAttentionCTR", "POOLINGS"]
+__all__ = ["TargetAttentionCTR", "HSTURanker", "POOLINGS"]
 
 POOLINGS = ("attention", "sum", "din")
+
+
+def _head(width: int, mlp_dims: Sequence[int], dropout: float) -> nn.Sequential:
+    """The click head: ReLU MLP (dropout after each hidden layer) down to one logit."""
+    layers = []
+    for d in mlp_dims:
+        layers += [nn.Linear(width, d), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = d
+    layers.append(nn.Linear(width, 1))
+    return nn.Sequential(*layers)
 
 
 class TargetAttentionCTR(nn.Module):
@@ -90,15 +103,7 @@ class TargetAttentionCTR(nn.Module):
             self.pool = ActivationUnitPooling(embed_dim, din_units, "prelu", backend=backend)
         else:
             self.pool = None
-        layers = []
-        width = 3 * embed_dim
-        for d in mlp_dims:
-            layers += [nn.Linear(width, d), nn.ReLU()]
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            width = d
-        layers.append(nn.Linear(width, 1))
-        self.head = nn.Sequential(*layers)
+        self.head = _head(3 * embed_dim, mlp_dims, dropout)
 
     @property
     def uses_times(self) -> bool:
@@ -133,3 +138,101 @@ class TargetAttentionCTR(nn.Module):
         pooled = pooled.to(t.dtype)
         x = torch.cat([t, pooled, t * pooled], dim=-1)
         return self.head(x).squeeze(-1)
+
+
+class HSTURanker(nn.Module):
+    """HSTU-style ranking (generative-recommenders' M-FALCON layout): each row's history and
+    its N candidates form one sequence ``[h_1 .. h_len, c_1 .. c_N]``; a stack of `HSTULayer`
+    runs causal SiLU attention over it with the candidates as targets (each sees the history
+    and itself, never another candidate) and the relative time and position bias; the output
+    at each candidate's position goes through an MLP head with the candidate's embedding,
+    ``[c, o, c * o]``, as in `TargetAttentionCTR`.
+
+    Args:
+        num_items: size of the item-id table; ids lie in [0, num_items), 0 is padding.
+        embed_dim: item embedding size E (divisible by ``num_heads``).
+        num_heads: heads of each layer (per-head widths E / H).
+        num_layers: HSTU layers.
+        mlp_dims: hidden sizes of the MLP head.
+        dropout: the layers' dropout (on their gated output) and the head's.
+        max_positions: P, the position table's size (distances past P - 1 share its last row;
+            0 = no position bias).
+        num_time_buckets: log-bucketed time-gap table size (0 = no time bias; then no
+            timestamps are taken).
+        backend: attention backend, see `attnkern.sequence_attention`.
+
+    Forward:
+        history: [B, L] int64 item ids, row b's in ``history[b, :lengths[b]]``, oldest first.
+        target: [B] or [B, N] int64 candidate ids.
+        lengths: [B] valid history lengths (0 = empty).
+        history_times, target_times: [B, L] and [B] / [B, N] int64 timestamps (needed with a
+            time bias; a candidate's time is the moment it is ranked).
+
+    Returns:
+        logits [B] or [B, N].
+    """
+
+    def __init__(self, num_items: int, embed_dim: int = 32, num_heads: int = 2,
+                 num_layers: int = 2, mlp_dims: Sequence[int] = (64, 32), dropout: float = 0.0,
+                 max_positions: int = 64, num_time_buckets: int = 64,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        if not isinstance(num_items, int) or num_items < 2:
+            raise ValueError("num_items must be an int >= 2 (id 0 is padding), got %r" % (num_items,))
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError("num_layers must be an int >= 1, got %r" % (num_layers,))
+        self.num_items = num_items
+        self.embedding = nn.Embedding(num_items, embed_dim, padding_idx=0)
+        nn.init.normal_(self.embedding.weight, std=embed_dim ** -0.5)
+        with torch.no_grad():
+            self.embedding.weight[0].zero_()
+        self.layers = nn.ModuleList(
+            HSTULayer(embed_dim, num_heads, dropout=dropout, num_positions=max_positions,
+                      num_time_buckets=num_time_buckets, backend=backend)
+            for _ in range(num_layers))
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = _head(3 * embed_dim, mlp_dims, dropout)
+        self.uses_time = num_time_buckets > 0
+
+    def forward(self, history: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor,
+                history_times: Optional[torch.Tensor] = None,
+                target_times: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if history.dim() != 2:
+            raise ValueError("history must be [B, L] item ids, got %s" % list(history.shape))
+        B, L = history.shape
+        if target.dim() not in (1, 2) or target.shape[0] != B:
+            raise ValueError("target must be [B] or [B, N] with B = %d, got %s" % (B, list(target.shape)))
+        if self.uses_time and (history_times is None or target_times is None):
+            raise ValueError("this model has a time bias (num_time_buckets > 0): pass history_times "
+                             "[B, L] and target_times [B] / [B, N]")
+        if not self.uses_time and (history_times is not None or target_times is not None):
+            raise ValueError("this model has no time bias (num_time_buckets=0): it takes no timestamps")
+        squeeze = target.dim() == 1
+        tgt = target.unsqueeze(1) if squeeze else target
+        N = tgt.shape[1]
+        lengths = lengths.to(torch.long)
+        # The padded [B, L + N] sequence with row b's candidates right after its history,
+        # then its valid tokens, jagged.
+        slots = lengths[:, None] + torch.arange(N, device=history.device)  # [B, N]
+        seq = torch.cat([history, history.new_zeros(B, N)], 1).scatter(1, slots, tgt)
+        valid = torch.arange(L + N, device=history.device)[None, :] < (lengths + N)[:, None]
+        offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths + N, 0)])
+        x = self.embedding(seq[valid])  # [T, E]
+        extra = {}
+        if self.uses_time:
+            tt = target_times.unsqueeze(1) if target_times.dim() == 1 else target_times
+            times = torch.cat([history_times, history_times.new_zeros(B, N)], 1).scatter(1, slots, tt)
+            extra["timestamps"] = times[valid]
+        num_targets = torch.full((B,), N, dtype=torch.long, device=history.device)
+        # SiLU attention divides by a fixed length (HSTU's max_seq_len): the padded history
+        # length, not L + N, so that a candidate's score does not depend on how many others
+        # are ranked with it.
+        for layer in self.layers:
+            x = layer(x, offsets, max_length=L + N, num_targets=num_targets,
+                      attn_scale=1.0 / max(L, 1), **extra)
+        # Each candidate's output: its position in the jagged rows.
+        o = self.norm(x[offsets[:-1, None] + slots])  # [B, N, E]
+        t = self.embedding(tgt)
+        o = o.to(t.dtype)
+        logits = self.head(torch.cat([t, o, t * o], dim=-1)).squeeze(-1)
+        return logits.squeeze(1) if squeeze else logits

@@ -668,3 +668,500 @@ class ActivationUnitPooling(nn.Module):
                 self.dice_weight[i].copy_(bn.weight)
                 self.dice_bias[i].copy_(bn.bias)
         return self
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence self-attention layers: `SequenceSelfAttention` (a transformer's attention sub-layer)
+# and `HSTULayer` (generative-recommenders' HSTU layer), both around
+# `attnkern.sequence_attention`. Recipes from generative-recommenders and FuxiCTR:
+# docs/sequence_layers.md.
+
+import attnkern as _attnkern  # noqa: E402  (the op is looked up at call time: see _seq_attention)
+import torch.nn.functional as _F  # noqa: E402
+
+__all__ += ["SequenceSelfAttention", "HSTULayer"]
+
+NORMALIZATIONS = ("softmax", "silu")
+TIME_BUCKETS = ("log", "sqrt")
+
+
+def _seq_attention(*args, **kwargs):
+    # attnkern/__init__.py imports this module before the op's, so the op is found on the
+    # package when a layer first runs, not when this module loads.
+    return _attnkern.sequence_attention(*args, **kwargs)
+
+
+def _non_negative_int(x, name):
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0:
+        raise ValueError("%s must be an int >= 0, got %r" % (name, x))
+    return int(x)
+
+
+def _choice(x, name, choices):
+    if x not in choices:
+        raise ValueError("%s must be one of %s, got %r" % (name, ", ".join(map(repr, choices)), x))
+    return x
+
+
+def _check_flags(causal, backend):
+    if not isinstance(causal, bool):
+        raise TypeError("causal must be a bool, got %s" % type(causal).__name__)
+    if not isinstance(backend, str):
+        raise TypeError("backend must be a str, got %s" % type(backend).__name__)
+
+
+def _optional_scale(scale, name="scale"):
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError("%s must be a float or None, got %s" % (name, type(scale).__name__))
+    if not math.isfinite(float(scale)):
+        raise ValueError("%s must be finite, got %r" % (name, scale))
+    return float(scale)
+
+
+class _RelativeBias(nn.Module):
+    """The learned tables of the relative bias the op adds to every score:
+    ``time_table[bucket(query_time_i - key_time_j), h]`` ([NB, Hb]) and
+    ``position_table[min(i - j, P - 1), h]`` ([P, Hb]); either may be absent (size 0)."""
+
+    def __init__(self, num_time_buckets, num_positions, bias_heads, num_heads, time_bucket,
+                 factory) -> None:
+        super().__init__()
+        num_time_buckets = _non_negative_int(num_time_buckets, "num_time_buckets")
+        num_positions = _non_negative_int(num_positions, "num_positions")
+        bias_heads = _positive_int(bias_heads, "bias_heads")
+        if bias_heads not in (1, num_heads):
+            raise ValueError("bias_heads must be 1 (one table shared by the heads) or num_heads "
+                             "(%d), got %d" % (num_heads, bias_heads))
+        self.time_bucket = _choice(time_bucket, "time_bucket", TIME_BUCKETS)
+        self.time_table = (nn.Parameter(torch.empty(num_time_buckets, bias_heads, **factory))
+                           if num_time_buckets else None)
+        self.position_table = (nn.Parameter(torch.empty(num_positions, bias_heads, **factory))
+                               if num_positions else None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # generative-recommenders' initialisation of its bias tables.
+        for t in (self.time_table, self.position_table):
+            if t is not None:
+                nn.init.normal_(t, mean=0.0, std=0.02)
+
+    def arguments(self, timestamps, query_times) -> dict:
+        if self.time_table is None:
+            if timestamps is not None or query_times is not None:
+                raise ValueError("timestamps were given but the layer has no time bias: build it "
+                                 "with num_time_buckets > 0")
+            return {"position_table": self.position_table}
+        if timestamps is None:
+            raise ValueError("the layer has a time bias (num_time_buckets=%d): pass timestamps= "
+                             "(int64, one per token)" % self.time_table.shape[0])
+        return {"position_table": self.position_table, "time_table": self.time_table,
+                "key_times": timestamps,
+                "query_times": timestamps if query_times is None else query_times,
+                "time_bucket": self.time_bucket}
+
+
+def _check_tokens(x, name, width, offsets, lengths):
+    """x is jagged [T, width] (with offsets) or padded [B, L, width] (lengths or every position)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError("%s must be a torch.Tensor, got %s" % (name, type(x).__name__))
+    if offsets is not None and lengths is not None:
+        raise ValueError("pass offsets (jagged %s) or lengths (padded %s), not both" % (name, name))
+    want, layout = (2, "jagged [T, %d] (with offsets)") if offsets is not None else (
+        3, "padded [B, L, %d]")
+    if x.dim() != want or x.shape[-1] != width:
+        raise ValueError("%s must be %s, got %s" % (name, layout % width, list(x.shape)))
+
+
+class SequenceSelfAttention(nn.Module):
+    """Multi-head self-attention over each row of a jagged (or padded) sequence: the attention
+    sub-layer of a transformer block (BST, TransAct, SASRec), with the mask rules and the
+    relative time/position bias of `attnkern.sequence_attention` computed in the kernel::
+
+        q, k, v = W_q x, W_k x, W_v x          [T, H, Dh] / [T, Hkv, Dh]
+        o = sequence_attention(q, k, v, ...)   softmax (or HSTU's SiLU) over each row
+        out = W_o concat_heads(o)              [T, E]
+
+    Args:
+        embed_dim: E, the width of the tokens and of the output.
+        num_heads: H; ``attention_dim`` must be divisible by it.
+        num_kv_heads: Hkv key/value heads shared by groups of H / Hkv query heads (default H).
+        attention_dim: A = H x Dh, the width of the query projection (default E).
+        bias: whether the projections have a bias.
+        scale: the logit scale (default ``1 / sqrt(Dh)``).
+        causal, contextual_len, max_attn_len: the op's mask rules (position i attends j <= i;
+            the first ``contextual_len`` positions are seen by all; a local window). Targets
+            are given per call (``num_targets=``).
+        normalization: "softmax" or "silu" (``silu(s_ij) * attn_scale``, HSTU's).
+        num_time_buckets, num_positions: sizes of the learned relative-bias tables (0 = none):
+            ``time_table[bucket(t_i - t_j), h]`` and ``position_table[min(i - j, P - 1), h]``.
+        bias_heads: 1 (one bias shared by the heads) or H.
+        time_bucket: "log" (HSTU's ``floor(ln(max(|dt|, 1)) / 0.301)``) or "sqrt".
+        backend: passed to `attnkern.sequence_attention`.
+
+    Forward:
+        x: jagged [T, E] with ``offsets`` [B+1], or padded [B, L, E] with ``lengths`` [B] (or
+            every position valid).
+        max_length: jagged only, a Python int >= every row's length (no device sync).
+        num_targets: [B] int, the last positions of each row that are candidates.
+        timestamps: [T] (or [B, L]) int64, needed with a time table; ``query_times`` (default
+            ``timestamps``) the query side's times, e.g. the next action's time (HSTU).
+        attn_scale: "silu" only, float or [T] per query (default 1 / max row length).
+        bias: a dense extra bias [B, Hb, L, L], as the op takes it.
+
+    Returns:
+        [T, E] or [B, L, E] (zero attention output at padded positions, so the output
+        projection's bias there).
+
+    `from_multihead_attention` builds one from an ``nn.MultiheadAttention`` (the attention
+    of FuxiCTR's BST and TransAct blocks; docs/sequence_layers.md).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int = 1, *, num_kv_heads: Optional[int] = None,
+                 attention_dim: Optional[int] = None, bias: bool = True,
+                 scale: Optional[float] = None, causal: bool = True,
+                 contextual_len: int = 0, max_attn_len: int = 0, normalization: str = "softmax",
+                 num_time_buckets: int = 0, num_positions: int = 0, bias_heads: int = 1,
+                 time_bucket: str = "log", backend: str = "auto", device=None, dtype=None) -> None:
+        super().__init__()
+        embed_dim = _positive_int(embed_dim, "embed_dim")
+        num_heads = _positive_int(num_heads, "num_heads")
+        num_kv_heads = num_heads if num_kv_heads is None else _positive_int(num_kv_heads, "num_kv_heads")
+        if num_heads % num_kv_heads != 0:
+            raise ValueError("num_heads (%d) must be a multiple of num_kv_heads (%d)"
+                             % (num_heads, num_kv_heads))
+        attention_dim = embed_dim if attention_dim is None else _positive_int(attention_dim, "attention_dim")
+        if attention_dim % num_heads != 0:
+            raise ValueError("attention_dim (%d%s) must be divisible by num_heads (%d)" % (
+                attention_dim, ", = embed_dim" if attention_dim == embed_dim else "", num_heads))
+        _check_flags(causal, backend)
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.attention_dim = attention_dim
+        self.head_dim = attention_dim // num_heads
+        scale = _optional_scale(scale)
+        self.scale = 1.0 / math.sqrt(self.head_dim) if scale is None else scale
+        self.causal = causal
+        self.contextual_len = _non_negative_int(contextual_len, "contextual_len")
+        self.max_attn_len = _non_negative_int(max_attn_len, "max_attn_len")
+        self.normalization = _choice(normalization, "normalization", NORMALIZATIONS)
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        kv_dim = num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(embed_dim, attention_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(attention_dim, embed_dim, bias=bias, **factory)
+        self.relative_bias = _RelativeBias(num_time_buckets, num_positions, bias_heads, num_heads,
+                                           time_bucket, factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.MultiheadAttention's initialisation (see AttentionPooling.reset_parameters).
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.xavier_uniform_(proj.weight)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        self.relative_bias.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return ("embed_dim=%d, num_heads=%d, num_kv_heads=%d, attention_dim=%d, scale=%g, "
+                "causal=%s, normalization=%r, contextual_len=%d, max_attn_len=%d, backend=%r" % (
+                    self.embed_dim, self.num_heads, self.num_kv_heads, self.attention_dim,
+                    self.scale, self.causal, self.normalization, self.contextual_len,
+                    self.max_attn_len, self.backend))
+
+    def forward(self, x: torch.Tensor, offsets: Optional[torch.Tensor] = None,
+                lengths: Optional[torch.Tensor] = None, *, max_length: Optional[int] = None,
+                num_targets: Optional[torch.Tensor] = None,
+                timestamps: Optional[torch.Tensor] = None,
+                query_times: Optional[torch.Tensor] = None, attn_scale=None,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        _check_tokens(x, "x", self.embed_dim, offsets, lengths)
+        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
+        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if attn_scale is not None and self.normalization != "silu":
+            raise ValueError('attn_scale applies to normalization="silu" only; this layer has %r'
+                             % self.normalization)
+        extra = {"attn_scale": attn_scale} if self.normalization == "silu" else {}
+        # Under autocast the projections ran in the low-precision dtype already; the op
+        # accumulates in float32 itself, so it runs with autocast off (like AttentionPooling).
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            o = _seq_attention(
+                q, k.to(q.dtype), v.to(q.dtype), offsets, lengths, max_length=max_length,
+                causal=self.causal, num_targets=num_targets, contextual_len=self.contextual_len,
+                max_attn_len=self.max_attn_len, normalization=self.normalization,
+                scale=self.scale, bias=bias, backend=self.backend,
+                **self.relative_bias.arguments(timestamps, query_times), **extra)
+        return self.out_proj(o.flatten(-2))
+
+    @classmethod
+    def from_multihead_attention(cls, mha: nn.MultiheadAttention, **options) -> "SequenceSelfAttention":
+        """A layer with the weights of ``mha`` (an ``nn.MultiheadAttention`` over one input
+        width, without ``add_bias_kv`` / ``add_zero_attn``); ``options`` are this class's
+        keyword arguments (``causal=False`` for an encoder without a causal mask, ...).
+        Attention dropout is not carried over: the layer has none."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError("mha must be an nn.MultiheadAttention, got %s" % type(mha).__name__)
+        if not mha._qkv_same_embed_dim:
+            raise ValueError("mha has separate kdim/vdim projections; only one input width "
+                             "(kdim = vdim = embed_dim) is supported")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("mha uses add_bias_kv or add_zero_attn, which have no counterpart here")
+        w = mha.in_proj_weight
+        has_bias = mha.in_proj_bias is not None
+        for key in ("num_heads", "attention_dim", "num_kv_heads", "bias"):
+            if key in options:
+                raise ValueError("%s is read from mha; do not pass it" % key)
+        layer = cls(mha.embed_dim, mha.num_heads, bias=has_bias, device=w.device, dtype=w.dtype,
+                    **options)
+        with torch.no_grad():
+            E = mha.embed_dim
+            for i, proj in enumerate((layer.q_proj, layer.k_proj, layer.v_proj)):
+                proj.weight.copy_(w[i * E:(i + 1) * E])
+                if has_bias:
+                    proj.bias.copy_(mha.in_proj_bias[i * E:(i + 1) * E])
+            layer.out_proj.weight.copy_(mha.out_proj.weight)
+            if has_bias:
+                layer.out_proj.bias.copy_(mha.out_proj.bias)
+        return layer
+
+
+OUTPUTS = ("concat", "gate", "concat_normed")
+
+
+class HSTULayer(nn.Module):
+    """One HSTU layer (Zhai et al., "Actions Speak Louder than Words", ICML 2024), as
+    generative-recommenders' ``STULayer`` computes it, with the relative time and position
+    bias of its research ``SequentialTransductionUnitJagged``::
+
+        u, v, q, k = split(W_uvqk LayerNorm(x) + b)         one fused projection
+        u = silu(u)                                         (silu="uvqk": all four)
+        a = sequence_attention(q, k, v, normalization="silu", relative bias, targets, ...)
+        y = u * Norm(a)                                     output="gate"
+          | [u, a, u * Norm(a)]                             output="concat" (STULayer)
+          | [u, Norm(a), u * Norm(a)]                       output="concat_normed" (concat_ua)
+        out = x + W_o dropout(y) (+ b_o)
+
+    Args:
+        embed_dim: E, the width of the tokens.
+        num_heads: H.
+        hidden_dim: the width of u and v per head (default E / H; generative-recommenders'
+            ``hidden_dim`` / ``linear_hidden_dim``).
+        attention_dim: the width of q and k per head (default E / H).
+        silu: "u" (only u goes through SiLU: ``STULayer``) or "uvqk" (all four:
+            ``linear_activation="silu"``).
+        uvqk_bias: whether the fused projection has a bias.
+        norm_affine: whether the input and output normalizations have a weight and a bias
+            (``STULayer``'s do; the research layer's do not).
+        output: "concat" (default), "gate" or "concat_normed", see above.
+        output_bias: whether W_o has a bias.
+        group_norm: Norm(a) per head (a GroupNorm of H groups) instead of over all H heads.
+        eps: the normalizations' epsilon.
+        dropout: on y, in training.
+        scale: the logit scale (generative-recommenders' ``attn_alpha``; default
+            ``1 / sqrt(attention_dim)``; 1.0 for the research layer).
+        causal, contextual_len, max_attn_len: the op's mask rules.
+        num_time_buckets, num_positions, bias_heads, time_bucket: the relative-bias tables,
+            as in `SequenceSelfAttention` (0 = none).
+        backend: passed to `attnkern.sequence_attention`.
+
+    Forward: as `SequenceSelfAttention` (x jagged [T, E] with ``offsets`` or padded [B, L, E]
+    with ``lengths``; ``num_targets``, ``timestamps`` / ``query_times``, ``attn_scale``
+    (default 1 / max row length; generative-recommenders divides by its ``max_seq_len``)).
+    Returns the same shape as x.
+
+    `from_generative_recommenders` builds one from an ``STULayer`` or a
+    ``SequentialTransductionUnitJagged`` (docs/sequence_layers.md).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int = 1, hidden_dim: Optional[int] = None,
+                 attention_dim: Optional[int] = None, *, silu: str = "u", uvqk_bias: bool = True,
+                 norm_affine: bool = True, output: str = "concat", output_bias: bool = False,
+                 group_norm: bool = False, eps: float = 1e-6, dropout: float = 0.0,
+                 scale: Optional[float] = None, causal: bool = True, contextual_len: int = 0,
+                 max_attn_len: int = 0, num_time_buckets: int = 0, num_positions: int = 0,
+                 bias_heads: int = 1, time_bucket: str = "log", backend: str = "auto",
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        embed_dim = _positive_int(embed_dim, "embed_dim")
+        num_heads = _positive_int(num_heads, "num_heads")
+        if hidden_dim is None or attention_dim is None:
+            if embed_dim % num_heads != 0:
+                raise ValueError("embed_dim (%d) must be divisible by num_heads (%d) for the default "
+                                 "hidden_dim / attention_dim (E / H); or pass both" % (embed_dim, num_heads))
+        hidden_dim = embed_dim // num_heads if hidden_dim is None else _positive_int(hidden_dim, "hidden_dim")
+        attention_dim = (embed_dim // num_heads if attention_dim is None
+                         else _positive_int(attention_dim, "attention_dim"))
+        self.silu = _choice(silu, "silu", ("u", "uvqk"))
+        self.output = _choice(output, "output", OUTPUTS)
+        _check_flags(causal, backend)
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+            raise ValueError("dropout must be a float in [0, 1), got %r" % (dropout,))
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+            raise ValueError("eps must be a float > 0, got %r" % (eps,))
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.hidden_dim = hidden_dim
+        self.attention_dim = attention_dim
+        scale = _optional_scale(scale)
+        self.scale = 1.0 / math.sqrt(attention_dim) if scale is None else scale
+        self.group_norm = bool(group_norm)
+        self.eps = float(eps)
+        self.dropout = float(dropout)
+        self.causal = causal
+        self.contextual_len = _non_negative_int(contextual_len, "contextual_len")
+        self.max_attn_len = _non_negative_int(max_attn_len, "max_attn_len")
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        H, hd, ad = num_heads, hidden_dim, attention_dim
+        self.input_norm = nn.LayerNorm(embed_dim, eps=eps, elementwise_affine=norm_affine, **factory)
+        self.uvqk = nn.Linear(embed_dim, (2 * hd + 2 * ad) * H, bias=uvqk_bias, **factory)
+        if self.group_norm:
+            self.output_norm = nn.GroupNorm(H, H, eps=eps, affine=norm_affine, **factory)
+        else:
+            self.output_norm = nn.LayerNorm(H * hd, eps=eps, elementwise_affine=norm_affine, **factory)
+        self.out_proj = nn.Linear(H * hd * (1 if output == "gate" else 3), embed_dim,
+                                  bias=output_bias, **factory)
+        self.relative_bias = _RelativeBias(num_time_buckets, num_positions, bias_heads, num_heads,
+                                           time_bucket, factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # STULayer's initialisation: Xavier-uniform projections, zero biases, unit norms.
+        for proj in (self.uvqk, self.out_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        self.input_norm.reset_parameters()
+        self.output_norm.reset_parameters()
+        self.relative_bias.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return ("embed_dim=%d, num_heads=%d, hidden_dim=%d, attention_dim=%d, silu=%r, output=%r, "
+                "scale=%g, causal=%s, contextual_len=%d, max_attn_len=%d, dropout=%g, backend=%r" % (
+                    self.embed_dim, self.num_heads, self.hidden_dim, self.attention_dim, self.silu,
+                    self.output, self.scale, self.causal, self.contextual_len, self.max_attn_len,
+                    self.dropout, self.backend))
+
+    def _norm(self, a: torch.Tensor) -> torch.Tensor:
+        if not self.group_norm:
+            return self.output_norm(a)
+        shape = a.shape
+        return self.output_norm(a.reshape(-1, self.num_heads, self.hidden_dim)).reshape(shape)
+
+    def forward(self, x: torch.Tensor, offsets: Optional[torch.Tensor] = None,
+                lengths: Optional[torch.Tensor] = None, *, max_length: Optional[int] = None,
+                num_targets: Optional[torch.Tensor] = None,
+                timestamps: Optional[torch.Tensor] = None,
+                query_times: Optional[torch.Tensor] = None, attn_scale=None) -> torch.Tensor:
+        _check_tokens(x, "x", self.embed_dim, offsets, lengths)
+        H, hd, ad = self.num_heads, self.hidden_dim, self.attention_dim
+        uvqk = self.uvqk(self.input_norm(x))
+        if self.silu == "uvqk":
+            uvqk = _F.silu(uvqk)
+        u, v, q, k = uvqk.split([H * hd, H * hd, H * ad, H * ad], dim=-1)
+        if self.silu == "u":
+            u = _F.silu(u)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            a = _seq_attention(
+                q.unflatten(-1, (H, ad)), k.unflatten(-1, (H, ad)), v.unflatten(-1, (H, hd)),
+                offsets, lengths, max_length=max_length, causal=self.causal,
+                num_targets=num_targets, contextual_len=self.contextual_len,
+                max_attn_len=self.max_attn_len, normalization="silu", scale=self.scale,
+                attn_scale=attn_scale, backend=self.backend,
+                **self.relative_bias.arguments(timestamps, query_times)).flatten(-2)
+        na = self._norm(a)
+        if self.output == "gate":
+            y = u * na
+        elif self.output == "concat":
+            y = torch.cat([u, a, u * na], dim=-1)
+        else:
+            y = torch.cat([u, na, u * na], dim=-1)
+        y = _F.dropout(y, p=self.dropout, training=self.training)
+        return x + self.out_proj(y)
+
+    @classmethod
+    def from_generative_recommenders(cls, layer: nn.Module, *, backend: str = "auto") -> "HSTULayer":
+        """An HSTULayer with the configuration and weights of one of generative-recommenders'
+        HSTU layers (read by attribute, nothing imported):
+
+        - ``STULayer`` (generative_recommenders/modules/stu.py): fused UVQK with a bias,
+          affine norms, ``[u, a, u * Norm(a)]``, no output bias; its mask options (causal,
+          ``max_attn_len``, ``contextual_seq_len``) are carried over; pass its
+          ``num_targets`` (when ``target_aware``) and ``attn_scale = 1 / max_seq_len`` per call.
+        - ``SequentialTransductionUnitJagged`` (research/modeling/sequential/hstu.py) with
+          ``normalization="rel_bias"``: no UVQK bias, unscaled logits, non-affine norms, an
+          output bias; its ``RelativeBucketedTimeAndPositionBasedBias`` (if any) becomes the
+          time and position tables; call with ``timestamps`` = each token's time and
+          ``query_times`` = the next token's (the row's last keeps its own),
+          ``attn_scale = 1 / N`` with N its bias module's ``max_seq_len`` (the padded length
+          it runs at), and the causal mask.
+        """
+        if hasattr(layer, "_uvqk_weight"):
+            return cls._from_stu(layer, backend)
+        if hasattr(layer, "_uvqk") and hasattr(layer, "_o"):
+            return cls._from_research(layer, backend)
+        raise TypeError("layer must be generative-recommenders' STULayer or "
+                        "SequentialTransductionUnitJagged, got %s" % type(layer).__name__)
+
+    @classmethod
+    def _from_stu(cls, stu, backend):
+        H, E = stu._num_heads, stu._embedding_dim
+        w = stu._uvqk_weight
+        out = cls(E, H, stu._hidden_dim, stu._attention_dim, silu="u", uvqk_bias=True,
+                  norm_affine=True, output="concat", output_bias=False,
+                  group_norm=stu._use_group_norm, eps=1e-6, dropout=stu._output_dropout_ratio,
+                  scale=stu._attn_alpha, causal=stu._causal,
+                  contextual_len=stu._contextual_seq_len, max_attn_len=stu._max_attn_len,
+                  backend=backend, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            out.uvqk.weight.copy_(w.t())
+            out.uvqk.bias.copy_(stu._uvqk_beta)
+            out.input_norm.weight.copy_(stu._input_norm_weight)
+            out.input_norm.bias.copy_(stu._input_norm_bias)
+            out.output_norm.weight.copy_(stu._output_norm_weight)
+            out.output_norm.bias.copy_(stu._output_norm_bias)
+            out.out_proj.weight.copy_(stu._output_weight.t())
+        return out
+
+    @classmethod
+    def _from_research(cls, unit, backend):
+        if unit._normalization not in ("rel_bias", "hstu_rel_bias"):
+            raise ValueError("SequentialTransductionUnitJagged with normalization=%r: only "
+                             "'rel_bias' (HSTU's SiLU attention) maps to HSTULayer"
+                             % unit._normalization)
+        if unit._linear_activation != "silu":
+            raise ValueError("linear_activation=%r: only 'silu' maps to HSTULayer (silu='uvqk'), "
+                             "which gates u by SiLU at least" % unit._linear_activation)
+        rel = unit._rel_attn_bias
+        times = positions = 0
+        if rel is not None:
+            if not hasattr(rel, "_ts_w") or not hasattr(rel, "_pos_w"):
+                raise ValueError("relative_attention_bias_module %s: only "
+                                 "RelativeBucketedTimeAndPositionBasedBias maps to the tables"
+                                 % type(rel).__name__)
+            times, positions = rel._ts_w.shape[0], rel._max_seq_len
+        H = unit._num_heads
+        w = unit._uvqk
+        out = cls(unit._embedding_dim, H, unit._linear_dim, unit._attention_dim, silu="uvqk",
+                  uvqk_bias=False, norm_affine=False,
+                  output="concat_normed" if unit._concat_ua else "gate", output_bias=True,
+                  eps=unit._eps, dropout=unit._dropout_ratio, scale=1.0, causal=True,
+                  num_time_buckets=times, num_positions=positions, bias_heads=1,
+                  time_bucket="log", backend=backend, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            out.uvqk.weight.copy_(w.t())
+            out.out_proj.weight.copy_(unit._o.weight)
+            out.out_proj.bias.copy_(unit._o.bias)
+            if rel is not None:
+                # Its position weight for query i, key j is _pos_w[N - 1 + j - i]: i - j = d
+                # reads _pos_w[N - 1 - d], a table indexed by d reversed.
+                n = rel._max_seq_len
+                out.relative_bias.position_table.copy_(rel._pos_w[:n].flip(0).unsqueeze(1))
+                out.relative_bias.time_table.copy_(rel._ts_w.unsqueeze(1))
+        return out

@@ -53,7 +53,7 @@ def test_bench_help_lists_every_family(capsys):
         bench.main(["--help"])
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "--family {op,activation,layer,serving}" in text
+    assert "--family {op,activation,layer,serving,sequence}" in text
     for family in ("op:", "activation: activation_unit_pool", "layer:", "serving:"):
         assert family in text
 

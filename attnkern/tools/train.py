@@ -1,8 +1,10 @@
 """`attnkern train`: trains TargetAttentionCTR with attention pooling and the sum-pooling
-baseline, on MovieLens (with the `attnkern[data]` extra) or the built-in synthetic data.
+baseline, and the HSTU-style sequential ranker (``--model hstu``), on MovieLens (with the
+`attnkern[data]` extra) or the built-in synthetic data.
 
     attnkern train --data movielens --pooling attention sum --seed 0 1 2 3 4 --epochs 4
     attnkern train --data movielens --pooling attention --time-bias --seed 0 1 2 3 4 --epochs 4
+    attnkern train --data movielens --model target hstu --seed 0 1 2
     torchrun --nproc_per_node 2 -m attnkern train --ddp --data synthetic
 
 ``--time-bias [NB]`` and ``--recency-bias [NR]`` give the attention layer its time and
@@ -40,7 +42,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from . import data as data_mod
-from ..models import POOLINGS, TargetAttentionCTR
+from ..models import POOLINGS, HSTURanker, TargetAttentionCTR
 from ..ops.availability import BACKENDS
 from ._args import check_heads_divide, float_in, int_at_least, non_negative_float, positive_float
 
@@ -70,6 +72,8 @@ class RunConfig:
     compile: bool = False
     progress: bool = True
     engine: str = "eager"  # "torchrec": attnkern.tools.train_torchrec
+    model: str = "target"  # "hstu": HSTURanker (its runs carry pooling="hstu")
+    num_layers: int = 2  # HSTURanker's
     sharding: str = "row_wise"  # the item table's, under --engine torchrec
     time_buckets: int = 0  # the attention layer's time table (0: none)
     recency_buckets: int = 0  # its recency table (0: none)
@@ -90,7 +94,13 @@ class RunConfig:
 # --------------------------------------------------------------------------- building blocks
 
 
-def build_model(cfg: RunConfig, num_items: int) -> TargetAttentionCTR:
+def build_model(cfg: RunConfig, num_items: int, timed: bool = False) -> nn.Module:
+    """The run's model; `timed`: the data carries timestamps (HSTURanker's time bias)."""
+    if cfg.model == "hstu":
+        return HSTURanker(num_items, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
+                          num_layers=cfg.num_layers, mlp_dims=tuple(cfg.mlp_dims),
+                          dropout=cfg.dropout, max_positions=cfg.max_length + 1,
+                          num_time_buckets=HSTU_TIME_BUCKETS if timed else 0, backend=cfg.backend)
     return TargetAttentionCTR(
         num_items,
         embed_dim=cfg.embed_dim,
@@ -102,6 +112,10 @@ def build_model(cfg: RunConfig, num_items: int) -> TargetAttentionCTR:
         time_buckets=cfg.time_buckets or None,
         recency_buckets=cfg.recency_buckets or None,
     )
+
+
+# Log-bucketed time gaps: ln(gap in seconds) / 0.301 < 64 for any gap below 2.6e8 years.
+HSTU_TIME_BUCKETS = 64
 
 
 class TimedDataset(torch.utils.data.Dataset):
@@ -123,9 +137,10 @@ class TimedDataset(torch.utils.data.Dataset):
 
 
 def _for_model(cfg: RunConfig, splits: data_mod.CTRSplits):
-    """(splits, timed): a model with a time table (--time-bias) gets batches with timestamps."""
-    timed = bool(cfg.time_buckets)
-    if timed and "history_times" not in splits.train.meta:
+    """(splits, timed): a model with a time table (--time-bias) and HSTURanker (where the data
+    has timestamps) get batches with timestamps."""
+    timed = bool(cfg.time_buckets) or (cfg.model == "hstu" and "history_times" in splits.train.meta)
+    if cfg.time_buckets and "history_times" not in splits.train.meta:
         raise ValueError("a time table (--time-bias) needs timestamps, and the %s data set has "
                          "none" % splits.name)
     if timed:
@@ -244,7 +259,7 @@ def run(
 
     splits, timed = _for_model(cfg, splits)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, splits.num_items).to(device)
+    model = build_model(cfg, splits.num_items, timed).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "history": [], "best_val_auc": -math.inf, "best_epoch": 0,
              "best_model": None, "test": None}
@@ -338,6 +353,7 @@ def run(
 # --------------------------------------------------------------------------- command line
 
 BACKEND_CHOICES = ("auto",) + BACKENDS
+MODELS = ("target", "hstu")
 # Fewest synthetic samples: a tenth each for validation and test still gives AUC both classes.
 MIN_SYNTHETIC_SAMPLES = 100
 
@@ -353,13 +369,21 @@ def _parser() -> argparse.ArgumentParser:
     d = RunConfig()
     p = argparse.ArgumentParser(
         prog="attnkern train",
-        description="Train TargetAttentionCTR (attention pooling) and the sum-pooling baseline; "
+        description="Train TargetAttentionCTR (attention pooling) and the sum-pooling baseline, "
+        "or the HSTU-style ranker (--model hstu); "
         "per-epoch validation AUC/logloss, test metrics at the best validation epoch.",
     )
     p.add_argument("--data", choices=("auto", "movielens", "synthetic"), default="auto",
                    help="auto: movielens when the attnkern[data] extra is installed, else synthetic")
+    p.add_argument("--model", nargs="+", choices=MODELS, default=["target"],
+                   help="target: TargetAttentionCTR, one run per --pooling (default); hstu: "
+                   "HSTURanker, history and target in one sequence through --layers HSTU layers "
+                   "with the relative time (MovieLens) and position bias; its runs are named "
+                   "and summarised as pooling 'hstu'")
     p.add_argument("--pooling", nargs="+", choices=POOLINGS, default=["attention", "sum"],
                    help="one run per pooling (default: attention sum; din = DIN's activation unit)")
+    p.add_argument("--layers", type=int_at_least(1), default=d.num_layers,
+                   help="--model hstu: HSTU layers (default: %(default)s)")
     p.add_argument("--seed", nargs="+", type=int, default=[0], help="one run per seed (default: 0)")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default=d.backend,
                    help="attention backend (default: auto)")
@@ -450,8 +474,13 @@ def main(argv=None) -> int:
         if args.engine != "eager":
             parser.error("--time-bias and --recency-bias are not supported with --engine %s"
                          % args.engine)
+        if "hstu" in args.model:
+            parser.error("--time-bias and --recency-bias are the target-attention model's tables "
+                         "(--model target); --model hstu learns its own time bias")
     if args.synthetic_time_window is not None and data_name != "synthetic":
         parser.error("--synthetic-time-window is for --data synthetic, got %s" % data_name)
+    if "hstu" in args.model and args.engine != "eager":
+        parser.error("argument --model: hstu trains with --engine eager only")
     run_fn = run
     if args.engine == "torchrec":
         from . import train_torchrec
@@ -468,8 +497,11 @@ def main(argv=None) -> int:
         torch.cuda.set_device(device)
 
     try:
+        runs = [("target", p) for p in args.pooling if "target" in args.model]
+        runs += [("hstu", "hstu")] if "hstu" in args.model else []
         _log(rank, "attnkern train: data=%s pooling=%s seeds=%s device=%s processes=%d backend=%s"
-             % (data_name, ",".join(args.pooling), ",".join(map(str, args.seed)), device, world, args.backend))
+             % (data_name, ",".join(p for _, p in runs), ",".join(map(str, args.seed)), device,
+                world, args.backend))
         results = []
         splits = None
         for seed in args.seed:
@@ -478,9 +510,10 @@ def main(argv=None) -> int:
                                        **({"num_samples": args.synthetic_samples,
                                            "time_window": args.synthetic_time_window}
                                           if data_name == "synthetic" else {}))
-            for pooling in args.pooling:
+            for model, pooling in runs:
                 cfg = RunConfig(
-                    data=data_name, pooling=pooling, seed=seed, backend=args.backend,
+                    data=data_name, pooling=pooling, model=model, num_layers=args.layers,
+                    seed=seed, backend=args.backend,
                     epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                     weight_decay=args.weight_decay, embed_dim=args.embed_dim, num_heads=args.heads,
                     mlp_dims=list(args.mlp), dropout=args.dropout, max_length=args.max_length,

@@ -7,6 +7,7 @@ fraction of this machine's memory limit.
     attnkern bench --family activation  # DIN's activation unit (bench/activation.py, own options)
     attnkern bench --family layer       # the layer and a model training step (bench/layers.py)
     attnkern bench --family serving     # many candidates per history (bench/serving.py, own options)
+    attnkern bench --family sequence    # sequence self-attention (bench/sequence.py, own options)
 
 Providers (each skipped with its reason when it cannot run here):
 
@@ -71,7 +72,7 @@ def _csv_list(choices):
     return parse
 
 
-FAMILIES = ("op", "activation", "layer", "serving")
+FAMILIES = ("op", "activation", "layer", "serving", "sequence")
 # `--op NAME`, the older spelling of the two op families, still selects them.
 OP_FAMILIES = {"attention_pool": "op", "activation_unit_pool": "activation"}
 
@@ -88,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--family activation --help); layer: AttentionPooling against an eager "
                         "FuxiCTR-style layer and nn.MultiheadAttention, and a TargetAttentionCTR "
                         "training step; serving: many candidates per history (its own options: "
-                        "--family serving --help). --op attention_pool|activation_unit_pool is "
+                        "--family serving --help); sequence: sequence_attention against "
+                        "generative-recommenders' PyTorch HSTU math, SDPA, FlexAttention, FBGEMM "
+                        "(its own options: --family sequence --help). --op "
+                        "attention_pool|activation_unit_pool is "
                         "an older spelling of --family op|activation")
     p.add_argument("--op", choices=tuple(OP_FAMILIES), default=None, help=argparse.SUPPRESS)
     p.add_argument("--full", action="store_true",
@@ -170,6 +174,10 @@ def main(argv=None) -> int:
         from . import serving
 
         return serving.main(rest)
+    if family == "sequence":
+        from . import sequence
+
+        return sequence.main(rest)
     args = build_parser().parse_args(argv)
     args.family = family
     if args.device is None:

@@ -146,9 +146,8 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def measure_peak_gemm(reps: int = 5) -> float:
-    """float32 GEMM FLOP/s (the best of reps): this machine's practical peak."""
-    n = 2048
+def measure_peak_gemm(reps: int = 5, n: int = 2048) -> float:
+    """float32 GEMM FLOP/s (the best of reps n^3 torch.mm): this machine's practical peak."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
     best = float("inf")
