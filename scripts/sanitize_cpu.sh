@@ -15,9 +15,8 @@ OUT="${ATTNKERN_ASAN_DIR:-$ROOT/build-asan}"
 FUZZ_MINUTES="${1:-1}"
 start=$(date +%s)
 
-mkdir -p "$OUT/src"
-# cp -a keeps the sources' times, so an unchanged file is not recompiled on a second run.
-cp -a setup.py pyproject.toml README.md pytest.ini csrc attnkern triton_kernels tests scripts "$OUT/src/"
+. scripts/sanitizer_env.sh
+sanitizer_copy "$OUT"
 rm -f "$OUT"/src/attnkern/_C*.so
 SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
 # -DATTNKERN_EMULATE_AVX512: the AVX-512 kernels are built on portable stand-ins of their
@@ -28,14 +27,8 @@ SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-poin
   > "$OUT/build.log" 2>&1) || { tail -50 "$OUT/build.log"; echo "sanitize_cpu: build failed"; exit 1; }
 built=$(date +%s)
 
-. scripts/sanitizer_env.sh
-sanitizer_env "$OUT" "$OUT/src"
-LOG="$OUT/run.log"
-status=0
-(
-  cd "$OUT/src"
-  python -c "import attnkern, sys; assert attnkern.__file__.startswith('$OUT/src'), attnkern.__file__; \
-assert attnkern.backends()['cpu'].available, attnkern.backends()['cpu'].reason"
+cpu_checks() {
+  python -c "import attnkern; assert attnkern.backends()['cpu'].available, attnkern.backends()['cpu'].reason"
   # The score bias's CPU cases on every path (tests/test_bias.py: the general and tiled kernels,
   # block boundaries, split rows, -inf and NaN entries).
   BIAS_K="(against and cpu) or many_queries or block_boundaries or split or deterministic or (minus_inf and cpu) or (nan_bias and cpu) or (broadcasts and cpu)"
@@ -61,15 +54,17 @@ assert isa == 'amx-emulated', isa"
     ATTNKERN_CPU_ISA=amx python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_bias.py \
       -k "many_queries or split or block_boundaries"
     # The fuzzer on the amx kernels too (its many-query calls reach the tiles).
-    ATTNKERN_CPU_ISA=amx python scripts/fuzz.py --minutes "$FUZZ_MINUTES" --targets api:cpu,raw:cpu
+    ATTNKERN_CPU_ISA=amx python scripts/fuzz.py --minutes "$1" --targets api:cpu,raw:cpu
   fi
+  # The sequence-attention CPU kernels (tiled forward and backward, the bias tables).
+  python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_sequence_attention.py -k "cpu"
   ATTNKERN_CPU_ISA=generic python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_hardening.py \
     -k "large_logits or fp16_near or nonfinite or nan_row or peaked or mask_split"
   python -m pytest -q -x -p no:cacheprovider tests/test_fuzz.py -k "cpu"
-  python scripts/fuzz.py --minutes "$FUZZ_MINUTES" --targets api:cpu,raw:cpu
-) > "$LOG" 2>&1 || status=$?
+  python scripts/fuzz.py --minutes "$1" --targets api:cpu,raw:cpu
+}
+status=0
+sanitizer_run "$OUT" sanitize_cpu cpu_checks "$FUZZ_MINUTES" || status=$?
 end=$(date +%s)
-sanitizer_verdict "$LOG" sanitize_cpu || exit 1
-tail -25 "$LOG"
 echo "sanitize_cpu: build $((built - start)) s, tests + fuzz $((end - built)) s, status $status"
 exit $status
