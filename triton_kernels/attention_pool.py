@@ -738,7 +738,8 @@ def maxnreg(num_warps: int, dtype_bytes: int):
 SHARED_BUDGET = 200 * 1024  # bytes
 
 
-def tile_costs(block_n, block_l, block_dk, block_dv, num_stages, dtype_bytes, kind):
+def tile_costs(block_n, block_l, block_dk, block_dv, num_stages, dtype_bytes, kind,
+               bias=False):
     """(float32 values live per program, shared memory bytes) of one program of `kind`
     (fwd | dq | dkdv), counting every tile:
 
@@ -748,12 +749,17 @@ def tile_costs(block_n, block_l, block_dk, block_dv, num_stages, dtype_bytes, ki
           over queries), the K/V tile, two score tiles
     tl.dot on float32 operands ("ieee": FMA, no tensor cores) also holds its operand tiles
     in registers. The broadcast path (N <= SMALL_N) holds its [N, L, D] products and the
-    K/V tiles in registers. _fits holds these against budgets calibrated on sm_90 compiles."""
+    K/V tiles in registers. bias: a bias row per query, one more [N, L] tile while it is
+    added to the scores (more in dk/dv, which writes ds as the bias gradient). _fits holds these
+    against budgets calibrated on sm_90 compiles."""
     b = int(dtype_bytes)
     n, l_, dkv = int(block_n), int(block_l), int(block_dk) + int(block_dv)
     stages = max(1, int(num_stages))
+    # dk/dv also keeps ds for its store as the bias gradient: counted as four tiles in all,
+    # calibrated on the sm_90 compile (three still let a 16-bit 64 x 32 tile spill).
+    bias_tile = (4 if kind == "dkdv" else 1) * n * l_ if bias else 0
     if n <= SMALL_N:
-        live = n * l_ * max(block_dk, block_dv) + l_ * dkv + 2 * n * l_
+        live = n * l_ * max(block_dk, block_dv) + l_ * dkv + 2 * n * l_ + bias_tile
         shared = stages * l_ * dkv * b
         return live, shared
     if kind == "fwd":
@@ -772,12 +778,12 @@ def tile_costs(block_n, block_l, block_dk, block_dv, num_stages, dtype_bytes, ki
         raise ValueError("kind must be fwd, dq or dkdv, got %r" % (kind,))
     # Operand tiles: mma.sync fragments of 16-bit values (two per register), or the slices of
     # float32 operands that the FMA dot keeps per thread (about half of them).
-    live += operands // 2
+    live += operands // 2 + bias_tile
     return live, shared
 
 
 def _fits(block_n, block_l, block_dk, block_dv, num_warps=4, num_stages=2, dtype_bytes=4,
-          kind="fwd"):
+          kind="fwd", bias=False):
     """Whether one program's tiles fit the register and shared-memory budgets.
 
     Besides the counted tiles (tile_costs), rules calibrated on sm_90 compiles of these
@@ -787,7 +793,8 @@ def _fits(block_n, block_l, block_dk, block_dv, num_warps=4, num_stages=2, dtype
     - tl.dot on float32 operands ("ieee": FMA, no tensor cores): 8 warps, 2 stages, K/V tiles
       of at most FP32_DOT_KV_TILE elements, FP32_DOT_REG_BUDGET per thread, and dk/dv query
       blocks of 16."""
-    live, shared = tile_costs(block_n, block_l, block_dk, block_dv, num_stages, dtype_bytes, kind)
+    live, shared = tile_costs(block_n, block_l, block_dk, block_dv, num_stages, dtype_bytes, kind,
+                              bias)
     budget = REG_BUDGET
     if block_n > SMALL_N:
         if dtype_bytes == 4:
@@ -820,15 +827,17 @@ def _arg(named_args, kwargs, name):
 
 def prune_configs(configs, named_args, kind="fwd", dtype_bytes=None, **kwargs):
     """Drops configs whose tiles do not fit (_fits) the blocks and the inputs' dtype (from the
-    query tensor, or dtype_bytes); keeps at least the smallest one."""
+    query tensor, or dtype_bytes), with a bias row per query when BIAS_MODE says so; keeps at
+    least the smallest one."""
     bn = _arg(named_args, kwargs, "BLOCK_N")
     bdk = _arg(named_args, kwargs, "BLOCK_DK")
     bdv = _arg(named_args, kwargs, "BLOCK_DV")
+    bias = _arg(named_args, kwargs, "BIAS_MODE") == QUERY_BIAS.value
     if dtype_bytes is None:
         q = named_args.get("Q")
         dtype_bytes = q.element_size() if isinstance(q, torch.Tensor) else 4
     kept = [c for c in configs if _fits(bn, c.kwargs["BLOCK_L"], bdk, bdv, c.num_warps,
-                                        c.num_stages, dtype_bytes, kind)]
+                                        c.num_stages, dtype_bytes, kind, bias)]
     if not kept:
         kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_L"], c.num_stages, -c.num_warps))]
     return [_with_maxnreg(c, dtype_bytes) for c in kept]
@@ -862,12 +871,12 @@ _dkdv_tuned = triton.autotune(BWD_CONFIGS, key=AUTOTUNE_KEY,
     _attention_pool_bwd_dkdv_kernel)
 
 
-def default_config(block_n, block_dk, block_dv, dtype_bytes, kind="fwd"):
+def default_config(block_n, block_dk, block_dv, dtype_bytes, kind="fwd", bias=False):
     """Untuned (BLOCK_L, num_warps, num_stages) for CUDA with autotune off: the largest
     BLOCK_L of 64/32/16 that fits with 4 warps (else 8), 2 stages; else (16, 8, 2)."""
     for bl in (64, 32, 16):
         for w in (4, 8):
-            if _fits(block_n, bl, block_dk, block_dv, w, 2, dtype_bytes, kind):
+            if _fits(block_n, bl, block_dk, block_dv, w, 2, dtype_bytes, kind, bias):
                 return bl, w, 2
     return 16, 8, 2
 
@@ -983,10 +992,10 @@ def _meta(layout, block_n, block_dk, block_dv, dtype):
                 NATIVE_DOT=native_dot(dtype))
 
 
-def _fixed_config(block_l, block_n, block_dk, block_dv, dtype_bytes, kind):
+def _fixed_config(block_l, block_n, block_dk, block_dv, dtype_bytes, kind, bias=False):
     """Launch options without autotuning: default_config's, BLOCK_L overridden by `block_l`
     when given; INTERPRET_BLOCK_L under the interpreter."""
-    bl, warps, stages = default_config(block_n, block_dk, block_dv, dtype_bytes, kind)
+    bl, warps, stages = default_config(block_n, block_dk, block_dv, dtype_bytes, kind, bias)
     if block_l is not None:
         bl = int(block_l)
     elif interpret_mode():
@@ -1082,7 +1091,8 @@ def attention_pool_fwd(
         _fwd_tuned[grid](*args, **meta)
     else:
         _attention_pool_fwd_kernel[grid](*args, **meta, **_fixed_config(
-            block_l, block_n, block_dk, block_dv, query.element_size(), "fwd"))
+            block_l, block_n, block_dk, block_dv, query.element_size(), "fwd",
+            bi.mode == QUERY_BIAS.value))
 
     if num_splits > 1:
         attention_pool_combine(o_buf, l_buf, out, lse)
@@ -1154,8 +1164,10 @@ def attention_pool_bwd(
     db_mode, db_target, db_strides, db_partial = _dbias_plan(bi, db, query, key, jagged)
     meta_dkdv["DBIAS_MODE"] = db_mode
     if not tuned:
-        meta_dq.update(_fixed_config(block_l, bn_dq, block_dk, block_dv, esize, "dq"))
-        meta_dkdv.update(_fixed_config(block_l, bn_dkdv, block_dk, block_dv, esize, "dkdv"))
+        by_query = bi.mode == QUERY_BIAS.value
+        meta_dq.update(_fixed_config(block_l, bn_dq, block_dk, block_dv, esize, "dq", by_query))
+        meta_dkdv.update(_fixed_config(block_l, bn_dkdv, block_dk, block_dv, esize, "dkdv",
+                                       by_query))
 
     # The softmax anchors of each query, written by the dq kernel for the dk/dv kernel.
     anch = torch.empty((2, B, N, H), dtype=torch.float32, device=query.device)
@@ -1236,7 +1248,7 @@ def _launch_dbias(bi, db, query, key, value, idx, mk, grad_out, anch, delta, ope
     n_outer = Nq // view.group
     bn = query_block(n_outer, block_dk, block_dv, esize, "dq")
     meta = _meta(layout, bn, block_dk, block_dv, query.dtype)
-    meta.update(_fixed_config(block_l, bn, block_dk, block_dv, esize, "dq"))
+    meta.update(_fixed_config(block_l, bn, block_dk, block_dv, esize, "dq", True))
     grid = (B, triton.cdiv(row_len, meta["BLOCK_L"]))
     _attention_pool_bwd_dbias_kernel[grid](
         query, key, value, idx, mk, bi.tensor, grad_out, anch, delta, db,
