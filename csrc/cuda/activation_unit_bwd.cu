@@ -250,28 +250,19 @@ cudaError_t launch_au_bwd(const AuProblem& p, const AuBwdInputs& in, float* grad
                           int64_t max_smem, cudaStream_t stream) {
   using namespace detail;
   if (p.B == 0 || p.N == 0) return cudaSuccess;
-  int tl = 0;
-  bool m_smem = false;
+  AuLaunch l;
   auto floats = [&](int t, bool ms) { return au_bwd_layout(p, t, ms, nullptr, nullptr); };
-  if (!au_plan(floats, max_smem, &tl, &m_smem)) return cudaErrorInvalidConfiguration;
-  const size_t bytes = size_t(floats(tl, m_smem)) * sizeof(float);
+  if (!au_launch_plan(floats, max_smem, &l)) return cudaErrorInvalidConfiguration;
   cudaError_t err = cudaSuccess;
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const int vec = au_vec<T>(p.key, p.k_sb, p.k_sl, p.E);
-    auto launch = [&](auto kernel) {
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(bytes));
-      if (err != cudaSuccess) return;
-      kernel<<<static_cast<unsigned>(blocks), kThreads, bytes, stream>>>(
-          p, in, grad_query32, grad_key, grad_value, s, tl, m_smem);
-      err = cudaGetLastError();
-    };
-    if (vec > 1) {
-      launch(au_bwd_kernel<T, 16 / int(sizeof(T))>);
-    } else {
-      launch(au_bwd_kernel<T, 1>);
-    }
+    decltype(&au_bwd_kernel<T, 1>) kernel = nullptr;
+    err = au_pick_kernel<T>(p, l, &au_bwd_kernel<T, 16 / int(sizeof(T))>, &au_bwd_kernel<T, 1>,
+                            &kernel);
+    if (err != cudaSuccess) return;
+    kernel<<<static_cast<unsigned>(blocks), kThreads, l.bytes, stream>>>(
+        p, in, grad_query32, grad_key, grad_value, s, l.tl, l.m_smem);
+    err = cudaGetLastError();
   });
   return err;
 }

@@ -37,69 +37,82 @@ struct AuBwdSmem {
   float *w, *ds, *valid, *g_a1, *g_a2, *g_b2, *g_wo, *g_c, *g_bo;
 };
 
-__host__ __device__ inline int64_t au_fwd_layout(const AuProblem& p, int tl, bool m_smem,
-                                                 float* base, AuFwdSmem* out) {
+// Carves the pieces off in order: take(&piece, n) points piece at the next n floats (padded to
+// 16 bytes) of base; with no base it only counts, for the host's sizing.
+struct AuSmemCarve {
+  float* base;
   int64_t off = 0;
-  auto take = [&](float** dst, int64_t n) {
+  __host__ __device__ void take(float** dst, int64_t n) {
     if (dst != nullptr && base != nullptr) *dst = base + off;
     off += au_pad4(n);
-  };
-  AuFwdSmem s{};
+  }
+};
+
+// The pieces both directions stage the same way: the layers' activation parameters, the second
+// layer's bias, the output weights and M_q (staged only with m_smem).
+template <typename S>
+__host__ __device__ inline void au_take_params(const AuProblem& p, bool m_smem, AuSmemCarve& c,
+                                               S& s) {
   const int64_t h2 = p.H2 > 0 ? p.H2 : 1;
-  take(&s.q, p.E);
-  take(&s.c, p.H1);
-  take(&s.a1, 3 * p.H1);
-  take(&s.a2, 3 * h2);
-  take(&s.b2, h2);
-  take(&s.wo, au_hlast(p));
-  take(&s.m, m_smem ? p.H1 * au_m_stride(p) : 0);
-  take(&s.k, tl * p.E);
-  take(&s.z1, tl * p.H1);
-  take(&s.z2, tl * h2);
-  take(&s.s, tl);
-  take(&s.valid, tl);
+  c.take(&s.a1, 3 * p.H1);
+  c.take(&s.a2, 3 * h2);
+  c.take(&s.b2, h2);
+  c.take(&s.wo, au_hlast(p));
+  c.take(&s.m, m_smem ? p.H1 * au_m_stride(p) : 0);
+}
+
+// Runs fill(carve, pieces, h2) over base (h2: the second layer's width, 1 without one) and hands
+// back the pieces (when out is given) and the floats they take.
+template <typename S, typename F>
+__host__ __device__ inline int64_t au_carve(const AuProblem& p, float* base, S* out, F&& fill) {
+  AuSmemCarve c{base};
+  S s{};
+  fill(c, s, p.H2 > 0 ? p.H2 : int64_t(1));
   if (out != nullptr) *out = s;
-  return off;
+  return c.off;
+}
+
+__host__ __device__ inline int64_t au_fwd_layout(const AuProblem& p, int tl, bool m_smem,
+                                                 float* base, AuFwdSmem* out) {
+  return au_carve(p, base, out, [&](AuSmemCarve& c, AuFwdSmem& s, int64_t h2) {
+    c.take(&s.q, p.E);
+    c.take(&s.c, p.H1);
+    au_take_params(p, m_smem, c, s);
+    c.take(&s.k, tl * p.E);
+    c.take(&s.z1, tl * p.H1);
+    c.take(&s.z2, tl * h2);
+    c.take(&s.s, tl);
+    c.take(&s.valid, tl);
+  });
 }
 
 __host__ __device__ inline int64_t au_bwd_layout(const AuProblem& p, int tl, bool m_smem,
                                                  float* base, AuBwdSmem* out) {
-  int64_t off = 0;
-  auto take = [&](float** dst, int64_t n) {
-    if (dst != nullptr && base != nullptr) *dst = base + off;
-    off += au_pad4(n);
-  };
-  AuBwdSmem s{};
-  const int64_t h2 = p.H2 > 0 ? p.H2 : 1;
-  take(&s.q, p.E);
-  take(&s.dout, p.Dv);
-  take(&s.c, p.H1);
-  take(&s.dc, p.H1);
-  take(&s.a1, 3 * p.H1);
-  take(&s.a2, 3 * h2);
-  take(&s.b2, h2);
-  take(&s.wo, au_hlast(p));
-  take(&s.m, m_smem ? p.H1 * au_m_stride(p) : 0);
-  take(&s.k, tl * p.E);
-  take(&s.v, tl * p.Dv);
-  take(&s.dk, tl * p.E);
-  take(&s.dv, tl * p.Dv);
-  take(&s.z1, tl * p.H1);
-  take(&s.h1, tl * p.H1);
-  take(&s.z2, tl * h2);
-  take(&s.h2, tl * h2);
-  take(&s.dh, tl * p.H1);
-  take(&s.w, tl);
-  take(&s.ds, tl);
-  take(&s.valid, tl);
-  take(&s.g_a1, 3 * p.H1);
-  take(&s.g_a2, 3 * h2);
-  take(&s.g_b2, h2);
-  take(&s.g_wo, au_hlast(p));
-  take(&s.g_c, p.H1);
-  take(&s.g_bo, 1);
-  if (out != nullptr) *out = s;
-  return off;
+  return au_carve(p, base, out, [&](AuSmemCarve& c, AuBwdSmem& s, int64_t h2) {
+    c.take(&s.q, p.E);
+    c.take(&s.dout, p.Dv);
+    c.take(&s.c, p.H1);
+    c.take(&s.dc, p.H1);
+    au_take_params(p, m_smem, c, s);
+    c.take(&s.k, tl * p.E);
+    c.take(&s.v, tl * p.Dv);
+    c.take(&s.dk, tl * p.E);
+    c.take(&s.dv, tl * p.Dv);
+    c.take(&s.z1, tl * p.H1);
+    c.take(&s.h1, tl * p.H1);
+    c.take(&s.z2, tl * h2);
+    c.take(&s.h2, tl * h2);
+    c.take(&s.dh, tl * p.H1);
+    c.take(&s.w, tl);
+    c.take(&s.ds, tl);
+    c.take(&s.valid, tl);
+    c.take(&s.g_a1, 3 * p.H1);
+    c.take(&s.g_a2, 3 * h2);
+    c.take(&s.g_b2, h2);
+    c.take(&s.g_wo, au_hlast(p));
+    c.take(&s.g_c, p.H1);
+    c.take(&s.g_bo, 1);
+  });
 }
 
 // ------------------------------------------------------------------ loads
@@ -308,6 +321,32 @@ inline int au_vec(const void* base, int64_t stride_b, int64_t stride_l, int64_t 
   constexpr int V = 16 / int(sizeof(T));
   const bool ok = D % V == 0 && stride_l % V == 0 && stride_b % V == 0 && aligned16(base);
   return ok ? V : 1;
+}
+
+// How a launcher runs an activation-unit kernel: the tile and M_q staging that au_plan picks for
+// its shared-memory layout, and the dynamic shared memory that layout takes.
+struct AuLaunch {
+  int tl = 0;
+  bool m_smem = false;
+  size_t bytes = 0;
+};
+
+template <typename F>
+inline bool au_launch_plan(F&& layout_floats, int64_t max_smem, AuLaunch* l) {
+  if (!au_plan(layout_floats, max_smem, &l->tl, &l->m_smem)) return false;
+  l->bytes = size_t(layout_floats(l->tl, l->m_smem)) * sizeof(float);
+  return true;
+}
+
+// The variant of a kernel that reads the keys in 16-byte vectors where their layout allows
+// (au_vec), else the element-wise one, in *kernel, with its dynamic shared-memory limit raised to
+// the launch's bytes.
+template <typename T, typename K>
+inline cudaError_t au_pick_kernel(const AuProblem& p, const AuLaunch& l, K vec_kernel,
+                                  K scalar_kernel, K* kernel) {
+  *kernel = au_vec<T>(p.key, p.k_sb, p.k_sl, p.E) > 1 ? vec_kernel : scalar_kernel;
+  return cudaFuncSetAttribute(*kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(l.bytes));
 }
 
 }  // namespace detail

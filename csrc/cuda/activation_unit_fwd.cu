@@ -135,11 +135,9 @@ cudaError_t launch_au_fwd(const AuProblem& p, float* out, float* lse, int64_t ma
                           int num_sms, cudaStream_t stream) {
   using namespace detail;
   if (p.B * p.N == 0) return cudaSuccess;
-  int tl = 0;
-  bool m_smem = false;
+  AuLaunch l;
   auto floats = [&](int t, bool ms) { return au_fwd_layout(p, t, ms, nullptr, nullptr); };
-  if (!au_plan(floats, max_smem, &tl, &m_smem)) return cudaErrorInvalidConfiguration;
-  const size_t bytes = size_t(floats(tl, m_smem)) * sizeof(float);
+  if (!au_launch_plan(floats, max_smem, &l)) return cudaErrorInvalidConfiguration;
   // Enough blocks to fill the GPU several times over; the kernel strides over the rest.
   int64_t blocks = p.B * p.N;
   const int64_t cap = int64_t(num_sms > 0 ? num_sms : 1) * 64;
@@ -147,19 +145,13 @@ cudaError_t launch_au_fwd(const AuProblem& p, float* out, float* lse, int64_t ma
   cudaError_t err = cudaSuccess;
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const int vec = au_vec<T>(p.key, p.k_sb, p.k_sl, p.E);
-    auto launch = [&](auto kernel) {
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(bytes));
-      if (err != cudaSuccess) return;
-      kernel<<<static_cast<unsigned>(blocks), kThreads, bytes, stream>>>(p, out, lse, tl, m_smem);
-      err = cudaGetLastError();
-    };
-    if (vec > 1) {
-      launch(au_fwd_kernel<T, 16 / int(sizeof(T))>);
-    } else {
-      launch(au_fwd_kernel<T, 1>);
-    }
+    decltype(&au_fwd_kernel<T, 1>) kernel = nullptr;
+    err = au_pick_kernel<T>(p, l, &au_fwd_kernel<T, 16 / int(sizeof(T))>, &au_fwd_kernel<T, 1>,
+                            &kernel);
+    if (err != cudaSuccess) return;
+    kernel<<<static_cast<unsigned>(blocks), kThreads, l.bytes, stream>>>(p, out, lse, l.tl,
+                                                                          l.m_smem);
+    err = cudaGetLastError();
   });
   return err;
 }

@@ -44,39 +44,20 @@ __global__ void __launch_bounds__(kThreads, 3)
   constexpr int TILE = KPS * KG;
 
   const PoolProblem& p = a.p;
-  const int lane = threadIdx.x & 31;
-  const int j = lane % LPK;
-  const int g = lane / LPK;
-  const int dk = static_cast<int>(p.Dk);
-  const int dv = static_cast<int>(p.Dv);
-  const int64_t rows = p.B * p.N * p.H;
+  const WarpLanes wl = warp_lanes<LPK>(p);
 
   for (int64_t w = first_warp(); w < a.total_warps; w += warp_stride()) {
     const WarpItem item = warp_item(p, w, a.slots, 1);  // no splits: `inner` is the tile slot
     const int64_t b = item.b, h = item.h, slot = item.inner;
-    const auto [rr, kbase, vbase] = row_span<T>(p, b, h);
-    const int64_t kpos0 = rr.start;  // jagged: key row of position 0
+    const RowSpan<T> row = row_span<T>(p, b, h);
+    const int64_t kpos0 = row.rr.start;  // jagged: key row of position 0
 
-    for (int64_t tile = slot * TILE; tile < rr.len; tile += a.slots * TILE) {
-      float kf[KG][EPL];
-      float vf[KG][EPL];
+    for (int64_t tile = slot * TILE; tile < row.rr.len; tile += a.slots * TILE) {
+      const KeyTile<T, DB, ALIGNED, KG, true> t(p, wl, b, row, tile, row.rr.len);
       float gk[KG][EPL];
       float gv[KG][EPL];
-      bool ok[KG];
 #pragma unroll
       for (int u = 0; u < KG; ++u) {
-        const int64_t pos = tile + u * KPS + g;
-        ok[u] = pos < rr.len && position_valid(p.rows, b, pos);
-        if (ok[u]) {
-          load_slice<T, DB, ALIGNED>(kbase + pos * p.k_sl, dk, j, kf[u]);
-          load_slice<T, DB, ALIGNED>(vbase + pos * p.v_sl, dv, j, vf[u]);
-        } else {
-#pragma unroll
-          for (int e = 0; e < EPL; ++e) {
-            kf[u][e] = 0.f;
-            vf[u][e] = 0.f;
-          }
-        }
 #pragma unroll
         for (int e = 0; e < EPL; ++e) {
           gk[u][e] = 0.f;
@@ -88,32 +69,20 @@ __global__ void __launch_bounds__(kThreads, 3)
       for (int64_t n = 0; n < p.N; ++n) {
         float q[EPL];
         float go[EPL];
-        load_slice<T, DB, ALIGNED>(query_row<T>(p, b, n, h), dk, j, q);
-        load_slice<T, DB, ALIGNED>(static_cast<const T*>(a.in.grad_out) + b * a.in.go_sb +
-                                       n * a.in.go_sn + h * a.in.go_sh,
-                                   dv, j, go);
-        const int64_t r = (b * p.N + n) * p.H + h;
+        load_slice<T, DB, ALIGNED>(query_row<T>(p, b, n, h), wl.dk, wl.j, q);
+        load_slice<T, DB, ALIGNED>(grad_out_row<T>(a.in, b, n, h), wl.dv, wl.j, go);
+        const int64_t r = query_index(p, b, n, h);
         const float anc_a = a.anchors[r];
-        const float anc_c = a.anchors[rows + r];
+        const float anc_c = a.anchors[wl.rows + r];
         const float delta = a.in.delta[r];
 #pragma unroll
         for (int u = 0; u < KG; ++u) {
-          float dot = 0.f;
-          float dp = 0.f;
+          const BwdProb pb = bwd_prob<LPK, EPL>(q, go, t.k[u], t.v[u], t.ok[u], anc_a, anc_c,
+                                                delta, p.scale);
 #pragma unroll
           for (int e = 0; e < EPL; ++e) {
-            dot = fmaf(q[e], kf[u][e], dot);
-            dp = fmaf(go[e], vf[u][e], dp);
-          }
-          const float s = logit_of<LPK>(dot, p.scale);
-          dp = group_sum<LPK>(dp);
-          // a == -inf: lse = -inf, no finite logit in the row, every p is 0.
-          const float pr = (ok[u] && anc_a != -INFINITY) ? exp_nat((s - anc_a) - anc_c) : 0.f;
-          const float ds = pr * (dp - delta);
-#pragma unroll
-          for (int e = 0; e < EPL; ++e) {
-            gv[u][e] = fmaf(pr, go[e], gv[u][e]);
-            gk[u][e] = fmaf(ds, q[e], gk[u][e]);
+            gv[u][e] = fmaf(pb.pr, go[e], gv[u][e]);
+            gk[u][e] = fmaf(pb.ds, q[e], gk[u][e]);
           }
         }
       }
@@ -121,30 +90,19 @@ __global__ void __launch_bounds__(kThreads, 3)
       // dk = scale * sum ds q (q unscaled in the loop, as the logits need it).
 #pragma unroll
       for (int u = 0; u < KG; ++u) {
-        if (!ok[u]) continue;
-        const int64_t pos = tile + u * KPS + g;
+        if (!t.ok[u]) continue;
+        const int64_t pos = tile + u * KPS + wl.g;
 #pragma unroll
         for (int e = 0; e < EPL; ++e) gk[u][e] *= p.scale;
         store_slice<T, DB, ALIGNED>(
-            static_cast<T*>(a.grad_key) + b * a.gk_sb + (kpos0 + pos) * a.gk_sl + h * a.gk_sh, dk,
-            j, gk[u]);
+            static_cast<T*>(a.grad_key) + b * a.gk_sb + (kpos0 + pos) * a.gk_sl + h * a.gk_sh,
+            wl.dk, wl.j, gk[u]);
         store_slice<T, DB, ALIGNED>(
             static_cast<T*>(a.grad_value) + b * a.gv_sb + (kpos0 + pos) * a.gv_sl + h * a.gv_sh,
-            dv, j, gv[u]);
+            wl.dv, wl.j, gv[u]);
       }
     }
   }
-}
-
-bool dkdv_aligned(const PoolProblem& p, const BwdInputs& in, const void* gk, const void* gv) {
-  const int64_t vec = 16 / elem_bytes(p.dtype);
-  const int64_t strides[] = {p.q_sb,  p.q_sn,  p.q_sh,  p.k_sb,  p.k_sl,  p.k_sh,
-                             p.v_sb,  p.v_sl,  p.v_sh,  in.go_sb, in.go_sn, in.go_sh};
-  for (int64_t s : strides) {
-    if (s % vec != 0) return false;
-  }
-  return p.Dk % vec == 0 && p.Dv % vec == 0 && aligned16(p.query) && aligned16(p.key) &&
-         aligned16(p.value) && aligned16(in.grad_out) && aligned16(gk) && aligned16(gv);
 }
 
 int dkdv_tile(const PoolProblem& p) {
@@ -174,17 +132,12 @@ cudaError_t launch_bwd_dkdv(const PoolProblem& p, const BwdInputs& in, const Bwd
   a.slots = plan.kv_tile_slots > 0 ? plan.kv_tile_slots : 1;
   a.total_warps = p.B * p.H * a.slots;
   const unsigned blocks = grid_blocks(a.total_warps);
-  const bool aligned = dkdv_aligned(p, in, grad_key, grad_value);
+  const bool aligned = bwd_aligned(p, in, grad_key, grad_value);
 
-  dispatch_dtype(p.dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    dispatch_bucket(head_bucket(p.Dk, p.Dv), [&](auto bucket) {
-      constexpr int DB = decltype(bucket)::value;
-      dispatch_bool(aligned, [&](auto al) {
-        constexpr bool AL = decltype(al)::value;
-        attention_pool_bwd_dkdv_kernel<T, DB, AL><<<blocks, kThreads, 0, stream>>>(a);
-      });
-    });
+  // No query groups: every warp loops over all N queries.
+  dispatch_row_kernel<1>(p, aligned, 1, [&](auto tag, auto db, auto al, auto) {
+    attention_pool_bwd_dkdv_kernel<typename decltype(tag)::type, decltype(db)::value,
+                                   decltype(al)::value><<<blocks, kThreads, 0, stream>>>(a);
   });
   return cudaGetLastError();
 }
@@ -194,10 +147,8 @@ cudaError_t launch_bwd_dkdv(const PoolProblem& p, const BwdInputs& in, const Bwd
 BwdPlan plan_bwd(const PoolProblem& p, int num_sms) {
   using namespace detail;
   BwdPlan plan;
+  plan_splits(p, dq_query_group(p.N), num_sms, &plan.dq_splits, &plan.dq_split_block);
   const int64_t lmax = longest_row_estimate(p);
-  const int64_t work = p.B * p.H * ceil_div(p.N, dq_query_group(p.N));
-  plan.dq_splits = choose_splits(work, lmax, num_sms);
-  plan.dq_split_block = split_block_for(lmax, plan.dq_splits);
   // Enough warps to fill the GPU twice over, no more: a slot past its row's end costs a launch
   // and a length read, so padded batches of short rows in a long L must not get L / TILE slots.
   const int64_t target = int64_t(num_sms > 0 ? num_sms : 1) * 128;

@@ -27,10 +27,7 @@ struct DqKernelArgs {
   float* part_dq;           // [S, B * N * H, Dk] fp32, used when num_splits > 1
   const float* part_stats;  // [S, 2, B * N * H], the stats pass's (read where needs_restat)
   float* anchors;           // [2, B * N * H], written here for the dk/dv pass
-  int64_t num_qgroups;
-  int64_t num_splits;
-  int64_t split_block;
-  int64_t total_warps;
+  SplitWork work;
 };
 
 // The anchors (a, c) of query row r: from its lse, or, where that needs_restat, from the stats
@@ -66,16 +63,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   constexpr int U = EPL <= 4 ? 2 : 1;
 
   const PoolProblem& p = a.p;
-  const int lane = threadIdx.x & 31;
-  const int j = lane % LPK;
-  const int g = lane / LPK;
-  const int dk = static_cast<int>(p.Dk);
-  const int dv = static_cast<int>(p.Dv);
-  const int64_t rows = p.B * p.N * p.H;
+  const WarpLanes wl = warp_lanes<LPK>(p);
 
-  for (int64_t w = first_warp(); w < a.total_warps; w += warp_stride()) {
-    const auto [b, h, split, qgrp] = warp_item(p, w, a.num_qgroups, a.num_splits);
-    const auto [rr, kbase, vbase] = row_span<T>(p, b, h);
+  for (int64_t w = first_warp(); w < a.work.total_warps; w += warp_stride()) {
+    const auto [b, h, split, qgrp] = warp_item(p, w, a.work.num_qgroups, a.work.num_splits);
+    const RowSpan<T> row = row_span<T>(p, b, h);
 
     float q[QG][EPL];   // unscaled: the logits are scale * q.k
     float go[QG][EPL];  // grad_out
@@ -83,29 +75,25 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     float anc_a[QG];  // the anchors (a, c), natural units: p = e^((s - a) - c)
     float anc_c[QG];
     float delta[QG];
+    load_queries<T, DB, ALIGNED, QG>(p, wl, b, h, qgrp, q);
 #pragma unroll
     for (int qi = 0; qi < QG; ++qi) {
       const int64_t n = qgrp * QG + qi;
       if (n < p.N) {
-        load_slice<T, DB, ALIGNED>(query_row<T>(p, b, n, h), dk, j, q[qi]);
-        load_slice<T, DB, ALIGNED>(static_cast<const T*>(a.in.grad_out) + b * a.in.go_sb +
-                                       n * a.in.go_sn + h * a.in.go_sh,
-                                   dv, j, go[qi]);
-        const int64_t r = (b * p.N + n) * p.H + h;
-        const float2 an = query_anchors(a.in.lse, a.part_stats, a.num_splits, rows, r);
+        load_slice<T, DB, ALIGNED>(grad_out_row<T>(a.in, b, n, h), wl.dv, wl.j, go[qi]);
+        const int64_t r = query_index(p, b, n, h);
+        const float2 an =
+            query_anchors(a.in.lse, a.part_stats, a.work.num_splits, wl.rows, r);
         anc_a[qi] = an.x;
         anc_c[qi] = an.y;
-        if (split == 0 && lane == 0) {
+        if (split == 0 && wl.lane == 0) {
           a.anchors[r] = anc_a[qi];
-          a.anchors[rows + r] = anc_c[qi];
+          a.anchors[wl.rows + r] = anc_c[qi];
         }
         delta[qi] = a.in.delta[r];
       } else {
 #pragma unroll
-        for (int e = 0; e < EPL; ++e) {
-          q[qi][e] = 0.f;
-          go[qi][e] = 0.f;
-        }
+        for (int e = 0; e < EPL; ++e) go[qi][e] = 0.f;
         anc_a[qi] = 0.f;
         anc_c[qi] = 0.f;
         delta[qi] = 0.f;
@@ -114,49 +102,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
       for (int e = 0; e < EPL; ++e) dq[qi][e] = 0.f;
     }
 
-    const int64_t block_stride = a.num_splits * a.split_block;
-    for (int64_t blk = split * a.split_block; blk < rr.len; blk += block_stride) {
-      const int64_t blk_end = blk + a.split_block < rr.len ? blk + a.split_block : rr.len;
-      for (int64_t base = blk; base < blk_end; base += KPS * U) {
-        float kf[U][EPL];
-        float vf[U][EPL];
-        bool ok[U];
+    for (SplitKeys<KPS * U> it(a.work, split, row.rr.len); it.next();) {
+      const KeyTile<T, DB, ALIGNED, U, true> t(p, wl, b, row, it.base, it.end);
+#pragma unroll
+      for (int qi = 0; qi < QG; ++qi) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          const int64_t pos = base + u * KPS + g;
-          ok[u] = pos < blk_end && position_valid(p.rows, b, pos);
-          if (ok[u]) {
-            load_slice<T, DB, ALIGNED>(kbase + pos * p.k_sl, dk, j, kf[u]);
-            load_slice<T, DB, ALIGNED>(vbase + pos * p.v_sl, dv, j, vf[u]);
-          } else {
+          const BwdProb pb = bwd_prob<LPK, EPL>(q[qi], go[qi], t.k[u], t.v[u], t.ok[u],
+                                                anc_a[qi], anc_c[qi], delta[qi], p.scale);
 #pragma unroll
-            for (int e = 0; e < EPL; ++e) {
-              kf[u][e] = 0.f;
-              vf[u][e] = 0.f;
-            }
-          }
-        }
-#pragma unroll
-        for (int qi = 0; qi < QG; ++qi) {
-#pragma unroll
-          for (int u = 0; u < U; ++u) {
-            float dot = 0.f;
-            float dp = 0.f;
-#pragma unroll
-            for (int e = 0; e < EPL; ++e) {
-              dot = fmaf(q[qi][e], kf[u][e], dot);
-              dp = fmaf(go[qi][e], vf[u][e], dp);
-            }
-            const float s = logit_of<LPK>(dot, p.scale);
-            dp = group_sum<LPK>(dp);
-            // Invalid positions contribute exactly 0 (and never evaluate exp2 of garbage).
-            // a == -inf: lse = -inf, no finite logit in the row (all -inf), every p is 0.
-            const float pr =
-                (ok[u] && anc_a[qi] != -INFINITY) ? exp_nat((s - anc_a[qi]) - anc_c[qi]) : 0.f;
-            const float ds = pr * (dp - delta[qi]);
-#pragma unroll
-            for (int e = 0; e < EPL; ++e) dq[qi][e] = fmaf(ds, kf[u][e], dq[qi][e]);
-          }
+          for (int e = 0; e < EPL; ++e) dq[qi][e] = fmaf(pb.ds, t.k[u][e], dq[qi][e]);
         }
       }
     }
@@ -165,25 +120,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 #pragma unroll
     for (int qi = 0; qi < QG; ++qi) {
 #pragma unroll
-      for (int e = 0; e < EPL; ++e) {
-        float x = dq[qi][e];
-#pragma unroll
-        for (int off = LPK; off < 32; off *= 2) x += __shfl_xor_sync(kFullMask, x, off);
-        dq[qi][e] = x * p.scale;
-      }
+      for (int e = 0; e < EPL; ++e) dq[qi][e] = cross_group_sum<LPK>(dq[qi][e]) * p.scale;
     }
-    if (g == 0) {
-#pragma unroll
-      for (int qi = 0; qi < QG; ++qi) {
-        const int64_t n = qgrp * QG + qi;
-        if (n >= p.N) break;
-        const int64_t r = (b * p.N + n) * p.H + h;
-        if (a.num_splits == 1) {
-          store_slice<T, DB, ALIGNED>(static_cast<T*>(a.grad_query) + r * dk, dk, j, dq[qi]);
+    if (wl.g == 0) {
+      for_each_query<QG>(p, b, h, qgrp, [&](int qi, int64_t r) {
+        if (a.work.num_splits == 1) {
+          store_slice<T, DB, ALIGNED>(static_cast<T*>(a.grad_query) + r * wl.dk, wl.dk, wl.j,
+                                      dq[qi]);
         } else {
-          store_slice_f32<T, DB>(a.part_dq + (split * rows + r) * dk, dk, j, dq[qi]);
+          store_slice_f32<T, DB>(a.part_dq + (split * wl.rows + r) * wl.dk, wl.dk, wl.j, dq[qi]);
         }
-      }
+      });
     }
   }
 }
@@ -201,17 +148,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-bool dq_aligned(const PoolProblem& p, const BwdInputs& in, const void* grad_query) {
-  const int64_t vec = 16 / elem_bytes(p.dtype);
-  const int64_t strides[] = {p.q_sb,  p.q_sn,  p.q_sh,  p.k_sb,  p.k_sl,  p.k_sh,
-                             p.v_sb,  p.v_sl,  p.v_sh,  in.go_sb, in.go_sn, in.go_sh};
-  for (int64_t s : strides) {
-    if (s % vec != 0) return false;
-  }
-  return p.Dk % vec == 0 && p.Dv % vec == 0 && aligned16(p.query) && aligned16(p.key) &&
-         aligned16(p.value) && aligned16(in.grad_out) && aligned16(grad_query);
-}
-
 }  // namespace
 
 cudaError_t launch_bwd_dq(const PoolProblem& p, const BwdInputs& in, const BwdPlan& plan,
@@ -222,38 +158,29 @@ cudaError_t launch_bwd_dq(const PoolProblem& p, const BwdInputs& in, const BwdPl
   a.p = p;
   a.in = in;
   a.grad_query = grad_query;
-  a.num_splits = plan.dq_splits > 1 ? plan.dq_splits : 1;
-  a.split_block = plan.dq_split_block > 0 ? plan.dq_split_block : 64;
-  a.part_dq = a.num_splits > 1 ? ws.part_dq : nullptr;
+  a.work = split_work(p, qg, plan.dq_splits, plan.dq_split_block);
+  a.part_dq = a.work.num_splits > 1 ? ws.part_dq : nullptr;
   a.part_stats = ws.part_stats;
   a.anchors = ws.anchors;
-  a.num_qgroups = ceil_div(p.N, qg);
-  a.total_warps = p.B * p.H * a.num_qgroups * a.num_splits;
-  const unsigned blocks = grid_blocks(a.total_warps);
-  const bool aligned = dq_aligned(p, in, grad_query);
+  const unsigned blocks = grid_blocks(a.work.total_warps);
+  const bool aligned = bwd_aligned(p, in, grad_query, nullptr);
 
-  dispatch_dtype(p.dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    dispatch_bucket(head_bucket(p.Dk, p.Dv), [&](auto bucket) {
-      constexpr int DB = decltype(bucket)::value;
-      dispatch_bool(aligned, [&](auto al) {
-        constexpr bool AL = decltype(al)::value;
-        if (qg == 1) {
-          attention_pool_bwd_dq_kernel<T, DB, AL, 1><<<blocks, kThreads, 0, stream>>>(a);
-        } else {
-          attention_pool_bwd_dq_kernel<T, DB, AL, 2><<<blocks, kThreads, 0, stream>>>(a);
-        }
-      });
-    });
-    if (a.num_splits > 1) {
+  dispatch_row_kernel<2>(p, aligned, qg, [&](auto tag, auto db, auto al, auto qgc) {
+    attention_pool_bwd_dq_kernel<typename decltype(tag)::type, decltype(db)::value,
+                                 decltype(al)::value, decltype(qgc)::value>
+        <<<blocks, kThreads, 0, stream>>>(a);
+  });
+  if (a.work.num_splits > 1) {
+    dispatch_dtype(p.dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
       const int64_t elems = rows * p.Dk;
       int64_t nblocks = ceil_div(elems, kThreads);
       if (nblocks > kMaxBlocks) nblocks = kMaxBlocks;
       attention_pool_bwd_dq_reduce_kernel<T>
           <<<static_cast<unsigned>(nblocks), kThreads, 0, stream>>>(
-              a.part_dq, a.num_splits, elems, static_cast<T*>(grad_query));
-    }
-  });
+              a.part_dq, a.work.num_splits, elems, static_cast<T*>(grad_query));
+    });
+  }
   return cudaGetLastError();
 }
 

@@ -24,10 +24,7 @@ struct StatsKernelArgs {
   PoolProblem p;
   const float* lse;   // [B, N, H] contiguous
   float* part_stats;  // [S, 2, B * N * H]
-  int64_t num_qgroups;
-  int64_t num_splits;
-  int64_t split_block;
-  int64_t total_warps;
+  SplitWork work;
 };
 
 template <typename T, int DB, bool ALIGNED, int QG>
@@ -41,14 +38,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   constexpr int U = EPL <= 4 ? 4 : 2;
 
   const PoolProblem& p = a.p;
-  const int lane = threadIdx.x & 31;
-  const int j = lane % LPK;
-  const int g = lane / LPK;
-  const int dk = static_cast<int>(p.Dk);
-  const int64_t rows = p.B * p.N * p.H;
+  const WarpLanes wl = warp_lanes<LPK>(p);
 
-  for (int64_t w = first_warp(); w < a.total_warps; w += warp_stride()) {
-    const auto [b, h, split, qgrp] = warp_item(p, w, a.num_qgroups, a.num_splits);
+  for (int64_t w = first_warp(); w < a.work.total_warps; w += warp_stride()) {
+    const auto [b, h, split, qgrp] = warp_item(p, w, a.work.num_qgroups, a.work.num_splits);
 
     // Every lane reads the same lse values, so `any` (and the skip) is uniform over the warp.
     bool need[QG];
@@ -56,59 +49,30 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 #pragma unroll
     for (int qi = 0; qi < QG; ++qi) {
       const int64_t n = qgrp * QG + qi;
-      need[qi] = n < p.N && needs_restat(a.lse[(b * p.N + n) * p.H + h]);
+      need[qi] = n < p.N && needs_restat(a.lse[query_index(p, b, n, h)]);
       any = any || need[qi];
     }
     if (!any) continue;
 
     const RowSpan<T> row = row_span<T>(p, b, h);  // K only
-    const RowRange& rr = row.rr;
-    const T* kbase = row.key;
-
     float q[QG][EPL];  // unscaled, as in the dq and dk/dv kernels
     float m[QG];
     float l[QG];
+    load_queries<T, DB, ALIGNED, QG>(p, wl, b, h, qgrp, q);
 #pragma unroll
     for (int qi = 0; qi < QG; ++qi) {
-      const int64_t n = qgrp * QG + qi;
-      if (n < p.N) {
-        load_slice<T, DB, ALIGNED>(query_row<T>(p, b, n, h), dk, j, q[qi]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < EPL; ++e) q[qi][e] = 0.f;
-      }
       m[qi] = -INFINITY;
       l[qi] = 0.f;
     }
 
-    // Loop bounds depend only on the row: uniform over the warp, as the shuffles need.
-    const int64_t block_stride = a.num_splits * a.split_block;
-    for (int64_t blk = split * a.split_block; blk < rr.len; blk += block_stride) {
-      const int64_t blk_end = blk + a.split_block < rr.len ? blk + a.split_block : rr.len;
-      for (int64_t base = blk; base < blk_end; base += KPS * U) {
-        float kf[U][EPL];
-        bool ok[U];
+    for (SplitKeys<KPS * U> it(a.work, split, row.rr.len); it.next();) {
+      const KeyTile<T, DB, ALIGNED, U, false> t(p, wl, b, row, it.base, it.end);
+#pragma unroll
+      for (int qi = 0; qi < QG; ++qi) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          const int64_t pos = base + u * KPS + g;
-          ok[u] = pos < blk_end && position_valid(p.rows, b, pos);
-          if (ok[u]) {  // only valid positions are read
-            load_slice<T, DB, ALIGNED>(kbase + pos * p.k_sl, dk, j, kf[u]);
-          } else {
-#pragma unroll
-            for (int e = 0; e < EPL; ++e) kf[u][e] = 0.f;
-          }
-        }
-#pragma unroll
-        for (int qi = 0; qi < QG; ++qi) {
-#pragma unroll
-          for (int u = 0; u < U; ++u) {
-            float dot = 0.f;
-#pragma unroll
-            for (int e = 0; e < EPL; ++e) dot = fmaf(q[qi][e], kf[u][e], dot);
-            const float s = logit_of<LPK>(dot, p.scale);
-            if (ok[u]) stats_merge(m[qi], l[qi], s, 1.f);
-          }
+          const float s = logit<LPK, EPL>(q[qi], t.k[u], p.scale);
+          if (t.ok[u]) stats_merge(m[qi], l[qi], s, 1.f);
         }
       }
     }
@@ -124,26 +88,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
         stats_merge(m[qi], l[qi], mo, lo);
       }
     }
-    if (lane == 0) {
+    if (wl.lane == 0) {
 #pragma unroll
       for (int qi = 0; qi < QG; ++qi) {
         if (!need[qi]) continue;
-        const int64_t r = (b * p.N + qgrp * QG + qi) * p.H + h;
-        a.part_stats[(2 * split) * rows + r] = m[qi];
-        a.part_stats[(2 * split + 1) * rows + r] = l[qi];
+        const int64_t r = query_index(p, b, qgrp * QG + qi, h);
+        a.part_stats[(2 * split) * wl.rows + r] = m[qi];
+        a.part_stats[(2 * split + 1) * wl.rows + r] = l[qi];
       }
     }
   }
-}
-
-// The kernel reads only q and k.
-bool stats_aligned(const PoolProblem& p) {
-  const int64_t vec = 16 / elem_bytes(p.dtype);
-  const int64_t strides[] = {p.q_sb, p.q_sn, p.q_sh, p.k_sb, p.k_sl, p.k_sh};
-  for (int64_t s : strides) {
-    if (s % vec != 0) return false;
-  }
-  return p.Dk % vec == 0 && aligned16(p.query) && aligned16(p.key);
 }
 
 }  // namespace
@@ -156,28 +110,16 @@ cudaError_t launch_bwd_stats(const PoolProblem& p, const BwdInputs& in, const Bw
   a.lse = in.lse;
   a.part_stats = part_stats;
   // The dq pass's splits: the dq kernel merges exactly these num_splits partials.
-  a.num_splits = plan.dq_splits > 1 ? plan.dq_splits : 1;
-  a.split_block = plan.dq_split_block > 0 ? plan.dq_split_block : 64;
-  a.num_qgroups = ceil_div(p.N, qg);
-  a.total_warps = p.B * p.H * a.num_qgroups * a.num_splits;
-  const unsigned blocks = grid_blocks(a.total_warps);
-  const bool aligned = stats_aligned(p);
+  a.work = split_work(p, qg, plan.dq_splits, plan.dq_split_block);
+  const unsigned blocks = grid_blocks(a.work.total_warps);
+  // The kernel reads only q and k.
+  const bool aligned = vectors_aligned(
+      p.dtype, {p.q_sb, p.q_sn, p.q_sh, p.k_sb, p.k_sl, p.k_sh, p.Dk}, {p.query, p.key});
 
-  // The bucket of both head dims, as in the dq and dk/dv kernels: it fixes the lane slices and
-  // so the order of the logits' sums.
-  dispatch_dtype(p.dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    dispatch_bucket(head_bucket(p.Dk, p.Dv), [&](auto bucket) {
-      constexpr int DB = decltype(bucket)::value;
-      dispatch_bool(aligned, [&](auto al) {
-        constexpr bool AL = decltype(al)::value;
-        if (qg == 1) {
-          attention_pool_bwd_stats_kernel<T, DB, AL, 1><<<blocks, kThreads, 0, stream>>>(a);
-        } else {
-          attention_pool_bwd_stats_kernel<T, DB, AL, 2><<<blocks, kThreads, 0, stream>>>(a);
-        }
-      });
-    });
+  dispatch_row_kernel<2>(p, aligned, qg, [&](auto tag, auto db, auto al, auto qgc) {
+    attention_pool_bwd_stats_kernel<typename decltype(tag)::type, decltype(db)::value,
+                                    decltype(al)::value, decltype(qgc)::value>
+        <<<blocks, kThreads, 0, stream>>>(a);
   });
   return cudaGetLastError();
 }

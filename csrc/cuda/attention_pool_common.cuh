@@ -1,6 +1,8 @@
 // Device helpers shared by the attnkern CUDA kernels (forward, stats, dq, dk/dv): the lane layout
-// of a head-dim bucket, 16-byte vector loads, row-range clamping, the dtype/bucket dispatch and
-// the logit and softmax-statistics arithmetic (natural units, see "logits" below).
+// of a head-dim bucket, 16-byte vector loads, row-range clamping, the dtype/bucket dispatch, the
+// work decode every kernel asks (a warp's lanes, its work item, its row's K/V span, its key
+// tiles and split blocks, written once here as FlashAttention's block info is) and the logit
+// and softmax-statistics arithmetic (natural units, see "logits" below).
 //
 // Lane layout. A warp works on one (row, head, ...) item. The head dims are covered by
 // "key groups" of LPK lanes: lane j of a group owns the 16-byte vectors j, j + LPK, ... of a
@@ -16,6 +18,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include "attention_pool_kernels.h"
@@ -78,6 +81,31 @@ inline bool aligned16(const void* ptr) {
   return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0;
 }
 
+// Whether a kernel may move its rows in 16-byte vectors (its ALIGNED argument): every stride and
+// head dim it reads a multiple of a vector, every base pointer 16-byte aligned (null pointers,
+// tensors a kernel does not touch, pass).
+inline bool vectors_aligned(DType t, std::initializer_list<int64_t> strides_and_dims,
+                            std::initializer_list<const void*> ptrs) {
+  const int64_t vec = 16 / elem_bytes(t);
+  for (int64_t s : strides_and_dims) {
+    if (s % vec != 0) return false;
+  }
+  for (const void* ptr : ptrs) {
+    if (!aligned16(ptr)) return false;
+  }
+  return true;
+}
+
+// The backward's grad-query and grad-key/value passes read q, k, v and grad_out and write one or
+// two gradients (g2 null for the dq pass).
+inline bool bwd_aligned(const PoolProblem& p, const BwdInputs& in, const void* g1,
+                        const void* g2) {
+  return vectors_aligned(p.dtype,
+                         {p.q_sb, p.q_sn, p.q_sh, p.k_sb, p.k_sl, p.k_sh, p.v_sb, p.v_sl, p.v_sh,
+                          in.go_sb, in.go_sn, in.go_sh, p.Dk, p.Dv},
+                         {p.query, p.key, p.value, in.grad_out, g1, g2});
+}
+
 // ------------------------------------------------------------------ dispatch
 template <typename T>
 struct TypeTag {
@@ -126,6 +154,25 @@ void dispatch_bool(bool b, F&& f) {
   }
 }
 
+// The template arguments of a row kernel: calls f(TypeTag<T>, DB, ALIGNED, QG) (the last three as
+// std::integral_constant) for the problem's dtype, the bucket of its head dims (it fixes the
+// lane slices, and so the order of the logits' sums, alike in every kernel), `aligned`, and a
+// query group of 1 (qg == 1) or QG_MAX.
+template <int QG_MAX, typename F>
+void dispatch_row_kernel(const PoolProblem& p, bool aligned, int qg, F&& f) {
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    dispatch_bucket(head_bucket(p.Dk, p.Dv), [&](auto bucket) {
+      dispatch_bool(aligned, [&](auto al) {
+        if (qg == 1) {
+          f(tag, bucket, al, std::integral_constant<int, 1>{});
+        } else {
+          f(tag, bucket, al, std::integral_constant<int, QG_MAX>{});
+        }
+      });
+    });
+  });
+}
+
 inline unsigned grid_blocks(int64_t warps) {
   int64_t blocks = (warps + kWarpsPerBlock - 1) / kWarpsPerBlock;
   if (blocks < 1) blocks = 1;
@@ -146,33 +193,25 @@ inline int64_t longest_row_estimate(const PoolProblem& p) {
 
 // ------------------------------------------------------------------ conversions
 template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) {
-  return __half2float(x);
-}
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
+__device__ __forceinline__ float to_float(T x) {
+  if constexpr (std::is_same<T, __half>::value) {
+    return __half2float(x);
+  } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __bfloat162float(x);
+  } else {
+    return x;
+  }
 }
 
 template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
+__device__ __forceinline__ T from_float(float x) {
+  if constexpr (std::is_same<T, __half>::value) {
+    return __float2half_rn(x);
+  } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __float2bfloat16_rn(x);
+  } else {
+    return x;
+  }
 }
 
 // 16 bytes at a 16-byte aligned address -> 16 / sizeof(T) floats.
@@ -390,6 +429,161 @@ __device__ __forceinline__ const T* query_row(const PoolProblem& p, int64_t b, i
   return static_cast<const T*>(p.query) + b * p.q_sb + n * p.q_sn + h * p.q_sh;
 }
 
+// Row r of the [B, N, H] query rows (out, lse, delta, anchors): query n of row b, head h.
+__device__ __forceinline__ int64_t query_index(const PoolProblem& p, int64_t b, int64_t n,
+                                               int64_t h) {
+  return (b * p.N + n) * p.H + h;
+}
+
+// Calls f(qi, r) for each query qi of query group qgrp of (row b, head h) that exists (its
+// n = qgrp * QG + qi < N), r its query_index.
+template <int QG, typename F>
+__device__ __forceinline__ void for_each_query(const PoolProblem& p, int64_t b, int64_t h,
+                                               int64_t qgrp, F&& f) {
+#pragma unroll
+  for (int qi = 0; qi < QG; ++qi) {
+    const int64_t n = qgrp * QG + qi;
+    if (n >= p.N) break;
+    f(qi, query_index(p, b, n, h));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ const T* grad_out_row(const BwdInputs& in, int64_t b, int64_t n,
+                                                 int64_t h) {
+  return static_cast<const T*>(in.grad_out) + b * in.go_sb + n * in.go_sn + h * in.go_sh;
+}
+
+// A warp's place in the lane layout, asked once by every row kernel: its lane, its key group g
+// and its lane j within that group (LPK lanes a group), the head dims, and the B * N * H query
+// rows.
+struct WarpLanes {
+  int lane, j, g;
+  int dk, dv;
+  int64_t rows;
+};
+
+template <int LPK>
+__device__ __forceinline__ WarpLanes warp_lanes(const PoolProblem& p) {
+  const int lane = threadIdx.x & 31;
+  return WarpLanes{lane, lane % LPK, lane / LPK, static_cast<int>(p.Dk), static_cast<int>(p.Dv),
+                   p.B * p.N * p.H};
+}
+
+// This lane's slices of the QG queries of query group qgrp of (row b, head h): queries past N
+// read as zeros.
+template <typename T, int DB, bool ALIGNED, int QG>
+__device__ __forceinline__ void load_queries(const PoolProblem& p, const WarpLanes& wl,
+                                             int64_t b, int64_t h, int64_t qgrp,
+                                             float (&q)[QG][Lanes<T, DB>::EPL]) {
+#pragma unroll
+  for (int qi = 0; qi < QG; ++qi) {
+    const int64_t n = qgrp * QG + qi;
+    if (n < p.N) {
+      load_slice<T, DB, ALIGNED>(query_row<T>(p, b, n, h), wl.dk, wl.j, q[qi]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < Lanes<T, DB>::EPL; ++e) q[qi][e] = 0.f;
+    }
+  }
+}
+
+// The U key positions pos = base + u * KPS + g of the lane's key group (u < U): ok[u] whether
+// pos < end and it takes part, and this lane's slices of their K (and, WITH_V, V) rows; zeros
+// at the others, which are never read.
+template <typename T, int DB, bool ALIGNED, int U, bool WITH_V>
+struct KeyTile {
+  static constexpr int EPL = Lanes<T, DB>::EPL;
+  float k[U][EPL];
+  float v[WITH_V ? U : 1][EPL];
+  bool ok[U];
+
+  __device__ __forceinline__ KeyTile(const PoolProblem& p, const WarpLanes& wl, int64_t b,
+                                     const RowSpan<T>& row, int64_t base, int64_t end) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t pos = base + u * Lanes<T, DB>::KPS + wl.g;
+      ok[u] = pos < end && position_valid(p.rows, b, pos);
+      if (ok[u]) {  // only valid positions are read
+        load_slice<T, DB, ALIGNED>(row.key + pos * p.k_sl, wl.dk, wl.j, k[u]);
+        if constexpr (WITH_V) {
+          load_slice<T, DB, ALIGNED>(row.value + pos * p.v_sl, wl.dv, wl.j, v[u]);
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) {
+          k[u][e] = 0.f;
+          if constexpr (WITH_V) v[u][e] = 0.f;
+        }
+      }
+    }
+  }
+};
+
+// Sum and max over the KPS key groups of a warp (lanes LPK apart; every lane gets the result, in
+// a fixed butterfly order, so results are deterministic). All 32 lanes must take part.
+template <int LPK>
+__device__ __forceinline__ float cross_group_sum(float x) {
+#pragma unroll
+  for (int off = LPK; off < 32; off *= 2) x += __shfl_xor_sync(kFullMask, x, off);
+  return x;
+}
+
+template <int LPK>
+__device__ __forceinline__ float cross_group_max(float x) {
+#pragma unroll
+  for (int off = LPK; off < 32; off *= 2) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, off));
+  return x;
+}
+
+// ------------------------------------------------------------------ split work
+// The work of a split row kernel (forward, stats, dq): one warp per (row, head, split, query
+// group), each (row, head)'s keys cut into blocks of split_block positions that the splits take
+// round-robin.
+struct SplitWork {
+  int64_t num_qgroups = 1;
+  int64_t num_splits = 1;
+  int64_t split_block = 64;
+  int64_t total_warps = 0;
+};
+
+inline SplitWork split_work(const PoolProblem& p, int qg, int splits, int64_t split_block) {
+  SplitWork w;
+  w.num_splits = splits > 1 ? splits : 1;
+  w.split_block = split_block > 0 ? split_block : 64;
+  w.num_qgroups = ceil_div(p.N, qg);
+  w.total_warps = p.B * p.H * w.num_qgroups * w.num_splits;
+  return w;
+}
+
+// The key passes of one split over a row of len positions: STEP positions at [base, base + STEP)
+// a pass, clipped to end (its block's end). `for (SplitKeys<STEP> it(w, split, len); it.next();)`
+// walks blocks split, split + num_splits, ... of the row. The bounds depend only on the row:
+// uniform over the warp, as the shuffles need.
+template <int STEP>
+struct SplitKeys {
+  int64_t len, block, stride, blk, end, base;
+
+  __device__ __forceinline__ SplitKeys(const SplitWork& w, int64_t split, int64_t row_len)
+      : len(row_len),
+        block(w.split_block),
+        stride(w.num_splits * w.split_block),
+        blk(split * w.split_block),
+        end(blk + block < len ? blk + block : len),
+        base(blk - STEP) {}
+
+  __device__ __forceinline__ bool next() {
+    base += STEP;
+    while (base >= end) {
+      blk += stride;
+      if (blk >= len) return false;
+      end = blk + block < len ? blk + block : len;
+      base = blk;
+    }
+    return true;
+  }
+};
+
 // ------------------------------------------------------------------ logits
 // Every kernel computes a logit as s = scale * <q, k> in natural units, like the reference and
 // the CPU backend: the fp32 dot of the unscaled q and k (fma over the lane's slice, then
@@ -407,6 +601,41 @@ __device__ __forceinline__ float logit_of(float dot, float scale) {
 
 // e^d as exp2(d * log2(e)), d a difference of natural-unit logits (or -inf: 0).
 __device__ __forceinline__ float exp_nat(float d) { return exp2f(d * kLog2e); }
+
+// The logit of a query and a key from this lane's slices of both (fma over the slice, in order).
+template <int LPK, int EPL>
+__device__ __forceinline__ float logit(const float (&q)[EPL], const float (&k)[EPL], float scale) {
+  float dot = 0.f;
+#pragma unroll
+  for (int e = 0; e < EPL; ++e) dot = fmaf(q[e], k[e], dot);
+  return logit_of<LPK>(dot, scale);
+}
+
+// The backward's view of one query and one key, from this lane's slices of q, grad_out and the
+// key's K and V rows and the query's anchors (a, c) and delta: the probability
+// pr = e^((s - a) - c) (0 at an invalid position, never exp2 of garbage, and where a == -inf:
+// lse = -inf, no finite logit in the row, every p is 0) and ds = pr * (dO . v - delta).
+struct BwdProb {
+  float pr, ds;
+};
+
+template <int LPK, int EPL>
+__device__ __forceinline__ BwdProb bwd_prob(const float (&q)[EPL], const float (&go)[EPL],
+                                            const float (&k)[EPL], const float (&v)[EPL],
+                                            bool ok, float anc_a, float anc_c, float delta,
+                                            float scale) {
+  float dot = 0.f;
+  float dp = 0.f;
+#pragma unroll
+  for (int e = 0; e < EPL; ++e) {
+    dot = fmaf(q[e], k[e], dot);
+    dp = fmaf(go[e], v[e], dp);
+  }
+  const float s = logit_of<LPK>(dot, scale);
+  dp = group_sum<LPK>(dp);
+  const float pr = (ok && anc_a != -INFINITY) ? exp_nat((s - anc_a) - anc_c) : 0.f;
+  return BwdProb{pr, pr * (dp - delta)};
+}
 
 // ------------------------------------------------------------------ softmax anchors
 // The backward recomputes p = exp_nat((s - a) - c) from per-query anchors (a, c), natural units
@@ -495,6 +724,14 @@ inline int choose_splits(int64_t work, int64_t lmax, int num_sms) {
 inline int64_t split_block_for(int64_t lmax, int splits) {
   int64_t blk = ceil_div(lmax > 0 ? lmax : 1, splits);
   return ceil_div(blk, 64) * 64;
+}
+
+// The split-L plan of a pass with query groups of qg over the problem's rows: the split count
+// and the keys per split block.
+inline void plan_splits(const PoolProblem& p, int qg, int num_sms, int* splits, int64_t* block) {
+  const int64_t lmax = longest_row_estimate(p);
+  *splits = choose_splits(p.B * p.H * ceil_div(p.N, qg), lmax, num_sms);
+  *block = split_block_for(lmax, *splits);
 }
 
 }  // namespace detail

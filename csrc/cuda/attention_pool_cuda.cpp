@@ -20,9 +20,11 @@ namespace kc = attnkern::cuda;
 using cuda_launch::cuda_dtype;
 using cuda_launch::unit_inner_stride;
 
+// After the op's shared checks: the device, the scale, then the CUDA-only dtype rule.
 void check_cuda_inputs(const at::Tensor& query, double scale) {
   cuda_launch::check_device(query);
   TORCH_CHECK_VALUE(std::isfinite(scale), "attnkern: scale must be a finite float, got ", scale);
+  cuda_dtype(query);
 }
 
 float* scratch_ptr(at::Tensor& holder, int64_t floats, const at::Tensor& like) {
@@ -163,7 +165,6 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cuda(
     double scale) {
   const PoolDims d = check_padded_fwd(query, key, value, lengths, mask);
   check_cuda_inputs(query, scale);
-  cuda_dtype(query);
   cuda_launch::DeviceGuard guard(query.device());
   return run_fwd(d, query, key, value, padded_rows(lengths, mask), scale, /*jagged=*/false);
 }
@@ -176,7 +177,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd_cuda(
   const PoolDims d = check_padded_fwd(query, key, value, lengths, mask);
   check_bwd_extras(d, query, grad_out, lse, delta);
   check_cuda_inputs(query, scale);
-  cuda_dtype(query);
   cuda_launch::DeviceGuard guard(query.device());
   return run_bwd(d, grad_out, query, key, value, padded_rows(lengths, mask), lse, delta, scale,
                  /*jagged=*/false);
@@ -187,7 +187,6 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_pool_fwd_cuda(
     const at::Tensor& offsets, int64_t max_length, double scale) {
   const PoolDims d = check_jagged_fwd(query, key, value, offsets, max_length);
   check_cuda_inputs(query, scale);
-  cuda_dtype(query);
   cuda_launch::DeviceGuard guard(query.device());
   return run_fwd(d, query, key, value, jagged_rows(offsets, max_length), scale, /*jagged=*/true);
 }
@@ -199,7 +198,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_pool_bwd_cuda(
   const PoolDims d = check_jagged_fwd(query, key, value, offsets, max_length);
   check_bwd_extras(d, query, grad_out, lse, delta);
   check_cuda_inputs(query, scale);
-  cuda_dtype(query);
   cuda_launch::DeviceGuard guard(query.device());
   return run_bwd(d, grad_out, query, key, value, jagged_rows(offsets, max_length), lse, delta,
                  scale, /*jagged=*/true);

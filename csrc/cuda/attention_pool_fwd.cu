@@ -28,10 +28,7 @@ struct FwdKernelArgs {
   float* lse;       // [B, N, H], used when num_splits == 1
   float* part_o;    // [S, B * N * H, Dv] fp32, used when num_splits > 1
   float* part_ml;   // [S, 2, B * N * H] fp32: each split's max, then its sum (natural units)
-  int64_t num_qgroups;
-  int64_t num_splits;
-  int64_t split_block;
-  int64_t total_warps;
+  SplitWork work;
 };
 
 template <typename T, int DB, bool ALIGNED, int QG>
@@ -47,88 +44,52 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   constexpr int U = EPL <= 4 ? 4 : (QG >= 4 ? 1 : 2);
 
   const PoolProblem& p = a.p;
-  const int lane = threadIdx.x & 31;
-  const int j = lane % LPK;  // lane within its key group
-  const int g = lane / LPK;  // key group within the warp
-  const int dk = static_cast<int>(p.Dk);
-  const int dv = static_cast<int>(p.Dv);
-  const int64_t rows = p.B * p.N * p.H;
+  const WarpLanes wl = warp_lanes<LPK>(p);
 
-  for (int64_t w = first_warp(); w < a.total_warps; w += warp_stride()) {
-    const auto [b, h, split, qgrp] = warp_item(p, w, a.num_qgroups, a.num_splits);
-    const auto [rr, kbase, vbase] = row_span<T>(p, b, h);
+  for (int64_t w = first_warp(); w < a.work.total_warps; w += warp_stride()) {
+    const auto [b, h, split, qgrp] = warp_item(p, w, a.work.num_qgroups, a.work.num_splits);
+    const RowSpan<T> row = row_span<T>(p, b, h);
 
     float q[QG][EPL];
     float m[QG];  // running max of the logits (natural units)
     float l[QG];  // running sum of e^(logit - m)
     float acc[QG][EPL];
+    load_queries<T, DB, ALIGNED, QG>(p, wl, b, h, qgrp, q);
 #pragma unroll
     for (int qi = 0; qi < QG; ++qi) {
-      const int64_t n = qgrp * QG + qi;
-      if (n < p.N) {
-        load_slice<T, DB, ALIGNED>(query_row<T>(p, b, n, h), dk, j, q[qi]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < EPL; ++e) q[qi][e] = 0.f;
-      }
 #pragma unroll
       for (int e = 0; e < EPL; ++e) acc[qi][e] = 0.f;
       m[qi] = -INFINITY;
       l[qi] = 0.f;
     }
 
-    // Loop bounds depend only on the row: uniform over the warp, as the shuffles need.
-    const int64_t block_stride = a.num_splits * a.split_block;
-    for (int64_t blk = split * a.split_block; blk < rr.len; blk += block_stride) {
-      const int64_t blk_end = blk + a.split_block < rr.len ? blk + a.split_block : rr.len;
-      for (int64_t base = blk; base < blk_end; base += KPS * U) {
-        float kf[U][EPL];
-        float vf[U][EPL];
-        bool ok[U];
+    for (SplitKeys<KPS * U> it(a.work, split, row.rr.len); it.next();) {
+      const KeyTile<T, DB, ALIGNED, U, true> t(p, wl, b, row, it.base, it.end);
+#pragma unroll
+      for (int qi = 0; qi < QG; ++qi) {
+        float s[U];
+        float mx = m[qi];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          const int64_t pos = base + u * KPS + g;
-          ok[u] = pos < blk_end && position_valid(p.rows, b, pos);
-          if (ok[u]) {  // only valid positions are read
-            load_slice<T, DB, ALIGNED>(kbase + pos * p.k_sl, dk, j, kf[u]);
-            load_slice<T, DB, ALIGNED>(vbase + pos * p.v_sl, dv, j, vf[u]);
-          } else {
-#pragma unroll
-            for (int e = 0; e < EPL; ++e) {
-              kf[u][e] = 0.f;
-              vf[u][e] = 0.f;
-            }
-          }
+          s[u] = logit<LPK, EPL>(q[qi], t.k[u], p.scale);
+          // fmaxf drops NaN: a NaN logit at a valid position makes the max NaN instead, so
+          // that it reaches l and acc (and so out and lse) rather than vanishing.
+          if (t.ok[u]) mx = isnan(s[u]) ? s[u] : fmaxf(mx, s[u]);
         }
+        // mx == -inf: this group has seen no valid key yet; skipping avoids inf - inf.
+        if (mx != -INFINITY) {
+          const float corr = exp_nat(m[qi] - mx);  // m == -inf gives 0
+          l[qi] *= corr;
 #pragma unroll
-        for (int qi = 0; qi < QG; ++qi) {
-          float s[U];
-          float mx = m[qi];
+          for (int e = 0; e < EPL; ++e) acc[qi][e] *= corr;
 #pragma unroll
           for (int u = 0; u < U; ++u) {
-            float dot = 0.f;
+            const float pu = t.ok[u] ? exp_nat(s[u] - mx) : 0.f;
+            l[qi] += pu;
 #pragma unroll
-            for (int e = 0; e < EPL; ++e) dot = fmaf(q[qi][e], kf[u][e], dot);
-            s[u] = logit_of<LPK>(dot, p.scale);
-            // fmaxf drops NaN: a NaN logit at a valid position makes the max NaN instead, so
-            // that it reaches l and acc (and so out and lse) rather than vanishing.
-            if (ok[u]) mx = isnan(s[u]) ? s[u] : fmaxf(mx, s[u]);
+            for (int e = 0; e < EPL; ++e) acc[qi][e] = fmaf(pu, t.v[u][e], acc[qi][e]);
           }
-          // mx == -inf: this group has seen no valid key yet; skipping avoids inf - inf.
-          if (mx != -INFINITY) {
-            const float corr = exp_nat(m[qi] - mx);  // m == -inf gives 0
-            l[qi] *= corr;
-#pragma unroll
-            for (int e = 0; e < EPL; ++e) acc[qi][e] *= corr;
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-              const float pu = ok[u] ? exp_nat(s[u] - mx) : 0.f;
-              l[qi] += pu;
-#pragma unroll
-              for (int e = 0; e < EPL; ++e) acc[qi][e] = fmaf(pu, vf[u][e], acc[qi][e]);
-            }
-            m[qi] = mx;
-          }
+          m[qi] = mx;
         }
       }
     }
@@ -139,46 +100,33 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     float lrow[QG];
 #pragma unroll
     for (int qi = 0; qi < QG; ++qi) {
-      float mx = m[qi];
-#pragma unroll
-      for (int off = LPK; off < 32; off *= 2) mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, off));
+      const float mx = cross_group_max<LPK>(m[qi]);
       const float f = (m[qi] == -INFINITY) ? 0.f : exp_nat(m[qi] - mx);
-      float lsum = l[qi] * f;
-#pragma unroll
-      for (int off = LPK; off < 32; off *= 2) lsum += __shfl_xor_sync(kFullMask, lsum, off);
+      const float lsum = cross_group_sum<LPK>(l[qi] * f);
       // No valid key with a finite logit: out = 0, lse = -inf. A NaN sum propagates.
       const bool empty = lsum == 0.f;
       const float inv = empty ? 0.f : 1.f / lsum;
 #pragma unroll
-      for (int e = 0; e < EPL; ++e) {
-        float x = acc[qi][e] * f;
-#pragma unroll
-        for (int off = LPK; off < 32; off *= 2) x += __shfl_xor_sync(kFullMask, x, off);
-        acc[qi][e] = x * inv;
-      }
+      for (int e = 0; e < EPL; ++e) acc[qi][e] = cross_group_sum<LPK>(acc[qi][e] * f) * inv;
       mrow[qi] = mx;
       lrow[qi] = lsum;
     }
-    if (g == 0) {
-#pragma unroll
-      for (int qi = 0; qi < QG; ++qi) {
-        const int64_t n = qgrp * QG + qi;
-        if (n >= p.N) break;
-        const int64_t r = (b * p.N + n) * p.H + h;
-        if (a.num_splits == 1) {
+    if (wl.g == 0) {
+      for_each_query<QG>(p, b, h, qgrp, [&](int qi, int64_t r) {
+        if (a.work.num_splits == 1) {
           // Unrounded: out is float32 for every input dtype (delta = sum(grad_out * out)).
-          store_slice_f32<T, DB>(static_cast<float*>(a.out) + r * dv, dv, j, acc[qi]);
+          store_slice_f32<T, DB>(static_cast<float*>(a.out) + r * wl.dv, wl.dv, wl.j, acc[qi]);
           // No valid key with a finite logit (lrow == 0): lse = -inf. NaN/inf propagate.
-          if (j == 0) a.lse[r] = lrow[qi] == 0.f ? -INFINITY : mrow[qi] + logf(lrow[qi]);
+          if (wl.j == 0) a.lse[r] = lrow[qi] == 0.f ? -INFINITY : mrow[qi] + logf(lrow[qi]);
         } else {
           // An empty split stores (-inf, 0) and zeros, and weighs 0 in the combine.
-          store_slice_f32<T, DB>(a.part_o + (split * rows + r) * dv, dv, j, acc[qi]);
-          if (j == 0) {
-            a.part_ml[(2 * split) * rows + r] = mrow[qi];
-            a.part_ml[(2 * split + 1) * rows + r] = lrow[qi];
+          store_slice_f32<T, DB>(a.part_o + (split * wl.rows + r) * wl.dv, wl.dv, wl.j, acc[qi]);
+          if (wl.j == 0) {
+            a.part_ml[(2 * split) * wl.rows + r] = mrow[qi];
+            a.part_ml[(2 * split + 1) * wl.rows + r] = lrow[qi];
           }
         }
-      }
+      });
     }
   }
 }
@@ -225,14 +173,10 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 bool fwd_aligned(const PoolProblem& p, const void* out) {
-  const int64_t vec = 16 / elem_bytes(p.dtype);
-  const int64_t strides[] = {p.q_sb, p.q_sn, p.q_sh, p.k_sb, p.k_sl,
-                             p.k_sh, p.v_sb, p.v_sl, p.v_sh};
-  for (int64_t s : strides) {
-    if (s % vec != 0) return false;
-  }
-  return p.Dk % vec == 0 && p.Dv % vec == 0 && aligned16(p.query) && aligned16(p.key) &&
-         aligned16(p.value) && aligned16(out);
+  return vectors_aligned(p.dtype,
+                         {p.q_sb, p.q_sn, p.q_sh, p.k_sb, p.k_sl, p.k_sh, p.v_sb, p.v_sl, p.v_sh,
+                          p.Dk, p.Dv},
+                         {p.query, p.key, p.value, out});
 }
 
 }  // namespace
@@ -241,10 +185,7 @@ bool fwd_aligned(const PoolProblem& p, const void* out) {
 FwdPlan plan_fwd(const PoolProblem& p, int num_sms) {
   using namespace detail;
   FwdPlan plan;
-  const int64_t lmax = longest_row_estimate(p);
-  const int64_t work = p.B * p.H * ceil_div(p.N, fwd_query_group(p.N));
-  plan.num_splits = choose_splits(work, lmax, num_sms);
-  plan.split_block = split_block_for(lmax, plan.num_splits);
+  plan_splits(p, fwd_query_group(p.N), num_sms, &plan.num_splits, &plan.split_block);
   return plan;
 }
 
@@ -264,32 +205,20 @@ cudaError_t launch_fwd(const PoolProblem& p, const FwdPlan& plan, void* out, flo
   a.p = p;
   a.out = out;
   a.lse = lse;
-  a.num_splits = plan.num_splits > 1 ? plan.num_splits : 1;
-  a.split_block = plan.split_block > 0 ? plan.split_block : 64;
-  a.part_o = a.num_splits > 1 ? scratch : nullptr;
-  a.part_ml = a.num_splits > 1 ? scratch + a.num_splits * rows * p.Dv : nullptr;
-  a.num_qgroups = ceil_div(p.N, qg);
-  a.total_warps = p.B * p.H * a.num_qgroups * a.num_splits;
-  const unsigned blocks = grid_blocks(a.total_warps);
-  const bool aligned = fwd_aligned(p, out);
+  a.work = split_work(p, qg, plan.num_splits, plan.split_block);
+  const int64_t splits = a.work.num_splits;
+  a.part_o = splits > 1 ? scratch : nullptr;
+  a.part_ml = splits > 1 ? scratch + splits * rows * p.Dv : nullptr;
+  const unsigned blocks = grid_blocks(a.work.total_warps);
 
-  dispatch_dtype(p.dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    dispatch_bucket(head_bucket(p.Dk, p.Dv), [&](auto bucket) {
-      constexpr int DB = decltype(bucket)::value;
-      dispatch_bool(aligned, [&](auto al) {
-        constexpr bool AL = decltype(al)::value;
-        if (qg == 1) {
-          attention_pool_fwd_kernel<T, DB, AL, 1><<<blocks, kThreads, 0, stream>>>(a);
-        } else {
-          attention_pool_fwd_kernel<T, DB, AL, 4><<<blocks, kThreads, 0, stream>>>(a);
-        }
-      });
-    });
+  dispatch_row_kernel<4>(p, fwd_aligned(p, out), qg, [&](auto tag, auto db, auto al, auto qgc) {
+    attention_pool_fwd_kernel<typename decltype(tag)::type, decltype(db)::value,
+                              decltype(al)::value, decltype(qgc)::value>
+        <<<blocks, kThreads, 0, stream>>>(a);
   });
-  if (a.num_splits > 1) {
+  if (splits > 1) {
     attention_pool_fwd_combine_kernel<<<grid_blocks(rows), kThreads, 0, stream>>>(
-        a.part_o, a.part_ml, a.num_splits, rows, static_cast<int>(p.Dv), static_cast<float*>(out),
+        a.part_o, a.part_ml, splits, rows, static_cast<int>(p.Dv), static_cast<float*>(out),
         lse);
   }
   return cudaGetLastError();
