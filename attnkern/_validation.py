@@ -52,6 +52,9 @@ class Problem:
     Dv: int
     L: int  # padded L, or jagged T
     scale: float
+    # padded [B, Nb, H or 1, L] or jagged [T, Nb, H or 1], Nb in {1, N} (the public bias with its
+    # query axis; a view), or None
+    bias: Optional[torch.Tensor] = None
 
 
 def _check_dim(what, d, most):
@@ -167,11 +170,33 @@ def _check_mask(mask, name: str, B: int, L: int, device) -> None:
         )
 
 
+def _check_bias(bias, query, jagged: bool, B: int, N: int, H: int, L: int):
+    """The score bias: padded [B, Hb, L] or [B, N, Hb, L], jagged [T, Hb] or [T, N, Hb]
+    (Hb 1 or H), float32 or the query's dtype. Returns it with its query axis (a view)."""
+    _check_tensor(bias, "bias")
+    if bias.dtype != torch.float32 and bias.dtype != query.dtype:
+        raise TypeError("bias must be torch.float32 or the dtype of query (%s), got %s"
+                        % (query.dtype, bias.dtype))
+    if bias.device != query.device:
+        raise ValueError("bias must be on the device of query (%s), got %s" % (query.device, bias.device))
+    rank = 2 if jagged else 3  # without the query axis
+    b4 = bias.unsqueeze(1) if bias.dim() == rank else bias
+    if not (b4.dim() == rank + 1 and b4.shape[0] == (L if jagged else B) and b4.shape[1] in (1, N)
+            and b4.shape[2] in (1, H) and (jagged or b4.shape[3] == L)):
+        if jagged:
+            spelled = "[T, Hb] = [%d, Hb] or [T, N, Hb] = [%d, %d, Hb]" % (L, L, N)
+        else:
+            spelled = "[B, Hb, L] = [%d, Hb, %d] or [B, N, Hb, L] = [%d, %d, Hb, %d]" % (B, L, B, N, L)
+        raise ValueError("bias must be %s with Hb 1 or H = %d, got %s" % (spelled, H, list(bias.shape)))
+    return b4
+
+
 def validate(query, key, value, lengths, mask, offsets, max_length, scale, return_lse,
-             values: bool = True, key_padding_mask=None) -> Problem:
+             values: bool = True, key_padding_mask=None, bias=None) -> Problem:
     """Checks a call and returns it normalised. values=False leaves the reads of lengths/offsets
     values to `check_values`, for callers whose kernel checks them itself. key_padding_mask
-    (True = padding) is checked like mask; the caller passes ~key_padding_mask on as mask."""
+    (True = padding) is checked like mask; the caller passes ~key_padding_mask on as mask.
+    bias (optional) is returned with its query axis in the Problem."""
     _check_qkv(query, key, value)
     if not isinstance(return_lse, bool):
         raise TypeError("return_lse must be a bool, got %s" % type(return_lse).__name__)
@@ -252,8 +277,9 @@ def validate(query, key, value, lengths, mask, offsets, max_length, scale, retur
         if not math.isfinite(scale):
             raise ValueError("scale must be finite, got %r" % scale)
 
+    b4 = None if bias is None else _check_bias(bias, query, jagged, B, N, H, L)
     prob = Problem(q4, squeeze_n, "jagged" if jagged else "padded", B, N, H, Hkv, Dk, Dv, L,
-                   scale)
+                   scale, b4)
     if values:
         check_values(prob, lengths, offsets, max_length)
     return prob

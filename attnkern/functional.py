@@ -88,6 +88,20 @@ def _fold_query_heads(query: torch.Tensor, Hkv: int) -> torch.Tensor:
     return query.unflatten(2, (Hkv, G)).transpose(2, 3).flatten(1, 2)
 
 
+def _fold_bias_heads(bias: torch.Tensor, H: int, Hkv: int) -> torch.Tensor:
+    """The bias of _fold_query_heads' folded queries (G = H // Hkv), for the ops' rule "query n
+    reads row n % Nb" (docs/contract.md section 5): padded [B, Nb, H, L] -> [B, Nb * G, Hkv, L],
+    jagged [T, Nb, H] -> [T, Nb * G, Hkv] (folded query n * G + g reads its own row with
+    Nb = N, its head's g with Nb = 1). A bias of every head (Hb = 1) shared by the queries needs
+    no fold; one per query has each row repeated G times (the rule cannot say "row n // G")."""
+    G = H // Hkv
+    if G > 1 and bias.shape[2] == H:
+        bias = bias.unflatten(2, (Hkv, G)).transpose(2, 3).flatten(1, 2)
+    elif G > 1 and bias.shape[1] > 1:
+        bias = bias.repeat_interleave(G, dim=1)
+    return bias.contiguous()
+
+
 def _unfold_query_heads(x: torch.Tensor, G: int) -> torch.Tensor:
     """The inverse of _fold_query_heads (group size G) for out [B, N * G, Hkv, Dv] or
     lse [B, N * G, Hkv]."""
@@ -107,6 +121,7 @@ def attention_pool(
     max_length: Optional[int] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    bias: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ):
     """Masked scaled-dot-product attention pooling (target attention).
@@ -136,6 +151,12 @@ def attention_pool(
             without a device sync; needed for the reference backend under torch.compile).
         scale: logit scale, default ``1/sqrt(Dk)``.
         return_lse: also return the log-sum-exp of the scaled logits, [B, H] or [B, N, H] float32.
+        bias: optional additive term of the logit, ``scale * <q, k_l> + bias``: padded
+            [B, Hb, L] (shared by the N queries of a row) or [B, N, Hb, L]; jagged [T, Hb] or
+            [T, N, Hb]; Hb is 1 (shared by the heads) or H; float32 or the query's dtype.
+            Differentiable: its gradient is summed over what it was broadcast to and is exactly
+            0 at positions outside every row (never read). A -inf bias drops a position; a row
+            whose every logit is -inf is empty.
         backend: "auto" | "reference" | "cpu" | "cuda" | "triton".
 
     Returns:
@@ -144,12 +165,12 @@ def attention_pool(
         masked) gives out = 0 and lse = -inf, and zero gradients.
 
     Supported: float16, bfloat16, float32 on every backend, float64 on "reference" and "cpu";
-    1 <= Dk, Dv <= 256; any strides. Differentiable w.r.t. query, key and value.
+    1 <= Dk, Dv <= 256; any strides. Differentiable w.r.t. query, key, value and bias.
     """
     key, value, offsets = unpack_history(key, value, offsets, lengths=lengths, mask=mask,
                                          key_padding_mask=key_padding_mask)
     prob = validate(query, key, value, lengths, mask, offsets, max_length, scale, return_lse,
-                    values=False, key_padding_mask=key_padding_mask)
+                    values=False, key_padding_mask=key_padding_mask, bias=bias)
     if key_padding_mask is not None:
         mask = ~key_padding_mask
     name = _resolve(backend, query)
@@ -171,17 +192,20 @@ def attention_pool(
     if name == "reference":  # shared K/V heads natively
         out, lse = attention_pool_ref(
             prob.query, key, value, lengths, mask=mask, offsets=offsets,
-            max_length=max_length, scale=prob.scale,
+            max_length=max_length, scale=prob.scale, bias=prob.bias,
         )
     else:
         query4, group = prob.query, prob.H // prob.Hkv
         if group > 1:
             query4 = _fold_query_heads(query4, prob.Hkv)
+        # Only an op call with a bias passes one: the ops' schemas without it stay the graph of
+        # a call without (exported models).
+        extra = () if prob.bias is None else (_fold_bias_heads(prob.bias, prob.H, prob.Hkv),)
         if prob.layout == "padded":
-            out, lse = fused_op(name, "padded")(query4, key, value, lengths, mask, prob.scale)
+            out, lse = fused_op(name, "padded")(query4, key, value, lengths, mask, prob.scale, *extra)
         else:
             ml = -1 if max_length is None else int(max_length)
-            out, lse = fused_op(name, "jagged")(query4, key, value, offsets, ml, prob.scale)
+            out, lse = fused_op(name, "jagged")(query4, key, value, offsets, ml, prob.scale, *extra)
         if group > 1:
             out, lse = _unfold_query_heads(out, group), _unfold_query_heads(lse, group)
     out = out.to(prob.query.dtype)  # the C++ ops return their unrounded float32 accumulators

@@ -7,7 +7,7 @@ logits included).
 
 Math (per row b, query n, head h, over the valid positions l of row b):
 
-    s[l]  = scale * <q[b, n, h], k[b, l, h]>
+    s[l]  = scale * <q[b, n, h], k[b, l, h]> + bias[b, n, h, l]      (bias optional)
     lse   = log sum_l exp(s[l])                 (-inf when row b is empty)
     out   = sum_l exp(s[l] - lse) * v[b, l, h]  (0 when row b is empty)
 
@@ -32,11 +32,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def masked_attention_pool_ref(
-    query: Tensor, key: Tensor, value: Tensor, valid: Tensor, scale: float
+    query: Tensor, key: Tensor, value: Tensor, valid: Tensor, scale: float,
+    bias: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """The core: query [B, N, H, Dk], key [B, L, Hkv, Dk], value [B, L, Hkv, Dv] with Hkv
     dividing H (query head h uses K/V head h // (H // Hkv)), valid [B, L] bool (True = the
-    position takes part). Returns out [B, N, H, Dv] in query's dtype and lse [B, N, H]
+    position takes part), bias None or [B, Nb, Hb, L] with Nb in {1, N} and Hb in {1, H}
+    (added to the logits). Returns out [B, N, H, Dv] in query's dtype and lse [B, N, H]
     float32."""
     cdt = _compute_dtype(query.dtype)
     B, N, H, _ = query.shape
@@ -51,6 +53,13 @@ def masked_attention_pool_ref(
     # scores [B, N, Hkv, G, L]
     s = torch.einsum("bnkgd,blkd->bnkgl", q, k) * scale
     keep = valid[:, None, None, None, :]
+    if bias is not None:
+        # [B, Nb, Hb, L] -> [B, Nb, Hkv, G, L] (Hb = H) or [B, Nb, 1, 1, L] (Hb = 1). Positions
+        # outside the row are zeroed first: never read, so their gradient is exactly 0 and a
+        # NaN there changes nothing.
+        b = torch.where(valid[:, None, None, :], bias.to(cdt), torch.zeros((), dtype=cdt, device=s.device))
+        b = b.unflatten(2, (Hkv, H // Hkv)) if b.shape[2] == H and H > 1 else b.unsqueeze(2)
+        s = s + b
     s = s.masked_fill(~keep, float("-inf"))
     # The max is a numerical shift only: the result does not depend on it, so no gradient
     # flows through it. An empty row has max -inf; shift by 0 there instead.
@@ -84,6 +93,30 @@ def padded_valid(key: Tensor, lengths: Optional[Tensor], mask: Optional[Tensor])
     if lengths is not None:
         return lengths_to_mask(lengths, L)
     return torch.ones(B, L, dtype=torch.bool, device=key.device)
+
+
+def canonical_bias(bias: Tensor, jagged: bool) -> Tensor:
+    """A bias as the public API takes it (padded [B, Hb, L] or [B, N, Hb, L], jagged [T, Hb] or
+    [T, N, Hb]) with its query axis: padded [B, Nb, Hb, L], jagged [T, Nb, Hb] (Nb = 1 when
+    shared by the N queries). A view."""
+    if bias.dim() == (2 if jagged else 3):
+        return bias.unsqueeze(1)
+    return bias
+
+
+def jagged_bias_to_padded(bias: Tensor, offsets: Tensor, max_length: int) -> Tensor:
+    """Jagged bias [T, Nb, Hb] -> padded [B, Nb, Hb, max_length] with the gather of
+    jagged_to_padded (0 past each row's end; gradients scatter back to the jagged rows)."""
+    offsets = offsets.to(torch.long)
+    starts = offsets[:-1]
+    lens = (offsets[1:] - starts).clamp_min(0)
+    pos = torch.arange(max_length, device=bias.device)
+    valid = pos[None, :] < lens[:, None]
+    B, T = starts.shape[0], bias.shape[0]
+    if T == 0:
+        return bias.new_zeros((B, bias.shape[1], bias.shape[2], max_length))
+    idx = torch.where(valid, starts[:, None] + pos[None, :], torch.zeros_like(pos)[None, :]).clamp(0, T - 1)
+    return bias[idx].permute(0, 2, 3, 1)  # [B, L, Nb, Hb] -> [B, Nb, Hb, L]
 
 
 def jagged_to_padded(
@@ -122,21 +155,28 @@ def attention_pool_ref(
     offsets: Optional[Tensor] = None,
     max_length: Optional[int] = None,
     scale: Optional[float] = None,
+    bias: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Reference attention pooling on canonical shapes.
 
     query [B, N, H, Dk]; padded key [B, L, H, Dk] / value [B, L, H, Dv] with optional
     lengths [B] or mask [B, L] (True = attend), or jagged key [T, H, Dk] / value [T, H, Dv]
-    with offsets [B+1]. Returns (out [B, N, H, Dv], lse [B, N, H] float32); an empty row gives
-    out = 0 and lse = -inf.
+    with offsets [B+1]. bias (optional, added to the logits): padded [B, Hb, L] (shared by the
+    N queries) or [B, N, Hb, L], jagged [T, Hb] or [T, N, Hb], Hb 1 or H. Returns
+    (out [B, N, H, Dv], lse [B, N, H] float32); a row with no valid position, or whose every
+    logit is -inf, gives out = 0 and lse = -inf.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
+    if bias is not None:
+        bias = canonical_bias(bias, offsets is not None)
     if offsets is not None:
         key, value, valid = jagged_to_padded(key, value, offsets, max_length)
+        if bias is not None:
+            bias = jagged_bias_to_padded(bias, offsets, valid.shape[1])
     else:
         valid = padded_valid(key, lengths, mask)
-    return masked_attention_pool_ref(query, key, value, valid, float(scale))
+    return masked_attention_pool_ref(query, key, value, valid, float(scale), bias)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ oracle of `attnkern bench`:
   max error against a float64 oracle may be LOW_PRECISION_FACTOR times the error of the
   reference run in the same precision, plus FLOOR[dtype] times the oracle's magnitude (>= 1);
 - the one checking body (`check_function`, `check_backend`): forward (out, lse) and the three
-  gradients against the oracle, no NaN/Inf, exact zeros for empty rows and at positions that
-  take part in no row;
+  gradients (four with a score bias) against the oracle, no NaN/Inf, exact zeros for empty rows
+  and at positions that take part in no row;
 - the same for activation-unit pooling (DIN): `random_activation_problem`,
   `activation_loop_oracle` and `check_activation_backend` (out and every gradient, weights,
   biases and activation parameters included).
@@ -35,7 +35,8 @@ LAYOUTS = ("lengths", "mask", "jagged", "full")
 # factor of the rule above.
 FLOOR = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 LOW_PRECISION_FACTOR = 2.0
-OUTPUTS = ("out", "lse", "grad_query", "grad_key", "grad_value")
+OUTPUTS = ("out", "lse", "grad_query", "grad_key", "grad_value", "grad_bias")
+BIAS_KINDS = ("shared", "per_query")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,15 +87,32 @@ def random_problem(B: int, N: int, H: int, L: int, Dk: int, Dv: int, layout: str
     return q, k, v, kw
 
 
+def random_bias(q: Tensor, k: Tensor, jagged: bool, kind: str, Hb: int, *,
+                generator: torch.Generator, dtype: Optional[torch.dtype] = None,
+                std: float = 2.0) -> Tensor:
+    """A random score bias for query q [B, N, H, Dk] and key k (padded [B, L, ...] or jagged
+    [T, ...]): kind "shared" is padded [B, Hb, L] / jagged [T, Hb], "per_query" [B, N, Hb, L] /
+    [T, N, Hb]. dtype: the query's unless given."""
+    if kind not in BIAS_KINDS:
+        raise ValueError("bias kind must be one of %s, got %r" % (", ".join(BIAS_KINDS), kind))
+    B, N = q.shape[0], q.shape[1]
+    mid = (N, Hb) if kind == "per_query" else (Hb,)
+    shape = (k.shape[0],) + mid if jagged else (B,) + mid + (k.shape[1],)
+    return (torch.randn(shape, generator=generator, dtype=torch.float64) * std).to(dtype or q.dtype)
+
+
 def make_problem(B=3, N=1, H=1, L=37, Dk=16, Dv=16, dtype=torch.float32, layout="lengths",
                  lengths=None, device="cpu", seed=0, query_3d=False, magnitude=1.0,
-                 extra_rows=2, lengths_dtype=torch.int32, Hkv=None):
+                 extra_rows=2, lengths_dtype=torch.int32, Hkv=None, bias=None, bias_heads=None,
+                 bias_dtype=None):
     """Random inputs for one call: ([q, k, v], layout kwargs) for attnkern.attention_pool.
 
     lengths: None (empty, one, full, half and nearly full rows: `edge_lengths`), "uniform"
     (randint(0, L + 1) per row) or the lengths themselves. Jagged inputs get `extra_rows` trailing
     rows that belong to no row; lengths are `lengths_dtype` (int32, the common case). Hkv:
-    K/V heads (default H; fewer are shared by groups of query heads)."""
+    K/V heads (default H; fewer are shared by groups of query heads). bias: None, or a kind of
+    `random_bias` ("shared", "per_query") with bias_heads heads (default H) and bias_dtype
+    (default the query's): the inputs are then [q, k, v, bias]."""
     g = torch.Generator().manual_seed(seed)
     if lengths is None:
         lengths_t = edge_lengths(B, L)
@@ -111,6 +129,11 @@ def make_problem(B=3, N=1, H=1, L=37, Dk=16, Dv=16, dtype=torch.float32, layout=
         kwargs["lengths"] = kwargs["lengths"].to(lengths_dtype)
     kwargs = {name: t.to(device) if isinstance(t, Tensor) else t for name, t in kwargs.items()}
     args = [t.to(device=device, dtype=dtype) for t in (q, k, v)]
+    if bias is not None:
+        q4 = q.unsqueeze(1) if query_3d else q
+        b = random_bias(q4, k, layout == "jagged", bias, H if bias_heads is None else bias_heads,
+                        generator=g, dtype=bias_dtype or dtype)
+        args.append(b.to(device))
     return args, kwargs
 
 
@@ -152,12 +175,23 @@ def unused_positions(key: Tensor, kwargs: dict) -> Tensor:
 # Oracles and runs
 
 
+def _bias_positions(bias: Tensor, jagged: bool, N: int) -> Tensor:
+    """A public bias as [positions of key's flattened leading dims, N, Hb] (a view where it can
+    be): padded [B, Hb, L] / [B, N, Hb, L] -> [B * L, N, Hb]; jagged [T, Hb] / [T, N, Hb] ->
+    [T, N, Hb]."""
+    b4 = bias.unsqueeze(1) if bias.dim() == (2 if jagged else 3) else bias
+    if not jagged:
+        b4 = b4.permute(0, 3, 1, 2).flatten(0, 1)  # [B * L, Nb, Hb]
+    return b4.expand(b4.shape[0], N, b4.shape[2])
+
+
 def loop_oracle(q: Tensor, k: Tensor, v: Tensor, kwargs: dict, scale: float,
-                grad_out: Optional[Tensor] = None):
+                grad_out: Optional[Tensor] = None, bias: Optional[Tensor] = None):
     """Row by row and head by head in float64 on the CPU, over the valid positions only, with
     the softmax and its backward written out: an oracle that shares no code with the reference.
     q [B, N, H, Dk] (or [B, H, Dk]), k/v with Hkv heads (query head h uses K/V head
-    h // (H // Hkv)); returns (out, lse[, grad_query, grad_key, grad_value])."""
+    h // (H // Hkv)), bias as attention_pool takes it (or None); returns
+    (out, lse[, grad_query, grad_key, grad_value[, grad_bias]])."""
     squeeze = q.dim() == 3
     q = (q.unsqueeze(1) if squeeze else q).detach().cpu().double()
     k, v = k.detach().cpu().double(), v.detach().cpu().double()
@@ -168,6 +202,9 @@ def loop_oracle(q: Tensor, k: Tensor, v: Tensor, kwargs: dict, scale: float,
     lse = torch.full((B, N, H), -math.inf, dtype=torch.float64)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(kf), torch.zeros_like(vf)
     go = None if grad_out is None else grad_out.detach().cpu().double().reshape(B, N, H, -1)
+    jagged = "offsets" in kwargs
+    bf = None if bias is None else _bias_positions(bias.detach().cpu().double(), jagged, N)
+    db = None if bias is None else torch.zeros(bf.shape[0], N, H, dtype=torch.float64)
     for b, pos in enumerate(row_positions(k, kwargs)):
         if pos.numel() == 0:
             continue
@@ -175,12 +212,17 @@ def loop_oracle(q: Tensor, k: Tensor, v: Tensor, kwargs: dict, scale: float,
             hk = h // (H // Hkv)
             kb, vb = kf[pos, hk], vf[pos, hk]  # [P, D]
             s = scale * (q[b, :, h] @ kb.T)  # [N, P]
+            if bf is not None:
+                s = s + bf[pos, :, h if bf.shape[2] == H else 0].T
+            # A row whose every logit is -inf is empty: no shift, every weight 0.
             m = s.max(dim=-1, keepdim=True).values
+            m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
             w = torch.exp(s - m)
             z = w.sum(dim=-1, keepdim=True)
-            p = w / z
+            nonempty = z != 0
+            p = w / torch.where(nonempty, z, torch.ones_like(z))
             out[b, :, h] = p @ vb
-            lse[b, :, h] = (m + torch.log(z)).squeeze(-1)
+            lse[b, :, h] = torch.where(nonempty, m + torch.log(z), -math.inf).squeeze(-1)
             if go is not None:
                 g = go[b, :, h]  # [N, Dv]
                 dp = g @ vb.T
@@ -188,11 +230,29 @@ def loop_oracle(q: Tensor, k: Tensor, v: Tensor, kwargs: dict, scale: float,
                 dq[b, :, h] = scale * (ds @ kb)
                 dk[pos, hk] += scale * (ds.T @ q[b, :, h])
                 dv[pos, hk] += p.T @ g
+                if db is not None:
+                    db[pos, :, h] += ds.T
     if squeeze:
         out, lse, dq = out.squeeze(1), lse.squeeze(1), dq.squeeze(1)
     if go is None:
         return out, lse
-    return out, lse, dq, dk.reshape(k.shape), dv.reshape(v.shape)
+    grads = (dq, dk.reshape(k.shape), dv.reshape(v.shape))
+    if db is not None:
+        grads += (_fold_bias_grad(db, bias, jagged),)
+    return (out, lse) + grads
+
+
+def _fold_bias_grad(db: Tensor, bias: Tensor, jagged: bool) -> Tensor:
+    """The loop oracle's gradient per (position, query, head) [P, N, H] summed into the shape of
+    the public bias (over the queries when shared, the heads when Hb = 1)."""
+    shared = bias.dim() == (2 if jagged else 3)
+    g = db.sum(1, keepdim=True) if shared else db  # [P, Nb, H]
+    if bias.shape[-1 if jagged else -2] == 1:
+        g = g.sum(2, keepdim=True)
+    if not jagged:
+        B, L = bias.shape[0], bias.shape[-1]
+        g = g.unflatten(0, (B, L)).permute(0, 2, 3, 1)  # [B, Nb, Hb, L]
+    return g.squeeze(1) if shared else g
 
 
 def forward_backward(fn: Callable, inputs: Sequence[Tensor], grad_out: Optional[Tensor],
@@ -215,11 +275,12 @@ def forward_backward(fn: Callable, inputs: Sequence[Tensor], grad_out: Optional[
 
 
 def pool_function(backend: str, kwargs: dict) -> Callable:
-    """f(q, k, v) -> (out, lse): attnkern.attention_pool on `backend` with the layout kwargs."""
+    """f(q, k, v[, bias]) -> (out, lse): attnkern.attention_pool on `backend` with the layout
+    kwargs."""
     import attnkern
 
-    def fn(q, k, v):
-        return attnkern.attention_pool(q, k, v, **kwargs, return_lse=True, backend=backend)
+    def fn(q, k, v, bias=None):
+        return attnkern.attention_pool(q, k, v, **kwargs, bias=bias, return_lse=True, backend=backend)
     return fn
 
 
@@ -321,10 +382,10 @@ def _lse_check(report: Report, lse, lse_lp, lse64, dtype) -> None:
 def check_function(fn: Callable, inputs: Sequence[Tensor], kwargs: dict, grad_out: Tensor, *,
                    reference: Optional[Callable] = None, scale: Optional[float] = None,
                    grads: bool = True, max_logit: float = 0.0, label: str = "") -> Report:
-    """The one checking body: fn(q, k, v) -> (out, lse) on `inputs` (layout `kwargs`) against a
-    float64 oracle, forward (out, lse) and the three gradients of out . grad_out, within the
-    tolerance rule; no NaN/Inf; exact zeros for empty rows (out, grad_query) and at positions
-    that take part in no row (grad_key, grad_value).
+    """The one checking body: fn(q, k, v[, bias]) -> (out, lse) on `inputs` (layout `kwargs`)
+    against a float64 oracle, forward (out, lse) and the three (with bias four) gradients of
+    out . grad_out, within the tolerance rule; no NaN/Inf; exact zeros for empty rows (out,
+    grad_query) and at positions that take part in no row (grad_key, grad_value, grad_bias).
 
     reference: f(q, k, v) -> (out, lse) run in float64 as the oracle and in the inputs' dtype for
     the rule's low-precision error. None checks fn as the reference itself: against
@@ -335,7 +396,8 @@ def check_function(fn: Callable, inputs: Sequence[Tensor], kwargs: dict, grad_ou
     dtype = inputs[0].dtype
     got = forward_backward(fn, inputs, grad_out)
     if reference is None:
-        oracle = loop_oracle(*inputs, kwargs, scale, grad_out)
+        oracle = loop_oracle(*inputs[:3], kwargs, scale, grad_out,
+                             bias=inputs[3] if len(inputs) > 3 else None)
         lowp = oracle
     else:
         oracle = forward_backward(reference, [t.detach().double() for t in inputs],
@@ -354,14 +416,15 @@ def check_function(fn: Callable, inputs: Sequence[Tensor], kwargs: dict, grad_ou
     if report.failures:
         return report
     extra = 8 * max_logit * torch.finfo(torch.float32).eps
-    names = OUTPUTS if grads else OUTPUTS[:2]
+    names = OUTPUTS[:2 + len(inputs)] if grads else OUTPUTS[:2]
     for i, name in enumerate(names):
         if name == "lse":
             _lse_check(report, lse, lowp[1], oracle[1], dtype)
             continue
         if i >= 2:
-            report.expect(got[i].shape == oracle[i].shape and got[i].dtype == dtype,
-                          "%s must be %s %s" % (name, dtype, list(oracle[i].shape)))
+            want = inputs[i - 2].dtype
+            report.expect(got[i].shape == oracle[i].shape and got[i].dtype == want,
+                          "%s must be %s %s" % (name, want, list(oracle[i].shape)))
         c = compare(name, got[i], lowp[i], oracle[i], dtype, extra_floor=extra)
         report.comparisons[name] = c
         report.expect(c.ok, c.message(context))
@@ -370,9 +433,14 @@ def check_function(fn: Callable, inputs: Sequence[Tensor], kwargs: dict, grad_ou
         report.expect(bool((out.cpu().double()[empty] == 0).all()), "empty rows must give out = 0")
     if grads:
         unused = unused_positions(inputs[1], kwargs)
-        for name, g in zip(OUTPUTS[3:], got[3:]):
+        for name, g in zip(OUTPUTS[3:5], got[3:5]):
             report.expect(bool((g.cpu()[unused] == 0).all()),
                           "%s must be exactly 0 where unused" % name)
+        if len(inputs) > 3:
+            gb = got[5].cpu()
+            if "offsets" not in kwargs:
+                gb = gb.movedim(-1, 1)  # [B, L, ...] as unused
+            report.expect(bool((gb[unused] == 0).all()), "grad_bias must be exactly 0 where unused")
         if empty.any():
             report.expect(bool((got[2].cpu().double()[empty] == 0).all()),
                           "grad_query must be 0 on empty rows")

@@ -13,6 +13,14 @@
 // = sum_d(grad_out * out) - grad_lse and returns
 // grad_query / grad_key / grad_value with the shapes and dtypes of query / key / value, exactly
 // zero at every position that takes part in no row.
+//
+// Optional score bias (added to scale * <q, k_l> before the softmax), in the accumulator's
+// units: padded [B, Nb, Hb, L], jagged [T, Nb, Hb], float32 or the query's dtype, any strides;
+// Nb divides N (query n reads bias row n % Nb: 1 = shared by every query, N = one per query,
+// and after the public function's fold of shared K/V heads, G = one per query head of a
+// group), Hb is 1 (shared by every head) or H. The backward returns grad_bias shaped and typed
+// like bias (an empty tensor without bias), summed over the queries and heads that share an
+// entry, exactly 0 at positions that take part in no row.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -43,6 +51,9 @@ PoolDims check_padded_fwd(const at::Tensor& query, const at::Tensor& key, const 
                           const std::optional<at::Tensor>& mask);
 PoolDims check_jagged_fwd(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                           const at::Tensor& offsets, int64_t max_length);
+
+// The optional bias of a call with dims d (padded: d.L is L; jagged: d.L is T).
+void check_bias(const PoolDims& d, const at::Tensor& query, const std::optional<at::Tensor>& bias, bool jagged);
 
 // Extra checks of the backward-only inputs (grad_out, lse, delta).
 void check_bwd_extras(const PoolDims& d, const at::Tensor& query, const at::Tensor& grad_out,

@@ -77,6 +77,25 @@ PoolDims check_jagged_fwd(const at::Tensor& query, const at::Tensor& key, const 
   return d;
 }
 
+void check_bias(const PoolDims& d, const at::Tensor& query, const std::optional<at::Tensor>& bias, bool jagged) {
+  if (!bias.has_value()) return;
+  const at::Tensor& b = *bias;
+  check_dense(b, "bias");
+  TORCH_CHECK_TYPE(b.scalar_type() == at::kFloat || b.scalar_type() == query.scalar_type(),
+                   "attnkern: bias must be torch.float32 or the dtype of query (", dtype_name(query.scalar_type()),
+                   "), got ", dtype_name(b.scalar_type()));
+  const int64_t rank = jagged ? 3 : 4;
+  // padded [B, Nb, Hb, L], jagged [T, Nb, Hb]: Nb and Hb are dims 1 and 2 of both.
+  const int64_t nb = b.dim() == rank ? b.size(1) : 0;
+  const int64_t hb = b.dim() == rank ? b.size(2) : 0;
+  const bool rows_ok = b.dim() == rank && b.size(0) == (jagged ? d.L : d.B) && (jagged || b.size(3) == d.L);
+  TORCH_CHECK_VALUE(rows_ok && nb >= 1 && d.N % nb == 0 && (hb == 1 || hb == d.H), "attnkern: bias must be ",
+                    jagged ? "[T, Nb, Hb] = [" : "[B, Nb, Hb, L] = [", jagged ? d.L : d.B,
+                    jagged ? ", Nb, Hb]" : ", Nb, Hb, ", jagged ? "" : std::to_string(d.L), jagged ? "" : "]",
+                    " with Nb dividing N = ", d.N, " and Hb 1 or H = ", d.H, ", got ", b.sizes());
+  check_on_query_device(b, "bias", query);
+}
+
 void check_bwd_extras(const PoolDims& d, const at::Tensor& query, const at::Tensor& grad_out,
                       const at::Tensor& lse, const at::Tensor& delta) {
   check_dense(grad_out, "grad_out");

@@ -34,6 +34,8 @@ ARG_NAMES = ("query", "key", "value", "lengths", "mask", "key_padding_mask", "of
              "max_length", "scale", "backend", "return_lse", "grad_out", "lse", "delta")
 
 OUTCOMES = ("ok", "clean_error", "mismatch", "bad_error")
+# The backends with a score-bias path: the fuzzer draws a bias for their public calls.
+BIAS_BACKENDS = ("reference", "cpu")
 
 
 class RandomDraw:
@@ -170,11 +172,23 @@ def draw_case(draw, target: str) -> Case:
     scale = draw.choice((None, None, 0.5, 0.01, 3.0, -1.0)) if not raw else draw.choice((0.5, 0.125, -2.0))
     if scale is not None:
         kw["scale"] = scale
+    bias_size = 0.0
+    if not raw and backend in BIAS_BACKENDS and draw.bool(0.3):
+        # A score bias: shared by the queries or one per query, of every head or one, float32
+        # or the query's dtype; some entries -inf (dropped positions, maybe whole rows).
+        Hb = draw.choice((1, H))
+        mid = (N, Hb) if draw.bool() else (Hb,)
+        shape = (k.shape[0],) + mid if layout == "jagged" else (B,) + mid + (L,)
+        bias_size = draw.choice((0.1, 1.0, 10.0))
+        bias = torch.randn(shape, generator=g, dtype=torch.float64) * bias_size
+        if draw.bool(0.3):
+            bias = torch.where(torch.rand(shape, generator=g) < 0.3, -math.inf, bias)
+        kw["bias"] = _strided(bias.to(draw.choice((torch.float32, dtype))), draw)
     if not raw and N == 1 and draw.bool(0.3):
         q = q[:, 0]  # the [B, H, Dk] query form
     case = Case(target, q, k, v, kw)
     sc = abs(scale) if scale is not None else 1 / math.sqrt(Dk)
-    case.max_logit = sc * Dk * magnitude ** 2 * 4
+    case.max_logit = sc * Dk * magnitude ** 2 * 4 + 4 * bias_size
     if draw.bool(0.1) and q.numel():
         case.nonfinite = True
         t = draw.choice(("q", "k", "v"))
@@ -302,9 +316,16 @@ def _magnitude(t: torch.Tensor) -> float:
 
 
 def _api_call(backend, q, k, v, kw, go, grads: bool):
+    """attention_pool with q, k, v (and a well-formed bias in kw) as leaves: out, lse and their
+    gradients."""
+    kw = dict(kw)
+    bias = kw.pop("bias", None)
     leaves = [t.detach().clone().requires_grad_(grads) if isinstance(t, torch.Tensor) and t.layout == torch.strided
-              and not t.is_nested and t.device.type != "meta" else t for t in (q, k, v)]
-    out, lse = attnkern.attention_pool(*leaves, **kw, return_lse=True, backend=backend)
+              and not t.is_nested and t.device.type != "meta" else t for t in (q, k, v, bias)]
+    if leaves[3] is None:
+        leaves = leaves[:3]
+    out, lse = attnkern.attention_pool(*leaves[:3], **kw, bias=bias if len(leaves) < 4 else leaves[3],
+                                       return_lse=True, backend=backend)
     if not grads:
         return out, lse, None
     gs = torch.autograd.grad(out, leaves, go.to(out.dtype).reshape(out.shape), allow_unused=True)
@@ -375,7 +396,8 @@ def compare(case: Case, got, go, grads: bool) -> None:
     if kw.get("max_length") == -1:  # the raw ops' "unknown"
         kw["max_length"] = None
     dtype = q.dtype
-    r64 = _reference(q.double(), k.double(), v.double(), kw, go, grads)
+    kw64 = dict(kw, bias=kw["bias"].double()) if "bias" in kw else kw
+    r64 = _reference(q.double(), k.double(), v.double(), kw64, go, grads)
     rlp = r64 if dtype == torch.float64 else _reference(q, k, v, kw, go, grads)
     out, lse = got[0], got[1]
     if case.target.startswith("raw:"):
@@ -393,7 +415,8 @@ def compare(case: Case, got, go, grads: bool) -> None:
         return
     pairs = [("out", out, rlp[0].reshape(out.shape), ref_out)]
     if grads:
-        pairs += [(n, a, b, c) for n, a, b, c in zip(("grad_query", "grad_key", "grad_value"), got[2], rlp[2], r64[2])]
+        pairs += [(n, a, b, c) for n, a, b, c in zip(("grad_query", "grad_key", "grad_value", "grad_bias"), got[2],
+                                                     rlp[2], r64[2])]
     for name, a, lp, ref in pairs:
         assert torch.isfinite(a).all(), "%s has NaN/Inf" % name
         allowed = LOW_PRECISION_FACTOR * _err(lp, ref) + tol * _magnitude(ref)

@@ -75,6 +75,15 @@ POOL = {
     "offsets_decreasing": ("jagged", _with(offsets=torch.tensor([0, 5, 3])), "offsets", "offsets", True),
     "offsets_past_t": ("jagged", _with(offsets=torch.tensor([0, 3, 9])), "offsets", "offsets", True),
     "row_past_max_length": ("jagged", _with(max_length=2), "max_length", "max_length", True),
+    # The score bias: the same tensor is a valid public shape and a valid op shape but for the
+    # defect ([B, Nb, Hb, L] / [T, Nb, Hb] with Nb = 1 is also the public per-query form).
+    "bias_dtype": ("padded", _with(bias=torch.zeros(2, 1, 2, 5, dtype=torch.float64)), "bias", "bias"),
+    "bias_queries": ("padded", _with(bias=torch.zeros(2, 2, 2, 5)), "bias", "bias"),
+    "bias_heads": ("padded", _with(bias=torch.zeros(2, 1, 3, 5)), "bias", "bias"),
+    "bias_length": ("padded", _with(bias=torch.zeros(2, 1, 2, 4)), "bias", "bias"),
+    "bias_sparse": ("padded", _with(bias=torch.zeros(2, 1, 2, 5).to_sparse()), "bias", "bias"),
+    "bias_jagged_rows": ("jagged", _with(bias=torch.zeros(6, 1, 2)), "bias", "bias"),
+    "bias_jagged_rank": ("jagged", _with(bias=torch.zeros(7, 1, 2, 1)), "bias", "bias"),
 }
 
 
@@ -111,7 +120,7 @@ def _case(table, name):
 
 
 def _pool_public(a):
-    kw = dict(scale=a["scale"])
+    kw = dict(scale=a["scale"], bias=a.get("bias"))
     if "offsets" in a:
         kw.update(offsets=a["offsets"], max_length=None if a["max_length"] == -1 else a["max_length"])
     else:
@@ -120,10 +129,11 @@ def _pool_public(a):
 
 
 def _pool_raw(a):
+    bias = [a["bias"]] if "bias" in a else []
     if "offsets" in a:
         return "jagged_attention_pool_fwd", [a[n] for n in ("query", "key", "value", "offsets", "max_length",
-                                                               "scale")]
-    return "attention_pool_fwd", [a[n] for n in ("query", "key", "value", "lengths", "mask", "scale")]
+                                                               "scale")] + bias
+    return "attention_pool_fwd", [a[n] for n in ("query", "key", "value", "lengths", "mask", "scale")] + bias
 
 
 def _au_public(a):
@@ -216,6 +226,7 @@ def _bwd_calls():
         "pool_grad_out": (ops.attention_pool_bwd, [go[..., :2]] + pool + [lse, lse, 0.5], "grad_out"),
         "pool_lse_dtype": (ops.attention_pool_bwd, [go] + pool + [lse.double(), lse, 0.5], "lse"),
         "pool_delta_shape": (ops.attention_pool_bwd, [go] + pool + [lse, lse[:1], 0.5], "delta"),
+        "pool_bias_shape": (ops.attention_pool_bwd, [go] + pool + [lse, lse, 0.5, torch.zeros(2, 1, 2, 6)], "bias"),
         "au_grad_out": (ops.activation_unit_pool_bwd, [uo[:, :1]] + list(u.values()) + [ul, ul], "grad_out"),
         "au_lse_dtype": (ops.activation_unit_pool_bwd, [uo] + list(u.values()) + [ul.double(), ul], "lse"),
         "au_delta_shape": (ops.activation_unit_pool_bwd, [uo] + list(u.values()) + [ul, ul[:, :1]], "delta"),

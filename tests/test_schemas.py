@@ -44,5 +44,5 @@ def test_triton_schema_matches_the_cpp_schema(name):
 
 def test_argument_names_come_from_the_schemas():
     assert argument_names("attention_pool_fwd") == ("query", "key", "value", "lengths", "mask",
-                                                    "scale")
+                                                    "scale", "bias")
     assert argument_names("jagged_attention_pool_bwd")[4:6] == ("offsets", "max_length")

@@ -26,12 +26,14 @@ def fake_fwd_acc(query, value):
     return out, lse
 
 
-def fake_bwd(query, key, value):
-    """Output metadata of every backward op: contiguous grads shaped like query/key/value."""
+def fake_bwd(query, key, value, bias=None):
+    """Output metadata of every backward op: contiguous grads shaped like query/key/value/bias
+    (grad_bias: an empty tensor of the query's dtype without bias)."""
     return (
         query.new_empty(query.shape),
         key.new_empty(key.shape),
         value.new_empty(value.shape),
+        query.new_empty((0,)) if bias is None else bias.new_empty(bias.shape),
     )
 
 
@@ -67,8 +69,8 @@ class _NoDoubleBackward(torch.autograd.Function):
     them (double backward) raises a clear error instead of silently giving zeros."""
 
     @staticmethod
-    def forward(dq, dk, dv, *inputs):
-        return dq.clone(), dk.clone(), dv.clone()
+    def forward(ngrads, *tensors):
+        return tuple(t.clone() for t in tensors[:ngrads])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -92,7 +94,7 @@ def register_pool_autograd(fwd_name: str, bwd_op, layout: str) -> None:
         ctx.scale = args["scale"]
         ctx.max_length = args.get("max_length")
         _save(ctx, query=args["query"], key=args["key"], value=args["value"],
-              **{n: args[n] for n in index_names}, out=out, lse=lse)
+              **{n: args[n] for n in index_names}, out=out, lse=lse, bias=args.get("bias"))
 
     def backward(ctx, grad_out, grad_lse):
         s = _saved(ctx)
@@ -103,11 +105,15 @@ def register_pool_autograd(fwd_name: str, bwd_op, layout: str) -> None:
         delta = _delta(grad_out, out, grad_lse, query.dtype)
         index = ((s["lengths"], s["mask"]) if layout == "padded"
                  else (s["offsets"], ctx.max_length))
-        dq, dk, dv = bwd_op(grad_out, query, s["key"], s["value"], *index, s["lse"], delta,
-                            ctx.scale)
+        bias = s["bias"]
+        dq, dk, dv, dbias = bwd_op(grad_out, query, s["key"], s["value"], *index, s["lse"], delta,
+                                   ctx.scale, bias)
+        grads = (dq, dk, dv) if bias is None else (dq, dk, dv, dbias)
         if torch.is_grad_enabled():  # create_graph=True: these gradients may be differentiated
-            dq, dk, dv = _NoDoubleBackward.apply(dq, dk, dv, grad_out, query, s["key"], s["value"])
-        return dq, dk, dv, None, None, None
+            tied = (grad_out, query, s["key"], s["value"]) + (() if bias is None else (bias,))
+            grads = _NoDoubleBackward.apply(len(grads), *grads, *tied)
+        dq, dk, dv = grads[:3]
+        return dq, dk, dv, None, None, None, (grads[3] if bias is not None else None)
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
@@ -129,7 +135,7 @@ def register_fakes_and_autograd(prefix: str = "") -> None:
         def fake_backward(*args, _names=bwd_names, _layout=layout, **kwargs):
             a = _bound(_names, args, kwargs)
             checks.bwd_extras(checks.fwd(_layout, a), a["query"], a["grad_out"], a["lse"], a["delta"])
-            return fake_bwd(a["query"], a["key"], a["value"])
+            return fake_bwd(a["query"], a["key"], a["value"], a.get("bias"))
 
         torch.library.register_fake(qualified(prefix + fwd), fake_forward)
         torch.library.register_fake(qualified(prefix + bwd), fake_backward)

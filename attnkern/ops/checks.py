@@ -165,6 +165,25 @@ def jagged_fwd(query, key, value, offsets, max_length_):
     return B, N, H, Dk, Dv, T
 
 
+def bias(dims, query, bias_, jagged):
+    """check_bias: the optional bias, padded [B, Nb, Hb, L] or jagged [T, Nb, Hb] with Nb
+    dividing N and Hb 1 or H, float32 or the query's dtype."""
+    if bias_ is None:
+        return
+    B, N, H, L = dims[0], dims[1], dims[2], dims[5]
+    dense(bias_, "bias")
+    if bias_.dtype != torch.float32 and bias_.dtype != query.dtype:
+        _fail(TypeError, "bias must be torch.float32 or the dtype of query (%s), got %s", query.dtype, bias_.dtype)
+    rank = 3 if jagged else 4
+    ok = bias_.dim() == rank and bias_.shape[0] == (L if jagged else B) and (jagged or bias_.shape[3] == L)
+    nb, hb = (bias_.shape[1], bias_.shape[2]) if bias_.dim() == rank else (0, 0)
+    if not (ok and nb >= 1 and N % nb == 0 and hb in (1, H)):
+        spelled = "[T, Nb, Hb] = [%d, Nb, Hb]" % L if jagged else "[B, Nb, Hb, L] = [%d, Nb, Hb, %d]" % (B, L)
+        _fail(ValueError, "bias must be %s with Nb dividing N = %d and Hb 1 or H = %d, got %s", spelled, N, H,
+              _sizes(bias_))
+    on_query_device(bias_, "bias", query)
+
+
 def bwd_extras(dims, query, grad_out, lse, delta):
     """check_bwd_extras."""
     B, N, H, _, Dv = dims[:5]
@@ -190,6 +209,7 @@ def fwd(layout, a):
         dims = padded_fwd(a["query"], a["key"], a["value"], a["lengths"], a["mask"])
     else:
         dims = jagged_fwd(a["query"], a["key"], a["value"], a["offsets"], a["max_length"])
+    bias(dims, a["query"], a.get("bias"), layout == "jagged")
     scale(a["scale"])
     return dims
 

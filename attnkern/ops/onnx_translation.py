@@ -129,18 +129,26 @@ def _dtype_name(x) -> str:
     return getattr(dtype, "name", str(dtype))
 
 
-def attention_pool_fwd(query, key, value, lengths=None, mask=None, scale=1.0):
+def _no_bias(bias) -> None:
+    """The score bias has no translation yet: refused by name, never dropped."""
+    if bias is not None:
+        raise NotImplementedError("attnkern: the ONNX translation of attention_pool does not support bias yet")
+
+
+def attention_pool_fwd(query, key, value, lengths=None, mask=None, scale=1.0, bias=None):
     """ONNX translation of ``attnkern::attention_pool_fwd`` (padded layout)."""
     from onnxscript import opset18 as op
 
+    _no_bias(bias)
     return _padded(op, query, key, value, lengths, mask, scale, _acc_type(_dtype_name(query)))
 
 
-def jagged_attention_pool_fwd(query, key, value, offsets, max_length=-1, scale=1.0):
+def jagged_attention_pool_fwd(query, key, value, offsets, max_length=-1, scale=1.0, bias=None):
     """ONNX translation of ``attnkern::jagged_attention_pool_fwd`` (max_length only sizes
     GPU launches: unused here)."""
     from onnxscript import opset18 as op
 
+    _no_bias(bias)
     return _jagged(op, query, key, value, offsets, scale, _acc_type(_dtype_name(query)))
 
 
@@ -217,17 +225,19 @@ def _ts_optional(x):
     return None if symbolic_helper._is_none(x) else x
 
 
-def _ts_attention_pool_fwd(g, query, key, value, lengths, mask, scale):
+def _ts_attention_pool_fwd(g, query, key, value, lengths, mask, scale, bias=None):
     from torch.onnx import symbolic_helper
 
+    _no_bias(None if bias is None else _ts_optional(bias))
     scale = symbolic_helper._maybe_get_const(scale, "f")
     return _padded(_GraphOps(g), query, key, value, _ts_optional(lengths), _ts_optional(mask),
                    scale, _acc_type(_ts_scalar_type(query)))
 
 
-def _ts_jagged_attention_pool_fwd(g, query, key, value, offsets, max_length, scale):
+def _ts_jagged_attention_pool_fwd(g, query, key, value, offsets, max_length, scale, bias=None):
     from torch.onnx import symbolic_helper
 
+    _no_bias(None if bias is None else _ts_optional(bias))
     scale = symbolic_helper._maybe_get_const(scale, "f")
     return _jagged(_GraphOps(g), query, key, value, offsets, scale,
                    _acc_type(_ts_scalar_type(query)))

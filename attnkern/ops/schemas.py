@@ -18,20 +18,22 @@ TRITON_PREFIX = "triton_"
 # op name -> "(arguments) -> (returns)"
 SCHEMAS = {
     "attention_pool_fwd": (
-        "(Tensor query, Tensor key, Tensor value, Tensor? lengths, Tensor? mask, float scale) "
-        "-> (Tensor out, Tensor lse)"
+        "(Tensor query, Tensor key, Tensor value, Tensor? lengths, Tensor? mask, float scale, "
+        "Tensor? bias=None) -> (Tensor out, Tensor lse)"
     ),
     "attention_pool_bwd": (
         "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? lengths, Tensor? mask, "
-        "Tensor lse, Tensor delta, float scale) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
+        "Tensor lse, Tensor delta, float scale, Tensor? bias=None) "
+        "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_bias)"
     ),
     "jagged_attention_pool_fwd": (
-        "(Tensor query, Tensor key, Tensor value, Tensor offsets, int max_length, float scale) "
-        "-> (Tensor out, Tensor lse)"
+        "(Tensor query, Tensor key, Tensor value, Tensor offsets, int max_length, float scale, "
+        "Tensor? bias=None) -> (Tensor out, Tensor lse)"
     ),
     "jagged_attention_pool_bwd": (
         "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor offsets, int max_length, "
-        "Tensor lse, Tensor delta, float scale) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
+        "Tensor lse, Tensor delta, float scale, Tensor? bias=None) "
+        "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_bias)"
     ),
 }
 

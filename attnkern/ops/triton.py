@@ -84,6 +84,21 @@ def _check_jagged(query, key, value, offsets, max_length) -> Tuple[int, int, int
     return _validated(query, key, value, None, None, offsets, None if max_length < 0 else max_length)
 
 
+def _check_bias(dims, query, bias, jagged: bool) -> None:
+    """The op's bias checks, then a refusal: the Triton kernels do not add a score bias yet,
+    and silently dropping it would return a different function."""
+    checks.bias(dims, query, bias, jagged)
+    if bias is not None:
+        raise NotImplementedError(
+            "attnkern: the triton backend does not support bias yet; use backend='cpu' (CPU "
+            "tensors) or backend='reference'")
+
+
+def _no_grad_bias(query: Tensor) -> Tensor:
+    """grad_bias of a call without bias: an empty tensor, as the C++ ops return."""
+    return query.new_empty((0,))
+
+
 # ----------------------------------------------------------------------------------------------
 # Ops
 # ----------------------------------------------------------------------------------------------
@@ -97,8 +112,10 @@ def _custom_op(name: str, schemas=SCHEMAS):
 
 @_custom_op("attention_pool_fwd")
 def triton_attention_pool_fwd(query: Tensor, key: Tensor, value: Tensor, lengths: Optional[Tensor],
-                              mask: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor]:
-    _check_padded(query, key, value, lengths, mask)
+                              mask: Optional[Tensor], scale: float,
+                              bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    dims = _check_padded(query, key, value, lengths, mask)
+    _check_bias(dims, query, bias, jagged=False)
     checks.scale(scale)
     # out as the kernel's unrounded float32 result, as the C++ ops (the public function casts
     # it to the query dtype; the autograd forms delta from it)
@@ -109,18 +126,22 @@ def triton_attention_pool_fwd(query: Tensor, key: Tensor, value: Tensor, lengths
 @_custom_op("attention_pool_bwd")
 def triton_attention_pool_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
                               lengths: Optional[Tensor], mask: Optional[Tensor], lse: Tensor,
-                              delta: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                              delta: Tensor, scale: float,
+                              bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     dims = _check_padded(query, key, value, lengths, mask)
+    _check_bias(dims, query, bias, jagged=False)
     checks.bwd_extras(dims, query, grad_out, lse, delta)
     checks.scale(scale)
     return _k.attention_pool_bwd(grad_out, query, key, value, lse, delta, lengths=lengths,
-                                 mask=mask, scale=scale)
+                                 mask=mask, scale=scale) + (_no_grad_bias(query),)
 
 
 @_custom_op("jagged_attention_pool_fwd")
 def triton_jagged_attention_pool_fwd(query: Tensor, key: Tensor, value: Tensor, offsets: Tensor,
-                                     max_length: int, scale: float) -> Tuple[Tensor, Tensor]:
-    _check_jagged(query, key, value, offsets, max_length)
+                                     max_length: int, scale: float,
+                                     bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    dims = _check_jagged(query, key, value, offsets, max_length)
+    _check_bias(dims, query, bias, jagged=True)
     checks.scale(scale)
     return _k.attention_pool_fwd(query, key, value, offsets=offsets, max_length=max_length,
                                  scale=scale, out_dtype=torch.float32)
@@ -129,12 +150,14 @@ def triton_jagged_attention_pool_fwd(query: Tensor, key: Tensor, value: Tensor, 
 @_custom_op("jagged_attention_pool_bwd")
 def triton_jagged_attention_pool_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
                                      offsets: Tensor, max_length: int, lse: Tensor, delta: Tensor,
-                                     scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                                     scale: float, bias: Optional[Tensor] = None
+                                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     dims = _check_jagged(query, key, value, offsets, max_length)
+    _check_bias(dims, query, bias, jagged=True)
     checks.bwd_extras(dims, query, grad_out, lse, delta)
     checks.scale(scale)
     return _k.attention_pool_bwd(grad_out, query, key, value, lse, delta, offsets=offsets,
-                                 max_length=max_length, scale=scale)
+                                 max_length=max_length, scale=scale) + (_no_grad_bias(query),)
 
 
 register_fakes_and_autograd(TRITON_PREFIX)

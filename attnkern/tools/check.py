@@ -1,6 +1,7 @@
 """`attnkern check`: every available backend against the float64 reference on a grid of shapes,
-dtypes and layouts, forward and all three gradients, by the checking body and tolerance rule of
-attnkern.testing; prints a pass/fail table and exits non-zero on any failure."""
+dtypes and layouts, forward and all three gradients (and the score bias's, on rows with one), by
+the checking body and tolerance rule of attnkern.testing; prints a pass/fail table and exits
+non-zero on any failure."""
 
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ SHAPES = [
     ("wide", 5, 2, 3, 70, 130, 7),
     ("shared", 3, 2, 4, 21, 16, 24, 2),
 ]
+# With a score bias: (name, B, N, H, L, Dk, Dv, Hkv, bias kind, Hb), on the backends of
+# BIAS_BACKENDS (the others have no bias path yet); a shared bias over every head, and one per
+# query and head on the CPU's tiled kernels (N >= 16).
+BIAS_SHAPES = [
+    ("bias", 3, 2, 4, 21, 16, 24, 2, "shared", 1),
+    ("biasq", 3, 17, 2, 70, 16, 8, 2, "per_query", 2),
+]
+BIAS_BACKENDS = ("reference", "cpu")
 LAYOUTS = testing.LAYOUTS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -49,8 +58,9 @@ def check_case(backend, device, layout, dtype, shape) -> Result:
     rows and rows of odd length)."""
     name, B, N, H, L, Dk, Dv = shape[:7]
     Hkv = shape[7] if len(shape) > 7 else H
+    bias, Hb = shape[8:10] if len(shape) > 8 else (None, None)
     args, kw = testing.make_problem(B, N, H, L, Dk, Dv, dtype=dtype, layout=layout,
-                                    device=device, extra_rows=1, Hkv=Hkv)
+                                    device=device, extra_rows=1, Hkv=Hkv, bias=bias, bias_heads=Hb)
     go = testing.random_grad_out(args[0], args[2])
     reference = None if backend == "reference" else testing.pool_function("reference", kw)
     report = testing.check_function(pool_function(backend, kw), args, kw, go,
@@ -58,6 +68,8 @@ def check_case(backend, device, layout, dtype, shape) -> Result:
     errors = {label: report.errors.get(full, float("nan")) for label, full in (
         ("out", "out"), ("dq", "grad_query"), ("dk", "grad_key"), ("dv", "grad_value"))}
     note = "" if report.passed else report.failures[0][:80]
+    if bias is not None and report.passed:
+        note = "db %.2e" % report.errors.get("grad_bias", float("nan"))
     return Result(backend, device, layout, str(dtype).split(".")[-1], name, errors,
                   report.passed, note)
 
@@ -151,7 +163,7 @@ def main(argv=None) -> int:
     dtypes = [DTYPES[d] for d in (args.dtype or ["float32", "float16", "bfloat16", "float64"])]
     shapes = SHAPES[:1] if args.quick else SHAPES
 
-    results, skipped = [], []
+    results, skipped, no_bias = [], [], set()
     header = "%-9s %-6s %-8s %-9s %-6s %10s %10s %10s %10s  %s" % (
         "backend", "device", "layout", "dtype", "shape", "out", "dq", "dk", "dv", "result")
     print(header)
@@ -161,7 +173,11 @@ def main(argv=None) -> int:
         if dev is None:
             skipped.append((backend, dt))
             continue
-        for layout, shape in itertools.product(LAYOUTS, shapes):
+        bias_shapes = BIAS_SHAPES[:1] if args.quick else BIAS_SHAPES
+        if backend not in BIAS_BACKENDS:
+            bias_shapes = []
+            no_bias.add(backend)
+        for layout, shape in itertools.product(LAYOUTS, shapes + bias_shapes):
             results.append(_row(check_case, backend, dev, layout, dt, shape))
     # activation_unit_pool rows (dW: the largest error of the weight/bias/activation gradients)
     from attnkern.ops import activation_kernels_missing
@@ -178,6 +194,8 @@ def main(argv=None) -> int:
             results.append(_row(check_activation_case, backend, dev, layout, dt, shape, dw=True))
     for backend in sorted(no_kernels):
         print("skipped activation_unit_pool on backend %s: no kernels for it in this build" % backend)
+    for backend in sorted(no_bias):
+        print("skipped the bias rows on backend %s: it has no score-bias path yet" % backend)
     for backend, reason in skipped:
         print("skipped backend %s: %s" % (backend, reason))
     if not results:

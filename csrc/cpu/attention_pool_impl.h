@@ -60,24 +60,30 @@ inline A shift_of(A m) {
   return (m == -__builtin_inf() || m == __builtin_inf()) ? A(0) : m;
 }
 
-// Workspace layouts (offsets in accumulator elements) of the general kernels, for W lanes and
-// head dims padded to Dkp / Dvp. The kernels carve their workspace with these and the launcher
-// sizes it with workspace_entry below, so the two can never disagree.
+// Workspace layouts (in accumulator elements) of the general kernels, for W lanes and head
+// dims padded to Dkp / Dvp: the buffers carved from a workspace ws (null: sizing only, the
+// pointers stay null) and its total size. The kernels carve their workspace with these and the
+// launcher sizes it with workspace_entry below, so the two can never disagree.
+template <class A>
 struct Bump {
+  A* base = nullptr;
   int64_t used = 0;
-  int64_t take(int64_t n) {
-    const int64_t o = used;
+  A* take(int64_t n) {
+    A* o = base ? base + used : nullptr;
     used += n;
     return o;
   }
 };
 
+template <class A>
 struct FwdWs {
-  int64_t qs, acc, mm, ll, pb, p4, kt_buf, rows_buf, total;
+  A *qs, *acc, *mm, *ll, *pb, *p4, *kt_buf, *rows_buf;
+  int64_t total;
 };
-inline FwdWs fwd_ws(int W, int64_t N, int64_t Dkp, int64_t Dvp) {
-  Bump b;
-  FwdWs w;
+template <class A>
+inline FwdWs<A> fwd_ws(A* ws, int W, int64_t N, int64_t Dkp, int64_t Dvp) {
+  Bump<A> b{ws};
+  FwdWs<A> w;
   w.qs = b.take(N * Dkp);        // queries, fp32/64, padded with zeros
   w.acc = b.take(N * Dvp);       // output accumulators
   w.mm = b.take(N);              // running max of the logits
@@ -90,12 +96,15 @@ inline FwdWs fwd_ws(int W, int64_t N, int64_t Dkp, int64_t Dvp) {
   return w;
 }
 
+template <class A>
 struct BwdWs {
-  int64_t qf, dof, dqa, msh, lg, dl, pb, dsb, kt_buf, vt_buf, rows_buf, total;
+  A *qf, *dof, *dqa, *msh, *lg, *dl, *pb, *dsb, *kt_buf, *vt_buf, *rows_buf;
+  int64_t total;
 };
-inline BwdWs bwd_ws(int W, int64_t N, int64_t Dkp, int64_t Dvp) {
-  Bump b;
-  BwdWs w;
+template <class A>
+inline BwdWs<A> bwd_ws(A* ws, int W, int64_t N, int64_t Dkp, int64_t Dvp) {
+  Bump<A> b{ws};
+  BwdWs<A> w;
   w.qf = b.take(N * Dkp);   // q, fp32/64, padded
   w.dof = b.take(N * Dvp);  // grad_out
   w.dqa = b.take(N * Dkp);  // dq accumulator
@@ -274,6 +283,35 @@ inline void prefetch_step(const FwdParams& p, const Span& s, int64_t i0, int64_t
   if (pf <= 0) return;
   if (i0 == 0 && s.idx) prefetch_rows(p, s, 0, s.count < pf ? s.count : pf, kb, vb);
   if (i0 + pf < s.count) prefetch_rows(p, s, i0 + pf, i0 + pf + step < s.count ? i0 + pf + step : s.count, kb, vb);
+}
+
+// The score bias of query n of the span's call (p.n0 + n of the op's), head s.h + dh, at the
+// block's lanes j < nb, i.e. valid positions i0 + j (lanes past nb repeat the last one: they are
+// masked to -inf after); 0 without bias. Read once per position and query block.
+template <class V>
+inline V bias_lanes(const FwdParams& p, const Span& s, int64_t n, int64_t dh, int64_t i0, int nb) {
+  using A = typename V::A;
+  if (!p.bias) return V::zero();
+  const A* b = static_cast<const A*>(p.bias) + s.b * p.bias_sb + ((p.n0 + n) % p.bias_nb) * p.bias_sn +
+               (s.h + dh) * p.bias_sh;
+  alignas(64) A x[V::W];
+  for (int j = 0; j < V::W; ++j) {
+    const int64_t i = i0 + (j < nb ? j : nb - 1);
+    x[j] = b[(s.start + (s.idx ? int64_t(s.idx[i]) : i)) * p.bias_sl];
+  }
+  return V::load(x);
+}
+
+// grad_bias += g (the gradient of query n's logits at the block's lanes j < nb): a span's
+// positions and head are its own, so this is the entry's one writer (BwdParams::gbias).
+template <class V>
+inline void add_grad_bias(const BwdParams& p, const Span& s, int64_t n, int64_t i0, int nb, V g) {
+  using A = typename V::A;
+  if (!p.gbias) return;
+  A* gb = static_cast<A*>(p.gbias) + s.b * p.gb_sb + ((p.n0 + n) % p.bias_nb) * p.gb_sn + s.h * p.gb_sh;
+  alignas(64) A x[V::W];
+  g.store(x);
+  for (int j = 0; j < nb; ++j) gb[(s.start + (s.idx ? int64_t(s.idx[i0 + j]) : i0 + j)) * p.gb_sl] += x[j];
 }
 
 // The running max of a query is only moved when a block's max exceeds it by more than
@@ -490,7 +528,7 @@ void fwd_span_single_heads(const FwdParams& p, const Span& s, typename V::A* acc
         }
     }
     for (int h = 0; h < NH; ++h) {
-      const V sc = (V::transpose_reduce(a[h]) * sv).mask_tail(nb);
+      const V sc = (V::transpose_reduce(a[h]) * sv + bias_lanes<V>(p, s, 0, h, i0, nb)).mask_tail(nb);
       const A alpha = lazy_max_update<A>(sc.reduce_max(), &m[h], &l[h]);
       if (alpha != A(1))
         for (int c = 0; c < NC; ++c) o[h][c] = o[h][c] * V::set1(alpha);
@@ -575,15 +613,7 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
   }
   const int64_t Dkp = nck * W, Dvp = ncv * W;
   const int kt = int(Dk - (nck - 1) * W), vt = int(Dv - (ncv - 1) * W);
-  const FwdWs lay = fwd_ws(W, N, Dkp, Dvp);
-  A* qs = ws + lay.qs;
-  A* acc = ws + lay.acc;
-  A* mm = ws + lay.mm;
-  A* ll = ws + lay.ll;
-  A* pb = ws + lay.pb;
-  A* p4 = ws + lay.p4;
-  A* kt_buf = ws + lay.kt_buf;
-  A* rows_buf = ws + lay.rows_buf;
+  const auto [qs, acc, mm, ll, pb, p4, kt_buf, rows_buf, total] = fwd_ws(ws, W, N, Dkp, Dvp);
 
   // Scores are scaled by scale*log2(e) after the dot product: the softmax then runs in base 2.
   const T* q = static_cast<const T*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
@@ -620,7 +650,8 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
           dots4<V>(qs + n * Dkp, Dkp, kt_buf, Dk, sc);
           A alpha[4];
           for (int i = 0; i < 4; ++i)
-            alpha[i] = softmax_step<V>((sc[i] * sv).mask_tail(nh), mm + n + i, ll + n + i, p4 + i * W);
+            alpha[i] = softmax_step<V>((sc[i] * sv + bias_lanes<V>(p, s, n + i, 0, i0 + half * W, nh)).mask_tail(nh),
+                                       mm + n + i, ll + n + i, p4 + i * W);
           A* accs[4] = {acc + n * Dvp, acc + (n + 1) * Dvp, acc + (n + 2) * Dvp, acc + (n + 3) * Dvp};
           const int64_t nfull = vt == W ? ncv : ncv - 1;
           int64_t c = 0;
@@ -632,8 +663,11 @@ void fwd_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V::
     }
     for (; n < N; ++n) {
       const A* x = qs + n * Dkp;
-      const V s0 = (block_dots<V, T>(x, kp, nck, kt) * sv).mask_tail(nb < W ? nb : W);
-      const V s1 = nb > W ? (block_dots<V, T>(x, kp + W, nck, kt) * sv).mask_tail(nb - W) : V::set1(neg_inf<A>());
+      const int nb0 = nb < W ? nb : W;
+      const V s0 = (block_dots<V, T>(x, kp, nck, kt) * sv + bias_lanes<V>(p, s, n, 0, i0, nb0)).mask_tail(nb0);
+      const V s1 = nb > W ? (block_dots<V, T>(x, kp + W, nck, kt) * sv + bias_lanes<V>(p, s, n, 0, i0 + W, nb - W))
+                                .mask_tail(nb - W)
+                          : V::set1(neg_inf<A>());
       const A alpha = softmax_step2<V>(s0, s1, mm + n, ll + n, pb);
       block_axpy_rows<V, T>(acc + n * Dvp, pb, vp, nb, ncv, vt, alpha);
     }
@@ -751,10 +785,12 @@ void bwd_span_single(const BwdParams& p, const Span& s, typename V::A* dq_out) {
       }
       half[h] = V::transpose_reduce(a);
     }
-    const V sc = (V::concat_lo(half[0], half[1]) * sv).mask_tail(nb);
+    const V sc = (V::concat_lo(half[0], half[1]) * sv + bias_lanes<V>(p, s, 0, 0, i0, nb)).mask_tail(nb);
     const V dp = V::concat_hi(half[0], half[1]);
     const V pr = exp2_accurate((sc - msh) * l2e - lg);  // masked lanes: exactly 0
-    const V ds = pr * (dp - dl) * scale;
+    const V dlogit = pr * (dp - dl);
+    add_grad_bias<V>(p, s, 0, i0, nb, dlogit);
+    const V ds = dlogit * scale;
     pr.store(prb);
     ds.store(dsb);
     for (int j = 0; j < nb; ++j) {
@@ -795,18 +831,7 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
       return;
     }
   }
-  const BwdWs lay = bwd_ws(W, N, Dkp, Dvp);
-  A* qf = ws + lay.qf;
-  A* dof = ws + lay.dof;
-  A* dqa = ws + lay.dqa;
-  A* msh = ws + lay.msh;
-  A* lg = ws + lay.lg;
-  A* dl = ws + lay.dl;
-  A* pb = ws + lay.pb;
-  A* dsb = ws + lay.dsb;
-  A* kt_buf = ws + lay.kt_buf;
-  A* vt_buf = ws + lay.vt_buf;
-  A* rows_buf = ws + lay.rows_buf;
+  const auto [qf, dof, dqa, msh, lg, dl, pb, dsb, kt_buf, vt_buf, rows_buf, total] = bwd_ws(ws, W, N, Dkp, Dvp);
 
   const T* q = static_cast<const T*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
   const T* go = static_cast<const T*>(p.go) + s.b * p.go_sb + s.h * p.go_sh;
@@ -855,7 +880,8 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
     }
     // Per query: p and ds of the block's keys (kept for the rows below), and dq += ds . K.
     auto query_grads = [&](int64_t n, V sc, V dp) {
-      const V pr = exp2_accurate(((sc * sv).mask_tail(nb) - V::set1(msh[n])) * V::set1(A(kLog2e)) - V::set1(lg[n]));
+      const V lo = (sc * sv + bias_lanes<V>(p, s, n, 0, i0, nb)).mask_tail(nb);
+      const V pr = exp2_accurate((lo - V::set1(msh[n])) * V::set1(A(kLog2e)) - V::set1(lg[n]));
       A d = dl[n];
       if constexpr (std::is_same_v<A, float>) {
         if (own) {
@@ -866,7 +892,9 @@ void bwd_span(const BwdParams& p, const Span& s, typename V::A* ws, typename V::
           bwd_own_delta(1, pb1, dp1, W, nb, Dv, vn, &dn, dl + n, &d);
         }
       }
-      const V ds = pr * (dp - V::set1(d)) * V::set1(scale);
+      const V dlogit = pr * (dp - V::set1(d));
+      add_grad_bias<V>(p, s, n, i0, nb, dlogit);
+      const V ds = dlogit * V::set1(scale);
       pr.store(pb + n * W);
       ds.store(dsb + n * W);
       block_axpy_rows<V, T>(dqa + n * Dkp, dsb + n * W, kp, nb, nck, kt, A(1));
@@ -921,10 +949,10 @@ void stats_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V
   const int64_t nck = ceil_div(Dk, W), ncv = ceil_div(p.Dv, W);
   const int64_t Dkp = nck * W;
   const int kt = int(Dk - (nck - 1) * W);
-  const BwdWs lay = bwd_ws(W, N, Dkp, ncv * W);
-  A* qf = ws + lay.qf;
-  A* kt_buf = ws + lay.kt_buf;
-  A* rows_buf = ws + lay.rows_buf;
+  const BwdWs<A> lay = bwd_ws(ws, W, N, Dkp, ncv * W);
+  A* qf = lay.qf;
+  A* kt_buf = lay.kt_buf;
+  A* rows_buf = lay.rows_buf;
   const T* q = static_cast<const T*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t c = 0; c < nck; ++c) load_chunk<V>(q + n * p.q_sn, c, nck - 1, kt).store(qf + n * Dkp + c * W);
@@ -934,8 +962,8 @@ void stats_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V
   const V sv = V::set1(A(p.scale));  // logits in natural units
   const auto [kb, vb] = kv_bases<T>(p, s);
   const T* kp[W];
-  auto step = [&](int64_t n, V sc, int nb) {
-    const V s2 = (sc * sv).mask_tail(nb);
+  auto step = [&](int64_t n, V sc, int64_t i0, int nb) {
+    const V s2 = (sc * sv + bias_lanes<V>(p, s, n, 0, i0, nb)).mask_tail(nb);
     lazy_max_update<A>(s2.reduce_max(), m_out + n, l_out + n);
     l_out[n] += exp_shifted(s2, shift_of(m_out[n])).reduce_add();
   };
@@ -949,10 +977,10 @@ void stats_span(const FwdParams& p, const Span& s, typename V::A* ws, typename V
       for (; n + 4 <= N; n += 4) {
         V sc[4];
         dots4<V>(qf + n * Dkp, Dkp, kt_buf, Dk, sc);
-        for (int i = 0; i < 4; ++i) step(n + i, sc[i], nb);
+        for (int i = 0; i < 4; ++i) step(n + i, sc[i], i0, nb);
       }
     }
-    for (; n < N; ++n) step(n, block_dots<V, T>(qf + n * Dkp, kp, nck, kt), nb);
+    for (; n < N; ++n) step(n, block_dots<V, T>(qf + n * Dkp, kp, nck, kt), i0, nb);
   }
 }
 
@@ -998,7 +1026,8 @@ template <class V>
 int64_t workspace_entry(int64_t N, int64_t Dk, int64_t Dv) {
   constexpr int W = V::W;
   const int64_t Dkp = ceil_div(Dk, W) * W, Dvp = ceil_div(Dv, W) * W;
-  const int64_t f = fwd_ws(W, N, Dkp, Dvp).total, b = bwd_ws(W, N, Dkp, Dvp).total;
+  using A = typename V::A;
+  const int64_t f = fwd_ws<A>(nullptr, W, N, Dkp, Dvp).total, b = bwd_ws<A>(nullptr, W, N, Dkp, Dvp).total;
   return f > b ? f : b;
 }
 

@@ -33,6 +33,14 @@ struct FwdParams {
   // stacked per head (acc [heads, N, Dv], m and l [heads, N]), and the prefetches ask for the
   // rows of all of them. 1 for the tiled kernels.
   int64_t heads = 1;
+  // Score bias added to the logit, in the accumulator type (float, double for kF64), or null.
+  // Query n (n0 + n of the call: a task may hold a chunk of its queries), head h, position pos
+  // (the row's start plus the span index, as for K) reads
+  // bias[b * bias_sb + pos * bias_sl + ((n0 + n) % bias_nb) * bias_sn + h * bias_sh]
+  // (bias_sh = 0: one bias for every head).
+  const void* bias = nullptr;
+  int64_t bias_sb = 0, bias_sl = 0, bias_sn = 0, bias_sh = 0, bias_nb = 1;
+  int64_t n0 = 0;
 };
 
 struct BwdParams : FwdParams {
@@ -49,6 +57,12 @@ struct BwdParams : FwdParams {
   void* gv = nullptr;
   int64_t gk_sb = 0, gk_sl = 0, gk_sh = 0;
   int64_t gv_sb = 0, gv_sl = 0, gv_sh = 0;
+  // grad_bias accumulators (accumulator type; with bias only), laid out as the bias with one
+  // entry per head: each span adds d(logit) of its positions (summed over the queries that share
+  // a bias row, in query order) to its head's entries, which the launcher zeroed first. A
+  // position belongs to one span, so every entry has one writer: no atomics, a fixed order.
+  void* gbias = nullptr;
+  int64_t gb_sb = 0, gb_sl = 0, gb_sn = 0, gb_sh = 0;
 };
 
 // The valid positions of one (row, head) task, or a slice of them:

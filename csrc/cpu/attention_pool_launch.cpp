@@ -76,6 +76,20 @@ void fill_fwd_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, con
   p.prefetch = pf_kb ? std::max<int64_t>(32, (pf_kb << 10) / ((d.Dk + d.Dv) * es)) : 0;
 }
 
+// The bias in the accumulator type (a copy only when its dtype differs), its strides in
+// FwdParams; padded [B, Nb, Hb, L], jagged [T, Nb, Hb] (attention_pool.h).
+at::Tensor fill_bias_params(FwdParams& p, const std::optional<at::Tensor>& bias, at::ScalarType acc, bool jagged) {
+  if (!bias.has_value()) return at::Tensor();
+  at::Tensor b = bias->to(acc);
+  p.bias = b.data_ptr();
+  p.bias_nb = b.size(1);
+  p.bias_sn = b.stride(1);
+  p.bias_sh = b.size(2) == 1 ? 0 : b.stride(2);
+  p.bias_sb = jagged ? 0 : b.stride(0);
+  p.bias_sl = jagged ? b.stride(0) : b.stride(3);
+  return b;
+}
+
 template <class A>
 A shift_of_host(A m) {  // as shift_of in attention_pool_impl.h: the shift the kernels subtracted
   return std::isinf(m) ? A(0) : m;
@@ -138,6 +152,7 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
         FwdParams pc = p;
         pc.q = static_cast<const char*>(p.q) + n0 * p.q_sn * es;
         pc.N = nq;
+        pc.n0 = n0;
         fwd(pc, Span{b, t % H, rows.start(b), cnt, rows.mask ? idx.data() : nullptr}, ws.data(), acc.data(), m.data(),
             l.data());
         finish_rows(t, acc.data(), m.data(), l.data(), n0, nq);
@@ -234,8 +249,8 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_common(const at::Tensor& query_in, const at::Tensor& key_in,
-                                              const at::Tensor& value_in, const PoolDims& d, const Rows& rows,
-                                              bool jagged, double scale) {
+                                              const at::Tensor& value_in, const std::optional<at::Tensor>& bias,
+                                              const PoolDims& d, const Rows& rows, bool jagged, double scale) {
   TORCH_CHECK_VALUE(std::isfinite(scale), "attnkern: scale must be finite, got ", scale);
   const at::Tensor q = last_dim_contiguous(query_in);
   const at::Tensor k = last_dim_contiguous(key_in);
@@ -245,6 +260,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_common(const at::Tensor& query_in, const 
   if (d.B == 0) return {out, lse};
   FwdParams p;
   fill_fwd_params(p, q, k, v, jagged, d, scale);
+  const at::Tensor b = fill_bias_params(p, bias, out.scalar_type(), jagged);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_pool_fwd_cpu",
                                   [&] { fwd_impl<scalar_t>(p, rows, out, lse); });
   return {out, lse};
@@ -391,11 +407,10 @@ void bwd_impl(BwdParams& p, const Rows& rows, const float* lse, at::Tensor& gq) 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_common(const at::Tensor& grad_out_in, const at::Tensor& query_in,
-                                                          const at::Tensor& key_in, const at::Tensor& value_in,
-                                                          const at::Tensor& lse_in, const at::Tensor& delta_in,
-                                                          const PoolDims& d, const Rows& rows, bool jagged,
-                                                          double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_common(
+    const at::Tensor& grad_out_in, const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in,
+    const at::Tensor& lse_in, const at::Tensor& delta_in, const std::optional<at::Tensor>& bias, const PoolDims& d,
+    const Rows& rows, bool jagged, double scale) {
   TORCH_CHECK_VALUE(std::isfinite(scale), "attnkern: scale must be finite, got ", scale);
   const at::Tensor q = last_dim_contiguous(query_in);
   const at::Tensor k = last_dim_contiguous(key_in);
@@ -406,36 +421,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_common(const at::Tensor& grad
   at::Tensor gq = at::empty(q.sizes(), q.options());
   at::Tensor gk = empty_output(k.sizes(), k.options());
   at::Tensor gv = empty_output(v.sizes(), v.options());
+  BwdParams p;
+  fill_fwd_params(p, q, k, v, jagged, d, scale);
+  const at::ScalarType acc = accumulator_dtype(q.scalar_type());
+  const at::Tensor b = fill_bias_params(p, bias, acc, jagged);
+  // grad_bias accumulates per head (padded [B, Nb, H, L], jagged [T, Nb, H]): the spans of the
+  // heads that share a bias entry each write their own, summed over the heads at the end.
+  at::Tensor gb = at::empty({0}, q.options());
+  if (bias.has_value()) {
+    const int64_t nb = bias->size(1);
+    gb = at::zeros(jagged ? at::IntArrayRef{d.L, nb, d.H} : at::IntArrayRef{d.B, nb, d.H, d.L},
+                   q.options().dtype(acc));
+    p.gbias = gb.data_ptr();
+    p.gb_sn = gb.stride(1);
+    p.gb_sh = gb.stride(2);
+    p.gb_sb = jagged ? 0 : gb.stride(0);
+    p.gb_sl = jagged ? gb.stride(0) : gb.stride(3);
+  }
   if (d.B == 0) {
     gk.zero_();
     gv.zero_();
-    return {gq, gk, gv};
-  }
-  BwdParams p;
-  fill_fwd_params(p, q, k, v, jagged, d, scale);
-  p.go = go.data_ptr();
-  p.go_sb = go.stride(0);
-  p.go_sn = go.stride(1);
-  p.go_sh = go.stride(2);
-  if (delta.scalar_type() == at::kDouble) {
-    p.delta64 = delta.data_ptr<double>();
   } else {
-    p.delta = delta.data_ptr<float>();
-  }
-  p.gk = gk.data_ptr();
-  p.gv = gv.data_ptr();
-  row_strides(gk, jagged, p.gk_sb, p.gk_sl, p.gk_sh);
-  row_strides(gv, jagged, p.gv_sb, p.gv_sl, p.gv_sh);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_pool_bwd_cpu",
-                                  [&] { bwd_impl<scalar_t>(p, rows, lse.data_ptr<float>(), gq); });
-  if (jagged) {
-    const int64_t end = rows.offsets[rows.B];
-    if (end < d.L) {
-      gk.narrow(0, end, d.L - end).zero_();
-      gv.narrow(0, end, d.L - end).zero_();
+    p.go = go.data_ptr();
+    p.go_sb = go.stride(0);
+    p.go_sn = go.stride(1);
+    p.go_sh = go.stride(2);
+    if (delta.scalar_type() == at::kDouble) {
+      p.delta64 = delta.data_ptr<double>();
+    } else {
+      p.delta = delta.data_ptr<float>();
+    }
+    p.gk = gk.data_ptr();
+    p.gv = gv.data_ptr();
+    row_strides(gk, jagged, p.gk_sb, p.gk_sl, p.gk_sh);
+    row_strides(gv, jagged, p.gv_sb, p.gv_sl, p.gv_sh);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_pool_bwd_cpu",
+                                    [&] { bwd_impl<scalar_t>(p, rows, lse.data_ptr<float>(), gq); });
+    if (jagged) {
+      const int64_t end = rows.offsets[rows.B];
+      if (end < d.L) {
+        gk.narrow(0, end, d.L - end).zero_();
+        gv.narrow(0, end, d.L - end).zero_();
+      }
     }
   }
-  return {gq, gk, gv};
+  if (bias.has_value()) {
+    if (bias->size(2) == 1 && d.H > 1) gb = gb.sum(2, /*keepdim=*/true);
+    gb = gb.to(bias->scalar_type());
+  }
+  return {gq, gk, gv, gb};
 }
 
 }  // namespace
@@ -444,37 +478,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_common(const at::Tensor& grad
 std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
                                                           const at::Tensor& value,
                                                           const std::optional<at::Tensor>& lengths,
-                                                          const std::optional<at::Tensor>& mask, double scale) {
+                                                          const std::optional<at::Tensor>& mask, double scale,
+                                                          const std::optional<at::Tensor>& bias) {
   const PoolDims d = check_padded_fwd(query, key, value, lengths, mask);
+  check_bias(d, query, bias, /*jagged=*/false);
   const cpu::Rows rows = cpu::padded_rows(d, lengths, mask);
-  return cpu::fwd_common(query, key, value, d, rows, /*jagged=*/false, scale);
+  return cpu::fwd_common(query, key, value, bias, d, rows, /*jagged=*/false, scale);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& mask, const at::Tensor& lse,
-    const at::Tensor& delta, double scale) {
+    const at::Tensor& delta, double scale, const std::optional<at::Tensor>& bias) {
   const PoolDims d = check_padded_fwd(query, key, value, lengths, mask);
+  check_bias(d, query, bias, /*jagged=*/false);
   check_bwd_extras(d, query, grad_out, lse, delta);
   const cpu::Rows rows = cpu::padded_rows(d, lengths, mask);
-  return cpu::bwd_common(grad_out, query, key, value, lse, delta, d, rows, /*jagged=*/false, scale);
+  return cpu::bwd_common(grad_out, query, key, value, lse, delta, bias, d, rows, /*jagged=*/false, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor> jagged_attention_pool_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
                                                                  const at::Tensor& value, const at::Tensor& offsets,
-                                                                 int64_t max_length, double scale) {
+                                                                 int64_t max_length, double scale,
+                                                                 const std::optional<at::Tensor>& bias) {
   const PoolDims d = check_jagged_fwd(query, key, value, offsets, max_length);
+  check_bias(d, query, bias, /*jagged=*/true);
   const cpu::Rows rows = cpu::jagged_rows(d, offsets, max_length);
-  return cpu::fwd_common(query, key, value, d, rows, /*jagged=*/true, scale);
+  return cpu::fwd_common(query, key, value, bias, d, rows, /*jagged=*/true, scale);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_pool_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jagged_attention_pool_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& offsets, int64_t max_length, const at::Tensor& lse, const at::Tensor& delta, double scale) {
+    const at::Tensor& offsets, int64_t max_length, const at::Tensor& lse, const at::Tensor& delta, double scale,
+    const std::optional<at::Tensor>& bias) {
   const PoolDims d = check_jagged_fwd(query, key, value, offsets, max_length);
+  check_bias(d, query, bias, /*jagged=*/true);
   check_bwd_extras(d, query, grad_out, lse, delta);
   const cpu::Rows rows = cpu::jagged_rows(d, offsets, max_length);
-  return cpu::bwd_common(grad_out, query, key, value, lse, delta, d, rows, /*jagged=*/true, scale);
+  return cpu::bwd_common(grad_out, query, key, value, lse, delta, bias, d, rows, /*jagged=*/true, scale);
 }
 
 }  // namespace attnkern

@@ -12,19 +12,22 @@ namespace attnkern {
 std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
                                                           const at::Tensor& value,
                                                           const std::optional<at::Tensor>& lengths,
-                                                          const std::optional<at::Tensor>& mask, double scale);
+                                                          const std::optional<at::Tensor>& mask, double scale,
+                                                          const std::optional<at::Tensor>& bias);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& mask, const at::Tensor& lse,
-    const at::Tensor& delta, double scale);
+    const at::Tensor& delta, double scale, const std::optional<at::Tensor>& bias);
 
 std::tuple<at::Tensor, at::Tensor> jagged_attention_pool_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
                                                                  const at::Tensor& value, const at::Tensor& offsets,
-                                                                 int64_t max_length, double scale);
+                                                                 int64_t max_length, double scale,
+                                                                 const std::optional<at::Tensor>& bias);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_pool_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jagged_attention_pool_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& offsets, int64_t max_length, const at::Tensor& lse, const at::Tensor& delta, double scale);
+    const at::Tensor& offsets, int64_t max_length, const at::Tensor& lse, const at::Tensor& delta, double scale,
+    const std::optional<at::Tensor>& bias);
 
 }  // namespace attnkern

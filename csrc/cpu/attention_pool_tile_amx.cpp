@@ -202,9 +202,9 @@ inline void rows_to_bf16_split(int M, const float* X, int nk, uint16_t* hi, uint
     }
 }
 
-// The logits of M rows from their dot products in S (nk keys, nb valid): times scale, -inf
-// past nb (finish_scores' order), and each row's block max in bmax (if given).
-inline void finish_logits(int M, float* S, int nb, int nk, float scale, float* bmax) {
+// The logits of M rows from their dot products in S (nk keys, nb valid): times scale, plus the
+// bias, -inf past nb (finish_scores' order), and each row's block max in bmax (if given).
+inline void finish_logits(int M, float* S, int nb, int nk, float scale, const BlockBias& bias, float* bmax) {
   const V sv = V::set1(scale);
   for (int r = 0; r < M; ++r) {
     float* sr = S + r * kKeys;
@@ -215,6 +215,13 @@ inline void finish_logits(int M, float* S, int nb, int nk, float scale, float* b
       mx = V::max(mx, x);
     }
     if (bmax) bmax[r] = mx.reduce_max();
+  }
+  if (!bias.p.bias) return;
+  bias.add(M, nb, S, kKeys);
+  for (int r = 0; r < M && bmax; ++r) {
+    V mx = V::set1(neg_inff());
+    for (int j = 0; j < nk; j += V::W) mx = V::max(mx, V::load(S + r * kKeys + j));
+    bmax[r] = mx.reduce_max();
   }
 }
 
@@ -308,7 +315,7 @@ void amx_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out, 
       const int M = int(N - n0 < kRows ? N - n0 : kRows);
       tile_products(q2 + n0 * a.K2, a.K2, k2, a.K2, nk / 16, S, kKeys);
       float bmax[kRows];
-      finish_logits(M, S, nb, nk, scale, bmax);
+      finish_logits(M, S, nb, nk, scale, BlockBias{p, s, n0, i0}, bmax);
       softmax_rows<V, PV>(M, bmax, S, kKeys, nk, O + n0 * Dvp, Dvp, mm + n0, ll + n0);
       if constexpr (PV) {
         // P = hi + lo, both bf16: the products with V stay exact, so P V is as accurate as in
@@ -377,10 +384,12 @@ void amx_bwd_span(const BwdParams& p, const Span& s, float* ws, float* dq_out) {
     for (int64_t n0 = 0; n0 < N; n0 += kRows) {
       const int M = int(N - n0 < kRows ? N - n0 : kRows);
       tile_products(q2 + n0 * a.K2, a.K2, k2, a.K2, nk / 16, S, kKeys);
-      finish_logits(M, S, nb, nk, scale, nullptr);
+      const BlockBias bias{p, s, n0, i0};
+      finish_logits(M, S, nb, nk, scale, bias, nullptr);
       tile_products(o2 + n0 * a.V2, a.V2, v2, a.V2, nk / 16, dP, kKeys);
       bwd_probs_rows<V>(M, S, kKeys, nk, msh + n0, lg + n0);
       bwd_ds_rows<V>(M, S, dP, kKeys, nk, dl + n0);
+      bias.grad(p, M, nb, dP, kKeys);
       bwd_dq_rows<V>(M, dP, kKeys, nk, kr, t.Dkp, dQ + n0 * t.Dkp);
       rows_to_bf16(M, dP, nk, dS);
       transpose_rows_bf16(M, dS, nk, Nq, n0, dSt);

@@ -453,6 +453,38 @@ inline void load_query_pairs(const FwdParams& p, const Span& s, int64_t Dk, uint
   rows_as_pairs(q, p.q_sn, p.N, p.N, Dk, pairs_of(Dk), q2);
 }
 
+// The score bias of one block of a span (FwdParams::bias): rows n0 .. n0 + M - 1 of the span's
+// queries, the block's valid positions i0 .. i0 + nb - 1. Each query row reads its bias entries
+// once per block, straight from the bias (L1-resident when the queries share a row).
+struct BlockBias {
+  const FwdParams& p;
+  const Span& s;
+  int64_t n0, i0;
+
+  template <class F>
+  void each(int M, int nb, F&& f) const {
+    for (int r = 0; r < M; ++r) {
+      const int64_t row = s.b * p.bias_sb + ((p.n0 + n0 + r) % p.bias_nb) * p.bias_sn + s.h * p.bias_sh;
+      for (int j = 0; j < nb; ++j) f(r, j, row + span_pos(s, i0 + j) * p.bias_sl);
+    }
+  }
+  // S[r][j] += bias, for the valid lanes j < nb (those past stay -inf).
+  void add(int M, int nb, float* S, int64_t ss) const {
+    if (!p.bias) return;
+    const float* b = static_cast<const float*>(p.bias);
+    each(M, nb, [&](int r, int j, int64_t o) { S[r * ss + j] += b[o]; });
+  }
+  // grad_bias += dS (the gradient of the logits, unscaled) of the valid lanes, in row order.
+  void grad(const BwdParams& bp, int M, int nb, const float* dS, int64_t ss) const {
+    if (!bp.gbias) return;
+    float* g = static_cast<float*>(bp.gbias);
+    for (int r = 0; r < M; ++r) {
+      const int64_t row = s.b * bp.gb_sb + ((p.n0 + n0 + r) % p.bias_nb) * bp.gb_sn + s.h * bp.gb_sh;
+      for (int j = 0; j < nb; ++j) g[row + span_pos(s, i0 + j) * bp.gb_sl] += dS[r * ss + j];
+    }
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 
@@ -494,14 +526,15 @@ inline void softmax_rows(int M, const float* bmax, float* S, int64_t ss, int nk,
 // One tile of M query rows against one packed block of nb keys (np panels). PV: also
 // O += P V (the forward); without it only the row statistics (the stats kernel).
 template <class V, int M, bool PV, bool PAIRS>
-inline void fwd_tile_rows(const TileScoring& sc, const float* vp, int64_t Dvp, int nb, float scale, float* S,
-                          float* O, float* mm, float* ll) {
+inline void fwd_tile_rows(const TileScoring& sc, const BlockBias& bias, const float* vp, int64_t Dvp, int nb,
+                          float scale, float* S, float* O, float* mm, float* ll) {
   constexpr int NR = TileShape<V>::NV * V::W, KB = TileShape<V>::KB;
   const int np = int(tile_ceil(nb, NR)), nk = np * NR;
   for (int pn = 0; pn < np; ++pn) {
     const int valid = nb - pn * NR < NR ? nb - pn * NR : NR;
     score_panel<V, M, PAIRS>(sc, pn, valid, scale, S + pn * NR, KB);
   }
+  bias.add(M, nb, S, KB);
   // Each row's block max from the stored scores (a running max kept in registers across the
   // panels took M of them from the scoring loop, which then spilled its key vectors).
   float bmax[M];
@@ -581,8 +614,8 @@ void tile_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out,
     for (int64_t n0 = 0; n0 < N; n0 += MR) {
       const int rows = int(N - n0 < MR ? N - n0 : MR);
       with_rows<MR>(rows, [&](auto mc) {
-        fwd_tile_rows<V, decltype(mc)::value, PV, pairs>(sc.rows_from(n0), vp, t.Dvp, nb, scale, S,
-                                                         O + n0 * t.Dvp, mm + n0, ll + n0);
+        fwd_tile_rows<V, decltype(mc)::value, PV, pairs>(sc.rows_from(n0), BlockBias{p, s, n0, i0}, vp, t.Dvp,
+                                                         nb, scale, S, O + n0 * t.Dvp, mm + n0, ll + n0);
       });
     }
   }
@@ -681,10 +714,10 @@ inline void bwd_write_block(const BwdParams& p, const Span& s, const TileDims& t
 // own: the block holds every valid key of the rows; vn [nb] and dn [M] are then |v| of the keys
 // and |dO| of the rows (bwd_own_delta).
 template <class V, int M, bool PAIRS>
-inline void bwd_tile_rows(const TileDims& t, const TileScoring& sc, const float* qf, const float* dO, float* dQ,
-                          const float* msh, const float* lg, const float* dl, const float* vt, const float* kr,
-                          int nb, float scale, float* S, float* dP, float* dKb, float* dVb, bool own,
-                          const float* vn, const float* dn) {
+inline void bwd_tile_rows(const TileDims& t, const TileScoring& sc, const BwdParams& p, const BlockBias& bias,
+                          const float* qf, const float* dO, float* dQ, const float* msh, const float* lg,
+                          const float* dl, const float* vt, const float* kr, int nb, float scale, float* S, float* dP,
+                          float* dKb, float* dVb, bool own, const float* vn, const float* dn) {
   constexpr int NR = TileShape<V>::NV * V::W, KB = TileShape<V>::KB;
   const int np = int(tile_ceil(nb, NR)), nk = np * NR;
   for (int pn = 0; pn < np; ++pn) {
@@ -692,10 +725,12 @@ inline void bwd_tile_rows(const TileDims& t, const TileScoring& sc, const float*
     score_panel<V, M, PAIRS>(sc, pn, valid, scale, S + pn * NR, KB);
     qk_panel<V, M, false>(dO, t.Dvp, vt + int64_t(pn) * t.Dv * NR, t.Dv, NR, 1.f, dP + pn * NR, KB);
   }
+  bias.add(M, nb, S, KB);
   bwd_probs_rows<V>(M, S, KB, nk, msh, lg);
   float own_dl[M];
   if (own) bwd_own_delta(M, S, dP, KB, nb, t.Dv, vn, dn, dl, own_dl);
   bwd_ds_rows<V>(M, S, dP, KB, nk, own ? own_dl : dl);
+  bias.grad(p, M, nb, dP, KB);
   bwd_updates<V, M>(t, S, dP, KB, nb, nk, qf, dO, kr, dQ, dKb, dVb);
 }
 
@@ -747,9 +782,10 @@ void tile_bwd_span(const BwdParams& p, const Span& s, float* ws, float* dq_out) 
     for (int64_t n0 = 0; n0 < N; n0 += MR) {
       const int rows = int(N - n0 < MR ? N - n0 : MR);
       with_rows<MR>(rows, [&](auto mc) {
-        bwd_tile_rows<V, decltype(mc)::value, pairs>(t, sc.rows_from(n0), qf + n0 * t.Dkp, dO + n0 * t.Dvp,
-                                                     dQ + n0 * t.Dkp, msh + n0, lg + n0, dl + n0, vt, kr, nb,
-                                                     scale, S, dP, dKb, dVb, own, vn, dn + n0);
+        bwd_tile_rows<V, decltype(mc)::value, pairs>(t, sc.rows_from(n0), p, BlockBias{p, s, n0, i0},
+                                                     qf + n0 * t.Dkp, dO + n0 * t.Dvp, dQ + n0 * t.Dkp, msh + n0,
+                                                     lg + n0, dl + n0, vt, kr, nb, scale, S, dP, dKb, dVb, own, vn,
+                                                     dn + n0);
       });
     }
     bwd_write_block<V, T>(p, s, t, i0, nb, dKb, dVb);

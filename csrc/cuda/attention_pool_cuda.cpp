@@ -159,48 +159,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(
   return {grad_query, grad_key, grad_value};
 }
 
+// The CUDA kernels add no score bias yet: a call with one is refused (NotImplementedError)
+// after the op's own checks, never run without it.
+void refuse_bias(const PoolDims& d, const at::Tensor& query, const std::optional<at::Tensor>& bias, bool jagged) {
+  check_bias(d, query, bias, jagged);
+  TORCH_CHECK_NOT_IMPLEMENTED(!bias.has_value(),
+                              "attnkern: the cuda backend does not support bias yet; use backend='cpu' (CPU "
+                              "tensors) or backend='reference'");
+}
+
+// The backward's results with grad_bias, an empty tensor without bias.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> with_no_grad_bias(
+    std::tuple<at::Tensor, at::Tensor, at::Tensor> g, const at::Tensor& query) {
+  return {std::get<0>(g), std::get<1>(g), std::get<2>(g), at::empty({0}, query.options())};
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cuda(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& mask,
-    double scale) {
+    double scale, const std::optional<at::Tensor>& bias) {
   const PoolDims d = check_padded_fwd(query, key, value, lengths, mask);
+  refuse_bias(d, query, bias, /*jagged=*/false);
   check_cuda_inputs(query, scale);
   cuda_launch::DeviceGuard guard(query.device());
   return run_fwd(d, query, key, value, padded_rows(lengths, mask), scale, /*jagged=*/false);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const std::optional<at::Tensor>& lengths,
     const std::optional<at::Tensor>& mask, const at::Tensor& lse, const at::Tensor& delta,
-    double scale) {
+    double scale, const std::optional<at::Tensor>& bias) {
   const PoolDims d = check_padded_fwd(query, key, value, lengths, mask);
+  refuse_bias(d, query, bias, /*jagged=*/false);
   check_bwd_extras(d, query, grad_out, lse, delta);
   check_cuda_inputs(query, scale);
   cuda_launch::DeviceGuard guard(query.device());
-  return run_bwd(d, grad_out, query, key, value, padded_rows(lengths, mask), lse, delta, scale,
-                 /*jagged=*/false);
+  return with_no_grad_bias(run_bwd(d, grad_out, query, key, value, padded_rows(lengths, mask), lse, delta,
+                                   scale, /*jagged=*/false),
+                           query);
 }
 
 std::tuple<at::Tensor, at::Tensor> jagged_attention_pool_fwd_cuda(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& offsets, int64_t max_length, double scale) {
+    const at::Tensor& offsets, int64_t max_length, double scale, const std::optional<at::Tensor>& bias) {
   const PoolDims d = check_jagged_fwd(query, key, value, offsets, max_length);
+  refuse_bias(d, query, bias, /*jagged=*/true);
   check_cuda_inputs(query, scale);
   cuda_launch::DeviceGuard guard(query.device());
   return run_fwd(d, query, key, value, jagged_rows(offsets, max_length), scale, /*jagged=*/true);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> jagged_attention_pool_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jagged_attention_pool_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const at::Tensor& offsets, int64_t max_length, const at::Tensor& lse,
-    const at::Tensor& delta, double scale) {
+    const at::Tensor& delta, double scale, const std::optional<at::Tensor>& bias) {
   const PoolDims d = check_jagged_fwd(query, key, value, offsets, max_length);
+  refuse_bias(d, query, bias, /*jagged=*/true);
   check_bwd_extras(d, query, grad_out, lse, delta);
   check_cuda_inputs(query, scale);
   cuda_launch::DeviceGuard guard(query.device());
-  return run_bwd(d, grad_out, query, key, value, jagged_rows(offsets, max_length), lse, delta,
-                 scale, /*jagged=*/true);
+  return with_no_grad_bias(run_bwd(d, grad_out, query, key, value, jagged_rows(offsets, max_length), lse,
+                                   delta, scale, /*jagged=*/true),
+                           query);
 }
 
 }  // namespace
