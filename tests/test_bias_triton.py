@@ -21,6 +21,7 @@ triton = pytest.importorskip("triton")
 
 import attnkern  # noqa: E402
 from attnkern.testing import compare, make_problem, row_positions, unused_positions  # noqa: E402
+from conftest import check_backend  # noqa: E402
 
 if not attnkern.backends()["triton"].available:
     pytest.skip(attnkern.backends()["triton"].reason, allow_module_level=True)
@@ -201,3 +202,16 @@ def test_bias_gradient_is_deterministic(Nb, Hb):
     a = _run(q, k, v, bias, kwargs)[0]
     b = _run(q, k, v, bias, kwargs)[0]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# Through attnkern.attention_pool (the ops, their autograd, the public function's fold of
+# shared K/V heads) against the float64 reference with the suite's checking body.
+@pytest.mark.parametrize("layout,kind,Hb,Hkv,N", [
+    ("lengths", "shared", 1, 2, 3),    # one row for every head: per-head partials
+    ("jagged", "per_query", 2, 1, 2),  # the heads folded into a group: a row per query
+    ("mask", "shared", 2, 1, 2),       # folded, shared by the candidates: the dbias kernel
+])
+def test_public_bias_on_triton(layout, kind, Hb, Hkv, N):
+    args, kwargs = make_problem(B=3, N=N, H=2, Hkv=Hkv, L=13, Dk=8, Dv=8, layout=layout,
+                                device=DEVICE, bias=kind, bias_heads=Hb)
+    check_backend("triton", args, kwargs)
