@@ -470,6 +470,27 @@ def _attention_pool_bwd_dq_kernel(
 
 
 @triton.jit
+def _load_query_block(Q, DO, ANCH, DELTA, b, h, qn, n_ok, offs_dk, offs_dv,
+                      stride_qb, stride_qn, stride_qh, stride_qd,
+                      stride_gb, stride_gn, stride_gh, stride_gd,
+                      stride_as, stride_ab, stride_an, stride_ah,
+                      stride_db, stride_dn, stride_dh, DK, DV):
+    """The backward's per-query operands of queries qn (int64) of row b, head h: q, dO, the
+    dq kernel's anchors (a, c) and delta; queries past N read as zeros."""
+    q = tl.load(Q + b * stride_qb + h * stride_qh + qn[:, None] * stride_qn
+                + offs_dk[None, :] * stride_qd,
+                mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    do = tl.load(DO + b * stride_gb + h * stride_gh + qn[:, None] * stride_gn
+                 + offs_dv[None, :] * stride_gd,
+                 mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    anc = ANCH + b * stride_ab + h * stride_ah + qn * stride_an
+    a = tl.load(anc, mask=n_ok, other=0.0)
+    c = tl.load(anc + stride_as, mask=n_ok, other=0.0)
+    delta = tl.load(DELTA + b * stride_db + h * stride_dh + qn * stride_dn, mask=n_ok, other=0.0)
+    return q, do, a, c, delta
+
+
+@triton.jit
 def _attention_pool_bwd_dkdv_kernel(
     Q, K, V, IDX, MASK, BIAS, DO, ANCH, DELTA, DK_OUT, DV_OUT, DBIAS,
     scale,
@@ -532,17 +553,10 @@ def _attention_pool_bwd_dkdv_kernel(
         qn = n0 + offs_n
         n_ok = qn < N
         qn64 = qn.to(tl.int64)
-        q = tl.load(Q + b * stride_qb + h * stride_qh + qn64[:, None] * stride_qn
-                    + offs_dk[None, :] * stride_qd,
-                    mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-        do = tl.load(DO + b * stride_gb + h * stride_gh + qn64[:, None] * stride_gn
-                     + offs_dv[None, :] * stride_gd,
-                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        anc = ANCH + b * stride_ab + h * stride_ah + qn64 * stride_an
-        a = tl.load(anc, mask=n_ok, other=0.0)  # the dq kernel's anchors
-        c = tl.load(anc + stride_as, mask=n_ok, other=0.0)
-        delta = tl.load(DELTA + b * stride_db + h * stride_dh + qn64 * stride_dn, mask=n_ok,
-                        other=0.0)
+        q, do, a, c, delta = _load_query_block(
+            Q, DO, ANCH, DELTA, b, h, qn64, n_ok, offs_dk, offs_dv,
+            stride_qb, stride_qn, stride_qh, stride_qd, stride_gb, stride_gn, stride_gh, stride_gd,
+            stride_as, stride_ab, stride_an, stride_ah, stride_db, stride_dn, stride_dh, DK, DV)
         s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale
         if BIAS_MODE == ROW_BIAS:
             s = s + brow
@@ -640,17 +654,12 @@ def _attention_pool_bwd_dbias_kernel(
                 qn = (n0 + offs_n).to(tl.int64)
                 n_ok = qn < N
                 fq = qn * GROUP + j  # the query as the kernels index it
-                q = tl.load(Q + b * stride_qb + h * stride_qh + fq[:, None] * stride_qn
-                            + offs_dk[None, :] * stride_qd,
-                            mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-                do = tl.load(DO + b * stride_gb + h * stride_gh + fq[:, None] * stride_gn
-                             + offs_dv[None, :] * stride_gd,
-                             mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-                anc = ANCH + b * stride_ab + h * stride_ah + fq * stride_an
-                a = tl.load(anc, mask=n_ok, other=0.0)
-                c = tl.load(anc + stride_as, mask=n_ok, other=0.0)
-                delta = tl.load(DELTA + b * stride_db + h * stride_dh + fq * stride_dn,
-                                mask=n_ok, other=0.0)
+                q, do, a, c, delta = _load_query_block(
+                    Q, DO, ANCH, DELTA, b, h, fq, n_ok, offs_dk, offs_dv,
+                    stride_qb, stride_qn, stride_qh, stride_qd,
+                    stride_gb, stride_gn, stride_gh, stride_gd,
+                    stride_as, stride_ab, stride_an, stride_ah, stride_db, stride_dn, stride_dh,
+                    DK, DV)
                 s = _logits(q, k, scale, BIAS, b, fq, n_ok, h, pos, valid, GROUP,
                             stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
                             QUERY_BIAS, USE_DOT, DOT_PRECISION, NATIVE_DOT)
