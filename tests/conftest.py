@@ -22,7 +22,7 @@ from attnkern.testing import make_problem, unused_positions  # noqa: E402,F401  
 # kernels run compiled there.
 INTERPRETER_CASES_IN_FAST_SUBSET = 1
 # Test files whose every test runs Triton kernels (the others say so with backend="triton").
-_INTERPRETER_FILES = ("test_triton.py", "test_activation_unit_triton.py")
+_INTERPRETER_FILES = ("test_triton.py", "test_activation_unit_triton.py", "test_bias_triton.py")
 
 
 def _runs_the_interpreter(item):

@@ -216,17 +216,13 @@ def test_bias_torch_compile_fullgraph(backend, layout):
                                                                            backend=backend), args)
 
 
-def test_backends_without_a_bias_path_refuse_it():
-    """The Triton and CUDA ops refuse a bias (NotImplementedError) after their own checks; they
-    never run without it."""
+def test_the_ops_bias_layout_is_checked():
+    """The fused ops (C++ and Triton) take the op layout [B, Nb, Hb, L], with the query axis."""
     from attnkern.ops import checks
-    from attnkern.ops.triton import _check_bias
 
     args, _ = _problem("lengths", "shared", 2, N=2)
     q, k, v, bias = args
     dims = (5, 2, 2, 8, 6, 19)
-    _check_bias(dims, q, None, jagged=False)
-    with pytest.raises(NotImplementedError, match="triton backend does not support bias"):
-        _check_bias(dims, q, bias.unsqueeze(1), jagged=False)
+    checks.bias(dims, q, bias.unsqueeze(1), jagged=False)
     with pytest.raises(ValueError, match="bias must be"):
         checks.bias(dims, q, bias, jagged=False)  # the op's layout has the query axis

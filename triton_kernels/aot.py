@@ -52,24 +52,27 @@ class Variant:
     num_warps: int
     num_stages: int
     dot_precision: str = "ieee"
+    bias: int = 0  # BIAS_MODE (and the dk/dv kernel's DBIAS_MODE): 0 none, 2 a row per query
 
     @property
     def name(self) -> str:
-        return "%s-%s-n%d-dk%d-dv%d-l%d-w%d-s%d%s" % (
+        return "%s-%s-n%d-dk%d-dv%d-l%d-w%d-s%d%s%s" % (
             self.kernel, self.dtype, self.block_n, self.block_dk, self.block_dv, self.block_l,
             self.num_warps, self.num_stages,
-            "" if self.dot_precision == "ieee" else "-" + self.dot_precision)
+            "" if self.dot_precision == "ieee" else "-" + self.dot_precision,
+            "-bias" if self.bias else "")
 
 
 _KERNELS = {
     "fwd": (K._attention_pool_fwd_kernel,
-            {"Q": "x", "K": "x", "V": "x", "IDX": "i32", "MASK": "x", "OUT": "x", "LSE": "fp32"}),
+            {"Q": "x", "K": "x", "V": "x", "IDX": "i32", "MASK": "x", "BIAS": "fp32", "OUT": "x",
+             "LSE": "fp32"}),
     "dq": (K._attention_pool_bwd_dq_kernel,
-           {"Q": "x", "K": "x", "V": "x", "IDX": "i32", "MASK": "x", "DO": "x", "LSE": "fp32",
-            "DELTA": "fp32", "DQ": "x", "ANCH": "fp32"}),
+           {"Q": "x", "K": "x", "V": "x", "IDX": "i32", "MASK": "x", "BIAS": "fp32", "DO": "x",
+            "LSE": "fp32", "DELTA": "fp32", "DQ": "x", "ANCH": "fp32"}),
     "dkdv": (K._attention_pool_bwd_dkdv_kernel,
-             {"Q": "x", "K": "x", "V": "x", "IDX": "i32", "MASK": "x", "DO": "x", "ANCH": "fp32",
-              "DELTA": "fp32", "DK_OUT": "x", "DV_OUT": "x"}),
+             {"Q": "x", "K": "x", "V": "x", "IDX": "i32", "MASK": "x", "BIAS": "fp32", "DO": "x",
+              "ANCH": "fp32", "DELTA": "fp32", "DK_OUT": "x", "DV_OUT": "x", "DBIAS": "fp32"}),
 }
 _FLOAT_ARGS = ("scale", "restat_above")
 _UNIT_STRIDES = re.compile(r"^stride_\w*d$")  # the head-dim strides: 1 for contiguous tensors
@@ -91,7 +94,8 @@ def source(v: Variant):
     tl_dtype = _TL_NAMES[v.dtype]
     constexprs = dict(LAYOUT=K.LENGTHS.value, BLOCK_N=v.block_n, BLOCK_L=v.block_l,
                       BLOCK_DK=v.block_dk, BLOCK_DV=v.block_dv, USE_DOT=v.block_n > K.SMALL_N,
-                      DOT_PRECISION=v.dot_precision, NATIVE_DOT=True)
+                      DOT_PRECISION=v.dot_precision, NATIVE_DOT=True, BIAS_MODE=v.bias,
+                      DBIAS_MODE=v.bias)
     signature, consts, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -192,7 +196,8 @@ def compile_variant(v: Variant, capability: int = 90) -> Dict:
     row.update(name=v.name, shared=int(ck.metadata.shared), n_regs=regs, n_spills=spills,
                seconds=round(time.time() - t0, 2),
                fits=K._fits(v.block_n, v.block_l, v.block_dk, v.block_dv, v.num_warps,
-                            v.num_stages, _dtype_bytes(v.dtype), kind=v.kernel))
+                            v.num_stages, _dtype_bytes(v.dtype), kind=v.kernel,
+                            bias=bool(v.bias)))
     return row
 
 
@@ -216,10 +221,14 @@ def kept_configs(kernel: str, dtype: str, block_n: int, block_dk: int, block_dv:
                            BLOCK_DV=block_dv, dtype_bytes=_dtype_bytes(dtype))
 
 
-def default_variant(kernel: str, dtype: str, block_n: int, block_dk: int, block_dv: int) -> Variant:
-    """The config used with autotuning off (ATTNKERN_TRITON_AUTOTUNE=0)."""
-    bl, w, s = K.default_config(block_n, block_dk, block_dv, _dtype_bytes(dtype), kind=kernel)
-    return Variant(kernel, dtype, block_n, block_dk, block_dv, bl, w, s)
+def default_variant(kernel: str, dtype: str, block_n: int, block_dk: int, block_dv: int,
+                    bias: bool = False) -> Variant:
+    """The config used with autotuning off (ATTNKERN_TRITON_AUTOTUNE=0); with bias, a bias
+    row per query (K.QUERY_BIAS)."""
+    bl, w, s = K.default_config(block_n, block_dk, block_dv, _dtype_bytes(dtype), kind=kernel,
+                                bias=bias)
+    return Variant(kernel, dtype, block_n, block_dk, block_dv, bl, w, s,
+                   bias=K.QUERY_BIAS.value if bias else 0)
 
 
 def all_variants(kernels=("fwd", "dq", "dkdv"), dtypes=DTYPES, query_blocks=QUERY_BLOCKS,
@@ -264,6 +273,11 @@ def representative_variants() -> List[Variant]:
                     vs.add(default_variant(kernel, dtype, bn, d, d))
                     out.extend(v for v in sorted(vs, key=lambda v: v.name) if v not in out)
             out.append(default_variant(kernel, dtype, 1, 256, 256))
+            # With a bias row per query (the most it adds: a [BLOCK_N, BLOCK_L] tile), at the
+            # largest query block and the widest head block its default config takes.
+            bn = K.query_block(64, 128, 128, _dtype_bytes(dtype), kernel)
+            v = default_variant(kernel, dtype, bn, 128, 128, bias=True)
+            out.append(v)
     return out
 
 

@@ -188,19 +188,73 @@ def _finite_or_zero(m):
     return tl.where(tl.abs(m) < float("inf"), m, 0.0)
 
 
+# Bias modes (constexpr BIAS_MODE): how a program reads the score bias.
+NO_BIAS = tl.constexpr(0)
+ROW_BIAS = tl.constexpr(1)  # one row for every query of the program (shared by N, one head)
+QUERY_BIAS = tl.constexpr(2)  # a row per query (per query, or one head per query of a group)
+
+
+@triton.jit
+def _bias_row(b, qn, h, GROUP, stride_bb, stride_bn, stride_bj, stride_bh):
+    return b * stride_bb + (qn // GROUP) * stride_bn + (qn % GROUP) * stride_bj + h * stride_bh
+
+
+@triton.jit
+def _bias_tile(BIAS, b, qn, n_ok, h, pos, valid, GROUP,
+               stride_bb, stride_bn, stride_bj, stride_bh, stride_bl, BIAS_MODE: tl.constexpr):
+    """The score bias of queries `qn` of K/V head h at positions `pos` of row b, float32:
+    [1, L] (ROW_BIAS: the same row for every query) or [N, L]. Query qn reads the row at
+    (qn // GROUP) * stride_bn + (qn % GROUP) * stride_bj + h * stride_bh (see _BiasView: the
+    query heads folded into candidates, a bias shared by candidates or heads). Read only at
+    positions that take part (0 elsewhere)."""
+    if BIAS_MODE == ROW_BIAS:
+        x = tl.load(BIAS + b * stride_bb + h * stride_bh + pos * stride_bl,
+                    mask=valid, other=0.0).to(tl.float32)[None, :]
+    else:
+        row = _bias_row(b, qn, h, GROUP, stride_bb, stride_bn, stride_bj, stride_bh)
+        x = tl.load(BIAS + row[:, None] + pos[None, :] * stride_bl,
+                    mask=n_ok[:, None] & valid[None, :], other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _logits(q, k, scale, BIAS, b, qn, n_ok, h, pos, valid, GROUP,
+            stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
+            BIAS_MODE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            NATIVE_DOT: tl.constexpr):
+    """scale * q.k (+ bias): the logits as the reference computes them, -inf where a position
+    takes no part. A -inf bias drops its position; NaN/inf elsewhere propagate."""
+    s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale
+    if BIAS_MODE != NO_BIAS:
+        s = s + _bias_tile(BIAS, b, qn, n_ok, h, pos, valid, GROUP,
+                           stride_bb, stride_bn, stride_bj, stride_bh, stride_bl, BIAS_MODE)
+    return tl.where(valid[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _store_dbias(DBIAS, b, qn, n_ok, h, pos, valid, GROUP,
+                 stride_gbb, stride_gbn, stride_gbj, stride_gbh, stride_gbl, ds):
+    """ds [N, L] of queries `qn` of K/V head h to the bias gradient, each at its bias
+    position (indexed as in _bias_tile), at the positions that take part only."""
+    row = _bias_row(b, qn, h, GROUP, stride_gbb, stride_gbn, stride_gbj, stride_gbh)
+    tl.store(DBIAS + row[:, None] + pos[None, :] * stride_gbl, ds.to(DBIAS.dtype.element_ty),
+             mask=n_ok[:, None] & valid[None, :])
+
+
 @triton.jit
 def _attention_pool_fwd_kernel(
-    Q, K, V, IDX, MASK, OUT, LSE,
+    Q, K, V, IDX, MASK, BIAS, OUT, LSE,
     scale,
     stride_qb, stride_qn, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
     stride_idx, stride_mb, stride_ml,
+    stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
     stride_os, stride_ob, stride_on, stride_oh, stride_od,
     stride_ls, stride_lb, stride_ln, stride_lh,
-    N, L, MAX_LEN, NUM_SPLITS, DK, DV,
+    N, L, MAX_LEN, NUM_SPLITS, DK, DV, GROUP,
     N_KEY,  # autotune key only: power-of-two bucket of N
-    LAYOUT: tl.constexpr,
+    LAYOUT: tl.constexpr, BIAS_MODE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
@@ -247,8 +301,9 @@ def _attention_pool_fwd_kernel(
         valid, k, v = _load_kv_tile(k_base, v_base, MASK, b, pos, valid, offs_dk, offs_dv,
                                     stride_kl, stride_kd, stride_vl, stride_vd, stride_mb,
                                     stride_ml, DK, DV, LAYOUT)
-        s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale
-        s = tl.where(valid[None, :], s, float("-inf"))
+        s = _logits(q, k, scale, BIAS, b, offs_n.to(tl.int64), n_ok, h, pos, valid, GROUP,
+                    stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
+                    BIAS_MODE, USE_DOT, DOT_PRECISION, NATIVE_DOT)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_shift = _finite_or_zero(m_new)
         alpha = tl.exp2((m_i - m_shift) * _LOG2E)  # 0 while nothing contributed (m_i = -inf)
@@ -312,20 +367,21 @@ def _attention_pool_combine_kernel(
 
 @triton.jit
 def _attention_pool_bwd_dq_kernel(
-    Q, K, V, IDX, MASK, DO, LSE, DELTA, DQ, ANCH,
+    Q, K, V, IDX, MASK, BIAS, DO, LSE, DELTA, DQ, ANCH,
     scale, restat_above,
     stride_qb, stride_qn, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
     stride_idx, stride_mb, stride_ml,
+    stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
     stride_gb, stride_gn, stride_gh, stride_gd,
     stride_lb, stride_ln, stride_lh,
     stride_db, stride_dn, stride_dh,
     stride_dqb, stride_dqn, stride_dqh, stride_dqd,
     stride_as, stride_ab, stride_an, stride_ah,
-    N, L, MAX_LEN, DK, DV,
+    N, L, MAX_LEN, DK, DV, GROUP,
     N_KEY,
-    LAYOUT: tl.constexpr,
+    LAYOUT: tl.constexpr, BIAS_MODE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
@@ -377,8 +433,9 @@ def _attention_pool_bwd_dq_kernel(
             pos = start + t * BLOCK_L + offs_l
             valid = _tile_valid(MASK, b, pos, pos < end, stride_mb, stride_ml, LAYOUT)
             k = _load_rows(k_base, pos, valid, offs_dk, stride_kl, stride_kd, DK)
-            s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale
-            s = tl.where(valid[None, :], s, float("-inf"))
+            s = _logits(q, k, scale, BIAS, b, offs_n64, n_ok, h, pos, valid, GROUP,
+                        stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
+                        BIAS_MODE, USE_DOT, DOT_PRECISION, NATIVE_DOT)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_shift = _finite_or_zero(m_new)
             l_i = (l_i * tl.exp2((m_i - m_shift) * _LOG2E)
@@ -398,8 +455,9 @@ def _attention_pool_bwd_dq_kernel(
         valid, k, v = _load_kv_tile(k_base, v_base, MASK, b, pos, valid, offs_dk, offs_dv,
                                     stride_kl, stride_kd, stride_vl, stride_vd, stride_mb,
                                     stride_ml, DK, DV, LAYOUT)
-        s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale
-        s = tl.where(valid[None, :], s, float("-inf"))
+        s = _logits(q, k, scale, BIAS, b, offs_n64, n_ok, h, pos, valid, GROUP,
+                    stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
+                    BIAS_MODE, USE_DOT, DOT_PRECISION, NATIVE_DOT)
         p = tl.exp2(((s - a[:, None]) - c[:, None]) * _LOG2E)
         dp = _mm(do, tl.trans(v), USE_DOT, DOT_PRECISION, NATIVE_DOT)
         ds = p * (dp - delta[:, None])
@@ -412,21 +470,44 @@ def _attention_pool_bwd_dq_kernel(
 
 
 @triton.jit
+def _load_query_block(Q, DO, ANCH, DELTA, b, h, qn, n_ok, offs_dk, offs_dv,
+                      stride_qb, stride_qn, stride_qh, stride_qd,
+                      stride_gb, stride_gn, stride_gh, stride_gd,
+                      stride_as, stride_ab, stride_an, stride_ah,
+                      stride_db, stride_dn, stride_dh, DK, DV):
+    """The backward's per-query operands of queries qn (int64) of row b, head h: q, dO, the
+    dq kernel's anchors (a, c) and delta; queries past N read as zeros."""
+    q = tl.load(Q + b * stride_qb + h * stride_qh + qn[:, None] * stride_qn
+                + offs_dk[None, :] * stride_qd,
+                mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    do = tl.load(DO + b * stride_gb + h * stride_gh + qn[:, None] * stride_gn
+                 + offs_dv[None, :] * stride_gd,
+                 mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    anc = ANCH + b * stride_ab + h * stride_ah + qn * stride_an
+    a = tl.load(anc, mask=n_ok, other=0.0)
+    c = tl.load(anc + stride_as, mask=n_ok, other=0.0)
+    delta = tl.load(DELTA + b * stride_db + h * stride_dh + qn * stride_dn, mask=n_ok, other=0.0)
+    return q, do, a, c, delta
+
+
+@triton.jit
 def _attention_pool_bwd_dkdv_kernel(
-    Q, K, V, IDX, MASK, DO, ANCH, DELTA, DK_OUT, DV_OUT,
+    Q, K, V, IDX, MASK, BIAS, DO, ANCH, DELTA, DK_OUT, DV_OUT, DBIAS,
     scale,
     stride_qb, stride_qn, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
     stride_idx, stride_mb, stride_ml,
+    stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
     stride_gb, stride_gn, stride_gh, stride_gd,
     stride_as, stride_ab, stride_an, stride_ah,
     stride_db, stride_dn, stride_dh,
     stride_dkb, stride_dkl, stride_dkh, stride_dkd,
     stride_dvb, stride_dvl, stride_dvh, stride_dvd,
-    N, L, MAX_LEN, GRID_LEN, DK, DV,
+    stride_gbb, stride_gbn, stride_gbj, stride_gbh, stride_gbl,
+    N, L, MAX_LEN, GRID_LEN, DK, DV, GROUP,
     N_KEY,
-    LAYOUT: tl.constexpr,
+    LAYOUT: tl.constexpr, BIAS_MODE: tl.constexpr, DBIAS_MODE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
@@ -434,7 +515,12 @@ def _attention_pool_bwd_dkdv_kernel(
     """dk/dv of one L tile of one row: loops over all N queries, so no two programs ever
     write the same position (deterministic, no atomics). Positions that take part in no row
     are never written: the launcher zero-fills the outputs. p = exp2((s - a) - c) with the
-    anchors (a, c) the dq kernel wrote to ANCH (p = exp((s - a) - c))."""
+    anchors (a, c) the dq kernel wrote to ANCH (p = exp((s - a) - c)).
+
+    The bias gradient is the logits' gradient ds, summed over what the bias was broadcast
+    to. DBIAS_MODE ROW_BIAS: this program's column sums over all its queries, in query order,
+    to DBIAS[b, h, pos] (the whole sum when nothing else shares that row); QUERY_BIAS: ds
+    itself, at the bias position of each query (one writer per element). Else none here."""
     tiles_per_row = tl.cdiv(GRID_LEN, BLOCK_L)
     pid = tl.program_id(0).to(tl.int64)
     b = pid // tiles_per_row
@@ -458,29 +544,36 @@ def _attention_pool_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_L, BLOCK_DK], tl.float32)
     dv = tl.zeros([BLOCK_L, BLOCK_DV], tl.float32)
+    db = tl.zeros([BLOCK_L], tl.float32)
+    if BIAS_MODE == ROW_BIAS:  # read once for every query of the row
+        brow = _bias_tile(BIAS, b, offs_n.to(tl.int64), offs_n < N, h, pos, valid, GROUP,
+                          stride_bb, stride_bn, stride_bj, stride_bh, stride_bl, BIAS_MODE)
     # Phase 2: loop over the row's queries in blocks, in a fixed order.
     for n0 in range(0, N, BLOCK_N):
         qn = n0 + offs_n
         n_ok = qn < N
         qn64 = qn.to(tl.int64)
-        q = tl.load(Q + b * stride_qb + h * stride_qh + qn64[:, None] * stride_qn
-                    + offs_dk[None, :] * stride_qd,
-                    mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-        do = tl.load(DO + b * stride_gb + h * stride_gh + qn64[:, None] * stride_gn
-                     + offs_dv[None, :] * stride_gd,
-                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        anc = ANCH + b * stride_ab + h * stride_ah + qn64 * stride_an
-        a = tl.load(anc, mask=n_ok, other=0.0)  # the dq kernel's anchors
-        c = tl.load(anc + stride_as, mask=n_ok, other=0.0)
-        delta = tl.load(DELTA + b * stride_db + h * stride_dh + qn64 * stride_dn, mask=n_ok,
-                        other=0.0)
+        q, do, a, c, delta = _load_query_block(
+            Q, DO, ANCH, DELTA, b, h, qn64, n_ok, offs_dk, offs_dv,
+            stride_qb, stride_qn, stride_qh, stride_qd, stride_gb, stride_gn, stride_gh, stride_gd,
+            stride_as, stride_ab, stride_an, stride_ah, stride_db, stride_dn, stride_dh, DK, DV)
         s = _mm(q, tl.trans(k), USE_DOT, DOT_PRECISION, NATIVE_DOT) * scale
+        if BIAS_MODE == ROW_BIAS:
+            s = s + brow
+        elif BIAS_MODE == QUERY_BIAS:
+            s = s + _bias_tile(BIAS, b, qn64, n_ok, h, pos, valid, GROUP,
+                               stride_bb, stride_bn, stride_bj, stride_bh, stride_bl, BIAS_MODE)
         s = tl.where(n_ok[:, None] & valid[None, :], s, float("-inf"))
         p = tl.exp2(((s - a[:, None]) - c[:, None]) * _LOG2E)
         dv += _mm(tl.trans(p), do, USE_DOT, DOT_PRECISION, NATIVE_DOT)
         dp = _mm(do, tl.trans(v), USE_DOT, DOT_PRECISION, NATIVE_DOT)
         ds = p * (dp - delta[:, None])
         dk += _mm(tl.trans(ds), q, USE_DOT, DOT_PRECISION, NATIVE_DOT)
+        if DBIAS_MODE == ROW_BIAS:
+            db += tl.sum(tl.where(n_ok[:, None], ds, 0.0), axis=0)
+        elif DBIAS_MODE == QUERY_BIAS:
+            _store_dbias(DBIAS, b, qn64, n_ok, h, pos, valid, GROUP,
+                         stride_gbb, stride_gbn, stride_gbj, stride_gbh, stride_gbl, ds)
 
     # Phase 3: write the valid positions of the tile.
     dk = dk * scale
@@ -490,6 +583,110 @@ def _attention_pool_bwd_dkdv_kernel(
     tl.store(DV_OUT + b * stride_dvb + h * stride_dvh + pos[:, None] * stride_dvl
              + offs_dv[None, :] * stride_dvd, dv.to(DV_OUT.dtype.element_ty),
              mask=valid[:, None] & (offs_dv[None, :] < DV))
+    if DBIAS_MODE == ROW_BIAS:
+        tl.store(DBIAS + b * stride_gbb + h * stride_gbh + pos * stride_gbl,
+                 db.to(DBIAS.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _attention_pool_bwd_dbias_kernel(
+    Q, K, V, IDX, MASK, BIAS, DO, ANCH, DELTA, DBIAS,
+    scale,
+    stride_qb, stride_qn, stride_qh, stride_qd,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vh, stride_vd,
+    stride_idx, stride_mb, stride_ml,
+    stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
+    stride_gb, stride_gn, stride_gh, stride_gd,
+    stride_as, stride_ab, stride_an, stride_ah,
+    stride_db, stride_dn, stride_dh,
+    stride_gbb, stride_gbj, stride_gbh, stride_gbl,
+    N, H, L, MAX_LEN, DK, DV, GROUP,
+    LAYOUT: tl.constexpr, PER_J: tl.constexpr, PER_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
+):
+    """The bias gradient where its sums run across programs of the dk/dv kernel (one per
+    head) or over queries that one of them cannot tell apart. Query n * GROUP + j of head h
+    reads the bias (and owns its gradient) at j * stride_bj + h * stride_bh; PER_J / PER_H
+    say whether j / h select distinct elements (else they are summed over, as n always is).
+    One program per (row, L tile) recomputes ds for every query and head of its tile, in a
+    fixed order, and writes each element of DBIAS once: deterministic, no atomics, no
+    [B, N, H, L] buffer.
+
+    N: queries // GROUP; H: heads."""
+    b = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1).to(tl.int64)
+    start, end = _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT)
+    lo = start + tile * BLOCK_L
+    if lo >= end:
+        return
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
+    pos = lo + tl.arange(0, BLOCK_L)
+    valid = _tile_valid(MASK, b, pos, pos < end, stride_mb, stride_ml, LAYOUT)
+    # The loop over (j, h) runs the summed index innermost, so that each element's sum is
+    # complete when it is written.
+    if PER_H:
+        n_outer = H
+        n_inner = GROUP
+    else:
+        n_outer = GROUP
+        n_inner = H
+
+    acc = tl.zeros([BLOCK_L], tl.float32)
+    for o in range(0, n_outer):
+        for i in range(0, n_inner):
+            if PER_H:
+                h = o
+                j = i
+            else:
+                h = i
+                j = o
+            k = _load_rows(K + b * stride_kb + h * stride_kh, pos, valid, offs_dk, stride_kl,
+                           stride_kd, DK)
+            v = _load_rows(V + b * stride_vb + h * stride_vh, pos, valid, offs_dv, stride_vl,
+                           stride_vd, DV)
+            for n0 in range(0, N, BLOCK_N):
+                qn = (n0 + offs_n).to(tl.int64)
+                n_ok = qn < N
+                fq = qn * GROUP + j  # the query as the kernels index it
+                q, do, a, c, delta = _load_query_block(
+                    Q, DO, ANCH, DELTA, b, h, fq, n_ok, offs_dk, offs_dv,
+                    stride_qb, stride_qn, stride_qh, stride_qd,
+                    stride_gb, stride_gn, stride_gh, stride_gd,
+                    stride_as, stride_ab, stride_an, stride_ah, stride_db, stride_dn, stride_dh,
+                    DK, DV)
+                s = _logits(q, k, scale, BIAS, b, fq, n_ok, h, pos, valid, GROUP,
+                            stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
+                            QUERY_BIAS, USE_DOT, DOT_PRECISION, NATIVE_DOT)
+                s = tl.where(n_ok[:, None], s, float("-inf"))
+                p = tl.exp2(((s - a[:, None]) - c[:, None]) * _LOG2E)
+                dp = _mm(do, tl.trans(v), USE_DOT, DOT_PRECISION, NATIVE_DOT)
+                acc += tl.sum(tl.where(n_ok[:, None], p * (dp - delta[:, None]), 0.0), axis=0)
+            if PER_H and PER_J:
+                _store_dbias_acc(DBIAS, b, j, h, pos, valid,
+                                 stride_gbb, stride_gbj, stride_gbh, stride_gbl, acc)
+                acc = tl.zeros([BLOCK_L], tl.float32)
+        if PER_H != PER_J:
+            _store_dbias_acc(DBIAS, b, o, o, pos, valid,
+                             stride_gbb, stride_gbj, stride_gbh, stride_gbl, acc)
+            acc = tl.zeros([BLOCK_L], tl.float32)
+    if not PER_H and not PER_J:
+        _store_dbias_acc(DBIAS, b, 0, 0, pos, valid,
+                         stride_gbb, stride_gbj, stride_gbh, stride_gbl, acc)
+
+
+@triton.jit
+def _store_dbias_acc(DBIAS, b, j, h, pos, valid, stride_gbb, stride_gbj, stride_gbh,
+                     stride_gbl, acc):
+    """acc [L] to the gradient of in-group index j and head h (the strides of the summed
+    indices are 0), at the positions that take part."""
+    tl.store(DBIAS + b * stride_gbb + j * stride_gbj + h * stride_gbh + pos * stride_gbl,
+             acc.to(DBIAS.dtype.element_ty), mask=valid)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -550,7 +747,8 @@ def maxnreg(num_warps: int, dtype_bytes: int):
 SHARED_BUDGET = 200 * 1024  # bytes
 
 
-def tile_costs(block_n, block_l, block_dk, block_dv, num_stages, dtype_bytes, kind):
+def tile_costs(block_n, block_l, block_dk, block_dv, num_stages, dtype_bytes, kind,
+               bias=False):
     """(float32 values live per program, shared memory bytes) of one program of `kind`
     (fwd | dq | dkdv), counting every tile:
 
@@ -560,12 +758,17 @@ def tile_costs(block_n, block_l, block_dk, block_dv, num_stages, dtype_bytes, ki
           over queries), the K/V tile, two score tiles
     tl.dot on float32 operands ("ieee": FMA, no tensor cores) also holds its operand tiles
     in registers. The broadcast path (N <= SMALL_N) holds its [N, L, D] products and the
-    K/V tiles in registers. _fits holds these against budgets calibrated on sm_90 compiles."""
+    K/V tiles in registers. bias: a bias row per query, one more [N, L] tile while it is
+    added to the scores (more in dk/dv, which writes ds as the bias gradient). _fits holds these
+    against budgets calibrated on sm_90 compiles."""
     b = int(dtype_bytes)
     n, l_, dkv = int(block_n), int(block_l), int(block_dk) + int(block_dv)
     stages = max(1, int(num_stages))
+    # dk/dv also keeps ds for its store as the bias gradient: counted as four tiles in all,
+    # calibrated on the sm_90 compile (three still let a 16-bit 64 x 32 tile spill).
+    bias_tile = (4 if kind == "dkdv" else 1) * n * l_ if bias else 0
     if n <= SMALL_N:
-        live = n * l_ * max(block_dk, block_dv) + l_ * dkv + 2 * n * l_
+        live = n * l_ * max(block_dk, block_dv) + l_ * dkv + 2 * n * l_ + bias_tile
         shared = stages * l_ * dkv * b
         return live, shared
     if kind == "fwd":
@@ -584,12 +787,12 @@ def tile_costs(block_n, block_l, block_dk, block_dv, num_stages, dtype_bytes, ki
         raise ValueError("kind must be fwd, dq or dkdv, got %r" % (kind,))
     # Operand tiles: mma.sync fragments of 16-bit values (two per register), or the slices of
     # float32 operands that the FMA dot keeps per thread (about half of them).
-    live += operands // 2
+    live += operands // 2 + bias_tile
     return live, shared
 
 
 def _fits(block_n, block_l, block_dk, block_dv, num_warps=4, num_stages=2, dtype_bytes=4,
-          kind="fwd"):
+          kind="fwd", bias=False):
     """Whether one program's tiles fit the register and shared-memory budgets.
 
     Besides the counted tiles (tile_costs), rules calibrated on sm_90 compiles of these
@@ -599,7 +802,8 @@ def _fits(block_n, block_l, block_dk, block_dv, num_warps=4, num_stages=2, dtype
     - tl.dot on float32 operands ("ieee": FMA, no tensor cores): 8 warps, 2 stages, K/V tiles
       of at most FP32_DOT_KV_TILE elements, FP32_DOT_REG_BUDGET per thread, and dk/dv query
       blocks of 16."""
-    live, shared = tile_costs(block_n, block_l, block_dk, block_dv, num_stages, dtype_bytes, kind)
+    live, shared = tile_costs(block_n, block_l, block_dk, block_dv, num_stages, dtype_bytes, kind,
+                              bias)
     budget = REG_BUDGET
     if block_n > SMALL_N:
         if dtype_bytes == 4:
@@ -632,15 +836,17 @@ def _arg(named_args, kwargs, name):
 
 def prune_configs(configs, named_args, kind="fwd", dtype_bytes=None, **kwargs):
     """Drops configs whose tiles do not fit (_fits) the blocks and the inputs' dtype (from the
-    query tensor, or dtype_bytes); keeps at least the smallest one."""
+    query tensor, or dtype_bytes), with a bias row per query when BIAS_MODE says so; keeps at
+    least the smallest one."""
     bn = _arg(named_args, kwargs, "BLOCK_N")
     bdk = _arg(named_args, kwargs, "BLOCK_DK")
     bdv = _arg(named_args, kwargs, "BLOCK_DV")
+    bias = _arg(named_args, kwargs, "BIAS_MODE") == QUERY_BIAS.value
     if dtype_bytes is None:
         q = named_args.get("Q")
         dtype_bytes = q.element_size() if isinstance(q, torch.Tensor) else 4
     kept = [c for c in configs if _fits(bn, c.kwargs["BLOCK_L"], bdk, bdv, c.num_warps,
-                                        c.num_stages, dtype_bytes, kind)]
+                                        c.num_stages, dtype_bytes, kind, bias)]
     if not kept:
         kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_L"], c.num_stages, -c.num_warps))]
     return [_with_maxnreg(c, dtype_bytes) for c in kept]
@@ -674,12 +880,12 @@ _dkdv_tuned = triton.autotune(BWD_CONFIGS, key=AUTOTUNE_KEY,
     _attention_pool_bwd_dkdv_kernel)
 
 
-def default_config(block_n, block_dk, block_dv, dtype_bytes, kind="fwd"):
+def default_config(block_n, block_dk, block_dv, dtype_bytes, kind="fwd", bias=False):
     """Untuned (BLOCK_L, num_warps, num_stages) for CUDA with autotune off: the largest
     BLOCK_L of 64/32/16 that fits with 4 warps (else 8), 2 stages; else (16, 8, 2)."""
     for bl in (64, 32, 16):
         for w in (4, 8):
-            if _fits(block_n, bl, block_dk, block_dv, w, 2, dtype_bytes, kind):
+            if _fits(block_n, bl, block_dk, block_dv, w, 2, dtype_bytes, kind, bias):
                 return bl, w, 2
     return 16, 8, 2
 
@@ -754,16 +960,51 @@ def _layout_args(key, lengths, mask, offsets, max_length):
     return DENSE.value, key, 0, key, (0, 0), -1, L, False
 
 
+class _BiasView:
+    """A bias-shaped tensor (the bias or its gradient) as the kernels index it.
+
+    Canonical layouts: padded [B, Nb, Hb, L], jagged [T, Nb, Hb]; Nb divides N and query n
+    reads row n % Nb (1: shared by every query; N: one per query; after the public
+    function's fold of shared K/V heads, G: one per query head of a group); Hb is 1 (shared
+    by every head) or H. The kernels see query n as (n // GROUP, n % GROUP) with
+    GROUP = Nb and strides (stride_b, stride_n, stride_j, stride_h, stride_l), stride_n = 0;
+    a size-1 dim is broadcast (stride 0 whatever the tensor says)."""
+
+    def __init__(self, t, query, jagged):
+        self.tensor = t
+        self.nq, self.heads = query.shape[1], query.shape[2]
+        if t is None:
+            self.group, self.nb, self.hb = 1, 1, 1
+            self.strides = (0, 0, 0, 0, 0)
+            return
+        self.nb, self.hb = t.shape[1], t.shape[2]
+        sb, sl = (0, t.stride(0)) if jagged else (t.stride(0), t.stride(3))
+        self.group = self.nb
+        self.strides = (sb, 0, t.stride(1) if self.nb > 1 else 0,
+                        t.stride(2) if self.hb > 1 else 0, sl)
+
+    @property
+    def mode(self):
+        """How the kernels read it: NO_BIAS, ROW_BIAS (one row for all queries of a head),
+        QUERY_BIAS."""
+        if self.tensor is None:
+            return NO_BIAS.value
+        return (ROW_BIAS if self.nb == 1 else QUERY_BIAS).value
+
+    def pointer(self, dummy):
+        return dummy if self.tensor is None else self.tensor
+
+
 def _meta(layout, block_n, block_dk, block_dv, dtype):
     return dict(LAYOUT=layout, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
                 USE_DOT=block_n > SMALL_N, DOT_PRECISION=fp32_dot_precision(),
                 NATIVE_DOT=native_dot(dtype))
 
 
-def _fixed_config(block_l, block_n, block_dk, block_dv, dtype_bytes, kind):
+def _fixed_config(block_l, block_n, block_dk, block_dv, dtype_bytes, kind, bias=False):
     """Launch options without autotuning: default_config's, BLOCK_L overridden by `block_l`
     when given; INTERPRET_BLOCK_L under the interpreter."""
-    bl, warps, stages = default_config(block_n, block_dk, block_dv, dtype_bytes, kind)
+    bl, warps, stages = default_config(block_n, block_dk, block_dv, dtype_bytes, kind, bias)
     if block_l is not None:
         bl = int(block_l)
     elif interpret_mode():
@@ -802,6 +1043,7 @@ def attention_pool_fwd(
     num_splits: Optional[int] = None,
     block_l: Optional[int] = None,
     out_dtype: Optional[torch.dtype] = None,
+    bias: Optional[torch.Tensor] = None,
 ):
     """Forward launcher on canonical tensors (any strides). Returns (out [B, N, H, Dv] in
     out_dtype (default: the query dtype), contiguous; lse [B, N, H] float32). An empty row
@@ -810,6 +1052,7 @@ def attention_pool_fwd(
 
     num_splits: None = the split-L heuristic, or a forced number of splits (>= 1).
     block_l: None = autotuned on CUDA / INTERPRET_BLOCK_L under the interpreter, else fixed.
+    bias: the score bias added to scale * q.k (see _BiasView for its canonical layouts).
     Inputs are assumed checked for shapes/dtypes; index values are clamped in-kernel.
     """
     B, N, H, Dk = query.shape
@@ -822,6 +1065,7 @@ def attention_pool_fwd(
         return out, lse
     layout, idx, stride_idx, mk, (stride_mb, stride_ml), max_len, L, jagged = _layout_args(
         key, lengths, mask, offsets, max_length)
+    bi = _BiasView(bias, query, jagged)
 
     block_dk, block_dv = head_block(Dk), head_block(Dv)
     block_n = query_block(N, block_dk, block_dv, query.element_size(), "fwd")
@@ -842,20 +1086,22 @@ def attention_pool_fwd(
         so, sl = o_buf.stride(), l_buf.stride()
 
     args = (
-        query, key, value, idx, mk, o_buf, l_buf,
+        query, key, value, idx, mk, bi.pointer(key), o_buf, l_buf,
         float(scale),
         *query.stride(), *_kv_strides(key, jagged), *_kv_strides(value, jagged),
-        stride_idx, stride_mb, stride_ml,
+        stride_idx, stride_mb, stride_ml, *bi.strides,
         *so, *sl,
-        N, L, max_len, num_splits, Dk, Dv, n_key(N),
+        N, L, max_len, num_splits, Dk, Dv, bi.group, n_key(N),
     )
     meta = _meta(layout, block_n, block_dk, block_dv, query.dtype)
+    meta["BIAS_MODE"] = bi.mode
     grid = (B * qblocks, H, num_splits)
     if block_l is None and _use_autotune(query.device):
         _fwd_tuned[grid](*args, **meta)
     else:
         _attention_pool_fwd_kernel[grid](*args, **meta, **_fixed_config(
-            block_l, block_n, block_dk, block_dv, query.element_size(), "fwd"))
+            block_l, block_n, block_dk, block_dv, query.element_size(), "fwd",
+            bi.mode == QUERY_BIAS.value))
 
     if num_splits > 1:
         attention_pool_combine(o_buf, l_buf, out, lse)
@@ -892,9 +1138,12 @@ def attention_pool_bwd(
     scale: Optional[float] = None,
     *,
     block_l: Optional[int] = None,
+    bias: Optional[torch.Tensor] = None,
 ):
     """Backward launcher: (grad_query, grad_key, grad_value), new contiguous tensors with the
-    shapes/dtypes of query/key/value, exactly zero at every position of no row.
+    shapes/dtypes of query/key/value, exactly zero at every position of no row; with `bias`
+    (as the forward's) also grad_bias, shaped like it in its dtype, the logits' gradient
+    summed over what the bias was broadcast to, exactly zero at every position of no row.
 
     delta [B, N, H] float32 = sum_d(grad_out * out) - grad_lse; lse from the forward."""
     B, N, H, Dk = query.shape
@@ -904,10 +1153,12 @@ def attention_pool_bwd(
     dq = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     dk = torch.zeros(key.shape, dtype=key.dtype, device=key.device)
     dv = torch.zeros(value.shape, dtype=value.dtype, device=value.device)
+    db = None if bias is None else torch.zeros(bias.shape, dtype=bias.dtype, device=bias.device)
     if B == 0:
-        return dq, dk, dv
+        return (dq, dk, dv) if db is None else (dq, dk, dv, db)
     layout, idx, stride_idx, mk, (stride_mb, stride_ml), max_len, L, jagged = _layout_args(
         key, lengths, mask, offsets, max_length)
+    bi = _BiasView(bias, query, jagged)
 
     block_dk, block_dv = head_block(Dk), head_block(Dv)
     esize = query.element_size()
@@ -918,22 +1169,28 @@ def attention_pool_bwd(
     tuned = block_l is None and _use_autotune(query.device)
     meta_dq = _meta(layout, bn_dq, block_dk, block_dv, query.dtype)
     meta_dkdv = _meta(layout, bn_dkdv, block_dk, block_dv, query.dtype)
+    meta_dq["BIAS_MODE"] = meta_dkdv["BIAS_MODE"] = bi.mode
+    db_mode, db_target, db_strides, db_partial = _dbias_plan(bi, db, query, key, jagged)
+    meta_dkdv["DBIAS_MODE"] = db_mode
     if not tuned:
-        meta_dq.update(_fixed_config(block_l, bn_dq, block_dk, block_dv, esize, "dq"))
-        meta_dkdv.update(_fixed_config(block_l, bn_dkdv, block_dk, block_dv, esize, "dkdv"))
+        by_query = bi.mode == QUERY_BIAS.value
+        meta_dq.update(_fixed_config(block_l, bn_dq, block_dk, block_dv, esize, "dq", by_query))
+        meta_dkdv.update(_fixed_config(block_l, bn_dkdv, block_dk, block_dv, esize, "dkdv",
+                                       by_query))
 
     # The softmax anchors of each query, written by the dq kernel for the dk/dv kernel.
     anch = torch.empty((2, B, N, H), dtype=torch.float32, device=query.device)
     operands = (
         *query.stride(), *_kv_strides(key, jagged), *_kv_strides(value, jagged),
-        stride_idx, stride_mb, stride_ml,
+        stride_idx, stride_mb, stride_ml, *bi.strides,
         *grad_out.stride(),
     )
+    bias_ptr = bi.pointer(key)
     # dq: one program per (row, query block, head).
-    dq_args = (query, key, value, idx, mk, grad_out, lse, delta, dq, anch,
+    dq_args = (query, key, value, idx, mk, bias_ptr, grad_out, lse, delta, dq, anch,
                float(scale), float(RESTAT_ABOVE), *operands,
                *lse.stride(), *delta.stride(), *dq.stride(), *anch.stride(),
-               N, L, max_len, Dk, Dv, n_key(N))
+               N, L, max_len, Dk, Dv, bi.group, n_key(N))
     dq_grid = (B * qblocks, H)
     (_dq_tuned if tuned else _attention_pool_bwd_dq_kernel)[dq_grid](*dq_args, **meta_dq)
 
@@ -943,11 +1200,68 @@ def attention_pool_bwd(
         def dkdv_grid(m):
             return (B * triton.cdiv(row_len, m["BLOCK_L"]), H)
 
-        dkdv_args = (query, key, value, idx, mk, grad_out, anch, delta, dk, dv,
+        dkdv_args = (query, key, value, idx, mk, bias_ptr, grad_out, anch, delta, dk, dv,
+                     db_target if db_target is not None else dk,
                      float(scale), *operands,
                      *anch.stride(), *delta.stride(),
-                     *_kv_strides(dk, jagged), *_kv_strides(dv, jagged),
-                     N, L, max_len, row_len, Dk, Dv, n_key(N))
+                     *_kv_strides(dk, jagged), *_kv_strides(dv, jagged), *db_strides,
+                     N, L, max_len, row_len, Dk, Dv, bi.group, n_key(N))
         (_dkdv_tuned if tuned else _attention_pool_bwd_dkdv_kernel)[dkdv_grid](
             *dkdv_args, **meta_dkdv)
-    return dq, dk, dv
+        if db is not None and db_mode == NO_BIAS.value:
+            _launch_dbias(bi, db, query, key, value, idx, mk, grad_out, anch, delta, operands,
+                          layout, scale, L, max_len, row_len, jagged, block_l)
+    if db is None:
+        return dq, dk, dv
+    if db_partial is not None:  # one partial sum per head: summed in a fixed order
+        db.copy_(db_partial.sum(1 if not jagged else 0).reshape(db.shape))
+    return dq, dk, dv, db
+
+
+def _dbias_plan(bi, db, query, key, jagged):
+    """How the dk/dv kernel helps with the bias gradient: (DBIAS_MODE, target tensor, its
+    strides, the per-head partial to sum afterwards or None).
+
+    QUERY_BIAS: every element of the gradient is one ds (a bias per query and head, or per
+    query with one head): written directly. ROW_BIAS: a bias shared by all queries, which one
+    dk/dv program (one head, all queries) sees whole: its column sums, directly, or per head
+    into a [B, H, L] / [H, T] partial when one bias row serves every head. NO_BIAS: the
+    dbias kernel does it (sums across programs of the dk/dv kernel)."""
+    if db is None:
+        return NO_BIAS.value, None, (0, 0, 0, 0, 0), None
+    one_head = bi.hb > 1 or bi.heads == 1
+    if bi.nb == bi.nq and one_head:
+        return QUERY_BIAS.value, db, _BiasView(db, query, jagged).strides, None
+    if bi.nb > 1:
+        return NO_BIAS.value, None, (0, 0, 0, 0, 0), None
+    if one_head:
+        return ROW_BIAS.value, db, _BiasView(db, query, jagged).strides, None
+    if jagged:
+        part = torch.zeros((bi.heads, key.shape[0]), dtype=torch.float32, device=key.device)
+        strides = (0, 0, 0, part.stride(0), part.stride(1))
+    else:
+        part = torch.zeros((key.shape[0], bi.heads, key.shape[1]), dtype=torch.float32,
+                           device=key.device)
+        strides = (part.stride(0), 0, 0, part.stride(1), part.stride(2))
+    return ROW_BIAS.value, part, strides, part
+
+
+def _launch_dbias(bi, db, query, key, value, idx, mk, grad_out, anch, delta, operands, layout,
+                  scale, L, max_len, row_len, jagged, block_l):
+    """The dbias kernel, for the bias gradients whose sums run across dk/dv programs."""
+    B, Nq, H, Dk = query.shape
+    Dv = value.shape[-1]
+    view = _BiasView(db, query, jagged)
+    block_dk, block_dv = head_block(Dk), head_block(Dv)
+    esize = query.element_size()
+    n_outer = Nq // view.group
+    bn = query_block(n_outer, block_dk, block_dv, esize, "dq")
+    meta = _meta(layout, bn, block_dk, block_dv, query.dtype)
+    meta.update(_fixed_config(block_l, bn, block_dk, block_dv, esize, "dq", True))
+    grid = (B, triton.cdiv(row_len, meta["BLOCK_L"]))
+    _attention_pool_bwd_dbias_kernel[grid](
+        query, key, value, idx, mk, bi.tensor, grad_out, anch, delta, db,
+        float(scale), *operands, *anch.stride(), *delta.stride(),
+        *(st for i, st in enumerate(view.strides) if i != 1),
+        n_outer, H, L, max_len, Dk, Dv, view.group,
+        PER_J=view.strides[2] != 0, PER_H=view.strides[3] != 0, **meta)

@@ -84,19 +84,10 @@ def _check_jagged(query, key, value, offsets, max_length) -> Tuple[int, int, int
     return _validated(query, key, value, None, None, offsets, None if max_length < 0 else max_length)
 
 
-def _check_bias(dims, query, bias, jagged: bool) -> None:
-    """The op's bias checks, then a refusal: the Triton kernels do not add a score bias yet,
-    and silently dropping it would return a different function."""
-    checks.bias(dims, query, bias, jagged)
-    if bias is not None:
-        raise NotImplementedError(
-            "attnkern: the triton backend does not support bias yet; use backend='cpu' (CPU "
-            "tensors) or backend='reference'")
-
-
-def _no_grad_bias(query: Tensor) -> Tensor:
-    """grad_bias of a call without bias: an empty tensor, as the C++ ops return."""
-    return query.new_empty((0,))
+def _with_grad_bias(grads, query: Tensor, bias: Optional[Tensor]):
+    """The launcher's gradients with grad_bias last: its own with a bias, else an empty tensor
+    of the query's dtype, as the C++ ops return."""
+    return tuple(grads) if bias is not None else tuple(grads) + (query.new_empty((0,)),)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,12 +106,12 @@ def triton_attention_pool_fwd(query: Tensor, key: Tensor, value: Tensor, lengths
                               mask: Optional[Tensor], scale: float,
                               bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     dims = _check_padded(query, key, value, lengths, mask)
-    _check_bias(dims, query, bias, jagged=False)
+    checks.bias(dims, query, bias, False)
     checks.scale(scale)
     # out as the kernel's unrounded float32 result, as the C++ ops (the public function casts
     # it to the query dtype; the autograd forms delta from it)
     return _k.attention_pool_fwd(query, key, value, lengths=lengths, mask=mask, scale=scale,
-                                 out_dtype=torch.float32)
+                                 out_dtype=torch.float32, bias=bias)
 
 
 @_custom_op("attention_pool_bwd")
@@ -129,11 +120,12 @@ def triton_attention_pool_bwd(grad_out: Tensor, query: Tensor, key: Tensor, valu
                               delta: Tensor, scale: float,
                               bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     dims = _check_padded(query, key, value, lengths, mask)
-    _check_bias(dims, query, bias, jagged=False)
+    checks.bias(dims, query, bias, False)
     checks.bwd_extras(dims, query, grad_out, lse, delta)
     checks.scale(scale)
-    return _k.attention_pool_bwd(grad_out, query, key, value, lse, delta, lengths=lengths,
-                                 mask=mask, scale=scale) + (_no_grad_bias(query),)
+    return _with_grad_bias(_k.attention_pool_bwd(grad_out, query, key, value, lse, delta,
+                                                 lengths=lengths, mask=mask, scale=scale,
+                                                 bias=bias), query, bias)
 
 
 @_custom_op("jagged_attention_pool_fwd")
@@ -141,10 +133,10 @@ def triton_jagged_attention_pool_fwd(query: Tensor, key: Tensor, value: Tensor, 
                                      max_length: int, scale: float,
                                      bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     dims = _check_jagged(query, key, value, offsets, max_length)
-    _check_bias(dims, query, bias, jagged=True)
+    checks.bias(dims, query, bias, True)
     checks.scale(scale)
     return _k.attention_pool_fwd(query, key, value, offsets=offsets, max_length=max_length,
-                                 scale=scale, out_dtype=torch.float32)
+                                 scale=scale, out_dtype=torch.float32, bias=bias)
 
 
 @_custom_op("jagged_attention_pool_bwd")
@@ -153,11 +145,12 @@ def triton_jagged_attention_pool_bwd(grad_out: Tensor, query: Tensor, key: Tenso
                                      scale: float, bias: Optional[Tensor] = None
                                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     dims = _check_jagged(query, key, value, offsets, max_length)
-    _check_bias(dims, query, bias, jagged=True)
+    checks.bias(dims, query, bias, True)
     checks.bwd_extras(dims, query, grad_out, lse, delta)
     checks.scale(scale)
-    return _k.attention_pool_bwd(grad_out, query, key, value, lse, delta, offsets=offsets,
-                                 max_length=max_length, scale=scale) + (_no_grad_bias(query),)
+    return _with_grad_bias(_k.attention_pool_bwd(grad_out, query, key, value, lse, delta,
+                                                 offsets=offsets, max_length=max_length,
+                                                 scale=scale, bias=bias), query, bias)
 
 
 register_fakes_and_autograd(TRITON_PREFIX)

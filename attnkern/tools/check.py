@@ -24,13 +24,13 @@ SHAPES = [
     ("shared", 3, 2, 4, 21, 16, 24, 2),
 ]
 # With a score bias: (name, B, N, H, L, Dk, Dv, Hkv, bias kind, Hb), on the backends of
-# BIAS_BACKENDS (the others have no bias path yet); a shared bias over every head, and one per
-# query and head on the CPU's tiled kernels (N >= 16).
+# BIAS_BACKENDS; a shared bias over every head, and one per query and head on the CPU's tiled
+# kernels (N >= 16).
 BIAS_SHAPES = [
     ("bias", 3, 2, 4, 21, 16, 24, 2, "shared", 1),
     ("biasq", 3, 17, 2, 70, 16, 8, 2, "per_query", 2),
 ]
-BIAS_BACKENDS = ("reference", "cpu")
+BIAS_BACKENDS = ("reference", "cpu", "triton")
 LAYOUTS = testing.LAYOUTS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
