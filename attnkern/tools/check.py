@@ -30,7 +30,7 @@ BIAS_SHAPES = [
     ("bias", 3, 2, 4, 21, 16, 24, 2, "shared", 1),
     ("biasq", 3, 17, 2, 70, 16, 8, 2, "per_query", 2),
 ]
-BIAS_BACKENDS = ("reference", "cpu", "triton")
+BIAS_BACKENDS = ("reference", "cpu", "triton", "cuda")
 LAYOUTS = testing.LAYOUTS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}

@@ -10,6 +10,10 @@
 // the result is deterministic; positions that take part in no row are never written and stay
 // at the caller's zeros. A slot walks the tiles slot, slot + slots, ... so rows longer than
 // the launch estimate (jagged without max_length) are still covered.
+// With a score bias, each logit's gradient (ds) is added to the bias-gradient accumulator of
+// its (row, query % Nb, head, position) by the key group that owns the position, in query
+// order; a bias shared by the heads makes each warp take every head of its tile slot, so that
+// entry still has one owner.
 #include "attention_pool_common.cuh"
 
 #include <cmath>
@@ -28,6 +32,7 @@ struct DkdvKernelArgs {
   int64_t gk_sb, gk_sl, gk_sh;
   int64_t gv_sb, gv_sl, gv_sh;
   int64_t slots;
+  int64_t heads_per_warp;  // 1, or H when the bias gradient sums over the heads
   int64_t total_warps;
 };
 
@@ -47,59 +52,69 @@ __global__ void __launch_bounds__(kThreads, 3)
   const WarpLanes wl = warp_lanes<LPK>(p);
 
   for (int64_t w = first_warp(); w < a.total_warps; w += warp_stride()) {
-    const WarpItem item = warp_item(p, w, a.slots, 1);  // no splits: `inner` is the tile slot
-    const int64_t b = item.b, h = item.h, slot = item.inner;
-    const RowSpan<T> row = row_span<T>(p, b, h);
-    const int64_t kpos0 = row.rr.start;  // jagged: key row of position 0
+    // Items (row, head group, tile slot), the slot innermost (as warp_item, no splits).
+    const int64_t slot = w % a.slots;
+    const int64_t hgroups = p.H / a.heads_per_warp;
+    const int64_t h0 = (w / a.slots) % hgroups * a.heads_per_warp;
+    const int64_t b = w / a.slots / hgroups;
+    for (int64_t h = h0; h < h0 + a.heads_per_warp; ++h) {
+      const RowSpan<T> row = row_span<T>(p, b, h);
+      const int64_t kpos0 = row.rr.start;  // jagged: key row of position 0
 
-    for (int64_t tile = slot * TILE; tile < row.rr.len; tile += a.slots * TILE) {
-      const KeyTile<T, DB, ALIGNED, KG, true> t(p, wl, b, row, tile, row.rr.len);
-      float gk[KG][EPL];
-      float gv[KG][EPL];
-#pragma unroll
-      for (int u = 0; u < KG; ++u) {
-#pragma unroll
-        for (int e = 0; e < EPL; ++e) {
-          gk[u][e] = 0.f;
-          gv[u][e] = 0.f;
-        }
-      }
-
-      // The N loop is uniform over the warp (shuffles inside).
-      for (int64_t n = 0; n < p.N; ++n) {
-        float q[EPL];
-        float go[EPL];
-        load_slice<T, DB, ALIGNED>(query_row<T>(p, b, n, h), wl.dk, wl.j, q);
-        load_slice<T, DB, ALIGNED>(grad_out_row<T>(a.in, b, n, h), wl.dv, wl.j, go);
-        const int64_t r = query_index(p, b, n, h);
-        const float anc_a = a.anchors[r];
-        const float anc_c = a.anchors[wl.rows + r];
-        const float delta = a.in.delta[r];
+      for (int64_t tile = slot * TILE; tile < row.rr.len; tile += a.slots * TILE) {
+        const KeyTile<T, DB, ALIGNED, KG, true> t(p, wl, b, row, tile, row.rr.len);
+        float gk[KG][EPL];
+        float gv[KG][EPL];
 #pragma unroll
         for (int u = 0; u < KG; ++u) {
-          const BwdProb pb = bwd_prob<LPK, EPL>(q, go, t.k[u], t.v[u], t.ok[u], anc_a, anc_c,
-                                                delta, p.scale);
 #pragma unroll
           for (int e = 0; e < EPL; ++e) {
-            gv[u][e] = fmaf(pb.pr, go[e], gv[u][e]);
-            gk[u][e] = fmaf(pb.ds, q[e], gk[u][e]);
+            gk[u][e] = 0.f;
+            gv[u][e] = 0.f;
           }
         }
-      }
 
-      // dk = scale * sum ds q (q unscaled in the loop, as the logits need it).
+        // The N loop is uniform over the warp (shuffles inside).
+        for (int64_t n = 0; n < p.N; ++n) {
+          float q[EPL];
+          float go[EPL];
+          load_slice<T, DB, ALIGNED>(query_row<T>(p, b, n, h), wl.dk, wl.j, q);
+          load_slice<T, DB, ALIGNED>(grad_out_row<T>(a.in, b, n, h), wl.dv, wl.j, go);
+          const int64_t r = query_index(p, b, n, h);
+          const float anc_a = a.anchors[r];
+          const float anc_c = a.anchors[wl.rows + r];
+          const float delta = a.in.delta[r];
 #pragma unroll
-      for (int u = 0; u < KG; ++u) {
-        if (!t.ok[u]) continue;
-        const int64_t pos = tile + u * KPS + wl.g;
+          for (int u = 0; u < KG; ++u) {
+            const BwdProb pb = bwd_prob<LPK, EPL>(q, go, t.k[u], t.v[u], t.ok[u], anc_a, anc_c,
+                                                  delta, p.scale, t.bias(p, b, n, h, u));
 #pragma unroll
-        for (int e = 0; e < EPL; ++e) gk[u][e] *= p.scale;
-        store_slice<T, DB, ALIGNED>(
-            static_cast<T*>(a.grad_key) + b * a.gk_sb + (kpos0 + pos) * a.gk_sl + h * a.gk_sh,
-            wl.dk, wl.j, gk[u]);
-        store_slice<T, DB, ALIGNED>(
-            static_cast<T*>(a.grad_value) + b * a.gv_sb + (kpos0 + pos) * a.gv_sl + h * a.gv_sh,
-            wl.dv, wl.j, gv[u]);
+            for (int e = 0; e < EPL; ++e) {
+              gv[u][e] = fmaf(pb.pr, go[e], gv[u][e]);
+              gk[u][e] = fmaf(pb.ds, q[e], gk[u][e]);
+            }
+            // Every lane of the key group holds the same ds; its lane 0 adds it.
+            if (a.in.grad_bias != nullptr && t.ok[u] && wl.j == 0) {
+              a.in.grad_bias[b * a.in.gb_sb + (n % p.bias_nb) * a.in.gb_sn + h * a.in.gb_sh +
+                             (t.key_row0 + u * KPS) * a.in.gb_sl] += pb.ds;
+            }
+          }
+        }
+
+        // dk = scale * sum ds q (q unscaled in the loop, as the logits need it).
+#pragma unroll
+        for (int u = 0; u < KG; ++u) {
+          if (!t.ok[u]) continue;
+          const int64_t pos = tile + u * KPS + wl.g;
+#pragma unroll
+          for (int e = 0; e < EPL; ++e) gk[u][e] *= p.scale;
+          store_slice<T, DB, ALIGNED>(
+              static_cast<T*>(a.grad_key) + b * a.gk_sb + (kpos0 + pos) * a.gk_sl + h * a.gk_sh,
+              wl.dk, wl.j, gk[u]);
+          store_slice<T, DB, ALIGNED>(
+              static_cast<T*>(a.grad_value) + b * a.gv_sb + (kpos0 + pos) * a.gv_sl + h * a.gv_sh,
+              wl.dv, wl.j, gv[u]);
+        }
       }
     }
   }
@@ -130,7 +145,8 @@ cudaError_t launch_bwd_dkdv(const PoolProblem& p, const BwdInputs& in, const Bwd
   a.gv_sl = p.H * p.Dv;
   a.gv_sb = jagged ? 0 : p.L * p.H * p.Dv;
   a.slots = plan.kv_tile_slots > 0 ? plan.kv_tile_slots : 1;
-  a.total_warps = p.B * p.H * a.slots;
+  a.heads_per_warp = (in.grad_bias != nullptr && in.gb_sh == 0) ? p.H : 1;
+  a.total_warps = p.B * (p.H / a.heads_per_warp) * a.slots;
   const unsigned blocks = grid_blocks(a.total_warps);
   const bool aligned = bwd_aligned(p, in, grad_key, grad_value);
 

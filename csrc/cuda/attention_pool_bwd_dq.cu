@@ -108,8 +108,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
       for (int qi = 0; qi < QG; ++qi) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          const BwdProb pb = bwd_prob<LPK, EPL>(q[qi], go[qi], t.k[u], t.v[u], t.ok[u],
-                                                anc_a[qi], anc_c[qi], delta[qi], p.scale);
+          const BwdProb pb =
+              bwd_prob<LPK, EPL>(q[qi], go[qi], t.k[u], t.v[u], t.ok[u], anc_a[qi], anc_c[qi],
+                                 delta[qi], p.scale, t.bias(p, b, qgrp * QG + qi, h, u));
 #pragma unroll
           for (int e = 0; e < EPL; ++e) dq[qi][e] = fmaf(pb.ds, t.k[u][e], dq[qi][e]);
         }

@@ -71,7 +71,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
       for (int qi = 0; qi < QG; ++qi) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          const float s = logit<LPK, EPL>(q[qi], t.k[u], p.scale);
+          const float s =
+              logit<LPK, EPL>(q[qi], t.k[u], p.scale, t.bias(p, b, qgrp * QG + qi, h, u));
           if (t.ok[u]) stats_merge(m[qi], l[qi], s, 1.f);
         }
       }

@@ -480,6 +480,18 @@ __device__ __forceinline__ void load_queries(const PoolProblem& p, const WarpLan
   }
 }
 
+// The score bias of query n of row b, head h at key row `key_row` (PoolProblem::bias), 0
+// without one. Called at valid positions only: the bias is never read elsewhere.
+template <typename T>
+__device__ __forceinline__ float bias_at(const PoolProblem& p, int64_t b, int64_t n, int64_t h,
+                                         int64_t key_row) {
+  if (p.bias == nullptr) return 0.f;
+  const int64_t off =
+      b * p.bias_sb + (n % p.bias_nb) * p.bias_sn + h * p.bias_sh + key_row * p.bias_sl;
+  return p.bias_f32 ? static_cast<const float*>(p.bias)[off]
+                    : to_float<T>(static_cast<const T*>(p.bias)[off]);
+}
+
 // The U key positions pos = base + u * KPS + g of the lane's key group (u < U): ok[u] whether
 // pos < end and it takes part, and this lane's slices of their K (and, WITH_V, V) rows; zeros
 // at the others, which are never read.
@@ -489,9 +501,17 @@ struct KeyTile {
   float k[U][EPL];
   float v[WITH_V ? U : 1][EPL];
   bool ok[U];
+  int64_t key_row0;  // the key row of position u = 0 (jagged: the row's start plus base + g)
+
+  // The bias of query n (of row b, head h) at position u: 0 where it takes no part (not read).
+  __device__ __forceinline__ float bias(const PoolProblem& p, int64_t b, int64_t n, int64_t h,
+                                        int u) const {
+    return ok[u] ? bias_at<T>(p, b, n, h, key_row0 + int64_t(u) * Lanes<T, DB>::KPS) : 0.f;
+  }
 
   __device__ __forceinline__ KeyTile(const PoolProblem& p, const WarpLanes& wl, int64_t b,
-                                     const RowSpan<T>& row, int64_t base, int64_t end) {
+                                     const RowSpan<T>& row, int64_t base, int64_t end)
+      : key_row0(row.rr.start + base + wl.g) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t pos = base + u * Lanes<T, DB>::KPS + wl.g;
@@ -594,13 +614,16 @@ __device__ __forceinline__ float logit_of(float dot, float scale) {
 // e^d as exp2(d * log2(e)), d a difference of natural-unit logits (or -inf: 0).
 __device__ __forceinline__ float exp_nat(float d) { return exp2f(d * kLog2e); }
 
-// The logit of a query and a key from this lane's slices of both (fma over the slice, in order).
+// The logit of a query and a key from this lane's slices of both (fma over the slice, in
+// order), plus the score bias (KeyTile::bias; 0 without one) in one rounded sum, as every
+// kernel adds it: a -inf bias drops the position, NaN propagates.
 template <int LPK, int EPL>
-__device__ __forceinline__ float logit(const float (&q)[EPL], const float (&k)[EPL], float scale) {
+__device__ __forceinline__ float logit(const float (&q)[EPL], const float (&k)[EPL], float scale,
+                                       float bias) {
   float dot = 0.f;
 #pragma unroll
   for (int e = 0; e < EPL; ++e) dot = fmaf(q[e], k[e], dot);
-  return logit_of<LPK>(dot, scale);
+  return __fadd_rn(logit_of<LPK>(dot, scale), bias);
 }
 
 // The backward's view of one query and one key, from this lane's slices of q, grad_out and the
@@ -615,7 +638,7 @@ template <int LPK, int EPL>
 __device__ __forceinline__ BwdProb bwd_prob(const float (&q)[EPL], const float (&go)[EPL],
                                             const float (&k)[EPL], const float (&v)[EPL],
                                             bool ok, float anc_a, float anc_c, float delta,
-                                            float scale) {
+                                            float scale, float bias) {
   float dot = 0.f;
   float dp = 0.f;
 #pragma unroll
@@ -623,7 +646,7 @@ __device__ __forceinline__ BwdProb bwd_prob(const float (&q)[EPL], const float (
     dot = fmaf(q[e], k[e], dot);
     dp = fmaf(go[e], v[e], dp);
   }
-  const float s = logit_of<LPK>(dot, scale);
+  const float s = __fadd_rn(logit_of<LPK>(dot, scale), bias);  // as logit()
   dp = group_sum<LPK>(dp);
   const float pr = (ok && anc_a != -INFINITY) ? exp_nat((s - anc_a) - anc_c) : 0.f;
   return BwdProb{pr, pr * (dp - delta)};

@@ -98,9 +98,34 @@ kc::PoolProblem make_problem(const PoolDims& d, const at::Tensor& q, const at::T
   return p;
 }
 
+// The op-level bias (padded [B, Nb, Hb, L], jagged [T, Nb, Hb]; query n reads row n % Nb) as
+// (pointer-less) strides: b, n, h, key row; a head stride of 0 when one bias serves every head.
+struct BiasStrides {
+  int64_t nb, sb, sn, sh, sl;
+};
+
+BiasStrides bias_strides(const at::Tensor& t, bool jagged) {
+  const int64_t sh = t.size(2) > 1 ? t.stride(2) : 0;
+  if (jagged) return {t.size(1), 0, t.stride(1), sh, t.stride(0)};
+  return {t.size(1), t.stride(0), t.stride(1), sh, t.stride(3)};
+}
+
+void set_bias(kc::PoolProblem& p, const std::optional<at::Tensor>& bias, bool jagged) {
+  if (!bias.has_value()) return;
+  const BiasStrides s = bias_strides(*bias, jagged);
+  p.bias = bias->data_ptr();
+  p.bias_f32 = bias->scalar_type() == at::kFloat;
+  p.bias_nb = s.nb;
+  p.bias_sb = s.sb;
+  p.bias_sn = s.sn;
+  p.bias_sh = s.sh;
+  p.bias_sl = s.sl;
+}
+
 std::tuple<at::Tensor, at::Tensor> run_fwd(const PoolDims& d, const at::Tensor& query,
                                            const at::Tensor& key, const at::Tensor& value,
-                                           const kc::RowSpec& rows, double scale, bool jagged) {
+                                           const kc::RowSpec& rows, double scale, bool jagged,
+                                           const std::optional<at::Tensor>& bias) {
   // The op's out is float32 for every input dtype, the kernels' unrounded accumulators (as on
   // the CPU), so that the autograd's delta = sum(grad_out * out) is not computed from values
   // rounded to bf16/fp16: the public function casts out to the query dtype.
@@ -114,7 +139,8 @@ std::tuple<at::Tensor, at::Tensor> run_fwd(const PoolDims& d, const at::Tensor& 
   const auto q = unit_inner_stride(query);
   const auto k = unit_inner_stride(key);
   const auto v = unit_inner_stride(value);
-  const kc::PoolProblem p = make_problem(d, q, k, v, rows, scale, jagged);
+  kc::PoolProblem p = make_problem(d, q, k, v, rows, scale, jagged);
+  set_bias(p, bias, jagged);
   const kc::FwdPlan plan = kc::plan_fwd(p, cuda_launch::num_sms());
   at::Tensor scratch;
   float* scratch_data = scratch_ptr(scratch, kc::fwd_scratch_floats(p, plan), query);
@@ -123,18 +149,24 @@ std::tuple<at::Tensor, at::Tensor> run_fwd(const PoolDims& d, const at::Tensor& 
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(
+// grad_bias: shaped and typed like the bias (an empty tensor of the query's dtype without one),
+// from the kernels' float32 accumulators.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_bwd(
     const PoolDims& d, const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const kc::RowSpec& rows, const at::Tensor& lse,
-    const at::Tensor& delta, double scale, bool jagged) {
-  // grad_key / grad_value start at zero: the kernel writes only valid positions.
+    const at::Tensor& delta, double scale, bool jagged, const std::optional<at::Tensor>& bias) {
+  // grad_key / grad_value (and the bias gradient's accumulators) start at zero: the kernel
+  // writes only valid positions.
   auto grad_query = at::empty(query.sizes(), query.options());
   auto grad_key = at::zeros(key.sizes(), key.options());
   auto grad_value = at::zeros(value.sizes(), value.options());
-  if (d.B == 0) return {grad_query, grad_key, grad_value};
+  auto grad_bias_acc = bias.has_value() ? at::zeros(bias->sizes(), bias->options().dtype(at::kFloat))
+                                        : at::empty({0}, query.options());
+  auto grad_bias = [&] { return bias.has_value() ? grad_bias_acc.to(bias->scalar_type()) : grad_bias_acc; };
+  if (d.B == 0) return {grad_query, grad_key, grad_value, grad_bias()};
   if (d.L == 0) {
     grad_query.zero_();
-    return {grad_query, grad_key, grad_value};
+    return {grad_query, grad_key, grad_value, grad_bias()};
   }
   const auto q = unit_inner_stride(query);
   const auto k = unit_inner_stride(key);
@@ -142,7 +174,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(
   const auto go = unit_inner_stride(grad_out);
   const auto lse_c = lse.contiguous();
   const auto delta_c = delta.contiguous();
-  const kc::PoolProblem p = make_problem(d, q, k, v, rows, scale, jagged);
+  kc::PoolProblem p = make_problem(d, q, k, v, rows, scale, jagged);
+  set_bias(p, bias, jagged);
   kc::BwdInputs in;
   in.grad_out = go.data_ptr();
   in.go_sb = go.stride(0);
@@ -150,28 +183,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(
   in.go_sh = go.stride(2);
   in.lse = lse_c.data_ptr<float>();
   in.delta = delta_c.data_ptr<float>();
+  if (bias.has_value()) {
+    const BiasStrides s = bias_strides(grad_bias_acc, jagged);
+    in.grad_bias = grad_bias_acc.data_ptr<float>();
+    in.gb_sb = s.sb;
+    in.gb_sn = s.sn;
+    in.gb_sh = s.sh;
+    in.gb_sl = s.sl;
+  }
   const kc::BwdPlan plan = kc::plan_bwd(p, cuda_launch::num_sms());
   at::Tensor scratch;
   float* scratch_data = scratch_ptr(scratch, kc::bwd_scratch_floats(p, plan), query);
   ATTNKERN_CUDA_CHECK(kc::launch_bwd(p, in, plan, grad_query.data_ptr(), grad_key.data_ptr(),
                                      grad_value.data_ptr(), scratch_data,
                                      cuda_launch::current_stream()));
-  return {grad_query, grad_key, grad_value};
-}
-
-// The CUDA kernels add no score bias yet: a call with one is refused (NotImplementedError)
-// after the op's own checks, never run without it.
-void refuse_bias(const PoolDims& d, const at::Tensor& query, const std::optional<at::Tensor>& bias, bool jagged) {
-  check_bias(d, query, bias, jagged);
-  TORCH_CHECK_NOT_IMPLEMENTED(!bias.has_value(),
-                              "attnkern: the cuda backend does not support bias yet; use backend='cpu' (CPU "
-                              "tensors) or backend='reference'");
-}
-
-// The backward's results with grad_bias, an empty tensor without bias.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> with_no_grad_bias(
-    std::tuple<at::Tensor, at::Tensor, at::Tensor> g, const at::Tensor& query) {
-  return {std::get<0>(g), std::get<1>(g), std::get<2>(g), at::empty({0}, query.options())};
+  return {grad_query, grad_key, grad_value, grad_bias()};
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cuda(
@@ -179,10 +205,10 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cuda(
     const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& mask,
     double scale, const std::optional<at::Tensor>& bias) {
   const PoolDims d = check_padded_fwd(query, key, value, lengths, mask);
-  refuse_bias(d, query, bias, /*jagged=*/false);
+  check_bias(d, query, bias, /*jagged=*/false);
   check_cuda_inputs(query, scale);
   cuda_launch::DeviceGuard guard(query.device());
-  return run_fwd(d, query, key, value, padded_rows(lengths, mask), scale, /*jagged=*/false);
+  return run_fwd(d, query, key, value, padded_rows(lengths, mask), scale, /*jagged=*/false, bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd_cuda(
@@ -191,23 +217,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd_cu
     const std::optional<at::Tensor>& mask, const at::Tensor& lse, const at::Tensor& delta,
     double scale, const std::optional<at::Tensor>& bias) {
   const PoolDims d = check_padded_fwd(query, key, value, lengths, mask);
-  refuse_bias(d, query, bias, /*jagged=*/false);
+  check_bias(d, query, bias, /*jagged=*/false);
   check_bwd_extras(d, query, grad_out, lse, delta);
   check_cuda_inputs(query, scale);
   cuda_launch::DeviceGuard guard(query.device());
-  return with_no_grad_bias(run_bwd(d, grad_out, query, key, value, padded_rows(lengths, mask), lse, delta,
-                                   scale, /*jagged=*/false),
-                           query);
+  return run_bwd(d, grad_out, query, key, value, padded_rows(lengths, mask), lse, delta, scale,
+                 /*jagged=*/false, bias);
 }
 
 std::tuple<at::Tensor, at::Tensor> jagged_attention_pool_fwd_cuda(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& offsets, int64_t max_length, double scale, const std::optional<at::Tensor>& bias) {
   const PoolDims d = check_jagged_fwd(query, key, value, offsets, max_length);
-  refuse_bias(d, query, bias, /*jagged=*/true);
+  check_bias(d, query, bias, /*jagged=*/true);
   check_cuda_inputs(query, scale);
   cuda_launch::DeviceGuard guard(query.device());
-  return run_fwd(d, query, key, value, jagged_rows(offsets, max_length), scale, /*jagged=*/true);
+  return run_fwd(d, query, key, value, jagged_rows(offsets, max_length), scale, /*jagged=*/true, bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jagged_attention_pool_bwd_cuda(
@@ -215,13 +240,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jagged_attention_pool
     const at::Tensor& value, const at::Tensor& offsets, int64_t max_length, const at::Tensor& lse,
     const at::Tensor& delta, double scale, const std::optional<at::Tensor>& bias) {
   const PoolDims d = check_jagged_fwd(query, key, value, offsets, max_length);
-  refuse_bias(d, query, bias, /*jagged=*/true);
+  check_bias(d, query, bias, /*jagged=*/true);
   check_bwd_extras(d, query, grad_out, lse, delta);
   check_cuda_inputs(query, scale);
   cuda_launch::DeviceGuard guard(query.device());
-  return with_no_grad_bias(run_bwd(d, grad_out, query, key, value, jagged_rows(offsets, max_length), lse,
-                                   delta, scale, /*jagged=*/true),
-                           query);
+  return run_bwd(d, grad_out, query, key, value, jagged_rows(offsets, max_length), lse, delta,
+                 scale, /*jagged=*/true, bias);
 }
 
 }  // namespace

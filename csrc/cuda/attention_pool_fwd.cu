@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
         float mx = m[qi];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          s[u] = logit<LPK, EPL>(q[qi], t.k[u], p.scale);
+          s[u] = logit<LPK, EPL>(q[qi], t.k[u], p.scale, t.bias(p, b, qgrp * QG + qi, h, u));
           // fmaxf drops NaN: a NaN logit at a valid position makes the max NaN instead, so
           // that it reaches l and acc (and so out and lse) rather than vanishing.
           if (t.ok[u]) mx = isnan(s[u]) ? s[u] : fmaxf(mx, s[u]);

@@ -51,6 +51,13 @@ struct PoolProblem {
   int64_t v_sb = 0, v_sl = 0, v_sh = 0;
   RowSpec rows;
   float scale = 1.f;
+  // Optional score bias added to each logit, never read at positions that take part in no
+  // row: query n of row b, head h, key row r (padded: the position; jagged: the row's start
+  // plus the position) reads bias[b * bias_sb + (n % bias_nb) * bias_sn + h * bias_sh +
+  // r * bias_sl], float32 (bias_f32) or the inputs' dtype; bias_sh = 0 shares it by the heads.
+  const void* bias = nullptr;
+  bool bias_f32 = true;
+  int64_t bias_nb = 1, bias_sb = 0, bias_sn = 0, bias_sh = 0, bias_sl = 0;
 };
 
 // ---------------------------------------------------------------- forward
@@ -77,6 +84,13 @@ struct BwdInputs {
   int64_t go_sb = 0, go_sn = 0, go_sh = 0;
   const float* lse = nullptr;    // [B, N, H] contiguous
   const float* delta = nullptr;  // [B, N, H] contiguous
+  // With a bias: float32 accumulators of its gradient, shaped and indexed as the bias
+  // (PoolProblem; gb_sh = 0 when one bias serves every head), ZERO-FILLED by the caller. The
+  // dk/dv pass adds each logit's gradient, in head then query order, at its (row,
+  // query % bias_nb, head, key row): one warp owns every entry (with gb_sh = 0 a warp takes
+  // all heads of its positions), so the sums are deterministic without atomics.
+  float* grad_bias = nullptr;
+  int64_t gb_sb = 0, gb_sn = 0, gb_sh = 0, gb_sl = 0;
 };
 
 struct BwdPlan {
