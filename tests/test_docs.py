@@ -142,7 +142,7 @@ def test_command_flags_exist(page):
     assert not bad, "%s shows flags the commands do not accept: %s" % (page, bad)
 
 
-@pytest.mark.parametrize("page", ["README.md", "docs/api.md", "docs/layers.md"])
+@pytest.mark.parametrize("page", ["README.md", "docs/api.md", "docs/layers.md", "docs/torchrec.md"])
 def test_python_examples_run(page):
     """The pages' examples run as shown, block after block in one namespace (a block that
     starts with a class name is a signature listing, not code)."""
