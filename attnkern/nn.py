@@ -34,7 +34,8 @@ from torch import nn
 
 from ._jagged import unpack_history
 from .functional import activation_unit_pool, attention_pool
-from .reference import ACTIVATIONS, MAX_UNITS, dice_params
+from .reference import ACTIVATIONS, MAX_UNITS, TIME_BUCKET_WIDTH, dice_params
+from .reference import log_time_bucket as time_bucket
 
 __all__ = ["AttentionPooling", "ActivationUnitPooling", "absorb_cost", "time_bucket", "recency"]
 
@@ -79,23 +80,6 @@ def absorb_cost(N: int, H: int, L: float, E: int, kdim: int, vdim: int,
     projected = A * kv + w * N * 2 * A
     absorbed = w * N * H * kv + N * A * kv / max(L, 1.0)
     return float(projected), float(absorbed)
-
-
-# Width of one time bucket in log space: bucket = floor(ln(max(|dt|, 1)) / TIME_BUCKET_WIDTH),
-# generative-recommenders' bucketisation (each bucket spans a factor of e^0.301 = 1.35 in
-# |dt|): in seconds bucket 27 starts at an hour, 37 at a day, 57 at a year. Buckets past the
-# table share its last entry.
-TIME_BUCKET_WIDTH = 0.301
-
-
-def time_bucket(delta: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """The time bucket of each |delta| (any shape, integer or floating): int64 in
-    [0, num_buckets), ``min(floor(ln(max(|delta|, 1)) / TIME_BUCKET_WIDTH), num_buckets - 1)``.
-    Gaps of at most 1 share bucket 0; NaN lands in bucket 0 (an index is never out of range)."""
-    d = delta.abs().to(torch.float32 if not delta.is_floating_point() else delta.dtype)
-    b = torch.log(d.clamp(min=1.0)) / TIME_BUCKET_WIDTH
-    # Clamped before the cast (inf stays in range) and after it (NaN casts to an arbitrary int).
-    return b.clamp(max=num_buckets - 1).long().clamp(0, num_buckets - 1)
 
 
 def recency(num_positions: int, lengths=None, mask=None, offsets=None, *, total=None,

@@ -389,12 +389,29 @@ SEQUENCE_NORMALIZATIONS = ("softmax", "silu")
 TIME_BUCKETS = ("log", "sqrt")
 
 
+# Width of one time bucket in log space: bucket = floor(ln(max(|dt|, 1)) / TIME_BUCKET_WIDTH),
+# generative-recommenders' bucketisation (each bucket spans a factor of e^0.301 = 1.35 in
+# |dt|): in seconds bucket 27 starts at an hour, 37 at a day, 57 at a year. Buckets past the
+# table share its last entry.
+TIME_BUCKET_WIDTH = 0.301
+
+
+def log_time_bucket(delta: Tensor, num_buckets: int) -> Tensor:
+    """The time bucket of each |delta| (any shape, integer or floating): int64 in
+    [0, num_buckets), ``min(floor(ln(max(|delta|, 1)) / TIME_BUCKET_WIDTH), num_buckets - 1)``.
+    Gaps of at most 1 share bucket 0; NaN lands in bucket 0 (an index is never out of range)."""
+    d = delta.abs().to(torch.float32 if not delta.is_floating_point() else delta.dtype)
+    b = torch.log(d.clamp(min=1.0)) / TIME_BUCKET_WIDTH
+    # Clamped before the cast (inf stays in range) and after it (NaN casts to an arbitrary int).
+    return b.clamp(max=num_buckets - 1).long().clamp(0, num_buckets - 1)
+
+
 def time_bucket_ref(dt: Tensor, num_buckets: int, time_bucket: str = "log") -> Tensor:
     """bucket(dt) of int64 time differences, as in the section comment above (int64)."""
+    if time_bucket == "log":  # the time-aware layer's bucketing too (attnkern.nn.time_bucket)
+        return log_time_bucket(dt, num_buckets)
     x = dt.abs().clamp_min(1).to(torch.float32)
-    if time_bucket == "log":
-        f = torch.log(x) / 0.301
-    elif time_bucket == "sqrt":
+    if time_bucket == "sqrt":
         f = torch.sqrt(x)
     else:
         raise ValueError("time_bucket must be one of %s, got %r" % (", ".join(TIME_BUCKETS), time_bucket))
