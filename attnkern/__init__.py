@@ -2,6 +2,7 @@
 
     out = attnkern.attention_pool(query, key, value, lengths)
     out = attnkern.activation_unit_pool(query, key, key, weights, lengths)   # DIN
+    w = attnkern.attention_weights(query, key, lengths)                      # the softmax weights
     out = attnkern.sequence_attention(q, k, v, offsets, causal=True)        # HSTU, SASRec
 
 See README.md for the shapes, mask polarity (True = attend) and the backends.
@@ -33,9 +34,11 @@ _alias_triton_kernels()
 
 from . import models, nn  # noqa: E402  (public submodules: attnkern.nn.AttentionPooling, ...)
 from ._validation import set_validation, validation_enabled  # noqa: E402
-from .functional import activation_unit_pool, attention_pool  # noqa: E402
+from .functional import (activation_unit_pool, activation_unit_weights, attention_pool,  # noqa: E402
+                         attention_weights)
 from .ops import BackendInfo, BackendUnavailable, backends  # noqa: E402
-from .reference import activation_unit_pool_ref, attention_pool_ref, sequence_attention_ref  # noqa: E402
+from .reference import (activation_unit_pool_ref, activation_unit_weights_ref, attention_pool_ref,  # noqa: E402
+                        attention_weights_ref, sequence_attention_ref)
 from .sequence import sequence_attention  # noqa: E402
 
 try:
@@ -49,11 +52,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attention_pool",
+    "attention_weights",
     "activation_unit_pool",
+    "activation_unit_weights",
     "sequence_attention",
     "sequence_attention_ref",
     "attention_pool_ref",
     "activation_unit_pool_ref",
+    "attention_weights_ref",
+    "activation_unit_weights_ref",
     "backends",
     "BackendInfo",
     "BackendUnavailable",

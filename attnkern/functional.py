@@ -10,7 +10,8 @@ from ._jagged import unpack_history
 from ._validation import Problem, check_values, checked_index_values, validate, validate_activation_unit
 from .ops import BACKENDS, BackendUnavailable, activation_fused_op, backend_info, fused_op
 from .ops.availability import cuda_emulated, triton_interpret
-from .reference import activation_unit_pool_ref, attention_pool_ref
+from .reference import (activation_unit_pool_ref, activation_unit_weights_ref, attention_pool_ref,
+                        attention_weights_ref, padded_valid, token_rows)
 
 _resolved: dict = {}
 # Backends whose registered ops read and check lengths/offsets values themselves (the C++ CPU
@@ -219,6 +220,109 @@ def attention_pool(
     return (out, lse) if return_lse else out
 
 
+def attention_weights(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    lengths: Optional[torch.Tensor] = None,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    offsets: Optional[torch.Tensor] = None,
+    max_length: Optional[int] = None,
+    scale: Optional[float] = None,
+    bias: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The softmax weights of `attention_pool` (the same arguments, without value):
+    ``w[b, n, h, l] = softmax_l(scale * <q[b, n, h], k[b, l, g]> + bias)`` over row b's valid
+    positions, ``g = h // (H // Hkv)``.
+
+    Args:
+        query: [B, H, Dk] or [B, N, H, Dk].
+        key: padded [B, L, Hkv, Dk], or jagged [T, Hkv, Dk] with ``offsets`` (or a torchrec
+            ``JaggedTensor``).
+        lengths, mask, key_padding_mask, offsets, max_length, scale, bias, backend: as in
+            `attention_pool` (mask: True = attend; key_padding_mask: True = padding).
+
+    Returns:
+        padded [B, H, L] or [B, N, H, L]; jagged [T, H] or [T, N, H] (the weight of each key
+        row for its own row's queries). float32, float64 for float64 inputs. Exactly 0 at
+        positions that take part in no row (padding, masked, jagged rows past offsets[-1], a
+        -inf bias) and on empty rows (no valid position, or every logit -inf); every other row
+        sums to 1. A NaN/inf logit at a valid position propagates as in `attention_pool`.
+        Differentiable w.r.t. query, key and bias.
+    """
+    key, _, offsets = unpack_history(key, None, offsets, lengths=lengths, mask=mask,
+                                     key_padding_mask=key_padding_mask)
+    prob = validate(query, key, key, lengths, mask, offsets, max_length, scale, False,
+                    values=False, key_padding_mask=key_padding_mask, bias=bias)
+    if key_padding_mask is not None:
+        mask = ~key_padding_mask
+    name = _resolve_for_transforms(backend, query)
+    if name not in _OPS_CHECK_VALUES:
+        check_values(prob, lengths, offsets, max_length)
+    if name == "reference" and torch.compiler.is_compiling():
+        lengths, offsets = checked_index_values(prob, lengths, offsets, max_length)
+    if name == "reference":
+        w = attention_weights_ref(prob.query, key, lengths, mask=mask, offsets=offsets,
+                                  max_length=max_length, scale=prob.scale, bias=prob.bias)
+    else:
+        w = _fused_weights(name, prob, key, lengths, mask, offsets, max_length)
+    return w.squeeze(1) if prob.squeeze_n else w
+
+
+def _fused_weights(name, prob, key, lengths, mask, offsets, max_length) -> torch.Tensor:
+    """The weights on a fused backend: the row statistics (lse) from its attention-pool forward
+    op over a one-wide zero value, then ``p = exp(s - lse)`` at the valid positions, divided by
+    its row sum. The division makes the result exact in the accumulation dtype whatever the
+    precision of lse (float32 for float64 inputs), which is then only the shift that keeps exp
+    in range: it needs no gradient, and autograd's softmax backward
+    ``dS = w * (dW - sum_l dW * w)`` is what the division gives."""
+    query, H, Hkv = prob.query, prob.H, prob.Hkv
+    jagged = prob.layout == "jagged"
+    zero_value = key.new_zeros(tuple(key.shape[:-1]) + (1,))
+    query4 = _fold_query_heads(query, Hkv) if H > Hkv else query
+    extra = () if prob.bias is None else (_fold_bias_heads(prob.bias, H, Hkv),)
+    if jagged:
+        ml = -1 if max_length is None else int(max_length)
+        _, lse = fused_op(name, "jagged")(query4, key, zero_value, offsets, ml, prob.scale, *extra)
+    else:
+        _, lse = fused_op(name, "padded")(query4, key, zero_value, lengths, mask, prob.scale, *extra)
+    if H > Hkv:
+        lse = _unfold_query_heads(lse, H // Hkv)  # [B, N, H]
+    cdt = torch.float64 if query.dtype == torch.float64 else torch.float32
+    # Empty rows (lse -inf) shift by 0: every logit there is -inf, so exp gives 0, and no
+    # -inf - (-inf) = NaN reaches the values or the gradients.
+    lse = torch.where(lse == float("-inf"), torch.zeros((), dtype=lse.dtype, device=lse.device), lse)
+    lse = lse.detach().to(cdt)
+    q = query.to(cdt).unflatten(2, (Hkv, H // Hkv))  # [B, N, Hkv, G, Dk]
+    k = key.to(cdt)
+    bias = None if prob.bias is None else prob.bias.to(cdt)
+    if jagged:
+        T = key.shape[0]
+        row, pos, inside = token_rows(offsets, T)
+        if prob.B == 0:
+            return query.new_zeros((T, prob.N, H), dtype=cdt)
+        s = torch.einsum("tnkgd,tkd->tnkg", q[row], k).flatten(2, 3) * prob.scale  # [T, N, H]
+        if bias is not None:
+            s = s + bias
+        valid = inside[:, None, None]
+        p = torch.exp(s.masked_fill(~valid, float("-inf")) - lse[row])
+        denom = torch.zeros_like(lse).index_add(0, row, p)
+        return p / _safe(denom)[row]
+    valid = padded_valid(key, lengths, mask)[:, None, None, :]
+    s = torch.einsum("bnkgd,blkd->bnkgl", q, k).flatten(2, 3) * prob.scale  # [B, N, H, L]
+    if bias is not None:
+        s = s + bias
+    p = torch.exp(s.masked_fill(~valid, float("-inf")) - lse.unsqueeze(-1))
+    return p / _safe(p.sum(-1, keepdim=True))
+
+
+def _safe(denom: torch.Tensor) -> torch.Tensor:
+    """A softmax denominator with the empty rows' 0 (their every p is 0) replaced by 1."""
+    return torch.where(denom != 0, denom, torch.ones((), dtype=denom.dtype, device=denom.device))
+
+
 def activation_unit_pool(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -293,3 +397,42 @@ def activation_unit_pool(
         out, _ = activation_fused_op(name)(*a.values())
         out = out.to(a["query"].dtype)  # the fused ops return their unrounded accumulators
     return out.squeeze(1) if prob.squeeze_n else out
+
+
+def activation_unit_weights(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    weights: Sequence,
+    lengths: Optional[torch.Tensor] = None,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    offsets: Optional[torch.Tensor] = None,
+    max_length: Optional[int] = None,
+    activation: str = "relu",
+    activation_params: Optional[Sequence[torch.Tensor]] = None,
+    normalize: Optional[str] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The weights `activation_unit_pool` pools with (the same arguments, without value): the
+    activation unit's raw scores (``normalize=None``, DIN) or their masked softmax over the
+    row (``normalize="softmax"``), as the layer is configured.
+
+    Returns:
+        padded [B, L] or [B, N, L]; jagged [T] or [T, N] (the weight of each key row for its own
+        row's queries). float32, float64 for float64 inputs. Exactly 0 at positions that take
+        part in no row and on empty rows; with softmax every other row sums to 1.
+        Differentiable w.r.t. query, key, every weight and bias and the activation parameters.
+
+    Every backend evaluates the scores with the reference's math (attnkern.reference,
+    activation_unit_weights_ref) in PyTorch ops on the tensors' device: the fused ops return
+    only the pooled vector.
+    """
+    key, _, offsets = unpack_history(key, None, offsets, lengths=lengths, mask=mask)
+    prob = validate_activation_unit(query, key, None, weights, lengths, mask, offsets, max_length,
+                                    activation, activation_params, normalize)
+    _resolve(backend, query)  # an unknown or unavailable backend is an error here too
+    check_values(Problem(query=prob.args["query"], squeeze_n=False, layout=prob.layout, B=prob.B, N=1,
+                         H=1, Hkv=1, Dk=1, Dv=1, L=prob.L, scale=1.0),
+                 lengths, offsets, max_length)
+    w = activation_unit_weights_ref(*prob.args.values())
+    return w.squeeze(-1 if prob.layout == "jagged" else 1) if prob.squeeze_n else w

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ._jagged import unpack_history
-from .functional import activation_unit_pool, attention_pool
+from .functional import activation_unit_pool, activation_unit_weights, attention_pool, attention_weights
 from .reference import ACTIVATIONS, MAX_UNITS, TIME_BUCKET_WIDTH, dice_params
 from .reference import log_time_bucket as time_bucket
 
@@ -192,6 +192,12 @@ class AttentionPooling(nn.Module):
             floating), padded [B, L] (values at padding are ignored) or jagged [T].
         query_time: with ``time_buckets`` only: [B], the time of each row's query (the
             request time, shared by the row's N candidates).
+
+        need_weights: also return the attention weights (`attnkern.attention_weights`):
+            ``(out, weights)`` with weights [B, H, L] or [B, N, H, L] (jagged [T, H] or
+            [T, N, H]), float32 (float64 for float64), exactly 0 at padding and on empty rows.
+            Per head, never averaged (take ``weights.mean(-2)`` for the heads' mean, or
+            ``.mean(-1)`` jagged).
 
     Returns:
         [B, E] or [B, N, E], in the dtype of the projections' output (the autocast dtype under
@@ -366,7 +372,10 @@ class AttentionPooling(nn.Module):
         mask: Optional[torch.Tensor] = None, key_padding_mask: Optional[torch.Tensor] = None,
         offsets: Optional[torch.Tensor] = None, max_length: Optional[int] = None,
         key_times: Optional[torch.Tensor] = None, query_time: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+        need_weights: bool = False,
+    ):
+        if not isinstance(need_weights, bool):
+            raise TypeError("need_weights must be a bool, got %s" % type(need_weights).__name__)
         keys, values, offsets = unpack_history(keys, values, offsets, ("keys", "values"), lengths=lengths,
                                                mask=mask, key_padding_mask=key_padding_mask)
         if values is None:
@@ -386,8 +395,9 @@ class AttentionPooling(nn.Module):
             pool["bias"] = bias
         H, D = self.num_heads, self.head_dim
         if not self.projections:
-            return self._pool(query.unflatten(-1, (H, D)), keys.unflatten(-1, (H, D)),
-                              values.unflatten(-1, (H, D)), pool)[0].flatten(-2)
+            q, k = query.unflatten(-1, (H, D)), keys.unflatten(-1, (H, D))
+            out = self._pool(q, k, values.unflatten(-1, (H, D)), pool)[0].flatten(-2)
+            return (out, self._weights(q, k, pool)) if need_weights else out
         N = 1 if query.dim() == 2 else query.shape[1]
         if offsets is None:
             mean_length = keys.shape[1]
@@ -396,11 +406,16 @@ class AttentionPooling(nn.Module):
         q = self.q_proj(query).unflatten(-1, (H, D))  # [B, (N,) H, D]
         if self.uses_absorbed_order(N, mean_length):
             o = self._absorbed(q, keys, values, pool)
+            if need_weights:  # the folded query over the raw keys: the same logits
+                weights = self._weights(self._fold_key_proj(q, keys), keys.unsqueeze(-2), pool)
         else:
             k = self.k_proj(keys).unflatten(-1, (H, D))  # [B, L, H, D] or [T, H, D]
             v = self.v_proj(values).unflatten(-1, (H, D))
             o = self._pool(q, k, v, pool)[0]
-        return self.out_proj(o.flatten(-2))
+            if need_weights:
+                weights = self._weights(q, k, pool)
+        out = self.out_proj(o.flatten(-2))
+        return (out, weights) if need_weights else out
 
     def _time_bias(self, keys, lengths, mask, key_padding_mask, offsets, key_times, query_time):
         """The score bias of the time and recency tables (in their dtype): padded [B, H, L],
@@ -472,18 +487,27 @@ class AttentionPooling(nn.Module):
         with torch.autocast(device_type=q.device.type, enabled=False):
             return attention_pool(q, k, v, return_lse=True, **_bias_as(pool, q.dtype))
 
+    @staticmethod
+    def _weights(q, k, pool):
+        """attention_weights of the pooling `_pool` runs, [B, (N,) H, L] or [T, (N,) H]."""
+        k = k.to(q.dtype)
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            return attention_weights(q, k, **_bias_as(pool, q.dtype))
+
+    def _fold_key_proj(self, q, keys):
+        """W_k^h folded into each head's query: [B, (N,) H, kdim], in the history's dtype (under
+        autocast a cast of the small query, never of the history). The bias b_k only adds a
+        constant to every logit of a head, which the softmax cancels."""
+        w_k = self.k_proj.weight.view(self.num_heads, self.head_dim, self.kdim)
+        return torch.einsum("...hd,hdk->...hk", q, w_k.to(q.dtype)).to(keys.dtype)
+
     def _absorbed(self, q, keys, values, pool):
         """The pooled heads [B, (N,) H, D] without projecting the history (module docstring)."""
         H, D = self.num_heads, self.head_dim
-        w_k = self.k_proj.weight.view(H, D, self.kdim)
         w_v = self.v_proj.weight.view(H, D, self.vdim)
-        # W_k^h folded into each head's query: [B, (N,) H, kdim]. The bias b_k only adds a
-        # constant to every logit of a head, which the softmax cancels (its gradient is exactly
-        # zero); it still takes part below, so that every parameter has a gradient (DDP).
-        q_k = torch.einsum("...hd,hdk->...hk", q, w_k.to(q.dtype))
-        # The pooling reads the history as it is: the folded query takes the history's dtype
-        # (under autocast a cast of the small query, never of the history).
-        q_k = q_k.to(keys.dtype)
+        # b_k's gradient is exactly zero (see _fold_key_proj); it still takes part below, so that
+        # every parameter has a gradient (DDP).
+        q_k = self._fold_key_proj(q, keys)
         k = keys.unsqueeze(-2)  # [B, L, 1, kdim] or [T, 1, kdim]: one K/V head for all H
         # Values that are the keys pass as the same tensor: autograd then adds the two history
         # gradients in place, where two views would get a freshly allocated [B, L, kdim] sum
@@ -534,7 +558,10 @@ class ActivationUnitPooling(nn.Module):
         query: [B, E] or [B, N, E]; keys: padded [B, L, E] or jagged [T, E] (with offsets, or a
         torchrec ``JaggedTensor``);
         values: default the keys themselves (pooled with one gradient); lengths / mask (True = attend) / offsets / max_length as in
-        `attnkern.activation_unit_pool`. Returns [B, Dv] or [B, N, Dv].
+        `attnkern.activation_unit_pool`. Returns [B, Dv] or [B, N, Dv]; with
+        ``need_weights=True`` ``(out, weights)``, the weights of `attnkern.activation_unit_weights`
+        (raw scores, or softmax with ``normalize="softmax"``): [B, L] or [B, N, L], jagged [T]
+        or [T, N], float32 (float64 for float64), 0 at padding and on empty rows.
     """
 
     def __init__(self, embed_dim: int, hidden_units: Sequence[int] = (64,), activation: str = "relu",
@@ -599,7 +626,10 @@ class ActivationUnitPooling(nn.Module):
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, values: Optional[torch.Tensor] = None,
                 lengths: Optional[torch.Tensor] = None, *, mask: Optional[torch.Tensor] = None,
-                offsets: Optional[torch.Tensor] = None, max_length: Optional[int] = None) -> torch.Tensor:
+                offsets: Optional[torch.Tensor] = None, max_length: Optional[int] = None,
+                need_weights: bool = False):
+        if not isinstance(need_weights, bool):
+            raise TypeError("need_weights must be a bool, got %s" % type(need_weights).__name__)
         # The layer knows E: name the input whose width is wrong (the function, which infers E
         # from the query, can only say that the keys disagree with it).
         for name, t in (("query", query), ("keys", keys)):
@@ -607,10 +637,13 @@ class ActivationUnitPooling(nn.Module):
                 raise ValueError("%s must have last dimension embed_dim = %d, got shape %s"
                                  % (name, self.embed_dim, list(t.shape)))
         weights = [(l.weight, l.bias) for l in self.hidden] + [(self.out.weight, self.out.bias)]
-        return activation_unit_pool(query, keys, values, weights, lengths, mask=mask, offsets=offsets,
-                                    max_length=max_length, activation=self.activation,
-                                    activation_params=self._activation_params(), normalize=self.normalize,
-                                    backend=self.backend)
+        options = dict(mask=mask, offsets=offsets, max_length=max_length, activation=self.activation,
+                       activation_params=self._activation_params(), normalize=self.normalize,
+                       backend=self.backend)
+        out = activation_unit_pool(query, keys, values, weights, lengths, **options)
+        if not need_weights:
+            return out
+        return out, activation_unit_weights(query, keys, weights, lengths, **options)
 
     @torch.no_grad()
     def load_mlp_(self, linears: Sequence[nn.Linear], activations: Sequence[nn.Module] = ()) -> "ActivationUnitPooling":

@@ -31,26 +31,17 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def masked_attention_pool_ref(
-    query: Tensor, key: Tensor, value: Tensor, valid: Tensor, scale: float,
-    bias: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
-    """The core: query [B, N, H, Dk], key [B, L, Hkv, Dk], value [B, L, Hkv, Dv] with Hkv
-    dividing H (query head h uses K/V head h // (H // Hkv)), valid [B, L] bool (True = the
-    position takes part), bias None or [B, Nb, Hb, L] with Nb in {1, N} and Hb in {1, H}
-    (added to the logits). Returns out [B, N, H, Dv] in query's dtype and lse [B, N, H]
-    float32."""
+def masked_scores_ref(query: Tensor, key: Tensor, valid: Tensor, scale: float,
+                      bias: Optional[Tensor] = None) -> Tensor:
+    """The logits of `masked_attention_pool_ref` (same arguments), -inf where a position does
+    not take part, grouped by the K/V head they use: [B, N, Hkv, G, L] in the accumulation
+    dtype (G = H // Hkv)."""
     cdt = _compute_dtype(query.dtype)
     B, N, H, _ = query.shape
     Hkv = key.shape[2]
     # query heads grouped by the K/V head they use: [B, N, Hkv, G, Dk]
     q = query.to(cdt).unflatten(2, (Hkv, H // Hkv))
     k = key.to(cdt)
-    v = value.to(cdt)
-    # Positions that take part in no row are never read: their values could be anything
-    # (NaN/inf included), and 0 * inf would otherwise leak into the sum.
-    v = torch.where(valid[:, :, None, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
-    # scores [B, N, Hkv, G, L]
     s = torch.einsum("bnkgd,blkd->bnkgl", q, k) * scale
     keep = valid[:, None, None, None, :]
     if bias is not None:
@@ -60,7 +51,12 @@ def masked_attention_pool_ref(
         b = torch.where(valid[:, None, None, :], bias.to(cdt), torch.zeros((), dtype=cdt, device=s.device))
         b = b.unflatten(2, (Hkv, H // Hkv)) if b.shape[2] == H and H > 1 else b.unsqueeze(2)
         s = s + b
-    s = s.masked_fill(~keep, float("-inf"))
+    return s.masked_fill(~keep, float("-inf"))
+
+
+def _masked_softmax_parts(s: Tensor):
+    """(p, m, denom, nonempty, safe_denom) of masked logits s [..., L]: p = exp(s - m), the
+    softmax is p / safe_denom, and a row is empty where denom == 0."""
     # The max is a numerical shift only: the result does not depend on it, so no gradient
     # flows through it. An empty row has max -inf; shift by 0 there instead.
     m = s.amax(dim=-1, keepdim=True).detach() if s.shape[-1] > 0 else s.new_zeros(s.shape[:-1] + (1,))
@@ -71,6 +67,24 @@ def masked_attention_pool_ref(
     # valid position) is not empty: it propagates to out and lse.
     nonempty = denom != 0
     safe_denom = torch.where(nonempty, denom, torch.ones_like(denom))
+    return p, m, denom, nonempty, safe_denom
+
+
+def masked_attention_pool_ref(
+    query: Tensor, key: Tensor, value: Tensor, valid: Tensor, scale: float,
+    bias: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """The core: query [B, N, H, Dk], key [B, L, Hkv, Dk], value [B, L, Hkv, Dv] with Hkv
+    dividing H (query head h uses K/V head h // (H // Hkv)), valid [B, L] bool (True = the
+    position takes part), bias None or [B, Nb, Hb, L] with Nb in {1, N} and Hb in {1, H}
+    (added to the logits). Returns out [B, N, H, Dv] in query's dtype and lse [B, N, H]
+    float32."""
+    v = value.to(_compute_dtype(query.dtype))
+    # Positions that take part in no row are never read: their values could be anything
+    # (NaN/inf included), and 0 * inf would otherwise leak into the sum.
+    v = torch.where(valid[:, :, None, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
+    p, m, denom, nonempty, safe_denom = _masked_softmax_parts(
+        masked_scores_ref(query, key, valid, scale, bias))
     out = torch.einsum("bnkgl,blkd->bnkgd", p / safe_denom, v).flatten(2, 3)
     lse = torch.where(
         nonempty, m + torch.log(safe_denom), torch.full_like(denom, float("-inf"))
@@ -177,6 +191,63 @@ def attention_pool_ref(
     else:
         valid = padded_valid(key, lengths, mask)
     return masked_attention_pool_ref(query, key, value, valid, float(scale), bias)
+
+
+def token_rows(offsets: Tensor, T: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """For the T rows of a jagged tensor: (row b of each, its position in row b, whether it
+    lies in a row at all: rows past offsets[-1] do not), each [T]. Empty rows in between are
+    skipped (a row starts where the next non-empty one does)."""
+    offsets = offsets.to(torch.long)
+    t = torch.arange(T, device=offsets.device)
+    B = offsets.shape[0] - 1
+    row = (torch.searchsorted(offsets, t, right=True) - 1).clamp(0, max(B - 1, 0))
+    start = offsets[row] if B > 0 else torch.zeros_like(t)
+    inside = (t < offsets[-1]) if B > 0 else torch.zeros_like(t, dtype=torch.bool)
+    return row, t - start, inside
+
+
+def attention_weights_ref(
+    query: Tensor,
+    key: Tensor,
+    lengths: Optional[Tensor] = None,
+    *,
+    mask: Optional[Tensor] = None,
+    offsets: Optional[Tensor] = None,
+    max_length: Optional[int] = None,
+    scale: Optional[float] = None,
+    bias: Optional[Tensor] = None,
+) -> Tensor:
+    """The softmax weights of `attention_pool_ref` (same arguments, no value): padded
+    [B, N, H, L], jagged [T, N, H], float32 (float64 for float64 inputs). Exactly 0 at
+    positions that take part in no row and on empty rows; a non-empty row sums to 1."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    if bias is not None:
+        bias = canonical_bias(bias, offsets is not None)
+    T = key.shape[0]
+    if offsets is not None:
+        key, _, valid = jagged_to_padded(key, key[..., :1], offsets, max_length)
+        if bias is not None:
+            bias = jagged_bias_to_padded(bias, offsets, valid.shape[1])
+    else:
+        valid = padded_valid(key, lengths, mask)
+    p, _, _, _, safe_denom = _masked_softmax_parts(
+        masked_scores_ref(query, key, valid, float(scale), bias))
+    w = (p / safe_denom).flatten(2, 3)  # [B, N, H, L]
+    if offsets is None:
+        return w
+    return padded_to_token_rows(w, offsets, T)
+
+
+def padded_to_token_rows(w: Tensor, offsets: Tensor, T: int) -> Tensor:
+    """Padded per-position values w [B, ..., L] -> jagged [T, ...]: key row t takes its row's
+    entry at its position, 0 for rows past offsets[-1]. Differentiable (a gather)."""
+    row, pos, inside = token_rows(offsets, T)
+    if w.shape[0] == 0 or w.shape[-1] == 0:
+        return w.new_zeros((T,) + tuple(w.shape[1:-1]))
+    picked = w.movedim(-1, 1)[row, pos.clamp(0, w.shape[-1] - 1)]  # [T, ...]
+    inside = inside.view((T,) + (1,) * (picked.dim() - 1))
+    return torch.where(inside, picked, torch.zeros((), dtype=w.dtype, device=w.device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,18 +361,19 @@ def activation_unit_scores_ref(query: Tensor, key: Tensor, w1: Tensor, b1: Tenso
     return (h @ w_out.to(cdt).T).squeeze(-1) + b_out.to(cdt)
 
 
-def masked_activation_unit_pool_ref(
-    query: Tensor, key: Tensor, value: Tensor, valid: Tensor, w1: Tensor, b1: Tensor,
+def masked_activation_unit_weights_ref(
+    query: Tensor, key: Tensor, valid: Tensor, w1: Tensor, b1: Tensor,
     w2: Optional[Tensor], b2: Optional[Tensor], w_out: Tensor, b_out: Tensor,
     act1: Optional[Tensor], act2: Optional[Tensor], activation: str, softmax: bool,
 ) -> Tuple[Tensor, Tensor]:
-    """The core on padded key [B, L, E] / value [B, L, Dv] with valid [B, L] bool."""
+    """(the pooling weights w [B, N, L], lse [B, N]) of `masked_activation_unit_pool_ref`, in
+    the compute dtype: raw scores (softmax False) or the masked softmax, 0 at positions outside
+    the row and on empty rows."""
     cdt = _compute_dtype(query.dtype)
     # Positions outside the row are zeroed first, so that nothing there (NaN included) reaches
     # the result or any gradient.
     keep = valid.to(torch.bool)
     k = torch.where(keep[..., None], key.to(cdt), torch.zeros((), dtype=cdt, device=key.device))
-    v = torch.where(keep[..., None], value.to(cdt), torch.zeros((), dtype=cdt, device=key.device))
     s = activation_unit_scores_ref(query, k, w1, b1, w2, b2, w_out, b_out, act1, act2, activation)
     keep3 = keep[:, None, :].expand_as(s)
     if softmax:
@@ -324,6 +396,20 @@ def masked_activation_unit_pool_ref(
     else:
         w = torch.where(keep3, s, torch.zeros_like(s))
         lse = torch.zeros(s.shape[:-1], dtype=cdt, device=s.device)
+    return w, lse
+
+
+def masked_activation_unit_pool_ref(
+    query: Tensor, key: Tensor, value: Tensor, valid: Tensor, w1: Tensor, b1: Tensor,
+    w2: Optional[Tensor], b2: Optional[Tensor], w_out: Tensor, b_out: Tensor,
+    act1: Optional[Tensor], act2: Optional[Tensor], activation: str, softmax: bool,
+) -> Tuple[Tensor, Tensor]:
+    """The core on padded key [B, L, E] / value [B, L, Dv] with valid [B, L] bool."""
+    cdt = _compute_dtype(query.dtype)
+    keep = valid.to(torch.bool)
+    v = torch.where(keep[..., None], value.to(cdt), torch.zeros((), dtype=cdt, device=key.device))
+    w, lse = masked_activation_unit_weights_ref(query, key, valid, w1, b1, w2, b2, w_out, b_out,
+                                                act1, act2, activation, softmax)
     out = torch.einsum("bnl,bld->bnd", w, v)
     return out.to(query.dtype), lse
 
@@ -351,6 +437,26 @@ def activation_unit_pool_ref(
         valid = padded_valid(key, lengths, mask)
     return masked_activation_unit_pool_ref(query, key, value, valid, w1, b1, w2, b2, w_out, b_out,
                                            act1, act2, activation, bool(softmax))
+
+
+def activation_unit_weights_ref(
+    query: Tensor, key: Tensor, value: Optional[Tensor], lengths: Optional[Tensor], mask: Optional[Tensor],
+    offsets: Optional[Tensor], max_length: int, w1: Tensor, b1: Tensor, w2: Optional[Tensor],
+    b2: Optional[Tensor], w_out: Tensor, b_out: Tensor, act1: Optional[Tensor],
+    act2: Optional[Tensor], activation: str, softmax: bool,
+) -> Tensor:
+    """The weights `activation_unit_pool_ref` pools with (same arguments; value is not read):
+    padded [B, N, L], jagged [T, N], in the compute dtype. Raw scores (softmax False) or the
+    masked softmax; exactly 0 at positions outside every row and on empty rows."""
+    T = key.shape[0]
+    if offsets is not None:
+        ml = None if max_length is None or max_length < 0 else int(max_length)
+        key, _, valid = jagged_to_padded(key, key[..., :1], offsets, ml)
+    else:
+        valid = padded_valid(key, lengths, mask)
+    w, _ = masked_activation_unit_weights_ref(query, key, valid, w1, b1, w2, b2, w_out, b_out,
+                                              act1, act2, activation, bool(softmax))
+    return w if offsets is None else padded_to_token_rows(w, offsets, T)
 
 
 # ----------------------------------------------------------------------------------------------

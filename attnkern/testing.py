@@ -284,6 +284,41 @@ def pool_function(backend: str, kwargs: dict) -> Callable:
     return fn
 
 
+def pool_by_weights(w: Tensor, v: Tensor, kwargs: dict) -> Tensor:
+    """out [B, N, H, Dv] = sum over each row's positions of the weights w (padded [B, N, H, L],
+    jagged [T, N, H]) times v (K/V head h // (H // Hkv)): attention_pool's out, by the weights."""
+    from .reference import token_rows
+
+    H, Hkv = w.shape[2], v.shape[-2]
+    v = v.to(w.dtype).repeat_interleave(H // Hkv, dim=-2)
+    if "offsets" not in kwargs:
+        return torch.einsum("bnhl,blhd->bnhd", w, v)
+    B = kwargs["offsets"].shape[0] - 1
+    row, _, _ = token_rows(kwargs["offsets"], v.shape[0])
+    per_row = w.unsqueeze(-1) * v.unsqueeze(1)  # [T, N, H, Dv]: 0 past offsets[-1] (w is)
+    return per_row.new_zeros((B,) + tuple(per_row.shape[1:])).index_add(0, row, per_row)
+
+
+def weights_function(backend: str, kwargs: dict) -> Callable:
+    """f(q, k, v[, bias]) -> (out, lse) through attnkern.attention_weights on `backend`: out is
+    `pool_by_weights` of its weights (in the query's dtype), so that the checking body tests
+    the weights and their gradients by the pooling they define; lse is the reference pool's
+    (no gradient: the weights have none)."""
+    import attnkern
+
+    def fn(q, k, v, bias=None):
+        layout = {n: t for n, t in kwargs.items() if n != "return_lse"}
+        w = attnkern.attention_weights(q, k, **layout, bias=bias, backend=backend)
+        if q.dim() == 3:
+            w = w.unsqueeze(1)
+        out = pool_by_weights(w, v, kwargs).to(q.dtype)
+        with torch.no_grad():
+            _, lse = attnkern.attention_pool(q, k, v, **layout, bias=bias, return_lse=True,
+                                             backend="reference")
+        return (out.squeeze(1) if q.dim() == 3 else out), lse
+    return fn
+
+
 # ----------------------------------------------------------------------------------------------
 # The rule
 
