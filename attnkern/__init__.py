@@ -4,6 +4,7 @@
     out = attnkern.activation_unit_pool(query, key, key, weights, lengths)   # DIN
     w = attnkern.attention_weights(query, key, lengths)                      # the softmax weights
     out = attnkern.sequence_attention(q, k, v, offsets, causal=True)        # HSTU, SASRec
+    scores, idx = attnkern.attention_topk(q, keys, k=50, lengths=lengths)   # SIM, TWIN
 
 See README.md for the shapes, mask polarity (True = attend) and the backends.
 """
@@ -39,7 +40,9 @@ from .functional import (activation_unit_pool, activation_unit_weights, attentio
 from .ops import BackendInfo, BackendUnavailable, backends  # noqa: E402
 from .reference import (activation_unit_pool_ref, activation_unit_weights_ref, attention_pool_ref,  # noqa: E402
                         attention_weights_ref, sequence_attention_ref)
+from .reference import attention_topk_ref  # noqa: E402
 from .sequence import sequence_attention  # noqa: E402
+from .topk import attention_topk  # noqa: E402
 
 try:
     # Imported for its side effect: registers the Triton custom ops attnkern::triton_* up
@@ -53,6 +56,8 @@ __version__ = "0.1.0"
 __all__ = [
     "attention_pool",
     "attention_weights",
+    "attention_topk",
+    "attention_topk_ref",
     "activation_unit_pool",
     "activation_unit_weights",
     "sequence_attention",

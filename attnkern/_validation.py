@@ -490,3 +490,12 @@ def validate_activation_unit(query, key, value, weights, lengths, mask, offsets,
                 w_out=w_out, b_out=b_out, act1=acts[0], act2=acts[1], activation=activation,
                 softmax=normalize == "softmax")
     return AuProblem(args, squeeze_n, "jagged" if jagged else "padded", B, L)
+
+
+def check_topk_k(k) -> int:
+    """attention_topk's k: a Python int >= 0."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError("k must be a Python int, got %s" % type(k).__name__)
+    if k < 0:
+        raise ValueError("k must be >= 0, got %d" % k)
+    return int(k)

@@ -663,3 +663,51 @@ def sequence_attention_ref(
             out = torch.where(inside[:, None, None], out[row, p], zero)
             lse = torch.where(inside[:, None], lse[row, p], torch.full_like(lse[row, p], float("-inf")))
     return out.to(query.dtype), lse
+
+
+# ----------------------------------------------------------------------------------------------
+# Top-k by score (SIM / TWIN's search stage)
+# ----------------------------------------------------------------------------------------------
+
+
+def attention_topk_ref(
+    query: Tensor,
+    key: Tensor,
+    k: int,
+    lengths: Optional[Tensor] = None,
+    *,
+    mask: Optional[Tensor] = None,
+    offsets: Optional[Tensor] = None,
+    max_length: Optional[int] = None,
+    scale: Optional[float] = None,
+    bias: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Reference top-k on canonical shapes: the k best valid positions of each query and head
+    by ``s[l] = scale * <q, k_l> + bias[l]``, from the full score row (the fused kernels never
+    form it).
+
+    query [B, N, H, Dk]; key, lengths/mask/offsets and bias as in `attention_pool_ref`. Returns
+    (scores [B, N, H, k] float32 (float64 for float64 inputs), indices [B, N, H, k] int64), best
+    first; indices are positions in the row (padded: into L; jagged: 0 at the row's first
+    element). Ties keep the lower position first; a NaN score ranks above every number. Slots
+    past the row's valid positions (fewer than k, or positions whose score is -inf) hold index
+    -1 and score -inf. Differentiable w.r.t. query, key and bias through the selected scores.
+    """
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    jagged = offsets is not None
+    bias = None if bias is None else canonical_bias(bias, jagged)
+    if jagged:  # the rows padded (key only: a one-wide stand-in for the value)
+        key, _, valid = jagged_to_padded(key, key[..., :1], offsets, max_length)
+        bias = None if bias is None else jagged_bias_to_padded(bias, offsets, valid.shape[1])
+    else:
+        valid = padded_valid(key, lengths, mask)
+    s = masked_scores_ref(query, key, valid, scale, bias).flatten(2, 3)  # [B, N, H, L]
+    B, N, H, _ = query.shape
+    L = s.shape[-1]
+    if k > L:
+        s = torch.cat([s, s.new_full((B, N, H, k - L), float("-inf"))], dim=-1)
+    # A stable descending sort: equal scores keep their positions' order, NaN comes first.
+    scores, order = torch.sort(s, dim=-1, descending=True, stable=True)
+    scores, order = scores[..., :k], order[..., :k]
+    dropped = scores == float("-inf")
+    return scores, torch.where(dropped, torch.full_like(order, -1), order)

@@ -1,6 +1,7 @@
 """`attnkern check`: every available backend against the float64 reference on a grid of shapes,
 dtypes and layouts, forward and all three gradients (and the score bias's, on rows with one), by
-the checking body and tolerance rule of attnkern.testing; prints a pass/fail table and exits
+the checking body and tolerance rule of attnkern.testing (attention_topk's kept positions by
+attnkern.topk_testing); prints a pass/fail table and exits
 non-zero on any failure."""
 
 from __future__ import annotations
@@ -151,6 +152,35 @@ def check_sequence_case(backend, device, layout, dtype, shape) -> Result:
     return Result(backend, device, layout, str(dtype).split(".")[-1], name, short, passed, why[:80])
 
 
+# attention_topk: (name, B, N, H, Hkv, L, Dk, k[, bias kind, Hb]) on the backends with top-k
+# kernels; out = the largest error of the kept scores, the row passes when the kept positions
+# are right (attnkern.topk_testing).
+TOPK_SHAPES = [
+    ("topk", 4, 2, 4, 2, 45, 16, 8),
+    ("topkb", 3, 3, 2, 2, 30, 7, 40, "per_query", 2),
+]
+
+
+def check_topk_case(backend, device, layout, dtype, shape) -> Result:
+    """One attention_topk row: every query's kept positions, their order and scores against the
+    float64 oracle (attnkern.topk_testing.check_topk)."""
+    import attnkern
+    from attnkern.topk_testing import check_topk
+
+    name, B, N, H, Hkv, L, Dk, k = shape[:8]
+    bias_kind, Hb = shape[8:] if len(shape) > 8 else (None, None)
+    args, kw = testing.make_problem(B=B, N=N, H=H, Hkv=Hkv, L=L, Dk=Dk, Dv=1, dtype=dtype, layout=layout,
+                                    device=device, extra_rows=1, bias=bias_kind, bias_heads=Hb)
+    bias = args[3] if bias_kind else None
+
+    def run(q, key, k, **kw):
+        return attnkern.attention_topk(q, key, k, backend=backend, **kw)
+    fails = check_topk(run, args[0], args[1], k, kw, bias=bias)
+    nan = float("nan")
+    return Result(backend, device, layout, str(dtype).split(".")[-1], name,
+                  {"out": nan, "dq": nan, "dk": nan, "dv": nan}, not fails, (fails[0] if fails else "")[:80])
+
+
 def _row(check, backend, dev, layout, dt, shape, dw=False) -> Result:
     """Runs one case (a crash is a failure, reported with its message) and prints its row; dw:
     also the largest weight/bias/activation gradient error."""
@@ -235,6 +265,15 @@ def main(argv=None) -> int:
             continue
         for layout, shape in itertools.product(("jagged", "lengths"), seq_shapes):
             results.append(_row(check_sequence_case, backend, dev, layout, dt, shape, dw=True))
+    # attention_topk rows (forward only), on the backends with top-k kernels
+    from attnkern.topk import TOPK_BACKENDS
+
+    topk_shapes = TOPK_SHAPES[:1] if args.quick else TOPK_SHAPES
+    for dev, backend, dt in _plan([b for b in backends if b in TOPK_BACKENDS], devices, dtypes):
+        if dev is None:
+            continue
+        for layout, shape in itertools.product(LAYOUTS, topk_shapes):
+            results.append(_row(check_topk_case, backend, dev, layout, dt, shape))
     for backend, reason in skipped:
         print("skipped backend %s: %s" % (backend, reason))
     if not results:

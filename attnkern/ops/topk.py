@@ -1,0 +1,45 @@
+"""The top-k op attnkern::attention_topk_fwd (csrc/attention_topk_ops.cpp, CPU kernels in
+csrc/cpu/attention_topk_*): its fake impl, so that torch.compile(fullgraph=True) traces through
+it. Forward only: the op has no autograd; attnkern.attention_topk makes the selected scores
+differentiable by recomputing them from the indices."""
+
+from __future__ import annotations
+
+import torch
+
+from .availability import extension
+from .schemas import qualified
+
+TOPK_OP = "attention_topk_fwd"
+TOPK_SCHEMA = (
+    "(Tensor query, Tensor key, Tensor? lengths, Tensor? mask, Tensor? offsets, int k, float scale, "
+    "Tensor? bias=None) -> (Tensor scores, Tensor indices)"
+)
+
+
+def _fake_forward(query, key, lengths, mask, offsets, k, scale, bias=None):
+    if query.dim() != 4:
+        raise ValueError("attnkern: query must be [B, N, H, Dk], got %s" % list(query.shape))
+    if key.dtype != query.dtype:
+        raise TypeError("attnkern: key must have the dtype of query (%s), got %s" % (query.dtype, key.dtype))
+    if k < 0:
+        raise ValueError("attnkern: k must be >= 0, got %d" % k)
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    shape = tuple(query.shape[:3]) + (k,)
+    return query.new_empty(shape, dtype=acc), query.new_empty(shape, dtype=torch.int64)
+
+
+def _register() -> bool:
+    mod, _ = extension()
+    if mod is None or not hasattr(torch.ops.attnkern, TOPK_OP):
+        return False
+    torch.library.register_fake(qualified(TOPK_OP), _fake_forward)
+    return True
+
+
+TOPK_KERNELS = _register()
+
+
+def topk_op():
+    """The registered top-k op of the C++ extension (CPU kernels)."""
+    return getattr(torch.ops.attnkern, TOPK_OP)

@@ -1,0 +1,168 @@
+// CPU launcher of attnkern::attention_topk_fwd: checks its inputs (what a direct torch.ops call
+// needs so that no kernel reads out of bounds), converts the query and the bias once to the
+// accumulator type, and runs the kernels of the instruction set isa_dispatch.h selected over the
+// (row, K/V head) items. Deterministic: each item writes only its own queries' output rows.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "../input_checks.h"
+#include "attention_topk_kernels.h"
+#include "isa_dispatch.h"
+
+namespace attnkern {
+namespace cpu {
+namespace {
+
+using OptT = std::optional<at::Tensor>;
+
+bool given(const OptT& t) { return t.has_value() && t->defined(); }
+
+TopkFn kernel_for(at::ScalarType dtype) {
+  if (dtype == at::kDouble) return topk_generic_f64_kernel();
+  TopkKernels kt;
+  switch (selected_isa()) {
+#if defined(__x86_64__) || defined(_M_X64)
+    case Isa::kAmx:
+    case Isa::kAvx512Bf16:
+    case Isa::kAvx512: kt = topk_avx512_kernels(); break;
+    case Isa::kAvx2: kt = topk_avx2_kernels(); break;
+#endif
+    default: kt = topk_generic_kernels();
+  }
+  return dtype == at::kBFloat16 ? kt.bf16 : dtype == at::kHalf ? kt.f16 : kt.f32;
+}
+
+// Row starts and scanned lengths, checked: padded rows are [b * L, b * L + len), jagged rows
+// [offsets[b], offsets[b + 1]) in order inside the T key rows.
+void row_ranges(const OptT& lengths, const OptT& offsets, int64_t B, int64_t L, std::vector<int64_t>& starts,
+                std::vector<int64_t>& lens) {
+  starts.assign(size_t(B), 0);
+  lens.assign(size_t(B), L);
+  if (given(offsets)) {
+    const at::Tensor o = offsets->to(at::kLong).contiguous();
+    const int64_t* op = o.data_ptr<int64_t>();
+    TORCH_CHECK_VALUE(B == 0 || op[0] >= 0, "attnkern: offsets[0] must be >= 0, got ", B ? op[0] : 0);
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK_VALUE(op[b + 1] >= op[b] && op[b + 1] <= L, "attnkern: offsets must be non-decreasing and <= T = ",
+                        L, ", got offsets[", b, "] = ", op[b], ", offsets[", b + 1, "] = ", op[b + 1]);
+      starts[size_t(b)] = op[b];
+      lens[size_t(b)] = op[b + 1] - op[b];
+    }
+    return;
+  }
+  for (int64_t b = 0; b < B; ++b) starts[size_t(b)] = b * L;
+  if (given(lengths)) {
+    const at::Tensor l = lengths->to(at::kLong).contiguous();
+    const int64_t* lp = l.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK_VALUE(lp[b] >= 0 && lp[b] <= L, "attnkern: lengths must be in [0, L = ", L, "], got lengths[", b,
+                        "] = ", lp[b]);
+      lens[size_t(b)] = lp[b];
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_topk_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                          const OptT& lengths, const OptT& mask, const OptT& offsets,
+                                                          int64_t k, double scale, const OptT& bias) {
+  check_float_query(query);
+  check_dense(key, "key");
+  check_same_dtype(key, "key", query);
+  check_on_query_device(key, "key", query);
+  TORCH_CHECK_VALUE(query.device().is_cpu(), "attnkern: the CPU kernels need CPU tensors, got query on ",
+                    query.device());
+  TORCH_CHECK_VALUE(query.dim() == 4, "attnkern: query must be [B, N, H, Dk], got ", query.sizes());
+  const int64_t B = query.size(0), N = query.size(1), H = query.size(2), Dk = query.size(3);
+  TORCH_CHECK_VALUE(N >= 1 && H >= 1 && Dk >= 1 && Dk <= kMaxHeadDim, "attnkern: query must have N, H >= 1 and Dk in [1, ",
+                    kMaxHeadDim, "], got ", query.sizes());
+  const bool jagged = given(offsets);
+  TORCH_CHECK_VALUE(key.dim() == (jagged ? 3 : 4), "attnkern: key must be ",
+                    jagged ? "jagged [T, Hkv, Dk] (offsets given)" : "padded [B, L, Hkv, Dk]", ", got ", key.sizes());
+  const int64_t L = jagged ? key.size(0) : key.size(1), Hkv = key.size(jagged ? 1 : 2);
+  TORCH_CHECK_VALUE((jagged || key.size(0) == B) && key.size(-1) == Dk && Hkv >= 1 && H % Hkv == 0,
+                    "attnkern: key must have B = ", B, " rows (padded), Dk = ", Dk, " and a head count dividing H = ", H,
+                    ", got ", key.sizes());
+  TORCH_CHECK_VALUE(k >= 0, "attnkern: k must be >= 0, got ", k);
+  TORCH_CHECK_VALUE(std::isfinite(scale), "attnkern: scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(int(given(lengths)) + int(given(mask)) + int(jagged) <= 1,
+                    "attnkern: give at most one of lengths, mask (padded) and offsets (jagged)");
+  if (given(lengths)) check_index_tensor(*lengths, "lengths", B, query);
+  if (jagged) check_index_tensor(*offsets, "offsets", B + 1, query);
+  at::Tensor mask_u8;
+  if (given(mask)) {
+    check_mask(*mask, B, L, query);
+    mask_u8 = mask->contiguous().view(at::kByte);
+  }
+  const at::ScalarType acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  int64_t Nb = 1, Hb = 1;
+  at::Tensor bias_c;
+  if (given(bias)) {
+    const at::Tensor& bt = *bias;
+    check_dense(bt, "bias");
+    check_on_query_device(bt, "bias", query);
+    TORCH_CHECK_TYPE(bt.scalar_type() == at::kFloat || bt.scalar_type() == query.scalar_type(),
+                     "attnkern: bias must be torch.float32 or the dtype of query, got ", dtype_name(bt.scalar_type()));
+    TORCH_CHECK_VALUE(bt.dim() == (jagged ? 3 : 4) && bt.size(0) == (jagged ? L : B) &&
+                          (bt.size(1) == 1 || bt.size(1) == N) && (bt.size(2) == 1 || bt.size(2) == H) &&
+                          (jagged || bt.size(3) == L),
+                      "attnkern: bias must be ", jagged ? "[T, Nb, Hb]" : "[B, Nb, Hb, L]",
+                      " with Nb 1 or N and Hb 1 or H, got ", bt.sizes());
+    Nb = bt.size(1);
+    Hb = bt.size(2);
+    bias_c = bt.to(acc).contiguous();
+  }
+  std::vector<int64_t> starts, lens;
+  row_ranges(lengths, offsets, B, L, starts, lens);
+
+  const int64_t Dkp = (Dk + kTopkQueryAlign - 1) / kTopkQueryAlign * kTopkQueryAlign;
+  at::Tensor q_c = at::zeros({B, N, H, Dkp}, query.options().dtype(acc));
+  q_c.narrow(3, 0, Dk).copy_(query);
+  const at::Tensor k_c = key.contiguous();
+  at::Tensor scores = at::full({B, N, H, k}, -std::numeric_limits<double>::infinity(), query.options().dtype(acc));
+  at::Tensor indices = at::full({B, N, H, k}, -1, query.options().dtype(at::kLong));
+  TopkParams p{};
+  p.q = q_c.data_ptr();
+  p.k = k_c.data_ptr();
+  p.B = B;
+  p.N = N;
+  p.H = H;
+  p.Hkv = Hkv;
+  p.Dk = Dk;
+  p.Dkp = Dkp;
+  p.L = L;
+  p.K = k;
+  p.starts = starts.data();
+  p.lens = lens.data();
+  p.mask = mask_u8.defined() ? mask_u8.data_ptr<uint8_t>() : nullptr;
+  p.scale = scale;
+  p.bias = bias_c.defined() ? bias_c.data_ptr() : nullptr;
+  p.Nb = Nb;
+  p.Hb = Hb;
+  p.jagged = jagged;
+  p.scores = scores.data_ptr();
+  p.indices = indices.data_ptr<int64_t>();
+  if (k == 0 || B == 0) return {scores, indices};
+  const TopkFn fn = kernel_for(query.scalar_type());
+  // Items of about 64k multiply-adds at least, so that tiny rows do not pay one task each.
+  const int64_t row_len = jagged ? L / B : L;
+  const int64_t per_item = std::max<int64_t>(1, N * (H / Hkv) * std::max<int64_t>(row_len, 1) * Dk);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / per_item);
+  at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) { fn(p, begin, end); });
+  return {scores, indices};
+}
+
+}  // namespace cpu
+}  // namespace attnkern
+
+TORCH_LIBRARY_IMPL(attnkern, CPU, m) { m.impl("attention_topk_fwd", &attnkern::cpu::attention_topk_fwd_cpu); }
