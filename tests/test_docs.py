@@ -110,7 +110,8 @@ def _help(module, argv):
 
 
 _COMMANDS = {"check": "attnkern.tools.check", "bench": "attnkern.tools.bench",
-             "train": "attnkern.tools.train", "export": "attnkern.tools.export"}
+             "train": "attnkern.tools.train", "export": "attnkern.tools.export",
+             "explain": "attnkern.tools.explain"}
 
 
 def _help_for(module, rest):

@@ -1,4 +1,4 @@
-"""The `attnkern` command line: check | bench | train | export."""
+"""The `attnkern` command line: check | bench | train | export | explain."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ _COMMANDS = {
     "bench": ("attnkern.tools.bench", "time every backend and the PyTorch alternatives"),
     "export": ("attnkern.tools.export", "export a model for serving (AOTInductor or ONNX); --check reloads and compares"),
     "train": ("attnkern.tools.train", "train the target-attention CTR model (and the sum-pooling baseline)"),
+    "explain": ("attnkern.tools.explain", "a user's history ranked by attention weight for a candidate movie (table and PNG)"),
 }
 
 
