@@ -256,3 +256,30 @@ def test_twin_recipe_matches_the_eager_target_stage(backend, topk, L):
         outs.append([out] + list(grads))
     for got, want in zip(outs[1], outs[0]):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_cpu_narrower_isa_paths(isa):
+    """The kernels of the instruction sets below the widest (which every other test runs):
+    ATTNKERN_CPU_ISA is read once per process."""
+    if not attnkern.backends()["cpu"].available:
+        pytest.skip(attnkern.backends()["cpu"].reason)
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, attnkern\n"
+        "from attnkern.testing import make_problem\n"
+        "from attnkern.topk_testing import check_topk\n"
+        "run = lambda q, key, k, **kw: attnkern.attention_topk(q, key, k, backend='cpu', **kw)\n"
+        "for layout, dt in (('mask', torch.float32), ('jagged', torch.bfloat16), ('lengths', torch.float16)):\n"
+        "    args, kw = make_problem(B=4, N=2, H=2, Hkv=1, L=37, Dk=19, Dv=1, dtype=dt, layout=layout,\n"
+        "                            bias='per_query')\n"
+        "    fails = check_topk(run, args[0], args[1], 7, kw, bias=args[3])\n"
+        "    assert not fails, fails[:3]\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, ATTNKERN_CPU_ISA=isa)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
