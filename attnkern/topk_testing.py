@@ -48,9 +48,10 @@ def _oracle_rows(q: Tensor, key: Tensor, kwargs: dict, scale: float, bias: Optio
 
 
 def check_topk(fn, q: Tensor, key: Tensor, k: int, kwargs: dict, *, scale: Optional[float] = None,
-               bias: Optional[Tensor] = None) -> List[str]:
+               bias: Optional[Tensor] = None, errors: Optional[dict] = None) -> List[str]:
     """The failures (empty: passed) of ``fn(q, key, k, **kwargs, scale=, bias=)`` -> (scores,
-    indices) on query q [B, N, H, Dk] against the oracle (module docstring)."""
+    indices) on query q [B, N, H, Dk] against the oracle (module docstring). `errors`, when
+    given, gets "scores": the largest error of a kept score."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     extra = {} if bias is None else {"bias": bias}
     scores, idx = fn(q, key, k, **kwargs, scale=scale, **extra)
@@ -84,6 +85,8 @@ def check_topk(fn, q: Tensor, key: Tensor, k: int, kwargs: dict, *, scale: Optio
             continue
         oracle_kept = torch.tensor([lookup[int(i)] for i in kept], dtype=torch.float64)
         err = float((got_s[:m].double() - oracle_kept).abs().max()) if m else 0.0
+        if errors is not None:
+            errors["scores"] = max(errors.get("scores", 0.0), err)
         if err > tol * mag:
             fails.append("%s: scores off the oracle's by %.3g (tolerance %.3g)" % (where, err, tol * mag))
         if m > 1 and not (got_s[:m - 1] >= got_s[1:m]).all():
