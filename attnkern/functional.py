@@ -10,8 +10,9 @@ from ._jagged import unpack_history
 from ._validation import Problem, check_values, checked_index_values, validate, validate_activation_unit
 from .ops import BACKENDS, BackendUnavailable, activation_fused_op, backend_info, fused_op
 from .ops.availability import cuda_emulated, triton_interpret
-from .reference import (activation_unit_pool_ref, activation_unit_weights_ref, attention_pool_ref,
-                        attention_weights_ref, padded_valid, token_rows)
+from .reference import (_masked_softmax_parts, activation_unit_pool_ref, activation_unit_weights_ref,
+                        attention_pool_ref, attention_weights_ref, masked_scores_ref, padded_valid,
+                        token_rows)
 
 _resolved: dict = {}
 # Backends whose registered ops read and check lengths/offsets values themselves (the C++ CPU
@@ -259,63 +260,45 @@ def attention_weights(
     if key_padding_mask is not None:
         mask = ~key_padding_mask
     name = _resolve_for_transforms(backend, query)
-    if name not in _OPS_CHECK_VALUES:
-        check_values(prob, lengths, offsets, max_length)
-    if name == "reference" and torch.compiler.is_compiling():
+    # Every backend reads lengths/offsets in PyTorch ops here (no op checks them).
+    check_values(prob, lengths, offsets, max_length)
+    if torch.compiler.is_compiling():
         lengths, offsets = checked_index_values(prob, lengths, offsets, max_length)
     if name == "reference":
         w = attention_weights_ref(prob.query, key, lengths, mask=mask, offsets=offsets,
                                   max_length=max_length, scale=prob.scale, bias=prob.bias)
     else:
-        w = _fused_weights(name, prob, key, lengths, mask, offsets, max_length)
+        w = _fused_weights(prob, key, lengths, mask, offsets)
     return w.squeeze(1) if prob.squeeze_n else w
 
 
-def _fused_weights(name, prob, key, lengths, mask, offsets, max_length) -> torch.Tensor:
-    """The weights on a fused backend: the row statistics (lse) from its attention-pool forward
-    op over a one-wide zero value, then ``p = exp(s - lse)`` at the valid positions, divided by
-    its row sum. The division makes the result exact in the accumulation dtype whatever the
-    precision of lse (float32 for float64 inputs), which is then only the shift that keeps exp
-    in range: it needs no gradient, and autograd's softmax backward
-    ``dS = w * (dW - sum_l dW * w)`` is what the division gives."""
+def _fused_weights(prob, key, lengths, mask, offsets) -> torch.Tensor:
+    """The weights on a fused backend, in PyTorch ops on the tensors' device (no weights kernel
+    yet): padded, the reference's masked softmax; jagged, per key row without padding the keys
+    (the row max by a segment reduction). The max is a shift only (no gradient through it);
+    autograd's softmax backward is ``dS = w * (dW - sum_l dW * w)``."""
+    if prob.layout == "padded":
+        p, _, _, _, safe_denom = _masked_softmax_parts(masked_scores_ref(
+            prob.query, key, padded_valid(key, lengths, mask), prob.scale, prob.bias))
+        return (p / safe_denom).flatten(2, 3)
     query, H, Hkv = prob.query, prob.H, prob.Hkv
-    jagged = prob.layout == "jagged"
-    zero_value = key.new_zeros(tuple(key.shape[:-1]) + (1,))
-    query4 = _fold_query_heads(query, Hkv) if H > Hkv else query
-    extra = () if prob.bias is None else (_fold_bias_heads(prob.bias, H, Hkv),)
-    if jagged:
-        ml = -1 if max_length is None else int(max_length)
-        _, lse = fused_op(name, "jagged")(query4, key, zero_value, offsets, ml, prob.scale, *extra)
-    else:
-        _, lse = fused_op(name, "padded")(query4, key, zero_value, lengths, mask, prob.scale, *extra)
-    if H > Hkv:
-        lse = _unfold_query_heads(lse, H // Hkv)  # [B, N, H]
     cdt = torch.float64 if query.dtype == torch.float64 else torch.float32
-    # Empty rows (lse -inf) shift by 0: every logit there is -inf, so exp gives 0, and no
-    # -inf - (-inf) = NaN reaches the values or the gradients.
-    lse = torch.where(lse == float("-inf"), torch.zeros((), dtype=lse.dtype, device=lse.device), lse)
-    lse = lse.detach().to(cdt)
+    T = key.shape[0]
+    if prob.B == 0:
+        return query.new_zeros((T, prob.N, H), dtype=cdt)
+    row, _, inside = token_rows(offsets, T)
     q = query.to(cdt).unflatten(2, (Hkv, H // Hkv))  # [B, N, Hkv, G, Dk]
-    k = key.to(cdt)
-    bias = None if prob.bias is None else prob.bias.to(cdt)
-    if jagged:
-        T = key.shape[0]
-        row, pos, inside = token_rows(offsets, T)
-        if prob.B == 0:
-            return query.new_zeros((T, prob.N, H), dtype=cdt)
-        s = torch.einsum("tnkgd,tkd->tnkg", q[row], k).flatten(2, 3) * prob.scale  # [T, N, H]
-        if bias is not None:
-            s = s + bias
-        valid = inside[:, None, None]
-        p = torch.exp(s.masked_fill(~valid, float("-inf")) - lse[row])
-        denom = torch.zeros_like(lse).index_add(0, row, p)
-        return p / _safe(denom)[row]
-    valid = padded_valid(key, lengths, mask)[:, None, None, :]
-    s = torch.einsum("bnkgd,blkd->bnkgl", q, k).flatten(2, 3) * prob.scale  # [B, N, H, L]
-    if bias is not None:
-        s = s + bias
-    p = torch.exp(s.masked_fill(~valid, float("-inf")) - lse.unsqueeze(-1))
-    return p / _safe(p.sum(-1, keepdim=True))
+    s = torch.einsum("tnkgd,tkd->tnkg", q[row], key.to(cdt)).flatten(2, 3) * prob.scale  # [T, N, H]
+    if prob.bias is not None:
+        s = s + prob.bias.to(cdt)
+    s = s.masked_fill(~inside[:, None, None], float("-inf"))
+    with torch.no_grad():
+        m = s.new_full((prob.B, prob.N, H), float("-inf")).scatter_reduce(
+            0, row[:, None, None].expand_as(s), s, "amax")
+        m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=cdt, device=m.device))
+    p = torch.exp(s - m[row])
+    denom = p.new_zeros((prob.B, prob.N, H)).index_add(0, row, p)
+    return p / _safe(denom)[row]
 
 
 def _safe(denom: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""attnkern.attention_weights (SPEC 7.1) and attnkern.activation_unit_weights: every layout,
+"""attnkern.attention_weights and attnkern.activation_unit_weights (docs/attention_weights.md): every layout,
 N > 1, shared K/V heads, the score bias (-inf entries, empty rows), dtypes, against the float64
 reference through the suite's checking body (the weights checked by the pooling they define,
 attnkern.testing.weights_function; the reference itself against the loop oracle), plus the

@@ -1,7 +1,8 @@
 """`attnkern check`: every available backend against the float64 reference on a grid of shapes,
-dtypes and layouts, forward and all three gradients (and the score bias's, on rows with one), by
-the checking body and tolerance rule of attnkern.testing (attention_topk's kept positions by
-attnkern.topk_testing); prints a pass/fail table and exits
+dtypes and layouts, forward and all three gradients (and the score bias's, on rows with one), and
+attention_weights by the pooling its weights define, by the checking body and tolerance rule of
+attnkern.testing (attention_topk's kept positions by attnkern.topk_testing); prints a pass/fail
+table and exits
 non-zero on any failure."""
 
 from __future__ import annotations
@@ -99,6 +100,28 @@ def _plan(backends, devices, dtypes):
                 if dt == torch.float64 and backend in ("cuda", "triton"):
                     continue
                 yield dev, backend, dt
+
+
+# attention_weights: (name, B, N, H, L, Dk, Dv, Hkv, bias kind, Hb), its out and gradients
+# checked by the pooling the weights define (attnkern.testing.weights_function).
+WEIGHTS_SHAPES = [("weights", 3, 2, 4, 21, 16, 24, 2, "per_query", 4)]
+
+
+def check_weights_case(backend, device, layout, dtype, shape) -> Result:
+    """One attention_weights row: sum_l w v and the gradients through the weights (dq, dk, dv and
+    the bias's in the note) against the float64 reference, by the checking body."""
+    name, B, N, H, L, Dk, Dv, Hkv, bias, Hb = shape
+    args, kw = testing.make_problem(B, N, H, L, Dk, Dv, dtype=dtype, layout=layout, device=device,
+                                    extra_rows=1, Hkv=Hkv, bias=bias, bias_heads=Hb)
+    go = testing.random_grad_out(args[0], args[2])
+    reference = None if backend == "reference" else testing.weights_function("reference", kw)
+    report = testing.check_function(testing.weights_function(backend, kw), args, kw, go,
+                                    reference=reference, scale=Dk ** -0.5, label=backend)
+    errors = {label: report.errors.get(full, float("nan")) for label, full in (
+        ("out", "out"), ("dq", "grad_query"), ("dk", "grad_key"), ("dv", "grad_value"))}
+    note = report.failures[0][:80] if not report.passed else "db %.2e" % report.errors.get(
+        "grad_bias", float("nan"))
+    return Result(backend, device, layout, str(dtype).split(".")[-1], name, errors, report.passed, note)
 
 
 # Activation-unit pooling (DIN): (name, B, N, L, E, Dv, hidden units, activation, softmax).
@@ -239,6 +262,8 @@ def main(argv=None) -> int:
             no_bias.add(backend)
         for layout, shape in itertools.product(LAYOUTS, shapes + bias_shapes):
             results.append(_row(check_case, backend, dev, layout, dt, shape))
+        for layout in (("lengths", "jagged") if args.quick else LAYOUTS):  # attention_weights
+            results.append(_row(check_weights_case, backend, dev, layout, dt, WEIGHTS_SHAPES[0]))
     # activation_unit_pool rows (dW: the largest error of the weight/bias/activation gradients)
     from attnkern.ops import activation_kernels_missing
 
