@@ -2,8 +2,7 @@
 dtypes and layouts, forward and all three gradients (and the score bias's, on rows with one), and
 attention_weights by the pooling its weights define, by the checking body and tolerance rule of
 attnkern.testing (attention_topk's kept positions by attnkern.topk_testing); prints a pass/fail
-table and exits
-non-zero on any failure."""
+table and exits non-zero on any failure."""
 
 from __future__ import annotations
 
