@@ -503,6 +503,17 @@ class AttentionPooling(nn.Module):
         return o
 
 
+def _activation_kind(module) -> Optional[str]:
+    """The activation a zoo's module computes: "dice" (an ``alpha`` and a BatchNorm ``bn``, as
+    FuxiCTR's and DeepCTR-Torch's Dice have), "prelu", "relu", "sigmoid", or None."""
+    if hasattr(module, "alpha") and isinstance(getattr(module, "bn", None), nn.modules.batchnorm._BatchNorm):
+        return "dice"
+    for cls, kind in ((nn.PReLU, "prelu"), (nn.ReLU, "relu"), (nn.Sigmoid, "sigmoid")):
+        if isinstance(module, cls):
+            return kind
+    return None
+
+
 class ActivationUnitPooling(nn.Module):
     """DIN attention pooling: an MLP over ``[q, k, q - k, q * k]`` scores each valid history
     item, the values are pooled with those scores (raw, or a masked softmax).
@@ -554,6 +565,8 @@ class ActivationUnitPooling(nn.Module):
             raise ValueError("hidden_units must be one or two ints in [1, %d], got %r" % (MAX_UNITS, hidden_units))
         if not isinstance(embed_dim, int) or not 1 <= embed_dim <= MAX_UNITS:
             raise ValueError("embed_dim must be an int in [1, %d], got %r" % (MAX_UNITS, embed_dim))
+        # Case-insensitive, as the zoos' configurations write them ("Dice", "PReLU").
+        activation = activation.lower() if isinstance(activation, str) else activation
         if activation not in ACTIVATIONS:
             raise ValueError("activation must be one of %s, got %r" % (", ".join(ACTIVATIONS), activation))
         if normalize not in (None, "softmax"):
@@ -633,6 +646,15 @@ class ActivationUnitPooling(nn.Module):
             if dst.bias is not None:
                 dst.bias.copy_(src.bias)
         activations = list(activations)
+        for i, act in enumerate(activations):
+            kind = _activation_kind(act)
+            if kind is None:
+                raise ValueError("activations[%d]: %s is none of the activations this layer computes "
+                                 "(Dice, PReLU, ReLU, Sigmoid)" % (i, type(act).__name__))
+            if kind != self.activation:
+                raise ValueError("activations[%d] is %s but this layer was built with activation=%r: "
+                                 "build it with activation=%r to load it"
+                                 % (i, type(act).__name__, self.activation, kind))
         if self.activation in ("prelu", "dice") and len(activations) != len(self.hidden_units):
             raise ValueError("activations: expected one %s module per hidden layer (%d), got %d"
                              % (self.activation, len(self.hidden_units), len(activations)))
