@@ -433,3 +433,40 @@ def _first_layer_moments(q, k, w, c, wk, wd, count):
     mean = (mu * nb).sum(dim=(0, 1)) / total
     between = ((mu - mean).square() * nb).sum(dim=(0, 1))
     return mean, (within + between) / total, count
+
+
+def position_query_inputs(position_query: torch.Tensor, key: torch.Tensor, weights: Sequence):
+    """Rewrites an activation unit whose query depends on the position (DMR's and DMIN's
+    position embeddings: FuxiCTR's ``use_pos_emb=True`` gives position l the query
+    q_l = f(target, pos_emb[l])) as `activation_unit_pool`'s shared-query form, exactly.
+
+    The first layer is linear, so with W1 = [Wa | Wb | Wc | Wd] over [q_l, k_l, q_l - k_l,
+    q_l * k_l]: W1 x_l = (Wa + Wc) q_l + (Wb - Wc) k_l + Wd (q_l * k_l), a linear map of the
+    widened key [k_l, q_l * k_l, q_l] (3E) with a zero query. Returns (query [B, 3E] or the
+    jagged layout's [B, 3E] zeros, key [B, L, 3E] or [T, 3E], weights with the first layer
+    [H1, 12E]); pass the original keys (or other values) as the values. Needs 3E <= 256.
+
+    position_query and key: padded [B, L, E] (or jagged [T, E]); weights as
+    `activation_unit_pool`'s. Differentiable w.r.t. all of them.
+    """
+    for x, name in ((position_query, "position_query"), (key, "key")):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError("%s must be a torch.Tensor, got %s" % (name, type(x).__name__))
+    if position_query.shape != key.shape or key.dim() not in (2, 3):
+        raise ValueError("position_query must have the shape of key (padded [B, L, E] or jagged [T, E]), "
+                         "got %s and key %s" % (list(position_query.shape), list(key.shape)))
+    E = key.shape[-1]
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, Sequence) or len(weights) not in (2, 3) \
+            or not isinstance(weights[0], Sequence) or len(weights[0]) != 2:
+        raise TypeError("weights must be a sequence of 2 or 3 (weight, bias) pairs")
+    w1, b1 = weights[0]
+    if not isinstance(w1, torch.Tensor) or w1.dim() != 2 or w1.shape[1] != 4 * E:
+        raise ValueError("weights[0] weight must be [units, 4E] = [units, %d], got %s"
+                         % (4 * E, list(getattr(w1, "shape", []))))
+    wa, wb, wc, wd = w1.split(E, dim=1)
+    zero = torch.zeros_like(w1[:, :3 * E])
+    wide = torch.cat([zero, torch.cat([wb - wc, wd, wa + wc], dim=1), zero, zero], dim=1)
+    wide_key = torch.cat([key, position_query * key, position_query], dim=-1)
+    B = key.shape[0] if key.dim() == 3 else None
+    query = None if B is None else key.new_zeros(B, 3 * E)
+    return query, wide_key, [(wide, b1)] + list(weights[1:])

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from ._jagged import unpack_history
-from .functional import DICE_STATISTICS, activation_unit_pool, attention_pool, dice_batch_statistics
+from .functional import (DICE_STATISTICS, activation_unit_pool, attention_pool, dice_batch_statistics,
+                         position_query_inputs)
 from .reference import ACTIVATIONS, MAX_UNITS, TIME_BUCKET_WIDTH, dice_params
 from .reference import log_time_bucket as time_bucket
 
@@ -676,6 +677,26 @@ class ActivationUnitPooling(nn.Module):
                                         weights, query, keys, lengths, mask, offsets, max_length),
                                     normalize=self.normalize,
                                     backend=self.backend)
+
+    def forward_positions(self, position_query: torch.Tensor, keys: torch.Tensor,
+                          values: Optional[torch.Tensor] = None, lengths: Optional[torch.Tensor] = None, *,
+                          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The activation unit with one query per history position (padded [B, L, E], the
+        shape of ``keys``): DMR's and DMIN's position-aware target attention (FuxiCTR's
+        ``use_pos_emb=True``), exactly, through `attnkern.functional.position_query_inputs`
+        (3E <= 256). values default to the keys. Returns [B, Dv]. Dice's batch statistics in
+        training count the same samples as `forward`."""
+        if position_query.shape[-1:] != (self.embed_dim,) or keys.shape[-1:] != (self.embed_dim,):
+            raise ValueError("position_query and keys must have last dimension embed_dim = %d, got %s and %s"
+                             % (self.embed_dim, list(position_query.shape), list(keys.shape)))
+        weights = [(l.weight, l.bias) for l in self.hidden] + [(self.out.weight, self.out.bias)]
+        query, wide_keys, weights = position_query_inputs(position_query, keys, weights)
+        values = keys if values is None else values
+        return activation_unit_pool(query, wide_keys, values, weights, lengths, mask=mask,
+                                    activation=self.activation,
+                                    activation_params=self._activation_params(
+                                        weights, query, wide_keys, lengths, mask, None, None),
+                                    normalize=self.normalize, backend=self.backend)
 
     @torch.no_grad()
     def load_mlp_(self, linears: Sequence[nn.Linear], activations: Sequence[nn.Module] = ()) -> "ActivationUnitPooling":
