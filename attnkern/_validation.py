@@ -81,6 +81,27 @@ def _same(t, name, query):
         raise ValueError("%s must be on the device of query (%s), got %s" % (name, query.device, t.device))
 
 
+def _check_value_slot(query, key, value):
+    """The zoos' positional orders ``pool(q, keys, keys_length)`` (DeepCTR-Torch) and
+    ``pool(target, hist, mask)`` (FuxiCTR) put lengths or a mask where attnkern takes the values:
+    name the keyword that was meant rather than the dtype or shape it breaks."""
+    for x, name in ((query, "query"), (key, "key"), (value, "value")):
+        _check_tensor(x, name)
+    if value is key or key.dim() < 3:
+        return
+    B, L = key.shape[0], key.shape[1]
+    what = "value is a %s %s tensor" % (str(value.dtype).replace("torch.", ""), list(value.shape))
+    order = "attnkern's order is (query, key, value, lengths); the mask is keyword-only"
+    if value.dtype in _INDEX_DTYPES and value.dim() == 1 and value.shape[0] == B:
+        raise TypeError("%s: did you mean lengths=? %s" % (what, order))
+    if value.dtype in _INDEX_DTYPES and tuple(value.shape) == (B, 1):
+        raise TypeError("%s: did you mean lengths=t.view(-1)? (DeepCTR-Torch's keys_length is [B, 1]); %s"
+                        % (what, order))
+    if value.dim() == 2 and tuple(value.shape) == (B, L):
+        fix = "mask=m" if value.dtype == torch.bool else "mask=m.bool() (a 0/1 mask with 1 = valid, FuxiCTR's)"
+        raise TypeError("%s: did you mean %s? %s" % (what, fix, order))
+
+
 def _check_qkv(query, key, value):
     """Tensors, a float query, key and value of its dtype and device (both ops)."""
     for x, name in ((query, "query"), (key, "key"), (value, "value")):
@@ -149,9 +170,13 @@ def _check_jagged_index(offsets, max_length, B: int, device) -> None:
         raise ValueError("max_length must be < 2**63 (an int64), got %d" % max_length)
 
 
-def _check_mask(mask, name: str, B: int, L: int, device) -> None:
+def _check_mask(mask, name: str, B: int, L: int, device, padding_mask_too: bool = True) -> None:
     _check_tensor(mask, name)
     if mask.dtype != torch.bool:
+        if not padding_mask_too:
+            raise TypeError("%s must be a bool tensor (True = attend), got %s: a 0/1 mask with 1 = valid "
+                            "(FuxiCTR's) is mask=m.bool(); one with 1 = padding is mask=~m.bool()"
+                            % (name, mask.dtype))
         if name == "mask":
             hint = ("a 0/1 mask with 1 = valid (FuxiCTR's) is mask=m.bool(); one with 1 = "
                     "padding is key_padding_mask=m.bool()")
@@ -209,6 +234,8 @@ def validate(query, key, value, lengths, mask, offsets, max_length, scale, retur
     values to `check_values`, for callers whose kernel checks them itself. key_padding_mask
     (True = padding) is checked like mask; the caller passes ~key_padding_mask on as mask.
     bias (optional) is returned with its query axis in the Problem."""
+    if offsets is None:
+        _check_value_slot(query, key, value)
     _check_qkv(query, key, value)
     if not isinstance(return_lse, bool):
         raise TypeError("return_lse must be a bool, got %s" % type(return_lse).__name__)
@@ -393,6 +420,8 @@ def validate_activation_unit(query, key, value, weights, lengths, mask, offsets,
     # [B, L, E] one summed into it).
     shared = value is None or value is key
     value = key if value is None else value
+    if offsets is None:
+        _check_value_slot(query, key, value)
     _check_qkv(query, key, value)
     q3, squeeze_n = _query_with_n(query, 3, "[B, E] or [B, N, E]")
     B, N, E = q3.shape
@@ -421,10 +450,12 @@ def validate_activation_unit(query, key, value, weights, lengths, mask, offsets,
         if lengths is not None:
             _check_index(lengths, "lengths", B, query.device)
         if mask is not None:
-            _check_mask(mask, "mask", B, L, query.device)
+            _check_mask(mask, "mask", B, L, query.device, padding_mask_too=False)
     Dv = value.shape[-1]
     _check_dim("value dim Dv", Dv, MAX_UNITS)
 
+    # Case-insensitive, as the zoos' configurations write them ("Dice", "PReLU").
+    activation = activation.lower() if isinstance(activation, str) else activation
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError("activation must be one of %s, got %r" % (", ".join(ACTIVATIONS), activation))
     if normalize not in _NORMALIZE:

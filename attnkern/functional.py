@@ -419,3 +419,180 @@ def activation_unit_weights(
                  lengths, offsets, max_length)
     w = activation_unit_weights_ref(*prob.args.values())
     return w.squeeze(-1 if prob.layout == "jagged" else 1) if prob.squeeze_n else w
+
+
+DICE_STATISTICS = ("all", "valid")
+
+
+def dice_batch_statistics(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    weights: Sequence,
+    lengths: Optional[torch.Tensor] = None,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    offsets: Optional[torch.Tensor] = None,
+    max_length: Optional[int] = None,
+    dice_alpha: Sequence[torch.Tensor] = (),
+    dice_weight: Optional[Sequence[torch.Tensor]] = None,
+    dice_bias: Optional[Sequence[torch.Tensor]] = None,
+    eps: float = 1e-8,
+    positions: str = "all",
+) -> list:
+    """Dice's batch statistics in training: per hidden layer of `activation_unit_pool`'s MLP,
+    the mean and the biased variance of that layer's pre-activation per unit, over every
+    (row, query, position) sample of the batch, as ``nn.BatchNorm1d`` computes them in
+    training. The pass that runs before the fused scoring pass: its results, folded into
+    Dice's (alpha, scale, shift) by ``attnkern.reference.dice_params``, make the fused op
+    compute Dice in training mode, and gradients flow through them (they are torch ops).
+
+    Arguments as `activation_unit_pool`'s (query, key, weights, lengths/mask/offsets/max_length);
+    ``dice_alpha`` (and, with an affine BatchNorm, ``dice_weight`` / ``dice_bias``): one [H]
+    tensor per hidden layer, needed to form the second layer's input; ``eps`` Dice's epsilon.
+    ``positions``: "all" counts every padded position [B, L] of the padded layout, padding
+    included, as FuxiCTR's ``DIN_Attention`` and DeepCTR-Torch's ``LocalActivationUnit`` do
+    (they apply their MLP to all B * L positions); "valid" counts only the valid ones. The
+    jagged layout has no padding: both count its T rows.
+
+    Returns [(mean [H], var [H], count)] per hidden layer, in the compute dtype (float32;
+    float64 for float64 inputs); count is the number of samples (a Python int for "all" and
+    the jagged layout, a 0-dim tensor for "valid").
+    """
+    from .reference import _compute_dtype, activate, dice_params, jagged_to_padded, padded_valid
+
+    if positions not in DICE_STATISTICS:
+        raise ValueError("positions must be one of %s, got %r" % (", ".join(map(repr, DICE_STATISTICS)), positions))
+    key, _, offsets = unpack_history(key, None, offsets, lengths=lengths, mask=mask)
+    prob = validate_activation_unit(query, key, None, weights, lengths, mask, offsets, max_length,
+                                    "relu", None, None)
+    a = prob.args
+    hidden = [a["w1"]] + ([a["w2"]] if a["w2"] is not None else [])
+    biases = [a["b1"]] + ([a["b2"]] if a["w2"] is not None else [])
+    for name, seq in (("dice_alpha", dice_alpha), ("dice_weight", dice_weight), ("dice_bias", dice_bias)):
+        if seq is None and name != "dice_alpha":
+            continue
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence) or len(seq) != len(hidden):
+            raise ValueError("%s must hold one [H] tensor per hidden layer (%d)" % (name, len(hidden)))
+    cdt = _compute_dtype(query.dtype)
+    q = a["query"].to(cdt)                                     # [B, N, E]
+    B, N, E = q.shape
+    if prob.layout == "jagged":
+        ml = None if a["max_length"] < 0 else a["max_length"]
+        k, _, valid = jagged_to_padded(key, key, offsets, ml)
+        positions = "valid"
+    else:
+        k = key
+        valid = padded_valid(key, lengths, mask)
+    k = k.to(cdt)
+    if positions == "all":
+        count = B * N * k.shape[1]
+        w = None
+    else:
+        w = valid.to(cdt)[:, None, :, None]                  # [B, 1, L, 1]
+        count = w.sum() * N
+    wa, wb, wc, wd = hidden[0].to(cdt).split(E, dim=1)
+    # The first layer by its exact split (attnkern.reference): h = c_q + A_q k with
+    # c_q = (Wa + Wc) q + b1 and A_q = (Wb - Wc) + Wd diag(q); never the [.., 4E] concatenation.
+    c = q @ (wa + wc).T + biases[0].to(cdt)                   # [B, N, H1]
+    if len(hidden) == 1:
+        return [_first_layer_moments(q, k, w, c, wb - wc, wd, count)]
+    h = (k @ (wb - wc).T)[:, None] + (q[:, :, None, :] * k[:, None]) @ wd.T + c[:, :, None, :]
+    stats = []
+    for i in range(len(hidden)):
+        if i > 0:
+            h = h @ hidden[i].to(cdt).T + biases[i].to(cdt)
+        if w is None:
+            mean = h.mean(dim=(0, 1, 2))
+            var = (h - mean).square().mean(dim=(0, 1, 2))
+        else:
+            safe = count.clamp_min(1)
+            mean = (h * w).sum(dim=(0, 1, 2)) / safe
+            var = ((h - mean).square() * w).sum(dim=(0, 1, 2)) / safe
+        stats.append((mean, var, count))
+        if i + 1 < len(hidden):
+            act = dice_params(dice_alpha[i].to(cdt), mean, var, eps,
+                              None if dice_weight is None else dice_weight[i].to(cdt),
+                              None if dice_bias is None else dice_bias[i].to(cdt))
+            h = activate(h, "dice", act)
+    return stats
+
+
+def _first_layer_moments(q, k, w, c, wk, wd, count):
+    """Mean and biased variance of the first layer's h = c_q + A_q k, A_q = Wk + Wd diag(q),
+    over the counted (row, query, position) samples without forming h [B, N, L, H]: from each
+    row's key mean m_b and centred keys kc = w (k - m_b), by the law of total variance
+
+        var = (sum_bn diag(A_q C_b A_q^T) + sum_bn n_b (mu_bn - mean)^2) / n,
+        mu_bn = c_q + A_q m_b,  C_b = sum_l kc kc^T,
+
+    both terms sums of squares (no cancellation as in E[h^2] - E[h]^2). Summed over the
+    samples, the first term needs only three [E, E] moments of the centred keys, each one GEMM
+    over all B * L positions."""
+    B, N, E = q.shape
+    if w is None:
+        n_b = k.new_full((B,), float(k.shape[1]))
+        m = k.mean(dim=1) if k.shape[1] else k.new_zeros(B, E)
+        kc = k - m[:, None]
+    else:
+        wv = w[:, 0]                                           # [B, L, 1]
+        n_b = wv.sum(dim=(1, 2))
+        m = (k * wv).sum(dim=1) / n_b.clamp_min(1)[:, None]
+        kc = (k - m[:, None]) * wv
+    # g1 = sum_bn C_b, g2 = sum_bn diag(q) C_b, g3 = sum_bn diag(q) C_b diag(q); with one query
+    # per row all three are blocks of one GEMM (one pass over the keys, and one back).
+    if N == 1:
+        x = torch.cat([kc, kc * q], dim=-1).reshape(-1, 2 * E)
+        g = x.T @ x
+        g1, g2, g3 = g[:E, :E], g[E:, :E], g[E:, E:]
+    else:
+        flat = kc.reshape(-1, E)
+        g1 = N * (flat.T @ flat)
+        g2 = (kc * q.sum(dim=1)[:, None, :]).reshape(-1, E).T @ flat
+        g3 = 0
+        for n in range(N):
+            qk = (kc * q[:, n, None, :]).reshape(-1, E)
+            g3 = g3 + qk.T @ qk
+    within = ((wk @ g1) * wk).sum(-1) + 2 * ((wd @ g2) * wk).sum(-1) + ((wd @ g3) * wd).sum(-1)
+    mu = c + (m @ wk.T)[:, None] + (q * m[:, None]) @ wd.T   # [B, N, H]
+    total = count if isinstance(count, int) else count.clamp_min(1)
+    nb = n_b[:, None, None]
+    mean = (mu * nb).sum(dim=(0, 1)) / total
+    between = ((mu - mean).square() * nb).sum(dim=(0, 1))
+    return mean, (within + between) / total, count
+
+
+def position_query_inputs(position_query: torch.Tensor, key: torch.Tensor, weights: Sequence):
+    """Rewrites an activation unit whose query depends on the position (DMR's and DMIN's
+    position embeddings: FuxiCTR's ``use_pos_emb=True`` gives position l the query
+    q_l = f(target, pos_emb[l])) as `activation_unit_pool`'s shared-query form, exactly.
+
+    The first layer is linear, so with W1 = [Wa | Wb | Wc | Wd] over [q_l, k_l, q_l - k_l,
+    q_l * k_l]: W1 x_l = (Wa + Wc) q_l + (Wb - Wc) k_l + Wd (q_l * k_l), a linear map of the
+    widened key [k_l, q_l * k_l, q_l] (3E) with a zero query. Returns (query [B, 3E] or the
+    jagged layout's [B, 3E] zeros, key [B, L, 3E] or [T, 3E], weights with the first layer
+    [H1, 12E]); pass the original keys (or other values) as the values. Needs 3E <= 256.
+
+    position_query and key: padded [B, L, E] (or jagged [T, E]); weights as
+    `activation_unit_pool`'s. Differentiable w.r.t. all of them.
+    """
+    for x, name in ((position_query, "position_query"), (key, "key")):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError("%s must be a torch.Tensor, got %s" % (name, type(x).__name__))
+    if position_query.shape != key.shape or key.dim() not in (2, 3):
+        raise ValueError("position_query must have the shape of key (padded [B, L, E] or jagged [T, E]), "
+                         "got %s and key %s" % (list(position_query.shape), list(key.shape)))
+    E = key.shape[-1]
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, Sequence) or len(weights) not in (2, 3) \
+            or not isinstance(weights[0], Sequence) or len(weights[0]) != 2:
+        raise TypeError("weights must be a sequence of 2 or 3 (weight, bias) pairs")
+    w1, b1 = weights[0]
+    if not isinstance(w1, torch.Tensor) or w1.dim() != 2 or w1.shape[1] != 4 * E:
+        raise ValueError("weights[0] weight must be [units, 4E] = [units, %d], got %s"
+                         % (4 * E, list(getattr(w1, "shape", []))))
+    wa, wb, wc, wd = w1.split(E, dim=1)
+    zero = torch.zeros_like(w1[:, :3 * E])
+    wide = torch.cat([zero, torch.cat([wb - wc, wd, wa + wc], dim=1), zero, zero], dim=1)
+    wide_key = torch.cat([key, position_query * key, position_query], dim=-1)
+    B = key.shape[0] if key.dim() == 3 else None
+    query = None if B is None else key.new_zeros(B, 3 * E)
+    return query, wide_key, [(wide, b1)] + list(weights[1:])

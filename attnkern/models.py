@@ -47,10 +47,14 @@ class TargetAttentionCTR(nn.Module):
         mlp_dims: hidden sizes of the MLP head.
         pooling: "attention" (`AttentionPooling`, the target as query), "sum" (sum of the
             valid history embeddings, the DIN paper's base model) or "din"
-            (`ActivationUnitPooling` with ``din_units`` hidden units and PReLU, raw weights).
+            (`ActivationUnitPooling` with ``din_units`` hidden units and ``activation``, raw
+            weights).
         dropout: dropout after each hidden layer of the head.
         backend: attention backend, see `attnkern.attention_pool`.
         din_units: hidden layer widths of the activation unit (``pooling="din"``).
+        activation: the activation unit's activation (``pooling="din"``): "prelu" (default),
+            "dice" (DIN's, with batch statistics in training: FuxiCTR's Dice, eps 1e-9,
+            momentum 0.01), "relu" or "sigmoid"; case-insensitive.
         time_buckets, recency_buckets: ``pooling="attention"`` only: the attention layer's
             per-head time and recency tables (`AttentionPooling`): how long before the target
             and how far from the end of the history an item is shift its attention logit.
@@ -79,6 +83,7 @@ class TargetAttentionCTR(nn.Module):
         dropout: float = 0.0,
         backend: str = "auto",
         din_units: Sequence[int] = (64,),
+        activation: str = "prelu",
         time_buckets: Optional[int] = None,
         recency_buckets: Optional[int] = None,
     ) -> None:
@@ -100,7 +105,8 @@ class TargetAttentionCTR(nn.Module):
             self.pool = AttentionPooling(embed_dim, num_heads, backend=backend,
                                          time_buckets=time_buckets, recency_buckets=recency_buckets)
         elif pooling == "din":
-            self.pool = ActivationUnitPooling(embed_dim, din_units, "prelu", backend=backend)
+            dice = dict(dice_eps=1e-9, dice_momentum=0.01) if str(activation).lower() == "dice" else {}
+            self.pool = ActivationUnitPooling(embed_dim, din_units, activation, backend=backend, **dice)
         else:
             self.pool = None
         self.head = _head(3 * embed_dim, mlp_dims, dropout)

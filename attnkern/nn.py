@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from ._jagged import unpack_history
-from .functional import activation_unit_pool, activation_unit_weights, attention_pool, attention_weights
+from .functional import (DICE_STATISTICS, activation_unit_pool, activation_unit_weights, attention_pool,
+                         attention_weights, dice_batch_statistics, position_query_inputs)
 from .reference import ACTIVATIONS, MAX_UNITS, TIME_BUCKET_WIDTH, dice_params
 from .reference import log_time_bucket as time_bucket
 
@@ -527,6 +528,24 @@ class AttentionPooling(nn.Module):
         return o
 
 
+def _dice_momentum(m, name: str = "dice_momentum") -> float:
+    if isinstance(m, bool) or not isinstance(m, numbers.Real) or not 0 <= m <= 1:
+        raise ValueError("%s must be a float in [0, 1] (a cumulative average, momentum=None, is not "
+                         "supported), got %r" % (name, m))
+    return float(m)
+
+
+def _activation_kind(module) -> Optional[str]:
+    """The activation a zoo's module computes: "dice" (an ``alpha`` and a BatchNorm ``bn``, as
+    FuxiCTR's and DeepCTR-Torch's Dice have), "prelu", "relu", "sigmoid", or None."""
+    if hasattr(module, "alpha") and isinstance(getattr(module, "bn", None), nn.modules.batchnorm._BatchNorm):
+        return "dice"
+    for cls, kind in ((nn.PReLU, "prelu"), (nn.ReLU, "relu"), (nn.Sigmoid, "sigmoid")):
+        if isinstance(module, cls):
+            return kind
+    return None
+
+
 class ActivationUnitPooling(nn.Module):
     """DIN attention pooling: an MLP over ``[q, k, q - k, q * k]`` scores each valid history
     item, the values are pooled with those scores (raw, or a masked softmax).
@@ -545,14 +564,21 @@ class ActivationUnitPooling(nn.Module):
         dice_eps: Dice's BatchNorm epsilon.
         dice_affine: whether Dice's BatchNorm has an affine weight and bias (DeepCTR's does,
             FuxiCTR's does not).
+        dice_momentum: Dice's BatchNorm momentum for the running statistics (FuxiCTR's 0.01,
+            DeepCTR's nn.BatchNorm1d default 0.1).
+        dice_statistics: which positions Dice's batch statistics count in training: "all"
+            (every padded [B, L] position, padding included, as the zoos' layers, which run
+            their MLP on all of them) or "valid" (the valid positions only).
         backend: passed to `attnkern.activation_unit_pool`.
 
-    Dice uses its running statistics (the buffers ``dice_running_mean_i`` /
-    ``dice_running_var_i``) in training and evaluation alike: the fused op takes them as given
-    constants (its inference form). The zoos' Dice, in training, normalises with the batch's
-    statistics over every padded [B * L] position instead, and updates the running ones; this
-    layer does not update them. Train with another activation, or keep the statistics of a
-    model trained elsewhere.
+    Dice, like ``nn.BatchNorm1d``: in ``train()`` mode each hidden layer normalises its
+    pre-activation with the batch's statistics (mean and biased variance per unit over the
+    counted positions of every row and query: `attnkern.functional.dice_batch_statistics`, a
+    pass before the fused scoring pass, differentiated through) and updates the running
+    buffers ``dice_running_mean_i`` / ``dice_running_var_i`` (unbiased variance, momentum
+    ``dice_momentum``); in ``eval()`` mode it uses the running ones. A training batch with
+    fewer than two counted positions uses the running statistics and leaves them unchanged
+    (nn.BatchNorm1d refuses such a batch).
 
     Forward:
         query: [B, E] or [B, N, E]; keys: padded [B, L, E] or jagged [T, E] (with offsets, or a
@@ -566,8 +592,8 @@ class ActivationUnitPooling(nn.Module):
 
     def __init__(self, embed_dim: int, hidden_units: Sequence[int] = (64,), activation: str = "relu",
                  normalize: Optional[str] = None, *, bias: bool = True, prelu_init: float = 0.25,
-                 dice_eps: float = 1e-8, dice_affine: bool = False, backend: str = "auto",
-                 device=None, dtype=None) -> None:
+                 dice_eps: float = 1e-8, dice_affine: bool = False, dice_momentum: float = 0.1,
+                 dice_statistics: str = "all", backend: str = "auto", device=None, dtype=None) -> None:
         super().__init__()
         if isinstance(hidden_units, int):
             hidden_units = (hidden_units,)
@@ -581,10 +607,16 @@ class ActivationUnitPooling(nn.Module):
             raise ValueError("hidden_units must be one or two ints in [1, %d], got %r" % (MAX_UNITS, hidden_units))
         if not isinstance(embed_dim, int) or not 1 <= embed_dim <= MAX_UNITS:
             raise ValueError("embed_dim must be an int in [1, %d], got %r" % (MAX_UNITS, embed_dim))
+        # Case-insensitive, as the zoos' configurations write them ("Dice", "PReLU").
+        activation = activation.lower() if isinstance(activation, str) else activation
         if activation not in ACTIVATIONS:
             raise ValueError("activation must be one of %s, got %r" % (", ".join(ACTIVATIONS), activation))
         if normalize not in (None, "softmax"):
             raise ValueError("normalize must be None or 'softmax', got %r" % (normalize,))
+        if dice_statistics not in DICE_STATISTICS:
+            raise ValueError("dice_statistics must be one of %s, got %r"
+                             % (", ".join(map(repr, DICE_STATISTICS)), dice_statistics))
+        _dice_momentum(dice_momentum)
         fk = dict(device=device, dtype=dtype)
         self.embed_dim = embed_dim
         self.hidden_units = hidden_units
@@ -592,6 +624,8 @@ class ActivationUnitPooling(nn.Module):
         self.normalize = normalize
         self.backend = backend
         self.dice_eps = float(dice_eps)
+        self.dice_momentum = float(dice_momentum)
+        self.dice_statistics = dice_statistics
         widths = (4 * embed_dim,) + hidden_units
         self.hidden = nn.ModuleList(nn.Linear(widths[i], widths[i + 1], bias=bias, **fk)
                                     for i in range(len(hidden_units)))
@@ -611,18 +645,48 @@ class ActivationUnitPooling(nn.Module):
                     self.dice_weight.append(nn.Parameter(torch.ones(h, **fk)))
                     self.dice_bias.append(nn.Parameter(torch.zeros(h, **fk)))
 
-    def _activation_params(self):
+    def _activation_params(self, weights=None, *history):
+        """The activation parameters; Dice's from the batch (query, keys, lengths, mask,
+        offsets, max_length in `history`) in training, with the running statistics updated."""
         if self.activation == "prelu":
             return list(self.prelu_weight)
         if self.activation != "dice":
             return None
+        affine = len(self.dice_weight) > 0
+        stats = None
+        if self.training and history:
+            query, keys, lengths, mask, offsets, max_length = history
+            stats = dice_batch_statistics(
+                query, keys, weights, lengths, mask=mask, offsets=offsets, max_length=max_length,
+                dice_alpha=list(self.dice_alpha), dice_weight=list(self.dice_weight) if affine else None,
+                dice_bias=list(self.dice_bias) if affine else None, eps=self.dice_eps,
+                positions=self.dice_statistics)
+            count = stats[0][2]
+            # A host read only where the count is data-dependent ("valid", jagged).
+            n = count if isinstance(count, int) else int(count.item())
+            if n < 2:
+                stats = None
+            else:
+                self._update_running(stats, n)
         out = []
         for i in range(len(self.hidden_units)):
-            w = self.dice_weight[i] if len(self.dice_weight) else None
-            b = self.dice_bias[i] if len(self.dice_bias) else None
-            out.append(dice_params(self.dice_alpha[i], getattr(self, "dice_running_mean_%d" % i),
-                                   getattr(self, "dice_running_var_%d" % i), self.dice_eps, w, b))
+            w = self.dice_weight[i] if affine else None
+            b = self.dice_bias[i] if affine else None
+            if stats is None:
+                mean, var = getattr(self, "dice_running_mean_%d" % i), getattr(self, "dice_running_var_%d" % i)
+            else:
+                mean, var = stats[i][0], stats[i][1]
+            out.append(dice_params(self.dice_alpha[i], mean, var, self.dice_eps, w, b))
         return out
+
+    @torch.no_grad()
+    def _update_running(self, stats, n: int) -> None:
+        """nn.BatchNorm1d's update: the unbiased batch variance, exponential average."""
+        m = self.dice_momentum
+        for i, (mean, var, _) in enumerate(stats):
+            rm, rv = getattr(self, "dice_running_mean_%d" % i), getattr(self, "dice_running_var_%d" % i)
+            rm.mul_(1 - m).add_(mean.to(rm.dtype), alpha=m)
+            rv.mul_(1 - m).add_((var * (n / (n - 1))).to(rv.dtype), alpha=m)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, values: Optional[torch.Tensor] = None,
                 lengths: Optional[torch.Tensor] = None, *, mask: Optional[torch.Tensor] = None,
@@ -638,12 +702,33 @@ class ActivationUnitPooling(nn.Module):
                                  % (name, self.embed_dim, list(t.shape)))
         weights = [(l.weight, l.bias) for l in self.hidden] + [(self.out.weight, self.out.bias)]
         options = dict(mask=mask, offsets=offsets, max_length=max_length, activation=self.activation,
-                       activation_params=self._activation_params(), normalize=self.normalize,
-                       backend=self.backend)
+                       activation_params=self._activation_params(
+                           weights, query, keys, lengths, mask, offsets, max_length),
+                       normalize=self.normalize, backend=self.backend)
         out = activation_unit_pool(query, keys, values, weights, lengths, **options)
         if not need_weights:
             return out
         return out, activation_unit_weights(query, keys, weights, lengths, **options)
+
+    def forward_positions(self, position_query: torch.Tensor, keys: torch.Tensor,
+                          values: Optional[torch.Tensor] = None, lengths: Optional[torch.Tensor] = None, *,
+                          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The activation unit with one query per history position (padded [B, L, E], the
+        shape of ``keys``): DMR's and DMIN's position-aware target attention (FuxiCTR's
+        ``use_pos_emb=True``), exactly, through `attnkern.functional.position_query_inputs`
+        (3E <= 256). values default to the keys. Returns [B, Dv]. Dice's batch statistics in
+        training count the same samples as `forward`."""
+        if position_query.shape[-1:] != (self.embed_dim,) or keys.shape[-1:] != (self.embed_dim,):
+            raise ValueError("position_query and keys must have last dimension embed_dim = %d, got %s and %s"
+                             % (self.embed_dim, list(position_query.shape), list(keys.shape)))
+        weights = [(l.weight, l.bias) for l in self.hidden] + [(self.out.weight, self.out.bias)]
+        query, wide_keys, weights = position_query_inputs(position_query, keys, weights)
+        values = keys if values is None else values
+        return activation_unit_pool(query, wide_keys, values, weights, lengths, mask=mask,
+                                    activation=self.activation,
+                                    activation_params=self._activation_params(
+                                        weights, query, wide_keys, lengths, mask, None, None),
+                                    normalize=self.normalize, backend=self.backend)
 
     @torch.no_grad()
     def load_mlp_(self, linears: Sequence[nn.Linear], activations: Sequence[nn.Module] = ()) -> "ActivationUnitPooling":
@@ -666,6 +751,15 @@ class ActivationUnitPooling(nn.Module):
             if dst.bias is not None:
                 dst.bias.copy_(src.bias)
         activations = list(activations)
+        for i, act in enumerate(activations):
+            kind = _activation_kind(act)
+            if kind is None:
+                raise ValueError("activations[%d]: %s is none of the activations this layer computes "
+                                 "(Dice, PReLU, ReLU, Sigmoid)" % (i, type(act).__name__))
+            if kind != self.activation:
+                raise ValueError("activations[%d] is %s but this layer was built with activation=%r: "
+                                 "build it with activation=%r to load it"
+                                 % (i, type(act).__name__, self.activation, kind))
         if self.activation in ("prelu", "dice") and len(activations) != len(self.hidden_units):
             raise ValueError("activations: expected one %s module per hidden layer (%d), got %d"
                              % (self.activation, len(self.hidden_units), len(activations)))
@@ -678,6 +772,7 @@ class ActivationUnitPooling(nn.Module):
             getattr(self, "dice_running_mean_%d" % i).copy_(bn.running_mean)
             getattr(self, "dice_running_var_%d" % i).copy_(bn.running_var)
             self.dice_eps = float(bn.eps)
+            self.dice_momentum = _dice_momentum(bn.momentum, "activations[%d]: its BatchNorm's momentum" % i)
             if bn.affine != bool(len(self.dice_weight)):
                 raise ValueError("activations[%d]: its BatchNorm has affine=%s; build this layer with "
                                  "dice_affine=%s" % (i, bn.affine, bn.affine))

@@ -39,7 +39,7 @@ def test_din_model_backends_agree(N):
 @pytest.mark.parametrize("activation", ["relu", "sigmoid", "prelu", "dice"])
 def test_layer_jagged_equals_padded(activation):
     g = torch.Generator().manual_seed(1)
-    pool = ActivationUnitPooling(5, (7,), activation, "softmax")
+    pool = ActivationUnitPooling(5, (7,), activation, "softmax", dice_statistics="valid")
     lengths = torch.tensor([3, 0, 5, 1])
     k = torch.randn(4, 5, 5, generator=g)
     q = torch.randn(4, 5, generator=g)

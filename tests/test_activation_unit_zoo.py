@@ -167,7 +167,7 @@ def _layer_like(zoo, E, units, activation, softmax, backend, **dice):
     """An ActivationUnitPooling holding zoo's MLP weights and activation parameters."""
     ours = ActivationUnitPooling(E, units, activation, "softmax" if softmax else None, backend=backend, **dice)
     ours.load_mlp_(_linears(zoo), _acts(zoo))
-    return ours
+    return ours.train(zoo.training)
 
 
 def _compare_grads(zoo, ours, loss_zoo, loss_ours):

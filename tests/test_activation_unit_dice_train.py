@@ -1,0 +1,202 @@
+"""Dice in training mode in the fused activation unit: batch statistics over the counted
+positions (a pass before the fused scoring pass, differentiated through), running statistics
+updated like nn.BatchNorm1d, against the eager re-implementations of FuxiCTR's DIN_Attention
+and DeepCTR-Torch's AttentionSequencePoolingLayer in tests/test_activation_unit_zoo.py (their
+Dice: a BatchNorm1d over every padded position), in train() and eval() mode; and a short
+training run of TargetAttentionCTR(pooling="din", activation="dice")."""
+
+import pytest
+import torch
+from torch import nn
+
+import attnkern
+from attnkern.functional import dice_batch_statistics
+from attnkern.models import TargetAttentionCTR
+from attnkern.nn import ActivationUnitPooling
+from test_activation_unit_zoo import (BACKENDS, DeepAttentionSequencePoolingLayer, FuxiDINAttention,
+                                      _acts, _linears, _randomise_)
+
+
+def _bn(m):
+    return [x.bn for x in _acts(m)]
+
+
+def _problem(gen, B=5, L=7, E=4):
+    lengths = torch.tensor([0, 1, L, 4, 3][:B])
+    q = torch.randn(B, E, generator=gen)
+    # Random (non-zero) padding: the zoos' statistics count it, so the test sees that ours do.
+    k = torch.randn(B, L, E, generator=gen)
+    return q, k, lengths
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("zoo_name", ["fuxictr", "deepctr"])
+@pytest.mark.parametrize("softmax", [False, True], ids=["raw", "softmax"])
+def test_dice_train_and_eval_match_the_zoo(backend, zoo_name, softmax):
+    gen = torch.Generator().manual_seed(3)
+    E = 4
+    if zoo_name == "fuxictr":
+        units = (16,)
+        zoo = _randomise_(FuxiDINAttention(E, list(units), "dice", softmax), gen)
+        dice = dict(dice_eps=1e-9)
+    else:
+        units = (12, 6)
+        zoo = _randomise_(DeepAttentionSequencePoolingLayer(units, "dice", softmax, E), gen)
+        dice = dict(dice_eps=1e-8, dice_affine=True)
+    ours = ActivationUnitPooling(E, units, "dice", "softmax" if softmax else None, backend=backend, **dice)
+    ours.load_mlp_(_linears(zoo), _acts(zoo))
+    assert ours.dice_momentum == _bn(zoo)[0].momentum
+    zoo.train()
+    ours.train()
+    q, k, lengths = _problem(gen, E=E)
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    nonempty = lengths > 0
+    mask = (torch.arange(k.shape[1])[None, :] < lengths[:, None]).long()
+
+    def zoo_out():
+        return zoo(q, k, mask) if zoo_name == "fuxictr" else zoo(q[:, None, :], k, lengths[:, None])[:, 0]
+
+    # Two steps: the second normalises with its own batch again while the running statistics
+    # have moved twice; gradients through the batch statistics (query, keys, every weight,
+    # alpha and the affine BatchNorm's weight and bias) on the non-empty rows' outputs.
+    for _ in range(2):
+        want, got = zoo_out(), ours(q, k, lengths=lengths)
+        torch.testing.assert_close(got[nonempty], want[nonempty], atol=5e-5, rtol=5e-5)
+        assert (got[~nonempty] == 0).all()
+        for i, bn in enumerate(_bn(zoo)):
+            torch.testing.assert_close(getattr(ours, "dice_running_mean_%d" % i), bn.running_mean,
+                                       atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(getattr(ours, "dice_running_var_%d" % i), bn.running_var,
+                                       atol=1e-6, rtol=1e-5)
+        gw = torch.autograd.grad(want[nonempty].square().sum(), [q, k] + _linears_params(zoo) + _dice_params(zoo))
+        go = torch.autograd.grad(got[nonempty].square().sum(), [q, k] + _linears_params(ours) + _dice_params(ours))
+        for a, b in zip(gw, go):
+            torch.testing.assert_close(b.reshape(a.shape), a, atol=2e-4, rtol=2e-4)
+    # eval(): the running statistics, as the zoo's BatchNorm in eval mode.
+    zoo.eval()
+    ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(q, k, lengths=lengths)[nonempty], zoo_out()[nonempty],
+                                   atol=5e-5, rtol=5e-5)
+
+
+def _linears_params(m):
+    return [p for lin in _linears(m) for p in (lin.weight, lin.bias)]
+
+
+def _dice_params(m):
+    if isinstance(m, ActivationUnitPooling):
+        return list(m.dice_alpha) + [p for pair in zip(m.dice_weight, m.dice_bias) for p in pair]
+    out = [a.alpha for a in _acts(m)]
+    return out + [p for a in _acts(m) if a.bn.affine for p in (a.bn.weight, a.bn.bias)]
+
+
+class _MaskedDice(nn.Module):
+    """Dice whose batch statistics count only the valid positions: the masked mean and biased
+    variance, the running ones updated with the unbiased variance (eager, written out)."""
+
+    def __init__(self, units, eps, momentum):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.randn(units) * 0.5)
+        self.eps, self.momentum = eps, momentum
+        self.register_buffer("running_mean", torch.zeros(units))
+        self.register_buffer("running_var", torch.ones(units))
+
+    def forward(self, x, valid):  # x [B, L, H], valid [B, L]
+        xs = x[valid]
+        n = xs.shape[0]
+        mean, var = xs.mean(0), xs.var(0, unbiased=False)
+        with torch.no_grad():
+            self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
+            self.running_var.mul_(1 - self.momentum).add_(self.momentum * var * n / (n - 1))
+        p = torch.sigmoid((x - mean) / torch.sqrt(var + self.eps))
+        return p * x + self.alpha * (1 - p) * x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_valid_positions_statistics_and_jagged(backend):
+    gen = torch.Generator().manual_seed(5)
+    E, H = 4, 6
+    q, k, lengths = _problem(gen, E=E)
+    valid = torch.arange(k.shape[1])[None, :] < lengths[:, None]
+    lin, out, dice = nn.Linear(4 * E, H), nn.Linear(H, 1), _MaskedDice(H, 1e-5, 0.2)
+    ours = ActivationUnitPooling(E, (H,), "Dice", backend=backend, dice_eps=1e-5, dice_momentum=0.2,
+                                 dice_statistics="valid")
+    with torch.no_grad():
+        for src, dst in ((lin, ours.hidden[0]), (out, ours.out)):
+            dst.weight.copy_(src.weight)
+            dst.bias.copy_(src.bias)
+        ours.dice_alpha[0].copy_(dice.alpha)
+    qe = q[:, None, :].expand_as(k)
+    s = out(dice(lin(torch.cat([qe, k, qe - k, qe * k], -1)), valid)).squeeze(-1)
+    want = (torch.where(valid, s, 0)[..., None] * k).sum(1)
+    torch.testing.assert_close(ours(q, k, lengths=lengths), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(ours.dice_running_mean_0, dice.running_mean)
+    torch.testing.assert_close(ours.dice_running_var_0, dice.running_var)
+    # The jagged layout has no padding: the same statistics as "valid" on the padded one.
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    torch.testing.assert_close(ours(q, k[valid], offsets=offsets), want, atol=2e-5, rtol=2e-5)
+
+
+def test_batch_with_fewer_than_two_positions_uses_the_running_statistics():
+    gen = torch.Generator().manual_seed(6)
+    ours = ActivationUnitPooling(3, (5,), "dice", dice_statistics="valid", backend="reference")
+    with torch.no_grad():
+        ours.dice_running_mean_0.copy_(torch.randn(5, generator=gen))
+    before = ours.dice_running_mean_0.clone()
+    q, k = torch.randn(2, 3, generator=gen), torch.randn(2, 4, 3, generator=gen)
+    got = ours(q, k, lengths=torch.tensor([1, 0]))
+    assert torch.equal(ours.dice_running_mean_0, before)
+    torch.testing.assert_close(got, ours.eval()(q, k, lengths=torch.tensor([1, 0])))
+
+
+def test_gradcheck_through_the_batch_statistics():
+    gen = torch.Generator().manual_seed(7)
+    ours = ActivationUnitPooling(3, (4, 3), "dice", "softmax", dice_affine=True, backend="reference").double()
+    q = torch.randn(3, 3, generator=gen, dtype=torch.double, requires_grad=True)
+    k = torch.randn(3, 4, 3, generator=gen, dtype=torch.double, requires_grad=True)
+    lengths = torch.tensor([4, 2, 0])
+    backends = ["reference"] + (["cpu"] if attnkern.backends()["cpu"].available else [])
+    for backend in backends:
+        ours.backend = backend
+        assert torch.autograd.gradcheck(lambda q, k: ours(q, k, lengths=lengths), (q, k))
+
+
+def test_dice_batch_statistics_rejects_bad_arguments():
+    q, k = torch.randn(2, 3), torch.randn(2, 4, 3)
+    w = [(torch.randn(5, 12), None), (torch.randn(1, 5), None)]
+    with pytest.raises(ValueError, match="positions must be one of 'all', 'valid'"):
+        dice_batch_statistics(q, k, w, dice_alpha=[torch.zeros(5)], positions="padded")
+    with pytest.raises(ValueError, match=r"dice_alpha must hold one \[H\] tensor per hidden layer \(1\)"):
+        dice_batch_statistics(q, k, w, dice_alpha=[])
+    with pytest.raises(ValueError, match="dice_statistics"):
+        ActivationUnitPooling(3, (5,), "dice", dice_statistics="padded")
+    with pytest.raises(ValueError, match="dice_momentum must be a float in"):
+        ActivationUnitPooling(3, (5,), "dice", dice_momentum=None)
+
+
+def test_din_model_trains_with_dice():
+    g = torch.Generator().manual_seed(8)
+    torch.manual_seed(8)
+    B, L, items = 64, 10, 40
+    history = torch.randint(1, items, (B, L), generator=g)
+    lengths = torch.randint(0, L + 1, (B,), generator=g)
+    target = torch.randint(1, items, (B,), generator=g)
+    # A learnable rule: click when the target appears in the valid history.
+    valid = torch.arange(L)[None, :] < lengths[:, None]
+    label = ((history == target[:, None]) & valid).any(1).float()
+    model = TargetAttentionCTR(items, 8, pooling="din", activation="Dice", din_units=(16,))
+    opt = torch.optim.Adam(model.parameters(), lr=5e-2)
+    before = model.pool.dice_running_mean_0.clone()
+    for _ in range(15):
+        loss = nn.functional.binary_cross_entropy_with_logits(model(history, target, lengths), label)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model.pool.dice_alpha[0].grad.abs().sum() > 0
+    assert not torch.equal(model.pool.dice_running_mean_0, before)
+    # Below the loss of the best constant prediction (the entropy of the click rate): it learnt
+    # the rule, not the rate.
+    p = label.mean()
+    assert loss.item() < 0.6 * -(p * p.log() + (1 - p) * (1 - p).log()).item()
