@@ -1,0 +1,89 @@
+"""attnkern.sequence_attention on the "cuda" backend: every mask rule, softmax and SiLU (attn_scale
+a float or per token), the in-kernel time/position bias and the dense bias with their gradients,
+shared K/V heads, float32 and bfloat16, jagged and padded, an empty row and a row longer than one
+kernel tile, against the float64 oracle of attnkern.sequence_testing; the backward run twice is
+bitwise identical (the table gradients are reduced in a fixed order).
+
+Runs on a GPU, or on CPU tensors in the CUDA emulation build (scripts/cuda_emu.sh, where every
+access is checked: tiny shapes); skips elsewhere.
+"""
+
+import pytest
+import torch
+
+import attnkern
+from attnkern._sequence_validation import validate_sequence
+from attnkern.sequence import canonical_sequence_args
+from attnkern.sequence_testing import check_sequence_backend, random_sequence_problem
+from conftest import CUDA_DEVICE, cuda_op, needs_cuda_backend
+
+pytestmark = needs_cuda_backend
+
+# An empty row and one of two kernel tiles (32 positions each).
+LENGTHS = [5, 0, 37]
+
+CASES = [
+    dict(Hkv=1),
+    dict(num_targets=[1, 0, 4], contextual_len=3, max_attn_len=5, time=True, position=True, P=7,
+         NB=9),
+    dict(layout="padded", normalization="silu", causal=False, time=True, position=True, Hb=2,
+         time_bucket="sqrt", NB=40),
+    dict(normalization="silu", attn_scale=0.05, num_targets=[2, 0, 1], dense_bias=True, Hkv=1),
+    dict(causal=False, max_attn_len=4, contextual_len=2, dense_bias=True, Hb=2, position=True,
+         P=40),
+]
+
+
+def _check(case, dtype, lengths=LENGTHS):
+    if CUDA_DEVICE != "cpu":
+        pytest.skip("the oracle comparison runs on CPU tensors; tests/test_gpu_check.py covers CUDA")
+    t, a = random_sequence_problem(lengths, **case)
+    ok, errors, why = check_sequence_backend("cuda", t, a, dtype)
+    assert ok, why
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_cuda_sequence_against_the_oracle(case):
+    _check(CASES[case], torch.float32)
+
+
+def test_cuda_sequence_bfloat16_per_token_attn_scale():
+    T = sum(LENGTHS)
+    a = torch.rand(T, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 0.1
+    _check(dict(normalization="silu", attn_scale=a, num_targets=[1, 0, 3], time=True,
+                position=True, Hkv=1), torch.bfloat16)
+
+
+def test_cuda_sequence_backward_is_deterministic():
+    t, a = random_sequence_problem([7, 33], num_targets=[1, 3], time=True, position=True,
+                                   dense_bias=True, P=6, NB=7)
+    t = {k: v.to(CUDA_DEVICE) for k, v in t.items()}
+    a = {k: v.to(CUDA_DEVICE) if isinstance(v, torch.Tensor) else v for k, v in a.items()}
+    prob = validate_sequence(t["query"], t["key"], t["value"], a["offsets"], None, a["max_length"],
+                             a["causal"], a["num_targets"], 0, 0, "softmax", None, a["key_times"],
+                             a["query_times"], t["time_table"], t["position_table"], None,
+                             t["bias"], "log", False)
+    args = canonical_sequence_args(prob, t["query"], t["key"], t["value"], a["offsets"], None,
+                                   a["max_length"], a["causal"], a["num_targets"], 0, 0,
+                                   a["key_times"], a["query_times"], t["time_table"],
+                                   t["position_table"], None, t["bias"], "log")
+    out, lse = cuda_op("sequence_attention_fwd")(*args)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(CUDA_DEVICE)
+    delta = (go.double() * out.double()).sum(-1).float()
+    bwd = cuda_op("sequence_attention_bwd")
+    first, second = bwd(go, lse, delta, *args), bwd(go, lse, delta, *args)
+    assert all(torch.equal(x, y) for x, y in zip(first, second))
+    # every attended pair adds its logit gradient to one entry of each table and of the bias
+    d_time, d_pos, d_bias = (g.double().sum() for g in first[3:])
+    assert torch.allclose(d_time, d_bias, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(d_pos, d_bias, rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_sequence_unknown_max_length():
+    # Without max_length the kernels take SiLU's default scale, 1 / the longest row, from the
+    # rows on the device (no host read).
+    t, a = random_sequence_problem([4, 0, 7], normalization="silu")
+    a.pop("max_length")
+    want = attnkern.sequence_attention(**t, **a, backend="reference")
+    got = attnkern.sequence_attention(**t, **a, backend="cuda")
+    torch.testing.assert_close(got, want)
