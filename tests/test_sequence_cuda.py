@@ -87,3 +87,26 @@ def test_cuda_sequence_unknown_max_length():
     want = attnkern.sequence_attention(**t, **a, backend="reference")
     got = attnkern.sequence_attention(**t, **a, backend="cuda")
     torch.testing.assert_close(got, want)
+
+
+def test_cuda_sequence_ops_clamp_malformed_rows():
+    # A direct op call (no wrapper checks) with a row past the tokens, one starting past them and
+    # more targets than positions: the kernels clamp each row (no access out of bounds, which the
+    # emulation checks) and give exactly the result of the clamped rows.
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(10, 2, 8, generator=g).to(CUDA_DEVICE) for _ in range(3))
+
+    def run(starts, lengths, nt, silu):
+        def longs(x):
+            return torch.tensor(x, dtype=torch.long, device=CUDA_DEVICE)
+
+        args = (q, k, v, longs(starts), longs(lengths), -1, longs(nt), 0, 0, True, silu, 0.3,
+                None, None, None, None, None, None, None, None)
+        out, lse = cuda_op("sequence_attention_fwd")(*args)
+        grads = cuda_op("sequence_attention_bwd")(torch.ones_like(out), lse, lse, *args)
+        return (out, lse) + tuple(grads[:3])
+
+    for silu in (False, True):
+        got = run([0, 6, 12], [6, 100, 3], [9, 1, 0], silu)
+        want = run([0, 6, 10], [6, 4, 0], [6, 1, 0], silu)
+        assert all(torch.equal(x, y) for x, y in zip(got, want))
