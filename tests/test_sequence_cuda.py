@@ -54,19 +54,27 @@ def test_cuda_sequence_bfloat16_per_token_attn_scale():
                 position=True, Hkv=1), torch.bfloat16)
 
 
-def test_cuda_sequence_backward_is_deterministic():
-    t, a = random_sequence_problem([7, 33], num_targets=[1, 3], time=True, position=True,
-                                   dense_bias=True, P=6, NB=7)
+def _op_args(lengths, **case):
+    """The op-level arguments (the wrapper's own normalisation) of a random problem."""
+    t, a = random_sequence_problem(lengths, **case)
     t = {k: v.to(CUDA_DEVICE) for k, v in t.items()}
     a = {k: v.to(CUDA_DEVICE) if isinstance(v, torch.Tensor) else v for k, v in a.items()}
     prob = validate_sequence(t["query"], t["key"], t["value"], a["offsets"], None, a["max_length"],
-                             a["causal"], a["num_targets"], 0, 0, "softmax", None, a["key_times"],
-                             a["query_times"], t["time_table"], t["position_table"], None,
-                             t["bias"], "log", False)
-    args = canonical_sequence_args(prob, t["query"], t["key"], t["value"], a["offsets"], None,
-                                   a["max_length"], a["causal"], a["num_targets"], 0, 0,
-                                   a["key_times"], a["query_times"], t["time_table"],
-                                   t["position_table"], None, t["bias"], "log")
+                             a["causal"], a.get("num_targets"), a["contextual_len"],
+                             a["max_attn_len"], a["normalization"], None, a.get("key_times"),
+                             a.get("query_times"), t.get("time_table"), t.get("position_table"),
+                             a.get("attn_scale"), t.get("bias"), a["time_bucket"], False)
+    return canonical_sequence_args(prob, t["query"], t["key"], t["value"], a["offsets"], None,
+                                   a["max_length"], a["causal"], a.get("num_targets"),
+                                   a["contextual_len"], a["max_attn_len"], a.get("key_times"),
+                                   a.get("query_times"), t.get("time_table"),
+                                   t.get("position_table"), a.get("attn_scale"), t.get("bias"),
+                                   a["time_bucket"])
+
+
+def test_cuda_sequence_backward_is_deterministic():
+    args = _op_args([7, 33], num_targets=[1, 3], time=True, position=True, dense_bias=True, P=6,
+                    NB=7)
     out, lse = cuda_op("sequence_attention_fwd")(*args)
     go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(CUDA_DEVICE)
     delta = (go.double() * out.double()).sum(-1).float()
@@ -77,6 +85,13 @@ def test_cuda_sequence_backward_is_deterministic():
     d_time, d_pos, d_bias = (g.double().sum() for g in first[3:])
     assert torch.allclose(d_time, d_bias, rtol=1e-4, atol=1e-5)
     assert torch.allclose(d_pos, d_bias, rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_sequence_opcheck():
+    args = [x.requires_grad_() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+            for x in _op_args([5, 3], num_targets=[1, 0], normalization="silu", position=True,
+                              time=True, P=3, NB=4)]
+    torch.library.opcheck(cuda_op("sequence_attention_fwd").default, tuple(args))
 
 
 def test_cuda_sequence_unknown_max_length():
