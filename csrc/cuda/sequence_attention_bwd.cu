@@ -51,12 +51,7 @@ __global__ void __launch_bounds__(kSeqThreads) seq_bwd_dq_kernel(SeqProblem p, S
   load_tile(static_cast<const T*>(io.grad_out) + h * p.Dv, p.H * p.Dv, w.start + i0, nq, p.Dv, sm.dO);
   load_row_stats(p, w, h, i0, nq, io.lse, io.delta, st);
   for (int64_t e = threadIdx.x; e < kSeqTile * p.Dk; e += kSeqThreads) sm.accK[e] = 0.f;
-  for (int64_t j0 = 0; j0 < w.n; j0 += kSeqTile) {
-    const int64_t nk = imin(kSeqTile, w.n - j0);
-    if (!tile_pair_live(mask, i0, nq, j0, nk, sm.flags)) continue;
-    load_tile(static_cast<const T*>(p.k) + g * p.Dk, p.Hkv * p.Dk, w.start + j0, nk, p.Dk, sm.K);
-    load_tile(static_cast<const T*>(p.v) + g * p.Dv, p.Hkv * p.Dv, w.start + j0, nk, p.Dv, sm.V);
-    __syncthreads();
+  for_each_key_tile<T>(p, w, mask, g, i0, nq, sm.K, sm.V, sm.flags, [&](int64_t j0, int64_t nk) {
     backward_pairs<T>(p, w, mask, h, i0, nq, j0, nk, sm.Q, sm.K, sm.V, sm.dO, st, sm.S, sm.dS, nullptr);
     __syncthreads();
     for (int64_t e = threadIdx.x; e < nq * p.Dk; e += kSeqThreads) {
@@ -65,8 +60,7 @@ __global__ void __launch_bounds__(kSeqThreads) seq_bwd_dq_kernel(SeqProblem p, S
       for (int64_t c = 0; c < nk; ++c) acc = fmaf(sm.dS[r * kSeqTile + c], sm.K[c * p.Dk + d], acc);
       sm.accK[e] = fmaf(acc, p.scale, sm.accK[e]);
     }
-    __syncthreads();
-  }
+  });
   T* dq = static_cast<T*>(io.grad_q);
   for (int64_t e = threadIdx.x; e < nq * p.Dk; e += kSeqThreads) {
     const int64_t r = e / p.Dk, d = e % p.Dk;

@@ -109,6 +109,34 @@ __device__ __forceinline__ bool tile_pair_live(const SeqMask& mask, int64_t i0, 
   return any;
 }
 
+// ------------------------------------------------------------------ tiles
+// rows[r * D + d] = src[(token0 + r) * ld + d] for r < count, 0 for count <= r < kSeqTile.
+template <typename T>
+__device__ __forceinline__ void load_tile(const T* src, int64_t ld, int64_t token0, int64_t count, int64_t D,
+                                          float* rows) {
+  for (int64_t e = threadIdx.x; e < kSeqTile * D; e += kSeqThreads) {
+    const int64_t r = e / D, d = e % D;
+    rows[e] = r < count ? to_float<T>(src[(token0 + r) * ld + d]) : 0.f;
+  }
+}
+
+// The key tiles of the row that the query tile [i0, i0 + nq) attends, K/V head g loaded into
+// K and V: body(j0, nk) for each, in order, between barriers. Every thread must call it.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_key_tile(const SeqProblem& p, const SeqWork& w, const SeqMask& mask,
+                                                  int64_t g, int64_t i0, int64_t nq, float* K, float* V,
+                                                  int* flags, F&& body) {
+  for (int64_t j0 = 0; j0 < w.n; j0 += kSeqTile) {
+    const int64_t nk = imin(kSeqTile, w.n - j0);
+    if (!tile_pair_live(mask, i0, nq, j0, nk, flags)) continue;
+    load_tile(static_cast<const T*>(p.k) + g * p.Dk, p.Hkv * p.Dk, w.start + j0, nk, p.Dk, K);
+    load_tile(static_cast<const T*>(p.v) + g * p.Dv, p.Hkv * p.Dv, w.start + j0, nk, p.Dv, V);
+    __syncthreads();
+    body(j0, nk);
+    __syncthreads();  // before the next tile overwrites K, V and what body left in shared memory
+  }
+}
+
 // ------------------------------------------------------------------ relative bias
 // The number of time_bounds <= |dt| (a binary search over the NB - 1 bounds).
 __device__ __forceinline__ int64_t time_bucket(const SeqProblem& p, int64_t dt) {
@@ -128,17 +156,7 @@ __device__ __forceinline__ int64_t position_index(const SeqProblem& p, int64_t i
 
 __device__ __forceinline__ int64_t table_head(const SeqProblem& p, int64_t h) { return p.Hb == p.H ? h : 0; }
 
-// ------------------------------------------------------------------ tiles
-// rows[r * D + d] = src[(token0 + r) * ld + d] for r < count, 0 for count <= r < kSeqTile.
-template <typename T>
-__device__ __forceinline__ void load_tile(const T* src, int64_t ld, int64_t token0, int64_t count, int64_t D,
-                                          float* rows) {
-  for (int64_t e = threadIdx.x; e < kSeqTile * D; e += kSeqThreads) {
-    const int64_t r = e / D, d = e % D;
-    rows[e] = r < count ? to_float<T>(src[(token0 + r) * ld + d]) : 0.f;
-  }
-}
-
+// ------------------------------------------------------------------ tile pairs
 __device__ __forceinline__ float dot(const float* a, const float* b, int64_t D) {
   float s = 0.f;
   for (int64_t d = 0; d < D; ++d) s = fmaf(a[d], b[d], s);

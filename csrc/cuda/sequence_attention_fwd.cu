@@ -48,12 +48,7 @@ __global__ void __launch_bounds__(kSeqThreads) seq_fwd_kernel(SeqProblem p, floa
     m[k] = kNegInf;
     l[k] = 0.f;
   }
-  for (int64_t j0 = 0; j0 < w.n; j0 += kSeqTile) {
-    const int64_t nk = imin(kSeqTile, w.n - j0);
-    if (!tile_pair_live(mask, i0, nq, j0, nk, sm.flags)) continue;
-    load_tile(static_cast<const T*>(p.k) + g * p.Dk, p.Hkv * p.Dk, w.start + j0, nk, p.Dk, sm.K);
-    load_tile(static_cast<const T*>(p.v) + g * p.Dv, p.Hkv * p.Dv, w.start + j0, nk, p.Dv, sm.V);
-    __syncthreads();
+  for_each_key_tile<T>(p, w, mask, g, i0, nq, sm.K, sm.V, sm.flags, [&](int64_t j0, int64_t nk) {
     for (int e = threadIdx.x; e < kSeqTile * kSeqTile; e += kSeqThreads) {
       const int r = e / kSeqTile, c = e % kSeqTile;
       int bk;
@@ -83,8 +78,7 @@ __global__ void __launch_bounds__(kSeqThreads) seq_fwd_kernel(SeqProblem p, floa
       for (int64_t c = 0; c < nk; ++c) acc = fmaf(sm.S[r * kSeqTile + c], sm.V[c * p.Dv + d], acc);
       sm.O[e] = acc;
     }
-    __syncthreads();  // before the next tile overwrites K, V and S
-  }
+  });
   if (lane == 0)
 #pragma unroll
     for (int k = 0; k < kRowsPerWarp; ++k) {
