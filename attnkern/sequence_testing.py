@@ -218,11 +218,18 @@ def sequence_oracle(t: Dict[str, Tensor], kw: dict) -> Tuple[Tensor, Tensor]:
 
 
 def run_sequence(backend: str, t: Dict[str, Tensor], kw: dict, grad_out: Tensor,
-                 dtype=None) -> Dict[str, Tensor]:
+                 dtype=None, device=None) -> Dict[str, Tensor]:
     """out, lse and the gradients of out . grad_out of sequence_attention on `backend`
-    (tensors cast to dtype; backend None: sequence_oracle)."""
+    (tensors cast to dtype and run on `device`, results on the CPU; backend None:
+    sequence_oracle)."""
     import attnkern
 
+    if device is not None:
+        results = run_sequence(
+            backend, {k: v.to(device) for k, v in t.items()},
+            {k: v.to(device) if isinstance(v, Tensor) else v for k, v in kw.items()},
+            grad_out.to(device), dtype)
+        return {k: None if v is None else v.cpu() for k, v in results.items()}
     leaves = {k: (v if dtype is None else v.to(dtype)).detach().clone().requires_grad_(True)
               for k, v in t.items()}
     if backend is None:
@@ -244,11 +251,11 @@ def run_sequence(backend: str, t: Dict[str, Tensor], kw: dict, grad_out: Tensor,
 
 
 def check_sequence_backend(backend: str, t: Dict[str, Tensor], kw: dict, dtype=torch.float32,
-                           seed: int = 1) -> Tuple[bool, Dict[str, float], str]:
+                           seed: int = 1, device=None) -> Tuple[bool, Dict[str, float], str]:
     """(passed, max error by output, failures) of sequence_attention on `backend` in `dtype`
     against the float64 oracle, with attnkern.testing's rule (the reference run in dtype as the
     low-precision baseline); also: no NaN, exact zeros at padding and for padded positions'
-    gradients."""
+    gradients. t and kw are CPU tensors; `device`: where the backend runs (default the CPU)."""
     g = torch.Generator().manual_seed(seed)
     v = t["value"]
     grad_out = torch.randn(t["query"].shape[:-1] + (v.shape[-1],), generator=g,
@@ -264,7 +271,7 @@ def check_sequence_backend(backend: str, t: Dict[str, Tensor], kw: dict, dtype=t
     else:
         clean = t
     oracle = run_sequence(None, clean, kw, grad_out, torch.float64)
-    got = run_sequence(backend, t, kw, grad_out, dtype)
+    got = run_sequence(backend, t, kw, grad_out, dtype, device)
     lowp = oracle if dtype == torch.float64 or backend == "reference" else \
         run_sequence("reference", t, kw, grad_out, dtype)
     errors, failures = {}, []

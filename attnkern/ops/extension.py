@@ -11,16 +11,18 @@ import torch
 from .autograd import register_activation_fakes_and_autograd, register_fakes_and_autograd
 from .availability import CUDA_EMU_PREFIX, cuda_emulated, extension
 from .schemas import ACTIVATION_SCHEMAS, SCHEMAS, qualified
+from .sequence import SEQUENCE_SCHEMAS, register_sequence_fakes_and_autograd
 
 
 def _register_cuda_emulation() -> None:
     """The CUDA emulation build: attnkern::cuda_emu_<op>, declared here with the C++ ops' schemas,
     get their CPU kernels (the CUDA launchers through the harness) when attnkern._cuda_emu loads."""
-    for name, schema in {**SCHEMAS, **ACTIVATION_SCHEMAS}.items():
+    for name, schema in {**SCHEMAS, **ACTIVATION_SCHEMAS, **SEQUENCE_SCHEMAS}.items():
         torch.library.define(qualified(CUDA_EMU_PREFIX + name), schema)
     importlib.import_module("attnkern._cuda_emu")
     register_fakes_and_autograd(CUDA_EMU_PREFIX)
     register_activation_fakes_and_autograd(CUDA_EMU_PREFIX)
+    register_sequence_fakes_and_autograd(CUDA_EMU_PREFIX)
 
 
 def _register() -> bool:

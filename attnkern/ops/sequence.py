@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .autograd import _NoDoubleBackward, _delta, _save, _saved
-from .availability import backend_info
+from .availability import CUDA_EMU_PREFIX, backend_info, cuda_emulated
 from .schemas import TRITON_PREFIX, qualified
 
 _ARGS = (
@@ -112,7 +112,10 @@ def register_sequence_fakes_and_autograd(prefix: str = "") -> None:
 
 
 def _prefix(backend: str) -> str:
-    return TRITON_PREFIX if backend == "triton" else ""
+    if backend == "triton":
+        return TRITON_PREFIX
+    # The CUDA emulation build's kernels are the CPU kernels of attnkern::cuda_emu_<op>.
+    return CUDA_EMU_PREFIX if backend == "cuda" and cuda_emulated() else ""
 
 
 _missing: dict = {}
@@ -124,7 +127,7 @@ def sequence_kernels_missing(backend: str) -> bool:
     per backend; under torch.compile evaluated eagerly and taken as a constant."""
     if backend not in _missing:
         name = _prefix(backend) + SEQUENCE_OPS[0]
-        key = "CPU" if backend == "cpu" else ("CUDA" if backend == "cuda" else None)
+        key = {"cpu": "CPU", "cuda": "CPU" if _prefix(backend) else "CUDA"}.get(backend)
         has = hasattr(torch.ops.attnkern, name)
         if has and key is not None:
             has = torch._C._dispatch_has_kernel_for_dispatch_key(qualified(name), key)

@@ -157,15 +157,16 @@ SEQUENCE_SHAPES = [
 
 
 def check_sequence_case(backend, device, layout, dtype, shape) -> Result:
-    """One sequence_attention row (CPU tensors): out and the gradients of query, key, value and
-    of the tables / dense bias (dW) against the row-by-row float64 oracle
-    (attnkern.sequence_testing.check_sequence_backend)."""
+    """One sequence_attention row (run on `device`, compared on the CPU): out and the gradients
+    of query, key, value and of the tables / dense bias (dW) against the row-by-row float64
+    oracle (attnkern.sequence_testing.check_sequence_backend)."""
     from attnkern.sequence_testing import check_sequence_backend, random_sequence_problem
 
     name, lengths, kw = shape
     t, a = random_sequence_problem(lengths, layout="jagged" if layout == "jagged" else "padded",
                                    Dk=16, Dv=24, **kw)
-    passed, errors, why = check_sequence_backend(backend, t, a, dtype)
+    passed, errors, why = check_sequence_backend(backend, t, a, dtype,
+                                                 device=None if device == "cpu" else device)
     nan = float("nan")
     short = {"out": errors.get("out", nan), "dq": errors.get("grad_query", nan),
              "dk": errors.get("grad_key", nan), "dv": errors.get("grad_value", nan),
@@ -291,6 +292,15 @@ def main(argv=None) -> int:
             continue
         for layout, shape in itertools.product(("jagged", "lengths"), seq_shapes):
             results.append(_row(check_sequence_case, backend, dev, layout, dt, shape, dw=True))
+    # the cuda backend's sequence rows: CUDA tensors on a GPU, CPU tensors in the emulation build
+    cuda_info = attnkern.backends()["cuda"]
+    cuda_dev = "cpu" if cuda_info.emulated else "cuda"
+    if "cuda" in backends and cuda_info.available and cuda_dev in devices and \
+            not sequence_kernels_missing("cuda"):
+        for dt, layout, shape in itertools.product(dtypes, ("jagged", "lengths"), seq_shapes):
+            if dt != torch.float64:
+                results.append(_row(check_sequence_case, "cuda", cuda_dev, layout, dt, shape,
+                                    dw=True))
     # attention_topk rows (forward only), on the backends with top-k kernels
     from attnkern.topk import TOPK_BACKENDS
 
