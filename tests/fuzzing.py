@@ -636,15 +636,7 @@ def describe_seq(case: SeqCase) -> str:
 
 
 def _fuzz_seq(draw, target: str, record) -> str:
-    case = draw_seq_case(draw, target)
-    try:
-        return run_seq_case(case)
-    except AssertionError as e:
-        outcome = "mismatch" if str(e).startswith("mismatch") else "bad_error"
-        if record:
-            record(outcome, case, str(e))
-            return outcome
-        raise AssertionError("%s: %s\n  case: %s" % (outcome, e, describe_seq(case)))
+    return _run_drawn(draw_seq_case(draw, target), run_seq_case, describe_seq, record)
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -703,12 +695,16 @@ def fuzz_one(draw, targets: Sequence[str], record: Optional[Callable[[str, Case,
 
 
 def _fuzz_au(draw, target: str, record) -> str:
-    case = draw_au_case(draw, target)
+    return _run_drawn(draw_au_case(draw, target), run_au_case, describe_au, record)
+
+
+def _run_drawn(case, run, describe_case, record) -> str:
+    """run(case)'s outcome; a failure recorded (timed runs) or raised with the case described."""
     try:
-        return run_au_case(case)
+        return run(case)
     except AssertionError as e:
         outcome = "mismatch" if str(e).startswith("mismatch") else "bad_error"
         if record:
             record(outcome, case, str(e))
             return outcome
-        raise AssertionError("%s: %s\n  case: %s" % (outcome, e, describe_au(case)))
+        raise AssertionError("%s: %s\n  case: %s" % (outcome, e, describe_case(case)))
