@@ -2,10 +2,11 @@
 """Runs the suite's fuzzer (tests/fuzzing.py) for a number of minutes over the public API and
 the raw ops on every available backend, and prints the outcome counts per target.
 
-    python scripts/fuzz.py --minutes 30 [--seed 0] [--targets api:cpu,raw:cpu,au:cpu]
+    python scripts/fuzz.py --minutes 30 [--seed 0] [--targets api:cpu,raw:cpu,au:cpu,seq:cpu]
 
 Targets: api:<backend> (attention_pool), raw:<backend> (its registered ops), au:<backend>
-(activation_unit_pool, forward and every gradient).
+(activation_unit_pool, forward and every gradient), seq:<backend> (sequence_attention, forward
+and every gradient).
 
 Exit status 1 when any case was neither a correct result nor a clean error; the first failures
 are printed with a description of the case."""

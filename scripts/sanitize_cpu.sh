@@ -61,7 +61,7 @@ assert isa == 'amx-emulated', isa"
   ATTNKERN_CPU_ISA=generic python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_hardening.py \
     -k "large_logits or fp16_near or nonfinite or nan_row or peaked or mask_split"
   python -m pytest -q -x -p no:cacheprovider tests/test_fuzz.py -k "cpu"
-  python scripts/fuzz.py --minutes "$1" --targets api:cpu,raw:cpu
+  python scripts/fuzz.py --minutes "$1" --targets api:cpu,raw:cpu,seq:cpu
 }
 status=0
 sanitizer_run "$OUT" sanitize_cpu cpu_checks "$FUZZ_MINUTES" || status=$?

@@ -1,8 +1,9 @@
 """The fuzzer behind tests/test_fuzz.py (hypothesis, bounded) and scripts/fuzz.py (timed runs).
 
 One case is drawn through a `draw` object (hypothesis' `data.draw` or a seeded random.Random):
-a target (attention_pool's public function on a backend, one of its registered raw ops, or
-activation_unit_pool on a backend: "au:<backend>"), shapes, dtype, layout, strides, scale and
+a target (attention_pool's public function on a backend, one of its registered raw ops,
+activation_unit_pool on a backend: "au:<backend>", or sequence_attention on a backend:
+"seq:<backend>", its mask options, tables, dense bias and layouts), shapes, dtype, layout, strides, scale and
 value magnitudes, sometimes rows of one valid key under many queries, sometimes a non-finite
 value (for the activation unit at a valid position, in a weight or in the query), and sometimes
 one malformed argument. Gradients are checked in every dtype, float16/bfloat16 with softmax
@@ -81,7 +82,7 @@ def available_targets() -> List[str]:
     if info["triton"].available and not torch.cuda.is_available():
         t += ["api:triton", "raw:triton"]  # the interpreter: tiny shapes only
     if info["cpu"].available:
-        t += ["au:cpu"]
+        t += ["au:cpu", "seq:cpu"]
     if info["triton"].available and not torch.cuda.is_available():
         t += ["au:triton"]
     return t
@@ -434,6 +435,8 @@ def compare(case: Case, got, go, grads: bool) -> None:
 def describe(case) -> str:
     if isinstance(case, AuCase):
         return describe_au(case)
+    if isinstance(case, SeqCase):
+        return describe_seq(case)
     def d(t):
         if isinstance(t, torch.Tensor):
             return "%s%s%s" % (str(t.dtype).replace("torch.", ""), list(t.shape),
@@ -542,6 +545,100 @@ def describe_au(case: AuCase) -> str:
                                                            case.nonfinite or None)
 
 
+# ----------------------------------------------------------------------------- sequence attention
+
+# A malformed argument of sequence_attention and the name its error must carry.
+SEQ_BAD = ("num_targets", "max_attn_len", "contextual_len", "time_table", "position_table", "attn_scale")
+
+
+@dataclass
+class SeqCase:
+    target: str
+    t: Dict  # the differentiable tensors (attnkern.sequence_testing.random_sequence_problem)
+    kw: Dict
+    dtype: torch.dtype
+    bad: Optional[str] = None
+
+
+def draw_seq_case(draw, target: str) -> SeqCase:
+    from attnkern.sequence_testing import random_sequence_problem
+
+    B = draw.int(1, 3)
+    # mostly short rows; sometimes one past the kernels' 64-position blocks. At least one token:
+    # the empty batch's output has no autograd graph to check gradients through.
+    lengths = [draw.int(0, 12) if not draw.bool(0.2) else draw.int(60, 140) for _ in range(B)]
+    lengths[0] = max(lengths[0], 1)
+    H = draw.choice((1, 2, 3, 4))
+    Hkv = draw.choice([d for d in (1, 2, 3, 4) if H % d == 0])
+    time, position, dense = draw.bool(0.4), draw.bool(0.4), draw.bool(0.15)
+    norm = draw.choice(("softmax", "silu"))
+    targets = [draw.int(0, n) for n in lengths] if draw.bool(0.5) and B else None
+    dtype = draw.choice((torch.float32, torch.float32, torch.float64, torch.bfloat16, torch.float16))
+    t, kw = random_sequence_problem(
+        lengths, H=H, Hkv=Hkv, Dk=draw.choice((1, 3, 8, 16, 33)), Dv=draw.choice((1, 4, 8, 17)),
+        layout=draw.choice(("jagged", "padded")), dtype=torch.float64, causal=draw.bool(0.8),
+        num_targets=targets, contextual_len=draw.choice((0, 0, 1, 3)),
+        max_attn_len=draw.choice((0, 0, 1, 5, 70)), normalization=norm, time=time, position=position,
+        dense_bias=dense, Hb=draw.choice((1, H)), NB=draw.int(1, 20), P=draw.int(1, 150),
+        attn_scale=(draw.choice((0.5, None)) if norm == "silu" else None),
+        time_bucket=draw.choice(("log", "sqrt")), seed=draw.int(0, 2 ** 31 - 1))
+    if time and draw.bool(0.25):  # keys out of time order: the kernels' other bucket path
+        kt = kw["key_times"]
+        kw["key_times"] = kt.flatten()[torch.randperm(kt.numel(), generator=_gen(draw, 7))].view(kt.shape)
+    case = SeqCase(target, t, kw, dtype)
+    if draw.bool(0.1):
+        case.bad = draw.choice(SEQ_BAD)
+        if case.bad == "num_targets":
+            kw["num_targets"] = torch.tensor(lengths, dtype=torch.int64) + 1 if B else torch.ones(1, dtype=torch.int64)
+        elif case.bad in ("max_attn_len", "contextual_len"):
+            kw[case.bad] = -draw.int(1, 5)
+        elif case.bad in ("time_table", "position_table"):
+            t[case.bad] = torch.zeros(3, H + 1, dtype=torch.float64)
+            if case.bad == "time_table" and "query_times" not in kw:
+                kw["query_times"] = kw["key_times"] = torch.zeros(
+                    t["query"].shape[:-2], dtype=torch.int64)
+        else:
+            kw["normalization"], kw["attn_scale"] = "softmax", 0.5
+    return case
+
+
+def run_seq_case(case: SeqCase) -> str:
+    """One sequence-attention case: forward and every gradient against the float64 oracle (the
+    suite's checking body), or a ValueError/TypeError naming the malformed argument."""
+    from attnkern.sequence_testing import check_sequence_backend
+
+    backend = case.target.split(":")[1]
+    if case.bad is not None:  # the public call itself (the oracle does not validate)
+        t = {n: x.to(case.dtype) for n, x in case.t.items()}
+        try:
+            attnkern.sequence_attention(**t, **case.kw, backend=backend)
+        except (ValueError, TypeError) as e:
+            if case.bad not in str(e):
+                raise AssertionError("the error does not name %s: %s" % (case.bad, str(e)[:500]))
+            return "clean_error"
+        except Exception as e:  # noqa: BLE001 - anything else is a failure
+            raise AssertionError("malformed %s raised %s: %s" % (case.bad, type(e).__name__, str(e)[:500]))
+        raise AssertionError("malformed %s accepted" % case.bad)
+    try:
+        ok, errors, why = check_sequence_backend(backend, case.t, case.kw, case.dtype)
+    except Exception as e:  # noqa: BLE001 - a well-formed call must not raise
+        raise AssertionError("well-formed call raised %s: %s" % (type(e).__name__, str(e)[:500]))
+    assert ok, "mismatch: %s" % why
+    return "ok"
+
+
+def describe_seq(case: SeqCase) -> str:
+    shapes = " ".join("%s=%s" % (n, list(x.shape)) for n, x in case.t.items())
+    kw = ", ".join("%s=%s" % (n, x.tolist() if isinstance(x, torch.Tensor) and x.numel() <= 8 else
+                              list(x.shape) if isinstance(x, torch.Tensor) else x)
+                   for n, x in case.kw.items())
+    return "%s dtype=%s %s %s bad=%s" % (case.target, str(case.dtype).split(".")[-1], shapes, kw, case.bad)
+
+
+def _fuzz_seq(draw, target: str, record) -> str:
+    return _run_drawn(draw_seq_case(draw, target), run_seq_case, describe_seq, record)
+
+
 # ----------------------------------------------------------------------------- the command line
 
 # Numeric arguments of each command: (option, type, lowest accepted, highest accepted or None),
@@ -582,6 +679,8 @@ def fuzz_one(draw, targets: Sequence[str], record: Optional[Callable[[str, Case,
     target = draw.choice(list(targets))
     if target.startswith("au:"):
         return _fuzz_au(draw, target, record)
+    if target.startswith("seq:"):
+        return _fuzz_seq(draw, target, record)
     case = draw_case(draw, target)
     try:
         outcome = run_case(case)
@@ -596,12 +695,16 @@ def fuzz_one(draw, targets: Sequence[str], record: Optional[Callable[[str, Case,
 
 
 def _fuzz_au(draw, target: str, record) -> str:
-    case = draw_au_case(draw, target)
+    return _run_drawn(draw_au_case(draw, target), run_au_case, describe_au, record)
+
+
+def _run_drawn(case, run, describe_case, record) -> str:
+    """run(case)'s outcome; a failure recorded (timed runs) or raised with the case described."""
     try:
-        return run_au_case(case)
+        return run(case)
     except AssertionError as e:
         outcome = "mismatch" if str(e).startswith("mismatch") else "bad_error"
         if record:
             record(outcome, case, str(e))
             return outcome
-        raise AssertionError("%s: %s\n  case: %s" % (outcome, e, describe_au(case)))
+        raise AssertionError("%s: %s\n  case: %s" % (outcome, e, describe_case(case)))

@@ -27,7 +27,13 @@ def test_sequence_family_runs_and_checks(tmp_path, capsys):
     # SiLU has no SDPA; the causal-only SDPA takes no bias: skipped with the reason.
     assert all(r["status"] == "skipped" for r in records
                if r["provider"].startswith("sdpa") and r["normalization"] == "silu")
+    assert all(r["peak_gflops"] > 0 for r in records)
     assert "GFLOP/s" in capsys.readouterr().out
+
+
+def test_peak_is_measured_in_the_case_dtype():
+    # bf16 cases are measured against a bf16 torch.mm, float32 ones against a float32 one
+    assert sequence.measure_peak("bfloat16", 64) > 0 and sequence.measure_peak("float32", 64) > 0
 
 
 @pytest.mark.parametrize("bias", [False, True])

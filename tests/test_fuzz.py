@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 import fuzzing
 
 TARGETS = fuzzing.available_targets()
-FAST = [t for t in TARGETS if not t.endswith("triton")]
+FAST = [t for t in TARGETS if not t.endswith("triton") and not t.startswith("seq:")]
+SEQUENCE = [t for t in TARGETS if t.startswith("seq:")]  # a float64 oracle per case: fewer
 INTERPRETED = [t for t in TARGETS if t.endswith("triton")]  # Triton's interpreter is slow
 
 _SETTINGS = dict(deadline=None, derandomize=True, database=None,
@@ -37,6 +38,7 @@ def _fuzz_test(targets, max_examples):
 
 
 test_fuzz = _fuzz_test(FAST, 80)
+test_fuzz_sequence = _fuzz_test(SEQUENCE, 40)
 test_fuzz_triton_interpreter = _fuzz_test([t for t in INTERPRETED if not t.startswith("au:")], 15)
 # The activation unit's Triton kernels, forward and backward, through the interpreter: the
 # slowest cases of all (CI runs them; the fast subset leaves them out).

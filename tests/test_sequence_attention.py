@@ -226,21 +226,44 @@ def test_cpu_gradcheck_float64():
 
 
 @needs_cpu
-def test_cpu_table_gradients_are_deterministic_across_threads():
-    t, a = random_sequence_problem([200, 150, 90, 64, 1], time=True, position=True)
+@pytest.mark.parametrize("rows,extra", [
+    ([200, 150, 90, 64, 1], dict(time=True, position=True)),
+    # one long row: its backward is split over the K/V heads (both threads busy); the shared
+    # table column gets each head group's partial sums, added in a fixed order
+    ([300], dict(time=True, position=True, Hb=1, num_targets=[40])),
+    ([300], dict(time=True, position=True, Hb=2, normalization="silu")),
+    # a dense bias of one column: its rows are not split
+    ([130, 7], dict(position=True, dense_bias=True, Hb=1)),
+])
+def test_cpu_table_gradients_are_deterministic_across_threads(rows, extra):
+    t, a = random_sequence_problem(rows, **extra)
     leaves = {k: v.requires_grad_() for k, v in t.items()}
-    grads = []
+    results = []
     threads = torch.get_num_threads()
     try:
-        for n in (1, 2, 1, 2):
+        for n in (1, 2, 3, 1):
             torch.set_num_threads(n)
             out = attnkern.sequence_attention(**leaves, **a, backend="cpu")
-            grads.append(torch.autograd.grad(out.square().sum(), list(leaves.values())))
+            results.append((out.detach(),) + torch.autograd.grad(out.square().sum(), list(leaves.values())))
     finally:
         torch.set_num_threads(threads)
-    for g in grads[1:]:
-        for x, y in zip(grads[0], g):
+    for r in results[1:]:
+        for x, y in zip(results[0], r):
             assert torch.equal(x, y)
+
+
+@needs_cpu
+@pytest.mark.parametrize("order", ["shuffled", "descending"])
+def test_cpu_time_buckets_of_unsorted_and_reversed_times(order):
+    # The kernels find a block's buckets by runs where the keys' times are sorted and walk key
+    # by key otherwise; both against the oracle, with gaps of both signs.
+    t, a = random_sequence_problem([150, 70], time=True, position=True, num_targets=[5, 3], NB=20)
+    g = torch.Generator().manual_seed(3)
+    kt = a["key_times"]
+    a["key_times"] = kt[torch.randperm(kt.numel(), generator=g)] if order == "shuffled" else kt.flip(0)
+    a["query_times"] = a["query_times"] - 40000
+    ok, errors, why = check_sequence_backend("cpu", t, a)
+    assert ok, why
 
 
 def _op_args(t, a):

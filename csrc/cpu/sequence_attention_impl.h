@@ -9,12 +9,18 @@
 // register-blocked kernel, `gemm_acc`: scores against K^T (transposed once per block), the
 // output / gradients against V, dO, Q or K rows.
 //
-// The relative bias is read from the tables per element of the block pairs that run: the time
-// bucket of a pair is the number of time_bounds <= |dt| (a binary search, the same for every
-// head, so computed once per block pair), the position index min(|i - j|, P - 1).
+// The relative bias is formed per block pair as one tile (once for all heads when the tables
+// have one column, else per head) and added to the scores with vector loads: the time bucket of
+// a pair is the number of time_bounds <= |dt| (the same for every head, so found once per block
+// pair), and the position term depends only on i - j, so it is read from the block's
+// kSeqBQ + kSeqBK - 1 diagonals: row r of the tile is a contiguous slice of that vector. The
+// backward sums dS back the same ways: along the diagonals (vector adds, then one table add per
+// diagonal) and by runs of equal time buckets along each row.
 //
-// The backward runs one row per task: the row's dQ, dK, dV and its partial table sums are
-// written by that task alone, in a fixed order, so the result does not depend on the threads.
+// The backward runs one task per (row, group of query heads sharing a K/V head): the task's dQ,
+// dK, dV columns and its partial table sums are written by that task alone, in a fixed order,
+// so the result does not depend on the threads; the launcher adds the partial sums in task
+// order.
 #pragma once
 
 #include <stdint.h>
@@ -212,73 +218,208 @@ inline int64_t time_bucket(const SeqParams& p, int64_t dt) {
   return lo;
 }
 
-// Per block pair: the flags valid[r * BK + c] (partial blocks) and the time buckets.
+// Whether qt - kt is exact in int64 (no wraparound).
+inline bool gap_fits(int64_t qt, int64_t kt) {
+  const __int128 d = __int128(qt) - __int128(kt);
+  return d > -(__int128(1) << 63) && d < (__int128(1) << 63);
+}
+
+// The buckets of one query against keys sorted by time, their gaps fitting int64: |qt - kt|
+// does not increase up to the last key at or before qt and increases after it, so the buckets
+// come in runs, each ended where a binary search over the keys' times says.
+inline void bucket_runs(const SeqParams& p, const int64_t* kt, int64_t nk, int64_t qt, int32_t* out) {
+  using I = __int128;
+  int64_t c = 0;
+  while (c < nk) {
+    const int64_t dt = qt - kt[c];
+    const int64_t b = time_bucket(p, dt);
+    // the run: keys with kt <= lim (before qt: |dt| stays >= the bucket's lower bound) or
+    // kt < lim (after qt: |dt| stays below its upper bound)
+    const bool before = dt >= 0;
+    I lim;
+    if (before)
+      lim = I(qt) - (b > 0 ? I(p.time_bounds[b - 1]) : I(0));
+    else
+      lim = b < p.NB - 1 ? I(qt) + I(p.time_bounds[b]) : (I(1) << 64);
+    int64_t lo = c + 1, hi = nk;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) >> 1;
+      if (before ? I(kt[mid]) <= lim : I(kt[mid]) < lim)
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    for (int64_t x = c; x < lo; ++x) out[x] = int32_t(b);
+    c = lo;
+  }
+}
+
+// Per block pair: the flags valid[r * BK + c] (1 or 0, partial blocks only) and the time
+// buckets.
+template <class A>
 struct BlockInfo {
   BlockState state;
-  uint8_t* valid;
+  A* valid;
   int32_t* bucket;
 };
 
+template <class A>
 inline void fill_block(const SeqParams& p, const RowMask& rm, int64_t s0, int64_t i0, int64_t nq, int64_t j0,
-                       int64_t nk, BlockInfo& bi) {
+                       int64_t nk, BlockInfo<A>& bi) {
   if (bi.state == kPartial)
     for (int64_t r = 0; r < nq; ++r)
-      for (int64_t c = 0; c < nk; ++c) bi.valid[r * kSeqBK + c] = rm.valid(i0 + r, j0 + c);
-  if (p.time_table)
-    for (int64_t r = 0; r < nq; ++r) {
-      const int64_t qt = p.query_times[s0 + i0 + r];
-      // A binary search for the first key, then a walk from the previous key's bucket: exact for
-      // any times, and a step or two per key where they change slowly along the row (sorted
-      // timestamps, the usual case).
-      int64_t bk = nk > 0 ? time_bucket(p, qt - p.key_times[s0 + j0]) : 0;
-      for (int64_t c = 0; c < nk; ++c) {
-        const int64_t dt = qt - p.key_times[s0 + j0 + c];
-        const uint64_t a = dt < 0 ? uint64_t(0) - uint64_t(dt) : uint64_t(dt);
-        while (bk < p.NB - 1 && uint64_t(p.time_bounds[bk]) <= a) ++bk;
-        while (bk > 0 && uint64_t(p.time_bounds[bk - 1]) > a) --bk;
-        bi.bucket[r * kSeqBK + c] = int32_t(bk);
-      }
+      for (int64_t c = 0; c < nk; ++c) bi.valid[r * kSeqBK + c] = rm.valid(i0 + r, j0 + c) ? A(1) : A(0);
+  if (!p.time_table || nk <= 0) return;
+  const int64_t* kt = p.key_times + s0 + j0;
+  bool sorted = true;
+  for (int64_t c = 1; c < nk; ++c) sorted = sorted && kt[c - 1] <= kt[c];
+  for (int64_t r = 0; r < nq; ++r) {
+    const int64_t qt = p.query_times[s0 + i0 + r];
+    int32_t* out = bi.bucket + r * kSeqBK;
+    if (sorted && gap_fits(qt, kt[0]) && gap_fits(qt, kt[nk - 1])) {
+      bucket_runs(p, kt, nk, qt, out);
+      continue;
     }
+    // Unsorted keys: a binary search for the first key, then a walk from the previous key's
+    // bucket, a step or two per key where the times change slowly along the row.
+    int64_t bk = time_bucket(p, qt - kt[0]);
+    for (int64_t c = 0; c < nk; ++c) {
+      const int64_t dt = qt - kt[c];
+      const uint64_t a = dt < 0 ? uint64_t(0) - uint64_t(dt) : uint64_t(dt);
+      while (bk < p.NB - 1 && uint64_t(p.time_bounds[bk]) <= a) ++bk;
+      while (bk > 0 && uint64_t(p.time_bounds[bk - 1]) > a) --bk;
+      out[c] = int32_t(bk);
+    }
+  }
 }
 
-// S (nq x kSeqBK, the raw products) -> the logits of head h: scaled, biased, -inf where the
-// pair is not attended (and past the block's nk keys).
+// Whether the W buckets at b are one.
+template <int W>
+inline bool uniform(const int32_t* b) {
+  bool same = true;
+  for (int x = 1; x < W; ++x) same = same && b[x] == b[0];
+  return same;
+}
+
+inline int64_t table_head(const SeqParams& p, int64_t h) { return p.Hb == p.H ? h : 0; }
+
+inline bool has_tables(const SeqParams& p) { return p.time_table || p.position_table; }
+
+// The tables' bias of head column hb for a block pair: BT[r * kSeqBK + c] for r < nq (columns
+// past nk hold finite filler, masked later); diag holds the kSeqBQ + kSeqBK - 1 position terms,
+// diag[c - r + kSeqBQ - 1] that of pair (r, c).
 template <class V>
-inline void block_logits(const SeqParams& p, const BlockInfo& bi, int64_t b, int64_t h, int64_t i0, int64_t nq,
-                         int64_t j0, int64_t nk, typename V::A* S) {
+inline void bias_tile(const SeqParams& p, const BlockInfo<typename V::A>& bi, int64_t hb, int64_t i0, int64_t nq,
+                      int64_t j0, int64_t nk, typename V::A* diag, typename V::A* BT) {
   using A = typename V::A;
-  const A ninf = -__builtin_inf();
-  const A scale = A(p.scale);
-  const int64_t hb = p.Hb == p.H ? h : 0;
   const A* tt = static_cast<const A*>(p.time_table);
   const A* pt = static_cast<const A*>(p.position_table);
+  if (pt)
+    for (int64_t x = 0; x < kSeqBQ + kSeqBK - 1; ++x) {
+      int64_t d = (i0 - j0) + (kSeqBQ - 1) - x;
+      d = d < 0 ? -d : d;
+      diag[x] = pt[(d < p.P - 1 ? d : p.P - 1) * p.Hb + hb];
+    }
+  for (int64_t r = 0; r < nq; ++r) {
+    A* row = BT + r * kSeqBK;
+    if (pt) {
+      const A* dr = diag + (kSeqBQ - 1 - r);
+      for (int64_t c = 0; c < kSeqBK; c += V::W) V::load(dr + c).store(row + c);
+    } else {
+      for (int64_t c = 0; c < kSeqBK; c += V::W) V::zero().store(row + c);
+    }
+    if (tt) {
+      const int32_t* bk = bi.bucket + r * kSeqBK;
+      int64_t c = 0;
+      for (; c + V::W <= nk; c += V::W) {
+        if (uniform<V::W>(bk + c)) {
+          (V::load(row + c) + V::set1(tt[int64_t(bk[c]) * p.Hb + hb])).store(row + c);
+        } else {
+          for (int64_t x = c; x < c + V::W; ++x) row[x] += tt[int64_t(bk[x]) * p.Hb + hb];
+        }
+      }
+      for (; c < nk; ++c) row[c] += tt[int64_t(bk[c]) * p.Hb + hb];
+    }
+  }
+}
+
+// S (nq x kSeqBK, the raw products) -> the logits of head h: scaled, biased (BT: the tables'
+// tile or null), -inf where the pair is not attended (and past the block's nk keys).
+template <class V>
+inline void block_logits(const SeqParams& p, const BlockInfo<typename V::A>& bi, const typename V::A* BT, int64_t b,
+                         int64_t h, int64_t i0, int64_t nq, int64_t j0, int64_t nk, typename V::A* S) {
+  using A = typename V::A;
+  constexpr int W = V::W;
+  const A ninf = -__builtin_inf();
+  const V sc = V::set1(A(p.scale)), vninf = V::set1(ninf), half = V::set1(A(0.5));
+  const int64_t hb = table_head(p, h);
   const A* bias = p.bias ? static_cast<const A*>(p.bias) + ((b * p.Hb + hb) * p.L + i0) * p.L + j0 : nullptr;
-  const bool plain = !tt && !pt && !bias;
   for (int64_t r = 0; r < nq; ++r) {
     A* s = S + r * kSeqBK;
-    if (plain && bi.state == kFull) {
-      const V sc = V::set1(scale);
-      for (int64_t c = 0; c < kSeqBK; c += V::W) (V::load(s + c) * sc).store(s + c);
-    } else {
-      const int64_t i = i0 + r;
-      for (int64_t c = 0; c < nk; ++c) {
-        if (bi.state == kPartial && !bi.valid[r * kSeqBK + c]) {
-          s[c] = ninf;
-          continue;
-        }
-        A x = s[c] * scale;
-        if (pt) {
-          int64_t d = i - (j0 + c);
-          d = d < 0 ? -d : d;
-          x += pt[(d < p.P - 1 ? d : p.P - 1) * p.Hb + hb];
-        }
-        if (tt) x += tt[int64_t(bi.bucket[r * kSeqBK + c]) * p.Hb + hb];
-        if (bias) x += bias[r * p.L + c];
-        s[c] = x;
-      }
+    const A* bt = BT ? BT + r * kSeqBK : nullptr;
+    const A* vf = bi.valid + r * kSeqBK;
+    for (int64_t c = 0; c < kSeqBK; c += W) {
+      V x = V::load(s + c) * sc;
+      if (bt) x = x + V::load(bt + c);
+      x.store(s + c);
     }
+    // the dense bias: a row of the [L, L] slice, read only below nk
+    if (bias)
+      for (int64_t c = 0; c < nk; ++c) s[c] += bias[r * p.L + c];
+    if (bi.state == kPartial)
+      for (int64_t c = 0; c < kSeqBK; c += W)
+        V::select(V::gt(V::load(vf + c), half), V::load(s + c), vninf).store(s + c);
     for (int64_t c = nk; c < kSeqBK; ++c) s[c] = ninf;
   }
+}
+
+// The tables' gradients of one block pair: dS (nq x kSeqBK, zero where not attended and past
+// nk) summed into gt / gp (this task's partial sums) at head column hb.
+template <class V>
+inline void scatter_tables(const SeqParams& p, const BlockInfo<typename V::A>& bi, const typename V::A* dS,
+                           int64_t hb, int64_t i0, int64_t nq, int64_t j0, int64_t nk, typename V::A* diag,
+                           typename V::A* gt, typename V::A* gp) {
+  using A = typename V::A;
+  constexpr int W = V::W;
+  if (gp) {
+    for (int64_t x = 0; x < kSeqBQ + kSeqBK; ++x) diag[x] = A(0);
+    for (int64_t r = 0; r < nq; ++r) {
+      A* dr = diag + (kSeqBQ - 1 - r);
+      for (int64_t c = 0; c < kSeqBK; c += W) (V::load(dr + c) + V::load(dS + r * kSeqBK + c)).store(dr + c);
+    }
+    for (int64_t x = 0; x < kSeqBQ + kSeqBK - 1; ++x) {
+      int64_t d = (i0 - j0) + (kSeqBQ - 1) - x;
+      d = d < 0 ? -d : d;
+      gp[(d < p.P - 1 ? d : p.P - 1) * p.Hb + hb] += diag[x];
+    }
+  }
+  if (gt)
+    for (int64_t r = 0; r < nq; ++r) {
+      // runs of one bucket summed in registers, a vector at a time where a vector's keys share
+      // the bucket: one table add per run, not per pair
+      const int32_t* bk = bi.bucket + r * kSeqBK;
+      const A* ds = dS + r * kSeqBK;
+      int32_t cur = nk > 0 ? bk[0] : 0;
+      V run = V::zero();
+      A tail = A(0);
+      int64_t c = 0;
+      for (; c < nk; c += W) {
+        if (c + W <= nk && bk[c] == cur && uniform<W>(bk + c)) {
+          run = run + V::load(ds + c);
+          continue;
+        }
+        for (int64_t x = c; x < imin(c + W, nk); ++x) {
+          if (bk[x] != cur) {
+            gt[int64_t(cur) * p.Hb + hb] += run.reduce_add() + tail;
+            run = V::zero();
+            tail = A(0);
+            cur = bk[x];
+          }
+          tail += ds[x];
+        }
+      }
+      if (nk > 0) gt[int64_t(cur) * p.Hb + hb] += run.reduce_add() + tail;
+    }
 }
 
 template <class V>
@@ -301,9 +442,8 @@ inline A attn_scale_of(const SeqParams& p, int64_t t) {
 // strides and query-head group size G.
 template <class A>
 struct SeqWork {
-  A *KT, *VT, *S, *dP, *m, *l;
+  A *KT, *VT, *S, *dP, *BT, *dsum, *diag, *valid, *m, *l;
   int32_t* bucket;
-  uint8_t* valid;
   int64_t* iv;
   const A *q, *k, *v;
   int64_t G, qs, ks, vs, os;
@@ -316,17 +456,21 @@ struct SeqWork {
         ks(p.Hkv * p.Dk),
         vs(p.Hkv * p.Dv),
         os(p.H * p.Dv) {
+    constexpr int64_t tile = int64_t(kSeqBQ) * kSeqBK;
     A* w = static_cast<A*>(ws);
     const int64_t D = p.Dk > p.Dv ? p.Dk : p.Dv;
     KT = w;
     VT = KT + D * kSeqBK;
     S = VT + D * kSeqBK;
-    dP = S + kSeqBQ * kSeqBK;
-    bucket = reinterpret_cast<int32_t*>(dP + kSeqBQ * kSeqBK);
-    valid = reinterpret_cast<uint8_t*>(dP + 2 * kSeqBQ * kSeqBK);
-    m = dP + 3 * kSeqBQ * kSeqBK;
+    dP = S + tile;
+    BT = dP + tile;
+    dsum = BT + tile;
+    valid = dsum + tile;
+    // an A-sized slot per int32 bucket
+    bucket = reinterpret_cast<int32_t*>(valid + tile);
+    diag = valid + 2 * tile;
+    m = diag + kSeqBQ + kSeqBK;
     l = m + p.H * kSeqBQ;
-    // 8-byte aligned: every offset above is a multiple of 8 elements
     iv = reinterpret_cast<int64_t*>(l + p.H * kSeqBQ + 8);
     iv = reinterpret_cast<int64_t*>((reinterpret_cast<uintptr_t>(iv) + 7) & ~uintptr_t(7));
   }
@@ -355,14 +499,16 @@ void seq_fwd_entry(const SeqParams& p, const int64_t* rows, const int64_t* q0s, 
     }
     for (int64_t j0 = 0; j0 < rm.n; j0 += kSeqBK) {
       const int64_t nk = imin(kSeqBK, rm.n - j0);
-      BlockInfo bi{block_state(rm, w.iv, i0, nq, j0, nk), w.valid, w.bucket};
+      BlockInfo<A> bi{block_state(rm, w.iv, i0, nq, j0, nk), w.valid, w.bucket};
       if (bi.state == kEmpty) continue;
       fill_block(p, rm, s0, i0, nq, j0, nk, bi);
+      const A* BT = has_tables(p) ? w.BT : nullptr;
       for (int64_t h = 0; h < p.H; ++h) {
         const int64_t g = h / G;
+        if (BT && (h == 0 || p.Hb == p.H)) bias_tile<V>(p, bi, table_head(p, h), i0, nq, j0, nk, w.diag, w.BT);
         transpose_block(k + (s0 + j0) * ks + g * p.Dk, ks, nk, p.Dk, w.KT);
         gemm_acc<V>(nq, kSeqBK, p.Dk, q + (s0 + i0) * qs + h * p.Dk, qs, 1, w.KT, kSeqBK, w.S, kSeqBK, false);
-        block_logits<V>(p, bi, b, h, i0, nq, j0, nk, w.S);
+        block_logits<V>(p, bi, BT, b, h, i0, nq, j0, nk, w.S);
         A* orow0 = out + (s0 + i0) * os + h * p.Dv;
         for (int64_t r = 0; r < nq; ++r) {
           A* s = w.S + r * kSeqBK;
@@ -424,7 +570,7 @@ void seq_fwd_entry(const SeqParams& p, const int64_t* rows, const int64_t* q0s, 
 }
 
 template <class V>
-void seq_bwd_entry(const SeqParams& p, int64_t begin, int64_t end, void* ws) {
+void seq_bwd_entry(const SeqParams& p, int64_t b, int64_t g0, int64_t g1, int64_t part, void* ws) {
   using A = typename V::A;
   constexpr int W = V::W;
   const A ninf = -__builtin_inf();
@@ -438,90 +584,91 @@ void seq_bwd_entry(const SeqParams& p, int64_t begin, int64_t end, void* ws) {
   A* dk = static_cast<A*>(p.grad_k);
   A* dv = static_cast<A*>(p.grad_v);
   const A scale = A(p.scale);
-  for (int64_t b = begin; b < end; ++b) {
-    const RowMask rm(p, b);
-    const int64_t s0 = p.starts[b];
-    A* gt = p.grad_time ? static_cast<A*>(p.grad_time) + b * p.NB * p.Hb : nullptr;
-    A* gp = p.grad_position ? static_cast<A*>(p.grad_position) + b * p.P * p.Hb : nullptr;
-    for (int64_t i0 = 0; i0 < rm.n; i0 += kSeqBQ) {
-      const int64_t nq = imin(kSeqBQ, rm.n - i0);
-      for (int64_t r = 0; r < nq; ++r) rm.intervals(i0 + r, w.iv + 4 * r);
-      for (int64_t j0 = 0; j0 < rm.n; j0 += kSeqBK) {
-        const int64_t nk = imin(kSeqBK, rm.n - j0);
-        BlockInfo bi{block_state(rm, w.iv, i0, nq, j0, nk), w.valid, w.bucket};
-        if (bi.state == kEmpty) continue;
-        fill_block(p, rm, s0, i0, nq, j0, nk, bi);
-        for (int64_t h = 0; h < p.H; ++h) {
-          const int64_t g = h / G, hb = p.Hb == p.H ? h : 0;
-          transpose_block(k + (s0 + j0) * ks + g * p.Dk, ks, nk, p.Dk, w.KT);
-          transpose_block(v + (s0 + j0) * vs + g * p.Dv, vs, nk, p.Dv, w.VT);
-          const A* qrow = q + (s0 + i0) * qs + h * p.Dk;
-          const A* gorow = go + (s0 + i0) * os + h * p.Dv;
-          gemm_acc<V>(nq, kSeqBK, p.Dk, qrow, qs, 1, w.KT, kSeqBK, w.S, kSeqBK, false);
-          block_logits<V>(p, bi, b, h, i0, nq, j0, nk, w.S);
-          gemm_acc<V>(nq, kSeqBK, p.Dv, gorow, os, 1, w.VT, kSeqBK, w.dP, kSeqBK, false);
-          // S -> P (the attention weights), dP -> dS (the logits' gradient)
-          for (int64_t r = 0; r < nq; ++r) {
-            const int64_t tok = s0 + i0 + r;
-            A* s = w.S + r * kSeqBK;
-            A* ds = w.dP + r * kSeqBK;
-            if (p.silu) {
-              const V a = V::set1(attn_scale_of<A>(p, tok));
+  const RowMask rm(p, b);
+  const int64_t s0 = p.starts[b];
+  A* gt = p.grad_time ? static_cast<A*>(p.grad_time) + part * p.NB * p.Hb : nullptr;
+  A* gp = p.grad_position ? static_cast<A*>(p.grad_position) + part * p.P * p.Hb : nullptr;
+  const bool tables = gt || gp;
+  // one table column for every head: the heads' dS are summed first, scattered once
+  const bool shared_column = p.Hb != p.H;
+  const int64_t h0 = g0 * G, h1 = g1 * G;
+  for (int64_t i0 = 0; i0 < rm.n; i0 += kSeqBQ) {
+    const int64_t nq = imin(kSeqBQ, rm.n - i0);
+    for (int64_t r = 0; r < nq; ++r) rm.intervals(i0 + r, w.iv + 4 * r);
+    for (int64_t j0 = 0; j0 < rm.n; j0 += kSeqBK) {
+      const int64_t nk = imin(kSeqBK, rm.n - j0);
+      BlockInfo<A> bi{block_state(rm, w.iv, i0, nq, j0, nk), w.valid, w.bucket};
+      if (bi.state == kEmpty) continue;
+      fill_block(p, rm, s0, i0, nq, j0, nk, bi);
+      const A* BT = tables ? w.BT : nullptr;
+      for (int64_t h = h0; h < h1; ++h) {
+        const int64_t g = h / G, hb = table_head(p, h);
+        if (BT && (h == h0 || !shared_column)) bias_tile<V>(p, bi, hb, i0, nq, j0, nk, w.diag, w.BT);
+        transpose_block(k + (s0 + j0) * ks + g * p.Dk, ks, nk, p.Dk, w.KT);
+        transpose_block(v + (s0 + j0) * vs + g * p.Dv, vs, nk, p.Dv, w.VT);
+        const A* qrow = q + (s0 + i0) * qs + h * p.Dk;
+        const A* gorow = go + (s0 + i0) * os + h * p.Dv;
+        gemm_acc<V>(nq, kSeqBK, p.Dk, qrow, qs, 1, w.KT, kSeqBK, w.S, kSeqBK, false);
+        block_logits<V>(p, bi, BT, b, h, i0, nq, j0, nk, w.S);
+        gemm_acc<V>(nq, kSeqBK, p.Dv, gorow, os, 1, w.VT, kSeqBK, w.dP, kSeqBK, false);
+        // S -> P (the attention weights), dP -> dS (the logits' gradient)
+        for (int64_t r = 0; r < nq; ++r) {
+          const int64_t tok = s0 + i0 + r;
+          A* s = w.S + r * kSeqBK;
+          A* ds = w.dP + r * kSeqBK;
+          if (p.silu) {
+            const V a = V::set1(attn_scale_of<A>(p, tok));
+            for (int64_t c = 0; c < kSeqBK; c += W) {
+              const V x = V::load(s + c);
+              const auto keep = V::gt(x, V::set1(ninf));
+              const V sg = seq_sigmoid(x);
+              const V one = V::set1(A(1));
+              const V dsilu = sg * (one + x * (one - sg));
+              V::select(keep, x * sg * a, V::zero()).store(s + c);
+              V::select(keep, V::load(ds + c) * a * dsilu, V::zero()).store(ds + c);
+            }
+          } else {
+            const A l = lse[tok * p.H + h];
+            if (l == ninf) {
               for (int64_t c = 0; c < kSeqBK; c += W) {
-                const V x = V::load(s + c);
-                const auto keep = V::gt(x, V::set1(ninf));
-                const V sg = seq_sigmoid(x);
-                const V one = V::set1(A(1));
-                const V dsilu = sg * (one + x * (one - sg));
-                V::select(keep, x * sg * a, V::zero()).store(s + c);
-                V::select(keep, V::load(ds + c) * a * dsilu, V::zero()).store(ds + c);
+                V::zero().store(s + c);
+                V::zero().store(ds + c);
               }
-            } else {
-              const A l = lse[tok * p.H + h];
-              if (l == ninf) {
-                for (int64_t c = 0; c < kSeqBK; c += W) {
-                  V::zero().store(s + c);
-                  V::zero().store(ds + c);
-                }
-                continue;
-              }
-              const V lv = V::set1(l), dl = V::set1(delta[tok * p.H + h]);
-              for (int64_t c = 0; c < kSeqBK; c += W) {
-                const V pr = seq_exp(V::load(s + c) - lv);
-                pr.store(s + c);
-                (pr * (V::load(ds + c) - dl)).store(ds + c);
-              }
+              continue;
+            }
+            const V lv = V::set1(l), dl = V::set1(delta[tok * p.H + h]);
+            for (int64_t c = 0; c < kSeqBK; c += W) {
+              const V pr = seq_exp(V::load(s + c) - lv);
+              pr.store(s + c);
+              // exactly 0 where P is (not attended, past nk)
+              V::select(V::gt(pr, V::zero()), pr * (V::load(ds + c) - dl), V::zero()).store(ds + c);
             }
           }
-          // the tables' and the dense bias's gradients: dS summed by the index each pair read
-          if (gt || gp || p.grad_bias) {
-            A* gb = p.grad_bias ? static_cast<A*>(p.grad_bias) + ((b * p.Hb + hb) * p.L + i0) * p.L + j0 : nullptr;
-            for (int64_t r = 0; r < nq; ++r) {
-              const A* ds = w.dP + r * kSeqBK;
-              for (int64_t c = 0; c < nk; ++c) {
-                if (bi.state == kPartial && !bi.valid[r * kSeqBK + c]) continue;
-                const A x = ds[c];
-                if (gp) {
-                  int64_t d = (i0 + r) - (j0 + c);
-                  d = d < 0 ? -d : d;
-                  gp[(d < p.P - 1 ? d : p.P - 1) * p.Hb + hb] += x;
-                }
-                if (gt) gt[int64_t(bi.bucket[r * kSeqBK + c]) * p.Hb + hb] += x;
-                if (gb) gb[r * p.L + c] += x;
-              }
-            }
-          }
-          for (int64_t r = 0; r < nq; ++r) {
-            A* ds = w.dP + r * kSeqBK;
-            for (int64_t c = 0; c < kSeqBK; c += W) (V::load(ds + c) * V::set1(scale)).store(ds + c);
-          }
-          // dV += P^T dO, dK += dS^T Q, dQ += dS K
-          gemm_acc<V>(nk, p.Dv, nq, w.S, 1, kSeqBK, gorow, os, dv + (s0 + j0) * vs + g * p.Dv, vs, true);
-          gemm_acc<V>(nk, p.Dk, nq, w.dP, 1, kSeqBK, qrow, qs, dk + (s0 + j0) * ks + g * p.Dk, ks, true);
-          gemm_acc<V>(nq, p.Dk, nk, w.dP, kSeqBK, 1, k + (s0 + j0) * ks + g * p.Dk, ks,
-                      dq + (s0 + i0) * qs + h * p.Dk, qs, true);
         }
+        // The rows past nq hold stale values: the sums below read rows < nq only.
+        if (p.grad_bias) {
+          A* gb = static_cast<A*>(p.grad_bias) + ((b * p.Hb + hb) * p.L + i0) * p.L + j0;
+          for (int64_t r = 0; r < nq; ++r)
+            for (int64_t c = 0; c < nk; ++c) gb[r * p.L + c] += w.dP[r * kSeqBK + c];
+        }
+        if (tables) {
+          if (!shared_column) {
+            scatter_tables<V>(p, bi, w.dP, hb, i0, nq, j0, nk, w.diag, gt, gp);
+          } else if (h == h0) {
+            for (int64_t x = 0; x < nq * kSeqBK; x += W) V::load(w.dP + x).store(w.dsum + x);
+          } else {
+            for (int64_t x = 0; x < nq * kSeqBK; x += W) (V::load(w.dsum + x) + V::load(w.dP + x)).store(w.dsum + x);
+          }
+        }
+        const V sv = V::set1(scale);
+        for (int64_t x = 0; x < nq * kSeqBK; x += W) (V::load(w.dP + x) * sv).store(w.dP + x);
+        // dV += P^T dO, dK += dS^T Q, dQ += dS K
+        gemm_acc<V>(nk, p.Dv, nq, w.S, 1, kSeqBK, gorow, os, dv + (s0 + j0) * vs + g * p.Dv, vs, true);
+        gemm_acc<V>(nk, p.Dk, nq, w.dP, 1, kSeqBK, qrow, qs, dk + (s0 + j0) * ks + g * p.Dk, ks, true);
+        gemm_acc<V>(nq, p.Dk, nk, w.dP, kSeqBK, 1, k + (s0 + j0) * ks + g * p.Dk, ks,
+                    dq + (s0 + i0) * qs + h * p.Dk, qs, true);
       }
+      if (tables && shared_column && h1 > h0) scatter_tables<V>(p, bi, w.dsum, 0, i0, nq, j0, nk, w.diag, gt, gp);
     }
   }
 }

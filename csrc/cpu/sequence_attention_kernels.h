@@ -40,14 +40,15 @@ struct SeqParams {
   // forward: outputs, zero / -inf filled by the launcher
   void* out;  // [T, H, Dv]
   void* lse;  // [T, H]
-  // backward: inputs and accumulators (zero filled), each row's tokens written by its task only
+  // backward: inputs and accumulators (zero filled), each (row, K/V head group)'s columns
+  // written by its task only
   const void* grad_out;  // [T, H, Dv]
   const void* delta;     // [T, H]
   void* grad_q;          // [T, H, Dk]
   void* grad_k;          // [T, Hkv, Dk]
   void* grad_v;          // [T, Hkv, Dv]
-  void* grad_time;       // [B, NB, Hb]: row b's partial sums (the launcher adds them in order)
-  void* grad_position;   // [B, P, Hb]
+  void* grad_time;       // [tasks, NB, Hb]: each task's partial sums (the launcher adds them in order)
+  void* grad_position;   // [tasks, P, Hb]
   void* grad_bias;       // [B, Hb, L, L]
 };
 
@@ -55,8 +56,9 @@ struct SeqParams {
 // workspace holds seq_workspace() elements of A.
 using SeqFwdFn = void (*)(const SeqParams&, const int64_t* row, const int64_t* q0, int64_t begin,
                           int64_t end, void* ws);
-// Backward of the rows [begin, end).
-using SeqBwdFn = void (*)(const SeqParams&, int64_t begin, int64_t end, void* ws);
+// Backward of row b, the query heads of K/V heads [g0, g1); its table sums go to grad_time /
+// grad_position + part * NB * Hb (P * Hb).
+using SeqBwdFn = void (*)(const SeqParams&, int64_t b, int64_t g0, int64_t g1, int64_t part, void* ws);
 
 struct SeqKernels {
   SeqFwdFn fwd;
@@ -66,9 +68,11 @@ struct SeqKernels {
 // Workspace elements (of A) of one thread, for either direction.
 inline int64_t seq_workspace(const SeqParams& p) {
   const int64_t D = p.Dk > p.Dv ? p.Dk : p.Dv;
-  // KT, VT, S/P, dP/dS, a float-sized bucket index and valid flag per tile element, the row
-  // state (m, l per head) and the rows' key intervals (4 int64 per query).
-  return 2 * D * kSeqBK + 4 * int64_t(kSeqBQ) * kSeqBK + 2 * p.H * kSeqBQ + 8 * kSeqBQ + 64;
+  // KT, VT, S/P, dP/dS, the bias tile, the heads' dS sum, a valid flag and an A-sized bucket
+  // index per tile element, the diagonals, the row state (m, l per head) and the rows' key
+  // intervals (4 int64 per query).
+  return 2 * D * kSeqBK + 6 * int64_t(kSeqBQ) * kSeqBK + (kSeqBQ + kSeqBK) + 2 * p.H * kSeqBQ +
+         8 * kSeqBQ + 64;
 }
 
 SeqKernels seq_generic_kernels();      // float

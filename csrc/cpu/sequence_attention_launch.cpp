@@ -3,8 +3,9 @@
 // inputs once to the accumulator type, and run the kernels of the instruction set isa_dispatch.h
 // selected over work items taken from a shared counter, largest first.
 //
-// Deterministic: each forward item writes its own query block, each backward item one row's
-// gradients and its own partial table sums, which are added in row order at the end.
+// Deterministic: each forward item writes its own query block, each backward item the gradient
+// columns of one (row, K/V head group) and its own partial table sums, which are added in item
+// order at the end. The split depends on the shape only, never on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -301,34 +302,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.grad_q = dq.data_ptr();
   p.grad_k = dk.data_ptr();
   p.grad_v = dv.data_ptr();
+  // One item per (row, K/V head): a single long row keeps Hkv threads busy. A dense bias with
+  // one column is shared by every head, so its rows are not split.
+  const int64_t split = p.bias && p.Hb == 1 ? 1 : p.Hkv, items = p.B * split;
   at::Tensor gt_part, gp_part, gb;
   if (p.time_table) {
-    gt_part = at::zeros({p.B, p.NB, p.Hb}, opts);
+    gt_part = at::zeros({items, p.NB, p.Hb}, opts);
     p.grad_time = gt_part.data_ptr();
   }
   if (p.position_table) {
-    gp_part = at::zeros({p.B, p.P, p.Hb}, opts);
+    gp_part = at::zeros({items, p.P, p.Hb}, opts);
     p.grad_position = gp_part.data_ptr();
   }
   if (p.bias) {
     gb = at::zeros({p.B, p.Hb, p.L, p.L}, opts);
     p.grad_bias = gb.data_ptr();
   }
-  std::vector<int64_t> order(size_t(p.B));
+  std::vector<int64_t> order(static_cast<size_t>(items));
   std::iota(order.begin(), order.end(), int64_t(0));
-  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return p.lengths[x] > p.lengths[y]; });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t x, int64_t y) { return p.lengths[x / split] > p.lengths[y / split]; });
   const SeqKernels kt = kernels_for(query.scalar_type());
-  run_items(p, acc, p.B, [&](int64_t i, void* ws) { kt.bwd(p, order[i], order[i] + 1, ws); });
-  // The rows' partial table sums, added in row order.
+  const int64_t per = p.Hkv / split;
+  run_items(p, acc, items, [&](int64_t i, void* ws) {
+    const int64_t it = order[i], b = it / split, s = it % split;
+    kt.bwd(p, b, s * per, (s + 1) * per, it, ws);
+  });
+  // The items' partial table sums, added in item order.
   auto reduce_rows = [&](const at::Tensor& part) {
     at::Tensor total = part.select(0, 0).clone();
-    for (int64_t b = 1; b < p.B; ++b) total.add_(part.select(0, b));
+    for (int64_t b = 1; b < items; ++b) total.add_(part.select(0, b));
     return total;
   };
   const auto empty = [&](const at::ScalarType t) { return at::empty({0}, query.options().dtype(t)); };
-  at::Tensor g_time = p.time_table ? (p.B ? reduce_rows(gt_part) : at::zeros({p.NB, p.Hb}, opts)).to(query.scalar_type())
+  at::Tensor g_time = p.time_table ? (items ? reduce_rows(gt_part) : at::zeros({p.NB, p.Hb}, opts)).to(query.scalar_type())
                                    : empty(query.scalar_type());
-  at::Tensor g_pos = p.position_table ? (p.B ? reduce_rows(gp_part) : at::zeros({p.P, p.Hb}, opts)).to(query.scalar_type())
+  at::Tensor g_pos = p.position_table ? (items ? reduce_rows(gp_part) : at::zeros({p.P, p.Hb}, opts)).to(query.scalar_type())
                                       : empty(query.scalar_type());
   at::Tensor g_bias = p.bias ? gb.to(query.scalar_type()) : empty(query.scalar_type());
   return {dq.to(query.scalar_type()), dk.to(query.scalar_type()), dv.to(query.scalar_type()), g_time, g_pos, g_bias};

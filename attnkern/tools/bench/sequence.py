@@ -37,7 +37,8 @@ Each provider's output (and, for fwd+bwd, its gradients w.r.t. q, k, v and the t
 checked once against the float64 reference before timing. Providers are timed alternating,
 round by round, in one process; the table gives medians and the ratios of medians measured in
 that run. FLOPs count the attended pairs only (q.k and p.v, 2 D FLOP each per pair and head;
-fwd+bwd 3.5x the forward); "% peak" is against a float32 torch.mm measured in the same run.
+fwd+bwd 3.5x the forward); "% peak" is against torch.mm in the case's dtype (float32 or
+bfloat16, 2048 x 2048) measured in the same run.
 """
 
 from __future__ import annotations
@@ -475,9 +476,25 @@ def run_case(case: Case, providers: Sequence[str], rounds: int, budget_s: float 
     return records
 
 
-def format_table(records: Sequence[dict], peak: float) -> str:
-    lines = ["GEMM peak (torch.mm fp32, this run): %.1f GFLOP/s, %d threads" % (
-        peak / 1e9, torch.get_num_threads())]
+def measure_peak(dtype: str, n: int) -> float:
+    """FLOP/s of torch.mm in dtype (the best of a few n x n products): the practical peak that
+    the cases of that dtype are measured against."""
+    if dtype == "float32":
+        return measure_peak_gemm(n=n)
+    a, b = (torch.randn(n, n).to(getattr(torch, dtype)) for _ in range(2))
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def format_table(records: Sequence[dict], peaks: Dict[str, float]) -> str:
+    lines = ["GEMM peak (torch.mm, this run): %s, %d threads" % (
+        ", ".join("%s %.1f GFLOP/s" % (dt, pk / 1e9) for dt, pk in sorted(peaks.items())),
+        torch.get_num_threads())]
     # "x P": how many times faster than provider P this one ran (ratio of the run's medians).
     head = "%-52s %-11s %10s %8s %7s %9s %9s %9s %9s  %s" % (
         "case", "provider", "median ms", "GFLOP/s", "% peak", "x eager", "x sdpa", "x rows",
@@ -490,7 +507,7 @@ def format_table(records: Sequence[dict], peak: float) -> str:
         sv = r["speedup_vs"]
         fmt = lambda k: "%9.2f" % (sv[k]) if k in sv else "%9s" % "-"  # noqa: E731
         lines.append("%-52s %-11s %10.2f %8.1f %6.1f%% %s %s %s %s  %s" % (
-            r["case"], r["provider"], r["median_ms"], r["gflops"], 100 * r["gflops"] * 1e9 / peak,
+            r["case"], r["provider"], r["median_ms"], r["gflops"], 100 * r["gflops"] * 1e9 / peaks[r["dtype"]],
             fmt("eager"), fmt("sdpa"), fmt("sdpa_rows"), fmt("sdpa_causal"), r["check"]))
     return "\n".join(lines)
 
@@ -536,17 +553,18 @@ def main(argv=None) -> int:
     if args.bias and any(b not in ("none", "timepos") for b in split(args.bias)):
         p.error("--bias takes none and/or timepos")
     gemm = 256 if args.quick else 2048  # the smoke run needs no meaningful peak
-    peak = measure_peak_gemm(n=gemm)
+    # measured before and after the cases (the best of both: a shared machine's load varies)
+    peaks = {dt: measure_peak(dt, gemm) for dt in sorted({c.dtype for c in cases})}
     records = []
     for c in cases:
         records += run_case(c, providers, args.rounds,
                             progress=lambda s: print("attnkern bench: %s" % s, file=sys.stderr, flush=True))
-    peak = max(peak, measure_peak_gemm(n=gemm))
+    peaks = {dt: max(pk, measure_peak(dt, gemm)) for dt, pk in peaks.items()}
     for r in records:
-        r["peak_gflops"] = peak / 1e9
+        r["peak_gflops"] = peaks[r["dtype"]] / 1e9
         r["torch"] = torch.__version__
         r["threads"] = torch.get_num_threads()
-    print(format_table(records, peak))
+    print(format_table(records, peaks))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
