@@ -36,6 +36,8 @@ from ._validation import set_validation, validation_enabled  # noqa: E402
 from .functional import activation_unit_pool, attention_pool  # noqa: E402
 from .ops import BackendInfo, BackendUnavailable, backends  # noqa: E402
 from .reference import activation_unit_pool_ref, attention_pool_ref, sequence_attention_ref  # noqa: E402
+from .quantize import quantize_rows, split_fused_rows  # noqa: E402
+from .reference import attention_pool_quant_ref, dequantize_rows  # noqa: E402
 from .sequence import sequence_attention  # noqa: E402
 
 try:
@@ -53,6 +55,10 @@ __all__ = [
     "sequence_attention",
     "sequence_attention_ref",
     "attention_pool_ref",
+    "attention_pool_quant_ref",
+    "quantize_rows",
+    "dequantize_rows",
+    "split_fused_rows",
     "activation_unit_pool_ref",
     "backends",
     "BackendInfo",
