@@ -147,13 +147,33 @@ inline V dot_lanes(const float* a, const E* b, int64_t D) {
   return acc;
 }
 
-// The rows of one block for one head: stored K/V rows (or their widened tile) and per-row
-// parameters, scales already times kLoadFactor.
+// sum_j w[j] rows[j][d .. d + dn) over the block's nb rows, in four independent chains (one
+// chain would wait on the multiply-add latency at every row).
+template <class V, class R>
+inline V weighted_rows(const float* w, const R* const* rows, int nb, int64_t d, int dn) {
+  V o0 = V::zero(), o1 = V::zero(), o2 = V::zero(), o3 = V::zero();
+  int j = 0;
+  for (; j + 4 <= nb; j += 4) {
+    o0 = V::fma(V::set1(w[j]), load_n<V>(rows[j] + d, dn), o0);
+    o1 = V::fma(V::set1(w[j + 1]), load_n<V>(rows[j + 1] + d, dn), o1);
+    o2 = V::fma(V::set1(w[j + 2]), load_n<V>(rows[j + 2] + d, dn), o2);
+    o3 = V::fma(V::set1(w[j + 3]), load_n<V>(rows[j + 3] + d, dn), o3);
+  }
+  for (; j < nb; ++j) o0 = V::fma(V::set1(w[j]), load_n<V>(rows[j] + d, dn), o0);
+  return (o0 + o1) + (o2 + o3);
+}
+
+// The rows of one block for one head: stored K/V rows and per-row parameters (scales times
+// kLoadFactor); entries past the block's nb rows are 0, so the vector passes below run over
+// whole blocks.
 template <class E>
 struct QuantBlock {
   const E* krow[kQuantBK];
   const E* vrow[kQuantBK];
-  float ks[kQuantBK], kb[kQuantBK], vs[kQuantBK], vb[kQuantBK];
+  alignas(64) float ks[kQuantBK];
+  alignas(64) float kb[kQuantBK];
+  alignas(64) float vs[kQuantBK];
+  alignas(64) float vb[kQuantBK];
   int64_t pos[kQuantBK];
 };
 
@@ -163,21 +183,23 @@ template <class V, class E, class KR>
 inline void block_scores(const QuantParams& p, const QuantSpan& sp, const QuantBlock<E>& blk, const KR* const* rows,
                          int nb, const float* qn, float qsum, int64_t n, int64_t h, float* s) {
   constexpr int W = V::W;
-  for (int j0 = 0; j0 < nb; j0 += W) {
-    V a[W];
-    for (int j = 0; j < W; ++j) a[j] = j0 + j < nb ? dot_lanes<V>(qn, rows[j0 + j], p.Dk) : V::zero();
-    V::transpose_reduce(a).store(s + j0);
-  }
   constexpr float kLog2e = 1.4426950408889634f;
-  for (int j = 0; j < nb; ++j) {
-    float x = s[j] * blk.ks[j] + blk.kb[j] * qsum;
-    if (p.bias) {
-      const float* bb = p.bias + sp.b * p.bias_sb + ((sp.n0 + n) % p.bias_nb) * p.bias_sn + h * p.bias_sh;
-      x += bb[blk.pos[j] * p.bias_sl] * kLog2e;
+  const V vq = V::set1(qsum);
+  for (int j0 = 0; j0 < kQuantBK; j0 += W) {
+    V r;
+    if (j0 < nb) {
+      V a[W];
+      for (int j = 0; j < W; ++j) a[j] = j0 + j < nb ? dot_lanes<V>(qn, rows[j0 + j], p.Dk) : V::zero();
+      r = V::fma(V::transpose_reduce(a), V::load(blk.ks + j0), V::load(blk.kb + j0) * vq);
+    } else {
+      r = V::zero();
     }
-    s[j] = x;
+    r.mask_tail(nb - j0).store(s + j0);
   }
-  for (int j = nb; j < kQuantBK; ++j) s[j] = -__builtin_inff();
+  if (p.bias) {
+    const float* bb = p.bias + sp.b * p.bias_sb + ((sp.n0 + n) % p.bias_nb) * p.bias_sn + h * p.bias_sh;
+    for (int j = 0; j < nb; ++j) s[j] += bb[blk.pos[j] * p.bias_sl] * kLog2e;
+  }
 }
 
 template <class V, class E>
@@ -219,6 +241,7 @@ void quant_fwd_span(const QuantParams& p, const QuantSpan& sp, float* ws) {
   const E* K = static_cast<const E*>(p.k);
   const E* Vv = static_cast<const E*>(p.v);
   QuantBlock<E> blk;
+  for (int j = 0; j < kQuantBK; ++j) blk.ks[j] = blk.kb[j] = blk.vs[j] = blk.vb[j] = 0.f;
   const float* krows_t[kQuantBK];
   const float* vrows_t[kQuantBK];
   for (int j = 0; j < kQuantBK; ++j) {
@@ -228,6 +251,8 @@ void quant_fwd_span(const QuantParams& p, const QuantSpan& sp, float* ws) {
   for (int64_t i0 = 0; i0 < sp.count; i0 += kQuantBK) {
     const int nb = int(sp.count - i0 < kQuantBK ? sp.count - i0 : kQuantBK);
     for (int j = 0; j < nb; ++j) blk.pos[j] = sp.start + (sp.idx ? sp.idx[i0 + j] : i0 + j);
+    if (nb < kQuantBK)
+      for (int j = nb; j < kQuantBK; ++j) blk.ks[j] = blk.kb[j] = blk.vs[j] = blk.vb[j] = 0.f;
     // Heads inside the block: the H rows of a position are neighbours in memory, so the block
     // is read as one stream.
     for (int64_t h = 0; h < H; ++h) {
@@ -259,35 +284,35 @@ void quant_fwd_span(const QuantParams& p, const QuantSpan& sp, float* ws) {
           block_scores<V, E, float>(p, sp, blk, krows_t, nb, qf + r * Dk, qsum[r], n, h, s);
         else
           block_scores<V, E, E>(p, sp, blk, blk.krow, nb, qf + r * Dk, qsum[r], n, h, s);
-        // Online softmax in log2 units. NaN scores are skipped by the max but reach l and acc
+        // Online softmax in log2 units. NaN scores are left out of the max but reach l and acc
         // through their p (a NaN at a valid position is never dropped); an all -inf block
         // shifts by 0, giving p = 0.
-        float mx = m[r];
-        for (int j = 0; j < nb; ++j) mx = s[j] > mx ? s[j] : mx;
+        V vmx = V::set1(m[r]);
+        for (int j = 0; j < kQuantBK; j += W) {
+          const V x = V::load(s + j);
+          vmx = V::select(V::gt(x, vmx), x, vmx);
+        }
+        const float mx = vmx.reduce_max();
         const float shift = mx == -__builtin_inff() ? 0.f : mx;
         const float corr = __builtin_exp2f(m[r] - shift);
         const V vshift = V::set1(shift);
-        for (int j = 0; j < kQuantBK; j += W) exp2_accurate<V>(V::load(s + j) - vshift).store(s + j);
-        float lsum = 0.f, csum = 0.f;
-        for (int j = 0; j < nb; ++j) {
-          lsum += s[j];
-          csum += s[j] * blk.vb[j];
-          s[j] *= blk.vs[j];
+        V vl = V::zero(), vc = V::zero();
+        for (int j = 0; j < kQuantBK; j += W) {
+          const V pj = exp2_accurate<V>(V::load(s + j) - vshift);
+          vl = vl + pj;
+          vc = V::fma(pj, V::load(blk.vb + j), vc);
+          (pj * V::load(blk.vs + j)).store(s + j);
         }
-        l[r] = l[r] * corr + lsum;
-        cm[r] = cm[r] * corr + csum;
+        l[r] = l[r] * corr + vl.reduce_add();
+        cm[r] = cm[r] * corr + vc.reduce_add();
         m[r] = mx;
         float* a = acc + r * Dv;
-        const V vc = V::set1(corr);
+        const V vcorr = V::set1(corr);
         for (int64_t d = 0; d < Dv; d += W) {
           const int dn = int(Dv - d < W ? Dv - d : W);
-          V o = load_n<V>(a + d, dn) * vc;
-          if (tiled) {
-            for (int j = 0; j < nb; ++j) o = V::fma(V::set1(s[j]), load_n<V>(vrows_t[j] + d, dn), o);
-          } else {
-            for (int j = 0; j < nb; ++j) o = V::fma(V::set1(s[j]), load_n<V>(blk.vrow[j] + d, dn), o);
-          }
-          o.store_partial(a + d, dn);
+          const V o = load_n<V>(a + d, dn) * vcorr;
+          const V sum = tiled ? weighted_rows<V>(s, vrows_t, nb, d, dn) : weighted_rows<V>(s, blk.vrow, nb, d, dn);
+          (o + sum).store_partial(a + d, dn);
         }
       }
     }
