@@ -286,3 +286,54 @@ def test_raw_op_refuses_a_gradient_and_bad_params():
     with pytest.raises(ValueError, match="lengths"):
         op(q.detach(), call["key"], call["value"], call["key_scale"], None, call["value_scale"], None,
            torch.tensor([7, 1]), None, None, -1, 0.5)
+
+
+# ---- layer and model -------------------------------------------------------------------------
+
+
+def _ctr(qdtype, **kw):
+    import copy
+
+    from attnkern.models import TargetAttentionCTR
+
+    torch.manual_seed(0)
+    m = TargetAttentionCTR(60, 16, 2, **kw).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("_bias_weight"):
+                p.normal_()
+    same = copy.deepcopy(m)
+    m.quantize_(qdtype)
+    with torch.no_grad():  # the float model of the very values the quantized table stands for
+        same.embedding.weight.copy_(dequantize_rows(m.item_codes, m.item_scale, m.item_bias))
+    return m, same
+
+
+@pytest.mark.parametrize("qdtype", [torch.int8, torch.float8_e4m3fn])
+def test_ctr_serves_from_the_quantized_table(qdtype):
+    m, same = _ctr(qdtype, time_buckets=8, recency_buckets=4)
+    assert m.quantized and not any(p.requires_grad for p in m.parameters())
+    g = torch.Generator().manual_seed(2)
+    hist, tgt = torch.randint(1, 60, (4, 9), generator=g), torch.randint(1, 60, (4, 3), generator=g)
+    lens, tt = torch.tensor([0, 9, 3, 5]), torch.randint(0, 10 ** 6, (4,), generator=g)
+    ht = torch.randint(0, 10 ** 6, (4, 9), generator=g)
+    with torch.inference_mode():
+        torch.testing.assert_close(m(hist, tgt, lens, ht, tt), same(hist, tgt, lens, ht, tt), atol=2e-5, rtol=0)
+
+
+def test_layer_without_projections_and_its_rules():
+    from attnkern.nn import AttentionPooling
+
+    layer = AttentionPooling(16, 2, projections=False)
+    x, q, lens = torch.randn(3, 10, 16), torch.randn(3, 2, 16), torch.tensor([1, 10, 0])
+    d, s, b = attnkern.quantize_rows(x, torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(q, d, key_scale=s, key_bias=b, lengths=lens),
+                                   layer(q, dequantize_rows(d, s, b), lengths=lens), atol=2e-6, rtol=0)
+        with pytest.raises(ValueError, match="absorbed order"):
+            AttentionPooling(16, 2, absorb=False)(q, d, key_scale=s, key_bias=b, lengths=lens)
+    with pytest.raises(ValueError, match="attention pooling"):
+        from attnkern.models import TargetAttentionCTR
+
+        TargetAttentionCTR(10, 8, pooling="sum").quantize_()
+
