@@ -337,3 +337,17 @@ def test_layer_without_projections_and_its_rules():
 
         TargetAttentionCTR(10, 8, pooling="sum").quantize_()
 
+
+
+@pytest.mark.slow
+def test_onnx_quantized_ctr_fresh_process(tmp_path):
+    """ONNX export of a model serving from an int8 table: the op becomes an explicit dequantize
+    (Cast, Mul, Add) and the float translation; run by onnxruntime in a fresh process."""
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from attnkern.tools import export as ex
+
+    m, _ = _ctr(torch.int8)
+    path = ex.export_onnx(m, str(tmp_path / "q.onnx"))
+    records = ex.check_export("onnx", path, m)
+    assert records and all(r["ok"] and not r["attnkern_imported"] for r in records), records
