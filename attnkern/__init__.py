@@ -41,6 +41,8 @@ from .ops import BackendInfo, BackendUnavailable, backends  # noqa: E402
 from .reference import (activation_unit_pool_ref, activation_unit_weights_ref, attention_pool_ref,  # noqa: E402
                         attention_weights_ref, sequence_attention_ref)
 from .reference import attention_topk_ref  # noqa: E402
+from .quantize import quantize_rows, split_fused_rows  # noqa: E402
+from .reference import attention_pool_quant_ref, dequantize_rows  # noqa: E402
 from .sequence import sequence_attention  # noqa: E402
 from .topk import attention_topk  # noqa: E402
 
@@ -63,6 +65,10 @@ __all__ = [
     "sequence_attention",
     "sequence_attention_ref",
     "attention_pool_ref",
+    "attention_pool_quant_ref",
+    "quantize_rows",
+    "dequantize_rows",
+    "split_fused_rows",
     "activation_unit_pool_ref",
     "attention_weights_ref",
     "activation_unit_weights_ref",

@@ -7,12 +7,14 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ._jagged import unpack_history
+from ._quant_validation import float_stand_in, is_quantized_call, validate_quantized
 from ._validation import Problem, check_values, checked_index_values, validate, validate_activation_unit
 from .ops import BACKENDS, BackendUnavailable, activation_fused_op, backend_info, fused_op
 from .ops.availability import cuda_emulated, triton_interpret
+from .ops.quant import quant_op
 from .reference import (_masked_softmax_parts, activation_unit_pool_ref, activation_unit_weights_ref,
-                        attention_pool_ref, attention_weights_ref, masked_scores_ref, padded_valid,
-                        token_rows)
+                        attention_pool_quant_ref, attention_pool_ref, attention_weights_ref,
+                        masked_scores_ref, padded_valid, token_rows)
 
 _resolved: dict = {}
 # Backends whose registered ops read and check lengths/offsets values themselves (the C++ CPU
@@ -139,6 +141,10 @@ def attention_pool(
     return_lse: bool = False,
     bias: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    key_scale: Optional[torch.Tensor] = None,
+    key_bias: Optional[torch.Tensor] = None,
+    value_scale: Optional[torch.Tensor] = None,
+    value_bias: Optional[torch.Tensor] = None,
 ):
     """Masked scaled-dot-product attention pooling (target attention).
 
@@ -174,6 +180,13 @@ def attention_pool(
             0 at positions outside every row (never read). A -inf bias drops a position; a row
             whose every logit is -inf is empty.
         backend: "auto" | "reference" | "cpu" | "cuda" | "triton".
+        key_scale, key_bias, value_scale, value_bias: quantized K/V (docs/quantized.md, forward
+            only): key/value stored as torch.int8, uint8, float8_e4m3fn or float8_e5m2 (both the
+            same), element = data * scale + bias per (position, head) row; float32 of shape
+            [B, L, Hkv] (padded) / [T, Hkv] (jagged); the biases are optional (0). Runs on
+            "cpu" (query float16/bfloat16/float32) and "reference"; "auto" takes the reference
+            where the fused backend has no quantized kernels. Asking for a gradient is a
+            ValueError. attnkern.quantize_rows makes these from float rows.
 
     Returns:
         out [B, H, Dv] or [B, N, H, Dv] in query's dtype (accumulated in float32, float64 for
@@ -185,10 +198,19 @@ def attention_pool(
     """
     key, value, offsets = unpack_history(key, value, offsets, lengths=lengths, mask=mask,
                                          key_padding_mask=key_padding_mask)
+    quant = dict(key_scale=key_scale, key_bias=key_bias, value_scale=value_scale, value_bias=value_bias)
+    quantized = is_quantized_call(key, value, quant)
+    if quantized:
+        validate_quantized(query, key, value, quant, bias)
+        stored = (key, value)
+        key, value = float_stand_in(key, query.dtype), float_stand_in(value, query.dtype)
     prob = validate(query, key, value, lengths, mask, offsets, max_length, scale, return_lse,
                     values=False, key_padding_mask=key_padding_mask, bias=bias)
     if key_padding_mask is not None:
         mask = ~key_padding_mask
+    if quantized:
+        out, lse = _attention_pool_quant(prob, backend, *stored, quant, lengths, mask, offsets, max_length)
+        return _finish(prob, out, lse, return_lse)
     name = _resolve_for_transforms(backend, query)
     if name not in _OPS_CHECK_VALUES:
         check_values(prob, lengths, offsets, max_length)
@@ -215,6 +237,10 @@ def attention_pool(
             out, lse = fused_op(name, "jagged")(query4, key, value, offsets, ml, prob.scale, *extra)
         if group > 1:
             out, lse = _unfold_query_heads(out, group), _unfold_query_heads(lse, group)
+    return _finish(prob, out, lse, return_lse)
+
+
+def _finish(prob: Problem, out: torch.Tensor, lse: torch.Tensor, return_lse: bool):
     out = out.to(prob.query.dtype)  # the C++ ops return their unrounded float32 accumulators
     if prob.squeeze_n:
         out, lse = out.squeeze(1), lse.squeeze(1)
@@ -304,6 +330,43 @@ def _fused_weights(prob, key, lengths, mask, offsets) -> torch.Tensor:
 def _safe(denom: torch.Tensor) -> torch.Tensor:
     """A softmax denominator with the empty rows' 0 (their every p is 0) replaced by 1."""
     return torch.where(denom != 0, denom, torch.ones((), dtype=denom.dtype, device=denom.device))
+
+
+# The fused backends with quantized-K/V kernels.
+_QUANT_BACKENDS = ("cpu",)
+
+
+def _attention_pool_quant(prob: Problem, backend, key, value, quant: dict, lengths, mask, offsets,
+                          max_length):
+    """attention_pool's quantized-K/V path (validated): the CPU op, or the reference (which
+    "auto" takes for float64 queries and on devices without quantized kernels)."""
+    name = _resolve_for_transforms(backend, prob.query)
+    f64 = name in _QUANT_BACKENDS and prob.query.dtype == torch.float64
+    if name not in _QUANT_BACKENDS + ("reference",) or f64:
+        if backend != "auto":
+            raise (TypeError if f64 else ValueError)(
+                "backend %r has no kernels for %s; use backend='reference' (or 'auto', which picks it)"
+                % (name, "float64 queries with quantized key/value" if f64 else "quantized key/value"))
+        name = "reference"
+    if name not in _OPS_CHECK_VALUES:
+        check_values(prob, lengths, offsets, max_length)
+    if name == "reference" and torch.compiler.is_compiling():
+        lengths, offsets = checked_index_values(prob, lengths, offsets, max_length)
+    if name == "reference":
+        return attention_pool_quant_ref(
+            prob.query, key, value, quant["key_scale"], quant["key_bias"], quant["value_scale"],
+            quant["value_bias"], lengths, mask=mask, offsets=offsets, max_length=max_length,
+            scale=prob.scale, bias=prob.bias)
+    query4, group = prob.query, prob.H // prob.Hkv
+    if group > 1:
+        query4 = _fold_query_heads(query4, prob.Hkv)
+    extra = () if prob.bias is None else (_fold_bias_heads(prob.bias, prob.H, prob.Hkv),)
+    ml = -1 if max_length is None else int(max_length)
+    out, lse = quant_op()(query4, key, value, quant["key_scale"], quant["key_bias"], quant["value_scale"],
+                          quant["value_bias"], lengths, mask, offsets, ml, prob.scale, *extra)
+    if group > 1:
+        out, lse = _unfold_query_heads(out, group), _unfold_query_heads(lse, group)
+    return out, lse
 
 
 def activation_unit_pool(

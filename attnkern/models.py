@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from .nn import ActivationUnitPooling, AttentionPooling, HSTULayer
+from .quantize import quantize_rows
+from .reference import dequantize_rows
 
 __all__ = ["TargetAttentionCTR", "HSTURanker", "POOLINGS"]
 
@@ -111,6 +113,38 @@ class TargetAttentionCTR(nn.Module):
             self.pool = None
         self.head = _head(3 * embed_dim, mlp_dims, dropout)
 
+    def quantize_(self, dtype: torch.dtype = torch.int8) -> "TargetAttentionCTR":
+        """Serve from a row-quantized item table (docs/quantized.md): the embedding table is
+        stored as ``attnkern.quantize_rows(weight, dtype)`` (int8/uint8 with a float32 scale and
+        bias per item, FBGEMM's row-wise rule, or float8 with a scale), the history's rows are
+        gathered quantized and read by the attention as they are stored, the targets' rows
+        dequantized. ``pooling="attention"`` only. The model becomes a serving model: its
+        parameters stop requiring grad (the quantized pooling is forward-only). Returns self."""
+        if self.pooling != "attention":
+            raise ValueError("quantize_ serves the attention pooling from the quantized table; "
+                             "this model has pooling=%r" % self.pooling)
+        data, scale, bias = quantize_rows(self.embedding.weight.detach(), dtype)
+        self.register_buffer("item_codes", data)
+        self.register_buffer("item_scale", scale)
+        self.register_buffer("item_bias", bias)
+        self.requires_grad_(False)
+        return self
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the model serves from a quantized table (`quantize_`)."""
+        return getattr(self, "item_codes", None) is not None
+
+    def _embed(self, history: torch.Tensor, target: torch.Tensor):
+        """(history rows [B, L, E], target rows, per-row parameters of the history as
+        AttentionPooling keyword arguments: empty unless quantized)."""
+        if not self.quantized:
+            return self.embedding(history), self.embedding(target), {}
+        scale, bias = self.item_scale, self.item_bias
+        t = dequantize_rows(self.item_codes[target], scale[target], None if bias is None else bias[target])
+        params = dict(key_scale=scale[history], key_bias=None if bias is None else bias[history])
+        return self.item_codes[history], t, params
+
     @property
     def uses_times(self) -> bool:
         """Whether the forward needs history_times and target_time."""
@@ -125,12 +159,12 @@ class TargetAttentionCTR(nn.Module):
             raise ValueError(
                 "target must be [B] or [B, N] with B = %d, got %s" % (history.shape[0], list(target.shape))
             )
-        h = self.embedding(history)  # [B, L, E]
-        t = self.embedding(target)  # [B, E] or [B, N, E]
+        # [B, L, E] and [B, E] / [B, N, E]
+        h, t, quant = self._embed(history, target)
         times = history_times is not None or target_time is not None
         if self.pooling == "attention":
             kw = dict(key_times=history_times, query_time=target_time) if times else {}
-            pooled = self.pool(t, h, lengths=lengths, **kw)
+            pooled = self.pool(t, h, lengths=lengths, **kw, **quant)
         elif times:
             raise ValueError("history_times and target_time are for an attention model with "
                              "time_buckets; this model (pooling=%r) takes no times" % self.pooling)

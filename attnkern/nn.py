@@ -373,6 +373,8 @@ class AttentionPooling(nn.Module):
         mask: Optional[torch.Tensor] = None, key_padding_mask: Optional[torch.Tensor] = None,
         offsets: Optional[torch.Tensor] = None, max_length: Optional[int] = None,
         key_times: Optional[torch.Tensor] = None, query_time: Optional[torch.Tensor] = None,
+        key_scale: Optional[torch.Tensor] = None, key_bias: Optional[torch.Tensor] = None,
+        value_scale: Optional[torch.Tensor] = None, value_bias: Optional[torch.Tensor] = None,
         need_weights: bool = False,
     ):
         if not isinstance(need_weights, bool):
@@ -386,10 +388,19 @@ class AttentionPooling(nn.Module):
                     "pass values" % (self.kdim, self.vdim)
                 )
             values = keys
+            if value_scale is None and value_bias is None:
+                value_scale, value_bias = key_scale, key_bias
         self._check(query, keys, values, offsets)
         pool = dict(lengths=lengths, mask=mask, key_padding_mask=key_padding_mask,
                     offsets=offsets, max_length=max_length, scale=self.scale,
                     backend=self.backend)
+        quant = dict(key_scale=key_scale, key_bias=key_bias, value_scale=value_scale, value_bias=value_bias)
+        if any(t is not None for t in quant.values()):
+            if need_weights:
+                raise ValueError("need_weights=True is not available with a quantized history "
+                                 "(key_scale/value_scale given): call attnkern.attention_weights "
+                                 "on the dequantized keys (attnkern.dequantize_rows)")
+            return self._quantized(query, keys, values, pool, quant, key_times, query_time)
         bias = self._time_bias(keys, lengths, mask, key_padding_mask, offsets, key_times,
                                query_time)
         if bias is not None:
@@ -417,6 +428,31 @@ class AttentionPooling(nn.Module):
                 weights = self._weights(q, k, pool)
         out = self.out_proj(o.flatten(-2))
         return (out, weights) if need_weights else out
+
+    def _quantized(self, query, keys, values, pool, quant, key_times, query_time):
+        """The forward over a quantized history (docs/quantized.md): keys/values int8/uint8/
+        float8 rows with per-row scale (and bias) [B, L] / [T], read by the pooling as they are
+        stored. With projections the absorbed order is the only one that never projects (and
+        so never dequantizes) the history."""
+        if self.projections and self.absorb is False:
+            raise ValueError("a quantized history needs the absorbed order (absorb=True or 'auto'): "
+                             "the projected order would dequantize and project every history row")
+        bias = self._time_bias(keys, pool["lengths"], pool["mask"], pool["key_padding_mask"],
+                               pool["offsets"], key_times, query_time)
+        if bias is not None:
+            pool["bias"] = bias
+        H, D = self.num_heads, self.head_dim
+        if not self.projections:
+            # Every head of a row shares its row's parameters.
+            per_head = {n: None if t is None else t.unsqueeze(-1).expand(*t.shape, H) for n, t in quant.items()}
+            q = query.unflatten(-1, (H, D))
+            with torch.autocast(device_type=q.device.type, enabled=False):
+                out = attention_pool(q, keys.unflatten(-1, (H, D)), values.unflatten(-1, (H, D)),
+                                     **_bias_as(pool, q.dtype), **per_head)
+            return out.flatten(-2)
+        q = self.q_proj(query).unflatten(-1, (H, D))
+        one_head = {n: None if t is None else t.unsqueeze(-1) for n, t in quant.items()}
+        return self.out_proj(self._absorbed(q, keys, values, pool, one_head).flatten(-2))
 
     def _time_bias(self, keys, lengths, mask, key_padding_mask, offsets, key_times, query_time):
         """The score bias of the time and recency tables (in their dtype): padded [B, H, L],
@@ -495,28 +531,31 @@ class AttentionPooling(nn.Module):
         with torch.autocast(device_type=q.device.type, enabled=False):
             return attention_weights(q, k, **_bias_as(pool, q.dtype))
 
-    def _fold_key_proj(self, q, keys):
-        """W_k^h folded into each head's query: [B, (N,) H, kdim], in the history's dtype (under
-        autocast a cast of the small query, never of the history). The bias b_k only adds a
-        constant to every logit of a head, which the softmax cancels."""
+    def _fold_key_proj(self, q, keys, cast=True):
+        """W_k^h folded into each head's query: [B, (N,) H, kdim], in the history's dtype with
+        ``cast`` (under autocast a cast of the small query, never of the history). The bias b_k
+        only adds a constant to every logit of a head, which the softmax cancels."""
         w_k = self.k_proj.weight.view(self.num_heads, self.head_dim, self.kdim)
-        return torch.einsum("...hd,hdk->...hk", q, w_k.to(q.dtype)).to(keys.dtype)
+        q_k = torch.einsum("...hd,hdk->...hk", q, w_k.to(q.dtype))
+        return q_k.to(keys.dtype) if cast else q_k
 
-    def _absorbed(self, q, keys, values, pool):
-        """The pooled heads [B, (N,) H, D] without projecting the history (module docstring)."""
+    def _absorbed(self, q, keys, values, pool, quant=None):
+        """The pooled heads [B, (N,) H, D] without projecting the history (module docstring).
+        quant: the per-row parameters of a quantized history ([B, L, 1] / [T, 1]), or None."""
         H, D = self.num_heads, self.head_dim
         w_v = self.v_proj.weight.view(H, D, self.vdim)
         # b_k's gradient is exactly zero (see _fold_key_proj); it still takes part below, so that
-        # every parameter has a gradient (DDP).
-        q_k = self._fold_key_proj(q, keys)
+        # every parameter has a gradient (DDP). A quantized history is read as stored; the
+        # folded query then stays in its own dtype.
+        q_k = self._fold_key_proj(q, keys, cast=quant is None)
         k = keys.unsqueeze(-2)  # [B, L, 1, kdim] or [T, 1, kdim]: one K/V head for all H
         # Values that are the keys pass as the same tensor: autograd then adds the two history
         # gradients in place, where two views would get a freshly allocated [B, L, kdim] sum
         # (measured at B=1024, L=200, kdim=64 on CPU: 590 -> 250 ms for the pooling's fwd+bwd).
         v = k if values is keys else values.to(keys.dtype).unsqueeze(-2)
         with torch.autocast(device_type=keys.device.type, enabled=False):
-            o, lse = attention_pool(q_k, k, v, return_lse=True,
-                                    **_bias_as(pool, q_k.dtype))  # [B, (N,) H, vdim]
+            o, lse = attention_pool(q_k, k, v, return_lse=True, **_bias_as(pool, q_k.dtype),
+                                    **(quant or {}))  # [B, (N,) H, vdim]
         o = torch.einsum("...hv,hdv->...hd", o.to(q.dtype), w_v.to(q.dtype))
         b_v, b_k = self.v_proj.bias, self.k_proj.bias
         if b_v is not None:

@@ -250,6 +250,40 @@ def padded_to_token_rows(w: Tensor, offsets: Tensor, T: int) -> Tensor:
     return torch.where(inside, picked, torch.zeros((), dtype=w.dtype, device=w.device))
 
 
+# Quantized keys and values (docs/quantized.md): stored row-wise as int8/uint8 codes or float8
+# values with a float32 scale (and bias) per (position, head) row; element = data * scale + bias.
+QUANT_DTYPES = (torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def dequantize_rows(data: Tensor, scale: Tensor, bias: Optional[Tensor] = None,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """``data * scale[..., None] + bias[..., None]`` in float32 (float64 when asked), then
+    ``dtype``: the value each stored element stands for."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = data.to(acc) * scale.to(acc).unsqueeze(-1)
+    if bias is not None:
+        x = x + bias.to(acc).unsqueeze(-1)
+    return x.to(dtype)
+
+
+def attention_pool_quant_ref(
+    query: Tensor, key: Tensor, value: Tensor, key_scale: Tensor, key_bias: Optional[Tensor],
+    value_scale: Tensor, value_bias: Optional[Tensor], lengths: Optional[Tensor] = None, *,
+    mask: Optional[Tensor] = None, offsets: Optional[Tensor] = None,
+    max_length: Optional[int] = None, scale: Optional[float] = None, bias: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """`attention_pool_ref` over the dequantized key and value (float32; float64 for a float64
+    query), the query taken in that precision too: the oracle of the fused kernels, which
+    dequantize in registers and accumulate in float32. out is float32 (float64)."""
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    k = dequantize_rows(key, key_scale, key_bias, acc)
+    v = dequantize_rows(value, value_scale, value_bias, acc)
+    if bias is not None:
+        bias = bias.to(acc)
+    return attention_pool_ref(query.to(acc), k, v, lengths, mask=mask, offsets=offsets,
+                              max_length=max_length, scale=scale, bias=bias)
+
 # ----------------------------------------------------------------------------------------------
 # DIN's activation-unit pooling
 #

@@ -60,6 +60,13 @@ assert isa == 'amx-emulated', isa"
   python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_sequence_attention.py -k "cpu"
   ATTNKERN_CPU_ISA=generic python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_hardening.py \
     -k "large_logits or fp16_near or nonfinite or nan_row or peaked or mask_split"
+  # The quantized-K/V kernel (tests/test_quantized.py) on each of its instruction sets: the
+  # float8 e4m3 rows (the most bit work in the widening loads), empty / zero-scale / non-finite
+  # rows, strided rows. Its fuzz target q:cpu runs in tests/test_fuzz.py below.
+  QUANT_K="(cpu_matches_reference and qdtype2) or empty or non_finite or strided or score_bias"
+  for isa in generic avx2 avx512; do
+    ATTNKERN_CPU_ISA=$isa python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_quantized.py -k "$QUANT_K"
+  done
   python -m pytest -q -x -p no:cacheprovider tests/test_fuzz.py -k "cpu"
   python scripts/fuzz.py --minutes "$1" --targets api:cpu,raw:cpu,seq:cpu
 }

@@ -82,7 +82,7 @@ def available_targets() -> List[str]:
     if info["triton"].available and not torch.cuda.is_available():
         t += ["api:triton", "raw:triton"]  # the interpreter: tiny shapes only
     if info["cpu"].available:
-        t += ["au:cpu", "seq:cpu"]
+        t += ["au:cpu", "seq:cpu", "q:cpu"]
     if info["triton"].available and not torch.cuda.is_available():
         t += ["au:triton"]
     return t
@@ -681,6 +681,8 @@ def fuzz_one(draw, targets: Sequence[str], record: Optional[Callable[[str, Case,
         return _fuzz_au(draw, target, record)
     if target.startswith("seq:"):
         return _fuzz_seq(draw, target, record)
+    if target.startswith("q:"):
+        return fuzz_quantized(draw, target.split(":")[1])
     case = draw_case(draw, target)
     try:
         outcome = run_case(case)
@@ -708,3 +710,53 @@ def _run_drawn(case, run, describe_case, record) -> str:
             record(outcome, case, str(e))
             return outcome
         raise AssertionError("%s: %s\n  case: %s" % (outcome, e, describe_case(case)))
+
+
+# ---- quantized keys/values (docs/quantized.md) ----------------------------------------------------
+
+
+def fuzz_quantized(draw, backend: str) -> str:
+    """One attention_pool call with int8/uint8/float8 K/V and their per-row parameters: a shape,
+    layout, shared heads, a score bias, rows whose scale is 0 or huge, strided rows, or one
+    malformed parameter. "ok" when it matches the reference over the dequantized rows,
+    "clean_error" for a ValueError/TypeError naming the malformed argument."""
+    from attnkern.testing import make_problem
+
+    qdtype = draw.choice((torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2))
+    H = draw.choice((1, 2, 4))
+    Hkv = draw.choice([h for h in (1, 2, 4) if H % h == 0])
+    layout = draw.choice(("lengths", "mask", "jagged", "full"))
+    args, kw = make_problem(B=draw.int(1, 4), N=draw.choice((1, 2, 5, 33)), H=H, Hkv=Hkv, L=draw.int(1, 70),
+                            Dk=draw.int(1, 40), Dv=draw.int(1, 40), layout=layout, seed=draw.int(0, 99),
+                            lengths="uniform", bias=draw.choice((None, "shared", "per_query")),
+                            dtype=draw.choice((torch.float32, torch.bfloat16, torch.float16)),
+                            bias_dtype=torch.float32)
+    q, k, v = args[:3]
+    if len(args) == 4:
+        kw["bias"] = args[3]
+    kd, ks, kb = attnkern.quantize_rows(k, qdtype)
+    vd, vs, vb = attnkern.quantize_rows(v, qdtype)
+    if draw.bool(0.3):
+        ks.view(-1)[:: draw.int(1, 5)] = draw.choice((0.0, 1e-30, 1e20))
+    if draw.bool(0.3):  # rows read through a stride
+        kd = torch.cat([kd, kd], -1)[..., : kd.shape[-1]]
+    params = dict(key_scale=ks, key_bias=kb, value_scale=vs, value_bias=vb)
+    bad = None
+    if draw.bool(0.2):
+        bad = draw.choice(("key_scale", "value_scale", "key_bias"))
+        t = params[bad] if params[bad] is not None else ks
+        params[bad] = draw.choice((t.double(), t.flatten(), t.unsqueeze(-1)))
+    with torch.no_grad():
+        try:
+            got = attnkern.attention_pool(q, kd, vd, **kw, **params, backend=backend)
+        except (ValueError, TypeError) as e:
+            assert bad is not None and bad in str(e), "raised %r for a well-formed call (bad: %s)" % (e, bad)
+            return "clean_error"
+        assert bad is None, "no error for a malformed %s" % bad
+        want = attnkern.attention_pool(q, kd, vd, **kw, **params, backend="reference")
+    tol = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[q.dtype]
+    err = (got.float() - want.float()).abs().nan_to_num(0.0, 0.0, 0.0).max().item() if got.numel() else 0.0
+    same_nan = torch.equal(got.isnan(), want.isnan())
+    assert same_nan and err <= tol * max(1.0, want.float().nan_to_num(0.0, 0.0, 0.0).abs().max().item()), \
+        "mismatch: max error %g (%s, %s, N=%d, H=%d/%d)" % (err, qdtype, layout, q.shape[1], H, Hkv)
+    return "ok"

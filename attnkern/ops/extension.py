@@ -9,6 +9,7 @@ import importlib
 import torch
 
 from .autograd import register_activation_fakes_and_autograd, register_fakes_and_autograd
+from . import quant
 from .availability import CUDA_EMU_PREFIX, cuda_emulated, extension
 from .schemas import ACTIVATION_SCHEMAS, SCHEMAS, qualified
 from .sequence import SEQUENCE_SCHEMAS, register_sequence_fakes_and_autograd
@@ -31,6 +32,7 @@ def _register() -> bool:
         return False
     register_fakes_and_autograd("")
     register_activation_fakes_and_autograd("")
+    quant.register()
     if cuda_emulated():
         _register_cuda_emulation()
     return True

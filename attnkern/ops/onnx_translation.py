@@ -157,6 +157,26 @@ def jagged_attention_pool_fwd(query, key, value, offsets, max_length=-1, scale=1
     return _jagged(op, query, key, value, offsets, scale, _acc_type(_dtype_name(query)), bias)
 
 
+def _dequantize(op, data, scale, bias):
+    """data * scale + bias per row, float32: the explicit dequantize of quantized K/V (ONNX's
+    DequantizeLinear takes one scale per tensor or per axis, not one per row)."""
+    x = op.Mul(op.Cast(data, to=_FLOAT), op.Unsqueeze(scale, [-1]))
+    return x if bias is None else op.Add(x, op.Unsqueeze(bias, [-1]))
+
+
+def attention_pool_quant_fwd(query, key, value, key_scale, key_bias, value_scale, value_bias,
+                             lengths=None, mask=None, offsets=None, max_length=-1, scale=1.0, bias=None):
+    """ONNX translation of ``attnkern::attention_pool_quant_fwd`` (int8/uint8 K/V; opset 18 has
+    no float8 Cast): the rows dequantized explicitly, then the float translation."""
+    from onnxscript import opset18 as op
+
+    k = _dequantize(op, key, key_scale, key_bias)
+    v = _dequantize(op, value, value_scale, value_bias)
+    if offsets is None:
+        return _padded(op, query, k, v, lengths, mask, scale, _FLOAT, bias)
+    return _jagged(op, query, k, v, offsets, scale, _FLOAT, bias)
+
+
 def _registered_ops(translations):
     """(qualified name, op packet, translation) of each attnkern forward op registered in this
     process: the C++ ones when attnkern._C is built, the Triton ones once they are imported."""
@@ -173,8 +193,13 @@ def _registered_ops(translations):
 
 def translation_table() -> dict:
     """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``."""
+    import torch
+
     translations = {"padded": attention_pool_fwd, "jagged": jagged_attention_pool_fwd}
-    return {packet.default: fn for _, packet, fn in _registered_ops(translations)}
+    table = {packet.default: fn for _, packet, fn in _registered_ops(translations)}
+    if hasattr(torch.ops.attnkern, "attention_pool_quant_fwd"):
+        table[torch.ops.attnkern.attention_pool_quant_fwd.default] = attention_pool_quant_fwd
+    return table
 
 
 # --------------------------------------------------------------------------- TorchScript exporter
