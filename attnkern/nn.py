@@ -35,6 +35,7 @@ from torch import nn
 from ._jagged import unpack_history
 from .functional import (DICE_STATISTICS, activation_unit_pool, activation_unit_weights, attention_pool,
                          attention_weights, dice_batch_statistics, position_query_inputs)
+from .ops.time_bias import fused_time_bias
 from .reference import ACTIVATIONS, MAX_UNITS, TIME_BUCKET_WIDTH, dice_params
 from .reference import log_time_bucket as time_bucket
 
@@ -469,9 +470,15 @@ class AttentionPooling(nn.Module):
         if self.time_buckets is None and self.recency_buckets is None:
             return None
         jagged = offsets is not None
-        parts = []
         if self.time_buckets is not None:
             self._check_times(keys, offsets, key_times, query_time)
+            if not jagged and mask is None and key_padding_mask is None:
+                bias = fused_time_bias(key_times, query_time, lengths, self.time_bias_weight,
+                                       getattr(self, "recency_bias_weight", None), keys.shape[1])
+                if bias is not None:
+                    return bias
+        parts = []
+        if self.time_buckets is not None:
             with torch.no_grad():
                 if jagged:
                     pos = torch.arange(keys.shape[0], device=offsets.device, dtype=offsets.dtype)

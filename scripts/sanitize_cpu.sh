@@ -58,6 +58,8 @@ assert isa == 'amx-emulated', isa"
   fi
   # The sequence-attention CPU kernels (tiled forward and backward, the bias tables).
   python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_sequence_attention.py -k "cpu"
+  # The time-aware layer's bias op (every gap size and sign, padded and empty rows).
+  python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_time_bias.py
   ATTNKERN_CPU_ISA=generic python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_hardening.py \
     -k "large_logits or fp16_near or nonfinite or nan_row or peaked or mask_split"
   # The quantized-K/V kernel (tests/test_quantized.py) on each of its instruction sets: the

@@ -14,7 +14,8 @@ Layer cases: B=1024, E=64, H in {2, 4}, L in {100, 200, 1000}, N in {1, 64}, len
                         projections, a -1e9 mask fill, softmax, a weighted sum (matmuls)
     mha                 torch.nn.MultiheadAttention(batch_first=True) with key_padding_mask
     attnkern-time       AttentionPooling(time_buckets=64, recency_buckets=64): the time-aware
-                        layer, its [B, H, L] bias built by a lookup and passed to the fused op
+                        layer, its [B, H, L] bias built in one pass (attnkern::time_bias_fwd
+                        on CPU) and passed to the fused op
     eager-time          the eager layer with the same tables: the bias (the same lookup) added
                         to the scores before the mask fill and softmax
 
