@@ -93,12 +93,15 @@ def deep_activation(name, units):
 
 
 class DeepAttentionSequencePoolingLayer(nn.Module):
-    """DeepCTR's AttentionSequencePoolingLayer(supports_masking=False, return_score=False) with its
-    LocalActivationUnit (DNN: Linear then activation on every hidden layer, then dense to 1)."""
+    """DeepCTR's AttentionSequencePoolingLayer(supports_masking=False) with its
+    LocalActivationUnit (DNN: Linear then activation on every hidden layer, then dense to 1);
+    return_score: the [B, 1, T] scores instead of the pooled keys (DIEN's use)."""
 
-    def __init__(self, att_hidden_units, att_activation, weight_normalization, embedding_dim):
+    def __init__(self, att_hidden_units, att_activation, weight_normalization, embedding_dim,
+                 return_score=False):
         super().__init__()
         self.weight_normalization = weight_normalization
+        self.return_score = return_score
         widths = [4 * embedding_dim] + list(att_hidden_units)
         self.linears = nn.ModuleList(nn.Linear(widths[i], widths[i + 1]) for i in range(len(att_hidden_units)))
         self.activation_layers = nn.ModuleList(deep_activation(att_activation, u) for u in att_hidden_units)
@@ -120,6 +123,8 @@ class DeepAttentionSequencePoolingLayer(nn.Module):
         outputs = torch.where(keys_masks, outputs, paddings)
         if self.weight_normalization:
             outputs = F.softmax(outputs, dim=-1)
+        if self.return_score:
+            return outputs
         return torch.matmul(outputs, keys)  # [B, 1, E]
 
 

@@ -13,7 +13,7 @@ import torch
 import attnkern
 from attnkern import testing
 from attnkern.nn import ActivationUnitPooling, AttentionPooling
-from conftest import make_problem
+from conftest import backend_device_pairs, make_problem
 from test_backends import assert_compiles_fullgraph
 
 CPU = attnkern.backends()["cpu"].available
@@ -58,6 +58,19 @@ def test_weights_against_the_reference(backend, layout, N, H, Hkv, bias, Hb):
     args, kwargs = make_problem(B=5, N=N, H=H, Hkv=Hkv, L=19, Dk=7, Dv=5, layout=layout,
                                 bias=bias, bias_heads=Hb)
     _check(backend, args, kwargs)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+def test_every_backend(backend, device):
+    """Each available backend, on its device, against the reference's weights (float32, shared
+    K/V heads, a per-query bias, both layouts)."""
+    for layout in ("lengths", "jagged"):
+        args, kwargs = make_problem(B=4, N=2, H=2, Hkv=1, L=9, Dk=8, Dv=2, layout=layout, device=device,
+                                    bias="per_query", bias_heads=2)
+        w = _weights(backend, args, kwargs)
+        want = _weights("reference", [t.cpu() for t in args], {n: t.cpu() if isinstance(t, torch.Tensor)
+                                                              else t for n, t in kwargs.items()})
+        torch.testing.assert_close(w.cpu(), want, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

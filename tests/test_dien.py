@@ -13,8 +13,8 @@ from torch import nn
 
 import attnkern
 from attnkern.nn import ActivationUnitPooling
-from test_activation_unit_zoo import (DeepAttentionSequencePoolingLayer, _acts, _linears, _randomise_,
-                                      fuxi_activation)
+from test_activation_unit_zoo import (DeepAttentionSequencePoolingLayer, FuxiDINAttention, _acts, _linears,
+                                      _randomise_)
 
 BACKENDS = [pytest.param("reference", id="reference"),
             pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(
@@ -33,13 +33,9 @@ class FuxiDIENAttention(nn.Module):
         self.use_attention_softmax = use_attention_softmax
         if attention_type == "bilinear_attention":
             self.W_kernel = nn.Parameter(torch.eye(model_dim))
-        elif attention_type == "din_attention":
-            layers, width = [], 4 * model_dim
-            for units in attention_hidden_units:  # MLP_Block without batch norm or dropout
-                layers += [nn.Linear(width, units), fuxi_activation(attention_activation, units)]
-                width = units
-            layers.append(nn.Linear(width, 1))
-            self.attn_mlp = nn.Sequential(*layers)
+        elif attention_type == "din_attention":  # the MLP_Block of FuxiCTR's DIN_Attention
+            self.attn_mlp = FuxiDINAttention(model_dim, attention_hidden_units, attention_activation,
+                                             False).attention_layer
 
     def forward(self, sequence_emb, target_emb, mask=None):
         seq_len = sequence_emb.size(1)
@@ -80,28 +76,6 @@ def fuxi_scores_attnkern(layer, sequence_emb, target_emb, mask, units, activatio
 
 
 # ---- DeepCTR-Torch ------------------------------------------------------------------------------
-
-class DeepScoreLayer(DeepAttentionSequencePoolingLayer):
-    """DeepCTR's AttentionSequencePoolingLayer(return_score=True): the [B, 1, T] scores."""
-
-    def forward(self, query, keys, keys_length):
-        batch_size, max_length, _ = keys.size()
-        keys_masks = torch.arange(max_length, dtype=keys_length.dtype).repeat(batch_size, 1)
-        keys_masks = (keys_masks < keys_length.view(-1, 1)).unsqueeze(1)  # [B, 1, T]
-        queries = query.expand(-1, max_length, -1)
-        x = torch.cat([queries, keys, queries - keys, queries * keys], dim=-1)
-        for lin, act in zip(self.linears, self.activation_layers):
-            x = act(lin(x))
-        outputs = torch.transpose(self.dense(x), 1, 2)  # [B, 1, T]
-        if self.weight_normalization:
-            paddings = torch.ones_like(outputs) * (-2 ** 32 + 1)
-        else:
-            paddings = torch.zeros_like(outputs)
-        outputs = torch.where(keys_masks, outputs, paddings)
-        if self.weight_normalization:
-            outputs = torch.softmax(outputs, dim=-1)
-        return outputs
-
 
 def deep_scores_attnkern(layer, query, keys, keys_length, units, activation, backend):
     """The recipe of docs/attention_weights.md for DeepCTR's layer: ([B, 1, T] scores, the
@@ -208,7 +182,8 @@ def test_fuxictr_dien(backend, dtype, attention_type, gru_type, softmax):
 def test_deepctr_dien(backend, dtype, activation, weight_normalization, gru_type):
     gen = torch.Generator().manual_seed(1)
     E, units = 4, (6, 3)
-    zoo = _randomise_(DeepScoreLayer(units, activation, weight_normalization, E), gen).to(dtype)
+    zoo = _randomise_(DeepAttentionSequencePoolingLayer(units, activation, weight_normalization, E,
+                                                         return_score=True), gen).to(dtype)
     gru = _randomise_(AttentionalGRU(E, gru_type), gen).to(dtype)
     target, keys, lengths, _ = _problem(gen, dtype, E=E)
     keys.requires_grad_()
