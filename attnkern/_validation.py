@@ -89,17 +89,22 @@ def _check_value_slot(query, key, value):
         _check_tensor(x, name)
     if value is key or key.dim() < 3:
         return
+    if value.dim() > 2:  # every well-formed call: no message is formatted (torch.compile traces this)
+        return
     B, L = key.shape[0], key.shape[1]
-    what = "value is a %s %s tensor" % (str(value.dtype).replace("torch.", ""), list(value.shape))
-    order = "attnkern's order is (query, key, value, lengths); the mask is keyword-only"
+
+    def wrong(fix):
+        what = "value is a %s %s tensor" % (str(value.dtype).replace("torch.", ""), list(value.shape))
+        return TypeError("%s: did you mean %s %s" % (
+            what, fix, "attnkern's order is (query, key, value, lengths); the mask is keyword-only"))
+
     if value.dtype in _INDEX_DTYPES and value.dim() == 1 and value.shape[0] == B:
-        raise TypeError("%s: did you mean lengths=? %s" % (what, order))
+        raise wrong("lengths=?")
     if value.dtype in _INDEX_DTYPES and tuple(value.shape) == (B, 1):
-        raise TypeError("%s: did you mean lengths=t.view(-1)? (DeepCTR-Torch's keys_length is [B, 1]); %s"
-                        % (what, order))
+        raise wrong("lengths=t.view(-1)? (DeepCTR-Torch's keys_length is [B, 1]);")
     if value.dim() == 2 and tuple(value.shape) == (B, L):
-        fix = "mask=m" if value.dtype == torch.bool else "mask=m.bool() (a 0/1 mask with 1 = valid, FuxiCTR's)"
-        raise TypeError("%s: did you mean %s? %s" % (what, fix, order))
+        raise wrong("mask=m?" if value.dtype == torch.bool
+                    else "mask=m.bool()? (a 0/1 mask with 1 = valid, FuxiCTR's)")
 
 
 def _check_qkv(query, key, value):

@@ -66,6 +66,7 @@ def fuxi_scores_attnkern(layer, sequence_emb, target_emb, mask, units, activatio
                                      "softmax" if layer.use_attention_softmax else None, dice_eps=1e-9,
                                      backend=backend, dtype=target_emb.dtype)
         pool.load_mlp_(_linears(layer), _acts(layer))
+        pool.train(layer.training)  # Dice: batch statistics in train(), running ones in eval()
         _, w = pool(target_emb, sequence_emb, mask=mask.bool(), need_weights=True)
         return w, [pool.hidden[0].weight]
     bilinear = layer.attention_type == "bilinear_attention"
@@ -84,6 +85,7 @@ def deep_scores_attnkern(layer, query, keys, keys_length, units, activation, bac
                                  "softmax" if layer.weight_normalization else None, dice_eps=1e-8,
                                  dice_affine=activation == "dice", backend=backend, dtype=keys.dtype)
     pool.load_mlp_(_linears(layer), _acts(layer))
+    pool.train(layer.training)  # Dice: batch statistics in train(), running ones in eval()
     _, w = pool(query, keys, lengths=keys_length.view(-1), need_weights=True)  # query [B, 1, E]: w [B, 1, T]
     return w, pool
 
