@@ -292,9 +292,11 @@ inline void score_panel(const TileScoring& sc, int pn, int valid, float mul, flo
 }
 
 // Y[r][0:CG*W] += sum_{j < nk} P[r][j] * X[j][0:CG*W] for M rows: O += P V (forward) and
-// dQ += dS K (backward). X rows have stride xs, P rows ps, Y rows ys.
-template <class V, int M, int CG>
-inline void pv_cols(const float* P, int64_t ps, const float* X, int64_t xs, int nk, float* Y, int64_t ys) {
+// dQ += dS K (backward). X rows have stride xs, P rows ps, Y rows ys. PAIRS (E = uint32_t, the
+// inference path's P V on V::kPairDot): P and X hold bf16 pairs, nk counts pairs, and each term
+// is one dot_pairs (pair_rows_in_place / value_pairs_in_place give the pairs).
+template <class V, int M, int CG, bool PAIRS = false, class E = float>
+inline void pv_cols(const E* P, int64_t ps, const E* X, int64_t xs, int nk, float* Y, int64_t ys) {
   constexpr int W = V::W;
   V acc[M][CG];
 #pragma GCC unroll 8
@@ -304,12 +306,23 @@ inline void pv_cols(const float* P, int64_t ps, const float* X, int64_t xs, int 
   for (int j = 0; j < nk; ++j) {
     V x[CG];
 #pragma GCC unroll 4
-    for (int g = 0; g < CG; ++g) x[g] = V::load(X + int64_t(j) * xs + g * W);
+    for (int g = 0; g < CG; ++g) {
+      if constexpr (PAIRS)
+        x[g] = V::load_bits(X + int64_t(j) * xs + g * W);
+      else
+        x[g] = V::load(X + int64_t(j) * xs + g * W);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
-      const V b = V::set1(P[r * ps + j]);
+      if constexpr (PAIRS) {
+        const V b = V::set1_bits(P[r * ps + j]);
 #pragma GCC unroll 4
-      for (int g = 0; g < CG; ++g) acc[r][g] = V::fma(b, x[g], acc[r][g]);
+        for (int g = 0; g < CG; ++g) acc[r][g] = V::dot_pairs(acc[r][g], b, x[g]);
+      } else {
+        const V b = V::set1(P[r * ps + j]);
+#pragma GCC unroll 4
+        for (int g = 0; g < CG; ++g) acc[r][g] = V::fma(b, x[g], acc[r][g]);
+      }
     }
   }
 #pragma GCC unroll 8
@@ -326,41 +339,14 @@ inline void pv_all(const float* P, int64_t ps, const float* X, int64_t xs, int n
   for (; c < Dp; c += W) pv_cols<V, M, 1>(P, ps, X + c, xs, nk, Y + c, ys);
 }
 
-// O += P V on bf16 pairs (the inference path, V::kPairDot): P2 rows of np pairs of
-// probabilities (row stride ps) and X2 rows of value pairs (row stride xs, Dp lanes each), one
-// dot_pairs chain per output lane: the pairs of pair_rows_in_place / value_pairs_in_place.
-template <class V, int M, int CG>
-inline void pv_pairs_cols(const uint32_t* P2, int64_t ps, const uint32_t* X2, int64_t xs, int np, float* Y,
-                          int64_t ys) {
-  constexpr int W = V::W;
-  V acc[M][CG];
-#pragma GCC unroll 8
-  for (int r = 0; r < M; ++r)
-#pragma GCC unroll 4
-    for (int g = 0; g < CG; ++g) acc[r][g] = V::load(Y + r * ys + g * W);
-  for (int j = 0; j < np; ++j) {
-    V x[CG];
-#pragma GCC unroll 4
-    for (int g = 0; g < CG; ++g) x[g] = V::load_bits(X2 + int64_t(j) * xs + g * W);
-#pragma GCC unroll 8
-    for (int r = 0; r < M; ++r) {
-      const V b = V::set1_bits(P2[r * ps + j]);
-#pragma GCC unroll 4
-      for (int g = 0; g < CG; ++g) acc[r][g] = V::dot_pairs(acc[r][g], b, x[g]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < M; ++r)
-#pragma GCC unroll 4
-    for (int g = 0; g < CG; ++g) acc[r][g].store(Y + r * ys + g * W);
-}
-
+// O += P V on bf16 pairs (the inference path): P2 rows of np pairs (row stride ps), X2 rows of
+// value pairs (Dp lanes each), by pv_cols' PAIRS form.
 template <class V, int M>
 inline void pv_pairs_all(const uint32_t* P2, int64_t ps, const uint32_t* X2, int np, float* Y, int64_t Dp) {
   constexpr int W = V::W, CG = TileShape<V>::CG;
   int64_t c = 0;
-  for (; c + CG * W <= Dp; c += CG * W) pv_pairs_cols<V, M, CG>(P2, ps, X2 + c, Dp, np, Y + c, Dp);
-  for (; c < Dp; c += W) pv_pairs_cols<V, M, 1>(P2, ps, X2 + c, Dp, np, Y + c, Dp);
+  for (; c + CG * W <= Dp; c += CG * W) pv_cols<V, M, CG, true>(P2, ps, X2 + c, Dp, np, Y + c, Dp);
+  for (; c < Dp; c += W) pv_cols<V, M, 1, true>(P2, ps, X2 + c, Dp, np, Y + c, Dp);
 }
 
 // The pairing of the inference path's P V: in each group of 2W keys, pair i (i < W) joins key
