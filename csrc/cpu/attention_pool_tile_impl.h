@@ -349,6 +349,18 @@ inline void pv_pairs_all(const uint32_t* P2, int64_t ps, const uint32_t* X2, int
   for (; c < Dp; c += W) pv_cols<V, M, 1, true>(P2, ps, X2 + c, Dp, np, Y + c, Dp);
 }
 
+#if defined(ATTNKERN_AVX512_BF16)
+// x rounded to bf16 (to nearest even) in its high half, the low half left for join_pairs to
+// drop: integer adds in the register, no narrowing to 16-bit lanes and back. NaN stays NaN (the
+// rounding add could carry a NaN's payload into the sign or exponent).
+inline Vec512 round_bf16_high(Vec512 x) {
+  const __m512i u = _mm512_castps_si512(x.v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd);
+  return Vec512::select(Vec512::unord(x, x), x, Vec512{_mm512_castsi512_ps(r)});
+}
+#endif
+
 // The pairing of the inference path's P V: in each group of 2W keys, pair i (i < W) joins key
 // i (low half) with key W + i (high half), so that both P's and V's pairs are one join_pairs
 // of two whole vectors (no lane shuffles).
@@ -362,7 +374,7 @@ inline void pair_rows_in_place(int M, float* S, int64_t ss, int nk) {
   for (int r = 0; r < M; ++r) {
     float* sr = S + r * ss;
     for (int j = 0; j < nk; j += 2 * W) {
-      const V lo = V::from_bf16(V::load(sr + j).to_bf16()), hi = V::from_bf16(V::load(sr + j + W).to_bf16());
+      const V lo = round_bf16_high(V::load(sr + j)), hi = round_bf16_high(V::load(sr + j + W));
       V::join_pairs(lo, hi).store(sr + j / 2);
     }
   }
