@@ -351,13 +351,13 @@ inline void pv_pairs_all(const uint32_t* P2, int64_t ps, const uint32_t* X2, int
 
 #if defined(ATTNKERN_AVX512_BF16)
 // x rounded to bf16 (to nearest even) in its high half, the low half left for join_pairs to
-// drop: integer adds in the register, no narrowing to 16-bit lanes and back. NaN stays NaN (the
-// rounding add could carry a NaN's payload into the sign or exponent).
+// drop: integer adds in the register, no narrowing to 16-bit lanes and back. A NaN becomes the
+// quiet NaN (its payload may sit in the dropped half, or the add carry it into the exponent).
 inline Vec512 round_bf16_high(Vec512 x) {
   const __m512i u = _mm512_castps_si512(x.v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd);
-  return Vec512::select(Vec512::unord(x, x), x, Vec512{_mm512_castsi512_ps(r)});
+  return Vec512::select(Vec512::unord(x, x), Vec512::set1(__builtin_nanf("")), Vec512{_mm512_castsi512_ps(r)});
 }
 #endif
 
