@@ -9,7 +9,7 @@ import torch
 from ._jagged import unpack_history
 from ._quant_validation import float_stand_in, is_quantized_call, validate_quantized
 from ._validation import Problem, check_values, checked_index_values, validate, validate_activation_unit
-from .ops import BACKENDS, BackendUnavailable, activation_fused_op, backend_info, fused_op
+from .ops import BACKENDS, BackendUnavailable, activation_fused_op, backend_info, fused_op, infer_op
 from .ops.availability import cuda_emulated, triton_interpret
 from .ops.quant import quant_op
 from .reference import (_masked_softmax_parts, activation_unit_pool_ref, activation_unit_weights_ref,
@@ -127,6 +127,24 @@ def _unfold_query_heads(x: torch.Tensor, G: int) -> torch.Tensor:
     return x.flatten(2, 3)
 
 
+def _no_gradient(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when no gradient can be taken of a call's result: grad mode off (torch.no_grad,
+    torch.inference_mode) or no input that requires one. torch.compile guards on both (the grad
+    mode and each input's requires_grad), and torch.export records the op this picks, so a
+    compiled or exported graph takes the path its call would take eagerly."""
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
+def _pool_op(name: str, layout: str, query, key, value, bias):
+    """The registered forward op that runs a call: the cpu backend's inference op (P V with P
+    rounded to the input dtype, docs/serving.md) for float16/bfloat16 calls of which no gradient
+    can be taken, else the backend's forward op."""
+    if (name == "cpu" and query.dtype in (torch.float16, torch.bfloat16)
+            and _no_gradient(query, key, value, bias)):
+        return infer_op(layout)
+    return fused_op(name, layout)
+
+
 def attention_pool(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -195,6 +213,11 @@ def attention_pool(
 
     Supported: float16, bfloat16, float32 on every backend, float64 on "reference" and "cpu";
     1 <= Dk, Dv <= 256; any strides. Differentiable w.r.t. query, key, value and bias.
+
+    Inference: a bfloat16/float16 call on the "cpu" backend of which no gradient can be taken
+    (grad mode off, ``torch.inference_mode``, or no input that requires grad) runs the inference
+    op, which may round the probabilities to the input dtype for ``P V`` (at most twice the
+    bf16 reference's error; docs/serving.md says where it does and how accurate each path is).
     """
     key, value, offsets = unpack_history(key, value, offsets, lengths=lengths, mask=mask,
                                          key_padding_mask=key_padding_mask)
@@ -230,11 +253,12 @@ def attention_pool(
         # Only an op call with a bias passes one: the ops' schemas without it stay the graph of
         # a call without (exported models).
         extra = () if prob.bias is None else (_fold_bias_heads(prob.bias, prob.H, prob.Hkv),)
+        op = _pool_op(name, prob.layout, query4, key, value, prob.bias)
         if prob.layout == "padded":
-            out, lse = fused_op(name, "padded")(query4, key, value, lengths, mask, prob.scale, *extra)
+            out, lse = op(query4, key, value, lengths, mask, prob.scale, *extra)
         else:
             ml = -1 if max_length is None else int(max_length)
-            out, lse = fused_op(name, "jagged")(query4, key, value, offsets, ml, prob.scale, *extra)
+            out, lse = op(query4, key, value, offsets, ml, prob.scale, *extra)
         if group > 1:
             out, lse = _unfold_query_heads(out, group), _unfold_query_heads(lse, group)
     return _finish(prob, out, lse, return_lse)

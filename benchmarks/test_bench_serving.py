@@ -12,7 +12,7 @@ import torch
 
 from attnkern.tools.bench import serving
 
-PROVIDERS = ("sdpa", "compile", "flex", "cpu")
+PROVIDERS = ("sdpa", "compile", "flex", "cpu", "cpu-train")
 
 
 def pytest_generate_tests(metafunc):

@@ -22,4 +22,13 @@ TORCH_LIBRARY(attnkern, m) {
       "jagged_attention_pool_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
       "Tensor offsets, int max_length, Tensor lse, Tensor delta, float scale, Tensor? bias=None) "
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_bias)");
+  // The inference forward (CPU only): the forward ops' arguments and results, for calls whose
+  // output no gradient will be taken of, so that P V may round P to the input dtype. The public
+  // function decides (docs/serving.md); no backward.
+  m.def(
+      "attention_pool_infer(Tensor query, Tensor key, Tensor value, Tensor? lengths, Tensor? mask, "
+      "float scale, Tensor? bias=None) -> (Tensor out, Tensor lse)");
+  m.def(
+      "jagged_attention_pool_infer(Tensor query, Tensor key, Tensor value, Tensor offsets, "
+      "int max_length, float scale, Tensor? bias=None) -> (Tensor out, Tensor lse)");
 }

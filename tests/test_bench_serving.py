@@ -12,13 +12,13 @@ pytestmark = pytest.mark.skipif(not attnkern.backends()["cpu"].available,
 
 def test_serving_family_runs_and_checks(tmp_path, capsys):
     rc = bench.main(["--family", "serving", "--shapes", "tiny,tiny-long", "--rounds", "1", "--dtype", "float32",
-                     "--providers", "reference,sdpa,cpu", "--out", str(tmp_path)])
+                     "--providers", "reference,sdpa,cpu,cpu-train", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "attnkern cpu ISA path: " + serving.cpu_isa() in out
-    for p in ("reference", "sdpa", "cpu"):
+    for p in ("reference", "sdpa", "cpu", "cpu-train"):
         assert "\n  %-10s" % p in out
-    assert "x sdpa" in out and "/read" in out and "% peak" in out
+    assert "x sdpa" in out and "/read" in out and "% peak" in out and "% bf16 GEMM" in out
     assert (tmp_path / "serving.md").read_text().count("(B=") == 2
 
 
@@ -35,6 +35,20 @@ def test_serving_bf16_line_names_its_peak(capsys):
     assert serving.run(["bfloat16"], ["sdpa", "cpu"], ["tiny"], 1) == 0
     out = capsys.readouterr().out
     assert "GEMM peak" in out and ("(bfloat16)" in out or "(float32)" in out)
+
+
+def test_serving_cpu_providers_take_the_inference_and_training_paths(monkeypatch):
+    # "cpu" is the inference op (as a serving stack calls it), "cpu-train" the forward op.
+    import torch
+
+    seen = []
+    for name in ("attention_pool_infer", "attention_pool_fwd"):
+        op = getattr(torch.ops.attnkern, name)
+        monkeypatch.setattr(torch.ops.attnkern, name, lambda *a, _op=op, _n=name: seen.append(_n) or _op(*a))
+    q, k, v = serving.make_inputs(serving.TINY_SHAPES["tiny"], torch.bfloat16)
+    serving.provider_fn("cpu", q, k, v)()
+    serving.provider_fn("cpu-train", q, k, v)()
+    assert seen == ["attention_pool_infer", "attention_pool_fwd"]
 
 
 def test_serving_unknown_shape_is_an_error():

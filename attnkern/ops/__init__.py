@@ -13,7 +13,7 @@ import torch
 
 from .availability import (BACKENDS, CUDA_EMU_PREFIX, BackendInfo, BackendUnavailable, backend_info,
                            backends, cuda_emulated)
-from .schemas import LAYOUT_OPS, TRITON_PREFIX
+from .schemas import INFER_OPS, LAYOUT_OPS, TRITON_PREFIX
 
 # Imported for its side effect: loads attnkern._C and registers the fake impls and autograd of
 # its ops, so that direct torch.ops.attnkern.* calls are differentiable and traceable.
@@ -21,7 +21,7 @@ from . import extension  # noqa: E402,F401
 from . import sequence as _sequence  # noqa: E402,F401  (the same for the sequence-attention ops)
 
 __all__ = ["BACKENDS", "BackendInfo", "BackendUnavailable", "backend_info", "backends",
-           "fused_op", "activation_fused_op"]
+           "fused_op", "infer_op", "activation_fused_op"]
 
 
 def _prefix(backend: str) -> str:
@@ -40,6 +40,12 @@ def fused_op(backend: str, layout: str):
         # __init__ normally has already). An import statement, which torch.compile can trace.
         from . import triton  # noqa: F401
     return getattr(torch.ops.attnkern, prefix + LAYOUT_OPS[layout][0])
+
+
+def infer_op(layout: str):
+    """The cpu backend's inference forward op for a layout (INFER_OPS): the forward's arguments
+    and results, P V allowed to round P to the input dtype; no gradient."""
+    return getattr(torch.ops.attnkern, INFER_OPS[layout])
 
 
 _activation_missing: dict = {}

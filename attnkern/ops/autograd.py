@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .schemas import (ACTIVATION_FWD_ARGS, ACTIVATION_GRAD_ARGS, ACTIVATION_OPS, LAYOUT_OPS,
+from .schemas import (ACTIVATION_FWD_ARGS, ACTIVATION_GRAD_ARGS, ACTIVATION_OPS, INFER_OPS, LAYOUT_OPS,
                       argument_names, qualified)
 
 
@@ -141,6 +141,28 @@ def register_fakes_and_autograd(prefix: str = "") -> None:
         torch.library.register_fake(qualified(prefix + bwd), fake_backward)
         register_pool_autograd(qualified(prefix + fwd),
                                getattr(torch.ops.attnkern, prefix + bwd), layout)
+
+
+def register_infer_fakes() -> None:
+    """Fake impls of the C++ inference ops (INFER_OPS: the forward's checks and results) and an
+    autograd that refuses a gradient: they run P V with P rounded, which the backward's delta
+    cannot take (the public function calls them only where no gradient can be taken)."""
+    for layout, name in INFER_OPS.items():
+        names = argument_names(name)
+
+        def fake_infer(*args, _names=names, _layout=layout, **kwargs):
+            a = _bound(_names, args, kwargs)
+            checks.fwd(_layout, a)
+            return fake_fwd_acc(a["query"], a["value"])
+
+        def backward(ctx, *grads, _name=name, _layout=layout):
+            raise RuntimeError(
+                "attnkern: %s has no gradient (it rounds the probabilities for P V); call "
+                "attention_pool with grad mode on and an input that requires grad, or the forward op "
+                "%s" % (qualified(_name), qualified(LAYOUT_OPS[_layout][0])))
+
+        torch.library.register_fake(qualified(name), fake_infer)
+        torch.library.register_autograd(qualified(name), backward, setup_context=lambda ctx, inputs, output: None)
 
 
 # ---- activation-unit pooling (DIN) --------------------------------------------------------------

@@ -8,7 +8,7 @@ import importlib
 
 import torch
 
-from .autograd import register_activation_fakes_and_autograd, register_fakes_and_autograd
+from .autograd import register_activation_fakes_and_autograd, register_fakes_and_autograd, register_infer_fakes
 from . import quant
 from .availability import CUDA_EMU_PREFIX, cuda_emulated, extension
 from .schemas import ACTIVATION_SCHEMAS, SCHEMAS, qualified
@@ -31,6 +31,7 @@ def _register() -> bool:
     if mod is None:
         return False
     register_fakes_and_autograd("")
+    register_infer_fakes()
     register_activation_fakes_and_autograd("")
     quant.register()
     if cuda_emulated():

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 
-from .schemas import LAYOUT_OPS, TRITON_PREFIX, qualified
+from .schemas import INFER_OPS, LAYOUT_OPS, TRITON_PREFIX, qualified
 
 OPSET = 18  # ReduceMax/ReduceSum take axes as an input from opset 18 on
 
@@ -185,9 +185,10 @@ def _registered_ops(translations):
     found = []
     for prefix in ("", TRITON_PREFIX):
         for layout, fn in translations.items():
-            name = prefix + LAYOUT_OPS[layout][0]
-            if hasattr(torch.ops.attnkern, name):  # False when the op is not registered
-                found.append((qualified(name), getattr(torch.ops.attnkern, name), fn))
+            # The inference op (C++ only) computes the same function: one translation.
+            for name in (prefix + LAYOUT_OPS[layout][0],) + ((INFER_OPS[layout],) if not prefix else ()):
+                if hasattr(torch.ops.attnkern, name):  # False when the op is not registered
+                    found.append((qualified(name), getattr(torch.ops.attnkern, name), fn))
     return found
 
 

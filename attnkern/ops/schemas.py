@@ -37,6 +37,16 @@ SCHEMAS = {
     ),
 }
 
+# The inference forward (CPU kernels only): the forward ops' arguments and results, called by the
+# public function when no gradient can be taken, so that P V may round P to the input dtype
+# (docs/serving.md). No backward op; no Triton twin.
+INFER_SCHEMAS = {
+    "attention_pool_infer": SCHEMAS["attention_pool_fwd"],
+    "jagged_attention_pool_infer": SCHEMAS["jagged_attention_pool_fwd"],
+}
+# layout -> inference op
+INFER_OPS = {"padded": "attention_pool_infer", "jagged": "jagged_attention_pool_infer"}
+
 # DIN's activation-unit pooling (csrc/activation_unit_ops.cpp): one op pair for both layouts
 # (offsets given = jagged). A Triton or other Python backend declares TRITON_PREFIX + name with
 # the very same schema (tests/test_activation_unit.py compares the C++ ones with these).
@@ -76,6 +86,7 @@ def qualified(name: str) -> str:
 
 
 def argument_names(name: str) -> Tuple[str, ...]:
-    """The argument names of op `name` (a key of SCHEMAS or ACTIVATION_SCHEMAS), in order."""
-    schema = torch._C.parse_schema(qualified(name) + {**SCHEMAS, **ACTIVATION_SCHEMAS}[name])
+    """The argument names of op `name` (a key of SCHEMAS, INFER_SCHEMAS or ACTIVATION_SCHEMAS), in
+    order."""
+    schema = torch._C.parse_schema(qualified(name) + {**SCHEMAS, **INFER_SCHEMAS, **ACTIVATION_SCHEMAS}[name])
     return tuple(a.name for a in schema.arguments)

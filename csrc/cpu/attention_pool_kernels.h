@@ -41,6 +41,10 @@ struct FwdParams {
   const void* bias = nullptr;
   int64_t bias_sb = 0, bias_sl = 0, bias_sn = 0, bias_sh = 0, bias_nb = 1;
   int64_t n0 = 0;
+  // The inference op (no backward will read this forward's out): the tiled kernels may round
+  // the probabilities to the input dtype for O += P V where that runs the product at the bf16
+  // rate (avx512_bf16, amx on bf16 inputs); every other path ignores it.
+  bool round_p = false;
 };
 
 struct BwdParams : FwdParams {

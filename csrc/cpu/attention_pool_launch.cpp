@@ -250,7 +250,8 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor> fwd_common(const at::Tensor& query_in, const at::Tensor& key_in,
                                               const at::Tensor& value_in, const std::optional<at::Tensor>& bias,
-                                              const PoolDims& d, const Rows& rows, bool jagged, double scale) {
+                                              const PoolDims& d, const Rows& rows, bool jagged, double scale,
+                                              bool round_p) {
   TORCH_CHECK_VALUE(std::isfinite(scale), "attnkern: scale must be finite, got ", scale);
   const at::Tensor q = last_dim_contiguous(query_in);
   const at::Tensor k = last_dim_contiguous(key_in);
@@ -260,6 +261,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_common(const at::Tensor& query_in, const 
   if (d.B == 0) return {out, lse};
   FwdParams p;
   fill_fwd_params(p, q, k, v, jagged, d, scale);
+  p.round_p = round_p;
   const at::Tensor b = fill_bias_params(p, bias, out.scalar_type(), jagged);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_pool_fwd_cpu",
                                   [&] { fwd_impl<scalar_t>(p, rows, out, lse); });
@@ -473,6 +475,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_common(
 }
 
 }  // namespace
+
+// The forward of both layouts' ops: their checks, then fwd_common (round_p: the inference ops).
+std::tuple<at::Tensor, at::Tensor> padded_fwd(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                              const std::optional<at::Tensor>& lengths,
+                                              const std::optional<at::Tensor>& mask, double scale,
+                                              const std::optional<at::Tensor>& bias, bool round_p) {
+  const PoolDims d = check_padded_fwd(query, key, value, lengths, mask);
+  check_bias(d, query, bias, /*jagged=*/false);
+  return fwd_common(query, key, value, bias, d, padded_rows(d, lengths, mask), /*jagged=*/false, scale, round_p);
+}
+
+std::tuple<at::Tensor, at::Tensor> jagged_fwd(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                              const at::Tensor& offsets, int64_t max_length, double scale,
+                                              const std::optional<at::Tensor>& bias, bool round_p) {
+  const PoolDims d = check_jagged_fwd(query, key, value, offsets, max_length);
+  check_bias(d, query, bias, /*jagged=*/true);
+  return fwd_common(query, key, value, bias, d, jagged_rows(d, offsets, max_length), /*jagged=*/true, scale,
+                    round_p);
+}
+
 }  // namespace cpu
 
 std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
@@ -480,10 +502,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cpu(const at::Tensor& quer
                                                           const std::optional<at::Tensor>& lengths,
                                                           const std::optional<at::Tensor>& mask, double scale,
                                                           const std::optional<at::Tensor>& bias) {
-  const PoolDims d = check_padded_fwd(query, key, value, lengths, mask);
-  check_bias(d, query, bias, /*jagged=*/false);
-  const cpu::Rows rows = cpu::padded_rows(d, lengths, mask);
-  return cpu::fwd_common(query, key, value, bias, d, rows, /*jagged=*/false, scale);
+  return cpu::padded_fwd(query, key, value, lengths, mask, scale, bias, /*round_p=*/false);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd_cpu(
@@ -501,10 +520,7 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_pool_fwd_cpu(const at::Tenso
                                                                  const at::Tensor& value, const at::Tensor& offsets,
                                                                  int64_t max_length, double scale,
                                                                  const std::optional<at::Tensor>& bias) {
-  const PoolDims d = check_jagged_fwd(query, key, value, offsets, max_length);
-  check_bias(d, query, bias, /*jagged=*/true);
-  const cpu::Rows rows = cpu::jagged_rows(d, offsets, max_length);
-  return cpu::fwd_common(query, key, value, bias, d, rows, /*jagged=*/true, scale);
+  return cpu::jagged_fwd(query, key, value, offsets, max_length, scale, bias, /*round_p=*/false);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jagged_attention_pool_bwd_cpu(
@@ -516,6 +532,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jagged_attention_pool
   check_bwd_extras(d, query, grad_out, lse, delta);
   const cpu::Rows rows = cpu::jagged_rows(d, offsets, max_length);
   return cpu::bwd_common(grad_out, query, key, value, lse, delta, bias, d, rows, /*jagged=*/true, scale);
+}
+
+// The inference ops: the forward's checks and results, with P V allowed to round P to the input
+// dtype (FwdParams::round_p); no backward is registered for them.
+std::tuple<at::Tensor, at::Tensor> attention_pool_infer_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                            const at::Tensor& value,
+                                                            const std::optional<at::Tensor>& lengths,
+                                                            const std::optional<at::Tensor>& mask, double scale,
+                                                            const std::optional<at::Tensor>& bias) {
+  return cpu::padded_fwd(query, key, value, lengths, mask, scale, bias, /*round_p=*/true);
+}
+
+std::tuple<at::Tensor, at::Tensor> jagged_attention_pool_infer_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                                   const at::Tensor& value,
+                                                                   const at::Tensor& offsets, int64_t max_length,
+                                                                   double scale,
+                                                                   const std::optional<at::Tensor>& bias) {
+  return cpu::jagged_fwd(query, key, value, offsets, max_length, scale, bias, /*round_p=*/true);
 }
 
 }  // namespace attnkern

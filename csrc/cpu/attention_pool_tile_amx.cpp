@@ -4,7 +4,8 @@
 // softmax and the rest on AVX-512 (Vec512 and attention_pool_tile_impl.h's row code):
 //   forward: S = Q K^T on tiles; online softmax; O += P V on tiles, with P as the sum of two
 //            bf16 parts (hi + lo: products with V exact, O accumulated in fp32, so O is as
-//            accurate as with fp32 P; the backward's delta = sum(dO O) depends on that);
+//            accurate as with fp32 P; the backward's delta = sum(dO O) depends on that), or
+//            on the inference path (FwdParams::round_p) P rounded to bf16 alone, one product;
 //   stats:   S = Q K^T on tiles, exactly as the forward and the backward score;
 //   backward: S = Q K^T and dP = dO V^T on tiles (both exact products of bf16 inputs); p and dS
 //            in fp32 (attention_pool_tile_impl.h's row code); dK = dS^T Q and dV = P^T dO on tiles with P and
@@ -318,6 +319,11 @@ void amx_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out, 
       finish_logits(M, S, nb, nk, scale, BlockBias{p, s, n0, i0}, bmax);
       softmax_rows<V, PV>(M, bmax, S, kKeys, nk, O + n0 * Dvp, Dvp, mm + n0, ll + n0);
       if constexpr (PV) {
+        if (p.round_p) {  // the inference path: P rounded to bf16 once, as SDPA's bf16 path does
+          rows_to_bf16(M, S, nk, P);
+          tile_times_pairs<true>(P, kKeys, nk, reinterpret_cast<const uint32_t*>(v2), Dvp, O + n0 * Dvp);
+          continue;
+        }
         // P = hi + lo, both bf16: the products with V stay exact, so P V is as accurate as in
         // fp32 (P in bf16 alone makes O, and the backward's delta from it, off by 2^-9 of P V).
         rows_to_bf16_split(M, S, nk, P, P + kRows * kKeys);

@@ -292,9 +292,11 @@ inline void score_panel(const TileScoring& sc, int pn, int valid, float mul, flo
 }
 
 // Y[r][0:CG*W] += sum_{j < nk} P[r][j] * X[j][0:CG*W] for M rows: O += P V (forward) and
-// dQ += dS K (backward). X rows have stride xs, P rows ps, Y rows ys.
-template <class V, int M, int CG>
-inline void pv_cols(const float* P, int64_t ps, const float* X, int64_t xs, int nk, float* Y, int64_t ys) {
+// dQ += dS K (backward). X rows have stride xs, P rows ps, Y rows ys. PAIRS (E = uint32_t, the
+// inference path's P V on V::kPairDot): P and X hold bf16 pairs, nk counts pairs, and each term
+// is one dot_pairs (pair_rows_in_place / value_pairs_in_place give the pairs).
+template <class V, int M, int CG, bool PAIRS = false, class E = float>
+inline void pv_cols(const E* P, int64_t ps, const E* X, int64_t xs, int nk, float* Y, int64_t ys) {
   constexpr int W = V::W;
   V acc[M][CG];
 #pragma GCC unroll 8
@@ -304,12 +306,23 @@ inline void pv_cols(const float* P, int64_t ps, const float* X, int64_t xs, int 
   for (int j = 0; j < nk; ++j) {
     V x[CG];
 #pragma GCC unroll 4
-    for (int g = 0; g < CG; ++g) x[g] = V::load(X + int64_t(j) * xs + g * W);
+    for (int g = 0; g < CG; ++g) {
+      if constexpr (PAIRS)
+        x[g] = V::load_bits(X + int64_t(j) * xs + g * W);
+      else
+        x[g] = V::load(X + int64_t(j) * xs + g * W);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
-      const V b = V::set1(P[r * ps + j]);
+      if constexpr (PAIRS) {
+        const V b = V::set1_bits(P[r * ps + j]);
 #pragma GCC unroll 4
-      for (int g = 0; g < CG; ++g) acc[r][g] = V::fma(b, x[g], acc[r][g]);
+        for (int g = 0; g < CG; ++g) acc[r][g] = V::dot_pairs(acc[r][g], b, x[g]);
+      } else {
+        const V b = V::set1(P[r * ps + j]);
+#pragma GCC unroll 4
+        for (int g = 0; g < CG; ++g) acc[r][g] = V::fma(b, x[g], acc[r][g]);
+      }
     }
   }
 #pragma GCC unroll 8
@@ -324,6 +337,61 @@ inline void pv_all(const float* P, int64_t ps, const float* X, int64_t xs, int n
   int64_t c = 0;
   for (; c + CG * W <= Dp; c += CG * W) pv_cols<V, M, CG>(P, ps, X + c, xs, nk, Y + c, ys);
   for (; c < Dp; c += W) pv_cols<V, M, 1>(P, ps, X + c, xs, nk, Y + c, ys);
+}
+
+// O += P V on bf16 pairs (the inference path): P2 rows of np pairs (row stride ps), X2 rows of
+// value pairs (Dp lanes each), by pv_cols' PAIRS form.
+template <class V, int M>
+inline void pv_pairs_all(const uint32_t* P2, int64_t ps, const uint32_t* X2, int np, float* Y, int64_t Dp) {
+  constexpr int W = V::W, CG = TileShape<V>::CG;
+  int64_t c = 0;
+  for (; c + CG * W <= Dp; c += CG * W) pv_cols<V, M, CG, true>(P2, ps, X2 + c, Dp, np, Y + c, Dp);
+  for (; c < Dp; c += W) pv_cols<V, M, 1, true>(P2, ps, X2 + c, Dp, np, Y + c, Dp);
+}
+
+#if defined(ATTNKERN_AVX512_BF16)
+// x rounded to bf16 (to nearest even) in its high half, the low half left for join_pairs to
+// drop: integer adds in the register, no narrowing to 16-bit lanes and back. A NaN becomes the
+// quiet NaN (its payload may sit in the dropped half, or the add carry it into the exponent).
+inline Vec512 round_bf16_high(Vec512 x) {
+  const __m512i u = _mm512_castps_si512(x.v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd);
+  return Vec512::select(Vec512::unord(x, x), Vec512::set1(__builtin_nanf("")), Vec512{_mm512_castsi512_ps(r)});
+}
+#endif
+
+// The pairing of the inference path's P V: in each group of 2W keys, pair i (i < W) joins key
+// i (low half) with key W + i (high half), so that both P's and V's pairs are one join_pairs
+// of two whole vectors (no lane shuffles).
+//
+// M rows of probabilities S (row stride ss, nk keys, a multiple of 2W) rounded to bf16 and
+// joined into nk / 2 pairs in place (pair row r at S + r * ss): group g's pairs are written
+// over S[16g..) after its keys were read, which no later group reads again.
+template <class V>
+inline void pair_rows_in_place(int M, float* S, int64_t ss, int nk) {
+  constexpr int W = V::W;
+  for (int r = 0; r < M; ++r) {
+    float* sr = S + r * ss;
+    for (int j = 0; j < nk; j += 2 * W) {
+      const V lo = round_bf16_high(V::load(sr + j)), hi = round_bf16_high(V::load(sr + j + W));
+      V::join_pairs(lo, hi).store(sr + j / 2);
+    }
+  }
+}
+
+// The value block's fp32 rows vp [nk][Dp] (bf16 values, so the join is exact) as nk / 2 rows
+// of pairs in place, pair row j / 2 + i of group j joining rows j + i and j + W + i; row
+// j / 2 + i is written after rows j + i and j + W + i were read and is never read again.
+template <class V>
+inline void value_pairs_in_place(float* vp, int64_t Dp, int nk) {
+  constexpr int W = V::W;
+  for (int j = 0; j < nk; j += 2 * W)
+    for (int i = 0; i < W; ++i)
+      for (int64_t c = 0; c < Dp; c += W) {
+        const V lo = V::load(vp + (j + i) * Dp + c), hi = V::load(vp + (j + W + i) * Dp + c);
+        V::join_pairs(lo, hi).store(vp + (j / 2 + i) * Dp + c);
+      }
 }
 
 // Y[j][0:CG*W] += sum_{r < M} P[r][j] * X[r][0:CG*W] for keys j < nk: the block's
@@ -525,7 +593,9 @@ inline void softmax_rows(int M, const float* bmax, float* S, int64_t ss, int nk,
 
 // One tile of M query rows against one packed block of nb keys (np panels). PV: also
 // O += P V (the forward); without it only the row statistics (the stats kernel).
-template <class V, int M, bool PV, bool PAIRS>
+// RP (the inference path, on bf16 pairs only): P rounded to bf16 for O += P V, which then runs
+// on pairs (vp holds value_pairs_in_place's pairs); the softmax sum stays the fp32 P's.
+template <class V, int M, bool PV, bool PAIRS, bool RP = false>
 inline void fwd_tile_rows(const TileScoring& sc, const BlockBias& bias, const float* vp, int64_t Dvp, int nb,
                           float scale, float* S, float* O, float* mm, float* ll) {
   constexpr int NR = TileShape<V>::NV * V::W, KB = TileShape<V>::KB;
@@ -544,7 +614,13 @@ inline void fwd_tile_rows(const TileScoring& sc, const BlockBias& bias, const fl
     bmax[r] = mx.reduce_max();
   }
   softmax_rows<V, PV>(M, bmax, S, KB, nk, O, Dvp, mm, ll);
-  if constexpr (PV) pv_all<V, M>(S, KB, vp, Dvp, nk, O, Dvp, Dvp);
+  if constexpr (PV && RP) {
+    pair_rows_in_place<V>(M, S, KB, nk);
+    pv_pairs_all<V, M>(reinterpret_cast<const uint32_t*>(S), KB, reinterpret_cast<const uint32_t*>(vp), nk / 2, O,
+                       Dvp);
+  } else if constexpr (PV) {
+    pv_all<V, M>(S, KB, vp, Dvp, nk, O, Dvp, Dvp);
+  }
 }
 
 // The forward's row state before the first block: O = 0 (PV), m = -inf, l = 0 for N rows.
@@ -573,7 +649,8 @@ inline void fwd_write_rows(int64_t N, int64_t Dv, int64_t Ors, const float* O, c
 }
 
 // PV: the forward (acc_out, m_out, l_out); otherwise the stats kernel (m_out, l_out only).
-template <class V, class T, bool PV>
+// RP: the inference path's P V on bf16 pairs (fwd_tile_rows), for bf16 scored on pairs only.
+template <class V, class T, bool PV, bool RP = false>
 void tile_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out, float* m_out, float* l_out) {
   constexpr int KB = TileShape<V>::KB, MR = TileShape<V>::MR;
   const TileDims t = tile_dims<V>(p.Dk, p.Dv);
@@ -588,6 +665,7 @@ void tile_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out,
   float* S = ws + lay.S;
   float* kr = ws + lay.kr;
   constexpr bool pairs = kPairs<V, T>;
+  static_assert(!RP || (pairs && PV), "P V on pairs is the forward's, on bf16 pairs");
   uint32_t* q2 = reinterpret_cast<uint32_t*>(ws + lay.q2);
   uint32_t* k2 = reinterpret_cast<uint32_t*>(kt);
   if constexpr (pairs)
@@ -610,11 +688,12 @@ void tile_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out,
     else
       pack_block<V>(s, i0, nb, kb, p.k_sl, t.Dk, t.Dkp, kt, kr);
     if constexpr (PV) pack_block<V>(s, i0, nb, vb, p.v_sl, t.Dv, t.Dvp, nullptr, vp);
+    if constexpr (RP) value_pairs_in_place<V>(vp, t.Dvp, int(tile_ceil(nb, 2 * V::W) * 2 * V::W));
     prefetch_next_block(s, i0, KB, kb, p.k_sl, t.Dk, PV ? vb : nullptr, p.v_sl, t.Dv);
     for (int64_t n0 = 0; n0 < N; n0 += MR) {
       const int rows = int(N - n0 < MR ? N - n0 : MR);
       with_rows<MR>(rows, [&](auto mc) {
-        fwd_tile_rows<V, decltype(mc)::value, PV, pairs>(sc.rows_from(n0), BlockBias{p, s, n0, i0}, vp, t.Dvp,
+        fwd_tile_rows<V, decltype(mc)::value, PV, pairs, RP>(sc.rows_from(n0), BlockBias{p, s, n0, i0}, vp, t.Dvp,
                                                          nb, scale, S, O + n0 * t.Dvp, mm + n0, ll + n0);
       });
     }

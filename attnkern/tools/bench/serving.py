@@ -1,12 +1,16 @@
 """`attnkern bench --family serving`: many candidates (N) scored against one history, every
 position valid (the ranking-service case).
 
-Providers: the eager reference, SDPA (no mask: every position is valid), torch.compile of the
-reference, FlexAttention (CPU, where it compiles) and attnkern's cpu backend. Timings are
+Providers (PROVIDER_TABLE): the eager reference, SDPA (no mask: every position is valid),
+torch.compile of the reference, FlexAttention (CPU, where it compiles) and attnkern's cpu
+backend twice: ``cpu`` as a serving stack calls it (under torch.inference_mode: the inference
+path, P V with P rounded to bf16 on the avx512_bf16 and amx paths) and ``cpu-train`` (inputs that
+require grad: the training forward, P V in fp32; the backward is not timed). Timings are
 medians over rounds in which the providers run one after another (the machine is shared, so
 every ratio is taken within one run). GFLOP/s count the useful FLOPs 2 * N * H * L * (Dk + Dv)
 (forward); the machine's peak for a dtype is measured in the same run as the best rate of a
-GEMM (torch.mm at a large square size) in that dtype or in float32, whichever is faster: on a CPU
+GEMM (torch.mm at a large square size) in that dtype or in float32, whichever is faster (and
+every line also gives its share of the same run's bf16 GEMM rate): on a CPU
 with AVX512-BF16 or AMX a bfloat16 GEMM runs at twice the float32 rate or more, so that is the
 roof of bfloat16 inputs there; without them (and for float16 on most CPUs) every provider
 computes in float32 and the float32 roof is theirs. The best of the run's GEMM samples is taken,
@@ -45,7 +49,6 @@ SERVING_SHAPES = {  # name: (B, N, H, L, D)
 }
 TINY_SHAPES = {"tiny": (1, 20, 2, 70, 8), "tiny-long": (2, 1, 2, 600, 8)}  # smoke tests only
 _TOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 3e-3}  # max |out - float64 reference|
-PROVIDERS = ("reference", "sdpa", "compile", "flex", "cpu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -63,31 +66,72 @@ def make_inputs(shape, dtype, seed=0):
     return q, k, v
 
 
-def provider_fn(name: str, q, k, v) -> Callable[[], torch.Tensor]:
-    import torch.nn.functional as F
-
-    import attnkern
+def _reference(q, k, v):
     from attnkern.reference import attention_pool_ref
 
-    if name == "reference":
-        return lambda: attention_pool_ref(q, k, v)[0]
-    if name == "sdpa":
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        return lambda: F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
-    if name == "compile":
-        torch._dynamo.reset()
-        c = torch.compile(attention_pool_ref, dynamic=False)
-        return lambda: c(q, k, v)[0]
-    if name == "flex":
-        from torch.nn.attention.flex_attention import flex_attention
+    return lambda: attention_pool_ref(q, k, v)[0]
 
-        torch._dynamo.reset()
-        fl = torch.compile(flex_attention, dynamic=False)
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        return lambda: fl(qt, kt, vt).transpose(1, 2)
-    if name == "cpu":
-        return lambda: attnkern.attention_pool(q, k, v, backend="cpu")
-    raise ValueError("unknown provider %r" % name)
+
+def _sdpa(q, k, v):
+    import torch.nn.functional as F
+
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return lambda: F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+
+
+def _compile(q, k, v):
+    from attnkern.reference import attention_pool_ref
+
+    torch._dynamo.reset()
+    c = torch.compile(attention_pool_ref, dynamic=False)
+    return lambda: c(q, k, v)[0]
+
+
+def _flex(q, k, v):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch._dynamo.reset()
+    fl = torch.compile(flex_attention, dynamic=False)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return lambda: fl(qt, kt, vt).transpose(1, 2)
+
+
+def _cpu_inference(q, k, v):
+    import attnkern
+
+    def run():
+        with torch.inference_mode():  # as a serving stack calls it: the inference path
+            return attnkern.attention_pool(q, k, v, backend="cpu")
+    return run
+
+
+def _cpu_training(q, k, v):
+    import attnkern
+
+    qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+    # The training forward (autograd records it; the backward is not timed).
+    return lambda: attnkern.attention_pool(qg, kg, vg, backend="cpu").detach()
+
+
+# The provider table: name -> builder(q, k, v) returning the timed call (float inputs of the
+# run's dtype, [B, N, H, D] / [B, L, H, D], every position valid). A provider whose inputs need
+# preparing (quantized K/V: int8/fp8 rows and their scales) does that in its builder, outside the
+# timed call, and adds itself here; the bench times, checks and reports every entry alike.
+PROVIDER_TABLE: Dict[str, Callable] = {
+    "reference": _reference,
+    "sdpa": _sdpa,
+    "compile": _compile,
+    "flex": _flex,
+    "cpu": _cpu_inference,
+    "cpu-train": _cpu_training,
+}
+PROVIDERS = tuple(PROVIDER_TABLE)
+
+
+def provider_fn(name: str, q, k, v) -> Callable[[], torch.Tensor]:
+    if name not in PROVIDER_TABLE:
+        raise ValueError("unknown provider %r; choose from %s" % (name, ", ".join(PROVIDER_TABLE)))
+    return PROVIDER_TABLE[name](q, k, v)
 
 
 def gemm_peak_fn(dtype, n=2048) -> Callable:
@@ -118,6 +162,7 @@ class Result:
     peak_gflops: float
     max_err: Dict[str, float]
     peak_dtype: str = "float32"  # the GEMM that set the peak
+    bf16_gflops: float = 0.0  # the best bf16 GEMM rate of the same run
 
 
 def run_shape(shape, dtype_name: str, providers, rounds: int, peak_gflops, check: bool = True) -> Result:
@@ -149,6 +194,9 @@ def run_shape(shape, dtype_name: str, providers, rounds: int, peak_gflops, check
     gemm = gemm_peak_fn(DTYPES[peak_of], gemm_n)
     gemm()
     extra = {"read": rd, "gemm": gemm}
+    if peak_of != "bfloat16":  # every line also gets its share of a bf16 GEMM of the same run
+        extra["gemm-bf16"] = gemm_peak_fn(torch.bfloat16, gemm_n)
+        extra["gemm-bf16"]()
     samples: Dict[str, List[float]] = {p: [] for p in list(fns) + list(extra)}
     order = list(fns) + list(extra)
     for r in range(rounds):
@@ -157,7 +205,9 @@ def run_shape(shape, dtype_name: str, providers, rounds: int, peak_gflops, check
             samples[p].append(_once(extra.get(p) or fns[p]))
     times = {p: statistics.median(s) for p, s in samples.items() if p not in extra}
     peak = max(peak, 2 * gemm_n ** 3 / min(samples["gemm"]) / 1e9)
-    return Result(shape, dtype_name, times, errors, statistics.median(samples["read"]), peak, max_err, peak_of)
+    bf16 = peak if peak_of == "bfloat16" else 2 * gemm_n ** 3 / min(samples["gemm-bf16"]) / 1e9
+    return Result(shape, dtype_name, times, errors, statistics.median(samples["read"]), peak, max_err, peak_of,
+                  bf16)
 
 
 def measure_peak(dtype_name: str, rounds: int = 3):
@@ -176,8 +226,9 @@ def measure_peak(dtype_name: str, rounds: int = 3):
 def format_result(r: Result) -> List[str]:
     B, N, H, L, D = r.shape
     fl = flops(*r.shape)
-    lines = ["(B=%d, N=%d, H=%d, L=%d, D=%d) %s  read K/V once: %.3f ms  GEMM peak %.0f GFLOP/s (%s)" % (
-        B, N, H, L, D, r.dtype, r.read_s * 1e3, r.peak_gflops, r.peak_dtype)]
+    lines = ["(B=%d, N=%d, H=%d, L=%d, D=%d) %s  read K/V once: %.3f ms  GEMM peak %.0f GFLOP/s (%s), "
+             "bf16 GEMM %.0f GFLOP/s" % (B, N, H, L, D, r.dtype, r.read_s * 1e3, r.peak_gflops, r.peak_dtype,
+                                         r.bf16_gflops)]
     sdpa = r.times.get("sdpa")
     for p, t in r.times.items():
         g = fl / t / 1e9
@@ -186,8 +237,9 @@ def format_result(r: Result) -> List[str]:
             extra += "  x sdpa %.2f" % (sdpa / t)
         extra += "  /read %.2f" % (t / r.read_s)
         err = r.max_err.get(p)
-        lines.append("  %-10s %9.3f ms %7.1f GFLOP/s %5.1f%% peak%s%s" % (
-            p, t * 1e3, g, 100 * g / r.peak_gflops, extra, "  err %.1e" % err if err is not None else ""))
+        lines.append("  %-10s %9.3f ms %7.1f GFLOP/s %5.1f%% peak %5.1f%% bf16 GEMM%s%s" % (
+            p, t * 1e3, g, 100 * g / r.peak_gflops, 100 * g / r.bf16_gflops, extra,
+            "  err %.1e" % err if err is not None else ""))
     for p, e in r.errors.items():
         lines.append("  %-10s unavailable: %s" % (p, e))
     return lines
