@@ -287,6 +287,18 @@ def test_aoti_attention_pooling_fresh_process(tmp_path):
     _assert_checked(ex.check_export("aoti", path, m))
 
 
+@pytest.mark.slow
+def test_aoti_quantized_ctr_fresh_process(tmp_path):
+    # A model serving from an int8 item table: the package calls the quantized-K/V op itself
+    # (no dequantized copy of the history in the graph) and matches eager in a fresh process.
+    m = ex.build_model(_cfg("target_attention_ctr"))
+    m.quantize_(torch.int8)
+    path = ex.export_aoti(m, str(tmp_path / "q.pt2"))
+    code = ex.export_program(m).graph_module.print_readable(print_output=False)
+    assert "torch.ops.attnkern.attention_pool_quant_fwd" in code
+    _assert_checked(ex.check_export("aoti", path, m))
+
+
 @needs_onnx
 @pytest.mark.slow
 def test_serving_latency_smoke(ctr_package, tmp_path):
