@@ -43,3 +43,16 @@ def test_unknown_command_exits_nonzero():
     assert subprocess.run([sys.executable, "-m", "attnkern", "frobnicate"],
                           capture_output=True).returncode != 0
     assert cli.main([]) == 2
+
+
+def test_plan_runs_the_emulated_cuda_backend_on_cpu_tensors(monkeypatch):
+    # The CUDA emulation build (docs/cuda_emulation.md) registers the CUDA kernels for CPU
+    # tensors: its rows must be planned on the CPU, not on a device that does not exist.
+    import attnkern
+    from attnkern.ops.availability import BackendInfo
+
+    real = attnkern.backends()
+    fake = dict(real, cuda=BackendInfo(available=True, reason="emulated", emulated=True))
+    monkeypatch.setattr(attnkern, "backends", lambda: fake)
+    plan = list(check._plan(["cuda"], ["cpu", "cuda"], [torch.float32]))
+    assert plan == [("cpu", "cuda", torch.float32)]

@@ -87,7 +87,8 @@ def _plan(backends, devices, dtypes):
         if backend == "cpu":
             devs = ["cpu"]
         elif backend == "cuda":
-            devs = ["cuda"]
+            # The CUDA emulation build runs the cuda backend's kernels on CPU tensors.
+            devs = ["cpu"] if info[backend].emulated else ["cuda"]
         elif backend == "triton":
             devs = ["cuda"] if gpu else ["cpu"]
         else:
