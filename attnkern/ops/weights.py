@@ -69,10 +69,14 @@ def weights_backward(layout: str, grad_w, grad_lse, w, query, key, index, scale:
         if grad_lse is not None:
             rowdot = rowdot - grad_lse.to(acc).unsqueeze(-1)
         ds = w * (dw - rowdot)  # [B, N, H, L]
-        valid = padded_valid(key, *index)
-        k = torch.where(valid[:, :, None, None], key.to(acc), torch.zeros((), dtype=acc, device=key.device))
-        dq = torch.einsum("bnhl,blhd->bnhd", ds, k) * scale
-        dk = torch.einsum("bnhl,bnhd->blhd", ds, query.to(acc)) * scale
+        k = key.to(acc)
+        if index[0] is not None or index[1] is not None:
+            valid = padded_valid(key, *index)
+            k = torch.where(valid[:, :, None, None], k, torch.zeros((), dtype=acc, device=key.device))
+        # Batched GEMMs over (b, h): dS [B, H, N, L] with K [B, H, L, Dk] and Q [B, H, N, Dk].
+        ds_bh = ds.transpose(1, 2)
+        dq = torch.matmul(ds_bh, k.transpose(1, 2)).transpose(1, 2) * scale
+        dk = torch.matmul(ds_bh.transpose(-1, -2), (query.to(acc) * scale).transpose(1, 2)).transpose(1, 2)
     else:
         T, B = key.shape[0], query.shape[0]
         row, _, inside = token_rows(index[0], T)

@@ -69,7 +69,8 @@ inline typename V::A weights_logits(const WeightsParams& p, const typename V::A*
       }
       x = np == NP ? V::load(s + l0) : V::load_partial(s + l0, np);
     }
-    // A NaN logit need not reach the max: it makes the sum of pass 1, hence the whole row, NaN.
+    // A NaN logit need not reach the max (but see the caller's -inf case): it makes the sum of
+    // pass 1, hence the whole row, NaN.
     vmax = V::max(vmax, np == NP ? x : x.mask_tail(np));
   }
   return vmax.reduce_max();
@@ -98,6 +99,10 @@ void weights_fwd_entry(const WeightsParams& p, int64_t begin, int64_t end, void*
       A* wr = p.jagged ? w + (p.starts[b] * p.N + n) * p.H + h : w + qrow * p.L;
       const int64_t wlen = p.jagged ? len : p.L;  // padded rows also zero their tail
       A m = len > 0 ? weights_logits<V, T>(p, q + qrow * p.Dkp, b, n, h, s) : neg_inf;
+      // The vector max may drop a NaN lane (it returns an operand, not NaN); every other max
+      // still lets the NaN reach the sum, but -inf would call the row empty: look once more.
+      for (int64_t l = 0; m == neg_inf && l < len; ++l)
+        if (s[l] != s[l]) m = s[l];
       if (m == neg_inf) {  // no position, or every logit -inf: empty
         for (int64_t l = 0; l < wlen; ++l) wr[l * wstride] = A(0);
         lse[qrow] = neg_inf;
