@@ -3,6 +3,7 @@
     attnkern::triton_attention_pool_fwd / _bwd
     attnkern::triton_jagged_attention_pool_fwd / _bwd
     attnkern::triton_activation_unit_pool_fwd / _bwd   (DIN's activation unit)
+    attnkern::triton_attention_topk_fwd                 (top-k by score, forward only)
 
 Same schemas as the C++ ops (csrc/attention_pool_ops.cpp, csrc/activation_unit_ops.cpp). Each op
 checks its own inputs (shapes, dtypes, devices; for CPU tensors under TRITON_INTERPRET=1 also the
@@ -22,10 +23,14 @@ import torch
 
 from attnkern.triton_kernels import activation_unit as _au
 from attnkern.triton_kernels import attention_pool as _k
+from attnkern.triton_kernels import attention_topk as _topk
 
 from .._validation import Problem, check_values, validate
+from ..limits import MAX_HEAD_DIM
 from . import checks
 from .autograd import register_activation_fakes_and_autograd, register_fakes_and_autograd
+from .topk import TOPK_OP, TOPK_SCHEMA
+from .topk import _fake_forward as _topk_fake
 from .schemas import (ACTIVATION_FWD_ARGS, ACTIVATION_SCHEMAS, NAMESPACE, SCHEMAS, TRITON_PREFIX, argument_names,
                       qualified)
 
@@ -204,6 +209,65 @@ def triton_activation_unit_pool_bwd(grad_out, query, key, value, lengths, mask, 
 
 
 register_activation_fakes_and_autograd(TRITON_PREFIX)
+
+
+# ----------------------------------------------------------------------------------------------
+# Top-k by score: the checks of the C++ op (csrc/cpu/attention_topk_launch.cpp), the Triton
+# dtype and device rules, the lengths/offsets values for CPU tensors. Forward only, as the C++
+# op: attnkern.attention_topk recomputes the selected scores when a gradient is needed.
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_topk(query, key, lengths, mask, offsets, k, scale, bias):
+    _check_triton_dtype(query)
+    checks.float_query(query)
+    checks.dense(key, "key")
+    checks.same_dtype(key, "key", query)
+    checks.on_query_device(key, "key", query)
+    if query.dim() != 4:
+        raise ValueError("attnkern: query must be [B, N, H, Dk], got %s" % list(query.shape))
+    B, N, H, Dk = query.shape
+    if N < 1 or H < 1:
+        raise ValueError("attnkern: query must have N, H >= 1, got %s" % list(query.shape))
+    checks.dim_in_range("query head dim Dk", Dk, MAX_HEAD_DIM)
+    jagged = offsets is not None
+    if key.dim() != (3 if jagged else 4):
+        raise ValueError("attnkern: key must be %s, got %s" % (
+            "jagged [T, Hkv, Dk] (offsets given)" if jagged else "padded [B, L, Hkv, Dk]", list(key.shape)))
+    L, Hkv = (key.shape[0], key.shape[1]) if jagged else (key.shape[1], key.shape[2])
+    if (not jagged and key.shape[0] != B) or key.shape[-1] != Dk or Hkv < 1 or H % Hkv:
+        raise ValueError("attnkern: key must have B = %d rows (padded), Dk = %d and a head count dividing "
+                         "H = %d, got %s" % (B, Dk, H, list(key.shape)))
+    if k < 0:
+        raise ValueError("attnkern: k must be >= 0, got %d" % k)
+    checks.scale(scale)
+    if (lengths is not None) + (mask is not None) + jagged > 1:
+        raise ValueError("attnkern: give at most one of lengths, mask (padded) and offsets (jagged)")
+    if lengths is not None:
+        checks.index_tensor(lengths, "lengths", B, query)
+    if jagged:
+        checks.index_tensor(offsets, "offsets", B + 1, query)
+    if mask is not None:
+        checks.mask_tensor(mask, B, L, query)
+    if bias is not None:
+        checks.bias((B, N, H, Dk, 0, L), query, bias, jagged)
+        if bias.shape[1] not in (1, N):
+            raise ValueError("attnkern: bias must have Nb 1 or N = %d, got %s" % (N, list(bias.shape)))
+    _check_device(query)
+    try:
+        check_values(Problem(query=query, squeeze_n=False, layout="jagged" if jagged else "padded", B=B, N=N,
+                             H=H, Hkv=Hkv, Dk=Dk, Dv=Dk, L=L, scale=scale), lengths, offsets, None)
+    except ValueError as e:
+        raise ValueError("attnkern: %s" % e) from None
+
+
+@torch.library.custom_op(qualified(TRITON_PREFIX + TOPK_OP), mutates_args=(), schema=TOPK_SCHEMA)
+def triton_attention_topk_fwd(query, key, lengths, mask, offsets, k, scale, bias=None):
+    _check_topk(query, key, lengths, mask, offsets, k, scale, bias)
+    return _topk.attention_topk_fwd(query, key, k, lengths, mask, offsets, scale, bias)
+
+
+torch.library.register_fake(qualified(TRITON_PREFIX + TOPK_OP), _topk_fake)
 
 
 # Nested tensors dispatch to keys of their own, where the ops above are not registered: there
