@@ -4,6 +4,7 @@
     attnkern::triton_jagged_attention_pool_fwd / _bwd
     attnkern::triton_activation_unit_pool_fwd / _bwd   (DIN's activation unit)
     attnkern::triton_attention_topk_fwd                 (top-k by score, forward only)
+    attnkern::triton_attention_pool_quant_fwd           (quantized K/V, forward only)
 
 Same schemas as the C++ ops (csrc/attention_pool_ops.cpp, csrc/activation_unit_ops.cpp). Each op
 checks its own inputs (shapes, dtypes, devices; for CPU tensors under TRITON_INTERPRET=1 also the
@@ -23,12 +24,15 @@ import torch
 
 from attnkern.triton_kernels import activation_unit as _au
 from attnkern.triton_kernels import attention_pool as _k
+from attnkern.triton_kernels import attention_pool_quant as _quant
 from attnkern.triton_kernels import attention_topk as _topk
 
 from .._validation import Problem, check_values, validate
 from ..limits import MAX_HEAD_DIM
+from ..reference import QUANT_DTYPES
 from . import checks
 from .autograd import register_activation_fakes_and_autograd, register_fakes_and_autograd
+from . import quant as _quant_op
 from .topk import TOPK_OP, TOPK_SCHEMA
 from .topk import _fake_forward as _topk_fake
 from .schemas import (ACTIVATION_FWD_ARGS, ACTIVATION_SCHEMAS, NAMESPACE, SCHEMAS, TRITON_PREFIX, argument_names,
@@ -268,6 +272,93 @@ def triton_attention_topk_fwd(query, key, lengths, mask, offsets, k, scale, bias
 
 
 torch.library.register_fake(qualified(TRITON_PREFIX + TOPK_OP), _topk_fake)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantized K/V attention pool: the checks of the C++ op (csrc/cpu/attention_pool_quant_launch.cpp),
+# its schema (csrc/attention_pool_quant_ops.cpp; tests/test_triton_wave3.py holds them equal), its
+# fake impl and the autograd that refuses a gradient (attnkern/ops/quant.py).
+# ----------------------------------------------------------------------------------------------
+
+QUANT_SCHEMA = (
+    "(Tensor query, Tensor key, Tensor value, Tensor key_scale, Tensor? key_bias, Tensor value_scale, "
+    "Tensor? value_bias, Tensor? lengths, Tensor? mask, Tensor? offsets, int max_length, float scale, "
+    "Tensor? bias=None) -> (Tensor out, Tensor lse)")
+
+
+def _check_quant(query, key, value, params, lengths, mask, offsets, max_length, scale, bias):
+    checks.dense(query, "query")
+    if query.dtype not in _TRITON_DTYPES:
+        raise TypeError("attnkern: with quantized key/value, query must be float16, bfloat16 or float32, got %s"
+                        % query.dtype)
+    if query.dim() != 4:
+        raise ValueError("attnkern: query must be [B, N, H, Dk], got %s" % list(query.shape))
+    for t, n in ((key, "key"), (value, "value")):
+        checks.dense(t, n)
+    if key.dtype not in QUANT_DTYPES:
+        raise TypeError("attnkern: quantized key must be torch.int8, torch.uint8, torch.float8_e4m3fn or "
+                        "torch.float8_e5m2, got %s" % key.dtype)
+    if value.dtype != key.dtype:
+        raise TypeError("attnkern: value must have the dtype of key (%s), got %s" % (key.dtype, value.dtype))
+    for t, n in ((key, "key"), (value, "value")):
+        checks.on_query_device(t, n, query)
+    jagged = offsets is not None
+    rank = 3 if jagged else 4
+    if key.dim() != rank or value.dim() != rank:
+        raise ValueError("attnkern: %s, got %s and %s" % (
+            "jagged key/value must be [T, H, Dk] / [T, H, Dv]" if jagged
+            else "padded key/value must be [B, L, H, Dk] / [B, L, H, Dv]", list(key.shape), list(value.shape)))
+    B, N, H, Dk = query.shape
+    L, Dv = key.shape[rank - 3], value.shape[-1]
+    if N < 1 or H < 1:
+        raise ValueError("attnkern: query must have N >= 1 and H >= 1, got %s" % list(query.shape))
+    checks.dim_in_range("query/key head dim Dk", Dk, MAX_HEAD_DIM)
+    checks.dim_in_range("value head dim Dv", Dv, MAX_HEAD_DIM)
+    lead = (L, H) if jagged else (B, L, H)
+    checks.shape(key, "key", lead + (Dk,))
+    checks.shape(value, "value", lead + (Dv,))
+    for name, t in params.items():
+        if t is None:
+            continue
+        checks.dense(t, name)
+        if t.dtype != torch.float32:
+            raise TypeError("attnkern: %s must be torch.float32, got %s" % (name, t.dtype))
+        checks.shape(t, name, lead)
+        checks.on_query_device(t, name, query)
+    if lengths is not None and mask is not None:
+        raise ValueError("attnkern: give lengths or mask, not both")
+    if jagged and (lengths is not None or mask is not None):
+        raise ValueError("attnkern: lengths and mask are for the padded layout, got offsets too")
+    if lengths is not None:
+        checks.index_tensor(lengths, "lengths", B, query)
+    if mask is not None:
+        checks.mask_tensor(mask, B, L, query)
+    if jagged:
+        checks.index_tensor(offsets, "offsets", B + 1, query)
+        checks.max_length(max_length)
+    checks.bias((B, N, H, Dk, Dv, L), query, bias, jagged)
+    checks.scale(scale)
+    _check_device(query)
+    try:
+        check_values(Problem(query=query, squeeze_n=False, layout="jagged" if jagged else "padded", B=B, N=N,
+                             H=H, Hkv=H, Dk=Dk, Dv=Dv, L=L, scale=scale), lengths, offsets,
+                     None if max_length < 0 else max_length)
+    except ValueError as e:
+        raise ValueError("attnkern: %s" % e) from None
+
+
+@torch.library.custom_op(qualified(TRITON_PREFIX + _quant_op.QUANT_FWD), mutates_args=(), schema=QUANT_SCHEMA)
+def triton_attention_pool_quant_fwd(query, key, value, key_scale, key_bias, value_scale, value_bias, lengths,
+                                    mask, offsets, max_length, scale, bias=None):
+    params = dict(key_scale=key_scale, key_bias=key_bias, value_scale=value_scale, value_bias=value_bias)
+    _check_quant(query, key, value, params, lengths, mask, offsets, max_length, scale, bias)
+    return _quant.attention_pool_quant_fwd(query, key, value, key_scale, key_bias, value_scale, value_bias,
+                                           lengths, mask, offsets, max_length, scale, bias)
+
+
+torch.library.register_fake(qualified(TRITON_PREFIX + _quant_op.QUANT_FWD), _quant_op._fake)
+torch.library.register_autograd(qualified(TRITON_PREFIX + _quant_op.QUANT_FWD), _quant_op._backward,
+                                setup_context=_quant_op._setup_context)
 
 
 # Nested tensors dispatch to keys of their own, where the ops above are not registered: there
