@@ -5,6 +5,7 @@
     attnkern::triton_activation_unit_pool_fwd / _bwd   (DIN's activation unit)
     attnkern::triton_attention_topk_fwd                 (top-k by score, forward only)
     attnkern::triton_attention_pool_quant_fwd           (quantized K/V, forward only)
+    attnkern::triton_attention_weights_fwd / triton_jagged_attention_weights_fwd
 
 Same schemas as the C++ ops (csrc/attention_pool_ops.cpp, csrc/activation_unit_ops.cpp). Each op
 checks its own inputs (shapes, dtypes, devices; for CPU tensors under TRITON_INTERPRET=1 also the
@@ -26,6 +27,7 @@ from attnkern.triton_kernels import activation_unit as _au
 from attnkern.triton_kernels import attention_pool as _k
 from attnkern.triton_kernels import attention_pool_quant as _quant
 from attnkern.triton_kernels import attention_topk as _topk
+from attnkern.triton_kernels import attention_weights as _weights
 
 from .._validation import Problem, check_values, validate
 from ..limits import MAX_HEAD_DIM
@@ -34,9 +36,10 @@ from . import checks
 from .autograd import register_activation_fakes_and_autograd, register_fakes_and_autograd
 from . import quant as _quant_op
 from .topk import TOPK_OP, TOPK_SCHEMA
+from .weights import register_weights_fakes_and_autograd
 from .topk import _fake_forward as _topk_fake
-from .schemas import (ACTIVATION_FWD_ARGS, ACTIVATION_SCHEMAS, NAMESPACE, SCHEMAS, TRITON_PREFIX, argument_names,
-                      qualified)
+from .schemas import (ACTIVATION_FWD_ARGS, ACTIVATION_SCHEMAS, NAMESPACE, SCHEMAS, TRITON_PREFIX, WEIGHTS_SCHEMAS,
+                      argument_names, qualified)
 
 Tensor = torch.Tensor
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -213,6 +216,34 @@ def triton_activation_unit_pool_bwd(grad_out, query, key, value, lengths, mask, 
 
 
 register_activation_fakes_and_autograd(TRITON_PREFIX)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention weights (two passes: row lse, then w = exp(s - lse)): the attention-pool ops' checks
+# with the key as the values; fake impls and the device-agnostic autograd of attnkern/ops/weights.py.
+# ----------------------------------------------------------------------------------------------
+
+
+@_custom_op("attention_weights_fwd", WEIGHTS_SCHEMAS)
+def triton_attention_weights_fwd(query: Tensor, key: Tensor, lengths: Optional[Tensor], mask: Optional[Tensor],
+                                 scale: float, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    dims = _check_padded(query, key, key, lengths, mask)
+    checks.bias(dims, query, bias, False)
+    checks.scale(scale)
+    return _weights.attention_weights_fwd(query, key, lengths=lengths, mask=mask, scale=scale, bias=bias)
+
+
+@_custom_op("jagged_attention_weights_fwd", WEIGHTS_SCHEMAS)
+def triton_jagged_attention_weights_fwd(query: Tensor, key: Tensor, offsets: Tensor, max_length: int,
+                                        scale: float, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    dims = _check_jagged(query, key, key, offsets, max_length)
+    checks.bias(dims, query, bias, True)
+    checks.scale(scale)
+    return _weights.attention_weights_fwd(query, key, offsets=offsets, max_length=max_length, scale=scale,
+                                          bias=bias)
+
+
+register_weights_fakes_and_autograd(TRITON_PREFIX)
 
 
 # ----------------------------------------------------------------------------------------------
