@@ -11,7 +11,8 @@ from ._quant_validation import float_stand_in, is_quantized_call, validate_quant
 from ._validation import Problem, check_values, checked_index_values, validate, validate_activation_unit
 from .ops import BACKENDS, BackendUnavailable, activation_fused_op, backend_info, fused_op, infer_op
 from .ops.availability import cuda_emulated, triton_interpret
-from .ops.quant import quant_op
+from .ops.quant import QUANT_FWD, quant_op
+from .ops.schemas import TRITON_PREFIX
 from .ops.weights import weights_kernels_missing, weights_op
 from .reference import (_masked_softmax_parts, activation_unit_pool_ref, activation_unit_weights_ref,
                         attention_pool_quant_ref, attention_pool_ref, attention_weights_ref,
@@ -378,12 +379,12 @@ def _safe(denom: torch.Tensor) -> torch.Tensor:
 
 
 # The fused backends with quantized-K/V kernels.
-_QUANT_BACKENDS = ("cpu",)
+_QUANT_BACKENDS = ("cpu", "triton")
 
 
 def _attention_pool_quant(prob: Problem, backend, key, value, quant: dict, lengths, mask, offsets,
                           max_length):
-    """attention_pool's quantized-K/V path (validated): the CPU op, or the reference (which
+    """attention_pool's quantized-K/V path (validated): the CPU or triton op, or the reference (which
     "auto" takes for float64 queries and on devices without quantized kernels)."""
     name = _resolve_for_transforms(backend, prob.query)
     f64 = name in _QUANT_BACKENDS and prob.query.dtype == torch.float64
@@ -407,8 +408,10 @@ def _attention_pool_quant(prob: Problem, backend, key, value, quant: dict, lengt
         query4 = _fold_query_heads(query4, prob.Hkv)
     extra = () if prob.bias is None else (_fold_bias_heads(prob.bias, prob.H, prob.Hkv),)
     ml = -1 if max_length is None else int(max_length)
-    out, lse = quant_op()(query4, key, value, quant["key_scale"], quant["key_bias"], quant["value_scale"],
-                          quant["value_bias"], lengths, mask, offsets, ml, prob.scale, *extra)
+    # The triton op is registered with the backend (attnkern/ops/triton.py).
+    op = getattr(torch.ops.attnkern, TRITON_PREFIX + QUANT_FWD) if name == "triton" else quant_op()
+    out, lse = op(query4, key, value, quant["key_scale"], quant["key_bias"], quant["value_scale"],
+                  quant["value_bias"], lengths, mask, offsets, ml, prob.scale, *extra)
     if group > 1:
         out, lse = _unfold_query_heads(out, group), _unfold_query_heads(lse, group)
     return out, lse

@@ -3,6 +3,9 @@
     attnkern::triton_attention_pool_fwd / _bwd
     attnkern::triton_jagged_attention_pool_fwd / _bwd
     attnkern::triton_activation_unit_pool_fwd / _bwd   (DIN's activation unit)
+    attnkern::triton_attention_topk_fwd                 (top-k by score, forward only)
+    attnkern::triton_attention_pool_quant_fwd           (quantized K/V, forward only)
+    attnkern::triton_attention_weights_fwd / triton_jagged_attention_weights_fwd
 
 Same schemas as the C++ ops (csrc/attention_pool_ops.cpp, csrc/activation_unit_ops.cpp). Each op
 checks its own inputs (shapes, dtypes, devices; for CPU tensors under TRITON_INTERPRET=1 also the
@@ -22,12 +25,21 @@ import torch
 
 from attnkern.triton_kernels import activation_unit as _au
 from attnkern.triton_kernels import attention_pool as _k
+from attnkern.triton_kernels import attention_pool_quant as _quant
+from attnkern.triton_kernels import attention_topk as _topk
+from attnkern.triton_kernels import attention_weights as _weights
 
 from .._validation import Problem, check_values, validate
+from ..limits import MAX_HEAD_DIM
+from ..reference import QUANT_DTYPES
 from . import checks
 from .autograd import register_activation_fakes_and_autograd, register_fakes_and_autograd
-from .schemas import (ACTIVATION_FWD_ARGS, ACTIVATION_SCHEMAS, NAMESPACE, SCHEMAS, TRITON_PREFIX, argument_names,
-                      qualified)
+from . import quant as _quant_op
+from .topk import TOPK_OP, TOPK_SCHEMA
+from .weights import register_weights_fakes_and_autograd
+from .topk import _fake_forward as _topk_fake
+from .schemas import (ACTIVATION_FWD_ARGS, ACTIVATION_SCHEMAS, NAMESPACE, SCHEMAS, TRITON_PREFIX, WEIGHTS_SCHEMAS,
+                      argument_names, qualified)
 
 Tensor = torch.Tensor
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -204,6 +216,180 @@ def triton_activation_unit_pool_bwd(grad_out, query, key, value, lengths, mask, 
 
 
 register_activation_fakes_and_autograd(TRITON_PREFIX)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention weights (two passes: row lse, then w = exp(s - lse)): the attention-pool ops' checks
+# with the key as the values; fake impls and the device-agnostic autograd of attnkern/ops/weights.py.
+# ----------------------------------------------------------------------------------------------
+
+
+@_custom_op("attention_weights_fwd", WEIGHTS_SCHEMAS)
+def triton_attention_weights_fwd(query: Tensor, key: Tensor, lengths: Optional[Tensor], mask: Optional[Tensor],
+                                 scale: float, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    dims = _check_padded(query, key, key, lengths, mask)
+    checks.bias(dims, query, bias, False)
+    checks.scale(scale)
+    return _weights.attention_weights_fwd(query, key, lengths=lengths, mask=mask, scale=scale, bias=bias)
+
+
+@_custom_op("jagged_attention_weights_fwd", WEIGHTS_SCHEMAS)
+def triton_jagged_attention_weights_fwd(query: Tensor, key: Tensor, offsets: Tensor, max_length: int,
+                                        scale: float, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    dims = _check_jagged(query, key, key, offsets, max_length)
+    checks.bias(dims, query, bias, True)
+    checks.scale(scale)
+    return _weights.attention_weights_fwd(query, key, offsets=offsets, max_length=max_length, scale=scale,
+                                          bias=bias)
+
+
+register_weights_fakes_and_autograd(TRITON_PREFIX)
+
+
+# ----------------------------------------------------------------------------------------------
+# Top-k by score: the checks of the C++ op (csrc/cpu/attention_topk_launch.cpp), the Triton
+# dtype and device rules, the lengths/offsets values for CPU tensors. Forward only, as the C++
+# op: attnkern.attention_topk recomputes the selected scores when a gradient is needed.
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_topk(query, key, lengths, mask, offsets, k, scale, bias):
+    _check_triton_dtype(query)
+    checks.float_query(query)
+    checks.dense(key, "key")
+    checks.same_dtype(key, "key", query)
+    checks.on_query_device(key, "key", query)
+    if query.dim() != 4:
+        raise ValueError("attnkern: query must be [B, N, H, Dk], got %s" % list(query.shape))
+    B, N, H, Dk = query.shape
+    if N < 1 or H < 1:
+        raise ValueError("attnkern: query must have N, H >= 1, got %s" % list(query.shape))
+    checks.dim_in_range("query head dim Dk", Dk, MAX_HEAD_DIM)
+    jagged = offsets is not None
+    if key.dim() != (3 if jagged else 4):
+        raise ValueError("attnkern: key must be %s, got %s" % (
+            "jagged [T, Hkv, Dk] (offsets given)" if jagged else "padded [B, L, Hkv, Dk]", list(key.shape)))
+    L, Hkv = (key.shape[0], key.shape[1]) if jagged else (key.shape[1], key.shape[2])
+    if (not jagged and key.shape[0] != B) or key.shape[-1] != Dk or Hkv < 1 or H % Hkv:
+        raise ValueError("attnkern: key must have B = %d rows (padded), Dk = %d and a head count dividing "
+                         "H = %d, got %s" % (B, Dk, H, list(key.shape)))
+    if k < 0:
+        raise ValueError("attnkern: k must be >= 0, got %d" % k)
+    checks.scale(scale)
+    if (lengths is not None) + (mask is not None) + jagged > 1:
+        raise ValueError("attnkern: give at most one of lengths, mask (padded) and offsets (jagged)")
+    if lengths is not None:
+        checks.index_tensor(lengths, "lengths", B, query)
+    if jagged:
+        checks.index_tensor(offsets, "offsets", B + 1, query)
+    if mask is not None:
+        checks.mask_tensor(mask, B, L, query)
+    if bias is not None:
+        checks.bias((B, N, H, Dk, 0, L), query, bias, jagged)
+        if bias.shape[1] not in (1, N):
+            raise ValueError("attnkern: bias must have Nb 1 or N = %d, got %s" % (N, list(bias.shape)))
+    _check_device(query)
+    try:
+        check_values(Problem(query=query, squeeze_n=False, layout="jagged" if jagged else "padded", B=B, N=N,
+                             H=H, Hkv=Hkv, Dk=Dk, Dv=Dk, L=L, scale=scale), lengths, offsets, None)
+    except ValueError as e:
+        raise ValueError("attnkern: %s" % e) from None
+
+
+@torch.library.custom_op(qualified(TRITON_PREFIX + TOPK_OP), mutates_args=(), schema=TOPK_SCHEMA)
+def triton_attention_topk_fwd(query, key, lengths, mask, offsets, k, scale, bias=None):
+    _check_topk(query, key, lengths, mask, offsets, k, scale, bias)
+    return _topk.attention_topk_fwd(query, key, k, lengths, mask, offsets, scale, bias)
+
+
+torch.library.register_fake(qualified(TRITON_PREFIX + TOPK_OP), _topk_fake)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantized K/V attention pool: the checks of the C++ op (csrc/cpu/attention_pool_quant_launch.cpp),
+# its schema (csrc/attention_pool_quant_ops.cpp; tests/test_triton_wave3.py holds them equal), its
+# fake impl and the autograd that refuses a gradient (attnkern/ops/quant.py).
+# ----------------------------------------------------------------------------------------------
+
+QUANT_SCHEMA = (
+    "(Tensor query, Tensor key, Tensor value, Tensor key_scale, Tensor? key_bias, Tensor value_scale, "
+    "Tensor? value_bias, Tensor? lengths, Tensor? mask, Tensor? offsets, int max_length, float scale, "
+    "Tensor? bias=None) -> (Tensor out, Tensor lse)")
+
+
+def _check_quant(query, key, value, params, lengths, mask, offsets, max_length, scale, bias):
+    checks.dense(query, "query")
+    if query.dtype not in _TRITON_DTYPES:
+        raise TypeError("attnkern: with quantized key/value, query must be float16, bfloat16 or float32, got %s"
+                        % query.dtype)
+    if query.dim() != 4:
+        raise ValueError("attnkern: query must be [B, N, H, Dk], got %s" % list(query.shape))
+    for t, n in ((key, "key"), (value, "value")):
+        checks.dense(t, n)
+    if key.dtype not in QUANT_DTYPES:
+        raise TypeError("attnkern: quantized key must be torch.int8, torch.uint8, torch.float8_e4m3fn or "
+                        "torch.float8_e5m2, got %s" % key.dtype)
+    if value.dtype != key.dtype:
+        raise TypeError("attnkern: value must have the dtype of key (%s), got %s" % (key.dtype, value.dtype))
+    for t, n in ((key, "key"), (value, "value")):
+        checks.on_query_device(t, n, query)
+    jagged = offsets is not None
+    rank = 3 if jagged else 4
+    if key.dim() != rank or value.dim() != rank:
+        raise ValueError("attnkern: %s, got %s and %s" % (
+            "jagged key/value must be [T, H, Dk] / [T, H, Dv]" if jagged
+            else "padded key/value must be [B, L, H, Dk] / [B, L, H, Dv]", list(key.shape), list(value.shape)))
+    B, N, H, Dk = query.shape
+    L, Dv = key.shape[rank - 3], value.shape[-1]
+    if N < 1 or H < 1:
+        raise ValueError("attnkern: query must have N >= 1 and H >= 1, got %s" % list(query.shape))
+    checks.dim_in_range("query/key head dim Dk", Dk, MAX_HEAD_DIM)
+    checks.dim_in_range("value head dim Dv", Dv, MAX_HEAD_DIM)
+    lead = (L, H) if jagged else (B, L, H)
+    checks.shape(key, "key", lead + (Dk,))
+    checks.shape(value, "value", lead + (Dv,))
+    for name, t in params.items():
+        if t is None:
+            continue
+        checks.dense(t, name)
+        if t.dtype != torch.float32:
+            raise TypeError("attnkern: %s must be torch.float32, got %s" % (name, t.dtype))
+        checks.shape(t, name, lead)
+        checks.on_query_device(t, name, query)
+    if lengths is not None and mask is not None:
+        raise ValueError("attnkern: give lengths or mask, not both")
+    if jagged and (lengths is not None or mask is not None):
+        raise ValueError("attnkern: lengths and mask are for the padded layout, got offsets too")
+    if lengths is not None:
+        checks.index_tensor(lengths, "lengths", B, query)
+    if mask is not None:
+        checks.mask_tensor(mask, B, L, query)
+    if jagged:
+        checks.index_tensor(offsets, "offsets", B + 1, query)
+        checks.max_length(max_length)
+    checks.bias((B, N, H, Dk, Dv, L), query, bias, jagged)
+    checks.scale(scale)
+    _check_device(query)
+    try:
+        check_values(Problem(query=query, squeeze_n=False, layout="jagged" if jagged else "padded", B=B, N=N,
+                             H=H, Hkv=H, Dk=Dk, Dv=Dv, L=L, scale=scale), lengths, offsets,
+                     None if max_length < 0 else max_length)
+    except ValueError as e:
+        raise ValueError("attnkern: %s" % e) from None
+
+
+@torch.library.custom_op(qualified(TRITON_PREFIX + _quant_op.QUANT_FWD), mutates_args=(), schema=QUANT_SCHEMA)
+def triton_attention_pool_quant_fwd(query, key, value, key_scale, key_bias, value_scale, value_bias, lengths,
+                                    mask, offsets, max_length, scale, bias=None):
+    params = dict(key_scale=key_scale, key_bias=key_bias, value_scale=value_scale, value_bias=value_bias)
+    _check_quant(query, key, value, params, lengths, mask, offsets, max_length, scale, bias)
+    return _quant.attention_pool_quant_fwd(query, key, value, key_scale, key_bias, value_scale, value_bias,
+                                           lengths, mask, offsets, max_length, scale, bias)
+
+
+torch.library.register_fake(qualified(TRITON_PREFIX + _quant_op.QUANT_FWD), _quant_op._fake)
+torch.library.register_autograd(qualified(TRITON_PREFIX + _quant_op.QUANT_FWD), _quant_op._backward,
+                                setup_context=_quant_op._setup_context)
 
 
 # Nested tensors dispatch to keys of their own, where the ops above are not registered: there
