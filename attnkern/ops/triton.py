@@ -3,6 +3,7 @@
     attnkern::triton_attention_pool_fwd / _bwd
     attnkern::triton_jagged_attention_pool_fwd / _bwd
     attnkern::triton_activation_unit_pool_fwd / _bwd   (DIN's activation unit)
+    attnkern::triton_activation_unit_scores_fwd        (its weights; attnkern/ops/activation_scores.py)
 
 Same schemas as the C++ ops (csrc/attention_pool_ops.cpp, csrc/activation_unit_ops.cpp). Each op
 checks its own inputs (shapes, dtypes, devices; for CPU tensors under TRITON_INTERPRET=1 also the
@@ -25,6 +26,7 @@ from attnkern.triton_kernels import attention_pool as _k
 
 from .._validation import Problem, check_values, validate
 from . import checks
+from .activation_scores import SCORES_OP, SCORES_SCHEMAS, register_scores
 from .autograd import register_activation_fakes_and_autograd, register_fakes_and_autograd
 from .schemas import (ACTIVATION_FWD_ARGS, ACTIVATION_SCHEMAS, NAMESPACE, SCHEMAS, TRITON_PREFIX, argument_names,
                       qualified)
@@ -206,6 +208,19 @@ def triton_activation_unit_pool_bwd(grad_out, query, key, value, lengths, mask, 
 register_activation_fakes_and_autograd(TRITON_PREFIX)
 
 
+@_custom_op(SCORES_OP, SCORES_SCHEMAS)
+def triton_activation_unit_scores_fwd(query, key, lengths, mask, offsets, max_length, w1, b1, w2, b2,
+                                      w_out, b_out, act1, act2, activation, softmax):
+    _check_activation(dict(zip(ACTIVATION_FWD_ARGS, (query, key, None, lengths, mask, offsets, max_length, w1,
+                                                     b1, w2, b2, w_out, b_out, act1, act2, activation,
+                                                     softmax))))
+    return _au.activation_unit_scores_fwd(query, key, lengths, mask, offsets, max_length, w1, b1, w2, b2,
+                                          w_out, b_out, act1, act2, activation, softmax)
+
+
+register_scores(TRITON_PREFIX)
+
+
 # Nested tensors dispatch to keys of their own, where the ops above are not registered: there
 # the checks turn them into a TypeError naming the argument (as the C++ ops do), instead of the
 # dispatcher's "could not run ... with arguments from the NestedTensorCPU backend".
@@ -224,7 +239,7 @@ def _reject_nested(name: str):
     return reject
 
 
-for _name in (*SCHEMAS, *ACTIVATION_SCHEMAS):
+for _name in (*SCHEMAS, *ACTIVATION_SCHEMAS, *SCORES_SCHEMAS):
     for _key in ("NestedTensorCPU", "NestedTensorCUDA"):
         _NESTED.impl(TRITON_PREFIX + _name, _reject_nested(_name), _key)
 
