@@ -9,7 +9,7 @@ import torch
 from ._jagged import unpack_history
 from ._quant_validation import float_stand_in, is_quantized_call, validate_quantized
 from ._validation import Problem, check_values, checked_index_values, validate, validate_activation_unit
-from .ops import BACKENDS, BackendUnavailable, activation_fused_op, backend_info, fused_op, infer_op
+from .ops import BACKENDS, BackendUnavailable, activation_fused_op, activation_scores_op, backend_info, fused_op, infer_op
 from .ops.availability import cuda_emulated, triton_interpret
 from .ops.quant import QUANT_FWD, quant_op
 from .ops.schemas import TRITON_PREFIX
@@ -517,18 +517,23 @@ def activation_unit_weights(
         part in no row and on empty rows; with softmax every other row sums to 1.
         Differentiable w.r.t. query, key, every weight and bias and the activation parameters.
 
-    Every backend evaluates the scores with the reference's math (attnkern.reference,
-    activation_unit_weights_ref) in PyTorch ops on the tensors' device: the fused ops return
-    only the pooled vector.
+    The fused backends run the activation-unit forward kernel's scoring pass and write the
+    scores out (attnkern::activation_unit_scores_fwd; the pooling backward op gives their
+    gradient, docs/attention_weights.md). A backend whose build has no scores kernel evaluates
+    the reference's math (activation_unit_weights_ref) in PyTorch ops on the tensors' device.
     """
     key, _, offsets = unpack_history(key, None, offsets, lengths=lengths, mask=mask)
     prob = validate_activation_unit(query, key, None, weights, lengths, mask, offsets, max_length,
                                     activation, activation_params, normalize)
-    _resolve(backend, query)  # an unknown or unavailable backend is an error here too
+    name = _resolve(backend, query)  # an unknown or unavailable backend is an error here too
     check_values(Problem(query=prob.args["query"], squeeze_n=False, layout=prob.layout, B=prob.B, N=1,
                          H=1, Hkv=1, Dk=1, Dv=1, L=prob.L, scale=1.0),
                  lengths, offsets, max_length)
-    w = activation_unit_weights_ref(*prob.args.values())
+    op = None if name == "reference" else activation_scores_op(name)
+    if op is None:
+        w = activation_unit_weights_ref(*prob.args.values())
+    else:
+        w, _ = op(*(v for n, v in prob.args.items() if n != "value"))
     return w.squeeze(-1 if prob.layout == "jagged" else 1) if prob.squeeze_n else w
 
 

@@ -21,6 +21,11 @@
 // Outputs: out [B, N, Dv] and lse [B, N], both float64 for float64 inputs, else float32 (out
 //   unrounded, so that the autograd forms delta from it; the public function rounds it):
 //   the log-sum-exp of the scores when softmax (-inf on empty rows), 0 otherwise.
+// Scores (attnkern.activation_unit_weights): activation_unit_scores_fwd takes the forward's
+//   arguments without value and returns (scores, lse): padded [B, N, L] / jagged [T, N], the
+//   raw scores or (softmax) the masked softmax weights, 0 at positions outside every row and on
+//   empty rows, in lse's dtype; lse as the forward's. No backward op of its own: the gradient of
+//   sum_l w_l dW_l is the pooling backward's with dW as the values (attnkern/ops/activation_scores.py).
 // Backward: delta [B, N] (dtype of lse) = sum_d grad_out * out (read only when softmax).
 //   Returns the gradients of query, key, value, w1, b1, w2, b2, w_out, b_out, act1, act2, each
 //   shaped like its input; those of absent optional inputs are empty [0] tensors.
@@ -45,6 +50,11 @@ TORCH_LIBRARY_FRAGMENT(attnkern, m) {
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_w1, "
       "Tensor grad_b1, Tensor grad_w2, Tensor grad_b2, Tensor grad_w_out, Tensor grad_b_out, "
       "Tensor grad_act1, Tensor grad_act2)");
+  m.def(
+      "activation_unit_scores_fwd(Tensor query, Tensor key, Tensor? lengths, Tensor? mask, "
+      "Tensor? offsets, int max_length, Tensor w1, Tensor b1, Tensor? w2, Tensor? b2, Tensor w_out, "
+      "Tensor b_out, Tensor? act1, Tensor? act2, str activation, bool softmax) "
+      "-> (Tensor scores, Tensor lse)");
 }
 
 // Sparse, mkldnn and nested tensors dispatch to keys of their own, where no kernel could run
@@ -69,7 +79,7 @@ const bool kLayoutsRejected = [] {
                          c10::DispatchKey::NestedTensorCPU, c10::DispatchKey::SparseCUDA,
                          c10::DispatchKey::SparseCsrCUDA, c10::DispatchKey::NestedTensorCUDA}) {
     libraries.push_back(std::make_unique<torch::Library>(torch::Library::IMPL, "attnkern", key, __FILE__, __LINE__));
-    for (const char* op : {"activation_unit_pool_fwd", "activation_unit_pool_bwd"})
+    for (const char* op : {"activation_unit_pool_fwd", "activation_unit_pool_bwd", "activation_unit_scores_fwd"})
       libraries.back()->impl(op, torch::CppFunction::makeFromBoxedFunction<&reject_non_strided>());
   }
   return true;

@@ -225,19 +225,22 @@ def _load_kv(K, V, MASK, b, pos, valid, offs_e, offs_dv, E, DV,
 
 @triton.jit
 def _activation_unit_fwd_kernel(
-    Q, K, V, IDX, MASK, W1, B1, W2, B2, WOUT, BOUT, ACT1, ACT2, OUT, LSE,
+    Q, K, V, IDX, MASK, W1, B1, W2, B2, WOUT, BOUT, ACT1, ACT2, OUT, LSE, S,
     stride_qb, stride_qn, stride_qe,
     stride_kb, stride_kl, stride_ke,
     stride_vb, stride_vl, stride_vd,
     stride_idx, stride_mb, stride_ml,
     stride_w1h, stride_w1e, stride_w2o, stride_w2i, stride_wo,
     stride_a1p, stride_a1h, stride_a2p, stride_a2h,
-    stride_ob, stride_on, stride_od, stride_lb, stride_ln,
+    stride_ob, stride_on, stride_od, stride_lb, stride_ln, stride_sb, stride_sn, stride_sl,
     N, L, MAX_LEN, E, DV, H1, H2,
     LAYOUT: tl.constexpr, ACT: tl.constexpr, TWO_LAYERS: tl.constexpr, SOFTMAX: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCORES: tl.constexpr = False,
 ):
+    """SCORES: the weights go to S (padded [B, N, L], jagged [T, N] with stride_sb = 0) at the
+    positions that take part instead of weighting V (OUT is not written; V is not used)."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // N
     n = pid % N
@@ -272,6 +275,8 @@ def _activation_unit_fwd_kernel(
             h = _act_fwd(_units(_mmf(h, tl.trans(w2), DOT_PRECISION) + b2[None, :], offs_h2, H2),
                          a20, a21, a22, ACT)
         s = tl.sum(h * wout[None, :], axis=1) + bout
+        if SCORES:
+            tl.store(S + b * stride_sb + n * stride_sn + pos * stride_sl, s, mask=valid)
         if SOFTMAX:
             s2 = tl.where(valid, s * _LOG2E, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s2, axis=0))
@@ -279,9 +284,10 @@ def _activation_unit_fwd_kernel(
             alpha = tl.exp2(m_i - m_shift)
             p = tl.exp2(s2 - m_shift)
             l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            if not SCORES:
+                acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             m_i = m_new
-        else:
+        elif not SCORES:
             w = tl.where(valid, s, 0.0)
             acc += tl.sum(w[:, None] * v, axis=0)
 
@@ -296,9 +302,27 @@ def _activation_unit_fwd_kernel(
     else:
         o = acc
         lse = tl.zeros([1], tl.float32)
-    tl.store(OUT + b * stride_ob + n * stride_on + offs_dv * stride_od,
-             o.to(OUT.dtype.element_ty), mask=offs_dv < DV)
+    if not SCORES:
+        tl.store(OUT + b * stride_ob + n * stride_on + offs_dv * stride_od,
+                 o.to(OUT.dtype.element_ty), mask=offs_dv < DV)
     tl.store(LSE + b * stride_lb + n * stride_ln + tl.arange(0, 1), lse)
+
+    # Phase 4 (scores with softmax): the row's written scores become their weights
+    # exp2(s log2(e) - m) / l, in place; each element is reread by the thread that wrote it
+    # (same tile shape and layout), the barrier orders the two sweeps across the program.
+    if SCORES and SOFTMAX:
+        tl.debug_barrier()
+        m_shift = tl.where(m_i == float("-inf"), 0.0, m_i)
+        for t in range(0, tl.cdiv(end - start, BLOCK_L)):
+            pos = start + t * BLOCK_L + offs_l
+            valid = pos < end
+            if LAYOUT == MASKED:
+                keep = tl.load(MASK + b * stride_mb + pos * stride_ml, mask=valid, other=0)
+                valid = valid & (keep != 0)
+            ptr = S + b * stride_sb + n * stride_sn + pos * stride_sl
+            x = tl.load(ptr, mask=valid, other=0.0)
+            w = tl.where(nonempty, tl.exp2(x * _LOG2E - m_shift) * inv, 0.0)
+            tl.store(ptr, w, mask=valid)
 
 
 @triton.jit
@@ -543,10 +567,33 @@ def activation_unit_fwd(query, key, value, lengths, mask, offsets, max_length, w
     if d["Dv"] == 0 or d["E"] == 0:
         raise ValueError("attnkern: E and Dv must be >= 1")
     _activation_unit_fwd_kernel[(B * N,)](
-        *ptrs, out, lse, *strides, *out.stride(), *lse.stride(),
+        *ptrs, out, lse, lse, *strides, *out.stride(), *lse.stride(), 0, 0, 0,
         N, d["L"], d["max_len"], d["E"], d["Dv"], d["H1"], d["H2"],
         SOFTMAX=bool(softmax), **meta)
     return out, lse
+
+
+def activation_unit_scores_fwd(query, key, lengths, mask, offsets, max_length, w1, b1, w2, b2,
+                               w_out, b_out, act1, act2, activation: str, softmax: bool):
+    """The forward kernel in its scores mode (attnkern::triton_activation_unit_scores_fwd):
+    (scores float32, padded [B, N, L] / jagged [T, N]: raw scores, or with softmax the weights;
+    0 at positions outside every row and on empty rows; lse [B, N] float32 as the forward's)."""
+    # One key column stands in for the values, which this mode never reads.
+    ptrs, strides, meta, d = _common(query, key, key[..., :1], lengths, mask, offsets, max_length, w1,
+                                     b1, w2, b2, w_out, b_out, act1, act2, activation)
+    B, N = d["B"], d["N"]
+    shape = (key.shape[0], N) if d["jagged"] else (B, N, key.shape[1])
+    scores = torch.zeros(shape, dtype=torch.float32, device=query.device)
+    lse = torch.empty((B, N), dtype=torch.float32, device=query.device)
+    if B == 0 or N == 0 or scores.numel() == 0:
+        lse.fill_(float("-inf") if softmax else 0.0)
+        return scores, lse
+    s_strides = (0, scores.stride(1), scores.stride(0)) if d["jagged"] else scores.stride()
+    _activation_unit_fwd_kernel[(B * N,)](
+        *ptrs, lse, lse, scores, *strides, 0, 0, 0, *lse.stride(), *s_strides,
+        N, d["L"], d["max_len"], d["E"], 1, d["H1"], d["H2"],
+        SOFTMAX=bool(softmax), SCORES=True, **meta)
+    return scores, lse
 
 
 def bwd_num_programs(B: int, device: torch.device) -> int:

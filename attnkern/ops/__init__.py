@@ -21,7 +21,7 @@ from . import extension  # noqa: E402,F401
 from . import sequence as _sequence  # noqa: E402,F401  (the same for the sequence-attention ops)
 
 __all__ = ["BACKENDS", "BackendInfo", "BackendUnavailable", "backend_info", "backends",
-           "fused_op", "infer_op", "activation_fused_op"]
+           "fused_op", "infer_op", "activation_fused_op", "activation_scores_op"]
 
 
 def _prefix(backend: str) -> str:
@@ -80,3 +80,18 @@ def activation_fused_op(backend: str):
             "attnkern backend %r has no activation_unit_pool kernels in this build; use "
             "backend='reference' (or 'cpu' for CPU tensors)" % backend)
     return getattr(torch.ops.attnkern, _prefix(backend) + "activation_unit_pool_fwd")
+
+
+def activation_scores_op(backend: str):
+    """The registered activation-unit scores op (attnkern/ops/activation_scores.py) of a fused
+    backend, or None where this build has none for it (the caller then computes the weights with
+    the reference's PyTorch ops)."""
+    if activation_kernels_missing(backend):
+        return None
+    name = _prefix(backend) + "activation_unit_scores_fwd"
+    return getattr(torch.ops.attnkern, name) if _scores_registered(name) else None
+
+
+@torch.compiler.assume_constant_result
+def _scores_registered(name: str) -> bool:
+    return hasattr(torch.ops.attnkern, name)

@@ -1,5 +1,6 @@
 """The C++ ops (attnkern::attention_pool_fwd etc., declared in csrc/attention_pool_ops.cpp, kernels in
-csrc/cpu and csrc/cuda; attnkern::activation_unit_pool_fwd/_bwd in csrc/activation_unit_ops.cpp): importing this module loads attnkern._C and gives its ops their fake
+csrc/cpu and csrc/cuda; attnkern::activation_unit_pool_fwd/_bwd and activation_unit_scores_fwd in
+csrc/activation_unit_ops.cpp): importing this module loads attnkern._C and gives its ops their fake
 impls and autograd. EXTENSION_OPS says whether the extension is there."""
 
 from __future__ import annotations
@@ -10,19 +11,21 @@ import torch
 
 from .autograd import register_activation_fakes_and_autograd, register_fakes_and_autograd, register_infer_fakes
 from . import quant
+from .activation_scores import register_scores
 from .availability import CUDA_EMU_PREFIX, cuda_emulated, extension
-from .schemas import ACTIVATION_SCHEMAS, SCHEMAS, qualified
+from .schemas import ACTIVATION_SCHEMAS, ACTIVATION_SCORES_SCHEMAS, SCHEMAS, qualified
 from .sequence import SEQUENCE_SCHEMAS, register_sequence_fakes_and_autograd
 
 
 def _register_cuda_emulation() -> None:
     """The CUDA emulation build: attnkern::cuda_emu_<op>, declared here with the C++ ops' schemas,
     get their CPU kernels (the CUDA launchers through the harness) when attnkern._cuda_emu loads."""
-    for name, schema in {**SCHEMAS, **ACTIVATION_SCHEMAS, **SEQUENCE_SCHEMAS}.items():
+    for name, schema in {**SCHEMAS, **ACTIVATION_SCHEMAS, **ACTIVATION_SCORES_SCHEMAS, **SEQUENCE_SCHEMAS}.items():
         torch.library.define(qualified(CUDA_EMU_PREFIX + name), schema)
     importlib.import_module("attnkern._cuda_emu")
     register_fakes_and_autograd(CUDA_EMU_PREFIX)
     register_activation_fakes_and_autograd(CUDA_EMU_PREFIX)
+    register_scores(CUDA_EMU_PREFIX)
     register_sequence_fakes_and_autograd(CUDA_EMU_PREFIX)
 
 
@@ -33,6 +36,7 @@ def _register() -> bool:
     register_fakes_and_autograd("")
     register_infer_fakes()
     register_activation_fakes_and_autograd("")
+    register_scores("")
     quant.register()
     if cuda_emulated():
         _register_cuda_emulation()

@@ -88,6 +88,15 @@ WEIGHTS_SCHEMAS = {
 }
 # layout -> weights op
 WEIGHTS_OPS = {"padded": "attention_weights_fwd", "jagged": "jagged_attention_weights_fwd"}
+# The activation unit's weights (attnkern/ops/activation_scores.py): the forward's arguments without
+# value; no backward op of its own.
+ACTIVATION_SCORES_SCHEMAS = {
+    "activation_unit_scores_fwd": (
+        "(Tensor query, Tensor key, Tensor? lengths, Tensor? mask, Tensor? offsets, int max_length, "
+        "Tensor w1, Tensor b1, Tensor? w2, Tensor? b2, Tensor w_out, Tensor b_out, Tensor? act1, "
+        "Tensor? act2, str activation, bool softmax) -> (Tensor scores, Tensor lse)"
+    ),
+}
 
 # (forward op, backward op) per layout
 LAYOUT_OPS = {
@@ -102,7 +111,8 @@ def qualified(name: str) -> str:
 
 
 def argument_names(name: str) -> Tuple[str, ...]:
-    """The argument names of op `name` (a key of SCHEMAS, INFER_SCHEMAS or ACTIVATION_SCHEMAS), in
-    order."""
-    schema = torch._C.parse_schema(qualified(name) + {**SCHEMAS, **INFER_SCHEMAS, **ACTIVATION_SCHEMAS}[name])
+    """The argument names of op `name` (a key of SCHEMAS, INFER_SCHEMAS, ACTIVATION_SCHEMAS or
+    ACTIVATION_SCORES_SCHEMAS), in order."""
+    schemas = {**SCHEMAS, **INFER_SCHEMAS, **ACTIVATION_SCHEMAS, **ACTIVATION_SCORES_SCHEMAS}
+    schema = torch._C.parse_schema(qualified(name) + schemas[name])
     return tuple(a.name for a in schema.arguments)

@@ -6,6 +6,7 @@
     attnkern::triton_attention_topk_fwd                 (top-k by score, forward only)
     attnkern::triton_attention_pool_quant_fwd           (quantized K/V, forward only)
     attnkern::triton_attention_weights_fwd / triton_jagged_attention_weights_fwd
+    attnkern::triton_activation_unit_scores_fwd        (its weights; attnkern/ops/activation_scores.py)
 
 Same schemas as the C++ ops (csrc/attention_pool_ops.cpp, csrc/activation_unit_ops.cpp). Each op
 checks its own inputs (shapes, dtypes, devices; for CPU tensors under TRITON_INTERPRET=1 also the
@@ -33,6 +34,7 @@ from .._validation import Problem, check_values, validate
 from ..limits import MAX_HEAD_DIM
 from ..reference import QUANT_DTYPES
 from . import checks
+from .activation_scores import SCORES_OP, SCORES_SCHEMAS, register_scores
 from .autograd import register_activation_fakes_and_autograd, register_fakes_and_autograd
 from . import quant as _quant_op
 from .topk import TOPK_OP, TOPK_SCHEMA
@@ -390,6 +392,17 @@ def triton_attention_pool_quant_fwd(query, key, value, key_scale, key_bias, valu
 torch.library.register_fake(qualified(TRITON_PREFIX + _quant_op.QUANT_FWD), _quant_op._fake)
 torch.library.register_autograd(qualified(TRITON_PREFIX + _quant_op.QUANT_FWD), _quant_op._backward,
                                 setup_context=_quant_op._setup_context)
+@_custom_op(SCORES_OP, SCORES_SCHEMAS)
+def triton_activation_unit_scores_fwd(query, key, lengths, mask, offsets, max_length, w1, b1, w2, b2,
+                                      w_out, b_out, act1, act2, activation, softmax):
+    _check_activation(dict(zip(ACTIVATION_FWD_ARGS, (query, key, None, lengths, mask, offsets, max_length, w1,
+                                                     b1, w2, b2, w_out, b_out, act1, act2, activation,
+                                                     softmax))))
+    return _au.activation_unit_scores_fwd(query, key, lengths, mask, offsets, max_length, w1, b1, w2, b2,
+                                          w_out, b_out, act1, act2, activation, softmax)
+
+
+register_scores(TRITON_PREFIX)
 
 
 # Nested tensors dispatch to keys of their own, where the ops above are not registered: there
@@ -410,7 +423,7 @@ def _reject_nested(name: str):
     return reject
 
 
-for _name in (*SCHEMAS, *ACTIVATION_SCHEMAS):
+for _name in (*SCHEMAS, *ACTIVATION_SCHEMAS, *SCORES_SCHEMAS):
     for _key in ("NestedTensorCPU", "NestedTensorCUDA"):
         _NESTED.impl(TRITON_PREFIX + _name, _reject_nested(_name), _key)
 

@@ -248,16 +248,28 @@ void block_scores(const AuKernels<A>& k, const Weights<A>& w, const A* mt, const
   for (int64_t i = 0; i < nb; ++i) blk.s[i] = k.dot(w.Hlp, last + i * w.Hlp, w.wout.data()) + w.bout;
 }
 
+// Where the score of query n of row b at key position pos goes in the scores mode: padded
+// [B, N, L] (pos = l), jagged [T, N] (pos = the key row).
+struct ScoreIndex {
+  int64_t N, L;
+  bool jagged;
+  int64_t at(int64_t b, int64_t n, int64_t pos) const { return jagged ? pos * N + n : (b * N + n) * L + pos; }
+};
+
+// Pooling (sc null): out and lse. Scores mode (sc given): the pass is the same up to the scores,
+// which go to sc instead of weighting the values (value is not read; out is untouched); with
+// softmax a last sweep over the row's written scores turns them into exp(s - m) / l.
 template <class scalar_t, class A>
 void fwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::Tensor& qa, const at::Tensor& key,
-              const at::Tensor& value, bool softmax, at::Tensor& out, at::Tensor& lse) {
+              const at::Tensor& value, bool softmax, at::Tensor& out, at::Tensor& lse, A* sc = nullptr) {
   const AuKernels<A>& k = kernels<A>();
   const RowView<const scalar_t> kv = row_view<const scalar_t>(key, d.jagged);
   const RowView<const scalar_t> vv = row_view<const scalar_t>(value, d.jagged);
   const A* q = qa.data_ptr<A>();
-  A* o = out.data_ptr<A>();
+  A* o = sc ? nullptr : out.data_ptr<A>();
   A* ls = lse.data_ptr<A>();
   const int64_t N = d.N, E = d.E, Dv = d.Dv;
+  const ScoreIndex si{N, d.L, d.jagged};
   const int64_t cost = N * std::max<int64_t>(1, d.L) * (w.H1 * (E + w.H2 + 1));
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(1, cost));
   at::parallel_for(0, d.B, grain, [&](int64_t b0, int64_t b1) {
@@ -278,10 +290,13 @@ void fwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::
       for (int64_t i0 = 0; i0 < cnt; i0 += kAuBlock) {
         const int64_t nb = std::min(kAuBlock, cnt - i0);
         gather(kv, b, pos.data() + i0, nb, E, w.Ep, blk.kb.data());
-        gather(vv, b, pos.data() + i0, nb, Dv, w.Dvp, blk.vb.data());
+        if (!sc) gather(vv, b, pos.data() + i0, nb, Dv, w.Dvp, blk.vb.data());
         for (int64_t n = 0; n < N; ++n) {
           block_scores(k, w, mt.data() + n * E * w.H1p, c.data() + n * w.H1p, nb, blk);
           A* an = acc.data() + n * w.Dvp;
+          if (sc)
+            for (int64_t i = 0; i < nb; ++i) sc[si.at(b, n, pos[i0 + i])] = blk.s[i];
+          if (sc && !softmax) continue;
           if (!softmax) {
             for (int64_t i = 0; i < nb; ++i) k.axpby(w.Dvp, blk.s[i], blk.vb.data() + i * w.Dvp, A(1), an);
             continue;
@@ -292,7 +307,8 @@ void fwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::
           for (int64_t i = 0; i < nb; ++i) bm = blk.s[i] > bm || std::isnan(blk.s[i]) ? blk.s[i] : bm;
           if (bm > m[n] || (std::isnan(bm) && !std::isnan(m[n]))) {
             const A f = m[n] == -std::numeric_limits<A>::infinity() ? A(0) : std::exp(m[n] - bm);
-            for (int64_t e = 0; e < w.Dvp; ++e) an[e] *= f;
+            if (!sc)
+              for (int64_t e = 0; e < w.Dvp; ++e) an[e] *= f;
             l[n] *= f;
             m[n] = bm;
           }
@@ -300,9 +316,27 @@ void fwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::
           for (int64_t i = 0; i < nb; ++i) {
             const A p = std::exp(blk.s[i] - m[n]);
             l[n] += p;
-            k.axpby(w.Dvp, p, blk.vb.data() + i * w.Dvp, A(1), an);
+            if (!sc) k.axpby(w.Dvp, p, blk.vb.data() + i * w.Dvp, A(1), an);
           }
         }
+      }
+      if (sc) {
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t r = b * N + n;
+          if (!softmax) {
+            ls[r] = A(0);
+            continue;
+          }
+          // l == 0: an empty row (weights 0, lse -inf); a NaN l propagates like the pooling's.
+          const bool empty = l[n] == A(0);
+          const A inv = empty ? A(0) : A(1) / l[n];
+          for (int64_t i = 0; i < cnt; ++i) {
+            A& x = sc[si.at(b, n, pos[i])];
+            x = empty ? A(0) : std::exp(x - m[n]) * inv;
+          }
+          ls[r] = empty ? -std::numeric_limits<A>::infinity() : m[n] + std::log(l[n]);
+        }
+        continue;
       }
       for (int64_t n = 0; n < N; ++n) {
         const int64_t r = b * N + n;
@@ -504,6 +538,33 @@ std::tuple<at::Tensor, at::Tensor> activation_unit_pool_fwd_cpu(
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> activation_unit_scores_fwd_cpu(
+    const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& offsets, int64_t max_length,
+    const at::Tensor& w1, const at::Tensor& b1, const std::optional<at::Tensor>& w2,
+    const std::optional<at::Tensor>& b2, const at::Tensor& w_out, const at::Tensor& b_out,
+    const std::optional<at::Tensor>& act1, const std::optional<at::Tensor>& act2, c10::string_view activation,
+    bool softmax) {
+  const AuDims d = check_activation_unit_fwd(query, key, key, lengths, mask, offsets, max_length, w1, b1, w2, b2,
+                                             w_out, b_out, act1, act2, std::string(activation));
+  TORCH_CHECK_VALUE(query.device().is_cpu(), "attnkern: the CPU kernel needs CPU tensors, got ", query.device());
+  const Rows rows = make_rows(d, lengths, mask, offsets, max_length);
+  const auto acc = acc_type(query.scalar_type());
+  // Zeros first: the kernel writes only the positions that take part in a row.
+  at::Tensor scores = d.jagged ? at::zeros({d.L, d.N}, query.options().dtype(acc))
+                               : at::zeros({d.B, d.N, d.L}, query.options().dtype(acc));
+  at::Tensor lse = at::empty({d.B, d.N}, query.options().dtype(acc));
+  if (d.B == 0) return {scores, lse};
+  const at::Tensor qa = query.to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "activation_unit_scores_fwd_cpu",
+                                  [&] {
+    using A = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    const Weights<A> w = prepare<A>(d, w1, b1, w2, b2, w_out, b_out, act1, act2);
+    fwd_impl<scalar_t, A>(d, w, rows, qa, key, key, softmax, scores, lse, scores.data_ptr<A>());
+  });
+  return {scores, lse};
+}
+
 using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                              at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -598,4 +659,5 @@ BwdResult activation_unit_pool_bwd_cpu(
 TORCH_LIBRARY_IMPL(attnkern, CPU, m) {
   m.impl("activation_unit_pool_fwd", &attnkern::cpu::activation_unit_pool_fwd_cpu);
   m.impl("activation_unit_pool_bwd", &attnkern::cpu::activation_unit_pool_bwd_cpu);
+  m.impl("activation_unit_scores_fwd", &attnkern::cpu::activation_unit_scores_fwd_cpu);
 }

@@ -146,6 +146,38 @@ std::tuple<at::Tensor, at::Tensor> activation_unit_pool_fwd_cuda(
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> activation_unit_scores_fwd_cuda(
+    const at::Tensor& query, const at::Tensor& key, const OptT& lengths, const OptT& mask,
+    const OptT& offsets, int64_t max_length, const at::Tensor& w1, const at::Tensor& b1,
+    const OptT& w2, const OptT& b2, const at::Tensor& w_out, const at::Tensor& b_out,
+    const OptT& act1, const OptT& act2, c10::string_view activation, bool softmax) {
+  const AuDims d = check_fwd_cuda(query, key, key, lengths, mask, offsets, max_length, w1, b1, w2,
+                                  b2, w_out, b_out, act1, act2, activation);
+  cuda_launch::DeviceGuard guard(query.device());
+  // Zeros first: the kernel writes only the positions that take part in a row.
+  auto scores = d.jagged ? at::zeros({d.L, d.N}, query.options().dtype(at::kFloat))
+                         : at::zeros({d.B, d.N, d.L}, query.options().dtype(at::kFloat));
+  auto lse = at::empty({d.B, d.N}, query.options().dtype(at::kFloat));
+  if (d.B == 0 || d.N == 0) return {scores, lse};
+  Prepared r = prepare(d, query, key, key, lengths, mask, offsets, max_length, w1, b1, w2, b2,
+                       w_out, b_out, act1, act2, softmax);
+  r.p.Dv = 0;  // no values: the pass ends at the scores
+  kc::AuScores sc;
+  sc.ptr = scores.data_ptr<float>();
+  if (d.jagged) {
+    sc.sn = 1;
+    sc.sl = d.N;
+  } else {
+    sc.sb = d.N * d.L;
+    sc.sn = d.L;
+    sc.sl = 1;
+  }
+  ATTNKERN_CUDA_CHECK(kc::launch_au_fwd(r.p, lse.data_ptr<float>(), lse.data_ptr<float>(),
+                                        cuda_launch::max_smem(), cuda_launch::num_sms(),
+                                        cuda_launch::current_stream(), sc));
+  return {scores, lse};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 activation_unit_pool_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& query,
@@ -232,4 +264,5 @@ activation_unit_pool_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& quer
 TORCH_LIBRARY_IMPL(attnkern, ATTNKERN_CUDA_KEY, m) {
   m.impl(ATTNKERN_CUDA_OP("activation_unit_pool_fwd"), &attnkern::activation_unit_pool_fwd_cuda);
   m.impl(ATTNKERN_CUDA_OP("activation_unit_pool_bwd"), &attnkern::activation_unit_pool_bwd_cuda);
+  m.impl(ATTNKERN_CUDA_OP("activation_unit_scores_fwd"), &attnkern::activation_unit_scores_fwd_cuda);
 }

@@ -18,7 +18,8 @@ namespace {
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) au_fwd_kernel(const AuProblem p, float* out,
-                                                          float* lse, int tl, bool m_smem) {
+                                                          float* lse, int tl, bool m_smem,
+                                                          const AuScores sc) {
   extern __shared__ float4 au_fwd_smem[];
   AuFwdSmem s;
   au_fwd_layout(p, tl, m_smem, reinterpret_cast<float*>(au_fwd_smem), &s);
@@ -69,6 +70,11 @@ __global__ void __launch_bounds__(kThreads) au_fwd_kernel(const AuProblem p, flo
         if (lane == 0) s.s[l] = sc;
       }
       __syncthreads();
+      if (sc.ptr != nullptr) {
+        float* srow = sc.ptr + b * sc.sb + n * sc.sn + (rr.start + t0) * sc.sl;
+        for (int l = threadIdx.x; l < tl; l += blockDim.x)
+          if (s.valid[l] != 0.f) srow[l * sc.sl] = s.s[l];
+      }
 
       // Phase 3: pool the tile's values (read straight from global memory, coalesced over d).
       if (p.softmax) {
@@ -125,6 +131,18 @@ __global__ void __launch_bounds__(kThreads) au_fwd_kernel(const AuProblem p, flo
       if (d < p.Dv) o[d] = acc[i] * inv;
     }
     if (threadIdx.x == 0) lse[item] = row_lse;
+    if (sc.ptr != nullptr && p.softmax) {
+      // Phase 5 (scores with softmax): the row's written scores become their weights. The
+      // barrier makes every thread's stores of phase 2 visible to the whole block.
+      __syncthreads();
+      const float shift = m_run == -INFINITY ? 0.f : m_run;
+      float* srow = sc.ptr + b * sc.sb + n * sc.sn + rr.start * sc.sl;
+      for (int64_t pos = threadIdx.x; pos < rr.len; pos += blockDim.x) {
+        if (!position_valid(p.rows, b, pos)) continue;
+        float& x = srow[pos * sc.sl];
+        x = inv != 0.f ? exp2f(x * kLog2e - shift) * inv : 0.f;
+      }
+    }
   }
 }
 
@@ -132,7 +150,7 @@ __global__ void __launch_bounds__(kThreads) au_fwd_kernel(const AuProblem p, flo
 }  // namespace detail
 
 cudaError_t launch_au_fwd(const AuProblem& p, float* out, float* lse, int64_t max_smem,
-                          int num_sms, cudaStream_t stream) {
+                          int num_sms, cudaStream_t stream, const AuScores& scores) {
   using namespace detail;
   if (p.B * p.N == 0) return cudaSuccess;
   AuLaunch l;
@@ -150,7 +168,7 @@ cudaError_t launch_au_fwd(const AuProblem& p, float* out, float* lse, int64_t ma
                             &kernel);
     if (err != cudaSuccess) return;
     kernel<<<static_cast<unsigned>(blocks), kThreads, l.bytes, stream>>>(p, out, lse, l.tl,
-                                                                          l.m_smem);
+                                                                          l.m_smem, scores);
     err = cudaGetLastError();
   });
   return err;

@@ -51,8 +51,17 @@ struct AuProblem {
 // out [B, N, Dv] contiguous float32 (unrounded: the autograd forms delta from it); lse [B, N]
 // contiguous float32 (log-sum-exp of the scores with softmax, -inf on empty rows; 0 without).
 // max_smem: the device's opt-in shared memory per block in bytes.
+// Scores mode (attnkern::activation_unit_scores_fwd): ptr null = pooling. Otherwise the block
+// writes each valid position's weight (raw score, or with softmax exp(s - lse)) to
+// ptr[b * sb + n * sn + pos * sl] (pos: the key row, jagged sb = 0) instead of pooling values;
+// p.Dv must be 0 (out is not written) and the caller zero-fills the other positions.
+struct AuScores {
+  float* ptr = nullptr;
+  int64_t sb = 0, sn = 0, sl = 0;
+};
+
 cudaError_t launch_au_fwd(const AuProblem& p, float* out, float* lse, int64_t max_smem,
-                          int num_sms, cudaStream_t stream);
+                          int num_sms, cudaStream_t stream, const AuScores& scores = AuScores());
 
 // Scratch of the backward: per-block partial weight gradients (fp32), summed by the caller
 // over blocks in a fixed order. Layout (blocks G = au_bwd_blocks()):
