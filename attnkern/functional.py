@@ -14,6 +14,7 @@ from .ops.availability import cuda_emulated, triton_interpret
 from .ops.quant import QUANT_FWD, quant_op
 from .ops.schemas import TRITON_PREFIX
 from .ops.weights import weights_kernels_missing, weights_op
+from .ops.dice_statistics import DICE_KERNELS, dice_statistics_op
 from .reference import (_masked_softmax_parts, activation_unit_pool_ref, activation_unit_weights_ref,
                         attention_pool_quant_ref, attention_pool_ref, attention_weights_ref,
                         masked_scores_ref, padded_valid, token_rows)
@@ -554,6 +555,7 @@ def dice_batch_statistics(
     dice_bias: Optional[Sequence[torch.Tensor]] = None,
     eps: float = 1e-8,
     positions: str = "all",
+    backend: str = "auto",
 ) -> list:
     """Dice's batch statistics in training: per hidden layer of `activation_unit_pool`'s MLP,
     the mean and the biased variance of that layer's pre-activation per unit, over every
@@ -568,7 +570,9 @@ def dice_batch_statistics(
     ``positions``: "all" counts every padded position [B, L] of the padded layout, padding
     included, as FuxiCTR's ``DIN_Attention`` and DeepCTR-Torch's ``LocalActivationUnit`` do
     (they apply their MLP to all B * L positions); "valid" counts only the valid ones. The
-    jagged layout has no padding: both count its T rows.
+    jagged layout has no padding: both count its T rows. ``backend``: "cpu" (and "auto" for CPU
+    tensors) runs the fused kernel (attnkern::dice_statistics_fwd/_bwd: float64 accumulators, a
+    fixed order, nothing [B, L, units] formed); any other backend the torch ops below.
 
     Returns [(mean [H], var [H], count)] per hidden layer, in the compute dtype (float32;
     float64 for float64 inputs); count is the number of samples (a Python int for "all" and
@@ -590,6 +594,9 @@ def dice_batch_statistics(
         if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence) or len(seq) != len(hidden):
             raise ValueError("%s must hold one [H] tensor per hidden layer (%d)" % (name, len(hidden)))
     cdt = _compute_dtype(query.dtype)
+    if _resolve(backend, query) == "cpu" and DICE_KERNELS:
+        return _fused_dice_statistics(prob, hidden, biases, dice_alpha, dice_weight, dice_bias, eps,
+                                      positions, cdt)
     q = a["query"].to(cdt)                                     # [B, N, E]
     B, N, E = q.shape
     if prob.layout == "jagged":
@@ -630,6 +637,38 @@ def dice_batch_statistics(
                               None if dice_weight is None else dice_weight[i].to(cdt),
                               None if dice_bias is None else dice_bias[i].to(cdt))
             h = activate(h, "dice", act)
+    return stats
+
+
+def _fused_dice_statistics(prob, hidden, biases, dice_alpha, dice_weight, dice_bias, eps, positions, cdt):
+    """dice_batch_statistics on the fused CPU op: one pass per hidden layer (the second layer's
+    recomputes the first, whose Dice parameters it takes from the first pass's statistics)."""
+    from .reference import dice_params
+
+    a = prob.args
+    B, N = a["query"].shape[:2]
+    every = positions == "all" and prob.layout == "padded"
+    if every:
+        count = B * N * a["key"].shape[1]
+    elif prob.layout == "jagged":
+        count = int(a["offsets"][-1] - a["offsets"][0]) * N
+    elif a["lengths"] is not None:
+        count = a["lengths"].sum() * N
+    elif a["mask"] is not None:
+        count = a["mask"].sum() * N
+    else:
+        count = B * N * a["key"].shape[1]
+    common = (a["query"], a["key"], a["lengths"], a["mask"], a["offsets"], a["max_length"], every,
+              hidden[0], biases[0])
+    op = dice_statistics_op()
+    mean, var = op(*common, None, None, None)
+    stats = [(mean, var, count)]
+    if len(hidden) == 2:
+        act = dice_params(dice_alpha[0].to(cdt), mean, var, eps,
+                          None if dice_weight is None else dice_weight[0].to(cdt),
+                          None if dice_bias is None else dice_bias[0].to(cdt))
+        mean, var = op(*common, act.to(a["query"].dtype), hidden[1], biases[1])
+        stats.append((mean, var, count))
     return stats
 
 

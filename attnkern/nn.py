@@ -706,7 +706,7 @@ class ActivationUnitPooling(nn.Module):
                 query, keys, weights, lengths, mask=mask, offsets=offsets, max_length=max_length,
                 dice_alpha=list(self.dice_alpha), dice_weight=list(self.dice_weight) if affine else None,
                 dice_bias=list(self.dice_bias) if affine else None, eps=self.dice_eps,
-                positions=self.dice_statistics)
+                positions=self.dice_statistics, backend=self.backend)
             count = stats[0][2]
             # A host read only where the count is data-dependent ("valid", jagged).
             n = count if isinstance(count, int) else int(count.item())

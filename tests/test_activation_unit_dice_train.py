@@ -5,6 +5,10 @@ and DeepCTR-Torch's AttentionSequencePoolingLayer in tests/test_activation_unit_
 Dice: a BatchNorm1d over every padded position), in train() and eval() mode; and a short
 training run of TargetAttentionCTR(pooling="din", activation="dice")."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -200,3 +204,146 @@ def test_din_model_trains_with_dice():
     # the rule, not the rate.
     p = label.mean()
     assert loss.item() < 0.6 * -(p * p.log() + (1 - p) * (1 - p).log()).item()
+
+
+# ---- the fused statistics kernel (attnkern::dice_statistics_fwd/_bwd) against the torch ops ----
+
+_CPU = attnkern.backends()["cpu"].available
+needs_cpu = pytest.mark.skipif(not _CPU, reason="the C++ extension is not built")
+
+
+def _stats_problem(seed, layout, N, units, dtype, affine=False, E=5, shift=0.0):
+    """A batch with an empty row, a full one and random padding, the MLP's layers and Dice's
+    parameters; layout "lengths" / "mask" (padded) or "jagged"."""
+    gen = torch.Generator().manual_seed(seed)
+    B, L = 5, 9
+    lengths = torch.tensor([0, 1, L, 4, 6])
+    q = (torch.randn(B, N, E, generator=gen) + shift).to(dtype)
+    k = (torch.randn(B, L, E, generator=gen) + shift).to(dtype)
+    widths = (4 * E,) + tuple(units)
+    weights = [((torch.randn(widths[i + 1], widths[i], generator=gen) * 0.4).to(dtype),
+                (torch.randn(widths[i + 1], generator=gen) * 0.4).to(dtype)) for i in range(len(units))]
+    weights.append((torch.randn(1, units[-1], generator=gen).to(dtype), torch.zeros(1, dtype=dtype)))
+    dice = dict(dice_alpha=[(torch.randn(h, generator=gen) * 0.5).to(dtype) for h in units])
+    if affine:
+        dice["dice_weight"] = [(1 + 0.3 * torch.randn(h, generator=gen)).to(dtype) for h in units]
+        dice["dice_bias"] = [(0.3 * torch.randn(h, generator=gen)).to(dtype) for h in units]
+    if layout == "jagged":
+        valid = torch.arange(L)[None, :] < lengths[:, None]
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        return q, k[valid], dict(offsets=offsets), weights, dice
+    if layout == "mask":
+        return q, k, dict(mask=torch.rand(B, L, generator=gen) < 0.6), weights, dice
+    return q, k, dict(lengths=lengths), weights, dice
+
+
+def _leaves(q, k, weights, dice):
+    ts = [q, k] + [t for pair in weights[:-1] for t in pair] + [t for seq in dice.values() for t in seq]
+    return [t.detach().clone().requires_grad_(True) for t in ts]
+
+
+def _stats_and_grads(backend, q, k, kw, weights, dice, positions, eps=1e-6):
+    """The statistics and the gradients of a random linear function of them w.r.t. every input."""
+    leaves = _leaves(q, k, weights, dice)
+    q, k = leaves[:2]
+    nl = len(weights) - 1
+    w = [(leaves[2 + 2 * i], leaves[3 + 2 * i]) for i in range(nl)] + [weights[-1]]
+    rest = iter(leaves[2 + 2 * nl:])
+    d = {name: [next(rest) for _ in seq] for name, seq in dice.items()}
+    stats = dice_batch_statistics(q, k, w, **kw, **d, eps=eps, positions=positions, backend=backend)
+    gen = torch.Generator().manual_seed(11)
+    loss = sum((m * torch.randn(m.shape, generator=gen, dtype=m.dtype)).sum()
+               + (v * torch.randn(v.shape, generator=gen, dtype=v.dtype)).sum() for m, v, _ in stats)
+    # The last layer's Dice parameters do not enter its own statistics: zero gradients.
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return stats, [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+
+
+@needs_cpu
+@pytest.mark.parametrize("layout,positions", [("lengths", "all"), ("mask", "valid"), ("jagged", "valid")])
+@pytest.mark.parametrize("units,N", [((7,), 1), ((6, 3), 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_statistics_match_the_torch_ops(layout, positions, units, N, dtype):
+    q, k, kw, weights, dice = _stats_problem(20, layout, N, units, dtype, affine=N == 2)
+    want, gw = _stats_and_grads("reference", q, k, kw, weights, dice, positions)
+    got, gg = _stats_and_grads("cpu", q, k, kw, weights, dice, positions)
+    tol = dict(atol=1e-10, rtol=1e-9) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+    for (mg, vg, ng), (mw, vw, nw) in zip(got, want):
+        assert mg.dtype == mw.dtype and int(ng) == int(nw)
+        torch.testing.assert_close(mg, mw, **tol)
+        torch.testing.assert_close(vg, vw, **tol)
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a, b, **tol)
+    if layout == "lengths":
+        # Positions outside the rows are counted ("all"): their keys get a gradient too.
+        assert (gg[1][0] != 0).all()
+
+
+@needs_cpu
+def test_fused_statistics_keep_the_variance_of_a_large_mean():
+    # Pre-activations with mean ~1e3 times their spread: E[z^2] - E[z]^2 in float32 would lose
+    # every digit of the variance; the block moments merged in float64 keep it.
+    q, k, kw, weights, dice = _stats_problem(21, "lengths", 1, (4,), torch.float32, E=3)
+    weights[0] = (weights[0][0], weights[0][1] + 3e3)
+    q64, k64 = q.double(), k.double()
+    w64 = [(w.double(), b.double()) for w, b in weights]
+    want = dice_batch_statistics(q64, k64, w64, **kw, **dice, backend="reference")[0]
+    got = dice_batch_statistics(q, k, weights, **kw, **dice, backend="cpu")[0]
+    assert (want[0].abs() / want[1].sqrt()).min() > 100
+    torch.testing.assert_close(got[1].double(), want[1], atol=0, rtol=1e-3)
+
+
+@needs_cpu
+def test_fused_statistics_do_not_depend_on_the_thread_count():
+    q, k, kw, weights, dice = _stats_problem(22, "mask", 2, (6, 3), torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            runs.append(_stats_and_grads("cpu", q, k, kw, weights, dice, "valid"))
+    finally:
+        torch.set_num_threads(threads)
+    (s1, g1), (s2, g2) = runs
+    for a, b in zip([t for m, v, _ in s1 for t in (m, v)] + list(g1), [t for m, v, _ in s2 for t in (m, v)] + list(g2)):
+        assert torch.equal(a, b)
+
+
+@needs_cpu
+def test_fused_statistics_gradcheck_and_opcheck():
+    from attnkern.ops.dice_statistics import dice_statistics_op
+
+    q, k, kw, weights, dice = _stats_problem(23, "lengths", 2, (4, 3), torch.float64, E=3)
+    (w1, b1), (w2, b2) = weights[:2]
+    act1 = torch.randn(3, 4, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, w1, b1, act1, w2, b2)]
+    for all_pos in (True, False):
+        def f(q, k, w1, b1, act1, w2, b2):
+            return dice_statistics_op()(q, k, kw["lengths"], None, None, -1, all_pos, w1, b1, act1, w2, b2)
+        assert torch.autograd.gradcheck(f, leaves)
+    op = dice_statistics_op()
+    torch.library.opcheck(op, (q.float(), k.float(), kw["lengths"], None, None, -1, False, w1.float(), b1.float(),
+                               act1.float(), w2.float(), b2.float()))
+    torch.library.opcheck(op, (q, k, None, None, None, -1, True, w1, b1, None, None, None))
+
+
+@needs_cpu
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_fused_statistics_every_isa_path(isa):
+    """The activation unit's block kernels of each instruction set (ATTNKERN_CPU_ISA, chosen once
+    per process) in a subprocess; 40 units leave a column panel of one AVX-512 vector."""
+    code = (
+        "import torch, attnkern, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from test_activation_unit_dice_train import _stats_problem, _stats_and_grads\n"
+        "for units in ((40,), (7, 20)):\n"
+        "    q, k, kw, w, d = _stats_problem(24, 'lengths', 2, units, torch.float32, affine=True)\n"
+        "    (sw, gw), (sg, gg) = [_stats_and_grads(b, q, k, kw, w, d, 'valid') for b in ('reference', 'cpu')]\n"
+        "    for a, b in zip([t for m, v, _ in sg for t in (m, v)] + list(gg), [t for m, v, _ in sw for t in (m, v)] + list(gw)):\n"
+        "        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, ATTNKERN_CPU_ISA=isa)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]

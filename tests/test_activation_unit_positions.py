@@ -133,3 +133,72 @@ def test_position_query_inputs_rejects_bad_shapes():
         position_query_inputs(k[:, :2], k, w)
     with pytest.raises(ValueError, match=r"weights\[0\] weight must be \[units, 4E\]"):
         position_query_inputs(k, k, [(torch.randn(5, 12), None), (torch.randn(1, 5), None)])
+
+
+class DMRUser2ItemNet(nn.Module):
+    """DMR's User2ItemNet without context features (its default): query_l = ReLU(W_q pos_emb[l]),
+    raw scores s_l of the activation unit, history row i attends with softmax(s) to the valid
+    positions j <= i and to itself (its causal mask's diagonal, valid or not);
+    user_i = ReLU(W_o sum_j p_ij seq_j). Returns rel_u2i = <user_{L-1}, target> and user_{L-2}
+    (the auxiliary loss's)."""
+
+    def __init__(self, E, L, pos_emb_dim=8):
+        super().__init__()
+        self.pos_emb = nn.Parameter(torch.randn(L, pos_emb_dim) * 0.5)
+        self.W_q = nn.Sequential(nn.Linear(pos_emb_dim, E), nn.ReLU())
+        self.attn_mlp = _mlp(E)
+        self.W_o = nn.Sequential(nn.Linear(E, E), nn.ReLU())
+
+    def position_query(self, batch):
+        return self.W_q(self.pos_emb.unsqueeze(0).expand(batch, -1, -1))
+
+    def forward(self, target_emb, sequence_emb, mask):
+        B, L, E = sequence_emb.shape
+        q = self.position_query(B)
+        x = torch.cat([q, sequence_emb, q - sequence_emb, q * sequence_emb], dim=-1)
+        s = self.attn_mlp(x.view(-1, 4 * E)).view(-1, L)
+        attn_mask = mask.unsqueeze(1).repeat(1, L, 1) & torch.tril(torch.ones(L, L)).bool()
+        attn_mask = attn_mask | torch.eye(L).bool()
+        p = s.unsqueeze(1).repeat(1, L, 1).masked_fill(~attn_mask, -1.e9).softmax(dim=-1)
+        user = self.W_o(torch.bmm(p, sequence_emb))
+        return (user[:, -1] * target_emb).sum(-1, keepdim=True), user[:, -2]
+
+
+def user2item(u2i, pool, target_emb, sequence_emb, mask):
+    """The recipe (docs/recipes.md): the two rows DMR reads, each the position-query unit with
+    softmax over its causal row's positions."""
+    B, L, _ = sequence_emb.shape
+    q_pos = u2i.position_query(B)
+    pos = torch.arange(L)
+    rows = []
+    for i in (L - 1, L - 2):
+        valid = (mask & (pos <= i)) | (pos == i)
+        rows.append(u2i.W_o(pool.forward_positions(q_pos, sequence_emb, mask=valid)))
+    return (rows[0] * target_emb).sum(-1, keepdim=True), rows[1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dmr_user2item_causal_rows(backend):
+    gen = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
+    B, L, E = 5, 6, 8
+    zoo = DMRUser2ItemNet(E, L).double()
+    ours = ActivationUnitPooling(E, (80, 40), "ReLU", "softmax", backend=backend).double()
+    ours.load_mlp_([m for m in zoo.attn_mlp if isinstance(m, nn.Linear)])
+    target = torch.randn(B, E, generator=gen, dtype=torch.double, requires_grad=True)
+    seq = torch.randn(B, L, E, generator=gen, dtype=torch.double, requires_grad=True)
+    # Padding on either side, and an empty history (the causal diagonal still attends).
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1], [1, 1, 0, 0, 0, 0],
+                         [1, 0, 1, 1, 0, 1]], dtype=torch.bool)
+    want_rel, want_aux = zoo(target, seq, mask)
+    got_rel, got_aux = user2item(zoo, ours, target, seq, mask)
+    torch.testing.assert_close(got_rel, want_rel, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got_aux, want_aux, atol=1e-12, rtol=1e-12)
+    inputs = [target, seq, zoo.pos_emb] + [p for m in (zoo.W_q[0], zoo.W_o[0]) for p in (m.weight, m.bias)]
+    mlp_zoo = [p for m in zoo.attn_mlp if isinstance(m, nn.Linear) for p in (m.weight, m.bias)]
+    mlp_ours = [p for m in list(ours.hidden) + [ours.out] for p in (m.weight, m.bias)]
+    r = torch.randn(want_aux.shape, generator=gen, dtype=torch.double)
+    gz = torch.autograd.grad(want_rel.sum() + (want_aux * r).sum(), inputs + mlp_zoo)
+    go = torch.autograd.grad(got_rel.sum() + (got_aux * r).sum(), inputs + mlp_ours)
+    for a, b in zip(gz, go):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)
