@@ -205,17 +205,27 @@ inline BlockState block_state(const RowMask& rm, const int64_t* iv, int64_t i0, 
   return !any ? kEmpty : (all ? kFull : kPartial);
 }
 
-inline int64_t time_bucket(const SeqParams& p, int64_t dt) {
-  const uint64_t a = dt < 0 ? uint64_t(0) - uint64_t(dt) : uint64_t(dt);
-  int64_t lo = 0, hi = p.NB - 1;
+// bucket(dt) of a gap |dt| = a: the number of time_bounds <= a, between the buckets of a's
+// cell and of the next one (one compare for the log buckets, a short binary search where a
+// cell spans several buckets).
+inline int32_t time_bucket(const SeqParams& p, uint64_t a) {
+  const int64_t cell = seq_time_cell(a);
+  int32_t lo = p.time_cells[cell], hi = p.time_cells[cell + 1];
+  if (hi - lo <= 1) return lo + int32_t(p.time_ubounds[lo] <= a);
   while (lo < hi) {
-    const int64_t mid = (lo + hi) >> 1;
-    if (uint64_t(p.time_bounds[mid]) <= a)
+    const int32_t mid = (lo + hi) >> 1;
+    if (p.time_ubounds[mid] <= a)
       lo = mid + 1;
     else
       hi = mid;
   }
   return lo;
+}
+
+// |qt - kt| with the int64 difference wrapping as in the reference.
+inline uint64_t time_gap(int64_t qt, int64_t kt) {
+  const uint64_t d = uint64_t(qt) - uint64_t(kt);
+  return int64_t(d) < 0 ? uint64_t(0) - d : d;
 }
 
 // Whether qt - kt is exact in int64 (no wraparound).
@@ -224,15 +234,33 @@ inline bool gap_fits(int64_t qt, int64_t kt) {
   return d > -(__int128(1) << 63) && d < (__int128(1) << 63);
 }
 
-// The buckets of one query against keys sorted by time, their gaps fitting int64: |qt - kt|
-// does not increase up to the last key at or before qt and increases after it, so the buckets
-// come in runs, each ended where a binary search over the keys' times says.
-inline void bucket_runs(const SeqParams& p, const int64_t* kt, int64_t nk, int64_t qt, int32_t* out) {
+// The time buckets of one query against a block's keys, as runs of keys sharing a bucket:
+// runs[2 x] = the run's end (exclusive; the last ends at nk), runs[2 x + 1] = its bucket. The
+// bias and its gradient then cost a few vector operations per run, not one gather per pair.
+// Keys sorted by time with gaps fitting int64: |qt - kt| does not increase up to the last key
+// at or before qt and increases after it, so each run ends where a binary search over the
+// keys' times says; otherwise the keys are walked one by one.
+inline void bucket_runs(const SeqParams& p, const int64_t* kt, int64_t nk, int64_t qt, bool sorted, int32_t* runs) {
   using I = __int128;
-  int64_t c = 0;
+  int64_t c = 0, x = 0;
+  if (!sorted) {
+    int32_t cur = time_bucket(p, time_gap(qt, kt[0]));
+    for (c = 1; c < nk; ++c) {
+      const int32_t b = time_bucket(p, time_gap(qt, kt[c]));
+      if (b != cur) {
+        runs[2 * x] = int32_t(c);
+        runs[2 * x + 1] = cur;
+        ++x;
+        cur = b;
+      }
+    }
+    runs[2 * x] = int32_t(nk);
+    runs[2 * x + 1] = cur;
+    return;
+  }
   while (c < nk) {
     const int64_t dt = qt - kt[c];
-    const int64_t b = time_bucket(p, dt);
+    const int32_t b = time_bucket(p, time_gap(qt, kt[c]));
     // the run: keys with kt <= lim (before qt: |dt| stays >= the bucket's lower bound) or
     // kt < lim (after qt: |dt| stays below its upper bound)
     const bool before = dt >= 0;
@@ -249,18 +277,20 @@ inline void bucket_runs(const SeqParams& p, const int64_t* kt, int64_t nk, int64
       else
         hi = mid;
     }
-    for (int64_t x = c; x < lo; ++x) out[x] = int32_t(b);
+    runs[2 * x] = int32_t(lo);
+    runs[2 * x + 1] = b;
+    ++x;
     c = lo;
   }
 }
 
-// Per block pair: the flags valid[r * BK + c] (1 or 0, partial blocks only) and the time
-// buckets.
+// Per block pair: the flags valid[r * BK + c] (1 or 0, partial blocks only) and each row's
+// time-bucket runs at runs + r * 2 * kSeqBK.
 template <class A>
 struct BlockInfo {
   BlockState state;
   A* valid;
-  int32_t* bucket;
+  int32_t* runs;
 };
 
 template <class A>
@@ -275,30 +305,17 @@ inline void fill_block(const SeqParams& p, const RowMask& rm, int64_t s0, int64_
   for (int64_t c = 1; c < nk; ++c) sorted = sorted && kt[c - 1] <= kt[c];
   for (int64_t r = 0; r < nq; ++r) {
     const int64_t qt = p.query_times[s0 + i0 + r];
-    int32_t* out = bi.bucket + r * kSeqBK;
-    if (sorted && gap_fits(qt, kt[0]) && gap_fits(qt, kt[nk - 1])) {
-      bucket_runs(p, kt, nk, qt, out);
-      continue;
-    }
-    // Unsorted keys: a binary search for the first key, then a walk from the previous key's
-    // bucket, a step or two per key where the times change slowly along the row.
-    int64_t bk = time_bucket(p, qt - kt[0]);
-    for (int64_t c = 0; c < nk; ++c) {
-      const int64_t dt = qt - kt[c];
-      const uint64_t a = dt < 0 ? uint64_t(0) - uint64_t(dt) : uint64_t(dt);
-      while (bk < p.NB - 1 && uint64_t(p.time_bounds[bk]) <= a) ++bk;
-      while (bk > 0 && uint64_t(p.time_bounds[bk - 1]) > a) --bk;
-      out[c] = int32_t(bk);
-    }
+    const bool fits = gap_fits(qt, kt[0]) && gap_fits(qt, kt[nk - 1]);
+    bucket_runs(p, kt, nk, qt, sorted && fits, bi.runs + r * 2 * kSeqBK);
   }
 }
 
-// Whether the W buckets at b are one.
-template <int W>
-inline bool uniform(const int32_t* b) {
-  bool same = true;
-  for (int x = 1; x < W; ++x) same = same && b[x] == b[0];
-  return same;
+// The lanes of vector c0 / W.. inside [c0, c1) (idx: 0, 1, .., kSeqBK - 1 as A) of v, 0 elsewhere.
+template <class V>
+inline V in_run(const typename V::A* idx, int64_t c, int64_t c0, int64_t c1, V v) {
+  using A = typename V::A;
+  const V i = V::load(idx + c);
+  return V::select(V::ge(i, V::set1(A(c0))), V::select(V::lt(i, V::set1(A(c1))), v, V::zero()), V::zero());
 }
 
 inline int64_t table_head(const SeqParams& p, int64_t h) { return p.Hb == p.H ? h : 0; }
@@ -310,7 +327,7 @@ inline bool has_tables(const SeqParams& p) { return p.time_table || p.position_t
 // diag[c - r + kSeqBQ - 1] that of pair (r, c).
 template <class V>
 inline void bias_tile(const SeqParams& p, const BlockInfo<typename V::A>& bi, int64_t hb, int64_t i0, int64_t nq,
-                      int64_t j0, int64_t nk, typename V::A* diag, typename V::A* BT) {
+                      int64_t j0, int64_t nk, const typename V::A* idx, typename V::A* diag, typename V::A* BT) {
   using A = typename V::A;
   const A* tt = static_cast<const A*>(p.time_table);
   const A* pt = static_cast<const A*>(p.position_table);
@@ -329,16 +346,15 @@ inline void bias_tile(const SeqParams& p, const BlockInfo<typename V::A>& bi, in
       for (int64_t c = 0; c < kSeqBK; c += V::W) V::zero().store(row + c);
     }
     if (tt) {
-      const int32_t* bk = bi.bucket + r * kSeqBK;
-      int64_t c = 0;
-      for (; c + V::W <= nk; c += V::W) {
-        if (uniform<V::W>(bk + c)) {
-          (V::load(row + c) + V::set1(tt[int64_t(bk[c]) * p.Hb + hb])).store(row + c);
-        } else {
-          for (int64_t x = c; x < c + V::W; ++x) row[x] += tt[int64_t(bk[x]) * p.Hb + hb];
+      const int32_t* runs = bi.runs + r * 2 * kSeqBK;
+      for (int64_t c0 = 0, x = 0; c0 < nk; c0 = runs[2 * x], ++x) {
+        const int64_t c1 = runs[2 * x];
+        const V t = V::set1(tt[int64_t(runs[2 * x + 1]) * p.Hb + hb]);
+        for (int64_t c = c0 - c0 % V::W; c < c1; c += V::W) {
+          const bool whole = c >= c0 && c + V::W <= c1;
+          (V::load(row + c) + (whole ? t : in_run<V>(idx, c, c0, c1, t))).store(row + c);
         }
       }
-      for (; c < nk; ++c) row[c] += tt[int64_t(bk[c]) * p.Hb + hb];
     }
   }
 }
@@ -377,8 +393,8 @@ inline void block_logits(const SeqParams& p, const BlockInfo<typename V::A>& bi,
 // nk) summed into gt / gp (this task's partial sums) at head column hb.
 template <class V>
 inline void scatter_tables(const SeqParams& p, const BlockInfo<typename V::A>& bi, const typename V::A* dS,
-                           int64_t hb, int64_t i0, int64_t nq, int64_t j0, int64_t nk, typename V::A* diag,
-                           typename V::A* gt, typename V::A* gp) {
+                           int64_t hb, int64_t i0, int64_t nq, int64_t j0, int64_t nk, const typename V::A* idx,
+                           typename V::A* diag, typename V::A* gt, typename V::A* gp) {
   using A = typename V::A;
   constexpr int W = V::W;
   if (gp) {
@@ -395,30 +411,18 @@ inline void scatter_tables(const SeqParams& p, const BlockInfo<typename V::A>& b
   }
   if (gt)
     for (int64_t r = 0; r < nq; ++r) {
-      // runs of one bucket summed in registers, a vector at a time where a vector's keys share
-      // the bucket: one table add per run, not per pair
-      const int32_t* bk = bi.bucket + r * kSeqBK;
+      // one table add per run of keys sharing a bucket
+      const int32_t* runs = bi.runs + r * 2 * kSeqBK;
       const A* ds = dS + r * kSeqBK;
-      int32_t cur = nk > 0 ? bk[0] : 0;
-      V run = V::zero();
-      A tail = A(0);
-      int64_t c = 0;
-      for (; c < nk; c += W) {
-        if (c + W <= nk && bk[c] == cur && uniform<W>(bk + c)) {
-          run = run + V::load(ds + c);
-          continue;
+      for (int64_t c0 = 0, x = 0; c0 < nk; c0 = runs[2 * x], ++x) {
+        const int64_t c1 = runs[2 * x];
+        V sum = V::zero();
+        for (int64_t c = c0 - c0 % W; c < c1; c += W) {
+          const V v = V::load(ds + c);
+          sum = sum + (c >= c0 && c + W <= c1 ? v : in_run<V>(idx, c, c0, c1, v));
         }
-        for (int64_t x = c; x < imin(c + W, nk); ++x) {
-          if (bk[x] != cur) {
-            gt[int64_t(cur) * p.Hb + hb] += run.reduce_add() + tail;
-            run = V::zero();
-            tail = A(0);
-            cur = bk[x];
-          }
-          tail += ds[x];
-        }
+        gt[int64_t(runs[2 * x + 1]) * p.Hb + hb] += sum.reduce_add();
       }
-      if (nk > 0) gt[int64_t(cur) * p.Hb + hb] += run.reduce_add() + tail;
     }
 }
 
@@ -442,8 +446,8 @@ inline A attn_scale_of(const SeqParams& p, int64_t t) {
 // strides and query-head group size G.
 template <class A>
 struct SeqWork {
-  A *KT, *VT, *S, *dP, *BT, *dsum, *diag, *valid, *m, *l;
-  int32_t* bucket;
+  A *KT, *VT, *S, *dP, *BT, *dsum, *diag, *valid, *m, *l, *idx;
+  int32_t* runs;
   int64_t* iv;
   const A *q, *k, *v;
   int64_t G, qs, ks, vs, os;
@@ -466,12 +470,14 @@ struct SeqWork {
     BT = dP + tile;
     dsum = BT + tile;
     valid = dsum + tile;
-    // an A-sized slot per int32 bucket
-    bucket = reinterpret_cast<int32_t*>(valid + tile);
-    diag = valid + 2 * tile;
+    // two A-sized slots per pair for the runs (two int32 per run, at most kSeqBK runs a row)
+    runs = reinterpret_cast<int32_t*>(valid + tile);
+    diag = valid + 3 * tile;
     m = diag + kSeqBQ + kSeqBK;
     l = m + p.H * kSeqBQ;
-    iv = reinterpret_cast<int64_t*>(l + p.H * kSeqBQ + 8);
+    idx = l + p.H * kSeqBQ;
+    for (int64_t c = 0; c < kSeqBK; ++c) idx[c] = A(c);
+    iv = reinterpret_cast<int64_t*>(idx + kSeqBK + 8);
     iv = reinterpret_cast<int64_t*>((reinterpret_cast<uintptr_t>(iv) + 7) & ~uintptr_t(7));
   }
 };
@@ -499,13 +505,13 @@ void seq_fwd_entry(const SeqParams& p, const int64_t* rows, const int64_t* q0s, 
     }
     for (int64_t j0 = 0; j0 < rm.n; j0 += kSeqBK) {
       const int64_t nk = imin(kSeqBK, rm.n - j0);
-      BlockInfo<A> bi{block_state(rm, w.iv, i0, nq, j0, nk), w.valid, w.bucket};
+      BlockInfo<A> bi{block_state(rm, w.iv, i0, nq, j0, nk), w.valid, w.runs};
       if (bi.state == kEmpty) continue;
       fill_block(p, rm, s0, i0, nq, j0, nk, bi);
       const A* BT = has_tables(p) ? w.BT : nullptr;
       for (int64_t h = 0; h < p.H; ++h) {
         const int64_t g = h / G;
-        if (BT && (h == 0 || p.Hb == p.H)) bias_tile<V>(p, bi, table_head(p, h), i0, nq, j0, nk, w.diag, w.BT);
+        if (BT && (h == 0 || p.Hb == p.H)) bias_tile<V>(p, bi, table_head(p, h), i0, nq, j0, nk, w.idx, w.diag, w.BT);
         transpose_block(k + (s0 + j0) * ks + g * p.Dk, ks, nk, p.Dk, w.KT);
         gemm_acc<V>(nq, kSeqBK, p.Dk, q + (s0 + i0) * qs + h * p.Dk, qs, 1, w.KT, kSeqBK, w.S, kSeqBK, false);
         block_logits<V>(p, bi, BT, b, h, i0, nq, j0, nk, w.S);
@@ -597,13 +603,13 @@ void seq_bwd_entry(const SeqParams& p, int64_t b, int64_t g0, int64_t g1, int64_
     for (int64_t r = 0; r < nq; ++r) rm.intervals(i0 + r, w.iv + 4 * r);
     for (int64_t j0 = 0; j0 < rm.n; j0 += kSeqBK) {
       const int64_t nk = imin(kSeqBK, rm.n - j0);
-      BlockInfo<A> bi{block_state(rm, w.iv, i0, nq, j0, nk), w.valid, w.bucket};
+      BlockInfo<A> bi{block_state(rm, w.iv, i0, nq, j0, nk), w.valid, w.runs};
       if (bi.state == kEmpty) continue;
       fill_block(p, rm, s0, i0, nq, j0, nk, bi);
       const A* BT = tables ? w.BT : nullptr;
       for (int64_t h = h0; h < h1; ++h) {
         const int64_t g = h / G, hb = table_head(p, h);
-        if (BT && (h == h0 || !shared_column)) bias_tile<V>(p, bi, hb, i0, nq, j0, nk, w.diag, w.BT);
+        if (BT && (h == h0 || !shared_column)) bias_tile<V>(p, bi, hb, i0, nq, j0, nk, w.idx, w.diag, w.BT);
         transpose_block(k + (s0 + j0) * ks + g * p.Dk, ks, nk, p.Dk, w.KT);
         transpose_block(v + (s0 + j0) * vs + g * p.Dv, vs, nk, p.Dv, w.VT);
         const A* qrow = q + (s0 + i0) * qs + h * p.Dk;
@@ -653,7 +659,7 @@ void seq_bwd_entry(const SeqParams& p, int64_t b, int64_t g0, int64_t g1, int64_
         }
         if (tables) {
           if (!shared_column) {
-            scatter_tables<V>(p, bi, w.dP, hb, i0, nq, j0, nk, w.diag, gt, gp);
+            scatter_tables<V>(p, bi, w.dP, hb, i0, nq, j0, nk, w.idx, w.diag, gt, gp);
           } else if (h == h0) {
             for (int64_t x = 0; x < nq * kSeqBK; x += W) V::load(w.dP + x).store(w.dsum + x);
           } else {
@@ -668,7 +674,7 @@ void seq_bwd_entry(const SeqParams& p, int64_t b, int64_t g0, int64_t g1, int64_
         gemm_acc<V>(nq, p.Dk, nk, w.dP, kSeqBK, 1, k + (s0 + j0) * ks + g * p.Dk, ks,
                     dq + (s0 + i0) * qs + h * p.Dk, qs, true);
       }
-      if (tables && shared_column && h1 > h0) scatter_tables<V>(p, bi, w.dsum, 0, i0, nq, j0, nk, w.diag, gt, gp);
+      if (tables && shared_column && h1 > h0) scatter_tables<V>(p, bi, w.dsum, 0, i0, nq, j0, nk, w.idx, w.diag, gt, gp);
     }
   }
 }

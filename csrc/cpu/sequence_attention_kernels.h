@@ -13,6 +13,23 @@ namespace cpu {
 constexpr int kSeqBQ = 64;
 constexpr int kSeqBK = 64;
 
+// |dt| cells for the time buckets: |dt| itself below 64, else its leading bit and the 6 bits
+// after it (a cell spans 1/64 of an octave, less than one log bucket of ln(1.35)).
+constexpr int64_t kSeqTimeCells = 64 + 58 * 64;
+
+inline int64_t seq_time_cell(uint64_t a) {
+  if (a < 64) return int64_t(a);
+  const int e = 63 - __builtin_clzll(a);
+  return 64 + int64_t(e - 6) * 64 + int64_t((a >> (e - 6)) & 63);
+}
+
+// The smallest |dt| of a cell.
+inline uint64_t seq_time_cell_start(int64_t cell) {
+  if (cell < 64) return uint64_t(cell);
+  const int e = int((cell - 64) / 64) + 6;
+  return (uint64_t(1) << e) | (uint64_t((cell - 64) % 64) << (e - 6));
+}
+
 // One call. Floating tensors are contiguous and in the accumulator type A (float, or double for
 // float64 inputs): the launcher converts 16-bit inputs once. Layout: docs/sequence_attention.md.
 struct SeqParams {
@@ -33,6 +50,11 @@ struct SeqParams {
   const void* time_table;      // [NB, Hb] or null
   const int64_t* time_bounds;  // [NB - 1]
   int64_t NB;
+  // From time_bounds (the launcher): time_cells[seq_time_cell(a)] <= bucket(a) <=
+  // time_cells[seq_time_cell(a) + 1] ([kSeqTimeCells + 1]), and the bounds as unsigned with
+  // UINT64_MAX appended ([NB]).
+  const int32_t* time_cells;
+  const uint64_t* time_ubounds;
   const void* position_table;  // [P, Hb] or null
   int64_t P;
   const void* bias;  // [B, Hb, L, L] or null
@@ -68,10 +90,10 @@ struct SeqKernels {
 // Workspace elements (of A) of one thread, for either direction.
 inline int64_t seq_workspace(const SeqParams& p) {
   const int64_t D = p.Dk > p.Dv ? p.Dk : p.Dv;
-  // KT, VT, S/P, dP/dS, the bias tile, the heads' dS sum, a valid flag and an A-sized bucket
-  // index per tile element, the diagonals, the row state (m, l per head) and the rows' key
-  // intervals (4 int64 per query).
-  return 2 * D * kSeqBK + 6 * int64_t(kSeqBQ) * kSeqBK + (kSeqBQ + kSeqBK) + 2 * p.H * kSeqBQ +
+  // KT, VT, S/P, dP/dS, the bias tile, the heads' dS sum, a valid flag and two A-sized
+  // slots per tile element (the time-bucket runs), the diagonals, the row state (m, l per
+  // head), the column indices and the rows' key intervals (4 int64 per query).
+  return 2 * D * kSeqBK + 7 * int64_t(kSeqBQ) * kSeqBK + (kSeqBQ + kSeqBK) + 2 * p.H * kSeqBQ + kSeqBK +
          8 * kSeqBQ + 64;
 }
 

@@ -166,6 +166,7 @@ SeqParams prepare(const SeqArgs& a, std::vector<at::Tensor>& keep) {
     check_long_vector(*a.query_times, "query_times", T, q);
     check_long_vector(*a.key_times, "key_times", T, q);
     p.NB = a.time_table->size(0);
+    TORCH_CHECK_VALUE(p.NB < (int64_t(1) << 31), "attnkern: time_table must have fewer than 2**31 rows, got ", p.NB);
     check_long_vector(*a.time_bounds, "time_bounds", p.NB - 1, q);
     for (const OptT* t : {&a.query_times, &a.key_times, &a.time_bounds}) keep.push_back((*t)->contiguous());
     p.query_times = keep[keep.size() - 3].data_ptr<int64_t>();
@@ -174,6 +175,20 @@ SeqParams prepare(const SeqArgs& a, std::vector<at::Tensor>& keep) {
     for (int64_t i = 0; i + 1 < p.NB - 1; ++i)
       TORCH_CHECK_VALUE(p.time_bounds[i] >= 0 && p.time_bounds[i] <= p.time_bounds[i + 1],
                         "attnkern: time_bounds must be non-negative and non-decreasing");
+    // The kernels' bucket search: the bounds as unsigned with a bound no |dt| reaches appended,
+    // and each |dt| cell's bucket range.
+    at::Tensor ub = at::empty({p.NB}, at::kLong), cells = at::empty({kSeqTimeCells + 1}, at::kInt);
+    uint64_t* u = reinterpret_cast<uint64_t*>(ub.data_ptr<int64_t>());
+    for (int64_t i = 0; i + 1 < p.NB; ++i) u[i] = uint64_t(p.time_bounds[i]);
+    u[p.NB - 1] = std::numeric_limits<uint64_t>::max();
+    int32_t* cl = cells.data_ptr<int32_t>();
+    for (int64_t c = 0; c < kSeqTimeCells; ++c)
+      cl[c] = int32_t(std::upper_bound(u, u + p.NB - 1, seq_time_cell_start(c)) - u);
+    cl[kSeqTimeCells] = int32_t(p.NB - 1);
+    keep.push_back(ub);
+    keep.push_back(cells);
+    p.time_ubounds = u;
+    p.time_cells = cl;
     keep.push_back(acc_contig(*a.time_table, acc));
     p.time_table = keep.back().data_ptr();
   }
