@@ -575,8 +575,8 @@ def dice_batch_statistics(
     fixed order, nothing [B, L, units] formed); any other backend the torch ops below.
 
     Returns [(mean [H], var [H], count)] per hidden layer, in the compute dtype (float32;
-    float64 for float64 inputs); count is the number of samples (a Python int for "all" and
-    the jagged layout, a 0-dim tensor for "valid").
+    float64 for float64 inputs); count is the number of samples (a Python int for "all" on
+    the padded layout; otherwise it may be a 0-dim tensor, as it may depend on the data).
     """
     from .reference import _compute_dtype, activate, dice_params, jagged_to_padded, padded_valid
 
@@ -651,7 +651,7 @@ def _fused_dice_statistics(prob, hidden, biases, dice_alpha, dice_weight, dice_b
     if every:
         count = B * N * a["key"].shape[1]
     elif prob.layout == "jagged":
-        count = int(a["offsets"][-1] - a["offsets"][0]) * N
+        count = (a["offsets"][-1] - a["offsets"][0]) * N
     elif a["lengths"] is not None:
         count = a["lengths"].sum() * N
     elif a["mask"] is not None:

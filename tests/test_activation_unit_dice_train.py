@@ -317,33 +317,34 @@ def test_fused_statistics_gradcheck_and_opcheck():
     (w1, b1), (w2, b2) = weights[:2]
     act1 = torch.randn(3, 4, dtype=torch.float64)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, w1, b1, act1, w2, b2)]
-    for all_pos in (True, False):
-        def f(q, k, w1, b1, act1, w2, b2):
-            return dice_statistics_op()(q, k, kw["lengths"], None, None, -1, all_pos, w1, b1, act1, w2, b2)
-        assert torch.autograd.gradcheck(f, leaves)
-    op = dice_statistics_op()
-    torch.library.opcheck(op, (q.float(), k.float(), kw["lengths"], None, None, -1, False, w1.float(), b1.float(),
-                               act1.float(), w2.float(), b2.float()))
-    torch.library.opcheck(op, (q, k, None, None, None, -1, True, w1, b1, None, None, None))
+
+    def f(q, k, w1, b1, act1, w2, b2):
+        return dice_statistics_op()(q, k, kw["lengths"], None, None, -1, False, w1, b1, act1, w2, b2)
+
+    assert torch.autograd.gradcheck(f, leaves)
+    torch.library.opcheck(dice_statistics_op(), (q.float(), k.float(), None, None, None, -1, True, w1.float(),
+                                                 b1.float(), act1.float(), w2.float(), b2.float()))
 
 
 @needs_cpu
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
-def test_fused_statistics_every_isa_path(isa):
+def test_fused_statistics_every_isa_path():
     """The activation unit's block kernels of each instruction set (ATTNKERN_CPU_ISA, chosen once
-    per process) in a subprocess; 40 units leave a column panel of one AVX-512 vector."""
+    per process), one subprocess each, run side by side; 40 units leave a column panel of one
+    AVX-512 vector next to a full one."""
     code = (
         "import torch, attnkern, sys\n"
         "sys.path.insert(0, 'tests')\n"
         "from test_activation_unit_dice_train import _stats_problem, _stats_and_grads\n"
-        "for units in ((40,), (7, 20)):\n"
-        "    q, k, kw, w, d = _stats_problem(24, 'lengths', 2, units, torch.float32, affine=True)\n"
-        "    (sw, gw), (sg, gg) = [_stats_and_grads(b, q, k, kw, w, d, 'valid') for b in ('reference', 'cpu')]\n"
-        "    for a, b in zip([t for m, v, _ in sg for t in (m, v)] + list(gg), [t for m, v, _ in sw for t in (m, v)] + list(gw)):\n"
-        "        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)\n"
-        "print('ok')\n"
+        "q, k, kw, w, d = _stats_problem(24, 'lengths', 2, (40, 20), torch.float32, affine=True)\n"
+        "(sw, gw), (sg, gg) = [_stats_and_grads(b, q, k, kw, w, d, 'valid') for b in ('reference', 'cpu')]\n"
+        "for a, b in zip([t for m, v, _ in sg for t in (m, v)] + list(gg), [t for m, v, _ in sw for t in (m, v)] + list(gw)):\n"
+        "    torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)\n"
+        "print('ok', attnkern._C.cpu_isa())\n"
     )
-    env = dict(os.environ, ATTNKERN_CPU_ISA=isa)
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = {isa: subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, ATTNKERN_CPU_ISA=isa), cwd=root,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for isa in ("generic", "avx2", "avx512")}
+    for isa, p in runs.items():
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and out.startswith("ok"), (isa, err[-2000:])
