@@ -318,8 +318,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.grad_k = dk.data_ptr();
   p.grad_v = dv.data_ptr();
   // One item per (row, K/V head): a single long row keeps Hkv threads busy. A dense bias with
-  // one column is shared by every head, so its rows are not split.
-  const int64_t split = p.bias && p.Hb == 1 ? 1 : p.Hkv, items = p.B * split;
+  // one column is shared by every head, so its rows are not split; nor are those of one-column
+  // tables in a batch of several rows, whose items then form each block pair's bias tile, time
+  // buckets and table sums once for all heads instead of once per K/V head.
+  const bool one_column = p.Hb == 1 && p.Hkv > 1;
+  const bool whole_rows = one_column && (p.bias || ((p.time_table || p.position_table) && p.B > 1));
+  const int64_t split = whole_rows ? 1 : p.Hkv, items = p.B * split;
   at::Tensor gt_part, gp_part, gb;
   if (p.time_table) {
     gt_part = at::zeros({items, p.NB, p.Hb}, opts);
