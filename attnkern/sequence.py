@@ -6,43 +6,26 @@ The op-level layout it hands the fused ops is docs/sequence_attention.md."""
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 
 from ._sequence_validation import check_sequence_values, validate_sequence
 from .functional import _resolve_for_transforms
-from .reference import sequence_attention_ref, time_bucket_ref
+from .ops.time_bias import reached_bounds
+from .reference import sequence_attention_ref
 
 _TIME_BUCKET_CODES = {"log": 0, "sqrt": 1}
 
 
-@functools.lru_cache(maxsize=64)
-def _time_bucket_bounds_cpu(time_bucket: str, num_buckets: int) -> torch.Tensor:
-    """bounds [NB - 1] int64: bounds[b - 1] = the smallest |dt| whose bucket is >= b, so that
-    bucket(dt) = the number of bounds <= |dt| (the bucket functions are non-decreasing in |dt|).
-    Found by bisection on the reference's own float32 formula, so the kernels reproduce it
-    exactly, boundaries included, without a logarithm per (query, key) pair."""
-    want = torch.arange(1, num_buckets, dtype=torch.int64)
-    lo = torch.zeros_like(want)            # bucket(lo) < want (bucket(0) = 0 < 1)
-    hi = torch.full_like(want, 2 ** 62)    # bucket(hi) >= want, or hi unreachable
-    for _ in range(63):
-        mid = lo + (hi - lo) // 2
-        ok = time_bucket_ref(mid, num_buckets + 1, time_bucket) >= want
-        hi = torch.where(ok, mid, hi)
-        lo = torch.where(ok, lo, mid)
-    return hi
-
-
-@torch.compiler.assume_constant_result
-def _time_bucket_bounds_const(time_bucket: str, num_buckets: int) -> torch.Tensor:
-    # Under torch.compile: computed eagerly, a constant of the graph (never 63 traced bisections).
-    return _time_bucket_bounds_cpu(time_bucket, num_buckets)
-
-
 def time_bucket_bounds(time_bucket: str, num_buckets: int, device) -> torch.Tensor:
-    return _time_bucket_bounds_const(time_bucket, int(num_buckets)).to(device)
+    """The fused ops' time_bounds [NB - 1] int64: bucket(dt) = the number of bounds <= |dt|.
+    The bounds of the buckets some int64 gap reaches (attnkern.ops.time_bias.reached_bounds:
+    the reference's own formula, boundaries included, so the kernels need no logarithm), then
+    2^63 - 1 for the others (reached by no gap below the int64 maximum itself)."""
+    bounds = reached_bounds(time_bucket, num_buckets, device)
+    missing = max(int(num_buckets) - 1 - bounds.numel(), 0)
+    return torch.cat([bounds, bounds.new_full((missing,), 2 ** 63 - 1)]) if missing else bounds
 
 
 def canonical_sequence_args(prob, query, key, value, offsets, lengths, max_length, causal,
@@ -169,4 +152,15 @@ def sequence_attention(
         lead = tuple(query.shape[:-2])
         out = out.reshape(lead + (prob.H, prob.Dv)).to(query.dtype)
         lse = lse.reshape(lead + (prob.H,))
+    if prob.T == 0:
+        out = _with_graph(out, query, key, value, time_table, position_table, bias)
     return (out, lse) if return_lse else out
+
+
+def _with_graph(out: torch.Tensor, *inputs) -> torch.Tensor:
+    """An empty output joined to the autograd graph of the inputs that require a gradient (the
+    reference builds none for an empty batch): backward then gives them zero gradients."""
+    live = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if out.requires_grad or not live or not torch.is_grad_enabled():
+        return out
+    return out + sum(t.sum() for t in live) * 0

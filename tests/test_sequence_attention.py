@@ -73,6 +73,29 @@ def test_time_buckets_and_their_bounds():
         assert torch.equal(counted, time_bucket_ref(dt, nb, kind)), kind
 
 
+
+def test_time_bucket_bounds_reach_past_2_pow_62():
+    # With NB = 200 the log buckets past ln(2^62) / 0.301 ~ 142.8 are reached only by gaps
+    # >= 2^62 and those past 145 by none: every gap still counts into the reference's bucket.
+    nb = 200
+    bounds = time_bucket_bounds("log", nb, "cpu")
+    assert bounds.shape == (nb - 1,) and bool((bounds[1:] >= bounds[:-1]).all())
+    dt = torch.tensor([0, 1, 3, 10 ** 6, 2 ** 40, 2 ** 61, 2 ** 62 - 1, 2 ** 62, 3 * 2 ** 61,
+                       2 ** 63 - 2 ** 40])
+    dt = torch.cat([dt, -dt])
+    counted = (dt.abs()[:, None] >= bounds[None, :]).sum(1)
+    assert torch.equal(counted, time_bucket_ref(dt, nb, "log"))
+
+
+@pytest.mark.parametrize("layout", ["jagged", "padded"])
+def test_check_row_of_the_reference_in_bfloat16(layout):
+    # `attnkern check --backend reference`: the hstu row's table gradients sum many terms off by
+    # the bfloat16 rounding of the inputs; the reference answers for its arithmetic only.
+    from attnkern.tools.check import SEQUENCE_SHAPES, check_sequence_case
+
+    r = check_sequence_case("reference", "cpu", layout, torch.bfloat16, SEQUENCE_SHAPES[0])
+    assert r.passed, r.note
+
 # ---- the reference ---------------------------------------------------------------------------
 
 REF_CASES = [
@@ -265,6 +288,30 @@ def test_cpu_time_buckets_of_unsorted_and_reversed_times(order):
     ok, errors, why = check_sequence_backend("cpu", t, a)
     assert ok, why
 
+
+
+@needs_cpu
+def test_cpu_time_buckets_of_huge_gaps():
+    # Gaps up to past 2^63 (wrapping as int64 subtraction does) with NB = 200: buckets that
+    # only gaps >= 2^62 reach, and the kernels' |dt| cells at the top of the range.
+    t, a = random_sequence_problem([40, 30], time=True, position=True, NB=200)
+    T = t["query"].shape[0]
+    step = 2 ** 57 - 12345  # never a gap of exactly -2^63
+    a["key_times"] = -torch.arange(T) * step
+    a["query_times"] = torch.arange(T) * step
+    ok, errors, why = check_sequence_backend("cpu", t, a)
+    assert ok, why
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu)])
+def test_empty_batch_backward_gives_zero_gradients(backend):
+    t, a = random_sequence_problem([0, 0], time=True, position=True)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in t.items()}
+    out = attnkern.sequence_attention(**leaves, **a, backend=backend)
+    assert out.shape == (0, 2, 8) and out.requires_grad
+    out.sum().backward()
+    for name, x in leaves.items():
+        assert x.grad is not None and x.grad.shape == x.shape and not x.grad.any(), name
 
 def _op_args(t, a):
     from attnkern._sequence_validation import validate_sequence

@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from ..reference import log_time_bucket
+from ..reference import time_bucket_ref
 from .autograd import _NoDoubleBackward, _save, _saved
 
 FWD, BWD = "attnkern::time_bias_fwd", "attnkern::time_bias_bwd"
@@ -22,29 +22,36 @@ FWD_ARGS = ("key_times", "query_time", "lengths", "time_bounds", "time_table", "
 
 
 @functools.lru_cache(maxsize=64)
-def _bounds_cpu(num_buckets: int) -> torch.Tensor:
-    # Bisection on the formula itself over every int64 gap (up to 2^63 - 1: the buckets past
+def _bounds_cpu(time_bucket: str, num_buckets: int) -> torch.Tensor:
+    # Bisection on the formula itself over every int64 gap (up to 2^63 - 1: the log buckets past
     # ln(2^62) / TIME_BUCKET_WIDTH are reached only there); buckets no gap reaches get no bound.
     want = torch.arange(1, num_buckets, dtype=torch.int64)
     lo = torch.zeros_like(want)               # bucket(lo) < want
     hi = torch.full_like(want, 2 ** 63 - 1)   # bucket(hi) >= want, or want is never reached
     for _ in range(64):
         mid = lo + (hi - lo) // 2
-        ok = log_time_bucket(mid, num_buckets) >= want
+        ok = time_bucket_ref(mid, num_buckets, time_bucket) >= want
         hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
-    reached = log_time_bucket(hi, num_buckets) >= want
+    reached = time_bucket_ref(hi, num_buckets, time_bucket) >= want
     return hi[reached].clone()
 
 
 @torch.compiler.assume_constant_result
-def _bounds_const(num_buckets: int) -> torch.Tensor:
+def _bounds_const(time_bucket: str, num_buckets: int) -> torch.Tensor:
     # Under torch.compile: computed eagerly, a constant of the graph.
-    return _bounds_cpu(num_buckets)
+    return _bounds_cpu(time_bucket, num_buckets)
+
+
+def reached_bounds(time_bucket: str, num_buckets: int, device) -> torch.Tensor:
+    """int64 [<= NB - 1]: bounds[b - 1] = the smallest |dt| whose bucket
+    (attnkern.reference.time_bucket_ref, "log" or "sqrt") is >= b, for the buckets b that some
+    int64 gap reaches, so that bucket(dt) = the number of bounds <= |dt|."""
+    return _bounds_const(time_bucket, int(num_buckets)).to(device)
 
 
 def time_bias_bounds(num_buckets: int, device) -> torch.Tensor:
-    """int64 [<= NB - 1]: bounds[b - 1] = the smallest |dt| whose log bucket is >= b."""
-    return _bounds_const(int(num_buckets)).to(device)
+    """The time_bias op's bounds: those of the log buckets (reached_bounds)."""
+    return reached_bounds("log", num_buckets, device)
 
 
 def _table(a: dict) -> torch.Tensor:

@@ -398,12 +398,20 @@ inline void scatter_tables(const SeqParams& p, const BlockInfo<typename V::A>& b
   using A = typename V::A;
   constexpr int W = V::W;
   if (gp) {
-    for (int64_t x = 0; x < kSeqBQ + kSeqBK; ++x) diag[x] = A(0);
+    // Consecutive rows add into different copies of the diagonals: row r + 1's loads, one
+    // element off row r's stores, would otherwise wait for those stores (no store forwarding).
+    constexpr int64_t DL = kSeqBQ + kSeqBK;
+    for (int64_t x = 0; x < kSeqDiagCopies * DL; x += W) V::zero().store(diag + x);
     for (int64_t r = 0; r < nq; ++r) {
-      A* dr = diag + (kSeqBQ - 1 - r);
+      A* dr = diag + (r % kSeqDiagCopies) * DL + (kSeqBQ - 1 - r);
       for (int64_t c = 0; c < kSeqBK; c += W) (V::load(dr + c) + V::load(dS + r * kSeqBK + c)).store(dr + c);
     }
-    for (int64_t x = 0; x < kSeqBQ + kSeqBK - 1; ++x) {
+    for (int64_t x = 0; x < DL; x += W) {
+      V sum = V::load(diag + x);
+      for (int64_t k = 1; k < kSeqDiagCopies; ++k) sum = sum + V::load(diag + k * DL + x);
+      sum.store(diag + x);
+    }
+    for (int64_t x = 0; x < DL - 1; ++x) {
       int64_t d = (i0 - j0) + (kSeqBQ - 1) - x;
       d = d < 0 ? -d : d;
       gp[(d < p.P - 1 ? d : p.P - 1) * p.Hb + hb] += diag[x];
@@ -473,7 +481,7 @@ struct SeqWork {
     // two A-sized slots per pair for the runs (two int32 per run, at most kSeqBK runs a row)
     runs = reinterpret_cast<int32_t*>(valid + tile);
     diag = valid + 3 * tile;
-    m = diag + kSeqBQ + kSeqBK;
+    m = diag + kSeqDiagCopies * (kSeqBQ + kSeqBK);
     l = m + p.H * kSeqBQ;
     idx = l + p.H * kSeqBQ;
     for (int64_t c = 0; c < kSeqBK; ++c) idx[c] = A(c);

@@ -12,6 +12,8 @@ namespace cpu {
 // Query block x key block of the tiled loops. Every vector width (1, 8, 16 lanes) divides kSeqBK.
 constexpr int kSeqBQ = 64;
 constexpr int kSeqBK = 64;
+// Copies of the block's diagonals that the backward's position-table sums rotate through.
+constexpr int kSeqDiagCopies = 4;
 
 // |dt| cells for the time buckets: |dt| itself below 64, else its leading bit and the 6 bits
 // after it (a cell spans 1/64 of an octave, less than one log bucket of ln(1.35)).
@@ -91,9 +93,9 @@ struct SeqKernels {
 inline int64_t seq_workspace(const SeqParams& p) {
   const int64_t D = p.Dk > p.Dv ? p.Dk : p.Dv;
   // KT, VT, S/P, dP/dS, the bias tile, the heads' dS sum, a valid flag and two A-sized
-  // slots per tile element (the time-bucket runs), the diagonals, the row state (m, l per
+  // slots per tile element (the time-bucket runs), the diagonals' copies, the row state (m, l per
   // head), the column indices and the rows' key intervals (4 int64 per query).
-  return 2 * D * kSeqBK + 7 * int64_t(kSeqBQ) * kSeqBK + (kSeqBQ + kSeqBK) + 2 * p.H * kSeqBQ + kSeqBK +
+  return 2 * D * kSeqBK + 7 * int64_t(kSeqBQ) * kSeqBK + kSeqDiagCopies * (kSeqBQ + kSeqBK) + 2 * p.H * kSeqBQ + kSeqBK +
          8 * kSeqBQ + 64;
 }
 

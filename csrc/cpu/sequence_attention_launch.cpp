@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../input_checks.h"
+#include "../sequence_attention_checks.h"
 #include "isa_dispatch.h"
 #include "sequence_attention_kernels.h"
 
@@ -28,8 +29,6 @@ namespace cpu {
 namespace {
 
 using OptT = std::optional<at::Tensor>;
-
-bool given(const OptT& t) { return t.has_value() && t->defined(); }
 
 struct SeqArgs {
   at::Tensor q, k, v, starts, lengths;
@@ -44,26 +43,6 @@ struct SeqArgs {
 };
 
 at::Tensor acc_contig(const at::Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
-
-void check_long_vector(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& q) {
-  check_dense(t, name);
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "attnkern: ", name, " must be int64, got ",
-                   dtype_name(t.scalar_type()));
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, "attnkern: ", name, " must have shape [", n, "], got ",
-                    t.sizes());
-  check_on_query_device(t, name, q);
-}
-
-void check_table(const at::Tensor& t, const char* name, int64_t H, const at::Tensor& q, int64_t& Hb) {
-  check_dense(t, name);
-  check_same_dtype(t, name, q);
-  check_on_query_device(t, name, q);
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) >= 1 && (t.size(1) == 1 || t.size(1) == H), "attnkern: ", name,
-                    " must be [rows >= 1, Hb] with Hb 1 or H = ", H, ", got ", t.sizes());
-  TORCH_CHECK_VALUE(Hb == 0 || Hb == t.size(1), "attnkern: ", name, " must have the Hb = ", Hb,
-                    " heads of the other tables / bias, got ", t.size(1));
-  Hb = t.size(1);
-}
 
 // Checks every argument and fills the kernels' parameters (pointers into `keep`, which holds
 // the converted tensors alive).
@@ -160,7 +139,7 @@ SeqParams prepare(const SeqArgs& a, std::vector<at::Tensor>& keep) {
   p.attn_scale_value = a.attn_scale_value.has_value() ? *a.attn_scale_value : 1.0 / double(std::max<int64_t>(L, 1));
   int64_t Hb = 0;
   if (given(a.time_table)) {
-    check_table(*a.time_table, "time_table", H, q, Hb);
+    check_table(*a.time_table, "time_table", q, H, Hb);
     TORCH_CHECK_VALUE(given(a.query_times) && given(a.key_times) && given(a.time_bounds),
                       "attnkern: time_table needs query_times, key_times and time_bounds");
     check_long_vector(*a.query_times, "query_times", T, q);
@@ -193,7 +172,7 @@ SeqParams prepare(const SeqArgs& a, std::vector<at::Tensor>& keep) {
     p.time_table = keep.back().data_ptr();
   }
   if (given(a.position_table)) {
-    check_table(*a.position_table, "position_table", H, q, Hb);
+    check_table(*a.position_table, "position_table", q, H, Hb);
     p.P = a.position_table->size(0);
     keep.push_back(acc_contig(*a.position_table, acc));
     p.position_table = keep.back().data_ptr();
@@ -318,8 +297,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.grad_k = dk.data_ptr();
   p.grad_v = dv.data_ptr();
   // One item per (row, K/V head): a single long row keeps Hkv threads busy. A dense bias with
-  // one column is shared by every head, so its rows are not split.
-  const int64_t split = p.bias && p.Hb == 1 ? 1 : p.Hkv, items = p.B * split;
+  // one column is shared by every head, so its rows are not split; nor are those of one-column
+  // tables in a batch of several rows, whose items then form each block pair's bias tile, time
+  // buckets and table sums once for all heads instead of once per K/V head.
+  const bool one_column = p.Hb == 1 && p.Hkv > 1;
+  const bool whole_rows = one_column && (p.bias || ((p.time_table || p.position_table) && p.B > 1));
+  const int64_t split = whole_rows ? 1 : p.Hkv, items = p.B * split;
   at::Tensor gt_part, gp_part, gb;
   if (p.time_table) {
     gt_part = at::zeros({items, p.NB, p.Hb}, opts);

@@ -17,6 +17,7 @@
 #include "cuda_launch.h"
 #include "input_checks.h"
 #include "op_limits.h"
+#include "sequence_attention_checks.h"
 #include "sequence_attention_kernels.h"
 
 namespace attnkern {
@@ -24,29 +25,6 @@ namespace {
 
 namespace kc = attnkern::cuda;
 using OptT = std::optional<at::Tensor>;
-
-bool given(const OptT& t) { return t.has_value() && t->defined(); }
-
-void check_long_vec(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& q) {
-  check_dense(t, name);
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "attnkern: ", name, " must be int64, got ",
-                   dtype_name(t.scalar_type()));
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, "attnkern: ", name, " must have shape [", n, "], got ",
-                    t.sizes());
-  check_on_query_device(t, name, q);
-}
-
-// A [rows >= 1, Hb] table of the query's dtype, Hb 1 or H and the same for every bias term.
-void check_table(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t H, int64_t& Hb) {
-  check_dense(t, name);
-  check_same_dtype(t, name, q);
-  check_on_query_device(t, name, q);
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) >= 1 && (t.size(1) == 1 || t.size(1) == H), "attnkern: ", name,
-                    " must be [rows >= 1, Hb] with Hb 1 or H = ", H, ", got ", t.sizes());
-  TORCH_CHECK_VALUE(Hb == 0 || Hb == t.size(1), "attnkern: ", name, " must have the Hb = ", Hb,
-                    " heads of the other bias terms, got ", t.size(1));
-  Hb = t.size(1);
-}
 
 struct SeqCall {
   kc::SeqProblem p;
@@ -85,8 +63,8 @@ SeqCall prepare(const at::Tensor& query, const at::Tensor& key, const at::Tensor
                     query.sizes(), " value ", value.sizes());
   TORCH_CHECK_VALUE(starts.dim() == 1, "attnkern: starts must be [B], got ", starts.sizes());
   p.B = starts.size(0);
-  check_long_vec(starts, "starts", p.B, query);
-  check_long_vec(lengths, "lengths", p.B, query);
+  check_long_vector(starts, "starts", p.B, query);
+  check_long_vector(lengths, "lengths", p.B, query);
   TORCH_CHECK_VALUE(max_length >= -1, "attnkern: max_length must be >= 0 or -1 (the longest row), got ", max_length);
   TORCH_CHECK_VALUE(contextual_len >= 0 && contextual_len < (int64_t(1) << 31),
                     "attnkern: contextual_len must be in [0, 2**31), got ", contextual_len);
@@ -110,10 +88,10 @@ SeqCall prepare(const at::Tensor& query, const at::Tensor& key, const at::Tensor
     check_table(*time_table, "time_table", query, p.H, Hb);
     TORCH_CHECK_VALUE(given(query_times) && given(key_times) && given(time_bounds),
                       "attnkern: time_table needs query_times, key_times and time_bounds");
-    check_long_vec(*query_times, "query_times", p.T, query);
-    check_long_vec(*key_times, "key_times", p.T, query);
+    check_long_vector(*query_times, "query_times", p.T, query);
+    check_long_vector(*key_times, "key_times", p.T, query);
     p.NB = time_table->size(0);
-    check_long_vec(*time_bounds, "time_bounds", p.NB - 1, query);
+    check_long_vector(*time_bounds, "time_bounds", p.NB - 1, query);
     const at::Tensor tt = time_table->to(at::kFloat).contiguous(), qt = query_times->contiguous(),
                      kt = key_times->contiguous(), tb = time_bounds->contiguous();
     call.keep.insert(call.keep.end(), {tt, qt, kt, tb});
@@ -155,7 +133,7 @@ SeqCall prepare(const at::Tensor& query, const at::Tensor& key, const at::Tensor
   const at::Tensor n = at::minimum(lengths.clamp_min(0), (p.T - st)).clamp_max(row_cap);
   at::Tensor nt = at::zeros_like(n);
   if (given(num_targets)) {
-    check_long_vec(*num_targets, "num_targets", p.B, query);
+    check_long_vector(*num_targets, "num_targets", p.B, query);
     nt = at::minimum(num_targets->clamp_min(0), n);
   }
   const at::Tensor cum = at::floor_divide(n + (kc::kSeqTile - 1), kc::kSeqTile).cumsum(0);
