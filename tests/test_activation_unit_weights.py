@@ -167,6 +167,28 @@ def test_torch_compile_fullgraph():
 
 
 @needs_cpu
+@pytest.mark.parametrize("softmax", [False, True])
+def test_no_position_at_all(softmax):
+    """L = 0 (padded) and T = 0 (jagged): empty weights, lse of empty rows, zero gradients."""
+    E = 3
+    layers = [(torch.randn(4, 4 * E), torch.randn(4)), (torch.randn(1, 4), torch.randn(1))]
+    normalize = "softmax" if softmax else None
+    for key, kw in ((torch.randn(2, 0, E), dict(lengths=torch.zeros(2, dtype=torch.long))),
+                    (torch.randn(0, E), dict(offsets=torch.zeros(3, dtype=torch.long)))):
+        q = torch.randn(2, 2, E, requires_grad=True)
+        k = key.requires_grad_(True)
+        w = attnkern.activation_unit_weights(q, k, layers, **kw, normalize=normalize, backend="cpu")
+        assert w.shape == attnkern.activation_unit_weights(q, k, layers, **kw, normalize=normalize,
+                                                           backend="reference").shape
+        gq, = torch.autograd.grad(w.sum(), [q], allow_unused=True)
+        assert gq is None or (gq == 0).all()
+        args = (q, k, kw.get("lengths"), None, kw.get("offsets"), -1, *layers[0], None, None, *layers[1],
+                None, None, "relu", softmax)
+        _, lse = torch.ops.attnkern.activation_unit_scores_fwd(*args)
+        assert (lse == (float("-inf") if softmax else 0.0)).all()
+
+
+@needs_cpu
 def test_raw_op_checks_its_inputs():
     a = _problem(CASES[0])
     args = dict((n, v) for n, v in a.items() if n != "value")

@@ -64,13 +64,9 @@ def register_scores_autograd(fwd_name: str, bwd_op) -> None:
         _save(ctx, **{n: args[n] for n in SCORES_ARGS if isinstance(args[n], torch.Tensor)}, scores=scores, lse=lse)
 
     def backward(ctx, grad_scores, grad_lse):
-        s = _saved(ctx)
-        for n in ctx.absent:
-            s[n] = None
-        query, scores = s["query"], s["scores"]
-        if grad_scores is None:
-            grad_scores = torch.zeros_like(scores)
-        offsets = s["offsets"]
+        s = {**dict.fromkeys(ctx.absent), **_saved(ctx)}
+        query, scores, offsets = s["query"], s["scores"], s["offsets"]
+        grad_scores = torch.zeros_like(scores) if grad_scores is None else grad_scores
         # float16/bfloat16: the backward runs on float32 copies (exact), so that dW, the values
         # here, is not rounded to the inputs' dtype.
         dtype = query.dtype if query.dtype in (torch.float32, torch.float64) else torch.float32
