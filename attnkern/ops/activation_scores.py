@@ -80,9 +80,12 @@ def register_scores_autograd(fwd_name: str, bwd_op) -> None:
             dw = grad_scores[:, c0:c1]
             value = (dw if offsets is not None else dw.transpose(1, 2)).to(dtype).contiguous()
             grad_out = torch.eye(n, dtype=dtype, device=query.device).expand(B, n, n).contiguous()
-            delta = _row_sums(scores[:, c0:c1].double() * dw.double(), offsets)
-            if ctx.softmax and grad_lse is not None:
-                delta = delta - grad_lse[:, c0:c1].double()
+            if ctx.softmax:  # summed in float64, as the pooling autograd's delta
+                delta = _row_sums(scores[:, c0:c1].double() * dw.double(), offsets)
+                if grad_lse is not None:
+                    delta = delta - grad_lse[:, c0:c1].double()
+            else:  # not read by the backward op
+                delta = query.new_zeros((B, n), dtype=delta_dtype)
             grads = bwd_op(grad_out, t["query"][:, c0:c1], t["key"], value, s["lengths"], s["mask"], offsets,
                            ctx.max_length, t["w1"], t["b1"], t["w2"], t["b2"], t["w_out"], t["b_out"], t["act1"],
                            t["act2"], ctx.activation, ctx.softmax, s["lse"][:, c0:c1].contiguous(),
