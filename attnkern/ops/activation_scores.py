@@ -64,13 +64,9 @@ def register_scores_autograd(fwd_name: str, bwd_op) -> None:
         _save(ctx, **{n: args[n] for n in SCORES_ARGS if isinstance(args[n], torch.Tensor)}, scores=scores, lse=lse)
 
     def backward(ctx, grad_scores, grad_lse):
-        s = _saved(ctx)
-        for n in ctx.absent:
-            s[n] = None
-        query, scores = s["query"], s["scores"]
-        if grad_scores is None:
-            grad_scores = torch.zeros_like(scores)
-        offsets = s["offsets"]
+        s = {**dict.fromkeys(ctx.absent), **_saved(ctx)}
+        query, scores, offsets = s["query"], s["scores"], s["offsets"]
+        grad_scores = torch.zeros_like(scores) if grad_scores is None else grad_scores
         # float16/bfloat16: the backward runs on float32 copies (exact), so that dW, the values
         # here, is not rounded to the inputs' dtype.
         dtype = query.dtype if query.dtype in (torch.float32, torch.float64) else torch.float32
@@ -84,9 +80,12 @@ def register_scores_autograd(fwd_name: str, bwd_op) -> None:
             dw = grad_scores[:, c0:c1]
             value = (dw if offsets is not None else dw.transpose(1, 2)).to(dtype).contiguous()
             grad_out = torch.eye(n, dtype=dtype, device=query.device).expand(B, n, n).contiguous()
-            delta = _row_sums(scores[:, c0:c1].double() * dw.double(), offsets)
-            if ctx.softmax and grad_lse is not None:
-                delta = delta - grad_lse[:, c0:c1].double()
+            if ctx.softmax:  # summed in float64, as the pooling autograd's delta
+                delta = _row_sums(scores[:, c0:c1].double() * dw.double(), offsets)
+                if grad_lse is not None:
+                    delta = delta - grad_lse[:, c0:c1].double()
+            else:  # not read by the backward op
+                delta = query.new_zeros((B, n), dtype=delta_dtype)
             grads = bwd_op(grad_out, t["query"][:, c0:c1], t["key"], value, s["lengths"], s["mask"], offsets,
                            ctx.max_length, t["w1"], t["b1"], t["w2"], t["b2"], t["w_out"], t["b_out"], t["act1"],
                            t["act2"], ctx.activation, ctx.softmax, s["lse"][:, c0:c1].contiguous(),

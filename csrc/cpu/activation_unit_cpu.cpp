@@ -554,7 +554,12 @@ std::tuple<at::Tensor, at::Tensor> activation_unit_scores_fwd_cpu(
   at::Tensor scores = d.jagged ? at::zeros({d.L, d.N}, query.options().dtype(acc))
                                : at::zeros({d.B, d.N, d.L}, query.options().dtype(acc));
   at::Tensor lse = at::empty({d.B, d.N}, query.options().dtype(acc));
-  if (d.B == 0) return {scores, lse};
+  // No position at all (L or T = 0): every row is empty. Also keeps the scores pointer non-null
+  // below, which is what selects the kernel's scores mode.
+  if (scores.numel() == 0) {
+    lse.fill_(softmax ? -std::numeric_limits<double>::infinity() : 0.0);
+    return {scores, lse};
+  }
   const at::Tensor qa = query.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "activation_unit_scores_fwd_cpu",
                                   [&] {

@@ -158,7 +158,12 @@ std::tuple<at::Tensor, at::Tensor> activation_unit_scores_fwd_cuda(
   auto scores = d.jagged ? at::zeros({d.L, d.N}, query.options().dtype(at::kFloat))
                          : at::zeros({d.B, d.N, d.L}, query.options().dtype(at::kFloat));
   auto lse = at::empty({d.B, d.N}, query.options().dtype(at::kFloat));
-  if (d.B == 0 || d.N == 0) return {scores, lse};
+  // No position at all (L or T = 0): every row is empty; a null scores pointer would select
+  // the kernel's pooling mode.
+  if (scores.numel() == 0) {
+    lse.fill_(softmax ? -std::numeric_limits<float>::infinity() : 0.f);
+    return {scores, lse};
+  }
   Prepared r = prepare(d, query, key, key, lengths, mask, offsets, max_length, w1, b1, w2, b2,
                        w_out, b_out, act1, act2, softmax);
   r.p.Dv = 0;  // no values: the pass ends at the scores
