@@ -47,35 +47,6 @@ constexpr int64_t kAuChunks = 32;
 
 inline int64_t pad(int64_t n) { return (n + kAuPad - 1) / kAuPad * kAuPad; }
 
-// The float32 kernels of the instruction set the dispatcher selected (isa_dispatch.h): this op
-// has no kernels of its own for avx512_bf16 and amx, which run the avx512 ones.
-const AuKernels<float>& kernels_f32() {
-  static const AuKernels<float> table = [] {
-    switch (selected_isa()) {
-#if defined(__x86_64__) || defined(_M_X64)
-      case Isa::kAmx:
-      case Isa::kAvx512Bf16:
-      case Isa::kAvx512: return au_avx512_f32();
-      case Isa::kAvx2: return au_avx2_f32();
-#endif
-      default: return au_generic_f32();
-    }
-  }();
-  return table;
-}
-
-template <class A>
-const AuKernels<A>& kernels();
-template <>
-const AuKernels<float>& kernels<float>() {
-  return kernels_f32();
-}
-template <>
-const AuKernels<double>& kernels<double>() {
-  static const AuKernels<double> table = au_generic_f64();
-  return table;
-}
-
 // The weights, converted once per call into zero-padded accumulator-typed layouts.
 template <class A>
 struct Weights {
@@ -262,7 +233,7 @@ struct ScoreIndex {
 template <class scalar_t, class A>
 void fwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::Tensor& qa, const at::Tensor& key,
               const at::Tensor& value, bool softmax, at::Tensor& out, at::Tensor& lse, A* sc = nullptr) {
-  const AuKernels<A>& k = kernels<A>();
+  const AuKernels<A>& k = au_selected_kernels<A>();
   const RowView<const scalar_t> kv = row_view<const scalar_t>(key, d.jagged);
   const RowView<const scalar_t> vv = row_view<const scalar_t>(value, d.jagged);
   const A* q = qa.data_ptr<A>();
@@ -378,7 +349,7 @@ void bwd_impl(const AuDims& d, const Weights<A>& w, const Rows& rows, const at::
               const at::Tensor& value, const at::Tensor& goa, const at::Tensor& lse_a, const at::Tensor& delta_a,
               bool softmax, bool shared, at::Tensor& gq, at::Tensor& gk, at::Tensor& gv,
               std::vector<WGrads<A>>& parts, int64_t nchunks) {
-  const AuKernels<A>& k = kernels<A>();
+  const AuKernels<A>& k = au_selected_kernels<A>();
   const RowView<const scalar_t> kv = row_view<const scalar_t>(key, d.jagged);
   const RowView<const scalar_t> vv = row_view<const scalar_t>(value, d.jagged);
   // shared: the values are the keys (value None): one gradient, the value contributions are
@@ -656,6 +627,28 @@ BwdResult activation_unit_pool_bwd_cpu(
     if (act2.has_value()) vec_to(t.dact2, d.act_rows, d.H2, w.H2p, ga2);
   });
   return BwdResult{gq, gk, gv, gw1, gb1, gw2, gb2, gwo, gbo, ga1, ga2};
+}
+
+template <>
+const AuKernels<float>& au_selected_kernels<float>() {
+  static const AuKernels<float> table = [] {
+    switch (selected_isa()) {
+#if defined(__x86_64__) || defined(_M_X64)
+      case Isa::kAmx:
+      case Isa::kAvx512Bf16:
+      case Isa::kAvx512: return au_avx512_f32();
+      case Isa::kAvx2: return au_avx2_f32();
+#endif
+      default: return au_generic_f32();
+    }
+  }();
+  return table;
+}
+
+template <>
+const AuKernels<double>& au_selected_kernels<double>() {
+  static const AuKernels<double> table = au_generic_f64();
+  return table;
 }
 
 }  // namespace cpu

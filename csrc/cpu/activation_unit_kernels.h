@@ -49,5 +49,15 @@ AuKernels<float> au_avx2_f32();    // needs avx2, fma, f16c
 AuKernels<float> au_avx512_f32();  // needs avx512f, avx512bw, avx512vl, avx512dq, fma
 #endif
 
+// The kernels of the instruction set the dispatcher selected (isa_dispatch.h), built once: this
+// family has no kernels of its own for avx512_bf16 and amx, which run the avx512 ones; float64
+// runs the generic ones (activation_unit_cpu.cpp).
+template <class A>
+const AuKernels<A>& au_selected_kernels();
+template <>
+const AuKernels<float>& au_selected_kernels<float>();
+template <>
+const AuKernels<double>& au_selected_kernels<double>();
+
 }  // namespace cpu
 }  // namespace attnkern

@@ -46,30 +46,6 @@ constexpr int64_t kDsChunks = 32;
 
 inline int64_t ds_pad(int64_t n) { return (n + kAuPad - 1) / kAuPad * kAuPad; }
 
-template <class A>
-const AuKernels<A>& ds_kernels();
-template <>
-const AuKernels<float>& ds_kernels<float>() {
-  // No kernels of this family for avx512_bf16 and amx: they run the avx512 ones.
-  static const AuKernels<float> table = [] {
-    switch (selected_isa()) {
-#if defined(__x86_64__) || defined(_M_X64)
-      case Isa::kAmx:
-      case Isa::kAvx512Bf16:
-      case Isa::kAvx512: return au_avx512_f32();
-      case Isa::kAvx2: return au_avx2_f32();
-#endif
-      default: return au_generic_f32();
-    }
-  }();
-  return table;
-}
-template <>
-const AuKernels<double>& ds_kernels<double>() {
-  static const AuKernels<double> table = au_generic_f64();
-  return table;
-}
-
 // The layers up to the one whose statistics are asked for, in zero-padded accumulator layouts.
 template <class A>
 struct DsNet {
@@ -226,7 +202,7 @@ struct DsMoments {
 template <class scalar_t, class A>
 void fwd_impl(const AuDims& d, const DsNet<A>& n, const DsRows& rows, const at::Tensor& qa, const at::Tensor& key,
               std::vector<DsMoments>& parts, int64_t nchunks) {
-  const AuKernels<A>& k = ds_kernels<A>();
+  const AuKernels<A>& k = au_selected_kernels<A>();
   const DsView<const scalar_t> kv = ds_view<const scalar_t>(key, d.jagged);
   const A* q = qa.data_ptr<A>();
   const int64_t hs = n.hs(), hsp = n.hsp();
@@ -277,7 +253,7 @@ template <class scalar_t, class A>
 void bwd_impl(const AuDims& d, const DsNet<A>& n, const DsRows& rows, const at::Tensor& qa, const at::Tensor& key,
               const std::vector<A>& alpha, const std::vector<A>& beta, at::Tensor& gq, at::Tensor& gk,
               std::vector<DsGrads<A>>& parts, int64_t nchunks) {
-  const AuKernels<A>& k = ds_kernels<A>();
+  const AuKernels<A>& k = au_selected_kernels<A>();
   const DsView<const scalar_t> kv = ds_view<const scalar_t>(key, d.jagged);
   const DsView<scalar_t> gkv = ds_view<scalar_t>(gk, d.jagged);
   const A* q = qa.data_ptr<A>();
