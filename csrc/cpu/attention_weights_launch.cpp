@@ -19,6 +19,7 @@
 #include "../input_checks.h"
 #include "attention_weights_kernels.h"
 #include "isa_dispatch.h"
+#include "score_rows_launch.h"
 
 namespace attnkern {
 namespace cpu {
@@ -55,9 +56,7 @@ std::tuple<at::Tensor, at::Tensor> weights_fwd(const at::Tensor& query, const at
   at::Tensor mask_u8, bias_c;
   if (mask.has_value()) mask_u8 = mask->contiguous().view(at::kByte);
   if (bias.has_value()) bias_c = bias->to(acc).contiguous();
-  const int64_t Dkp = (Dk + kWeightsQueryAlign - 1) / kWeightsQueryAlign * kWeightsQueryAlign;
-  at::Tensor q_c = at::zeros({B, N, H, Dkp}, query.options().dtype(acc));
-  q_c.narrow(3, 0, Dk).copy_(query);
+  const at::Tensor q_c = score_query(query, acc);
   const at::Tensor k_c = key.contiguous();
   at::Tensor w = jagged ? at::empty({L, N, H}, query.options().dtype(acc))
                         : at::empty({B, N, H, L}, query.options().dtype(acc));
@@ -71,25 +70,8 @@ std::tuple<at::Tensor, at::Tensor> weights_fwd(const at::Tensor& query, const at
     return {w, lse};
   }
   const int64_t longest = lens.empty() ? 0 : *std::max_element(lens.begin(), lens.end());
-  WeightsParams p{};
-  p.q = q_c.data_ptr();
-  p.k = k_c.data_ptr();
-  p.B = B;
-  p.N = N;
-  p.H = H;
-  p.Dk = Dk;
-  p.Dkp = Dkp;
-  p.L = L;
-  p.starts = starts.data();
-  p.lens = lens.data();
-  p.mask = mask_u8.defined() ? mask_u8.data_ptr<uint8_t>() : nullptr;
-  p.scale = scale;
-  p.bias = bias_c.defined() ? bias_c.data_ptr() : nullptr;
-  p.Nb = bias_c.defined() ? bias_c.size(1) : 1;
-  p.Hb = bias_c.defined() ? bias_c.size(2) : 1;
-  p.jagged = jagged;
-  p.w = w.data_ptr();
-  p.lse = lse.data_ptr();
+  WeightsParams p{score_rows(q_c, k_c, Dk, L, starts, lens, mask_u8, scale, bias_c, jagged), 1, w.data_ptr(),
+                  lse.data_ptr()};
   // Query blocks of about 256k multiply-adds, so that many candidates of few rows still split
   // over the threads and tiny rows do not pay one task each.
   const int64_t per_query = std::max<int64_t>(1, std::max<int64_t>(jagged ? L / B : L, 1) * Dk);
