@@ -187,6 +187,31 @@ def test_weights_op_opcheck(layout, bias):
 
 
 @needs_cpu
+@pytest.mark.parametrize("layout", ["lengths", "mask", "jagged"])
+def test_weights_bwd_op(layout, monkeypatch):
+    """attnkern::attention_weights_bwd (dq, dk from dS): opcheck, and the torch-op products it
+    replaces (the backward of a backend without it)."""
+    op_args, _, kw = _op_args(layout, dtype=torch.float64, N=3)
+    q, k = op_args[0], op_args[1]
+    jagged = "offsets" in kw
+    w, _ = getattr(torch.ops.attnkern, WEIGHTS_OPS["jagged" if jagged else "padded"])(*op_args)
+    ds = torch.randn(w.shape, dtype=torch.float64)
+    idx = (None, None, kw["offsets"]) if jagged else (kw.get("lengths"), kw.get("mask"), None)
+    op = getattr(torch.ops.attnkern, weights_ops.WEIGHTS_BWD_OP)
+    torch.library.opcheck(op.default, (ds, q, k, *idx, 0.5))
+    dq, dk = op(ds * (w != 0), q, k, *idx, 0.5)
+    index = (kw["offsets"],) if jagged else (kw.get("lengths"), kw.get("mask"))
+    layout_name = "jagged" if jagged else "padded"
+    got_q, got_k, _ = weights_ops.weights_backward(layout_name, ds, None, w, q, k, index, 0.5, None)
+    # The torch-op path: the same products, the op switched off.
+    monkeypatch.setattr(weights_ops, "WEIGHTS_KERNELS", False)
+    want_q, want_k, _ = weights_ops.weights_backward(layout_name, ds, None, w, q, k, index, 0.5, None)
+    torch.testing.assert_close(got_q, want_q)
+    torch.testing.assert_close(got_k, want_k)
+    assert dq.shape == q.shape and dk.shape == k.shape
+
+
+@needs_cpu
 @pytest.mark.parametrize("layout,dtype", [("lengths", torch.float32), ("jagged", torch.float64),
                                           ("mask", torch.bfloat16)])
 def test_weights_op_lse(layout, dtype):

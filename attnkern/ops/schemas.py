@@ -88,6 +88,14 @@ WEIGHTS_SCHEMAS = {
 }
 # layout -> weights op
 WEIGHTS_OPS = {"padded": "attention_weights_fwd", "jagged": "jagged_attention_weights_fwd"}
+# dq and dk of the weights from dS (both layouts: offsets given = jagged), where a backend fuses
+# them (the C++ CPU kernels); elsewhere the autograd forms them in torch ops.
+WEIGHTS_BWD_SCHEMAS = {
+    "attention_weights_bwd": (
+        "(Tensor grad_scores, Tensor query, Tensor key, Tensor? lengths, Tensor? mask, Tensor? offsets, "
+        "float scale) -> (Tensor grad_query, Tensor grad_key)"
+    ),
+}
 
 # (forward op, backward op) per layout
 LAYOUT_OPS = {
