@@ -1,7 +1,7 @@
 // Op schemas of the fused attention weights (attnkern.attention_weights), declared once. The math
 // is attnkern.reference.attention_weights_ref; the CPU kernels are csrc/cpu/attention_weights_*,
-// registered for the CPU key by csrc/cpu/attention_weights_launch.cpp. Forward only: the
-// autograd (attnkern/ops/weights.py, shared by every backend) needs nothing but the weights.
+// registered for the CPU key by csrc/cpu/attention_weights_launch.cpp. The autograd
+// (attnkern/ops/weights.py, shared by every backend) needs nothing but the weights.
 // The canonical layouts and the bias rule are attention_pool_fwd's (csrc/attention_pool.h):
 // query [B, N, H, Dk] with key [B, L, H, Dk] (weights [B, N, H, L]) or jagged key [T, H, Dk]
 // (weights [T, N, H]); lse [B, N, H]; both float32, float64 for float64 inputs.
@@ -14,4 +14,9 @@ TORCH_LIBRARY_FRAGMENT(attnkern, m) {
   m.def(
       "jagged_attention_weights_fwd(Tensor query, Tensor key, Tensor offsets, int max_length, float scale, "
       "Tensor? bias=None) -> (Tensor weights, Tensor lse)");
+  // dq and dk from dS = w (dW - sum_l dW w + dlse) (both layouts: offsets given = jagged), for
+  // backends that fuse them; the autograd forms them in torch ops where a backend has none.
+  m.def(
+      "attention_weights_bwd(Tensor grad_scores, Tensor query, Tensor key, Tensor? lengths, Tensor? mask, "
+      "Tensor? offsets, float scale) -> (Tensor grad_query, Tensor grad_key)");
 }

@@ -4,8 +4,8 @@ reference through the suite's checking body (the weights checked by the pooling 
 attnkern.testing.weights_function; the reference itself against the loop oracle), plus the
 weights' own properties (exactly 0 at invalid positions and on empty rows, each other row sums
 to 1), non-finite logits as the reference, never-read padding, float64 gradcheck, the fused ops
-(attnkern::attention_weights_fwd / jagged_attention_weights_fwd: opcheck, their lse, each CPU
-instruction set, the composite fallback), torch.compile and the layers' need_weights."""
+(attnkern::attention_weights_fwd / jagged_attention_weights_fwd / attention_weights_bwd: opcheck,
+their lse, each CPU instruction set, the composite fallback), torch.compile and the layers' need_weights."""
 
 from __future__ import annotations
 
@@ -187,6 +187,31 @@ def test_weights_op_opcheck(layout, bias):
 
 
 @needs_cpu
+@pytest.mark.parametrize("layout", ["lengths", "mask", "jagged"])
+def test_weights_bwd_op(layout, monkeypatch):
+    """attnkern::attention_weights_bwd (dq, dk from dS): opcheck, and the torch-op products it
+    replaces (the backward of a backend without it)."""
+    op_args, _, kw = _op_args(layout, dtype=torch.float64, N=3)
+    q, k = op_args[0], op_args[1]
+    jagged = "offsets" in kw
+    w, _ = getattr(torch.ops.attnkern, WEIGHTS_OPS["jagged" if jagged else "padded"])(*op_args)
+    ds = torch.randn(w.shape, dtype=torch.float64)
+    idx = (None, None, kw["offsets"]) if jagged else (kw.get("lengths"), kw.get("mask"), None)
+    op = getattr(torch.ops.attnkern, weights_ops.WEIGHTS_BWD_OP)
+    torch.library.opcheck(op.default, (ds, q, k, *idx, 0.5))
+    dq, dk = op(ds * (w != 0), q, k, *idx, 0.5)
+    index = (kw["offsets"],) if jagged else (kw.get("lengths"), kw.get("mask"))
+    layout_name = "jagged" if jagged else "padded"
+    got_q, got_k, _ = weights_ops.weights_backward(layout_name, ds, None, w, q, k, index, 0.5, None)
+    # The torch-op path: the same products, the op switched off.
+    monkeypatch.setattr(weights_ops, "WEIGHTS_KERNELS", False)
+    want_q, want_k, _ = weights_ops.weights_backward(layout_name, ds, None, w, q, k, index, 0.5, None)
+    torch.testing.assert_close(got_q, want_q)
+    torch.testing.assert_close(got_k, want_k)
+    assert dq.shape == q.shape and dk.shape == k.shape
+
+
+@needs_cpu
 @pytest.mark.parametrize("layout,dtype", [("lengths", torch.float32), ("jagged", torch.float64),
                                           ("mask", torch.bfloat16)])
 def test_weights_op_lse(layout, dtype):
@@ -273,8 +298,9 @@ def test_composite_fallback(monkeypatch):
         torch.testing.assert_close(fused, composite)
 
 
-# Every instruction set's kernels: ATTNKERN_CPU_ISA is read once per process. avx512_bf16 and amx
-# run the avx512 kernels (the weights have no tiled kernel).
+# The kernels of the instruction sets below the widest (which every other test runs where the CPU
+# has AVX-512; avx512_bf16 and amx run the avx512 kernels, the weights having no tiled kernel):
+# ATTNKERN_CPU_ISA is read once per process.
 _ISA_CHECK = """
 import torch, attnkern
 from attnkern.testing import make_problem
@@ -290,8 +316,9 @@ print("ok", attnkern._C.cpu_isa())
 
 
 @needs_cpu
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
-def test_every_instruction_set(isa):
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_narrower_instruction_sets(isa):
     env = dict(os.environ, ATTNKERN_CPU_ISA=isa)
     res = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]

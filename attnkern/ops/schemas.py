@@ -98,6 +98,15 @@ ACTIVATION_SCORES_SCHEMAS = {
     ),
 }
 
+# dq and dk of the weights from dS (both layouts: offsets given = jagged), where a backend fuses
+# them (the C++ CPU kernels); elsewhere the autograd forms them in torch ops.
+WEIGHTS_BWD_SCHEMAS = {
+    "attention_weights_bwd": (
+        "(Tensor grad_scores, Tensor query, Tensor key, Tensor? lengths, Tensor? mask, Tensor? offsets, "
+        "float scale) -> (Tensor grad_query, Tensor grad_key)"
+    ),
+}
+
 # (forward op, backward op) per layout
 LAYOUT_OPS = {
     "padded": ("attention_pool_fwd", "attention_pool_bwd"),

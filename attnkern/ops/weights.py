@@ -17,12 +17,18 @@ import torch
 
 from . import checks
 from .availability import CUDA_EMU_PREFIX, cuda_emulated, extension
-from .schemas import TRITON_PREFIX, WEIGHTS_OPS, WEIGHTS_SCHEMAS, qualified
+from .schemas import TRITON_PREFIX, WEIGHTS_BWD_SCHEMAS, WEIGHTS_OPS, WEIGHTS_SCHEMAS, qualified
 from ..reference import padded_valid, token_rows
 
 
+WEIGHTS_BWD_OP = "attention_weights_bwd"
+# Padded calls with more queries per row than this take the torch GEMMs on CPU too (measured at
+# the serving shape B=1, N=512, L=1024: the GEMMs ~1.5x faster than the C++ loops).
+_CPU_BWD_MAX_N = 16
+
+
 def _names(name: str):
-    schema = torch._C.parse_schema(qualified(name) + WEIGHTS_SCHEMAS[name])
+    schema = torch._C.parse_schema(qualified(name) + {**WEIGHTS_SCHEMAS, **WEIGHTS_BWD_SCHEMAS}[name])
     return tuple(a.name for a in schema.arguments)
 
 
@@ -61,7 +67,8 @@ def weights_backward(layout: str, grad_w, grad_lse, w, query, key, index, scale:
                      bias: Optional[torch.Tensor]):
     """(dq, dk, dbias) of the weights ops from their output w; index is (lengths, mask) padded,
     (offsets,) jagged. Positions that take part in no row have w = 0, so dS = 0 there; their keys
-    (which may hold anything) are zeroed before the products all the same."""
+    (which may hold anything) are never read: the CPU op skips them, the torch ops zero them
+    before the products."""
     acc = w.dtype
     dw = torch.zeros_like(w) if grad_w is None else grad_w.to(acc)
     if layout == "padded":
@@ -69,6 +76,20 @@ def weights_backward(layout: str, grad_w, grad_lse, w, query, key, index, scale:
         if grad_lse is not None:
             rowdot = rowdot - grad_lse.to(acc).unsqueeze(-1)
         ds = w * (dw - rowdot)  # [B, N, H, L]
+    else:
+        row, _, inside = token_rows(index[0], key.shape[0])
+        rowdot = w.new_zeros((query.shape[0],) + tuple(w.shape[1:])).index_add(0, row, dw * w)  # [B, N, H]
+        if grad_lse is not None:
+            rowdot = rowdot - grad_lse.to(acc)
+        ds = w * (dw - rowdot[row])  # [T, N, H]
+    padded = layout == "padded"
+    # The C++ products read the valid keys only (no zeroed copy of the key: the cost when few
+    # queries share a row); many queries per row make dq and dk GEMMs, which torch runs faster.
+    if key.device.type == "cpu" and WEIGHTS_KERNELS and (not padded or query.shape[1] <= _CPU_BWD_MAX_N):
+        dq, dk = getattr(torch.ops.attnkern, WEIGHTS_BWD_OP)(
+            ds, query, key, index[0] if padded else None, index[1] if padded else None,
+            None if padded else index[0], scale)
+    elif padded:
         k = key.to(acc)
         if index[0] is not None or index[1] is not None:
             valid = padded_valid(key, *index)
@@ -78,12 +99,6 @@ def weights_backward(layout: str, grad_w, grad_lse, w, query, key, index, scale:
         dq = torch.matmul(ds_bh, k.transpose(1, 2)).transpose(1, 2) * scale
         dk = torch.matmul(ds_bh.transpose(-1, -2), (query.to(acc) * scale).transpose(1, 2)).transpose(1, 2)
     else:
-        T, B = key.shape[0], query.shape[0]
-        row, _, inside = token_rows(index[0], T)
-        rowdot = w.new_zeros((B,) + tuple(w.shape[1:])).index_add(0, row, dw * w)  # [B, N, H]
-        if grad_lse is not None:
-            rowdot = rowdot - grad_lse.to(acc)
-        ds = w * (dw - rowdot[row])  # [T, N, H]
         k = torch.where(inside[:, None, None], key.to(acc), torch.zeros((), dtype=acc, device=key.device))
         dq = query.new_zeros(query.shape, dtype=acc).index_add(
             0, row, ds.unsqueeze(-1) * k.unsqueeze(1)) * scale
@@ -127,11 +142,20 @@ def register_weights_fakes_and_autograd(prefix: str = "") -> None:
         torch.library.register_autograd(qualified(prefix + name), backward, setup_context=setup_context)
 
 
+def _fake_bwd(grad_scores, query, key, lengths, mask, offsets, scale):
+    layout = "padded" if offsets is None else "jagged"
+    checks.fwd(layout, dict(query=query, key=key, value=key, lengths=lengths, mask=mask, offsets=offsets,
+                            max_length=-1, scale=scale))
+    acc = _acc(query.dtype)
+    return query.new_empty(query.shape, dtype=acc), key.new_empty(key.shape, dtype=acc)
+
+
 def _register() -> bool:
     mod, _ = extension()
     if mod is None or not hasattr(torch.ops.attnkern, WEIGHTS_OPS["padded"]):
         return False
     register_weights_fakes_and_autograd("")
+    torch.library.register_fake(qualified(WEIGHTS_BWD_OP), _fake_bwd)
     return True
 
 

@@ -34,18 +34,8 @@ inline typename V::A weights_logits(const WeightsParams& p, const typename V::A*
   const uint8_t* mask = p.mask ? p.mask + b * p.L : nullptr;
   const A scale = A(p.scale);
   const A neg_inf = -__builtin_inf();
-  // bias[base + l * stride] is position l's term for this query and head.
   int64_t bias_base = 0, bias_stride = 0;
-  if (bias) {
-    const int64_t nb = n % p.Nb, hb = h % p.Hb;
-    if (p.jagged) {
-      bias_base = (start * p.Nb + nb) * p.Hb + hb;
-      bias_stride = p.Nb * p.Hb;
-    } else {
-      bias_base = ((b * p.Nb + nb) * p.Hb + hb) * p.L;
-      bias_stride = 1;
-    }
-  }
+  if (bias) p.bias_offsets(b, n, h, &bias_base, &bias_stride);
   V vmax = V::set1(neg_inf);
   for (int64_t l0 = 0; l0 < len; l0 += NP) {
     const int np = len - l0 < NP ? int(len - l0) : NP;

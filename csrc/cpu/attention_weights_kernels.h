@@ -5,28 +5,17 @@
 
 #include <stdint.h>
 
+#include "score_rows.h"
+
 namespace attnkern {
 namespace cpu {
 
-// The query rows are padded to a multiple of the widest vector (16 fp32 lanes).
-constexpr int64_t kWeightsQueryAlign = 16;
-
-// One call. The query and the bias are contiguous in the accumulator type A (float, or double
-// for float64 inputs); the key is contiguous in its own dtype and read as it is.
-struct WeightsParams {
-  const void* q;  // [B, N, H, Dkp]: Dk padded with zeros to whole vectors of every width (Dkp)
-  const void* k;  // [rows, H, Dk]: padded rows b * L + l, jagged rows starts[b] + l
-  int64_t B, N, H, Dk, Dkp, L;
-  int64_t QB;             // queries (n, h) per work item
-  const int64_t* starts;  // [B]: the first key row of row b
-  const int64_t* lens;    // [B]: the positions of row b that may take part
-  const uint8_t* mask;    // [B, L] (padded with a mask) or null: position l takes part iff set
-  double scale;
-  const void* bias;  // [B, Nb, Hb, L] padded or [T, Nb, Hb] jagged, or null
-  int64_t Nb, Hb;
-  bool jagged;
-  void* w;    // padded [B, N, H, L], jagged [T, N, H], in A; every entry of a row written once
-  void* lse;  // [B, N, H] in A
+// One call: the rows to score (score_rows.h; the ops see one query head per K/V head, Hkv = H),
+// the query block size and the outputs.
+struct WeightsParams : ScoreRows {
+  int64_t QB;  // queries (n, h) per work item
+  void* w;     // padded [B, N, H, L], jagged [T, N, H], in A; every entry of a row written once
+  void* lse;   // [B, N, H] in A
 };
 
 // The items [begin, end): item = (b * H + h) * blocks + block, a block of QB queries n of row b

@@ -4,6 +4,7 @@
 // the kernels of the instruction set isa_dispatch.h selected over (row, head, query block)
 // items. Deterministic: each item writes only its own queries' weights.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -19,6 +20,7 @@
 #include "../input_checks.h"
 #include "attention_weights_kernels.h"
 #include "isa_dispatch.h"
+#include "score_rows_launch.h"
 
 namespace attnkern {
 namespace cpu {
@@ -41,6 +43,82 @@ WeightsFn kernel_for(at::ScalarType dtype) {
   return dtype == at::kBFloat16 ? kt.bf16 : dtype == at::kHalf ? kt.f16 : kt.f32;
 }
 
+// Row b's first key row and length, checked: padded b * L and lengths (or L), jagged from offsets.
+void row_ranges(const PoolDims& d, const OptT& lengths, const OptT& offsets, std::vector<int64_t>& starts,
+                std::vector<int64_t>& lens) {
+  starts.assign(size_t(d.B), 0);
+  lens.assign(size_t(d.B), d.L);
+  if (offsets.has_value()) {
+    const at::Tensor o = offsets->to(at::kLong).contiguous();
+    const int64_t* op = o.data_ptr<int64_t>();
+    for (int64_t b = 0; b < d.B; ++b) {
+      starts[size_t(b)] = op[b];
+      lens[size_t(b)] = op[b + 1] - op[b];
+    }
+    return;
+  }
+  for (int64_t b = 0; b < d.B; ++b) starts[size_t(b)] = b * d.L;
+  if (lengths.has_value()) {
+    check_lengths_values_cpu(*lengths, d.L);
+    const at::Tensor l = lengths->to(at::kLong).contiguous();
+    std::copy(l.data_ptr<int64_t>(), l.data_ptr<int64_t>() + d.B, lens.begin());
+  }
+}
+
+// dq and dk of the weights from dS (attnkern/ops/weights.py forms dS from the weights) for the
+// (row, head) items [begin, end): dq = scale dS K and dk = scale dS^T Q over the positions that
+// take part (the others are never read; their dk is 0). Plain loops over Dk, which the compiler
+// vectorises; everything in the accumulator type A.
+template <class A>
+struct WeightsBwd {
+  const A *ds, *q, *k;
+  A *dq, *dk;
+  PoolDims d;
+  const int64_t *starts, *lens;
+  const uint8_t* mask;
+  bool jagged;
+  A scale;
+
+  void run(int64_t begin, int64_t end) const {
+    const int64_t N = d.N, H = d.H, Dk = d.Dk, L = d.L;
+    A acc[kMaxHeadDim];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / H, h = item % H, start = starts[b], len = lens[b];
+      const uint8_t* m = mask ? mask + b * L : nullptr;
+      // dS of query n at position l
+      auto dsi = [&](int64_t n, int64_t l) {
+        return jagged ? ds[((start + l) * N + n) * H + h] : ds[((b * N + n) * H + h) * L + l];
+      };
+      for (int64_t n = 0; n < N; ++n) {
+        std::fill(acc, acc + Dk, A(0));
+        for (int64_t l = 0; l < len; ++l) {
+          if (m && !m[l]) continue;
+          const A s = dsi(n, l);
+          const A* kr = k + ((start + l) * H + h) * Dk;
+          for (int64_t x = 0; x < Dk; ++x) acc[x] += s * kr[x];
+        }
+        A* out = dq + ((b * N + n) * H + h) * Dk;
+        for (int64_t x = 0; x < Dk; ++x) out[x] = scale * acc[x];
+      }
+      const int64_t rows = jagged ? len : L;
+      for (int64_t l = 0; l < rows; ++l) {
+        A* out = dk + ((start + l) * H + h) * Dk;
+        if (l >= len || (m && !m[l])) {
+          std::fill(out, out + Dk, A(0));
+          continue;
+        }
+        std::fill(acc, acc + Dk, A(0));
+        for (int64_t n = 0; n < N; ++n) {
+          const A s = dsi(n, l);
+          const A* qr = q + ((b * N + n) * H + h) * Dk;
+          for (int64_t x = 0; x < Dk; ++x) acc[x] += s * qr[x];
+        }
+        for (int64_t x = 0; x < Dk; ++x) out[x] = scale * acc[x];
+      }
+    }
+  }
+};
+
 // Both layouts once checked: starts/lens are the rows' first key row and length (jagged: from
 // offsets; padded: b * L and lengths, or L).
 std::tuple<at::Tensor, at::Tensor> weights_fwd(const at::Tensor& query, const at::Tensor& key, const PoolDims& d,
@@ -55,9 +133,7 @@ std::tuple<at::Tensor, at::Tensor> weights_fwd(const at::Tensor& query, const at
   at::Tensor mask_u8, bias_c;
   if (mask.has_value()) mask_u8 = mask->contiguous().view(at::kByte);
   if (bias.has_value()) bias_c = bias->to(acc).contiguous();
-  const int64_t Dkp = (Dk + kWeightsQueryAlign - 1) / kWeightsQueryAlign * kWeightsQueryAlign;
-  at::Tensor q_c = at::zeros({B, N, H, Dkp}, query.options().dtype(acc));
-  q_c.narrow(3, 0, Dk).copy_(query);
+  const at::Tensor q_c = score_query(query, acc);
   const at::Tensor k_c = key.contiguous();
   at::Tensor w = jagged ? at::empty({L, N, H}, query.options().dtype(acc))
                         : at::empty({B, N, H, L}, query.options().dtype(acc));
@@ -71,25 +147,8 @@ std::tuple<at::Tensor, at::Tensor> weights_fwd(const at::Tensor& query, const at
     return {w, lse};
   }
   const int64_t longest = lens.empty() ? 0 : *std::max_element(lens.begin(), lens.end());
-  WeightsParams p{};
-  p.q = q_c.data_ptr();
-  p.k = k_c.data_ptr();
-  p.B = B;
-  p.N = N;
-  p.H = H;
-  p.Dk = Dk;
-  p.Dkp = Dkp;
-  p.L = L;
-  p.starts = starts.data();
-  p.lens = lens.data();
-  p.mask = mask_u8.defined() ? mask_u8.data_ptr<uint8_t>() : nullptr;
-  p.scale = scale;
-  p.bias = bias_c.defined() ? bias_c.data_ptr() : nullptr;
-  p.Nb = bias_c.defined() ? bias_c.size(1) : 1;
-  p.Hb = bias_c.defined() ? bias_c.size(2) : 1;
-  p.jagged = jagged;
-  p.w = w.data_ptr();
-  p.lse = lse.data_ptr();
+  WeightsParams p{score_rows(q_c, k_c, Dk, L, starts, lens, mask_u8, scale, bias_c, jagged), 1, w.data_ptr(),
+                  lse.data_ptr()};
   // Query blocks of about 256k multiply-adds, so that many candidates of few rows still split
   // over the threads and tiny rows do not pay one task each.
   const int64_t per_query = std::max<int64_t>(1, std::max<int64_t>(jagged ? L / B : L, 1) * Dk);
@@ -113,13 +172,8 @@ std::tuple<at::Tensor, at::Tensor> attention_weights_fwd_cpu(const at::Tensor& q
                                                              const OptT& lengths, const OptT& mask, double scale,
                                                              const OptT& bias) {
   const PoolDims d = check_padded_fwd(query, key, key, lengths, mask);
-  std::vector<int64_t> starts(size_t(d.B)), lens(size_t(d.B), d.L);
-  for (int64_t b = 0; b < d.B; ++b) starts[size_t(b)] = b * d.L;
-  if (lengths.has_value()) {
-    check_lengths_values_cpu(*lengths, d.L);
-    const at::Tensor l = lengths->to(at::kLong).contiguous();
-    std::copy(l.data_ptr<int64_t>(), l.data_ptr<int64_t>() + d.B, lens.begin());
-  }
+  std::vector<int64_t> starts, lens;
+  row_ranges(d, lengths, std::nullopt, starts, lens);
   return weights_fwd(query, key, d, std::move(starts), std::move(lens), mask, scale, bias, /*jagged=*/false);
 }
 
@@ -128,14 +182,52 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_weights_fwd_cpu(const at::Te
                                                                     double scale, const OptT& bias) {
   const PoolDims d = check_jagged_fwd(query, key, key, offsets, max_length);
   check_offsets_values_cpu(offsets, d.L, max_length);
-  const at::Tensor o = offsets.to(at::kLong).contiguous();
-  const int64_t* op = o.data_ptr<int64_t>();
-  std::vector<int64_t> starts(size_t(d.B)), lens(size_t(d.B));
-  for (int64_t b = 0; b < d.B; ++b) {
-    starts[size_t(b)] = op[b];
-    lens[size_t(b)] = op[b + 1] - op[b];
-  }
+  std::vector<int64_t> starts, lens;
+  row_ranges(d, std::nullopt, offsets, starts, lens);
   return weights_fwd(query, key, d, std::move(starts), std::move(lens), std::nullopt, scale, bias, /*jagged=*/true);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_weights_bwd_cpu(const at::Tensor& grad_scores, const at::Tensor& query,
+                                                             const at::Tensor& key, const OptT& lengths,
+                                                             const OptT& mask, const OptT& offsets, double scale) {
+  const bool jagged = offsets.has_value();
+  TORCH_CHECK_VALUE(!(jagged && (lengths.has_value() || mask.has_value())),
+                    "attnkern: lengths and mask are for the padded layout; with offsets leave them None");
+  const PoolDims d = jagged ? check_jagged_fwd(query, key, key, *offsets, -1)
+                            : check_padded_fwd(query, key, key, lengths, mask);
+  TORCH_CHECK_VALUE(query.device().is_cpu(), "attnkern: the CPU kernels need CPU tensors, got query on ",
+                    query.device());
+  const at::ScalarType acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  check_dense(grad_scores, "grad_scores");
+  TORCH_CHECK_TYPE(grad_scores.scalar_type() == acc, "attnkern: grad_scores must be ", dtype_name(acc), ", got ",
+                   dtype_name(grad_scores.scalar_type()));
+  if (jagged) {
+    check_shape(grad_scores, "grad_scores", {d.L, d.N, d.H}, "[T, N, H]");
+    check_offsets_values_cpu(*offsets, d.L, -1);
+  } else {
+    check_shape(grad_scores, "grad_scores", {d.B, d.N, d.H, d.L}, "[B, N, H, L]");
+  }
+  std::vector<int64_t> starts, lens;
+  row_ranges(d, lengths, offsets, starts, lens);
+  const at::Tensor ds = grad_scores.contiguous(), q = query.to(acc).contiguous(), k = key.to(acc).contiguous();
+  at::Tensor mask_u8;
+  if (mask.has_value()) mask_u8 = mask->contiguous().view(at::kByte);
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
+  if (jagged) {  // key rows past offsets[-1]
+    const int64_t end = d.B > 0 ? starts[size_t(d.B - 1)] + lens[size_t(d.B - 1)] : 0;
+    dk.narrow(0, end, d.L - end).zero_();
+  }
+  if (d.B == 0) return {dq, dk};
+  const uint8_t* mp = mask_u8.defined() ? mask_u8.data_ptr<uint8_t>() : nullptr;
+  const int64_t per_item = std::max<int64_t>(1, 2 * d.N * (jagged ? d.L / d.B : d.L) * d.Dk);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / per_item);
+  AT_DISPATCH_FLOATING_TYPES(acc, "attention_weights_bwd_cpu", [&] {
+    const WeightsBwd<scalar_t> w{ds.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                                 dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), d, starts.data(), lens.data(), mp,
+                                 jagged, scalar_t(scale)};
+    at::parallel_for(0, d.B * d.H, grain, [&](int64_t begin, int64_t end) { w.run(begin, end); });
+  });
+  return {dq, dk};
 }
 
 }  // namespace cpu
@@ -143,5 +235,6 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_weights_fwd_cpu(const at::Te
 
 TORCH_LIBRARY_IMPL(attnkern, CPU, m) {
   m.impl("attention_weights_fwd", &attnkern::cpu::attention_weights_fwd_cpu);
+  m.impl("attention_weights_bwd", &attnkern::cpu::attention_weights_bwd_cpu);
   m.impl("jagged_attention_weights_fwd", &attnkern::cpu::jagged_attention_weights_fwd_cpu);
 }
