@@ -243,7 +243,7 @@ def test_inference_op_within_twice_the_rounded_p_reference(layout, dtype, B, N, 
     """The inference op (P rounded to the input dtype for P V where the ISA path does that,
     docs/serving.md) against the float64 reference: out within 2x the error of the same
     computation with P rounded to the input dtype (SDPA's low-precision path), no floor; lse
-    exactly the forward's. (Against the reference run in that precision, which keeps P in
+    the forward's (within the exp2 error where avx512_bf16 rounds P). (Against the reference run in that precision, which keeps P in
     float32, its error is 1-4x that one's: docs/serving.md.)"""
     from attnkern.testing import compare
 
@@ -253,4 +253,6 @@ def test_inference_op_within_twice_the_rounded_p_reference(layout, dtype, B, N, 
     want, _ = attention_pool_ref(q.double(), k.double(), v.double(), scale=scale, **layout_kw)
     c = compare("out", out.to(dtype), _rounded_p_reference(q, k, v, layout_kw, scale), want, dtype, floor=0.0)
     assert c.ok, c.message(" (ISA path %s)" % attnkern._C.cpu_isa())
-    assert torch.equal(lse, call_op(q, k, v, layout_kw, scale)[1])  # the softmax statistics are the forward's
+    # The softmax statistics: the forward's, but for avx512_bf16's shorter exp2 on the rounded-P
+    # path (relative error 7.5e-5 in l, docs/serving.md).
+    torch.testing.assert_close(lse, call_op(q, k, v, layout_kw, scale)[1], atol=2e-4, rtol=1e-6)

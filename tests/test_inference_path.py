@@ -103,12 +103,15 @@ def test_only_the_rounding_paths_differ_from_the_forward():
     q, k, v, lengths = _inputs(N=40)
     infer, lse_i = torch.ops.attnkern.attention_pool_infer(q, k, v, lengths, None, 0.25)
     fwd, lse_f = torch.ops.attnkern.attention_pool_fwd(q, k, v, lengths, None, 0.25)
-    assert torch.equal(lse_i, lse_f)  # the softmax statistics are the forward's on every path
     if cpu_isa().replace("-emulated", "") in ROUNDING_ISAS:
         assert not torch.equal(infer, fwd)
         torch.testing.assert_close(infer, fwd, atol=2e-2, rtol=2e-2)
+        # avx512_bf16 sums its probabilities from a shorter exp2 (relative error 7.5e-5, for P
+        # that is rounded to bf16): lse within that of the forward's; amx's are the forward's.
+        torch.testing.assert_close(lse_i, lse_f, atol=2e-4, rtol=1e-6)
     else:
         assert torch.equal(infer, fwd)
+        assert torch.equal(lse_i, lse_f)  # the softmax statistics are the forward's
     # fp16 keeps fp32 P V on every path (no fp16 dot product on these ISAs).
     q, k, v, _ = _inputs(torch.float16, N=40)
     assert torch.equal(torch.ops.attnkern.attention_pool_infer(q, k, v, lengths, None, 0.25)[0],

@@ -294,7 +294,7 @@ inline void score_panel(const TileScoring& sc, int pn, int valid, float mul, flo
 // Y[r][0:CG*W] += sum_{j < nk} P[r][j] * X[j][0:CG*W] for M rows: O += P V (forward) and
 // dQ += dS K (backward). X rows have stride xs, P rows ps, Y rows ys. PAIRS (E = uint32_t, the
 // inference path's P V on V::kPairDot): P and X hold bf16 pairs, nk counts pairs, and each term
-// is one dot_pairs (pair_rows_in_place / value_pairs_in_place give the pairs).
+// is one dot_pairs (softmax_pairs_rows / value_pairs_in_place give the pairs).
 template <class V, int M, int CG, bool PAIRS = false, class E = float>
 inline void pv_cols(const E* P, int64_t ps, const E* X, int64_t xs, int nk, float* Y, int64_t ys) {
   constexpr int W = V::W;
@@ -349,37 +349,70 @@ inline void pv_pairs_all(const uint32_t* P2, int64_t ps, const uint32_t* X2, int
   for (; c < Dp; c += W) pv_cols<V, M, 1, true>(P2, ps, X2 + c, Dp, np, Y + c, Dp);
 }
 
+// One row's running max m after a block whose max is bmax: it moves (lazily: kTileLazyMax) and
+// then rescales its sum (nl partial sums l) and, with PV, its output accumulators o (Dvp lanes).
+// Returns the new m.
+template <class V, bool PV>
+inline float lazy_max_row(float bmax, float* o, int64_t Dvp, float& m, float* l, int nl) {
+  if (bmax > m + kTileLazyMax) {
+    const float alpha = __builtin_exp2f((m - bmax) * kTileLog2e);  // 0 on the first block
+    for (int i = 0; i < nl; ++i) l[i] *= alpha;
+    if constexpr (PV) {
+      const V a = V::set1(alpha);
+      for (int64_t c = 0; c < Dvp; c += V::W) (V::load(o + c) * a).store(o + c);
+    }
+    m = bmax;
+  }
+  return m;
+}
+
 #if defined(ATTNKERN_AVX512_BF16)
-// x rounded to bf16 (to nearest even) in its high half, the low half left for join_pairs to
-// drop: integer adds in the register, no narrowing to 16-bit lanes and back. A NaN becomes the
-// quiet NaN (its payload may sit in the dropped half, or the add carry it into the exponent).
-inline Vec512 round_bf16_high(Vec512 x) {
-  const __m512i u = _mm512_castps_si512(x.v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd);
-  return Vec512::select(Vec512::unord(x, x), Vec512::set1(__builtin_nanf("")), Vec512{_mm512_castsi512_ps(r)});
+// 2^x for the inference path's probabilities, which P V uses rounded to bf16 (8 significant
+// bits): a degree-3 polynomial (relative error 7.5e-5, a 26th of bf16's half ulp) and no compare
+// or select: clamped to [-160, 128], 2^n by vscalefps, whose underflow gives exactly 0 below
+// -150 (and for -inf: an empty row's l stays 0) and whose overflow gives +inf from 128 up; NaN
+// passes the clamps (max/min return their second operand) and stays NaN. AVX-512 only: it needs
+// scale_pow2 for any n.
+inline Vec512 exp2_bf16p(Vec512 x) {
+  const Vec512 xc = Vec512::min(Vec512::set1(128.f), Vec512::max(Vec512::set1(-160.f), x));
+  const Vec512 n = Vec512::round(xc), f = xc - n;
+  Vec512 y = Vec512::fma(Vec512::set1(0.0551716685295105f), f, Vec512::set1(0.2426111400127411f));
+  y = Vec512::fma(y, f, Vec512::set1(0.6932609677314758f));
+  y = Vec512::fma(y, f, Vec512::set1(0.9999280571937561f));
+  return Vec512::scale_pow2(y, n);
 }
 #endif
+
+// The inference path's online softmax of M rows (softmax_rows' lazy max and rescale), the sum of
+// the fp32 probabilities kept per lane (lv: W partial sums a row, added up once after the last
+// block: a horizontal sum per row and block took a tenth of the time at D = 32), and the
+// probabilities (exp2_bf16p) rounded to bf16 and joined into pairs (the layout below) as they
+// are formed: S row r holds nk / 2 pairs after, group j's pairs written over S[j / 2..) once
+// its keys were read.
+template <class V>
+inline void softmax_pairs_rows(int M, const float* bmax, float* S, int64_t ss, int nk, float* O, int64_t Dvp,
+                               float* mm, float* lv) {
+  constexpr int W = V::W;
+  const V l2e = V::set1(kTileLog2e);
+  for (int r = 0; r < M; ++r) {
+    const float m = lazy_max_row<V, true>(bmax[r], O + r * Dvp, Dvp, mm[r], lv + r * W, W);
+    const V mv = V::set1(tile_shift_of(m));
+    V sum0 = V::zero(), sum1 = V::zero();
+    float* sr = S + r * ss;
+    for (int j = 0; j < nk; j += 2 * W) {
+      const V p0 = exp2_bf16p((V::load(sr + j) - mv) * l2e), p1 = exp2_bf16p((V::load(sr + j + W) - mv) * l2e);
+      sum0 = sum0 + p0;
+      sum1 = sum1 + p1;
+      V::round_join_pairs(p0, p1).store(sr + j / 2);
+    }
+    (V::load(lv + r * W) + (sum0 + sum1)).store(lv + r * W);
+  }
+}
 
 // The pairing of the inference path's P V: in each group of 2W keys, pair i (i < W) joins key
 // i (low half) with key W + i (high half), so that both P's and V's pairs are one join_pairs
 // of two whole vectors (no lane shuffles).
 //
-// M rows of probabilities S (row stride ss, nk keys, a multiple of 2W) rounded to bf16 and
-// joined into nk / 2 pairs in place (pair row r at S + r * ss): group g's pairs are written
-// over S[16g..) after its keys were read, which no later group reads again.
-template <class V>
-inline void pair_rows_in_place(int M, float* S, int64_t ss, int nk) {
-  constexpr int W = V::W;
-  for (int r = 0; r < M; ++r) {
-    float* sr = S + r * ss;
-    for (int j = 0; j < nk; j += 2 * W) {
-      const V lo = round_bf16_high(V::load(sr + j)), hi = round_bf16_high(V::load(sr + j + W));
-      V::join_pairs(lo, hi).store(sr + j / 2);
-    }
-  }
-}
-
 // The value block's fp32 rows vp [nk][Dp] (bf16 values, so the join is exact) as nk / 2 rows
 // of pairs in place, pair row j / 2 + i of group j joining rows j + i and j + W + i; row
 // j / 2 + i is written after rows j + i and j + W + i were read and is never read again.
@@ -441,7 +474,7 @@ inline TileDims tile_dims(int64_t Dk, int64_t Dv) {
 
 // Forward and stats.
 struct TileFwdWs {
-  int64_t qs, O, mm, ll, kt, vp, S, kr, q2, total;
+  int64_t qs, O, mm, ll, kt, vp, S, kr, q2, lv, total;
 };
 template <class V>
 inline TileFwdWs tile_fwd_ws(int64_t N, const TileDims& t) {
@@ -459,6 +492,7 @@ inline TileFwdWs tile_fwd_ws(int64_t N, const TileDims& t) {
   // bf16 pair scoring (V::kPairDot): the queries as pairs [N][D2]; the key block's pair panels
   // [KB / NR][D2][NR] take kt's place.
   w.q2 = b.take(V::kPairDot ? N * pairs_of(t.Dk) : 0);
+  w.lv = b.take(V::kPairDot ? N * V::W : 0);  // the inference path's partial sums, W a row
   w.total = b.used;
   return w;
 }
@@ -566,17 +600,7 @@ inline void softmax_rows(int M, const float* bmax, float* S, int64_t ss, int nk,
   constexpr int W = V::W;
   const V l2e = V::set1(kTileLog2e);
   for (int r = 0; r < M; ++r) {
-    float m = mm[r];
-    if (bmax[r] > m + kTileLazyMax) {
-      const float alpha = __builtin_exp2f((m - bmax[r]) * kTileLog2e);  // 0 on the first block
-      ll[r] *= alpha;
-      if constexpr (PV) {
-        float* o = O + r * Dvp;
-        const V a = V::set1(alpha);
-        for (int64_t c = 0; c < Dvp; c += W) (V::load(o + c) * a).store(o + c);
-      }
-      m = mm[r] = bmax[r];
-    }
+    const float m = lazy_max_row<V, PV>(bmax[r], O + r * Dvp, Dvp, mm[r], ll + r, 1);
     // The shift: 0 while no finite score was seen (-inf scores then give 0, NaN ones NaN) or
     // once the max is +inf.
     const V mv = V::set1(tile_shift_of(m));
@@ -613,13 +637,13 @@ inline void fwd_tile_rows(const TileScoring& sc, const BlockBias& bias, const fl
     for (int j = V::W; j < nk; j += V::W) mx = V::max(mx, V::load(S + r * KB + j));
     bmax[r] = mx.reduce_max();
   }
-  softmax_rows<V, PV>(M, bmax, S, KB, nk, O, Dvp, mm, ll);
   if constexpr (PV && RP) {
-    pair_rows_in_place<V>(M, S, KB, nk);
+    softmax_pairs_rows<V>(M, bmax, S, KB, nk, O, Dvp, mm, ll);  // ll: the rows' W partial sums
     pv_pairs_all<V, M>(reinterpret_cast<const uint32_t*>(S), KB, reinterpret_cast<const uint32_t*>(vp), nk / 2, O,
                        Dvp);
-  } else if constexpr (PV) {
-    pv_all<V, M>(S, KB, vp, Dvp, nk, O, Dvp, Dvp);
+  } else {
+    softmax_rows<V, PV>(M, bmax, S, KB, nk, O, Dvp, mm, ll);
+    if constexpr (PV) pv_all<V, M>(S, KB, vp, Dvp, nk, O, Dvp, Dvp);
   }
 }
 
@@ -674,6 +698,9 @@ void tile_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out,
     load_queries<V, T>(p, s, t, qs);
   const TileScoring sc{qs, t.Dkp, kt, t.Dk, q2, k2, pairs_of(t.Dk)};
   fwd_init_rows<PV>(N, t.Dvp, O, mm, ll);
+  float* lv = ws + lay.lv;  // RP: the rows' sums as W partial sums each (softmax_pairs_rows)
+  if constexpr (RP)
+    for (int64_t i = 0; i < N * V::W; ++i) lv[i] = 0.f;
   const float scale = float(p.scale);
   const auto* kb = static_cast<const T*>(p.k) + s.b * p.k_sb + s.h * p.k_sh;
   const auto* vb = static_cast<const T*>(p.v) + s.b * p.v_sb + s.h * p.v_sh;
@@ -694,10 +721,13 @@ void tile_fwd_span(const FwdParams& p, const Span& s, float* ws, float* acc_out,
       const int rows = int(N - n0 < MR ? N - n0 : MR);
       with_rows<MR>(rows, [&](auto mc) {
         fwd_tile_rows<V, decltype(mc)::value, PV, pairs, RP>(sc.rows_from(n0), BlockBias{p, s, n0, i0}, vp, t.Dvp,
-                                                         nb, scale, S, O + n0 * t.Dvp, mm + n0, ll + n0);
+                                                         nb, scale, S, O + n0 * t.Dvp, mm + n0,
+                                                         RP ? lv + n0 * V::W : ll + n0);
       });
     }
   }
+  if constexpr (RP)
+    for (int64_t n = 0; n < N; ++n) ll[n] = V::load(lv + n * V::W).reduce_add();
   fwd_write_rows<PV>(N, t.Dv, t.Dvp, O, mm, ll, acc_out, m_out, l_out);
 }
 

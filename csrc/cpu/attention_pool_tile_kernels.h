@@ -15,8 +15,8 @@ namespace cpu {
 constexpr int64_t kTileMinQueries = 16;
 
 // Query chunks per (row, head) task for the launcher's forward split when there are few tasks
-// (1: split the keys instead). Chunks of at least 64 queries keep the per-chunk K/V packing
-// small next to the arithmetic; about 64 work items in all.
+// (1: split the keys instead). Chunks of at least 64 queries (128 from N = 256 on) keep the
+// per-chunk K/V packing small next to the arithmetic; about 64 work items in all.
 int64_t tile_query_chunks(int64_t N, int64_t ntasks);
 
 // Same contracts as FwdFn/BwdFn/StatsFn/WorkspaceFn in attention_pool_kernels.h (float accumulators

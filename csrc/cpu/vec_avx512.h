@@ -121,6 +121,16 @@ struct Vec512 {
     const __m512i hi = _mm512_and_si512(_mm512_castps_si512(odd.v), _mm512_set1_epi32(int(0xffff0000u)));
     return {_mm512_castsi512_ps(_mm512_add_epi32(lo, hi))};
   }
+  // Both fp32 vectors rounded to bf16 (to nearest, ties away from zero: one integer add each)
+  // and joined as join_pairs does, even's in the low halves. A NaN may come out as any value:
+  // for the inference path's probabilities only, whose fp32 sum carries the NaN to the row.
+  static Vec512 round_join_pairs(Vec512 even, Vec512 odd) {
+    const __m512i half = _mm512_set1_epi32(0x8000);
+    const __m512i lo = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(even.v), half), 16);
+    const __m512i hi =
+        _mm512_and_si512(_mm512_add_epi32(_mm512_castps_si512(odd.v), half), _mm512_set1_epi32(int(0xffff0000u)));
+    return {_mm512_castsi512_ps(_mm512_add_epi32(lo, hi))};
+  }
   // acc + a.lo * b.lo + a.hi * b.hi per lane (vdpbf16ps: exact bf16 products, fp32 sums).
   static Vec512 dot_pairs(Vec512 acc, Vec512 a, Vec512 b) {
     return {_mm512_dpbf16_ps(acc.v, (__m512bh)_mm512_castps_si512(a.v), (__m512bh)_mm512_castps_si512(b.v))};
