@@ -254,7 +254,7 @@ void quant_single_span(const QuantParams& p, const QuantSpan& sp, float* ws) {
   alignas(64) float lane[W], lane_shift[W], lane_corr[W];
   const float qs = p.scale * kLog2e;
   for (int64_t h = 0; h < H; ++h) {
-    const float* q = p.q + (sp.b * p.N * H + h) * Dk;
+    const float* q = p.q + ((sp.b * p.N + sp.n0) * H + h) * Dk;
     for (int64_t i = 0; i < NCW; ++i) {
       qf[h * NCW + i] = i < Dk ? q[i] * qs : 0.f;
       acc[h * NCW + i] = 0.f;
