@@ -12,13 +12,15 @@ pytestmark = pytest.mark.skipif(not attnkern.backends()["cpu"].available,
 
 def test_serving_family_runs_and_checks(tmp_path, capsys):
     rc = bench.main(["--family", "serving", "--shapes", "tiny,tiny-long", "--rounds", "1", "--dtype", "float32",
-                     "--providers", "reference,sdpa,cpu,cpu-train", "--out", str(tmp_path)])
+                     "--providers", "reference,sdpa,cpu,cpu-train,int8,fp8", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "attnkern cpu ISA path: " + serving.cpu_isa() in out
-    for p in ("reference", "sdpa", "cpu", "cpu-train"):
+    for p in ("reference", "sdpa", "cpu", "cpu-train", "int8", "fp8"):
         assert "\n  %-10s" % p in out
     assert "x sdpa" in out and "/read" in out and "% peak" in out and "% bf16 GEMM" in out
+    # the quantized providers are also timed against a read of their own bytes
+    assert out.count("/own read") == 4
     assert (tmp_path / "serving.md").read_text().count("(B=") == 2
 
 
@@ -49,6 +51,18 @@ def test_serving_cpu_providers_take_the_inference_and_training_paths(monkeypatch
     serving.provider_fn("cpu", q, k, v)()
     serving.provider_fn("cpu-train", q, k, v)()
     assert seen == ["attention_pool_infer", "attention_pool_fwd"]
+
+
+def test_serving_quantized_provider_reads_its_rows_and_parameters():
+    import torch
+
+    q, k, v = serving.make_inputs(serving.TINY_SHAPES["tiny"], torch.float32)
+    f = serving.provider_fn("int8", q, k, v)
+    # int8 K and V plus a float32 scale and bias per row
+    assert f.kv_bytes == 2 * (k.numel() + 8 * k[..., 0].numel())
+    kd, vd = f.dequantized
+    assert (kd - k).abs().max() < 0.05 and (vd - v).abs().max() < 0.05
+    assert f().shape == q.shape
 
 
 def test_serving_unknown_shape_is_an_error():

@@ -202,12 +202,198 @@ inline void block_scores(const QuantParams& p, const QuantSpan& sp, const QuantB
   }
 }
 
+// Asks for everything valid positions [i0, i1) of the span read (K and V rows of every head,
+// the four per-row parameters) ahead of use: the rows of one position are short runs spread
+// over six streams, which the hardware prefetchers follow too late for the core to overlap the
+// memory latency with the arithmetic.
+inline void prefetch_bytes(const void* p, int64_t n) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < n; o += 64) __builtin_prefetch(c + o, 0, 3);
+  __builtin_prefetch(c + n - 1, 0, 3);
+}
+inline void quant_prefetch(const QuantParams& p, const QuantSpan& sp, int64_t i0, int64_t i1, int64_t esize) {
+  const int64_t kbytes = ((p.H - 1) * p.k_sh + p.Dk) * esize, vbytes = ((p.H - 1) * p.v_sh + p.Dv) * esize;
+  const char* K = static_cast<const char*>(p.k) + sp.b * p.k_sb * esize;
+  const char* Vv = static_cast<const char*>(p.v) + sp.b * p.v_sb * esize;
+  const float* const params[4] = {p.k_scale, p.k_bias, p.v_scale, p.v_bias};
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t pos = sp.start + (sp.idx ? sp.idx[i] : i);
+    prefetch_bytes(K + pos * p.k_sl * esize, kbytes);
+    prefetch_bytes(Vv + pos * p.v_sl * esize, vbytes);
+    if (sp.idx) {
+      const int64_t pi = sp.b * p.p_sb + pos * p.H;
+      for (const float* a : params)
+        if (a) prefetch_bytes(a + pi, p.H * 4);
+    }
+  }
+  if (!sp.idx) {  // the parameters of consecutive positions are one run per array
+    const int64_t pi = sp.b * p.p_sb + (sp.start + i0) * p.H;
+    for (const float* a : params)
+      if (a) prefetch_bytes(a + pi, (i1 - i0) * p.H * 4);
+  }
+}
+
+// One query (N == 1) over consecutive positions (no mask index), Dk, Dv <= NC * W and H dividing
+// W. The (position, head) rows of a block are scored as one flat run r = position * H + head, W
+// at a time: the per-row parameters are then plain vector loads of their [.., L, H] arrays, and
+// the online softmax runs lane-wise (lane i always holds head i % H: the per-head maximum is
+// taken over those lanes, the sums l and c stay per lane until the end). The value rows are
+// read head by head into NC chunk accumulators held in registers. Same arithmetic as
+// quant_fwd_span (log2 units, the row scale applied to the integer dot, the bias through
+// sum(q')).
+template <class V, class E, int NC>
+void quant_single_span(const QuantParams& p, const QuantSpan& sp, float* ws) {
+  constexpr int W = V::W;
+  constexpr int NCW = NC * W;
+  constexpr float kLog2e = 1.4426950408889634f;
+  const int64_t H = p.H, Dk = p.Dk, Dv = p.Dv;
+  float* qf = ws;            // [H, NCW], zero past Dk
+  float* acc = qf + H * NCW;  // [H, NCW]
+  float* m = acc + H * NCW;   // [H]
+  float* s = m + H;           // [kQuantBK * H] scores, then weights
+  alignas(64) float lane[W], lane_shift[W], lane_corr[W];
+  const float qs = p.scale * kLog2e;
+  for (int64_t h = 0; h < H; ++h) {
+    const float* q = p.q + ((sp.b * p.N + sp.n0) * H + h) * Dk;
+    for (int64_t i = 0; i < NCW; ++i) {
+      qf[h * NCW + i] = i < Dk ? q[i] * qs : 0.f;
+      acc[h * NCW + i] = 0.f;
+    }
+    m[h] = -__builtin_inff();
+  }
+  for (int i = 0; i < W; ++i) {
+    float sum = 0.f;
+    for (int64_t d = 0; d < Dk; ++d) sum += qf[(i % H) * NCW + d];
+    lane[i] = sum;
+  }
+  const V qsum = V::load(lane);
+  V lsum = V::zero(), csum = V::zero();
+  int64_t koff[W];
+  for (int j = 0; j < W; ++j) koff[j] = (j / H) * p.k_sl + (j % H) * p.k_sh;
+  const E* K = static_cast<const E*>(p.k) + sp.b * p.k_sb + sp.start * p.k_sl;
+  const E* Vv = static_cast<const E*>(p.v) + sp.b * p.v_sb + sp.start * p.v_sl;
+  const int64_t pb = sp.b * p.p_sb + sp.start * H;
+  const V lf = V::set1(kLoadFactor<E>);
+  const int64_t pf = p.prefetch;
+  if (pf) quant_prefetch(p, sp, 0, sp.count < pf ? sp.count : pf, sizeof(E));
+  for (int64_t i0 = 0; i0 < sp.count; i0 += kQuantBK) {
+    const int nb = int(sp.count - i0 < kQuantBK ? sp.count - i0 : kQuantBK);
+    if (pf && i0 + pf < sp.count)
+      quant_prefetch(p, sp, i0 + pf, i0 + pf + kQuantBK < sp.count ? i0 + pf + kQuantBK : sp.count, sizeof(E));
+    const int64_t nr = nb * H, r0 = pb + i0 * H;
+    for (int64_t g = 0; g < nr; g += W) {
+      const int n = int(nr - g < W ? nr - g : W);
+      const E* kg = K + (i0 + g / H) * p.k_sl;
+      V a[W];
+      for (int j = 0; j < W; ++j) {
+        a[j] = V::zero();
+        if (j < n) {
+          const float* qj = qf + (j % H) * NCW;
+          for (int c = 0; c < NC; ++c)
+            if (c * W < Dk) a[j] = V::fma(V::load(qj + c * W), load_n<V>(kg + koff[j] + c * W, int(Dk - c * W)), a[j]);
+        }
+      }
+      const V kb = p.k_bias ? load_n<V>(p.k_bias + r0 + g, n) : V::zero();
+      V::fma(V::transpose_reduce(a), load_n<V>(p.k_scale + r0 + g, n) * lf, kb * qsum).mask_tail(n).store(s + g);
+    }
+    if (p.bias) {
+      const float* bb = p.bias + sp.b * p.bias_sb + (sp.n0 % p.bias_nb) * p.bias_sn;
+      for (int j = 0; j < nb; ++j)
+        for (int64_t h = 0; h < H; ++h) s[j * H + h] += bb[(sp.start + i0 + j) * p.bias_sl + h * p.bias_sh] * kLog2e;
+    }
+    // The per-head maximum: lane-wise over the block, then over the lanes of each head. NaN
+    // scores are left out of it but reach l and acc through their p (a NaN at a valid position
+    // is never dropped); an all -inf block shifts by 0, giving p = 0.
+    V vmx = V::set1(-__builtin_inff());
+    for (int64_t g = 0; g < nr; g += W) {
+      const V x = V::load(s + g);
+      vmx = V::select(V::gt(x, vmx), x, vmx);
+    }
+    vmx.store(lane);
+    for (int64_t h = 0; h < H; ++h) {
+      float mx = m[h];
+      for (int i = int(h); i < W; i += int(H)) mx = lane[i] > mx ? lane[i] : mx;
+      const float shift = mx == -__builtin_inff() ? 0.f : mx;
+      const float corr = __builtin_exp2f(m[h] - shift);
+      m[h] = mx;
+      for (int i = int(h); i < W; i += int(H)) {
+        lane_shift[i] = shift;
+        lane_corr[i] = corr;
+      }
+    }
+    const V vshift = V::load(lane_shift), vcorr = V::load(lane_corr);
+    lsum = lsum * vcorr;
+    csum = csum * vcorr;
+    for (int64_t g = 0; g < nr; g += W) {
+      const int n = int(nr - g < W ? nr - g : W);
+      const V pj = exp2_accurate<V>(V::load(s + g) - vshift);
+      lsum = lsum + pj;
+      if (p.v_bias) csum = V::fma(pj, load_n<V>(p.v_bias + r0 + g, n), csum);
+      (pj * (load_n<V>(p.v_scale + r0 + g, n) * lf)).store(s + g);
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      const E* vh = Vv + i0 * p.v_sl + h * p.v_sh;
+      float* a = acc + h * NCW;
+      const V hc = V::set1(lane_corr[h]);
+      V o0[NC], o1[NC];
+      for (int c = 0; c < NC; ++c) {
+        o0[c] = V::load(a + c * W) * hc;
+        o1[c] = V::zero();
+      }
+      int j = 0;
+      for (; j + 2 <= nb; j += 2) {
+        const E* r0v = vh + j * p.v_sl;
+        const E* r1v = r0v + p.v_sl;
+        const V w0 = V::set1(s[j * H + h]), w1 = V::set1(s[(j + 1) * H + h]);
+        for (int c = 0; c < NC; ++c)
+          if (c * W < Dv) {
+            o0[c] = V::fma(w0, load_n<V>(r0v + c * W, int(Dv - c * W)), o0[c]);
+            o1[c] = V::fma(w1, load_n<V>(r1v + c * W, int(Dv - c * W)), o1[c]);
+          }
+      }
+      if (j < nb) {
+        const E* r0v = vh + j * p.v_sl;
+        const V w0 = V::set1(s[j * H + h]);
+        for (int c = 0; c < NC; ++c)
+          if (c * W < Dv) o0[c] = V::fma(w0, load_n<V>(r0v + c * W, int(Dv - c * W)), o0[c]);
+      }
+      for (int c = 0; c < NC; ++c) (o0[c] + o1[c]).store(a + c * W);
+    }
+  }
+  constexpr float kLn2 = 0.6931471805599453f;
+  alignas(64) float lc[W];
+  lsum.store(lane);
+  csum.store(lc);
+  for (int64_t h = 0; h < H; ++h) {
+    float l = 0.f, cm = 0.f;
+    for (int i = int(h); i < W; i += int(H)) {
+      l += lane[i];
+      cm += lc[i];
+    }
+    const int64_t o = (sp.b * p.N + sp.n0) * H + h;
+    float* out = p.out + o * Dv;
+    // l == 0: no position with a finite score (an empty row): out 0, lse -inf.
+    const bool empty = l == 0.f;
+    const float inv = empty ? 0.f : 1.f / l;
+    for (int64_t d = 0; d < Dv; ++d) out[d] = empty ? 0.f : (acc[h * NCW + d] + cm) * inv;
+    p.lse[o] = empty ? -__builtin_inff() : (m[h] + __builtin_log2f(l)) * kLn2;
+  }
+}
+
 template <class V, class E>
 void quant_fwd_span(const QuantParams& p, const QuantSpan& sp, float* ws) {
   constexpr int W = V::W;
   constexpr float kLog2e = 1.4426950408889634f;
   const int64_t H = p.H, NQ = sp.nq, Dk = p.Dk, Dv = p.Dv;
   const bool tiled = NQ >= kQuantTileMin;
+  if constexpr (W > 1) {
+    const int64_t D = Dk > Dv ? Dk : Dv;
+    if (NQ == 1 && !sp.idx && W % H == 0 && D <= 4 * W) {
+      if (D <= W) return quant_single_span<V, E, 1>(p, sp, ws);
+      if (D <= 2 * W) return quant_single_span<V, E, 2>(p, sp, ws);
+      return quant_single_span<V, E, 4>(p, sp, ws);
+    }
+  }
   // Workspace: q' [H, NQ, Dk], q' sums, running shift m, sum l and bias mass c [H, NQ],
   // acc [H, NQ, Dv], scores [kQuantBK], widened tiles [kQuantBK, Dk] and [kQuantBK, Dv].
   float* qf = ws;
@@ -248,8 +434,11 @@ void quant_fwd_span(const QuantParams& p, const QuantSpan& sp, float* ws) {
     krows_t[j] = kt + j * Dk;
     vrows_t[j] = vt + j * Dv;
   }
+  const int64_t pf = p.prefetch;
+  if (pf) quant_prefetch(p, sp, 0, sp.count < pf ? sp.count : pf, sizeof(E));
   for (int64_t i0 = 0; i0 < sp.count; i0 += kQuantBK) {
     const int nb = int(sp.count - i0 < kQuantBK ? sp.count - i0 : kQuantBK);
+    if (pf && i0 + pf < sp.count) quant_prefetch(p, sp, i0 + pf, i0 + pf + kQuantBK < sp.count ? i0 + pf + kQuantBK : sp.count, sizeof(E));
     for (int j = 0; j < nb; ++j) blk.pos[j] = sp.start + (sp.idx ? sp.idx[i0 + j] : i0 + j);
     if (nb < kQuantBK)
       for (int j = nb; j < kQuantBK; ++j) blk.ks[j] = blk.kb[j] = blk.vs[j] = blk.vb[j] = 0.f;

@@ -46,6 +46,8 @@ struct QuantParams {
   int64_t bias_sb = 0, bias_sl = 0, bias_sn = 0, bias_sh = 0, bias_nb = 1;
   float* out = nullptr;
   float* lse = nullptr;
+  // Software prefetch distance in positions (a multiple of kQuantBK; 0 = off).
+  int64_t prefetch = 0;
 };
 
 // Queries [n0, n0 + nq) of row b against the row's valid positions: position i (0 <= i < count)

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <optional>
 #include <vector>
 
@@ -176,10 +177,21 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_quant_fwd_cpu(
   }
   p.out = out.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
+  // As the float launcher: about ATTNKERN_CPU_PREFETCH_KB (default 64; 0 = off) KiB of rows and
+  // their parameters ahead, in whole blocks.
+  static const int64_t pf_kb = [] {
+    const char* e = std::getenv("ATTNKERN_CPU_PREFETCH_KB");
+    return e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(64);
+  }();
+  const int64_t pos_bytes = d.H * (d.Dk + d.Dv + 16);
+  p.prefetch = pf_kb ? ((pf_kb << 10) / pos_bytes / cpu::kQuantBK + 1) * cpu::kQuantBK : 0;
 
   const int64_t chunks = (d.N + cpu::kQuantChunk - 1) / cpu::kQuantChunk;
   const int64_t nq_max = std::min(d.N, cpu::kQuantChunk);
-  const int64_t ws_elems = d.H * nq_max * (d.Dk + d.Dv + 4) + cpu::kQuantBK * (1 + d.Dk + d.Dv) + 64;
+  // The single-query kernel holds the query and the accumulator padded to whole vectors (at
+  // most max(2 D, 16) floats each), the running maximum and a block's scores per head.
+  const int64_t ws_elems = std::max(d.H * nq_max * (d.Dk + d.Dv + 4) + cpu::kQuantBK * (1 + d.Dk + d.Dv) + 64,
+                                    d.H * (4 * std::max<int64_t>({d.Dk, d.Dv, 8}) + 1 + cpu::kQuantBK));
   const cpu::QuantFwdFn fn = kernel();
   at::parallel_for(0, d.B * chunks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> ws(ws_elems);

@@ -5,7 +5,11 @@ Providers (PROVIDER_TABLE): the eager reference, SDPA (no mask: every position i
 torch.compile of the reference, FlexAttention (CPU, where it compiles) and attnkern's cpu
 backend twice: ``cpu`` as a serving stack calls it (under torch.inference_mode: the inference
 path, P V with P rounded to bf16 on the avx512_bf16 and amx paths) and ``cpu-train`` (inputs that
-require grad: the training forward, P V in fp32; the backward is not timed). Timings are
+require grad: the training forward, P V in fp32; the backward is not timed); and ``int8`` /
+``fp8`` (float8_e4m3fn): the cpu op reading K/V quantized row-wise (docs/quantized.md), checked
+against the reference on the dequantized K/V and also timed against a read of its own bytes
+(data plus per-row parameters). SDPA, compile and flex get the float K/V: what a user must
+dequantize to before calling them (the dequantize pass itself is not timed). Timings are
 medians over rounds in which the providers run one after another (the machine is shared, so
 every ratio is taken within one run). GFLOP/s count the useful FLOPs 2 * N * H * L * (Dk + Dv)
 (forward); the machine's peak for a dtype is measured in the same run as the best rate of a
@@ -33,7 +37,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -113,6 +117,26 @@ def _cpu_training(q, k, v):
     return lambda: attnkern.attention_pool(qg, kg, vg, backend="cpu").detach()
 
 
+def _quantized(qdtype):
+    """attnkern's cpu op on K/V quantized row-wise (attnkern.quantize_rows, outside the timed
+    call), the query in the run's dtype, as a serving stack calls it. The callable carries the
+    dequantized K/V it computes with (the check's oracle) and the bytes it must read."""
+    def build(q, k, v):
+        import attnkern
+        from attnkern.reference import dequantize_rows
+
+        (kd, ks, kb), (vd, vs, vb) = (attnkern.quantize_rows(t, qdtype) for t in (k, v))
+
+        def run():
+            with torch.inference_mode():
+                return attnkern.attention_pool(q, kd, vd, key_scale=ks, key_bias=kb, value_scale=vs, value_bias=vb,
+                                               backend="cpu")
+        run.dequantized = (dequantize_rows(kd, ks, kb), dequantize_rows(vd, vs, vb))
+        run.kv_bytes = sum(t.numel() * t.element_size() for t in (kd, ks, kb, vd, vs, vb) if t is not None)
+        return run
+    return build
+
+
 # The provider table: name -> builder(q, k, v) returning the timed call (float inputs of the
 # run's dtype, [B, N, H, D] / [B, L, H, D], every position valid). A provider whose inputs need
 # preparing (quantized K/V: int8/fp8 rows and their scales) does that in its builder, outside the
@@ -124,6 +148,8 @@ PROVIDER_TABLE: Dict[str, Callable] = {
     "flex": _flex,
     "cpu": _cpu_inference,
     "cpu-train": _cpu_training,
+    "int8": _quantized(torch.int8),
+    "fp8": _quantized(torch.float8_e4m3fn),
 }
 PROVIDERS = tuple(PROVIDER_TABLE)
 
@@ -163,6 +189,7 @@ class Result:
     max_err: Dict[str, float]
     peak_dtype: str = "float32"  # the GEMM that set the peak
     bf16_gflops: float = 0.0  # the best bf16 GEMM rate of the same run
+    reads: Dict[str, float] = field(default_factory=dict)  # provider -> read of its own bytes (quantized)
 
 
 def run_shape(shape, dtype_name: str, providers, rounds: int, peak_gflops, check: bool = True) -> Result:
@@ -170,7 +197,7 @@ def run_shape(shape, dtype_name: str, providers, rounds: int, peak_gflops, check
     dtype = DTYPES[dtype_name]
     q, k, v = make_inputs(shape, dtype)
     B, N, H, L, D = shape
-    fns, errors, max_err = {}, {}, {}
+    fns, errors, max_err, own_bytes = {}, {}, {}, {}
     want = None
     if check:
         from attnkern.reference import attention_pool_ref
@@ -181,7 +208,12 @@ def run_shape(shape, dtype_name: str, providers, rounds: int, peak_gflops, check
             f = provider_fn(p, q, k, v)
             out = f()  # warm-up (and compile)
             if want is not None:
-                max_err[p] = (out.double() - want).abs().max().item()
+                # A quantized provider is checked against the reference on the K/V it holds.
+                deq = getattr(f, "dequantized", None)
+                ref = want if deq is None else attention_pool_ref(q.double(), deq[0].double(), deq[1].double())[0]
+                max_err[p] = (out.double() - ref).abs().max().item()
+            if hasattr(f, "kv_bytes"):
+                own_bytes[p] = f.kv_bytes
             fns[p] = f
         except Exception as e:  # a provider that cannot run here is reported, not fatal
             errors[p] = "%s: %s" % (type(e).__name__, str(e).splitlines()[0][:120] if str(e) else "")
@@ -194,6 +226,9 @@ def run_shape(shape, dtype_name: str, providers, rounds: int, peak_gflops, check
     gemm = gemm_peak_fn(DTYPES[peak_of], gemm_n)
     gemm()
     extra = {"read": rd, "gemm": gemm}
+    for p, nb in own_bytes.items():  # a provider reading other bytes than K/V gets its own read
+        extra["read-" + p] = read_fn(nb)
+        extra["read-" + p]()
     if peak_of != "bfloat16":  # every line also gets its share of a bf16 GEMM of the same run
         extra["gemm-bf16"] = gemm_peak_fn(torch.bfloat16, gemm_n)
         extra["gemm-bf16"]()
@@ -206,8 +241,9 @@ def run_shape(shape, dtype_name: str, providers, rounds: int, peak_gflops, check
     times = {p: statistics.median(s) for p, s in samples.items() if p not in extra}
     peak = max(peak, 2 * gemm_n ** 3 / min(samples["gemm"]) / 1e9)
     bf16 = peak if peak_of == "bfloat16" else 2 * gemm_n ** 3 / min(samples["gemm-bf16"]) / 1e9
+    reads = {p: statistics.median(samples["read-" + p]) for p in own_bytes}
     return Result(shape, dtype_name, times, errors, statistics.median(samples["read"]), peak, max_err, peak_of,
-                  bf16)
+                  bf16, reads)
 
 
 def measure_peak(dtype_name: str, rounds: int = 3):
@@ -236,6 +272,8 @@ def format_result(r: Result) -> List[str]:
         if sdpa:
             extra += "  x sdpa %.2f" % (sdpa / t)
         extra += "  /read %.2f" % (t / r.read_s)
+        if p in r.reads:
+            extra += "  /own read %.2f (%.3f ms)" % (t / r.reads[p], r.reads[p] * 1e3)
         err = r.max_err.get(p)
         lines.append("  %-10s %9.3f ms %7.1f GFLOP/s %5.1f%% peak %5.1f%% bf16 GEMM%s%s" % (
             p, t * 1e3, g, 100 * g / r.peak_gflops, 100 * g / r.bf16_gflops, extra,
