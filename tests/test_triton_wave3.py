@@ -63,6 +63,18 @@ def test_topk_bias_and_many_queries(layout, kind, heads):
     assert check_topk(_topk, q, key, 3, kw, bias=bias) == []
 
 
+def test_topk_head_dim_in_chunks():
+    # q.k summed over head-dim chunks (three of 16 for Dk = 40, the last one partly masked), as
+    # the GPU launches of wide tiles do.
+    from attnkern.triton_kernels.attention_topk import attention_topk_fwd
+
+    q, key, _, kw = _topk_problem("lengths", N=5, L=20, Dk=40, seed=4)
+
+    def chunked(q, key, k, lengths=None, scale=None):
+        return attention_topk_fwd(q, key, k, lengths=lengths, scale=scale, block_dc=16)
+    assert check_topk(chunked, q, key, 4, kw) == []
+
+
 def test_topk_ties_nan_k_past_the_row_and_k_zero():
     g = torch.Generator().manual_seed(0)
     # Small integers: exact scores, so ties are exact; 40 positions cross two interpreter tiles.
