@@ -23,9 +23,10 @@ five queries on, else the next power of two); BLOCK_L = max(KP, 64) on CUDA; q.k
 chunks of BLOCK_DC (K chunks of at most FP32_DOT_KV_TILE elements, the float32 tl.dot rule of
 attention_pool's sm_90 calibration); 4 warps for 16-bit inputs with tiles of at most 64 x 16,
 else 8 (float32 tl.dot needs them, as in SM90_CONFIGS.md); 2 stages, 1 from KP = 128 on (two
-stages of a 256-wide tile pass the 227 KB of shared memory); .maxnreg 255. Compiled for sm_90
-(Triton 3.8, no GPU here): no spills at k <= 64, and at k = 256 at most 24 bytes, at 255
-registers per thread and <= 72 KB of shared memory. k <= MAX_K (KP = 256) keeps it so.
+stages of a 256-wide tile passed the 227 KB of shared memory); .maxnreg 255. Compiled for sm_90
+(Triton 3.8 and its ptxas, no GPU): 16-bit inputs spill nothing up to k = 256 (Dk up to 256);
+float32 ones spill at most 36 bytes from k = 64 on (Dk 128-256, at 255 registers); shared memory
+at most 80 KB. k <= MAX_K (KP = 256) keeps it so.
 """
 
 from __future__ import annotations
