@@ -1,6 +1,6 @@
 """The Triton kernels of attention_topk and quantized-K/V attention_pool against the oracles
-(attnkern.topk_testing's float64 one, the reference over dequantized rows), their ops' schemas
-against the C++ ops', and the backend choice. On CPU the kernels run through Triton's interpreter
+(attnkern.topk_testing's float64 one, the reference over dequantized rows), the schemas of the
+wave's Triton ops (top-k, quantized, weights) against the C++ ops', and the backend choice. On CPU the kernels run through Triton's interpreter
 (TRITON_INTERPRET=1, set by conftest.py before triton is imported): tiny shapes."""
 
 import math
@@ -11,12 +11,13 @@ import torch
 pytest.importorskip("triton")
 
 import attnkern  # noqa: E402
-from attnkern.ops.schemas import TRITON_PREFIX, qualified  # noqa: E402
+from attnkern.ops.schemas import TRITON_PREFIX, WEIGHTS_SCHEMAS, qualified  # noqa: E402
 from attnkern.ops.quant import QUANT_FWD  # noqa: E402
 from attnkern.ops.topk import TOPK_OP  # noqa: E402
 from attnkern.reference import attention_pool_quant_ref  # noqa: E402
-from attnkern.testing import FLOOR, make_problem  # noqa: E402
+from attnkern.testing import make_problem  # noqa: E402
 from attnkern.topk_testing import check_topk  # noqa: E402
+from test_quantized import assert_matches  # noqa: E402
 
 if not attnkern.backends()["triton"].available:
     pytest.skip(attnkern.backends()["triton"].reason, allow_module_level=True)
@@ -61,6 +62,18 @@ def test_topk_bias_and_many_queries(layout, kind, heads):
     q, key, bias, kw = _topk_problem(layout, N=6, L=40, bias=kind, bias_heads=heads, seed=3)
     bias.view(-1)[::5] = -math.inf
     assert check_topk(_topk, q, key, 3, kw, bias=bias) == []
+
+
+def test_topk_head_dim_in_chunks():
+    # q.k summed over head-dim chunks (three of 16 for Dk = 40, the last one partly masked), as
+    # the GPU launches of wide tiles do.
+    from attnkern.triton_kernels.attention_topk import attention_topk_fwd
+
+    q, key, _, kw = _topk_problem("lengths", N=5, L=20, Dk=40, seed=4)
+
+    def chunked(q, key, k, lengths=None, scale=None):
+        return attention_topk_fwd(q, key, k, lengths=lengths, scale=scale, block_dc=16)
+    assert check_topk(chunked, q, key, 4, kw) == []
 
 
 def test_topk_ties_nan_k_past_the_row_and_k_zero():
@@ -108,14 +121,6 @@ def test_topk_auto_picks_triton_on_cuda_tensors():
     assert _resolve_topk("auto", cuda_like, 8) == "reference"
 
 
-def test_topk_op_schema_matches_the_cpp_op():
-    if not attnkern.backends()["cpu"].available:
-        pytest.skip(attnkern.backends()["cpu"].reason)
-    cpp = getattr(torch.ops.attnkern, TOPK_OP).default._schema
-    tri = getattr(torch.ops.attnkern, TRITON_PREFIX + TOPK_OP).default._schema
-    assert str(tri) == qualified(TRITON_PREFIX + TOPK_OP) + str(cpp)[len(qualified(TOPK_OP)):]
-
-
 # ---- quantized K/V attention_pool ----------------------------------------------------------------
 
 
@@ -135,15 +140,6 @@ def _pool(backend, q, kd, vd, params, kw, **extra):
         return attnkern.attention_pool(q, kd, vd, **kw, **params, **extra, backend=backend, return_lse=True)
 
 
-def _assert_matches(got, want, dtype):
-    (o, lse), (ro, rlse) = got, want
-    assert o.dtype == ro.dtype == dtype
-    torch.testing.assert_close(o.float(), ro.float(), rtol=0,
-                               atol=FLOOR[dtype] * max(1.0, ro.float().abs().max().item()))
-    torch.testing.assert_close(lse, rlse, rtol=0, equal_nan=True,
-                               atol=FLOOR[torch.float32] * max(1.0, rlse.nan_to_num(0, 0, 0).abs().max().item()))
-
-
 @pytest.mark.parametrize("layout,qdtype,dtype,N", [
     ("lengths", torch.int8, torch.float32, 1), ("mask", torch.uint8, torch.bfloat16, 3),
     ("jagged", torch.float8_e4m3fn, torch.float16, 6), ("full", torch.float8_e5m2, torch.float32, 6),
@@ -152,7 +148,7 @@ def test_quant_matches_the_reference(layout, qdtype, dtype, N):
     # Edge lengths (empty, one-long, full rows); shared K/V heads; N = 6 takes tl.dot; L = 20
     # crosses two interpreter tiles; no per-row bias for N = 3 (fp8 style scale-only rows).
     q, kd, vd, params, kw, _ = _quant_problem(layout, qdtype, dtype, bias_free=N == 3, N=N, H=4, Hkv=2)
-    _assert_matches(_pool("triton", q, kd, vd, params, kw), _pool("reference", q, kd, vd, params, kw), dtype)
+    assert_matches(_pool("triton", q, kd, vd, params, kw), _pool("reference", q, kd, vd, params, kw), dtype)
 
 
 @pytest.mark.parametrize("layout,kind", [("mask", "per_query"), ("jagged", "shared")])
@@ -161,7 +157,7 @@ def test_quant_score_bias(layout, kind):
                                                  seed=3)
     bias.view(-1)[::7] = -math.inf
     (bias,) = _on_device(bias)
-    _assert_matches(_pool("triton", q, kd, vd, params, kw, bias=bias),
+    assert_matches(_pool("triton", q, kd, vd, params, kw, bias=bias),
                     _pool("reference", q, kd, vd, params, kw, bias=bias), torch.float32)
 
 
@@ -175,7 +171,7 @@ def test_quant_empty_zero_scale_extreme_and_non_finite_rows():
     params["key_scale"][3] = 1e-30
     out, lse = _pool("triton", q, kd, vd, params, kw)
     assert torch.all(out[0] == 0) and torch.all(lse[0] == -math.inf)
-    _assert_matches((out, lse), _pool("reference", q, kd, vd, params, kw), torch.float32)
+    assert_matches((out, lse), _pool("reference", q, kd, vd, params, kw), torch.float32)
     # NaN at a valid position makes its row NaN; past the row's length it changes nothing.
     params["value_scale"][1, 4] = math.nan
     params["value_scale"][3, 15] = math.nan
@@ -192,13 +188,13 @@ def test_quant_split_rows_and_strided_fused_layout():
     # Three splits of a 40-long row (some empty), merged by the combine kernel.
     got = attention_pool_quant_fwd(q, kd, vd, *params.values(), offsets=kw["offsets"], scale=0.5,
                                    num_splits=3)
-    _assert_matches(got, want, torch.float32)
+    assert_matches(got, want, torch.float32)
     # FBGEMM's fused [.., E + 8] rows read through strided views, parameters of other strides.
     fused = torch.cat([kd, torch.stack([params["key_scale"], params["key_bias"]], -1).view(torch.uint8)], -1)
     kd2, ks2, kb2 = attnkern.split_fused_rows(fused)
     assert not kd2.is_contiguous()
     params2 = dict(params, key_scale=ks2, key_bias=kb2)
-    _assert_matches(_pool("triton", q, kd2, vd, params2, kw), _pool("reference", q, kd, vd, params, kw),
+    assert_matches(_pool("triton", q, kd2, vd, params2, kw), _pool("reference", q, kd, vd, params, kw),
                     torch.float32)
 
 
@@ -219,9 +215,10 @@ def test_quant_op_is_forward_only_and_checks_its_inputs():
             op(q, kd, vd, *p, torch.tensor([7, 1, 0, 2]), None, None, -1, 0.5)
 
 
-def test_quant_op_schema_matches_the_cpp_op():
+@pytest.mark.parametrize("name", [TOPK_OP, QUANT_FWD, *sorted(WEIGHTS_SCHEMAS)])
+def test_op_schemas_match_the_cpp_ops(name):
     if not attnkern.backends()["cpu"].available:
         pytest.skip(attnkern.backends()["cpu"].reason)
-    cpp = getattr(torch.ops.attnkern, QUANT_FWD).default._schema
-    tri = getattr(torch.ops.attnkern, TRITON_PREFIX + QUANT_FWD).default._schema
-    assert str(tri) == qualified(TRITON_PREFIX + QUANT_FWD) + str(cpp)[len(qualified(QUANT_FWD)):]
+    cpp = getattr(torch.ops.attnkern, name).default._schema
+    tri = getattr(torch.ops.attnkern, TRITON_PREFIX + name).default._schema
+    assert str(tri) == qualified(TRITON_PREFIX + name) + str(cpp)[len(qualified(name)):]

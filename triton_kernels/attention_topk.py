@@ -19,11 +19,14 @@ the elementwise max of a descending and an ascending sequence holds the KP large
 smallest kept key is skipped (the common case once the kept set has filled on long rows).
 
 Launch (no autotuning): BLOCK_N queries of one head share each K tile (16 with tl.dot from
-five queries on, else the next power of two); BLOCK_L = max(KP, 64) on CUDA, at least KP;
-num_warps 4, or 8 when a [BLOCK_N, BLOCK_L] key tile passes 1024 int64 elements (KP of 128 and
-256): two such tiles live plus the sort's exchange keep it near 32 registers per tile per thread
-at 8 warps, well inside the sm_90 budgets of SM90_CONFIGS.md (255 registers per thread). The
-limit k <= MAX_K (KP = 256) keeps that true.
+five queries on, else the next power of two); BLOCK_L = max(KP, 64) on CUDA; q.k over head-dim
+chunks of BLOCK_DC (K chunks of at most FP32_DOT_KV_TILE elements, the float32 tl.dot rule of
+attention_pool's sm_90 calibration); 4 warps for 16-bit inputs with tiles of at most 64 x 16,
+else 8 (float32 tl.dot needs them, as in SM90_CONFIGS.md); 2 stages, 1 from KP = 128 on (two
+stages of a 256-wide tile passed the 227 KB of shared memory); .maxnreg 255. Compiled for sm_90
+(Triton 3.8 and its ptxas, no GPU): 16-bit inputs spill nothing up to k = 256 (Dk up to 256);
+float32 ones spill at most 36 bytes from k = 64 on (Dk 128-256, at 255 registers); shared memory
+at most 80 KB. k <= MAX_K (KP = 256) keeps it so.
 """
 
 from __future__ import annotations
@@ -35,15 +38,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_pool import (INTERPRET_BLOCK_L, NO_BIAS, QUERY_BIAS, ROW_BIAS, SMALL_N,
-                             _layout_args, _load_rows, _logits, _row_bounds, _tile_valid,
-                             fp32_dot_precision, head_block, interpret_mode, native_dot)
+from .attention_pool import (FP32_DOT_KV_TILE, INTERPRET_BLOCK_L, NO_BIAS, QUERY_BIAS, ROW_BIAS,
+                             SMALL_N, _bias_tile, _layout_args, _load_rows, _mm, _row_bounds,
+                             _tile_valid, fp32_dot_precision, head_block, interpret_mode, native_dot)
 
 # The largest k: KP = next power of two of k rows of int64 keys per query stay in registers.
 MAX_K = 256
 # Row positions must fit the low 32 bits of a sort key.
 MAX_ROW_POSITIONS = 2 ** 32 - 1
 GPU_BLOCK_L = 64
+# ptxas left to itself capped some of these launches at 128 registers and spilled (sm_90
+# compiles, see the module docstring); 255 is what 8 warps may have.
+MAXNREG = 255
 _LOW = tl.constexpr(4294967295)  # 2^32 - 1
 
 
@@ -78,7 +84,8 @@ def _attention_topk_fwd_kernel(
     stride_sb, stride_sn, stride_sh, stride_sk,
     N, L, DK, KV_GROUP, TOPK,
     LAYOUT: tl.constexpr, BIAS_MODE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DK: tl.constexpr, KP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DC: tl.constexpr,
+    KP: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
 ):
     num_qblocks = tl.cdiv(N, BLOCK_N)
@@ -89,15 +96,14 @@ def _attention_topk_fwd_kernel(
     start, end = _row_bounds(IDX, b, stride_idx, L, -1, LAYOUT)
 
     offs_n = (qb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_dk = tl.arange(0, BLOCK_DK).to(tl.int64)
+    offs_dc = tl.arange(0, BLOCK_DC).to(tl.int64)
     offs_l = tl.arange(0, BLOCK_L)
     offs_k = tl.arange(0, KP)
     n_ok = offs_n < N
 
-    # Phase 1: the query block, loaded once; its queries share each K tile.
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_n[:, None] * stride_qn
-                + offs_dk[None, :] * stride_qd,
-                mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    # Phase 1: the query block's rows; its queries share each K tile (their head-dim chunks are
+    # read per tile, from cache).
+    q_base = Q + b * stride_qb + h * stride_qh + offs_n[:, None] * stride_qn
     # Query head h reads K/V head h // KV_GROUP (shared K/V heads).
     k_base = K + b * stride_kb + (h // KV_GROUP) * stride_kh
     # Keys of a -inf score: no position (below every selectable key).
@@ -108,10 +114,19 @@ def _attention_topk_fwd_kernel(
     for t in range(0, tl.cdiv(end - start, BLOCK_L)):
         pos = start + t * BLOCK_L + offs_l
         valid = _tile_valid(MASK, b, pos, pos < end, stride_mb, stride_ml, LAYOUT)
-        k = _load_rows(k_base, pos, valid, offs_dk, stride_kl, stride_kd, DK)
-        s = _logits(q, k, scale, BIAS, b, offs_n, n_ok, h, pos, valid, 1,
-                    stride_bb, stride_bn, 0, stride_bh, stride_bl,
-                    BIAS_MODE, USE_DOT, DOT_PRECISION, NATIVE_DOT)
+        # q.k over head-dim chunks of BLOCK_DC: a KP-wide tile keeps its K operand small.
+        s = tl.zeros([BLOCK_N, BLOCK_L], tl.float32)
+        for d0 in tl.static_range(0, BLOCK_DK, BLOCK_DC):
+            offs_d = d0 + offs_dc
+            qc = tl.load(q_base + offs_d[None, :] * stride_qd,
+                         mask=n_ok[:, None] & (offs_d[None, :] < DK), other=0.0)
+            kc = _load_rows(k_base, pos, valid, offs_d, stride_kl, stride_kd, DK)
+            s += _mm(qc, tl.trans(kc), USE_DOT, DOT_PRECISION, NATIVE_DOT)
+        s = s * scale
+        if BIAS_MODE != 0:
+            s += _bias_tile(BIAS, b, offs_n, n_ok, h, pos, valid, 1,
+                            stride_bb, stride_bn, 0, stride_bh, stride_bl, BIAS_MODE)
+        s = tl.where(valid[None, :], s, float("-inf"))
         keys = _sort_keys(s, pos - start)
         if tl.max(tl.max(keys, axis=1), axis=0) > tl.min(tl.min(kept, axis=1), axis=0):
             tile = tl.sort(keys, dim=1, descending=False)
@@ -127,24 +142,27 @@ def _attention_topk_fwd_kernel(
     tl.store(INDICES + out, idx, mask=ok)
 
 
-def topk_blocks(n: int, k: int, interpret: bool):
-    """(BLOCK_N, BLOCK_L, KP, num_warps) of a launch: see the module docstring."""
+def topk_blocks(n: int, k: int, dk: int, dtype_bytes: int, interpret: bool):
+    """(BLOCK_N, BLOCK_L, KP, BLOCK_DC, launch options) of a launch: see the module docstring."""
     kp = max(2, triton.next_power_of_2(max(int(k), 1)))
     block_n = triton.next_power_of_2(max(int(n), 1)) if n <= SMALL_N else 16
     block_l = max(kp, INTERPRET_BLOCK_L if interpret else GPU_BLOCK_L)
-    warps = 4 if block_n * block_l <= 1024 else 8
-    return block_n, block_l, kp, warps
+    block_dc = min(head_block(dk), max(16, FP32_DOT_KV_TILE // block_l))
+    small = block_n * block_l <= 1024 and block_l <= 64 and dtype_bytes == 2
+    options = {"num_warps": 4 if small else 8, "num_stages": 2 if block_l <= 64 else 1,
+               "maxnreg": MAXNREG}
+    return block_n, block_l, kp, block_dc, options
 
 
 def attention_topk_fwd(query: torch.Tensor, key: torch.Tensor, k: int,
                        lengths: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
                        offsets: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                       bias: Optional[torch.Tensor] = None):
+                       bias: Optional[torch.Tensor] = None, *, block_dc: Optional[int] = None):
     """Launcher on canonical tensors (checked by the op): query [B, N, H, Dk], key padded
     [B, L, Hkv, Dk] or jagged [T, Hkv, Dk] with offsets, bias padded [B, Nb, Hb, L] or jagged
     [T, Nb, Hb] (Nb 1 or N, Hb 1 or H). Returns (scores float32, indices int64), each
     [B, N, H, k]. Row bounds are clamped in-kernel (no read outside key whatever the index
-    values)."""
+    values). block_dc: the head-dim chunk of q.k (None: topk_blocks' choice)."""
     if k > MAX_K:
         raise ValueError("attnkern: the triton top-k keeps at most k = %d positions per query, got "
                          "k = %d (use backend='cpu' or 'reference' for more)" % (MAX_K, k))
@@ -172,13 +190,14 @@ def attention_topk_fwd(query: torch.Tensor, key: torch.Tensor, k: int,
                 bias.stride(2) if bias.shape[2] > 1 else 0,
                 bias.stride(0) if jagged else bias.stride(3))
         bptr = bias
-    block_n, block_l, kp, warps = topk_blocks(N, k, interpret_mode())
+    block_n, block_l, kp, dc, options = topk_blocks(N, k, Dk, query.element_size(), interpret_mode())
+    block_dc = dc if block_dc is None else int(block_dc)
     grid = (B * triton.cdiv(N, block_n), H)
     _attention_topk_fwd_kernel[grid](
         query, key, idx, mk, bptr, scores, indices, float(scale),
         *query.stride(), *sk, stride_idx, stride_mb, stride_ml, *bstr, *scores.stride(),
         N, L, Dk, H // Hkv, k,
         LAYOUT=layout, BIAS_MODE=bias_mode, BLOCK_N=block_n, BLOCK_L=block_l,
-        BLOCK_DK=head_block(Dk), KP=kp, USE_DOT=block_n > SMALL_N,
-        DOT_PRECISION=fp32_dot_precision(), NATIVE_DOT=native_dot(query.dtype), num_warps=warps)
+        BLOCK_DK=head_block(Dk), BLOCK_DC=block_dc, KP=kp, USE_DOT=block_n > SMALL_N,
+        DOT_PRECISION=fp32_dot_precision(), NATIVE_DOT=native_dot(query.dtype), **options)
     return scores, indices

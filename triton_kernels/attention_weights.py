@@ -34,6 +34,22 @@ from .attention_pool import (JAGGED, QUERY_BIAS, SMALL_N, _BiasView, _finite_or_
 
 
 @triton.jit
+def _tile_logits(q, k_base, MASK, BIAS, scale, b, h, offs_n, n_ok, pos, end, offs_dk, DK, GROUP,
+                 stride_kl, stride_kd, stride_mb, stride_ml,
+                 stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
+                 LAYOUT: tl.constexpr, BIAS_MODE: tl.constexpr, USE_DOT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr):
+    """(which positions `pos` take part, their logits; -inf elsewhere): both passes score the
+    same tiles the same way, so that w = exp(s - lse) meets the lse of pass 1 exactly."""
+    valid = _tile_valid(MASK, b, pos, pos < end, stride_mb, stride_ml, LAYOUT)
+    k = _load_rows(k_base, pos, valid, offs_dk, stride_kl, stride_kd, DK)
+    s = _logits(q, k, scale, BIAS, b, offs_n, n_ok, h, pos, valid, GROUP,
+                stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
+                BIAS_MODE, USE_DOT, DOT_PRECISION, NATIVE_DOT)
+    return valid, s
+
+
+@triton.jit
 def _attention_weights_fwd_kernel(
     Q, K, IDX, MASK, BIAS, W, LSE,
     scale,
@@ -69,11 +85,10 @@ def _attention_weights_fwd_kernel(
     l_i = tl.zeros([BLOCK_N], tl.float32)
     for t in range(0, tl.cdiv(end - start, BLOCK_L)):
         pos = start + t * BLOCK_L + offs_l
-        valid = _tile_valid(MASK, b, pos, pos < end, stride_mb, stride_ml, LAYOUT)
-        k = _load_rows(k_base, pos, valid, offs_dk, stride_kl, stride_kd, DK)
-        s = _logits(q, k, scale, BIAS, b, offs_n, n_ok, h, pos, valid, GROUP,
-                    stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
-                    BIAS_MODE, USE_DOT, DOT_PRECISION, NATIVE_DOT)
+        valid, s = _tile_logits(q, k_base, MASK, BIAS, scale, b, h, offs_n, n_ok, pos, end, offs_dk, DK, GROUP,
+                                stride_kl, stride_kd, stride_mb, stride_ml,
+                                stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
+                                LAYOUT, BIAS_MODE, USE_DOT, DOT_PRECISION, NATIVE_DOT)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_shift = _finite_or_zero(m_new)
         l_i = l_i * tl.exp2((m_i - m_shift) * _LOG2E) + tl.sum(tl.exp2((s - m_shift[:, None]) * _LOG2E), axis=1)
@@ -91,11 +106,10 @@ def _attention_weights_fwd_kernel(
         stop = (end * 0 + L).to(tl.int64)
     for t in range(0, tl.cdiv(stop - start, BLOCK_L)):
         pos = start + t * BLOCK_L + offs_l
-        valid = _tile_valid(MASK, b, pos, pos < end, stride_mb, stride_ml, LAYOUT)
-        k = _load_rows(k_base, pos, valid, offs_dk, stride_kl, stride_kd, DK)
-        s = _logits(q, k, scale, BIAS, b, offs_n, n_ok, h, pos, valid, GROUP,
-                    stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
-                    BIAS_MODE, USE_DOT, DOT_PRECISION, NATIVE_DOT)
+        valid, s = _tile_logits(q, k_base, MASK, BIAS, scale, b, h, offs_n, n_ok, pos, end, offs_dk, DK, GROUP,
+                                stride_kl, stride_kd, stride_mb, stride_ml,
+                                stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
+                                LAYOUT, BIAS_MODE, USE_DOT, DOT_PRECISION, NATIVE_DOT)
         w = tl.exp2((s - lse_shift[:, None]) * _LOG2E)
         w = tl.where(valid[None, :] & (~empty)[:, None], w, 0.0)
         tl.store(W + b * stride_wb + h * stride_wh + offs_n[:, None] * stride_wn
