@@ -14,23 +14,27 @@ from .functional import _resolve_for_transforms
 from .ops.topk import TOPK_KERNELS, topk_op
 from .reference import _compute_dtype, attention_topk_ref, canonical_bias
 
-# The backends with top-k kernels; "auto" runs the reference where none applies (CUDA tensors).
-TOPK_BACKENDS = ("reference", "cpu")
+# The backends with top-k kernels; "auto" runs the reference where none applies.
+TOPK_BACKENDS = ("reference", "cpu", "cuda")
+# The largest k of the cuda kernels (csrc/cuda/attention_topk_kernels.h kTopkMaxK); "auto" takes
+# the reference above it.
+CUDA_TOPK_MAX_K = 256
 
 
-def _resolve_topk(backend, query: torch.Tensor) -> str:
-    if backend in ("cuda", "triton"):
+def _resolve_topk(backend, query: torch.Tensor, k: int) -> str:
+    if backend == "triton":
         raise RuntimeError(
             "attnkern.attention_topk has no %r kernels yet (it runs on %s); use "
-            "backend='reference' (any device) or 'auto', which takes the reference on CUDA "
-            "tensors" % (backend, " and ".join(TOPK_BACKENDS)))
+            "backend='reference' (any device) or 'auto'" % (backend, ", ".join(TOPK_BACKENDS)))
+    if backend == "auto" and query.device.type == "cuda" and (k > CUDA_TOPK_MAX_K or query.dtype == torch.float64):
+        return "reference"
     name = _resolve_for_transforms(backend, query)
-    if name == "cpu" and not TOPK_KERNELS:
+    if name in ("cpu", "cuda") and not TOPK_KERNELS:
         if backend == "auto":
             return "reference"
-        raise RuntimeError("attnkern backend 'cpu' has no attention_topk kernels in this build; "
-                           "use backend='reference'")
-    # "auto" on CUDA tensors resolves to a GPU backend without top-k kernels: the reference.
+        raise RuntimeError("attnkern backend %r has no attention_topk kernels in this build; "
+                           "use backend='reference'" % name)
+    # "auto" on CUDA tensors may resolve to a GPU backend without top-k kernels: the reference.
     return name if name in TOPK_BACKENDS else "reference"
 
 
@@ -96,8 +100,9 @@ def attention_topk(
         k: how many positions to keep (a Python int >= 0).
         lengths, mask, key_padding_mask, offsets, max_length, scale, bias: as in
             attnkern.attention_pool (mask True = attend; key_padding_mask True = padding).
-        backend: "auto" | "reference" | "cpu". "auto" runs "cpu" on CPU tensors and the
-            reference elsewhere; "cuda" and "triton" have no top-k kernels yet and are an error.
+        backend: "auto" | "reference" | "cpu" | "cuda". "auto" runs "cpu" on CPU tensors,
+            "cuda" on CUDA tensors (k <= 256, not float64) and the reference elsewhere;
+            "triton" has no top-k kernels yet and is an error.
 
     Returns:
         (scores, indices), each [B, H, k] or [B, N, H, k], best first. indices (int64) are
@@ -119,7 +124,7 @@ def attention_topk(
                     values=False, key_padding_mask=key_padding_mask, bias=bias)
     if key_padding_mask is not None:
         mask = ~key_padding_mask
-    name = _resolve_topk(backend, query)
+    name = _resolve_topk(backend, query, k)
     check_values(prob, lengths, offsets, max_length)
     if name == "reference" and torch.compiler.is_compiling():
         lengths, offsets = checked_index_values(prob, lengths, offsets, max_length)
@@ -127,7 +132,7 @@ def attention_topk(
         scores, indices = attention_topk_ref(prob.query, key, k, lengths, mask=mask, offsets=offsets,
                                              max_length=max_length, scale=prob.scale, bias=prob.bias)
     else:
-        scores, indices = topk_op()(prob.query, key, lengths, mask, offsets, k, prob.scale, prob.bias)
+        scores, indices = topk_op(name)(prob.query, key, lengths, mask, offsets, k, prob.scale, prob.bias)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (query, key, bias))
         if needs_grad:
