@@ -357,7 +357,7 @@ def _safe(denom: torch.Tensor) -> torch.Tensor:
 
 
 # The fused backends with quantized-K/V kernels.
-_QUANT_BACKENDS = ("cpu",)
+_QUANT_BACKENDS = ("cpu", "cuda")
 
 
 def _attention_pool_quant(prob: Problem, backend, key, value, quant: dict, lengths, mask, offsets,
@@ -386,7 +386,7 @@ def _attention_pool_quant(prob: Problem, backend, key, value, quant: dict, lengt
         query4 = _fold_query_heads(query4, prob.Hkv)
     extra = () if prob.bias is None else (_fold_bias_heads(prob.bias, prob.H, prob.Hkv),)
     ml = -1 if max_length is None else int(max_length)
-    out, lse = quant_op()(query4, key, value, quant["key_scale"], quant["key_bias"], quant["value_scale"],
+    out, lse = quant_op(name)(query4, key, value, quant["key_scale"], quant["key_bias"], quant["value_scale"],
                           quant["value_bias"], lengths, mask, offsets, ml, prob.scale, *extra)
     if group > 1:
         out, lse = _unfold_query_heads(out, group), _unfold_query_heads(lse, group)
