@@ -12,6 +12,7 @@ from ._validation import Problem, check_values, checked_index_values, validate, 
 from .ops import BACKENDS, BackendUnavailable, activation_fused_op, backend_info, fused_op, infer_op
 from .ops.availability import cuda_emulated, triton_interpret
 from .ops.quant import quant_op
+from .ops.weights import weights_kernels_missing, weights_op
 from .reference import (_masked_softmax_parts, activation_unit_pool_ref, activation_unit_weights_ref,
                         attention_pool_quant_ref, attention_pool_ref, attention_weights_ref,
                         masked_scores_ref, padded_valid, token_rows)
@@ -310,23 +311,43 @@ def attention_weights(
     if key_padding_mask is not None:
         mask = ~key_padding_mask
     name = _resolve_for_transforms(backend, query)
-    # Every backend reads lengths/offsets in PyTorch ops here (no op checks them).
-    check_values(prob, lengths, offsets, max_length)
-    if torch.compiler.is_compiling():
+    fused = name != "reference" and not weights_kernels_missing(name, query.device.type)
+    if not (fused and name in _OPS_CHECK_VALUES):  # the C++ weights ops check the values themselves
+        check_values(prob, lengths, offsets, max_length)
+    if torch.compiler.is_compiling() and not fused:
         lengths, offsets = checked_index_values(prob, lengths, offsets, max_length)
     if name == "reference":
         w = attention_weights_ref(prob.query, key, lengths, mask=mask, offsets=offsets,
                                   max_length=max_length, scale=prob.scale, bias=prob.bias)
+    elif fused:
+        w = _fused_weights(name, prob, key, lengths, mask, offsets, max_length)
     else:
-        w = _fused_weights(prob, key, lengths, mask, offsets)
+        w = _composite_weights(prob, key, lengths, mask, offsets)
     return w.squeeze(1) if prob.squeeze_n else w
 
 
-def _fused_weights(prob, key, lengths, mask, offsets) -> torch.Tensor:
-    """The weights on a fused backend, in PyTorch ops on the tensors' device (no weights kernel
-    yet): padded, the reference's masked softmax; jagged, per key row without padding the keys
-    (the row max by a segment reduction). The max is a shift only (no gradient through it);
-    autograd's softmax backward is ``dS = w * (dW - sum_l dW * w)``."""
+def _fused_weights(name: str, prob: Problem, key, lengths, mask, offsets, max_length) -> torch.Tensor:
+    """The weights by backend `name`'s registered weights op (attnkern/ops/weights.py), which sees
+    one query head per K/V head: shared K/V heads are folded into the queries as in
+    attention_pool."""
+    query4, group = prob.query, prob.H // prob.Hkv
+    if group > 1:
+        query4 = _fold_query_heads(query4, prob.Hkv)
+    extra = () if prob.bias is None else (_fold_bias_heads(prob.bias, prob.H, prob.Hkv),)
+    op = weights_op(name, prob.layout)
+    if prob.layout == "padded":
+        w, _ = op(query4, key, lengths, mask, prob.scale, *extra)
+    else:
+        w, _ = op(query4, key, offsets, -1 if max_length is None else int(max_length), prob.scale, *extra)
+    return _unfold_query_heads(w, group) if group > 1 else w
+
+
+def _composite_weights(prob, key, lengths, mask, offsets) -> torch.Tensor:
+    """The weights on a fused backend that has no weights op for the tensors' device (this build
+    or that backend lacks one), in PyTorch ops: padded, the reference's masked softmax; jagged,
+    per key row without padding the keys (the row max by a segment reduction). The max is a
+    shift only (no gradient through it); autograd's softmax backward is
+    ``dS = w * (dW - sum_l dW * w)``."""
     if prob.layout == "padded":
         p, _, _, _, safe_denom = _masked_softmax_parts(masked_scores_ref(
             prob.query, key, padded_valid(key, lengths, mask), prob.scale, prob.bias))

@@ -3,9 +3,15 @@ N > 1, shared K/V heads, the score bias (-inf entries, empty rows), dtypes, agai
 reference through the suite's checking body (the weights checked by the pooling they define,
 attnkern.testing.weights_function; the reference itself against the loop oracle), plus the
 weights' own properties (exactly 0 at invalid positions and on empty rows, each other row sums
-to 1), float64 gradcheck, torch.compile and the layers' need_weights."""
+to 1), non-finite logits as the reference, never-read padding, float64 gradcheck, the fused ops
+(attnkern::attention_weights_fwd / jagged_attention_weights_fwd: opcheck, their lse, each CPU
+instruction set, the composite fallback), torch.compile and the layers' need_weights."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +19,8 @@ import torch
 import attnkern
 from attnkern import testing
 from attnkern.nn import ActivationUnitPooling, AttentionPooling
+from attnkern.ops import weights as weights_ops
+from attnkern.ops.schemas import WEIGHTS_OPS
 from conftest import backend_device_pairs, make_problem
 from test_backends import assert_compiles_fullgraph
 
@@ -143,13 +151,150 @@ def test_gradcheck(backend, layout):
 
 
 @pytest.mark.parametrize("backend,layout", [("reference", "lengths"),
-                                            pytest.param("cpu", "jagged", marks=BACKENDS[1].marks)])
+                                            pytest.param("cpu", "jagged", marks=BACKENDS[1].marks),
+                                            pytest.param("cpu", "mask", marks=BACKENDS[1].marks)])
 def test_compiles_fullgraph(backend, layout):
     args, kwargs = make_problem(B=3, N=2, H=2, L=6, Dk=4, Dv=2, layout=layout)
     if layout == "jagged":
         kwargs["max_length"] = 6
     assert_compiles_fullgraph(
         lambda q, k: attnkern.attention_weights(q, k, **kwargs, backend=backend), args[:2])
+
+
+# ---- the fused weights ops ----------------------------------------------------------------------
+
+needs_cpu = pytest.mark.skipif(not CPU, reason="no CPU kernels")
+
+
+def _op_args(layout, dtype=torch.float32, bias="per_query", N=2, H=2, L=11, Dk=5, seed=0):
+    """Arguments of the weights op of `layout`'s kind (one query head per K/V head, bias in the
+    canonical [B, Nb, Hb, L] / [T, Nb, Hb]) and the public call's (args, kwargs)."""
+    args, kw = make_problem(B=4, N=N, H=H, L=L, Dk=Dk, Dv=1, dtype=dtype, layout=layout, bias=bias,
+                            bias_heads=1, seed=seed)
+    q, k, b = args[0], args[1], args[3].unsqueeze(1) if bias == "shared" else args[3]
+    scale = Dk ** -0.5
+    if "offsets" in kw:
+        return (q, k, kw["offsets"], -1, scale, b), args, kw
+    return (q, k, kw.get("lengths"), kw.get("mask"), scale, b), args, kw
+
+
+@needs_cpu
+@pytest.mark.parametrize("layout,bias", [("lengths", "per_query"), ("mask", "shared"), ("jagged", "per_query")])
+def test_weights_op_opcheck(layout, bias):
+    op_args, _, kw = _op_args(layout, bias=bias)
+    op = getattr(torch.ops.attnkern, WEIGHTS_OPS["jagged" if "offsets" in kw else "padded"]).default
+    torch.library.opcheck(op, op_args)
+
+
+@needs_cpu
+@pytest.mark.parametrize("layout,dtype", [("lengths", torch.float32), ("jagged", torch.float64),
+                                          ("mask", torch.bfloat16)])
+def test_weights_op_lse(layout, dtype):
+    """The op's second result is the pool's lse (-inf on empty rows), in the weights' dtype."""
+    op_args, args, kw = _op_args(layout, dtype=dtype, bias="shared")
+    op = getattr(torch.ops.attnkern, WEIGHTS_OPS["jagged" if "offsets" in kw else "padded"])
+    w, lse = op(*op_args)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert w.dtype == acc and lse.dtype == acc
+    _, want = attnkern.attention_pool(*args[:3], **kw, bias=args[3], return_lse=True, backend="reference")
+    torch.testing.assert_close(lse.float(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w, _weights("reference", args, kw).to(acc), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["lengths", "jagged"])
+def test_non_finite_logits_as_the_reference(backend, layout):
+    """A NaN logit at a valid position makes its row NaN, +inf gives NaN there and 0 elsewhere, a
+    NaN bias entry at a padded position is never read: the reference's results, NaN for NaN."""
+    args, kw = make_problem(B=5, N=2, H=2, L=9, Dk=4, Dv=1, layout=layout, bias="per_query", bias_heads=2)
+    bias = args[3]
+    jagged = layout == "jagged"
+    if jagged:
+        o = kw["offsets"].long()
+        bias[o[1], 0, 0], bias[o[2] + 1, 1, 1] = float("nan"), float("inf")
+        args[1][o[3]] = float("nan")  # a key of row 3: its every query and head
+    else:
+        lengths = kw["lengths"].long()
+        bias[1, 0, 0, 0], bias[2, 1, 1, 1] = float("nan"), float("inf")
+        bias[0, :, :, lengths[0]:] = float("nan")  # padding, never read
+        args[1][3, 0] = float("nan")
+    got, want = _weights(backend, args, kw), _weights("reference", args, kw)
+    assert got.isnan().any()
+    torch.testing.assert_close(got, want, equal_nan=True, atol=1e-6, rtol=1e-5)
+
+
+@needs_cpu
+@pytest.mark.parametrize("layout", ["mask", "jagged"])
+def test_padding_is_never_read(layout):
+    """The fused op: NaN keys and bias at positions outside every row change neither the weights
+    nor any gradient (those of the padding exactly 0). (The reference's einsum backward does
+    multiply masked keys by their zero dS.)"""
+    backend = "cpu"
+    args, kw = make_problem(B=4, N=2, H=2, Hkv=1, L=8, Dk=4, Dv=1, layout=layout, bias="per_query",
+                            bias_heads=2)
+    unused = testing.unused_positions(args[1], kw)
+    # bias: padded [B, N, Hb, L], jagged [T, N, Hb]
+    bias_unused = unused if layout == "jagged" else unused[:, None, None, :].expand_as(args[3])
+    grads = []
+    for poison in (False, True):
+        q, k, b = (t.detach().clone() for t in (args[0], args[1], args[3]))
+        if poison:
+            k[unused] = float("nan")
+            b[bias_unused] = float("nan")
+        q, k, b = (t.requires_grad_() for t in (q, k, b))
+        w = attnkern.attention_weights(q, k, **kw, bias=b, backend=backend)
+        g = torch.autograd.grad(w, (q, k, b), torch.linspace(-1, 1, w.numel()).view_as(w))
+        grads.append((w,) + g)
+    for clean, poisoned in zip(*grads):
+        torch.testing.assert_close(poisoned, clean)
+    assert (grads[1][2][unused] == 0).all() and (grads[1][3][bias_unused] == 0).all()
+
+
+@needs_cpu
+def test_many_query_blocks():
+    """Enough candidates per row that the launcher splits them into several work items."""
+    args, kw = make_problem(B=2, N=150, H=2, Hkv=1, L=64, Dk=64, Dv=1, layout="lengths")
+    torch.testing.assert_close(_weights("cpu", args, kw), _weights("reference", args, kw), atol=1e-6, rtol=1e-5)
+
+
+@needs_cpu
+def test_composite_fallback(monkeypatch):
+    """A fused backend without a weights op for the device runs the PyTorch composite: the same
+    weights and gradients as the op."""
+    args, kw = make_problem(B=3, N=2, H=2, Hkv=1, L=7, Dk=4, Dv=1, layout="jagged", bias="per_query",
+                            bias_heads=2, dtype=torch.float64)
+    runs = []
+    for missing in (False, True):
+        monkeypatch.setitem(weights_ops._has, ("cpu", "cpu"), missing)
+        q, k, b = (t.detach().clone().requires_grad_() for t in (args[0], args[1], args[3]))
+        w = attnkern.attention_weights(q, k, **kw, bias=b, backend="cpu")
+        runs.append((w,) + torch.autograd.grad(w, (q, k, b), torch.linspace(-1, 1, w.numel()).view_as(w).double()))
+    for fused, composite in zip(*runs):
+        torch.testing.assert_close(fused, composite)
+
+
+# Every instruction set's kernels: ATTNKERN_CPU_ISA is read once per process. avx512_bf16 and amx
+# run the avx512 kernels (the weights have no tiled kernel).
+_ISA_CHECK = """
+import torch, attnkern
+from attnkern.testing import make_problem
+for layout, dt, N, L, Dk in (("mask", torch.float32, 3, 37, 19), ("jagged", torch.bfloat16, 2, 33, 64),
+                             ("lengths", torch.float16, 2, 17, 7), ("jagged", torch.float64, 2, 9, 3)):
+    args, kw = make_problem(B=4, N=N, H=2, Hkv=1, L=L, Dk=Dk, Dv=1, dtype=dt, layout=layout,
+                            bias="per_query", bias_heads=2)
+    got = attnkern.attention_weights(args[0], args[1], **kw, bias=args[3], backend="cpu")
+    want = attnkern.attention_weights(args[0], args[1], **kw, bias=args[3], backend="reference")
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+print("ok", attnkern._C.cpu_isa())
+"""
+
+
+@needs_cpu
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_every_instruction_set(isa):
+    env = dict(os.environ, ATTNKERN_CPU_ISA=isa)
+    res = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 
 def test_bad_input_names_the_argument():

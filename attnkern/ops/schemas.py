@@ -73,6 +73,22 @@ ACTIVATION_FWD_ARGS = ("query", "key", "value", "lengths", "mask", "offsets", "m
 ACTIVATION_GRAD_ARGS = ("query", "key", "value", "w1", "b1", "w2", "b2", "w_out", "b_out", "act1",
                         "act2")
 
+# The fused attention weights (csrc/attention_weights_ops.cpp): a forward op per layout, no backward
+# op (the autograd in attnkern/ops/weights.py needs only the weights, in torch ops on any device).
+# A Triton or other Python backend declares TRITON_PREFIX + name with the very same schema.
+WEIGHTS_SCHEMAS = {
+    "attention_weights_fwd": (
+        "(Tensor query, Tensor key, Tensor? lengths, Tensor? mask, float scale, Tensor? bias=None) "
+        "-> (Tensor weights, Tensor lse)"
+    ),
+    "jagged_attention_weights_fwd": (
+        "(Tensor query, Tensor key, Tensor offsets, int max_length, float scale, Tensor? bias=None) "
+        "-> (Tensor weights, Tensor lse)"
+    ),
+}
+# layout -> weights op
+WEIGHTS_OPS = {"padded": "attention_weights_fwd", "jagged": "jagged_attention_weights_fwd"}
+
 # (forward op, backward op) per layout
 LAYOUT_OPS = {
     "padded": ("attention_pool_fwd", "attention_pool_bwd"),

@@ -86,18 +86,8 @@ void topk_fwd_entry(const TopkParams& p, int64_t begin, int64_t end) {
         const A* qa = q + qrow * p.Dkp;
         A* sc = scores + qrow * p.K;
         int64_t* ix = p.indices + qrow * p.K;
-        // bias[base + l * stride] is position l's term for this query and head.
         int64_t bias_base = 0, bias_stride = 0;
-        if (bias) {
-          const int64_t nb = n % p.Nb, hb = h % p.Hb;
-          if (p.jagged) {
-            bias_base = (start * p.Nb + nb) * p.Hb + hb;
-            bias_stride = p.Nb * p.Hb;
-          } else {
-            bias_base = ((b * p.Nb + nb) * p.Hb + hb) * p.L;
-            bias_stride = 1;
-          }
-        }
+        if (bias) p.bias_offsets(b, n, h, &bias_base, &bias_stride);
         int64_t count = 0;
         if (p.K == 0) continue;
         for (int64_t l0 = 0; l0 < len; l0 += NP) {

@@ -17,6 +17,7 @@
 #include "../input_checks.h"
 #include "attention_topk_kernels.h"
 #include "isa_dispatch.h"
+#include "score_rows_launch.h"
 
 namespace attnkern {
 namespace cpu {
@@ -105,7 +106,6 @@ std::tuple<at::Tensor, at::Tensor> attention_topk_fwd_cpu(const at::Tensor& quer
     mask_u8 = mask->contiguous().view(at::kByte);
   }
   const at::ScalarType acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  int64_t Nb = 1, Hb = 1;
   at::Tensor bias_c;
   if (given(bias)) {
     const at::Tensor& bt = *bias;
@@ -118,40 +118,17 @@ std::tuple<at::Tensor, at::Tensor> attention_topk_fwd_cpu(const at::Tensor& quer
                           (jagged || bt.size(3) == L),
                       "attnkern: bias must be ", jagged ? "[T, Nb, Hb]" : "[B, Nb, Hb, L]",
                       " with Nb 1 or N and Hb 1 or H, got ", bt.sizes());
-    Nb = bt.size(1);
-    Hb = bt.size(2);
     bias_c = bt.to(acc).contiguous();
   }
   std::vector<int64_t> starts, lens;
   row_ranges(lengths, offsets, B, L, starts, lens);
 
-  const int64_t Dkp = (Dk + kTopkQueryAlign - 1) / kTopkQueryAlign * kTopkQueryAlign;
-  at::Tensor q_c = at::zeros({B, N, H, Dkp}, query.options().dtype(acc));
-  q_c.narrow(3, 0, Dk).copy_(query);
+  const at::Tensor q_c = score_query(query, acc);
   const at::Tensor k_c = key.contiguous();
   at::Tensor scores = at::full({B, N, H, k}, -std::numeric_limits<double>::infinity(), query.options().dtype(acc));
   at::Tensor indices = at::full({B, N, H, k}, -1, query.options().dtype(at::kLong));
-  TopkParams p{};
-  p.q = q_c.data_ptr();
-  p.k = k_c.data_ptr();
-  p.B = B;
-  p.N = N;
-  p.H = H;
-  p.Hkv = Hkv;
-  p.Dk = Dk;
-  p.Dkp = Dkp;
-  p.L = L;
-  p.K = k;
-  p.starts = starts.data();
-  p.lens = lens.data();
-  p.mask = mask_u8.defined() ? mask_u8.data_ptr<uint8_t>() : nullptr;
-  p.scale = scale;
-  p.bias = bias_c.defined() ? bias_c.data_ptr() : nullptr;
-  p.Nb = Nb;
-  p.Hb = Hb;
-  p.jagged = jagged;
-  p.scores = scores.data_ptr();
-  p.indices = indices.data_ptr<int64_t>();
+  TopkParams p{score_rows(q_c, k_c, Dk, L, starts, lens, mask_u8, scale, bias_c, jagged), k, scores.data_ptr(),
+               indices.data_ptr<int64_t>()};
   if (k == 0 || B == 0) return {scores, indices};
   const TopkFn fn = kernel_for(query.scalar_type());
   // Items of about 64k multiply-adds at least, so that tiny rows do not pay one task each.

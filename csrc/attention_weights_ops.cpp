@@ -1,0 +1,17 @@
+// Op schemas of the fused attention weights (attnkern.attention_weights), declared once. The math
+// is attnkern.reference.attention_weights_ref; the CPU kernels are csrc/cpu/attention_weights_*,
+// registered for the CPU key by csrc/cpu/attention_weights_launch.cpp. Forward only: the
+// autograd (attnkern/ops/weights.py, shared by every backend) needs nothing but the weights.
+// The canonical layouts and the bias rule are attention_pool_fwd's (csrc/attention_pool.h):
+// query [B, N, H, Dk] with key [B, L, H, Dk] (weights [B, N, H, L]) or jagged key [T, H, Dk]
+// (weights [T, N, H]); lse [B, N, H]; both float32, float64 for float64 inputs.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(attnkern, m) {
+  m.def(
+      "attention_weights_fwd(Tensor query, Tensor key, Tensor? lengths, Tensor? mask, float scale, "
+      "Tensor? bias=None) -> (Tensor weights, Tensor lse)");
+  m.def(
+      "jagged_attention_weights_fwd(Tensor query, Tensor key, Tensor offsets, int max_length, float scale, "
+      "Tensor? bias=None) -> (Tensor weights, Tensor lse)");
+}
