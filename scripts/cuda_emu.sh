@@ -36,7 +36,7 @@ assert info.available and info.emulated, info; print('cuda backend:', info.reaso
     tests/test_backends.py tests/test_shared_kv_heads.py tests/test_hardening.py \
     tests/test_activation_unit_cuda.py tests/test_hardening_activation.py tests/test_cuda_build.py \
     tests/test_bias_cuda.py tests/test_sequence_cuda.py tests/test_attention_topk_cuda.py \
-    tests/test_quantized_cuda.py
+    tests/test_quantized_cuda.py tests/test_attention_weights_cuda.py
 }
 status=0
 sanitizer_run "$OUT" cuda_emu emu_checks "$@" || status=$?

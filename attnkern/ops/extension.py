@@ -11,8 +11,9 @@ import torch
 from .autograd import register_activation_fakes_and_autograd, register_fakes_and_autograd, register_infer_fakes
 from . import quant, topk
 from .availability import CUDA_EMU_PREFIX, cuda_emulated, extension
-from .schemas import ACTIVATION_SCHEMAS, SCHEMAS, qualified
+from .schemas import ACTIVATION_SCHEMAS, SCHEMAS, WEIGHTS_SCHEMAS, qualified
 from .sequence import SEQUENCE_SCHEMAS, register_sequence_fakes_and_autograd
+from .weights import register_weights_fakes_and_autograd
 
 
 def _cxx_schema(name: str) -> str:
@@ -24,7 +25,7 @@ def _register_cuda_emulation() -> None:
     """The CUDA emulation build: attnkern::cuda_emu_<op>, declared here with the C++ ops' schemas,
     get their CPU kernels (the CUDA launchers through the harness) when attnkern._cuda_emu loads."""
     cxx_only = {name: _cxx_schema(name) for name in (quant.QUANT_FWD, topk.TOPK_OP)}
-    for name, schema in {**SCHEMAS, **ACTIVATION_SCHEMAS, **SEQUENCE_SCHEMAS, **cxx_only}.items():
+    for name, schema in {**SCHEMAS, **ACTIVATION_SCHEMAS, **SEQUENCE_SCHEMAS, **WEIGHTS_SCHEMAS, **cxx_only}.items():
         torch.library.define(qualified(CUDA_EMU_PREFIX + name), schema)
     importlib.import_module("attnkern._cuda_emu")
     register_fakes_and_autograd(CUDA_EMU_PREFIX)
@@ -32,6 +33,7 @@ def _register_cuda_emulation() -> None:
     register_sequence_fakes_and_autograd(CUDA_EMU_PREFIX)
     quant.register(CUDA_EMU_PREFIX)
     topk.register_topk_fake(CUDA_EMU_PREFIX)
+    register_weights_fakes_and_autograd(CUDA_EMU_PREFIX)
 
 
 def _register() -> bool:
