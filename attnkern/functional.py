@@ -380,7 +380,7 @@ def _safe(denom: torch.Tensor) -> torch.Tensor:
 
 
 # The fused backends with quantized-K/V kernels.
-_QUANT_BACKENDS = ("cpu", "triton")
+_QUANT_BACKENDS = ("cpu", "cuda", "triton")
 
 
 def _attention_pool_quant(prob: Problem, backend, key, value, quant: dict, lengths, mask, offsets,
@@ -409,10 +409,8 @@ def _attention_pool_quant(prob: Problem, backend, key, value, quant: dict, lengt
         query4 = _fold_query_heads(query4, prob.Hkv)
     extra = () if prob.bias is None else (_fold_bias_heads(prob.bias, prob.H, prob.Hkv),)
     ml = -1 if max_length is None else int(max_length)
-    # The triton op is registered with the backend (attnkern/ops/triton.py).
-    op = getattr(torch.ops.attnkern, TRITON_PREFIX + QUANT_FWD) if name == "triton" else quant_op()
-    out, lse = op(query4, key, value, quant["key_scale"], quant["key_bias"], quant["value_scale"],
-                  quant["value_bias"], lengths, mask, offsets, ml, prob.scale, *extra)
+    out, lse = quant_op(name)(query4, key, value, quant["key_scale"], quant["key_bias"], quant["value_scale"],
+                              quant["value_bias"], lengths, mask, offsets, ml, prob.scale, *extra)
     if group > 1:
         out, lse = _unfold_query_heads(out, group), _unfold_query_heads(lse, group)
     return out, lse

@@ -11,33 +11,28 @@ import torch
 from ._jagged import unpack_history
 from ._validation import check_topk_k, check_values, checked_index_values, validate
 from .functional import _functorch_active, _resolve_for_transforms, _resolve_name
-from .ops.schemas import TRITON_PREFIX
-from .ops.topk import TOPK_KERNELS, TOPK_OP, topk_op
+from .ops.topk import TOPK_KERNELS, topk_op
 from .reference import _compute_dtype, attention_topk_ref, canonical_bias
 
 # The backends with top-k kernels; "auto" runs the reference where none applies.
-TOPK_BACKENDS = ("reference", "cpu", "triton")
-# The largest k of the triton kernels (triton_kernels/attention_topk.py MAX_K); "auto" takes the
-# reference above it.
-TRITON_TOPK_MAX_K = 256
+TOPK_BACKENDS = ("reference", "cpu", "cuda", "triton")
+# The largest k of the cuda and triton kernels (csrc/cuda/attention_topk_kernels.h kTopkMaxK,
+# triton_kernels/attention_topk.py MAX_K); "auto" takes the reference above it.
+TOPK_MAX_K = 256
 
 
 def _resolve_topk(backend, query: torch.Tensor, k: int) -> str:
-    if backend == "cuda":
-        raise RuntimeError(
-            "attnkern.attention_topk has no %r kernels yet (it runs on %s); use "
-            "backend='reference' (any device) or 'auto'" % (backend, ", ".join(TOPK_BACKENDS)))
     if backend == "auto" and query.device.type == "cuda":
-        # The triton kernels where they run (k <= 256, 16/32-bit inputs, no torch.func
-        # transform), else the reference.
-        fits = k <= TRITON_TOPK_MAX_K and query.dtype != torch.float64 and not _functorch_active()
-        return "triton" if fits and not _resolve_name("triton", "cuda")[1] else "reference"
+        # The GPU kernels where they run (k <= 256, 16/32-bit inputs, no torch.func transform),
+        # else the reference.
+        if k > TOPK_MAX_K or query.dtype == torch.float64 or _functorch_active():
+            return "reference"
     name = _resolve_for_transforms(backend, query)
-    if name == "cpu" and not TOPK_KERNELS:
+    if name in ("cpu", "cuda") and not TOPK_KERNELS:
         if backend == "auto":
             return "reference"
-        raise RuntimeError("attnkern backend 'cpu' has no attention_topk kernels in this build; "
-                           "use backend='reference'")
+        raise RuntimeError("attnkern backend %r has no attention_topk kernels in this build; "
+                           "use backend='reference'" % name)
     return name if name in TOPK_BACKENDS else "reference"
 
 
@@ -103,9 +98,9 @@ def attention_topk(
         k: how many positions to keep (a Python int >= 0).
         lengths, mask, key_padding_mask, offsets, max_length, scale, bias: as in
             attnkern.attention_pool (mask True = attend; key_padding_mask True = padding).
-        backend: "auto" | "reference" | "cpu" | "triton". "auto" runs "cpu" on CPU tensors,
-            "triton" on CUDA tensors (k <= 256, not float64) and the reference elsewhere; "cuda"
-            has no top-k kernels yet and is an error.
+        backend: "auto" | "reference" | "cpu" | "cuda" | "triton". "auto" runs "cpu" on CPU
+            tensors, "cuda" (else "triton") on CUDA tensors (k <= 256, not float64) and the
+            reference elsewhere.
 
     Returns:
         (scores, indices), each [B, H, k] or [B, N, H, k], best first. indices (int64) are
@@ -135,9 +130,7 @@ def attention_topk(
         scores, indices = attention_topk_ref(prob.query, key, k, lengths, mask=mask, offsets=offsets,
                                              max_length=max_length, scale=prob.scale, bias=prob.bias)
     else:
-        # The triton op is registered with the backend (attnkern/ops/triton.py).
-        op = getattr(torch.ops.attnkern, TRITON_PREFIX + TOPK_OP) if name == "triton" else topk_op()
-        scores, indices = op(prob.query, key, lengths, mask, offsets, k, prob.scale, prob.bias)
+        scores, indices = topk_op(name)(prob.query, key, lengths, mask, offsets, k, prob.scale, prob.bias)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (query, key, bias))
         if needs_grad:

@@ -35,7 +35,8 @@ assert info.available and info.emulated, info; print('cuda backend:', info.reaso
   python -m pytest -q -x -p no:cacheprovider -m "not slow" -k "cuda" "$@" tests/test_cuda_emulation.py \
     tests/test_backends.py tests/test_shared_kv_heads.py tests/test_hardening.py \
     tests/test_activation_unit_cuda.py tests/test_hardening_activation.py tests/test_cuda_build.py \
-    tests/test_bias_cuda.py tests/test_sequence_cuda.py tests/test_activation_unit_weights.py
+    tests/test_bias_cuda.py tests/test_sequence_cuda.py tests/test_activation_unit_weights.py \
+    tests/test_attention_topk_cuda.py tests/test_quantized_cuda.py tests/test_attention_weights_cuda.py
 }
 status=0
 sanitizer_run "$OUT" cuda_emu emu_checks "$@" || status=$?

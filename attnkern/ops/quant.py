@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from .autograd import fake_fwd_acc
-from .schemas import qualified
+from .availability import CUDA_EMU_PREFIX, cuda_emulated
+from .schemas import TRITON_PREFIX, qualified
 
 QUANT_FWD = "attention_pool_quant_fwd"
 _ARGS = ("query", "key", "value", "key_scale", "key_bias", "value_scale", "value_bias", "lengths",
@@ -38,12 +39,20 @@ def _backward(ctx, grad_out, grad_lse):
     raise RuntimeError(FORWARD_ONLY)
 
 
-def register() -> None:
-    name = qualified(QUANT_FWD)
+def register(prefix: str = "") -> None:
+    """Fake impl and autograd of the op named `prefix` + QUANT_FWD (the CUDA emulation's ops
+    carry a prefix: attnkern/ops/extension.py)."""
+    name = qualified(prefix + QUANT_FWD)
     torch.library.register_fake(name, _fake)
     torch.library.register_autograd(name, _backward, setup_context=_setup_context)
 
 
-def quant_op():
-    """The registered forward op (CPU kernels)."""
-    return getattr(torch.ops.attnkern, QUANT_FWD)
+def quant_op(backend: str = "cpu"):
+    """The registered forward op: CPU and CUDA kernels under one name, the CUDA emulation's
+    under its prefix."""
+    if backend == "triton":
+        from . import triton  # noqa: F401  (registers attnkern::triton_* on first use)
+
+        return getattr(torch.ops.attnkern, TRITON_PREFIX + QUANT_FWD)
+    prefix = CUDA_EMU_PREFIX if backend == "cuda" and cuda_emulated() else ""
+    return getattr(torch.ops.attnkern, prefix + QUANT_FWD)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .availability import extension
-from .schemas import qualified
+from .availability import CUDA_EMU_PREFIX, cuda_emulated, extension
+from .schemas import TRITON_PREFIX, qualified
 
 TOPK_OP = "attention_topk_fwd"
 TOPK_SCHEMA = (
@@ -29,17 +29,29 @@ def _fake_forward(query, key, lengths, mask, offsets, k, scale, bias=None):
     return query.new_empty(shape, dtype=acc), query.new_empty(shape, dtype=torch.int64)
 
 
+def register_topk_fake(prefix: str = "") -> None:
+    """The fake impl of the top-k op named `prefix` + TOPK_OP (the CUDA emulation's ops carry a
+    prefix: attnkern/ops/extension.py)."""
+    torch.library.register_fake(qualified(prefix + TOPK_OP), _fake_forward)
+
+
 def _register() -> bool:
     mod, _ = extension()
     if mod is None or not hasattr(torch.ops.attnkern, TOPK_OP):
         return False
-    torch.library.register_fake(qualified(TOPK_OP), _fake_forward)
+    register_topk_fake()
     return True
 
 
 TOPK_KERNELS = _register()
 
 
-def topk_op():
-    """The registered top-k op of the C++ extension (CPU kernels)."""
-    return getattr(torch.ops.attnkern, TOPK_OP)
+def topk_op(backend: str = "cpu"):
+    """The registered top-k op of the C++ extension: CPU and CUDA kernels under one name, the
+    CUDA emulation's under its prefix."""
+    if backend == "triton":
+        from . import triton  # noqa: F401  (registers attnkern::triton_* on first use)
+
+        return getattr(torch.ops.attnkern, TRITON_PREFIX + TOPK_OP)
+    prefix = CUDA_EMU_PREFIX if backend == "cuda" and cuda_emulated() else ""
+    return getattr(torch.ops.attnkern, prefix + TOPK_OP)
