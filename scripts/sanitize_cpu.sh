@@ -43,6 +43,11 @@ cpu_checks() {
 assert isa == 'avx512-emulated', isa"
     ATTNKERN_CPU_ISA=avx512 python -m pytest -q -x -p no:cacheprovider -m "not slow" \
       tests/test_cpu.py tests/test_cpu_tiles.py tests/test_hardening.py tests/test_activation_unit.py
+    # The weights kernels (attention_weights forward and backward ops, the activation unit's
+    # scores mode) and the Dice statistics kernels on emulated avx512.
+    ATTNKERN_CPU_ISA=avx512 python -m pytest -q -x -p no:cacheprovider -m "not slow" \
+      tests/test_attention_weights.py tests/test_activation_unit_weights.py tests/test_activation_unit_dice_train.py \
+      -k "not triton and not cuda and not isa and not compile"
     # avx512_bf16 differs from avx512 only in the tiled kernels' bf16 scoring, amx only in their
     # bf16 matrix products (the tile unit, amx_emulation.h here); the activation unit runs its
     # avx512 kernels under both.

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import attnkern
-from attnkern.topk import CUDA_TOPK_MAX_K
+from attnkern.topk import TOPK_MAX_K
 from attnkern.topk_testing import check_topk
 from conftest import CUDA_DEVICE, cuda_op, needs_cuda_backend, on_cuda_device
 from test_attention_topk import problem
@@ -80,8 +80,8 @@ def test_cuda_topk_op_checks_and_clamps():
     q, key, _, kw = problem("jagged", B=3, N=1, H=2, Hkv=1, L=6, Dk=8)
     q, key, kw = on_cuda_device(q, key, kw)
     op = cuda_op("attention_topk_fwd")
-    with pytest.raises(ValueError, match=r"k must be in \[0, %d\]" % CUDA_TOPK_MAX_K):
-        op(q, key, None, None, kw["offsets"], CUDA_TOPK_MAX_K + 1, 1.0)
+    with pytest.raises(ValueError, match=r"k must be in \[0, %d\]" % TOPK_MAX_K):
+        op(q, key, None, None, kw["offsets"], TOPK_MAX_K + 1, 1.0)
     with pytest.raises(TypeError, match="key must have the dtype of query"):
         op(q, key.half(), None, None, kw["offsets"], 2, 1.0)
     # Offsets past the keys (no host check in the op): each row is clamped to the T keys, so
