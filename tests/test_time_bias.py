@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import attnkern
 from attnkern.nn import AttentionPooling, recency, time_bucket
 from attnkern.ops import time_bias as tb
 
@@ -186,3 +187,27 @@ def test_bad_input():
         op(kt, qt, lengths, bounds, time_table, recency_table.float())
     with pytest.raises(ValueError, match="query_time must have shape"):
         op(kt, qt[:-1], lengths, bounds, time_table, recency_table)
+
+
+def test_bounds_first_found_in_inference_mode_serve_a_training_call():
+    # The bucket bounds are cached per (bucket rule, NB): found first under inference mode (a
+    # serving call), they must still be savable by a later call that takes gradients.
+    from attnkern.ops import time_bias
+
+    time_bias._bounds_cpu.cache_clear()
+    with torch.inference_mode():
+        b = time_bias.reached_bounds("log", 29, "cpu")
+    assert not b.is_inference()
+    lens = torch.tensor([3, 5])
+    offs = torch.tensor([0, 3, 8])
+    q, k, v = (torch.randn(8, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ts = torch.arange(8, dtype=torch.int64) * 1000
+    table = torch.randn(29, 1, dtype=torch.float64, requires_grad=True)
+    for backend in ("reference", "cpu"):
+        if backend == "cpu" and not attnkern.backends()["cpu"].available:
+            continue
+        out = attnkern.sequence_attention(q, k, v, offs, key_times=ts, query_times=ts, time_table=table,
+                                          backend=backend)
+        out.sum().backward()
+        assert table.grad is not None and torch.isfinite(table.grad).all()
+        table.grad = None

@@ -25,15 +25,18 @@ FWD_ARGS = ("key_times", "query_time", "lengths", "time_bounds", "time_table", "
 def _bounds_cpu(time_bucket: str, num_buckets: int) -> torch.Tensor:
     # Bisection on the formula itself over every int64 gap (up to 2^63 - 1: the log buckets past
     # ln(2^62) / TIME_BUCKET_WIDTH are reached only there); buckets no gap reaches get no bound.
-    want = torch.arange(1, num_buckets, dtype=torch.int64)
-    lo = torch.zeros_like(want)               # bucket(lo) < want
-    hi = torch.full_like(want, 2 ** 63 - 1)   # bucket(hi) >= want, or want is never reached
-    for _ in range(64):
-        mid = lo + (hi - lo) // 2
-        ok = time_bucket_ref(mid, num_buckets, time_bucket) >= want
-        hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
-    reached = time_bucket_ref(hi, num_buckets, time_bucket) >= want
-    return hi[reached].clone()
+    # Cached across calls: never an inference tensor (a first call under torch.inference_mode
+    # would make one, which a later call that takes gradients could not save for backward).
+    with torch.inference_mode(False), torch.no_grad():
+        want = torch.arange(1, num_buckets, dtype=torch.int64)
+        lo = torch.zeros_like(want)               # bucket(lo) < want
+        hi = torch.full_like(want, 2 ** 63 - 1)   # bucket(hi) >= want, or want is never reached
+        for _ in range(64):
+            mid = lo + (hi - lo) // 2
+            ok = time_bucket_ref(mid, num_buckets, time_bucket) >= want
+            hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
+        reached = time_bucket_ref(hi, num_buckets, time_bucket) >= want
+        return hi[reached].clone()
 
 
 @torch.compiler.assume_constant_result
