@@ -127,6 +127,39 @@ def _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT: tl.constexpr):
 
 
 @triton.jit
+def _row_program(IDX, stride_idx, PER_ROW, L, MAX_LEN, LAYOUT: tl.constexpr):
+    """A program of a (row x PER_ROW, head) grid: (row b, its index j among the row's PER_ROW
+    programs (a query block, or an L tile), head h, the row's clamped key range [start, end))."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // PER_ROW
+    j = pid % PER_ROW
+    h = tl.program_id(1).to(tl.int64)
+    start, end = _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT)
+    return b, j, h, start, end
+
+
+@triton.jit
+def _query_block_program(IDX, stride_idx, N, L, MAX_LEN, NUM_SPLITS, LAYOUT: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, SPLIT: tl.constexpr):
+    """The work item of a program of the (row x query block, head[, split]) grid, decoded once
+    for every kernel launched on it: (row b, head h, the key range [lo, hi) it streams, the
+    block's query indices offs_n (int64), which of them exist). The row's range is _row_bounds'
+    clamped one; with SPLIT (program axis 2 over NUM_SPLITS splits, flash-decoding) a split's
+    share of it is a whole number of BLOCK_L tiles, else the whole row."""
+    b, qb, h, start, end = _row_program(IDX, stride_idx, tl.cdiv(N, BLOCK_N), L, MAX_LEN, LAYOUT)
+    if SPLIT:
+        split = tl.program_id(2).to(tl.int64)
+        chunk = tl.cdiv(tl.cdiv(end - start, NUM_SPLITS), BLOCK_L) * BLOCK_L
+        lo = start + split * chunk
+        hi = tl.minimum(lo + chunk, end)
+    else:
+        lo = start
+        hi = end
+    offs_n = (qb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    return b, h, lo, hi, offs_n, offs_n < N
+
+
+@triton.jit
 def _tile_valid(MASK, b, pos, valid, stride_mb, stride_ml, LAYOUT: tl.constexpr):
     """Which positions `pos` of row b take part: `valid` (inside the row) narrowed by the mask
     in the MASKED layout (the mask is read only inside the row)."""
@@ -138,7 +171,8 @@ def _tile_valid(MASK, b, pos, valid, stride_mb, stride_ml, LAYOUT: tl.constexpr)
 
 @triton.jit
 def _load_rows(base, pos, valid, offs_d, stride_l, stride_d, D):
-    """Rows `pos` of a [L, D] tile; positions that take no part read as zeros, never loaded."""
+    """Rows `pos` of a [rows, D] operand (key/value positions, or a block's queries); rows that
+    take no part read as zeros, never loaded."""
     return tl.load(base + pos[:, None] * stride_l + offs_d[None, :] * stride_d,
                    mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
 
@@ -186,6 +220,31 @@ def _finite_or_zero(m):
     position yet) keeps exp2 free of (-inf) - (-inf); +inf or NaN logits then give inf/NaN
     sums that propagate to out and lse instead of being shifted away."""
     return tl.where(tl.abs(m) < float("inf"), m, 0.0)
+
+
+@triton.jit
+def _online_softmax(m_i, l_i, s):
+    """One tile of the online softmax over logits s [N, L] (natural units; only the small
+    differences s - max go to base 2, exp(x) = exp2(x * log2(e)), so large logits lose nothing
+    to the base change): (running max, running sum, alpha, p) with alpha the factor that
+    rescales what was accumulated before (0 while nothing contributed, m_i = -inf) and
+    p = exp(s - max)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_shift = _finite_or_zero(m_new)
+    alpha = tl.exp2((m_i - m_shift) * _LOG2E)
+    p = tl.exp2((s - m_shift[:, None]) * _LOG2E)
+    return m_new, l_i * alpha + tl.sum(p, axis=1), alpha, p
+
+
+@triton.jit
+def _softmax_finish(m_i, l_i):
+    """(1 / sum, lse) of a finished online softmax. l_i == 0 only when no valid position
+    contributed (an empty row or split): 0 and lse = -inf exactly. NaN/inf in l_i (NaN or
+    overflowing logits at a valid position) propagate, as in the reference."""
+    empty = l_i == 0.0
+    inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
+    lse = tl.where(empty, float("-inf"), _finite_or_zero(m_i) + tl.log(tl.where(empty, 1.0, l_i)))
+    return inv_l, lse
 
 
 # Bias modes (constexpr BIAS_MODE): how a program reads the score bias.
@@ -259,29 +318,13 @@ def _attention_pool_fwd_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
 ):
-    num_qblocks = tl.cdiv(N, BLOCK_N)
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // num_qblocks
-    qb = pid % num_qblocks
-    h = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2).to(tl.int64)
-
-    start, end = _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT)
-    # This split's share of the row, a whole number of tiles (one split: the whole row).
-    chunk = tl.cdiv(tl.cdiv(end - start, NUM_SPLITS), BLOCK_L) * BLOCK_L
-    lo = start + split * chunk
-    hi = tl.minimum(lo + chunk, end)
-
-    offs_n = qb * BLOCK_N + tl.arange(0, BLOCK_N)
+    b, h, lo, hi, offs_n, n_ok = _query_block_program(IDX, stride_idx, N, L, MAX_LEN, NUM_SPLITS,
+                                                      LAYOUT, BLOCK_N, BLOCK_L, True)
     offs_dk = tl.arange(0, BLOCK_DK).to(tl.int64)
     offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
-    offs_l = tl.arange(0, BLOCK_L)
-    n_ok = offs_n < N
 
     # Phase 1: the query block, loaded once; all its queries share each K/V tile below.
-    q_ptrs = (Q + b * stride_qb + h * stride_qh
-              + offs_n[:, None].to(tl.int64) * stride_qn + offs_dk[None, :] * stride_qd)
-    q = tl.load(q_ptrs, mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_n, n_ok, offs_dk, stride_qn, stride_qd, DK)
 
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_N], tl.float32)
@@ -289,42 +332,32 @@ def _attention_pool_fwd_kernel(
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    # Phase 2: stream the valid K/V tiles with an online softmax. Logits s = scale * q.k in
-    # natural units, as the reference computes them; only the small differences s - m go to
-    # base 2 (exp(x) = exp2(x * log2(e))), so large logits lose nothing to the base change.
-    # Running max m_i, shifted by _finite_or_zero: a row that is all masked so far keeps
-    # m_i = -inf and shifts by 0.
+    # Phase 2: stream the valid K/V tiles with an online softmax (_online_softmax). Logits
+    # s = scale * q.k in natural units, as the reference computes them. Running max m_i,
+    # shifted by _finite_or_zero: a row that is all masked so far keeps m_i = -inf and shifts by 0.
     num_tiles = tl.cdiv(hi - lo, BLOCK_L)
     for t in range(0, num_tiles):
-        pos = lo + t * BLOCK_L + offs_l
+        pos = lo + t * BLOCK_L + tl.arange(0, BLOCK_L)
         valid = pos < hi
         valid, k, v = _load_kv_tile(k_base, v_base, MASK, b, pos, valid, offs_dk, offs_dv,
                                     stride_kl, stride_kd, stride_vl, stride_vd, stride_mb,
                                     stride_ml, DK, DV, LAYOUT)
-        s = _logits(q, k, scale, BIAS, b, offs_n.to(tl.int64), n_ok, h, pos, valid, GROUP,
+        s = _logits(q, k, scale, BIAS, b, offs_n, n_ok, h, pos, valid, GROUP,
                     stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
                     BIAS_MODE, USE_DOT, DOT_PRECISION, NATIVE_DOT)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_shift = _finite_or_zero(m_new)
-        alpha = tl.exp2((m_i - m_shift) * _LOG2E)  # 0 while nothing contributed (m_i = -inf)
-        p = tl.exp2((s - m_shift[:, None]) * _LOG2E)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i, l_i, alpha, p = _online_softmax(m_i, l_i, s)
         acc = acc * alpha[:, None] + _mm(p, v, USE_DOT, DOT_PRECISION, NATIVE_DOT)
-        m_i = m_new
 
-    # Phase 3: normalise. l_i == 0 only when no valid position contributed (an empty row or
-    # split): o = 0 and lse = -inf exactly. NaN/inf in l_i (NaN or overflowing logits at a
-    # valid position) propagate to o and lse, as in the reference. lse is within about one
-    # float32 ulp; the backward does not rely on it being better (see the dq kernel).
-    empty = l_i == 0.0
-    inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
+    # Phase 3: normalise (_softmax_finish: an empty row or split gets o = 0, lse = -inf). lse
+    # is within about one float32 ulp; the backward does not rely on it being better (see the
+    # dq kernel).
+    inv_l, lse = _softmax_finish(m_i, l_i)
     o = acc * inv_l[:, None]
-    lse = tl.where(empty, float("-inf"),
-                   _finite_or_zero(m_i) + tl.log(tl.where(empty, 1.0, l_i)))
+    split = tl.program_id(2).to(tl.int64)
     o_ptrs = (OUT + split * stride_os + b * stride_ob + h * stride_oh
-              + offs_n[:, None].to(tl.int64) * stride_on + offs_dv[None, :] * stride_od)
+              + offs_n[:, None] * stride_on + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < DV))
-    lse_ptrs = LSE + split * stride_ls + b * stride_lb + h * stride_lh + offs_n.to(tl.int64) * stride_ln
+    lse_ptrs = LSE + split * stride_ls + b * stride_lb + h * stride_lh + offs_n * stride_ln
     tl.store(lse_ptrs, lse, mask=n_ok)
 
 
@@ -395,32 +428,20 @@ def _attention_pool_bwd_dq_kernel(
     logits p = exp2(s - lse) would be off by up to ~ulp(lse) relatively (7e-4 at logits of
     1e4); (s - a) is exact near the max and c is small. The anchors are written to ANCH
     [2, B, N, H] for the dk/dv kernel, which runs after this one."""
-    num_qblocks = tl.cdiv(N, BLOCK_N)
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // num_qblocks
-    qb = pid % num_qblocks
-    h = tl.program_id(1).to(tl.int64)
-    start, end = _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT)
-
-    offs_n = qb * BLOCK_N + tl.arange(0, BLOCK_N)
+    b, h, start, end, offs_n, n_ok = _query_block_program(IDX, stride_idx, N, L, MAX_LEN, 1,
+                                                          LAYOUT, BLOCK_N, BLOCK_L, False)
     offs_dk = tl.arange(0, BLOCK_DK).to(tl.int64)
     offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     offs_l = tl.arange(0, BLOCK_L)
-    n_ok = offs_n < N
-    offs_n64 = offs_n.to(tl.int64)
 
     # Phase 1: per-query operands. An empty row has lse = -inf; shifting by 0 there keeps
     # p = exp2(-inf) = 0 instead of exp2(-inf + inf) = NaN. NaN/inf lse propagate.
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_n64[:, None] * stride_qn
-                + offs_dk[None, :] * stride_qd,
-                mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-    do = tl.load(DO + b * stride_gb + h * stride_gh + offs_n64[:, None] * stride_gn
-                 + offs_dv[None, :] * stride_gd,
-                 mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_n64 * stride_ln, mask=n_ok, other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_n, n_ok, offs_dk, stride_qn, stride_qd, DK)
+    do = _load_rows(DO + b * stride_gb + h * stride_gh, offs_n, n_ok, offs_dv, stride_gn, stride_gd, DV)
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_n * stride_ln, mask=n_ok, other=0.0)
     a = tl.where(lse == float("-inf"), 0.0, lse)
     c = tl.zeros([BLOCK_N], tl.float32)
-    delta = tl.load(DELTA + b * stride_db + h * stride_dh + offs_n64 * stride_dn, mask=n_ok, other=0.0)
+    delta = tl.load(DELTA + b * stride_db + h * stride_dh + offs_n * stride_dn, mask=n_ok, other=0.0)
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -433,17 +454,13 @@ def _attention_pool_bwd_dq_kernel(
             pos = start + t * BLOCK_L + offs_l
             valid = _tile_valid(MASK, b, pos, pos < end, stride_mb, stride_ml, LAYOUT)
             k = _load_rows(k_base, pos, valid, offs_dk, stride_kl, stride_kd, DK)
-            s = _logits(q, k, scale, BIAS, b, offs_n64, n_ok, h, pos, valid, GROUP,
+            s = _logits(q, k, scale, BIAS, b, offs_n, n_ok, h, pos, valid, GROUP,
                         stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
                         BIAS_MODE, USE_DOT, DOT_PRECISION, NATIVE_DOT)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_shift = _finite_or_zero(m_new)
-            l_i = (l_i * tl.exp2((m_i - m_shift) * _LOG2E)
-                   + tl.sum(tl.exp2((s - m_shift[:, None]) * _LOG2E), axis=1))
-            m_i = m_new
+            m_i, l_i, alpha, p = _online_softmax(m_i, l_i, s)
         a = _finite_or_zero(m_i)
         c = tl.where(l_i == 0.0, 0.0, tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
-    anc = ANCH + b * stride_ab + h * stride_ah + offs_n64 * stride_an
+    anc = ANCH + b * stride_ab + h * stride_ah + offs_n * stride_an
     tl.store(anc, a, mask=n_ok)
     tl.store(anc + stride_as, c, mask=n_ok)
 
@@ -455,7 +472,7 @@ def _attention_pool_bwd_dq_kernel(
         valid, k, v = _load_kv_tile(k_base, v_base, MASK, b, pos, valid, offs_dk, offs_dv,
                                     stride_kl, stride_kd, stride_vl, stride_vd, stride_mb,
                                     stride_ml, DK, DV, LAYOUT)
-        s = _logits(q, k, scale, BIAS, b, offs_n64, n_ok, h, pos, valid, GROUP,
+        s = _logits(q, k, scale, BIAS, b, offs_n, n_ok, h, pos, valid, GROUP,
                     stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
                     BIAS_MODE, USE_DOT, DOT_PRECISION, NATIVE_DOT)
         p = tl.exp2(((s - a[:, None]) - c[:, None]) * _LOG2E)
@@ -464,7 +481,7 @@ def _attention_pool_bwd_dq_kernel(
         dq += _mm(ds, k, USE_DOT, DOT_PRECISION, NATIVE_DOT)
 
     dq = dq * scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_n64[:, None] * stride_dqn
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_n[:, None] * stride_dqn
              + offs_dk[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
              mask=n_ok[:, None] & (offs_dk[None, :] < DK))
 
@@ -477,12 +494,8 @@ def _load_query_block(Q, DO, ANCH, DELTA, b, h, qn, n_ok, offs_dk, offs_dv,
                       stride_db, stride_dn, stride_dh, DK, DV):
     """The backward's per-query operands of queries qn (int64) of row b, head h: q, dO, the
     dq kernel's anchors (a, c) and delta; queries past N read as zeros."""
-    q = tl.load(Q + b * stride_qb + h * stride_qh + qn[:, None] * stride_qn
-                + offs_dk[None, :] * stride_qd,
-                mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-    do = tl.load(DO + b * stride_gb + h * stride_gh + qn[:, None] * stride_gn
-                 + offs_dv[None, :] * stride_gd,
-                 mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, qn, n_ok, offs_dk, stride_qn, stride_qd, DK)
+    do = _load_rows(DO + b * stride_gb + h * stride_gh, qn, n_ok, offs_dv, stride_gn, stride_gd, DV)
     anc = ANCH + b * stride_ab + h * stride_ah + qn * stride_an
     a = tl.load(anc, mask=n_ok, other=0.0)
     c = tl.load(anc + stride_as, mask=n_ok, other=0.0)
@@ -521,12 +534,8 @@ def _attention_pool_bwd_dkdv_kernel(
     to. DBIAS_MODE ROW_BIAS: this program's column sums over all its queries, in query order,
     to DBIAS[b, h, pos] (the whole sum when nothing else shares that row); QUERY_BIAS: ds
     itself, at the bias position of each query (one writer per element). Else none here."""
-    tiles_per_row = tl.cdiv(GRID_LEN, BLOCK_L)
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // tiles_per_row
-    tile = pid % tiles_per_row
-    h = tl.program_id(1).to(tl.int64)
-    start, end = _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT)
+    b, tile, h, start, end = _row_program(IDX, stride_idx, tl.cdiv(GRID_LEN, BLOCK_L), L, MAX_LEN,
+                                          LAYOUT)
     lo = start + tile * BLOCK_L
     if lo >= end:
         return

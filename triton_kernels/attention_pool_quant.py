@@ -36,10 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_pool import (QUERY_BIAS, SMALL_N, _BiasView, _bias_tile, _finite_or_zero,
-                             _fixed_config, _kv_strides, _layout_args, _load_rows, _LOG2E, _mm,
-                             _row_bounds, _tile_valid, attention_pool_combine, choose_num_splits,
-                             fp32_dot_precision, head_block, native_dot, query_block, sm_count)
+from .attention_pool import (QUERY_BIAS, SMALL_N, _BiasView, _bias_tile, _fixed_config, _kv_strides,
+                             _layout_args, _load_rows, _mm, _online_softmax, _query_block_program,
+                             _softmax_finish, _tile_valid, attention_pool_combine,
+                             choose_num_splits, fp32_dot_precision, head_block, native_dot,
+                             query_block, sm_count)
 
 
 @triton.jit
@@ -72,29 +73,14 @@ def _attention_pool_quant_fwd_kernel(
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
     PV_16BIT: tl.constexpr,
 ):
-    num_qblocks = tl.cdiv(N, BLOCK_N)
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // num_qblocks
-    qb = pid % num_qblocks
-    h = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2).to(tl.int64)
-
-    start, end = _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT)
-    chunk = tl.cdiv(tl.cdiv(end - start, NUM_SPLITS), BLOCK_L) * BLOCK_L
-    lo = start + split * chunk
-    hi = tl.minimum(lo + chunk, end)
-
-    offs_n = (qb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    b, h, lo, hi, offs_n, n_ok = _query_block_program(IDX, stride_idx, N, L, MAX_LEN, NUM_SPLITS,
+                                                      LAYOUT, BLOCK_N, BLOCK_L, True)
     offs_dk = tl.arange(0, BLOCK_DK).to(tl.int64)
     offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
-    offs_l = tl.arange(0, BLOCK_L)
-    n_ok = offs_n < N
 
     # Phase 1: the query block in its own dtype (the operand of q . data), and sum(q) for the
     # key bias term.
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_n[:, None] * stride_qn
-                + offs_dk[None, :] * stride_qd,
-                mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_n, n_ok, offs_dk, stride_qn, stride_qd, DK)
     q_sum = tl.sum(q.to(tl.float32), axis=1)
 
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -107,7 +93,7 @@ def _attention_pool_quant_fwd_kernel(
     # Phase 2: stream the quantized tiles with the online softmax of the attention-pool forward
     # (natural-unit logits, exp2 of the small differences only).
     for t in range(0, tl.cdiv(hi - lo, BLOCK_L)):
-        pos = lo + t * BLOCK_L + offs_l
+        pos = lo + t * BLOCK_L + tl.arange(0, BLOCK_L)
         valid = _tile_valid(MASK, b, pos, pos < hi, stride_mb, stride_ml, LAYOUT)
         k = _load_rows(k_base, pos, valid, offs_dk, stride_kl, stride_kd, DK)
         # NATIVE_DOT=False (bfloat16 under the interpreter): float32, as _mm then computes.
@@ -125,11 +111,7 @@ def _attention_pool_quant_fwd_kernel(
                             stride_bb, stride_bn, stride_bj, stride_bh, stride_bl, BIAS_MODE)
         s = tl.where(valid[None, :], s, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_shift = _finite_or_zero(m_new)
-        alpha = tl.exp2((m_i - m_shift) * _LOG2E)
-        p = tl.exp2((s - m_shift[:, None]) * _LOG2E)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i, l_i, alpha, p = _online_softmax(m_i, l_i, s)
         vs, vb = _row_params(VS, VB, p_base, pos, valid, stride_pl, HAS_VB)
         v = _load_rows(v_base, pos, valid, offs_dv, stride_vl, stride_vd, DV)
         if PV_16BIT:
@@ -140,12 +122,10 @@ def _attention_pool_quant_fwd_kernel(
         if HAS_VB:
             pv += tl.sum(p * vb[None, :], axis=1)[:, None]
         acc = acc * alpha[:, None] + pv
-        m_i = m_new
 
     # Phase 3: normalise (empty row or split: out 0, lse -inf), as the attention-pool forward.
-    empty = l_i == 0.0
-    inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
-    lse = tl.where(empty, float("-inf"), _finite_or_zero(m_i) + tl.log(tl.where(empty, 1.0, l_i)))
+    inv_l, lse = _softmax_finish(m_i, l_i)
+    split = tl.program_id(2).to(tl.int64)
     tl.store(OUT + split * stride_os + b * stride_ob + h * stride_oh + offs_n[:, None] * stride_on
              + offs_dv[None, :] * stride_od, acc * inv_l[:, None],
              mask=n_ok[:, None] & (offs_dv[None, :] < DV))

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .attention_pool import (FP32_DOT_KV_TILE, INTERPRET_BLOCK_L, NO_BIAS, QUERY_BIAS, ROW_BIAS,
-                             SMALL_N, _bias_tile, _layout_args, _load_rows, _mm, _row_bounds,
+                             SMALL_N, _bias_tile, _layout_args, _load_rows, _mm, _query_block_program,
                              _tile_valid, fp32_dot_precision, head_block, interpret_mode, native_dot)
 
 # The largest k: KP = next power of two of k rows of int64 keys per query stay in registers.
@@ -88,22 +88,15 @@ def _attention_topk_fwd_kernel(
     KP: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
 ):
-    num_qblocks = tl.cdiv(N, BLOCK_N)
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // num_qblocks
-    qb = pid % num_qblocks
-    h = tl.program_id(1).to(tl.int64)
-    start, end = _row_bounds(IDX, b, stride_idx, L, -1, LAYOUT)
-
-    offs_n = (qb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    b, h, start, end, offs_n, n_ok = _query_block_program(IDX, stride_idx, N, L, -1, 1, LAYOUT,
+                                                          BLOCK_N, BLOCK_L, False)
     offs_dc = tl.arange(0, BLOCK_DC).to(tl.int64)
     offs_l = tl.arange(0, BLOCK_L)
     offs_k = tl.arange(0, KP)
-    n_ok = offs_n < N
 
     # Phase 1: the query block's rows; its queries share each K tile (their head-dim chunks are
     # read per tile, from cache).
-    q_base = Q + b * stride_qb + h * stride_qh + offs_n[:, None] * stride_qn
+    q_base = Q + b * stride_qb + h * stride_qh
     # Query head h reads K/V head h // KV_GROUP (shared K/V heads).
     k_base = K + b * stride_kb + (h // KV_GROUP) * stride_kh
     # Keys of a -inf score: no position (below every selectable key).
@@ -118,8 +111,7 @@ def _attention_topk_fwd_kernel(
         s = tl.zeros([BLOCK_N, BLOCK_L], tl.float32)
         for d0 in tl.static_range(0, BLOCK_DK, BLOCK_DC):
             offs_d = d0 + offs_dc
-            qc = tl.load(q_base + offs_d[None, :] * stride_qd,
-                         mask=n_ok[:, None] & (offs_d[None, :] < DK), other=0.0)
+            qc = _load_rows(q_base, offs_n, n_ok, offs_d, stride_qn, stride_qd, DK)
             kc = _load_rows(k_base, pos, valid, offs_d, stride_kl, stride_kd, DK)
             s += _mm(qc, tl.trans(kc), USE_DOT, DOT_PRECISION, NATIVE_DOT)
         s = s * scale

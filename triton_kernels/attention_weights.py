@@ -28,25 +28,30 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_pool import (JAGGED, QUERY_BIAS, SMALL_N, _BiasView, _finite_or_zero, _fixed_config,
-                             _kv_strides, _layout_args, _load_rows, _logits, _LOG2E, _row_bounds,
-                             _tile_valid, fp32_dot_precision, head_block, native_dot, query_block)
+from .attention_pool import (JAGGED, QUERY_BIAS, SMALL_N, _BiasView, _fixed_config, _kv_strides,
+                             _layout_args, _load_rows, _logits, _LOG2E, _online_softmax,
+                             _query_block_program, _softmax_finish, _tile_valid,
+                             fp32_dot_precision, head_block, native_dot, query_block)
 
 
 @triton.jit
-def _tile_logits(q, k_base, MASK, BIAS, scale, b, h, offs_n, n_ok, pos, end, offs_dk, DK, GROUP,
+def _tile_logits(q, k_base, MASK, BIAS, scale, b, h, offs_n, n_ok, start, t, end, DK, GROUP,
                  stride_kl, stride_kd, stride_mb, stride_ml,
                  stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
-                 LAYOUT: tl.constexpr, BIAS_MODE: tl.constexpr, USE_DOT: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr):
-    """(which positions `pos` take part, their logits; -inf elsewhere): both passes score the
-    same tiles the same way, so that w = exp(s - lse) meets the lse of pass 1 exactly."""
+                 LAYOUT: tl.constexpr, BIAS_MODE: tl.constexpr, BLOCK_L: tl.constexpr,
+                 BLOCK_DK: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 NATIVE_DOT: tl.constexpr):
+    """(the positions of tile t of the row, which of them take part, their logits; -inf
+    elsewhere): both passes score the same tiles the same way, so that w = exp(s - lse) meets
+    the lse of pass 1 exactly."""
+    pos = start + t * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_dk = tl.arange(0, BLOCK_DK).to(tl.int64)
     valid = _tile_valid(MASK, b, pos, pos < end, stride_mb, stride_ml, LAYOUT)
     k = _load_rows(k_base, pos, valid, offs_dk, stride_kl, stride_kd, DK)
     s = _logits(q, k, scale, BIAS, b, offs_n, n_ok, h, pos, valid, GROUP,
                 stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
                 BIAS_MODE, USE_DOT, DOT_PRECISION, NATIVE_DOT)
-    return valid, s
+    return pos, valid, s
 
 
 @triton.jit
@@ -64,37 +69,23 @@ def _attention_weights_fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DK: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
 ):
-    num_qblocks = tl.cdiv(N, BLOCK_N)
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // num_qblocks
-    qb = pid % num_qblocks
-    h = tl.program_id(1).to(tl.int64)
-    start, end = _row_bounds(IDX, b, stride_idx, L, MAX_LEN, LAYOUT)
-
-    offs_n = (qb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    b, h, start, end, offs_n, n_ok = _query_block_program(IDX, stride_idx, N, L, MAX_LEN, 1,
+                                                          LAYOUT, BLOCK_N, BLOCK_L, False)
     offs_dk = tl.arange(0, BLOCK_DK).to(tl.int64)
-    offs_l = tl.arange(0, BLOCK_L)
-    n_ok = offs_n < N
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_n[:, None] * stride_qn
-                + offs_dk[None, :] * stride_qd,
-                mask=n_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_n, n_ok, offs_dk, stride_qn, stride_qd, DK)
     k_base = K + b * stride_kb + h * stride_kh
 
     # Pass 1: the row statistics (running max m_i, sum l_i), as the attention-pool forward.
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_N], tl.float32)
     for t in range(0, tl.cdiv(end - start, BLOCK_L)):
-        pos = start + t * BLOCK_L + offs_l
-        valid, s = _tile_logits(q, k_base, MASK, BIAS, scale, b, h, offs_n, n_ok, pos, end, offs_dk, DK, GROUP,
-                                stride_kl, stride_kd, stride_mb, stride_ml,
-                                stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
-                                LAYOUT, BIAS_MODE, USE_DOT, DOT_PRECISION, NATIVE_DOT)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_shift = _finite_or_zero(m_new)
-        l_i = l_i * tl.exp2((m_i - m_shift) * _LOG2E) + tl.sum(tl.exp2((s - m_shift[:, None]) * _LOG2E), axis=1)
-        m_i = m_new
+        pos, valid, s = _tile_logits(q, k_base, MASK, BIAS, scale, b, h, offs_n, n_ok, start, t, end, DK,
+                                     GROUP, stride_kl, stride_kd, stride_mb, stride_ml,
+                                     stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
+                                     LAYOUT, BIAS_MODE, BLOCK_L, BLOCK_DK, USE_DOT, DOT_PRECISION, NATIVE_DOT)
+        m_i, l_i, alpha, p = _online_softmax(m_i, l_i, s)
+    inv_l, lse = _softmax_finish(m_i, l_i)
     empty = l_i == 0.0
-    lse = tl.where(empty, float("-inf"), _finite_or_zero(m_i) + tl.log(tl.where(empty, 1.0, l_i)))
     tl.store(LSE + b * stride_lb + h * stride_lh + offs_n * stride_ln, lse, mask=n_ok)
 
     # Pass 2: w = exp(s - lse) where a position takes part (lse of an empty row is never used);
@@ -105,11 +96,10 @@ def _attention_weights_fwd_kernel(
     else:
         stop = (end * 0 + L).to(tl.int64)
     for t in range(0, tl.cdiv(stop - start, BLOCK_L)):
-        pos = start + t * BLOCK_L + offs_l
-        valid, s = _tile_logits(q, k_base, MASK, BIAS, scale, b, h, offs_n, n_ok, pos, end, offs_dk, DK, GROUP,
-                                stride_kl, stride_kd, stride_mb, stride_ml,
-                                stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
-                                LAYOUT, BIAS_MODE, USE_DOT, DOT_PRECISION, NATIVE_DOT)
+        pos, valid, s = _tile_logits(q, k_base, MASK, BIAS, scale, b, h, offs_n, n_ok, start, t, end, DK,
+                                     GROUP, stride_kl, stride_kd, stride_mb, stride_ml,
+                                     stride_bb, stride_bn, stride_bj, stride_bh, stride_bl,
+                                     LAYOUT, BIAS_MODE, BLOCK_L, BLOCK_DK, USE_DOT, DOT_PRECISION, NATIVE_DOT)
         w = tl.exp2((s - lse_shift[:, None]) * _LOG2E)
         w = tl.where(valid[None, :] & (~empty)[:, None], w, 0.0)
         tl.store(W + b * stride_wb + h * stride_wh + offs_n[:, None] * stride_wn
