@@ -161,14 +161,15 @@ def row_positions(key: Tensor, kwargs: dict) -> List[Tensor]:
     return [b * L + torch.nonzero(valid[b]).flatten() for b in range(B)]
 
 
-def unused_positions(key: Tensor, kwargs: dict) -> Tensor:
+def unused_positions(key: Tensor, kwargs: dict, device=None) -> Tensor:
     """Bool mask over key's leading dims ([B, L] padded, [T] jagged): positions that take part
-    in no row, where grad_key / grad_value must be exactly zero."""
+    in no row, where grad_key / grad_value must be exactly zero. On `device` (default the CPU,
+    whatever key's device)."""
     lead = key.shape[:1] if "offsets" in kwargs else key.shape[:2]
     used = torch.zeros(math.prod(lead), dtype=torch.bool)
     for pos in row_positions(key, kwargs):
         used[pos] = True
-    return ~used.reshape(lead)
+    return (~used.reshape(lead)).to(device or "cpu")
 
 
 # ----------------------------------------------------------------------------------------------

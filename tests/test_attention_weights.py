@@ -45,7 +45,7 @@ def _weights(backend, args, kwargs):
 
 def _valid(key, kwargs, N, H):
     """The weights' shape as a bool: True where a position takes part in its row."""
-    unused = testing.unused_positions(key, kwargs)  # [B, L] or [T]
+    unused = testing.unused_positions(key, kwargs, device=key.device)  # [B, L] or [T]
     if "offsets" in kwargs:
         return (~unused)[:, None, None].expand(-1, N, H)
     return (~unused)[:, None, None, :].expand(-1, N, H, -1)
@@ -55,7 +55,7 @@ def _row_sums(w, kwargs):
     """Per row b, query n, head h: the sum of its weights, [B, N, H]."""
     if "offsets" not in kwargs:
         return w.sum(-1)
-    ones = torch.ones(w.shape[0], 1, 1, dtype=w.dtype)
+    ones = torch.ones(w.shape[0], 1, 1, dtype=w.dtype, device=w.device)
     return testing.pool_by_weights(w, ones, kwargs)[..., 0]
 
 
@@ -95,11 +95,16 @@ def test_weights_dtypes(backend, dtype, layout):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", testing.LAYOUTS)
 def test_exact_zeros_and_sums(backend, layout):
+    check_exact_zeros_and_sums(backend, layout)
+
+
+def check_exact_zeros_and_sums(backend, layout, device="cpu"):
     """0 at every position outside its row (padding, masked, trailing jagged rows, -inf bias),
-    0 on empty rows (no position, or every logit -inf), every other row sums to 1."""
+    0 on empty rows (no position, or every logit -inf), every other row sums to 1; on tensors
+    of `device` (the fused backends' tests run it on theirs)."""
     B, N, H, L = 6, 2, 2, 11
     args, kwargs = make_problem(B=B, N=N, H=H, Hkv=1, L=L, Dk=4, Dv=2, layout=layout, bias="per_query",
-                                bias_heads=H, magnitude=30.0)
+                                bias_heads=H, magnitude=30.0, device=device)
     bias = args[3]
     jagged = layout == "jagged"
     # Row 1: its first position dropped for every query and head; row 2: every position dropped.
@@ -128,12 +133,17 @@ def test_exact_zeros_and_sums(backend, layout):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_padding_conventions_agree(backend):
+    check_padding_conventions_agree(backend)
+
+
+def check_padding_conventions_agree(backend, device="cpu"):
     """mask, key_padding_mask and lengths describing the same rows give the same weights, and a
-    query without its N axis gives the weights without it."""
-    args, kwargs = make_problem(B=4, N=1, H=3, L=9, Dk=5, Dv=2, layout="lengths", query_3d=True)
+    query without its N axis gives the weights without it; on tensors of `device`."""
+    args, kwargs = make_problem(B=4, N=1, H=3, L=9, Dk=5, Dv=2, layout="lengths", query_3d=True,
+                                device=device)
     q, k = args[0], args[1]
     by_lengths = attnkern.attention_weights(q, k, kwargs["lengths"], backend=backend)
-    mask = torch.arange(9)[None, :] < kwargs["lengths"].long()[:, None]
+    mask = torch.arange(9, device=device)[None, :] < kwargs["lengths"].long()[:, None]
     assert by_lengths.shape == (4, 3, 9)
     torch.testing.assert_close(attnkern.attention_weights(q, k, mask=mask, backend=backend), by_lengths)
     torch.testing.assert_close(attnkern.attention_weights(q, k, key_padding_mask=~mask, backend=backend),
