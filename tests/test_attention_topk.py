@@ -55,11 +55,18 @@ def test_bias(backend, layout, kind, heads):
     assert check_topk(runner(backend), q, key, 4, kw, bias=bias) == []
 
 
+# The bodies below take the backend under test as run(q, key, k, **kw) -> (scores, indices) on
+# CPU tensors (tests/test_attention_topk_cuda.py passes the cuda backend's).
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["lengths", "jagged"])
 def test_k_past_every_row_and_k_zero(backend, layout):
+    check_k_past_every_row_and_k_zero(runner(backend), layout)
+
+
+def check_k_past_every_row_and_k_zero(run, layout):
     q, key, _, kw = problem(layout, L=9, Dk=16)
-    run = runner(backend)
     assert check_topk(run, q, key, 9 + 4, kw) == []
     scores, idx = run(q, key, 0, **kw)
     assert scores.shape == idx.shape == (5, 2, 4, 0)
@@ -80,13 +87,17 @@ def test_exact_ties_keep_the_lower_position_first(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_ranks_first_and_masked_positions_are_never_read(backend):
+    check_nan_ranks_first_and_masked_positions_are_never_read(runner(backend))
+
+
+def check_nan_ranks_first_and_masked_positions_are_never_read(run):
     q, key, _, kw = problem("mask", B=3, N=1, H=1, Hkv=1, L=12, Dk=4)
     mask = kw["mask"]
     mask[:, :3] = True
     mask[:, 3] = False
     key[0, 1] = math.nan  # valid: ranks first
     key[:, 3] = math.nan  # masked out: changes nothing
-    scores, idx = runner(backend)(q, key, 4, **kw)
+    scores, idx = run(q, key, 4, **kw)
     assert idx[0, 0, 0, 0] == 1 and torch.isnan(scores[0, 0, 0, 0])
     assert not (idx == 3).any()
     assert not torch.isnan(scores[1:]).any()

@@ -17,7 +17,8 @@ import attnkern
 from attnkern.topk import TOPK_MAX_K
 from attnkern.topk_testing import check_topk
 from conftest import CUDA_DEVICE, cuda_op, needs_cuda_backend, on_cuda_device
-from test_attention_topk import problem
+from test_attention_topk import (check_k_past_every_row_and_k_zero,
+                                 check_nan_ranks_first_and_masked_positions_are_never_read, problem)
 
 pytestmark = needs_cuda_backend
 
@@ -43,10 +44,7 @@ def test_cuda_topk_bias(layout, kind, heads):
 
 
 def test_cuda_topk_k_past_every_row_and_k_zero():
-    q, key, _, kw = problem("jagged", L=9, Dk=16)
-    assert check_topk(run, q, key, 13, kw) == []
-    scores, idx = run(q, key, 0, **kw)
-    assert scores.shape == idx.shape == (5, 2, 4, 0)
+    check_k_past_every_row_and_k_zero(run, "jagged")
 
 
 def test_cuda_topk_ties_across_tiles_equal_the_reference():
@@ -64,16 +62,7 @@ def test_cuda_topk_ties_across_tiles_equal_the_reference():
 
 
 def test_cuda_topk_nan_ranks_first_and_masked_positions_are_never_read():
-    q, key, _, kw = problem("mask", B=3, N=1, H=1, Hkv=1, L=12, Dk=4)
-    mask = kw["mask"]
-    mask[:, :3] = True
-    mask[:, 3] = False
-    key[0, 1] = math.nan  # valid: ranks first
-    key[:, 3] = math.nan  # masked out: changes nothing
-    scores, idx = run(q, key, 4, **kw)
-    assert idx[0, 0, 0, 0] == 1 and torch.isnan(scores[0, 0, 0, 0])
-    assert not (idx == 3).any()
-    assert not torch.isnan(scores[1:]).any()
+    check_nan_ranks_first_and_masked_positions_are_never_read(run)
 
 
 def test_cuda_topk_op_checks_and_clamps():

@@ -4,6 +4,7 @@ every layout, N (the per-query and the tiled path, several query chunks), shared
 the score bias, empty rows, rows whose scale is 0, extreme values, NaN/inf rules, every
 instruction set; bad input and the forward-only rule."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -146,8 +147,16 @@ def test_cpu_score_bias(kind):
                        run("reference", q, kd, vd, params, kw, bias=bias), torch.float32)
 
 
+# The bodies below take the backend under test as run_backend(q, kd, vd, params, kw) -> (out, lse)
+# on CPU tensors (tests/test_quantized_cuda.py passes the cuda backend's).
+
+
 @needs_cpu
 def test_empty_and_zero_scale_rows_and_extremes():
+    check_empty_and_zero_scale_rows_and_extremes(functools.partial(run, "cpu"))
+
+
+def check_empty_and_zero_scale_rows_and_extremes(run_backend):
     """Empty rows give 0 / -inf; rows whose scale is 0 stand for their bias; huge scales and
     biases (1e30) and tiny ones (1e-30) stay as accurate as the reference's float32."""
     args, kw = make_problem(B=4, N=2, H=2, L=35, Dk=9, Dv=6, layout="lengths", lengths=[0, 35, 1, 20])
@@ -157,7 +166,7 @@ def test_empty_and_zero_scale_rows_and_extremes():
     params["value_scale"][2] = 1e30
     params["value_bias"][2] = -1e30
     params["key_scale"][3] = 1e-30
-    out, lse = run("cpu", q, kd, vd, params, kw)
+    out, lse = run_backend(q, kd, vd, params, kw)
     assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
     assert_matches((out, lse), run("reference", q, kd, vd, params, kw), torch.float32)
 
@@ -165,18 +174,22 @@ def test_empty_and_zero_scale_rows_and_extremes():
 @needs_cpu
 @pytest.mark.parametrize("qdtype", [torch.uint8, torch.float8_e4m3fn])
 def test_non_finite_rules(qdtype):
+    check_non_finite_rules(functools.partial(run, "cpu"), qdtype)
+
+
+def check_non_finite_rules(run_backend, qdtype):
     """A NaN at a valid position (in the data or a row's scale/bias) makes its row NaN, as in
     the reference; at a position outside every row it changes nothing."""
     args, kw = make_problem(B=3, N=1, H=1, L=20, Dk=8, Dv=8, layout="lengths", lengths=[10, 10, 10])
     q, kd, vd, params = quantized(args, kw, qdtype)
-    base, _ = run("cpu", q, kd, vd, params, kw)
+    base, _ = run_backend(q, kd, vd, params, kw)
     if qdtype == torch.float8_e4m3fn:
         kd.view(torch.uint8)[0, 3, 0, 2] = 0x7F  # e4m3fn's NaN
         kd.view(torch.uint8)[2, 15, 0, 2] = 0x7F  # past the row's length
     params["value_scale"][1, 4] = float("nan")
     params["value_scale"][2, 12] = float("nan")
     params["key_scale"][2, 19] = float("inf")
-    out, lse = run("cpu", q, kd, vd, params, kw)
+    out, lse = run_backend(q, kd, vd, params, kw)
     ref, _ = run("reference", q, kd, vd, params, kw)
     assert out[1].isnan().all() and ref[1].isnan().all()
     assert out[0].isnan().all() == (qdtype == torch.float8_e4m3fn) == ref[0].isnan().all().item()
@@ -185,6 +198,10 @@ def test_non_finite_rules(qdtype):
 
 @needs_cpu
 def test_strided_rows_and_fused_layout():
+    check_strided_rows_and_fused_layout(functools.partial(run, "cpu"))
+
+
+def check_strided_rows_and_fused_layout(run_backend):
     """K/V read through views with row strides (FBGEMM's fused rows split without a copy)."""
     args, kw = make_problem(B=3, N=2, H=2, L=12, Dk=12, Dv=12, layout="jagged")
     q, k, v = args
@@ -193,7 +210,7 @@ def test_strided_rows_and_fused_layout():
     (kd, ks, kb), (vd, vs, vb) = (attnkern.split_fused_rows(f) for f in fused)
     assert not kd.is_contiguous()
     params = dict(key_scale=ks, key_bias=kb, value_scale=vs, value_bias=vb)
-    assert_matches(run("cpu", q, kd, vd, params, kw), run("reference", q, kd, vd, params, kw), torch.float32)
+    assert_matches(run_backend(q, kd, vd, params, kw), run("reference", q, kd, vd, params, kw), torch.float32)
 
 
 @needs_cpu

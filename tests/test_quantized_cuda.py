@@ -11,19 +11,23 @@ access is checked: tiny shapes); skips elsewhere.
 import pytest
 import torch
 
-import attnkern
 from attnkern.testing import make_problem
 from conftest import CUDA_DEVICE, cuda_op, needs_cuda_backend, on_cuda_device
-from test_quantized import assert_matches, quantized, run
+from test_quantized import (assert_matches, check_empty_and_zero_scale_rows_and_extremes,
+                            check_non_finite_rules, check_strided_rows_and_fused_layout, quantized, run)
 
 pytestmark = needs_cuda_backend
 
 
-def both(q, kd, vd, params, kw, **extra):
-    """(the cuda backend's (out, lse) on CUDA_DEVICE, brought back; the reference's on the CPU)."""
+def run_cuda(q, kd, vd, params, kw, **extra):
+    """The cuda backend's (out, lse) of CPU inputs, run on CUDA_DEVICE and brought back."""
     dq, dk, dv, dp, dkw, dextra = on_cuda_device(q, kd, vd, params, kw, extra)
-    got = tuple(t.cpu() for t in run("cuda", dq, dk, dv, dp, dkw, **dextra))
-    return got, run("reference", q, kd, vd, params, kw, **extra)
+    return tuple(t.cpu() for t in run("cuda", dq, dk, dv, dp, dkw, **dextra))
+
+
+def both(q, kd, vd, params, kw, **extra):
+    """(the cuda backend's (out, lse), brought back; the reference's on the CPU)."""
+    return run_cuda(q, kd, vd, params, kw, **extra), run("reference", q, kd, vd, params, kw, **extra)
 
 
 @pytest.mark.parametrize("qdtype,layout", [(torch.int8, "lengths"), (torch.uint8, "mask"),
@@ -49,44 +53,16 @@ def test_cuda_quant_score_bias(kind, N, H, Hkv, layout):
 
 
 def test_cuda_quant_empty_zero_scale_and_extreme_rows():
-    args, kw = make_problem(B=4, N=2, H=2, L=35, Dk=9, Dv=6, layout="lengths", lengths=[0, 35, 1, 20])
-    q, kd, vd, params = quantized(args, kw, torch.uint8)
-    params["key_scale"][1, :10] = 0
-    params["value_scale"][1, 5:] = 0
-    params["value_scale"][2] = 1e30
-    params["value_bias"][2] = -1e30
-    params["key_scale"][3] = 1e-30
-    got, want = both(q, kd, vd, params, kw)
-    assert torch.all(got[0][0] == 0) and torch.all(got[1][0] == float("-inf"))
-    assert_matches(got, want, torch.float32)
+    check_empty_and_zero_scale_rows_and_extremes(run_cuda)
 
 
 @pytest.mark.parametrize("qdtype", [torch.uint8, torch.float8_e4m3fn])
 def test_cuda_quant_non_finite_rules(qdtype):
-    args, kw = make_problem(B=3, N=1, H=1, L=20, Dk=8, Dv=8, layout="lengths", lengths=[10, 10, 10])
-    q, kd, vd, params = quantized(args, kw, qdtype)
-    base, _ = both(q, kd, vd, params, kw)
-    if qdtype == torch.float8_e4m3fn:
-        kd.view(torch.uint8)[0, 3, 0, 2] = 0x7F  # e4m3fn's NaN
-        kd.view(torch.uint8)[2, 15, 0, 2] = 0x7F  # past the row's length
-    params["value_scale"][1, 4] = float("nan")
-    params["value_scale"][2, 12] = float("nan")
-    params["key_scale"][2, 19] = float("inf")
-    (out, _), (ref, _) = both(q, kd, vd, params, kw)
-    assert out[1].isnan().all() and ref[1].isnan().all()
-    assert out[0].isnan().all() == (qdtype == torch.float8_e4m3fn) == ref[0].isnan().all().item()
-    assert torch.equal(out[2], base[0][2])
+    check_non_finite_rules(run_cuda, qdtype)
 
 
 def test_cuda_quant_strided_fused_rows():
-    args, kw = make_problem(B=3, N=2, H=2, L=12, Dk=12, Dv=12, layout="jagged")
-    q, k, v = args
-    fused = [torch.cat([d, torch.stack([s, b], -1).view(torch.uint8)], -1)
-             for d, s, b in (attnkern.quantize_rows(t, torch.uint8) for t in (k, v))]
-    (kd, ks, kb), (vd, vs, vb) = (attnkern.split_fused_rows(f) for f in fused)
-    assert not kd.is_contiguous()
-    params = dict(key_scale=ks, key_bias=kb, value_scale=vs, value_bias=vb)
-    assert_matches(*both(q, kd, vd, params, kw), torch.float32)
+    check_strided_rows_and_fused_layout(run_cuda)
 
 
 def test_cuda_quant_opcheck():
