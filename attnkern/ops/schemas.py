@@ -98,12 +98,15 @@ ACTIVATION_SCORES_SCHEMAS = {
     ),
 }
 
-# dq and dk of the weights from dS (both layouts: offsets given = jagged), where a backend fuses
-# them (the C++ CPU kernels); elsewhere the autograd forms them in torch ops.
+# dq and dk of the weights from the weights and their gradients (dS = w (dW - sum_l dW w + dlse)
+# formed inside; returned as grad_scores only with need_grad_scores, else empty), both layouts
+# (offsets given = jagged), where a backend fuses them (the C++ CPU kernels); elsewhere the
+# autograd forms them in torch ops.
 WEIGHTS_BWD_SCHEMAS = {
     "attention_weights_bwd": (
-        "(Tensor grad_scores, Tensor query, Tensor key, Tensor? lengths, Tensor? mask, Tensor? offsets, "
-        "float scale) -> (Tensor grad_query, Tensor grad_key)"
+        "(Tensor grad_weights, Tensor weights, Tensor? grad_lse, Tensor query, Tensor key, Tensor? lengths, "
+        "Tensor? mask, Tensor? offsets, float scale, bool need_grad_scores=False) "
+        "-> (Tensor grad_query, Tensor grad_key, Tensor grad_scores)"
     ),
 }
 
