@@ -73,8 +73,9 @@ ACTIVATION_FWD_ARGS = ("query", "key", "value", "lengths", "mask", "offsets", "m
 ACTIVATION_GRAD_ARGS = ("query", "key", "value", "w1", "b1", "w2", "b2", "w_out", "b_out", "act1",
                         "act2")
 
-# The fused attention weights (csrc/attention_weights_ops.cpp): a forward op per layout, no backward
-# op (the autograd in attnkern/ops/weights.py needs only the weights, in torch ops on any device).
+# The fused attention weights (csrc/attention_weights_ops.cpp): a forward op per layout; the autograd
+# in attnkern/ops/weights.py needs only the weights (torch ops on any device, the CPU backward op
+# WEIGHTS_BWD_SCHEMAS below where it runs).
 # A Triton or other Python backend declares TRITON_PREFIX + name with the very same schema.
 WEIGHTS_SCHEMAS = {
     "attention_weights_fwd": (

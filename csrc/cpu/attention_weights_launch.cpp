@@ -6,7 +6,6 @@
 // attnkern::attention_weights_bwd over (row, head) items, each writing its own rows of dq, dk
 // (and dS).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
