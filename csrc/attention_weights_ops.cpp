@@ -14,9 +14,11 @@ TORCH_LIBRARY_FRAGMENT(attnkern, m) {
   m.def(
       "jagged_attention_weights_fwd(Tensor query, Tensor key, Tensor offsets, int max_length, float scale, "
       "Tensor? bias=None) -> (Tensor weights, Tensor lse)");
-  // dq and dk from dS = w (dW - sum_l dW w + dlse) (both layouts: offsets given = jagged), for
+  // dq and dk (and dS = w (dW - sum_l dW w + dlse) when need_grad_scores, else an empty
+  // grad_scores) from the weights and their gradient, both layouts (offsets given = jagged), for
   // backends that fuse them; the autograd forms them in torch ops where a backend has none.
   m.def(
-      "attention_weights_bwd(Tensor grad_scores, Tensor query, Tensor key, Tensor? lengths, Tensor? mask, "
-      "Tensor? offsets, float scale) -> (Tensor grad_query, Tensor grad_key)");
+      "attention_weights_bwd(Tensor grad_weights, Tensor weights, Tensor? grad_lse, Tensor query, Tensor key, "
+      "Tensor? lengths, Tensor? mask, Tensor? offsets, float scale, bool need_grad_scores=False) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_scores)");
 }

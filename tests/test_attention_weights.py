@@ -199,26 +199,39 @@ def test_weights_op_opcheck(layout, bias):
 @needs_cpu
 @pytest.mark.parametrize("layout", ["lengths", "mask", "jagged"])
 def test_weights_bwd_op(layout, monkeypatch):
-    """attnkern::attention_weights_bwd (dq, dk from dS): opcheck, and the torch-op products it
-    replaces (the backward of a backend without it)."""
+    """attnkern::attention_weights_bwd (dq, dk and dS from dW, w and dlse): opcheck, and the
+    torch-op backward it replaces (that of a backend without it), an empty row and the dlse term
+    included."""
     op_args, _, kw = _op_args(layout, dtype=torch.float64, N=3)
     q, k = op_args[0], op_args[1]
     jagged = "offsets" in kw
+    if jagged:
+        kw["offsets"][2] = kw["offsets"][1]  # row 1 empty
+    else:
+        (kw["lengths"] if "lengths" in kw else kw["mask"])[1] = 0
     w, _ = getattr(torch.ops.attnkern, WEIGHTS_OPS["jagged" if jagged else "padded"])(*op_args)
-    ds = torch.randn(w.shape, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    dw = torch.randn(w.shape, dtype=torch.float64, generator=gen)
+    dlse = torch.randn(q.shape[:3], dtype=torch.float64, generator=gen)
     idx = (None, None, kw["offsets"]) if jagged else (kw.get("lengths"), kw.get("mask"), None)
     op = getattr(torch.ops.attnkern, weights_ops.WEIGHTS_BWD_OP)
-    torch.library.opcheck(op.default, (ds, q, k, *idx, 0.5))
-    dq, dk = op(ds * (w != 0), q, k, *idx, 0.5)
+    for need_ds in (False, True):
+        torch.library.opcheck(op.default, (dw, w, dlse, q, k, *idx, 0.5, need_ds))
+    dq, dk, ds = op(dw, w, dlse, q, k, *idx, 0.5, True)
+    assert op(dw, w, None, q, k, *idx, 0.5)[2].numel() == 0
     index = (kw["offsets"],) if jagged else (kw.get("lengths"), kw.get("mask"))
     layout_name = "jagged" if jagged else "padded"
-    got_q, got_k, _ = weights_ops.weights_backward(layout_name, ds, None, w, q, k, index, 0.5, None)
-    # The torch-op path: the same products, the op switched off.
+    bias = torch.zeros(w.shape[:1] + (1, 1) + w.shape[3:], dtype=torch.float64)  # dbias: dS summed over N, H
+    got = weights_ops.weights_backward(layout_name, dw, dlse, w, q, k, index, 0.5, bias)
+    # The torch-op path, the op switched off.
     monkeypatch.setattr(weights_ops, "WEIGHTS_KERNELS", False)
-    want_q, want_k, _ = weights_ops.weights_backward(layout_name, ds, None, w, q, k, index, 0.5, None)
-    torch.testing.assert_close(got_q, want_q)
-    torch.testing.assert_close(got_k, want_k)
-    assert dq.shape == q.shape and dk.shape == k.shape
+    want = weights_ops.weights_backward(layout_name, dw, dlse, w, q, k, index, 0.5, bias)
+    for g, wnt in zip(got, want):
+        torch.testing.assert_close(g, wnt)
+    torch.testing.assert_close(dq, want[0])
+    torch.testing.assert_close(ds.sum((1, 2), keepdim=True), want[2])
+    assert dq.shape == q.shape and dk.shape == k.shape and (dq[1] == 0).all()
+    assert jagged or (ds[1] == 0).all()
 
 
 @needs_cpu
@@ -309,8 +322,9 @@ def test_composite_fallback(monkeypatch):
 
 
 # The kernels of the instruction sets below the widest (which every other test runs where the CPU
-# has AVX-512; avx512_bf16 and amx run the avx512 kernels, the weights having no tiled kernel):
-# ATTNKERN_CPU_ISA is read once per process.
+# has AVX-512; avx512_bf16 and amx run the avx512 kernels, the weights having no tiled kernel),
+# forward and backward (N = 2 after the head fold: the C++ backward): ATTNKERN_CPU_ISA is read
+# once per process.
 _ISA_CHECK = """
 import torch, attnkern
 from attnkern.testing import make_problem
@@ -318,9 +332,15 @@ for layout, dt, N, L, Dk in (("mask", torch.float32, 3, 37, 19), ("jagged", torc
                              ("lengths", torch.float16, 2, 17, 7), ("jagged", torch.float64, 2, 9, 3)):
     args, kw = make_problem(B=4, N=N, H=2, Hkv=1, L=L, Dk=Dk, Dv=1, dtype=dt, layout=layout,
                             bias="per_query", bias_heads=2)
-    got = attnkern.attention_weights(args[0], args[1], **kw, bias=args[3], backend="cpu")
-    want = attnkern.attention_weights(args[0], args[1], **kw, bias=args[3], backend="reference")
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    runs = []
+    for backend in ("cpu", "reference"):
+        q, k, b = (t.detach().clone().requires_grad_() for t in (args[0], args[1], args[3]))
+        w = attnkern.attention_weights(q, k, **kw, bias=b, backend=backend)
+        dw = torch.linspace(-2, 3, w.numel(), dtype=w.dtype).view_as(w)
+        runs.append((w,) + torch.autograd.grad(w, (q, k, b), dw))
+    for got, want in zip(*runs):  # gradients in the inputs' dtype: torch's tolerance for it
+        tol = {} if got.dtype in (torch.bfloat16, torch.float16) else dict(atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(got, want, **tol)
 print("ok", attnkern._C.cpu_isa())
 """
 

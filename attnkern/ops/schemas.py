@@ -73,8 +73,9 @@ ACTIVATION_FWD_ARGS = ("query", "key", "value", "lengths", "mask", "offsets", "m
 ACTIVATION_GRAD_ARGS = ("query", "key", "value", "w1", "b1", "w2", "b2", "w_out", "b_out", "act1",
                         "act2")
 
-# The fused attention weights (csrc/attention_weights_ops.cpp): a forward op per layout, no backward
-# op (the autograd in attnkern/ops/weights.py needs only the weights, in torch ops on any device).
+# The fused attention weights (csrc/attention_weights_ops.cpp): a forward op per layout; the autograd
+# in attnkern/ops/weights.py needs only the weights (torch ops on any device, the CPU backward op
+# WEIGHTS_BWD_SCHEMAS below where it runs).
 # A Triton or other Python backend declares TRITON_PREFIX + name with the very same schema.
 WEIGHTS_SCHEMAS = {
     "attention_weights_fwd": (
@@ -98,12 +99,15 @@ ACTIVATION_SCORES_SCHEMAS = {
     ),
 }
 
-# dq and dk of the weights from dS (both layouts: offsets given = jagged), where a backend fuses
-# them (the C++ CPU kernels); elsewhere the autograd forms them in torch ops.
+# dq and dk of the weights from the weights and their gradients (dS = w (dW - sum_l dW w + dlse)
+# formed inside; returned as grad_scores only with need_grad_scores, else empty), both layouts
+# (offsets given = jagged), where a backend fuses them (the C++ CPU kernels); elsewhere the
+# autograd forms them in torch ops.
 WEIGHTS_BWD_SCHEMAS = {
     "attention_weights_bwd": (
-        "(Tensor grad_scores, Tensor query, Tensor key, Tensor? lengths, Tensor? mask, Tensor? offsets, "
-        "float scale) -> (Tensor grad_query, Tensor grad_key)"
+        "(Tensor grad_weights, Tensor weights, Tensor? grad_lse, Tensor query, Tensor key, Tensor? lengths, "
+        "Tensor? mask, Tensor? offsets, float scale, bool need_grad_scores=False) "
+        "-> (Tensor grad_query, Tensor grad_key, Tensor grad_scores)"
     ),
 }
 

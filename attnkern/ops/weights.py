@@ -6,7 +6,9 @@ The backward needs nothing of [.., L] but the forward's output w: with dW the in
 ``dS = w * (dW - sum_l dW * w + dlse)`` (the softmax's backward; lse's own gradient is w), then
 ``dq = scale dS K``, ``dk = scale dS^T Q`` and ``dbias = dS`` summed to the bias's broadcast
 shape, in torch ops on the tensors' device, so that a Triton or CUDA op of the same schema gets
-the same autograd from `register_weights_fakes_and_autograd(prefix)`.
+the same autograd from `register_weights_fakes_and_autograd(prefix)`. On CPU tensors the C++ op
+attnkern::attention_weights_bwd takes dW and w and forms dS inside its kernel (and returns it only
+when the bias needs its gradient).
 """
 
 from __future__ import annotations
@@ -66,30 +68,28 @@ def _bias_grad(ds: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 def weights_backward(layout: str, grad_w, grad_lse, w, query, key, index, scale: float,
                      bias: Optional[torch.Tensor]):
     """(dq, dk, dbias) of the weights ops from their output w; index is (lengths, mask) padded,
-    (offsets,) jagged. Positions that take part in no row have w = 0, so dS = 0 there; their keys
-    (which may hold anything) are never read: the CPU op skips them, the torch ops zero them
-    before the products."""
+    (offsets,) jagged; bias None when no gradient of it is wanted. Positions that take part in no
+    row have w = 0, so dS = 0 there; their keys (which may hold anything) are never read: the CPU
+    op skips them, the torch ops zero them before the products."""
     acc = w.dtype
     dw = torch.zeros_like(w) if grad_w is None else grad_w.to(acc)
-    if layout == "padded":
-        rowdot = (dw * w).sum(-1, keepdim=True)
-        if grad_lse is not None:
-            rowdot = rowdot - grad_lse.to(acc).unsqueeze(-1)
-        ds = w * (dw - rowdot)  # [B, N, H, L]
-    else:
-        row, _, inside = token_rows(index[0], key.shape[0])
-        rowdot = w.new_zeros((query.shape[0],) + tuple(w.shape[1:])).index_add(0, row, dw * w)  # [B, N, H]
-        if grad_lse is not None:
-            rowdot = rowdot - grad_lse.to(acc)
-        ds = w * (dw - rowdot[row])  # [T, N, H]
+    dlse = None if grad_lse is None else grad_lse.to(acc)
     padded = layout == "padded"
-    # The C++ products read the valid keys only (no zeroed copy of the key: the cost when few
-    # queries share a row); many queries per row make dq and dk GEMMs, which torch runs faster.
+    # The C++ op forms dS inside (one pass over each query's row for sum_l dW w, as the pool's
+    # backward forms its delta) and reads the valid keys only (no zeroed copy of the key: the cost
+    # when few queries share a row); many queries per row make dq and dk GEMMs, which torch runs
+    # faster.
     if key.device.type == "cpu" and WEIGHTS_KERNELS and (not padded or query.shape[1] <= _CPU_BWD_MAX_N):
-        dq, dk = getattr(torch.ops.attnkern, WEIGHTS_BWD_OP)(
-            ds, query, key, index[0] if padded else None, index[1] if padded else None,
-            None if padded else index[0], scale)
-    elif padded:
+        dq, dk, ds = getattr(torch.ops.attnkern, WEIGHTS_BWD_OP)(
+            dw, w, dlse, query, key, index[0] if padded else None, index[1] if padded else None,
+            None if padded else index[0], scale, bias is not None)
+        dbias = None if bias is None else _bias_grad(ds, bias)
+        return dq.to(query.dtype), dk.to(key.dtype), dbias
+    if padded:
+        rowdot = (dw * w).sum(-1, keepdim=True)
+        if dlse is not None:
+            rowdot = rowdot - dlse.unsqueeze(-1)
+        ds = w * (dw - rowdot)  # [B, N, H, L]
         k = key.to(acc)
         if index[0] is not None or index[1] is not None:
             valid = padded_valid(key, *index)
@@ -99,6 +99,11 @@ def weights_backward(layout: str, grad_w, grad_lse, w, query, key, index, scale:
         dq = torch.matmul(ds_bh, k.transpose(1, 2)).transpose(1, 2) * scale
         dk = torch.matmul(ds_bh.transpose(-1, -2), (query.to(acc) * scale).transpose(1, 2)).transpose(1, 2)
     else:
+        row, _, inside = token_rows(index[0], key.shape[0])
+        rowdot = w.new_zeros((query.shape[0],) + tuple(w.shape[1:])).index_add(0, row, dw * w)  # [B, N, H]
+        if dlse is not None:
+            rowdot = rowdot - dlse
+        ds = w * (dw - rowdot[row])  # [T, N, H]
         k = torch.where(inside[:, None, None], key.to(acc), torch.zeros((), dtype=acc, device=key.device))
         dq = query.new_zeros(query.shape, dtype=acc).index_add(
             0, row, ds.unsqueeze(-1) * k.unsqueeze(1)) * scale
@@ -133,21 +138,22 @@ def register_weights_fakes_and_autograd(prefix: str = "") -> None:
             index = []
             for present in ctx.index:
                 index.append(rest.pop(0) if present else None)
-            bias = rest[0] if ctx.has_bias else None
-            dq, dk, dbias = weights_backward(_layout, grad_w, grad_lse, w, query, key, index, ctx.scale, bias)
             # (query, key, lengths, mask, scale, bias) or (query, key, offsets, max_length, scale, bias)
+            bias = rest[0] if ctx.has_bias and ctx.needs_input_grad[5] else None
+            dq, dk, dbias = weights_backward(_layout, grad_w, grad_lse, w, query, key, index, ctx.scale, bias)
             return dq, dk, None, None, None, dbias
 
         torch.library.register_fake(qualified(prefix + name), fake)
         torch.library.register_autograd(qualified(prefix + name), backward, setup_context=setup_context)
 
 
-def _fake_bwd(grad_scores, query, key, lengths, mask, offsets, scale):
+def _fake_bwd(grad_weights, weights, grad_lse, query, key, lengths, mask, offsets, scale, need_grad_scores=False):
     layout = "padded" if offsets is None else "jagged"
     checks.fwd(layout, dict(query=query, key=key, value=key, lengths=lengths, mask=mask, offsets=offsets,
                             max_length=-1, scale=scale))
     acc = _acc(query.dtype)
-    return query.new_empty(query.shape, dtype=acc), key.new_empty(key.shape, dtype=acc)
+    ds = weights.new_empty(weights.shape if need_grad_scores else (0,), dtype=acc)
+    return query.new_empty(query.shape, dtype=acc), key.new_empty(key.shape, dtype=acc), ds
 
 
 def _register() -> bool:

@@ -31,6 +31,7 @@
 
 #include "activation_unit.h"
 #include "activation_unit_kernels.h"
+#include "activation_unit_layers.h"
 #include "attention_pool.h"
 #include "attention_pool_work.h"
 #include "isa_dispatch.h"
@@ -45,26 +46,16 @@ constexpr int64_t kAuBlock = 48;
 // Fixed number of row chunks whose weight-gradient partials are summed in order.
 constexpr int64_t kAuChunks = 32;
 
-inline int64_t pad(int64_t n) { return (n + kAuPad - 1) / kAuPad * kAuPad; }
-
-// The weights, converted once per call into zero-padded accumulator-typed layouts.
+// The weights, converted once per call into zero-padded accumulator-typed layouts: the hidden
+// layers (activation_unit_layers.h), the output layer and the activations' parameters.
 template <class A>
-struct Weights {
-  int64_t E, Ep, H1, H1p, H2, H2p, Hl, Hlp, Dv, Dvp;
+struct Weights : AuLayers<A> {
+  int64_t Hl, Hlp, Dv, Dvp;
   int act;
-  std::vector<A> wacT, wbcT, wdT;  // [E, H1p]: (Wa + Wc)^T, (Wb - Wc)^T, Wd^T (forward M_q^T)
-  std::vector<A> wac, wbc, wd;     // [H1, Ep]: the same untransposed (backward M_q, dq)
-  std::vector<A> b1;               // [H1p]
-  std::vector<A> w2t, w2, b2;      // [H1, H2p], [H2, H1p], [H2p]
-  std::vector<A> wout;             // [Hlp]
+  std::vector<A> wout;  // [Hlp]
   A bout = 0;
   std::vector<A> act1, act2;  // [3, H1p], [3, H2p]
 };
-
-template <class A>
-at::Tensor as_acc(const at::Tensor& t) {
-  return t.to(std::is_same<A, double>::value ? at::kDouble : at::kFloat).contiguous();
-}
 
 template <class A>
 Weights<A> prepare(const AuDims& d, const at::Tensor& w1_in, const at::Tensor& b1_in,
@@ -72,45 +63,15 @@ Weights<A> prepare(const AuDims& d, const at::Tensor& w1_in, const at::Tensor& b
                    const at::Tensor& wout_in, const at::Tensor& bout_in, const std::optional<at::Tensor>& act1_in,
                    const std::optional<at::Tensor>& act2_in) {
   Weights<A> w;
-  w.E = d.E, w.Ep = pad(d.E), w.H1 = d.H1, w.H1p = pad(d.H1), w.H2 = d.H2, w.H2p = d.H2 ? pad(d.H2) : 0;
-  w.Hl = d.H2 ? d.H2 : d.H1, w.Hlp = pad(w.Hl), w.Dv = d.Dv, w.Dvp = pad(d.Dv), w.act = d.act;
-  const int64_t E = w.E, H1 = w.H1;
-  const at::Tensor w1 = as_acc<A>(w1_in);
-  const A* p1 = w1.data_ptr<A>();  // [H1, 4E]
-  w.wacT.assign(E * w.H1p, A(0)), w.wbcT.assign(E * w.H1p, A(0)), w.wdT.assign(E * w.H1p, A(0));
-  w.wac.assign(H1 * w.Ep, A(0)), w.wbc.assign(H1 * w.Ep, A(0)), w.wd.assign(H1 * w.Ep, A(0));
-  for (int64_t u = 0; u < H1; ++u)
-    for (int64_t e = 0; e < E; ++e) {
-      const A* r = p1 + u * 4 * E;
-      const A ac = r[e] + r[2 * E + e], bc = r[E + e] - r[2 * E + e], dd = r[3 * E + e];
-      w.wacT[e * w.H1p + u] = ac, w.wbcT[e * w.H1p + u] = bc, w.wdT[e * w.H1p + u] = dd;
-      w.wac[u * w.Ep + e] = ac, w.wbc[u * w.Ep + e] = bc, w.wd[u * w.Ep + e] = dd;
-    }
-  const at::Tensor b1 = as_acc<A>(b1_in);
-  w.b1.assign(w.H1p, A(0));
-  std::copy(b1.data_ptr<A>(), b1.data_ptr<A>() + H1, w.b1.begin());
-  if (d.H2) {
-    const at::Tensor w2 = as_acc<A>(*w2_in), b2 = as_acc<A>(*b2_in);
-    const A* p2 = w2.data_ptr<A>();  // [H2, H1]
-    w.w2t.assign(H1 * w.H2p, A(0)), w.w2.assign(d.H2 * w.H1p, A(0)), w.b2.assign(w.H2p, A(0));
-    for (int64_t v = 0; v < d.H2; ++v)
-      for (int64_t u = 0; u < H1; ++u) w.w2t[u * w.H2p + v] = w.w2[v * w.H1p + u] = p2[v * H1 + u];
-    std::copy(b2.data_ptr<A>(), b2.data_ptr<A>() + d.H2, w.b2.begin());
-  }
-  const at::Tensor wo = as_acc<A>(wout_in);
+  au_layers<A>(d, w1_in, b1_in, w2_in, b2_in, w);
+  w.Hl = d.H2 ? d.H2 : d.H1, w.Hlp = au_pad(w.Hl), w.Dv = d.Dv, w.Dvp = au_pad(d.Dv), w.act = d.act;
+  const at::Tensor wo = au_as_acc<A>(wout_in);
   w.wout.assign(w.Hlp, A(0));
   std::copy(wo.data_ptr<A>(), wo.data_ptr<A>() + w.Hl, w.wout.begin());
-  const at::Tensor bo = as_acc<A>(bout_in);
+  const at::Tensor bo = au_as_acc<A>(bout_in);
   w.bout = bo.data_ptr<A>()[0];
-  auto act_params = [&](const std::optional<at::Tensor>& a, int64_t h, int64_t hp, std::vector<A>& out) {
-    out.assign(3 * hp, A(0));
-    if (!a.has_value()) return;
-    const at::Tensor t = as_acc<A>(*a);
-    for (int64_t r = 0; r < d.act_rows; ++r)
-      std::copy(t.data_ptr<A>() + r * h, t.data_ptr<A>() + (r + 1) * h, out.begin() + r * hp);
-  };
-  act_params(act1_in, H1, w.H1p, w.act1);
-  if (d.H2) act_params(act2_in, d.H2, w.H2p, w.act2);
+  w.act1 = au_act_params<A>(act1_in, d.act_rows, d.H1, w.H1p);
+  if (d.H2) w.act2 = au_act_params<A>(act2_in, d.act_rows, d.H2, w.H2p);
   return w;
 }
 

@@ -18,5 +18,7 @@ WeightsKernels weights_generic_kernels() { return weights_kernels_of<VecScalar<f
 
 WeightsFn weights_generic_f64_kernel() { return &weights_fwd_entry<VecScalar<double, true>, double>; }
 
+WeightsBwdFn weights_generic_f64_bwd_kernel() { return &weights_bwd_entry<VecScalar<double, true>, double>; }
+
 }  // namespace cpu
 }  // namespace attnkern

@@ -1,4 +1,4 @@
-// The attention-weights kernel, written once over the vector type V (vec_common.h) and the key
+// The attention-weights kernels, written once over the vector type V (vec_common.h) and the key
 // element type T, and instantiated per instruction set by attention_weights_{generic,avx2,avx512}.cpp.
 //
 // One item is (row b, head h, a block of QB queries). Each query takes two passes over its row:
@@ -10,6 +10,7 @@
 // 0, so that a NaN logit at a valid position makes the whole row NaN and +inf gives NaN / 0 as
 // there; a row whose sum is 0 (no position, or every logit -inf) is empty: w = 0, lse = -inf.
 // The keys are read as attention_topk reads them (topk_dots: W positions per accumulator set).
+// The backward (weights_bwd_entry) takes the weights and their gradient, one item per (row, head).
 #pragma once
 
 #include "attention_weights_kernels.h"
@@ -132,9 +133,121 @@ void weights_fwd_entry(const WeightsParams& p, int64_t begin, int64_t end, void*
   }
 }
 
+// The backward of the (row, head) items [begin, end) (WeightsBwdParams). Per query one pass over
+// its row's weights for delta = sum_l dW_l w_l - dlse and dS_l = w_l (dW_l - delta) into scratch
+// (as the pool's backward kernels use their delta: no dS tensor in memory); then one pass over
+// the row's keys for both products, each key read once for every query's dq and its own dk.
+template <class V, class T>
+void weights_bwd_entry(const WeightsBwdParams& p, int64_t begin, int64_t end, void* scratch) {
+  using A = typename V::A;
+  constexpr int W = V::W;
+  const A* q = static_cast<const A*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const A* dw = static_cast<const A*>(p.dw);
+  const A* w = static_cast<const A*>(p.w);
+  const A* dlse = static_cast<const A*>(p.dlse);
+  A* dq = static_cast<A*>(p.dq);
+  A* dk = static_cast<A*>(p.dk);
+  A* ds_out = static_cast<A*>(p.ds);
+  const int64_t N = p.N, H = p.H, Dk = p.Dk, Dkp = p.Dkp, L = p.L;
+  const V vscale = V::set1(A(p.scale));
+  // Entry l of query (b, n, h) as in the forward: padded ((b N + n) H + h) L + l, jagged
+  // ((start + l) N + n) H + h.
+  const int64_t stride = p.jagged ? N * H : 1;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t b = item / H, h = item % H, start = p.starts[b], len = p.lens[b];
+    const uint8_t* mask = p.mask ? p.mask + b * L : nullptr;
+    const bool dense = !mask && stride == 1;
+    A* ds = static_cast<A*>(scratch);  // [N, len]
+    A* acc = ds + N * len;             // [N, Dkp]: dq / scale
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t base = p.jagged ? (start * N + n) * H + h : ((b * N + n) * H + h) * L;
+      const A* dwr = dw + base;
+      const A* wr = w + base;
+      A* dsr = ds + n * len;
+      A delta = A(0);
+      if (dense) {
+        V vd = V::zero();
+        int64_t l = 0;
+        for (; l + W <= len; l += W) vd = V::fma(V::load(dwr + l), V::load(wr + l), vd);
+        if (l < len) vd = V::fma(V::load_partial(dwr + l, int(len - l)), V::load_partial(wr + l, int(len - l)), vd);
+        delta = vd.reduce_add();
+      } else {
+        // Masked-out positions (w = 0 there) may carry any dW: never read.
+        for (int64_t l = 0; l < len; ++l)
+          if (!mask || mask[l]) delta += dwr[l * stride] * wr[l * stride];
+      }
+      if (dlse) delta -= dlse[(b * N + n) * H + h];
+      if (dense) {
+        const V vd = V::set1(delta);
+        int64_t l = 0;
+        for (; l + W <= len; l += W) (V::load(wr + l) * (V::load(dwr + l) - vd)).store(dsr + l);
+        if (l < len) {
+          const int r = int(len - l);
+          (V::load_partial(wr + l, r) * (V::load_partial(dwr + l, r) - vd)).store_partial(dsr + l, r);
+        }
+      } else {
+        for (int64_t l = 0; l < len; ++l)
+          dsr[l] = mask && !mask[l] ? A(0) : wr[l * stride] * (dwr[l * stride] - delta);
+      }
+      if (ds_out) {
+        A* out = ds_out + base;
+        for (int64_t l = 0; l < len; ++l) out[l * stride] = dsr[l];
+        if (!p.jagged)
+          for (int64_t l = len; l < L; ++l) out[l] = A(0);
+      }
+      for (int64_t d = 0; d < Dkp; d += W) V::zero().store(acc + n * Dkp + d);
+    }
+    const A* qb = q + b * N * H * Dkp;
+    for (int64_t l = 0; l < len; ++l) {
+      A* dkr = dk + ((start + l) * H + h) * Dk;
+      if (mask && !mask[l]) {
+        for (int64_t d = 0; d < Dk; ++d) dkr[d] = A(0);
+        continue;
+      }
+      const T* kr = k + ((start + l) * H + h) * Dk;
+      for (int64_t d = 0; d < Dk; d += W) {
+        const int r = Dk - d < W ? int(Dk - d) : W;
+        const V kv = r == W ? V::load(kr + d) : V::load_partial(kr + d, r);
+        V g = V::zero();
+        for (int64_t n = 0; n < N; ++n) {
+          const V s = V::set1(ds[n * len + l]);
+          A* a = acc + n * Dkp + d;
+          V::fma(s, kv, V::load(a)).store(a);
+          g = V::fma(s, V::load(qb + (n * H + h) * Dkp + d), g);
+        }
+        g = g * vscale;
+        if (r == W) {
+          g.store(dkr + d);
+        } else {
+          g.store_partial(dkr + d, r);
+        }
+      }
+    }
+    if (!p.jagged)  // the padding's rows of dk
+      for (int64_t l = len; l < L; ++l) {
+        A* dkr = dk + ((start + l) * H + h) * Dk;
+        for (int64_t d = 0; d < Dk; ++d) dkr[d] = A(0);
+      }
+    for (int64_t n = 0; n < N; ++n) {
+      A* dqr = dq + ((b * N + n) * H + h) * Dk;
+      for (int64_t d = 0; d < Dk; d += W) {
+        const int r = Dk - d < W ? int(Dk - d) : W;
+        const V g = V::load(acc + n * Dkp + d) * vscale;
+        if (r == W) {
+          g.store(dqr + d);
+        } else {
+          g.store_partial(dqr + d, r);
+        }
+      }
+    }
+  }
+}
+
 template <class V>
 WeightsKernels weights_kernels_of() {
-  return {&weights_fwd_entry<V, float>, &weights_fwd_entry<V, bf16_t>, &weights_fwd_entry<V, fp16_t>};
+  return {&weights_fwd_entry<V, float>,     &weights_fwd_entry<V, bf16_t>,     &weights_fwd_entry<V, fp16_t>,
+          &weights_bwd_entry<V, float>, &weights_bwd_entry<V, bf16_t>, &weights_bwd_entry<V, fp16_t>};
 }
 
 }  // namespace

@@ -22,13 +22,32 @@ struct WeightsParams : ScoreRows {
 // and head h. scratch: L (padded) or the longest row's length (jagged) values of A.
 using WeightsFn = void (*)(const WeightsParams&, int64_t begin, int64_t end, void* scratch);
 
+// The backward of one call (no bias: its gradient is dS itself): with dW the gradient of the
+// weights w and dlse that of lse, per query dS_l = w_l (dW_l - sum_l' dW_l' w_l' + dlse) over the
+// positions that take part (the softmax's backward: lse's own gradient is w), then
+// dq = scale dS K and dk = scale dS^T Q. Positions outside the row are never read.
+struct WeightsBwdParams : ScoreRows {
+  const void* dw;    // like w, in A
+  const void* w;     // the forward's weights
+  const void* dlse;  // [B, N, H] in A, or null (no gradient of lse)
+  void* dq;          // [B, N, H, Dk] in A
+  void* dk;          // [rows, H, Dk] in A: every row of the item's rows written (0 outside the row)
+  void* ds;          // like w, in A (0 outside the row), or null: dS is not wanted
+};
+
+// The (row, head) items [begin, end): item = b * H + h, all N queries of the row. scratch: N *
+// (the longest row + Dkp) values of A.
+using WeightsBwdFn = void (*)(const WeightsBwdParams&, int64_t begin, int64_t end, void* scratch);
+
 // One function per key element type.
 struct WeightsKernels {
   WeightsFn f32, bf16, f16;
+  WeightsBwdFn bwd_f32, bwd_bf16, bwd_f16;
 };
 
 WeightsKernels weights_generic_kernels();
 WeightsFn weights_generic_f64_kernel();  // float64 inputs on every instruction set
+WeightsBwdFn weights_generic_f64_bwd_kernel();
 WeightsKernels weights_avx2_kernels();
 WeightsKernels weights_avx512_kernels();
 

@@ -2,9 +2,10 @@
 // inputs with the attention pool's checks (what a direct torch.ops call needs so that no kernel
 // reads out of bounds), converts the query and the bias once to the accumulator type, and runs
 // the kernels of the instruction set isa_dispatch.h selected over (row, head, query block)
-// items. Deterministic: each item writes only its own queries' weights.
+// items. Deterministic: each item writes only its own queries' weights. The same for
+// attnkern::attention_weights_bwd over (row, head) items, each writing its own rows of dq, dk
+// (and dS).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -19,6 +20,7 @@
 #include "../attention_pool.h"
 #include "../input_checks.h"
 #include "attention_weights_kernels.h"
+#include "host_buffers.h"
 #include "isa_dispatch.h"
 #include "score_rows_launch.h"
 
@@ -28,19 +30,28 @@ namespace {
 
 using OptT = std::optional<at::Tensor>;
 
-WeightsFn kernel_for(at::ScalarType dtype) {
-  if (dtype == at::kDouble) return weights_generic_f64_kernel();
-  WeightsKernels kt;
+WeightsKernels isa_kernels() {
   switch (selected_isa()) {
 #if defined(__x86_64__) || defined(_M_X64)
     case Isa::kAmx:
     case Isa::kAvx512Bf16:
-    case Isa::kAvx512: kt = weights_avx512_kernels(); break;
-    case Isa::kAvx2: kt = weights_avx2_kernels(); break;
+    case Isa::kAvx512: return weights_avx512_kernels();
+    case Isa::kAvx2: return weights_avx2_kernels();
 #endif
-    default: kt = weights_generic_kernels();
+    default: return weights_generic_kernels();
   }
+}
+
+WeightsFn kernel_for(at::ScalarType dtype) {
+  if (dtype == at::kDouble) return weights_generic_f64_kernel();
+  const WeightsKernels kt = isa_kernels();
   return dtype == at::kBFloat16 ? kt.bf16 : dtype == at::kHalf ? kt.f16 : kt.f32;
+}
+
+WeightsBwdFn bwd_kernel_for(at::ScalarType dtype) {
+  if (dtype == at::kDouble) return weights_generic_f64_bwd_kernel();
+  const WeightsKernels kt = isa_kernels();
+  return dtype == at::kBFloat16 ? kt.bwd_bf16 : dtype == at::kHalf ? kt.bwd_f16 : kt.bwd_f32;
 }
 
 // Row b's first key row and length, checked: padded b * L and lengths (or L), jagged from offsets.
@@ -64,60 +75,6 @@ void row_ranges(const PoolDims& d, const OptT& lengths, const OptT& offsets, std
     std::copy(l.data_ptr<int64_t>(), l.data_ptr<int64_t>() + d.B, lens.begin());
   }
 }
-
-// dq and dk of the weights from dS (attnkern/ops/weights.py forms dS from the weights) for the
-// (row, head) items [begin, end): dq = scale dS K and dk = scale dS^T Q over the positions that
-// take part (the others are never read; their dk is 0). Plain loops over Dk, which the compiler
-// vectorises; everything in the accumulator type A.
-template <class A>
-struct WeightsBwd {
-  const A *ds, *q, *k;
-  A *dq, *dk;
-  PoolDims d;
-  const int64_t *starts, *lens;
-  const uint8_t* mask;
-  bool jagged;
-  A scale;
-
-  void run(int64_t begin, int64_t end) const {
-    const int64_t N = d.N, H = d.H, Dk = d.Dk, L = d.L;
-    A acc[kMaxHeadDim];
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / H, h = item % H, start = starts[b], len = lens[b];
-      const uint8_t* m = mask ? mask + b * L : nullptr;
-      // dS of query n at position l
-      auto dsi = [&](int64_t n, int64_t l) {
-        return jagged ? ds[((start + l) * N + n) * H + h] : ds[((b * N + n) * H + h) * L + l];
-      };
-      for (int64_t n = 0; n < N; ++n) {
-        std::fill(acc, acc + Dk, A(0));
-        for (int64_t l = 0; l < len; ++l) {
-          if (m && !m[l]) continue;
-          const A s = dsi(n, l);
-          const A* kr = k + ((start + l) * H + h) * Dk;
-          for (int64_t x = 0; x < Dk; ++x) acc[x] += s * kr[x];
-        }
-        A* out = dq + ((b * N + n) * H + h) * Dk;
-        for (int64_t x = 0; x < Dk; ++x) out[x] = scale * acc[x];
-      }
-      const int64_t rows = jagged ? len : L;
-      for (int64_t l = 0; l < rows; ++l) {
-        A* out = dk + ((start + l) * H + h) * Dk;
-        if (l >= len || (m && !m[l])) {
-          std::fill(out, out + Dk, A(0));
-          continue;
-        }
-        std::fill(acc, acc + Dk, A(0));
-        for (int64_t n = 0; n < N; ++n) {
-          const A s = dsi(n, l);
-          const A* qr = q + ((b * N + n) * H + h) * Dk;
-          for (int64_t x = 0; x < Dk; ++x) acc[x] += s * qr[x];
-        }
-        for (int64_t x = 0; x < Dk; ++x) out[x] = scale * acc[x];
-      }
-    }
-  }
-};
 
 // Both layouts once checked: starts/lens are the rows' first key row and length (jagged: from
 // offsets; padded: b * L and lengths, or L).
@@ -187,9 +144,10 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_weights_fwd_cpu(const at::Te
   return weights_fwd(query, key, d, std::move(starts), std::move(lens), std::nullopt, scale, bias, /*jagged=*/true);
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_weights_bwd_cpu(const at::Tensor& grad_scores, const at::Tensor& query,
-                                                             const at::Tensor& key, const OptT& lengths,
-                                                             const OptT& mask, const OptT& offsets, double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_weights_bwd_cpu(
+    const at::Tensor& grad_weights, const at::Tensor& weights, const OptT& grad_lse, const at::Tensor& query,
+    const at::Tensor& key, const OptT& lengths, const OptT& mask, const OptT& offsets, double scale,
+    bool need_grad_scores) {
   const bool jagged = offsets.has_value();
   TORCH_CHECK_VALUE(!(jagged && (lengths.has_value() || mask.has_value())),
                     "attnkern: lengths and mask are for the padded layout; with offsets leave them None");
@@ -197,37 +155,64 @@ std::tuple<at::Tensor, at::Tensor> attention_weights_bwd_cpu(const at::Tensor& g
                             : check_padded_fwd(query, key, key, lengths, mask);
   TORCH_CHECK_VALUE(query.device().is_cpu(), "attnkern: the CPU kernels need CPU tensors, got query on ",
                     query.device());
+  TORCH_CHECK_VALUE(std::isfinite(scale), "attnkern: scale must be finite, got ", scale);
   const at::ScalarType acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  check_dense(grad_scores, "grad_scores");
-  TORCH_CHECK_TYPE(grad_scores.scalar_type() == acc, "attnkern: grad_scores must be ", dtype_name(acc), ", got ",
-                   dtype_name(grad_scores.scalar_type()));
-  if (jagged) {
-    check_shape(grad_scores, "grad_scores", {d.L, d.N, d.H}, "[T, N, H]");
-    check_offsets_values_cpu(*offsets, d.L, -1);
-  } else {
-    check_shape(grad_scores, "grad_scores", {d.B, d.N, d.H, d.L}, "[B, N, H, L]");
+  const std::vector<int64_t> w_shape = jagged ? std::vector<int64_t>{d.L, d.N, d.H}
+                                              : std::vector<int64_t>{d.B, d.N, d.H, d.L};
+  const char* w_layout = jagged ? "[T, N, H]" : "[B, N, H, L]";
+  auto check_like_w = [&](const at::Tensor& t, const char* name) {
+    check_dense(t, name);
+    TORCH_CHECK_TYPE(t.scalar_type() == acc, "attnkern: ", name, " must be ", dtype_name(acc), ", got ",
+                     dtype_name(t.scalar_type()));
+    check_shape(t, name, w_shape, w_layout);
+  };
+  check_like_w(grad_weights, "grad_weights");
+  check_like_w(weights, "weights");
+  if (grad_lse.has_value()) {
+    check_dense(*grad_lse, "grad_lse");
+    TORCH_CHECK_TYPE(grad_lse->scalar_type() == acc, "attnkern: grad_lse must be ", dtype_name(acc), ", got ",
+                     dtype_name(grad_lse->scalar_type()));
+    check_shape(*grad_lse, "grad_lse", {d.B, d.N, d.H}, "[B, N, H]");
   }
+  if (jagged) check_offsets_values_cpu(*offsets, d.L, -1);
   std::vector<int64_t> starts, lens;
   row_ranges(d, lengths, offsets, starts, lens);
-  const at::Tensor ds = grad_scores.contiguous(), q = query.to(acc).contiguous(), k = key.to(acc).contiguous();
+  const at::Tensor dw = grad_weights.contiguous(), w = weights.contiguous();
+  at::Tensor dlse;
+  if (grad_lse.has_value()) dlse = grad_lse->contiguous();
+  const at::Tensor q_c = score_query(query, acc), k_c = key.contiguous();
   at::Tensor mask_u8;
   if (mask.has_value()) mask_u8 = mask->contiguous().view(at::kByte);
-  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
-  if (jagged) {  // key rows past offsets[-1]
+  const auto opts = query.options().dtype(acc);
+  // The key's gradient as the pool's backward allocates it (host_buffers.h): a fresh [B, L, H, Dk]
+  // tensor's first-touch page faults cost more than this kernel.
+  at::Tensor dq = at::empty(query.sizes(), opts), dk = empty_output(key.sizes(), opts);
+  at::Tensor ds = need_grad_scores ? empty_output(w_shape, opts) : at::empty({0}, opts);
+  if (jagged) {  // key rows past offsets[-1] take part in no row
     const int64_t end = d.B > 0 ? starts[size_t(d.B - 1)] + lens[size_t(d.B - 1)] : 0;
     dk.narrow(0, end, d.L - end).zero_();
+    if (need_grad_scores) ds.narrow(0, end, d.L - end).zero_();
   }
-  if (d.B == 0) return {dq, dk};
-  const uint8_t* mp = mask_u8.defined() ? mask_u8.data_ptr<uint8_t>() : nullptr;
+  if (d.B == 0) return {dq, dk, ds};
+  WeightsBwdParams p{score_rows(q_c, k_c, d.Dk, d.L, starts, lens, mask_u8, scale, at::Tensor(), jagged)};
+  p.dw = dw.data_ptr();
+  p.w = w.data_ptr();
+  p.dlse = dlse.defined() ? dlse.data_ptr() : nullptr;
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.ds = need_grad_scores ? ds.data_ptr() : nullptr;
+  const WeightsBwdFn fn = bwd_kernel_for(key.scalar_type());
+  const int64_t longest = lens.empty() ? 0 : *std::max_element(lens.begin(), lens.end());
   const int64_t per_item = std::max<int64_t>(1, 2 * d.N * (jagged ? d.L / d.B : d.L) * d.Dk);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / per_item);
-  AT_DISPATCH_FLOATING_TYPES(acc, "attention_weights_bwd_cpu", [&] {
-    const WeightsBwd<scalar_t> w{ds.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                                 dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), d, starts.data(), lens.data(), mp,
-                                 jagged, scalar_t(scale)};
-    at::parallel_for(0, d.B * d.H, grain, [&](int64_t begin, int64_t end) { w.run(begin, end); });
+  const size_t scratch_bytes = size_t(d.N * (longest + q_c.size(3))) * size_t(acc == at::kDouble ? 8 : 4);
+  at::parallel_for(0, d.B * d.H, grain, [&](int64_t begin, int64_t end) {
+    // One task's dS rows and dq accumulators.
+    std::vector<uint8_t> scratch(scratch_bytes + 64);
+    void* buf = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
+    fn(p, begin, end, buf);
   });
-  return {dq, dk};
+  return {dq, dk, ds};
 }
 
 }  // namespace cpu

@@ -31,6 +31,7 @@
 
 #include "activation_unit.h"
 #include "activation_unit_kernels.h"
+#include "activation_unit_layers.h"
 #include "attention_pool.h"
 #include "attention_pool_work.h"
 #include "isa_dispatch.h"
@@ -44,51 +45,21 @@ constexpr int64_t kDsBlock = 48;
 // Fixed number of row chunks whose partials are merged in order.
 constexpr int64_t kDsChunks = 32;
 
-inline int64_t ds_pad(int64_t n) { return (n + kAuPad - 1) / kAuPad * kAuPad; }
-
-// The layers up to the one whose statistics are asked for, in zero-padded accumulator layouts.
+// The layers up to the one whose statistics are asked for (activation_unit_layers.h) and the
+// first layer's Dice parameters.
 template <class A>
-struct DsNet {
-  int64_t E = 0, Ep = 0, H1 = 0, H1p = 0, H2 = 0, H2p = 0;
-  std::vector<A> mT[3];  // [E, H1p]: (Wa + Wc)^T, (Wb - Wc)^T, Wd^T
-  std::vector<A> m[3];   // [H1, Ep]: the same untransposed (backward)
-  std::vector<A> b1;     // [H1p]
-  std::vector<A> act1;   // [3, H1p]
-  std::vector<A> w2t, w2, b2;  // [H1, H2p], [H2, H1p], [H2p]
-  int64_t hs() const { return H2 ? H2 : H1; }
-  int64_t hsp() const { return H2 ? H2p : H1p; }
+struct DsNet : AuLayers<A> {
+  std::vector<A> act1;  // [3, H1p]
+  int64_t hs() const { return this->H2 ? this->H2 : this->H1; }
+  int64_t hsp() const { return this->H2 ? this->H2p : this->H1p; }
 };
-
-template <class A>
-std::vector<A> ds_flat(const at::Tensor& t) {
-  const at::Tensor c = t.to(std::is_same<A, double>::value ? at::kDouble : at::kFloat).contiguous();
-  return std::vector<A>(c.data_ptr<A>(), c.data_ptr<A>() + c.numel());
-}
 
 template <class A>
 DsNet<A> ds_net(const AuDims& d, const at::Tensor& w1, const at::Tensor& b1, const std::optional<at::Tensor>& act1,
                 const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2) {
   DsNet<A> n;
-  n.E = d.E, n.Ep = ds_pad(d.E), n.H1 = d.H1, n.H1p = ds_pad(d.H1), n.H2 = d.H2, n.H2p = d.H2 ? ds_pad(d.H2) : 0;
-  const std::vector<A> p1 = ds_flat<A>(w1);  // [H1, 4E]
-  for (int i = 0; i < 3; ++i) n.mT[i].assign(n.E * n.H1p, A(0)), n.m[i].assign(n.H1 * n.Ep, A(0));
-  for (int64_t u = 0; u < n.H1; ++u)
-    for (int64_t e = 0; e < n.E; ++e) {
-      const A* r = p1.data() + u * 4 * n.E;
-      const A v[3] = {r[e] + r[2 * n.E + e], r[n.E + e] - r[2 * n.E + e], r[3 * n.E + e]};
-      for (int i = 0; i < 3; ++i) n.mT[i][e * n.H1p + u] = n.m[i][u * n.Ep + e] = v[i];
-    }
-  const std::vector<A> bb = ds_flat<A>(b1);
-  n.b1.assign(n.H1p, A(0));
-  std::copy(bb.begin(), bb.end(), n.b1.begin());
-  if (!n.H2) return n;
-  const std::vector<A> a = ds_flat<A>(*act1), p2 = ds_flat<A>(*w2), c2 = ds_flat<A>(*b2);
-  n.act1.assign(3 * n.H1p, A(0));
-  for (int r = 0; r < 3; ++r) std::copy(a.begin() + r * n.H1, a.begin() + (r + 1) * n.H1, n.act1.begin() + r * n.H1p);
-  n.w2t.assign(n.H1 * n.H2p, A(0)), n.w2.assign(n.H2 * n.H1p, A(0)), n.b2.assign(n.H2p, A(0));
-  for (int64_t v = 0; v < n.H2; ++v)
-    for (int64_t u = 0; u < n.H1; ++u) n.w2t[u * n.H2p + v] = n.w2[v * n.H1p + u] = p2[v * n.H1 + u];
-  std::copy(c2.begin(), c2.end(), n.b2.begin());
+  au_layers<A>(d, w1, b1, w2, b2, n);
+  if (n.H2) n.act1 = au_act_params<A>(act1, 3, n.H1, n.H1p);
   return n;
 }
 
@@ -132,16 +103,16 @@ struct DsWork {
 template <class A>
 void ds_query(const AuKernels<A>& k, const DsNet<A>& n, DsWork<A>& w, bool backward) {
   for (int64_t e = 0; e < n.E; ++e) {
-    std::copy(n.mT[1].begin() + e * n.H1p, n.mT[1].begin() + (e + 1) * n.H1p, w.mt.begin() + e * n.H1p);
-    k.axpby(n.H1p, w.qp[e], n.mT[2].data() + e * n.H1p, A(1), w.mt.data() + e * n.H1p);
+    std::copy(n.wbcT.begin() + e * n.H1p, n.wbcT.begin() + (e + 1) * n.H1p, w.mt.begin() + e * n.H1p);
+    k.axpby(n.H1p, w.qp[e], n.wdT.data() + e * n.H1p, A(1), w.mt.data() + e * n.H1p);
   }
   if (backward)
     for (int64_t u = 0; u < n.H1; ++u) {
-      std::copy(n.m[1].begin() + u * n.Ep, n.m[1].begin() + (u + 1) * n.Ep, w.mm.begin() + u * n.Ep);
-      k.muladd(n.Ep, n.m[2].data() + u * n.Ep, w.qp.data(), w.mm.data() + u * n.Ep);
+      std::copy(n.wbc.begin() + u * n.Ep, n.wbc.begin() + (u + 1) * n.Ep, w.mm.begin() + u * n.Ep);
+      k.muladd(n.Ep, n.wd.data() + u * n.Ep, w.qp.data(), w.mm.data() + u * n.Ep);
     }
   std::copy(n.b1.begin(), n.b1.end(), w.c.begin());
-  k.gemm(1, n.E, n.H1p, w.qp.data(), 0, 1, n.mT[0].data(), n.H1p, w.c.data(), n.H1p);
+  k.gemm(1, n.E, n.H1p, w.qp.data(), 0, 1, n.wacT.data(), n.H1p, w.c.data(), n.H1p);
 }
 
 // Pre-activations of the block's nb gathered keys: z1 (and a1 = Dice(z1), z2 with two layers).
@@ -310,9 +281,9 @@ void bwd_impl(const AuDims& d, const DsNet<A>& n, const DsRows& rows, const at::
           const A* Gn = G.data() + qi * H1 * Ep;
           const A* qn = qs.data() + qi * Ep;
           std::fill(dq.begin(), dq.end(), A(0));
-          k.gemm(1, H1, Ep, gn, 0, 1, n.m[0].data(), Ep, dq.data(), Ep);
+          k.gemm(1, H1, Ep, gn, 0, 1, n.wac.data(), Ep, dq.data(), Ep);
           for (int64_t u = 0; u < H1; ++u) {
-            k.muladd(Ep, n.m[2].data() + u * Ep, Gn + u * Ep, dq.data());
+            k.muladd(Ep, n.wd.data() + u * Ep, Gn + u * Ep, dq.data());
             k.axpby(Ep, gn[u], qn, A(1), wg.P.data() + u * Ep);
             k.axpby(Ep, A(1), Gn + u * Ep, A(1), wg.Gs.data() + u * Ep);
             k.muladd(Ep, Gn + u * Ep, qn, wg.Gd.data() + u * Ep);
