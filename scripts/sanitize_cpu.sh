@@ -74,6 +74,9 @@ assert isa == 'amx-emulated', isa"
   for isa in generic avx2 avx512; do
     ATTNKERN_CPU_ISA=$isa python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_quantized.py -k "$QUANT_K"
   done
+  # avx512_bf16: the one-query integer (VNNI) kernel for bf16/fp16 queries and int8/uint8 rows.
+  ATTNKERN_CPU_ISA=avx512_bf16 python -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_quantized.py \
+    -k "one_query or empty or non_finite"
   python -m pytest -q -x -p no:cacheprovider tests/test_fuzz.py -k "cpu"
   python scripts/fuzz.py --minutes "$1" --targets api:cpu,raw:cpu,seq:cpu
 }

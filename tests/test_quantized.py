@@ -37,13 +37,21 @@ def run(backend, q, kd, vd, params, kw, **extra):
         return attnkern.attention_pool(q, kd, vd, **kw, **params, **extra, backend=backend, return_lse=True)
 
 
-def assert_matches(got, want, dtype):
+def assert_matches(got, want, dtype, lse_extra=0.0):
     (o, lse), (ro, rlse) = got, want
     assert o.dtype == ro.dtype == dtype
     tol = FLOOR[dtype] * max(1.0, ro.float().abs().max().item())
     torch.testing.assert_close(o.float(), ro.float(), atol=tol, rtol=0)
-    torch.testing.assert_close(lse, rlse, atol=FLOOR[torch.float32] * max(1.0, rlse.nan_to_num(0, 0, 0).abs().max().item()),
-                               rtol=0, equal_nan=True)
+    torch.testing.assert_close(lse, rlse, atol=FLOOR[torch.float32] * max(1.0, rlse.nan_to_num(0, 0, 0).abs().max().item())
+                               + lse_extra, rtol=0, equal_nan=True)
+
+
+def integer_query_bound(q, kd, key_scale):
+    """What holding a bf16/fp16 query as 15-bit integers (docs/quantized.md) may move a score
+    by: |q|max / 16256 per element (the power-of-two step), times the row's sum of |codes|
+    times its scale, times the softmax scale; lse moves by at most the largest such change."""
+    codes = kd.float().abs().sum(-1) * key_scale.abs()
+    return q.float().abs().max().item() / 16256 * codes.max().item() * q.shape[-1] ** -0.5
 
 
 # ---- quantize_rows --------------------------------------------------------------------------
@@ -132,6 +140,35 @@ def test_cpu_matches_reference(layout, qdtype):
         q, kd, vd, params = quantized(args, kw, qdtype, bias_free=N == 3)
         q = q.to(dtype)
         assert_matches(run("cpu", q, kd, vd, params, kw), run("reference", q, kd, vd, params, kw), dtype)
+
+
+@needs_cpu
+@pytest.mark.parametrize("qdtype", [torch.int8, torch.uint8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_query_integer_kernel(qdtype, dtype):
+    """A bf16/fp16 query, N = 1, int8/uint8 rows: on the avx512_bf16 and amx paths the kernel
+    that keeps the bytes 8-bit (VNNI integer dot products; elsewhere the float kernel, the same
+    checks). Head dims 16/32/64 (4, 2 or 1 rows per vector), Dv 16 (summed by the float code)
+    to 64, H 1-16, shared K/V heads and jagged rows (the row-by-row reads) and contiguous ones,
+    L = 70 (three blocks, the last ending inside a group of rows), empty rows; a value scale
+    of 0, 1e30 and a NaN (its block summed by the float code, the row NaN), a key scale of
+    1e-30; lse within the bound the integer query allows."""
+    for H, Hkv, Dk, Dv, layout in ((4, 4, 32, 32, "lengths"), (1, 1, 64, 64, "jagged"), (2, 2, 16, 64, "full"),
+                                   (16, 16, 16, 32, "lengths"), (4, 2, 32, 64, "jagged"), (8, 8, 64, 32, "lengths"),
+                                   (2, 2, 16, 16, "lengths")):
+        args, kw = make_problem(B=5, N=1, H=H, Hkv=Hkv, L=70, Dk=Dk, Dv=Dv, layout=layout, seed=H + Dk)
+        q, kd, vd, params = quantized(args, kw, qdtype)
+        q = (q * 3).to(dtype)
+        if layout == "lengths":
+            params["value_scale"][1, :7] = 0
+            params["value_scale"][2, 40:] = 1e30
+            params["key_scale"][3, 5:9] = 1e-30
+        bound = integer_query_bound(q, kd, params["key_scale"])
+        assert_matches(run("cpu", q, kd, vd, params, kw), run("reference", q, kd, vd, params, kw), dtype, bound)
+    params["value_scale"][4, 33] = float("nan")
+    out, _ = run("cpu", q, kd, vd, params, kw)
+    ref, _ = run("reference", q, kd, vd, params, kw)
+    assert out[4].isnan().all() and ref[4].isnan().all() and not out[:4].isnan().any()
 
 
 @needs_cpu

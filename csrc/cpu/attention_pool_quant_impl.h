@@ -1,7 +1,8 @@
 // The quantized-K/V attention-pool forward, written once over the vector type V (vec_common.h)
 // and the stored element type E; instantiated per instruction set by
-// attention_pool_quant_{generic,avx2,avx512}.cpp, which include their vec_*.h first and define
-// ATTNKERN_QUANT_ISA (0 generic, 1 AVX2, 2 AVX-512).
+// attention_pool_quant_{generic,avx2,avx512,avx512_vnni}.cpp, which include their vec_*.h first and
+// define ATTNKERN_QUANT_ISA (0 generic, 1 AVX2, 2 AVX-512, 3 AVX-512 with VNNI: the one-query
+// integer kernel of attention_pool_quant_vnni.h for int8/uint8 rows and a bf16/fp16 query).
 //
 // The stored rows are never dequantized in memory. With element = x * s + c per row:
 //   score  = scale * <q, x s + c> = s <q', x> + c sum(q')      (q' = scale log2(e) q)
@@ -102,13 +103,13 @@ template <class V>
 inline V load_n(const fp8e4m3_t* p, int n) {
   return {_mm256_cvtph_ps(e4m3_halves(_mm_cvtepu8_epi16(bytes8(p, n))))};
 }
-#elif ATTNKERN_QUANT_ISA == 2 && defined(ATTNKERN_EMULATE_AVX512)
+#elif ATTNKERN_QUANT_ISA >= 2 && defined(ATTNKERN_EMULATE_AVX512)
 // The emulation test build stands in for the AVX-512 integer conversions with staged loads.
 template <class V, class E>
 inline V load_n(const E* p, int n) {
   return widen_staged<V>(p, n);
 }
-#elif ATTNKERN_QUANT_ISA == 2
+#elif ATTNKERN_QUANT_ISA >= 2
 inline __m128i bytes16(const void* p, int n) {
   return n >= 16 ? _mm_loadu_si128(static_cast<const __m128i*>(p)) : _mm_maskz_loadu_epi8(lanes(n), p);
 }
@@ -233,43 +234,96 @@ inline void quant_prefetch(const QuantParams& p, const QuantSpan& sp, int64_t i0
   }
 }
 
+// The float key/value reads of the one-query kernel below: each stored element widened to
+// fp32 (load_n) and multiplied into an fp32 accumulator.
+template <class V, class E, int NC>
+struct FloatRows {
+  static constexpr int W = V::W;
+  static constexpr int NCW = NC * W;
+  const QuantParams& p;
+  const float* qf;  // [H, NCW] q', zero past Dk
+  int64_t koff[W];
+  FloatRows(const QuantParams& p_, const float* qf_) : p(p_), qf(qf_) {
+    for (int j = 0; j < W; ++j) koff[j] = (j / p.H) * p.k_sl + (j % p.H) * p.k_sh;
+  }
+  // The integer part of the scores of flat rows [g, g + n) (the dot products <q', x>).
+  V dots(const E* kg, int n) const {
+    V a[W];
+    for (int j = 0; j < W; ++j) {
+      a[j] = V::zero();
+      if (j < n) {
+        const float* qj = qf + (j % p.H) * NCW;
+        for (int c = 0; c < NC; ++c)
+          if (c * W < p.Dk) a[j] = V::fma(V::load(qj + c * W), load_n<V>(kg + koff[j] + c * W, int(p.Dk - c * W)), a[j]);
+      }
+    }
+    return V::transpose_reduce(a);
+  }
+  // acc[h] = acc[h] * corr[h] + sum_j w[j * H + h] rows(j, h) over the block's nb positions.
+  void accumulate(const E* Vb, int nb, const float* w, const float* corr, float* acc) const {
+    for (int64_t h = 0; h < p.H; ++h) {
+      const E* vh = Vb + h * p.v_sh;
+      float* a = acc + h * NCW;
+      const V hc = V::set1(corr[h]);
+      V o0[NC], o1[NC];
+      for (int c = 0; c < NC; ++c) {
+        o0[c] = V::load(a + c * W) * hc;
+        o1[c] = V::zero();
+      }
+      int j = 0;
+      for (; j + 2 <= nb; j += 2) {
+        const E* r0v = vh + j * p.v_sl;
+        const E* r1v = r0v + p.v_sl;
+        const V w0 = V::set1(w[j * p.H + h]), w1 = V::set1(w[(j + 1) * p.H + h]);
+        for (int c = 0; c < NC; ++c)
+          if (c * W < p.Dv) {
+            o0[c] = V::fma(w0, load_n<V>(r0v + c * W, int(p.Dv - c * W)), o0[c]);
+            o1[c] = V::fma(w1, load_n<V>(r1v + c * W, int(p.Dv - c * W)), o1[c]);
+          }
+      }
+      if (j < nb) {
+        const E* r0v = vh + j * p.v_sl;
+        const V w0 = V::set1(w[j * p.H + h]);
+        for (int c = 0; c < NC; ++c)
+          if (c * W < p.Dv) o0[c] = V::fma(w0, load_n<V>(r0v + c * W, int(p.Dv - c * W)), o0[c]);
+      }
+      for (int c = 0; c < NC; ++c) (o0[c] + o1[c]).store(a + c * W);
+    }
+  }
+};
+
 // One query (N == 1) over consecutive positions (no mask index), Dk, Dv <= NC * W and H dividing
 // W. The (position, head) rows of a block are scored as one flat run r = position * H + head, W
 // at a time: the per-row parameters are then plain vector loads of their [.., L, H] arrays, and
 // the online softmax runs lane-wise (lane i always holds head i % H: the per-head maximum is
 // taken over those lanes, the sums l and c stay per lane until the end). The value rows are
-// read head by head into NC chunk accumulators held in registers. Same arithmetic as
-// quant_fwd_span (log2 units, the row scale applied to the integer dot, the bias through
-// sum(q')).
-template <class V, class E, int NC>
-void quant_single_span(const QuantParams& p, const QuantSpan& sp, float* ws) {
+// read head by head into NC chunk accumulators. Same arithmetic as quant_fwd_span (log2 units,
+// the row scale applied to the integer dot, the bias through sum(q')). Rows (FloatRows or the
+// VNNI integer reads) computes the dot products and the weighted value sums; kf scales its
+// dots per lane (q' = kf * what it multiplied), koff its integer offset per lane.
+template <class V, class E, int NC, class Rows>
+void quant_single_run(const QuantParams& p, const QuantSpan& sp, const Rows& rows, const float* kf, float* ws) {
   constexpr int W = V::W;
   constexpr int NCW = NC * W;
   constexpr float kLog2e = 1.4426950408889634f;
   const int64_t H = p.H, Dk = p.Dk, Dv = p.Dv;
-  float* qf = ws;            // [H, NCW], zero past Dk
-  float* acc = qf + H * NCW;  // [H, NCW]
-  float* m = acc + H * NCW;   // [H]
-  float* s = m + H;           // [kQuantBK * H] scores, then weights
-  alignas(64) float lane[W], lane_shift[W], lane_corr[W];
+  float* acc = ws;           // [H, NCW]
+  float* m = acc + H * NCW;  // [H]
+  float* s = m + H;          // [kQuantBK * H] scores, then weights
+  alignas(64) float lane[W], lane_shift[W], lane_corr[W], head_corr[W];
   const float qs = p.scale * kLog2e;
   for (int64_t h = 0; h < H; ++h) {
-    const float* q = p.q + ((sp.b * p.N + sp.n0) * H + h) * Dk;
-    for (int64_t i = 0; i < NCW; ++i) {
-      qf[h * NCW + i] = i < Dk ? q[i] * qs : 0.f;
-      acc[h * NCW + i] = 0.f;
-    }
+    for (int64_t i = 0; i < NCW; ++i) acc[h * NCW + i] = 0.f;
     m[h] = -__builtin_inff();
   }
   for (int i = 0; i < W; ++i) {
+    const float* q = p.q + ((sp.b * p.N + sp.n0) * H + i % H) * Dk;
     float sum = 0.f;
-    for (int64_t d = 0; d < Dk; ++d) sum += qf[(i % H) * NCW + d];
+    for (int64_t d = 0; d < Dk; ++d) sum += q[d] * qs;
     lane[i] = sum;
   }
-  const V qsum = V::load(lane);
+  const V qsum = V::load(lane), kfv = V::load(kf);
   V lsum = V::zero(), csum = V::zero();
-  int64_t koff[W];
-  for (int j = 0; j < W; ++j) koff[j] = (j / H) * p.k_sl + (j % H) * p.k_sh;
   const E* K = static_cast<const E*>(p.k) + sp.b * p.k_sb + sp.start * p.k_sl;
   const E* Vv = static_cast<const E*>(p.v) + sp.b * p.v_sb + sp.start * p.v_sl;
   const int64_t pb = sp.b * p.p_sb + sp.start * H;
@@ -283,18 +337,9 @@ void quant_single_span(const QuantParams& p, const QuantSpan& sp, float* ws) {
     const int64_t nr = nb * H, r0 = pb + i0 * H;
     for (int64_t g = 0; g < nr; g += W) {
       const int n = int(nr - g < W ? nr - g : W);
-      const E* kg = K + (i0 + g / H) * p.k_sl;
-      V a[W];
-      for (int j = 0; j < W; ++j) {
-        a[j] = V::zero();
-        if (j < n) {
-          const float* qj = qf + (j % H) * NCW;
-          for (int c = 0; c < NC; ++c)
-            if (c * W < Dk) a[j] = V::fma(V::load(qj + c * W), load_n<V>(kg + koff[j] + c * W, int(Dk - c * W)), a[j]);
-        }
-      }
       const V kb = p.k_bias ? load_n<V>(p.k_bias + r0 + g, n) : V::zero();
-      V::fma(V::transpose_reduce(a), load_n<V>(p.k_scale + r0 + g, n) * lf, kb * qsum).mask_tail(n).store(s + g);
+      const V dot = rows.dots(K + (i0 + g / H) * p.k_sl, n);
+      V::fma(dot * kfv, load_n<V>(p.k_scale + r0 + g, n) * lf, kb * qsum).mask_tail(n).store(s + g);
     }
     if (p.bias) {
       const float* bb = p.bias + sp.b * p.bias_sb + (sp.n0 % p.bias_nb) * p.bias_sn;
@@ -316,6 +361,7 @@ void quant_single_span(const QuantParams& p, const QuantSpan& sp, float* ws) {
       const float shift = mx == -__builtin_inff() ? 0.f : mx;
       const float corr = __builtin_exp2f(m[h] - shift);
       m[h] = mx;
+      head_corr[h] = corr;
       for (int i = int(h); i < W; i += int(H)) {
         lane_shift[i] = shift;
         lane_corr[i] = corr;
@@ -331,34 +377,7 @@ void quant_single_span(const QuantParams& p, const QuantSpan& sp, float* ws) {
       if (p.v_bias) csum = V::fma(pj, load_n<V>(p.v_bias + r0 + g, n), csum);
       (pj * (load_n<V>(p.v_scale + r0 + g, n) * lf)).store(s + g);
     }
-    for (int64_t h = 0; h < H; ++h) {
-      const E* vh = Vv + i0 * p.v_sl + h * p.v_sh;
-      float* a = acc + h * NCW;
-      const V hc = V::set1(lane_corr[h]);
-      V o0[NC], o1[NC];
-      for (int c = 0; c < NC; ++c) {
-        o0[c] = V::load(a + c * W) * hc;
-        o1[c] = V::zero();
-      }
-      int j = 0;
-      for (; j + 2 <= nb; j += 2) {
-        const E* r0v = vh + j * p.v_sl;
-        const E* r1v = r0v + p.v_sl;
-        const V w0 = V::set1(s[j * H + h]), w1 = V::set1(s[(j + 1) * H + h]);
-        for (int c = 0; c < NC; ++c)
-          if (c * W < Dv) {
-            o0[c] = V::fma(w0, load_n<V>(r0v + c * W, int(Dv - c * W)), o0[c]);
-            o1[c] = V::fma(w1, load_n<V>(r1v + c * W, int(Dv - c * W)), o1[c]);
-          }
-      }
-      if (j < nb) {
-        const E* r0v = vh + j * p.v_sl;
-        const V w0 = V::set1(s[j * H + h]);
-        for (int c = 0; c < NC; ++c)
-          if (c * W < Dv) o0[c] = V::fma(w0, load_n<V>(r0v + c * W, int(Dv - c * W)), o0[c]);
-      }
-      for (int c = 0; c < NC; ++c) (o0[c] + o1[c]).store(a + c * W);
-    }
+    rows.accumulate(Vv + i0 * p.v_sl, nb, s, head_corr, acc);
   }
   constexpr float kLn2 = 0.6931471805599453f;
   alignas(64) float lc[W];
@@ -380,6 +399,35 @@ void quant_single_span(const QuantParams& p, const QuantSpan& sp, float* ws) {
   }
 }
 
+// The float one-query kernel: q' = scale log2(e) q held padded to NC vectors per head.
+template <class V, class E, int NC>
+void quant_single_span(const QuantParams& p, const QuantSpan& sp, float* ws) {
+  constexpr int W = V::W;
+  constexpr int NCW = NC * W;
+  const int64_t H = p.H, Dk = p.Dk;
+  float* qf = ws;  // [H, NCW], zero past Dk; the run's workspace follows
+  const float qs = p.scale * 1.4426950408889634f;
+  for (int64_t h = 0; h < H; ++h) {
+    const float* q = p.q + ((sp.b * p.N + sp.n0) * H + h) * Dk;
+    for (int64_t i = 0; i < NCW; ++i) qf[h * NCW + i] = i < Dk ? q[i] * qs : 0.f;
+  }
+  alignas(64) float one[W];
+  for (int i = 0; i < W; ++i) one[i] = 1.f;
+  quant_single_run<V, E, NC>(p, sp, FloatRows<V, E, NC>(p, qf), one, qf + H * NCW);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace attnkern
+
+#if ATTNKERN_QUANT_ISA == 3
+#include "attention_pool_quant_vnni.h"
+#endif
+
+namespace attnkern {
+namespace cpu {
+namespace {
+
 template <class V, class E>
 void quant_fwd_span(const QuantParams& p, const QuantSpan& sp, float* ws) {
   constexpr int W = V::W;
@@ -389,6 +437,9 @@ void quant_fwd_span(const QuantParams& p, const QuantSpan& sp, float* ws) {
   if constexpr (W > 1) {
     const int64_t D = Dk > Dv ? Dk : Dv;
     if (NQ == 1 && !sp.idx && W % H == 0 && D <= 4 * W) {
+#if ATTNKERN_QUANT_ISA == 3
+      if (quant_single_vnni<E>(p, sp, ws)) return;
+#endif
       if (D <= W) return quant_single_span<V, E, 1>(p, sp, ws);
       if (D <= 2 * W) return quant_single_span<V, E, 2>(p, sp, ws);
       return quant_single_span<V, E, 4>(p, sp, ws);

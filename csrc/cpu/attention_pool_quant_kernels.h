@@ -1,6 +1,6 @@
 // The interface between the quantized-K/V attention-pool launcher
 // (attention_pool_quant_launch.cpp) and its per-ISA kernels
-// (attention_pool_quant_{generic,avx2,avx512}.cpp over attention_pool_quant_impl.h).
+// (attention_pool_quant_{generic,avx2,avx512,avx512_vnni}.cpp over attention_pool_quant_impl.h).
 // As attention_pool_kernels.h: no torch/STL header and no inline function, because the kernel
 // files are compiled for AVX2 / AVX-512 by target pragmas.
 #pragma once
@@ -40,6 +40,9 @@ struct QuantParams {
   int64_t p_sb = 0;
   int64_t N = 1, H = 1, Dk = 1, Dv = 1;
   float scale = 1.f;
+  // The query was bfloat16/float16 (converted to float32 by the launcher): the VNNI kernel
+  // (attention_pool_quant_vnni.h) may then hold it as 15-bit integers.
+  bool q_lowp = false;
   // Score bias (float32) or null: query n, head h, position pos reads
   // bias[b * bias_sb + pos * bias_sl + (n % bias_nb) * bias_sn + h * bias_sh].
   const float* bias = nullptr;
@@ -64,6 +67,7 @@ QuantFwdFn quant_generic_kernel();
 #if defined(__x86_64__) || defined(_M_X64)
 QuantFwdFn quant_avx2_kernel();
 QuantFwdFn quant_avx512_kernel();
+QuantFwdFn quant_avx512_vnni_kernel();
 #endif
 
 }  // namespace cpu

@@ -57,7 +57,8 @@ cpu::QuantFwdFn kernel() {
     switch (cpu::selected_isa()) {
 #if defined(__x86_64__) || defined(_M_X64)
       case cpu::Isa::kAmx:
-      case cpu::Isa::kAvx512Bf16:
+      case cpu::Isa::kAvx512Bf16:  // every CPU with AVX512-BF16 has AVX512-VNNI
+        return cpu::quant_avx512_vnni_kernel();
       case cpu::Isa::kAvx512:
         return cpu::quant_avx512_kernel();
       case cpu::Isa::kAvx2:
@@ -165,6 +166,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_quant_fwd_cpu(
   p.Dk = d.Dk;
   p.Dv = d.Dv;
   p.scale = float(scale);
+  p.q_lowp = query.scalar_type() != at::kFloat;
   if (bf) {
     const at::Tensor& t = *bf;
     p.bias = t.data_ptr<float>();

@@ -305,6 +305,163 @@ ATTNKERN_EMU_FN M512 dpbf16_ps(M512 src, M512bh a, M512bh b) {
   return r;
 }
 
+
+// The integer operations of the VNNI quantized kernel (attention_pool_quant_vnni.h).
+ATTNKERN_EMU_FN M512 load_ps(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) & 63) __builtin_trap();  // vmovaps faults when misaligned
+  return loadu_ps(p);
+}
+ATTNKERN_EMU_FN M512i load_si512(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) & 63) __builtin_trap();
+  return loadu_si512(p);
+}
+ATTNKERN_EMU_FN void store_ps(void* p, M512 a) {
+  if (reinterpret_cast<uintptr_t>(p) & 63) __builtin_trap();
+  storeu_ps(p, a);
+}
+ATTNKERN_EMU_FN void store_si512(void* p, M512i a) {
+  if (reinterpret_cast<uintptr_t>(p) & 63) __builtin_trap();
+  storeu_si512(p, a);
+}
+ATTNKERN_EMU_FN M512 andnot_ps(M512 a, M512 b) {  // ~a & b
+  M512i x = castps_si512(a), y = castps_si512(b);
+  for (int i = 0; i < 16; ++i) y.u[i] &= ~x.u[i];
+  return castsi512_ps(y);
+}
+ATTNKERN_EMU_FN M512i xor_si512(M512i a, M512i b) {
+  for (int i = 0; i < 16; ++i) a.u[i] ^= b.u[i];
+  return a;
+}
+ATTNKERN_EMU_FN M512i sub_epi32(M512i a, M512i b) {
+  for (int i = 0; i < 16; ++i) a.u[i] -= b.u[i];
+  return a;
+}
+ATTNKERN_EMU_FN M512i castsi128_si512(__m128i a) {
+  M512i r{};
+  __builtin_memcpy(r.u, &a, 16);
+  return r;
+}
+ATTNKERN_EMU_FN M512i castsi256_si512(__m256i a) {
+  M512i r{};
+  __builtin_memcpy(r.u, &a, 32);
+  return r;
+}
+ATTNKERN_EMU_FN M512i inserti32x4(M512i a, __m128i b, int i) {
+  __builtin_memcpy(a.u + 4 * (i & 3), &b, 16);
+  return a;
+}
+ATTNKERN_EMU_FN M512i inserti64x4(M512i a, __m256i b, int i) {
+  __builtin_memcpy(a.u + 8 * (i & 1), &b, 32);
+  return a;
+}
+ATTNKERN_EMU_FN M512 cvtepi32_ps(M512i a) {
+  M512 r;
+  for (int i = 0; i < 16; ++i) r.f[i] = float(int32_t(a.u[i]));
+  return r;
+}
+// vcvtps2dq: round to nearest even (MXCSR's default); out of range and NaN give INT32_MIN.
+ATTNKERN_EMU_FN M512i cvtps_epi32(M512 a) {
+  M512i r;
+  for (int i = 0; i < 16; ++i) {
+    const float x = __builtin_nearbyintf(a.f[i]);
+    r.u[i] = (x >= -2147483648.f && x < 2147483648.f) ? uint32_t(int32_t(x)) : 0x80000000u;
+  }
+  return r;
+}
+ATTNKERN_EMU_FN M512i cvtepi8_epi16(__m256i a) {
+  int8_t b[32];
+  int16_t w[32];
+  __builtin_memcpy(b, &a, 32);
+  for (int i = 0; i < 32; ++i) w[i] = b[i];
+  M512i r;
+  __builtin_memcpy(r.u, w, 64);
+  return r;
+}
+ATTNKERN_EMU_FN M512i cvtepu8_epi16(__m256i a) {
+  uint8_t b[32];
+  uint16_t w[32];
+  __builtin_memcpy(b, &a, 32);
+  for (int i = 0; i < 32; ++i) w[i] = b[i];
+  M512i r;
+  __builtin_memcpy(r.u, w, 64);
+  return r;
+}
+// Interleaves within each 128-bit quarter, as vpunpck{l,h}{wd,dq,qdq}: E bytes per element,
+// the low (hi = false) or high half of each quarter of a and b, alternating.
+template <int E, bool hi>
+ATTNKERN_EMU_FN M512i unpack(M512i a, M512i b) {
+  uint8_t x[64], y[64], r[64];
+  __builtin_memcpy(x, a.u, 64);
+  __builtin_memcpy(y, b.u, 64);
+  constexpr int n = 8 / E;  // elements taken from each source per quarter
+  for (int q = 0; q < 4; ++q)
+    for (int i = 0; i < n; ++i) {
+      const int src = 16 * q + (hi ? 8 : 0) + E * i;
+      __builtin_memcpy(r + 16 * q + 2 * E * i, x + src, E);
+      __builtin_memcpy(r + 16 * q + 2 * E * i + E, y + src, E);
+    }
+  M512i o;
+  __builtin_memcpy(o.u, r, 64);
+  return o;
+}
+ATTNKERN_EMU_FN M512i unpacklo_epi16(M512i a, M512i b) { return unpack<2, false>(a, b); }
+ATTNKERN_EMU_FN M512i unpackhi_epi16(M512i a, M512i b) { return unpack<2, true>(a, b); }
+ATTNKERN_EMU_FN M512i unpacklo_epi32(M512i a, M512i b) { return unpack<4, false>(a, b); }
+ATTNKERN_EMU_FN M512i unpackhi_epi32(M512i a, M512i b) { return unpack<4, true>(a, b); }
+ATTNKERN_EMU_FN M512i unpacklo_epi64(M512i a, M512i b) { return unpack<8, false>(a, b); }
+ATTNKERN_EMU_FN M512i unpackhi_epi64(M512i a, M512i b) { return unpack<8, true>(a, b); }
+template <int I>
+ATTNKERN_EMU_FN M512i shuffle_i32x4(M512i a, M512i b) {
+  M512i r;
+  for (int q = 0; q < 4; ++q) {
+    const M512i& s = q < 2 ? a : b;
+    __builtin_memcpy(r.u + 4 * q, s.u + 4 * ((I >> (2 * q)) & 3), 16);
+  }
+  return r;
+}
+ATTNKERN_EMU_FN M512i permutexvar_epi32(M512i idx, M512i a) {
+  M512i r;
+  for (int i = 0; i < 16; ++i) r.u[i] = a.u[idx.u[i] & 15];
+  return r;
+}
+ATTNKERN_EMU_FN M512i permutexvar_epi16(M512i idx, M512i a) {
+  uint16_t x[32], k[32], r[32];
+  __builtin_memcpy(x, a.u, 64);
+  __builtin_memcpy(k, idx.u, 64);
+  for (int i = 0; i < 32; ++i) r[i] = x[k[i] & 31];
+  M512i o;
+  __builtin_memcpy(o.u, r, 64);
+  return o;
+}
+ATTNKERN_EMU_FN M512 permutex2var_ps(M512 a, M512i idx, M512 b) {
+  M512 r;
+  for (int i = 0; i < 16; ++i) r.f[i] = (idx.u[i] & 16) ? b.f[idx.u[i] & 15] : a.f[idx.u[i] & 15];
+  return r;
+}
+// vpdpbusd: per lane, src + the four products of a's unsigned bytes and b's signed bytes
+// (each product and the sum exact; the lane wraps modulo 2^32).
+ATTNKERN_EMU_FN M512i dpbusd_epi32(M512i src, M512i a, M512i b) {
+  uint8_t x[64];
+  int8_t y[64];
+  __builtin_memcpy(x, a.u, 64);
+  __builtin_memcpy(y, b.u, 64);
+  for (int i = 0; i < 16; ++i) {
+    int32_t s = 0;
+    for (int j = 0; j < 4; ++j) s += int32_t(x[4 * i + j]) * int32_t(y[4 * i + j]);
+    src.u[i] += uint32_t(s);
+  }
+  return src;
+}
+// vpdpwssd: per lane, src + the two products of signed 16-bit pairs (wrapping).
+ATTNKERN_EMU_FN M512i dpwssd_epi32(M512i src, M512i a, M512i b) {
+  int16_t x[32], y[32];
+  __builtin_memcpy(x, a.u, 64);
+  __builtin_memcpy(y, b.u, 64);
+  for (int i = 0; i < 16; ++i)
+    src.u[i] += uint32_t(int32_t(x[2 * i]) * y[2 * i]) + uint32_t(int32_t(x[2 * i + 1]) * y[2 * i + 1]);
+  return src;
+}
+
 }  // namespace emu
 }  // namespace cpu
 }  // namespace attnkern
@@ -407,3 +564,57 @@ ATTNKERN_EMU_FN M512 dpbf16_ps(M512 src, M512bh a, M512bh b) {
 #define _mm512_cvtps_ph(a, r) ATTNKERN_EMU(cvtps_ph<(r)>)(a)
 #undef _mm512_dpbf16_ps
 #define _mm512_dpbf16_ps ATTNKERN_EMU(dpbf16_ps)
+#undef _mm512_load_ps
+#define _mm512_load_ps ATTNKERN_EMU(load_ps)
+#undef _mm512_load_si512
+#define _mm512_load_si512 ATTNKERN_EMU(load_si512)
+#undef _mm512_store_ps
+#define _mm512_store_ps ATTNKERN_EMU(store_ps)
+#undef _mm512_store_si512
+#define _mm512_store_si512 ATTNKERN_EMU(store_si512)
+#undef _mm512_andnot_ps
+#define _mm512_andnot_ps ATTNKERN_EMU(andnot_ps)
+#undef _mm512_xor_si512
+#define _mm512_xor_si512 ATTNKERN_EMU(xor_si512)
+#undef _mm512_sub_epi32
+#define _mm512_sub_epi32 ATTNKERN_EMU(sub_epi32)
+#undef _mm512_castsi128_si512
+#define _mm512_castsi128_si512 ATTNKERN_EMU(castsi128_si512)
+#undef _mm512_castsi256_si512
+#define _mm512_castsi256_si512 ATTNKERN_EMU(castsi256_si512)
+#undef _mm512_inserti32x4
+#define _mm512_inserti32x4 ATTNKERN_EMU(inserti32x4)
+#undef _mm512_inserti64x4
+#define _mm512_inserti64x4 ATTNKERN_EMU(inserti64x4)
+#undef _mm512_cvtepi32_ps
+#define _mm512_cvtepi32_ps ATTNKERN_EMU(cvtepi32_ps)
+#undef _mm512_cvtps_epi32
+#define _mm512_cvtps_epi32 ATTNKERN_EMU(cvtps_epi32)
+#undef _mm512_cvtepi8_epi16
+#define _mm512_cvtepi8_epi16 ATTNKERN_EMU(cvtepi8_epi16)
+#undef _mm512_cvtepu8_epi16
+#define _mm512_cvtepu8_epi16 ATTNKERN_EMU(cvtepu8_epi16)
+#undef _mm512_unpacklo_epi16
+#define _mm512_unpacklo_epi16 ATTNKERN_EMU(unpacklo_epi16)
+#undef _mm512_unpackhi_epi16
+#define _mm512_unpackhi_epi16 ATTNKERN_EMU(unpackhi_epi16)
+#undef _mm512_unpacklo_epi32
+#define _mm512_unpacklo_epi32 ATTNKERN_EMU(unpacklo_epi32)
+#undef _mm512_unpackhi_epi32
+#define _mm512_unpackhi_epi32 ATTNKERN_EMU(unpackhi_epi32)
+#undef _mm512_unpacklo_epi64
+#define _mm512_unpacklo_epi64 ATTNKERN_EMU(unpacklo_epi64)
+#undef _mm512_unpackhi_epi64
+#define _mm512_unpackhi_epi64 ATTNKERN_EMU(unpackhi_epi64)
+#undef _mm512_permutexvar_epi32
+#define _mm512_permutexvar_epi32 ATTNKERN_EMU(permutexvar_epi32)
+#undef _mm512_permutexvar_epi16
+#define _mm512_permutexvar_epi16 ATTNKERN_EMU(permutexvar_epi16)
+#undef _mm512_permutex2var_ps
+#define _mm512_permutex2var_ps ATTNKERN_EMU(permutex2var_ps)
+#undef _mm512_dpbusd_epi32
+#define _mm512_dpbusd_epi32 ATTNKERN_EMU(dpbusd_epi32)
+#undef _mm512_dpwssd_epi32
+#define _mm512_dpwssd_epi32 ATTNKERN_EMU(dpwssd_epi32)
+#undef _mm512_shuffle_i32x4
+#define _mm512_shuffle_i32x4(a, b, i) ATTNKERN_EMU(shuffle_i32x4<(i)>)(a, b)
