@@ -43,6 +43,10 @@ struct PoolDims {
   int64_t L = 0;   // padded: max history length; jagged: T (total key rows)
 };
 
+// The dims of query [B, N, H, Dk] and key/value of `rank` dims (4 padded, 3 jagged), already
+// checked to have those ranks.
+PoolDims pool_dims(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t rank);
+
 // Shape/dtype/device checks shared by the forward launchers. They never read tensor data, so
 // they are safe for CUDA tensors. Errors are ValueError (shapes) / TypeError (dtypes) naming
 // the argument with expected vs given (csrc/input_checks.h).

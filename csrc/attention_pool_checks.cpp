@@ -6,6 +6,18 @@
 #include "input_checks.h"
 
 namespace attnkern {
+
+PoolDims pool_dims(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t rank) {
+  PoolDims d;
+  d.B = query.size(0);
+  d.N = query.size(1);
+  d.H = query.size(2);
+  d.Dk = query.size(3);
+  d.L = key.size(rank - 3);
+  d.Dv = value.size(rank - 1);
+  return d;
+}
+
 namespace {
 
 // query [B, N, H, Dk] with key and value of its dtype and device, key and value of `rank` dims;
@@ -24,14 +36,7 @@ PoolDims check_qkv(const at::Tensor& query, const at::Tensor& key, const at::Ten
                     " dims");
   TORCH_CHECK_VALUE(key.dim() == rank, "attnkern: ", key_shape, ", got ", key.sizes());
   TORCH_CHECK_VALUE(value.dim() == rank, "attnkern: ", value_shape, ", got ", value.sizes());
-  PoolDims d;
-  d.B = query.size(0);
-  d.N = query.size(1);
-  d.H = query.size(2);
-  d.Dk = query.size(3);
-  d.L = key.size(rank - 3);
-  d.Dv = value.size(rank - 1);
-  return d;
+  return pool_dims(query, key, value, rank);
 }
 
 void check_dims(const PoolDims& d) {

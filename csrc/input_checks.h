@@ -8,11 +8,15 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
 
 #include "op_limits.h"
 
 namespace attnkern {
+
+// An optional tensor argument that was passed (None arrives as an empty optional).
+inline bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // "torch.float32", as str(torch.float32) prints it.
 inline std::string dtype_name(at::ScalarType t) {

@@ -11,8 +11,6 @@
 
 namespace attnkern {
 
-inline bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
 // A dense int64 [n] vector on the query's device (rows, lengths, targets, times, bounds).
 inline void check_long_vector(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& q) {
   check_dense(t, name);

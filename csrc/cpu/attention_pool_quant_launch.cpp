@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "attention_pool.h"
+#include "attention_pool_quant_checks.h"
 #include "attention_pool_quant_kernels.h"
 #include "attention_pool_work.h"
 #include "input_checks.h"
@@ -23,34 +24,7 @@ namespace {
 
 using cpu::QuantParams;
 using cpu::QuantSpan;
-
-int quant_type(at::ScalarType t, const char* name) {
-  switch (t) {
-    case at::kChar:
-      return cpu::kQInt8;
-    case at::kByte:
-      return cpu::kQUInt8;
-    case at::kFloat8_e4m3fn:
-      return cpu::kQFp8E4M3;
-    case at::kFloat8_e5m2:
-      return cpu::kQFp8E5M2;
-    default:
-      TORCH_CHECK_TYPE(false, "attnkern: quantized ", name,
-                       " must be torch.int8, torch.uint8, torch.float8_e4m3fn or torch.float8_e5m2, got ",
-                       dtype_name(t));
-  }
-  return 0;
-}
-
-// A per-row parameter: float32 of shape `want` ([B, L, H] or [T, H]).
-at::Tensor row_param(const at::Tensor& t, const char* name, at::IntArrayRef want, const at::Tensor& query) {
-  check_dense(t, name);
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "attnkern: ", name, " must be torch.float32, got ",
-                   dtype_name(t.scalar_type()));
-  check_shape(t, name, want);
-  check_on_query_device(t, name, query);
-  return t.contiguous();
-}
+static_assert(cpu::kQInt8 == 0 && cpu::kQFp8E5M2 == 3, "the numbering of quant_code");
 
 cpu::QuantFwdFn kernel() {
   static const cpu::QuantFwdFn fn = [] {
@@ -77,63 +51,11 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_quant_fwd_cpu(
     const std::optional<at::Tensor>& value_bias, const std::optional<at::Tensor>& lengths,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& offsets, int64_t max_length, double scale,
     const std::optional<at::Tensor>& bias) {
-  check_dense(query, "query");
-  TORCH_CHECK_TYPE(query.scalar_type() == at::kFloat || query.scalar_type() == at::kHalf ||
-                       query.scalar_type() == at::kBFloat16,
-                   "attnkern: with quantized key/value, query must be float16, bfloat16 or float32, got ",
-                   dtype_name(query.scalar_type()));
-  TORCH_CHECK_VALUE(query.dim() == 4, "attnkern: query must be [B, N, H, Dk], got ", query.sizes());
-  check_dense(key, "key");
-  check_dense(value, "value");
-  const int qtype = quant_type(key.scalar_type(), "key");
-  TORCH_CHECK_TYPE(value.scalar_type() == key.scalar_type(), "attnkern: value must have the dtype of key (",
-                   dtype_name(key.scalar_type()), "), got ", dtype_name(value.scalar_type()));
-  check_on_query_device(key, "key", query);
-  check_on_query_device(value, "value", query);
-  const bool jagged = offsets.has_value();
-  const int64_t rank = jagged ? 3 : 4;
-  PoolDims d;
-  d.B = query.size(0);
-  d.N = query.size(1);
-  d.H = query.size(2);
-  d.Dk = query.size(3);
-  TORCH_CHECK_VALUE(key.dim() == rank && value.dim() == rank, "attnkern: ",
-                    jagged ? "jagged key/value must be [T, H, Dk] / [T, H, Dv]"
-                           : "padded key/value must be [B, L, H, Dk] / [B, L, H, Dv]",
-                    ", got ", key.sizes(), " and ", value.sizes());
-  d.L = key.size(rank - 3);
-  d.Dv = value.size(rank - 1);
-  TORCH_CHECK_VALUE(d.H >= 1 && d.N >= 1, "attnkern: query must have N >= 1 and H >= 1, got ", query.sizes());
-  check_dim_in_range("query/key head dim Dk", d.Dk, kMaxHeadDim);
-  check_dim_in_range("value head dim Dv", d.Dv, kMaxHeadDim);
-  std::vector<int64_t> kshape, vshape, pshape;
-  if (jagged) {
-    kshape = {d.L, d.H, d.Dk};
-    vshape = {d.L, d.H, d.Dv};
-    pshape = {d.L, d.H};
-  } else {
-    kshape = {d.B, d.L, d.H, d.Dk};
-    vshape = {d.B, d.L, d.H, d.Dv};
-    pshape = {d.B, d.L, d.H};
-  }
-  check_shape(key, "key", kshape);
-  check_shape(value, "value", vshape);
-  const at::Tensor ks = row_param(key_scale, "key_scale", pshape, query);
-  const at::Tensor vs = row_param(value_scale, "value_scale", pshape, query);
-  std::optional<at::Tensor> kb, vb;
-  if (key_bias.has_value()) kb = row_param(*key_bias, "key_bias", pshape, query);
-  if (value_bias.has_value()) vb = row_param(*value_bias, "value_bias", pshape, query);
-  TORCH_CHECK_VALUE(!(lengths.has_value() && mask.has_value()), "attnkern: give lengths or mask, not both");
-  TORCH_CHECK_VALUE(!jagged || (!lengths.has_value() && !mask.has_value()),
-                    "attnkern: lengths and mask are for the padded layout, got offsets too");
-  if (lengths.has_value()) check_index_tensor(*lengths, "lengths", d.B, query);
-  if (mask.has_value()) check_mask(*mask, d.B, d.L, query);
-  if (jagged) {
-    check_index_tensor(*offsets, "offsets", d.B + 1, query);
-    check_max_length(max_length);
-  }
-  check_bias(d, query, bias, jagged);
-  TORCH_CHECK_VALUE(std::isfinite(scale), "attnkern: scale must be finite, got ", scale);
+  const QuantInputs in = check_quant_fwd(query, key, value, key_scale, key_bias, value_scale, value_bias, lengths,
+                                         mask, offsets, max_length, scale, bias);
+  const PoolDims& d = in.d;
+  const bool jagged = in.jagged;
+  const int64_t rank = in.rank;
 
   const cpu::Rows rows = jagged ? cpu::jagged_rows(d, *offsets, max_length) : cpu::padded_rows(d, lengths, mask);
   // The kernels read the head dim with stride 1; other strides are free.
@@ -146,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_quant_fwd_cpu(
   at::Tensor lse = at::empty({d.B, d.N, d.H}, query.options().dtype(at::kFloat));
 
   QuantParams p;
-  p.qtype = qtype;
+  p.qtype = in.qtype;
   p.q = q.data_ptr<float>();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -156,10 +78,10 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_quant_fwd_cpu(
   p.v_sb = jagged ? 0 : v.stride(0);
   p.v_sl = v.stride(rank - 3);
   p.v_sh = v.stride(rank - 2);
-  p.k_scale = ks.data_ptr<float>();
-  p.v_scale = vs.data_ptr<float>();
-  p.k_bias = kb ? kb->data_ptr<float>() : nullptr;
-  p.v_bias = vb ? vb->data_ptr<float>() : nullptr;
+  p.k_scale = in.k_scale.data_ptr<float>();
+  p.v_scale = in.v_scale.data_ptr<float>();
+  p.k_bias = in.k_bias.defined() ? in.k_bias.data_ptr<float>() : nullptr;
+  p.v_bias = in.v_bias.defined() ? in.v_bias.data_ptr<float>() : nullptr;
   p.p_sb = jagged ? 0 : d.L * d.H;
   p.N = d.N;
   p.H = d.H;

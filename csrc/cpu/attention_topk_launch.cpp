@@ -14,7 +14,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../input_checks.h"
+#include "../attention_topk_checks.h"
 #include "attention_topk_kernels.h"
 #include "isa_dispatch.h"
 #include "score_rows_launch.h"
@@ -24,8 +24,6 @@ namespace cpu {
 namespace {
 
 using OptT = std::optional<at::Tensor>;
-
-bool given(const OptT& t) { return t.has_value() && t->defined(); }
 
 TopkFn kernel_for(at::ScalarType dtype) {
   if (dtype == at::kDouble) return topk_generic_f64_kernel();
@@ -77,49 +75,14 @@ void row_ranges(const OptT& lengths, const OptT& offsets, int64_t B, int64_t L, 
 std::tuple<at::Tensor, at::Tensor> attention_topk_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
                                                           const OptT& lengths, const OptT& mask, const OptT& offsets,
                                                           int64_t k, double scale, const OptT& bias) {
-  check_float_query(query);
-  check_dense(key, "key");
-  check_same_dtype(key, "key", query);
-  check_on_query_device(key, "key", query);
+  const TopkDims t = check_topk_fwd(query, key, lengths, mask, offsets, k, scale, bias);
   TORCH_CHECK_VALUE(query.device().is_cpu(), "attnkern: the CPU kernels need CPU tensors, got query on ",
                     query.device());
-  TORCH_CHECK_VALUE(query.dim() == 4, "attnkern: query must be [B, N, H, Dk], got ", query.sizes());
-  const int64_t B = query.size(0), N = query.size(1), H = query.size(2), Dk = query.size(3);
-  TORCH_CHECK_VALUE(N >= 1 && H >= 1 && Dk >= 1 && Dk <= kMaxHeadDim, "attnkern: query must have N, H >= 1 and Dk in [1, ",
-                    kMaxHeadDim, "], got ", query.sizes());
-  const bool jagged = given(offsets);
-  TORCH_CHECK_VALUE(key.dim() == (jagged ? 3 : 4), "attnkern: key must be ",
-                    jagged ? "jagged [T, Hkv, Dk] (offsets given)" : "padded [B, L, Hkv, Dk]", ", got ", key.sizes());
-  const int64_t L = jagged ? key.size(0) : key.size(1), Hkv = key.size(jagged ? 1 : 2);
-  TORCH_CHECK_VALUE((jagged || key.size(0) == B) && key.size(-1) == Dk && Hkv >= 1 && H % Hkv == 0,
-                    "attnkern: key must have B = ", B, " rows (padded), Dk = ", Dk, " and a head count dividing H = ", H,
-                    ", got ", key.sizes());
-  TORCH_CHECK_VALUE(k >= 0, "attnkern: k must be >= 0, got ", k);
-  TORCH_CHECK_VALUE(std::isfinite(scale), "attnkern: scale must be finite, got ", scale);
-  TORCH_CHECK_VALUE(int(given(lengths)) + int(given(mask)) + int(jagged) <= 1,
-                    "attnkern: give at most one of lengths, mask (padded) and offsets (jagged)");
-  if (given(lengths)) check_index_tensor(*lengths, "lengths", B, query);
-  if (jagged) check_index_tensor(*offsets, "offsets", B + 1, query);
-  at::Tensor mask_u8;
-  if (given(mask)) {
-    check_mask(*mask, B, L, query);
-    mask_u8 = mask->contiguous().view(at::kByte);
-  }
+  const int64_t B = t.d.B, N = t.d.N, H = t.d.H, Dk = t.d.Dk, L = t.d.L, Hkv = t.Hkv;
+  const bool jagged = t.jagged;
+  const at::Tensor mask_u8 = given(mask) ? mask->contiguous().view(at::kByte) : at::Tensor();
   const at::ScalarType acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor bias_c;
-  if (given(bias)) {
-    const at::Tensor& bt = *bias;
-    check_dense(bt, "bias");
-    check_on_query_device(bt, "bias", query);
-    TORCH_CHECK_TYPE(bt.scalar_type() == at::kFloat || bt.scalar_type() == query.scalar_type(),
-                     "attnkern: bias must be torch.float32 or the dtype of query, got ", dtype_name(bt.scalar_type()));
-    TORCH_CHECK_VALUE(bt.dim() == (jagged ? 3 : 4) && bt.size(0) == (jagged ? L : B) &&
-                          (bt.size(1) == 1 || bt.size(1) == N) && (bt.size(2) == 1 || bt.size(2) == H) &&
-                          (jagged || bt.size(3) == L),
-                      "attnkern: bias must be ", jagged ? "[T, Nb, Hb]" : "[B, Nb, Hb, L]",
-                      " with Nb 1 or N and Hb 1 or H, got ", bt.sizes());
-    bias_c = bt.to(acc).contiguous();
-  }
+  const at::Tensor bias_c = given(bias) ? bias->to(acc).contiguous() : at::Tensor();
   std::vector<int64_t> starts, lens;
   row_ranges(lengths, offsets, B, L, starts, lens);
 

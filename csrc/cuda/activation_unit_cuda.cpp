@@ -81,27 +81,13 @@ Prepared prepare(const AuDims& d, const at::Tensor& query, const at::Tensor& key
     p.k_sl = r.k.stride(0);
     p.v_sb = 0;
     p.v_sl = r.v.stride(0);
-    p.rows.mode = kc::RowMode::kJagged;
-    p.rows.index = offsets->data_ptr();
-    p.rows.index_is_int64 = offsets->scalar_type() == at::kLong;
-    p.rows.index_stride = offsets->stride(0);
-    p.rows.max_length = max_length;
+    p.rows = cuda_launch::jagged_rows(*offsets, max_length);
   } else {
     p.k_sb = r.k.stride(0);
     p.k_sl = r.k.stride(1);
     p.v_sb = r.v.stride(0);
     p.v_sl = r.v.stride(1);
-    if (lengths.has_value()) {
-      p.rows.mode = kc::RowMode::kLengths;
-      p.rows.index = lengths->data_ptr();
-      p.rows.index_is_int64 = lengths->scalar_type() == at::kLong;
-      p.rows.index_stride = lengths->stride(0);
-    } else if (mask.has_value()) {
-      p.rows.mode = kc::RowMode::kMask;
-      p.rows.mask = mask->data_ptr<bool>();
-      p.rows.mask_stride_b = mask->stride(0);
-      p.rows.mask_stride_l = mask->stride(1);
-    }
+    p.rows = cuda_launch::padded_rows(lengths, mask);
   }
   p.w1 = r.w1.data_ptr();
   p.b1 = r.b1.data_ptr();

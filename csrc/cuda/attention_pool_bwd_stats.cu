@@ -56,46 +56,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 
     const RowSpan<T> row = row_span<T>(p, b, h);  // K only
     float q[QG][EPL];  // unscaled, as in the dq and dk/dv kernels
-    float m[QG];
-    float l[QG];
     load_queries<T, DB, ALIGNED, QG>(p, wl, b, h, qgrp, q);
-#pragma unroll
-    for (int qi = 0; qi < QG; ++qi) {
-      m[qi] = -INFINITY;
-      l[qi] = 0.f;
-    }
-
+    RowStats<LPK, EPL, QG> st;
     for (SplitKeys<KPS * U> it(a.work, split, row.rr.len); it.next();) {
-      const KeyTile<T, DB, ALIGNED, U, false> t(p, wl, b, row, it.base, it.end);
-#pragma unroll
-      for (int qi = 0; qi < QG; ++qi) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const float s =
-              logit<LPK, EPL>(q[qi], t.k[u], p.scale, t.bias(p, b, qgrp * QG + qi, h, u));
-          if (t.ok[u]) stats_merge(m[qi], l[qi], s, 1.f);
-        }
-      }
+      st.add(p, KeyTile<T, DB, ALIGNED, U, false>(p, wl, b, row, it.base, it.end), b, h, qgrp, q);
     }
-
-    // Merge the KPS key groups (all lanes take part in every shuffle; stats_merge is symmetric,
-    // so every lane ends with the same statistics), then lane 0 writes this split's.
-#pragma unroll
-    for (int qi = 0; qi < QG; ++qi) {
-#pragma unroll
-      for (int off = LPK; off < 32; off *= 2) {
-        const float mo = __shfl_xor_sync(kFullMask, m[qi], off);
-        const float lo = __shfl_xor_sync(kFullMask, l[qi], off);
-        stats_merge(m[qi], l[qi], mo, lo);
-      }
-    }
+    // Every lane ends with the same statistics; lane 0 writes this split's.
+    st.merge_groups();
     if (wl.lane == 0) {
 #pragma unroll
       for (int qi = 0; qi < QG; ++qi) {
         if (!need[qi]) continue;
         const int64_t r = query_index(p, b, qgrp * QG + qi, h);
-        a.part_stats[(2 * split) * wl.rows + r] = m[qi];
-        a.part_stats[(2 * split + 1) * wl.rows + r] = l[qi];
+        a.part_stats[(2 * split) * wl.rows + r] = st.m[qi];
+        a.part_stats[(2 * split + 1) * wl.rows + r] = st.l[qi];
       }
     }
   }

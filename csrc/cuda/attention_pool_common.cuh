@@ -498,6 +498,7 @@ __device__ __forceinline__ float bias_at(const PoolProblem& p, int64_t b, int64_
 template <typename T, int DB, bool ALIGNED, int U, bool WITH_V>
 struct KeyTile {
   static constexpr int EPL = Lanes<T, DB>::EPL;
+  static constexpr int KEYS = U;
   float k[U][EPL];
   float v[WITH_V ? U : 1][EPL];
   bool ok[U];
@@ -547,6 +548,11 @@ __device__ __forceinline__ float cross_group_max(float x) {
   for (int off = LPK; off < 32; off *= 2) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, off));
   return x;
 }
+
+// Keys per key group per pass of the forward kernels (float and quantized): enough loads in
+// flight to cover HBM latency without spilling under the 128-register cap (the K and V slices of
+// that many keys live in registers; with 4 queries of 8 elements a lane, q and acc already take 64).
+constexpr int fwd_keys_per_group(int epl, int qg) { return epl <= 4 ? 4 : (qg >= 4 ? 1 : 2); }
 
 // ------------------------------------------------------------------ split work
 // The work of a split row kernel (forward, stats, dq): one warp per (row, head, split, query
@@ -652,6 +658,94 @@ __device__ __forceinline__ BwdProb bwd_prob(const float (&q)[EPL], const float (
   return BwdProb{pr, pr * (dp - delta)};
 }
 
+// ------------------------------------------------------------------ softmax of a warp's queries
+// The forward's online softmax of a warp's QG queries, per lane: the running max m of the
+// logits (natural units), the sum l of e^(s - m) and this lane's slice acc of sum e^(s - m) v,
+// over the keys of this lane's key group. add() takes a key tile (KeyTile with V), add_keys() a
+// kernel's own (the quantized forward's); finish() merges the KPS key groups (every lane in
+// every shuffle) and normalises acc, leaving the max and sum of the warp's keys in m and l, for
+// the lse or a split combine.
+template <int LPK, int EPL, int QG>
+struct OnlineSoftmax {
+  float m[QG];
+  float l[QG];
+  float acc[QG][EPL];
+
+  __device__ __forceinline__ OnlineSoftmax() {
+#pragma unroll
+    for (int qi = 0; qi < QG; ++qi) {
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) acc[qi][e] = 0.f;
+      m[qi] = -INFINITY;
+      l[qi] = 0.f;
+    }
+  }
+
+  // The tile's keys for the queries of query group qgrp (q: their slices) of row b, head h.
+  template <typename Tile>
+  __device__ __forceinline__ void add(const PoolProblem& p, const Tile& t, int64_t b, int64_t h,
+                                      int64_t qgrp, const float (&q)[QG][EPL]) {
+    add_keys(p.scale, q, t.k, t.v, t.ok,
+             [&](int qi, int u) { return t.bias(p, b, qgrp * QG + qi, h, u); });
+  }
+
+  // U keys: this lane's slices of their K and V, whether each takes part (ok), and bias(qi, u),
+  // the score bias of query qi at key u (0 where !ok[u]).
+  template <int U, typename Bias>
+  __device__ __forceinline__ void add_keys(float scale, const float (&q)[QG][EPL],
+                                           const float (&k)[U][EPL], const float (&v)[U][EPL],
+                                           const bool (&ok)[U], Bias&& bias) {
+#pragma unroll
+    for (int qi = 0; qi < QG; ++qi) {
+      float s[U];
+      float mx = m[qi];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        s[u] = logit<LPK, EPL>(q[qi], k[u], scale, bias(qi, u));
+        // fmaxf drops NaN: a NaN logit at a valid position makes the max NaN instead, so
+        // that it reaches l and acc (and so out and lse) rather than vanishing.
+        if (ok[u]) mx = isnan(s[u]) ? s[u] : fmaxf(mx, s[u]);
+      }
+      // mx == -inf: this group has seen no valid key yet; skipping avoids inf - inf.
+      if (mx != -INFINITY) {
+        const float corr = exp_nat(m[qi] - mx);  // m == -inf gives 0
+        l[qi] *= corr;
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) acc[qi][e] *= corr;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const float pu = ok[u] ? exp_nat(s[u] - mx) : 0.f;
+          l[qi] += pu;
+#pragma unroll
+          for (int e = 0; e < EPL; ++e) acc[qi][e] = fmaf(pu, v[u][e], acc[qi][e]);
+        }
+        m[qi] = mx;
+      }
+    }
+  }
+
+  __device__ __forceinline__ void finish() {
+#pragma unroll
+    for (int qi = 0; qi < QG; ++qi) {
+      const float mx = cross_group_max<LPK>(m[qi]);
+      const float f = (m[qi] == -INFINITY) ? 0.f : exp_nat(m[qi] - mx);
+      const float lsum = cross_group_sum<LPK>(l[qi] * f);
+      // No valid key with a finite logit: out = 0, lse = -inf. A NaN sum propagates.
+      const float inv = lsum == 0.f ? 0.f : 1.f / lsum;
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) acc[qi][e] = cross_group_sum<LPK>(acc[qi][e] * f) * inv;
+      m[qi] = mx;
+      l[qi] = lsum;
+    }
+  }
+
+  // After finish(): query qi's lse (-inf without a valid key with a finite logit; NaN/inf
+  // propagate).
+  __device__ __forceinline__ float lse(int qi) const {
+    return l[qi] == 0.f ? -INFINITY : m[qi] + logf(l[qi]);
+  }
+};
+
 // ------------------------------------------------------------------ softmax anchors
 // The backward recomputes p = exp_nat((s - a) - c) from per-query anchors (a, c), natural units
 // (as the Triton backward). Normally (a, c) = (lse, 0). But a float32 lse is only good to about
@@ -698,6 +792,50 @@ __device__ __forceinline__ void anchors_of(float m, float l, float& a, float& c)
   a = finite_or_zero(m);
   c = l == 0.f ? 0.f : logf(l);
 }
+
+// The softmax statistics (stats_merge) of a warp's QG queries over the keys of this lane's key
+// group: add() takes a key tile (KeyTile, K only), merge_groups() merges the KPS key groups in a
+// butterfly (all lanes in every shuffle; stats_merge is symmetric, so every lane ends with the
+// same statistics). Used where the max and sum must be exact for the logits themselves (the
+// weights, the backward's restatement), which a float32 lse is not.
+template <int LPK, int EPL, int QG>
+struct RowStats {
+  float m[QG];
+  float l[QG];
+
+  __device__ __forceinline__ RowStats() {
+#pragma unroll
+    for (int qi = 0; qi < QG; ++qi) {
+      m[qi] = -INFINITY;
+      l[qi] = 0.f;
+    }
+  }
+
+  template <typename Tile>
+  __device__ __forceinline__ void add(const PoolProblem& p, const Tile& t, int64_t b, int64_t h,
+                                      int64_t qgrp, const float (&q)[QG][EPL]) {
+#pragma unroll
+    for (int qi = 0; qi < QG; ++qi) {
+#pragma unroll
+      for (int u = 0; u < Tile::KEYS; ++u) {
+        const float s = logit<LPK, EPL>(q[qi], t.k[u], p.scale, t.bias(p, b, qgrp * QG + qi, h, u));
+        if (t.ok[u]) stats_merge(m[qi], l[qi], s, 1.f);
+      }
+    }
+  }
+
+  __device__ __forceinline__ void merge_groups() {
+#pragma unroll
+    for (int qi = 0; qi < QG; ++qi) {
+#pragma unroll
+      for (int off = LPK; off < 32; off *= 2) {
+        const float m2 = __shfl_xor_sync(kFullMask, m[qi], off);
+        const float l2 = __shfl_xor_sync(kFullMask, l[qi], off);
+        stats_merge(m[qi], l[qi], m2, l2);
+      }
+    }
+  }
+};
 
 // ------------------------------------------------------------------ internal launchers
 // Scratch of the backward (floats, carved by launch_bwd): the anchors [2, B * N * H] (a then

@@ -5,7 +5,6 @@
 //
 // lengths / offsets are never read on the host (that would sync the device): the kernels clamp
 // every row to its legal range, so no value can make them access memory out of bounds.
-#include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -17,109 +16,18 @@ namespace attnkern {
 namespace {
 
 namespace kc = attnkern::cuda;
-using cuda_launch::cuda_dtype;
+using cuda_launch::bias_strides;
+using cuda_launch::check_cuda_inputs;
+using cuda_launch::jagged_rows;
+using cuda_launch::make_problem;
+using cuda_launch::padded_rows;
+using cuda_launch::set_bias;
 using cuda_launch::unit_inner_stride;
-
-// After the op's shared checks: the device, the scale, then the CUDA-only dtype rule.
-void check_cuda_inputs(const at::Tensor& query, double scale) {
-  cuda_launch::check_device(query);
-  TORCH_CHECK_VALUE(std::isfinite(scale), "attnkern: scale must be a finite float, got ", scale);
-  cuda_dtype(query);
-}
 
 float* scratch_ptr(at::Tensor& holder, int64_t floats, const at::Tensor& like) {
   if (floats <= 0) return nullptr;
   holder = at::empty({floats}, like.options().dtype(at::kFloat));
   return holder.data_ptr<float>();
-}
-
-kc::RowSpec padded_rows(const std::optional<at::Tensor>& lengths,
-                        const std::optional<at::Tensor>& mask) {
-  kc::RowSpec rows;
-  if (lengths.has_value()) {
-    rows.mode = kc::RowMode::kLengths;
-    rows.index = lengths->data_ptr();
-    rows.index_is_int64 = lengths->scalar_type() == at::kLong;
-    rows.index_stride = lengths->stride(0);
-  } else if (mask.has_value()) {
-    rows.mode = kc::RowMode::kMask;
-    rows.mask = mask->data_ptr<bool>();
-    rows.mask_stride_b = mask->stride(0);
-    rows.mask_stride_l = mask->stride(1);
-  }
-  return rows;
-}
-
-kc::RowSpec jagged_rows(const at::Tensor& offsets, int64_t max_length) {
-  kc::RowSpec rows;
-  rows.mode = kc::RowMode::kJagged;
-  rows.index = offsets.data_ptr();
-  rows.index_is_int64 = offsets.scalar_type() == at::kLong;
-  rows.index_stride = offsets.stride(0);
-  rows.max_length = max_length;
-  return rows;
-}
-
-// q/k/v must already have a unit innermost stride.
-kc::PoolProblem make_problem(const PoolDims& d, const at::Tensor& q, const at::Tensor& k,
-                             const at::Tensor& v, const kc::RowSpec& rows, double scale,
-                             bool jagged) {
-  kc::PoolProblem p;
-  p.dtype = cuda_dtype(q);
-  p.B = d.B;
-  p.N = d.N;
-  p.H = d.H;
-  p.L = d.L;
-  p.Dk = d.Dk;
-  p.Dv = d.Dv;
-  p.query = q.data_ptr();
-  p.q_sb = q.stride(0);
-  p.q_sn = q.stride(1);
-  p.q_sh = q.stride(2);
-  p.key = k.data_ptr();
-  p.value = v.data_ptr();
-  if (jagged) {  // [T, H, D]
-    p.k_sb = 0;
-    p.k_sl = k.stride(0);
-    p.k_sh = k.stride(1);
-    p.v_sb = 0;
-    p.v_sl = v.stride(0);
-    p.v_sh = v.stride(1);
-  } else {  // [B, L, H, D]
-    p.k_sb = k.stride(0);
-    p.k_sl = k.stride(1);
-    p.k_sh = k.stride(2);
-    p.v_sb = v.stride(0);
-    p.v_sl = v.stride(1);
-    p.v_sh = v.stride(2);
-  }
-  p.rows = rows;
-  p.scale = static_cast<float>(scale);
-  return p;
-}
-
-// The op-level bias (padded [B, Nb, Hb, L], jagged [T, Nb, Hb]; query n reads row n % Nb) as
-// (pointer-less) strides: b, n, h, key row; a head stride of 0 when one bias serves every head.
-struct BiasStrides {
-  int64_t nb, sb, sn, sh, sl;
-};
-
-BiasStrides bias_strides(const at::Tensor& t, bool jagged) {
-  const int64_t sh = t.size(2) > 1 ? t.stride(2) : 0;
-  if (jagged) return {t.size(1), 0, t.stride(1), sh, t.stride(0)};
-  return {t.size(1), t.stride(0), t.stride(1), sh, t.stride(3)};
-}
-
-void set_bias(kc::PoolProblem& p, const std::optional<at::Tensor>& bias, bool jagged) {
-  if (!bias.has_value()) return;
-  const BiasStrides s = bias_strides(*bias, jagged);
-  p.bias = bias->data_ptr();
-  p.bias_f32 = bias->scalar_type() == at::kFloat;
-  p.bias_nb = s.nb;
-  p.bias_sb = s.sb;
-  p.bias_sn = s.sn;
-  p.bias_sh = s.sh;
-  p.bias_sl = s.sl;
 }
 
 std::tuple<at::Tensor, at::Tensor> run_fwd(const PoolDims& d, const at::Tensor& query,
@@ -184,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_bwd(
   in.lse = lse_c.data_ptr<float>();
   in.delta = delta_c.data_ptr<float>();
   if (bias.has_value()) {
-    const BiasStrides s = bias_strides(grad_bias_acc, jagged);
+    const cuda_launch::BiasStrides s = bias_strides(grad_bias_acc, jagged);
     in.grad_bias = grad_bias_acc.data_ptr<float>();
     in.gb_sb = s.sb;
     in.gb_sn = s.sn;

@@ -38,10 +38,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   constexpr int LPK = LN::LPK;
   constexpr int KPS = LN::KPS;
   constexpr int EPL = LN::EPL;
-  // Keys per group per pass: enough 16-byte loads in flight to cover HBM latency without
-  // spilling under the 128-register cap (the K and V slices of U keys live in registers; with
-  // 4 queries of 8 elements a lane, q and acc already take 64).
-  constexpr int U = EPL <= 4 ? 4 : (QG >= 4 ? 1 : 2);
+  constexpr int U = fwd_keys_per_group(EPL, QG);
 
   const PoolProblem& p = a.p;
   const WarpLanes wl = warp_lanes<LPK>(p);
@@ -51,79 +48,24 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     const RowSpan<T> row = row_span<T>(p, b, h);
 
     float q[QG][EPL];
-    float m[QG];  // running max of the logits (natural units)
-    float l[QG];  // running sum of e^(logit - m)
-    float acc[QG][EPL];
     load_queries<T, DB, ALIGNED, QG>(p, wl, b, h, qgrp, q);
-#pragma unroll
-    for (int qi = 0; qi < QG; ++qi) {
-#pragma unroll
-      for (int e = 0; e < EPL; ++e) acc[qi][e] = 0.f;
-      m[qi] = -INFINITY;
-      l[qi] = 0.f;
-    }
-
+    OnlineSoftmax<LPK, EPL, QG> sm;
     for (SplitKeys<KPS * U> it(a.work, split, row.rr.len); it.next();) {
-      const KeyTile<T, DB, ALIGNED, U, true> t(p, wl, b, row, it.base, it.end);
-#pragma unroll
-      for (int qi = 0; qi < QG; ++qi) {
-        float s[U];
-        float mx = m[qi];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          s[u] = logit<LPK, EPL>(q[qi], t.k[u], p.scale, t.bias(p, b, qgrp * QG + qi, h, u));
-          // fmaxf drops NaN: a NaN logit at a valid position makes the max NaN instead, so
-          // that it reaches l and acc (and so out and lse) rather than vanishing.
-          if (t.ok[u]) mx = isnan(s[u]) ? s[u] : fmaxf(mx, s[u]);
-        }
-        // mx == -inf: this group has seen no valid key yet; skipping avoids inf - inf.
-        if (mx != -INFINITY) {
-          const float corr = exp_nat(m[qi] - mx);  // m == -inf gives 0
-          l[qi] *= corr;
-#pragma unroll
-          for (int e = 0; e < EPL; ++e) acc[qi][e] *= corr;
-#pragma unroll
-          for (int u = 0; u < U; ++u) {
-            const float pu = t.ok[u] ? exp_nat(s[u] - mx) : 0.f;
-            l[qi] += pu;
-#pragma unroll
-            for (int e = 0; e < EPL; ++e) acc[qi][e] = fmaf(pu, t.v[u][e], acc[qi][e]);
-          }
-          m[qi] = mx;
-        }
-      }
+      sm.add(p, KeyTile<T, DB, ALIGNED, U, true>(p, wl, b, row, it.base, it.end), b, h, qgrp, q);
     }
-
-    // Merge the KPS key groups (they hold the same head slice for different keys). All lanes
-    // take part in every shuffle; the stores come after, in a separate loop.
-    float mrow[QG];  // the max and sum of the warp's keys, for the lse or the split combine
-    float lrow[QG];
-#pragma unroll
-    for (int qi = 0; qi < QG; ++qi) {
-      const float mx = cross_group_max<LPK>(m[qi]);
-      const float f = (m[qi] == -INFINITY) ? 0.f : exp_nat(m[qi] - mx);
-      const float lsum = cross_group_sum<LPK>(l[qi] * f);
-      // No valid key with a finite logit: out = 0, lse = -inf. A NaN sum propagates.
-      const bool empty = lsum == 0.f;
-      const float inv = empty ? 0.f : 1.f / lsum;
-#pragma unroll
-      for (int e = 0; e < EPL; ++e) acc[qi][e] = cross_group_sum<LPK>(acc[qi][e] * f) * inv;
-      mrow[qi] = mx;
-      lrow[qi] = lsum;
-    }
+    sm.finish();  // the max and sum of the warp's keys: for the lse or the split combine
     if (wl.g == 0) {
       for_each_query<QG>(p, b, h, qgrp, [&](int qi, int64_t r) {
         if (a.work.num_splits == 1) {
           // Unrounded: out is float32 for every input dtype (delta = sum(grad_out * out)).
-          store_slice_f32<T, DB>(static_cast<float*>(a.out) + r * wl.dv, wl.dv, wl.j, acc[qi]);
-          // No valid key with a finite logit (lrow == 0): lse = -inf. NaN/inf propagate.
-          if (wl.j == 0) a.lse[r] = lrow[qi] == 0.f ? -INFINITY : mrow[qi] + logf(lrow[qi]);
+          store_slice_f32<T, DB>(static_cast<float*>(a.out) + r * wl.dv, wl.dv, wl.j, sm.acc[qi]);
+          if (wl.j == 0) a.lse[r] = sm.lse(qi);
         } else {
           // An empty split stores (-inf, 0) and zeros, and weighs 0 in the combine.
-          store_slice_f32<T, DB>(a.part_o + (split * wl.rows + r) * wl.dv, wl.dv, wl.j, acc[qi]);
+          store_slice_f32<T, DB>(a.part_o + (split * wl.rows + r) * wl.dv, wl.dv, wl.j, sm.acc[qi]);
           if (wl.j == 0) {
-            a.part_ml[(2 * split) * wl.rows + r] = mrow[qi];
-            a.part_ml[(2 * split + 1) * wl.rows + r] = lrow[qi];
+            a.part_ml[(2 * split) * wl.rows + r] = sm.m[qi];
+            a.part_ml[(2 * split + 1) * wl.rows + r] = sm.l[qi];
           }
         }
       });

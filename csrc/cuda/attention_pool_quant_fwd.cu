@@ -4,9 +4,10 @@
 // them in registers: element = stored * scale + bias per (position, head) row, rounded as the
 // reference rounds it (the product, then the sum). The lane layout is float32's (4 elements a
 // lane vector), so a lane reads 4 bytes of a row at a time and the query, converted to float32
-// by the launcher, is held as in the float kernels. float8_e4m3fn bytes are widened through the
-// float16 bits that hold them exactly (value / 256, then the exact factor 256), float8_e5m2
-// bytes are the upper half of a float16.
+// by the launcher, is held as in the float kernels, and the online softmax is the float
+// forward's (OnlineSoftmax). float8_e4m3fn bytes are widened through the float16 bits that hold
+// them exactly (value / 256, then the exact factor 256), float8_e5m2 bytes are the upper half of
+// a float16.
 //
 // No split-L: a (row, head, query group) is one warp, so the long-history serving shapes (few
 // rows, N = 1) fill the GPU only through B * H.
@@ -68,44 +69,33 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   constexpr int LPK = LN::LPK;
   constexpr int KPS = LN::KPS;
   constexpr int EPL = LN::EPL;
-  // As the float forward: enough loads in flight without spilling under the register cap.
-  constexpr int U = EPL <= 4 ? 4 : (QG >= 4 ? 1 : 2);
+  constexpr int U = fwd_keys_per_group(EPL, QG);
 
   const WarpLanes wl = warp_lanes<LPK>(p);
   for (int64_t w = first_warp(); w < total_warps; w += warp_stride()) {
     const auto [b, h, split, qgrp] = warp_item(p, w, num_qgroups, 1);
-    const RowRange rr = row_range(p.rows, b, p.L);
-    const uint8_t* key = static_cast<const uint8_t*>(p.key) + b * p.k_sb + h * p.k_sh + rr.start * p.k_sl;
-    const uint8_t* value = static_cast<const uint8_t*>(p.value) + b * p.v_sb + h * p.v_sh + rr.start * p.v_sl;
+    const RowSpan<uint8_t> row = row_span<uint8_t>(p, b, h);
     // The (scale, bias) of position pos: prow + pos * H.
-    const int64_t prow = b * qr.p_sb + rr.start * p.H + h;
+    const int64_t prow = b * qr.p_sb + row.rr.start * p.H + h;
 
     float q[QG][EPL];
-    float m[QG];
-    float l[QG];
-    float acc[QG][EPL];
     load_queries<float, DB, false, QG>(p, wl, b, h, qgrp, q);
-#pragma unroll
-    for (int qi = 0; qi < QG; ++qi) {
-#pragma unroll
-      for (int e = 0; e < EPL; ++e) acc[qi][e] = 0.f;
-      m[qi] = -INFINITY;
-      l[qi] = 0.f;
-    }
-
-    for (int64_t base = 0; base < rr.len; base += KPS * U) {
+    OnlineSoftmax<LPK, EPL, QG> sm;
+    for (int64_t base = 0; base < row.rr.len; base += KPS * U) {
+      // KeyTile's fields, loaded here: built as a KeyTile (with these loads), the kernels with 4
+      // queries and head dims <= 64 spilled 192 bytes under the register cap (sm_90); so, none.
       float k[U][EPL];
       float v[U][EPL];
       bool ok[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int64_t pos = base + u * KPS + wl.g;
-        ok[u] = pos < rr.len && position_valid(p.rows, b, pos);
+        ok[u] = pos < row.rr.len && position_valid(p.rows, b, pos);
         if (ok[u]) {  // only valid positions (and their row parameters) are read
           const int64_t pr = prow + pos * p.H;
-          load_quant_slice<QT, DB>(key + pos * p.k_sl, wl.dk, wl.j, qr.k_scale[pr],
+          load_quant_slice<QT, DB>(row.key + pos * p.k_sl, wl.dk, wl.j, qr.k_scale[pr],
                                    qr.k_bias != nullptr ? qr.k_bias[pr] : 0.f, k[u]);
-          load_quant_slice<QT, DB>(value + pos * p.v_sl, wl.dv, wl.j, qr.v_scale[pr],
+          load_quant_slice<QT, DB>(row.value + pos * p.v_sl, wl.dv, wl.j, qr.v_scale[pr],
                                    qr.v_bias != nullptr ? qr.v_bias[pr] : 0.f, v[u]);
         } else {
 #pragma unroll
@@ -115,53 +105,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
           }
         }
       }
-#pragma unroll
-      for (int qi = 0; qi < QG; ++qi) {
-        float s[U];
-        float mx = m[qi];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const float bias =
-              ok[u] ? bias_at<float>(p, b, qgrp * QG + qi, h, rr.start + base + u * KPS + wl.g) : 0.f;
-          s[u] = logit<LPK, EPL>(q[qi], k[u], p.scale, bias);
-          // A NaN logit at a valid position makes the max NaN, so that it reaches out and lse.
-          if (ok[u]) mx = isnan(s[u]) ? s[u] : fmaxf(mx, s[u]);
-        }
-        if (mx != -INFINITY) {  // no valid key yet: skipping avoids inf - inf
-          const float corr = exp_nat(m[qi] - mx);
-          l[qi] *= corr;
-#pragma unroll
-          for (int e = 0; e < EPL; ++e) acc[qi][e] *= corr;
-#pragma unroll
-          for (int u = 0; u < U; ++u) {
-            const float pu = ok[u] ? exp_nat(s[u] - mx) : 0.f;
-            l[qi] += pu;
-#pragma unroll
-            for (int e = 0; e < EPL; ++e) acc[qi][e] = fmaf(pu, v[u][e], acc[qi][e]);
-          }
-          m[qi] = mx;
-        }
-      }
+      sm.add_keys(p.scale, q, k, v, ok, [&](int qi, int u) {
+        return ok[u] ? bias_at<float>(p, b, qgrp * QG + qi, h, row.rr.start + base + u * KPS + wl.g)
+                     : 0.f;
+      });
     }
-
-    // Merge the key groups (every lane in every shuffle), then store.
-    float lrow[QG];
-    float mrow[QG];
-#pragma unroll
-    for (int qi = 0; qi < QG; ++qi) {
-      const float mx = cross_group_max<LPK>(m[qi]);
-      const float f = (m[qi] == -INFINITY) ? 0.f : exp_nat(m[qi] - mx);
-      const float lsum = cross_group_sum<LPK>(l[qi] * f);
-      const float inv = lsum == 0.f ? 0.f : 1.f / lsum;  // empty row: out 0, lse -inf
-#pragma unroll
-      for (int e = 0; e < EPL; ++e) acc[qi][e] = cross_group_sum<LPK>(acc[qi][e] * f) * inv;
-      mrow[qi] = mx;
-      lrow[qi] = lsum;
-    }
+    sm.finish();
     if (wl.g == 0) {
       for_each_query<QG>(p, b, h, qgrp, [&](int qi, int64_t r) {
-        store_slice_f32<float, DB>(out + r * wl.dv, wl.dv, wl.j, acc[qi]);
-        if (wl.j == 0) lse[r] = lrow[qi] == 0.f ? -INFINITY : mrow[qi] + logf(lrow[qi]);
+        store_slice_f32<float, DB>(out + r * wl.dv, wl.dv, wl.j, sm.acc[qi]);
+        if (wl.j == 0) lse[r] = sm.lse(qi);
       });
     }
   }

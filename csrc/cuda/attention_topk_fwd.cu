@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kTopkThreads) attention_topk_fwd_kernel(const 
       const int qi = i / Dk;
       float x = 0.f;  // queries past N score as zeros, never stored
       if (qi < nq) {
-        x = to_float<T>(static_cast<const T*>(p.query)[b * p.q_sb + (n0 + qi) * p.q_sn + h * p.q_sh + i % Dk]);
+        x = to_float<T>(query_row<T>(p, b, n0 + qi, h)[i % Dk]);
       }
       sm.q[i] = x;
     }
@@ -128,10 +128,7 @@ __global__ void __launch_bounds__(kTopkThreads) attention_topk_fwd_kernel(const 
         float s = -INFINITY;
         if (ok && qi < nq) {
           s = __fmul_rn(dot[qi], p.scale);
-          if (p.bias != nullptr) {
-            s = __fadd_rn(s, p.bias[b * p.bias_sb + ((n0 + qi) % p.bias_nb) * p.bias_sn +
-                                    h * p.bias_sh + (rr.start + l) * p.bias_sl]);
-          }
+          if (p.bias != nullptr) s = __fadd_rn(s, bias_at<T>(p, b, n0 + qi, h, rr.start + l));
           const int c = sm.count[qi];
           if (c == K && !topk_better(s, sm.list_s[(sm.buf[qi] * kTopkQueries + qi) * K + K - 1])) {
             s = -INFINITY;

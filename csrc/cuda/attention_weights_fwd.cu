@@ -30,42 +30,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     const auto [b, h, split, qgrp] = warp_item(p, w, num_qgroups, 1);
     const RowSpan<T> row = row_span<T>(p, b, h);
     float q[QG][EPL];
-    float m[QG];
-    float l[QG];
     load_queries<T, DB, ALIGNED, QG>(p, wl, b, h, qgrp, q);
-#pragma unroll
-    for (int qi = 0; qi < QG; ++qi) {
-      m[qi] = -INFINITY;
-      l[qi] = 0.f;
-    }
 
     // Pass 1: the statistics (stats_merge: a NaN logit makes l NaN, a +inf one l = inf, as the
     // reference's softmax), then merged over the key groups in a butterfly every lane agrees on.
+    RowStats<LPK, EPL, QG> st;
     for (int64_t base = 0; base < row.rr.len; base += KPS * U) {
-      const KeyTile<T, DB, ALIGNED, U, false> t(p, wl, b, row, base, row.rr.len);
-#pragma unroll
-      for (int qi = 0; qi < QG; ++qi) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const float s = logit<LPK, EPL>(q[qi], t.k[u], p.scale, t.bias(p, b, qgrp * QG + qi, h, u));
-          if (t.ok[u]) stats_merge(m[qi], l[qi], s, 1.f);
-        }
-      }
+      st.add(p, KeyTile<T, DB, ALIGNED, U, false>(p, wl, b, row, base, row.rr.len), b, h, qgrp, q);
     }
-#pragma unroll
-    for (int qi = 0; qi < QG; ++qi) {
-#pragma unroll
-      for (int off = LPK; off < 32; off *= 2) {
-        const float m2 = __shfl_xor_sync(kFullMask, m[qi], off);
-        const float l2 = __shfl_xor_sync(kFullMask, l[qi], off);
-        stats_merge(m[qi], l[qi], m2, l2);
-      }
-    }
+    st.merge_groups();
 
 #pragma unroll
     for (int qi = 0; qi < QG; ++qi) {
       const int64_t n = qgrp * QG + qi;
-      if (isnan(l[qi]) && n < p.N) {
+      if (isnan(st.l[qi]) && n < p.N) {
         for (int64_t pos = wl.lane; pos < out.nan_fill; pos += 32) {
           out.w[b * out.sb + n * out.sn + h * out.sh + pos * out.sl] = NAN;
         }
@@ -81,9 +59,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const float s = logit<LPK, EPL>(q[qi], t.k[u], p.scale, t.bias(p, b, n, h, u));
-          if (t.ok[u] && wl.j == 0 && n < p.N && !(isnan(l[qi]) && out.nan_fill > 0)) {
+          if (t.ok[u] && wl.j == 0 && n < p.N && !(isnan(st.l[qi]) && out.nan_fill > 0)) {
             // An empty row (no finite logit, l = 0) keeps its zeros.
-            const float wt = l[qi] == 0.f ? 0.f : exp_nat(s - finite_or_zero(m[qi])) / l[qi];
+            const float wt = st.l[qi] == 0.f ? 0.f : exp_nat(s - finite_or_zero(st.m[qi])) / st.l[qi];
             out.w[b * out.sb + n * out.sn + h * out.sh + (t.key_row0 + int64_t(u) * KPS) * out.sl] = wt;
           }
         }
@@ -91,7 +69,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     }
     if (wl.lane == 0) {
       for_each_query<QG>(p, b, h, qgrp, [&](int qi, int64_t r) {
-        lse[r] = l[qi] == 0.f ? -INFINITY : finite_or_zero(m[qi]) + logf(l[qi]);
+        lse[r] = st.l[qi] == 0.f ? -INFINITY : finite_or_zero(st.m[qi]) + logf(st.l[qi]);
       });
     }
   }
