@@ -118,6 +118,29 @@ def test_only_the_rounding_paths_differ_from_the_forward():
                        torch.ops.attnkern.attention_pool_fwd(q, k, v, lengths, None, 0.25)[0])
 
 
+def test_inference_op_thread_count_independent():
+    # Few (row, head) tasks of many queries: the launcher chunks the queries, as many chunks as
+    # the thread count asks for (tile_chunks_for_threads); the results must not move with it, on
+    # the rounding paths and the others, with and without a score bias.
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 130, 3, 16, generator=g).to(torch.bfloat16)
+    k = torch.randn(1, 600, 3, 16, generator=g).to(torch.bfloat16)
+    v = torch.randn(1, 600, 3, 24, generator=g).to(torch.bfloat16)
+    bias = torch.randn(1, 1, 3, 600, generator=g)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(torch.ops.attnkern.attention_pool_infer(q, k, v, None, None, 0.25)
+                           + torch.ops.attnkern.attention_pool_infer(q, k, v, None, None, 0.25, bias))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 def test_inference_ops_refuse_a_gradient():
     q, k, v, lengths = _inputs(requires_grad=True)
     out, _ = torch.ops.attnkern.attention_pool_infer(q, k, v, lengths, None, 0.25)

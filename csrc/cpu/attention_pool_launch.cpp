@@ -10,6 +10,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -136,15 +137,22 @@ void fwd_impl(const FwdParams& p, const Rows& rows, at::Tensor& out, at::Tensor&
   const int64_t avg_len = rows.offsets ? (rows.B ? (rows.offsets[rows.B] - rows.offsets[0]) / rows.B + 1 : 1) : rows.L + 1;
   // Many queries and few tasks: the tiled kernel's work is split over query chunks instead of
   // key slices (a shape-only rule; each query's arithmetic is the same either way), so there is
-  // no merge pass and one parallel region.
-  const int64_t qchunks = tiles ? tile_query_chunks(N, ntasks) : 1;
-  if (!items.empty() && qchunks > 1) {
-    const int64_t qn = (N + qchunks - 1) / qchunks;
+  // no merge pass and one parallel region. Inside it a query's arithmetic does not depend on
+  // its chunk either, so the chunks follow the thread count (tile_chunks_for_threads: each
+  // chunk packs its task's K/V anew), and the threads take them in turn from a shared counter,
+  // so that a thread that starts late or is preempted leaves its share to the other.
+  if (!items.empty() && tiles && tile_query_chunks(N, ntasks) > 1) {
+    const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t qchunks = tile_chunks_for_threads(N, p.Dk, Dv, ntasks, nth);
+    const int64_t qn = (N + qchunks - 1) / qchunks, nitems = ntasks * qchunks;
+    const int64_t ws_q = workspace_for(kt, tiles, qn, p.Dk, Dv);
     const int64_t es = int64_t(sizeof(scalar_t));
-    at::parallel_for(0, ntasks * qchunks, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<A> ws(ws_n), acc(qn * Dv), m(qn), l(qn);
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min(nth, nitems), 1, [&](int64_t, int64_t) {
+      std::vector<A> ws(ws_q), acc(qn * Dv), m(qn), l(qn);
       std::vector<int64_t> idx;
-      for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < nitems;
+           i = next.fetch_add(1, std::memory_order_relaxed)) {
         const int64_t t = i / qchunks, n0 = (i % qchunks) * qn, nq = std::min(qn, N - n0);
         if (nq <= 0) continue;
         const int64_t b = t / H;

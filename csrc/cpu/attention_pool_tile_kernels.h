@@ -14,10 +14,13 @@ namespace cpu {
 // bfloat16; float64 keeps the general kernels).
 constexpr int64_t kTileMinQueries = 16;
 
-// Query chunks per (row, head) task for the launcher's forward split when there are few tasks
-// (1: split the keys instead). Chunks of at least 64 queries (128 from N = 256 on) keep the
-// per-chunk K/V packing small next to the arithmetic; about 64 work items in all.
+// Whether the launcher's forward splits each (row, head) task's queries into chunks (> 1) rather
+// than its keys (1) when there are few tasks: a shape-only rule (at least 64 queries a chunk, 128
+// from N = 256 on, about 64 work items in all), as the key split's merge rounds differently.
 int64_t tile_query_chunks(int64_t N, int64_t ntasks);
+// Where it does chunk the queries, the chunks per task it runs on `threads` threads: a query's
+// arithmetic is the same in any chunk, so this may follow the thread count.
+int64_t tile_chunks_for_threads(int64_t N, int64_t Dk, int64_t Dv, int64_t ntasks, int64_t threads);
 
 // Same contracts as FwdFn/BwdFn/StatsFn/WorkspaceFn in attention_pool_kernels.h (float accumulators
 // only): logits s = scale * <q, k> in natural units, the forward's m and the backward's
