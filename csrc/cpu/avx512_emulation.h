@@ -368,24 +368,19 @@ ATTNKERN_EMU_FN M512i cvtps_epi32(M512 a) {
   }
   return r;
 }
-ATTNKERN_EMU_FN M512i cvtepi8_epi16(__m256i a) {
-  int8_t b[32];
+// vpmovsxbw / vpmovzxbw: 32 bytes (T = int8_t / uint8_t) widened to 16-bit lanes.
+template <class T>
+ATTNKERN_EMU_FN M512i widen_bytes(__m256i a) {
+  T b[32];
   int16_t w[32];
   __builtin_memcpy(b, &a, 32);
-  for (int i = 0; i < 32; ++i) w[i] = b[i];
+  for (int i = 0; i < 32; ++i) w[i] = int16_t(b[i]);
   M512i r;
   __builtin_memcpy(r.u, w, 64);
   return r;
 }
-ATTNKERN_EMU_FN M512i cvtepu8_epi16(__m256i a) {
-  uint8_t b[32];
-  uint16_t w[32];
-  __builtin_memcpy(b, &a, 32);
-  for (int i = 0; i < 32; ++i) w[i] = b[i];
-  M512i r;
-  __builtin_memcpy(r.u, w, 64);
-  return r;
-}
+ATTNKERN_EMU_FN M512i cvtepi8_epi16(__m256i a) { return widen_bytes<int8_t>(a); }
+ATTNKERN_EMU_FN M512i cvtepu8_epi16(__m256i a) { return widen_bytes<uint8_t>(a); }
 // Interleaves within each 128-bit quarter, as vpunpck{l,h}{wd,dq,qdq}: E bytes per element,
 // the low (hi = false) or high half of each quarter of a and b, alternating.
 template <int E, bool hi>
