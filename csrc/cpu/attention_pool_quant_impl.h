@@ -300,7 +300,7 @@ struct FloatRows {
 // read head by head into NC chunk accumulators. Same arithmetic as quant_fwd_span (log2 units,
 // the row scale applied to the integer dot, the bias through sum(q')). Rows (FloatRows or the
 // VNNI integer reads) computes the dot products and the weighted value sums; kf scales its
-// dots per lane (q' = kf * what it multiplied), koff its integer offset per lane.
+// dots per lane (q' = kf * what it multiplied).
 template <class V, class E, int NC, class Rows>
 void quant_single_run(const QuantParams& p, const QuantSpan& sp, const Rows& rows, const float* kf, float* ws) {
   constexpr int W = V::W;

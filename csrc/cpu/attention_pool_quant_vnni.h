@@ -108,7 +108,6 @@ struct VnniRows {
   alignas(64) int8_t qhi[NZ][64];
   alignas(64) int8_t qlo[NZ][64];
   alignas(64) int32_t off[W];  // 128 sum(Q) of the lane's head (int8: x + 128 was multiplied)
-  int64_t koff[W];
   bool int_values;  // Dv a multiple of 32: the values are summed in 16-bit integers
   bool contiguous;  // the rows of consecutive positions and heads follow each other in memory
   // Element e of a block's 32 16-bit weights in pair order: the weight of flat row
@@ -150,7 +149,6 @@ struct VnniRows {
           qlo[z][t * Dk + d] = int8_t(v - 128 * hi);  // in [-64, 63]
         }
       }
-    for (int j = 0; j < W; ++j) koff[j] = (j / H) * p.k_sl + (j % H) * p.k_sh;
     int_values = p.Dv % 32 == 0;
     contiguous = p.k_sh == Dk && p.k_sl == H * Dk;
     for (int e = 0; e < 32; ++e) pair_idx[e] = int16_t((2 * ((e / 2) / H) + e % 2) * H + (e / 2) % H);
@@ -166,7 +164,7 @@ struct VnniRows {
       const int64_t Dk = p.Dk;
       alignas(64) uint8_t tail[16 * 64];
       const uint8_t* row[W];
-      for (int j = 0; j < W; ++j) row[j] = reinterpret_cast<const uint8_t*>(kg + koff[j]);
+      for (int j = 0; j < W; ++j) row[j] = reinterpret_cast<const uint8_t*>(kg + fallback.koff[j]);
       if (n < W) {  // the last rows of a span: copied after the valid ones (never read past them)
         for (int j = 0; j < W; ++j) {
           for (int64_t d = 0; d < Dk; ++d) tail[j * Dk + d] = j < n ? row[j][d] : 0;
@@ -270,17 +268,12 @@ struct VnniRows {
 // kernel).
 template <int RPZ, class E, int NC>
 void quant_single_vnni_run(const QuantParams& p, const QuantSpan& sp, float* ws) {
-  constexpr int NCW = NC * 16;
-  float* qf = ws;  // the float kernel's q' (for its value fallback), then the run's workspace
-  const float qs = p.scale * 1.4426950408889634f;
-  for (int64_t h = 0; h < p.H; ++h) {
-    const float* q = p.q + ((sp.b * p.N + sp.n0) * p.H + h) * p.Dk;
-    for (int64_t i = 0; i < NCW; ++i) qf[h * NCW + i] = i < p.Dk ? q[i] * qs : 0.f;
-  }
-  const FloatRows<Vec512, E, NC> fb(p, qf);
+  // The float code sums the values of blocks with non-finite weights (and Dv = 16); its key
+  // reads, the only ones that need q', never run here.
+  const FloatRows<Vec512, E, NC> fb(p, nullptr);
   alignas(64) float kf[16];
   const VnniRows<E, RPZ, NC> rows(p, sp, fb, kf);
-  quant_single_run<Vec512, E, NC>(p, sp, rows, kf, qf + p.H * NCW);
+  quant_single_run<Vec512, E, NC>(p, sp, rows, kf, ws);
 }
 
 template <class E>
