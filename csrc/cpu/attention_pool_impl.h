@@ -488,6 +488,22 @@ void fwd_span_single_heads(const FwdParams& p, const Span& s, typename V::A* acc
   const int kt = int(p.Dk - (NC - 1) * W), vt = int(p.Dv - (NC - 1) * W);
   auto load_k = [&](const T* r, int c) { return load_nc<V, NC, FULL>(r, c, kt); };
   auto load_v = [&](const T* r, int c) { return load_nc<V, NC, FULL>(r, c, vt); };
+  // bfloat16 value rows of whole chunk pairs are read as even/odd element vectors
+  // (V::load_pairs): o[h][c], o[h][c + 1] then hold the even and odd elements of chunks c, c + 1
+  // until the end. Each element still sums the same products in the same order.
+  constexpr bool kPairs = std::is_same_v<T, bf16_t> && FULL && NC % 2 == 0;
+  auto add_v = [&](V* oh, const T* vr, V w) {
+    if constexpr (kPairs) {
+      for (int c = 0; c < NC; c += 2) {
+        V e, d;
+        V::load_pairs(vr + c * W, e, d);
+        oh[c] = V::fma(w, e, oh[c]);
+        oh[c + 1] = V::fma(w, d, oh[c + 1]);
+      }
+    } else {
+      for (int c = 0; c < NC; ++c) oh[c] = V::fma(w, load_v(vr, c), oh[c]);
+    }
+  };
   const T* q = static_cast<const T*>(p.q) + s.b * p.q_sb + s.h * p.q_sh;
   const V sv = V::set1(A(p.scale));
   V x[NH][NC], o[NH][NC];
@@ -512,23 +528,28 @@ void fwd_span_single_heads(const FwdParams& p, const Span& s, typename V::A* acc
     block_rows<W>(s, i0, nb, vb, p.v_sl, vpa[cur]);
     const T* const* vprev = vpa[cur ^ 1];
     // Rows front to back: position j's K (and the previous block's V) for every head in turn.
-    V a[NH][W];
+    // Each dot product is summed across its lanes at once, into a block of scalars. Holding
+    // the block's NH x W lane vectors for one transpose_reduce at the end instead stores a
+    // whole vector per (position, head), up to NH KiB per block covering every 64-byte offset
+    // of a page, and with the K/V rows in memory that ran 1.2-1.6x slower for float32 (the
+    // core no longer ran ahead of the loads it waited on). reduce_add sums the lanes in
+    // transpose_reduce's order, so the logits are bit for bit those of the backward
+    // (bwd_span_single), which recomputes them with transpose_reduce.
+    alignas(64) A dots[NH][W];
     for (int j = 0; j < W; ++j) {
       for (int h = 0; h < NH; ++h) {
         const T* kr = kp[j] + h * p.k_sh;
         V t = V::zero();
         for (int c = 0; c < NC; ++c) t = V::fma(x[h][c], load_k(kr, c), t);
-        a[h][j] = t;
+        dots[h][j] = t.reduce_add();
       }
       if (i0 > 0)
         for (int h = 0; h < NH; ++h) {
-          const T* vr = vprev[j] + h * p.v_sh;
-          const V w = V::set1(pr[h][j]);  // 0 past the previous block's end
-          for (int c = 0; c < NC; ++c) o[h][c] = V::fma(w, load_v(vr, c), o[h][c]);
+          add_v(o[h], vprev[j] + h * p.v_sh, V::set1(pr[h][j]));  // weight 0 past the previous block's end
         }
     }
     for (int h = 0; h < NH; ++h) {
-      const V sc = (V::transpose_reduce(a[h]) * sv + bias_lanes<V>(p, s, 0, h, i0, nb)).mask_tail(nb);
+      const V sc = (V::load(dots[h]) * sv + bias_lanes<V>(p, s, 0, h, i0, nb)).mask_tail(nb);
       const A alpha = lazy_max_update<A>(sc.reduce_max(), &m[h], &l[h]);
       if (alpha != A(1))
         for (int c = 0; c < NC; ++c) o[h][c] = o[h][c] * V::set1(alpha);
@@ -540,11 +561,10 @@ void fwd_span_single_heads(const FwdParams& p, const Span& s, typename V::A* acc
   for (int h = 0; h < NH; ++h) {
     if (s.count > 0) {
       const T* const* vprev = vpa[cur ^ 1];
-      for (int j = 0; j < W; ++j) {
-        const V w = V::set1(pr[h][j]);
-        for (int c = 0; c < NC; ++c) o[h][c] = V::fma(w, load_v(vprev[j] + h * p.v_sh, c), o[h][c]);
-      }
+      for (int j = 0; j < W; ++j) add_v(o[h], vprev[j] + h * p.v_sh, V::set1(pr[h][j]));
     }
+    if constexpr (kPairs)
+      for (int c = 0; c < NC; c += 2) V::interleave_pairs(o[h][c], o[h][c + 1], o[h][c], o[h][c + 1]);
     A ob[NC * W];
     for (int c = 0; c < NC; ++c) o[h][c].store(ob + c * W);
     for (int64_t d = 0; d < p.Dv; ++d) acc_out[h * p.Dv + d] = ob[d];

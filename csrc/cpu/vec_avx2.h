@@ -31,6 +31,18 @@ struct Vec256 {
     return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
   }
   static Vec256 load(const fp16_t* p) { return {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p))}; }
+  // As Vec512::load_pairs: 16 bfloat16 elements, element 2l in lane l of even, 2l + 1 of odd.
+  static void load_pairs(const bf16_t* p, Vec256& even, Vec256& odd) {
+    const __m256i x = _mm256_loadu_si256((const __m256i*)p);
+    even.v = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+    odd.v = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(int(0xffff0000u))));
+  }
+  static void interleave_pairs(Vec256 even, Vec256 odd, Vec256& lo, Vec256& hi) {
+    const __m256 a = _mm256_unpacklo_ps(even.v, odd.v);  // elements 0-3 | 8-11
+    const __m256 b = _mm256_unpackhi_ps(even.v, odd.v);  // 4-7 | 12-15
+    lo.v = _mm256_permute2f128_ps(a, b, 0x20);
+    hi.v = _mm256_permute2f128_ps(a, b, 0x31);
+  }
   // Tails go through a zeroed stack copy: never a read past the n valid elements.
   template <class T>
   static Vec256 load_partial(const T* p, int n) {
@@ -72,6 +84,7 @@ struct Vec256 {
   static Vec256 fma(Vec256 a, Vec256 b, Vec256 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
   static Vec256 max(Vec256 a, Vec256 b) { return {_mm256_max_ps(a.v, b.v)}; }
   static Vec256 min(Vec256 a, Vec256 b) { return {_mm256_min_ps(a.v, b.v)}; }
+  // The tree transpose_reduce sums each vector in (the single-query forward relies on it).
   float reduce_add() const {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -39,6 +39,21 @@ struct Vec512 {
   static Vec512 load_partial(const fp16_t* p, int n) {
     return {_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes(n), p))};
   }
+  // 32 bfloat16 elements as two fp32 vectors, lane l of even holding element 2l and of odd
+  // element 2l + 1: a shift and a mask within each 32-bit lane, where widening 16 elements
+  // in order takes a lane-crossing vpmovzxwd.
+  static void load_pairs(const bf16_t* p, Vec512& even, Vec512& odd) {
+    const __m512i x = _mm512_loadu_si512(p);
+    even.v = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    odd.v = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int(0xffff0000u))));
+  }
+  // even and odd as load_pairs leaves them -> the 32 elements in order, 0..15 in lo.
+  static void interleave_pairs(Vec512 even, Vec512 odd, Vec512& lo, Vec512& hi) {
+    const __m512i i0 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i i1 = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    lo.v = _mm512_permutex2var_ps(even.v, i0, odd.v);
+    hi.v = _mm512_permutex2var_ps(even.v, i1, odd.v);
+  }
   static Vec512 from_bf16(__m256i h) {
     return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
   }
@@ -70,6 +85,8 @@ struct Vec512 {
   static Vec512 fma(Vec512 a, Vec512 b, Vec512 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
   static Vec512 max(Vec512 a, Vec512 b) { return {_mm512_max_ps(a.v, b.v)}; }
   static Vec512 min(Vec512 a, Vec512 b) { return {_mm512_min_ps(a.v, b.v)}; }
+  // GCC's order (avx512_emulation.h repeats it): halves, quarters, lanes (0, 2) and (1, 3), the
+  // two; the tree transpose_reduce sums each vector in (the single-query forward relies on it).
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
   float reduce_max() const { return _mm512_reduce_max_ps(v); }
   static M lt(Vec512 a, Vec512 b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ); }
