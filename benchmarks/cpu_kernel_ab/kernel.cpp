@@ -1,4 +1,5 @@
-// One build of the single-query CPU forward (fwd_span over Vec512) for cpu_kernel_ab: compiled
+// One build of the single-query CPU forward and backward (fwd_span, bwd_span over Vec512) for
+// cpu_kernel_ab: compiled
 // once per header tree (-I<tree>/csrc/cpu) with -DAB_NAME=<symbol>, so that two trees' kernels
 // can run side by side in one process. Spans are split evenly over the threads; before each one
 // the first rows of the next are prefetched, as the extension's work loop does.
@@ -25,6 +26,29 @@ static void run_spans(const FwdParams& p, const int64_t* starts, const int64_t* 
       fwd_span<Vec512, T>(p, s, ws, out + int64_t(b) * p.H * p.Dv, m + int64_t(b) * p.H, l + int64_t(b) * p.H);
     }
   }
+}
+
+template <class T>
+static void bwd_spans(const BwdParams& p, const int64_t* starts, const int64_t* counts, int B, int threads,
+                      float* dq) {
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), b0 = B * t / threads, b1 = B * (t + 1) / threads;
+    alignas(64) static thread_local float ws[1 << 14];
+    for (int b = b0; b < b1; ++b) {
+      const Span s{b, 0, starts[b], counts[b], nullptr};
+      if (b == b0) prefetch_head<T>(p, s);
+      if (b + 1 < b1) prefetch_head<T>(p, Span{b + 1, 0, starts[b + 1], counts[b + 1], nullptr});
+      bwd_span<Vec512, T>(p, s, ws, dq + int64_t(b) * p.Dk);
+    }
+  }
+}
+
+extern "C" void AB_BWD(const BwdParams& p, const int64_t* starts, const int64_t* counts, int B, int threads, float* dq) {
+  if (p.dtype == kBF16)
+    bwd_spans<bf16_t>(p, starts, counts, B, threads, dq);
+  else
+    bwd_spans<float>(p, starts, counts, B, threads, dq);
 }
 
 extern "C" void AB_NAME(const FwdParams& p, const int64_t* starts, const int64_t* counts, int B, int threads,
