@@ -1,8 +1,8 @@
 // One build of the single-query CPU forward and backward (fwd_span, bwd_span over Vec512) for
-// cpu_kernel_ab: compiled
-// once per header tree (-I<tree>/csrc/cpu) with -DAB_NAME=<symbol>, so that two trees' kernels
-// can run side by side in one process. Spans are split evenly over the threads; before each one
-// the first rows of the next are prefetched, as the extension's work loop does.
+// cpu_kernel_ab: compiled once per header tree (-I<tree>/csrc/cpu) with -DAB_NAME and -DAB_BWD
+// naming its entry points, so that two trees' kernels can run side by side in one process.
+// Spans are split evenly over the threads; before each one the first rows of the next are
+// prefetched, as the extension's work loop does.
 #include <omp.h>
 
 #include "avx512_target_push.h"
@@ -12,9 +12,9 @@
 
 using namespace attnkern::cpu;
 
-template <class T>
-static void run_spans(const FwdParams& p, const int64_t* starts, const int64_t* counts, int B, int threads,
-                      float* out, float* m, float* l) {
+// f(span, workspace) for each row's span, the rows split evenly over the threads.
+template <class T, class F>
+static void for_spans(const FwdParams& p, const int64_t* starts, const int64_t* counts, int B, int threads, F&& f) {
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), b0 = B * t / threads, b1 = B * (t + 1) / threads;
@@ -23,25 +23,24 @@ static void run_spans(const FwdParams& p, const int64_t* starts, const int64_t* 
       const Span s{b, 0, starts[b], counts[b], nullptr};
       if (b == b0) prefetch_head<T>(p, s);
       if (b + 1 < b1) prefetch_head<T>(p, Span{b + 1, 0, starts[b + 1], counts[b + 1], nullptr});
-      fwd_span<Vec512, T>(p, s, ws, out + int64_t(b) * p.H * p.Dv, m + int64_t(b) * p.H, l + int64_t(b) * p.H);
+      f(s, ws);
     }
   }
 }
 
 template <class T>
+static void fwd_spans(const FwdParams& p, const int64_t* starts, const int64_t* counts, int B, int threads,
+                      float* out, float* m, float* l) {
+  for_spans<T>(p, starts, counts, B, threads, [&](const Span& s, float* ws) {
+    fwd_span<Vec512, T>(p, s, ws, out + s.b * p.H * p.Dv, m + s.b * p.H, l + s.b * p.H);
+  });
+}
+
+template <class T>
 static void bwd_spans(const BwdParams& p, const int64_t* starts, const int64_t* counts, int B, int threads,
                       float* dq) {
-#pragma omp parallel num_threads(threads)
-  {
-    const int t = omp_get_thread_num(), b0 = B * t / threads, b1 = B * (t + 1) / threads;
-    alignas(64) static thread_local float ws[1 << 14];
-    for (int b = b0; b < b1; ++b) {
-      const Span s{b, 0, starts[b], counts[b], nullptr};
-      if (b == b0) prefetch_head<T>(p, s);
-      if (b + 1 < b1) prefetch_head<T>(p, Span{b + 1, 0, starts[b + 1], counts[b + 1], nullptr});
-      bwd_span<Vec512, T>(p, s, ws, dq + int64_t(b) * p.Dk);
-    }
-  }
+  for_spans<T>(p, starts, counts, B, threads,
+               [&](const Span& s, float* ws) { bwd_span<Vec512, T>(p, s, ws, dq + s.b * p.Dk); });
 }
 
 extern "C" void AB_BWD(const BwdParams& p, const int64_t* starts, const int64_t* counts, int B, int threads, float* dq) {
@@ -54,9 +53,9 @@ extern "C" void AB_BWD(const BwdParams& p, const int64_t* starts, const int64_t*
 extern "C" void AB_NAME(const FwdParams& p, const int64_t* starts, const int64_t* counts, int B, int threads,
                         float* out, float* m, float* l) {
   if (p.dtype == kBF16)
-    run_spans<bf16_t>(p, starts, counts, B, threads, out, m, l);
+    fwd_spans<bf16_t>(p, starts, counts, B, threads, out, m, l);
   else
-    run_spans<float>(p, starts, counts, B, threads, out, m, l);
+    fwd_spans<float>(p, starts, counts, B, threads, out, m, l);
 }
 
 #include "target_pop.h"
