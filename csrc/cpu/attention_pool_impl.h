@@ -531,8 +531,8 @@ void fwd_span_single_heads(const FwdParams& p, const Span& s, typename V::A* acc
     // Each dot product is summed across its lanes at once, into a block of scalars. Holding
     // the block's NH x W lane vectors for one transpose_reduce at the end instead stores a
     // whole vector per (position, head), up to NH KiB per block covering every 64-byte offset
-    // of a page, and with the K/V rows in memory that ran 1.2-1.6x slower for float32 (the
-    // core no longer ran ahead of the loads it waited on). reduce_add sums the lanes in
+    // of a page, and with the K/V rows in memory that ran 1.2-1.6x slower for float32, the
+    // time on the loads, not the arithmetic (docs/serving.md). reduce_add sums the lanes in
     // transpose_reduce's order, so the logits are bit for bit those of the backward
     // (bwd_span_single), which recomputes them with transpose_reduce.
     alignas(64) A dots[NH][W];

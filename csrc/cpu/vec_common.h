@@ -12,8 +12,10 @@
 //   comparisons lt, ge, gt (ordered: false for NaN) and unord, whose mask M picks lanes in
 //   select(m, a, b); round (to nearest), scale_pow2(y, n) = y * 2^n for integral n in
 //   [-126, 127] (AVX-512: any n); mask_tail(n) (lanes >= n set to -inf); transpose_reduce(a[W])
-//   (lane j = the sum of a[j], by the same tree of additions for every lane); concat_lo and
-//   concat_hi (the low / high halves of a and b, a's first; W >= 2); transpose_rows<NR>.
+//   (lane j = the sum of a[j], by the same tree of additions for every lane; reduce_add sums
+//   a vector by that tree too); concat_lo and concat_hi (the low / high halves of a and b, a's
+//   first; W >= 2); load_pairs (2W bf16 elements as fp32 vectors of the even and the odd ones)
+//   and interleave_pairs (such a pair back in order; W >= 2); transpose_rows<NR>.
 //
 // Like attention_pool_kernels.h this header stays free of torch/STL headers: it is included by
 // translation units compiled for AVX2 / AVX-512, and everything here has internal linkage.
