@@ -38,6 +38,13 @@ __attribute__((target("avx512f"))) static float read_two(const char* k, const ch
   return _mm512_reduce_add_ps(_mm512_add_ps(a, b));
 }
 
+// The float's bits, or its bfloat16 bits (truncated) in the low half.
+static uint32_t bits(float x, bool bf16) {
+  uint32_t u;
+  memcpy(&u, &x, 4);
+  return bf16 ? u >> 16 : u;
+}
+
 static double median(std::vector<double> x) {
   std::sort(x.begin(), x.end());
   return x[x.size() / 2];
@@ -46,7 +53,7 @@ static double median(std::vector<double> x) {
 // One shape: B rows of L positions (ragged: lengths uniform in [1, L]), H heads of D elements.
 static void run_shape(const char* name, int B, int L, int H, int D, bool ragged, bool bf16, int threads, int rounds) {
   const int64_t es = bf16 ? 2 : 4, row = int64_t(H) * D * es;
-  std::vector<int64_t> starts(B + 1), counts(B);
+  std::vector<int64_t> starts(B), counts(B);
   srand(1);
   int64_t valid = 0;
   for (int b = 0; b < B; ++b) {
@@ -57,28 +64,20 @@ static void run_shape(const char* name, int B, int L, int H, int D, bool ragged,
   const int64_t n = int64_t(B) * L * H * D;
   char* k = static_cast<char*>(aligned_alloc(64, n * es + 64));
   char* v = static_cast<char*>(aligned_alloc(64, n * es + 64));
+  // Element i of a K/V/q buffer of this dtype.
+  auto put = [&](void* buf, int64_t i, float x) {
+    if (bf16)
+      static_cast<uint16_t*>(buf)[i] = uint16_t(bits(x, true));
+    else
+      static_cast<uint32_t*>(buf)[i] = bits(x, false);
+  };
   for (int64_t i = 0; i < n; ++i) {
     const float x = float((i * 2654435761u) % 1000) * 0.001f - 0.5f;
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    if (bf16) {
-      reinterpret_cast<uint16_t*>(k)[i] = uint16_t(u >> 16);
-      reinterpret_cast<uint16_t*>(v)[i] = uint16_t((u >> 16) ^ 0x8000);
-    } else {
-      reinterpret_cast<float*>(k)[i] = x;
-      reinterpret_cast<float*>(v)[i] = -x;
-    }
+    put(k, i, x);
+    put(v, i, -x);
   }
   std::vector<uint32_t> q(int64_t(B) * H * D);
-  for (size_t i = 0; i < q.size(); ++i) {
-    const float x = 0.01f * float(i % 17);
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    if (bf16)
-      reinterpret_cast<uint16_t*>(q.data())[i] = uint16_t(u >> 16);
-    else
-      q[i] = u;
-  }
+  for (size_t i = 0; i < q.size(); ++i) put(q.data(), int64_t(i), 0.01f * float(i % 17));
   BwdParams p;
   p.dtype = bf16 ? kBF16 : kF32;
   p.q = q.data();

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # benchmarks/cpu_kernel_ab/run.sh TREE_A TREE_B [threads] [rounds]: the single-query CPU forward
-# (and, with AB_BACKWARD=1 in the environment, the backward) of two checkouts (e.g. a `git worktree` of main and your branch) side by side in one process,
-# on an AVX-512 CPU. Build products go to a temporary directory.
+# (with AB_BACKWARD=1 in the environment, the backward) of two checkouts (e.g. a `git worktree`
+# of main and your branch) side by side in one process, on an AVX-512 CPU. Build products go to
+# a temporary directory.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 a=$(cd "$1" && pwd)/csrc/cpu
